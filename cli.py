@@ -1,0 +1,207 @@
+"""``disco-cli``: the command line of the DisCo data pipeline."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="disco-cli",
+    help="Preprocess dance videos and photos into DisCo training triplets (foreground, background, pose).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def _usage_error(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _print_summary(manifest: dict) -> None:
+    counts, run = manifest["counts"], manifest["run"]
+    table = Table(title="preprocess summary", show_header=False)
+    table.add_row("inputs", f"{counts['inputs']} ({counts['inputs_done']} done, {counts['inputs_failed']} failed, "
+                  f"{counts['inputs_pending']} pending)")
+    table.add_row("frames", str(counts["frames"]))
+    table.add_row("rows written", str(counts["rows_written"]))
+    skipped = ", ".join(f"{k}: {v}" for k, v in counts["rows_skipped"].items()) or "none"
+    table.add_row("rows skipped", skipped)
+    table.add_row("errors", str(counts["errors"]))
+    if counts.get("ignored_files"):
+        table.add_row("ignored files", f"{counts['ignored_files']} (not media of this source)")
+    fps = run.get("frames_per_s")
+    table.add_row("this run", f"{run['frames_processed']} frames in {run['wall_time_s']:.1f} s"
+                  + (f" ({fps:.1f} frames/s)" if fps else ""))
+    table.add_row("shards", str(len(manifest["shards"])))
+    console.print(table)
+
+
+class _ProgressBar:
+    """Adapts a rich progress bar to the pipeline's progress callbacks."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task = bar.add_task("preprocess", total=None, frames=0, speed="-")
+        self.frames = 0
+        self.started = time.time()
+
+    def start(self, total_inputs: int) -> None:
+        self.started = time.time()
+        self.bar.update(self.task, total=total_inputs)
+
+    def update(self, inputs: int, frames: int) -> None:
+        self.frames += frames
+        rate = self.frames / max(1e-6, time.time() - self.started)
+        self.bar.update(self.task, advance=inputs, frames=self.frames, speed=f"{rate:.1f}")
+
+
+def run_preprocess(config, show_progress: bool = True) -> dict:
+    """Run a preprocess job with a progress bar and a summary; returns the manifest."""
+    from disco.pipeline.config import ConfigError
+    from disco.pipeline.run import preprocess
+
+    columns = [TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"),
+               TextColumn("{task.fields[frames]} frames, {task.fields[speed]} frames/s"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not show_progress) as bar:
+        try:
+            result = preprocess(config, progress=_ProgressBar(bar),
+                                log=lambda message: bar.console.print(message, highlight=False))
+        except ConfigError as exc:
+            _usage_error(str(exc))
+    _print_summary(result.manifest)
+    console.print(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/)")
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+    return result.manifest
+
+
+@app.command()
+def preprocess(
+    source: str = typer.Option(..., help="Input kind: video (a folder of videos) or images (a folder of stills)."),
+    input: Path = typer.Option(..., "--input", "-i", help="Folder (or single file) to read."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder: triplets/, errors/, manifest.json."),
+    matting: str = typer.Option("auto", help="Person matting backend: auto or mediapipe."),
+    pose: str = typer.Option("auto", help="Pose backend: auto, mediapipe or none."),
+    hands: bool = typer.Option(True, "--hands/--no-hands", help="Also estimate hand keypoints."),
+    pose_style: str = typer.Option("openpose", help="Skeleton colours: openpose, or disco (red/blue swapped as in the official renders)."),
+    fps: float = typer.Option(30.0, help="Frame rate to resample videos to (a slower source is never up-sampled)."),
+    max_side: int = typer.Option(512, help="Shrink pictures so the long side is at most this many pixels."),
+    min_side: int = typer.Option(32, help="Reject inputs whose short side is below this."),
+    max_pixels: int = typer.Option(89_478_485, help="Reject inputs with more pixels than this."),
+    image_format: str = typer.Option("jpeg", help="Encoding of image, foreground and background: jpeg or png (mask and pose are always PNG)."),
+    jpeg_quality: int = typer.Option(95, min=1, max=100, help="JPEG quality."),
+    split: str = typer.Option("train", help="Split written for every row: train or test."),
+    min_visibility: float = typer.Option(0.5, help="Minimum pose visibility for a person (and for a joint to count)."),
+    min_mask_area: float = typer.Option(0.01, help="Minimum fraction of the picture the person mask must cover."),
+    shard_rows: int = typer.Option(1024, help="Rows per Parquet shard."),
+    row_group_rows: int = typer.Option(64, help="Rows per Parquet row group (the streaming unit)."),
+    segment_frames: int = typer.Option(64, help="Frames per unit of work when splitting videos."),
+    actors: Optional[int] = typer.Option(None, help="Annotator actors (default: one per CPU of the Ray cluster)."),
+    cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per annotator actor (default: fits the cluster)."),
+    gpus_per_actor: float = typer.Option(0.0, help="GPUs per annotator actor (fractions allowed)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster to run on (default: a local instance)."),
+    overwrite: bool = typer.Option(False, help="Delete what a previous run wrote to OUTPUT and start fresh."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Turn videos or photos into foreground / background / pose triplets in Parquet."""
+    from disco.pipeline.config import PreprocessConfig
+
+    config = PreprocessConfig(
+        source=source, input=input, output=output, matting=matting, pose=pose, hands=hands,
+        pose_style=pose_style, fps=fps, max_side=max_side, min_side=min_side, max_pixels=max_pixels,
+        image_format=image_format, jpeg_quality=jpeg_quality, split=split, min_visibility=min_visibility,
+        min_mask_area=min_mask_area, shard_rows=shard_rows, row_group_rows=row_group_rows,
+        segment_frames=segment_frames, actors=actors, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor, ray_address=ray_address, overwrite=overwrite,
+    )
+    run_preprocess(config, show_progress=progress)
+
+
+@app.command()
+def inspect(
+    output: Path = typer.Argument(..., help="An output folder written by `disco-cli preprocess`."),
+    sheet: Optional[Path] = typer.Option(None, help="Where to write the contact sheet PNG (default OUTPUT/contact_sheet.png)."),
+    rows: int = typer.Option(8, min=1, help="Rows to show on the contact sheet."),
+) -> None:
+    """Print the manifest summary, schema and counts of an output folder, and write a contact sheet."""
+    from disco.pipeline.contact_sheet import write_contact_sheet
+    from disco.pipeline.manifest import read_manifest
+    from disco.pipeline.reader import open_errors, open_triplets
+    from disco.pipeline.schema import MANIFEST_FILE
+
+    if not (output / MANIFEST_FILE).exists():
+        _usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
+    manifest = read_manifest(output / MANIFEST_FILE)
+    out = Console()
+    out.print(f"[bold]{output}[/bold]  written by: {manifest['command']}")
+    backends = manifest["backends"]
+    out.print(f"backends: matting={backends['matting']['name']} pose={backends['pose']['name']} ({backends['reason']})")
+    _print_summary(manifest)
+    triplets, errors = open_triplets(output), open_errors(output)
+    schema = Table(title="triplet schema")
+    schema.add_column("column")
+    schema.add_column("type")
+    for field in triplets.schema:
+        schema.add_row(field.name, str(field.type))
+    out.print(schema)
+    counts = Table(title="rows on disk")
+    counts.add_column("table")
+    counts.add_column("rows", justify="right")
+    counts.add_column("files", justify="right")
+    counts.add_row("triplets", str(triplets.count_rows()), str(len(triplets.files)))
+    counts.add_row("errors", str(errors.count_rows()), str(len(errors.files)))
+    out.print(counts)
+    if errors.count_rows():
+        by_type = errors.to_table(columns=["error_type"]).column("error_type").value_counts().to_pylist()
+        out.print("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type))
+    target = sheet or output / "contact_sheet.png"
+    shown = write_contact_sheet(triplets, target, rows)
+    out.print(f"contact sheet ({shown} rows): {target.resolve()}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the demo's inputs and results."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Preprocess real photos and a short clip of people that ship with installed packages."""
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.contact_sheet import write_contact_sheet
+    from disco.pipeline.demo_data import write_demo_images, write_demo_video
+    from disco.pipeline.reader import open_triplets
+
+    images_in, videos_in = output / "inputs" / "images", output / "inputs" / "videos"
+    write_demo_images(images_in)
+    write_demo_video(videos_in)
+    console.print(f"demo inputs: {images_in.resolve()} and {videos_in.resolve()}")
+    results = []
+    for source, folder in (("images", images_in), ("video", videos_in)):
+        out = output / f"triplets-{source}"
+        config = PreprocessConfig(source=source, input=folder, output=out, overwrite=True)
+        run_preprocess(config, show_progress=progress)
+        sheet = out / "contact_sheet.png"
+        write_contact_sheet(open_triplets(out), sheet, 8)
+        results.append((source, out, sheet))
+    console.print("\n[bold green]demo finished[/bold green]")
+    for source, out, sheet in results:
+        console.print(f"  {source:7s} triplets: {(out / 'triplets').resolve()}")
+        console.print(f"  {source:7s} contact sheet: {sheet.resolve()}")
+    console.print(f"look inside with: disco-cli inspect {results[0][1]}")
+
+
+def main() -> None:
+    app(prog_name="disco-cli")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

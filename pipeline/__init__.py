@@ -1,0 +1,1 @@
+"""Preprocessing: inputs -> foreground / background / pose triplets in Parquet."""

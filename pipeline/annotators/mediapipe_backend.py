@@ -1,0 +1,112 @@
+"""The embedded CPU annotators: MediaPipe BlazePose (full) for pose and for the person mask.
+
+BlazePose's own segmentation output keeps a whole full-body person at a distance, where selfie
+segmentation cuts legs off, so the same graph serves both roles and runs once per frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from disco.pipeline.annotators.base import EMPTY_BODY, Matte, Pose
+from disco.pipeline.keypoints import blazepose_to_body18, hand_to_pixels
+
+# Landmarks the person score is built from: nose and shoulders, which the detector always frames
+# (hips and legs are legitimately out of view in half-body photos).
+SCORE_LANDMARKS = (0, 11, 12)
+
+
+def _landmark_array(landmarks) -> np.ndarray | None:
+    if landmarks is None:
+        return None
+    return np.array(
+        [(lm.x, lm.y, getattr(lm, "visibility", 1.0)) for lm in landmarks.landmark], dtype=np.float64
+    )
+
+
+class MediaPipeEngine:
+    """One BlazePose graph (Holistic when hands are wanted); remembers its last frame's result."""
+
+    def __init__(self, hands: bool):
+        import mediapipe as mp
+
+        self.hands = hands
+        common = dict(static_image_mode=True, model_complexity=1, enable_segmentation=True)
+        if hands:
+            self._graph = mp.solutions.holistic.Holistic(refine_face_landmarks=False, **common)
+        else:
+            self._graph = mp.solutions.pose.Pose(**common)
+        self._last_frame = None
+        self._last_result = None
+
+    def process(self, frame: np.ndarray):
+        # Matting and pose both ask for the same frame object; run the graph once.
+        if frame is not self._last_frame:
+            self._last_result = self._graph.process(np.ascontiguousarray(frame))
+            self._last_frame = frame
+        return self._last_result
+
+    def close(self) -> None:
+        self._graph.close()
+
+    @staticmethod
+    def weight_files(hands: bool) -> list[dict]:
+        import mediapipe
+
+        root = Path(mediapipe.__file__).parent / "modules"
+        names = ["pose_detection/pose_detection.tflite", "pose_landmark/pose_landmark_full.tflite"]
+        if hands:
+            names += [
+                "holistic_landmark/hand_recrop.tflite",
+                "hand_landmark/hand_landmark_full.tflite",
+                "face_landmark/face_landmark.tflite",
+            ]
+        files = []
+        for name in names:
+            path = root / name
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+            files.append({"name": f"mediapipe/{name}", "sha256": digest})
+        return files
+
+
+class MediaPipeMatting:
+    name = "mediapipe"
+
+    def __init__(self, engine: MediaPipeEngine):
+        self.engine = engine
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        result = self.engine.process(frame)
+        height, width = frame.shape[:2]
+        landmarks = _landmark_array(result.pose_landmarks)
+        if landmarks is None or result.segmentation_mask is None:
+            return Matte(alpha=np.zeros((height, width), np.uint8), score=0.0, count=0)
+        alpha = np.clip(np.round(result.segmentation_mask * 255.0), 0, 255).astype(np.uint8)
+        score = float(np.mean(landmarks[list(SCORE_LANDMARKS), 2]))
+        return Matte(alpha=alpha, score=score, count=1)
+
+
+class MediaPipePose:
+    name = "mediapipe"
+
+    def __init__(self, engine: MediaPipeEngine, min_visibility: float):
+        self.engine = engine
+        self.min_visibility = min_visibility
+
+    def pose(self, frame: np.ndarray) -> Pose:
+        result = self.engine.process(frame)
+        height, width = frame.shape[:2]
+        landmarks = _landmark_array(result.pose_landmarks)
+        if landmarks is None:
+            return Pose(body=EMPTY_BODY.copy())
+        body = blazepose_to_body18(landmarks, width, height, self.min_visibility)
+        hands = None
+        if self.engine.hands:
+            left = _landmark_array(getattr(result, "left_hand_landmarks", None))
+            right = _landmark_array(getattr(result, "right_hand_landmarks", None))
+            if left is not None or right is not None:
+                hands = np.stack([hand_to_pixels(left, width, height), hand_to_pixels(right, width, height)])
+        return Pose(body=body, hands=hands)

@@ -1,0 +1,99 @@
+"""The one configuration object of the preprocessing stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from disco.pipeline.schema import SOURCES, SPLITS
+
+MATTING_CHOICES = ("auto", "mediapipe")
+POSE_CHOICES = ("auto", "mediapipe", "none")
+IMAGE_FORMATS = ("jpeg", "png")
+POSE_STYLES = ("openpose", "disco")
+
+
+class ConfigError(ValueError):
+    """A user-supplied option that cannot work; the CLI turns it into a usage error."""
+
+
+@dataclass
+class PreprocessConfig:
+    source: str
+    input: Path
+    output: Path
+    matting: str = "auto"
+    pose: str = "auto"
+    hands: bool = True
+    pose_style: str = "openpose"
+    fps: float = 30.0
+    max_side: int = 512
+    min_side: int = 32
+    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    split: str = "train"
+    # "person present" needs both signals (DESIGN.md): pose visibility and mask area.
+    min_visibility: float = 0.5
+    min_mask_area: float = 0.01
+    shard_rows: int = 1024
+    row_group_rows: int = 64
+    segment_frames: int = 64
+    actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float = 0.0
+    ray_address: str | None = None
+    overwrite: bool = False
+    # Filled in when backends are resolved; recorded in the manifest.
+    resolved: dict = field(default_factory=dict)
+
+    def validate(self) -> "PreprocessConfig":
+        if self.source not in SOURCES:
+            raise ConfigError(f"unknown source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.source not in ("video", "images"):
+            raise ConfigError(f"source {self.source!r} is not available yet; use 'video' or 'images'")
+        if not Path(self.input).exists():
+            raise ConfigError(f"input {self.input} does not exist")
+        if self.matting not in MATTING_CHOICES:
+            raise ConfigError(f"unknown matting backend {self.matting!r}; choose one of {', '.join(MATTING_CHOICES)}")
+        if self.pose not in POSE_CHOICES:
+            raise ConfigError(f"unknown pose backend {self.pose!r}; choose one of {', '.join(POSE_CHOICES)}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"unknown image format {self.image_format!r}; choose jpeg or png")
+        if self.pose_style not in POSE_STYLES:
+            raise ConfigError(f"unknown pose style {self.pose_style!r}; choose openpose or disco")
+        if self.split not in SPLITS:
+            raise ConfigError(f"unknown split {self.split!r}; choose train or test")
+        if self.fps <= 0:
+            raise ConfigError("--fps must be positive")
+        if self.max_side < self.min_side or self.min_side < 1:
+            raise ConfigError("--max-side must be at least --min-side, and both positive")
+        if self.shard_rows < 1 or self.row_group_rows < 1 or self.segment_frames < 1:
+            raise ConfigError("--shard-rows, --row-group-rows and --segment-frames must be positive")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError("--actors must be at least 1")
+        return self
+
+    def output_params(self) -> dict:
+        """The options that decide what the rows hold; a resume must use the same ones."""
+        keys = (
+            "source", "fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality",
+            "split", "min_visibility", "min_mask_area", "segment_frames", "hands", "pose_style",
+        )
+        params = {k: getattr(self, k) for k in keys}
+        params["input"] = str(Path(self.input).resolve())
+        params["backends"] = {k: self.resolved.get(k) for k in ("matting", "pose")}
+        return params
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.output_params(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input"] = str(self.input)
+        d["output"] = str(self.output)
+        return d

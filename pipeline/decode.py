@@ -1,0 +1,161 @@
+"""Decoding: stills through Pillow, videos through decord, frame-rate resampling and resizing."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from disco.pipeline.errors import InputError
+
+
+def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size after shrinking so that the long side is at most ``max_side``; never enlarges."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _check_size(width: int, height: int, min_side: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise InputError(
+            "decode", "image_too_large",
+            f"{width} x {height} pixels exceeds the limit of {max_pixels} pixels (--max-pixels)",
+        )
+    if min(width, height) < min_side:
+        raise InputError(
+            "decode", "image_too_small",
+            f"{width} x {height} pixels is below the minimum side of {min_side} (--min-side)",
+        )
+
+
+def _check_not_empty(path: Path) -> None:
+    if os.path.getsize(path) == 0:
+        raise InputError("decode", "empty_file", "the file is empty (0 bytes)")
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode as an H x W x 3 uint8 array; transparency is composited onto black."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (and 32-bit integer) grey: scale the 16-bit range down to 8 bits.
+        arr = np.asarray(im).astype(np.float64)
+        grey = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if np.nanmax(arr) <= 1.0 else 1.0
+        grey = np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(black, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
+
+
+def load_image(path: str | Path, max_side: int, min_side: int = 1, max_pixels: int = 89_478_485) -> np.ndarray:
+    """Decode a still as RGB uint8, upright per its EXIF orientation, long side <= ``max_side``."""
+    path = Path(path)
+    _check_not_empty(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except UnidentifiedImageError:
+        raise InputError("decode", "not_an_image", f"not a readable image (suffix {path.suffix!r})") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError("decode", "image_too_large", str(exc)) from None
+    with im:
+        width, height = im.size
+        _check_size(width, height, min_side, max_pixels)
+        # JPEG can decode at a reduced scale directly, which is much cheaper for huge photos.
+        im.draft("RGB", (max_side, max_side))
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = Image.fromarray(to_rgb(im))
+        except (OSError, SyntaxError, ValueError) as exc:
+            kind = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
+            raise InputError("decode", kind, f"{type(exc).__name__}: {exc}") from None
+    size = target_size(rgb.width, rgb.height, max_side)
+    if size != rgb.size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(rgb)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def _open_video(path: Path, **kwargs):
+    import decord
+
+    try:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **kwargs)
+    except (decord.DECORDError, RuntimeError) as exc:
+        raise InputError("decode", "corrupt_video", f"cannot open the video: {str(exc).splitlines()[0]}") from None
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    path = Path(path)
+    _check_not_empty(path)
+    reader = _open_video(path)
+    num_frames = len(reader)
+    if num_frames == 0:
+        raise InputError("decode", "no_frames", "the video holds no frames")
+    fps = float(reader.get_avg_fps())
+    if not math.isfinite(fps) or fps <= 0:
+        raise InputError("decode", "bad_frame_rate", f"the video reports a frame rate of {fps}")
+    try:
+        height, width = reader[0].shape[:2]
+    except Exception as exc:  # decord raises a bare DECORDError subclass of RuntimeError
+        raise InputError("decode", "corrupt_video", f"cannot decode the first frame: {exc}") from None
+    return VideoInfo(num_frames=num_frames, fps=fps, width=int(width), height=int(height))
+
+
+def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> list[int]:
+    """Source frame indices for output frames at ``target_fps``; a slower source is never up-sampled.
+
+    Output frame k sits at time k / fps_out and takes the nearest source frame.
+    """
+    if num_frames <= 0:
+        return []
+    fps_out = min(target_fps, source_fps)
+    if fps_out >= source_fps:
+        return list(range(num_frames))
+    step = source_fps / fps_out
+    count = math.floor((num_frames - 1) / step + 1e-9) + 1
+    indices: list[int] = []
+    for k in range(count):
+        idx = min(num_frames - 1, int(math.floor(k * step + 0.5)))
+        if not indices or idx != indices[-1]:
+            indices.append(idx)
+    return indices
+
+
+def decode_video_frames(
+    path: str | Path, indices: list[int], width: int, height: int
+) -> tuple[np.ndarray, list[float]]:
+    """Decode the given source frames at ``width`` x ``height``; returns frames and their times (s)."""
+    reader = _open_video(Path(path), width=width, height=height)
+    try:
+        frames = reader.get_batch(indices).asnumpy()
+        times = [float(reader.get_frame_timestamp(i)[0]) for i in indices]
+    except Exception as exc:
+        first, last = indices[0], indices[-1]
+        raise InputError(
+            "decode", "decode_failed", f"frames {first}..{last}: {str(exc).splitlines()[0]}"
+        ) from None
+    return frames, times

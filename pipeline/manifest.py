@@ -1,0 +1,90 @@
+"""manifest.json: what produced an output directory, and what it holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+from disco.pipeline.writer import JournalState
+
+PACKAGES = ("disco", "ray", "pyarrow", "numpy", "pillow", "mediapipe", "decord", "opencv-contrib-python",
+            "opencv-python-headless", "scikit-image", "torch")
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def summarize(state: JournalState, listed: list[str]) -> dict:
+    """Counts over every committed unit, across all runs that wrote this directory."""
+    units = state.units()
+    complete = state.complete_inputs()
+    skipped: Counter = Counter()
+    frames = rows = errors = failed = 0
+    for path, by_index in units.items():
+        input_rows = input_skipped = input_errors = 0
+        for unit in by_index.values():
+            frames += unit["frames"]
+            input_rows += unit["rows"]
+            input_errors += unit["errors"]
+            for reason, n in unit["skipped"].items():
+                skipped[reason] += n
+                input_skipped += n
+        rows += input_rows
+        errors += input_errors
+        if path in complete and input_errors and not (input_rows or input_skipped):
+            failed += 1
+    listed_set = set(listed)
+    done = len(complete & listed_set)
+    return {
+        "inputs": len(listed),
+        "inputs_done": done,
+        "inputs_failed": failed,
+        "inputs_pending": len(listed_set - complete),
+        "frames": frames,
+        "rows_written": rows,
+        "rows_skipped": dict(sorted(skipped.items())),
+        "errors": errors,
+    }
+
+
+def build_manifest(*, config: dict, backends: dict, state: JournalState, listed: list[str], ignored: int,
+                   run: dict) -> dict:
+    counts = summarize(state, listed)
+    counts["ignored_files"] = ignored
+    shards = [s for e in state.entries for s in e.get("shards", [])]
+    image_format = config["image_format"]
+    return {
+        "format": "disco-triplets/1",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "parameters": config,
+        "backends": backends,
+        "encoding": {"image": image_format, "foreground": image_format, "background": image_format,
+                     "mask": "png", "pose": "png"},
+        "packages": package_versions(),
+        "counts": counts,
+        "shards": [s for s in shards if s["path"].startswith("triplets/")],
+        "error_shards": [s for s in shards if s["path"].startswith("errors/")],
+        "run": run,
+    }
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

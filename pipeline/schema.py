@@ -1,0 +1,79 @@
+"""The Parquet contract between the pipeline and the trainer.
+
+One home for the column names and types: the writer casts to these schemas, the reader,
+``inspect`` and the trainer read them from here. See ``DESIGN.md`` for the meaning of each column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SOURCES = ("tiktok", "coco", "shhq", "deepfashion2", "laion", "video", "images")
+SPLITS = ("train", "test")
+ERROR_STAGES = ("list", "decode", "matting", "pose", "encode", "write")
+
+BODY_JOINTS = 18
+HAND_JOINTS = 21
+
+TRIPLET_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("frame_index", pa.int32(), nullable=False),
+        pa.field("timestamp_s", pa.float64()),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("input_path", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("mask", pa.binary(), nullable=False),
+        pa.field("foreground", pa.binary(), nullable=False),
+        pa.field("background", pa.binary(), nullable=False),
+        pa.field("pose", pa.binary()),
+        pa.field("body_keypoints", pa.list_(pa.float32()), nullable=False),
+        pa.field("hand_keypoints", pa.list_(pa.float32())),
+        pa.field("face_keypoints", pa.list_(pa.float32())),
+        pa.field("person_score", pa.float32(), nullable=False),
+        pa.field("person_count", pa.int32(), nullable=False),
+        pa.field("mask_area", pa.float32(), nullable=False),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("input_path", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+    ]
+)
+
+TRIPLETS_DIR = "triplets"
+ERRORS_DIR = "errors"
+MANIFEST_FILE = "manifest.json"
+
+# Columns holding encoded pictures; everything else is small metadata.
+PICTURE_COLUMNS = ("image", "mask", "foreground", "background", "pose")
+
+
+def sample_id(source: str, clip_id: str, frame_index: int) -> str:
+    return f"{source}/{clip_id}/{frame_index:06d}"
+
+
+# What the annotation stage hands to the writer: triplet rows plus one "done" record per unit of
+# work (a still, or a segment of a video) that carries its counts and errors, so the writer can
+# commit whole units and a resume can skip them.
+UNIT_RECORD_SCHEMA = pa.schema(
+    [pa.field(f.name, f.type, nullable=True) for f in TRIPLET_SCHEMA]
+    + [
+        pa.field("_kind", pa.string()),  # "row" or "done"
+        pa.field("_unit_index", pa.int32()),
+        pa.field("_unit_count", pa.int32()),
+        pa.field("_unit_rows", pa.int32()),
+        pa.field("_frames", pa.int32()),
+        pa.field("_skipped", pa.string()),  # JSON {reason: count}
+        pa.field("_errors", pa.string()),  # JSON list of error rows (ERROR_SCHEMA fields)
+    ]
+)
