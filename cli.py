@@ -70,6 +70,10 @@ def run_preprocess(config, show_progress: bool = True) -> dict:
     from disco.pipeline.config import ConfigError
     from disco.pipeline.run import preprocess
 
+    try:
+        config.validate()
+    except ConfigError as exc:
+        _usage_error(str(exc))
     columns = [TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"),
                TextColumn("{task.fields[frames]} frames, {task.fields[speed]} frames/s"), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress) as bar:
@@ -101,7 +105,8 @@ def preprocess(
     image_format: str = typer.Option("jpeg", help="Encoding of image, foreground and background: jpeg or png (mask and pose are always PNG)."),
     jpeg_quality: int = typer.Option(95, min=1, max=100, help="JPEG quality."),
     split: str = typer.Option("train", help="Split written for every row: train or test."),
-    min_visibility: float = typer.Option(0.5, help="Minimum pose visibility for a person (and for a joint to count)."),
+    min_visibility: float = typer.Option(0.5, help="Minimum detection score (nose and shoulder visibility) for a person."),
+    joint_threshold: float = typer.Option(0.2, help="Minimum visibility for a joint to be stored with a confidence (else 0)."),
     min_mask_area: float = typer.Option(0.01, help="Minimum fraction of the picture the person mask must cover."),
     shard_rows: int = typer.Option(1024, help="Rows per Parquet shard."),
     row_group_rows: int = typer.Option(64, help="Rows per Parquet row group (the streaming unit)."),
@@ -120,7 +125,7 @@ def preprocess(
         source=source, input=input, output=output, matting=matting, pose=pose, hands=hands,
         pose_style=pose_style, fps=fps, max_side=max_side, min_side=min_side, max_pixels=max_pixels,
         image_format=image_format, jpeg_quality=jpeg_quality, split=split, min_visibility=min_visibility,
-        min_mask_area=min_mask_area, shard_rows=shard_rows, row_group_rows=row_group_rows,
+        joint_threshold=joint_threshold, min_mask_area=min_mask_area, shard_rows=shard_rows, row_group_rows=row_group_rows,
         segment_frames=segment_frames, actors=actors, cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor, ray_address=ray_address, overwrite=overwrite,
     )

@@ -38,6 +38,9 @@ class PreprocessConfig:
     split: str = "train"
     # "person present" needs both signals (DESIGN.md): pose visibility and mask area.
     min_visibility: float = 0.5
+    # A joint is kept down to a lower visibility (OpenPose renders from 0.05); its confidence is
+    # stored, so a consumer can be stricter.
+    joint_threshold: float = 0.2
     min_mask_area: float = 0.01
     shard_rows: int = 1024
     row_group_rows: int = 64
@@ -81,7 +84,7 @@ class PreprocessConfig:
         """The options that decide what the rows hold; a resume must use the same ones."""
         keys = (
             "source", "fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality",
-            "split", "min_visibility", "min_mask_area", "segment_frames", "hands", "pose_style",
+            "split", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames", "hands", "pose_style",
         )
         params = {k: getattr(self, k) for k in keys}
         params["input"] = str(Path(self.input).resolve())

@@ -39,7 +39,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    common = dict(logging_level=logging.ERROR, runtime_env={"env_vars": WORKER_ENV})
+    # Worker output (MediaPipe's start-up chatter) stays in Ray's log files; failures still
+    # surface as exceptions through Ray Data.
+    common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address:
         ray.init(address=address, **common)
     else:
@@ -49,7 +52,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def stage_settings(cfg: PreprocessConfig) -> dict:
     """The plain-dict settings shipped to Ray tasks and actors."""
     keys = ("fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality", "pose_style",
-            "hands", "min_visibility", "min_mask_area", "segment_frames")
+            "hands", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames")
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"])
     return settings
@@ -134,8 +137,11 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     pending = [i for i in listing.items if i.input_path not in complete]
     if progress is not None:
         progress.start(len(pending))
-    if complete:
-        log(f"resuming: {len(listed) - len(pending)} of {len(listed)} inputs already committed")
+    partial = state.partial_units()
+    if complete or partial:
+        units = sum(len(v) for v in partial.values())
+        log(f"resuming: {len(listed) - len(pending)} of {len(listed)} inputs already committed, "
+            f"and {units} unit(s) of {len(partial)} partly done input(s)")
 
     writer = ShardWriter(store, store.next_shard_index(state), cfg.shard_rows, cfg.row_group_rows)
     started = time.time()
@@ -149,7 +155,7 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
             init_ray(cfg.ray_address)
             total_cpus = float(ray.cluster_resources().get("CPU", 1))
             actors, cpus = actor_resources(cfg, total_cpus, len(pending))
-            frames_done = _run_ray(cfg, pending, state.partial_units(), writer, actors, cpus, progress)
+            frames_done = _run_ray(cfg, pending, partial, writer, actors, cpus, progress)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: committing finished work")
@@ -191,8 +197,10 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
 
 def _run_ray(cfg, pending, partial_units, writer, actors, cpus, progress) -> int:
     import ray.data
-    from ray.data import DataContext
+    from ray.data import ActorPoolStrategy, DataContext
 
+    # Importing Ray Data sets up its own loggers; keep its per-run INFO lines off the console.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -205,7 +213,7 @@ def _run_ray(cfg, pending, partial_units, writer, actors, cpus, progress) -> int
         fn_constructor_kwargs={"settings": settings},
         batch_size=1,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ActorPoolStrategy(size=actors),
         num_cpus=cpus,
         num_gpus=cfg.gpus_per_actor or None,
     )

@@ -122,7 +122,7 @@ class AnnotateStage:
         self.settings = settings
         self.annotator = FrameAnnotator(
             settings["matting"], settings["pose"], settings["hands"],
-            settings["min_visibility"], settings["min_mask_area"],
+            settings["min_visibility"], settings["min_mask_area"], settings["joint_threshold"],
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -51,7 +51,8 @@ class Annotation:
 class FrameAnnotator:
     """Matting and pose for one frame at a time; built once per actor, never per image."""
 
-    def __init__(self, matting: str, pose: str, hands: bool, min_visibility: float, min_mask_area: float):
+    def __init__(self, matting: str, pose: str, hands: bool, min_visibility: float, min_mask_area: float,
+                 joint_threshold: float = 0.2):
         from disco.pipeline.annotators.mediapipe_backend import (
             MediaPipeEngine,
             MediaPipeMatting,
@@ -64,7 +65,7 @@ class FrameAnnotator:
             raise ValueError(f"unknown pose backend {pose!r}")
         self.engine = MediaPipeEngine(hands=hands and pose == "mediapipe")
         self.matting = MediaPipeMatting(self.engine)
-        self.pose = MediaPipePose(self.engine, min_visibility) if pose == "mediapipe" else None
+        self.pose = MediaPipePose(self.engine, joint_threshold) if pose == "mediapipe" else None
         self.min_visibility = min_visibility
         self.min_mask_area = min_mask_area
 

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import save, write_counter_video
+from disco.pipeline.decode import (
+    decode_video_frames,
+    load_image,
+    probe_video,
+    resample_indices,
+    target_size,
+)
+from disco.pipeline.errors import InputError
+
+
+@pytest.fixture()
+def rgb() -> np.ndarray:
+    # A non-square picture with distinct quadrants, so orientation mistakes show.
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:20, :30] = (255, 0, 0)
+    a[:20, 30:] = (0, 255, 0)
+    a[20:, :30] = (0, 0, 255)
+    a[20:, 30:] = (255, 255, 255)
+    return a
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "RGB", "1"])
+def test_every_common_mode_becomes_rgb(tmp_path, rgb, mode):
+    im = Image.fromarray(rgb).convert(mode)
+    suffix = ".jpg" if mode == "CMYK" else ".png" if mode != "CMYK" else ".tif"
+    path = save(tmp_path / f"x{suffix}", im)
+    out = load_image(path, max_side=512)
+    assert out.shape == (40, 60, 3) and out.dtype == np.uint8
+    expected = np.asarray(im.convert("RGB"), dtype=np.int16)
+    tolerance = 12 if mode == "CMYK" else 0  # JPEG
+    assert np.abs(out.astype(np.int16) - expected).max() <= tolerance
+
+
+def test_transparency_is_composited_on_black(tmp_path, rgb):
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:20, :, 3] = 0  # top half transparent
+    out = load_image(save(tmp_path / "a.png", Image.fromarray(rgba, "RGBA")), max_side=512)
+    assert out[:20].max() == 0
+    assert (out[20:] == rgb[20:]).all()
+
+
+def test_16_bit_grey_is_scaled_to_8_bits(tmp_path):
+    values = np.array([[0, 257 * 128, 65535]] * 40, dtype=np.uint16).repeat(20, axis=1)
+    path = save(tmp_path / "deep.png", Image.fromarray(values))
+    assert Image.open(path).mode.startswith("I")
+    out = load_image(path, max_side=512, min_side=1)
+    assert out.shape == (40, 60, 3)
+    assert out[0, 0, 0] == 0 and out[0, 25, 1] == 128 and out[0, 59, 2] == 255
+
+
+@pytest.mark.parametrize("orientation,turn", [(1, None), (3, Image.Transpose.ROTATE_180),
+                                              (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)])
+def test_exif_orientation_is_applied(tmp_path, rgb, orientation, turn):
+    im = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = save(tmp_path / "o.jpg", im, exif=exif, quality=100)
+    out = load_image(path, max_side=512)
+    upright = np.asarray(im if turn is None else im.transpose(turn), dtype=np.int16)
+    assert out.shape == upright.shape
+    assert np.abs(out.astype(np.int16) - upright).mean() < 6
+
+
+def test_resize_keeps_aspect_and_never_enlarges(tmp_path, astronaut):
+    big = save(tmp_path / "big.png", Image.fromarray(astronaut).resize((1024, 768)))
+    assert load_image(big, max_side=256).shape == (192, 256, 3)
+    assert load_image(big, max_side=4096).shape == (768, 1024, 3)
+    assert target_size(1000, 10, 100) == (100, 1)
+
+
+def test_bad_stills_raise_specific_errors(tmp_path, astronaut):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("this is not a picture\n")
+    save(tmp_path / "dot.png", Image.new("RGB", (1, 1)))
+    save(tmp_path / "huge.png", Image.new("1", (20000, 20000)))
+    buf = io.BytesIO()
+    Image.fromarray(astronaut).save(buf, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    expected = {"empty.png": "empty_file", "text.png": "not_an_image", "dot.png": "image_too_small",
+                "huge.png": "image_too_large", "cut.jpg": "truncated_image"}
+    for name, error_type in expected.items():
+        with pytest.raises(InputError) as info:
+            load_image(tmp_path / name, max_side=512, min_side=32)
+        assert info.value.error_type == error_type, name
+        assert info.value.stage == "decode"
+
+
+def test_resample_indices_rules():
+    assert resample_indices(90, 30.0, 10.0) == list(range(0, 90, 3))
+    assert resample_indices(50, 25.0, 30.0) == list(range(50))  # never up-sampled
+    assert resample_indices(60, 60.0, 24.0)[:6] == [0, 3, 5, 8, 10, 13]  # nearest frame at k/24 s, ties upward
+    assert resample_indices(0, 30.0, 10.0) == []
+
+
+def test_video_at_lower_fps_gives_a_third_of_the_frames_with_their_times(tmp_path):
+    path = write_counter_video(tmp_path / "counter.mp4", frames=90, fps=30.0)
+    info = probe_video(path)
+    assert (info.num_frames, round(info.fps), info.width, info.height) == (90, 30, 64, 64)
+    indices = resample_indices(info.num_frames, info.fps, 10.0)
+    assert len(indices) == 30
+    frames, times = decode_video_frames(path, indices, 32, 32)
+    assert frames.shape == (30, 32, 32, 3)
+    np.testing.assert_allclose(times, [k / 10.0 for k in range(30)], atol=1e-3)
+    # Each decoded frame is the source frame it claims to be (grey level 10 + 2 * index).
+    levels = frames.reshape(30, -1).mean(axis=1)
+    np.testing.assert_allclose(levels, [10 + 2 * i for i in indices], atol=3)
+
+
+def test_bad_videos_raise_specific_errors(tmp_path):
+    good = write_counter_video(tmp_path / "good.mp4", frames=30, fps=30.0)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8).tobytes())
+    data = good.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    for name, error_type in {"empty.mp4": "empty_file", "noise.mp4": "corrupt_video", "cut.mp4": "corrupt_video"}.items():
+        with pytest.raises(InputError) as info:
+            probe_video(tmp_path / name)
+        assert info.value.error_type == error_type, name

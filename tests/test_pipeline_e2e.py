@@ -1,0 +1,234 @@
+"""The whole job on a local 2-CPU Ray instance, on real photographs of people."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from skimage import data
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.demo_data import pan_zoom_frames, write_video
+from disco.pipeline.encode import decode_picture
+from disco.pipeline.keypoints import BODY18_NAMES
+from disco.pipeline.reader import open_errors, open_triplets
+from disco.pipeline.run import preprocess
+from disco.pipeline.schema import ERROR_SCHEMA, TRIPLET_SCHEMA
+from helpers import save
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+J = {name: i for i, name in enumerate(BODY18_NAMES)}
+
+
+def _run(tmp_path: Path, source: str, folder: Path, name: str = "out", **options):
+    cfg = PreprocessConfig(source=source, input=folder, output=tmp_path / name, **options)
+    return preprocess(cfg, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def astronaut_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("astronaut")
+    folder = root / "in"
+    save(folder / "astronaut.png", Image.fromarray(data.astronaut()))
+    save(folder / "coffee.png", Image.fromarray(data.coffee()))
+    save(folder / "cat.png", Image.fromarray(data.chelsea()))
+    result = _run(root, "images", folder)
+    return root / "out", result
+
+
+def test_astronaut_gives_one_person_with_a_plausible_mask_and_upright_skeleton(astronaut_run):
+    out, result = astronaut_run
+    assert result.exit_code == 0
+    table = open_triplets(out).to_table()
+    assert table.schema.equals(TRIPLET_SCHEMA)
+    assert pq.read_schema(next((out / "triplets").glob("*.parquet"))).equals(TRIPLET_SCHEMA)
+    assert table.num_rows == 1
+    row = table.to_pylist()[0]
+    assert row["sample_id"] == "images/astronaut/000000" and row["clip_id"] == "astronaut"
+    assert row["frame_index"] == 0 and row["timestamp_s"] is None and row["split"] == "train"
+    assert (row["width"], row["height"]) == (512, 512)
+    assert 0.2 < row["mask_area"] < 0.7
+    assert row["person_count"] == 1 and row["person_score"] > 0.9
+    body = np.array(row["body_keypoints"]).reshape(18, 3)
+    hips = [body[J["r_hip"]], body[J["l_hip"]]]
+    present_hips = [h for h in hips if h[2] > 0]
+    assert body[J["nose"], 2] > 0 and body[J["neck"], 2] > 0 and present_hips
+    assert body[J["nose"], 1] < body[J["neck"], 1] < min(h[1] for h in present_hips)
+    # The person's right shoulder is on the left of the picture (she faces the camera).
+    assert body[J["r_shoulder"], 0] < body[J["l_shoulder"], 0]
+    # Every stored picture decodes at the row's size; fg and bg split the frame along the mask.
+    image = decode_picture(row["image"])
+    mask = decode_picture(row["mask"], grayscale=True)
+    fg, bg = decode_picture(row["foreground"]), decode_picture(row["background"])
+    pose = decode_picture(row["pose"])
+    for picture in (image, mask, fg, bg, pose):
+        assert picture.shape[:2] == (512, 512)
+    person = mask >= 128
+    assert np.isclose(person.mean(), row["mask_area"], atol=1e-6)
+    # Zero outside their part, up to JPEG ringing along the edge; the frame's pixels inside it.
+    assert fg[~person].mean() < 1.5 and bg[person].mean() < 1.5
+    inner = np.abs(fg.astype(int) - image.astype(int))[person].mean()
+    assert inner < 4
+    assert pose.any()
+
+
+def test_pictures_without_people_are_counted_not_written(astronaut_run):
+    out, result = astronaut_run
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["inputs"] == 3 and counts["inputs_done"] == 3
+    assert counts["rows_written"] == 1
+    assert counts["rows_skipped"] == {"no_person": 2}
+    assert counts["errors"] == 0
+
+
+def test_manifest_records_what_ran(astronaut_run):
+    out, _ = astronaut_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backends"]["matting"]["name"] == "mediapipe"
+    assert "auto" in manifest["backends"]["reason"]
+    weights = manifest["backends"]["weights"]
+    assert any(w["name"].endswith("pose_landmark_full.tflite") and len(w["sha256"]) == 64 for w in weights)
+    assert manifest["encoding"]["mask"] == "png" and manifest["encoding"]["image"] == "jpeg"
+    shard = manifest["shards"][0]
+    assert shard["rows"] == 1 and shard["bytes"] == (out / shard["path"]).stat().st_size
+    assert manifest["packages"]["mediapipe"] == "0.10.14"
+    assert manifest["run"]["frames_processed"] == 3
+
+
+def test_inspect_prints_counts_and_writes_a_contact_sheet(astronaut_run, tmp_path):
+    out, _ = astronaut_run
+    sheet = tmp_path / "sheet.png"
+    result = CliRunner().invoke(app, ["inspect", str(out), "--sheet", str(sheet)])
+    assert result.exit_code == 0, result.output
+    assert "rows written" in result.output and "body_keypoints" in result.output
+    picture = np.asarray(Image.open(sheet))
+    assert picture.shape[1] == 5 * 160 and picture.shape[0] > 160
+    assert picture[:, 160:320].mean() > 20  # the mask column holds a white person
+
+
+def test_video_is_resampled_and_split_into_segments(tmp_path):
+    clip = write_video(tmp_path / "in" / "dance.mp4", pan_zoom_frames(data.astronaut(), 45, 160), 30.0)
+    result = _run(tmp_path, "video", clip.parent, fps=10, segment_frames=4, shard_rows=6)
+    assert result.exit_code == 0
+    table = open_triplets(tmp_path / "out").to_table().sort_by("frame_index")
+    assert table.column("frame_index").to_pylist() == list(range(15))
+    np.testing.assert_allclose(table.column("timestamp_s").to_pylist(), [k / 10 for k in range(15)], atol=1e-3)
+    assert set(table.column("clip_id").to_pylist()) == {"dance"}
+    assert len(set(table.column("sample_id").to_pylist())) == 15
+    assert max(s["rows"] for s in result.manifest["shards"]) <= 6
+    assert result.manifest["counts"]["frames"] == 15
+
+
+def _bad_inputs(folder: Path) -> dict[str, str]:
+    """Every kind of bad still from the issue, beside one good photo; returns name -> error type."""
+    save(folder / "good.png", Image.fromarray(data.astronaut()))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not a picture")
+    save(folder / "dot.png", Image.new("RGB", (1, 1)))
+    save(folder / "huge.png", Image.new("1", (20000, 20000)))
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[:4000])
+    (folder / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    return {"empty.png": "empty_file", "notes.png": "not_an_image", "dot.png": "image_too_small",
+            "huge.png": "image_too_large", "cut.jpg": "truncated_image", "photo.heic": "unsupported_format"}
+
+
+def test_bad_stills_become_error_rows_and_good_ones_still_land(tmp_path):
+    expected = _bad_inputs(tmp_path / "in")
+    result = _run(tmp_path, "images", tmp_path / "in")
+    assert result.exit_code == 0
+    errors = open_errors(tmp_path / "out").to_table()
+    assert errors.schema.equals(ERROR_SCHEMA)
+    got = dict(zip(errors.column("input_path").to_pylist(), errors.column("error_type").to_pylist()))
+    assert got == expected
+    assert set(pc.unique(errors.column("stage")).to_pylist()) <= {"decode", "list"}
+    assert open_triplets(tmp_path / "out").to_table().column("input_path").to_pylist() == ["good.png"]
+    assert result.manifest["counts"]["inputs_failed"] == len(expected)
+
+
+def test_bad_videos_become_error_rows_and_all_bad_exits_1(tmp_path):
+    folder = tmp_path / "in"
+    clip = write_video(folder / "ok.mp4", pan_zoom_frames(data.astronaut(), 6, 128), 30.0)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 255, 5000, dtype=np.uint8).tobytes())
+    (folder / "cut.mp4").write_bytes(clip.read_bytes()[:3000])
+    result = _run(tmp_path, "video", folder)
+    assert result.exit_code == 0
+    errors = open_errors(tmp_path / "out").to_table()
+    got = dict(zip(errors.column("input_path").to_pylist(), errors.column("error_type").to_pylist()))
+    assert got == {"empty.mp4": "empty_file", "noise.mp4": "corrupt_video", "cut.mp4": "corrupt_video"}
+    assert open_triplets(tmp_path / "out").count_rows() == 6
+    clip.unlink()
+    assert _run(tmp_path, "video", folder, name="all_bad").exit_code == 1
+
+
+def test_usage_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["preprocess", "--source", "images", "--input", str(tmp_path / "nope"),
+                                  "--output", str(tmp_path / "o")])
+    unknown = runner.invoke(app, ["preprocess", "--source", "youtube", "--input", str(tmp_path),
+                                  "--output", str(tmp_path / "o")])
+    for result, words in ((missing, "does not exist"), (unknown, "unknown source")):
+        assert result.exit_code == 2
+        assert words in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def _table_by_id(out: Path):
+    return open_triplets(out).to_table().sort_by("sample_id")
+
+
+def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_path):
+    folder = tmp_path / "in"
+    write_video(folder / "long.mp4", pan_zoom_frames(data.astronaut(), 150, 192), 30.0)
+    for name in ("astronaut", "camera"):
+        save(folder / f"{name}.png", Image.fromarray(getattr(data, name)()))
+    options = ["--segment-frames", "8", "--shard-rows", "8", "--no-progress"]
+    reference = _run(tmp_path, "video", folder, name="ref", segment_frames=8, shard_rows=8)
+    assert reference.exit_code == 0
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "disco.cli", "preprocess", "--source", "video", "--input", str(folder),
+               "--output", str(out), *options]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(command, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "_journal.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if journal.exists() and journal.read_text().count('"commit"') >= 2:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    commits_at_kill = journal.read_text().count('"commit"')
+    total_units = 19  # 150 frames in segments of 8
+    assert 2 <= commits_at_kill < total_units, "the kill came too late to interrupt anything"
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    got, want = _table_by_id(out), _table_by_id(tmp_path / "ref")
+    assert got.num_rows == want.num_rows == 150
+    assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
+    for name in TRIPLET_SCHEMA.names:
+        assert got.column(name).equals(want.column(name)), name
+    assert not list(out.rglob("*.tmp"))
+    # A third run finds nothing left to do and duplicates nothing.
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert _table_by_id(out).num_rows == 150

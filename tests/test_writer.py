@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from disco.pipeline.reader import open_triplets
+from disco.pipeline.schema import TRIPLET_SCHEMA
+from disco.pipeline.writer import OutputStore, ShardWriter
+
+
+def _rows(path: str, n: int) -> pa.Table:
+    rows = [{
+        "sample_id": f"images/{path}/{i:06d}", "source": "images", "clip_id": path, "frame_index": i,
+        "timestamp_s": None, "split": "train", "input_path": path, "width": 2, "height": 2,
+        "image": b"i", "mask": b"m", "foreground": b"f", "background": b"b", "pose": None,
+        "body_keypoints": [0.0] * 54, "hand_keypoints": None, "face_keypoints": None,
+        "person_score": 1.0, "person_count": 1, "mask_area": 0.5,
+    } for i in range(n)]
+    return pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA)
+
+
+def _unit(path: str, rows: int, index: int = 0, count: int = 1, errors: int = 0) -> dict:
+    return {"input_path": path, "unit_index": index, "unit_count": count, "frames": rows, "rows": rows,
+            "skipped": {}, "errors": errors}
+
+
+def test_shards_hold_whole_units_and_respect_the_row_bound(tmp_path):
+    store = OutputStore(tmp_path)
+    store.prepare()
+    writer = ShardWriter(store, 0, shard_rows=5, row_group_rows=2)
+    for k in range(6):
+        writer.add_unit(_rows(f"v{k}", 2), _unit(f"v{k}", 2), [])
+    writer.add_unit(_rows("long", 7), _unit("long", 7), [])  # one unit above the bound: its own shard
+    writer.flush()
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in sorted((tmp_path / "triplets").glob("*.parquet"))]
+    assert sizes == [4, 4, 4, 7]
+    assert pq.ParquetFile(tmp_path / "triplets" / "part-00000.parquet").metadata.num_row_groups == 2
+    state = store.read_journal()
+    assert state.complete_inputs() == {f"v{k}" for k in range(6)} | {"long"}
+    assert open_triplets(tmp_path).count_rows() == 19
+
+
+def test_recovery_drops_uncommitted_files_and_a_torn_journal_line(tmp_path):
+    store = OutputStore(tmp_path)
+    store.prepare()
+    store.start({"p": 1})
+    writer = ShardWriter(store, 0, shard_rows=2, row_group_rows=2)
+    writer.add_unit(_rows("a", 2), _unit("a", 2), [])
+    # A kill after the rename but before the journal line, and one in the middle of a write:
+    pq.write_table(_rows("b", 2), tmp_path / "triplets" / "part-00001.parquet")
+    (tmp_path / "triplets" / ".part-00002.parquet.tmp").write_bytes(b"PAR1 half")
+    with open(store.journal, "a") as fh:
+        fh.write('{"type": "commit", "shard_ind')
+    state = store.read_journal()
+    assert state.params == {"p": 1}
+    assert state.complete_inputs() == {"a"}
+    removed = store.recover(state)
+    assert sorted(removed) == ["triplets/.part-00002.parquet.tmp", "triplets/part-00001.parquet"]
+    assert [p.name for p in (tmp_path / "triplets").iterdir()] == ["part-00000.parquet"]
+    # The journal is whole again and the next commit lands on a line of its own.
+    writer = ShardWriter(store, store.next_shard_index(state), 2, 2)
+    writer.add_unit(_rows("b", 2), _unit("b", 2), [])
+    assert store.read_journal().complete_inputs() == {"a", "b"}
+
+
+def test_video_input_is_complete_only_when_every_segment_is_committed(tmp_path):
+    store = OutputStore(tmp_path)
+    store.prepare()
+    writer = ShardWriter(store, 0, shard_rows=100, row_group_rows=10)
+    writer.add_unit(_rows("clip", 3), _unit("clip", 3, index=0, count=3), [])
+    writer.add_unit(_rows("clip", 0), _unit("clip", 0, index=2, count=3), [])
+    writer.flush()
+    state = store.read_journal()
+    assert state.complete_inputs() == set()
+    assert state.partial_units() == {"clip": [0, 2]}
