@@ -110,7 +110,7 @@ def preprocess(
     min_mask_area: float = typer.Option(0.01, help="Minimum fraction of the picture the person mask must cover."),
     shard_rows: int = typer.Option(1024, help="Rows per Parquet shard."),
     row_group_rows: int = typer.Option(64, help="Rows per Parquet row group (the streaming unit)."),
-    segment_frames: int = typer.Option(64, help="Frames per unit of work when splitting videos."),
+    segment_frames: int = typer.Option(32, help="Frames per unit of work when splitting videos."),
     actors: Optional[int] = typer.Option(None, help="Annotator actors (default: one per CPU of the Ray cluster)."),
     cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per annotator actor (default: fits the cluster)."),
     gpus_per_actor: float = typer.Option(0.0, help="GPUs per annotator actor (fractions allowed)."),

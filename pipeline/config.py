@@ -44,7 +44,7 @@ class PreprocessConfig:
     min_mask_area: float = 0.01
     shard_rows: int = 1024
     row_group_rows: int = 64
-    segment_frames: int = 64
+    segment_frames: int = 32
     actors: int | None = None
     cpus_per_actor: float | None = None
     gpus_per_actor: float = 0.0

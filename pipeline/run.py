@@ -23,7 +23,8 @@ from disco.pipeline.writer import OutputStore, ShardWriter
 
 # Quiet the MediaPipe / TFLite start-up chatter in every Ray worker.
 WORKER_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
-PLAN_CPUS = 0.1
+MAX_BLOCKS = 10_000
+RESERVED_CPUS = 0.1
 
 
 @dataclass
@@ -58,14 +59,14 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
     return settings
 
 
-def actor_resources(cfg: PreprocessConfig, total_cpus: float, pending: int) -> tuple[int, float]:
-    """Actor count and CPUs per actor that leave room for the planning task (2 x 1 CPU on a
-    2-CPU node starves the rest of the pipeline)."""
+def actor_resources(cfg: PreprocessConfig, total_cpus: float, units: int) -> tuple[int, float]:
+    """Actor count and CPUs per actor. A little CPU is left free: 2 actors x 1 CPU on a 2-CPU node
+    starve Ray Data's own tasks."""
     actors = cfg.actors or max(1, int(total_cpus))
-    actors = max(1, min(actors, pending))
+    actors = max(1, min(actors, units))
     cpus = cfg.cpus_per_actor
     if cpus is None:
-        cpus = round(min(1.0, max(0.1, (total_cpus - PLAN_CPUS) / actors)), 2)
+        cpus = round(min(1.0, max(0.1, (total_cpus - RESERVED_CPUS) / actors)), 2)
     return actors, cpus
 
 
@@ -153,9 +154,11 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
             import ray
 
             init_ray(cfg.ray_address)
+            settings = stage_settings(cfg)
+            units = plan_all(pending, settings, partial)
             total_cpus = float(ray.cluster_resources().get("CPU", 1))
-            actors, cpus = actor_resources(cfg, total_cpus, len(pending))
-            frames_done = _run_ray(cfg, pending, partial, writer, actors, cpus, progress)
+            actors, cpus = actor_resources(cfg, total_cpus, len(units))
+            frames_done = _run_ray(cfg, units, settings, partial, writer, actors, cpus, progress)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: committing finished work")
@@ -195,7 +198,17 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
 
 
-def _run_ray(cfg, pending, partial_units, writer, actors, cpus, progress) -> int:
+def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8) -> list[dict]:
+    """Cut every pending input into units. Reading a video's header is cheap and mostly I/O, so
+    the driver probes videos on a few threads; stills need no probe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        planned = pool.map(lambda item: plan_units(item.to_dict(), settings, partial_units), pending)
+        return [unit for units in planned for unit in units]
+
+
+def _run_ray(cfg, units, settings, partial_units, writer, actors, cpus, progress) -> int:
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -204,10 +217,8 @@ def _run_ray(cfg, pending, partial_units, writer, actors, cpus, progress) -> int
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    settings = stage_settings(cfg)
-    items = [i.to_dict() for i in pending]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * actors)))
-    ds = ds.flat_map(plan_units, fn_kwargs={"settings": settings, "done_units": partial_units}, num_cpus=PLAN_CPUS)
+    # Small blocks, so a video's segments spread over the actors instead of queueing on one.
+    ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), MAX_BLOCKS)))
     ds = ds.map_batches(
         AnnotateStage,
         fn_constructor_kwargs={"settings": settings},

@@ -6,6 +6,7 @@ this version ships the embedded MediaPipe backends, so ``auto`` resolves to them
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,9 @@ __all__ = ["FrameAnnotator", "Matte", "Pose", "mask_area", "person_present", "re
 
 
 def _cuda_available() -> bool:
+    # Without an NVIDIA driver there is no CUDA; skip the costly torch import on such machines.
+    if not os.path.exists("/proc/driver/nvidia/version"):
+        return False
     try:
         import torch
 

@@ -1,0 +1,134 @@
+"""Throughput of the Ray pipeline against a plain sequential loop over the same frames.
+
+Both paths call the same code (plan_units -> process_unit: decode, MediaPipe, encode) on the same
+clips, in one process. Prints frames/s of each, the ratio ray/loop and peak memory.
+
+    python benchmarks/preprocess_throughput.py [--clips 2] [--seconds 6] [--size 320]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def _ray_processes() -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "ray" in cmd and ("default_worker" in cmd or "raylet" in cmd or "gcs_server" in cmd):
+            out.append(proc)
+    return out
+
+
+class PeakMemory:
+    """Samples the resident memory of this process plus Ray's processes every 0.2 s."""
+
+    def __init__(self, include_ray: bool):
+        self.include_ray = include_ray
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            procs = [me] + (_ray_processes() if self.include_ray else [])
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_clips(folder: Path, clips: int, seconds: float, size: int) -> None:
+    from skimage import data
+
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+    photos = [data.astronaut(), data.camera()]
+    for k in range(clips):
+        photo = photos[k % len(photos)]
+        if photo.ndim == 2:
+            photo = photo[..., None].repeat(3, axis=2)
+        write_video(folder / f"clip{k}.mp4", pan_zoom_frames(photo, int(seconds * 30), size), 30.0)
+
+
+def run_loop(cfg) -> int:
+    from disco.pipeline.annotators import FrameAnnotator, resolve_backends
+    from disco.pipeline.run import stage_settings
+    from disco.pipeline.sources import list_inputs
+    from disco.pipeline.stages import plan_units, process_unit
+
+    cfg.resolved = resolve_backends(cfg.matting, cfg.pose)
+    settings = stage_settings(cfg)
+    annotator = FrameAnnotator(settings["matting"], settings["pose"], settings["hands"], settings["min_visibility"],
+                               settings["min_mask_area"], settings["joint_threshold"])
+    frames = 0
+    for item in list_inputs(cfg.source, cfg.input, cfg.split).items:
+        for unit in plan_units(item.to_dict(), settings):
+            records = process_unit(unit, annotator, settings)
+            frames += records[-1]["_frames"]
+    return frames
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--hands", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.run import init_ray, preprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_clips(tmp / "in", args.clips, args.seconds, args.size)
+
+        def config(name: str) -> PreprocessConfig:
+            return PreprocessConfig(source="video", input=tmp / "in", output=tmp / name, hands=args.hands).validate()
+
+        with PeakMemory(include_ray=False) as mem_loop:
+            start = time.perf_counter()
+            loop_frames = run_loop(config("loop"))
+            loop_s = time.perf_counter() - start
+
+        init_ray()  # cluster start-up is paid once per session, not per job: kept out of the timing
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU")
+        with PeakMemory(include_ray=True) as mem_ray:
+            start = time.perf_counter()
+            result = preprocess(config("ray"), log=lambda *_: None)
+            ray_s = time.perf_counter() - start
+        ray_frames = result.manifest["counts"]["frames"]
+        assert ray_frames == loop_frames, (ray_frames, loop_frames)
+
+    loop_fps, ray_fps = loop_frames / loop_s, ray_frames / ray_s
+    print(f"frames: {loop_frames} ({args.clips} clips, {args.size}px, hands={args.hands}); Ray CPUs: {cpus}")
+    print(f"(a) sequential loop : {loop_fps:7.2f} frames/s  ({loop_s:.1f} s)  peak RSS {mem_loop.peak / 2**20:,.0f} MiB")
+    print(f"(b) Ray pipeline    : {ray_fps:7.2f} frames/s  ({ray_s:.1f} s)  peak RSS {mem_ray.peak / 2**20:,.0f} MiB "
+          f"(driver + Ray processes)")
+    print(f"ratio b/a           : {ray_fps / loop_fps:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
