@@ -224,7 +224,7 @@ def _run_ray(cfg, units, settings, partial_units, writer, actors, cpus, progress
         fn_constructor_kwargs={"settings": settings},
         batch_size=1,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors),
+        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
         num_cpus=cpus,
         num_gpus=cfg.gpus_per_actor or None,
     )
