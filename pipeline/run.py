@@ -43,7 +43,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Worker output (MediaPipe's start-up chatter) stays in Ray's log files; failures still
     # surface as exceptions through Ray Data.
     common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address:
         ray.init(address=address, **common)
     else:
@@ -212,8 +211,8 @@ def _run_ray(cfg, units, settings, partial_units, writer, actors, cpus, progress
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
-    # Importing Ray Data sets up its own loggers; keep its per-run INFO lines off the console.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Importing Ray Data sets up its own loggers; keep its per-run notices off the console.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
