@@ -82,6 +82,8 @@ def run_preprocess(config, show_progress: bool = True) -> dict:
                                 log=lambda message: bar.console.print(message, highlight=False))
         except ConfigError as exc:
             _usage_error(str(exc))
+        except ConnectionError as exc:
+            _usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
     _print_summary(result.manifest)
     console.print(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/)")
     if result.exit_code:
