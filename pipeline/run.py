@@ -133,6 +133,8 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
 
     listing = list_inputs(cfg.source, Path(cfg.input), cfg.split)
     listed = [i.input_path for i in listing.items]
+    if not listed:
+        log(f"no {cfg.source} inputs found under {cfg.input}")
     complete = state.complete_inputs()
     pending = [i for i in listing.items if i.input_path not in complete]
     if progress is not None:

@@ -20,7 +20,7 @@ from skimage import data
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.config import ConfigError, PreprocessConfig
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
 from disco.pipeline.encode import decode_picture
 from disco.pipeline.keypoints import BODY18_NAMES
@@ -106,6 +106,23 @@ def test_manifest_records_what_ran(astronaut_run):
     assert shard["rows"] == 1 and shard["bytes"] == (out / shard["path"]).stat().st_size
     assert manifest["packages"]["mediapipe"] == "0.10.14"
     assert manifest["run"]["frames_processed"] == 3
+
+
+def test_resuming_with_different_options_is_refused(astronaut_run):
+    out, _ = astronaut_run
+    before = sorted(p.name for p in (out / "triplets").iterdir())
+    cfg = PreprocessConfig(source="images", input=out.parent / "in", output=out, fps=12)
+    with pytest.raises(ConfigError, match="fps"):
+        preprocess(cfg, log=lambda *_: None)
+    assert sorted(p.name for p in (out / "triplets").iterdir()) == before
+
+
+def test_an_empty_folder_exits_1(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no pictures here")
+    result = _run(tmp_path, "images", tmp_path / "in")
+    assert result.exit_code == 1
+    assert result.manifest["counts"]["inputs"] == 0 and result.manifest["counts"]["ignored_files"] == 1
 
 
 def test_inspect_prints_counts_and_writes_a_contact_sheet(astronaut_run, tmp_path):
