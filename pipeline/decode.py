@@ -20,7 +20,7 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _check_size(width: int, height: int, min_side: int, max_pixels: int) -> None:
+def check_size(width: int, height: int, min_side: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise InputError(
             "decode", "image_too_large",
@@ -75,7 +75,7 @@ def load_image(path: str | Path, max_side: int, min_side: int = 1, max_pixels: i
         raise InputError("decode", "image_too_large", str(exc)) from None
     with im:
         width, height = im.size
-        _check_size(width, height, min_side, max_pixels)
+        check_size(width, height, min_side, max_pixels)
         # JPEG can decode at a reduced scale directly, which is much cheaper for huge photos.
         im.draft("RGB", (max_side, max_side))
         try:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from disco.pipeline.decode import (
-    _check_size,
+    check_size,
     decode_video_frames,
     load_image,
     probe_video,
@@ -40,7 +40,7 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
         return [base]
     try:
         info = probe_video(item["abs_path"])
-        _check_size(info.width, info.height, settings["min_side"], settings["max_pixels"])
+        check_size(info.width, info.height, settings["min_side"], settings["max_pixels"])
     except InputError as exc:
         return [{**base, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}]
     indices = resample_indices(info.num_frames, info.fps, settings["fps"])
