@@ -3,7 +3,10 @@
 Both paths call the same code (plan_units -> process_unit: decode, MediaPipe, encode) on the same
 clips, in one process. Prints frames/s of each, the ratio ray/loop and peak memory.
 
-    python benchmarks/preprocess_throughput.py [--clips 2] [--seconds 6] [--size 320]
+    python benchmarks/preprocess_throughput.py [--clips 4] [--seconds 10] [--size 320] [--no-hands]
+
+Ray's fixed start-up (its own actors, then the annotator actors: about 4 s on 2 cores) weighs on
+short runs; pass more --seconds to see the steady state.
 """
 
 from __future__ import annotations
@@ -90,8 +93,8 @@ def run_loop(cfg) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--clips", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--hands", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
