@@ -12,6 +12,7 @@ class Matte:
     alpha: np.ndarray  # H x W uint8, 0..255
     score: float  # detector confidence of the person (max over merged persons)
     count: int  # persons detected; all of them are merged into ``alpha``
+    model: str = ""  # which model drew ``alpha`` (for the record and for tests)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The embedded CPU annotators: MediaPipe BlazePose (full) for pose and for the person mask.
 
 BlazePose's own segmentation output keeps a whole full-body person at a distance, where selfie
-segmentation cuts legs off, so the same graph serves both roles and runs once per frame.
+segmentation cuts legs off, so the same graph serves both roles and runs once per frame. Selfie
+segmentation, the model made for people close to the camera, draws the mask of close-ups only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from disco.pipeline.keypoints import blazepose_to_body18, hand_to_pixels
 # Landmarks the person score is built from: nose and shoulders, which the detector always frames
 # (hips and legs are legitimately out of view in half-body photos).
 SCORE_LANDMARKS = (0, 11, 12)
+# A close-up: shoulders spanning at least this fraction of the width, and no hip in view.
+CLOSE_UP_SHOULDER_SPAN = 0.5
+HIPS = (23, 24)
+
+
+def is_close_up(landmarks: np.ndarray, min_visibility: float = 0.5) -> bool:
+    span = abs(landmarks[11, 0] - landmarks[12, 0])
+    return span >= CLOSE_UP_SHOULDER_SPAN and all(landmarks[h, 2] < min_visibility for h in HIPS)
 
 
 def _landmark_array(landmarks) -> np.ndarray | None:
@@ -57,7 +66,11 @@ class MediaPipeEngine:
         import mediapipe
 
         root = Path(mediapipe.__file__).parent / "modules"
-        names = ["pose_detection/pose_detection.tflite", "pose_landmark/pose_landmark_full.tflite"]
+        names = [
+            "pose_detection/pose_detection.tflite",
+            "pose_landmark/pose_landmark_full.tflite",
+            "selfie_segmentation/selfie_segmentation.tflite",
+        ]
         if hands:
             names += [
                 "holistic_landmark/hand_recrop.tflite",
@@ -77,6 +90,7 @@ class MediaPipeMatting:
 
     def __init__(self, engine: MediaPipeEngine):
         self.engine = engine
+        self._selfie = None  # built on the first close-up
 
     def matte(self, frame: np.ndarray) -> Matte:
         result = self.engine.process(frame)
@@ -84,9 +98,20 @@ class MediaPipeMatting:
         landmarks = _landmark_array(result.pose_landmarks)
         if landmarks is None or result.segmentation_mask is None:
             return Matte(alpha=np.zeros((height, width), np.uint8), score=0.0, count=0)
-        alpha = np.clip(np.round(result.segmentation_mask * 255.0), 0, 255).astype(np.uint8)
         score = float(np.mean(landmarks[list(SCORE_LANDMARKS), 2]))
-        return Matte(alpha=alpha, score=score, count=1)
+        if is_close_up(landmarks):
+            mask, model = self._selfie_mask(frame), "selfie_segmentation"
+        else:
+            mask, model = result.segmentation_mask, "blazepose"
+        alpha = np.clip(np.round(mask * 255.0), 0, 255).astype(np.uint8)
+        return Matte(alpha=alpha, score=score, count=1, model=model)
+
+    def _selfie_mask(self, frame: np.ndarray) -> np.ndarray:
+        if self._selfie is None:
+            import mediapipe as mp
+
+            self._selfie = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        return self._selfie.process(np.ascontiguousarray(frame)).segmentation_mask
 
 
 class MediaPipePose:
