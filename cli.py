@@ -176,6 +176,40 @@ def inspect(
     out.print(f"contact sheet ({shown} rows): {target.resolve()}")
 
 
+@app.command("model-info")
+def model_info(
+    config: str = typer.Option("sd-image-variations", help="Architecture: sd-image-variations or tiny."),
+    variant: str = typer.Option("finetune", help="pretrain (HAP, no pose branch) or finetune."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Parameter counts of the DisCo model, built without weights (meta device)."""
+    import json
+
+    import torch
+
+    from disco.model.configs import CONFIGS
+    from disco.model.disco import VARIANTS, DisCoModel, parameter_counts
+
+    if config not in CONFIGS:
+        _usage_error(f"unknown configuration {config!r}; choose one of {', '.join(CONFIGS)}")
+    if variant not in VARIANTS:
+        _usage_error(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    with torch.device("meta"):
+        model = DisCoModel.from_architecture(config, variant=variant)
+    counts = parameter_counts(model)
+    if as_json:
+        typer.echo(json.dumps(counts))
+        return
+    table = Table(title=f"DisCo {variant} ({config})")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    trainable = sum(p.numel() for p in model.trainable_parameters().values())
+    for part, n in counts.items():
+        table.add_row(part, f"{n / 1e6:,.1f} M")
+    table.add_row("trainable in this stage", f"{trainable / 1e6:,.1f} M")
+    Console().print(table)
+
+
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the demo's inputs and results."),

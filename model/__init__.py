@@ -1,0 +1,1 @@
+"""The DisCo model (see DESIGN.md)."""

@@ -1,0 +1,220 @@
+"""The DisCo network: CLIP-image reference tokens, a background ControlNet on VAE latents and a
+pose ControlNet, both adding residuals to the image-variations UNet (DESIGN.md, "The DisCo model")."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from disco.model.configs import CONFIGS, SCHEDULER
+
+VARIANTS = ("pretrain", "finetune")
+VAE_SCALING = 0.18215
+
+
+def _background_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
+    """A ControlNet copied from the UNet whose conditioning embedding is a 3 x 3 conv over the
+    background's VAE latent, initialised from the UNet's ``conv_in`` (not zero)."""
+    controlnet = ControlNetModel.from_unet(unet)
+    conv = nn.Conv2d(unet.config.in_channels, unet.config.block_out_channels[0], kernel_size=3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(unet.conv_in.weight)
+        conv.bias.copy_(unet.conv_in.bias)
+    controlnet.controlnet_cond_embedding = conv
+    return controlnet
+
+
+class DisCoModel(ModelMixin, ConfigMixin):
+    """UNet + background ControlNet (+ pose ControlNet for ``finetune``), frozen VAE and CLIP.
+
+    ``pretrain`` is the human-attribute pre-training (HAP) variant: no pose branch.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict,
+        vae_config: dict,
+        image_encoder_config: dict,
+        scheduler_config: dict | None = None,
+        variant: str = "finetune",
+        pose_scale: float = 1.0,
+        background_scale: float = 1.0,
+        reference_dropout: float = 0.05,
+        pose_dropout: float = 0.0,
+        background_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+        self.unet = UNet2DConditionModel.from_config(unet_config)
+        self.vae = AutoencoderKL.from_config(vae_config)
+        self.image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder_config))
+        clip = self.image_encoder.config
+        # All 257 tokens, projected 1024 -> 768 by a trainable copy of CLIP's visual projection.
+        self.reference_projection = nn.Linear(clip.hidden_size, clip.projection_dim, bias=False)
+        with torch.no_grad():
+            self.reference_projection.weight.copy_(self.image_encoder.visual_projection.weight)
+        self.background_controlnet = _background_controlnet(self.unet)
+        self.pose_controlnet = ControlNetModel.from_unet(self.unet) if variant == "finetune" else None
+        self.vae.requires_grad_(False)
+        self.image_encoder.requires_grad_(False)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_architecture(cls, name: str = "tiny", variant: str = "finetune", **options) -> "DisCoModel":
+        """Random weights in a named configuration (``tiny`` or ``sd-image-variations``)."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown configuration {name!r}; choose one of {', '.join(CONFIGS)}")
+        arch = copy.deepcopy(CONFIGS[name])
+        return cls(unet_config=arch["unet"], vae_config=arch["vae"], image_encoder_config=arch["image_encoder"],
+                   scheduler_config=dict(SCHEDULER), variant=variant, **options)
+
+    @classmethod
+    def from_sd_image_variations(cls, path: str | Path, variant: str = "finetune", **options) -> "DisCoModel":
+        """Build from a local image-variations directory in diffusers layout; nothing is downloaded."""
+        path = Path(path)
+        for sub in ("unet", "vae", "image_encoder"):
+            if not (path / sub / "config.json").exists():
+                raise FileNotFoundError(f"{path / sub / 'config.json'} is missing: expected the diffusers layout "
+                                        "unet/, vae/, image_encoder/ (and scheduler/)")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+        clip = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", local_files_only=True)
+        scheduler = dict(SCHEDULER)
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        if scheduler_file.exists():
+            import json
+
+            scheduler.update({k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")})
+        clip_config = {k: getattr(clip.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                           "num_attention_heads", "image_size", "patch_size",
+                                                           "projection_dim")}
+        with torch.device("meta"):
+            model = cls(unet_config=dict(unet.config), vae_config=dict(vae.config), image_encoder_config=clip_config,
+                        scheduler_config=scheduler, variant=variant, **options)
+        model.unet, model.vae, model.image_encoder = unet, vae, clip
+        model.vae.requires_grad_(False)
+        model.image_encoder.requires_grad_(False)
+        model.reference_projection = nn.Linear(clip.config.hidden_size, clip.config.projection_dim, bias=False)
+        with torch.no_grad():
+            model.reference_projection.weight.copy_(clip.visual_projection.weight)
+        model.background_controlnet = _background_controlnet(unet)
+        model.pose_controlnet = ControlNetModel.from_unet(unet) if variant == "finetune" else None
+        return model
+
+    @classmethod
+    def finetune_from_hap(cls, hap: "DisCoModel", base_unet: UNet2DConditionModel) -> "DisCoModel":
+        """The fine-tuning model after HAP: UNet, projection and background ControlNet (and the
+        frozen VAE and CLIP) from ``hap``; the pose ControlNet a fresh copy of the *base* UNet."""
+        config = {k: v for k, v in hap.config.items() if not k.startswith("_")}
+        config["variant"] = "finetune"
+        model = cls(**config)
+        missing, unexpected = model.load_state_dict(hap.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("pose_controlnet.") for k in missing):
+            raise ValueError(f"{hap.__class__.__name__} checkpoint does not fit: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        model.pose_controlnet = ControlNetModel.from_unet(base_unet)
+        return model
+
+    def export_diffusers(self, folder: str | Path) -> list[Path]:
+        """Write the UNet and the pose ControlNet as plain diffusers folders (``unet/``,
+        ``controlnet_pose/``), loadable by ``UNet2DConditionModel`` / ``ControlNetModel``."""
+        folder = Path(folder)
+        written = [folder / "unet"]
+        self.unet.save_pretrained(folder / "unet")
+        if self.pose_controlnet is not None:
+            self.pose_controlnet.save_pretrained(folder / "controlnet_pose")
+            written.append(folder / "controlnet_pose")
+        return written
+
+    # -- conditioning ---------------------------------------------------------------------------
+
+    def encode_reference(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised 224 x 224 references (already masked) -> B x 257 x cross-attention tokens."""
+        hidden = self.image_encoder.vision_model(pixel_values=pixel_values).last_hidden_state
+        hidden = self.image_encoder.vision_model.post_layernorm(hidden)
+        return self.reference_projection(hidden)
+
+    def unconditional_reference(self, batch: int) -> torch.Tensor:
+        """The classifier-free-guidance reference: the CLIP encoding of an all-zero image."""
+        size = self.image_encoder.config.image_size
+        param = next(self.reference_projection.parameters())
+        zeros = torch.zeros(batch, 3, size, size, device=param.device, dtype=param.dtype)
+        return self.encode_reference(zeros)
+
+    def encode_background(self, background: torch.Tensor) -> torch.Tensor:
+        """Background pictures in [-1, 1] (person removed) -> scaled VAE latents."""
+        return self.vae.encode(background).latent_dist.mode() * VAE_SCALING
+
+    # -- the network ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        reference_tokens: torch.Tensor,
+        background_latents: torch.Tensor,
+        pose_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted noise for ``sample`` (noisy latents); ``pose_image`` is the skeleton in [0, 1]."""
+        down, mid = self.background_controlnet(
+            sample, timestep, encoder_hidden_states=reference_tokens, controlnet_cond=background_latents,
+            conditioning_scale=self.config.background_scale, return_dict=False,
+        )
+        if self.pose_controlnet is not None:
+            if pose_image is None:
+                raise ValueError("the finetune variant needs a pose image")
+            pose_down, pose_mid = self.pose_controlnet(
+                sample, timestep, encoder_hidden_states=reference_tokens, controlnet_cond=pose_image,
+                conditioning_scale=self.config.pose_scale, return_dict=False,
+            )
+            down = [a + b for a, b in zip(down, pose_down)]
+            mid = mid + pose_mid
+        return self.unet(
+            sample, timestep, encoder_hidden_states=reference_tokens,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
+        ).sample
+
+    # -- what trains ------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters each stage trains (DESIGN.md): HAP trains the UNet's transformer blocks,
+        the projection and the background ControlNet; fine-tuning trains all but CLIP and the VAE."""
+        out = {}
+        for name, param in self.named_parameters():
+            if name.startswith(("vae.", "image_encoder.")):
+                continue
+            if self.config.variant == "pretrain" and name.startswith("unet.") and ".attentions." not in name:
+                continue
+            out[name] = param
+        return out
+
+    def set_trainable(self) -> None:
+        train = set(self.trainable_parameters())
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in train)
+
+
+def parameter_counts(model: DisCoModel) -> dict[str, int]:
+    def count(module):
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    return {
+        "unet": count(model.unet),
+        "pose_controlnet": count(model.pose_controlnet),
+        "background_controlnet": count(model.background_controlnet),
+        "image_encoder": count(model.image_encoder),
+        "reference_projection": count(model.reference_projection),
+        "vae": count(model.vae),
+    }

@@ -1,0 +1,147 @@
+"""The DisCo model on its tiny configuration (same structure as the full one, random weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.model.disco import DisCoModel, parameter_counts
+
+
+def _inputs(model: DisCoModel, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    side = model.unet.config.sample_size
+    sample = torch.randn(batch, 4, side, side, generator=g)
+    timestep = torch.tensor([10, 500][:batch])
+    reference = model.encode_reference(torch.randn(batch, 3, 224, 224, generator=g))
+    background = model.encode_background(torch.rand(batch, 3, side * 4, side * 4, generator=g) * 2 - 1)
+    pose = torch.rand(batch, 3, side * 8, side * 8, generator=g)
+    return sample, timestep, reference, background, pose
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DisCoModel:
+    torch.manual_seed(0)
+    return DisCoModel.from_architecture("tiny", variant="finetune").eval()
+
+
+def test_reference_tokens_are_all_257_projected(tiny):
+    tokens = tiny.encode_reference(torch.zeros(1, 3, 224, 224))
+    assert tokens.shape == (1, 257, tiny.unet.config.cross_attention_dim)
+    torch.testing.assert_close(tiny.unconditional_reference(2), tokens.expand(2, -1, -1))
+    # Initialised from CLIP's visual projection.
+    assert torch.equal(tiny.reference_projection.weight, tiny.image_encoder.visual_projection.weight)
+
+
+def test_at_initialisation_the_model_predicts_exactly_what_the_bare_unet_predicts(tiny):
+    sample, timestep, reference, background, pose = _inputs(tiny)
+    with torch.no_grad():
+        ours = tiny(sample, timestep, reference, background, pose)
+        bare = tiny.unet(sample, timestep, encoder_hidden_states=reference).sample
+    assert torch.equal(ours, bare)
+    # The background embedding starts as the UNet's conv_in, not as zeros.
+    assert torch.equal(tiny.background_controlnet.controlnet_cond_embedding.weight, tiny.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("variant", ["pretrain", "finetune"])
+def test_one_optimiser_step_changes_exactly_the_documented_parameters(variant):
+    torch.manual_seed(1)
+    model = DisCoModel.from_architecture("tiny", variant=variant)
+    model.set_trainable()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1e-3)
+    sample, timestep, _, background, pose = _inputs(model)
+    reference = model.encode_reference(torch.randn(2, 3, 224, 224))
+    loss = torch.nn.functional.mse_loss(model(sample, timestep, reference, background, pose), torch.randn_like(sample))
+    loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(trainable)
+    # A trainable parameter that stays put after one step is one that can't move yet: zero-valued
+    # (biases, the zero convolutions) with a zero gradient, because the ControlNets' outputs start
+    # at zero. Everything else that trains moved, and nothing else did.
+    still = set(trainable) - changed
+    assert all(not before[n].any() and not model.get_parameter(n).grad.any() for n in still)
+    assert changed <= set(trainable) and len(changed) > len(trainable) // 2
+    assert not any(n.startswith(("vae.", "image_encoder.")) for n in changed)
+    unet_changed = {n for n in changed if n.startswith("unet.")}
+    if variant == "pretrain":
+        assert model.pose_controlnet is None
+        assert unet_changed and all(".attentions." in n for n in unet_changed)
+        assert any(n.startswith("unet.") and ".resnets." in n for n in before) and not any(".resnets." in n for n in unet_changed)
+    else:
+        assert any(".resnets." in n for n in unet_changed) and any(n.startswith("pose_controlnet.") for n in changed)
+
+
+def test_save_and_load_round_trip_is_bit_exact(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = DisCoModel.from_pretrained(tmp_path / "ckpt")
+    a, b = tiny.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_diffusers_export_loads_in_plain_diffusers(tiny, tmp_path):
+    tiny.export_diffusers(tmp_path / "export")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet", local_files_only=True)
+    pose = ControlNetModel.from_pretrained(tmp_path / "export" / "controlnet_pose", local_files_only=True)
+    assert torch.equal(unet.conv_in.weight, tiny.unet.conv_in.weight)
+    assert all(torch.equal(p, q) for p, q in zip(pose.parameters(), tiny.pose_controlnet.parameters()))
+
+
+def test_hap_to_finetune_mapping(tmp_path):
+    torch.manual_seed(2)
+    base = DisCoModel.from_architecture("tiny", variant="pretrain")
+    base_unet = UNet2DConditionModel.from_config(base.unet.config)
+    base_unet.load_state_dict(base.unet.state_dict())
+    hap = DisCoModel.from_architecture("tiny", variant="pretrain")  # stands for a trained HAP model
+    with torch.no_grad():
+        for p in hap.trainable_parameters().values():
+            p.add_(0.01)
+    model = DisCoModel.finetune_from_hap(hap, base_unet)
+    assert model.config.variant == "finetune"
+    for part in ("unet", "reference_projection", "background_controlnet"):
+        ours, theirs = getattr(model, part).state_dict(), getattr(hap, part).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+    # The pose ControlNet copies the base UNet's blocks, not HAP's.
+    pose_blocks = model.pose_controlnet.down_blocks.state_dict()
+    assert all(torch.equal(v, base_unet.down_blocks.state_dict()[k]) for k, v in pose_blocks.items())
+    assert any(not torch.equal(v, hap.unet.down_blocks.state_dict()[k]) for k, v in pose_blocks.items())
+
+
+def test_build_from_a_local_image_variations_folder(tiny, tmp_path):
+    folder = tmp_path / "sd-iv"
+    tiny.unet.save_pretrained(folder / "unet")
+    tiny.vae.save_pretrained(folder / "vae")
+    tiny.image_encoder.save_pretrained(folder / "image_encoder")
+    model = DisCoModel.from_sd_image_variations(folder, variant="finetune")
+    assert all(torch.equal(p, q) for p, q in zip(model.unet.parameters(), tiny.unet.parameters()))
+    assert torch.equal(model.reference_projection.weight, tiny.image_encoder.visual_projection.weight)
+    for k, v in model.pose_controlnet.down_blocks.state_dict().items():
+        assert torch.equal(v, tiny.unet.down_blocks.state_dict()[k])
+    sample, timestep, reference, background, pose = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(sample, timestep, reference, background, pose),
+                           tiny.unet(sample, timestep, encoder_hidden_states=reference).sample)
+    with pytest.raises(FileNotFoundError, match="vae"):
+        DisCoModel.from_sd_image_variations(tmp_path / "empty")
+
+
+def test_full_size_parameter_counts_on_the_meta_device():
+    with torch.device("meta"):
+        model = DisCoModel.from_architecture("sd-image-variations")
+    counts = parameter_counts(model)
+    assert round(counts["unet"] / 1e6, 1) == 859.5
+    assert 355e6 < counts["pose_controlnet"] < 365e6 and 355e6 < counts["background_controlnet"] < 365e6
+    assert 300e6 < counts["image_encoder"] < 308e6
+    result = CliRunner().invoke(app, ["model-info", "--config", "sd-image-variations", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["unet"] == counts["unet"]
