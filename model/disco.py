@@ -157,6 +157,47 @@ class DisCoModel(ModelMixin, ConfigMixin):
         """Background pictures in [-1, 1] (person removed) -> scaled VAE latents."""
         return self.vae.encode(background).latent_dist.mode() * VAE_SCALING
 
+    def drop_conditions(
+        self,
+        reference_tokens: torch.Tensor,
+        background_latents: torch.Tensor,
+        pose_image: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Classifier-free-guidance dropout, drawn per sample (the official code drops a whole batch).
+
+        A dropped reference becomes the zero-image CLIP encoding, a dropped background a zero
+        latent, a dropped pose an empty (black) skeleton picture.
+        """
+        batch = reference_tokens.shape[0]
+
+        def draw(p: float) -> torch.Tensor:
+            u = torch.rand(batch, generator=generator, device="cpu")
+            return (u < p).to(reference_tokens.device)
+
+        drop_ref = draw(self.config.reference_dropout)
+        if drop_ref.any():
+            with torch.no_grad():
+                empty = self.unconditional_reference(1).to(reference_tokens.dtype)
+            reference_tokens = torch.where(drop_ref[:, None, None], empty, reference_tokens)
+        drop_bg = draw(self.config.background_dropout)
+        background_latents = background_latents * (~drop_bg).to(background_latents.dtype)[:, None, None, None]
+        if pose_image is not None:
+            drop_pose = draw(self.config.pose_dropout)
+            pose_image = pose_image * (~drop_pose).to(pose_image.dtype)[:, None, None, None]
+        return reference_tokens, background_latents, pose_image
+
+    def enable_memory_savings(self, gradient_checkpointing: bool = True) -> None:
+        """Gradient checkpointing in the UNet and both ControlNets (attention already runs on
+        PyTorch's SDPA kernels in diffusers; mixed precision is the trainer's autocast)."""
+        for module in (self.unet, self.background_controlnet, self.pose_controlnet):
+            if module is None:
+                continue
+            if gradient_checkpointing:
+                module.enable_gradient_checkpointing()
+            else:
+                module.disable_gradient_checkpointing()
+
     # -- the network ----------------------------------------------------------------------------
 
     def forward(

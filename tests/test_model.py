@@ -145,3 +145,51 @@ def test_full_size_parameter_counts_on_the_meta_device():
     result = CliRunner().invoke(app, ["model-info", "--config", "sd-image-variations", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["unet"] == counts["unet"]
+
+
+def test_condition_dropout_is_per_sample():
+    torch.manual_seed(3)
+    model = DisCoModel.from_architecture("tiny", variant="finetune", reference_dropout=0.5, background_dropout=0.5,
+                                         pose_dropout=0.5)
+    batch = 64
+    reference = torch.randn(batch, 257, 32)
+    background = torch.randn(batch, 4, 8, 8)
+    pose = torch.rand(batch, 3, 64, 64)
+    ref, bg, po = model.drop_conditions(reference, background, pose, generator=torch.Generator().manual_seed(0))
+    empty = model.unconditional_reference(1)[0]
+    dropped_ref = torch.tensor([torch.allclose(r, empty) for r in ref])
+    kept_ref = torch.tensor([torch.equal(r, o) for r, o in zip(ref, reference)])
+    assert (dropped_ref ^ kept_ref).all()
+    assert 10 < dropped_ref.sum() < 54  # per sample, not all-or-nothing
+    dropped_bg = bg.flatten(1).abs().sum(1) == 0
+    assert 10 < dropped_bg.sum() < 54 and torch.equal(bg[~dropped_bg], background[~dropped_bg])
+    dropped_pose = po.flatten(1).sum(1) == 0
+    assert 10 < dropped_pose.sum() < 54
+    # Default probability 0.05 for the reference, none for pose and background.
+    default = DisCoModel.from_architecture("tiny", variant="pretrain")
+    assert (default.config.reference_dropout, default.config.pose_dropout) == (0.05, 0.0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(4)
+    model = DisCoModel.from_architecture("tiny", variant="finetune")
+    with torch.no_grad():  # move the zero convolutions so gradients reach every branch
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    model.set_trainable()
+    sample, timestep, reference, background, pose = _inputs(model)
+    reference, background = reference.detach(), background.detach()
+
+    def grads():
+        model.zero_grad()
+        model(sample, timestep, reference, background, pose).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_memory_savings(gradient_checkpointing=True)
+    model.train()
+    assert model.unet.is_gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
