@@ -193,3 +193,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_forward_stays_close_to_float32(tiny):
+    sample, timestep, reference, background, pose = _inputs(tiny)
+    with torch.no_grad():
+        full = tiny(sample, timestep, reference, background, pose)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = tiny(sample, timestep, reference, background, pose)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().mean() < 0.05 * full.abs().mean()
