@@ -17,6 +17,7 @@ from disco.model.configs import CONFIGS, SCHEDULER
 
 VARIANTS = ("pretrain", "finetune")
 VAE_SCALING = 0.18215
+BACKGROUND_EMBEDDING_FILE = "background_embedding.safetensors"
 
 
 def _background_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
@@ -128,14 +129,32 @@ class DisCoModel(ModelMixin, ConfigMixin):
         return model
 
     def export_diffusers(self, folder: str | Path) -> list[Path]:
-        """Write the UNet and the pose ControlNet as plain diffusers folders (``unet/``,
-        ``controlnet_pose/``), loadable by ``UNet2DConditionModel`` / ``ControlNetModel``."""
+        """Write plain diffusers folders: ``unet/``, ``controlnet_pose/`` and
+        ``controlnet_background/``, each loadable by ``UNet2DConditionModel`` / ``ControlNetModel``.
+
+        diffusers' ControlNet has no 4-channel latent conditioning conv, so the background folder
+        holds a standard ControlNet (conditioning_channels=4) whose conditioning embedding is a
+        placeholder, plus ``background_embedding.safetensors`` with the real 3 x 3 conv;
+        ``load_background_controlnet`` puts them back together.
+        """
+        from safetensors.torch import save_file
+
         folder = Path(folder)
         written = [folder / "unet"]
         self.unet.save_pretrained(folder / "unet")
         if self.pose_controlnet is not None:
             self.pose_controlnet.save_pretrained(folder / "controlnet_pose")
             written.append(folder / "controlnet_pose")
+        background = self.background_controlnet
+        plain = ControlNetModel.from_config({**background.config, "conditioning_channels": 4})
+        state = {k: v for k, v in background.state_dict().items() if not k.startswith("controlnet_cond_embedding.")}
+        plain.load_state_dict(state, strict=False)
+        target = folder / "controlnet_background"
+        plain.save_pretrained(target)
+        embedding = background.controlnet_cond_embedding
+        save_file({"weight": embedding.weight.detach().contiguous(), "bias": embedding.bias.detach().contiguous()},
+                  str(target / BACKGROUND_EMBEDDING_FILE))
+        written.append(target)
         return written
 
     # -- conditioning ---------------------------------------------------------------------------
@@ -245,6 +264,20 @@ class DisCoModel(ModelMixin, ConfigMixin):
         train = set(self.trainable_parameters())
         for name, param in self.named_parameters():
             param.requires_grad_(name in train)
+
+
+def load_background_controlnet(folder: str | Path) -> ControlNetModel:
+    """The background ControlNet from an ``export_diffusers`` folder, with its latent conv restored."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    controlnet = ControlNetModel.from_pretrained(folder, local_files_only=True)
+    weights = load_file(str(folder / BACKGROUND_EMBEDDING_FILE))
+    out_channels, in_channels = weights["weight"].shape[:2]
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+    conv.load_state_dict(weights)
+    controlnet.controlnet_cond_embedding = conv
+    return controlnet
 
 
 def parameter_counts(model: DisCoModel) -> dict[str, int]:

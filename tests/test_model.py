@@ -10,7 +10,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.model.disco import DisCoModel, parameter_counts
+from disco.model.disco import DisCoModel, load_background_controlnet, parameter_counts
 
 
 def _inputs(model: DisCoModel, batch: int = 2, seed: int = 0):
@@ -95,6 +95,18 @@ def test_diffusers_export_loads_in_plain_diffusers(tiny, tmp_path):
     pose = ControlNetModel.from_pretrained(tmp_path / "export" / "controlnet_pose", local_files_only=True)
     assert torch.equal(unet.conv_in.weight, tiny.unet.conv_in.weight)
     assert all(torch.equal(p, q) for p, q in zip(pose.parameters(), tiny.pose_controlnet.parameters()))
+    folder = tmp_path / "export" / "controlnet_background"
+    assert ControlNetModel.from_pretrained(folder, local_files_only=True).config.conditioning_channels == 4
+    background = load_background_controlnet(folder)
+    ours, theirs = background.state_dict(), tiny.background_controlnet.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_attention_runs_on_pytorch_sdpa(tiny):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = tiny.unet.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
 
 
 def test_hap_to_finetune_mapping(tmp_path):
