@@ -57,16 +57,21 @@ class DisCoModel(ModelMixin, ConfigMixin):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
-        self.unet = UNet2DConditionModel.from_config(unet_config)
-        self.vae = AutoencoderKL.from_config(vae_config)
-        self.image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder_config))
-        clip = self.image_encoder.config
+        self._assemble(
+            UNet2DConditionModel.from_config(unet_config),
+            AutoencoderKL.from_config(vae_config),
+            CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder_config)),
+        )
+
+    def _assemble(self, unet: UNet2DConditionModel, vae: AutoencoderKL, clip: CLIPVisionModelWithProjection) -> None:
+        """Derive every trainable branch from the three base models."""
+        self.unet, self.vae, self.image_encoder = unet, vae, clip
         # All 257 tokens, projected 1024 -> 768 by a trainable copy of CLIP's visual projection.
-        self.reference_projection = nn.Linear(clip.hidden_size, clip.projection_dim, bias=False)
+        self.reference_projection = nn.Linear(clip.config.hidden_size, clip.config.projection_dim, bias=False)
         with torch.no_grad():
-            self.reference_projection.weight.copy_(self.image_encoder.visual_projection.weight)
-        self.background_controlnet = _background_controlnet(self.unet)
-        self.pose_controlnet = ControlNetModel.from_unet(self.unet) if variant == "finetune" else None
+            self.reference_projection.weight.copy_(clip.visual_projection.weight)
+        self.background_controlnet = _background_controlnet(unet)
+        self.pose_controlnet = ControlNetModel.from_unet(unet) if self.config.variant == "finetune" else None
         self.vae.requires_grad_(False)
         self.image_encoder.requires_grad_(False)
 
@@ -101,17 +106,10 @@ class DisCoModel(ModelMixin, ConfigMixin):
         clip_config = {k: getattr(clip.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                            "num_attention_heads", "image_size", "patch_size",
                                                            "projection_dim")}
-        with torch.device("meta"):
+        with torch.device("meta"):  # the architecture only: its weights come from the folder
             model = cls(unet_config=dict(unet.config), vae_config=dict(vae.config), image_encoder_config=clip_config,
                         scheduler_config=scheduler, variant=variant, **options)
-        model.unet, model.vae, model.image_encoder = unet, vae, clip
-        model.vae.requires_grad_(False)
-        model.image_encoder.requires_grad_(False)
-        model.reference_projection = nn.Linear(clip.config.hidden_size, clip.config.projection_dim, bias=False)
-        with torch.no_grad():
-            model.reference_projection.weight.copy_(clip.visual_projection.weight)
-        model.background_controlnet = _background_controlnet(unet)
-        model.pose_controlnet = ControlNetModel.from_unet(unet) if variant == "finetune" else None
+        model._assemble(unet, vae, clip)
         return model
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -79,8 +80,6 @@ class UnitCollector:
 
     def consume(self, block: pa.Table) -> list[dict]:
         """Take one block; returns the unit records that became complete."""
-        import json
-
         kinds = block.column("_kind")
         rows = block.filter(pc.equal(kinds, "row"))
         if rows.num_rows:
