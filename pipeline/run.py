@@ -125,10 +125,10 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
             f"{cfg.output} was written with different options ({', '.join(changed)}); "
             "re-run with the same options to resume, or pass --overwrite to start fresh"
         )
+    state.params = params
     removed = store.recover(state)
     if removed:
         log(f"recovered from an interrupted run: removed {len(removed)} uncommitted file(s)")
-    store.start(params)
 
     listing = list_inputs(cfg.source, Path(cfg.input), cfg.split)
     listed = [i.input_path for i in listing.items]

@@ -120,7 +120,8 @@ class OutputStore:
         return state
 
     def recover(self, state: JournalState) -> list[str]:
-        """Delete temporary files and shards that no journal entry names; returns what was removed."""
+        """Delete temporary files and shards that no journal entry names, and rewrite the journal
+        whole (with ``state.params``); returns what was removed."""
         named = {name for e in state.entries for name in e.get("files", [])}
         removed = []
         for d in (self.triplets, self.errors):
@@ -143,12 +144,6 @@ class OutputStore:
         tmp = self.journal.with_name(self.journal.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         os.replace(tmp, self.journal)
-
-    def start(self, params: dict) -> None:
-        state = self.read_journal()
-        if state.params is None:
-            state.params = params
-            self._rewrite_journal(state)
 
     def append(self, record: dict) -> None:
         with open(self.journal, "a", encoding="utf-8") as fh:

@@ -43,7 +43,9 @@ def test_shards_hold_whole_units_and_respect_the_row_bound(tmp_path):
 def test_recovery_drops_uncommitted_files_and_a_torn_journal_line(tmp_path):
     store = OutputStore(tmp_path)
     store.prepare()
-    store.start({"p": 1})
+    first = store.read_journal()
+    first.params = {"p": 1}
+    store.recover(first)
     writer = ShardWriter(store, 0, shard_rows=2, row_group_rows=2)
     writer.add_unit(_rows("a", 2), _unit("a", 2), [])
     # A kill after the rename but before the journal line, and one in the middle of a write:
