@@ -96,9 +96,20 @@ def preprocess(
     source: str = typer.Option(..., help="Input kind: video (a folder of videos) or images (a folder of stills)."),
     input: Path = typer.Option(..., "--input", "-i", help="Folder (or single file) to read."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder: triplets/, errors/, manifest.json."),
-    matting: str = typer.Option("auto", help="Person matting backend: auto or mediapipe."),
-    pose: str = typer.Option("auto", help="Pose backend: auto, mediapipe or none."),
+    matting: str = typer.Option("auto", help="Person matting backend: auto, mediapipe or grounded-sam (GPU, --weights)."),
+    pose: str = typer.Option("auto", help="Pose backend: auto, mediapipe, openpose (GPU, --weights) or none."),
     hands: bool = typer.Option(True, "--hands/--no-hands", help="Also estimate hand keypoints."),
+    face: bool = typer.Option(False, "--face/--no-face", help="Also estimate OpenPose's 70 face keypoints (openpose only)."),
+    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Folder of local weights for grounded-sam and openpose (layout in the README)."),
+    device: str = typer.Option("auto", help="Where grounded-sam / openpose run: auto (CUDA, else refuse), cuda, or cpu (on purpose, slow)."),
+    sam_model: str = typer.Option("vit_h", help="SAM variant for grounded-sam: vit_h, vit_l or vit_b."),
+    box_threshold: float = typer.Option(0.3, help="GroundingDINO box threshold (grounded-sam): the person detection score."),
+    text_threshold: float = typer.Option(0.25, help="GroundingDINO text threshold (grounded-sam)."),
+    largest_person: bool = typer.Option(False, "--largest-person/--all-persons", help="grounded-sam: keep only the largest person's mask instead of merging all."),
+    half: bool = typer.Option(True, "--half/--no-half", help="Half precision for SAM's image encoder on CUDA."),
+    batch_size: int = typer.Option(8, help="Frames per batch through GroundingDINO and SAM's image encoder."),
+    matting_gpus: Optional[float] = typer.Option(None, help="GPUs per matting actor of the GPU pipeline (default 0.5 on CUDA)."),
+    pose_gpus: Optional[float] = typer.Option(None, help="GPUs per pose actor of the GPU pipeline (default 0.5 on CUDA)."),
     pose_style: str = typer.Option("openpose", help="Skeleton colours: openpose, or disco (red/blue swapped as in the official renders)."),
     fps: float = typer.Option(30.0, help="Frame rate to resample videos to (a slower source is never up-sampled)."),
     max_side: int = typer.Option(512, help="Shrink pictures so the long side is at most this many pixels."),
@@ -130,8 +141,51 @@ def preprocess(
         joint_threshold=joint_threshold, min_mask_area=min_mask_area, shard_rows=shard_rows, row_group_rows=row_group_rows,
         segment_frames=segment_frames, actors=actors, cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor, ray_address=ray_address, overwrite=overwrite,
+        face=face, weights=weights, device=device, sam_model=sam_model, box_threshold=box_threshold,
+        text_threshold=text_threshold, largest_person=largest_person, half=half, batch_size=batch_size,
+        matting_gpus=matting_gpus, pose_gpus=pose_gpus,
     )
     run_preprocess(config, show_progress=progress)
+
+
+@app.command()
+def doctor(
+    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Weights folder to check (layout in the README)."),
+    sam_model: str = typer.Option("vit_h", help="SAM variant to look for: vit_h, vit_l or vit_b."),
+    hands: bool = typer.Option(True, "--hands/--no-hands", help="Look for the OpenPose hand model."),
+    face: bool = typer.Option(False, "--face/--no-face", help="Look for the OpenPose face model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Report CUDA, GPUs, which annotator backends can run here and which weights were found."""
+    import json
+
+    from disco.pipeline.config import SAM_MODELS
+    from disco.pipeline.doctor import diagnose
+
+    if sam_model not in SAM_MODELS:
+        _usage_error(f"unknown SAM model {sam_model!r}; choose one of {', '.join(SAM_MODELS)}")
+    if weights is not None and not weights.is_dir():
+        _usage_error(f"--weights {weights} is not a folder")
+    report = diagnose(weights, sam_model=sam_model, hands=hands, face=face)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    out = Console()
+    gpus = ", ".join(report["gpus"]) or "none"
+    out.print(f"CUDA: {'yes' if report['cuda'] else 'no'}   GPUs: {gpus}   torch {report['torch']}")
+    out.print(f"weights folder: {report['weights_dir'] or 'not set (--weights / $DISCO_WEIGHTS)'}")
+    table = Table(title="annotator backends")
+    for column in ("backend", "role", "can run", "why not"):
+        table.add_column(column)
+    for b in report["backends"]:
+        table.add_row(b["name"], b["role"], "yes" if b["can_run"] else "no", "; ".join(b["problems"]))
+    out.print(table)
+    files = Table(title="weight files")
+    for column in ("file", "for", "found"):
+        files.add_column(column)
+    for f in report["files"]:
+        files.add_row(f["name"], f["purpose"], "yes" if f["present"] else f"no (expected at {f['path']})")
+    out.print(files)
 
 
 @app.command()

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from disco.pipeline.schema import SOURCES, SPLITS
 
-MATTING_CHOICES = ("auto", "mediapipe")
-POSE_CHOICES = ("auto", "mediapipe", "none")
+MATTING_CHOICES = ("auto", "mediapipe", "grounded-sam")
+POSE_CHOICES = ("auto", "mediapipe", "openpose", "none")
+SAM_MODELS = ("vit_h", "vit_l", "vit_b")
+DEVICES = ("auto", "cuda", "cpu")
 IMAGE_FORMATS = ("jpeg", "png")
 POSE_STYLES = ("openpose", "disco")
 
@@ -50,6 +52,19 @@ class PreprocessConfig:
     gpus_per_actor: float = 0.0
     ray_address: str | None = None
     overwrite: bool = False
+    # The paper-faithful backends (Grounded-SAM, OpenPose): their weights folder and options.
+    weights: Path | None = None
+    device: str = "auto"
+    sam_model: str = "vit_h"
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    largest_person: bool = False
+    face: bool = False
+    half: bool = True
+    batch_size: int = 8
+    # GPUs per actor of the GPU pipeline's two pools; fractions let both share one GPU.
+    matting_gpus: float | None = None
+    pose_gpus: float | None = None
     # Filled in when backends are resolved; recorded in the manifest.
     resolved: dict = field(default_factory=dict)
 
@@ -78,6 +93,20 @@ class PreprocessConfig:
             raise ConfigError("--shard-rows, --row-group-rows and --segment-frames must be positive")
         if self.actors is not None and self.actors < 1:
             raise ConfigError("--actors must be at least 1")
+        if self.sam_model not in SAM_MODELS:
+            raise ConfigError(f"unknown SAM model {self.sam_model!r}; choose one of {', '.join(SAM_MODELS)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        for flag, value in (("--box-threshold", self.box_threshold), ("--text-threshold", self.text_threshold)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag} must be between 0 and 1")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        for flag, value in (("--matting-gpus", self.matting_gpus), ("--pose-gpus", self.pose_gpus)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} cannot be negative")
+        if self.weights is not None and not Path(self.weights).is_dir():
+            raise ConfigError(f"--weights {self.weights} is not a folder")
         return self
 
     def output_params(self) -> dict:
@@ -85,6 +114,7 @@ class PreprocessConfig:
         keys = (
             "source", "fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality",
             "split", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames", "hands", "pose_style",
+            "sam_model", "box_threshold", "text_threshold", "largest_person", "face",
         )
         params = {k: getattr(self, k) for k in keys}
         params["input"] = str(Path(self.input).resolve())
@@ -99,4 +129,5 @@ class PreprocessConfig:
         d = dataclasses.asdict(self)
         d["input"] = str(self.input)
         d["output"] = str(self.output)
+        d["weights"] = str(self.weights) if self.weights is not None else None
         return d

@@ -64,7 +64,7 @@ def build_row(
     body = pose.body if pose is not None else np.zeros((18, 3), np.float32)
     hands = pose.hands if pose is not None else None
     face = pose.face if pose is not None else None
-    pose_png = encode_png(render_pose(width, height, body, hands, style=pose_style)) if with_pose else None
+    pose_png = encode_png(render_pose(width, height, body, hands, style=pose_style, face=face)) if with_pose else None
     return {
         "sample_id": sample_id(unit["source"], unit["clip_id"], frame_index),
         "source": unit["source"],

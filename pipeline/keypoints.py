@@ -18,6 +18,8 @@ BLAZEPOSE_TO_BODY18 = {
 }
 # MediaPipe's 21 hand landmarks follow OpenPose's hand order already (wrist, then thumb to pinky).
 HAND_POINTS = 21
+# OpenPose's face model: 68 landmarks and the two pupils.
+FACE_POINTS = 70
 
 
 def blazepose_to_body18(

@@ -26,6 +26,7 @@ HAND_COLORS = tuple(
     for i in range(len(HAND_EDGES))
 )
 HAND_POINT_COLOR = (0, 0, 255)
+FACE_POINT_COLOR = (255, 255, 255)
 STICK_WIDTH = 4
 LIMB_INTENSITY = 0.6
 
@@ -36,10 +37,11 @@ def render_pose(
     body: np.ndarray | None,
     hands: np.ndarray | None = None,
     style: str = "openpose",
+    face: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw a skeleton on black; returns H x W x 3 uint8 RGB.
 
-    ``body`` is 18 x 3 (x, y, confidence) in pixels, ``hands`` 2 x 21 x 3; joints with
+    ``body`` is 18 x 3 (x, y, confidence) in pixels, ``hands`` 2 x 21 x 3, ``face`` N x 3; joints with
     confidence 0 are not drawn. ``style="disco"`` swaps red and blue as the official DisCo renders do.
     """
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
@@ -60,6 +62,10 @@ def render_pose(
             for point in hand:
                 if point[2] > 0:
                     cv2.circle(canvas, (int(point[0]), int(point[1])), 3, HAND_POINT_COLOR, thickness=-1)
+    if face is not None:
+        for point in np.asarray(face, dtype=np.float64).reshape(-1, 3):
+            if point[2] > 0:
+                cv2.circle(canvas, (int(point[0]), int(point[1])), 2, FACE_POINT_COLOR, thickness=-1)
     if style == "disco":
         canvas = np.ascontiguousarray(canvas[..., ::-1])
     return canvas

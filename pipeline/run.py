@@ -13,13 +13,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from disco.pipeline.annotators import resolve_backends
-from disco.pipeline.annotators.mediapipe_backend import MediaPipeEngine
+from disco.pipeline.annotators import GPU_BACKENDS, BackendError, resolve_backends, weight_files
 from disco.pipeline.config import ConfigError, PreprocessConfig
 from disco.pipeline.manifest import build_manifest, write_manifest
 from disco.pipeline.schema import TRIPLET_SCHEMA
 from disco.pipeline.sources import list_inputs
-from disco.pipeline.stages import AnnotateStage, plan_units
+from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, plan_units
 from disco.pipeline.writer import OutputStore, ShardWriter
 
 # Quiet the MediaPipe / TFLite start-up chatter in every Ray worker.
@@ -55,8 +54,59 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
     keys = ("fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality", "pose_style",
             "hands", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames")
     settings = {k: getattr(cfg, k) for k in keys}
-    settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"])
+    settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"],
+                    backend_options=backend_options(cfg))
     return settings
+
+
+def backend_options(cfg: PreprocessConfig) -> dict:
+    """What the paper-faithful backends are built with, inside each actor."""
+    return {
+        "weights": cfg.resolved.get("weights"), "device": cfg.resolved.get("device", "cpu"),
+        "sam_model": cfg.sam_model, "box_threshold": cfg.box_threshold, "text_threshold": cfg.text_threshold,
+        "largest_person": cfg.largest_person, "face": cfg.face, "half": cfg.half, "batch_size": cfg.batch_size,
+    }
+
+
+def uses_gpu_pipeline(resolved: dict) -> bool:
+    return resolved["matting"] in GPU_BACKENDS or resolved["pose"] in GPU_BACKENDS
+
+
+@dataclass
+class PoolPlan:
+    """One actor pool of the pipeline: how many actors and what each holds."""
+
+    stage: str
+    actors: int
+    cpus: float
+    gpus: float
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "actors": self.actors, "cpus_per_actor": self.cpus, "gpus_per_actor": self.gpus}
+
+
+def gpu_pools(cfg: PreprocessConfig, total_cpus: float, total_gpus: float, units: int) -> list[PoolPlan]:
+    """The GPU pipeline's two pools. By default each model actor takes half a GPU, so a matting
+    and a pose actor share each GPU; on ``--device cpu`` they take none unless asked."""
+    on_gpu = cfg.resolved["device"] == "cuda"
+    wants = {
+        "matting": cfg.matting_gpus if cfg.matting_gpus is not None else (0.5 if on_gpu else 0.0),
+        "pose": cfg.pose_gpus if cfg.pose_gpus is not None else (
+            0.5 if on_gpu and cfg.resolved["pose"] in GPU_BACKENDS else 0.0),
+    }
+    counts = {}
+    for stage, gpus in wants.items():
+        if cfg.actors:
+            counts[stage] = cfg.actors
+        elif gpus > 0:
+            counts[stage] = max(1, int(total_gpus // gpus)) if total_gpus >= gpus else 1
+        else:
+            counts[stage] = 1
+        counts[stage] = max(1, min(counts[stage], units))
+    cpus = cfg.cpus_per_actor
+    if cpus is None:
+        cpus = round(min(1.0, max(0.1, (total_cpus - RESERVED_CPUS) / sum(counts.values()))), 2)
+    return [PoolPlan(stage, counts[stage], cpus, wants[stage]) for stage in ("matting", "pose")]
 
 
 def actor_resources(cfg: PreprocessConfig, total_cpus: float, units: int) -> tuple[int, float]:
@@ -77,6 +127,7 @@ class UnitCollector:
         self.writer = writer
         self._rows: dict[tuple[str, int], list[pa.Table]] = defaultdict(list)
         self._done: dict[tuple[str, int], dict] = {}
+        self.resources: dict[str, list[dict]] = {}
 
     def consume(self, block: pa.Table) -> list[dict]:
         """Take one block; returns the unit records that became complete."""
@@ -90,6 +141,9 @@ class UnitCollector:
         finished = []
         for record in block.filter(pc.equal(kinds, "done")).to_pylist():
             self._done[(record["input_path"], record["_unit_index"])] = record
+            for stage, held in json.loads(record.get("_resources") or "{}").items():
+                if held not in self.resources.setdefault(stage, []):
+                    self.resources[stage].append(held)
         for key, record in list(self._done.items()):
             parts = self._rows.get(key, [])
             if sum(t.num_rows for t in parts) != record["_unit_rows"]:
@@ -111,7 +165,11 @@ class UnitCollector:
 def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     """Run the job. ``progress``, if given, has ``start(total_inputs)`` and ``update(inputs, frames)``."""
     cfg.validate()
-    cfg.resolved = resolve_backends(cfg.matting, cfg.pose)
+    try:
+        cfg.resolved = resolve_backends(cfg.matting, cfg.pose, weights=cfg.weights, device=cfg.device,
+                                        sam_model=cfg.sam_model, hands=cfg.hands, face=cfg.face)
+    except BackendError as exc:
+        raise ConfigError(str(exc)) from None
     log(f"backends: matting={cfg.resolved['matting']} pose={cfg.resolved['pose']} ({cfg.resolved['reason']})")
     store = OutputStore(cfg.output)
     if cfg.overwrite:
@@ -147,7 +205,8 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     writer = ShardWriter(store, store.next_shard_index(state), cfg.shard_rows, cfg.row_group_rows)
     started = time.time()
     frames_done = 0
-    actors = cpus = 0
+    pools: list[PoolPlan] = []
+    collector = None
     interrupted = False
     try:
         if pending:
@@ -156,9 +215,15 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
             init_ray(cfg.ray_address)
             settings = stage_settings(cfg)
             units = plan_all(pending, settings, partial)
-            total_cpus = float(ray.cluster_resources().get("CPU", 1))
-            actors, cpus = actor_resources(cfg, total_cpus, len(units))
-            frames_done = _run_ray(cfg, units, settings, partial, writer, actors, cpus, progress)
+            resources = ray.cluster_resources()
+            total_cpus = float(resources.get("CPU", 1))
+            if uses_gpu_pipeline(cfg.resolved):
+                pools = gpu_pools(cfg, total_cpus, float(resources.get("GPU", 0)), len(units))
+            else:
+                actors, cpus = actor_resources(cfg, total_cpus, len(units))
+                pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
+            collector = UnitCollector(writer)
+            frames_done = _run_ray(units, settings, partial, collector, pools, progress)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: committing finished work")
@@ -172,15 +237,18 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
         "pose": {"name": cfg.resolved["pose"]},
         "reason": cfg.resolved["reason"],
         "cuda": cfg.resolved["cuda"],
-        "weights": MediaPipeEngine.weight_files(cfg.hands and cfg.resolved["pose"] != "none"),
+        "device": cfg.resolved["device"],
+        "weights_dir": cfg.resolved["weights"],
+        "weights": weight_files(cfg.resolved, {"hands": cfg.hands, "face": cfg.face, "sam_model": cfg.sam_model}),
     }
     run = {
         "wall_time_s": round(wall, 3),
         "frames_processed": frames_done,
         "frames_per_s": round(frames_done / wall, 3) if wall > 0 else None,
         "inputs_processed": len(pending),
-        "actors": actors,
-        "cpus_per_actor": cpus,
+        "pools": [p.to_dict() for p in pools],
+        # What Ray actually gave the actors that did the work, per stage.
+        "stage_resources": collector.resources if collector is not None else {},
         "ray_address": cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local",
         "interrupted": interrupted,
     }
@@ -208,7 +276,7 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
         return [unit for units in planned for unit in units]
 
 
-def _run_ray(cfg, units, settings, partial_units, writer, actors, cpus, progress) -> int:
+def _run_ray(units, settings, partial_units, collector, pools: list[PoolPlan], progress) -> int:
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -219,16 +287,17 @@ def _run_ray(cfg, units, settings, partial_units, writer, actors, cpus, progress
     ctx.print_on_execution_start = False
     # Small blocks, so a video's segments spread over the actors instead of queueing on one.
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), MAX_BLOCKS)))
-    ds = ds.map_batches(
-        AnnotateStage,
-        fn_constructor_kwargs={"settings": settings},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=cpus,
-        num_gpus=cfg.gpus_per_actor or None,
-    )
-    collector = UnitCollector(writer)
+    stages = {"annotate": AnnotateStage, "matting": MattingStage, "pose": PoseStage}
+    for pool in pools:
+        ds = ds.map_batches(
+            stages[pool.stage],
+            fn_constructor_kwargs={"settings": settings},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=2),
+            num_cpus=pool.cpus,
+            num_gpus=pool.gpus or None,
+        )
     units_left: dict[str, int] = {}
     frames = 0
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -75,5 +75,21 @@ UNIT_RECORD_SCHEMA = pa.schema(
         pa.field("_frames", pa.int32()),
         pa.field("_skipped", pa.string()),  # JSON {reason: count}
         pa.field("_errors", pa.string()),  # JSON list of error rows (ERROR_SCHEMA fields)
+        pa.field("_resources", pa.string()),  # JSON {stage: Ray resources its actor held}
+    ]
+)
+
+# A unit between the GPU pipeline's matting and pose actors: the frames that hold a person, raw,
+# with their mattes; frames without one were already counted as skipped.
+PACKED_UNIT_SCHEMA = pa.schema(
+    [
+        pa.field("unit", pa.string()),  # JSON of the planned unit
+        pa.field("frames", pa.int32()),  # frames decoded
+        pa.field("pictures", pa.list_(pa.binary())),  # raw H x W x 3 uint8
+        pa.field("alphas", pa.list_(pa.binary())),  # raw H x W uint8
+        pa.field("meta", pa.string()),  # JSON per kept frame: index, timestamp, shape, score, count
+        pa.field("skipped", pa.string()),
+        pa.field("errors", pa.string()),
+        pa.field("resources", pa.string()),
     ]
 )

@@ -1,7 +1,9 @@
-"""The pipeline's stages: planning units of work, and annotating them inside a Ray actor.
+"""The pipeline's stages: planning units of work, and annotating them inside Ray actors.
 
-A unit is a still image or a segment of a video. Decoding, both annotators and encoding run
-fused in the actor that owns the unit, so raw frames never cross the object store.
+A unit is a still image or a segment of a video. On the CPU pipeline decoding, both annotators
+and encoding run fused in the actor that owns the unit, so raw frames never cross the object
+store. On the GPU pipeline matting and pose are separate actor pools, each with its share of a
+GPU; a matted unit travels between them as one packed record.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from disco.pipeline.decode import (
     resample_indices,
     target_size,
 )
+from disco.pipeline.annotators import Annotation
+from disco.pipeline.annotators.base import Matte
 from disco.pipeline.encode import build_row
 from disco.pipeline.errors import InputError
-from disco.pipeline.schema import UNIT_RECORD_SCHEMA, sample_id
+from disco.pipeline.schema import PACKED_UNIT_SCHEMA, UNIT_RECORD_SCHEMA, sample_id
 
 
 def _error(stage: str, error_type: str, message: str, input_path: str, sid: str | None = None) -> dict:
@@ -56,40 +60,67 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
     ]
 
 
-def process_unit(unit: dict, annotator, settings: dict) -> list[dict]:
-    """Decode, annotate and encode one unit; returns its triplet rows and one closing "done" record."""
-    rows: list[dict] = []
-    skipped: Counter = Counter()
-    errors: list[dict] = []
-    frames: list[tuple[int, float | None, np.ndarray]] = []
+Frame = tuple  # (frame_index, timestamp_s or None, H x W x 3 uint8 RGB)
+
+
+def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
+    """The unit's frames, or the error that stopped it."""
     path = unit["input_path"]
     if unit.get("error_type"):
-        errors.append(_error(unit.get("error_stage") or "list", unit["error_type"], unit["error_message"], path))
-    else:
-        try:
-            if unit["kind"] == "image":
-                image = load_image(unit["abs_path"], settings["max_side"], settings["min_side"], settings["max_pixels"])
-                frames = [(0, None, image)]
-            else:
-                decoded, times = decode_video_frames(
-                    unit["abs_path"], list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
-                )
-                frames = [(int(unit["frame_start"]) + i, times[i], decoded[i]) for i in range(len(decoded))]
-        except InputError as exc:
-            errors.append(_error(exc.stage, exc.error_type, exc.message, path))
-    for frame_index, timestamp, frame in frames:
+        return [], [_error(unit.get("error_stage") or "list", unit["error_type"], unit["error_message"], path)]
+    try:
+        if unit["kind"] == "image":
+            image = load_image(unit["abs_path"], settings["max_side"], settings["min_side"], settings["max_pixels"])
+            return [(0, None, image)], []
+        decoded, times = decode_video_frames(
+            unit["abs_path"], list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
+        )
+        return [(int(unit["frame_start"]) + i, times[i], decoded[i]) for i in range(len(decoded))], []
+    except InputError as exc:
+        return [], [_error(exc.stage, exc.error_type, exc.message, path)]
+
+
+def matte_unit(unit: dict, frames: list[Frame], annotator, errors: list[dict], skipped: Counter) -> list[tuple]:
+    """Matting over the unit's frames (batched where the backend can); keeps the frames that hold
+    a person, as (frame_index, timestamp, frame, matte)."""
+    try:
+        mattes = annotator.matte_batch([frame for _, _, frame in frames])
+    except Exception:  # one bad frame must not sink the others: fall back to one at a time
+        mattes = []
+        for frame_index, _, frame in frames:
+            try:
+                mattes.append(annotator.matte_batch([frame])[0])
+            except Exception as exc:
+                sid = sample_id(unit["source"], unit["clip_id"], frame_index)
+                errors.append(_error("matting", type(exc).__name__, str(exc), unit["input_path"], sid))
+                mattes.append(None)
+    kept = []
+    for (frame_index, timestamp, frame), matte in zip(frames, mattes):
+        if matte is None:
+            continue
+        if annotator.present(matte):
+            kept.append((frame_index, timestamp, frame, matte))
+        else:
+            skipped["no_person"] += 1
+    return kept
+
+
+def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, frames: int, errors: list[dict],
+                skipped: Counter, resources: dict | None = None) -> list[dict]:
+    """Pose and encoding for the frames that hold a person; returns the unit's triplet rows and one
+    closing "done" record."""
+    rows: list[dict] = []
+    path = unit["input_path"]
+    for frame_index, timestamp, frame, matte in kept:
         sid = sample_id(unit["source"], unit["clip_id"], frame_index)
         try:
-            annotation = annotator.annotate(frame)
+            pose = annotator.pose_of(frame)
         except Exception as exc:  # a model failing on one frame must not sink the unit
-            errors.append(_error("matting", type(exc).__name__, str(exc), path, sid))
-            continue
-        if not annotation.present:
-            skipped["no_person"] += 1
+            errors.append(_error("pose", type(exc).__name__, str(exc), path, sid))
             continue
         try:
             rows.append(
-                build_row(unit, frame_index, timestamp, frame, annotation,
+                build_row(unit, frame_index, timestamp, frame, Annotation(matte, pose, True),
                           image_format=settings["image_format"], jpeg_quality=settings["jpeg_quality"],
                           pose_style=settings["pose_style"], with_pose=settings["pose"] != "none")
             )
@@ -99,10 +130,50 @@ def process_unit(unit: dict, annotator, settings: dict) -> list[dict]:
         row.update(_kind="row", _unit_index=unit["unit_index"])
     done = {
         "input_path": path, "_kind": "done", "_unit_index": unit["unit_index"], "_unit_count": unit["unit_count"],
-        "_unit_rows": len(rows), "_frames": len(frames), "_skipped": json.dumps(dict(skipped)),
-        "_errors": json.dumps(errors),
+        "_unit_rows": len(rows), "_frames": frames, "_skipped": json.dumps(dict(skipped)),
+        "_errors": json.dumps(errors), "_resources": json.dumps(resources or {}),
     }
     return rows + [done]
+
+
+def process_unit(unit: dict, annotator, settings: dict, resources: dict | None = None) -> list[dict]:
+    """Decode, annotate and encode one unit in one place (the CPU pipeline)."""
+    frames, errors = decode_unit(unit, settings)
+    skipped: Counter = Counter()
+    kept = matte_unit(unit, frames, annotator, errors, skipped)
+    return finish_unit(unit, kept, annotator, settings, frames=len(frames), errors=errors, skipped=skipped,
+                       resources=resources)
+
+
+def pack_unit(unit: dict, frames: int, kept: list[tuple], errors: list[dict], skipped: Counter,
+              resources: dict) -> dict:
+    """One record carrying a matted unit from the matting actors to the pose actors."""
+    return {
+        "unit": json.dumps(unit),
+        "frames": frames,
+        "pictures": [frame.tobytes() for _, _, frame, _ in kept],
+        "alphas": [matte.alpha.tobytes() for _, _, _, matte in kept],
+        "meta": json.dumps([
+            {"frame_index": fi, "timestamp": ts, "shape": list(frame.shape), "score": m.score, "count": m.count,
+             "model": m.model}
+            for fi, ts, frame, m in kept
+        ]),
+        "skipped": json.dumps(dict(skipped)),
+        "errors": json.dumps(errors),
+        "resources": json.dumps(resources),
+    }
+
+
+def unpack_unit(record: dict) -> tuple[dict, int, list[tuple], list[dict], Counter, dict]:
+    kept = []
+    for meta, picture, alpha in zip(json.loads(record["meta"]), record["pictures"], record["alphas"]):
+        shape = tuple(meta["shape"])
+        frame = np.frombuffer(picture, np.uint8).reshape(shape)
+        matte = Matte(alpha=np.frombuffer(alpha, np.uint8).reshape(shape[:2]), score=meta["score"],
+                      count=meta["count"], model=meta["model"])
+        kept.append((meta["frame_index"], meta["timestamp"], frame, matte))
+    return (json.loads(record["unit"]), record["frames"], kept, json.loads(record["errors"]),
+            Counter(json.loads(record["skipped"])), json.loads(record["resources"]))
 
 
 def records_to_table(records: list[dict]) -> pa.Table:
@@ -110,23 +181,74 @@ def records_to_table(records: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=UNIT_RECORD_SCHEMA)
 
 
+def _assigned_resources() -> dict:
+    import ray
+
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+    except Exception:  # outside a Ray worker (the benchmark's plain loop)
+        return {}
+    return {k: round(float(v), 3) for k, v in assigned.items() if k in ("CPU", "GPU")}
+
+
+def _annotator(settings: dict, roles: tuple[str, ...]):
+    import cv2
+
+    from disco.pipeline.annotators import FrameAnnotator
+
+    cv2.setNumThreads(1)  # one actor per core; OpenCV's own pool would fight the others
+    return FrameAnnotator(
+        settings["matting"], settings["pose"], settings["hands"], settings["min_visibility"],
+        settings["min_mask_area"], settings["joint_threshold"], roles=roles, **settings["backend_options"],
+    )
+
+
 class AnnotateStage:
-    """Ray Data actor: loads the annotators once, then decodes, annotates and encodes its units."""
+    """Ray Data actor of the CPU pipeline: loads the annotators once, then decodes, annotates and
+    encodes its units, so raw frames never cross the object store."""
 
     def __init__(self, settings: dict):
-        import cv2
-
-        from disco.pipeline.annotators import FrameAnnotator
-
-        cv2.setNumThreads(1)  # one actor per core; OpenCV's own pool would fight the others
         self.settings = settings
-        self.annotator = FrameAnnotator(
-            settings["matting"], settings["pose"], settings["hands"],
-            settings["min_visibility"], settings["min_mask_area"], settings["joint_threshold"],
-        )
+        self.annotator = _annotator(settings, ("matting", "pose"))
+        self.resources = {"annotate": _assigned_resources()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         records: list[dict] = []
         for unit in batch.to_pylist():
-            records.extend(process_unit(unit, self.annotator, self.settings))
+            records.extend(process_unit(unit, self.annotator, self.settings, self.resources))
+        return records_to_table(records)
+
+
+class MattingStage:
+    """Ray Data actor of the GPU pipeline: decodes units and mattes their frames in batches."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.annotator = _annotator(settings, ("matting",))
+        self.resources = {"matting": _assigned_resources()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        packed = []
+        for unit in batch.to_pylist():
+            frames, errors = decode_unit(unit, self.settings)
+            skipped: Counter = Counter()
+            kept = matte_unit(unit, frames, self.annotator, errors, skipped)
+            packed.append(pack_unit(unit, len(frames), kept, errors, skipped, self.resources))
+        return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
+
+
+class PoseStage:
+    """Ray Data actor of the GPU pipeline: pose for the matted frames, then encoding."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.annotator = _annotator(settings, ("pose",))
+        self.resources = {"pose": _assigned_resources()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        records: list[dict] = []
+        for record in batch.to_pylist():
+            unit, frames, kept, errors, skipped, resources = unpack_unit(record)
+            records.extend(finish_unit(unit, kept, self.annotator, self.settings, frames=frames, errors=errors,
+                                       skipped=skipped, resources={**resources, **self.resources}))
         return records_to_table(records)

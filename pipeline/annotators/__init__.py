@@ -1,22 +1,34 @@
 """Annotator backends and the choice between them.
 
-``auto`` picks the paper-faithful GPU backends only where they can run (CUDA and local weights);
-this version ships the embedded MediaPipe backends, so ``auto`` resolves to them and says why.
+``auto`` picks the paper-faithful backends (Grounded-SAM, OpenPose) only where they can run: a
+CUDA device and their weights in the weights folder. Otherwise it picks the embedded MediaPipe
+backends, and says why. A paper-faithful backend asked for by name never falls back: without
+CUDA it fails, unless ``device="cpu"`` asks for the CPU on purpose.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from disco.pipeline.annotators.base import Matte, Pose, mask_area, person_present
+from disco.pipeline.annotators.weights import WeightsError, backend_files, weights_dir
 
-__all__ = ["FrameAnnotator", "Matte", "Pose", "mask_area", "person_present", "resolve_backends"]
+__all__ = ["FrameAnnotator", "Matte", "Pose", "mask_area", "person_present", "resolve_backends",
+           "GPU_BACKENDS", "cuda_available"]
+
+GPU_BACKENDS = ("grounded-sam", "openpose")
+DEVICES = ("auto", "cuda", "cpu")
 
 
-def _cuda_available() -> bool:
+class BackendError(ValueError):
+    """A backend that cannot run here as asked (no CUDA, missing weights)."""
+
+
+def cuda_available() -> bool:
     # Without an NVIDIA driver there is no CUDA; skip the costly torch import on such machines.
     if not os.path.exists("/proc/driver/nvidia/version"):
         return False
@@ -28,21 +40,83 @@ def _cuda_available() -> bool:
         return False
 
 
-def resolve_backends(matting: str, pose: str) -> dict:
-    """Turn the requested backends (``auto`` allowed) into the ones that will run, with a reason."""
-    cuda = _cuda_available()
-    reason = (
-        "auto: the paper-faithful backends (Grounded-SAM, OpenPose) are not part of this build; "
-        if cuda
-        else "auto: no CUDA device; "
-    ) + "using the embedded CPU annotators (MediaPipe)"
+def _files_ok(backend: str, root: Path | None, options: dict) -> bool:
+    try:
+        return all(f.present for f in _files(backend, root, options))
+    except WeightsError:
+        return False
+
+
+def _files(backend: str, root: Path | None, options: dict):
+    return backend_files(backend, root, sam_model=options.get("sam_model", "vit_h"),
+                         hands=options.get("hands", True), face=options.get("face", False))
+
+
+def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | None = None, device: str = "auto",
+                     **options) -> dict:
+    """Turn the requested backends (``auto`` allowed) into the ones that will run, with a reason.
+
+    ``options`` are the backend options that decide which weight files are needed (``sam_model``,
+    ``hands``, ``face``). Raises ``BackendError`` for a request that cannot run here.
+    """
+    cuda = cuda_available()
+    root = weights_dir(weights)
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not cuda:
+        raise BackendError("--device cuda asked for, but no CUDA device is available")
+    run_device = "cuda" if (device == "auto" and cuda) else ("cpu" if device == "auto" else device)
+    reasons = []
+
+    def pick(role: str, asked: str, gpu_name: str) -> str:
+        if asked == "auto":
+            if not cuda:
+                reasons.append(f"{role}: no CUDA device, using MediaPipe")
+                return "mediapipe"
+            if not _files_ok(gpu_name, root, options):
+                where = f"in {root}" if root else "(no --weights / $DISCO_WEIGHTS)"
+                reasons.append(f"{role}: {gpu_name} weights not found {where}, using MediaPipe")
+                return "mediapipe"
+            reasons.append(f"{role}: CUDA and {gpu_name} weights found")
+            return gpu_name
+        if asked in GPU_BACKENDS:
+            if run_device == "cpu" and device != "cpu":
+                raise BackendError(
+                    f"{asked} runs on a CUDA GPU and none is available; use the embedded backend "
+                    f"(mediapipe), or pass --device cpu to run {asked} on the CPU on purpose (slow)"
+                )
+            try:
+                from disco.pipeline.annotators.weights import require
+
+                require(_files(asked, root, options), asked)
+            except WeightsError as exc:
+                raise BackendError(str(exc)) from None
+        return asked
+
     resolved = {
-        "matting": "mediapipe" if matting == "auto" else matting,
-        "pose": "mediapipe" if pose == "auto" else pose,
+        "matting": pick("matting", matting, "grounded-sam"),
+        "pose": pick("pose", pose, "openpose") if pose != "none" else "none",
         "cuda": cuda,
+        "device": run_device,
+        "weights": str(root) if root else None,
     }
-    resolved["reason"] = reason if "auto" in (matting, pose) else "as requested"
+    resolved["reason"] = ("auto: " + "; ".join(reasons)) if reasons else "as requested"
     return resolved
+
+
+def weight_files(resolved: dict, options: dict) -> list[dict]:
+    """Manifest entries (name, sha256) for every model file the resolved backends load."""
+    from disco.pipeline.annotators.mediapipe_backend import MediaPipeEngine
+    from disco.pipeline.annotators.weights import describe
+
+    root = Path(resolved["weights"]) if resolved.get("weights") else None
+    files: list[dict] = []
+    if "mediapipe" in (resolved["matting"], resolved["pose"]):
+        files += MediaPipeEngine.weight_files(options.get("hands", True) and resolved["pose"] == "mediapipe")
+    for role in ("matting", "pose"):
+        if resolved[role] in GPU_BACKENDS:
+            files += describe(_files(resolved[role], root, options))
+    return files
 
 
 @dataclass
@@ -52,35 +126,86 @@ class Annotation:
     present: bool
 
 
+def build_matting(name: str, options: dict, engine=None):
+    if name == "mediapipe":
+        from disco.pipeline.annotators.mediapipe_backend import MediaPipeMatting
+
+        return MediaPipeMatting(engine)
+    if name == "grounded-sam":
+        from disco.pipeline.annotators.grounded_sam import GroundedSamMatting
+
+        return GroundedSamMatting(
+            weights_dir(options.get("weights")), sam_model=options.get("sam_model", "vit_h"),
+            box_threshold=options.get("box_threshold", 0.3), text_threshold=options.get("text_threshold", 0.25),
+            largest_person=options.get("largest_person", False), device=options.get("device", "cuda"),
+            half=options.get("half", True), batch_size=options.get("batch_size", 8),
+        )
+    raise ValueError(f"unknown matting backend {name!r}")
+
+
+def build_pose(name: str, options: dict, engine=None):
+    if name == "none":
+        return None
+    if name == "mediapipe":
+        from disco.pipeline.annotators.mediapipe_backend import MediaPipePose
+
+        return MediaPipePose(engine, options.get("joint_threshold", 0.2))
+    if name == "openpose":
+        from disco.pipeline.annotators.openpose_backend import OpenPosePose
+
+        return OpenPosePose(weights_dir(options.get("weights")), hands=options.get("hands", True),
+                            face=options.get("face", False), device=options.get("device", "cuda"))
+    raise ValueError(f"unknown pose backend {name!r}")
+
+
+def _mediapipe_engine(matting: str, pose: str, hands: bool):
+    if "mediapipe" not in (matting, pose):
+        return None
+    from disco.pipeline.annotators.mediapipe_backend import MediaPipeEngine
+
+    return MediaPipeEngine(hands=hands and pose == "mediapipe")
+
+
+def person_threshold(matting: str, options: dict, min_visibility: float) -> float:
+    """The detection score a person must reach: MediaPipe's landmark visibility, or for
+    Grounded-SAM its own box threshold (a box below it was never proposed)."""
+    return options.get("box_threshold", 0.3) if matting == "grounded-sam" else min_visibility
+
+
 class FrameAnnotator:
-    """Matting and pose for one frame at a time; built once per actor, never per image."""
+    """Matting and pose for frames; built once per actor, never per image.
+
+    ``roles`` limits what is loaded: a matting-only actor of the GPU pipeline never builds the
+    pose model, and the other way round.
+    """
 
     def __init__(self, matting: str, pose: str, hands: bool, min_visibility: float, min_mask_area: float,
-                 joint_threshold: float = 0.2):
-        from disco.pipeline.annotators.mediapipe_backend import (
-            MediaPipeEngine,
-            MediaPipeMatting,
-            MediaPipePose,
-        )
-
-        if matting != "mediapipe":
-            raise ValueError(f"unknown matting backend {matting!r}")
-        if pose not in ("mediapipe", "none"):
-            raise ValueError(f"unknown pose backend {pose!r}")
-        self.engine = MediaPipeEngine(hands=hands and pose == "mediapipe")
-        self.matting = MediaPipeMatting(self.engine)
-        self.pose = MediaPipePose(self.engine, joint_threshold) if pose == "mediapipe" else None
-        self.min_visibility = min_visibility
+                 joint_threshold: float = 0.2, roles: tuple[str, ...] = ("matting", "pose"), **options):
+        options = {**options, "hands": hands, "joint_threshold": joint_threshold}
+        self.engine = _mediapipe_engine(matting if "matting" in roles else None,
+                                        pose if "pose" in roles else None, hands)
+        self.matting = build_matting(matting, options, self.engine) if "matting" in roles else None
+        self.pose = build_pose(pose, options, self.engine) if "pose" in roles else None
+        self.min_score = person_threshold(matting, options, min_visibility)
         self.min_mask_area = min_mask_area
 
+    def matte_batch(self, frames: list[np.ndarray]) -> list[Matte]:
+        if hasattr(self.matting, "matte_batch"):
+            return self.matting.matte_batch(frames)
+        return [self.matting.matte(frame) for frame in frames]
+
+    def present(self, matte: Matte) -> bool:
+        return person_present(matte, self.min_score, self.min_mask_area)
+
+    def pose_of(self, frame: np.ndarray) -> Pose | None:
+        return self.pose.pose(frame) if self.pose is not None else None
+
     def annotate(self, frame: np.ndarray) -> Annotation:
-        matte = self.matting.matte(frame)
-        present = person_present(matte, self.min_visibility, self.min_mask_area)
-        pose = self.pose.pose(frame) if (present and self.pose is not None) else None
+        matte = self.matte_batch([frame])[0]
+        present = self.present(matte)
+        pose = self.pose_of(frame) if present else None
         return Annotation(matte=matte, pose=pose, present=present)
 
-    def weight_files(self) -> list[dict]:
-        return self.engine.weight_files(self.engine.hands)
-
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()

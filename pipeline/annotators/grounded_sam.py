@@ -1,0 +1,132 @@
+"""Grounded-SAM matting as DisCo made its data: GroundingDINO SwinT-OGC finds "person" boxes, SAM
+turns each box into one mask, and every person's mask is merged into one.
+
+GroundingDINO runs through transformers' port of the SwinT-OGC network: the `groundingdino-py`
+package cannot build its text branch with transformers 5 (its BERT wrapper calls methods that
+release removed), and the transformers checkpoint is the same network converted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from disco.pipeline.annotators.base import Matte
+from disco.pipeline.annotators.weights import GROUNDING_DINO_DIR, SAM_FILES, backend_files, require
+
+PROMPT = "person."
+# Boxes handed to SAM per frame, best first; bounds the cost of a crowd or of a detector gone wrong.
+MAX_BOXES = 32
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class GroundedSamMatting:
+    name = "grounded-sam"
+
+    def __init__(self, weights: Path | None, *, sam_model: str = "vit_h", box_threshold: float = 0.3,
+                 text_threshold: float = 0.25, largest_person: bool = False, device: str = "cuda",
+                 half: bool = True, batch_size: int = 8):
+        import torch
+        from segment_anything import sam_model_registry
+        from segment_anything.utils.transforms import ResizeLongestSide
+        from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+
+        self.files = backend_files(self.name, weights, sam_model=sam_model)
+        require(self.files, self.name)
+        self.device = torch.device(device)
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+        self.largest_person = largest_person
+        self.batch_size = max(1, batch_size)
+        # Half precision for SAM's ViT on CUDA only; GroundingDINO's deformable attention stays float32.
+        self.half = half and self.device.type == "cuda"
+        folder = Path(weights) / GROUNDING_DINO_DIR
+        self.processor = GroundingDinoProcessor.from_pretrained(folder)
+        self.detector = GroundingDinoForObjectDetection.from_pretrained(folder).to(self.device).eval()
+        # segment-anything reads its checkpoint with torch.load, which loads tensors only
+        # (weights_only is the default from torch 2.6, the floor of our pin).
+        self.sam = sam_model_registry[sam_model](checkpoint=str(Path(weights) / SAM_FILES[sam_model]))
+        self.sam.to(self.device).eval()
+        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+        self._torch = torch
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        return self.matte_batch([frame])[0]
+
+    def matte_batch(self, frames: list[np.ndarray]) -> list[Matte]:
+        out: list[Matte] = []
+        for chunk in _batches(frames, self.batch_size):
+            detections = self.detect(chunk)
+            masks = self.segment(chunk, [boxes for boxes, _ in detections])
+            for frame, (boxes, scores), person_masks in zip(chunk, detections, masks):
+                out.append(self._merge(frame, scores, person_masks))
+        return out
+
+    def detect(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Person boxes (x0, y0, x1, y1 pixels) and their scores, per frame, best first."""
+        torch = self._torch
+        inputs = self.processor(images=list(frames), text=[PROMPT] * len(frames), return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            outputs = self.detector(**inputs)
+        results = self.processor.post_process_grounded_object_detection(
+            outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
+            target_sizes=[f.shape[:2] for f in frames],
+        )
+        found = []
+        for result in results:
+            # A box counts as a person when the prompt's word itself passes the text threshold.
+            keep = [i for i, label in enumerate(result["text_labels"]) if label.strip()]
+            boxes = result["boxes"][keep].float().cpu().numpy().reshape(-1, 4)
+            scores = result["scores"][keep].float().cpu().numpy().reshape(-1)
+            order = np.argsort(-scores)[:MAX_BOXES]
+            found.append((boxes[order], scores[order]))
+        return found
+
+    def segment(self, frames: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """One mask per box (N x H x W bool), frames batched through SAM's image encoder."""
+        torch = self._torch
+        masks: list[np.ndarray | None] = [None] * len(frames)
+        todo = [i for i, b in enumerate(boxes) if len(b)]
+        for i in range(len(frames)):
+            if i not in todo:
+                masks[i] = np.zeros((0,) + frames[i].shape[:2], dtype=bool)
+        # Frames of one size go through the encoder together (a video segment always does).
+        by_size: dict[tuple, list[int]] = {}
+        for i in todo:
+            by_size.setdefault(frames[i].shape[:2], []).append(i)
+        for size, indices in by_size.items():
+            resized = [self.transform.apply_image(frames[i]) for i in indices]
+            input_size = resized[0].shape[:2]
+            batch = torch.as_tensor(np.stack(resized), device=self.device).permute(0, 3, 1, 2).float()
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
+                embeddings = self.sam.image_encoder(self.sam.preprocess(batch))
+                for row, i in enumerate(indices):
+                    box = self.transform.apply_boxes_torch(torch.as_tensor(boxes[i], device=self.device), size)
+                    sparse, dense = self.sam.prompt_encoder(points=None, boxes=box, masks=None)
+                    low_res, _ = self.sam.mask_decoder(
+                        image_embeddings=embeddings[row:row + 1].to(sparse.dtype),
+                        image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                        sparse_prompt_embeddings=sparse,
+                        dense_prompt_embeddings=dense,
+                        multimask_output=False,  # one mask per box, as the paper used
+                    )
+                    full = self.sam.postprocess_masks(low_res.float(), input_size, size)
+                    masks[i] = (full[:, 0] > self.sam.mask_threshold).cpu().numpy()
+        return masks
+
+    def _merge(self, frame: np.ndarray, scores: np.ndarray, person_masks: np.ndarray) -> Matte:
+        height, width = frame.shape[:2]
+        if len(scores) == 0:
+            return Matte(alpha=np.zeros((height, width), np.uint8), score=0.0, count=0, model=self.name)
+        if self.largest_person:
+            person_masks = person_masks[[int(np.argmax(person_masks.reshape(len(person_masks), -1).sum(1)))]]
+        alpha = np.where(person_masks.any(axis=0), 255, 0).astype(np.uint8)
+        return Matte(alpha=alpha, score=float(scores.max()), count=int(len(scores)), model=self.name)
+
+    def weight_files(self) -> list:
+        return self.files

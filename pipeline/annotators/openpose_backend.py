@@ -1,0 +1,109 @@
+"""OpenPose body-18 (with hands and face) through controlnet-aux, from local checkpoint files.
+
+OpenPose finds every person; the contract holds one skeleton, so the person with the highest
+OpenPose score is kept (DisCo's TikTok clips have one dancer). Its joints are already in body-18
+order; hands are 21 points, left then right; the face is OpenPose's 70 points.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from disco.pipeline.annotators.base import EMPTY_BODY, Pose
+from disco.pipeline.annotators.weights import OPENPOSE_FILES, backend_files, require
+from disco.pipeline.keypoints import FACE_POINTS, HAND_POINTS
+
+# OpenPose's own peak threshold for face heatmaps.
+FACE_PEAK_THRESHOLD = 0.05
+
+
+def _silence_controlnet_aux():
+    import warnings
+
+    # controlnet-aux imports every detector it has (timm and friends) and those warn about
+    # deprecated import paths; nothing for a user to act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from controlnet_aux.open_pose import Body, Face, Hand, OpenposeDetector, util
+    return Body, Face, Hand, OpenposeDetector, util
+
+
+class OpenPosePose:
+    name = "openpose"
+
+    def __init__(self, weights: Path | None, *, hands: bool = True, face: bool = False, device: str = "cuda",
+                 joint_threshold: float = 0.0):
+        Body, Face, Hand, OpenposeDetector, util = _silence_controlnet_aux()
+        self.files = backend_files(self.name, weights, hands=hands, face=face)
+        require(self.files, self.name)
+        root = Path(weights)
+        # controlnet-aux reads these with torch.load, which loads tensors only (weights_only is
+        # the default from torch 2.6, the floor of our pin).
+        body = Body(str(root / OPENPOSE_FILES["body"]))
+        hand = Hand(str(root / OPENPOSE_FILES["hand"])) if hands else None
+        face_model = Face(str(root / OPENPOSE_FILES["face"])) if face else None
+        self.detector = OpenposeDetector(body, hand, face_model)
+        for part in (body, hand, face_model):
+            if part is not None:
+                part.to(device)
+        self.hands = hands
+        self.face = face
+        self.joint_threshold = joint_threshold
+        self._util = util
+
+    def pose(self, frame: np.ndarray) -> Pose:
+        import torch
+
+        height, width = frame.shape[:2]
+        bgr = np.ascontiguousarray(frame[:, :, ::-1])  # OpenPose's networks were trained on BGR
+        with torch.no_grad():
+            candidate, subset = self.detector.body_estimation(bgr)
+        people = self.detector.body_estimation.format_body_result(candidate, subset)
+        if not people:
+            return Pose(body=EMPTY_BODY.copy(), hands=self._no_hands(), face=self._no_face())
+        person = max(people, key=lambda p: p.total_score)
+        body = np.zeros((18, 3), np.float32)
+        for j, kp in enumerate(person.keypoints):
+            if kp is not None and kp.score >= self.joint_threshold and 0 <= kp.x < width and 0 <= kp.y < height:
+                body[j] = (kp.x, kp.y, kp.score)
+        hands = self._hands(person, bgr) if self.hands else None
+        face = self._face(person, bgr) if self.face else None
+        return Pose(body=body, hands=hands, face=face)
+
+    def _no_hands(self):
+        return np.zeros((2, HAND_POINTS, 3), np.float32) if self.hands else None
+
+    def _no_face(self):
+        return np.zeros((FACE_POINTS, 3), np.float32) if self.face else None
+
+    def _hands(self, person, bgr: np.ndarray) -> np.ndarray:
+        height, width = bgr.shape[:2]
+        out = np.zeros((2, HAND_POINTS, 3), np.float32)
+        left, right = self.detector.detect_hands(person, bgr)
+        for slot, points in enumerate((left, right)):
+            for k, kp in enumerate(points or []):
+                # controlnet-aux marks a joint it did not find with a negative coordinate.
+                if kp.x >= 0 and kp.y >= 0:
+                    out[slot, k] = (kp.x * width, kp.y * height, 1.0)
+        return out
+
+    def _face(self, person, bgr: np.ndarray) -> np.ndarray:
+        out = np.zeros((FACE_POINTS, 3), np.float32)
+        box = self._util.faceDetect(person, bgr)
+        if box is None:
+            return out
+        x, y, w = box
+        heatmaps = self.detector.face_estimation(bgr[y:y + w, x:x + w, :])
+        # One point per heatmap, in OpenPose's 70-point order; controlnet-aux's own peak list
+        # drops weak points and so loses that order.
+        for k, heatmap in enumerate(heatmaps[:FACE_POINTS]):
+            py, px = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+            peak = float(heatmap[py, px])
+            if peak > FACE_PEAK_THRESHOLD:
+                out[k] = (px + x, py + y, peak)
+        return out
+
+    def weight_files(self) -> list:
+        return self.files
