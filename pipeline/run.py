@@ -34,7 +34,7 @@ class RunResult:
     removed_on_recovery: list[str] = field(default_factory=list)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -46,7 +46,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False, **common)
 
 
 def stage_settings(cfg: PreprocessConfig) -> dict:

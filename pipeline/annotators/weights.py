@@ -33,7 +33,10 @@ SAM_FILES = {
     "vit_b": "sam/sam_vit_b_01ec64.pth",
 }
 GROUNDING_DINO_DIR = "grounding-dino"
-GROUNDING_DINO_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
+GROUNDING_DINO_FILES = ("config.json", "tokenizer_config.json")
+# Either name holds the image processor (the hub folder has the first, transformers 5 writes the second).
+GROUNDING_DINO_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
+GROUNDING_DINO_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 OPENPOSE_FILES = {
     "body": "openpose/body_pose_model.pth",
     "hand": "openpose/hand_pose_model.pth",
@@ -65,8 +68,10 @@ def weights_dir(explicit: str | os.PathLike | None) -> Path | None:
 def grounded_sam_files(root: Path, sam_model: str) -> list[WeightFile]:
     gd = [WeightFile(f"{GROUNDING_DINO_DIR}/{n}", root / GROUNDING_DINO_DIR / n, "GroundingDINO SwinT-OGC")
           for n in GROUNDING_DINO_FILES]
-    model_file = _grounding_dino_weights(root)
-    gd.append(WeightFile(model_file.relative_to(root).as_posix(), model_file, "GroundingDINO SwinT-OGC weights"))
+    for names, purpose in ((GROUNDING_DINO_PROCESSOR, "GroundingDINO image processor"),
+                           (GROUNDING_DINO_WEIGHTS, "GroundingDINO SwinT-OGC weights")):
+        path = _first_present(root / GROUNDING_DINO_DIR, names)
+        gd.append(WeightFile(path.relative_to(root).as_posix(), path, purpose))
     sam = SAM_FILES[sam_model]
     return gd + [WeightFile(sam, root / sam, f"SAM {sam_model}")]
 
@@ -76,12 +81,12 @@ def openpose_files(root: Path, hands: bool, face: bool) -> list[WeightFile]:
     return [WeightFile(OPENPOSE_FILES[p], root / OPENPOSE_FILES[p], f"OpenPose {p}") for p in parts]
 
 
-def _grounding_dino_weights(root: Path) -> Path:
-    folder = root / GROUNDING_DINO_DIR
-    for name in ("model.safetensors", "pytorch_model.bin"):
+def _first_present(folder: Path, names: tuple[str, ...]) -> Path:
+    """The first of several accepted file names that exists, else the preferred one (to name it)."""
+    for name in names:
         if (folder / name).exists():
             return folder / name
-    return folder / "model.safetensors"
+    return folder / names[0]
 
 
 def require(files: list[WeightFile], backend: str) -> None:

@@ -1,0 +1,241 @@
+"""The paper-faithful annotators (Grounded-SAM, OpenPose) without a GPU: the real architectures
+with random weights, saved in the documented weights layout, loaded by the real code; and the GPU
+pipeline scheduled as GPU actors on a Ray instance that declares fake GPUs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.pipeline.annotators import BackendError, FrameAnnotator, cuda_available, resolve_backends
+from disco.pipeline.annotators.base import Matte
+from disco.pipeline.annotators.random_weights import write_random_weights
+from disco.pipeline.annotators.weights import OPENPOSE_FILES, SAM_FILES
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.encode import decode_picture
+from disco.pipeline.reader import open_triplets
+from disco.pipeline.run import preprocess
+from disco.pipeline.schema import TRIPLET_SCHEMA
+from helpers import save
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return write_random_weights(tmp_path_factory.mktemp("weights"), size="small", sam_model="vit_b")
+
+
+@pytest.fixture(scope="module")
+def frame() -> np.ndarray:
+    return np.ascontiguousarray(data.astronaut()[::4, ::4])  # 128 x 128: a person, small
+
+
+def test_grounded_sam_loads_from_the_layout_and_mattes_a_frame(weights, frame):
+    from disco.pipeline.annotators.grounded_sam import GroundedSamMatting
+
+    # Random weights give random boxes; a zero threshold lets every query through to SAM.
+    matting = GroundedSamMatting(weights, sam_model="vit_b", box_threshold=0.0, text_threshold=0.0, device="cpu")
+    assert matting.sam.image_encoder.img_size == 1024 and len(matting.sam.image_encoder.blocks) == 12  # ViT-B
+    (matte,) = matting.matte_batch([frame])
+    assert matte.alpha.shape == frame.shape[:2] and matte.alpha.dtype == np.uint8
+    assert set(np.unique(matte.alpha)) <= {0, 255}
+    assert 1 <= matte.count <= 6  # the small detector has 6 queries
+    assert 0.0 <= matte.score <= 1.0 and matte.model == "grounded-sam"
+
+    # Merging: the union of every person's mask, or only the largest one.
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, :1, :1] = True
+    masks[1, 2:, 2:] = True
+    merged = matting._merge(np.zeros((4, 4, 3), np.uint8), np.array([0.4, 0.9]), masks)
+    assert (merged.alpha == 255).sum() == 5 and merged.count == 2 and merged.score == pytest.approx(0.9)
+    matting.largest_person = True
+    largest = matting._merge(np.zeros((4, 4, 3), np.uint8), np.array([0.4, 0.9]), masks)
+    assert (largest.alpha == 255).sum() == 4 and largest.alpha[3, 3] == 255
+
+
+def test_openpose_loads_from_the_layout_and_gives_contract_shapes(weights, frame):
+    from disco.pipeline.annotators.openpose_backend import OpenPosePose
+
+    pose = OpenPosePose(weights, hands=True, face=True, device="cpu").pose(frame)
+    assert pose.body.shape == (18, 3) and pose.body.dtype == np.float32
+    assert pose.hands.shape == (2, 21, 3) and pose.face.shape == (70, 3)
+    for points in (pose.body, pose.hands.reshape(-1, 3), pose.face):
+        found = points[points[:, 2] > 0]
+        assert np.all(found[:, 0] < frame.shape[1]) and np.all(found[:, 1] < frame.shape[0])
+        assert np.all(points[points[:, 2] == 0][:, :2] == 0)
+
+
+class _Payload:
+    """Unpickling this runs code: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_openpose_checkpoints_load_tensors_only(tmp_path):
+    """A checkpoint that would run code when unpickled is refused, and the code never runs."""
+    import torch
+
+    from disco.pipeline.annotators.openpose_backend import OpenPosePose
+
+    marker = tmp_path / "ran"
+    (tmp_path / "openpose").mkdir()
+    torch.save({"conv1_1.weight": _Payload(marker)}, tmp_path / OPENPOSE_FILES["body"])
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        OpenPosePose(tmp_path, hands=False, device="cpu")
+    assert not marker.exists()
+
+
+def test_missing_weights_name_the_file_and_where_it_belongs(weights, tmp_path):
+    partial = tmp_path / "w"
+    (partial / "openpose").mkdir(parents=True)
+    (partial / OPENPOSE_FILES["body"]).write_bytes((weights / OPENPOSE_FILES["body"]).read_bytes())
+    with pytest.raises(BackendError) as info:
+        resolve_backends("mediapipe", "openpose", weights=partial, device="cpu", hands=True)
+    assert "openpose/hand_pose_model.pth" in str(info.value) and str(partial / "openpose") in str(info.value)
+    assert "body_pose_model" not in str(info.value)
+    with pytest.raises(BackendError, match="sam/sam_vit_h_4b8939.pth"):
+        resolve_backends("grounded-sam", "none", weights=weights, device="cpu", sam_model="vit_h")
+    with pytest.raises(BackendError, match="--weights"):
+        resolve_backends("grounded-sam", "none", weights=None, device="cpu")
+
+
+def test_gpu_backend_without_cuda_fails_instead_of_falling_back(weights, monkeypatch):
+    monkeypatch.setattr("disco.pipeline.annotators.cuda_available", lambda: False)
+    with pytest.raises(BackendError, match="CUDA"):
+        resolve_backends("grounded-sam", "openpose", weights=weights, sam_model="vit_b")
+    with pytest.raises(BackendError, match="CUDA"):
+        resolve_backends("mediapipe", "mediapipe", device="cuda")
+    # Asked for on purpose, the CPU is allowed.
+    resolved = resolve_backends("grounded-sam", "openpose", weights=weights, device="cpu", sam_model="vit_b")
+    assert (resolved["matting"], resolved["pose"], resolved["device"]) == ("grounded-sam", "openpose", "cpu")
+
+
+def test_auto_picks_gpu_backends_only_with_cuda_and_weights(weights, tmp_path, monkeypatch):
+    monkeypatch.setattr("disco.pipeline.annotators.cuda_available", lambda: False)
+    resolved = resolve_backends("auto", "auto", weights=weights, sam_model="vit_b")
+    assert (resolved["matting"], resolved["pose"]) == ("mediapipe", "mediapipe")
+    assert "no CUDA" in resolved["reason"]
+    monkeypatch.setattr("disco.pipeline.annotators.cuda_available", lambda: True)
+    resolved = resolve_backends("auto", "auto", weights=weights, sam_model="vit_b", face=True)
+    assert (resolved["matting"], resolved["pose"], resolved["device"]) == ("grounded-sam", "openpose", "cuda")
+    # vit_h is not in the folder: matting falls back to MediaPipe and says why; pose still finds its files.
+    resolved = resolve_backends("auto", "auto", weights=weights, sam_model="vit_h")
+    assert (resolved["matting"], resolved["pose"]) == ("mediapipe", "openpose")
+    assert "grounded-sam weights not found" in resolved["reason"]
+    monkeypatch.delenv("DISCO_WEIGHTS", raising=False)
+    resolved = resolve_backends("auto", "auto")
+    assert (resolved["matting"], resolved["pose"]) == ("mediapipe", "mediapipe")
+
+
+def test_weights_folder_from_the_environment(weights, monkeypatch):
+    monkeypatch.setenv("DISCO_WEIGHTS", str(weights))
+    resolved = resolve_backends("mediapipe", "openpose", device="cpu", face=True)
+    assert resolved["weights"] == str(weights)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_gpu_pipeline_runs_as_gpu_actors_and_writes_the_contract(weights, tmp_path):
+    import ray
+
+    assert ray.cluster_resources().get("GPU") == 2  # the session's fake GPUs
+    folder = tmp_path / "in"
+    save(folder / "astronaut.png", Image.fromarray(data.astronaut()))
+    cfg = PreprocessConfig(
+        source="images", input=folder, output=tmp_path / "out", matting="grounded-sam", pose="openpose",
+        weights=weights, device="cpu", sam_model="vit_b", box_threshold=0.0, text_threshold=0.0, face=True,
+        max_side=128, matting_gpus=1.0, pose_gpus=0.5,
+    )
+    result = preprocess(cfg, log=lambda *_: None)
+    assert result.exit_code == 0
+    manifest = result.manifest
+    pools = {p["stage"]: p for p in manifest["run"]["pools"]}
+    assert pools["matting"]["gpus_per_actor"] == 1.0 and pools["pose"]["gpus_per_actor"] == 0.5
+    # What Ray actually handed the actors that did the work.
+    held = manifest["run"]["stage_resources"]
+    assert [r["GPU"] for r in held["matting"]] == [1.0] and [r["GPU"] for r in held["pose"]] == [0.5]
+    assert manifest["backends"]["matting"]["name"] == "grounded-sam"
+    assert manifest["backends"]["pose"]["name"] == "openpose"
+    recorded = {w["name"]: w["sha256"] for w in manifest["backends"]["weights"]}
+    sam = SAM_FILES["vit_b"]
+    assert recorded[sam] == hashlib.sha256((weights / sam).read_bytes()).hexdigest()
+    assert {OPENPOSE_FILES["body"], OPENPOSE_FILES["hand"], OPENPOSE_FILES["face"]} <= set(recorded)
+
+    table = open_triplets(tmp_path / "out").to_table()
+    assert table.schema.equals(TRIPLET_SCHEMA) and table.num_rows == 1
+    row = table.to_pylist()[0]
+    assert (row["width"], row["height"]) == (128, 128)
+    assert len(row["body_keypoints"]) == 54 and len(row["hand_keypoints"]) == 126 and len(row["face_keypoints"]) == 210
+    mask = decode_picture(row["mask"], grayscale=True)
+    assert mask.shape == (128, 128) and row["mask_area"] == pytest.approx((mask >= 128).mean(), abs=1e-6)
+    assert decode_picture(row["pose"]).shape == (128, 128, 3)
+    assert 1 <= row["person_count"] <= 6
+
+
+def test_frame_annotator_uses_the_box_threshold_as_the_person_threshold(weights):
+    annotator = FrameAnnotator("mediapipe", "none", hands=False, min_visibility=0.5, min_mask_area=0.01)
+    person = np.zeros((10, 10), np.uint8)
+    person[:5] = 255
+    assert not annotator.present(Matte(alpha=person, score=0.4, count=1))
+    annotator.min_score = 0.3  # what grounded-sam sets from --box-threshold
+    assert annotator.present(Matte(alpha=person, score=0.4, count=1))
+    annotator.close()
+
+
+def test_cli_refuses_a_gpu_backend_without_cuda_in_one_line(tmp_path, weights):
+    if cuda_available():
+        pytest.skip("this machine has CUDA")
+    save(tmp_path / "in" / "a.png", Image.fromarray(data.astronaut()))
+    result = CliRunner().invoke(app, ["preprocess", "--source", "images", "--input", str(tmp_path / "in"),
+                                      "--output", str(tmp_path / "out"), "--matting", "grounded-sam",
+                                      "--weights", str(weights), "--sam-model", "vit_b"])
+    assert result.exit_code == 2
+    assert "CUDA" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_doctor_reports_backends_and_weights(weights, tmp_path):
+    result = CliRunner().invoke(app, ["doctor", "--weights", str(weights), "--sam-model", "vit_b", "--face", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    files = {f["name"]: f["present"] for f in report["files"]}
+    assert files[SAM_FILES["vit_b"]] and files[OPENPOSE_FILES["face"]]
+    backends = {b["name"]: b for b in report["backends"]}
+    assert backends["mediapipe"]["can_run"]
+    if not report["cuda"]:
+        assert not backends["grounded-sam"]["can_run"]
+        assert any("CUDA" in p for p in backends["grounded-sam"]["problems"])
+    result = CliRunner().invoke(app, ["doctor", "--weights", str(weights), "--sam-model", "vit_h", "--json"])
+    report = json.loads(result.output)
+    missing = [f for f in report["files"] if not f["present"]]
+    assert [f["name"] for f in missing] == [SAM_FILES["vit_h"]]
+    assert any(SAM_FILES["vit_h"] in p for p in {b["name"]: b for b in report["backends"]}["grounded-sam"]["problems"])
+    text = CliRunner().invoke(app, ["doctor", "--weights", str(weights)])
+    assert text.exit_code == 0 and "grounded-sam" in text.output and "CUDA" in text.output
+    bad = CliRunner().invoke(app, ["doctor", "--weights", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "not a folder" in bad.output
+
+
+@pytest.mark.cuda
+def test_grounded_sam_on_cuda_in_half_precision(weights, frame):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from disco.pipeline.annotators.grounded_sam import GroundedSamMatting
+
+    matting = GroundedSamMatting(weights, sam_model="vit_b", box_threshold=0.0, text_threshold=0.0, device="cuda")
+    assert matting.half
+    mattes = matting.matte_batch([frame, frame])
+    assert all(m.alpha.shape == frame.shape[:2] for m in mattes)
+    assert np.array_equal(mattes[0].alpha, mattes[1].alpha)  # a batch of equal frames gives equal masks
+
