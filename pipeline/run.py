@@ -165,9 +165,16 @@ class UnitCollector:
 def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     """Run the job. ``progress``, if given, has ``start(total_inputs)`` and ``update(inputs, frames)``."""
     cfg.validate()
+    cluster_cuda = None
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        # On a cluster the GPUs are the workers'; the driver (often a CPU head node) may have none.
+        init_ray(cfg.ray_address)
+        cluster_cuda = ray.cluster_resources().get("GPU", 0) > 0
     try:
         cfg.resolved = resolve_backends(cfg.matting, cfg.pose, weights=cfg.weights, device=cfg.device,
-                                        sam_model=cfg.sam_model, hands=cfg.hands, face=cfg.face)
+                                        cuda=cluster_cuda, sam_model=cfg.sam_model, hands=cfg.hands, face=cfg.face)
     except BackendError as exc:
         raise ConfigError(str(exc)) from None
     log(f"backends: matting={cfg.resolved['matting']} pose={cfg.resolved['pose']} ({cfg.resolved['reason']})")

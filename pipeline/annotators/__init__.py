@@ -53,13 +53,14 @@ def _files(backend: str, root: Path | None, options: dict):
 
 
 def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | None = None, device: str = "auto",
-                     **options) -> dict:
+                     cuda: bool | None = None, **options) -> dict:
     """Turn the requested backends (``auto`` allowed) into the ones that will run, with a reason.
 
     ``options`` are the backend options that decide which weight files are needed (``sam_model``,
-    ``hands``, ``face``). Raises ``BackendError`` for a request that cannot run here.
+    ``hands``, ``face``). ``cuda`` overrides the local check: on a Ray cluster the GPUs are on the
+    workers, not on the driver. Raises ``BackendError`` for a request that cannot run here.
     """
-    cuda = cuda_available()
+    cuda = cuda_available() if cuda is None else cuda
     root = weights_dir(weights)
     if device not in DEVICES:
         raise BackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
