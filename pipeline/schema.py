@@ -52,6 +52,7 @@ ERROR_SCHEMA = pa.schema(
 
 TRIPLETS_DIR = "triplets"
 ERRORS_DIR = "errors"
+REJECTS_DIR = "rejects"
 MANIFEST_FILE = "manifest.json"
 
 # Columns holding encoded pictures; everything else is small metadata.
@@ -75,5 +76,28 @@ UNIT_RECORD_SCHEMA = pa.schema(
         pa.field("_frames", pa.int32()),
         pa.field("_skipped", pa.string()),  # JSON {reason: count}
         pa.field("_errors", pa.string()),  # JSON list of error rows (ERROR_SCHEMA fields)
+        pa.field("_rejects", pa.string()),  # JSON list of rejected frames (REJECT_SCHEMA fields)
+    ]
+)
+
+
+# `filter-humans --keep-rejects`: one row per rejected frame or still, with what the thresholds
+# were applied to, so they can be re-tuned later without running the models again.
+REJECT_REASONS = ("no_person", "too_small", "too_many_people")
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("frame_index", pa.int32(), nullable=False),
+        pa.field("timestamp_s", pa.float64()),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("input_path", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("person_score", pa.float32(), nullable=False),
+        pa.field("person_count", pa.int32(), nullable=False),
+        pa.field("mask_area", pa.float32(), nullable=False),
     ]
 )

@@ -20,7 +20,9 @@ from disco.pipeline.decode import (
     resample_indices,
     target_size,
 )
+from disco.pipeline.datasets import units as dataset_units
 from disco.pipeline.encode import build_row
+from disco.pipeline.filter import reject_record, reject_reason
 from disco.pipeline.errors import InputError
 from disco.pipeline.schema import UNIT_RECORD_SCHEMA, sample_id
 
@@ -38,6 +40,8 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
         return [base]
     if item["kind"] == "image":
         return [base]
+    if item["kind"] in dataset_units.KINDS:
+        return dataset_units.plan_units(base, settings, set((done_units or {}).get(item["input_path"], ())))
     try:
         info = probe_video(item["abs_path"])
         check_size(info.width, info.height, settings["min_side"], settings["max_pixels"])
@@ -61,7 +65,9 @@ def process_unit(unit: dict, annotator, settings: dict) -> list[dict]:
     rows: list[dict] = []
     skipped: Counter = Counter()
     errors: list[dict] = []
-    frames: list[tuple[int, float | None, np.ndarray]] = []
+    rejects: list[dict] = []
+    # (frame_index, timestamp, frame, the unit its row belongs to: a tar member has its own clip_id)
+    frames: list[tuple[int, float | None, np.ndarray, dict]] = []
     path = unit["input_path"]
     if unit.get("error_type"):
         errors.append(_error(unit.get("error_stage") or "list", unit["error_type"], unit["error_message"], path))
@@ -69,27 +75,32 @@ def process_unit(unit: dict, annotator, settings: dict) -> list[dict]:
         try:
             if unit["kind"] == "image":
                 image = load_image(unit["abs_path"], settings["max_side"], settings["min_side"], settings["max_pixels"])
-                frames = [(0, None, image)]
+                frames = [(0, None, image, unit)]
+            elif unit["kind"] in dataset_units.KINDS:
+                frames = dataset_units.decode_unit(unit, settings, errors, _error, sample_id)
             else:
                 decoded, times = decode_video_frames(
                     unit["abs_path"], list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
                 )
-                frames = [(int(unit["frame_start"]) + i, times[i], decoded[i]) for i in range(len(decoded))]
+                frames = [(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))]
         except InputError as exc:
             errors.append(_error(exc.stage, exc.error_type, exc.message, path))
-    for frame_index, timestamp, frame in frames:
-        sid = sample_id(unit["source"], unit["clip_id"], frame_index)
+    for frame_index, timestamp, frame, row_unit in frames:
+        sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
         try:
             annotation = annotator.annotate(frame)
         except Exception as exc:  # a model failing on one frame must not sink the unit
             errors.append(_error("matting", type(exc).__name__, str(exc), path, sid))
             continue
-        if not annotation.present:
-            skipped["no_person"] += 1
+        reason = reject_reason(annotation, settings)
+        if reason:
+            skipped[reason] += 1
+            if settings.get("keep_rejects"):
+                rejects.append(reject_record(row_unit, frame_index, timestamp, frame, annotation, reason))
             continue
         try:
             rows.append(
-                build_row(unit, frame_index, timestamp, frame, annotation,
+                build_row(row_unit, frame_index, timestamp, frame, annotation,
                           image_format=settings["image_format"], jpeg_quality=settings["jpeg_quality"],
                           pose_style=settings["pose_style"], with_pose=settings["pose"] != "none")
             )
@@ -100,7 +111,7 @@ def process_unit(unit: dict, annotator, settings: dict) -> list[dict]:
     done = {
         "input_path": path, "_kind": "done", "_unit_index": unit["unit_index"], "_unit_count": unit["unit_count"],
         "_unit_rows": len(rows), "_frames": len(frames), "_skipped": json.dumps(dict(skipped)),
-        "_errors": json.dumps(errors),
+        "_errors": json.dumps(errors), "_rejects": json.dumps(rejects),
     }
     return rows + [done]
 
