@@ -15,10 +15,10 @@ import pyarrow.compute as pc
 from disco.pipeline.annotators import resolve_backends
 from disco.pipeline.annotators.mediapipe_backend import MediaPipeEngine
 from disco.pipeline.config import ConfigError, PreprocessConfig
-from disco.pipeline.manifest import build_manifest, write_manifest
-from disco.pipeline.schema import TRIPLET_SCHEMA
 from disco.pipeline.datasets import list_source
 from disco.pipeline.filter import filter_section, filter_settings
+from disco.pipeline.manifest import build_manifest, write_manifest
+from disco.pipeline.schema import TRIPLET_SCHEMA
 from disco.pipeline.stages import AnnotateStage, plan_units
 from disco.pipeline.writer import OutputStore, ShardWriter
 

@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from disco.pipeline.datasets import units as dataset_units
 from disco.pipeline.decode import (
     check_size,
     decode_video_frames,
@@ -20,10 +21,9 @@ from disco.pipeline.decode import (
     resample_indices,
     target_size,
 )
-from disco.pipeline.datasets import units as dataset_units
 from disco.pipeline.encode import build_row
-from disco.pipeline.filter import reject_record, reject_reason
 from disco.pipeline.errors import InputError
+from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.schema import UNIT_RECORD_SCHEMA, sample_id
 
 
@@ -77,7 +77,7 @@ def process_unit(unit: dict, annotator, settings: dict) -> list[dict]:
                 image = load_image(unit["abs_path"], settings["max_side"], settings["min_side"], settings["max_pixels"])
                 frames = [(0, None, image, unit)]
             elif unit["kind"] in dataset_units.KINDS:
-                frames = dataset_units.decode_unit(unit, settings, errors, _error, sample_id)
+                frames = dataset_units.decode_unit(unit, settings, errors, _error)
             else:
                 decoded, times = decode_video_frames(
                     unit["abs_path"], list(unit["src_indices"]), int(unit["width"]), int(unit["height"])

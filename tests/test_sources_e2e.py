@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -41,22 +40,27 @@ def _errors(out: Path) -> list[tuple[str, str]]:
 
 def test_tiktok_frame_folders_and_videos(tmp_path):
     root = layouts.tiktok(tmp_path / "tiktok")
+    (root / "00001" / "images" / "0004.png").write_text("a damaged frame")
     result = _run("tiktok", root, tmp_path / "out", fps=15, segment_frames=2)
     assert result.exit_code == 0
     rows = _rows(tmp_path / "out")
-    # 6 frames at 30 fps resampled to 15 fps: frames 0, 2, 4 of each sequence, at 0, 2/30, 4/30 s.
+    # 6 frames at 30 fps resampled to 15 fps: frames 0, 2, 4 of each sequence, at 0, 2/30, 4/30 s;
+    # 00001's third one is damaged: an error row, and the rest of the sequence goes on.
     expected = {f"tiktok/{seq}/{k:06d}" for seq in ("00001", "00002", "00013") for k in range(3)}
-    assert set(rows) == expected
+    assert set(rows) == expected - {"tiktok/00001/000002"}
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    assert [(e["sample_id"], e["error_type"], e["input_path"]) for e in errors] == [
+        ("tiktok/00001/000002", "not_an_image", "00001/images")]
     for sid, row in rows.items():
         assert row["split"] == ("train" if row["clip_id"] == "00001" else "test")
         assert row["timestamp_s"] == pytest.approx(row["frame_index"] * 2 / 30, abs=1e-3)
-    assert rows["tiktok/00001/000002"]["input_path"] == "00001/images"
+    assert rows["tiktok/00001/000001"]["input_path"] == "00001/images"
     counts = result.manifest["counts"]
     assert counts["inputs"] == 4 and counts["rows_skipped"] == {"no_person": 1}  # coffee's 2 frames -> 1
     assert result.manifest["dataset"]["name"] == "tiktok" and result.manifest["dataset"]["test_clips"] == 34
     # A second run resumes with nothing left to do.
     again = _run("tiktok", root, tmp_path / "out", fps=15, segment_frames=2)
-    assert again.manifest["run"]["inputs_processed"] == 0 and len(_rows(tmp_path / "out")) == 9
+    assert again.manifest["run"]["inputs_processed"] == 0 and len(_rows(tmp_path / "out")) == 8
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,7 @@ def test_shhq_and_deepfashion2(tmp_path):
 
 def test_laion_shards_are_streamed_and_no_member_escapes(tmp_path):
     root = layouts.laion(tmp_path / "laion")
+    (root / "shards" / "00001.tar").write_bytes(b"not a tar" * 100)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     out = tmp_path / "out"
     result = _run("laion", root, out, segment_frames=2)
@@ -160,7 +165,7 @@ def test_laion_shards_are_streamed_and_no_member_escapes(tmp_path):
         "laion/p0/000000": ("p0", "local/a.png"),
     }
     assert _errors(out) == [("local/gone.png", "missing_file")] + [("shards/00000.tar", t) for t in (
-        "missing_image", "unsafe_member", "unsafe_member", "unsafe_member")]
+        "missing_image", "unsafe_member", "unsafe_member", "unsafe_member")] + [("shards/00001.tar", "corrupt_tar")]
     messages = open_errors(out).to_table().column("message").to_pylist()
     assert any("../evil.jpg" in m for m in messages) and any("/etc/passwd" in m for m in messages)
     assert result.manifest["counts"]["rows_skipped"] == {"no_person": 2}  # coffee in the shard, rocket on disk

@@ -53,6 +53,7 @@ class _Lister:
         self.manifest = manifest
         self.root = Path(root)
         self.base = self.root.parent if self.root.is_file() else self.root
+        self.base_abs = str(self.base.resolve())  # once: resolving every path costs a syscall per part
         self.source = source
         self.split_override = split_override
         self.coco_single_person = coco_single_person
@@ -70,7 +71,7 @@ class _Lister:
              error: tuple[str, str] | None = None, abs_path: str | None = None) -> InputItem:
         self.by_layout[layout.name] += 1
         return InputItem(
-            input_path=rel, abs_path=abs_path or str((self.base / rel).resolve()), source=self.source,
+            input_path=rel, abs_path=abs_path or os.path.join(self.base_abs, rel), source=self.source,
             clip_id=clip, kind=kind, split=self.split(clip, layout),
             error_type=error[0] if error else None, error_message=error[1] if error else None,
             extra=json.dumps(extra) if extra else "",

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-
 from disco.pipeline.datasets import webdataset
 from disco.pipeline.decode import decode_image_bytes, load_image, resample_indices
 from disco.pipeline.errors import InputError
+from disco.pipeline.schema import sample_id
 
 KINDS = ("frames", "tar")
 
@@ -41,9 +40,16 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
     ]
 
 
-def decode_unit(unit: dict, settings: dict, errors: list, make_error, sample_id) -> list[tuple]:
-    """Frames of the unit as ``(frame_index, timestamp, frame, row_unit)``; a frame that fails is an
-    error row and the others go on."""
+def _load_frame(path: Path, sizes):
+    try:
+        return load_image(path, *sizes)
+    except FileNotFoundError as exc:  # the folder changed since it was listed
+        raise InputError("decode", "missing_file", str(exc)) from None
+
+
+def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tuple]:
+    """Frames of the unit as ``(frame_index, timestamp, frame, row_unit)``; a frame that fails
+    becomes an error row (through ``make_error``) and the others go on."""
     sizes = (settings["max_side"], settings["min_side"], settings["max_pixels"])
     extra = json.loads(unit["extra"])
     out = []
@@ -53,14 +59,10 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error, sample_id)
         for offset, (src, name) in enumerate(zip(unit["src_indices"], extra["frames"])):
             index = int(unit["frame_start"]) + offset
             try:
-                frame = load_image(folder / name, *sizes)
+                frame = _load_frame(folder / name, sizes)
             except InputError as exc:
                 sid = sample_id(unit["source"], unit["clip_id"], index)
                 errors.append(make_error(exc.stage, exc.error_type, f"{name}: {exc.message}", unit["input_path"], sid))
-                continue
-            except OSError as exc:
-                sid = sample_id(unit["source"], unit["clip_id"], index)
-                errors.append(make_error("decode", "missing_file", f"{name}: {exc}", unit["input_path"], sid))
                 continue
             out.append((index, src / fps, frame, unit))
         return out
@@ -82,6 +84,3 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error, sample_id)
             continue
         out.append((0, None, frame, row_unit))
     return out
-
-
-
