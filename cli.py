@@ -59,6 +59,14 @@ def _print_summary(manifest: dict) -> None:
     table.add_row("errors", str(counts["errors"]))
     if counts.get("ignored_files"):
         table.add_row("ignored files", f"{counts['ignored_files']} (not media of this source)")
+    if manifest.get("filtered_at_listing"):
+        table.add_row("left out at listing", ", ".join(f"{k}: {v}" for k, v in manifest["filtered_at_listing"].items()))
+    if manifest.get("dataset"):
+        dataset = manifest["dataset"]
+        table.add_row("data set", f"{dataset['name']} ({dataset['manifest']}); split: {dataset['split_rule'][:60]}"
+                      + ("..." if len(dataset["split_rule"]) > 60 else ""))
+    if manifest.get("reject_shards"):
+        table.add_row("rejects table", f"{sum(s['rows'] for s in manifest['reject_shards'])} rows in rejects/")
     fps = run.get("frames_per_s")
     table.add_row("this run", f"{run['frames_processed']} frames in {run['wall_time_s']:.1f} s"
                   + (f" ({fps:.1f} frames/s)" if fps else ""))

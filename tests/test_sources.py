@@ -163,3 +163,11 @@ def test_a_custom_manifest_describes_a_new_data_set_without_code(tmp_path):
     assert listing.ignored == 1
     with pytest.raises(ConfigError, match="unknown source 'mine'"):
         PreprocessConfig(source="mine", input=root, output=tmp_path / "o").validate()
+
+
+def test_the_readme_example_manifest_is_valid():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("**A new data set, no code.**")[1].split("```yaml\n")[1].split("```")[0]
+    manifest = parse_manifest(block, "README.md")
+    assert [layout.kind for layout in manifest.layouts] == ["video", "images", "frames"]
+    assert manifest.split_of("take07", manifest.layouts[0]) == "test"
