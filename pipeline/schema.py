@@ -85,19 +85,8 @@ UNIT_RECORD_SCHEMA = pa.schema(
 # were applied to, so they can be re-tuned later without running the models again.
 REJECT_REASONS = ("no_person", "too_small", "too_many_people")
 REJECT_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("clip_id", pa.string(), nullable=False),
-        pa.field("frame_index", pa.int32(), nullable=False),
-        pa.field("timestamp_s", pa.float64()),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("input_path", pa.string(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("person_score", pa.float32(), nullable=False),
-        pa.field("person_count", pa.int32(), nullable=False),
-        pa.field("mask_area", pa.float32(), nullable=False),
-    ]
+    [TRIPLET_SCHEMA.field(n) for n in ("sample_id", "source", "clip_id", "frame_index", "timestamp_s", "split",
+                                       "input_path", "width", "height")]
+    + [pa.field("reason", pa.string(), nullable=False)]
+    + [TRIPLET_SCHEMA.field(n) for n in ("person_score", "person_count", "mask_area")]
 )

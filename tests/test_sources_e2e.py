@@ -145,6 +145,15 @@ def test_shhq_and_deepfashion2(tmp_path):
     assert {s: (r["clip_id"], r["split"]) for s, r in _rows(tmp_path / "shhq-out").items()} == {
         "shhq/000001/000000": ("000001", "train")}
     assert shhq.manifest["counts"]["rows_skipped"] == {"no_person": 1} and shhq.manifest["counts"]["inputs"] == 2
+    # filter-humans on the same layout, with the pose this time.
+    hap = CliRunner().invoke(app, ["filter-humans", "--source", "shhq", "--input", str(tmp_path / "shhq"),
+                                   "--output", str(tmp_path / "shhq-hap"), "--with-pose", "--no-progress"])
+    assert hap.exit_code == 0, hap.output
+    kept = open_triplets(tmp_path / "shhq-hap").to_table(columns=["sample_id", "pose", "body_keypoints"])
+    assert kept.column("sample_id").to_pylist() == ["shhq/000001/000000"]
+    assert kept.column("pose").null_count == 0 and max(kept.column("body_keypoints")[0].as_py()) > 0
+    hap_manifest = json.loads((tmp_path / "shhq-hap" / "manifest.json").read_text())
+    assert hap_manifest["counts"]["rows_skipped"] == {"no_person": 1} and not (tmp_path / "shhq-hap" / "rejects").exists()
     df2 = _run("deepfashion2", layouts.deepfashion2(tmp_path / "df2"), tmp_path / "df2-out")
     assert {s: (r["clip_id"], r["split"]) for s, r in _rows(tmp_path / "df2-out").items()} == {
         "deepfashion2/000001/000000": ("000001", "train"), "deepfashion2/000002/000000": ("000002", "test")}

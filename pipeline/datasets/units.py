@@ -31,7 +31,9 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
     except InputError as exc:
         return [{**base, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}]
     if not chunks:
-        return [{**base, "error_type": "no_frames", "error_message": "nothing to read", "error_stage": "list"}]
+        error = (("no_frames", "the folder holds no frames") if base["kind"] == "frames"
+                 else ("empty_shard", "the shard holds no samples"))
+        return [{**base, "error_type": error[0], "error_message": error[1], "error_stage": "list"}]
     return [
         {**base, "unit_index": k, "unit_count": len(chunks), "src_indices": chunks[k], "frame_start": k * step,
          "extra": json.dumps(payloads[k])}
