@@ -171,3 +171,36 @@ def test_the_readme_example_manifest_is_valid():
     manifest = parse_manifest(block, "README.md")
     assert [layout.kind for layout in manifest.layouts] == ["video", "images", "frames"]
     assert manifest.split_of("take07", manifest.layouts[0]) == "test"
+
+
+def test_an_empty_shard_is_one_error_unit_and_a_shard_is_cut_into_ranges(tmp_path):
+    import tarfile
+
+    from disco.pipeline.stages import plan_units
+
+    root = layouts.laion(tmp_path / "laion")
+    with tarfile.open(root / "shards" / "00009.tar", "w"):
+        pass
+    items = {i.input_path: i for i in _list("laion", root).items}
+    settings = {"segment_frames": 4, "fps": 30.0}
+    empty = plan_units(items["shards/00009.tar"].to_dict(), settings)
+    assert [(u["error_type"], u["error_stage"]) for u in empty] == [("empty_shard", "list")]
+    # Six entries (3 samples, 3 refused members) in units of 4: [0, 4) and [4, 6); a resume skips unit 0.
+    units = plan_units(items["shards/00000.tar"].to_dict(), settings)
+    assert [(u["unit_index"], u["unit_count"], json.loads(u["extra"])) for u in units] == [
+        (0, 2, {"start": 0, "stop": 4}), (1, 2, {"start": 4, "stop": 6})]
+    resumed = plan_units(items["shards/00000.tar"].to_dict(), settings, {"shards/00000.tar": [0]})
+    assert [u["unit_index"] for u in resumed] == [1]
+
+
+def test_editing_the_manifest_changes_the_options_a_resume_must_match(tmp_path):
+    root = tmp_path / "mine"
+    layouts.save(root / "photos" / "a1.jpg", layouts.photo("astronaut"))
+    manifest = tmp_path / "mine.yaml"
+    text = ("name: mine\ndescription: d\nprovenance: {homepage: h}\n"
+            "layouts: [{name: p, kind: images, pattern: 'photos/{clip}.jpg'}]\nsplits: {rule: r, test: [%s]}\n")
+    manifest.write_text(text % "a1")
+    cfg = PreprocessConfig(source="mine", manifest=manifest, input=root, output=tmp_path / "o").validate()
+    before = cfg.output_params()
+    manifest.write_text(text % "b2")
+    assert cfg.output_params()["dataset_manifest"] != before["dataset_manifest"]
