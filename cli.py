@@ -47,9 +47,9 @@ def _source_name(source: Optional[str], manifest: Optional[Path]) -> str:
         _usage_error(str(exc))
 
 
-def _print_summary(manifest: dict) -> None:
+def _print_summary(manifest: dict, title: str = "preprocess summary") -> None:
     counts, run = manifest["counts"], manifest["run"]
-    table = Table(title="preprocess summary", show_header=False)
+    table = Table(title=title, show_header=False)
     table.add_row("inputs", f"{counts['inputs']} ({counts['inputs_done']} done, {counts['inputs_failed']} failed, "
                   f"{counts['inputs_pending']} pending)")
     table.add_row("frames", str(counts["frames"]))
@@ -93,7 +93,7 @@ class _ProgressBar:
         self.bar.update(self.task, advance=inputs, frames=self.frames, speed=f"{rate:.1f}")
 
 
-def run_preprocess(config, show_progress: bool = True) -> dict:
+def run_preprocess(config, show_progress: bool = True, title: str = "preprocess") -> dict:
     """Run a preprocess job with a progress bar and a summary; returns the manifest."""
     from disco.pipeline.config import ConfigError
     from disco.pipeline.run import preprocess
@@ -102,7 +102,7 @@ def run_preprocess(config, show_progress: bool = True) -> dict:
         config.validate()
     except ConfigError as exc:
         _usage_error(str(exc))
-    columns = [TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"),
+    columns = [TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"),
                TextColumn("{task.fields[frames]} frames, {task.fields[speed]} frames/s"), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress) as bar:
         try:
@@ -112,7 +112,7 @@ def run_preprocess(config, show_progress: bool = True) -> dict:
             _usage_error(str(exc))
         except ConnectionError as exc:
             _usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
-    _print_summary(result.manifest)
+    _print_summary(result.manifest, f"{title} summary")
     console.print(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/)")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -204,7 +204,7 @@ def filter_humans(
                                      log=lambda message: console.print(message, highlight=False))
         except ConfigError as exc:
             _usage_error(str(exc))
-        _print_summary(result.manifest)
+        _print_summary(result.manifest, "filter-humans summary")
         console.print(f"output: {Path(output).resolve()}")
         if result.exit_code:
             raise typer.Exit(result.exit_code)
@@ -217,7 +217,7 @@ def filter_humans(
         ray_address=ray_address, overwrite=overwrite, coco_single_person=coco_single_person, human_filter=True,
         max_persons=max_persons, keep_rejects=keep_rejects,
     )
-    run_preprocess(config, show_progress=progress)
+    run_preprocess(config, show_progress=progress, title="filter-humans")
 
 
 @app.command()
