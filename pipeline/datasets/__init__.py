@@ -39,7 +39,8 @@ def _compare_with_expected(manifest: DatasetManifest, listing: Listing, log) -> 
     listed = len(listing.items)
     if listed == 0:
         patterns = "; ".join(f"{lay.name}: {', '.join(lay.pattern)}" for lay in manifest.layouts)
-        log(f"no {manifest.name} inputs matched the manifest's layouts ({patterns})")
+        log(f"no {manifest.name} inputs matched the manifest's layouts ({patterns}); "
+            "--input must be the folder these patterns start from")
     elif expected and listed < expected // 2:
         log(f"listed {listed} {manifest.name} inputs; the full data set holds about {expected} "
             f"({manifest.origin}), so this is a part of it")
