@@ -27,9 +27,29 @@ def _usage_error(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _print_summary(manifest: dict) -> None:
+SOURCE_HELP = ("Input kind: video or images (any folder of videos or stills), or a data set in its published "
+               "layout: tiktok, coco, shhq, deepfashion2, laion (see manifests/). With --manifest, defaults to its name.")
+MANIFEST_HELP = "A dataset manifest YAML describing a layout (see manifests/*.yaml); replaces the built-in one."
+
+
+def _source_name(source: Optional[str], manifest: Optional[Path]) -> str:
+    """--source, or the name inside --manifest when only that is given."""
+    if source:
+        return source
+    if manifest is None:
+        _usage_error("--source is required (or --manifest, whose name then serves as the source)")
+    from disco.pipeline.config import ConfigError
+    from disco.pipeline.manifest_yaml import load_manifest
+
+    try:
+        return load_manifest(manifest).name
+    except ConfigError as exc:
+        _usage_error(str(exc))
+
+
+def _print_summary(manifest: dict, title: str = "preprocess summary") -> None:
     counts, run = manifest["counts"], manifest["run"]
-    table = Table(title="preprocess summary", show_header=False)
+    table = Table(title=title, show_header=False)
     table.add_row("inputs", f"{counts['inputs']} ({counts['inputs_done']} done, {counts['inputs_failed']} failed, "
                   f"{counts['inputs_pending']} pending)")
     table.add_row("frames", str(counts["frames"]))
@@ -39,6 +59,14 @@ def _print_summary(manifest: dict) -> None:
     table.add_row("errors", str(counts["errors"]))
     if counts.get("ignored_files"):
         table.add_row("ignored files", f"{counts['ignored_files']} (not media of this source)")
+    if manifest.get("filtered_at_listing"):
+        table.add_row("left out at listing", ", ".join(f"{k}: {v}" for k, v in manifest["filtered_at_listing"].items()))
+    if manifest.get("dataset"):
+        dataset = manifest["dataset"]
+        table.add_row("data set", f"{dataset['name']} ({dataset['manifest']}); split: {dataset['split_rule'][:60]}"
+                      + ("..." if len(dataset["split_rule"]) > 60 else ""))
+    if manifest.get("reject_shards"):
+        table.add_row("rejects table", f"{sum(s['rows'] for s in manifest['reject_shards'])} rows in rejects/")
     fps = run.get("frames_per_s")
     table.add_row("this run", f"{run['frames_processed']} frames in {run['wall_time_s']:.1f} s"
                   + (f" ({fps:.1f} frames/s)" if fps else ""))
@@ -65,7 +93,7 @@ class _ProgressBar:
         self.bar.update(self.task, advance=inputs, frames=self.frames, speed=f"{rate:.1f}")
 
 
-def run_preprocess(config, show_progress: bool = True) -> dict:
+def run_preprocess(config, show_progress: bool = True, title: str = "preprocess") -> dict:
     """Run a preprocess job with a progress bar and a summary; returns the manifest."""
     from disco.pipeline.config import ConfigError
     from disco.pipeline.run import preprocess
@@ -74,7 +102,7 @@ def run_preprocess(config, show_progress: bool = True) -> dict:
         config.validate()
     except ConfigError as exc:
         _usage_error(str(exc))
-    columns = [TextColumn("[bold]preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"),
+    columns = [TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("inputs"),
                TextColumn("{task.fields[frames]} frames, {task.fields[speed]} frames/s"), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress) as bar:
         try:
@@ -84,7 +112,7 @@ def run_preprocess(config, show_progress: bool = True) -> dict:
             _usage_error(str(exc))
         except ConnectionError as exc:
             _usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
-    _print_summary(result.manifest)
+    _print_summary(result.manifest, f"{title} summary")
     console.print(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/)")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -93,9 +121,11 @@ def run_preprocess(config, show_progress: bool = True) -> dict:
 
 @app.command()
 def preprocess(
-    source: str = typer.Option(..., help="Input kind: video (a folder of videos) or images (a folder of stills)."),
+    source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
     input: Path = typer.Option(..., "--input", "-i", help="Folder (or single file) to read."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder: triplets/, errors/, manifest.json."),
+    manifest: Optional[Path] = typer.Option(None, help=MANIFEST_HELP),
+    coco_single_person: bool = typer.Option(False, help="coco: keep only images with exactly one annotated person."),
     matting: str = typer.Option("auto", help="Person matting backend: auto, mediapipe or grounded-sam (GPU, --weights)."),
     pose: str = typer.Option("auto", help="Pose backend: auto, mediapipe, openpose (GPU, --weights) or none."),
     hands: bool = typer.Option(True, "--hands/--no-hands", help="Also estimate hand keypoints."),
@@ -117,7 +147,7 @@ def preprocess(
     max_pixels: int = typer.Option(89_478_485, help="Reject inputs with more pixels than this."),
     image_format: str = typer.Option("jpeg", help="Encoding of image, foreground and background: jpeg or png (mask and pose are always PNG)."),
     jpeg_quality: int = typer.Option(95, min=1, max=100, help="JPEG quality."),
-    split: str = typer.Option("train", help="Split written for every row: train or test."),
+    split: Optional[str] = typer.Option(None, help="Split written for every row (train or test). Default: the data set manifest's split rule; train for video and images."),
     min_visibility: float = typer.Option(0.5, help="Minimum detection score (nose and shoulder visibility) for a person."),
     joint_threshold: float = typer.Option(0.2, help="Minimum visibility for a joint to be stored with a confidence (else 0)."),
     min_mask_area: float = typer.Option(0.01, help="Minimum fraction of the picture the person mask must cover."),
@@ -135,9 +165,10 @@ def preprocess(
     from disco.pipeline.config import PreprocessConfig
 
     config = PreprocessConfig(
-        source=source, input=input, output=output, matting=matting, pose=pose, hands=hands,
+        source=_source_name(source, manifest), manifest=manifest, coco_single_person=coco_single_person,
+        split_from_manifest=split is None, input=input, output=output, matting=matting, pose=pose, hands=hands,
         pose_style=pose_style, fps=fps, max_side=max_side, min_side=min_side, max_pixels=max_pixels,
-        image_format=image_format, jpeg_quality=jpeg_quality, split=split, min_visibility=min_visibility,
+        image_format=image_format, jpeg_quality=jpeg_quality, split=split or "train", min_visibility=min_visibility,
         joint_threshold=joint_threshold, min_mask_area=min_mask_area, shard_rows=shard_rows, row_group_rows=row_group_rows,
         segment_frames=segment_frames, actors=actors, cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor, ray_address=ray_address, overwrite=overwrite,
@@ -146,6 +177,67 @@ def preprocess(
         matting_gpus=matting_gpus, pose_gpus=pose_gpus,
     )
     run_preprocess(config, show_progress=progress)
+
+
+@app.command("filter-humans")
+def filter_humans(
+    input: Path = typer.Option(..., "--input", "-i", help="The data set (as for preprocess), or an existing triplets folder to filter by its stored scores."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder, with the same contract as preprocess (plus rejects/ with --keep-rejects)."),
+    source: Optional[str] = typer.Option(None, help=SOURCE_HELP + " Not needed for a triplets folder."),
+    manifest: Optional[Path] = typer.Option(None, help=MANIFEST_HELP),
+    min_score: float = typer.Option(0.5, help="Keep a picture only if a person is detected with at least this score."),
+    min_area: float = typer.Option(0.05, help="... and the person mask covers at least this fraction of the picture."),
+    max_persons: Optional[int] = typer.Option(None, help="... and at most this many persons are detected (default: no limit)."),
+    with_pose: bool = typer.Option(False, help="Also estimate the pose (default: matting only, the pre-training set needs no pose)."),
+    keep_rejects: bool = typer.Option(False, help="Write every rejected picture's reason, score, area and person count to rejects/*.parquet."),
+    coco_single_person: bool = typer.Option(False, help="coco: keep only images with exactly one annotated person."),
+    split: Optional[str] = typer.Option(None, help="Split written for every row (default: the manifest's split rule)."),
+    matting: str = typer.Option("auto", help="Person matting backend: auto, mediapipe or grounded-sam (GPU, --weights)."),
+    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Folder of local weights for grounded-sam and openpose (layout in the README)."),
+    device: str = typer.Option("auto", help="Where grounded-sam / openpose run: auto (CUDA, else refuse), cuda, or cpu (on purpose, slow)."),
+    sam_model: str = typer.Option("vit_h", help="SAM variant for grounded-sam: vit_h, vit_l or vit_b."),
+    box_threshold: float = typer.Option(0.3, help="GroundingDINO box threshold (grounded-sam)."),
+    batch_size: int = typer.Option(8, help="Frames per batch through GroundingDINO and SAM's image encoder."),
+    max_side: int = typer.Option(512, help="Shrink pictures so the long side is at most this many pixels."),
+    image_format: str = typer.Option("jpeg", help="Encoding of image, foreground and background: jpeg or png."),
+    segment_frames: int = typer.Option(32, help="Frames (or shard members) per unit of work."),
+    shard_rows: int = typer.Option(1024, help="Rows per Parquet shard."),
+    actors: Optional[int] = typer.Option(None, help="Annotator actors (default: one per CPU of the Ray cluster)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster to run on (default: a local instance)."),
+    overwrite: bool = typer.Option(False, help="Delete what a previous run wrote to OUTPUT and start fresh."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Build the human-attribute pre-training set: keep pictures with one clear, large enough person."""
+    from disco.pipeline.config import ConfigError, PreprocessConfig
+    from disco.pipeline.filter import filter_triplets, is_triplets_dir
+
+    for name, value in (("--min-score", min_score), ("--min-area", min_area)):
+        if not 0.0 <= value <= 1.0:
+            _usage_error(f"{name} must be between 0 and 1")
+    if max_persons is not None and max_persons < 1:
+        _usage_error("--max-persons must be at least 1")
+    if is_triplets_dir(input):
+        try:
+            result = filter_triplets(input, output, min_score=min_score, min_area=min_area, max_persons=max_persons,
+                                     keep_rejects=keep_rejects, overwrite=overwrite, shard_rows=shard_rows,
+                                     log=lambda message: console.print(message, highlight=False))
+        except ConfigError as exc:
+            _usage_error(str(exc))
+        _print_summary(result.manifest, "filter-humans summary")
+        console.print(f"output: {Path(output).resolve()}")
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)
+        return
+    config = PreprocessConfig(
+        source=_source_name(source, manifest), input=input, output=output, manifest=manifest, matting=matting,
+        pose="auto" if with_pose else "none", hands=with_pose, max_side=max_side, image_format=image_format,
+        split=split or "train", split_from_manifest=split is None, min_visibility=min_score,
+        min_mask_area=min_area, segment_frames=segment_frames, shard_rows=shard_rows, actors=actors,
+        ray_address=ray_address, overwrite=overwrite, coco_single_person=coco_single_person, human_filter=True,
+        max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=device, sam_model=sam_model,
+        box_threshold=box_threshold, batch_size=batch_size,
+    )
+    run_preprocess(config, show_progress=progress, title="filter-humans")
 
 
 @app.command()

@@ -67,12 +67,27 @@ class PreprocessConfig:
     pose_gpus: float | None = None
     # Filled in when backends are resolved; recorded in the manifest.
     resolved: dict = field(default_factory=dict)
+    # Data set sources (tiktok, coco, ...): a YAML describing the layout instead of the built-in one.
+    manifest: Path | None = None
+    # With a data set source the manifest's split rule decides each row's split; set False to
+    # write ``split`` on every row instead (the CLI does when --split is given).
+    split_from_manifest: bool = True
+    coco_single_person: bool = False
+    # filter-humans: rejected frames are counted by reason (no_person, too_small, too_many_people).
+    human_filter: bool = False
+    max_persons: int | None = None
+    keep_rejects: bool = False
 
     def validate(self) -> "PreprocessConfig":
-        if self.source not in SOURCES:
-            raise ConfigError(f"unknown source {self.source!r}; choose one of {', '.join(SOURCES)}")
-        if self.source not in ("video", "images"):
-            raise ConfigError(f"source {self.source!r} is not available yet; use 'video' or 'images'")
+        if self.source not in SOURCES and self.manifest is None:
+            raise ConfigError(f"unknown source {self.source!r}; choose one of {', '.join(SOURCES)}, "
+                              "or describe a new data set with --manifest")
+        if self.source in ("video", "images") and self.manifest is not None:
+            raise ConfigError(f"--manifest describes a data set; the generic {self.source!r} source takes none")
+        if self.coco_single_person and self.source != "coco" and self.manifest is None:
+            raise ConfigError("--coco-single-person only applies to --source coco")
+        if self.max_persons is not None and self.max_persons < 1:
+            raise ConfigError("--max-persons must be at least 1")
         if not Path(self.input).exists():
             raise ConfigError(f"input {self.input} does not exist")
         if self.matting not in MATTING_CHOICES:
@@ -107,6 +122,10 @@ class PreprocessConfig:
                 raise ConfigError(f"{flag} cannot be negative")
         if self.weights is not None and not Path(self.weights).is_dir():
             raise ConfigError(f"--weights {self.weights} is not a folder")
+        if self.source not in ("video", "images"):
+            from disco.pipeline.datasets import resolve_manifest
+
+            resolve_manifest(self)  # a broken manifest is a usage error, before anything runs
         return self
 
     def output_params(self) -> dict:
@@ -119,7 +138,20 @@ class PreprocessConfig:
         params = {k: getattr(self, k) for k in keys}
         params["input"] = str(Path(self.input).resolve())
         params["backends"] = {k: self.resolved.get(k) for k in ("matting", "pose")}
+        params.update(self._dataset_params())
         return params
+
+    def _dataset_params(self) -> dict:
+        if self.source in ("video", "images") and not self.human_filter:
+            return {}
+        from disco.pipeline.datasets import resolve_manifest
+
+        manifest = None if self.source in ("video", "images") else resolve_manifest(self)
+        return {
+            "dataset_manifest": manifest.digest if manifest else None,
+            "split_from_manifest": self.split_from_manifest, "coco_single_person": self.coco_single_person,
+            "human_filter": self.human_filter, "max_persons": self.max_persons, "keep_rejects": self.keep_rejects,
+        }
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.output_params(), sort_keys=True).encode()

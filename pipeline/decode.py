@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -65,12 +66,24 @@ def load_image(path: str | Path, max_side: int, min_side: int = 1, max_pixels: i
     """Decode a still as RGB uint8, upright per its EXIF orientation, long side <= ``max_side``."""
     path = Path(path)
     _check_not_empty(path)
+    return _decode_still(path, path.suffix, max_side, min_side, max_pixels)
+
+
+def decode_image_bytes(data: bytes, name: str, max_side: int, min_side: int = 1,
+                       max_pixels: int = 89_478_485) -> np.ndarray:
+    """``load_image`` for a still held in memory (a member of a tar shard); ``name`` gives its suffix."""
+    if not data:
+        raise InputError("decode", "empty_file", "the file is empty (0 bytes)")
+    return _decode_still(io.BytesIO(data), PurePosixPath(name).suffix, max_side, min_side, max_pixels)
+
+
+def _decode_still(source, suffix: str, max_side: int, min_side: int, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(source)
     except UnidentifiedImageError:
-        raise InputError("decode", "not_an_image", f"not a readable image (suffix {path.suffix!r})") from None
+        raise InputError("decode", "not_an_image", f"not a readable image (suffix {suffix!r})") from None
     except Image.DecompressionBombError as exc:
         raise InputError("decode", "image_too_large", str(exc)) from None
     with im:

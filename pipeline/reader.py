@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from disco.pipeline.schema import ERROR_SCHEMA, ERRORS_DIR, TRIPLET_SCHEMA, TRIPLETS_DIR
+from disco.pipeline.schema import (
+    ERROR_SCHEMA,
+    ERRORS_DIR,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    TRIPLET_SCHEMA,
+    TRIPLETS_DIR,
+)
 
 
 def _open(folder: Path, schema) -> pads.Dataset:
@@ -21,3 +28,8 @@ def open_triplets(output: str | Path) -> pads.Dataset:
 
 def open_errors(output: str | Path) -> pads.Dataset:
     return _open(Path(output) / ERRORS_DIR, ERROR_SCHEMA)
+
+
+def open_rejects(output: str | Path) -> pads.Dataset:
+    """What ``filter-humans --keep-rejects`` turned away, with its scores and areas."""
+    return _open(Path(output) / REJECTS_DIR, REJECT_SCHEMA)

@@ -8,16 +8,16 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from disco.pipeline.annotators import GPU_BACKENDS, BackendError, resolve_backends, weight_files
 from disco.pipeline.config import ConfigError, PreprocessConfig
+from disco.pipeline.datasets import list_source
+from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.manifest import build_manifest, write_manifest
 from disco.pipeline.schema import TRIPLET_SCHEMA
-from disco.pipeline.sources import list_inputs
 from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, plan_units
 from disco.pipeline.writer import OutputStore, ShardWriter
 
@@ -56,6 +56,7 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"],
                     backend_options=backend_options(cfg))
+    settings.update(filter_settings(cfg))
     return settings
 
 
@@ -155,7 +156,7 @@ class UnitCollector:
                 "skipped": json.loads(record["_skipped"]), "errors": len(errors),
             }
             table = pa.concat_tables(parts) if parts else TRIPLET_SCHEMA.empty_table()
-            self.writer.add_unit(table, unit, errors)
+            self.writer.add_unit(table, unit, errors, json.loads(record.get("_rejects") or "[]"))
             del self._done[key]
             self._rows.pop(key, None)
             finished.append(unit)
@@ -195,7 +196,7 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     if removed:
         log(f"recovered from an interrupted run: removed {len(removed)} uncommitted file(s)")
 
-    listing = list_inputs(cfg.source, Path(cfg.input), cfg.split)
+    listing = list_source(cfg, log)
     listed = [i.input_path for i in listing.items]
     if not listed:
         log(f"no {cfg.source} inputs found under {cfg.input}")
@@ -262,6 +263,7 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     config = {k: v for k, v in cfg.to_dict().items() if k != "resolved"}
     manifest = build_manifest(config=config, backends=backends, state=final_state, listed=listed,
                               ignored=listing.ignored, run=run)
+    manifest.update(dataset_section(cfg, listing, final_state))
     write_manifest(store.manifest, manifest)
     counts = manifest["counts"]
     if interrupted:
@@ -271,6 +273,18 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     else:
         code = 0
     return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
+
+
+def dataset_section(cfg: PreprocessConfig, listing, state) -> dict:
+    """What data set sources and filter-humans add to the manifest."""
+    section: dict = {}
+    if listing.dataset is not None:
+        section["dataset"] = listing.dataset
+    if listing.filtered:
+        section["filtered_at_listing"] = listing.filtered
+    if cfg.human_filter:
+        section.update(filter_section(state, cfg.min_visibility, cfg.min_mask_area, cfg.max_persons))
+    return section
 
 
 def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8) -> list[dict]:

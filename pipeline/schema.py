@@ -52,6 +52,7 @@ ERROR_SCHEMA = pa.schema(
 
 TRIPLETS_DIR = "triplets"
 ERRORS_DIR = "errors"
+REJECTS_DIR = "rejects"
 MANIFEST_FILE = "manifest.json"
 
 # Columns holding encoded pictures; everything else is small metadata.
@@ -76,6 +77,7 @@ UNIT_RECORD_SCHEMA = pa.schema(
         pa.field("_skipped", pa.string()),  # JSON {reason: count}
         pa.field("_errors", pa.string()),  # JSON list of error rows (ERROR_SCHEMA fields)
         pa.field("_resources", pa.string()),  # JSON {stage: Ray resources its actor held}
+        pa.field("_rejects", pa.string()),  # JSON list of rejected frames (REJECT_SCHEMA fields)
     ]
 )
 
@@ -91,5 +93,17 @@ PACKED_UNIT_SCHEMA = pa.schema(
         pa.field("skipped", pa.string()),
         pa.field("errors", pa.string()),
         pa.field("resources", pa.string()),
+        pa.field("rejects", pa.string()),
     ]
+)
+
+
+# `filter-humans --keep-rejects`: one row per rejected frame or still, with what the thresholds
+# were applied to, so they can be re-tuned later without running the models again.
+REJECT_REASONS = ("no_person", "too_small", "too_many_people")
+REJECT_SCHEMA = pa.schema(
+    [TRIPLET_SCHEMA.field(n) for n in ("sample_id", "source", "clip_id", "frame_index", "timestamp_s", "split",
+                                       "input_path", "width", "height")]
+    + [pa.field("reason", pa.string(), nullable=False)]
+    + [TRIPLET_SCHEMA.field(n) for n in ("person_score", "person_count", "mask_area")]
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
@@ -27,6 +27,8 @@ class InputItem:
     split: str
     error_type: str | None = None
     error_message: str | None = None
+    # JSON with what a data set kind needs to plan and decode (a frame folder's file names...).
+    extra: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +38,8 @@ class InputItem:
 class Listing:
     items: list[InputItem]
     ignored: int  # files that are not media of this source (sidecars, notes...)
+    filtered: dict = field(default_factory=dict)  # inputs left out on purpose at listing, by reason
+    dataset: dict | None = None  # the data set manifest's summary, for the output manifest
 
 
 def _walk(root: Path):

@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from disco.pipeline.datasets import units as dataset_units
 from disco.pipeline.decode import (
     check_size,
     decode_video_frames,
@@ -26,6 +27,7 @@ from disco.pipeline.annotators import Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.encode import build_row
 from disco.pipeline.errors import InputError
+from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.schema import PACKED_UNIT_SCHEMA, UNIT_RECORD_SCHEMA, sample_id
 
 
@@ -42,6 +44,8 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
         return [base]
     if item["kind"] == "image":
         return [base]
+    if item["kind"] in dataset_units.KINDS:
+        return dataset_units.plan_units(base, settings, set((done_units or {}).get(item["input_path"], ())))
     try:
         info = probe_video(item["abs_path"])
         check_size(info.width, info.height, settings["min_side"], settings["max_pixels"])
@@ -60,59 +64,68 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
     ]
 
 
-Frame = tuple  # (frame_index, timestamp_s or None, H x W x 3 uint8 RGB)
+Frame = tuple  # (frame_index, timestamp_s or None, H x W x 3 uint8 RGB, the unit its row belongs to)
 
 
 def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
-    """The unit's frames, or the error that stopped it."""
+    """The unit's frames, and the errors met decoding them. A frame carries the unit its row
+    belongs to: a tar member has its own clip_id."""
     path = unit["input_path"]
     if unit.get("error_type"):
         return [], [_error(unit.get("error_stage") or "list", unit["error_type"], unit["error_message"], path)]
+    errors: list[dict] = []
     try:
         if unit["kind"] == "image":
             image = load_image(unit["abs_path"], settings["max_side"], settings["min_side"], settings["max_pixels"])
-            return [(0, None, image)], []
+            return [(0, None, image, unit)], errors
+        if unit["kind"] in dataset_units.KINDS:
+            return dataset_units.decode_unit(unit, settings, errors, _error), errors
         decoded, times = decode_video_frames(
             unit["abs_path"], list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
         )
-        return [(int(unit["frame_start"]) + i, times[i], decoded[i]) for i in range(len(decoded))], []
+        return [(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))], errors
     except InputError as exc:
-        return [], [_error(exc.stage, exc.error_type, exc.message, path)]
+        return [], errors + [_error(exc.stage, exc.error_type, exc.message, path)]
 
 
-def matte_unit(unit: dict, frames: list[Frame], annotator, errors: list[dict], skipped: Counter) -> list[tuple]:
-    """Matting over the unit's frames (batched where the backend can); keeps the frames that hold
-    a person, as (frame_index, timestamp, frame, matte)."""
+def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, errors: list[dict], skipped: Counter,
+               rejects: list[dict]) -> list[tuple]:
+    """Matting over the unit's frames (batched where the backend can). Returns the frames that hold
+    a person as (frame_index, timestamp, frame, row_unit, matte); the others are counted by reason."""
     try:
-        mattes = annotator.matte_batch([frame for _, _, frame in frames])
-    except Exception:  # one bad frame must not sink the others: fall back to one at a time
+        mattes = annotator.matte_batch([f[2] for f in frames])
+    except Exception:  # one bad frame must not sink the others: go again one at a time
         mattes = []
-        for frame_index, _, frame in frames:
+        for frame_index, _, frame, row_unit in frames:
             try:
                 mattes.append(annotator.matte_batch([frame])[0])
             except Exception as exc:
-                sid = sample_id(unit["source"], unit["clip_id"], frame_index)
+                sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
                 errors.append(_error("matting", type(exc).__name__, str(exc), unit["input_path"], sid))
                 mattes.append(None)
     kept = []
-    for (frame_index, timestamp, frame), matte in zip(frames, mattes):
+    for (frame_index, timestamp, frame, row_unit), matte in zip(frames, mattes):
         if matte is None:
             continue
-        if annotator.present(matte):
-            kept.append((frame_index, timestamp, frame, matte))
-        else:
-            skipped["no_person"] += 1
+        annotation = Annotation(matte=matte, pose=None, present=annotator.present(matte))
+        reason = reject_reason(annotation, settings)
+        if reason:
+            skipped[reason] += 1
+            if settings.get("keep_rejects"):
+                rejects.append(reject_record(row_unit, frame_index, timestamp, frame, annotation, reason))
+            continue
+        kept.append((frame_index, timestamp, frame, row_unit, matte))
     return kept
 
 
 def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, frames: int, errors: list[dict],
-                skipped: Counter, resources: dict | None = None) -> list[dict]:
+                skipped: Counter, rejects: list[dict], resources: dict | None = None) -> list[dict]:
     """Pose and encoding for the frames that hold a person; returns the unit's triplet rows and one
     closing "done" record."""
     rows: list[dict] = []
     path = unit["input_path"]
-    for frame_index, timestamp, frame, matte in kept:
-        sid = sample_id(unit["source"], unit["clip_id"], frame_index)
+    for frame_index, timestamp, frame, row_unit, matte in kept:
+        sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
         try:
             pose = annotator.pose_of(frame)
         except Exception as exc:  # a model failing on one frame must not sink the unit
@@ -120,7 +133,7 @@ def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, fra
             continue
         try:
             rows.append(
-                build_row(unit, frame_index, timestamp, frame, Annotation(matte, pose, True),
+                build_row(row_unit, frame_index, timestamp, frame, Annotation(matte, pose, True),
                           image_format=settings["image_format"], jpeg_quality=settings["jpeg_quality"],
                           pose_style=settings["pose_style"], with_pose=settings["pose"] != "none")
             )
@@ -131,7 +144,7 @@ def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, fra
     done = {
         "input_path": path, "_kind": "done", "_unit_index": unit["unit_index"], "_unit_count": unit["unit_count"],
         "_unit_rows": len(rows), "_frames": frames, "_skipped": json.dumps(dict(skipped)),
-        "_errors": json.dumps(errors), "_resources": json.dumps(resources or {}),
+        "_errors": json.dumps(errors), "_rejects": json.dumps(rejects), "_resources": json.dumps(resources or {}),
     }
     return rows + [done]
 
@@ -140,40 +153,43 @@ def process_unit(unit: dict, annotator, settings: dict, resources: dict | None =
     """Decode, annotate and encode one unit in one place (the CPU pipeline)."""
     frames, errors = decode_unit(unit, settings)
     skipped: Counter = Counter()
-    kept = matte_unit(unit, frames, annotator, errors, skipped)
+    rejects: list[dict] = []
+    kept = matte_unit(unit, frames, annotator, settings, errors, skipped, rejects)
     return finish_unit(unit, kept, annotator, settings, frames=len(frames), errors=errors, skipped=skipped,
-                       resources=resources)
+                       rejects=rejects, resources=resources)
 
 
 def pack_unit(unit: dict, frames: int, kept: list[tuple], errors: list[dict], skipped: Counter,
-              resources: dict) -> dict:
+              rejects: list[dict], resources: dict) -> dict:
     """One record carrying a matted unit from the matting actors to the pose actors."""
     return {
         "unit": json.dumps(unit),
         "frames": frames,
-        "pictures": [frame.tobytes() for _, _, frame, _ in kept],
-        "alphas": [matte.alpha.tobytes() for _, _, _, matte in kept],
+        "pictures": [k[2].tobytes() for k in kept],
+        "alphas": [k[4].alpha.tobytes() for k in kept],
         "meta": json.dumps([
-            {"frame_index": fi, "timestamp": ts, "shape": list(frame.shape), "score": m.score, "count": m.count,
-             "model": m.model}
-            for fi, ts, frame, m in kept
+            {"frame_index": fi, "timestamp": ts, "shape": list(frame.shape), "clip_id": row_unit["clip_id"],
+             "score": m.score, "count": m.count, "model": m.model}
+            for fi, ts, frame, row_unit, m in kept
         ]),
         "skipped": json.dumps(dict(skipped)),
         "errors": json.dumps(errors),
+        "rejects": json.dumps(rejects),
         "resources": json.dumps(resources),
     }
 
 
-def unpack_unit(record: dict) -> tuple[dict, int, list[tuple], list[dict], Counter, dict]:
+def unpack_unit(record: dict) -> tuple[dict, int, list[tuple], list[dict], Counter, list[dict], dict]:
+    unit = json.loads(record["unit"])
     kept = []
     for meta, picture, alpha in zip(json.loads(record["meta"]), record["pictures"], record["alphas"]):
         shape = tuple(meta["shape"])
         frame = np.frombuffer(picture, np.uint8).reshape(shape)
         matte = Matte(alpha=np.frombuffer(alpha, np.uint8).reshape(shape[:2]), score=meta["score"],
                       count=meta["count"], model=meta["model"])
-        kept.append((meta["frame_index"], meta["timestamp"], frame, matte))
-    return (json.loads(record["unit"]), record["frames"], kept, json.loads(record["errors"]),
-            Counter(json.loads(record["skipped"])), json.loads(record["resources"]))
+        kept.append((meta["frame_index"], meta["timestamp"], frame, {**unit, "clip_id": meta["clip_id"]}, matte))
+    return (unit, record["frames"], kept, json.loads(record["errors"]), Counter(json.loads(record["skipped"])),
+            json.loads(record["rejects"]), json.loads(record["resources"]))
 
 
 def records_to_table(records: list[dict]) -> pa.Table:
@@ -232,8 +248,9 @@ class MattingStage:
         for unit in batch.to_pylist():
             frames, errors = decode_unit(unit, self.settings)
             skipped: Counter = Counter()
-            kept = matte_unit(unit, frames, self.annotator, errors, skipped)
-            packed.append(pack_unit(unit, len(frames), kept, errors, skipped, self.resources))
+            rejects: list[dict] = []
+            kept = matte_unit(unit, frames, self.annotator, self.settings, errors, skipped, rejects)
+            packed.append(pack_unit(unit, len(frames), kept, errors, skipped, rejects, self.resources))
         return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
 
 
@@ -248,7 +265,7 @@ class PoseStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         records: list[dict] = []
         for record in batch.to_pylist():
-            unit, frames, kept, errors, skipped, resources = unpack_unit(record)
+            unit, frames, kept, errors, skipped, rejects, resources = unpack_unit(record)
             records.extend(finish_unit(unit, kept, self.annotator, self.settings, frames=frames, errors=errors,
-                                       skipped=skipped, resources={**resources, **self.resources}))
+                                       skipped=skipped, rejects=rejects, resources={**resources, **self.resources}))
         return records_to_table(records)

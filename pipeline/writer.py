@@ -22,6 +22,8 @@ from disco.pipeline.schema import (
     ERRORS_DIR,
     MANIFEST_FILE,
     PICTURE_COLUMNS,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
     TRIPLET_SCHEMA,
     TRIPLETS_DIR,
 )
@@ -88,12 +90,13 @@ class OutputStore:
         self.root = Path(root)
         self.triplets = self.root / TRIPLETS_DIR
         self.errors = self.root / ERRORS_DIR
+        self.rejects = self.root / REJECTS_DIR
         self.journal = self.root / JOURNAL_FILE
         self.manifest = self.root / MANIFEST_FILE
 
     def clear(self) -> None:
         """--overwrite: remove what this tool wrote, and nothing else of the user's."""
-        for d in (self.triplets, self.errors):
+        for d in (self.triplets, self.errors, self.rejects):
             if d.exists():
                 shutil.rmtree(d)
         for f in (self.journal, self.manifest):
@@ -124,7 +127,7 @@ class OutputStore:
         whole (with ``state.params``); returns what was removed."""
         named = {name for e in state.entries for name in e.get("files", [])}
         removed = []
-        for d in (self.triplets, self.errors):
+        for d in (self.triplets, self.errors, self.rejects):
             if not d.exists():
                 continue
             for path in d.iterdir():
@@ -172,9 +175,10 @@ class ShardWriter:
         self._rows = 0
         self._units: list[dict] = []
         self._errors: list[dict] = []
+        self._rejects: list[dict] = []
         self.committed: list[dict] = []
 
-    def add_unit(self, rows: pa.Table, unit: dict, errors: list[dict]) -> None:
+    def add_unit(self, rows: pa.Table, unit: dict, errors: list[dict], rejects: list[dict] | None = None) -> None:
         if self._rows and self._rows + rows.num_rows > self.shard_rows:
             self.flush()
         if rows.num_rows:
@@ -182,6 +186,7 @@ class ShardWriter:
             self._rows += rows.num_rows
         self._units.append(unit)
         self._errors.extend(errors)
+        self._rejects.extend(rejects or ())
         if self._rows >= self.shard_rows:
             self.flush()
 
@@ -200,6 +205,13 @@ class ShardWriter:
             size = _write_parquet_atomic(table, self.store.errors / name, self.row_group_rows)
             files.append(f"{ERRORS_DIR}/{name}")
             shards.append({"path": f"{ERRORS_DIR}/{name}", "rows": table.num_rows, "bytes": size})
+        if self._rejects:
+            self.store.rejects.mkdir(exist_ok=True)
+            table = pa.Table.from_pylist(self._rejects, schema=REJECT_SCHEMA)
+            size = _write_parquet_atomic(table, self.store.rejects / name, self.row_group_rows)
+            files.append(f"{REJECTS_DIR}/{name}")
+            shards.append({"path": f"{REJECTS_DIR}/{name}", "rows": table.num_rows, "bytes": size})
+            _fsync_dir(self.store.rejects)
         if files:
             _fsync_dir(self.store.triplets)
             _fsync_dir(self.store.errors)
@@ -210,5 +222,5 @@ class ShardWriter:
         self.store.append(entry)
         self.committed.append(entry)
         self.shard_index += 1
-        self._tables, self._rows, self._units, self._errors = [], 0, [], []
+        self._tables, self._rows, self._units, self._errors, self._rejects = [], 0, [], [], []
         return entry

@@ -1,0 +1,76 @@
+"""How cheap listing a data set is: the manifest-driven listing against a bare ``os.walk`` that
+only counts the files of the same tree (the least any lister must do), in one process.
+
+Builds a TikTok-shaped tree of empty files (N sequences x F frames in images/, masks/ and
+densepose/) and a COCO-shaped folder of empty .jpg files, then times both. Nothing is decoded:
+the files are empty, and a lister that opened them would fail.
+
+    python benchmarks/list_sources.py [--sequences 340] [--frames 300] [--images 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.datasets import list_source
+
+
+def build_tiktok(root: Path, sequences: int, frames: int) -> int:
+    count = 0
+    for s in range(1, sequences + 1):
+        for sub in ("images", "masks", "densepose"):
+            folder = root / f"{s:05d}" / sub
+            folder.mkdir(parents=True)
+            for k in range(frames):
+                (folder / f"{k:04d}.png").touch()
+                count += 1
+    return count
+
+
+def build_coco(root: Path, images: int) -> int:
+    folder = root / "train2017"
+    folder.mkdir(parents=True)
+    for i in range(images):
+        (folder / f"{i:012d}.jpg").touch()
+    return images
+
+
+def walk_count(root: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(root))
+
+
+def timed(fn, repeats: int = 3) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequences", type=int, default=340)
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--images", type=int, default=100_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for source, build, size in (("tiktok", build_tiktok, (args.sequences, args.frames)),
+                                    ("coco", build_coco, (args.images,))):
+            root = Path(tmp) / source
+            files = build(root, *size)
+            cfg = PreprocessConfig(source=source, input=root, output=Path(tmp) / "out").validate()
+            walk_s, _ = timed(lambda: walk_count(root))
+            list_s, listing = timed(lambda: list_source(cfg, log=lambda *_: None))
+            print(f"{source:7s} {files:>8d} files on disk, {len(listing.items):>7d} inputs listed: "
+                  f"os.walk {walk_s:.3f} s, listing {list_s:.3f} s, ratio listing/os.walk {list_s / walk_s:.2f}x "
+                  f"({files / list_s:,.0f} files/s)")
+
+
+if __name__ == "__main__":
+    main()

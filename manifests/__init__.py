@@ -1,0 +1,1 @@
+"""Built-in dataset manifests (YAML); read with ``disco.pipeline.manifest_yaml``."""

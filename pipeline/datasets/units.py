@@ -1,0 +1,88 @@
+"""Units of work for the data set kinds: a stretch of a frame folder, or a range of a tar shard's
+samples. Planned on the driver from cheap metadata; decoded inside the annotator actor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from disco.pipeline.datasets import webdataset
+from disco.pipeline.decode import decode_image_bytes, load_image, resample_indices
+from disco.pipeline.errors import InputError
+from disco.pipeline.schema import sample_id
+
+KINDS = ("frames", "tar")
+
+
+def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
+    step = settings["segment_frames"]
+    try:
+        if base["kind"] == "frames":
+            extra = json.loads(base["extra"])
+            names = extra["frames"]
+            # Frame k of the output is the folder's frame nearest to k / fps (like a video).
+            indices = resample_indices(len(names), float(extra["fps"]), settings["fps"])
+            chunks = [indices[k:k + step] for k in range(0, len(indices), step)]
+            payloads = [{"frames": [names[i] for i in chunk], "fps": extra["fps"]} for chunk in chunks]
+        else:
+            total = webdataset.count_entries(base["abs_path"])
+            chunks = [list(range(k, min(total, k + step))) for k in range(0, total, step)]
+            payloads = [{"start": c[0], "stop": c[-1] + 1} for c in chunks]
+    except InputError as exc:
+        return [{**base, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}]
+    if not chunks:
+        error = (("no_frames", "the folder holds no frames") if base["kind"] == "frames"
+                 else ("empty_shard", "the shard holds no samples"))
+        return [{**base, "error_type": error[0], "error_message": error[1], "error_stage": "list"}]
+    return [
+        {**base, "unit_index": k, "unit_count": len(chunks), "src_indices": chunks[k], "frame_start": k * step,
+         "extra": json.dumps(payloads[k])}
+        for k in range(len(chunks))
+        if k not in skip
+    ]
+
+
+def _load_frame(path: Path, sizes):
+    try:
+        return load_image(path, *sizes)
+    except FileNotFoundError as exc:  # the folder changed since it was listed
+        raise InputError("decode", "missing_file", str(exc)) from None
+
+
+def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tuple]:
+    """Frames of the unit as ``(frame_index, timestamp, frame, row_unit)``; a frame that fails
+    becomes an error row (through ``make_error``) and the others go on."""
+    sizes = (settings["max_side"], settings["min_side"], settings["max_pixels"])
+    extra = json.loads(unit["extra"])
+    out = []
+    if unit["kind"] == "frames":
+        folder = Path(unit["abs_path"])
+        fps = float(extra["fps"])
+        for offset, (src, name) in enumerate(zip(unit["src_indices"], extra["frames"])):
+            index = int(unit["frame_start"]) + offset
+            try:
+                frame = _load_frame(folder / name, sizes)
+            except InputError as exc:
+                sid = sample_id(unit["source"], unit["clip_id"], index)
+                errors.append(make_error(exc.stage, exc.error_type, f"{name}: {exc.message}", unit["input_path"], sid))
+                continue
+            out.append((index, src / fps, frame, unit))
+        return out
+    for entry, name, data in webdataset.read_entries(unit["abs_path"], extra["start"], extra["stop"]):
+        if entry.problem:
+            errors.append(make_error("list", "unsafe_member", entry.problem, unit["input_path"]))
+            continue
+        row_unit = {**unit, "clip_id": f"{unit['clip_id']}/{entry.key}"}
+        sid = sample_id(unit["source"], row_unit["clip_id"], 0)
+        if name is None:
+            members = ", ".join(m.name for m in entry.members)
+            errors.append(make_error("decode", "missing_image", f"sample {entry.key!r} holds no image ({members})",
+                                     unit["input_path"], sid))
+            continue
+        try:
+            frame = decode_image_bytes(data, name, *sizes)
+        except InputError as exc:
+            errors.append(make_error(exc.stage, exc.error_type, f"{name}: {exc.message}", unit["input_path"], sid))
+            continue
+        out.append((0, None, frame, row_unit))
+    return out

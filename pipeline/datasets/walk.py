@@ -1,0 +1,84 @@
+"""Finding a layout's files: a pattern is walked one path part at a time with ``os.scandir``, so
+folders that cannot match (TikTok's ``masks/``, SHHQ's ``segments/``) are never entered and
+nothing is opened or decoded to list hundreds of thousands of files."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Match:
+    rel: str  # POSIX path relative to the root
+    clip: str | None  # what {clip} matched
+
+
+@lru_cache(maxsize=256)
+def _part_regex(part: str) -> re.Pattern:
+    out = []
+    i = 0
+    while i < len(part):
+        if part.startswith("{clip}", i):
+            out.append("(?P<clip>[^/]+)")
+            i += len("{clip}")
+            continue
+        ch = part[i]
+        out.append("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _is_literal(part: str) -> bool:
+    return not any(c in part for c in "*?{")
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+
+
+def iter_matches(root: str, pattern: str):
+    """Yield a ``Match`` for every file under ``root`` that ``pattern`` describes, in sorted order."""
+    parts = pattern.split("/")
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(folder: str, index: int, rel: tuple[str, ...], clip: str | None):
+        part = parts[index]
+        last = index == len(parts) - 1
+        if part == "**":
+            # Zero folders, then one more folder at a time (a symlinked loop is entered once).
+            yield from walk(folder, index + 1, rel, clip)
+            for entry in _entries(folder):
+                if entry.is_dir():
+                    st = entry.stat()
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen_dirs:
+                        continue
+                    seen_dirs.add(key)
+                    yield from walk(entry.path, index, rel + (entry.name,), clip)
+            return
+        if _is_literal(part):
+            path = os.path.join(folder, part)
+            candidates = [(part, path, None, clip)] if os.path.lexists(path) else []
+        else:
+            regex = _part_regex(part)
+            candidates = []
+            for entry in _entries(folder):
+                m = regex.match(entry.name)
+                if m:
+                    candidates.append((entry.name, entry.path, entry, m.groupdict().get("clip") or clip))
+        for name, path, entry, found in candidates:
+            # DirEntry answers from the directory listing itself: no stat per file.
+            if last:
+                if entry.is_file() if entry is not None else os.path.isfile(path):
+                    yield Match("/".join(rel + (name,)), found)
+            elif entry.is_dir() if entry is not None else os.path.isdir(path):
+                yield from walk(path, index + 1, rel + (name,), found)
+
+    yield from walk(root, 0, (), None)

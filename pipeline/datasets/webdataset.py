@@ -1,0 +1,106 @@
+"""WebDataset ``.tar`` shards, read in place: headers are scanned and members read into memory one
+at a time; nothing is ever extracted to disk. A member whose name could escape the shard (an
+absolute path, ``..``) or that is not a regular file (links, devices, FIFOs) is refused."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from disco.pipeline.errors import InputError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Entry:
+    """One sample (members sharing a key) or one refused member, in shard order."""
+
+    key: str
+    members: list[tarfile.TarInfo]
+    problem: str | None = None  # set for a refused member
+
+
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    if member.issym() or member.islnk():
+        return f"member {name!r} is a link (to {member.linkname!r}); links are refused"
+    if member.isdev() or member.isfifo():
+        return f"member {name!r} is a device or FIFO; only regular files are read"
+    path = PurePosixPath(name)
+    if name.startswith(("/", "\\")) or path.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return f"member {name!r} has an absolute path; it could escape the shard"
+    if ".." in path.parts or ".." in name.replace("\\", "/").split("/"):
+        return f"member {name!r} has a '..' part; it could escape the shard"
+    if not member.isfile():
+        return f"member {name!r} is not a regular file"
+    return None
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _open(path: str) -> tarfile.TarFile:
+    try:
+        # "r:" reads an uncompressed tar by seeking from header to header: a unit in the middle of
+        # a shard skips the members before it without reading them.
+        return tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as exc:
+        raise InputError("decode", "corrupt_tar", f"not a readable uncompressed tar shard: {exc}") from None
+
+
+def iter_entries(tar: tarfile.TarFile):
+    """Group consecutive members by key; refused members come out as entries of their own."""
+    current: Entry | None = None
+    try:
+        for member in tar:
+            if member.isdir():
+                continue
+            problem = member_problem(member)
+            if problem:
+                if current is not None:
+                    yield current
+                    current = None
+                yield Entry(key=member.name, members=[member], problem=problem)
+                continue
+            key, _ = split_key(member.name)
+            if current is not None and current.key == key:
+                current.members.append(member)
+                continue
+            if current is not None:
+                yield current
+            current = Entry(key=key, members=[member])
+    except tarfile.TarError as exc:
+        raise InputError("decode", "corrupt_tar", f"the shard is cut short or damaged: {exc}") from None
+    if current is not None:
+        yield current
+
+
+def count_entries(path: str) -> int:
+    with _open(path) as tar:
+        return sum(1 for _ in iter_entries(tar))
+
+
+def read_entries(path: str, start: int, stop: int):
+    """Yield ``(entry, image_name, image_bytes)`` for entries ``start <= i < stop``; image_name is
+    None for a refused member or a sample without an image."""
+    with _open(path) as tar:
+        for i, entry in enumerate(iter_entries(tar)):
+            if i < start:
+                continue
+            if i >= stop:
+                break
+            if entry.problem:
+                yield entry, None, None
+                continue
+            image = next((m for m in entry.members if split_key(m.name)[1] in IMAGE_EXTENSIONS), None)
+            if image is None:
+                yield entry, None, None
+                continue
+            handle = tar.extractfile(image)
+            yield entry, image.name, handle.read() if handle is not None else b""

@@ -1,0 +1,147 @@
+"""The human filter behind ``disco-cli filter-humans``: which frames hold a usable person, why the
+others were turned away, and filtering an existing triplets folder by its stored scores."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from disco.pipeline.annotators import mask_area
+from disco.pipeline.config import ConfigError
+from disco.pipeline.schema import MANIFEST_FILE, REJECT_SCHEMA, TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
+
+
+def classify(score: float, count: int, area: float, min_score: float, min_area: float,
+             max_persons: int | None) -> str | None:
+    """The reason a picture is turned away, or None to keep it. One rule for both modes: on the
+    models' output, and on the columns stored in an existing triplets folder."""
+    if count <= 0 or score < min_score:
+        return "no_person"
+    if area < min_area:
+        return "too_small"
+    if max_persons is not None and count > max_persons:
+        return "too_many_people"
+    return None
+
+
+def reject_reason(annotation, settings: dict) -> str | None:
+    """In the pipeline's actors. ``preprocess`` only drops frames without a person; ``filter-humans``
+    (``classify_rejects``) says which threshold each rejected frame failed."""
+    if not settings.get("classify_rejects"):
+        return None if annotation.present else "no_person"
+    matte = annotation.matte
+    return classify(matte.score, matte.count, mask_area(matte.alpha), settings["min_visibility"],
+                    settings["min_mask_area"], settings.get("max_persons"))
+
+
+def reject_record(unit: dict, frame_index: int, timestamp: float | None, frame: np.ndarray, annotation,
+                  reason: str) -> dict:
+    height, width = frame.shape[:2]
+    matte = annotation.matte
+    return {
+        "sample_id": sample_id(unit["source"], unit["clip_id"], frame_index), "source": unit["source"],
+        "clip_id": unit["clip_id"], "frame_index": frame_index, "timestamp_s": timestamp,
+        "split": unit["split"], "input_path": unit["input_path"], "width": width, "height": height,
+        "reason": reason, "person_score": float(matte.score), "person_count": int(matte.count),
+        "mask_area": mask_area(matte.alpha),
+    }
+
+
+def is_triplets_dir(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST_FILE).is_file() and (path / TRIPLETS_DIR).is_dir()
+
+
+def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area: float,
+                    max_persons: int | None, keep_rejects: bool, overwrite: bool = False,
+                    shard_rows: int = 1024, row_group_rows: int = 64, log=print):
+    """Filter an existing triplets folder by its stored ``person_score``, ``mask_area`` and
+    ``person_count``, without running a model. Kept rows are copied unchanged; each input shard is
+    one unit of work, so an interrupted run resumes."""
+    from disco.pipeline.manifest import build_manifest, read_manifest, write_manifest
+    from disco.pipeline.run import RunResult
+    from disco.pipeline.writer import OutputStore, ShardWriter
+
+    input_dir, output = Path(input_dir), Path(output)
+    if input_dir.resolve() == output.resolve():
+        raise ConfigError("--output must differ from --input: the filtered set is written beside the original")
+    source_manifest = read_manifest(input_dir / MANIFEST_FILE)
+    store = OutputStore(output)
+    if overwrite:
+        store.clear()
+    store.prepare()
+    state = store.read_journal()
+    params = {"mode": "triplets", "input": str(input_dir.resolve()), "min_score": min_score,
+              "min_area": min_area, "max_persons": max_persons, "keep_rejects": keep_rejects}
+    if state.params is not None and state.params != params:
+        changed = sorted(k for k in set(params) | set(state.params) if params.get(k) != state.params.get(k))
+        raise ConfigError(f"{output} was written with different options ({', '.join(changed)}); "
+                          "re-run with the same options to resume, or pass --overwrite to start fresh")
+    state.params = params
+    store.recover(state)
+    shards = sorted((input_dir / TRIPLETS_DIR).glob("*.parquet"))
+    listed = [p.relative_to(input_dir).as_posix() for p in shards]
+    done = state.complete_inputs()
+    writer = ShardWriter(store, store.next_shard_index(state), shard_rows, row_group_rows)
+    started, frames = time.time(), 0
+    try:
+        for path, rel in zip(shards, listed):
+            if rel in done:
+                continue
+            table = pq.read_table(path, schema=TRIPLET_SCHEMA)
+            reasons = [
+                classify(s, c, a, min_score, min_area, max_persons)
+                for s, c, a in zip(table.column("person_score").to_pylist(), table.column("person_count").to_pylist(),
+                                   table.column("mask_area").to_pylist())
+            ]
+            keep = pa.array([r is None for r in reasons])
+            kept = table.filter(keep)
+            rejects = []
+            if keep_rejects:
+                meta = table.select([n for n in REJECT_SCHEMA.names if n != "reason"]).to_pylist()
+                rejects = [{**m, "reason": r} for m, r in zip(meta, reasons) if r is not None]
+            skipped = Counter(r for r in reasons if r is not None)
+            unit = {"input_path": rel, "unit_index": 0, "unit_count": 1, "frames": table.num_rows,
+                    "rows": kept.num_rows, "skipped": dict(skipped), "errors": 0}
+            writer.add_unit(kept, unit, [], rejects)
+            frames += table.num_rows
+    finally:
+        writer.flush()
+    wall = time.time() - started
+    config = {"mode": "triplets", **params, "output": str(output),
+              "image_format": source_manifest.get("encoding", {}).get("image", "jpeg")}
+    backends = {"matting": {"name": None}, "pose": {"name": None},
+                "reason": "filtered by the stored person_score, mask_area and person_count; no model ran",
+                "source_backends": source_manifest.get("backends")}
+    run = {"wall_time_s": round(wall, 3), "frames_processed": frames,
+           "frames_per_s": round(frames / wall, 3) if wall > 0 else None, "inputs_processed": len(listed) - len(done),
+           "actors": 0, "cpus_per_actor": 0, "ray_address": None, "interrupted": False}
+    final = store.read_journal()
+    manifest = build_manifest(config=config, backends=backends, state=final, listed=listed, ignored=0, run=run)
+    manifest.update(filter_section(final, min_score, min_area, max_persons))
+    manifest["filtered_from"] = {"path": str(input_dir.resolve()), "command": source_manifest.get("command"),
+                                 "dataset": source_manifest.get("dataset")}
+    write_manifest(store.manifest, manifest)
+    log(f"kept {manifest['counts']['rows_written']} of {frames} rows; rejected: "
+        + (", ".join(f"{k} {v}" for k, v in manifest["counts"]["rows_skipped"].items()) or "none"))
+    code = 0 if manifest["counts"]["rows_written"] or listed else 1
+    return RunResult(manifest=manifest, exit_code=code)
+
+
+def filter_section(state, min_score: float, min_area: float, max_persons: int | None) -> dict:
+    """What the manifest of a filtered set adds: the thresholds and the rejects table's shards."""
+    shards = [s for e in state.entries for s in e.get("shards", []) if s["path"].startswith("rejects/")]
+    return {"filter": {"min_score": min_score, "min_area": min_area, "max_persons": max_persons},
+            "reject_shards": shards}
+
+
+def filter_settings(cfg) -> dict:
+    """The settings the actors need for filter-humans (empty for a plain preprocess)."""
+    if not getattr(cfg, "human_filter", False):
+        return {}
+    return {"classify_rejects": True, "max_persons": cfg.max_persons, "keep_rejects": cfg.keep_rejects}

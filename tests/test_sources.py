@@ -1,0 +1,206 @@
+"""Data set manifests and listing, without Ray or models: layouts, clip ids, splits, tar safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import layouts
+from disco.pipeline.config import ConfigError, PreprocessConfig
+from disco.pipeline.datasets import list_source, webdataset
+from disco.pipeline.manifest_yaml import builtin_manifest, builtin_names, load_manifest, parse_manifest
+
+SOURCES = ["coco", "deepfashion2", "laion", "shhq", "tiktok"]
+
+
+def _list(source: str, root: Path, **options):
+    cfg = PreprocessConfig(source=source, input=root, output=root.parent / "out", **options).validate()
+    return list_source(cfg, log=lambda *_: None)
+
+
+def test_every_source_has_a_packaged_manifest_with_provenance_and_a_split_rule():
+    assert builtin_names() == SOURCES
+    for name in SOURCES:
+        manifest = builtin_manifest(name)
+        assert manifest.name == name
+        assert manifest.provenance.homepage.startswith("https://")
+        assert len(manifest.splits.rule) > 20 and manifest.layouts
+
+
+def test_tiktok_held_out_list_is_what_its_written_rule_gives():
+    manifest = builtin_manifest("tiktok")
+    names = [f"{i:05d}" for i in range(1, 341)]
+    ranked = sorted(names, key=lambda n: hashlib.sha256(f"disco-tiktok-heldout:{n}".encode()).hexdigest())
+    assert sorted(manifest.splits.test) == sorted(ranked[:34])
+    assert "sha256" in manifest.splits.rule and "34" in manifest.splits.rule
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("name: x\n", "layouts: Field required"),
+        ("[1, 2]", "must be a YAML mapping"),
+        ("name: x\n  bad: [", "not valid YAML"),
+        ("name: Bad Name\ndescription: d\nprovenance: {homepage: h}\nsplits: {rule: r}\n"
+         "layouts: [{name: a, kind: images, pattern: '{clip}.jpg'}]\n", "name: Value error"),
+        ("name: x\ndescription: d\nprovenance: {homepage: h}\nsplits: {rule: r}\n"
+         "layouts: [{name: a, kind: pictures, pattern: '{clip}.jpg'}]\n", "layouts.0.kind"),
+        ("name: x\ndescription: d\nprovenance: {homepage: h}\nsplits: {rule: r}\n"
+         "layouts: [{name: a, kind: images, pattern: '../{clip}.jpg'}]\n", "without '..'"),
+        ("name: x\ndescription: d\nprovenance: {homepage: h}\nsplits: {rule: r}\n"
+         "layouts: [{name: a, kind: frames, pattern: '{clip}/*.png'}]\n", "needs fps"),
+        ("name: x\ndescription: d\nprovenance: {homepage: h}\nsplits: {rule: r}\n"
+         "layouts: [{name: a, kind: images, pattern: '{clip}.jpg', colour: red}]\n", "layouts.0.colour: Extra inputs"),
+    ],
+)
+def test_a_broken_manifest_names_the_file_and_the_field(text, words):
+    with pytest.raises(ConfigError) as info:
+        parse_manifest(text, "my.yaml")
+    assert "my.yaml" in str(info.value) and words in str(info.value)
+
+
+def test_tiktok_frame_folders_and_videos_are_listed_with_the_held_out_split(tmp_path, monkeypatch):
+    root = layouts.tiktok(tmp_path / "tiktok")
+    scanned = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p: scanned.append(str(p)) or real_scandir(p))
+    listing = _list("tiktok", root)
+    got = {i.clip_id: (i.kind, i.input_path, i.split) for i in listing.items}
+    assert got == {
+        "00001": ("frames", "00001/images", "train"),
+        "00002": ("frames", "00002/images", "test"),
+        "00003": ("frames", "00003/images", "train"),
+        "00013": ("video", "videos/00013.mp4", "test"),
+    }
+    frames = json.loads(next(i for i in listing.items if i.clip_id == "00001").extra)
+    assert frames == {"frames": [f"{k:04d}.png" for k in range(6)], "fps": 30.0}
+    # masks/ and densepose/ are never even listed.
+    assert not [p for p in scanned if "masks" in p or "densepose" in p]
+    assert listing.dataset["listed_by_layout"] == {"frame-folders": 3, "videos": 1}
+    # --split overrides the manifest for every row.
+    assert {i.split for i in _list("tiktok", root, split="test", split_from_manifest=False).items} == {"test"}
+
+
+def test_coco_splits_by_folder_and_single_person_reads_the_annotations(tmp_path):
+    root = layouts.coco(tmp_path / "coco")
+    listing = _list("coco", root)
+    got = {i.clip_id: (i.split, json.loads(i.extra)["annotated_persons"]) for i in listing.items}
+    assert got == {"000000000001": ("train", 1), "000000000002": ("train", 1), "000000000003": ("train", 2),
+                   "000000000005": ("train", 0), "000000000004": ("test", 1)}
+    single = _list("coco", root, coco_single_person=True)
+    assert sorted(i.clip_id for i in single.items) == ["000000000001", "000000000002", "000000000004"]
+    assert single.filtered == {"not_single_person": 2}
+    (root / "annotations" / "person_keypoints_train2017.json").unlink()
+    with pytest.raises(ConfigError, match="needs COCO annotations"):
+        _list("coco", root, coco_single_person=True)
+
+
+def test_shhq_and_deepfashion2_layouts(tmp_path):
+    shhq = _list("shhq", layouts.shhq(tmp_path / "shhq"))
+    assert [(i.clip_id, i.input_path, i.split) for i in shhq.items] == [
+        ("000001", "no_segment/000001.png", "train"), ("000002", "no_segment/000002.png", "train")]
+    df2 = _list("deepfashion2", layouts.deepfashion2(tmp_path / "df2"))
+    got = {i.clip_id: (i.split, json.loads(i.extra)["has_annotation"]) for i in df2.items}
+    assert got == {"000001": ("train", True), "000002": ("test", False), "000003": ("test", False)}
+    assert df2.dataset["notes"] == {"missing_annotation": 2}
+    # One part passed alone (image/ and annos/ directly under --input).
+    alone = _list("deepfashion2", tmp_path / "df2" / "train")
+    assert [(i.clip_id, i.split) for i in alone.items] == [("000001", "train")]
+
+
+def test_laion_shards_are_units_and_parquet_rows_are_stills(tmp_path):
+    root = layouts.laion(tmp_path / "laion")
+    listing = _list("laion", root)
+    got = {i.input_path: (i.kind, i.clip_id, i.error_type) for i in listing.items}
+    assert got == {
+        "shards/00000.tar": ("tar", "shards/00000", None),
+        "local/a.png": ("image", "p0", None),
+        "local/b.png": ("image", "p1", None),
+        "local/gone.png": ("image", "p2", "missing_file"),
+    }
+    # A single shard passed as --input.
+    one = _list("laion", root / "shards" / "00000.tar")
+    assert [(i.input_path, i.kind) for i in one.items] == [("00000.tar", "tar")]
+
+
+def test_tar_members_that_could_escape_are_refused_and_nothing_is_extracted(tmp_path):
+    root = layouts.laion(tmp_path / "laion")
+    shard = str(root / "shards" / "00000.tar")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    entries = list(webdataset.read_entries(shard, 0, webdataset.count_entries(shard)))
+    summary = [(e.key, name, bool(e.problem), len(data or b"")) for e, name, data in entries]
+    assert [s[:3] for s in summary] == [
+        ("000000000", "000000000.jpg", False), ("../evil.jpg", None, True), ("000000001", "000000001.jpg", False),
+        ("/tmp/disco-absolute-evil.jpg", None, True), ("000000002", None, False), ("000000003.jpg", None, True)]
+    assert summary[0][3] > 1000
+    problems = [e.problem for e, _, _ in entries if e.problem]
+    assert "'..'" in problems[0] and "absolute" in problems[1] and "link" in problems[2]
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/disco-absolute-evil.jpg").exists() and not (root / "shards" / ".." / "evil.jpg").exists()
+    # A range in the middle skips the members before it.
+    middle = list(webdataset.read_entries(shard, 2, 3))
+    assert [(e.key, name) for e, name, _ in middle] == [("000000001", "000000001.jpg")]
+
+
+def test_a_custom_manifest_describes_a_new_data_set_without_code(tmp_path):
+    root = tmp_path / "mine"
+    for name, picture in (("a1", "astronaut"), ("b2", "coffee")):
+        layouts.save(root / "photos" / f"{name}.jpg", layouts.photo(picture))
+    (root / "photos" / "notes.md").write_text("x")
+    manifest = tmp_path / "mine.yaml"
+    manifest.write_text(
+        "name: mine\ndescription: my photos\nprovenance: {homepage: https://example.org}\n"
+        "layouts:\n  - {name: photos, kind: images, pattern: 'photos/{clip}.*'}\n"
+        "splits: {rule: b2 is held out, test: [b2]}\nexpected: {images: 2}\n"
+    )
+    assert load_manifest(manifest).name == "mine"
+    listing = _list("mine", root, manifest=manifest)
+    assert [(i.source, i.clip_id, i.split) for i in listing.items] == [("mine", "a1", "train"), ("mine", "b2", "test")]
+    assert listing.ignored == 1
+    with pytest.raises(ConfigError, match="unknown source 'mine'"):
+        PreprocessConfig(source="mine", input=root, output=tmp_path / "o").validate()
+
+
+def test_the_readme_example_manifest_is_valid():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("**A new data set, no code.**")[1].split("```yaml\n")[1].split("```")[0]
+    manifest = parse_manifest(block, "README.md")
+    assert [layout.kind for layout in manifest.layouts] == ["video", "images", "frames"]
+    assert manifest.split_of("take07", manifest.layouts[0]) == "test"
+
+
+def test_an_empty_shard_is_one_error_unit_and_a_shard_is_cut_into_ranges(tmp_path):
+    import tarfile
+
+    from disco.pipeline.stages import plan_units
+
+    root = layouts.laion(tmp_path / "laion")
+    with tarfile.open(root / "shards" / "00009.tar", "w"):
+        pass
+    items = {i.input_path: i for i in _list("laion", root).items}
+    settings = {"segment_frames": 4, "fps": 30.0}
+    empty = plan_units(items["shards/00009.tar"].to_dict(), settings)
+    assert [(u["error_type"], u["error_stage"]) for u in empty] == [("empty_shard", "list")]
+    # Six entries (3 samples, 3 refused members) in units of 4: [0, 4) and [4, 6); a resume skips unit 0.
+    units = plan_units(items["shards/00000.tar"].to_dict(), settings)
+    assert [(u["unit_index"], u["unit_count"], json.loads(u["extra"])) for u in units] == [
+        (0, 2, {"start": 0, "stop": 4}), (1, 2, {"start": 4, "stop": 6})]
+    resumed = plan_units(items["shards/00000.tar"].to_dict(), settings, {"shards/00000.tar": [0]})
+    assert [u["unit_index"] for u in resumed] == [1]
+
+
+def test_editing_the_manifest_changes_the_options_a_resume_must_match(tmp_path):
+    root = tmp_path / "mine"
+    layouts.save(root / "photos" / "a1.jpg", layouts.photo("astronaut"))
+    manifest = tmp_path / "mine.yaml"
+    text = ("name: mine\ndescription: d\nprovenance: {homepage: h}\n"
+            "layouts: [{name: p, kind: images, pattern: 'photos/{clip}.jpg'}]\nsplits: {rule: r, test: [%s]}\n")
+    manifest.write_text(text % "a1")
+    cfg = PreprocessConfig(source="mine", manifest=manifest, input=root, output=tmp_path / "o").validate()
+    before = cfg.output_params()
+    manifest.write_text(text % "b2")
+    assert cfg.output_params()["dataset_manifest"] != before["dataset_manifest"]

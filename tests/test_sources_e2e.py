@@ -1,0 +1,209 @@
+"""`preprocess` and `filter-humans` on miniature copies of each data set's layout, on a local
+2-CPU Ray instance: row counts, clip ids, splits, rejection reasons, tar shards kept shut."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import layouts
+from disco.cli import app
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.reader import open_errors, open_rejects, open_triplets
+from disco.pipeline.run import preprocess
+from disco.pipeline.schema import REJECT_SCHEMA, TRIPLET_SCHEMA
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _run(source: str, root: Path, out: Path, **options):
+    cfg = PreprocessConfig(source=source, input=root, output=out, pose="none", hands=False, **options)
+    return preprocess(cfg, log=lambda *_: None)
+
+
+def _rows(out: Path) -> dict:
+    table = open_triplets(out).to_table(columns=["sample_id", "clip_id", "split", "frame_index", "timestamp_s",
+                                                 "source", "input_path"])
+    return {r["sample_id"]: r for r in table.to_pylist()}
+
+
+def _errors(out: Path) -> list[tuple[str, str]]:
+    table = open_errors(out).to_table()
+    return sorted(zip(table.column("input_path").to_pylist(), table.column("error_type").to_pylist()))
+
+
+def test_tiktok_frame_folders_and_videos(tmp_path):
+    root = layouts.tiktok(tmp_path / "tiktok")
+    (root / "00001" / "images" / "0004.png").write_text("a damaged frame")
+    result = _run("tiktok", root, tmp_path / "out", fps=15, segment_frames=2)
+    assert result.exit_code == 0
+    rows = _rows(tmp_path / "out")
+    # 6 frames at 30 fps resampled to 15 fps: frames 0, 2, 4 of each sequence, at 0, 2/30, 4/30 s;
+    # 00001's third one is damaged: an error row, and the rest of the sequence goes on.
+    expected = {f"tiktok/{seq}/{k:06d}" for seq in ("00001", "00002", "00013") for k in range(3)}
+    assert set(rows) == expected - {"tiktok/00001/000002"}
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    assert [(e["sample_id"], e["error_type"], e["input_path"]) for e in errors] == [
+        ("tiktok/00001/000002", "not_an_image", "00001/images")]
+    for sid, row in rows.items():
+        assert row["split"] == ("train" if row["clip_id"] == "00001" else "test")
+        assert row["timestamp_s"] == pytest.approx(row["frame_index"] * 2 / 30, abs=1e-3)
+    assert rows["tiktok/00001/000001"]["input_path"] == "00001/images"
+    counts = result.manifest["counts"]
+    assert counts["inputs"] == 4 and counts["rows_skipped"] == {"no_person": 1}  # coffee's 2 frames -> 1
+    assert result.manifest["dataset"]["name"] == "tiktok" and result.manifest["dataset"]["test_clips"] == 34
+    # A second run resumes with nothing left to do.
+    again = _run("tiktok", root, tmp_path / "out", fps=15, segment_frames=2)
+    assert again.manifest["run"]["inputs_processed"] == 0 and len(_rows(tmp_path / "out")) == 8
+
+
+@pytest.fixture(scope="module")
+def coco_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coco")
+    root = layouts.coco(tmp / "coco")
+    return root, tmp / "out", _run("coco", root, tmp / "out")
+
+
+def test_coco_rows_clip_ids_and_splits(coco_run):
+    _, out, result = coco_run
+    assert result.exit_code == 0
+    rows = _rows(out)
+    assert {sid: (r["clip_id"], r["split"], r["input_path"]) for sid, r in rows.items()} == {
+        "coco/000000000001/000000": ("000000000001", "train", "train2017/000000000001.jpg"),
+        "coco/000000000003/000000": ("000000000003", "train", "train2017/000000000003.jpg"),
+        "coco/000000000004/000000": ("000000000004", "test", "val2017/000000000004.jpg"),
+    }
+    assert result.manifest["counts"]["rows_skipped"] == {"no_person": 2}
+
+
+def test_filter_humans_with_coco_single_person_counts_every_rejection(coco_run, tmp_path):
+    root, _, _ = coco_run
+    runner = CliRunner()
+    out = tmp_path / "hap"
+    result = runner.invoke(app, ["filter-humans", "--source", "coco", "--input", str(root), "--output", str(out),
+                                 "--coco-single-person", "--keep-rejects", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    # Listing keeps the three one-person images (coffee's annotation is wrong); matting turns coffee away.
+    assert manifest["filtered_at_listing"] == {"not_single_person": 2}
+    assert manifest["counts"]["rows_skipped"] == {"no_person": 1}
+    assert sorted(_rows(out)) == ["coco/000000000001/000000", "coco/000000000004/000000"]
+    rejects = open_rejects(out).to_table()
+    assert rejects.schema.equals(REJECT_SCHEMA)
+    assert rejects.column("sample_id").to_pylist() == ["coco/000000000002/000000"]
+    assert rejects.column("reason").to_pylist() == ["no_person"]
+    assert manifest["reject_shards"][0]["rows"] == 1
+    assert manifest["filter"] == {"min_score": 0.5, "min_area": 0.05, "max_persons": None}
+    # Pose only with --with-pose.
+    assert open_triplets(out).to_table(columns=["pose"]).column("pose").null_count == 2
+
+
+def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, monkeypatch):
+    _, source_out, _ = coco_run
+    # Give the three stored rows known scores: kept, a crowd, a small person.
+    copy = tmp_path / "triplets-in"
+    shutil.copytree(source_out, copy)
+    shard = next((copy / "triplets").glob("*.parquet"))
+    table = pq.read_table(shard).sort_by("sample_id")
+    for name, values, kind in (("person_count", [1, 4, 1], pa.int32()), ("mask_area", [0.3, 0.9, 0.1], pa.float32())):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
+    pq.write_table(table, shard)
+    ids = table.column("sample_id").to_pylist()
+    import disco.pipeline.annotators as annotators
+
+    monkeypatch.setattr(annotators, "FrameAnnotator", None)  # nothing may build a model
+    out = tmp_path / "filtered"
+    command = ["filter-humans", "--input", str(copy), "--output", str(out), "--min-area", "0.2",
+               "--max-persons", "2", "--keep-rejects"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["rows_skipped"] == {"too_many_people": 1, "too_small": 1}
+    assert manifest["backends"]["matting"]["name"] is None
+    kept = open_triplets(out).to_table()
+    assert kept.schema.equals(TRIPLET_SCHEMA) and kept.column("sample_id").to_pylist() == [ids[0]]
+    assert kept.column("image").equals(table.slice(0, 1).column("image"))  # copied, not re-encoded
+    rejects = open_rejects(out).to_table().sort_by("sample_id").to_pylist()
+    assert [(r["sample_id"], r["reason"], r["person_count"]) for r in rejects] == [
+        (ids[1], "too_many_people", 4), (ids[2], "too_small", 1)]
+    assert [r["mask_area"] for r in rejects] == pytest.approx([0.9, 0.1])
+    # Same options resume without duplicating; different ones are refused with one line.
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0 and open_triplets(out).count_rows() == 1
+    refused = CliRunner().invoke(app, ["filter-humans", "--input", str(copy), "--output", str(out)])
+    assert refused.exit_code == 2 and "different options" in refused.output
+
+
+def test_shhq_and_deepfashion2(tmp_path):
+    shhq = _run("shhq", layouts.shhq(tmp_path / "shhq"), tmp_path / "shhq-out")
+    assert {s: (r["clip_id"], r["split"]) for s, r in _rows(tmp_path / "shhq-out").items()} == {
+        "shhq/000001/000000": ("000001", "train")}
+    assert shhq.manifest["counts"]["rows_skipped"] == {"no_person": 1} and shhq.manifest["counts"]["inputs"] == 2
+    # filter-humans on the same layout, with the pose this time.
+    hap = CliRunner().invoke(app, ["filter-humans", "--source", "shhq", "--input", str(tmp_path / "shhq"),
+                                   "--output", str(tmp_path / "shhq-hap"), "--with-pose", "--no-progress"])
+    assert hap.exit_code == 0, hap.output
+    kept = open_triplets(tmp_path / "shhq-hap").to_table(columns=["sample_id", "pose", "body_keypoints"])
+    assert kept.column("sample_id").to_pylist() == ["shhq/000001/000000"]
+    assert kept.column("pose").null_count == 0 and max(kept.column("body_keypoints")[0].as_py()) > 0
+    hap_manifest = json.loads((tmp_path / "shhq-hap" / "manifest.json").read_text())
+    assert hap_manifest["counts"]["rows_skipped"] == {"no_person": 1} and not (tmp_path / "shhq-hap" / "rejects").exists()
+    df2 = _run("deepfashion2", layouts.deepfashion2(tmp_path / "df2"), tmp_path / "df2-out")
+    assert {s: (r["clip_id"], r["split"]) for s, r in _rows(tmp_path / "df2-out").items()} == {
+        "deepfashion2/000001/000000": ("000001", "train"), "deepfashion2/000002/000000": ("000002", "test")}
+    assert df2.manifest["counts"]["rows_skipped"] == {"no_person": 1}
+    assert df2.manifest["dataset"]["notes"] == {"missing_annotation": 2}
+
+
+def test_laion_shards_are_streamed_and_no_member_escapes(tmp_path):
+    root = layouts.laion(tmp_path / "laion")
+    (root / "shards" / "00001.tar").write_bytes(b"not a tar" * 100)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    out = tmp_path / "out"
+    result = _run("laion", root, out, segment_frames=2)
+    assert result.exit_code == 0
+    rows = _rows(out)
+    assert {s: (r["clip_id"], r["input_path"]) for s, r in rows.items()} == {
+        "laion/shards/00000/000000000/000000": ("shards/00000/000000000", "shards/00000.tar"),
+        "laion/p0/000000": ("p0", "local/a.png"),
+    }
+    assert _errors(out) == [("local/gone.png", "missing_file")] + [("shards/00000.tar", t) for t in (
+        "missing_image", "unsafe_member", "unsafe_member", "unsafe_member")] + [("shards/00001.tar", "corrupt_tar")]
+    messages = open_errors(out).to_table().column("message").to_pylist()
+    assert any("../evil.jpg" in m for m in messages) and any("/etc/passwd" in m for m in messages)
+    assert result.manifest["counts"]["rows_skipped"] == {"no_person": 2}  # coffee in the shard, rocket on disk
+    # Nothing was written anywhere but the output folder.
+    after = sorted(str(p) for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    assert after == before
+    assert not Path("/tmp/disco-absolute-evil.jpg").exists() and not (root / "evil.jpg").exists()
+    assert not (root / "shards" / "000000000.jpg").exists()
+
+
+def test_a_new_data_set_from_a_manifest_alone(tmp_path):
+    root = tmp_path / "mine"
+    for name, picture in (("a1", "astronaut"), ("b2", "hopper"), ("c3", "rocket")):
+        layouts.save(root / "photos" / f"{name}.jpg", layouts.photo(picture))
+    manifest = tmp_path / "mine.yaml"
+    manifest.write_text(
+        "name: mine\ndescription: my photos\nprovenance: {homepage: https://example.org}\n"
+        "layouts:\n  - {name: photos, kind: images, pattern: 'photos/{clip}.jpg'}\n"
+        "splits: {rule: b2 is held out, test: [b2]}\n"
+    )
+    result = CliRunner().invoke(app, ["preprocess", "--manifest", str(manifest), "--input", str(root),
+                                      "--output", str(tmp_path / "out"), "--pose", "none", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "out")
+    assert {s: (r["source"], r["split"]) for s, r in rows.items()} == {
+        "mine/a1/000000": ("mine", "train"), "mine/b2/000000": ("mine", "test")}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: mine\nlayouts: []\n")
+    refused = CliRunner().invoke(app, ["preprocess", "--manifest", str(bad), "--input", str(root),
+                                       "--output", str(tmp_path / "o2")])
+    assert refused.exit_code == 2 and "bad.yaml" in refused.output and "Traceback" not in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
