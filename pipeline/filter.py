@@ -120,7 +120,7 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
                 "source_backends": source_manifest.get("backends")}
     run = {"wall_time_s": round(wall, 3), "frames_processed": frames,
            "frames_per_s": round(frames / wall, 3) if wall > 0 else None, "inputs_processed": len(listed) - len(done),
-           "actors": 0, "cpus_per_actor": 0, "ray_address": None, "interrupted": False}
+           "pools": [], "ray_address": None, "interrupted": False}
     final = store.read_journal()
     manifest = build_manifest(config=config, backends=backends, state=final, listed=listed, ignored=0, run=run)
     manifest.update(filter_section(final, min_score, min_area, max_persons))
