@@ -114,14 +114,20 @@ def lpips_vgg(vgg16_path: Path | None) -> nn.Module:
     """LPIPS (VGG) from torchmetrics with its packaged linear layers; the VGG-16 trunk from
     ``vgg16_path`` (torchvision's ImageNet file), or random when None (tests)."""
     from torchmetrics.functional.image.lpips import _NoTrainLpips
-    from torchvision.models import vgg16
 
     metric = _NoTrainLpips(pretrained=True, net="vgg", pnet_rand=True)  # random trunk: no download
     if vgg16_path is not None:
-        trunk = _load_into(vgg16(weights=None), vgg16_path).features
-        for block in (metric.net.slice1, metric.net.slice2, metric.net.slice3, metric.net.slice4, metric.net.slice5):
-            for name, layer in block.named_children():
-                layer.load_state_dict(trunk[int(name)].state_dict())
+        # torchvision's file: the trunk is ``features.N.*``; the classifier is not needed.
+        state = {k[len("features."):]: v for k, v in load_state_dict(vgg16_path).items() if k.startswith("features.")}
+        blocks = (metric.net.slice1, metric.net.slice2, metric.net.slice3, metric.net.slice4, metric.net.slice5)
+        try:
+            for block in blocks:
+                for name, layer in block.named_children():
+                    own = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == name}
+                    if own or any(True for _ in layer.parameters()):
+                        layer.load_state_dict(own)
+        except RuntimeError as exc:
+            raise WeightsError(f"{vgg16_path} does not fit VGG-16: {str(exc).splitlines()[0]}") from None
     return metric.eval()
 
 
