@@ -94,7 +94,7 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
     if root.is_file():
         if root.suffix.lower() not in VIDEO_SUFFIXES:
             raise EvaluateInputError(f"{root} is neither a video nor a folder")
-        return {root.stem: root}
+        return {".": root}  # a single video pairs with the other side's single video, whatever their names
     images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if images:
         return {".": images}

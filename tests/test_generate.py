@@ -89,6 +89,21 @@ def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeli
     assert np.abs(a.astype(int) - d.astype(int)).max() <= 1  # same noise per frame whatever the batch
 
 
+def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch):
+    import contextlib
+
+    import disco.generate.pipeline as module
+
+    reference, background = conditions_from_reference(pipeline, data.astronaut(), SIZE)
+    side = pose_size(pipeline.model, SIZE)
+    poses = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    embedding = pipeline.model.pose_controlnet.controlnet_cond_embedding
+    cached = pipeline(reference, background, poses, num_inference_steps=3, seed=1)
+    assert pipeline.model.pose_controlnet.controlnet_cond_embedding is embedding  # restored
+    monkeypatch.setattr(module, "pose_embedding_cache", lambda model: contextlib.nullcontext())
+    assert np.array_equal(pipeline(reference, background, poses, num_inference_steps=3, seed=1), cached)
+
+
 def test_guidance_uses_the_unconditional_reference(pipeline):
     """Scale 1 is the conditional prediction alone; another scale moves the result."""
     reference, background = conditions_from_reference(pipeline, data.astronaut(), SIZE)
