@@ -303,13 +303,15 @@ def evaluate(
         _usage_error(str(exc))
     except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
         _usage_error(str(exc))
-    table = Table(title=f"scores ({report['counts']['frames']} frames, {report['counts']['clips']} 16-frame clips)")
+    counts = report["counts"]
+    table = Table(title="scores")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():
         table.add_row(name.upper(), f"{value:.3e}" if name == "l1" else f"{value:.4f}")
     Console().print(table)
-    console.print(f"report: {output.resolve()}")
+    console.print(f"{counts['sequences']} sequences, {counts['frames']} frames, {counts['clips']} clips of 16 frames; "
+                  f"report: {output.resolve()}")
 
 
 @app.command()

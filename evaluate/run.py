@@ -175,7 +175,7 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
             for metric in videos.values():
                 metric.update(M.clips(pred_frames, chunk), real=False)
                 metric.update(M.clips(gt_frames, chunk), real=True)
-        log(f"scored {name}: {len(gt_frames)} frames, {len(windows)} clips")
+        log(f"scored {name if name != '.' else pred.name}: {len(gt_frames)} frames, {len(windows)} clips")
     results = {m: float(np.mean(v)) for m, v in pair_values.items()}
     if lpips is not None:
         results["lpips"] = lpips.compute()
@@ -239,7 +239,9 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         generated = generate_split(config, work, log)
         pred, gt = work / "pred", work / "gt"
     report = score(pred, gt, config.metrics, networks, config.batch_size, log)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k != "networks"}
+    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "device")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
+                if k != "networks" and (config.run is not None or k not in generation)}
     settings["networks"] = describe_networks(config)
     settings["conventions"] = {
         "pairs": "per (pred, gt) frame, averaged; pred resized to gt size if they differ",
