@@ -281,10 +281,9 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     frames go to ``work/pred/CLIP/``, the real frames, squared to the same size, to ``work/gt/CLIP/``."""
     import pyarrow.compute as pc
 
-    from disco.generate.checkpoint import load_checkpoint
-    from disco.generate.conditions import background_pixels, check_size, default_size, pose_pixels, pose_size, reference_pixels, square
+    from disco.generate.conditions import background_pixels, pose_pixels, reference_pixels, square
     from disco.generate.inputs import read_clip
-    from disco.generate.pipeline import DisCoPipeline
+    from disco.generate.run import open_pipeline
     from disco.generate.video import write_frames
     from disco.pipeline.encode import decode_picture
     from disco.pipeline.reader import open_triplets
@@ -296,14 +295,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     clip_ids = sorted(set(table.column("clip_id").to_pylist()))
     if not clip_ids:
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
-    model = load_checkpoint(config.run, device=config.device)
-    pipeline = DisCoPipeline(model)
-    size = config.size or default_size(model)
-    try:
-        check_size(model, size)
-    except ValueError as exc:
-        raise EvaluateInputError(f"--size: {exc}") from None
-    side = pose_size(model, size)
+    pipeline, size, side = open_pipeline(config.run, config.device, config.size)
     frames_done = 0
     for clip in clip_ids:
         rows = read_clip(config.data, clip, ["image", "mask", "background", "pose"], split=config.split)

@@ -79,18 +79,23 @@ def conditions_from_reference(pipeline: DisCoPipeline, reference: np.ndarray, si
     return reference_pixels(matted.image, matted.alpha), background_pixels(scene, size)
 
 
-def generate(config: GenerateConfig, log: Callable[[str], None] = print,
-             progress: Callable[[int, int], None] | None = None) -> GenerateResult:
-    config.validate()
-    started = time.time()
-    model = load_checkpoint(config.checkpoint, device=config.device)
+def open_pipeline(checkpoint: Path, device: str, size: int | None) -> tuple[DisCoPipeline, int, int]:
+    """The sampling pipeline of a checkpoint, the frame side (default: the model's) and the pose side."""
+    model = load_checkpoint(checkpoint, device=device)
     pipeline = DisCoPipeline(model)
-    size = config.size or default_size(model)
+    size = size or default_size(model)
     try:
         check_size(model, size)
     except ValueError as exc:
         raise GenerateInputError(f"--size: {exc}") from None
-    side = pose_size(model, size)
+    return pipeline, size, pose_size(model, size)
+
+
+def generate(config: GenerateConfig, log: Callable[[str], None] = print,
+             progress: Callable[[int, int], None] | None = None) -> GenerateResult:
+    config.validate()
+    started = time.time()
+    pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size)
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
     reference_in, background_in = conditions_from_reference(pipeline, reference, size, background)

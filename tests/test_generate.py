@@ -15,7 +15,6 @@ from skimage import data
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.evaluate.run import EvaluateConfig, evaluate
 from disco.generate.checkpoint import load_checkpoint
 from disco.generate.conditions import background_pixels, pose_pixels, pose_size
 from disco.generate.inputs import matte_reference
@@ -170,9 +169,10 @@ def test_poses_from_a_preprocessed_clip(inputs, triplets, tmp_path):
 
 def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, tmp_path):
     report_path = tmp_path / "report.json"
-    config = EvaluateConfig(output=report_path, run=inputs / "ckpt", data=triplets, split="test",
-                            metrics=["ssim", "psnr", "l1"], steps=1, size=SIZE, batch_size=8)
-    report = evaluate(config, log=lambda m: None)
+    result = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics",
+                  "ssim,psnr,l1", "--steps", 1, "--size", SIZE, "--batch-size", 8, "--output", report_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
     test_rows = open_triplets(triplets).to_table(columns=["split"]).column("split").to_pylist().count("test")
     assert report["counts"] == {"sequences": 1, "frames": test_rows, "clips": test_rows - 15}
     assert report["generated"]["clips"] == 1 and report["generated"]["frames"] == test_rows
@@ -182,7 +182,29 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     # The real frames are the stored images at the generated size.
     assert np.asarray(Image.open(gt[0])).shape == (SIZE, SIZE, 3)
     assert 0 < report["metrics"]["psnr"] < 100 and -1 <= report["metrics"]["ssim"] < 1
-    assert json.loads(report_path.read_text())["metrics"] == report["metrics"]
+    assert report["settings"]["run"] == str(inputs / "ckpt") and report["settings"]["steps"] == 1
+    # A split with no rows is a usage error.
+    bad = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "val", "--metrics", "psnr",
+               "--output", tmp_path / "x.json")
+    assert bad.exit_code == 2 and "no rows in split 'val'" in bad.output
+
+
+def test_training_runs_are_read_through_the_trainers_loader(inputs, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_model(path, step=None, device="cpu"):
+        calls.append((path, device))
+        return DisCoModel.from_pretrained(inputs / "ckpt")
+
+    monkeypatch.setitem(sys.modules, "disco.train.checkpoint", types.SimpleNamespace(load_model=load_model))
+    (tmp_path / "run").mkdir()
+    model = load_checkpoint(tmp_path / "run")
+    assert calls == [(tmp_path / "run", "cpu")] and not model.training
+    load_checkpoint(inputs / "ckpt")  # a save_pretrained folder never goes to the trainer
+    assert len(calls) == 1
 
 
 def test_checkpoint_resolution_errors(tmp_path, inputs):
