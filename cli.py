@@ -27,6 +27,18 @@ def _usage_error(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_device(device: str) -> None:
+    """A GPU asked for where there is none is the user's mistake, never a silent fallback to CPU."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        _usage_error(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        _usage_error(f"--device {device}: no CUDA device is available on this machine")
+
+
 def _print_summary(manifest: dict) -> None:
     counts, run = manifest["counts"], manifest["run"]
     table = Table(title="preprocess summary", show_header=False)
@@ -234,6 +246,7 @@ def generate(
     from disco.generate.run import GenerateConfig
     from disco.generate.run import generate as run_generate
 
+    _check_device(device)
     config = GenerateConfig(
         checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
         steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,
@@ -279,7 +292,7 @@ def evaluate(
     seed: int = typer.Option(0, help="With --run: seed."),
     size: Optional[int] = typer.Option(None, help="With --run: frame side (default: the model's resolution)."),
     max_frames: Optional[int] = typer.Option(None, help="With --run: only the first N frames of each clip."),
-    device: str = typer.Option("cpu", help="torch device for generation."),
+    device: str = typer.Option("cpu", help="torch device for generation and the feature networks, e.g. cpu or cuda."),
 ) -> None:
     """Score generated frames against real ones: FID, SSIM, PSNR, LPIPS, L1, FID-VID, FVD."""
     from disco.evaluate.networks import VIDEO_NETS, WeightsError
@@ -287,6 +300,7 @@ def evaluate(
     from disco.evaluate.run import evaluate as run_evaluate
     from disco.generate.inputs import GenerateInputError
 
+    _check_device(device)
     for name, arch in (("--fid-vid-arch", fid_vid_arch), ("--fvd-arch", fvd_arch)):
         if arch not in VIDEO_NETS:
             _usage_error(f"{name}: unknown video network {arch!r}; choose one of {', '.join(VIDEO_NETS)}")

@@ -68,14 +68,14 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:
 class Lpips:
     """Mean LPIPS over pairs, with a given LPIPS module (``networks.lpips_vgg``)."""
 
-    def __init__(self, net: nn.Module, batch_size: int = 16):
-        self.net, self.batch_size, self.values = net, batch_size, []
+    def __init__(self, net: nn.Module, batch_size: int = 16, device: str = "cpu"):
+        self.net, self.batch_size, self.values, self.device = net.to(device), batch_size, [], device
 
     @torch.no_grad()
     def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
         for start in range(0, len(gt), self.batch_size):
-            a = to_tensor(pred[start:start + self.batch_size]).float() / 255.0
-            b = to_tensor(gt[start:start + self.batch_size]).float() / 255.0
+            a = to_tensor(pred[start:start + self.batch_size]).to(self.device).float() / 255.0
+            b = to_tensor(gt[start:start + self.batch_size]).to(self.device).float() / 255.0
             self.values.extend(self.net(a, b, normalize=True).flatten().double().tolist())
 
     def compute(self) -> float:
@@ -85,18 +85,18 @@ class Lpips:
 class Frechet:
     """A Fréchet distance (torchmetrics' FID, in float64) over the features of any network."""
 
-    def __init__(self, features: nn.Module, input_size: tuple, batch_size: int = 16):
+    def __init__(self, features: nn.Module, input_size: tuple, batch_size: int = 16, device: str = "cpu"):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        self.metric = FrechetInceptionDistance(feature=features, input_img_size=input_size)
-        self.batch_size = batch_size
+        self.metric = FrechetInceptionDistance(feature=features.to(device), input_img_size=input_size).to(device)
+        self.batch_size, self.device = batch_size, device
         self.counts = {True: 0, False: 0}
 
     @torch.no_grad()
     def update(self, items: torch.Tensor, real: bool) -> None:
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            self.metric.update(chunk, real=real)
+            self.metric.update(chunk.to(self.device), real=real)
             self.counts[real] += len(chunk)
 
     def compute(self) -> float:

@@ -145,13 +145,13 @@ def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, l
 # -- scoring --------------------------------------------------------------------------------------
 
 def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
-          batch_size: int = 16, log: Callable[[str], None] = lambda message: None) -> dict:
+          batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu") -> dict:
     """Every requested metric over the paired sequences; ``networks`` holds the built feature nets."""
     pairs = pair_sequences(pred, gt)
     pair_values = {m: [] for m in ("psnr", "ssim", "l1") if m in metrics}
-    lpips = M.Lpips(networks["lpips"], batch_size) if "lpips" in metrics else None
-    fid = M.Frechet(networks["fid"], (3, 64, 64), batch_size) if "fid" in metrics else None
-    videos = {m: M.Frechet(networks[m], (M.CLIP_LENGTH, 64, 64, 3), batch_size) for m in ("fid-vid", "fvd")
+    lpips = M.Lpips(networks["lpips"], batch_size, device) if "lpips" in metrics else None
+    fid = M.Frechet(networks["fid"], (3, 64, 64), batch_size, device) if "fid" in metrics else None
+    videos = {m: M.Frechet(networks[m], (M.CLIP_LENGTH, 64, 64, 3), batch_size, device) for m in ("fid-vid", "fvd")
               if m in metrics}
     frames_total, windows_total = 0, 0
     for name, item_pred, item_gt in pairs:
@@ -238,7 +238,7 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         work = config.work_dir or config.output.with_suffix("")
         generated = generate_split(config, work, log)
         pred, gt = work / "pred", work / "gt"
-    report = score(pred, gt, config.metrics, networks, config.batch_size, log)
+    report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device)
     generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "device")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
                 if k != "networks" and (config.run is not None or k not in generation)}

@@ -19,6 +19,10 @@ from disco.pipeline.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.render import render_pose
 
+# MediaPipe needs pictures of some size: smaller models' frames are annotated at this side and the
+# mask and keypoints scaled down (at 64 px it finds people in a cup of coffee).
+MIN_ANNOTATE_SIDE = 256
+
 _DEFAULTS = {f.name: f.default for f in fields(PreprocessConfig) if f.name in (
     "hands", "min_visibility", "min_mask_area", "joint_threshold", "pose_style")}
 
@@ -65,16 +69,17 @@ def matte_reference(image: np.ndarray, size: int, annotator=None) -> Reference:
     """Square the photo to ``size`` and split it into person and background with the pipeline's matting."""
     own = annotator is None
     annotator = annotator or make_annotator(with_pose=False)
+    side = max(size, MIN_ANNOTATE_SIDE)
     try:
-        picture = square(image, size)
-        annotation = annotator.annotate(picture)
+        annotation = annotator.annotate(square(image, side))
     finally:
         if own:
             annotator.close()
     if not annotation.present:
         raise GenerateInputError("no person was found in the reference picture")
-    foreground, background = split_person(picture, annotation.matte.alpha)
-    return Reference(picture, annotation.matte.alpha, foreground, background)
+    picture, alpha = square(image, size), square(annotation.matte.alpha, size)
+    foreground, background = split_person(picture, alpha)
+    return Reference(picture, alpha, foreground, background)
 
 
 def poses_from_video(path: str | Path, side: int, fps: float | None = None, annotator=None,
@@ -90,22 +95,30 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     indices = resample_indices(info.num_frames, info.fps, fps or info.fps)
     own = annotator is None
     annotator = annotator or make_annotator(with_pose=True)
+    analysed = max(side, MIN_ANNOTATE_SIDE)
     frames, empty = [], 0
     try:
         for start in range(0, len(indices), batch):
             decoded, _ = decode_video_frames(path, indices[start:start + batch], info.width, info.height)
             for frame in decoded:
-                annotation = annotator.annotate(square(frame, side))
-                pose = annotation.pose
+                pose = annotator.annotate(square(frame, analysed)).pose
                 empty += pose is None
-                frames.append(render_pose(side, side, None if pose is None else pose.body,
-                                          None if pose is None else pose.hands, style=style or _DEFAULTS["pose_style"]))
+                body = None if pose is None else scale_keypoints(pose.body, side / analysed)
+                hands = None if pose is None or pose.hands is None else scale_keypoints(pose.hands, side / analysed)
+                frames.append(render_pose(side, side, body, hands, style=style or _DEFAULTS["pose_style"]))
     except InputError as exc:
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
     finally:
         if own:
             annotator.close()
     return PoseSequence(frames, fps=min(fps or info.fps, info.fps), empty=empty)
+
+
+def scale_keypoints(points: np.ndarray, factor: float) -> np.ndarray:
+    """(x, y, confidence) rows with x and y scaled; missing joints stay all 0."""
+    out = np.array(points, dtype=np.float32, copy=True)
+    out[..., :2] *= factor
+    return out
 
 
 def read_clip(triplets: str | Path, clip: str, columns: list[str], split: str | None = None) -> list[dict]:

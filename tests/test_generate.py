@@ -52,6 +52,12 @@ def pipeline(inputs):
     return DisCoPipeline(load_checkpoint(inputs / "ckpt"))
 
 
+@pytest.fixture(scope="module")
+def conditions(pipeline):
+    """The astronaut as reference: CLIP input and own background, matted once."""
+    return conditions_from_reference(pipeline, data.astronaut(), SIZE)
+
+
 def _run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -73,8 +79,20 @@ def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, 
     assert record["frames"] == POSE_FRAMES and record["settings"]["steps"] == 2
 
 
-def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeline, inputs):
-    reference, background = conditions_from_reference(pipeline, data.astronaut(), SIZE)
+def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
+    from disco.generate.inputs import poses_from_video
+
+    frames = pan_zoom_frames(data.astronaut(), 4, 96) + [np.zeros((96, 96, 3), np.uint8)] * 2
+    write_video(tmp_path / "v.mp4", frames, fps=10)
+    poses = poses_from_video(tmp_path / "v.mp4", 128)
+    assert len(poses.frames) == 6 and poses.fps == pytest.approx(10) and poses.empty == 2
+    assert all(p.shape == (128, 128, 3) for p in poses.frames)
+    assert poses.frames[0].any() and not poses.frames[-1].any()  # a skeleton, then empty ones
+    assert len(poses_from_video(tmp_path / "v.mp4", 128, fps=5).frames) == 3  # resampled, not stretched
+
+
+def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeline, inputs, conditions):
+    reference, background = conditions
     side = pose_size(pipeline.model, SIZE)
     poses = pose_pixels([np.asarray(Image.open(inputs / "person.png"))] * 3, side)
     run = dict(num_inference_steps=2, guidance_scale=1.5)
@@ -88,12 +106,12 @@ def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeli
     assert np.abs(a.astype(int) - d.astype(int)).max() <= 1  # same noise per frame whatever the batch
 
 
-def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch):
+def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch, conditions):
     import contextlib
 
     import disco.generate.pipeline as module
 
-    reference, background = conditions_from_reference(pipeline, data.astronaut(), SIZE)
+    reference, background = conditions
     side = pose_size(pipeline.model, SIZE)
     poses = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     embedding = pipeline.model.pose_controlnet.controlnet_cond_embedding
@@ -103,9 +121,9 @@ def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch):
     assert np.array_equal(pipeline(reference, background, poses, num_inference_steps=3, seed=1), cached)
 
 
-def test_guidance_uses_the_unconditional_reference(pipeline):
+def test_guidance_uses_the_unconditional_reference(pipeline, conditions):
     """Scale 1 is the conditional prediction alone; another scale moves the result."""
-    reference, background = conditions_from_reference(pipeline, data.astronaut(), SIZE)
+    reference, background = conditions
     poses = torch.zeros(1, 3, pose_size(pipeline.model, SIZE), pose_size(pipeline.model, SIZE))
     plain = pipeline(reference, background, poses, num_inference_steps=2, guidance_scale=1.0, seed=0)
     guided = pipeline(reference, background, poses, num_inference_steps=2, guidance_scale=3.0, seed=0)
@@ -242,6 +260,14 @@ def test_generate_usage_errors_are_one_line_exit_2(inputs, tmp_path, change, mes
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_a_reference_without_a_person_is_refused(inputs, tmp_path):
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "scene.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4", "--size", SIZE, "--steps", 1,
+                  "--max-frames", 1)
+    assert result.exit_code == 2 and "no person was found in the reference picture" in result.output
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_a_pose_folder_needs_a_clip(inputs, triplets, tmp_path):

@@ -273,6 +273,7 @@ def test_evaluate_cli_prints_a_table_and_writes_json(folders, tmp_path):
     (["--metrics", "fid"], N.INCEPTION_FILE),
     (["--metrics", "psnr,bogus"], "unknown metric bogus"),
     (["--metrics", "fvd", "--fvd-arch", "i3d"], "unknown video network 'i3d'"),
+    (["--metrics", "psnr", "--device", "tpu9"], "--device"),
 ])
 def test_evaluate_usage_errors_are_one_line_exit_2(folders, tmp_path, args, message, monkeypatch):
     monkeypatch.delenv(N.WEIGHTS_ENV, raising=False)
@@ -280,6 +281,14 @@ def test_evaluate_usage_errors_are_one_line_exit_2(folders, tmp_path, args, mess
                   "--output", tmp_path / "o.json", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_missing_gpu_is_a_usage_error(folders, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "psnr", "--device", "cuda",
+                  "--output", tmp_path / "o.json")
+    assert result.exit_code == 2 and "no CUDA device" in result.output
 
 
 def test_evaluate_needs_pred_and_gt_or_a_run(folders, tmp_path):
