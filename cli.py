@@ -47,6 +47,20 @@ def _source_name(source: Optional[str], manifest: Optional[Path]) -> str:
         _usage_error(str(exc))
 
 
+def _check_device(device: str) -> None:
+    """A GPU asked for where there is none is the user's mistake, never a silent fallback to CPU."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        _usage_error(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        _usage_error(f"--device {device}: no CUDA device is available on this machine")
+
+
+
+
 def _print_summary(manifest: dict, title: str = "preprocess summary") -> None:
     counts, run = manifest["counts"], manifest["run"]
     table = Table(title=title, show_header=False)
@@ -354,6 +368,112 @@ def model_info(
         table.add_row(part, f"{n / 1e6:,.1f} M")
     table.add_row("trainable in this stage", f"{trainable / 1e6:,.1f} M")
     Console().print(table)
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Option(..., help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder."),
+    reference: Path = typer.Option(..., help="Photo of the person (and, without --background, the scene)."),
+    pose: Path = typer.Option(..., help="Video to take the pose sequence from, or a `preprocess` output folder with --clip."),
+    output: Path = typer.Option(..., "--output", "-o", help="The generated video (.mp4); a .json with the settings is written beside it."),
+    clip: Optional[str] = typer.Option(None, help="With --pose TRIPLETS_DIR: the clip_id whose stored poses drive the model."),
+    background: Optional[Path] = typer.Option(None, help="Put the person into this scene instead of the reference's own background."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    guidance_scale: float = typer.Option(1.5, help="Classifier-free guidance scale on the reference (1 turns guidance off)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise; the same seed gives the same frames."),
+    batch_size: int = typer.Option(8, help="Frames generated at once."),
+    fps: Optional[float] = typer.Option(None, help="Frame rate of the output (and the rate the pose video is resampled to); default: the pose source's."),
+    size: Optional[int] = typer.Option(None, help="Side of the square frames (default: the model's resolution, 256 for the full model)."),
+    max_frames: Optional[int] = typer.Option(None, help="Generate only the first N pose frames."),
+    frames: Optional[Path] = typer.Option(None, help="Also write every generated frame as PNG into this folder."),
+    side_by_side: bool = typer.Option(False, "--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+) -> None:
+    """Generate a dance video: the person of --reference, in its own or another scene, moving as --pose."""
+    from disco.generate.inputs import GenerateInputError
+    from disco.generate.run import GenerateConfig
+    from disco.generate.run import generate as run_generate
+
+    _check_device(device)
+    config = GenerateConfig(
+        checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
+        steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,
+        frames=frames, side_by_side=side_by_side, max_frames=max_frames, device=device,
+    )
+    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("generate", total=None)
+        try:
+            result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False),
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (GenerateInputError, FileNotFoundError) as exc:
+            _usage_error(str(exc))
+        except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
+            _usage_error(str(exc))
+    console.print(f"wrote {result.video.resolve()}: {result.frames} frames, {result.size} x {result.size} px, "
+                  f"{result.fps:g} fps, in {result.seconds:.1f} s")
+    for extra in (result.side_by_side, result.frames_dir):
+        if extra is not None:
+            console.print(f"wrote {extra.resolve()}")
+
+
+@app.command()
+def evaluate(
+    pred: Optional[Path] = typer.Option(None, help="Generated frames or videos (a video, a folder of videos, of frames, or of frame folders)."),
+    gt: Optional[Path] = typer.Option(None, help="The real frames or videos, laid out and named like --pred."),
+    run: Optional[Path] = typer.Option(None, help="A checkpoint (save_pretrained folder or training run) to generate --data's split with."),
+    data: Optional[Path] = typer.Option(None, help="With --run: a `preprocess` output folder (triplets)."),
+    split: str = typer.Option("test", help="With --run: the split to generate and score."),
+    output: Path = typer.Option(Path("metrics.json"), "--output", "-o", help="The JSON report (scores, counts, settings)."),
+    work_dir: Optional[Path] = typer.Option(None, help="With --run: where pred/ and gt/ frames go (default: OUTPUT without .json)."),
+    metrics: str = typer.Option("all", help="Comma-separated: fid, ssim, psnr, lpips, l1, fid-vid, fvd, or all."),
+    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Folder holding the feature networks' files under their standard names."),
+    inception: Optional[Path] = typer.Option(None, help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth)."),
+    vgg16: Optional[Path] = typer.Option(None, help="VGG-16 ImageNet weights for LPIPS (torchvision vgg16-397923af.pth)."),
+    fid_vid_net: Optional[Path] = typer.Option(None, help="Weights of the FID-VID video network (default r3d_18-b3b3357e.pth)."),
+    fvd_net: Optional[Path] = typer.Option(None, help="Weights of the FVD video network (default s3d-d76dad2f.pth)."),
+    fid_vid_arch: str = typer.Option("r3d_18", help="FID-VID network: r3d_18, r2plus1d_18, mc3_18 or s3d."),
+    fvd_arch: str = typer.Option("s3d", help="FVD network: s3d, r3d_18, r2plus1d_18 or mc3_18."),
+    batch_size: int = typer.Option(16, help="Frames (or 16-frame clips) per forward pass; also frames generated at once with --run."),
+    steps: int = typer.Option(50, help="With --run: DDIM steps."),
+    guidance_scale: float = typer.Option(1.5, help="With --run: guidance scale."),
+    seed: int = typer.Option(0, help="With --run: seed."),
+    size: Optional[int] = typer.Option(None, help="With --run: frame side (default: the model's resolution)."),
+    max_frames: Optional[int] = typer.Option(None, help="With --run: only the first N frames of each clip."),
+    device: str = typer.Option("cpu", help="torch device for generation and the feature networks, e.g. cpu or cuda."),
+) -> None:
+    """Score generated frames against real ones: FID, SSIM, PSNR, LPIPS, L1, FID-VID, FVD."""
+    from disco.evaluate.networks import VIDEO_NETS, WeightsError
+    from disco.evaluate.run import EvaluateConfig, EvaluateInputError, NetworkConfig, parse_metrics
+    from disco.evaluate.run import evaluate as run_evaluate
+    from disco.generate.inputs import GenerateInputError
+
+    _check_device(device)
+    for name, arch in (("--fid-vid-arch", fid_vid_arch), ("--fvd-arch", fvd_arch)):
+        if arch not in VIDEO_NETS:
+            _usage_error(f"{name}: unknown video network {arch!r}; choose one of {', '.join(VIDEO_NETS)}")
+    try:
+        config = EvaluateConfig(
+            output=output, pred=pred, gt=gt, run=run, data=data, split=split, work_dir=work_dir,
+            metrics=parse_metrics(metrics), batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
+            seed=seed, size=size, max_frames=max_frames, device=device,
+            networks=NetworkConfig(weights=weights, inception=inception, vgg16=vgg16, fid_vid_net=fid_vid_net,
+                                   fvd_net=fvd_net, fid_vid_arch=fid_vid_arch, fvd_arch=fvd_arch),
+        )
+        report = run_evaluate(config, log=lambda m: console.print(m, highlight=False))
+    except (EvaluateInputError, GenerateInputError, WeightsError, FileNotFoundError) as exc:
+        _usage_error(str(exc))
+    except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
+        _usage_error(str(exc))
+    counts = report["counts"]
+    table = Table(title="scores")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report["metrics"].items():
+        table.add_row(name.upper(), f"{value:.3e}" if name == "l1" else f"{value:.4f}")
+    Console().print(table)
+    console.print(f"{counts['sequences']} sequences, {counts['frames']} frames, {counts['clips']} clips of 16 frames; "
+                  f"report: {output.resolve()}")
 
 
 @app.command()

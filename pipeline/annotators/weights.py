@@ -45,7 +45,7 @@ OPENPOSE_FILES = {
 
 
 class WeightsError(FileNotFoundError):
-    """A weights file the chosen backend needs is not where the layout says it must be."""
+    """A weights file a model needs is missing, or does not fit the network."""
 
 
 @dataclass

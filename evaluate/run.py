@@ -1,0 +1,320 @@
+"""``disco-cli evaluate``: score predicted frames or videos against the ground truth, or generate
+a preprocessed split with a checkpoint and score that."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from disco.evaluate import metrics as M
+from disco.evaluate import networks as N
+
+METRICS = ("fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
+
+
+class EvaluateInputError(ValueError):
+    """Folders or options that cannot be scored (a user's mistake)."""
+
+
+@dataclass
+class NetworkConfig:
+    """Where the feature networks' weights are: one flag per file, or a weights directory."""
+
+    weights: Path | None = None
+    inception: Path | None = None
+    vgg16: Path | None = None
+    fid_vid_net: Path | None = None
+    fvd_net: Path | None = None
+    fid_vid_arch: str = N.FID_VID_NET
+    fvd_arch: str = N.FVD_NET
+
+    def files(self, metrics: list[str]) -> dict[str, Path]:
+        """The weight file of every requested metric that needs one; a missing file raises WeightsError."""
+        wanted = {
+            "fid": (self.inception, N.INCEPTION_FILE, "--inception"),
+            "lpips": (self.vgg16, N.VGG16_FILE, "--vgg16"),
+            "fid-vid": (self.fid_vid_net, N.VIDEO_NETS[self.fid_vid_arch].filename, "--fid-vid-net"),
+            "fvd": (self.fvd_net, N.VIDEO_NETS[self.fvd_arch].filename, "--fvd-net"),
+        }
+        return {m: N.weight_file(wanted[m][0], self.weights, wanted[m][1], wanted[m][2])
+                for m in metrics if m in wanted}
+
+    def build(self, metrics: list[str]) -> dict[str, torch.nn.Module]:
+        files = self.files(metrics)  # all files are checked before any network is built
+        built = {}
+        if "fid" in files:
+            built["fid"] = N.inception(files["fid"])
+        if "lpips" in files:
+            built["lpips"] = N.lpips_vgg(files["lpips"])
+        if "fid-vid" in files:
+            built["fid-vid"] = N.video_network(self.fid_vid_arch, files["fid-vid"])
+        if "fvd" in files:
+            built["fvd"] = N.video_network(self.fvd_arch, files["fvd"])
+        return built
+
+
+def parse_metrics(text: str) -> list[str]:
+    chosen = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if chosen == ["all"]:
+        return list(METRICS)
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown or not chosen:
+        raise EvaluateInputError(f"unknown metric {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)} or all")
+    return [m for m in METRICS if m in chosen]
+
+
+# -- reading the two sets ---------------------------------------------------------------------------
+
+def _read_image(path: Path) -> np.ndarray:
+    from disco.pipeline.decode import load_image
+    from disco.pipeline.errors import InputError
+
+    try:
+        return load_image(path, max_side=100_000)
+    except InputError as exc:
+        raise EvaluateInputError(f"{path}: {exc.message}") from None
+
+
+def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
+    """Name -> frames (sorted image files) or a video file.
+
+    ``root`` may be a video, a folder of videos, a folder of frames (one sequence) or a folder of
+    folders of frames (one sequence each).
+    """
+    if not root.exists():
+        raise EvaluateInputError(f"{root} does not exist")
+    if root.is_file():
+        if root.suffix.lower() not in VIDEO_SUFFIXES:
+            raise EvaluateInputError(f"{root} is neither a video nor a folder")
+        return {".": root}  # a single video pairs with the other side's single video, whatever their names
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if images:
+        return {".": images}
+    videos = sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    sequences: dict = {p.stem: p for p in videos}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        frames = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if frames:
+            sequences[sub.name] = frames
+    if not sequences:
+        raise EvaluateInputError(f"{root} holds no frames (png, jpg) and no videos (mp4, ...)")
+    return sequences
+
+
+def read_sequence(item: list[Path] | Path) -> np.ndarray:
+    if isinstance(item, Path):
+        from disco.generate.video import read_video
+        from disco.pipeline.errors import InputError
+
+        try:
+            return read_video(item)[0]
+        except InputError as exc:
+            raise EvaluateInputError(f"{item}: {exc.message}") from None
+    frames = [_read_image(p) for p in item]
+    if len({f.shape for f in frames}) > 1:
+        raise EvaluateInputError(f"frames of {item[0].parent} differ in size")
+    return np.stack(frames)
+
+
+def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, list[Path] | Path]]:
+    a, b = list_sequences(pred), list_sequences(gt)
+    if set(a) != set(b):
+        only_pred, only_gt = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise EvaluateInputError(f"--pred and --gt do not hold the same sequences: only in pred {only_pred[:3]}, "
+                                 f"only in gt {only_gt[:3]}")
+    pairs = []
+    for name in sorted(a):
+        if isinstance(a[name], list) and isinstance(b[name], list):
+            names_a, names_b = [p.name for p in a[name]], [p.name for p in b[name]]
+            if [p.stem for p in a[name]] != [p.stem for p in b[name]]:
+                missing = sorted({p.stem for p in a[name]} ^ {p.stem for p in b[name]})
+                raise EvaluateInputError(f"frames of {name!r} do not match by name between --pred and --gt "
+                                         f"({len(names_a)} vs {len(names_b)}; e.g. {missing[:3]})")
+        pairs.append((name, a[name], b[name]))
+    return pairs
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
+          batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu") -> dict:
+    """Every requested metric over the paired sequences; ``networks`` holds the built feature nets."""
+    pairs = pair_sequences(pred, gt)
+    pair_values = {m: [] for m in ("psnr", "ssim", "l1") if m in metrics}
+    lpips = M.Lpips(networks["lpips"], batch_size, device) if "lpips" in metrics else None
+    fid = M.Frechet(networks["fid"], (3, 64, 64), batch_size, device) if "fid" in metrics else None
+    videos = {m: M.Frechet(networks[m], (M.CLIP_LENGTH, 64, 64, 3), batch_size, device) for m in ("fid-vid", "fvd")
+              if m in metrics}
+    frames_total, windows_total = 0, 0
+    for name, item_pred, item_gt in pairs:
+        gt_frames = read_sequence(item_gt)
+        pred_frames = read_sequence(item_pred)
+        if len(pred_frames) != len(gt_frames):
+            raise EvaluateInputError(f"{name!r}: {len(pred_frames)} predicted frames but {len(gt_frames)} real ones")
+        pred_frames = np.stack([M.match_size(p, g) for p, g in zip(pred_frames, gt_frames)])
+        frames_total += len(gt_frames)
+        for metric, values in pair_values.items():
+            values.extend(M.PAIR_METRICS[metric](p, g) for p, g in zip(pred_frames, gt_frames))
+        if lpips is not None:
+            lpips.update(pred_frames, gt_frames)
+        if fid is not None:
+            fid.update(M.to_tensor(pred_frames), real=False)
+            fid.update(M.to_tensor(gt_frames), real=True)
+        windows = M.clip_windows(len(gt_frames))
+        windows_total += len(windows)
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            for metric in videos.values():
+                metric.update(M.clips(pred_frames, chunk), real=False)
+                metric.update(M.clips(gt_frames, chunk), real=True)
+        log(f"scored {name if name != '.' else pred.name}: {len(gt_frames)} frames, {len(windows)} clips")
+    results = {m: float(np.mean(v)) for m, v in pair_values.items()}
+    if lpips is not None:
+        results["lpips"] = lpips.compute()
+    try:
+        if fid is not None:
+            results["fid"] = fid.compute()
+        for metric_name, metric in videos.items():
+            results[metric_name] = metric.compute()
+    except ValueError as exc:
+        raise EvaluateInputError(str(exc)) from None
+    return {"metrics": {m: results[m] for m in metrics}, "counts": {
+        "sequences": len(pairs), "frames": frames_total, "clips": windows_total}}
+
+
+@dataclass
+class EvaluateConfig:
+    output: Path  # JSON report
+    pred: Path | None = None
+    gt: Path | None = None
+    run: Path | None = None  # a checkpoint: generate --data's split first
+    data: Path | None = None
+    split: str = "test"
+    work_dir: Path | None = None  # where generated and real frames go (default beside the report)
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    networks: NetworkConfig = field(default_factory=NetworkConfig)
+    batch_size: int = 16
+    # generation, for --run
+    steps: int = 50
+    guidance_scale: float = 1.5
+    seed: int = 0
+    size: int | None = None
+    max_frames: int | None = None
+    device: str = "cpu"
+
+    def validate(self) -> "EvaluateConfig":
+        if (self.pred is None) != (self.gt is None):
+            raise EvaluateInputError("--pred and --gt go together")
+        if (self.pred is None) == (self.run is None):
+            raise EvaluateInputError("pass either --pred DIR --gt DIR, or --run RUN --data TRIPLETS_DIR")
+        if self.run is not None and self.data is None:
+            raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
+        if self.batch_size < 1:
+            raise EvaluateInputError("--batch-size must be at least 1")
+        return self
+
+
+def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None = None,
+             log: Callable[[str], None] = print) -> dict:
+    """Score (generating first for ``--run``) and write the JSON report; returns it.
+
+    ``networks`` replaces the feature networks built from weight files (tests use random ones).
+    """
+    config.validate()
+    started = time.time()
+    if networks is None:
+        networks = config.networks.build(config.metrics)  # missing weights fail before any work
+    pred, gt = config.pred, config.gt
+    generated = None
+    if config.run is not None:
+        work = config.work_dir or config.output.with_suffix("")
+        generated = generate_split(config, work, log)
+        pred, gt = work / "pred", work / "gt"
+    report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device)
+    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "device")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
+                if k != "networks" and (config.run is not None or k not in generation)}
+    settings["networks"] = describe_networks(config)
+    settings["conventions"] = {
+        "pairs": "per (pred, gt) frame, averaged; pred resized to gt size if they differ",
+        "psnr": f"float64 MSE, 255 peak, identical frames score {M.PSNR_CAP}",
+        "ssim": "skimage structural_similarity on grayscale, data_range 255",
+        "l1": "mean |pred - gt| of 0..255 values divided by H*W (official DisCo convention)",
+        "lpips": "VGG, inputs scaled to [-1, 1]",
+        "video_clips": f"{M.CLIP_LENGTH} consecutive frames, stride {M.CLIP_STRIDE}",
+    }
+    report = {**report, "pred": str(pred), "gt": str(gt), "settings": settings,
+              "generated": generated, "wall_time_s": round(time.time() - started, 3)}
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    config.output.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def describe_networks(config: EvaluateConfig) -> dict:
+    out = {}
+    try:
+        files = config.networks.files(config.metrics)
+    except N.WeightsError:
+        files = {}
+    names = {"fid": "FID Inception (2015-12-05) pool3", "lpips": "LPIPS VGG-16",
+             "fid-vid": f"{config.networks.fid_vid_arch} (torchvision, Kinetics-400)",
+             "fvd": f"{config.networks.fvd_arch} (torchvision, Kinetics-400)"}
+    for metric in ("fid", "lpips", "fid-vid", "fvd"):
+        if metric in config.metrics:
+            out[metric] = {"network": names[metric], "file": str(files[metric]) if metric in files else None}
+    return out
+
+
+# -- --run: generate a preprocessed split -----------------------------------------------------------
+
+def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None]) -> dict:
+    """Every clip of ``config.split`` in ``config.data``: the clip's first frame is the reference
+    (its stored foreground mask and background), its stored poses drive the model; generated
+    frames go to ``work/pred/CLIP/``, the real frames, squared to the same size, to ``work/gt/CLIP/``."""
+    import pyarrow.compute as pc
+
+    from disco.generate.conditions import background_pixels, pose_pixels, reference_pixels, square
+    from disco.generate.inputs import read_clip
+    from disco.generate.run import open_pipeline
+    from disco.generate.video import write_frames
+    from disco.pipeline.encode import decode_picture
+    from disco.pipeline.reader import open_triplets
+
+    dataset = open_triplets(config.data)
+    if not dataset.files:
+        raise EvaluateInputError(f"{config.data} holds no triplets/*.parquet; is it a `disco-cli preprocess` output?")
+    table = dataset.to_table(columns=["clip_id"], filter=pc.field("split") == config.split)
+    clip_ids = sorted(set(table.column("clip_id").to_pylist()))
+    if not clip_ids:
+        raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
+    pipeline, size, side = open_pipeline(config.run, config.device, config.size)
+    frames_done = 0
+    for clip in clip_ids:
+        rows = read_clip(config.data, clip, ["image", "mask", "background", "pose"], split=config.split)
+        if config.max_frames:
+            rows = rows[:config.max_frames]
+        if any(r["pose"] is None for r in rows):
+            raise EvaluateInputError(f"clip {clip!r} was preprocessed with --pose none: it has no pose pictures")
+        first = rows[0]
+        image, mask = decode_picture(first["image"]), decode_picture(first["mask"], grayscale=True)
+        reference = reference_pixels(square(image, size), square(mask, size, nearest=True))
+        background = background_pixels(decode_picture(first["background"]), size)
+        poses = pose_pixels([decode_picture(r["pose"]) for r in rows], side)
+        frames = pipeline(reference, background, poses, num_inference_steps=config.steps,
+                          guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)
+        folder = clip.replace("/", "__")
+        write_frames(work / "pred" / folder, frames)
+        write_frames(work / "gt" / folder, np.stack([square(decode_picture(r["image"]), size) for r in rows]))
+        frames_done += len(rows)
+        log(f"generated {clip}: {len(rows)} frames")
+    return {"run": str(config.run), "data": str(config.data), "split": config.split, "clips": len(clip_ids),
+            "frames": frames_done, "size": size, "steps": config.steps, "guidance_scale": config.guidance_scale,
+            "seed": config.seed}

@@ -1,0 +1,1 @@
+"""Generation: DDIM sampling of the DisCo model from a person, a background and a pose sequence."""

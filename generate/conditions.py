@@ -1,0 +1,91 @@
+"""Pictures -> the model's three conditions, at the model's resolution (DESIGN.md, "The DisCo model").
+
+- reference: the foreground as CLIP sees it: a 224 x 224 square, normalised with CLIP's mean and
+  std, then multiplied by the person mask;
+- background: the picture with the person removed, in [-1, 1], at the generated size;
+- pose: the skeleton picture in [0, 1], at the pose ControlNet's size (8 x the latent side).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DISCO_SIZE = 256  # the paper trains and samples at 256 x 256
+
+
+def square(image: np.ndarray, side: int, nearest: bool = False) -> np.ndarray:
+    """Centre crop to a square along the long side, then resize to ``side`` x ``side``."""
+    height, width = image.shape[:2]
+    short = min(height, width)
+    y0, x0 = (height - short) // 2, (width - short) // 2
+    crop = image[y0:y0 + short, x0:x0 + short]
+    if short == side:
+        return np.ascontiguousarray(crop)
+    if nearest:
+        interpolation = cv2.INTER_NEAREST
+    else:
+        interpolation = cv2.INTER_AREA if short > side else cv2.INTER_CUBIC
+    return cv2.resize(crop, (side, side), interpolation=interpolation)
+
+
+def vae_factor(model) -> int:
+    return 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
+def pose_factor(model) -> int:
+    """Pixels of the pose picture per latent pixel: the ControlNet's conditioning embedding stride."""
+    controlnet = model.pose_controlnet if model.pose_controlnet is not None else model.background_controlnet
+    channels = getattr(controlnet.config, "conditioning_embedding_out_channels", (16, 32, 96, 256))
+    return 2 ** (len(channels) - 1)
+
+
+def size_multiple(model) -> int:
+    """Generated sides must be multiples of this (the VAE and the UNet's down-sampling)."""
+    return vae_factor(model) * 2 ** (len(model.unet.config.block_out_channels) - 1)
+
+
+def default_size(model) -> int:
+    """256 for the full model (the paper's resolution); the UNet's native size for smaller VAEs."""
+    if vae_factor(model) == 8:
+        return DISCO_SIZE
+    return model.unet.config.sample_size * vae_factor(model)
+
+
+def check_size(model, size: int) -> None:
+    multiple = size_multiple(model)
+    if size <= 0 or size % multiple:
+        raise ValueError(f"size {size} is not a positive multiple of {multiple} (what this model's VAE and UNet need)")
+
+
+def pose_size(model, size: int) -> int:
+    return size // vae_factor(model) * pose_factor(model)
+
+
+def reference_pixels(image: np.ndarray, alpha: np.ndarray, clip_size: int = 224) -> torch.Tensor:
+    """RGB uint8 picture and its person alpha (0..255) -> 1 x 3 x 224 x 224 CLIP input, masked."""
+    rgb = square(image, clip_size).astype(np.float32) / 255.0
+    mask = (square(alpha, clip_size, nearest=True) >= 128).astype(np.float32)
+    normalised = (rgb - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return torch.from_numpy(normalised * mask[..., None]).permute(2, 0, 1)[None].contiguous()
+
+
+def background_pixels(background: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 background (person pixels already 0) -> 1 x 3 x size x size in [-1, 1]."""
+    rgb = square(background, size).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+
+
+def pose_pixels(poses: list[np.ndarray] | np.ndarray, side: int) -> torch.Tensor:
+    """Skeleton pictures (RGB uint8) -> N x 3 x side x side in [0, 1]."""
+    frames = [square(p, side, nearest=False) for p in poses]
+    return torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded VAE output in [-1, 1], N x 3 x H x W -> N x H x W x 3 uint8."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()

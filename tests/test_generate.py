@@ -1,0 +1,276 @@
+"""Generation with a tiny random model: playable videos, one frame per pose frame, seeds, composition,
+preprocessed clips as pose sources, ``evaluate --run`` and the command line's usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.generate.checkpoint import load_checkpoint
+from disco.generate.conditions import background_pixels, pose_pixels, pose_size
+from disco.generate.inputs import matte_reference
+from disco.generate.pipeline import DisCoPipeline
+from disco.generate.run import conditions_from_reference
+from disco.generate.video import read_video
+from disco.model.disco import DisCoModel
+from disco.pipeline.annotators import FrameAnnotator
+from disco.pipeline.demo_data import pan_zoom_frames, write_video
+from disco.pipeline.encode import build_row
+from disco.pipeline.reader import open_triplets
+from disco.pipeline.schema import TRIPLET_SCHEMA
+
+SIZE = 64  # the tiny model: 16 x 16 latents, 128 px pose pictures
+POSE_FRAMES = 6
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    model = DisCoModel.from_architecture("tiny", variant="finetune")
+    with torch.no_grad():  # move the zero convolutions so the pose and background branches matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    model.save_pretrained(folder / "ckpt")
+    Image.fromarray(data.astronaut()).save(folder / "person.png")
+    Image.fromarray(data.coffee()).save(folder / "scene.png")
+    write_video(folder / "dance.mp4", pan_zoom_frames(data.astronaut(), POSE_FRAMES, 96), fps=10)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(inputs):
+    return DisCoPipeline(load_checkpoint(inputs / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def conditions(pipeline):
+    """The astronaut as reference: CLIP input and own background, matted once."""
+    return conditions_from_reference(pipeline, data.astronaut(), SIZE)
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, tmp_path):
+    out = tmp_path / "out.mp4"
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", out, "--steps", 2, "--size", SIZE, "--fps", 12,
+                  "--batch-size", 4, "--side-by-side", "--frames", tmp_path / "frames")
+    assert result.exit_code == 0, result.output
+    frames, fps = read_video(out)  # decord reads it back
+    assert frames.shape == (POSE_FRAMES, SIZE, SIZE, 3) and fps == pytest.approx(12)
+    assert frames.std() > 1  # a picture, not a blank
+    pair, _ = read_video(tmp_path / "out_side_by_side.mp4")
+    assert pair.shape == (POSE_FRAMES, SIZE, 2 * SIZE, 3)
+    pngs = sorted((tmp_path / "frames").glob("*.png"))
+    assert len(pngs) == POSE_FRAMES and np.asarray(Image.open(pngs[0])).shape == (SIZE, SIZE, 3)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["frames"] == POSE_FRAMES and record["settings"]["steps"] == 2
+
+
+def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
+    from disco.generate.inputs import poses_from_video
+
+    frames = pan_zoom_frames(data.astronaut(), 4, 96) + [np.zeros((96, 96, 3), np.uint8)] * 2
+    write_video(tmp_path / "v.mp4", frames, fps=10)
+    poses = poses_from_video(tmp_path / "v.mp4", 128)
+    assert len(poses.frames) == 6 and poses.fps == pytest.approx(10) and poses.empty == 2
+    assert all(p.shape == (128, 128, 3) for p in poses.frames)
+    assert poses.frames[0].any() and not poses.frames[-1].any()  # a skeleton, then empty ones
+    assert len(poses_from_video(tmp_path / "v.mp4", 128, fps=5).frames) == 3  # resampled, not stretched
+
+
+def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeline, inputs, conditions):
+    reference, background = conditions
+    side = pose_size(pipeline.model, SIZE)
+    poses = pose_pixels([np.asarray(Image.open(inputs / "person.png"))] * 3, side)
+    run = dict(num_inference_steps=2, guidance_scale=1.5)
+    a = pipeline(reference, background, poses, seed=7, batch_size=3, **run)
+    b = pipeline(reference, background, poses, seed=7, batch_size=3, **run)
+    c = pipeline(reference, background, poses, seed=8, batch_size=3, **run)
+    d = pipeline(reference, background, poses, seed=7, batch_size=1, **run)
+    assert a.shape == (3, SIZE, SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.abs(a.astype(int) - d.astype(int)).max() <= 1  # same noise per frame whatever the batch
+
+
+def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch, conditions):
+    import contextlib
+
+    import disco.generate.pipeline as module
+
+    reference, background = conditions
+    side = pose_size(pipeline.model, SIZE)
+    poses = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    embedding = pipeline.model.pose_controlnet.controlnet_cond_embedding
+    cached = pipeline(reference, background, poses, num_inference_steps=3, seed=1)
+    assert pipeline.model.pose_controlnet.controlnet_cond_embedding is embedding  # restored
+    monkeypatch.setattr(module, "pose_embedding_cache", lambda model: contextlib.nullcontext())
+    assert np.array_equal(pipeline(reference, background, poses, num_inference_steps=3, seed=1), cached)
+
+
+def test_guidance_uses_the_unconditional_reference(pipeline, conditions):
+    """Scale 1 is the conditional prediction alone; another scale moves the result."""
+    reference, background = conditions
+    poses = torch.zeros(1, 3, pose_size(pipeline.model, SIZE), pose_size(pipeline.model, SIZE))
+    plain = pipeline(reference, background, poses, num_inference_steps=2, guidance_scale=1.0, seed=0)
+    guided = pipeline(reference, background, poses, num_inference_steps=2, guidance_scale=3.0, seed=0)
+    assert not np.array_equal(plain, guided)
+
+
+def test_background_composition_replaces_the_scene(pipeline, inputs, tmp_path):
+    person = data.astronaut()
+    matted = matte_reference(person, SIZE)
+    own_ref, own_bg = conditions_from_reference(pipeline, person, SIZE)
+    scene = data.coffee()
+    other_ref, other_bg = conditions_from_reference(pipeline, person, SIZE, background=scene)
+    assert torch.equal(own_ref, other_ref)  # the person is the same
+    assert torch.equal(other_bg, background_pixels(scene, SIZE))
+    # The own background has the person cut out (black = -1 in [-1, 1]).
+    person_pixels = torch.from_numpy(matted.alpha >= 128)
+    assert (own_bg[0][:, person_pixels] == -1).all() and person_pixels.float().mean() > 0.1
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--background", inputs / "scene.png", "--output", tmp_path / "a.mp4",
+                  "--steps", 2, "--size", SIZE, "--max-frames", 2)
+    assert result.exit_code == 0, result.output
+    _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+         "--pose", inputs / "dance.mp4", "--output", tmp_path / "b.mp4", "--steps", 2, "--size", SIZE, "--max-frames", 2)
+    composed, own = read_video(tmp_path / "a.mp4")[0], read_video(tmp_path / "b.mp4")[0]
+    assert composed.shape == own.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(composed.astype(int) - own.astype(int)).mean() > 0.5
+
+
+def _write_triplets(folder, frames, clip_id, split):
+    """Real triplet rows (the pipeline's annotators and row builder) for one clip, written as a shard."""
+    annotator = FrameAnnotator("mediapipe", "mediapipe", True, 0.5, 0.01)
+    unit = {"source": "video", "clip_id": clip_id, "split": split, "input_path": f"{clip_id}.mp4"}
+    rows = [build_row(unit, i, i / 10, f, annotator.annotate(f), image_format="png", jpeg_quality=95,
+                      pose_style="openpose", with_pose=True) for i, f in enumerate(frames)]
+    annotator.close()
+    (folder / "triplets").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), folder / "triplets" / f"{clip_id}.parquet")
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("triplets")
+    frames = pan_zoom_frames(data.astronaut(), 17, 96)
+    _write_triplets(folder, frames, "dance", "test")
+    _write_triplets(folder, frames[:3], "other", "train")
+    return folder
+
+
+def test_poses_from_a_preprocessed_clip(inputs, triplets, tmp_path):
+    out = tmp_path / "clip.mp4"
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", triplets, "--clip", "dance", "--output", out, "--steps", 1, "--size", SIZE,
+                  "--max-frames", 3)
+    assert result.exit_code == 0, result.output
+    frames, fps = read_video(out)
+    assert frames.shape == (3, SIZE, SIZE, 3) and fps == pytest.approx(10)  # the clip's own rate
+    bad = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+               "--pose", triplets, "--clip", "nope", "--output", out)
+    assert bad.exit_code == 2 and "clip 'nope' is not in" in bad.output
+
+
+def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics",
+                  "ssim,psnr,l1", "--steps", 1, "--size", SIZE, "--batch-size", 8, "--output", report_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    test_rows = open_triplets(triplets).to_table(columns=["split"]).column("split").to_pylist().count("test")
+    assert report["counts"] == {"sequences": 1, "frames": test_rows, "clips": test_rows - 15}
+    assert report["generated"]["clips"] == 1 and report["generated"]["frames"] == test_rows
+    pred = sorted((tmp_path / "report" / "pred" / "dance").glob("*.png"))
+    gt = sorted((tmp_path / "report" / "gt" / "dance").glob("*.png"))
+    assert len(pred) == len(gt) == test_rows
+    # The real frames are the stored images at the generated size.
+    assert np.asarray(Image.open(gt[0])).shape == (SIZE, SIZE, 3)
+    assert 0 < report["metrics"]["psnr"] < 100 and -1 <= report["metrics"]["ssim"] < 1
+    assert report["settings"]["run"] == str(inputs / "ckpt") and report["settings"]["steps"] == 1
+    # A split with no rows is a usage error.
+    bad = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "val", "--metrics", "psnr",
+               "--output", tmp_path / "x.json")
+    assert bad.exit_code == 2 and "no rows in split 'val'" in bad.output
+
+
+def test_training_runs_are_read_through_the_trainers_loader(inputs, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_model(path, step=None, device="cpu"):
+        calls.append((path, device))
+        return DisCoModel.from_pretrained(inputs / "ckpt")
+
+    monkeypatch.setitem(sys.modules, "disco.train.checkpoint", types.SimpleNamespace(load_model=load_model))
+    (tmp_path / "run").mkdir()
+    model = load_checkpoint(tmp_path / "run")
+    assert calls == [(tmp_path / "run", "cpu")] and not model.training
+    load_checkpoint(inputs / "ckpt")  # a save_pretrained folder never goes to the trainer
+    assert len(calls) == 1
+
+
+def test_checkpoint_resolution_errors(tmp_path, inputs):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match="not a DisCoModel.save_pretrained folder"):
+        load_checkpoint(tmp_path / "run")
+    result = _run("generate", "--checkpoint", tmp_path / "run", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_pretraining_checkpoint_cannot_generate(tmp_path, inputs):
+    DisCoModel.from_architecture("tiny", variant="pretrain").save_pretrained(tmp_path / "hap")
+    result = _run("generate", "--checkpoint", tmp_path / "hap", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")
+    assert result.exit_code == 2 and "pose ControlNet" in result.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--reference": "missing.png"}, "reference picture"),
+    ({"--output": "out.avi"}, ".mp4"),
+    ({"--pose": "missing.mp4"}, "pose video"),
+    ({"--size": "60"}, "multiple of"),
+    ({"--steps": "0"}, "--steps"),
+])
+def test_generate_usage_errors_are_one_line_exit_2(inputs, tmp_path, change, message):
+    options = {"--checkpoint": inputs / "ckpt", "--reference": inputs / "person.png", "--pose": inputs / "dance.mp4",
+               "--output": tmp_path / "out.mp4"}
+    for key, value in change.items():
+        options[key] = value if key in ("--size", "--steps") else tmp_path / value
+    args = ["generate"] + [str(x) for kv in options.items() for x in kv]
+    result = _run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_a_reference_without_a_person_is_refused(inputs, tmp_path):
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "scene.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4", "--size", SIZE, "--steps", 1,
+                  "--max-frames", 1)
+    assert result.exit_code == 2 and "no person was found in the reference picture" in result.output
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_pose_folder_needs_a_clip(inputs, triplets, tmp_path):
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", triplets, "--output", tmp_path / "o.mp4")
+    assert result.exit_code == 2 and "--clip" in result.output

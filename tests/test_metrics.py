@@ -1,0 +1,298 @@
+"""The paper's metrics against independent values; feature networks are random (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+from skimage.metrics import structural_similarity
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.evaluate import metrics as M
+from disco.evaluate import networks as N
+from disco.evaluate.run import EvaluateConfig, EvaluateInputError, NetworkConfig, evaluate, score
+from disco.generate.video import write_frames
+from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+
+class TinyFeatures(torch.nn.Module):
+    """A random conv net standing in for Inception: uint8 N x 3 x H x W -> N x 16."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 5, stride=4)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean((2, 3))
+
+
+class TinyVideoFeatures(torch.nn.Module):
+    """uint8 N x T x H x W x 3 clips -> N x 8, sensitive to every frame of the clip."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv3d(3, 8, (3, 5, 5), stride=(1, 4, 4))
+
+    def forward(self, clips):
+        x = clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        return torch.tanh(self.conv(x)).mean((2, 3, 4))
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return np.stack(pan_zoom_frames(data.astronaut(), 20, 32))
+
+
+def shifted(frames, amount):
+    return np.clip(frames.astype(int) + amount, 0, 255).astype(np.uint8)
+
+
+# -- PSNR, SSIM, L1 ---------------------------------------------------------------------------------
+
+def test_psnr_of_known_arrays_in_float64():
+    gt = np.zeros((8, 8, 3), np.uint8)
+    assert M.psnr(np.full_like(gt, 10), gt) == pytest.approx(20 * math.log10(255 / 10))
+    # Subtracting uint8 arrays wraps 0 - 255 to 1 (about 48 dB); the true error is the full range: 0 dB.
+    assert M.psnr(np.zeros_like(gt), np.full_like(gt, 255)) == pytest.approx(0.0)
+    half = gt.copy()
+    half[:4] = 20  # MSE = 400 / 2
+    assert M.psnr(half, gt) == pytest.approx(10 * math.log10(255 ** 2 / 200))
+    assert M.psnr(gt, gt) == M.PSNR_CAP
+
+
+def test_ssim_equals_scikit_image_on_grayscale():
+    rng = np.random.default_rng(0)
+    gray_a = data.camera()[::4, ::4]
+    gray_b = np.clip(gray_a.astype(int) + rng.integers(-30, 30, gray_a.shape), 0, 255).astype(np.uint8)
+    rgb = lambda g: np.repeat(g[..., None], 3, axis=2)  # noqa: E731 - gray in RGB: the conversion is exact
+    assert M.ssim(rgb(gray_b), rgb(gray_a)) == structural_similarity(gray_b, gray_a, data_range=255)
+    # Colour frames: the same as scikit-image on the ITU-R 601 luma.
+    a, b = data.astronaut()[::4, ::4], data.coffee()[:128, :128]
+    luma = lambda x: np.round(x @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)  # noqa: E731
+    assert M.ssim(a, b) == pytest.approx(structural_similarity(luma(a), luma(b), data_range=255), abs=2e-3)
+    assert M.ssim(a, a) == 1.0
+
+
+def test_l1_by_the_papers_convention():
+    gt = np.zeros((32, 16, 3), np.uint8)
+    pred = np.full_like(gt, 10)
+    assert M.l1(pred, gt) == pytest.approx(10 / (32 * 16))
+    # At 256 x 256, the paper's L1 of 3.78e-4 is a mean absolute error of about 24.8 grey levels.
+    gt = np.zeros((256, 256, 3), np.uint8)
+    pred = np.full_like(gt, 25)
+    assert M.l1(pred, gt) == pytest.approx(3.81e-4, rel=1e-2)
+
+
+# -- LPIPS and Fréchet distances ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_lpips():
+    torch.manual_seed(0)
+    return N.lpips_vgg(None)
+
+
+def test_lpips_plumbing_with_a_random_vgg(frames, random_lpips):
+    net = random_lpips
+    values = []
+    for amount in (0, 20, 60):
+        metric = M.Lpips(net, batch_size=8)
+        metric.update(shifted(frames[:4], amount), frames[:4])
+        values.append(metric.compute())
+    assert values[0] == 0.0
+    assert 0 < values[1] < values[2]
+
+
+def test_lpips_loads_its_linear_layers_from_torchmetrics_and_the_trunk_from_a_file(tmp_path):
+    from torchvision.models import vgg16
+
+    torch.manual_seed(3)
+    source = vgg16(weights=None)
+    trunk = {k: v for k, v in source.state_dict().items() if k.startswith("features.")}  # the classifier is unused
+    torch.save(trunk, tmp_path / N.VGG16_FILE)
+    net = N.lpips_vgg(tmp_path / N.VGG16_FILE)
+    assert torch.equal(getattr(net.net.slice1, "0").weight, source.features[0].weight)
+    assert torch.equal(getattr(net.net.slice5, "28").weight, source.features[28].weight)
+    torch.save({k: v for k, v in trunk.items() if not k.startswith("features.28.")}, tmp_path / "cut.pth")
+    with pytest.raises(N.WeightsError, match="cut.pth does not fit VGG-16"):
+        N.lpips_vgg(tmp_path / "cut.pth")
+    # The calibrated linear layers are LPIPS's own (non-negative weights), not random ones.
+    assert all((lin.model[-1].weight >= 0).all() for lin in net.lins)
+
+
+def test_the_fid_inception_loads_from_a_local_file(tmp_path, monkeypatch):
+    """The standard FID Inception (torch-fidelity's architecture), from a file we write with random weights."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    with monkeypatch.context() as patch:  # build the architecture once without weights, to get a state dict
+        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        random_state = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    torch.save(random_state, tmp_path / N.INCEPTION_FILE)
+    net = N.inception(tmp_path / N.INCEPTION_FILE)
+    assert torch.equal(net.state_dict()["Conv2d_1a_3x3.conv.weight"], random_state["Conv2d_1a_3x3.conv.weight"])
+    features = net(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert features.reshape(2, -1).shape == (2, 2048)
+    with pytest.raises(N.WeightsError, match="cannot read weights"):
+        (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+        N.inception(tmp_path / "junk.pth")
+
+
+def test_frechet_plumbing(frames):
+    features = TinyFeatures()
+    results = []
+    for amount in (0, 20, 60):
+        metric = M.Frechet(features, (3, 32, 32), batch_size=7)
+        metric.update(M.to_tensor(shifted(frames, amount)), real=False)
+        metric.update(M.to_tensor(frames), real=True)
+        results.append(metric.compute())
+    assert results[0] == pytest.approx(0.0, abs=1e-9)
+    assert 0 < results[1] < results[2]
+
+
+def test_a_frechet_distance_needs_two_samples(frames):
+    metric = M.Frechet(TinyFeatures(), (3, 64, 64))
+    metric.update(M.to_tensor(frames[:1]), real=False)
+    metric.update(M.to_tensor(frames[:1]), real=True)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        metric.compute()
+
+
+def test_video_clips_are_every_16_consecutive_frames_stride_1(frames):
+    windows = M.clip_windows(20)
+    assert [(w.start, w.stop) for w in windows] == [(k, k + 16) for k in range(5)]
+    assert M.clip_windows(15) == [] and len(M.clip_windows(16)) == 1
+    stacked = M.clips(frames, windows[1:3])
+    assert stacked.shape == (2, 16, 32, 32, 3)
+    assert np.array_equal(stacked[0].numpy(), frames[1:17]) and np.array_equal(stacked[1].numpy(), frames[2:18])
+
+
+def test_video_networks_take_clips_and_load_local_files(tmp_path):
+    torch.manual_seed(0)
+    net = N.video_network("mc3_18", None)
+    clips = torch.randint(0, 255, (1, 16, 40, 40, 3), dtype=torch.uint8)
+    assert net(clips).shape == (1, 512)
+    torch.save(net.net.state_dict() | {"fc.weight": torch.zeros(400, 512), "fc.bias": torch.zeros(400)},
+               tmp_path / "mc3.pth")
+    loaded = N.video_network("mc3_18", tmp_path / "mc3.pth")
+    torch.testing.assert_close(loaded(clips), net(clips))
+    torch.save({"not": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(N.WeightsError, match="wrong.pth does not fit"):
+        N.video_network("mc3_18", tmp_path / "wrong.pth")
+
+
+# -- scoring folders ------------------------------------------------------------------------------
+
+NETS = {"fid": TinyFeatures(), "fid-vid": TinyVideoFeatures(), "fvd": TinyVideoFeatures()}
+
+
+@pytest.fixture(scope="module")
+def folders(frames, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    for name, content in (("gt", frames), ("same", frames), ("shift", shifted(frames, 30))):
+        write_frames(root / name / "clip_a", content)
+        write_frames(root / name / "clip_b", content[::-1][:17])
+    return root
+
+
+def test_scores_of_identical_and_shifted_sets(folders, random_lpips):
+    nets = {**NETS, "lpips": random_lpips}
+    metrics = ["fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd"]
+    same = score(folders / "same", folders / "gt", metrics, nets)
+    assert same["counts"] == {"sequences": 2, "frames": 37, "clips": 5 + 2}
+    values = same["metrics"]
+    assert values["ssim"] == 1.0 and values["psnr"] == M.PSNR_CAP and values["l1"] == 0.0 and values["lpips"] == 0.0
+    for name in ("fid", "fid-vid", "fvd"):
+        assert values[name] == pytest.approx(0.0, abs=1e-6)
+    worse = score(folders / "shift", folders / "gt", metrics, nets)["metrics"]
+    assert worse["ssim"] < 1 and worse["psnr"] < 30 and worse["l1"] > 0 and worse["lpips"] > 0
+    assert all(worse[name] > 1e-6 for name in ("fid", "fid-vid", "fvd"))
+    # PSNR and L1 are per-pair means.
+    first = np.stack([M.psnr(shifted(f, 30), f) for f in np.stack(pan_zoom_frames(data.astronaut(), 20, 32))])
+    assert worse["psnr"] == pytest.approx(np.mean(np.concatenate([first, first[::-1][:17]])), rel=1e-3)
+
+
+def test_videos_score_like_their_frames(frames, folders, tmp_path):
+    # Lossless frames vs the same frames through a lossy video: both sides read as videos.
+    write_video(tmp_path / "pred" / "clip.mp4", list(frames), 10)
+    write_video(tmp_path / "gt" / "clip.mp4", list(frames), 10)
+    result = score(tmp_path / "pred", tmp_path / "gt", ["psnr", "fvd"], NETS)
+    assert result["counts"] == {"sequences": 1, "frames": 20, "clips": 5}
+    assert result["metrics"]["psnr"] == M.PSNR_CAP
+
+
+def test_mismatched_sets_are_refused(folders, tmp_path):
+    write_frames(tmp_path / "pred" / "clip_a", np.zeros((3, 8, 8, 3), np.uint8))
+    with pytest.raises(EvaluateInputError, match="same sequences"):
+        score(tmp_path / "pred", folders / "gt", ["psnr"], {})
+    write_frames(tmp_path / "p2" / "clip_a", np.zeros((3, 8, 8, 3), np.uint8))
+    write_frames(tmp_path / "g2" / "clip_a", np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(EvaluateInputError, match="do not match by name"):
+        score(tmp_path / "p2", tmp_path / "g2", ["psnr"], {})
+
+
+def test_the_report_records_scores_counts_and_settings(folders, tmp_path):
+    config = EvaluateConfig(output=tmp_path / "m.json", pred=folders / "shift", gt=folders / "gt",
+                            metrics=["fid", "ssim", "fvd"])
+    report = evaluate(config, networks=NETS, log=lambda m: None)
+    stored = json.loads((tmp_path / "m.json").read_text())
+    assert stored["metrics"] == report["metrics"] and set(stored["metrics"]) == {"fid", "ssim", "fvd"}
+    assert stored["settings"]["conventions"]["video_clips"] == "16 consecutive frames, stride 1"
+    assert stored["settings"]["networks"]["fvd"]["network"].startswith("s3d")
+
+
+def test_a_missing_weight_file_is_named(tmp_path):
+    config = NetworkConfig(weights=tmp_path)
+    with pytest.raises(N.WeightsError, match=N.INCEPTION_FILE):
+        config.files(["ssim", "fid"])
+    assert config.files(["ssim", "psnr", "l1"]) == {}
+    with pytest.raises(N.WeightsError, match="--vgg16"):
+        NetworkConfig().files(["lpips"])
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["evaluate", *[str(a) for a in args]])
+
+
+def test_evaluate_cli_prints_a_table_and_writes_json(folders, tmp_path):
+    result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "ssim,psnr,l1",
+                  "--output", tmp_path / "scores.json")
+    assert result.exit_code == 0, result.output
+    assert "PSNR" in result.output and "L1" in result.output
+    assert set(json.loads((tmp_path / "scores.json").read_text())["metrics"]) == {"ssim", "psnr", "l1"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics", "fid"], N.INCEPTION_FILE),
+    (["--metrics", "psnr,bogus"], "unknown metric bogus"),
+    (["--metrics", "fvd", "--fvd-arch", "i3d"], "unknown video network 'i3d'"),
+    (["--metrics", "psnr", "--device", "tpu9"], "--device"),
+])
+def test_evaluate_usage_errors_are_one_line_exit_2(folders, tmp_path, args, message, monkeypatch):
+    monkeypatch.delenv(N.WEIGHTS_ENV, raising=False)
+    result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--weights", tmp_path,
+                  "--output", tmp_path / "o.json", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_missing_gpu_is_a_usage_error(folders, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "psnr", "--device", "cuda",
+                  "--output", tmp_path / "o.json")
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_evaluate_needs_pred_and_gt_or_a_run(folders, tmp_path):
+    result = _cli("--pred", folders / "shift", "--output", tmp_path / "o.json")
+    assert result.exit_code == 2 and "--pred and --gt go together" in result.output
+    result = _cli("--run", tmp_path, "--output", tmp_path / "o.json")
+    assert result.exit_code == 2 and "--data" in result.output
