@@ -264,8 +264,21 @@ class SampleStream:
         self._blocks = self._stream()
         self._block, self._offset = None, 0
 
+    def _limit_run_ahead(self) -> None:
+        """Ray Data decodes ahead until its object-store budget is full: a whole chunk, competing
+        with the model for the CPU. Bound it to a few batches beyond the loop's prefetch."""
+        import ray.data
+        from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+
+        per_sample = 3 * self.resolution ** 2 * 3 + 4 * CLIP_SIZE ** 2
+        batches = self.prefetch_batches + 2 * self.data_tasks + 2
+        options = ray.data.DataContext.get_current().execution_options
+        options.resource_limits = options.resource_limits.copy(object_store_memory=batches * self.batch * per_sample)
+
     def _dataset(self, start: int, stop: int):
         import ray
+
+        self._limit_run_ahead()
 
         local = np.arange(start, stop, dtype=np.int64)
         table = locator_table(self.index, self._orders, global_positions(local, self.rank, self.world, self.batch),

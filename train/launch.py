@@ -3,6 +3,7 @@ loop in this process (one worker) or on N Ray Train workers (``TorchTrainer``)."
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,7 @@ from disco.pipeline.config import ConfigError
 from disco.train.checkpoint import clean_temporary, list_checkpoints
 from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
 from disco.train.data import build_index
-from disco.train.loop import train_loop_per_worker
+from disco.train.loop import SUMMARY_FILE, train_loop_per_worker
 from disco.train.monitor import read_metrics
 
 # Options a resumed run may change; all others decide the data order or the model and must stay.
@@ -32,14 +33,14 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
             raise ConfigError(f"--resume: {run} is not a training run (no {CONFIG_FILE})")
         saved = load_run_config(run)
         changes = {}
-        for name in sorted(given or ()):
+        for name in sorted((given or set()) - {"output", "resume"}):
             new, old = getattr(cfg, name), getattr(saved, name)
             if name in RESUME_MAY_CHANGE:
                 changes[name] = new
             elif new != old and not (name == "data" and not new):
                 raise ConfigError(f"--resume keeps the run's {name.replace('_', '-')} ({old!r}); "
                                   f"it cannot become {new!r}")
-        cfg = saved.updated({**changes, "resume": True})
+        cfg = saved.updated({**changes, "resume": True, "output": str(run)})
         clean_temporary(run)
         checkpoints = list_checkpoints(run)
         checkpoint = checkpoints[max(checkpoints)] if checkpoints else None
@@ -126,8 +127,8 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float, ray) -> dict:
         run_config=RunConfig(storage_path=str((Path(cfg.output) / "ray").resolve()), name="train",
                              failure_config=FailureConfig(max_failures=0)),
     )
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    trainer.fit()
+    return json.loads((Path(cfg.output) / SUMMARY_FILE).read_text())
 
 
 def _follow_metrics(run: Path, on_metrics: Callable[[dict], None], stop: threading.Event) -> None:

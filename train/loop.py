@@ -10,6 +10,7 @@ worker and batch 2b as with two workers and batch b, and the same after a resume
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from disco.train.monitor import Monitor
 from disco.train.sampling import ddim_sample, fit_pose, latent_factor
 
 DRAW_SALT = 0x9E3779B9
+SUMMARY_FILE = "summary.json"
 
 
 class DiffusionObjective(nn.Module):
@@ -251,7 +253,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     skipped = skipped_before + int(sum(dist.gather(stream.skipped)))
     if monitor is not None:
         monitor.close()
-    summary = {"step": step, "loss": last_loss, "skipped_rows": skipped}
+    summary = {"step": step, "loss": last_loss, "skipped_rows": skipped, "workers": world}
+    if rank == 0:
+        (run / SUMMARY_FILE).write_text(json.dumps(summary))
     if distributed:
         import ray.train
 

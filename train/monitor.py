@@ -32,7 +32,7 @@ class Monitor:
 
     def grid(self, step: int, columns: list[torch.Tensor]) -> Path:
         """One row per sample, one column per picture (each B x 3 x H x W in [0, 1])."""
-        size = columns[0].shape[-1]
+        size = columns[-1].shape[-1]  # the training resolution (the CLIP reference is 224)
         tiles = [torch.nn.functional.interpolate(c.float().cpu(), size=(size, size), mode="bilinear",
                                                  align_corners=False) for c in columns]
         rows = torch.stack(tiles, dim=1).permute(0, 2, 3, 1, 4).reshape(len(tiles[0]), 3, size, size * len(tiles))
