@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        float(loss)
+        float(loss.detach())
     if device == "cuda":
         torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
@@ -92,10 +93,17 @@ def compare(label: str, triplets: Path, work: Path, steps: int, **options) -> No
     log_every = max(1, steps // 4)
     cfg = TrainConfig(stage="finetune", data=[str(triplets)], output=str(work / label), max_steps=steps + log_every,
                       checkpoint_every=10**9, sample_every=10**9, log_every=log_every, warmup_steps=0, **options)
+    device = "cuda" if cfg.use_gpu else "cpu"
+    # The minimal loop runs before and after the trainer: on a shared machine the load changes
+    # during a run, and the mean of the two brackets the trainer's time.
+    before = minimal_speed(cfg, steps, device)
     trainer, waited = trainer_speed(cfg, skip_steps=log_every)
-    minimal = minimal_speed(cfg, steps, "cuda" if cfg.use_gpu else "cpu")
+    after = minimal_speed(cfg, steps, device)
+    minimal = (before + after) / 2
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{label}: trainer {trainer:.2f} steps/s (waiting for data {waited:.1%} of the time), "
-          f"minimal in-memory loop {minimal:.2f} steps/s, ratio {trainer / minimal:.2f}", flush=True)
+          f"minimal in-memory loop {before:.2f} before / {after:.2f} after steps/s, "
+          f"ratio {trainer / minimal:.2f} (load average {load})", flush=True)
 
 
 def main() -> None:

@@ -244,7 +244,9 @@ def _corrupt_copy(folder: Path, target: Path, frame: int) -> str:
 def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
     bad = tmp_path / "bad"
     _corrupt_copy(triplets["video"], bad, frame=5)
-    cfg = _config(tmp_path, triplets, "corrupt", data=[str(bad)], batch_size=4, max_steps=3)
+    # Also exercises gradient accumulation, clipping and the EMA.
+    cfg = _config(tmp_path, triplets, "corrupt", data=[str(bad)], batch_size=2, grad_accum=2, max_steps=3,
+                  max_grad_norm=1.0, ema_decay=0.5)
     summary = train(cfg)
     assert summary["step"] == 3
     # Which stream positions the run read: 12 good samples, in the order of the epochs.
@@ -260,7 +262,13 @@ def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
         else:
             good += 1
     assert expected >= 1 and summary["skipped_rows"] == expected
-    assert json.loads((Path(cfg.output) / "checkpoint-00000003" / "state.json").read_text())["skipped"] == expected
+    checkpoint = Path(cfg.output) / "checkpoint-00000003"
+    assert json.loads((checkpoint / "state.json").read_text())["skipped"] == expected
+    # With an EMA, load_model gives the averaged weights, which trail the trained ones.
+    ema, trained = read_checkpoint(checkpoint)[3], _weights(Path(cfg.output))
+    name = "unet.conv_in.weight"
+    assert torch.equal(load_model(cfg.output).get_parameter(name), ema[name])
+    assert not torch.equal(ema[name], trained[name])
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -272,11 +280,13 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--data",
                                  str(triplets["video"]), "--output", str(run), "--config", str(config),
-                                 "--batch-size", "2", "--no-progress"])
+                                 "--batch-size", "2", "--mixed-precision", "bf16", "--gradient-checkpointing",
+                                 "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "trained to step 2" in result.output
     saved = load_run_config(run)
     assert (saved.batch_size, saved.lr, saved.stage, saved.model_seed) == (2, 5e-4, "pretrain", 0)
+    assert (saved.mixed_precision, saved.gradient_checkpointing) == ("bf16", True)
     assert len(saved.data) == 2 and list_checkpoints(run) and load_model(run).pose_controlnet is None
     # The same output again without --resume, and --resume at the end: one-line usage errors.
     again = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--output",
