@@ -60,7 +60,7 @@ class TrainConfig:
     # CPUs Ray accounts per training worker and per data task; None sizes them from the cluster.
     cpus_per_worker: float | None = None
     data_cpus: float | None = None
-    prefetch_batches: int = 2
+    prefetch_batches: int = 4
     resume: bool = False
 
     # -- loading --------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from disco.train.augment import CLIP_SIZE, apply_box, crop_box, scale_box
 
 WINDOW_GROUPS = 8
 CHUNK_BATCHES = 256  # micro-batches per Ray Data execution; streams are chained chunk by chunk
-REFERENCE_CACHE_ROWS = 256
+REFERENCE_CACHE_ROWS = 64  # decoded: 3 pictures each
 INDEX_COLUMNS = ["source", "clip_id", "frame_index", "split"]
 
 
@@ -182,13 +182,20 @@ def _read_rows(path: str, group: int, rows: list[int], columns: list[str]) -> di
     return {r: {c: table.column(c)[r].as_py() for c in columns} for r in set(rows)}
 
 
+def _decode_reference(values: dict) -> dict:
+    return {"foreground": decode_picture(values["foreground"]), "background": decode_picture(values["background"]),
+            "mask": decode_picture(values["mask"], grayscale=True)}
+
+
 def _reference(path: str, group: int, row: int, loaded: dict) -> dict:
-    """A reference row's pictures; clips' first frames are read once per process, not per sample."""
+    """A reference row's decoded pictures. Under ``--ref-mode first`` every sample of a clip has
+    the same reference, so decoded references are cached per process: read and decoded once per
+    clip, not once per sample."""
     key = (path, group, row)
-    if "foreground" in loaded.get(key, {}):
-        return loaded[key]
+    if "foreground" in loaded.get(key, {}):  # pre-training: the row is its own reference
+        return _decode_reference(loaded[key])
     if key not in _REFERENCES:
-        _REFERENCES[key] = _read_rows(path, group, [row], list(REFERENCE_COLUMNS + ("width", "height")))[row]
+        _REFERENCES[key] = _decode_reference(_read_rows(path, group, [row], list(REFERENCE_COLUMNS))[row])
         while len(_REFERENCES) > REFERENCE_CACHE_ROWS:
             _REFERENCES.popitem(last=False)
     _REFERENCES.move_to_end(key)
@@ -231,10 +238,10 @@ def load_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: 
                 if target["pose"] is None:
                     raise ValueError("the row has no pose picture (preprocessed with --pose none)")
                 out["pose"][i] = _chw(apply_box(decode_picture(target["pose"]), box, resolution))
-            ref_box = scale_box(box, image.shape[:2], (ref["height"], ref["width"]))
-            out["background"][i] = _chw(apply_box(decode_picture(ref["background"]), ref_box, resolution))
-            out["reference"][i] = _chw(apply_box(decode_picture(ref["foreground"]), ref_box, CLIP_SIZE))
-            out["reference_mask"][i] = _chw(apply_box(decode_picture(ref["mask"], grayscale=True), ref_box, CLIP_SIZE))
+            ref_box = scale_box(box, image.shape[:2], ref["background"].shape[:2])
+            out["background"][i] = _chw(apply_box(ref["background"], ref_box, resolution))
+            out["reference"][i] = _chw(apply_box(ref["foreground"], ref_box, CLIP_SIZE))
+            out["reference_mask"][i] = _chw(apply_box(ref["mask"], ref_box, CLIP_SIZE))
             out["ok"][i] = True
         except Exception:  # noqa: BLE001 - any undecodable row is skipped and counted, never fatal
             for key in ("target", "background", "pose", "reference", "reference_mask"):
@@ -262,13 +269,12 @@ class SampleStream:
         self.prefetch_batches, self.device = prefetch_batches, device
         self._orders = Orders(index, seed)
         self._blocks = self._stream()
-        self._block, self._offset = None, 0
+        self._block, self._offset, self._bad_run = None, 0, 0
 
     def _limit_run_ahead(self) -> None:
         """Ray Data decodes ahead until its object-store budget is full: a whole chunk, competing
         with the model for the CPU. Bound it to a few batches beyond the loop's prefetch."""
         import ray.data
-        from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
 
         per_sample = 3 * self.resolution ** 2 * 3 + 4 * CLIP_SIZE ** 2
         batches = self.prefetch_batches + 2 * self.data_tasks + 2
@@ -319,6 +325,10 @@ class SampleStream:
             keep = self._block["ok"][rows]
             parts.append({k: v[rows][keep] for k, v in self._block.items()})
             self.skipped += int((~keep).sum())
+            self._bad_run = 0 if keep.any() else self._bad_run + int((~keep).sum())
+            if self._bad_run > len(self.index):  # a whole epoch without one decodable row
+                raise DataError(f"no row decodes: {self._bad_run} in a row failed (corrupt pictures, or no pose "
+                                "for fine-tuning)")
             need -= int(keep.sum())
             self.position += end - self._offset
             self._offset = end
