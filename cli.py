@@ -14,7 +14,7 @@ from rich.table import Table
 
 app = typer.Typer(
     name="disco-cli",
-    help="Preprocess dance videos and photos into DisCo training triplets (foreground, background, pose).",
+    help="Preprocess dance videos and photos into DisCo training triplets (foreground, background, pose), and train DisCo on them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -474,6 +474,85 @@ def evaluate(
     Console().print(table)
     console.print(f"{counts['sequences']} sequences, {counts['frames']} frames, {counts['clips']} clips of 16 frames; "
                   f"report: {output.resolve()}")
+
+
+@app.command()
+def train(
+    stage: Optional[str] = typer.Option(None, help="pretrain (human-attribute pre-training on stills) or finetune (with pose). Default finetune."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", "-d", help="A `disco-cli preprocess` output folder; repeat for several."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The run directory: config.yaml, checkpoints, logs/, samples/."),
+    pretrained: Optional[Path] = typer.Option(None, help="Local sd-image-variations folder (diffusers layout) to start from."),
+    model: Optional[str] = typer.Option(None, help="Start from random weights of a named architecture instead (tiny, sd-image-variations)."),
+    init_from: Optional[Path] = typer.Option(None, help="Fine-tune from this pre-training (HAP) run: its UNet, projection and background ControlNet."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options (dashes or underscores); flags override it."),
+    ref_mode: Optional[str] = typer.Option(None, help="Fine-tuning reference frame: first (the clip's first frame, default) or random."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution in pixels (default 256)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random crops of DisCo's recipe (default on); off: centre crop."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train (default 1000)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per worker per micro-batch (default 8)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 1)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: pretrain 1e-3, finetune 2e-4)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps (default 10% of --max-steps), then linear decay to 0."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this (default: no clipping)."),
+    ema_decay: Optional[float] = typer.Option(None, help="Keep an EMA of the weights with this decay (default: none, as in DisCo)."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 (GPU) or bf16 (default no)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory (default off)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the data order, crops, noise and (with --model) the random weights (default 0)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write a checkpoint every N steps (default 500, and at the end)."),
+    keep: Optional[int] = typer.Option(None, help="Checkpoints to keep (default 3)."),
+    sample_every: Optional[int] = typer.Option(None, help="Write a reference | pose | generated | target grid every N steps (default 500)."),
+    sample_steps: Optional[int] = typer.Option(None, help="DDIM steps for the sample grids (default 50)."),
+    log_every: Optional[int] = typer.Option(None, help="Log scalars every N steps (default 10)."),
+    num_workers: Optional[int] = typer.Option(None, help="Data-parallel training workers through Ray Train (default 1: in this process)."),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-use-gpu", help="Train on GPUs, one per worker (default off)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster to train on (default: a local instance)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest checkpoint of --output with its saved configuration."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train DisCo on preprocessed triplets: --stage pretrain (HAP) or finetune; resumable."""
+    from disco.pipeline.config import ConfigError
+    from disco.train.config import TrainConfig
+    from disco.train.data import DataError
+    from disco.train.launch import train as run_training
+
+    flags = dict(stage=stage, data=[str(d) for d in data] if data else None, output=str(output) if output else None,
+                 pretrained=str(pretrained) if pretrained else None, model=model,
+                 init_from=str(init_from) if init_from else None, ref_mode=ref_mode, resolution=resolution,
+                 augment=augment, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                 warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
+                 mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
+                 checkpoint_every=checkpoint_every, keep=keep, sample_every=sample_every, sample_steps=sample_steps,
+                 log_every=log_every, num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address)
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
+        cfg = cfg.updated({**given, "resume": resume})
+    except ConfigError as exc:
+        _usage_error(str(exc))
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+               TextColumn("loss {task.fields[loss]}, {task.fields[speed]} samples/s, data wait {task.fields[wait]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("train", total=None, loss="-", speed="-", wait="-")
+
+        def on_metrics(m: dict) -> None:
+            bar.update(task, completed=m["step"], loss=f"{m['loss']:.4f}", speed=f"{m['samples_per_s']:.1f}",
+                       wait=f"{m['data_wait_fraction']:.0%}")
+
+        def log(message: str) -> None:
+            bar.console.print(message, highlight=False)
+            bar.update(task, total=cfg.max_steps if not resume else None)
+
+        try:
+            summary = run_training(cfg, given=set(given), on_metrics=on_metrics, log=log)
+        except (ConfigError, DataError) as exc:
+            _usage_error(str(exc))
+        except ConnectionError as exc:
+            _usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
+        bar.update(task, completed=summary["step"], total=summary["step"])
+    console.print(f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
+                  f"{summary['skipped_rows']} undecodable rows skipped")
+    console.print(f"run: {Path(cfg.output).resolve()}  (config.yaml, checkpoint-*/, logs/ for TensorBoard, samples/)")
 
 
 @app.command()

@@ -180,16 +180,21 @@ class DisCoModel(ModelMixin, ConfigMixin):
         background_latents: torch.Tensor,
         pose_image: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Classifier-free-guidance dropout, drawn per sample (the official code drops a whole batch).
 
         A dropped reference becomes the zero-image CLIP encoding, a dropped background a zero
-        latent, a dropped pose an empty (black) skeleton picture.
+        latent, a dropped pose an empty (black) skeleton picture. ``uniforms`` (B x 3: reference,
+        background, pose), when given, replaces the draws from ``generator``: the trainer draws
+        them from each sample's own seed, so a sample's dropout does not depend on its batch.
         """
         batch = reference_tokens.shape[0]
+        columns = iter(range(3))
 
         def draw(p: float) -> torch.Tensor:
-            u = torch.rand(batch, generator=generator, device="cpu")
+            column = next(columns)
+            u = uniforms[:, column].cpu() if uniforms is not None else torch.rand(batch, generator=generator, device="cpu")
             return (u < p).to(reference_tokens.device)
 
         drop_ref = draw(self.config.reference_dropout)

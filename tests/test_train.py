@@ -1,0 +1,324 @@
+"""The trainer on triplets written by the real pipeline (tiny model, CPU, local 2-CPU Ray)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.pipeline.config import ConfigError, PreprocessConfig
+from disco.pipeline.demo_data import pan_zoom_frames, write_video
+from disco.pipeline.encode import decode_picture
+from disco.pipeline.reader import open_triplets
+from disco.pipeline.run import preprocess
+from disco.pipeline.schema import TRIPLET_SCHEMA
+from disco.train.augment import apply_box, crop_box
+from disco.train.checkpoint import find_checkpoint, initial_model, list_checkpoints, load_model, read_checkpoint
+from disco.train.config import TrainConfig, load_run_config
+from disco.train.data import SampleStream, build_index, epoch_order
+from disco.train.inputs import model_inputs
+from disco.train.launch import train
+from disco.train.loop import DiffusionObjective, sample_draws
+from helpers import save
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+FRAMES = 8
+RES = 64
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory, ray_local) -> dict[str, Path]:
+    """A short clip (fine-tuning) and two stills (pre-training), through `preprocess`."""
+    root = tmp_path_factory.mktemp("triplets")
+    write_video(root / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), FRAMES, 96), 30.0)
+    video = preprocess(PreprocessConfig(source="video", input=root / "videos", output=root / "video", max_side=96),
+                       log=lambda *_: None)
+    assert video.manifest["counts"]["rows_written"] == FRAMES
+    astronaut = Image.fromarray(data.astronaut()).resize((96, 96))
+    save(root / "stills" / "astronaut.png", astronaut)
+    save(root / "stills" / "mirrored.png", astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    stills = preprocess(PreprocessConfig(source="images", input=root / "stills", output=root / "images", max_side=96),
+                        log=lambda *_: None)
+    assert stills.manifest["counts"]["rows_written"] == 2
+    return {"video": root / "video", "images": root / "images"}
+
+
+def _config(tmp_path: Path, triplets, name: str, **options) -> TrainConfig:
+    values = dict(stage="finetune", data=[str(triplets["video"])], output=str(tmp_path / name), model="tiny",
+                  resolution=RES, batch_size=2, max_steps=2, checkpoint_every=1000, sample_every=1000,
+                  sample_steps=2, log_every=1, warmup_steps=0)
+    values.update(options)
+    return TrainConfig(**values)
+
+
+def _weights(run: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    return read_checkpoint(find_checkpoint(run, step))[0]
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+def _stream(triplets, stage="finetune", batch=FRAMES, **options) -> dict:
+    folders = [str(triplets["video"])] + ([str(triplets["images"])] if stage == "pretrain" else [])
+    settings = dict(stage=stage, ref_mode="first", resolution=RES, augment=False, seed=0, batch=batch)
+    settings.update(options)
+    stream = SampleStream(build_index(folders), **settings)
+    try:
+        return stream.next_batch()
+    finally:
+        stream.close()
+
+
+def _rows_by_frame(folder: Path) -> dict[int, dict]:
+    return {r["frame_index"]: r for r in open_triplets(folder).to_table().to_pylist()}
+
+
+def test_finetune_pairs_every_target_with_its_clips_first_frame(triplets):
+    batch = _stream(triplets)
+    rows = _rows_by_frame(triplets["video"])
+    side = rows[0]["height"]
+    box = crop_box(side, side, "finetune", 0, augment=False)
+    first_bg = apply_box(decode_picture(rows[0]["background"]), box, RES).transpose(2, 0, 1)
+    targets = {bytes(apply_box(decode_picture(r["image"]), box, RES).transpose(2, 0, 1).tobytes()): f
+               for f, r in rows.items()}
+    seen = set()
+    for i in range(FRAMES):
+        # Background (and foreground) from frame 0, target from the row itself.
+        assert np.array_equal(batch["background"][i].numpy(), first_bg)
+        seen.add(targets[bytes(batch["target"][i].numpy().tobytes())])
+    assert seen == set(range(FRAMES))  # one epoch holds every frame once
+    # Pre-training: each image is its own reference.
+    hap = _stream(triplets, stage="pretrain", batch=FRAMES + 2)
+    assert len({bytes(b.numpy().tobytes()) for b in hap["background"]}) == FRAMES + 2
+
+
+def test_random_reference_mode_draws_frames_of_the_same_clip(triplets):
+    batch = _stream(triplets, ref_mode="random")
+    rows = _rows_by_frame(triplets["video"])
+    side = rows[0]["height"]
+    box = crop_box(side, side, "finetune", 0, augment=False)
+    backgrounds = {bytes(apply_box(decode_picture(r["background"]), box, RES).transpose(2, 0, 1).tobytes()): f
+                   for f, r in rows.items()}
+    refs = [backgrounds[bytes(b.numpy().tobytes())] for b in batch["background"]]
+    assert len(set(refs)) > 1  # not always the first frame
+
+
+def test_one_crop_for_every_picture_of_a_sample(triplets):
+    batch = _stream(triplets, stage="pretrain", batch=4, augment=True)
+    target, background = batch["target"].float(), batch["background"].float()
+    # Away from the person's edge the background *is* the image: same crop, so the same pixels
+    # (up to JPEG noise). A crop drawn with another seed does not line up.
+    keep = (background > 8).all(1, keepdim=True).expand_as(background)
+    aligned = (target - background).abs()[keep].mean()
+    shifted = (target.roll(6, dims=-1) - background).abs()[keep].mean()
+    assert aligned < 6 < shifted
+    boxes = {crop_box(96, 96, "finetune", s) for s in range(20)}
+    assert len(boxes) > 10 and all(h == w and 0.9 * 96 * 96 <= h * w * 1.02 for _, _, h, w in boxes)
+
+
+def test_the_stream_resumes_at_its_position_and_splits_batches_across_workers(triplets):
+    index = build_index([str(triplets["video"])])
+    full = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=4)
+    first, second = full.next_batch()["position"], full.next_batch()["position"]
+    full.close()
+    resumed = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=4,
+                           position=4)
+    assert torch.equal(resumed.next_batch()["position"], second)
+    resumed.close()
+    halves = []
+    for rank in range(2):
+        s = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=2,
+                         rank=rank, world=2)
+        halves.append(s.next_batch()["position"])
+        s.close()
+    assert torch.equal(torch.cat(halves), first)
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def _eval_loss(model, batch, repeats=4) -> float:
+    """The objective on fixed samples and fixed noise, so before and after are comparable."""
+    objective = DiffusionObjective(model.eval())
+    side = batch["target"].shape[-1] // 4  # the tiny VAE shrinks by 4
+    with torch.no_grad():
+        losses = [float(objective(**model_inputs(batch), **sample_draws(batch["position"] + 1000 * r, 7,
+                                                                          (4, side, side), 1000, "cpu")))
+                  for r in range(repeats)]
+    return sum(losses) / repeats
+
+
+def test_a_tiny_model_overfits_a_few_triplets(triplets, tmp_path):
+    cfg = _config(tmp_path, triplets, "overfit", batch_size=4, max_steps=40, lr=1e-3, augment=False, log_every=10,
+                  resolution=32)
+    summary = train(cfg)
+    assert summary["step"] == 40
+    batch = _stream(triplets, resolution=32)
+    before = _eval_loss(initial_model(load_run_config(cfg.output)), batch)
+    after = _eval_loss(load_model(cfg.output), batch)
+    assert after <= 0.5 * before, (before, after)
+    logged = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["loss"] < 0.5 * logged[0]["loss"]
+
+
+def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path):
+    cfg = _config(tmp_path, triplets, "whole", max_steps=4, checkpoint_every=1, keep=2, sample_every=2)
+    train(cfg)
+    run = Path(cfg.output)
+    assert sorted(list_checkpoints(run)) == [3, 4]  # --keep 2
+    assert not list(run.glob(".tmp-*")) and not list(run.glob(".old-*"))
+    # A crash right after step 3: the run directory as it was then, plus a half-written checkpoint.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("checkpoint-00000004", "summary.json"))
+    (crashed / ".tmp-checkpoint-00000004-999").mkdir()
+    (crashed / ".tmp-checkpoint-00000004-999" / "trainable.safetensors").write_bytes(b"cut short")
+    summary = train(TrainConfig(output=str(crashed), resume=True), given={"output", "resume"})
+    assert summary["step"] == 4
+    assert not (crashed / ".tmp-checkpoint-00000004-999").exists()
+    whole, resumed = _weights(run, 4), _weights(crashed, 4)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    optimizer_a = read_checkpoint(find_checkpoint(run, 4))[1]["optimizer"]["state"]
+    optimizer_b = read_checkpoint(find_checkpoint(crashed, 4))[1]["optimizer"]["state"]
+    assert all(torch.equal(optimizer_a[i]["exp_avg_sq"], optimizer_b[i]["exp_avg_sq"]) for i in optimizer_a)
+    assert json.loads((run / "checkpoint-00000004" / "state.json").read_text())["positions"] == [8]
+    # Logging: TensorBoard scalars and the sample grids.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/samples_per_s", "train/data_wait_fraction"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    grid = np.asarray(Image.open(run / "samples" / "step-00000004.png"))
+    assert grid.shape == (2 * RES, 4 * RES, 3)  # 2 samples x reference | pose | generated | target
+    assert grid[:, 3 * RES:].std() > 10 and grid[:, RES:2 * RES].any()
+    # The public loader: a run directory (latest or a step) or a checkpoint folder.
+    model = load_model(run)
+    assert all(torch.equal(model.get_parameter(k), whole[k]) for k in whole)
+    assert torch.equal(load_model(run / "checkpoint-00000003").get_parameter(next(iter(whole))),
+                       _weights(run, 3)[next(iter(whole))])
+    with pytest.raises(ConfigError, match="no checkpoint of step 1"):
+        load_model(run, step=1)
+
+
+def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, tmp_path):
+    one = _config(tmp_path, triplets, "one", batch_size=4)
+    two = _config(tmp_path, triplets, "two", batch_size=2, num_workers=2)
+    assert train(one)["step"] == 2
+    assert train(two) == {"step": 2, "loss": pytest.approx(train_loss(one), rel=1e-4), "skipped_rows": 0, "workers": 2}
+    a, b = _weights(Path(one.output)), _weights(Path(two.output))
+    start = initial_model(load_run_config(one.output)).trainable_parameters()
+    difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+    update = torch.sqrt(sum(((a[k] - start[k].detach()) ** 2).sum() for k in a))
+    # Same samples, noise and timesteps; only the order of float sums differs (gloo all-reduce of
+    # two half-batch means against one mean). Adam divides by sqrt(v), which enlarges that noise
+    # on near-zero gradients, so the bound is relative to the update, not bit-exact.
+    assert update > 0.01 and difference / update < 1e-3
+    assert max((a[k] - b[k]).abs().max() for k in a) < 0.5 * one.learning_rate
+
+
+def train_loss(cfg: TrainConfig) -> float:
+    return json.loads((Path(cfg.output) / "summary.json").read_text())["loss"]
+
+
+def _corrupt_copy(folder: Path, target: Path, frame: int) -> str:
+    shutil.copytree(folder, target)
+    shard = next((target / "triplets").glob("*.parquet"))
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[frame] = b"\xff\xd8 not a jpeg any more"
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
+    return table.column("sample_id")[frame].as_py()
+
+
+def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
+    bad = tmp_path / "bad"
+    _corrupt_copy(triplets["video"], bad, frame=5)
+    # Also exercises gradient accumulation, clipping and the EMA.
+    cfg = _config(tmp_path, triplets, "corrupt", data=[str(bad)], batch_size=2, grad_accum=2, max_steps=3,
+                  max_grad_norm=1.0, ema_decay=0.5)
+    summary = train(cfg)
+    assert summary["step"] == 3
+    # Which stream positions the run read: 12 good samples, in the order of the epochs.
+    index = build_index([str(bad)])
+    corrupt_row = int(np.flatnonzero(index.frame == 5)[0])
+    order = np.concatenate([epoch_order(index, cfg.seed, e) for e in range(3)])
+    good, expected = 0, 0
+    for row in order:
+        if good == 12:
+            break
+        if row == corrupt_row:
+            expected += 1
+        else:
+            good += 1
+    assert expected >= 1 and summary["skipped_rows"] == expected
+    checkpoint = Path(cfg.output) / "checkpoint-00000003"
+    assert json.loads((checkpoint / "state.json").read_text())["skipped"] == expected
+    # With an EMA, load_model gives the averaged weights, which trail the trained ones.
+    ema, trained = read_checkpoint(checkpoint)[3], _weights(Path(cfg.output))
+    name = "unet.conv_in.weight"
+    assert torch.equal(load_model(cfg.output).get_parameter(name), ema[name])
+    assert not torch.equal(ema[name], trained[name])
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny\nresolution: {RES}\nbatch-size: 4\nlr: 5.0e-4\nmax_steps: 2\nsample_every: 1000\n")
+    run = tmp_path / "hap"
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--data",
+                                 str(triplets["video"]), "--output", str(run), "--config", str(config),
+                                 "--batch-size", "2", "--mixed-precision", "bf16", "--gradient-checkpointing",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "trained to step 2" in result.output
+    saved = load_run_config(run)
+    assert (saved.batch_size, saved.lr, saved.stage, saved.model_seed) == (2, 5e-4, "pretrain", 0)
+    assert (saved.mixed_precision, saved.gradient_checkpointing) == ("bf16", True)
+    assert len(saved.data) == 2 and list_checkpoints(run) and load_model(run).pose_controlnet is None
+    # The same output again without --resume, and --resume at the end: one-line usage errors.
+    again = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--output",
+                                str(run), "--model", "tiny", "--no-progress"])
+    finished = runner.invoke(app, ["train", "--output", str(run), "--resume", "--no-progress"])
+    changed = runner.invoke(app, ["train", "--output", str(run), "--resume", "--batch-size", "8", "--no-progress"])
+    for outcome, words in ((again, "--resume"), (finished, "--max-steps"), (changed, "batch-size")):
+        assert outcome.exit_code == 2 and words in outcome.output and "Traceback" not in outcome.output
+        assert len(outcome.output.strip().splitlines()) == 1
+    # Fine-tuning from the HAP run: UNet, projection and background ControlNet come from it.
+    cfg = _config(tmp_path, triplets, "ft", init_from=str(run), model_seed=0)
+    model, hap = initial_model(cfg), load_model(run)
+    for part in ("unet", "reference_projection", "background_controlnet"):
+        ours, theirs = getattr(model, part).state_dict(), getattr(hap, part).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
+    assert model.pose_controlnet is not None
+
+
+def test_cli_usage_errors_exit_2_with_one_line(triplets, tmp_path):
+    runner = CliRunner()
+    base = ["train", "--output", str(tmp_path / "r"), "--no-progress"]
+    cases = [
+        (["--data", str(tmp_path / "missing"), "--model", "tiny"], "no triplets/"),
+        (["--data", str(triplets["video"])], "exactly one of --pretrained"),
+        (["--data", str(triplets["video"]), "--model", "tiny", "--stage", "warmup"], "unknown stage"),
+        (["--data", str(triplets["video"]), "--model", "tiny", "--mixed-precision", "fp8"], "mixed-precision"),
+        (["--data", str(triplets["video"]), "--model", "tiny", "--stage", "pretrain", "--init-from", str(tmp_path)],
+         "--init-from"),
+        (["--output", str(tmp_path / "nothing"), "--resume"], "not a training run"),
+    ]
+    for extra, words in cases:
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert words in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1

@@ -1,0 +1,169 @@
+"""Run directories and their checkpoints, and rebuilding a trained model from them.
+
+A run directory holds ``config.yaml`` (the resolved configuration), ``checkpoint-XXXXXXXX/``
+folders, ``logs/`` (TensorBoard), ``samples/`` (PNG grids) and ``metrics.jsonl``. A checkpoint
+holds the trainable weights (``trainable.safetensors``, plus ``ema.safetensors`` with EMA), the
+optimizer / LR scheduler / grad scaler / RNG states (``training_state.pt``, tensors and plain
+values only, read back with ``weights_only=True``) and ``state.json`` (step, data positions,
+skipped rows). It is written to a hidden temporary folder and renamed into place, so a kill at
+any moment leaves either the whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from disco.model.disco import DisCoModel
+from disco.pipeline.config import ConfigError
+from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
+
+WEIGHTS_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
+TRAINING_STATE_FILE = "training_state.pt"
+STATE_FILE = "state.json"
+_NAME = re.compile(r"^checkpoint-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def list_checkpoints(run: str | Path) -> dict[int, Path]:
+    """Complete checkpoints of a run by step (temporary and half-deleted folders never count)."""
+    run = Path(run)
+    found = {}
+    if run.is_dir():
+        for path in run.iterdir():
+            match = _NAME.match(path.name)
+            if match and (path / STATE_FILE).exists():
+                found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
+    """``path`` is a checkpoint folder, or a run directory (then its latest checkpoint, or ``step``)."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).exists():
+        if step is not None and int(json.loads((path / STATE_FILE).read_text())["step"]) != step:
+            raise ConfigError(f"{path} is the checkpoint of another step than {step}")
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise ConfigError(f"{path} holds no checkpoint (expected checkpoint-XXXXXXXX/ folders or {WEIGHTS_FILE})")
+    if step is None:
+        return checkpoints[max(checkpoints)]
+    if step not in checkpoints:
+        raise ConfigError(f"{path} has no checkpoint of step {step}; it has steps {', '.join(map(str, checkpoints))}")
+    return checkpoints[step]
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+def base_model(cfg: TrainConfig, variant: str) -> DisCoModel:
+    """The model before any training: the sd-image-variations folder, or a named architecture with
+    random weights drawn from ``model_seed`` (so a run directory can rebuild its frozen parts)."""
+    if cfg.pretrained:
+        return DisCoModel.from_sd_image_variations(cfg.pretrained, variant=variant)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.model_seed if cfg.model_seed is not None else cfg.seed)
+        return DisCoModel.from_architecture(cfg.model, variant=variant)
+
+
+def initial_model(cfg: TrainConfig) -> DisCoModel:
+    """The model at step 0 of a run. Fine-tuning from a HAP run (``init_from``) takes the UNet,
+    projection and background ControlNet from it and a fresh pose ControlNet from the base UNet."""
+    if cfg.stage == "finetune" and cfg.init_from:
+        hap = load_model(cfg.init_from)
+        if hap.config.variant != "pretrain":
+            raise ConfigError(f"--init-from {cfg.init_from} is a {hap.config.variant} run, not a pretrain (HAP) run")
+        if cfg.pretrained:
+            from diffusers import UNet2DConditionModel
+
+            base_unet = UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", local_files_only=True)
+        else:
+            base_unet = base_model(cfg, "pretrain").unet
+        return DisCoModel.finetune_from_hap(hap.train(), base_unet)
+    return base_model(cfg, cfg.stage)
+
+
+def _load_trainable(model: DisCoModel, weights: dict[str, torch.Tensor], source: Path) -> None:
+    expected = set(model.trainable_parameters())
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ConfigError(f"{source} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+    model.load_state_dict(weights, strict=False)
+
+
+def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> DisCoModel:
+    """The trained DisCo model of a run directory (its latest checkpoint, or ``step``) or of one
+    checkpoint folder: frozen parts rebuilt from the run's ``config.yaml`` (``--model`` or
+    ``--pretrained``), trainable weights from safetensors (the EMA weights when the run kept an
+    EMA). Returned in eval mode on ``device``."""
+    checkpoint = find_checkpoint(path, step)
+    run = checkpoint.parent
+    if not (run / CONFIG_FILE).exists():
+        raise ConfigError(f"{run} holds no {CONFIG_FILE}; cannot tell which base model {checkpoint} belongs to")
+    cfg = load_run_config(run)
+    model = base_model(cfg, cfg.stage)
+    weights_file = checkpoint / (EMA_FILE if (checkpoint / EMA_FILE).exists() else WEIGHTS_FILE)
+    _load_trainable(model, load_file(str(weights_file)), weights_file)
+    return model.to(device).eval()
+
+
+# -- writing and reading checkpoints ------------------------------------------------------------------
+
+def save_checkpoint(run: str | Path, step: int, model: DisCoModel, training_state: dict, state: dict,
+                    ema_weights: dict[str, torch.Tensor] | None, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the last ``keep``."""
+    run = Path(run)
+    final = run / checkpoint_name(step)
+    tmp = run / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in model.trainable_parameters().items()}
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
+    if ema_weights is not None:
+        save_file({n: t.detach().cpu().contiguous() for n, t in ema_weights.items()}, str(tmp / EMA_FILE))
+    torch.save(training_state, tmp / TRAINING_STATE_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
+    for file in tmp.iterdir():
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # the same step written again after a resume: replace it whole
+        old = run / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(final)
+    for old_step, old in list(list_checkpoints(run).items())[:-keep]:
+        doomed = run / f".old-{old.name}-{os.getpid()}"
+        old.rename(doomed)  # no longer a checkpoint the moment it is renamed, even if rmtree is cut short
+        shutil.rmtree(doomed)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict[str, torch.Tensor] | None]:
+    """Trainable weights, training state (tensors and plain values only), ``state.json``, EMA weights."""
+    weights = load_file(str(path / WEIGHTS_FILE))
+    training_state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    state = json.loads((path / STATE_FILE).read_text())
+    ema = load_file(str(path / EMA_FILE)) if (path / EMA_FILE).exists() else None
+    return weights, training_state, state, ema
+
+
+def clean_temporary(run: str | Path) -> list[Path]:
+    """Remove what an interrupted checkpoint write or prune left behind."""
+    removed = []
+    for path in Path(run).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    for path in Path(run).glob(".old-checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -1,0 +1,179 @@
+"""The one configuration object of the training stage, with its YAML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from disco.model.configs import CONFIGS
+from disco.pipeline.config import ConfigError
+
+STAGES = ("pretrain", "finetune")
+REF_MODES = ("first", "random")
+PRECISIONS = ("no", "fp16", "bf16")
+CONFIG_FILE = "config.yaml"
+# Per-stage defaults from the paper / official code (DESIGN.md, "Recipe").
+DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-4}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"
+    data: list[str] = field(default_factory=list)
+    output: str = ""
+    # The base: a local sd-image-variations folder, or a named random-weight architecture.
+    pretrained: str | None = None
+    model: str | None = None
+    # Seed of the random base weights when `model` is set (frozen VAE and CLIP come from it, so a
+    # run directory can rebuild them); inherited from --init-from.
+    model_seed: int | None = None
+    init_from: str | None = None
+    ref_mode: str = "first"
+    split: str = "train"
+    resolution: int = 256
+    augment: bool = True
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup_steps: int | None = None  # default: 10% of max_steps
+    weight_decay: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    max_grad_norm: float | None = None
+    ema_decay: float | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep: int = 3
+    sample_every: int = 500
+    sample_count: int = 4
+    sample_steps: int = 50
+    guidance_scale: float = 1.5
+    log_every: int = 10
+    num_workers: int = 1
+    use_gpu: bool = False
+    ray_address: str | None = None
+    # CPUs Ray accounts per training worker and per data task; None sizes them from the cluster.
+    cpus_per_worker: float | None = None
+    data_cpus: float | None = None
+    prefetch_batches: int = 4
+    resume: bool = False
+
+    # -- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of option: value")
+        return cls().updated(values, origin=str(path))
+
+    def updated(self, values: dict, origin: str = "options") -> "TrainConfig":
+        """A copy with ``values`` applied (keys may use dashes, as on the command line)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        clean = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown option {key!r} in {origin}")
+            clean[name] = value
+        if isinstance(clean.get("data"), str):
+            clean["data"] = [clean["data"]]
+        if "adam_betas" in clean:
+            clean["adam_betas"] = tuple(clean["adam_betas"])
+        return dataclasses.replace(self, **clean)
+
+    # -- derived values -------------------------------------------------------------------------
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(0, self.max_steps // 10)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.num_workers
+
+    @property
+    def variant(self) -> str:
+        return self.stage
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise ConfigError(f"unknown stage {self.stage!r}; choose pretrain or finetune")
+        if not self.output:
+            raise ConfigError("--output is required")
+        if not self.data and not self.resume:
+            raise ConfigError("give at least one --data folder (a `disco-cli preprocess` output)")
+        for folder in self.data:
+            if not (Path(folder) / "triplets").is_dir():
+                raise ConfigError(f"--data {folder} holds no triplets/ folder; is it a `disco-cli preprocess` output?")
+        if (self.pretrained is None) == (self.model is None):
+            raise ConfigError("give exactly one of --pretrained DIR (sd-image-variations weights) or --model tiny")
+        if self.model is not None and self.model not in CONFIGS:
+            raise ConfigError(f"unknown --model {self.model!r}; choose one of {', '.join(CONFIGS)}")
+        if self.pretrained is not None and not Path(self.pretrained).is_dir():
+            raise ConfigError(f"--pretrained {self.pretrained} is not a folder")
+        if self.init_from is not None:
+            if self.stage != "finetune":
+                raise ConfigError("--init-from loads a pre-training (HAP) run into fine-tuning; use it with --stage finetune")
+            if not (Path(self.init_from) / CONFIG_FILE).exists():
+                raise ConfigError(f"--init-from {self.init_from} is not a training run (no {CONFIG_FILE})")
+        if self.ref_mode not in REF_MODES:
+            raise ConfigError(f"unknown --ref-mode {self.ref_mode!r}; choose first or random")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"unknown --mixed-precision {self.mixed_precision!r}; choose no, fp16 or bf16")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError("--resolution must be a positive multiple of 8 (the VAE downsamples by 8)")
+        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep", "sample_every",
+                     "num_workers", "log_every", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.learning_rate <= 0:
+            raise ConfigError("--lr must be positive")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError("--ema-decay must be between 0 and 1")
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ConfigError("--mixed-precision fp16 needs --use-gpu (on CPU use bf16)")
+        if self.use_gpu:
+            import torch
+
+            if not torch.cuda.is_available() and not self.ray_address:
+                raise ConfigError("--use-gpu asked for, but CUDA is not available on this machine")
+        return self
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+        return path
+
+
+def load_run_config(run: str | Path) -> TrainConfig:
+    """The resolved configuration saved in a run directory."""
+    path = Path(run) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{run} is not a training run: {CONFIG_FILE} is missing")
+    return TrainConfig.from_yaml(path)

@@ -1,0 +1,281 @@
+"""The training loop: one function for every worker. ``launch.train`` calls it in-process for one
+worker, or hands it to Ray Train's ``TorchTrainer`` for N workers (DDP over gloo or NCCL).
+
+Everything random about a sample (its crop, diffusion timestep, noise, latent sample, condition
+dropout) is drawn from a seed derived from (run seed, the sample's position in the global
+stream). So the update of a step depends only on which positions it holds: the same with one
+worker and batch 2b as with two workers and batch b, and the same after a resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+from disco.model.disco import VAE_SCALING, DisCoModel
+from disco.train.checkpoint import _load_trainable, initial_model, read_checkpoint, save_checkpoint
+from disco.train.config import TrainConfig
+from disco.train.data import SampleStream, build_index, sample_seed
+from disco.train.inputs import model_inputs, reference_picture
+from disco.train.monitor import Monitor
+from disco.train.sampling import ddim_sample, fit_pose, latent_factor
+
+DRAW_SALT = 0x9E3779B9
+SUMMARY_FILE = "summary.json"
+
+
+class DiffusionObjective(nn.Module):
+    """Epsilon-prediction MSE on VAE latents (DDPM schedule of the model's scheduler config)."""
+
+    def __init__(self, model: DisCoModel):
+        super().__init__()
+        self.model = model
+        self.noise_scheduler = DDPMScheduler.from_config(model.config.scheduler_config)
+
+    def forward(self, target, background, pose, reference, noise, latent_noise, timesteps, uniforms):
+        model = self.model
+        with torch.no_grad():
+            posterior = model.vae.encode(target).latent_dist
+            latents = (posterior.mean + posterior.std * latent_noise) * VAE_SCALING
+            background_latents = model.encode_background(background)
+        tokens = model.encode_reference(reference)
+        pose = fit_pose(model, pose, latents.shape[-1])
+        tokens, background_latents, pose = model.drop_conditions(tokens, background_latents, pose, uniforms=uniforms)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        predicted = model(noisy, timesteps, tokens, background_latents, pose)
+        return F.mse_loss(predicted.float(), noise.float())
+
+
+def sample_draws(positions: torch.Tensor, seed: int, latent_shape: tuple, timesteps: int, device) -> dict:
+    """Noise, latent-sampling noise, timestep and three dropout uniforms for each sample."""
+    noise, latent_noise, steps, uniforms = [], [], [], []
+    for position in positions.tolist():
+        g = torch.Generator().manual_seed(sample_seed(seed, position) ^ DRAW_SALT)
+        steps.append(torch.randint(0, timesteps, (1,), generator=g))
+        uniforms.append(torch.rand(3, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+        latent_noise.append(torch.randn(latent_shape, generator=g))
+    return {
+        "noise": torch.stack(noise).to(device), "latent_noise": torch.stack(latent_noise).to(device),
+        "timesteps": torch.cat(steps).to(device), "uniforms": torch.stack(uniforms),
+    }
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"numpy": [kind, keys.tolist(), pos, has_gauss, cached], "python": _jsonable(random.getstate())}
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _restore_rng(state: dict, training_state: dict) -> None:
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(training_state["torch_rng"])
+    if "cuda_rng" in training_state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(training_state["cuda_rng"])
+
+
+def _configure_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the stream's order is part of the run's determinism
+    ctx.enable_progress_bars = False  # the trainer has its own progress
+
+
+class _Dist:
+    """The few collective operations the loop needs; no-ops for one worker."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
+
+    def gather(self, value) -> list:
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    cfg = TrainConfig().updated(loop_config["config"])
+    distributed = loop_config.get("distributed", False)
+    if distributed:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    dist = _Dist(world)
+    _configure_ray_data()
+    run = Path(cfg.output)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    model = initial_model(cfg)
+    checkpoint = loop_config.get("checkpoint")
+    state, training_state, ema_weights = {}, {}, None
+    if checkpoint:
+        weights, training_state, state, ema_weights = read_checkpoint(Path(checkpoint))
+        _load_trainable(model, weights, Path(checkpoint))
+    model.set_trainable()
+    if cfg.gradient_checkpointing:
+        model.enable_memory_savings(gradient_checkpointing=True)
+    model.train()
+    objective = DiffusionObjective(model)
+    if world > 1:
+        import ray.train.torch
+
+        objective = ray.train.torch.prepare_model(objective)
+    else:
+        objective.to(device)
+    names = list(model.trainable_parameters())
+    params = list(model.trainable_parameters().values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    ema = None
+    if cfg.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
+    step, position, skipped_before = 0, 0, 0
+    if checkpoint:
+        optimizer.load_state_dict(training_state["optimizer"])
+        scheduler.load_state_dict(training_state["scheduler"])
+        scaler.load_state_dict(training_state["scaler"])
+        if ema is not None and ema_weights is not None:
+            ema.shadow_params = [ema_weights[n].to(device) for n in names]
+            ema.optimization_step = int(state["step"])
+        _restore_rng(state["rng"], training_state)
+        step, position = int(state["step"]), int(state["positions"][rank])
+        skipped_before = int(state["skipped"])
+
+    index = build_index(cfg.data, cfg.split)
+    stream = SampleStream(index, stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution,
+                          augment=cfg.augment, seed=cfg.seed, batch=cfg.batch_size, rank=rank, world=world,
+                          position=position, data_cpus=loop_config.get("data_cpus", 0.25),
+                          prefetch_batches=cfg.prefetch_batches)
+    monitor = Monitor(run) if rank == 0 else None
+    precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    side = cfg.resolution // latent_factor(model)
+    latent_shape = (model.unet.config.in_channels, side, side)
+    timesteps = objective.noise_scheduler.config.num_train_timesteps if world == 1 else \
+        objective.module.noise_scheduler.config.num_train_timesteps
+    preview = None
+    window_start, waited, window_steps, loss_sum, last_loss = time.perf_counter(), 0.0, 0, 0.0, float("nan")
+
+    def checkpoint_now():
+        positions = dist.gather((stream.position, stream.skipped))
+        if rank == 0:
+            training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                training["cuda_rng"] = torch.cuda.get_rng_state()
+            info = {"positions": [p for p, _ in positions], "skipped": skipped_before + sum(s for _, s in positions),
+                    "world_size": world, "rng": _rng_state()}
+            ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
+            save_checkpoint(run, step, model, training, info, ema_state, cfg.keep)
+
+    while step < cfg.max_steps:
+        for micro in range(cfg.grad_accum):
+            started = time.perf_counter()
+            batch = stream.next_batch()
+            waited += time.perf_counter() - started
+            if rank == 0 and preview is None:
+                preview = {k: v[:cfg.sample_count].clone() for k, v in batch.items()}
+            inputs = model_inputs(batch, device)
+            draws = sample_draws(batch["position"], cfg.seed, latent_shape, timesteps, device)
+            last_micro = micro == cfg.grad_accum - 1
+            sync = objective.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                    loss = objective(**inputs, **draws)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+        if cfg.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ema is not None:
+            ema.step(params)
+        step += 1
+        window_steps += 1
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            last_loss = dist.mean(loss_sum / window_steps)
+            skipped = skipped_before + int(sum(dist.gather(stream.skipped)))
+            if monitor is not None:
+                monitor.log(step, {
+                    "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": window_steps * cfg.batch_size * cfg.grad_accum * world / elapsed,
+                    "steps_per_s": window_steps / elapsed, "data_wait_fraction": waited / elapsed,
+                    "skipped_rows": skipped,
+                })
+            window_start, waited, window_steps, loss_sum = time.perf_counter(), 0.0, 0, 0.0
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            checkpoint_now()
+        if monitor is not None and preview is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            write_sample_grid(model, preview, cfg, step, monitor, device, precision)
+
+    stream.close()
+    skipped = skipped_before + int(sum(dist.gather(stream.skipped)))
+    if monitor is not None:
+        monitor.close()
+    summary = {"step": step, "loss": last_loss, "skipped_rows": skipped, "workers": world}
+    if rank == 0:
+        (run / SUMMARY_FILE).write_text(json.dumps(summary))
+    if distributed:
+        import ray.train
+
+        ray.train.report(summary)
+    return summary
+
+
+def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: int, monitor: Monitor, device,
+                      precision) -> Path:
+    """reference | pose | generated | target for the first samples the run saw, with the current weights."""
+    inputs = model_inputs(preview, device)
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            generated = ddim_sample(model, inputs["reference"], inputs["background"],
+                                    inputs["pose"] if model.pose_controlnet is not None else None,
+                                    steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+    finally:
+        model.train()
+    columns = [reference_picture(inputs["reference"]), inputs["pose"], (generated.float() + 1) / 2,
+               (inputs["target"] + 1) / 2]
+    return monitor.grid(step, columns)
