@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +22,13 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+
+
+# The demo's scale: small enough for a few minutes on 2 cores.
+DEMO_STEPS = 30
+DEMO_RESOLUTION = 64
+DEMO_SAMPLE_STEPS = 10
+DEMO_FRAMES = 16
 
 
 def _usage_error(message: str) -> None:
@@ -131,6 +140,55 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
     if result.exit_code:
         raise typer.Exit(result.exit_code)
     return result.manifest
+
+
+def run_training(cfg, given: set[str] | None = None, show_progress: bool = True) -> dict:
+    """Run (or resume) a training run with a progress bar; returns its summary."""
+    from disco.pipeline.config import ConfigError
+    from disco.train.data import DataError
+    from disco.train.launch import train as launch_training
+
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+               TextColumn("loss {task.fields[loss]}, {task.fields[speed]} samples/s, data wait {task.fields[wait]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not show_progress) as bar:
+        task = bar.add_task("train", total=None, loss="-", speed="-", wait="-")
+
+        def on_metrics(m: dict) -> None:
+            bar.update(task, completed=m["step"], loss=f"{m['loss']:.4f}", speed=f"{m['samples_per_s']:.1f}",
+                       wait=f"{m['data_wait_fraction']:.0%}")
+
+        def log(message: str) -> None:
+            bar.console.print(message, highlight=False)
+            bar.update(task, total=cfg.max_steps if not cfg.resume else None)
+
+        try:
+            summary = launch_training(cfg, given=given, on_metrics=on_metrics, log=log)
+        except (ConfigError, DataError) as exc:
+            _usage_error(str(exc))
+        except ConnectionError as exc:
+            _usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
+        bar.update(task, completed=summary["step"], total=summary["step"])
+    return summary
+
+
+def run_generation(config, show_progress: bool = True):
+    """Generate a video with a progress bar; a user's mistake is a one-line usage error."""
+    from disco.generate.inputs import GenerateInputError
+    from disco.generate.run import generate as run_generate
+
+    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not show_progress) as bar:
+        task = bar.add_task("generate", total=None)
+        try:
+            result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False),
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (GenerateInputError, FileNotFoundError) as exc:
+            _usage_error(str(exc))
+        except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
+            _usage_error(str(exc))
+    return result
 
 
 @app.command()
@@ -390,9 +448,7 @@ def generate(
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
 ) -> None:
     """Generate a dance video: the person of --reference, in its own or another scene, moving as --pose."""
-    from disco.generate.inputs import GenerateInputError
     from disco.generate.run import GenerateConfig
-    from disco.generate.run import generate as run_generate
 
     _check_device(device)
     config = GenerateConfig(
@@ -400,16 +456,7 @@ def generate(
         steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,
         frames=frames, side_by_side=side_by_side, max_frames=max_frames, device=device,
     )
-    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("generate", total=None)
-        try:
-            result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False),
-                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
-        except (GenerateInputError, FileNotFoundError) as exc:
-            _usage_error(str(exc))
-        except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
-            _usage_error(str(exc))
+    result = run_generation(config)
     console.print(f"wrote {result.video.resolve()}: {result.frames} frames, {result.size} x {result.size} px, "
                   f"{result.fps:g} fps, in {result.seconds:.1f} s")
     for extra in (result.side_by_side, result.frames_dir):
@@ -512,8 +559,6 @@ def train(
     """Train DisCo on preprocessed triplets: --stage pretrain (HAP) or finetune; resumable."""
     from disco.pipeline.config import ConfigError
     from disco.train.config import TrainConfig
-    from disco.train.data import DataError
-    from disco.train.launch import train as run_training
 
     flags = dict(stage=stage, data=[str(d) for d in data] if data else None, output=str(output) if output else None,
                  pretrained=str(pretrained) if pretrained else None, model=model,
@@ -529,27 +574,7 @@ def train(
         cfg = cfg.updated({**given, "resume": resume})
     except ConfigError as exc:
         _usage_error(str(exc))
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-               TextColumn("loss {task.fields[loss]}, {task.fields[speed]} samples/s, data wait {task.fields[wait]}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("train", total=None, loss="-", speed="-", wait="-")
-
-        def on_metrics(m: dict) -> None:
-            bar.update(task, completed=m["step"], loss=f"{m['loss']:.4f}", speed=f"{m['samples_per_s']:.1f}",
-                       wait=f"{m['data_wait_fraction']:.0%}")
-
-        def log(message: str) -> None:
-            bar.console.print(message, highlight=False)
-            bar.update(task, total=cfg.max_steps if not resume else None)
-
-        try:
-            summary = run_training(cfg, given=set(given), on_metrics=on_metrics, log=log)
-        except (ConfigError, DataError) as exc:
-            _usage_error(str(exc))
-        except ConnectionError as exc:
-            _usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
-        bar.update(task, completed=summary["step"], total=summary["step"])
+    summary = run_training(cfg, given=set(given), show_progress=progress)
     console.print(f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
                   f"{summary['skipped_rows']} undecodable rows skipped")
     console.print(f"run: {Path(cfg.output).resolve()}  (config.yaml, checkpoint-*/, logs/ for TensorBoard, samples/)")
@@ -558,34 +583,71 @@ def train(
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the demo's inputs and results."),
+    steps: int = typer.Option(DEMO_STEPS, help="Training steps of each stage (pre-training, then fine-tuning)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Preprocess real photos and a short clip of people that ship with installed packages."""
+    """The whole journey on photos and a clip that ship with installed packages: preprocess, a short
+    tiny-model pre-training and fine-tuning, and a generated clip."""
+    import shutil
+
+    from disco.generate.run import GenerateConfig
     from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.contact_sheet import write_contact_sheet
-    from disco.pipeline.demo_data import write_demo_images, write_demo_video
+    from disco.pipeline.demo_data import DEMO_CLIP, write_demo_images, write_demo_video
     from disco.pipeline.reader import open_triplets
+    from disco.train.config import TrainConfig
 
+    if steps < 1:
+        _usage_error("--steps must be at least 1")
     images_in, videos_in = output / "inputs" / "images", output / "inputs" / "videos"
     write_demo_images(images_in)
     write_demo_video(videos_in)
-    console.print(f"demo inputs: {images_in.resolve()} and {videos_in.resolve()}")
-    results = []
+    console.print(f"[bold]1/4 preprocess[/bold]: {images_in.resolve()} and {videos_in.resolve()}")
+    triplets = {}
     for source, folder in (("images", images_in), ("video", videos_in)):
         out = output / f"triplets-{source}"
-        config = PreprocessConfig(source=source, input=folder, output=out, overwrite=True)
-        run_preprocess(config, show_progress=progress)
-        sheet = out / "contact_sheet.png"
-        write_contact_sheet(open_triplets(out), sheet, 8)
-        results.append((source, out, sheet))
-    console.print("\n[bold green]demo finished[/bold green]")
-    for source, out, sheet in results:
+        run_preprocess(PreprocessConfig(source=source, input=folder, output=out, overwrite=True),
+                       show_progress=progress)
+        write_contact_sheet(open_triplets(out), out / "contact_sheet.png", 8)
+        triplets[source] = out
+    # A demo always starts over: a run folder left by an earlier demo would be refused (resume).
+    runs = {"pretrain": output / "run-pretrain", "finetune": output / "run-finetune"}
+    for run in runs.values():
+        shutil.rmtree(run, ignore_errors=True)
+    common = dict(model="tiny", resolution=DEMO_RESOLUTION, batch_size=2, max_steps=steps, checkpoint_every=steps,
+                  sample_every=steps, sample_steps=DEMO_SAMPLE_STEPS, sample_count=2, log_every=5)
+    console.print("[bold]2/4 pre-train[/bold] (human attributes, on every still and frame)")
+    summary = run_training(TrainConfig(stage="pretrain", data=[str(triplets["images"]), str(triplets["video"])],
+                                       output=str(runs["pretrain"]), **common), show_progress=progress)
+    console.print(f"  step {summary['step']}, loss {summary['loss']:.4f}")
+    console.print("[bold]3/4 fine-tune[/bold] (with pose, on the clip)")
+    summary = run_training(TrainConfig(stage="finetune", data=[str(triplets["video"])], output=str(runs["finetune"]),
+                                       init_from=str(runs["pretrain"]), **common), show_progress=progress)
+    console.print(f"  step {summary['step']}, loss {summary['loss']:.4f}")
+    console.print("[bold]4/4 generate[/bold] (the astronaut photo, moving as the clip's stored poses)")
+    video = output / "generated.mp4"
+    result = run_generation(GenerateConfig(
+        checkpoint=runs["finetune"], reference=images_in / "astronaut.png", pose=triplets["video"], clip=DEMO_CLIP,
+        output=video, steps=DEMO_SAMPLE_STEPS, size=DEMO_RESOLUTION, max_frames=DEMO_FRAMES, side_by_side=True,
+    ), show_progress=progress)
+
+    console.print("\n[bold green]demo finished[/bold green] (a tiny model trained for seconds: expect noise, not dancers)")
+    for source, out in triplets.items():
         console.print(f"  {source:7s} triplets: {(out / 'triplets').resolve()}")
-        console.print(f"  {source:7s} contact sheet: {sheet.resolve()}")
-    console.print(f"look inside with: disco-cli inspect {results[0][1]}")
+        console.print(f"  {source:7s} contact sheet: {(out / 'contact_sheet.png').resolve()}")
+    for stage, run in runs.items():
+        console.print(f"  {stage:8s} run: {run.resolve()}  (checkpoints, logs/ for TensorBoard, samples/*.png)")
+    console.print(f"  generated clip: {result.video.resolve()}  ({result.frames} frames)")
+    console.print(f"  pose | generated: {result.side_by_side.resolve()}")
+    console.print(f"look inside with: disco-cli inspect {triplets['images']}")
 
 
 def main() -> None:
+    # MediaPipe (the in-process annotators of generate / demo) logs its start-up through glog and
+    # TensorFlow Lite; nothing in it is for a user.
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype")
     app(prog_name="disco-cli")
 
 

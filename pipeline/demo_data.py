@@ -73,8 +73,11 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> Path:
     return path
 
 
+DEMO_CLIP = "astronaut_zoom"
+
+
 def write_demo_video(folder: Path, seconds: float = 2.0, fps: float = 30.0, size: int = 320) -> Path:
     from skimage import data
 
     frames = pan_zoom_frames(data.astronaut(), int(seconds * fps), size)
-    return write_video(folder / "astronaut_zoom.mp4", frames, fps)
+    return write_video(folder / f"{DEMO_CLIP}.mp4", frames, fps)
