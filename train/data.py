@@ -271,20 +271,24 @@ class SampleStream:
         self._blocks = self._stream()
         self._block, self._offset, self._bad_run = None, 0, 0
 
-    def _limit_run_ahead(self) -> None:
-        """Ray Data decodes ahead until its object-store budget is full: a whole chunk, competing
-        with the model for the CPU. Bound it to a few batches beyond the loop's prefetch."""
+    def _configure_ray_data(self) -> None:
+        """Blocks in order: resume and the workers' shares depend on it. And a bound on how far Ray
+        Data decodes ahead: by default it fills its object-store budget (a whole chunk), competing
+        with the model for the CPU; a few batches beyond the loop's prefetch are enough."""
         import ray.data
 
         per_sample = 3 * self.resolution ** 2 * 3 + 4 * CLIP_SIZE ** 2
         batches = self.prefetch_batches + 2 * self.data_tasks + 2
-        options = ray.data.DataContext.get_current().execution_options
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the trainer has its own progress
+        options = context.execution_options
+        options.preserve_order = True  # the stream's order is part of the run's determinism
         options.resource_limits = options.resource_limits.copy(object_store_memory=batches * self.batch * per_sample)
 
     def _dataset(self, start: int, stop: int):
         import ray
 
-        self._limit_run_ahead()
+        self._configure_ray_data()
 
         local = np.arange(start, stop, dtype=np.int64)
         table = locator_table(self.index, self._orders, global_positions(local, self.rank, self.world, self.batch),

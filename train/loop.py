@@ -90,14 +90,6 @@ def _restore_rng(state: dict, training_state: dict) -> None:
         torch.cuda.set_rng_state(training_state["cuda_rng"])
 
 
-def _configure_ray_data() -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the stream's order is part of the run's determinism
-    ctx.enable_progress_bars = False  # the trainer has its own progress
-
-
 class _Dist:
     """The few collective operations the loop needs; no-ops for one worker."""
 
@@ -133,7 +125,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         rank, world = 0, 1
         device = torch.device("cuda" if cfg.use_gpu else "cpu")
     dist = _Dist(world)
-    _configure_ray_data()
     run = Path(cfg.output)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
