@@ -30,12 +30,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> DisCoModel:
     if is_pretrained_folder(path):
         model = DisCoModel.from_pretrained(path, local_files_only=True)
     else:
-        try:
-            from disco.train.checkpoint import load_model
-        except ImportError:
-            raise ValueError(
-                f"{path} is not a DisCoModel.save_pretrained folder (config.json naming DisCoModel and "
-                f"{WEIGHTS_FILE}), and this build has no trainer to read training runs"
-            ) from None
+        from disco.train.checkpoint import load_model
+
         model = load_model(path, device=device)
     return model.to(device).eval()

@@ -12,8 +12,6 @@ import cv2
 import numpy as np
 import torch
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DISCO_SIZE = 256  # the paper trains and samples at 256 x 256
 
 
@@ -67,10 +65,11 @@ def pose_size(model, size: int) -> int:
 
 def reference_pixels(image: np.ndarray, alpha: np.ndarray, clip_size: int = 224) -> torch.Tensor:
     """RGB uint8 picture and its person alpha (0..255) -> 1 x 3 x 224 x 224 CLIP input, masked."""
-    rgb = square(image, clip_size).astype(np.float32) / 255.0
-    mask = (square(alpha, clip_size, nearest=True) >= 128).astype(np.float32)
-    normalised = (rgb - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-    return torch.from_numpy(normalised * mask[..., None]).permute(2, 0, 1)[None].contiguous()
+    from disco.train.inputs import clip_input
+
+    rgb = torch.from_numpy(square(image, clip_size).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    mask = torch.from_numpy((square(alpha, clip_size, nearest=True) >= 128).astype(np.float32))[None, None]
+    return clip_input(rgb, mask).contiguous()
 
 
 def background_pixels(background: np.ndarray, size: int) -> torch.Tensor:

@@ -98,22 +98,33 @@ class DisCoPipeline:
     def _sample(self, noise, pose, tokens, empty, background_latents, num_inference_steps, guidance_scale):
         model, device = self.model, self.device
         dtype = next(model.unet.parameters()).dtype
-        guided = guidance_scale != 1.0
-        pose = pose.to(device, dtype)
         n = len(pose)
         latents = noise.to(device, dtype) * self.scheduler.init_noise_sigma
-        reference_tokens = tokens.expand(n, -1, -1)
+        images = guided_ddim(model, self.scheduler, latents, tokens.expand(n, -1, -1), empty.expand(n, -1, -1),
+                             background_latents.expand(n, -1, -1, -1), pose.to(device, dtype),
+                             num_inference_steps, guidance_scale)
+        return to_uint8(images)
+
+
+def guided_ddim(model: DisCoModel, scheduler: DDIMScheduler, latents: torch.Tensor, tokens: torch.Tensor,
+                empty: torch.Tensor, background_latents: torch.Tensor, pose: torch.Tensor | None, steps: int,
+                guidance_scale: float, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The one DDIM loop (generation and the trainer's sample grids): classifier-free guidance on
+    the reference only (``empty`` is the zero-image reference; background and pose are kept).
+    ``latents`` is the initial noise already scaled by the scheduler; returns decoded pictures in
+    [-1, 1]."""
+    guided = guidance_scale != 1.0
+    if guided:
+        tokens = torch.cat([empty, tokens])
+        background_latents = torch.cat([background_latents] * 2)
+        pose = torch.cat([pose] * 2) if pose is not None else None
+    scheduler.set_timesteps(steps, device=latents.device)
+    for t in scheduler.timesteps:
+        model_in = torch.cat([latents] * 2) if guided else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        eps = model(model_in, t.expand(model_in.shape[0]), tokens, background_latents, pose)
         if guided:
-            reference_tokens = torch.cat([empty.expand(n, -1, -1), reference_tokens])
-            pose = torch.cat([pose, pose])
-        background = background_latents.expand(len(pose), -1, -1, -1)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.scheduler.timesteps:
-            model_in = torch.cat([latents, latents]) if guided else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            eps = model(model_in, t, reference_tokens, background, pose)
-            if guided:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
-        return to_uint8(model.vae.decode(latents / VAE_SCALING).sample)
+            uncond, cond = eps.chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+    return model.vae.decode(latents / VAE_SCALING).sample.clamp(-1, 1)

@@ -229,7 +229,7 @@ def test_checkpoint_resolution_errors(tmp_path, inputs):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing")
     (tmp_path / "run").mkdir()
-    with pytest.raises(ValueError, match="not a DisCoModel.save_pretrained folder"):
+    with pytest.raises(ValueError, match="holds no checkpoint"):  # neither a model folder nor a training run
         load_checkpoint(tmp_path / "run")
     result = _run("generate", "--checkpoint", tmp_path / "run", "--reference", inputs / "person.png",
                   "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")

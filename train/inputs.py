@@ -13,14 +13,21 @@ def model_inputs(batch: dict, device: torch.device | str = "cpu") -> dict[str, t
     def unit(name: str) -> torch.Tensor:
         return batch[name].to(device, non_blocking=True).float() / 255.0
 
-    mean = torch.tensor(OPENAI_CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD, device=device).view(1, 3, 1, 1)
     return {
         "target": unit("target") * 2 - 1,
         "background": unit("background") * 2 - 1,
         "pose": unit("pose"),
-        "reference": (unit("reference") - mean) / std * unit("reference_mask"),
+        "reference": clip_input(unit("reference"), unit("reference_mask")),
     }
+
+
+def clip_input(pictures: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """N x 3 x 224 x 224 pictures in [0, 1] and the person mask (N x 1 x 224 x 224, in [0, 1]) ->
+    the reference encoder's input: CLIP's mean and std, then the mask (DESIGN.md). Training and
+    generation both go through here."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=pictures.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=pictures.device).view(1, 3, 1, 1)
+    return (pictures - mean) / std * mask
 
 
 def reference_picture(reference: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""A short DDIM sampler with classifier-free guidance on the reference (DESIGN.md: DDIM, eta 0,
-guidance 1.5 at inference). The trainer uses it for its sample grids; ``generate`` can reuse it."""
+"""Sampling a batch of training samples, each with its own reference, for the trainer's grids
+(DESIGN.md: DDIM, eta 0, guidance 1.5). The DDIM loop itself is generation's ``guided_ddim``."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler
 
-from disco.model.disco import VAE_SCALING, DisCoModel
+from disco.model.disco import DisCoModel
 
 
 def latent_factor(model: DisCoModel) -> int:
@@ -45,8 +45,9 @@ def ddim_sample(
     B x 3 x H x W in [0, 1] (needed by the ``finetune`` variant). The unconditional branch is the
     zero-image reference (``DisCoModel.unconditional_reference``); background and pose are kept.
     """
+    from disco.generate.pipeline import guided_ddim
+
     scheduler = DDIMScheduler.from_config(model.config.scheduler_config)
-    scheduler.set_timesteps(steps)
     device = background.device
     dtype = next(model.unet.parameters()).dtype
     batch, _, height, width = background.shape
@@ -56,20 +57,9 @@ def ddim_sample(
     pose = fit_pose(model, pose, height // factor)
     if pose is not None:
         pose = pose.to(dtype)
-    guided = guidance_scale != 1.0
-    if guided:
-        tokens = torch.cat([model.unconditional_reference(batch).to(tokens.dtype), tokens])
-        background_latents = torch.cat([background_latents] * 2)
-        pose = torch.cat([pose] * 2) if pose is not None else None
     shape = (batch, model.unet.config.in_channels, height // factor, width // factor)
     latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device, dtype)
     latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_input = torch.cat([latents] * 2) if guided else latents
-        timestep = t.expand(model_input.shape[0]).to(device)
-        eps = model(model_input, timestep, tokens, background_latents, pose)
-        if guided:
-            uncond, cond = eps.chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
-    return model.vae.decode(latents / VAE_SCALING).sample.clamp(-1, 1)
+    empty = model.unconditional_reference(batch).to(tokens.dtype)
+    return guided_ddim(model, scheduler, latents, tokens, empty, background_latents, pose, steps, guidance_scale,
+                       eta=eta, generator=generator)
