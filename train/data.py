@@ -174,6 +174,28 @@ def locator_table(index: TripletIndex, orders: Orders, positions: np.ndarray, st
 # -- the CPU map stage --------------------------------------------------------------------------
 
 _REFERENCES: OrderedDict = OrderedDict()
+# Decode tasks yield the CPU to the training loop: on a machine with few cores they share it, and
+# a preempted thread of the model's parallel ops stalls all of them, while a decode task only
+# needs to stay a few batches ahead.
+DECODE_NICENESS = 10
+_DECODE_PROCESS_READY = False
+
+
+def _decode_process() -> None:
+    """Once per process that runs decode tasks: lower its priority, one OpenCV thread."""
+    global _DECODE_PROCESS_READY
+    if _DECODE_PROCESS_READY:
+        return
+    import os
+
+    import cv2
+
+    cv2.setNumThreads(1)
+    try:
+        os.nice(DECODE_NICENESS)
+    except OSError:  # not permitted here: decode at normal priority
+        pass
+    _DECODE_PROCESS_READY = True
 REFERENCE_COLUMNS = ("foreground", "background", "mask")
 
 
@@ -209,6 +231,7 @@ def _chw(picture: np.ndarray) -> np.ndarray:
 def load_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int) -> dict:
     """Locators -> uint8 pictures, cropped alike. A row that fails to decode is kept with
     ``ok = False`` and zero pictures, so the loop can count it and skip it."""
+    _decode_process()
     n = len(batch["position"])
     out = {
         "position": np.asarray(batch["position"], np.int64),
