@@ -51,8 +51,11 @@ def make_annotator(with_pose: bool):
     from disco.pipeline.annotators import FrameAnnotator, resolve_backends
 
     backends = resolve_backends("auto", "auto" if with_pose else "none")
+    # `auto` may pick the paper-faithful backends (CUDA and $DISCO_WEIGHTS): build them from what
+    # it resolved, the weights folder and device included.
     return FrameAnnotator(backends["matting"], backends["pose"], _DEFAULTS["hands"] and with_pose,
-                          _DEFAULTS["min_visibility"], _DEFAULTS["min_mask_area"], _DEFAULTS["joint_threshold"])
+                          _DEFAULTS["min_visibility"], _DEFAULTS["min_mask_area"], _DEFAULTS["joint_threshold"],
+                          weights=backends["weights"], device=backends["device"])
 
 
 def read_picture(path: str | Path, what: str) -> np.ndarray:
