@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ from disco.pipeline.schema import TRIPLET_SCHEMA
 from disco.train.augment import apply_box, crop_box
 from disco.train.checkpoint import find_checkpoint, initial_model, list_checkpoints, load_model, read_checkpoint
 from disco.train.config import TrainConfig, load_run_config
-from disco.train.data import SampleStream, build_index, epoch_order
+from disco.train.data import SampleStream, at_low_priority, build_index, epoch_order
 from disco.train.inputs import model_inputs
 from disco.train.launch import train
 from disco.train.loop import DiffusionObjective, sample_draws
@@ -125,6 +131,31 @@ def test_one_crop_for_every_picture_of_a_sample(triplets):
     assert len(boxes) > 10 and all(h == w and 0.9 * 96 * 96 <= h * w * 1.02 for _, _, h, w in boxes)
 
 
+def _undecodable():
+    raise ValueError("not a decodable picture")
+
+
+def test_decoding_runs_at_idle_priority_and_changes_nothing_around_it(triplets):
+    import cv2
+    import ray.data
+
+    def caller():
+        options = ray.data.DataContext.get_current().execution_options
+        return (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0), cv2.getNumThreads(),
+                options.preserve_order, options.resource_limits.object_store_memory,
+                len(ray.data.DataContext.get_current().custom_execution_callback_classes))
+
+    before = caller()
+    policy, threads, thread = at_low_priority(lambda: (os.sched_getscheduler(0), cv2.getNumThreads(),
+                                                       threading.get_native_id()))
+    assert (policy, threads) == (os.SCHED_IDLE, 1) and thread != threading.get_native_id()
+    with pytest.raises(ValueError, match="not a decodable picture"):
+        at_low_priority(_undecodable)
+    # The stream's Ray Data settings (order, read-ahead bound, idle pause) stay in its own context.
+    assert _stream(triplets, batch=2)["target"].shape == (2, 3, RES, RES)
+    assert caller() == before
+
+
 def test_the_stream_resumes_at_its_position_and_splits_batches_across_workers(triplets):
     index = build_index([str(triplets["video"])])
     full = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=4)
@@ -208,6 +239,42 @@ def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path):
                        _weights(run, 3)[next(iter(whole))])
     with pytest.raises(ConfigError, match="no checkpoint of step 1"):
         load_model(run, step=1)
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_path):
+    """A real ``kill -9`` of ``disco-cli train`` (its own process and Ray instance) once it has
+    written two checkpoints; ``--resume`` then continues from whichever checkpoint was complete
+    when it died and reaches the uninterrupted run's weights exactly."""
+    steps = 5
+    options = ["--stage", "finetune", "--data", str(triplets["video"]), "--model", "tiny", "--resolution", str(RES),
+               "--batch-size", "2", "--max-steps", str(steps), "--checkpoint-every", "1", "--keep", "2",
+               "--sample-every", "1000", "--log-every", "1", "--warmup-steps", "0", "--no-progress"]
+    whole = tmp_path / "whole"
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", *options, "--output", str(whole)]).exit_code == 0
+    killed = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cli = Path(sys.executable).parent / "disco-cli"
+    process = subprocess.Popen([str(cli), "train", *options, "--output", str(killed)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list_checkpoints(killed)) < 2 or max(list_checkpoints(killed)) < 2:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the run wrote no second checkpoint in 4 minutes"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        process.wait()
+    died_at = max(list_checkpoints(killed))
+    assert died_at < steps, "the run finished before the kill; nothing was resumed"
+    result = runner.invoke(app, ["train", "--output", str(killed), "--resume", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"trained to step {steps}" in result.output
+    expected, resumed = _weights(whole, steps), _weights(killed, steps)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert not list(killed.glob(".tmp-*"))
 
 
 def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, tmp_path):

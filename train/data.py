@@ -11,10 +11,11 @@ with its clip's reference frame. So the data path is split in two:
    never a picture. Fine-tuning's pairing is decided here: each row gets the *locator*
    (file, row group, row) of its reference frame -- the clip's first frame, or a random frame
    of the clip drawn per sample -- not the reference's bytes.
-2. ``SampleStream`` turns a deterministic order of row locators into a Ray Data stream: small
-   blocks of locators go through a CPU ``map_batches`` (``load_samples``) that reads the picture
-   bytes of just those row groups from Parquet, decodes, crops, and ships uint8 arrays; batches
-   are prefetched into the loop by ``iter_torch_batches``. Memory is bounded by the prefetch
+2. ``SampleStream`` turns a deterministic order of row locators into a Ray Data stream: blocks
+   of about ``SAMPLES_PER_TASK`` locators (whole micro-batches) go through a CPU ``map_batches``
+   (``load_samples``, at idle CPU priority) that reads the picture bytes of just those row groups
+   from Parquet, decodes, crops, and ships uint8 arrays; they are prefetched into the loop by
+   ``iter_torch_batches``, which the loop cuts into micro-batches. Memory is bounded by the prefetch
    depth and a small per-process cache of reference rows, whatever the size of the data set.
 
 Shuffling is by windows: each epoch permutes the row groups, then permutes the rows inside
@@ -24,7 +25,10 @@ groups instead of one per row.
 
 from __future__ import annotations
 
+import os
+import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +42,11 @@ from disco.train.augment import CLIP_SIZE, apply_box, crop_box, scale_box
 
 WINDOW_GROUPS = 8
 CHUNK_BATCHES = 256  # micro-batches per Ray Data execution; streams are chained chunk by chunk
+# Samples one decode task loads. Ray Data costs a few ms of driver and worker CPU per task
+# whatever its size; per micro-batch of 4 that was as much CPU as the decoding itself.
+SAMPLES_PER_TASK = 32
+# How long Ray Data's scheduling loop rests when a step of it did not wait for anything.
+IDLE_PAUSE_S = 0.03
 REFERENCE_CACHE_ROWS = 64  # decoded: 3 pictures each
 INDEX_COLUMNS = ["source", "clip_id", "frame_index", "split"]
 
@@ -174,29 +183,35 @@ def locator_table(index: TripletIndex, orders: Orders, positions: np.ndarray, st
 # -- the CPU map stage --------------------------------------------------------------------------
 
 _REFERENCES: OrderedDict = OrderedDict()
-# Decode tasks yield the CPU to the training loop: on a machine with few cores they share it, and
-# a preempted thread of the model's parallel ops stalls all of them, while a decode task only
-# needs to stay a few batches ahead.
-DECODE_NICENESS = 10
-_DECODE_PROCESS_READY = False
+REFERENCE_COLUMNS = ("foreground", "background", "mask")
 
 
-def _decode_process() -> None:
-    """Once per process that runs decode tasks: lower its priority, one OpenCV thread."""
-    global _DECODE_PROCESS_READY
-    if _DECODE_PROCESS_READY:
-        return
-    import os
+def _lower_thread_priority() -> None:
+    """The calling thread runs only on CPU time nothing else wants (Linux ``SCHED_IDLE``).
 
+    Why: on a machine with few cores the decode tasks share them with the training loop, and a
+    thread of the model's parallel ops that gets preempted stalls all the others at the next
+    barrier, while a decode task only needs to stay a few batches ahead. The policy is per thread
+    on Linux, so it ends with the thread: the Ray worker that ran the task keeps its priority.
+    Elsewhere, or where it is not permitted, decoding runs at normal priority."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
+def at_low_priority(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a thread of its own at idle priority with one OpenCV thread;
+    the caller's thread and the process's OpenCV setting are as before afterwards."""
     import cv2
 
+    threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        os.nice(DECODE_NICENESS)
-    except OSError:  # not permitted here: decode at normal priority
-        pass
-    _DECODE_PROCESS_READY = True
-REFERENCE_COLUMNS = ("foreground", "background", "mask")
+        with ThreadPoolExecutor(max_workers=1, initializer=_lower_thread_priority) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _read_rows(path: str, group: int, rows: list[int], columns: list[str]) -> dict[int, dict]:
@@ -230,8 +245,12 @@ def _chw(picture: np.ndarray) -> np.ndarray:
 
 def load_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int) -> dict:
     """Locators -> uint8 pictures, cropped alike. A row that fails to decode is kept with
-    ``ok = False`` and zero pictures, so the loop can count it and skip it."""
-    _decode_process()
+    ``ok = False`` and zero pictures, so the loop can count it and skip it. The work runs at idle
+    CPU priority (``at_low_priority``)."""
+    return at_low_priority(_load_samples, batch, stage, resolution, augment, seed)
+
+
+def _load_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int) -> dict:
     n = len(batch["position"])
     out = {
         "position": np.asarray(batch["position"], np.int64),
@@ -272,6 +291,34 @@ def load_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: 
     return out
 
 
+def idle_pause_callback():
+    """A Ray Data execution callback that rests the scheduling loop when it is idle, or None
+    where this Ray lacks the callback interface (then the loop runs as Ray ships it).
+
+    Why: while the consumer holds the stream back (the model is slower than decoding, the normal
+    case), Ray Data's scheduling loop polls without pausing (ray-project/ray#65060). On a
+    machine with few cores that is most of a core taken from the model. A step that blocked
+    waiting for a decode task spent little CPU for its wall time and is left alone; a step that
+    spent its whole interval on the CPU was polling, and the loop rests ``IDLE_PAUSE_S``. The
+    prefetched blocks cover the pause many times over."""
+    try:
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+    except ImportError:
+        return None
+
+    class IdlePause(ExecutionCallback):
+        def __init__(self):
+            self._last = None
+
+        def on_execution_step(self, executor) -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            if self._last is not None and cpu - self._last[1] > 0.5 * (wall - self._last[0]):
+                time.sleep(IDLE_PAUSE_S)
+            self._last = (time.perf_counter(), time.thread_time())
+
+    return IdlePause
+
+
 # -- the stream a worker trains on ----------------------------------------------------------------
 
 class SampleStream:
@@ -294,40 +341,54 @@ class SampleStream:
         self._blocks = self._stream()
         self._block, self._offset, self._bad_run = None, 0, 0
 
-    def _configure_ray_data(self) -> None:
-        """Blocks in order: resume and the workers' shares depend on it. And a bound on how far Ray
-        Data decodes ahead: by default it fills its object-store budget (a whole chunk), competing
-        with the model for the CPU; a few batches beyond the loop's prefetch are enough."""
-        import ray.data
+    @property
+    def samples_per_task(self) -> int:
+        """Samples per decode task: whole micro-batches, about ``SAMPLES_PER_TASK`` of them."""
+        return self.batch * max(1, round(SAMPLES_PER_TASK / self.batch))
 
+    @property
+    def prefetch_blocks(self) -> int:
+        """``prefetch_batches`` micro-batches, in decode-task outputs (at least one)."""
+        return max(1, -(-self.prefetch_batches * self.batch // self.samples_per_task))
+
+    def _configure(self, context) -> None:
+        """Settings of this stream's own Ray Data context (a copy: nothing else in the process
+        sees them). Blocks in order: resume and the workers' shares depend on it. A bound on how
+        far Ray Data decodes ahead: by default it fills its object-store budget (a whole chunk),
+        competing with the model for the CPU; a few blocks beyond the loop's prefetch are enough.
+        And the idle pause of its scheduling loop."""
         per_sample = 3 * self.resolution ** 2 * 3 + 4 * CLIP_SIZE ** 2
-        batches = self.prefetch_batches + 2 * self.data_tasks + 2
-        context = ray.data.DataContext.get_current()
+        blocks = self.prefetch_blocks + 2 * self.data_tasks + 1
         context.enable_progress_bars = False  # the trainer has its own progress
         options = context.execution_options
         options.preserve_order = True  # the stream's order is part of the run's determinism
-        options.resource_limits = options.resource_limits.copy(object_store_memory=batches * self.batch * per_sample)
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=blocks * self.samples_per_task * per_sample)
+        pause = idle_pause_callback()
+        if pause is not None:
+            context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, pause]
 
     def _dataset(self, start: int, stop: int):
         import ray
 
-        self._configure_ray_data()
-
         local = np.arange(start, stop, dtype=np.int64)
         table = locator_table(self.index, self._orders, global_positions(local, self.rank, self.world, self.batch),
                               self.stage, self.ref_mode, self.seed)
-        blocks = [table.slice(i, self.batch) for i in range(0, table.num_rows, self.batch)]
-        return ray.data.from_arrow(blocks).map_batches(
+        per_task = self.samples_per_task
+        blocks = [table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]
+        dataset = ray.data.from_arrow(blocks).map_batches(
             load_samples, batch_size=None, batch_format="numpy", num_cpus=self.data_cpus, concurrency=self.data_tasks,
             fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment, seed=self.seed),
         )
+        self._configure(dataset.context)
+        return dataset
 
     def _stream(self):
         start = self.position
         while True:
             stop = start + CHUNK_BATCHES * self.batch
             for block in self._dataset(start, stop).iter_torch_batches(
-                batch_size=None, prefetch_batches=self.prefetch_batches, device=self.device or "cpu",
+                batch_size=None, prefetch_batches=self.prefetch_blocks, device=self.device or "cpu",
             ):
                 yield block
             start = stop
