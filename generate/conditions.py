@@ -68,8 +68,8 @@ def reference_pixels(image: np.ndarray, alpha: np.ndarray, clip_size: int = 224)
     from disco.train.inputs import clip_input
 
     rgb = torch.from_numpy(square(image, clip_size).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    mask = torch.from_numpy((square(alpha, clip_size, nearest=True) >= 128).astype(np.float32))[None, None]
-    return clip_input(rgb, mask).contiguous()
+    alpha = torch.from_numpy(square(alpha, clip_size, nearest=True).astype(np.float32) / 255.0)[None, None]
+    return clip_input(rgb, alpha).contiguous()
 
 
 def background_pixels(background: np.ndarray, size: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 from disco.pipeline.annotators import Annotation, mask_area
 from disco.pipeline.errors import InputError
 from disco.pipeline.render import render_pose
-from disco.pipeline.schema import sample_id
+from disco.pipeline.schema import PERSON_ALPHA, sample_id
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -41,7 +41,7 @@ def decode_picture(data: bytes, grayscale: bool = False) -> np.ndarray:
 
 def split_person(frame: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Foreground (non-person pixels 0) and background (person pixels 0); person is alpha >= 128."""
-    person = (alpha >= 128)[..., None]
+    person = (alpha >= PERSON_ALPHA)[..., None]
     return np.where(person, frame, 0).astype(np.uint8), np.where(person, 0, frame).astype(np.uint8)
 
 

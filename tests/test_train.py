@@ -156,6 +156,21 @@ def test_decoding_runs_at_idle_priority_and_changes_nothing_around_it(triplets):
     assert caller() == before
 
 
+def test_training_and_generation_mask_the_clip_reference_alike():
+    from disco.generate.conditions import reference_pixels
+
+    image = data.astronaut()[:224, 100:324]
+    alpha = np.tile(np.arange(224, dtype=np.uint8)[None] + 16, (224, 1))  # 16..239 across the width
+    generated = reference_pixels(image, alpha)
+    trained = model_inputs({k: torch.from_numpy(v)[None] for k, v in
+                            {"target": np.zeros((3, 8, 8), np.uint8), "background": np.zeros((3, 8, 8), np.uint8),
+                             "pose": np.zeros((3, 8, 8), np.uint8), "reference": image.transpose(2, 0, 1).copy(),
+                             "reference_mask": alpha[None]}.items()})["reference"]
+    assert torch.equal(trained, generated)
+    kept = (generated != 0).any(1)[0]
+    assert not kept[:, 127 - 16].any() and kept[:, 128 - 16:].all()  # alpha 127 out, 128 in (the contract)
+
+
 def test_the_stream_resumes_at_its_position_and_splits_batches_across_workers(triplets):
     index = build_index([str(triplets["video"])])
     full = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=4)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from disco.pipeline.schema import PERSON_ALPHA
+
 
 @dataclass
 class Matte:
@@ -26,7 +28,7 @@ EMPTY_BODY = np.zeros((18, 3), dtype=np.float32)
 
 
 def mask_area(alpha: np.ndarray) -> float:
-    return float(np.count_nonzero(alpha >= 128)) / alpha.size
+    return float(np.count_nonzero(alpha >= PERSON_ALPHA)) / alpha.size
 
 
 def person_present(matte: Matte, min_score: float, min_area: float) -> bool:
