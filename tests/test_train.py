@@ -292,6 +292,27 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_pat
     assert not list(killed.glob(".tmp-*"))
 
 
+def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_path):
+    """``disco-cli train --ray-address`` from another process joins this session's Ray instance
+    (it stands in for a cluster) and trains there through Ray Train."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    run = tmp_path / "on-cluster"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "disco-cli"), "train", "--stage", "finetune", "--data",
+         str(triplets["video"]), "--model", "tiny", "--resolution", str(RES), "--batch-size", "2", "--max-steps", "2",
+         "--sample-every", "1000", "--log-every", "1", "--output", str(run), "--ray-address", address, "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained to step 2" in result.stderr  # the console's summary line (rich writes to stderr)
+    state = json.loads((find_checkpoint(run) / "state.json").read_text())
+    assert (state["step"], state["world_size"], state["positions"]) == (2, 1, [4])
+    assert (run / "ray" / "train").is_dir()  # Ray Train's bookkeeping: it ran as a TorchTrainer
+    assert load_run_config(run).ray_address == address
+
+
 def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, tmp_path):
     one = _config(tmp_path, triplets, "one", batch_size=4)
     two = _config(tmp_path, triplets, "two", batch_size=2, num_workers=2)
