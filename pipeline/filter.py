@@ -30,13 +30,18 @@ def classify(score: float, count: int, area: float, min_score: float, min_area: 
 
 
 def reject_reason(annotation, settings: dict) -> str | None:
-    """In the pipeline's actors. ``preprocess`` only drops frames without a person; ``filter-humans``
-    (``classify_rejects``) says which threshold each rejected frame failed."""
-    if not settings.get("classify_rejects"):
-        return None if annotation.present else "no_person"
+    """In the pipeline's actors: why a frame is turned away (None: kept). ``preprocess`` keeps what
+    its backend finds present and names the threshold the others failed; ``filter-humans``
+    (``classify_rejects``) applies the thresholds itself, the person count included."""
     matte = annotation.matte
-    return classify(matte.score, matte.count, mask_area(matte.alpha), settings["min_visibility"],
-                    settings["min_mask_area"], settings.get("max_persons"))
+    area = mask_area(matte.alpha)
+    if not settings.get("classify_rejects"):
+        if annotation.present:
+            return None
+        return classify(matte.score, matte.count, area, settings["min_visibility"], settings["min_mask_area"],
+                        None) or "no_person"
+    return classify(matte.score, matte.count, area, settings["min_visibility"], settings["min_mask_area"],
+                    settings.get("max_persons"))
 
 
 def reject_record(unit: dict, frame_index: int, timestamp: float | None, frame: np.ndarray, annotation,

@@ -94,6 +94,14 @@ def test_pictures_without_people_are_counted_not_written(astronaut_run):
     assert counts["errors"] == 0
 
 
+def test_a_person_below_the_area_threshold_is_counted_as_too_small(tmp_path):
+    folder = tmp_path / "in"
+    save(folder / "astronaut.png", Image.fromarray(data.astronaut()))
+    result = _run(tmp_path, "images", folder, min_mask_area=0.9)  # she covers about half the photo
+    assert result.manifest["counts"]["rows_written"] == 0
+    assert result.manifest["counts"]["rows_skipped"] == {"too_small": 1}
+
+
 def test_manifest_records_what_ran(astronaut_run):
     out, _ = astronaut_run
     manifest = json.loads((out / "manifest.json").read_text())
