@@ -274,3 +274,18 @@ def test_a_pose_folder_needs_a_clip(inputs, triplets, tmp_path):
     result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
                   "--pose", triplets, "--output", tmp_path / "o.mp4")
     assert result.exit_code == 2 and "--clip" in result.output
+
+
+def test_mediapipes_native_start_up_notices_stay_out_of_the_terminal():
+    """TFLite and absl write straight to file descriptor 2 when a graph starts (once per process,
+    hence a fresh one); the user's own stderr keeps working afterwards."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom skimage import data\nfrom disco.generate.inputs import matte_reference\n"
+              "matte_reference(data.astronaut(), 64)\nprint('after the annotator', file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "after the annotator" in result.stderr
+    for notice in ("XNNPACK", "absl::InitializeLog", "inference_feedback_manager"):
+        assert notice not in result.stderr, result.stderr

@@ -7,7 +7,11 @@ segmentation, the model made for people close to the camera, draws the mask of c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,29 @@ def _landmark_array(landmarks) -> np.ndarray | None:
     )
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def native_notices_silenced():
+    """File descriptor 2 goes to /dev/null for the block. MediaPipe's C++ side (TFLite's
+    "Created TensorFlow Lite XNNPACK delegate", absl's pre-InitializeLog warnings) writes its
+    start-up notices straight to it, past Python's logging and the GLOG settings; in Ray workers
+    they land in log files, but ``generate`` runs the annotators in the user's terminal. Used
+    only around building a graph and its first frame: errors still surface as exceptions."""
+    with _STDERR_LOCK:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class MediaPipeEngine:
     """One BlazePose graph (Holistic when hands are wanted); remembers its last frame's result."""
 
@@ -44,17 +71,22 @@ class MediaPipeEngine:
 
         self.hands = hands
         common = dict(static_image_mode=True, model_complexity=1, enable_segmentation=True)
-        if hands:
-            self._graph = mp.solutions.holistic.Holistic(refine_face_landmarks=False, **common)
-        else:
-            self._graph = mp.solutions.pose.Pose(**common)
+        with native_notices_silenced():
+            if hands:
+                self._graph = mp.solutions.holistic.Holistic(refine_face_landmarks=False, **common)
+            else:
+                self._graph = mp.solutions.pose.Pose(**common)
         self._last_frame = None
         self._last_result = None
+        self._started = False
 
     def process(self, frame: np.ndarray):
         # Matting and pose both ask for the same frame object; run the graph once.
         if frame is not self._last_frame:
-            self._last_result = self._graph.process(np.ascontiguousarray(frame))
+            quiet = native_notices_silenced() if not self._started else contextlib.nullcontext()
+            with quiet:
+                self._last_result = self._graph.process(np.ascontiguousarray(frame))
+            self._started = True
             self._last_frame = frame
         return self._last_result
 
@@ -110,7 +142,9 @@ class MediaPipeMatting:
         if self._selfie is None:
             import mediapipe as mp
 
-            self._selfie = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+            with native_notices_silenced():
+                self._selfie = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+                return self._selfie.process(np.ascontiguousarray(frame)).segmentation_mask
         return self._selfie.process(np.ascontiguousarray(frame)).segmentation_mask
 
 
