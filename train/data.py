@@ -13,7 +13,7 @@ with its clip's reference frame. So the data path is split in two:
    of the clip drawn per sample -- not the reference's bytes.
 2. ``SampleStream`` turns a deterministic order of row locators into a Ray Data stream: blocks
    of about ``SAMPLES_PER_TASK`` locators (whole micro-batches) go through a CPU ``map_batches``
-   (``load_samples``, at idle CPU priority) that reads the picture bytes of just those row groups
+   (``load_samples``, at the lowest CPU priority) that reads the picture bytes of just those row groups
    from Parquet, decodes, crops, and ships uint8 arrays; they are prefetched into the loop by
    ``iter_torch_batches``, which the loop cuts into micro-batches. Memory is bounded by the prefetch
    depth and a small per-process cache of reference rows, whatever the size of the data set.
@@ -186,22 +186,27 @@ _REFERENCES: OrderedDict = OrderedDict()
 REFERENCE_COLUMNS = ("foreground", "background", "mask")
 
 
+DECODE_NICENESS = 19  # the lowest priority that is still never starved
+
+
 def _lower_thread_priority() -> None:
-    """The calling thread runs only on CPU time nothing else wants (Linux ``SCHED_IDLE``).
+    """The calling thread gets the lowest CPU priority (nice 19).
 
     Why: on a machine with few cores the decode tasks share them with the training loop, and a
     thread of the model's parallel ops that gets preempted stalls all the others at the next
-    barrier, while a decode task only needs to stay a few batches ahead. The policy is per thread
-    on Linux, so it ends with the thread: the Ray worker that ran the task keeps its priority.
-    Elsewhere, or where it is not permitted, decoding runs at normal priority."""
+    barrier, while a decode task only needs to stay a few batches ahead. Nice 19 rather than
+    Linux's ``SCHED_IDLE``: both measured alike (README), but an idle-class thread gets no CPU at
+    all while other processes keep the cores busy, so training on a loaded node would starve.
+    Nice values are per thread on Linux, so it ends with the thread: the Ray worker that ran the
+    task keeps its priority. Where it is not permitted, decoding runs at normal priority."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, DECODE_NICENESS)
     except (AttributeError, OSError):
         pass
 
 
 def at_low_priority(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` in a thread of its own at idle priority with one OpenCV thread;
+    """``fn(*args, **kwargs)`` in a thread of its own at the lowest priority with one OpenCV thread;
     the caller's thread and the process's OpenCV setting are as before afterwards."""
     import cv2
 
@@ -245,8 +250,8 @@ def _chw(picture: np.ndarray) -> np.ndarray:
 
 def load_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int) -> dict:
     """Locators -> uint8 pictures, cropped alike. A row that fails to decode is kept with
-    ``ok = False`` and zero pictures, so the loop can count it and skip it. The work runs at idle
-    CPU priority (``at_low_priority``)."""
+    ``ok = False`` and zero pictures, so the loop can count it and skip it. The work runs at the
+    lowest CPU priority (``at_low_priority``)."""
     return at_low_priority(_load_samples, batch, stage, resolution, augment, seed)
 
 
