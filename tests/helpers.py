@@ -1,7 +1,9 @@
-"""Small media the tests make themselves."""
+"""Small media the tests make themselves, and running ``disco-cli`` as a process of its own."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,3 +22,10 @@ def save(path: Path, image: Image.Image, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **kwargs)
     return path
+
+
+def cli_process(*args: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run ``disco-cli ARGS`` in a process of its own, with
+    its own local Ray instance unless ARGS name ``--ray-address`` (a ``RAY_ADDRESS`` set around
+    the tests must not leak in)."""
+    return [sys.executable, "-m", "disco.cli", *args], {**os.environ, "RAY_ADDRESS": ""}

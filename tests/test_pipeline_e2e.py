@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from disco.pipeline.keypoints import BODY18_NAMES
 from disco.pipeline.reader import open_errors, open_triplets
 from disco.pipeline.run import preprocess
 from disco.pipeline.schema import ERROR_SCHEMA, TRIPLET_SCHEMA
-from helpers import save
+from helpers import cli_process, save
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 J = {name: i for i, name in enumerate(BODY18_NAMES)}
@@ -227,9 +226,8 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     assert reference.exit_code == 0
 
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "disco.cli", "preprocess", "--source", "video", "--input", str(folder),
-               "--output", str(out), *options]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    command, env = cli_process("preprocess", "--source", "video", "--input", str(folder), "--output", str(out),
+                               *options)
     proc = subprocess.Popen(command, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "_journal.jsonl"

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from disco.train.data import SampleStream, at_low_priority, build_index, epoch_o
 from disco.train.inputs import model_inputs
 from disco.train.launch import train
 from disco.train.loop import DiffusionObjective, sample_draws
-from helpers import save
+from helpers import cli_process, save
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 FRAMES = 8
@@ -268,10 +267,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_pat
     runner = CliRunner()
     assert runner.invoke(app, ["train", *options, "--output", str(whole)]).exit_code == 0
     killed = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cli = Path(sys.executable).parent / "disco-cli"
-    process = subprocess.Popen([str(cli), "train", *options, "--output", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    command, env = cli_process("train", *options, "--output", str(killed))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while len(list_checkpoints(killed)) < 2 or max(list_checkpoints(killed)) < 2:
@@ -299,12 +297,11 @@ def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_p
 
     address = ray.get_runtime_context().gcs_address
     run = tmp_path / "on-cluster"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "disco-cli"), "train", "--stage", "finetune", "--data",
-         str(triplets["video"]), "--model", "tiny", "--resolution", str(RES), "--batch-size", "2", "--max-steps", "2",
-         "--sample-every", "1000", "--log-every", "1", "--output", str(run), "--ray-address", address, "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=300)
+    command, env = cli_process("train", "--stage", "finetune", "--data", str(triplets["video"]), "--model", "tiny",
+                               "--resolution", str(RES), "--batch-size", "2", "--max-steps", "2", "--sample-every",
+                               "1000", "--log-every", "1", "--output", str(run), "--ray-address", address,
+                               "--no-progress")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained to step 2" in result.stderr  # the console's summary line (rich writes to stderr)
     state = json.loads((find_checkpoint(run) / "state.json").read_text())
