@@ -29,19 +29,18 @@ def classify(score: float, count: int, area: float, min_score: float, min_area: 
     return None
 
 
-def reject_reason(annotation, settings: dict) -> str | None:
+def reject_reason(annotation, settings: dict, min_score: float) -> str | None:
     """In the pipeline's actors: why a frame is turned away (None: kept). ``preprocess`` keeps what
-    its backend finds present and names the threshold the others failed; ``filter-humans``
-    (``classify_rejects``) applies the thresholds itself, the person count included."""
+    the annotator finds present and names the threshold the others failed, with the annotator's
+    own score threshold (``min_score``: Grounded-SAM's is its box threshold); ``filter-humans``
+    (``classify_rejects``) applies its own thresholds, the person count included."""
+    filtering = settings.get("classify_rejects")
+    if not filtering and annotation.present:
+        return None
     matte = annotation.matte
-    area = mask_area(matte.alpha)
-    if not settings.get("classify_rejects"):
-        if annotation.present:
-            return None
-        return classify(matte.score, matte.count, area, settings["min_visibility"], settings["min_mask_area"],
-                        None) or "no_person"
-    return classify(matte.score, matte.count, area, settings["min_visibility"], settings["min_mask_area"],
-                    settings.get("max_persons"))
+    return classify(matte.score, matte.count, mask_area(matte.alpha),
+                    settings["min_visibility"] if filtering else min_score, settings["min_mask_area"],
+                    settings.get("max_persons") if filtering else None)
 
 
 def reject_record(unit: dict, frame_index: int, timestamp: float | None, frame: np.ndarray, annotation,

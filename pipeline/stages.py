@@ -108,7 +108,7 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
         if matte is None:
             continue
         annotation = Annotation(matte=matte, pose=None, present=annotator.present(matte))
-        reason = reject_reason(annotation, settings)
+        reason = reject_reason(annotation, settings, annotator.min_score)
         if reason:
             skipped[reason] += 1
             if settings.get("keep_rejects"):
