@@ -1,15 +1,25 @@
 """Steps/s of the real trainer (Parquet -> Ray Data decode/crop -> loop) against a minimal loop over
-the same model and objective fed from tensors already in memory, in one process.
+the same model and objective fed from tensors already in memory, in one process; and the bytes the
+training data stream reads from the Parquet files per sample it uses.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 40] [--rounds 4] [--batch-size 4] [--resolution 64]
+    .venv/bin/python benchmarks/train_throughput.py --reads-only [--clips 8] [--clip-frames 240]
 
 The ratio trainer / minimal shows what the data path costs; the goal is >= 0.9. The tiny model
 runs on CPU; with a CUDA GPU the full-size architecture (random weights) runs too (--full).
+
+Bytes read per sample used (goal: at most 2x the sample's own bytes): the preprocessed frames are
+laid out as ``--clips`` clips of ``--clip-frames`` frames in the pipeline's Parquet layout (shards of
+1024 rows, row groups of 64); world size 1 is measured through the real stream (Ray Data read and
+decode tasks, bytes counted at the file), and worlds 1, 2 and 8 (one data shard per worker) are
+computed from the stream's own read plan and the Parquet metadata, summed over the workers; each
+for the first epoch and the second (reference rows, once read, are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,6 +41,76 @@ def make_triplets(root: Path, frames: int) -> Path:
     preprocess(PreprocessConfig(source="video", input=root / "videos", output=root / "triplets", max_side=256),
                log=lambda *_: None)
     return root / "triplets"
+
+
+def many_clips(triplets: Path, out: Path, clips: int, frames: int) -> Path:
+    """``clips`` clips of ``frames`` frames made of the preprocessed rows (cycled), written like the
+    pipeline writes them (``--shard-rows`` and ``--row-group-rows`` defaults, pictures stored plain)."""
+    import pyarrow as pa
+
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.reader import open_triplets
+    from disco.pipeline.schema import TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
+    from disco.pipeline.writer import _write_parquet_atomic
+
+    source = open_triplets(triplets).to_table().sort_by("frame_index").to_pylist()
+    rows = []
+    for clip in range(clips):
+        for frame in range(frames):
+            row = dict(source[frame % len(source)])
+            row.update(clip_id=f"clip{clip:04d}", frame_index=frame, sample_id=sample_id(row["source"], f"clip{clip:04d}", frame))
+            rows.append(row)
+    fields = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
+    shard_rows, group_rows = fields["shard_rows"], fields["row_group_rows"]
+    (out / TRIPLETS_DIR).mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(rows), shard_rows):
+        table = pa.Table.from_pylist(rows[i:i + shard_rows], schema=TRIPLET_SCHEMA)
+        _write_parquet_atomic(table, out / TRIPLETS_DIR / f"part-{i // shard_rows:05d}.parquet", group_rows)
+    return out
+
+
+def read_amplification(data: Path, batch: int, resolution: int, worlds: tuple[int, ...] = (1, 2, 8)) -> None:
+    """Bytes read from the Parquet files per sample used, in the first epoch and in the second
+    (a reference row, once read, is kept by the reading process and the cluster's
+    ``ReferenceStore``): world 1 measured through the real stream, every world in ``worlds`` by the
+    stream's read plan."""
+    from disco.train.data import SampleStream, build_index
+
+    index = build_index([str(data)])
+    n = len(index)
+    kib = 1024
+    options = dict(stage="finetune", ref_mode="first", resolution=resolution, augment=True, seed=0, batch=batch)
+    plan = SampleStream(index, **options).planned_reads(n)
+    own = plan["needed_bytes"] / plan["samples"]  # the samples' own bytes (image and pose)
+    print(f"reads: {n} rows of {int(index.clip.max()) + 1} clips in {len(index.group_starts) - 1} row groups; "
+          f"a sample's own picture bytes (image + pose) {own / kib:.1f} KiB", flush=True)
+    stream = SampleStream(index, **options)
+    try:
+        for epoch in (1, 2):
+            started, before = time.perf_counter(), (stream.position, stream.read_bytes, stream.reference_bytes)
+            while stream.position < epoch * n:
+                stream.next_batch()
+            used = stream.position - before[0]
+            groups, references = stream.read_bytes - before[1], stream.reference_bytes - before[2]
+            print(f"reads world 1, epoch {epoch} (measured, {used} samples in {time.perf_counter() - started:.0f} s): "
+                  f"{groups / used / kib:.1f} KiB per sample from the samples' row groups + {references / used / kib:.1f} "
+                  f"KiB from reference rows: {(groups + references) / used / own:.2f}x the samples' own bytes", flush=True)
+    finally:
+        stream.close()
+    for world in worlds:
+        streams = [SampleStream(index, **options, rank=r, world=world) for r in range(world)]
+        seen = set()  # reference rows read so far, by any worker: the cluster's ReferenceStore
+        for epoch in (1, 2):
+            shares = []
+            for stream in streams:
+                shares.append(stream.planned_reads(n // world, seen))
+                stream.position += shares[-1]["samples"]
+            total = {k: sum(s[k] for s in shares) for k in shares[0]}
+            read = total["target_bytes"] + total["footer_bytes"]
+            print(f"reads world {world}, epoch {epoch} (read plan, {world} data shards): {read / total['samples'] / kib:.1f} "
+                  f"KiB per sample from row groups and footers + {total['reference_bytes'] / total['samples'] / kib:.1f} "
+                  f"KiB from reference rows: {(read + total['reference_bytes']) / total['needed_bytes']:.2f}x the "
+                  f"samples' own bytes", flush=True)
 
 
 def trainer_speed(cfg, first_step: int, skip_steps: int) -> tuple[float, float]:
@@ -128,6 +208,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--full", action="store_true", help="also the full-size model (needs CUDA)")
+    parser.add_argument("--clips", type=int, default=8, help="clips of the data set the reads are measured on")
+    parser.add_argument("--clip-frames", type=int, default=240, help="frames of each of those clips")
+    parser.add_argument("--reads-only", action="store_true", help="only the bytes read per sample")
     args = parser.parse_args()
     from disco.pipeline.run import init_ray
 
@@ -137,6 +220,10 @@ def main() -> None:
         started = time.perf_counter()
         triplets = make_triplets(work, args.frames)
         print(f"triplets: {args.frames} frames preprocessed in {time.perf_counter() - started:.0f} s", flush=True)
+        read_amplification(many_clips(triplets, work / "many-clips", args.clips, args.clip_frames), args.batch_size,
+                           args.resolution)
+        if args.reads_only:
+            return
         compare("tiny-cpu", triplets, work, args.steps, args.rounds, model="tiny", resolution=args.resolution,
                 batch_size=args.batch_size)
         if torch.cuda.is_available():

@@ -1,8 +1,10 @@
-"""Architecture configurations: the Stable Diffusion image-variations layout and a tiny twin.
+"""Architecture configurations: the Stable Diffusion image-variations layout and two smaller twins.
 
-Both have the same structure (UNet with cross-attention down/up blocks, KL VAE, CLIP vision
+All have the same structure (UNet with cross-attention down/up blocks, KL VAE, CLIP vision
 tower with a projection); ``tiny`` only shrinks the widths, so tests and the demo exercise the
-same code as a full run.
+same code as a full run. ``small`` sits between them (about 74 M parameters in the fine-tuning
+variant): the full model's depth, block layout and 8x VAE at a fifth of the widths, big enough
+for memory measurements on a CPU to be dominated by the model and its activations.
 """
 
 from __future__ import annotations
@@ -44,7 +46,25 @@ TINY = {
     },
 }
 
-CONFIGS = {"sd-image-variations": SD_IMAGE_VARIATIONS, "tiny": TINY}
+SMALL = {
+    "unet": {
+        "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+        "block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 256, "attention_head_dim": 8,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "vae": {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 256,
+        "block_out_channels": [32, 64, 128, 128],
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    },
+    "image_encoder": {
+        "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "image_size": 224, "patch_size": 14, "projection_dim": 256,
+    },
+}
+
+CONFIGS = {"sd-image-variations": SD_IMAGE_VARIATIONS, "small": SMALL, "tiny": TINY}
 
 # DDPM schedule of Stable Diffusion (scheduler/scheduler_config.json of the image-variations repo).
 SCHEDULER = {

@@ -14,22 +14,62 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from disco.model.configs import CONFIGS, SCHEDULER
+from disco.model.meta_init import SeededMeta, seeded_meta_active
 
 VARIANTS = ("pretrain", "finetune")
 VAE_SCALING = 0.18215
 BACKGROUND_EMBEDDING_FILE = "background_embedding.safetensors"
 
 
+# What ``ControlNetModel.from_unet`` takes from the UNet (every other ControlNet weight is its own:
+# the conditioning embedding and the zero convolutions).
+_FROM_UNET = ("conv_in.", "time_proj.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.",
+              "mid_block.")
+
+
+def controlnet_from_unet(unet: UNet2DConditionModel, take: bool = False) -> ControlNetModel:
+    """``ControlNetModel.from_unet(unet)``, bit for bit, without a random full-size ControlNet.
+
+    diffusers builds a whole random ControlNet and then copies the UNet's blocks over it. Here the
+    ControlNet is built on the meta device (``SeededMeta``: the global generator still advances
+    exactly as the CPU build advances it), then gets the UNet's tensors -- cloned, or with
+    ``take`` the UNet's own tensors (the UNet is consumed: its blocks now belong to the ControlNet)
+    -- and its own conditioning embedding and zero convolutions are materialised with the values
+    the CPU build would have drawn. A UNet on the meta device gives a meta ControlNet.
+    """
+    if unet.conv_in.weight.is_meta:
+        return ControlNetModel.from_unet(unet)
+    with SeededMeta() as init:
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    source = unet.state_dict()
+    ours = controlnet.state_dict()
+    tensors = {k: v if take else v.detach().clone() for k, v in source.items() if k.startswith(_FROM_UNET) and k in ours}
+    bad = [k for k, v in tensors.items() if v.shape != ours[k].shape]
+    if bad:
+        raise ValueError(f"the UNet's {bad[0]} does not fit the ControlNet built from its configuration")
+    controlnet.load_state_dict(tensors, strict=False, assign=True)
+    return init.materialize_module(controlnet)
+
+
 def _background_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
     """A ControlNet copied from the UNet whose conditioning embedding is a 3 x 3 conv over the
     background's VAE latent, initialised from the UNet's ``conv_in`` (not zero)."""
-    controlnet = ControlNetModel.from_unet(unet)
+    controlnet = controlnet_from_unet(unet)
     conv = nn.Conv2d(unet.config.in_channels, unet.config.block_out_channels[0], kernel_size=3, padding=1)
     with torch.no_grad():
         conv.weight.copy_(unet.conv_in.weight)
         conv.bias.copy_(unet.conv_in.bias)
     controlnet.controlnet_cond_embedding = conv
     return controlnet
+
+
+def _clip_from_config(config: dict) -> CLIPVisionModelWithProjection:
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    if seeded_meta_active() and clip.visual_projection.weight.is_meta:
+        # transformers skips its weight initialisation on the meta device; a SeededMeta build
+        # must make the draws a CPU build makes.
+        clip.initialize_weights()
+    return clip
 
 
 class DisCoModel(ModelMixin, ConfigMixin):
@@ -60,7 +100,7 @@ class DisCoModel(ModelMixin, ConfigMixin):
         self._assemble(
             UNet2DConditionModel.from_config(unet_config),
             AutoencoderKL.from_config(vae_config),
-            CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder_config)),
+            _clip_from_config(image_encoder_config),
         )
 
     def _assemble(self, unet: UNet2DConditionModel, vae: AutoencoderKL, clip: CLIPVisionModelWithProjection) -> None:
@@ -71,7 +111,7 @@ class DisCoModel(ModelMixin, ConfigMixin):
         with torch.no_grad():
             self.reference_projection.weight.copy_(clip.visual_projection.weight)
         self.background_controlnet = _background_controlnet(unet)
-        self.pose_controlnet = ControlNetModel.from_unet(unet) if self.config.variant == "finetune" else None
+        self.pose_controlnet = controlnet_from_unet(unet) if self.config.variant == "finetune" else None
         self.vae.requires_grad_(False)
         self.image_encoder.requires_grad_(False)
 
@@ -113,17 +153,39 @@ class DisCoModel(ModelMixin, ConfigMixin):
         return model
 
     @classmethod
+    def unet_from_architecture(cls, name: str) -> UNet2DConditionModel:
+        """The UNet of ``from_architecture(name)`` alone: the first module it draws, so after the
+        same seed its weights are the same."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown configuration {name!r}; choose one of {', '.join(CONFIGS)}")
+        return UNet2DConditionModel.from_config(copy.deepcopy(CONFIGS[name]["unet"]))
+
+    @classmethod
     def finetune_from_hap(cls, hap: "DisCoModel", base_unet: UNet2DConditionModel) -> "DisCoModel":
         """The fine-tuning model after HAP: UNet, projection and background ControlNet (and the
-        frozen VAE and CLIP) from ``hap``; the pose ControlNet a fresh copy of the *base* UNet."""
+        frozen VAE and CLIP) from ``hap``; the pose ControlNet a fresh copy of the *base* UNet.
+
+        Nothing is copied and nothing random is allocated: the new model takes ``hap``'s modules
+        and ``base_unet``'s down and mid blocks (both are consumed), so the peak is HAP's weights
+        plus the base UNet's. The global generator still advances as it did when this built a
+        whole random fine-tuning model and a ControlNet on the CPU (the draws are made on the
+        meta device), so the pose ControlNet's conditioning embedding, which comes from it, and
+        every draw after it are unchanged.
+        """
         config = {k: v for k, v in hap.config.items() if not k.startswith("_")}
         config["variant"] = "finetune"
-        model = cls(**config)
-        missing, unexpected = model.load_state_dict(hap.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("pose_controlnet.") for k in missing):
+        with SeededMeta(record=False):
+            model = cls(**config)
+        ours = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("pose_controlnet.")}
+        theirs = {k: v.shape for k, v in hap.state_dict().items()}
+        if ours != theirs:
+            missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            wrong = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
             raise ValueError(f"{hap.__class__.__name__} checkpoint does not fit: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-        model.pose_controlnet = ControlNetModel.from_unet(base_unet)
+                             f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}")
+        for part in ("unet", "vae", "image_encoder", "reference_projection", "background_controlnet"):
+            setattr(model, part, getattr(hap, part))
+        model.pose_controlnet = controlnet_from_unet(base_unet, take=True)
         return model
 
     def export_diffusers(self, folder: str | Path) -> list[Path]:
@@ -193,19 +255,21 @@ class DisCoModel(ModelMixin, ConfigMixin):
         columns = iter(range(3))
 
         def draw(p: float) -> torch.Tensor:
+            # Decided on the host (no device synchronisation for ``any``), then moved.
             column = next(columns)
             u = uniforms[:, column].cpu() if uniforms is not None else torch.rand(batch, generator=generator, device="cpu")
-            return (u < p).to(reference_tokens.device)
+            return u < p
 
         drop_ref = draw(self.config.reference_dropout)
         if drop_ref.any():
             with torch.no_grad():
                 empty = self.unconditional_reference(1).to(reference_tokens.dtype)
+            drop_ref = drop_ref.to(reference_tokens.device)
             reference_tokens = torch.where(drop_ref[:, None, None], empty, reference_tokens)
-        drop_bg = draw(self.config.background_dropout)
+        drop_bg = draw(self.config.background_dropout).to(reference_tokens.device)
         background_latents = background_latents * (~drop_bg).to(background_latents.dtype)[:, None, None, None]
         if pose_image is not None:
-            drop_pose = draw(self.config.pose_dropout)
+            drop_pose = draw(self.config.pose_dropout).to(reference_tokens.device)
             pose_image = pose_image * (~drop_pose).to(pose_image.dtype)[:, None, None, None]
         return reference_tokens, background_latents, pose_image
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,9 +45,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # surface as exceptions through Ray Data.
     common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
     if address:
-        ray.init(address=address, **common)
+        # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
+        # dials the interface address instead, where nothing listens.
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        with loopback_only() if host in ("127.0.0.1", "localhost") else contextlib.nullcontext():
+            ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False, **common)
+        with loopback_only():
+            # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
+                     include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Within the block, Ray starts its processes on 127.0.0.1 (a private instance must not be
+    reachable from the network: Ray has no authentication by default).
+
+    Why a switch and not just ``_node_ip_address="127.0.0.1"``: on Linux Ray rewrites a loopback
+    node address to the machine's interface address (``services.resolve_ip_for_localhost``) unless
+    its multi-node support is off, which is exactly the switch that macOS and Windows use to keep
+    a local instance on loopback."""
+    from ray._private import ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 def stage_settings(cfg: PreprocessConfig) -> dict:

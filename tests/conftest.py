@@ -9,6 +9,8 @@ from PIL import Image
 from skimage import data
 
 os.environ.setdefault("GLOG_minloglevel", "2")
+# Collectives in the training tests refuse tensors off the training device, as NCCL does.
+os.environ.setdefault("DISCO_NCCL_GUARD", "1")
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,29 @@ def ray_local():
     init_ray(num_cpus=2, num_gpus=2)
     yield
     ray.shutdown()
+
+
+TRAIN_FRAMES = 8  # frames of the training fixture's clip
+
+
+@pytest.fixture(scope="session")
+def triplets(tmp_path_factory, ray_local) -> dict[str, Path]:
+    """Training data through the real `preprocess`: a short clip (fine-tuning) and two stills
+    (pre-training)."""
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+    from disco.pipeline.run import preprocess
+    from helpers import save
+
+    root = tmp_path_factory.mktemp("triplets")
+    write_video(root / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), TRAIN_FRAMES, 96), 30.0)
+    video = preprocess(PreprocessConfig(source="video", input=root / "videos", output=root / "video", max_side=96),
+                       log=lambda *_: None)
+    assert video.manifest["counts"]["rows_written"] == TRAIN_FRAMES
+    astronaut = Image.fromarray(data.astronaut()).resize((96, 96))
+    save(root / "stills" / "astronaut.png", astronaut)
+    save(root / "stills" / "mirrored.png", astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    stills = preprocess(PreprocessConfig(source="images", input=root / "stills", output=root / "images", max_side=96),
+                        log=lambda *_: None)
+    assert stills.manifest["counts"]["rows_written"] == 2
+    return {"video": root / "video", "images": root / "images"}

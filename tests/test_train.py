@@ -21,11 +21,9 @@ from skimage import data
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.pipeline.config import ConfigError, PreprocessConfig
-from disco.pipeline.demo_data import pan_zoom_frames, write_video
+from disco.pipeline.config import ConfigError
 from disco.pipeline.encode import decode_picture
 from disco.pipeline.reader import open_triplets
-from disco.pipeline.run import preprocess
 from disco.pipeline.schema import TRIPLET_SCHEMA
 from disco.train.augment import apply_box, crop_box
 from disco.train.checkpoint import find_checkpoint, initial_model, list_checkpoints, load_model, read_checkpoint
@@ -34,28 +32,11 @@ from disco.train.data import SampleStream, at_low_priority, build_index, epoch_o
 from disco.train.inputs import model_inputs
 from disco.train.launch import train
 from disco.train.loop import DiffusionObjective, sample_draws
-from helpers import cli_process, save
+from helpers import cli_process
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 FRAMES = 8
 RES = 64
-
-
-@pytest.fixture(scope="module")
-def triplets(tmp_path_factory, ray_local) -> dict[str, Path]:
-    """A short clip (fine-tuning) and two stills (pre-training), through `preprocess`."""
-    root = tmp_path_factory.mktemp("triplets")
-    write_video(root / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), FRAMES, 96), 30.0)
-    video = preprocess(PreprocessConfig(source="video", input=root / "videos", output=root / "video", max_side=96),
-                       log=lambda *_: None)
-    assert video.manifest["counts"]["rows_written"] == FRAMES
-    astronaut = Image.fromarray(data.astronaut()).resize((96, 96))
-    save(root / "stills" / "astronaut.png", astronaut)
-    save(root / "stills" / "mirrored.png", astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-    stills = preprocess(PreprocessConfig(source="images", input=root / "stills", output=root / "images", max_side=96),
-                        log=lambda *_: None)
-    assert stills.manifest["counts"]["rows_written"] == 2
-    return {"video": root / "video", "images": root / "images"}
 
 
 def _config(tmp_path: Path, triplets, name: str, **options) -> TrainConfig:
@@ -172,11 +153,13 @@ def test_training_and_generation_mask_the_clip_reference_alike():
 
 def test_the_stream_resumes_at_its_position_and_splits_batches_across_workers(triplets):
     index = build_index([str(triplets["video"])])
-    full = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=4)
+    # One worker reading the 2 data shards that 2 workers split (the run's data_shards).
+    full = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=4,
+                        shards=2)
     first, second = full.next_batch()["position"], full.next_batch()["position"]
     full.close()
     resumed = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=4,
-                           position=4)
+                           shards=2, position=4)
     assert torch.equal(resumed.next_batch()["position"], second)
     resumed.close()
     halves = []
@@ -262,7 +245,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_pat
     steps = 5
     options = ["--stage", "finetune", "--data", str(triplets["video"]), "--model", "tiny", "--resolution", str(RES),
                "--batch-size", "2", "--max-steps", str(steps), "--checkpoint-every", "1", "--keep", "2",
-               "--sample-every", "1000", "--log-every", "1", "--warmup-steps", "0", "--no-progress"]
+               "--sample-every", "1000", "--log-every", str(steps), "--warmup-steps", "0", "--no-progress"]
     whole = tmp_path / "whole"
     runner = CliRunner()
     assert runner.invoke(app, ["train", *options, "--output", str(whole)]).exit_code == 0
@@ -288,6 +271,10 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_pat
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     assert not list(killed.glob(".tmp-*"))
+    # One logging window spans the kill: the checkpoint carried its loss sums, so the resumed
+    # run reports the loss of the uninterrupted one.
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, killed)]
+    assert summaries[0] == summaries[1]
 
 
 def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_path):
@@ -306,12 +293,14 @@ def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_p
     assert "trained to step 2" in result.stderr  # the console's summary line (rich writes to stderr)
     state = json.loads((find_checkpoint(run) / "state.json").read_text())
     assert (state["step"], state["world_size"], state["positions"]) == (2, 1, [4])
-    assert (run / "ray" / "train").is_dir()  # Ray Train's bookkeeping: it ran as a TorchTrainer
+    # Ray Train's bookkeeping, with the pointer to the checkpoint it reported: it ran as a TorchTrainer.
+    assert [p.name for p in (run / "ray").glob("train-*/checkpoint-00000002")]
     assert load_run_config(run).ray_address == address
 
 
 def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, tmp_path):
-    one = _config(tmp_path, triplets, "one", batch_size=4)
+    # The same data shards (the default for 2 workers: 2), so the same global batches.
+    one = _config(tmp_path, triplets, "one", batch_size=4, data_shards=2)
     two = _config(tmp_path, triplets, "two", batch_size=2, num_workers=2)
     assert train(one)["step"] == 2
     assert train(two) == {"step": 2, "loss": pytest.approx(train_loss(one), rel=1e-4), "skipped_rows": 0, "workers": 2}

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from disco.model.disco import DisCoModel
+from disco.model.meta_init import set_tensor
 from disco.pipeline.config import ConfigError
 from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
 
@@ -76,29 +77,67 @@ def base_model(cfg: TrainConfig, variant: str) -> DisCoModel:
         return DisCoModel.from_architecture(cfg.model, variant=variant)
 
 
+def base_unet(cfg: TrainConfig):
+    """The base model's UNet alone: from the sd-image-variations folder, or drawn from
+    ``model_seed`` exactly as ``base_model`` draws it (it is the first module built)."""
+    if cfg.pretrained:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.model_seed if cfg.model_seed is not None else cfg.seed)
+        return DisCoModel.unet_from_architecture(cfg.model)
+
+
 def initial_model(cfg: TrainConfig) -> DisCoModel:
     """The model at step 0 of a run. Fine-tuning from a HAP run (``init_from``) takes the UNet,
-    projection and background ControlNet from it and a fresh pose ControlNet from the base UNet."""
+    projection and background ControlNet from it and a fresh pose ControlNet from the base UNet.
+
+    Every weight exists once: the HAP model and the base UNet are built, then assembled into the
+    fine-tuning model without copies (``DisCoModel.finetune_from_hap``); the peak is their sum."""
     if cfg.stage == "finetune" and cfg.init_from:
         hap = load_model(cfg.init_from)
         if hap.config.variant != "pretrain":
             raise ConfigError(f"--init-from {cfg.init_from} is a {hap.config.variant} run, not a pretrain (HAP) run")
-        if cfg.pretrained:
-            from diffusers import UNet2DConditionModel
-
-            base_unet = UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", local_files_only=True)
-        else:
-            base_unet = base_model(cfg, "pretrain").unet
-        return DisCoModel.finetune_from_hap(hap.train(), base_unet)
+        return DisCoModel.finetune_from_hap(hap.train(), base_unet(cfg))
     return base_model(cfg, cfg.stage)
 
 
-def _load_trainable(model: DisCoModel, weights: dict[str, torch.Tensor], source: Path) -> None:
+def _check_trainable(model: DisCoModel, names, source: Path) -> None:
     expected = set(model.trainable_parameters())
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if set(names) != expected:
+        missing, extra = sorted(expected - set(names)), sorted(set(names) - expected)
         raise ConfigError(f"{source} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
-    model.load_state_dict(weights, strict=False)
+
+
+def _put(model: DisCoModel, name: str, tensor: torch.Tensor) -> None:
+    """``tensor`` becomes parameter ``name`` (no copy) when it fits its device, dtype and shape;
+    otherwise it is copied into it."""
+    param = model.get_parameter(name)
+    if (tensor.device, tensor.dtype, tensor.shape) == (param.device, param.dtype, param.shape):
+        set_tensor(model, name, tensor.detach())
+    else:
+        with torch.no_grad():
+            param.copy_(tensor)
+
+
+def _load_trainable(model: DisCoModel, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """The trainable weights of a checkpoint into ``model``: the loaded tensors take the
+    parameters' places, so no second copy of them remains."""
+    _check_trainable(model, weights, source)
+    for name, tensor in weights.items():
+        _put(model, name, tensor)
+
+
+def _load_trainable_file(model: DisCoModel, path: Path) -> None:
+    """As ``_load_trainable``, reading one tensor at a time: besides the model, at most one
+    tensor of the file is held."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as weights:
+        _check_trainable(model, weights.keys(), path)
+        for name in weights.keys():
+            _put(model, name, weights.get_tensor(name))
 
 
 def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> DisCoModel:
@@ -113,7 +152,7 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
     cfg = load_run_config(run)
     model = base_model(cfg, cfg.stage)
     weights_file = checkpoint / (EMA_FILE if (checkpoint / EMA_FILE).exists() else WEIGHTS_FILE)
-    _load_trainable(model, load_file(str(weights_file)), weights_file)
+    _load_trainable_file(model, weights_file)
     return model.to(device).eval()
 
 

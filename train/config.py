@@ -39,7 +39,14 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None
-    warmup_steps: int | None = None  # default: 10% of max_steps
+    warmup_steps: int | None = None  # default: 10% of schedule_steps (fixed when the run starts)
+    # Length of the learning-rate schedule (warm-up, then linear decay to 0 at this step). Fixed
+    # when the run starts (default: max_steps), so raising --max-steps on --resume never makes
+    # the rate jump; a new value on --resume stretches the decay from the current rate.
+    schedule_steps: int | None = None
+    # Set by a --resume that changed schedule_steps: [step, factor] -- from that step the rate
+    # decays linearly from factor x lr to 0 at schedule_steps.
+    decay_from: list[float] | None = None
     weight_decay: float = 1e-3
     adam_betas: tuple[float, float] = (0.9, 0.98)
     max_grad_norm: float | None = None
@@ -57,9 +64,16 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     ray_address: str | None = None
+    # Restarts from the last checkpoint after a lost worker or node (Ray Train); None: 3 when
+    # training runs on Ray Train workers.
+    max_failures: int | None = None
     # CPUs Ray accounts per training worker and per data task; None sizes them from the cluster.
     cpus_per_worker: float | None = None
     data_cpus: float | None = None
+    # Virtual shards of the training data stream (train/data.py): each worker reads only its own
+    # shards, so this must be a multiple of num_workers (and batch_size of data_shards /
+    # num_workers). None: num_workers. It decides the data order, so a resume keeps it.
+    data_shards: int | None = None
     prefetch_batches: int = 4
     resume: bool = False
 
@@ -100,8 +114,12 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
 
     @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps if self.schedule_steps is not None else self.max_steps
+
+    @property
     def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(0, self.max_steps // 10)
+        return self.warmup_steps if self.warmup_steps is not None else max(0, self.schedule_length // 10)
 
     @property
     def global_batch(self) -> int:
@@ -139,9 +157,18 @@ class TrainConfig:
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError("--resolution must be a positive multiple of 8 (the VAE downsamples by 8)")
         for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep", "sample_every",
-                     "num_workers", "log_every", "sample_steps"):
+                     "num_workers", "log_every", "sample_steps", "schedule_length"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"--{name.replace('_length', '_steps').replace('_', '-')} must be at least 1")
+        if self.data_shards is not None:
+            if self.data_shards < 1 or self.data_shards % self.num_workers:
+                raise ConfigError(f"data_shards ({self.data_shards}) must be a multiple of --num-workers ({self.num_workers})")
+            per_worker = self.data_shards // self.num_workers
+            if self.batch_size % per_worker:
+                raise ConfigError(f"--batch-size ({self.batch_size}) must be a multiple of the data shards per worker "
+                                  f"({per_worker} = data_shards {self.data_shards} / --num-workers {self.num_workers})")
+        if self.max_failures is not None and self.max_failures < 0:
+            raise ConfigError("--max-failures must be 0 or more")
         if self.learning_rate <= 0:
             raise ConfigError("--lr must be positive")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -169,6 +196,25 @@ class TrainConfig:
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp.replace(path)
         return path
+
+
+def lr_factor(step: int, warmup: int, total: int, decay_from: list[float] | None = None) -> float:
+    """The learning rate at ``step`` as a fraction of the peak: linear warm-up over ``warmup``
+    steps, then linear decay to 0 at ``total`` (from ``decay_from = [step, factor]`` on, when a
+    resume stretched the schedule: linear from that factor to 0)."""
+    if decay_from is not None and step >= decay_from[0]:
+        start, factor = int(decay_from[0]), float(decay_from[1])
+        return factor * max(0.0, float(total - step)) / float(max(1, total - start))
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+
+def lr_schedule(cfg: TrainConfig):
+    """The run's schedule as a ``LambdaLR`` function (a picklable partial)."""
+    import functools
+
+    return functools.partial(lr_factor, warmup=cfg.warmup, total=cfg.schedule_length, decay_from=cfg.decay_from)
 
 
 def load_run_config(run: str | Path) -> TrainConfig:

@@ -1,9 +1,17 @@
 """Starting a run: resolve and save the configuration, find the checkpoint to resume, then run the
-loop in this process (one worker) or on N Ray Train workers (``TorchTrainer``)."""
+loop in this process (one worker) or on N Ray Train workers (``TorchTrainer``).
+
+On Ray Train, a lost worker or node makes Ray Train restart the worker group (``--max-failures``
+times) and the loop continues from the last checkpoint it reported. Ctrl-C asks every worker to
+stop after its current step; the run then writes a checkpoint of that step and ends, so that
+``--resume`` loses nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 from pathlib import Path
 from typing import Callable
@@ -12,22 +20,27 @@ from disco.pipeline.config import ConfigError
 from disco.train.checkpoint import clean_temporary, list_checkpoints
 from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
 from disco.train.data import build_index
-from disco.train.loop import SUMMARY_FILE, train_loop_per_worker
+from disco.train.collectives import GUARD_ENV
+from disco.train.config import lr_factor
+from disco.train.loop import STOP_FILE, SUMMARY_FILE, train_loop_per_worker
 from disco.train.monitor import read_metrics
 
 # Options a resumed run may change; all others decide the data order or the model and must stay.
 RESUME_MAY_CHANGE = {
-    "max_steps", "checkpoint_every", "keep", "sample_every", "sample_count", "sample_steps", "guidance_scale",
+    "max_steps", "schedule_steps", "max_failures", "checkpoint_every", "keep", "sample_every", "sample_count", "sample_steps", "guidance_scale",
     "log_every", "ray_address", "cpus_per_worker", "data_cpus", "prefetch_batches", "resume",
 }
+
+PATH_OPTIONS = {"pretrained", "init_from"}
 
 
 def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfig, Path | None]:
     """The run's configuration and the checkpoint to start from. ``given``: the options the user
     set explicitly (a resume checks them against the saved configuration)."""
-    run = Path(cfg.output) if cfg.output else None
-    if run is None:
+    if not cfg.output:
         raise ConfigError("--output is required")
+    # Absolute paths, stored so: Ray Train runs each worker in a working directory of its own.
+    run = Path(cfg.output).absolute()
     if cfg.resume:
         if not (run / CONFIG_FILE).exists():
             raise ConfigError(f"--resume: {run} is not a training run (no {CONFIG_FILE})")
@@ -35,6 +48,10 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
         changes = {}
         for name in sorted((given or set()) - {"output", "resume"}):
             new, old = getattr(cfg, name), getattr(saved, name)
+            if name in PATH_OPTIONS:
+                new, old = _absolute(new), _absolute(old)
+            elif name == "data":
+                new, old = [_absolute(d) for d in new or []], [_absolute(d) for d in old or []]
             if name in RESUME_MAY_CHANGE:
                 changes[name] = new
             elif new != old and not (name == "data" and not new):
@@ -44,6 +61,7 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
         clean_temporary(run)
         checkpoints = list_checkpoints(run)
         checkpoint = checkpoints[max(checkpoints)] if checkpoints else None
+        cfg = _resumed_schedule(cfg, saved, max(checkpoints) if checkpoints else 0)
     else:
         if (run / CONFIG_FILE).exists() or list_checkpoints(run):
             raise ConfigError(f"{run} already holds a training run; pass --resume to continue it, or choose another --output")
@@ -59,11 +77,39 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
             cfg = cfg.updated({"model_seed": hap.model_seed})
         if cfg.model_seed is None:
             cfg = cfg.updated({"model_seed": cfg.seed})
-        cfg = cfg.updated({"data": [str(Path(d)) for d in cfg.data], "output": str(run)})
+        # The schedule is fixed now: a later --resume with more --max-steps keeps it.
+        cfg = cfg.updated({"schedule_steps": cfg.schedule_length, "warmup_steps": cfg.warmup, "decay_from": None,
+                           "data_shards": cfg.data_shards or cfg.num_workers, "output": str(run)})
+    cfg = cfg.updated({"data": [_absolute(d) for d in cfg.data], "init_from": _absolute(cfg.init_from),
+                       "pretrained": _absolute(cfg.pretrained)})
     cfg.validate()
     if checkpoint is not None and cfg.max_steps <= int(checkpoint.name.split("-")[1]):
         raise ConfigError(f"{checkpoint.name} is already at --max-steps {cfg.max_steps}; raise --max-steps to train on")
     return cfg, checkpoint
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).absolute()) if path else path
+
+
+def _resumed_schedule(cfg: TrainConfig, saved: TrainConfig, step: int) -> TrainConfig:
+    """The learning-rate schedule of a resumed run. It keeps the length fixed when the run started
+    (runs from before that rule: their --max-steps). A new --schedule-steps stretches (or
+    shortens) the decay from the rate at the resumed step, so the rate never jumps."""
+    old_length = saved.schedule_steps if saved.schedule_steps is not None else saved.max_steps
+    cfg = cfg.updated({"schedule_steps": cfg.schedule_steps if cfg.schedule_steps is not None else old_length,
+                       "warmup_steps": saved.warmup_steps if saved.warmup_steps is not None else max(0, old_length // 10)})
+    if cfg.schedule_steps != old_length:
+        if cfg.schedule_steps <= step:
+            raise ConfigError(f"--schedule-steps {cfg.schedule_steps} must be beyond the resumed step {step}")
+        factor = lr_factor(step, cfg.warmup, old_length, saved.decay_from)
+        cfg = cfg.updated({"decay_from": [step, factor]})
+    if cfg.max_steps > cfg.schedule_steps:
+        raise ConfigError(
+            f"--max-steps {cfg.max_steps} goes past the run's learning-rate schedule, which ends at step "
+            f"{cfg.schedule_steps} (fixed when the run started): the rate would be 0 from there. Pass "
+            f"--schedule-steps {cfg.max_steps} too, to stretch the decay from the current rate to 0 at step {cfg.max_steps}")
+    return cfg
 
 
 def _resources(cfg: TrainConfig, distributed: bool) -> tuple[float, float]:
@@ -77,10 +123,14 @@ def _resources(cfg: TrainConfig, distributed: bool) -> tuple[float, float]:
     return worker, data
 
 
+class TrainingFailed(RuntimeError):
+    """A distributed run gave up (its restarts used up); the message says how to continue."""
+
+
 def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[[dict], None] | None = None,
           log: Callable[[str], None] = lambda message: None) -> dict:
-    """Run (or resume) a training run; returns a summary (final step, loss, skipped rows)."""
-    import ray
+    """Run (or resume) a training run; returns a summary (final step, loss, skipped rows, and
+    ``interrupted: True`` when Ctrl-C stopped it after a checkpoint of its last step)."""
 
     from disco.pipeline.run import init_ray
 
@@ -89,46 +139,119 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     run = Path(cfg.output)
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(run)
+    (run / STOP_FILE).unlink(missing_ok=True)  # left by an earlier Ctrl-C
     log(f"{len(index)} {cfg.split} rows from {len(index.files)} shards; "
         + (f"resuming from {checkpoint.name}" if checkpoint else "starting at step 0"))
     init_ray(cfg.ray_address)
     distributed = cfg.num_workers > 1 or bool(cfg.ray_address)
     worker_cpus, data_cpus = _resources(cfg, distributed)
-    loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
-                   "distributed": distributed, "data_cpus": data_cpus}
+    loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,
+                   "distributed": distributed, "data_cpus": data_cpus,
+                   "nccl_guard": os.environ.get(GUARD_ENV) == "1"}
     stop = threading.Event()
     poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop), daemon=True)
     if on_metrics is not None:
         poller.start()
     try:
-        if not distributed:
-            return train_loop_per_worker(loop_config)
-        return _fit(cfg, loop_config, worker_cpus, ray)
+        with _stop_on_interrupt(run, log):
+            if not distributed:
+                return train_loop_per_worker(loop_config)
+            return _fit(cfg, loop_config, worker_cpus)
     finally:
         stop.set()
         if poller.is_alive():
             poller.join()
+        (run / STOP_FILE).unlink(missing_ok=True)
 
 
-def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float, ray) -> dict:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+@contextlib.contextmanager
+def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
+    """Ctrl-C (SIGINT) asks the run to stop: a file in the run directory that every worker checks
+    after each step (workers on other nodes see it on the shared storage). A second Ctrl-C
+    interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        (run / STOP_FILE).touch()
+        log("stopping after the current step and writing a checkpoint (Ctrl-C again to abort at once)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
+    import time
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": worker_cpus}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    max_failures = cfg.max_failures if cfg.max_failures is not None else 3
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         # Checkpoints are written by rank 0 into the run directory itself (shared storage on a
-        # multi-node cluster); Ray Train's own storage only holds its bookkeeping.
-        run_config=RunConfig(storage_path=str((Path(cfg.output) / "ray").resolve()), name="train",
-                             failure_config=FailureConfig(max_failures=0)),
+        # multi-node cluster); Ray Train's storage holds its bookkeeping and, per checkpoint, a
+        # pointer to ours, which a restarted worker group starts from. A name per invocation: the
+        # first attempt starts from what --resume resolved, never from an older invocation's pointer.
+        run_config=RunConfig(storage_path=str(Path(cfg.output) / "ray"), name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    trainer.fit()
+    try:
+        _fit_in_thread(trainer)
+    except TrainingFailedError as exc:
+        checkpoints = list_checkpoints(cfg.output)
+        where = (f"the last checkpoint is {checkpoints[max(checkpoints)].name}" if checkpoints
+                 else "no checkpoint was written yet")
+        raise TrainingFailed(
+            f"training stopped after {max_failures} restart(s): {_root_cause(exc)}; {where}; continue with "
+            f"`disco-cli train --output {cfg.output} --resume` (--max-failures N allows more restarts)") from exc
     return json.loads((Path(cfg.output) / SUMMARY_FILE).read_text())
+
+
+def _fit_in_thread(trainer) -> None:
+    """``trainer.fit()`` in a thread of its own. Why: run from the main thread, Ray Train replaces
+    the SIGINT handler with one that aborts the workers at once, without a checkpoint; the main
+    thread keeps ours (stop after the step, checkpoint) and waits here, handling signals."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """One line naming what failed, from Ray Train's nested errors."""
+    seen = exc
+    while seen.__cause__ is not None and seen.__cause__ is not seen:
+        seen = seen.__cause__
+    errors = getattr(exc, "worker_failures", None) or {}
+    for error in errors.values():
+        seen = error
+        break
+    lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(seen).__name__
+    return f"{type(seen).__name__}: {text}"[:300]
 
 
 def _follow_metrics(run: Path, on_metrics: Callable[[dict], None], stop: threading.Event) -> None:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from torch import nn
 
 from disco.model.disco import VAE_SCALING, DisCoModel
 from disco.train.checkpoint import _load_trainable, initial_model, read_checkpoint, save_checkpoint
-from disco.train.config import TrainConfig
+from disco.train.collectives import Collectives, nccl_guard
+from disco.train.config import TrainConfig, lr_schedule
 from disco.train.data import SampleStream, build_index, sample_seed
 from disco.train.inputs import model_inputs, reference_picture
 from disco.train.monitor import Monitor
@@ -32,6 +32,10 @@ from disco.train.sampling import ddim_sample, fit_pose, latent_factor
 
 DRAW_SALT = 0x9E3779B9
 SUMMARY_FILE = "summary.json"
+# Created in the run directory by the launcher on Ctrl-C: every worker finishes its step, the run
+# writes a checkpoint of that step and stops (all workers agree on the step through a collective).
+STOP_FILE = ".stop-requested"
+POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
 
 
 class DiffusionObjective(nn.Module):
@@ -90,25 +94,35 @@ def _restore_rng(state: dict, training_state: dict) -> None:
         torch.cuda.set_rng_state(training_state["cuda_rng"])
 
 
-class _Dist:
-    """The few collective operations the loop needs; no-ops for one worker."""
+def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
+    """Where this attempt starts: after a worker or node was lost and Ray Train restarted the
+    group, the latest checkpoint reported to Ray Train (a pointer into the run directory);
+    otherwise the one the launcher resolved (``--resume``), or none."""
+    if distributed:
+        import ray.train
 
-    def __init__(self, world: int):
-        self.world = world
+        reported = ray.train.get_checkpoint()
+        if reported is not None:
+            with reported.as_directory() as folder:
+                return Path(json.loads((Path(folder) / POINTER_FILE).read_text())["checkpoint"])
+    checkpoint = loop_config.get("checkpoint")
+    return Path(checkpoint) if checkpoint else None
 
-    def mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t) / self.world
 
-    def gather(self, value) -> list:
-        if self.world == 1:
-            return [value]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, value)
-        return out
+def _report_checkpoint(path: Path | None, rank: int, metrics: dict) -> None:
+    """Tell Ray Train about a checkpoint (every worker calls this, rank 0 with the checkpoint):
+    a small pointer is uploaded to Ray Train's storage, the weights stay in the run directory."""
+    import tempfile
+
+    import ray.train
+
+    if rank != 0 or path is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / POINTER_FILE).write_text(json.dumps({"checkpoint": str(path.resolve())}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=path.name)
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -124,23 +138,29 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     else:
         rank, world = 0, 1
         device = torch.device("cuda" if cfg.use_gpu else "cpu")
-    dist = _Dist(world)
+    with nccl_guard(device, enabled=loop_config.get("nccl_guard")):
+        return _train(cfg, loop_config, distributed, rank, world, device)
+
+
+def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, world: int, device) -> dict:
+    collectives = Collectives(world, device)
     run = Path(cfg.output)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     model = initial_model(cfg)
-    checkpoint = loop_config.get("checkpoint")
+    checkpoint = _start_checkpoint(loop_config, distributed)
     state, training_state, ema_weights = {}, {}, None
     if checkpoint:
-        weights, training_state, state, ema_weights = read_checkpoint(Path(checkpoint))
-        _load_trainable(model, weights, Path(checkpoint))
+        weights, training_state, state, ema_weights = read_checkpoint(checkpoint)
+        _load_trainable(model, weights, checkpoint)
     model.set_trainable()
     if cfg.gradient_checkpointing:
         model.enable_memory_savings(gradient_checkpointing=True)
     model.train()
     objective = DiffusionObjective(model)
+    timesteps = objective.noise_scheduler.config.num_train_timesteps
     if world > 1:
         import ray.train.torch
 
@@ -150,7 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     names = list(model.trainable_parameters())
     params = list(model.trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     ema = None
     if cfg.ema_decay:
@@ -158,6 +178,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
         ema = EMAModel(params, decay=cfg.ema_decay)
     step, position, skipped_before = 0, 0, 0
+    # The current logging window (this worker's loss sum and its steps) is part of a checkpoint, so
+    # a resumed or restarted run logs, and ends with, the loss an uninterrupted run would.
+    window_steps, loss_sum = 0, torch.zeros((), dtype=torch.float64, device=device)
     if checkpoint:
         optimizer.load_state_dict(training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
@@ -168,34 +191,48 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         _restore_rng(state["rng"], training_state)
         step, position = int(state["step"]), int(state["positions"][rank])
         skipped_before = int(state["skipped"])
+        window = state.get("window")
+        if window:
+            window_steps = int(window["steps"])
+            loss_sum.fill_(float(window["loss_sums"][rank]))
 
     index = build_index(cfg.data, cfg.split)
     stream = SampleStream(index, stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution,
                           augment=cfg.augment, seed=cfg.seed, batch=cfg.batch_size, rank=rank, world=world,
-                          position=position, data_cpus=loop_config.get("data_cpus", 0.25),
+                          position=position, shards=cfg.data_shards or world,
+                          data_cpus=loop_config.get("data_cpus", 0.25),
                           prefetch_batches=cfg.prefetch_batches)
     monitor = Monitor(run) if rank == 0 else None
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     side = cfg.resolution // latent_factor(model)
     latent_shape = (model.unet.config.in_channels, side, side)
-    timesteps = objective.noise_scheduler.config.num_train_timesteps if world == 1 else \
-        objective.module.noise_scheduler.config.num_train_timesteps
     preview = None
-    window_start, waited, window_steps, loss_sum, last_loss = time.perf_counter(), 0.0, 0, 0.0, float("nan")
+    window_start, waited, last_loss = time.perf_counter(), 0.0, float("nan")
+    saved_step = step if checkpoint else None
 
-    def checkpoint_now():
-        positions = dist.gather((stream.position, stream.skipped))
+    def checkpoint_now() -> None:
+        nonlocal saved_step
+        gathered = collectives.gather((stream.position, stream.skipped, float(loss_sum)))
+        path = None
         if rank == 0:
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
             if device.type == "cuda":
                 training["cuda_rng"] = torch.cuda.get_rng_state()
-            info = {"positions": [p for p, _ in positions], "skipped": skipped_before + sum(s for _, s in positions),
-                    "world_size": world, "rng": _rng_state()}
+            info = {"positions": [p for p, _, _ in gathered], "skipped": skipped_before + sum(s for _, s, _ in gathered),
+                    "world_size": world, "rng": _rng_state(),
+                    "window": {"steps": window_steps, "loss_sums": [loss for _, _, loss in gathered]}}
             ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
-            save_checkpoint(run, step, model, training, info, ema_state, cfg.keep)
+            path = save_checkpoint(run, step, model, training, info, ema_state, cfg.keep)
+        if distributed:
+            _report_checkpoint(path, rank, {"step": step})
+        saved_step = step
 
+    interrupted = False
     while step < cfg.max_steps:
+        if collectives.any((run / STOP_FILE).exists()):
+            interrupted = True
+            break
         for micro in range(cfg.grad_accum):
             started = time.perf_counter()
             batch = stream.next_batch()
@@ -210,7 +247,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
                     loss = objective(**inputs, **draws)
                 scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
+            # Accumulated on the device: no host synchronisation per micro-batch.
+            loss_sum += loss.detach().double() / cfg.grad_accum
         if cfg.max_grad_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -225,8 +263,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
-            last_loss = dist.mean(loss_sum / window_steps)
-            skipped = skipped_before + int(sum(dist.gather(stream.skipped)))
+            last_loss = float(collectives.mean(loss_sum / window_steps))
+            skipped = skipped_before + int(sum(collectives.gather(stream.skipped)))
             if monitor is not None:
                 monitor.log(step, {
                     "loss": last_loss, "lr": scheduler.get_last_lr()[0],
@@ -234,17 +272,22 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                     "steps_per_s": window_steps / elapsed, "data_wait_fraction": waited / elapsed,
                     "skipped_rows": skipped,
                 })
-            window_start, waited, window_steps, loss_sum = time.perf_counter(), 0.0, 0, 0.0
+            window_start, waited, window_steps = time.perf_counter(), 0.0, 0
+            loss_sum.zero_()
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             checkpoint_now()
         if monitor is not None and preview is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             write_sample_grid(model, preview, cfg, step, monitor, device, precision)
 
+    if interrupted and saved_step != step:
+        checkpoint_now()  # Ctrl-C: keep every finished step
     stream.close()
-    skipped = skipped_before + int(sum(dist.gather(stream.skipped)))
+    skipped = skipped_before + int(sum(collectives.gather(stream.skipped)))
     if monitor is not None:
         monitor.close()
     summary = {"step": step, "loss": last_loss, "skipped_rows": skipped, "workers": world}
+    if interrupted:
+        summary["interrupted"] = True
     if rank == 0:
         (run / SUMMARY_FILE).write_text(json.dumps(summary))
     if distributed:

@@ -1,0 +1,95 @@
+"""A multi-node Ray cluster on this machine, on loopback only, run in a process of its own.
+
+``ray start`` cannot keep a node on 127.0.0.1 on Linux (it rewrites a loopback address to the
+interface address), so the nodes come from Ray's own ``ray.cluster_utils.Cluster`` with
+``node_ip_address="127.0.0.1"``, in a child process that owns every Ray process of the cluster
+(one process group: the test stops it by that PID, never with ``ray stop``). The test sends
+commands on its stdin, one per line, and reads one line back per command:
+
+    add CPUS        -> node N        (a new worker node with CPUS CPUs)
+    kill N          -> killed N      (SIGKILL of node N's processes: a lost machine)
+    stop            -> stopped
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+
+
+def _serve(head_cpus: int) -> None:
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # every address Ray derives stays 127.0.0.1
+    common = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": head_cpus, **common})
+    nodes = {}
+    # The head recorded itself as "the latest cluster", which a plain ray.init() elsewhere on this
+    # machine would join: take that back.
+    current = "/tmp/ray/ray_current_cluster"
+    if os.path.exists(current) and open(current).read().strip() == cluster.address:
+        os.remove(current)
+    print(f"address {cluster.address}", flush=True)
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "add":
+            node = cluster.add_node(num_cpus=int(args[0]), **common)
+            cluster.wait_for_nodes()
+            nodes[len(nodes) + 1] = node
+            print(f"node {len(nodes)}", flush=True)
+        elif command == "kill":
+            cluster.remove_node(nodes.pop(int(args[0])), allow_graceful=False)
+            print(f"killed {args[0]}", flush=True)
+        elif command == "stop":
+            cluster.shutdown()
+            print("stopped", flush=True)
+            return
+
+
+class LoopbackCluster:
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self.address = self._answer("address")
+
+    def _answer(self, word: str) -> str:
+        line = self.process.stdout.readline()
+        if not line.startswith(word):
+            raise RuntimeError(f"the cluster process said {line!r}, expected {word!r}; it exited {self.process.poll()}")
+        return line.split(maxsplit=1)[1].strip() if " " in line else ""
+
+    def _send(self, command: str, answer: str) -> str:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer(answer)
+
+    def add_node(self, cpus: int) -> int:
+        return int(self._send(f"add {cpus}", "node"))
+
+    def kill_node(self, node: int) -> None:
+        self._send(f"kill {node}", "killed")
+
+
+@contextmanager
+def loopback_cluster(head_cpus: int):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    process = subprocess.Popen([sys.executable, __file__, str(head_cpus)], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield LoopbackCluster(process)
+        process.stdin.write("stop\n")
+        process.stdin.flush()
+        process.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of the cluster is left, by its group
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))

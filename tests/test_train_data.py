@@ -1,0 +1,262 @@
+"""The training data stream: its order and data shards, what it reads, and how it behaves on a
+cluster with few free CPUs (``disco.train.data``). The data here is written directly with the
+pipeline's Parquet writer (small synthetic pictures), so no preprocessing runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from disco.pipeline.encode import encode_png
+from disco.pipeline.schema import TRIPLET_SCHEMA
+from disco.pipeline.writer import _write_parquet_atomic
+from disco.train.data import (
+    WINDOW_GROUPS,
+    DataError,
+    SampleStream,
+    StreamPlan,
+    build_index,
+    epoch_order,
+    epoch_plan,
+    global_positions,
+)
+
+SIDE = 16
+
+
+def write_triplets(folder: Path, clip_frames: list[int], *, row_group_rows: int, shard_rows: int,
+                   noise: bool = False) -> Path:
+    """A preprocess-like output folder: clip ``c``'s frame ``f`` has an image of colour (c, f, 7)
+    (so a decoded sample names its row) and a background of (7, f, c); with ``noise``, random
+    pictures of realistic (incompressible) size instead."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for clip, frames in enumerate(clip_frames):
+        for f in range(frames):
+            if noise:
+                image = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+            else:
+                image = np.full((SIDE, SIDE, 3), (clip, f, 7), np.uint8)
+            rows.append(dict(
+                sample_id=f"video/c{clip}/{f:06d}", source="video", clip_id=f"c{clip}", frame_index=f,
+                timestamp_s=f / 30, split="train", input_path=f"c{clip}.mp4", width=SIDE, height=SIDE,
+                image=encode_png(image), mask=encode_png(np.full((SIDE, SIDE), 200, np.uint8)),
+                foreground=encode_png(image), background=encode_png(image[..., ::-1].copy()), pose=encode_png(image),
+                body_keypoints=[0.0] * 54, hand_keypoints=None, face_keypoints=None, person_score=1.0,
+                person_count=1, mask_area=0.5))
+    out = folder / "triplets"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(rows), shard_rows):
+        table = pa.Table.from_pylist(rows[i:i + shard_rows], schema=TRIPLET_SCHEMA)
+        _write_parquet_atomic(table, out / f"shard-{i // shard_rows:05d}.parquet", row_group_rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    """39 frames of 4 clips in row groups of 4 rows (10 groups) over 3 files."""
+    return write_triplets(tmp_path_factory.mktemp("clips"), [10, 7, 13, 9], row_group_rows=4, shard_rows=16)
+
+
+def _stream(index, **options) -> SampleStream:
+    settings = dict(stage="finetune", ref_mode="first", resolution=SIDE, augment=False, seed=3, batch=4)
+    settings.update(options)
+    return SampleStream(index, **settings)
+
+
+def _batches(index, count: int, **options) -> list[dict]:
+    stream = _stream(index, **options)
+    try:
+        return [stream.next_batch() for _ in range(count)]
+    finally:
+        stream.close()
+
+
+# -- the order (no Ray) ----------------------------------------------------------------------------
+
+def test_every_row_once_per_epoch_over_the_shards_in_windows_of_a_few_row_groups(clips):
+    index = build_index([str(clips)])
+    groups = len(index.group_starts) - 1
+    group_of = np.repeat(np.arange(groups), np.diff(index.group_starts))
+    for shards in (1, 2, 3, 8, 39):
+        plan = epoch_plan(index, 5, 2, shards)
+        every = np.concatenate(plan.rows)
+        assert sorted(every.tolist()) == list(range(len(index))), shards
+        assert max(len(r) for r in plan.rows) - min(len(r) for r in plan.rows) <= 1
+        for rows, windows in zip(plan.rows, plan.windows):
+            sizes = [len(set(group_of[rows[a:b]])) for a, b in pairwise(windows)]
+            assert max(sizes) <= WINDOW_GROUPS and max(sizes) - min(sizes) <= 1  # balanced: no lone tail group
+    # One shard is the windowed epoch order: row groups permuted, rows permuted in windows.
+    assert np.array_equal(epoch_order(index, 5, 2), epoch_plan(index, 5, 2, 1).rows[0])
+    assert not np.array_equal(epoch_order(index, 5, 2), epoch_order(index, 5, 3))
+    # The global stream: each shard's stream goes through its epochs in turn.
+    plan = StreamPlan(index, 5, 3, 12)
+    for epoch in range(3):
+        shard, sample = plan.locate(np.arange(0, 12 * 20))
+        rows = plan.rows(np.arange(0, 12 * 20))
+        for s in range(3):
+            size = int(plan.sizes[s])
+            mine = rows[(shard == s) & (sample // size == epoch)]
+            assert np.array_equal(np.sort(mine), np.sort(plan.epoch(epoch).rows[s]))
+
+
+def test_data_shards_must_fit_the_workers_and_the_data(clips):
+    index = build_index([str(clips)])
+    with pytest.raises(DataError, match="3 data shards cannot be shared evenly by 2 workers"):
+        _stream(index, batch=2, world=2, shards=3)
+    with pytest.raises(DataError, match="batch size \\(3\\) must be a multiple of 2"):
+        _stream(index, batch=3, world=2, shards=4)
+    with pytest.raises(DataError, match="39 training rows cannot fill 40 data shards"):
+        _stream(index, batch=1, world=40)
+
+
+def test_a_worker_reads_only_the_row_groups_of_its_own_shard(clips):
+    index = build_index([str(clips)])
+    starts = index.group_starts[:-1]
+    group_id = {(index.files[index.file[r]], int(index.group[r])): g for g, r in enumerate(starts)}
+    group_of = np.repeat(np.arange(len(starts)), np.diff(index.group_starts))
+    plan = StreamPlan(index, 3, 2, 4)
+    for rank in range(2):
+        stream = _stream(index, batch=2, rank=rank, world=2)
+        size = int(plan.sizes[rank])
+
+        def windows(epoch: int, shard: int = rank) -> set[int]:
+            return set(plan.epoch(epoch).windows[shard].tolist())
+
+        start = 0
+        while start < 3 * size:  # three epochs of this worker's shard, task by task
+            end = stream.task_end(start)
+            # Whole windows (several while they hold fewer than a block of samples), of this shard only.
+            assert start % size in windows(start // size) and end % size in windows(end // size)
+            table = stream.locators(start, end)
+            read = {group_id[key] for key in zip(table.column("path").to_pylist(), table.column("group").to_pylist())}
+            assert read <= {int(g) for e in range(start // size, (end - 1) // size + 1)
+                            for g in group_of[plan.epoch(e).rows[rank]]}
+            start = end
+        stream.close()
+
+
+# -- what the stream reads (Ray) ---------------------------------------------------------------------
+
+@pytest.mark.usefixtures("ray_local")
+def test_one_worker_with_two_shards_sees_what_two_workers_see(clips):
+    index = build_index([str(clips)])
+    whole = _batches(index, 25, batch=4, shards=2)  # 100 samples: more than 2 epochs
+    halves = [_batches(index, 25, batch=2, rank=r, world=2) for r in range(2)]
+    for i, batch in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][i]["position"], halves[1][i]["position"]]), batch["position"])
+        assert torch.equal(torch.cat([halves[0][i]["target"], halves[1][i]["target"]]), batch["target"])
+        assert np.array_equal(batch["position"].numpy(), global_positions(np.arange(4 * i, 4 * i + 4), 0, 1, 4))
+    # The samples are the rows the plan names: clip and frame are in the image's colour, and the
+    # background comes from the clip's first frame (7, 0, clip).
+    plan = StreamPlan(index, 3, 2, 4)
+    positions = torch.cat([b["position"] for b in whole]).numpy()
+    rows = plan.rows(positions)
+    colours = torch.cat([b["target"] for b in whole])[:, :, 0, 0].numpy()
+    assert np.array_equal(colours[:, 0], index.clip[rows]) and np.array_equal(colours[:, 1], index.frame[rows])
+    backgrounds = torch.cat([b["background"] for b in whole])[:, :, 0, 0].numpy()
+    assert (backgrounds[:, 1] == 0).all() and np.array_equal(backgrounds[:, 2], index.clip[rows])
+    # A micro-batch mixes clips: over the run, most batches hold frames of more than one clip.
+    mixed = [len(set(index.clip[plan.rows(b["position"].numpy())])) > 1 for b in whole]
+    assert sum(mixed) >= 0.8 * len(mixed)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_bytes_read_per_sample_used_stay_near_one(tmp_path):
+    """Reads counted at the file (world 1, through Ray) and by the read plan (worlds 1, 2, 8):
+    the row groups' needed column chunks, each read about once per epoch."""
+    folder = write_triplets(tmp_path / "noise", [48] * 8, row_group_rows=8, shard_rows=128, noise=True)
+    index = build_index([str(folder)])
+    n = len(index)
+    stream = _stream(index, batch=4, data_cpus=0.5)
+    try:
+        for _ in range(n // 4):  # one epoch
+            stream.next_batch()
+        planned = _stream(index, batch=4).planned_reads(n)
+        used = stream.position
+        assert planned["needed_bytes"] * 0.99 < planned["target_bytes"] < 1.2 * planned["needed_bytes"]
+        # Every read task whose blocks were handed out: about one epoch of row groups, footers and
+        # the 8 clips' reference rows on top.
+        assert stream.read_bytes < 1.5 * planned["needed_bytes"] * used / planned["samples"] + \
+            planned["footer_bytes"] * 2
+        assert 0 < stream.reference_bytes <= 2 * planned["reference_bytes"]
+    finally:
+        stream.close()
+    # A clip's reference row is read once: another stream of the data set (another worker) finds
+    # it in the cluster's ReferenceStore or this process's cache.
+    again = _stream(index, batch=4, data_cpus=0.5, seed=9)
+    try:
+        for _ in range(n // 4):
+            again.next_batch()
+        assert again.reference_bytes == 0 and again.read_bytes > 0
+    finally:
+        again.close()
+    for world in (2, 8):
+        shares = [_stream(index, batch=4, rank=r, world=world).planned_reads(n // world) for r in range(world)]
+        read = sum(s["target_bytes"] for s in shares)
+        needed = sum(s["needed_bytes"] for s in shares)
+        assert read < 1.5 * needed, (world, read / needed)
+
+
+# -- scheduling ---------------------------------------------------------------------------------------
+
+STARVED = textwrap.dedent("""
+    import sys, time
+    import ray
+    from ray._private import ray_constants
+
+    from disco.train.data import DataError, SampleStream, build_index
+
+    # On loopback only: Linux Ray moves a 127.0.0.1 node to the interface address unless its
+    # multi-node switch is off (as pipeline.run.init_ray does).
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False)
+
+    @ray.remote(num_cpus=1.5)
+    class Hog:
+        def ready(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    index = build_index([sys.argv[1]])
+    options = dict(stage="finetune", ref_mode="first", resolution=16, augment=False, seed=0, batch=4)
+    stream = SampleStream(index, data_cpus=0.25, startup_timeout_s=90, **options)
+    print("batch", tuple(stream.next_batch()["target"].shape), flush=True)
+    stream.close()
+    stream = SampleStream(index, data_cpus=1.0, startup_timeout_s=5, **options)
+    started = time.monotonic()
+    try:
+        stream.next_batch()
+    except DataError as exc:
+        print(f"error after {time.monotonic() - started:.0f} s: {exc}", flush=True)
+    ray.shutdown()
+""")
+
+
+def test_the_stream_starts_when_few_cpus_are_free_and_fails_in_time_when_none_fit(clips, tmp_path):
+    """A local Ray of 2 CPUs with 1.5 of them held by an actor: the stream's tasks ask for at most
+    ``data_cpus`` (0.25), so it streams; with ``data_cpus`` 1.0 nothing can run, and the stream
+    says so within its start-up timeout instead of waiting forever."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    result = subprocess.run([sys.executable, "-c", STARVED, str(clips)], capture_output=True, text=True,
+                            timeout=300, env=env, check=False)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 2, result.stdout + result.stderr[-3000:]
+    assert lines[0] == f"batch (4, 3, {SIDE}, {SIDE})"
+    error = lines[1]
+    seconds = int(error.split()[2])
+    assert 5 <= seconds < 30, error
+    assert re.search(r"the training data stream could not start within 5 s: its decode tasks need 1 CPU each and "
+                     r"no node has that free \(free CPU per node: 127\.0\.0\.1 0\.5 of 2\); lower data_cpus", error), error

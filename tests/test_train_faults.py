@@ -1,0 +1,241 @@
+"""Training's real path: NCCL-like collectives, Ctrl-C, the learning-rate schedule across resumes,
+and a node of a two-node Ray cluster (on loopback) lost mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from disco.pipeline.config import ConfigError
+from disco.train.checkpoint import find_checkpoint, list_checkpoints, read_checkpoint
+from disco.train.collectives import CollectiveDeviceError, Collectives, nccl_guard
+from disco.train.config import TrainConfig, load_run_config
+from disco.train.launch import train
+from disco.train.monitor import read_metrics
+from helpers import cli_process
+from loopback_cluster import loopback_cluster
+
+RES = 64
+OPTIONS = ["--stage", "finetune", "--model", "tiny", "--resolution", str(RES), "--batch-size", "2",
+           "--sample-every", "1000", "--warmup-steps", "0", "--no-progress"]
+
+
+def _weights(run: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    return read_checkpoint(find_checkpoint(run, step))[0]
+
+
+def _same_weights(a: Path, b: Path, step: int) -> bool:
+    wa, wb = _weights(a, step), _weights(b, step)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+# -- collectives ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_group():
+    """A two-rank process group whose collectives do nothing (torch's ``fake`` backend), so that
+    tensors on any device, ``meta`` included, reach the guard."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+def test_collectives_live_on_the_training_device_and_the_guard_refuses_others(fake_group):
+    """The training device here is ``meta``, standing in for a GPU: the guard refuses a CPU
+    tensor as NCCL would (the bug that crashed every multi-GPU run at its first log step), and
+    ``Collectives`` passes because it places its tensors on the training device."""
+    import torch.distributed as dist
+
+    with nccl_guard("meta", enabled=True):
+        with pytest.raises(CollectiveDeviceError, match="training device is meta"):
+            dist.all_reduce(torch.tensor([1.0], dtype=torch.float64))  # what the loop used to do
+        mean = Collectives(2, "meta").mean([1.0, 2.0])
+        assert mean.device.type == "meta" and mean.shape == (2,)
+    dist.all_reduce(torch.tensor([1.0]))  # outside the block the guard is gone
+    assert Collectives(1, "cpu").mean([3.0]).item() == 3.0 and Collectives(1, "cpu").any(True)
+
+
+def test_the_suite_trains_under_the_guard():
+    """Every multi-worker test of the suite runs its loop under the guard (conftest sets it)."""
+    assert os.environ.get("DISCO_NCCL_GUARD") == "1"
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+def test_ctrl_c_writes_a_checkpoint_of_the_last_step_and_exits_130(triplets, tmp_path):
+    """SIGINT to the command's process group (what a terminal's Ctrl-C does) once training has
+    logged a step: the run stops after the step in progress, checkpoints it (no periodic
+    checkpoint is due), exits 130, and ``--resume`` reaches the uninterrupted run's weights."""
+    steps = 8
+    options = [*OPTIONS, "--data", str(triplets["video"]), "--max-steps", str(steps), "--checkpoint-every", "1000",
+               "--log-every", "1"]
+    whole = tmp_path / "whole"
+    command, env = cli_process("train", *options, "--output", str(whole))
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    stopped = tmp_path / "stopped"
+    command, env = cli_process("train", *options, "--output", str(stopped))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    out, err = _interrupt_after_first_log(stopped, process)
+    assert process.returncode == 130, err[-2000:]
+    stopped_at = _summary(stopped)["step"]
+    assert _summary(stopped)["interrupted"] and 1 <= stopped_at < steps
+    assert list(list_checkpoints(stopped)) == [stopped_at]  # the step it stopped at, and only that
+    assert "--resume" in out + err and "Traceback" not in err
+    command, env = cli_process("train", "--output", str(stopped), "--resume", "--no-progress")
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _same_weights(whole, stopped, steps)
+    assert _summary(stopped) == _summary(whole)
+
+
+def _interrupt_after_first_log(run: Path, process: subprocess.Popen) -> tuple[str, str]:
+    try:
+        deadline = time.monotonic() + 240
+        while not read_metrics(run)[0]:
+            assert process.poll() is None, process.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no step logged in 4 minutes"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        return process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_ctrl_c_stops_ray_train_workers_after_a_checkpoint(triplets, tmp_path):
+    """The same with two Ray Train workers (gloo): Ray Train's own Ctrl-C handler would abort the
+    workers without a checkpoint; ours stops them after the step and checkpoints it."""
+    run = tmp_path / "two"
+    command, env = cli_process("train", *OPTIONS, "--data", str(triplets["video"]), "--max-steps", "20",
+                               "--checkpoint-every", "1000", "--log-every", "1", "--num-workers", "2",
+                               "--output", str(run))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    out, err = _interrupt_after_first_log(run, process)
+    assert process.returncode == 130, err[-2000:]
+    summary = _summary(run)
+    assert summary["interrupted"] and summary["workers"] == 2 and 1 <= summary["step"] < 20
+    assert list(list_checkpoints(run)) == [summary["step"]]
+    assert json.loads((run / f"checkpoint-{summary['step']:08d}" / "state.json").read_text())["world_size"] == 2
+
+
+# -- the learning-rate schedule -------------------------------------------------------------------
+
+def _config(tmp_path, triplets, name, **options) -> TrainConfig:
+    values = dict(stage="finetune", data=[str(triplets["video"])], output=str(tmp_path / name), model="tiny",
+                  resolution=RES, batch_size=2, max_steps=4, checkpoint_every=2, sample_every=1000, log_every=1,
+                  warmup_steps=0)
+    values.update(options)
+    return TrainConfig(**values)
+
+
+def _lrs(run: Path) -> dict[int, float]:
+    return {line["step"]: line["lr"] for line in read_metrics(run)[0]}
+
+
+def test_resume_keeps_the_schedule_and_a_new_length_stretches_it_without_a_jump(triplets, tmp_path):
+    cfg = _config(tmp_path, triplets, "run")
+    train(cfg)
+    run = Path(cfg.output)
+    saved = load_run_config(run)
+    assert (saved.schedule_steps, saved.warmup_steps) == (4, 0)
+    assert Path(saved.output).is_absolute() and all(Path(d).is_absolute() for d in saved.data)
+    peak = cfg.learning_rate
+    assert _lrs(run) == pytest.approx({1: 0.75 * peak, 2: 0.5 * peak, 3: 0.25 * peak, 4: 0.0})
+    # Back to step 2, as after a crash; then more steps than the schedule has.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("checkpoint-00000004", "summary.json", "metrics.jsonl"))
+    with pytest.raises(ConfigError, match="--schedule-steps 6"):
+        train(TrainConfig(output=str(crashed), resume=True, max_steps=6), given={"output", "resume", "max_steps"})
+    train(TrainConfig(output=str(crashed), resume=True, max_steps=6, schedule_steps=6),
+          given={"output", "resume", "max_steps", "schedule_steps"})
+    # From the rate at step 2 (half the peak) down to 0 at the new end, step by step: no jump.
+    assert _lrs(crashed) == pytest.approx({3: 0.375 * peak, 4: 0.25 * peak, 5: 0.125 * peak, 6: 0.0})
+    assert load_run_config(crashed).decay_from == [2, 0.5]
+    # The stretched rates differ from the original schedule's from step 3 on, and so do the weights.
+    assert not _same_weights(run, crashed, 4)
+
+
+# -- a lost node --------------------------------------------------------------------------------------
+
+def _cluster_train(address: str, data: Path, run: Path, config: Path, *extra: str) -> subprocess.Popen:
+    command, env = cli_process("train", *OPTIONS, "--data", str(data), "--output", str(run), "--config", str(config),
+                               "--num-workers", "2", "--max-steps", "6", "--checkpoint-every", "2", "--log-every", "4",
+                               "--ray-address", address, *extra)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, out + err
+
+
+def _wait_for_checkpoint(run: Path, process: subprocess.Popen, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while step not in list_checkpoints(run):
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} in 5 minutes"
+        time.sleep(0.1)
+
+
+def test_a_lost_node_restarts_training_from_its_last_checkpoint(triplets, tmp_path):
+    """Two Ray nodes besides a head with one CPU, on loopback; two workers of 1.5 CPU, so one runs
+    on each node. The second node is killed (SIGKILL of all its processes) after checkpoint 2 and
+    a replacement node joins, as an autoscaler would bring one: Ray Train restarts the worker
+    group, the loop continues from checkpoint 2, and the final weights and summary equal an
+    uninterrupted run's bit for bit. With --max-failures 0 the same loss ends the command with
+    one line that names the last checkpoint and the --resume command (which the kill -9 test
+    shows continues exactly)."""
+    config = tmp_path / "resources.yaml"
+    config.write_text(yaml.safe_dump({"cpus_per_worker": 1.5, "data_cpus": 0.25}))
+    with loopback_cluster(head_cpus=1) as cluster:
+        cluster.add_node(2)
+        doomed = cluster.add_node(2)
+        whole = tmp_path / "whole"
+        code, output = _finish(_cluster_train(cluster.address, triplets["video"], whole, config))
+        assert code == 0, output[-3000:]
+        assert _summary(whole)["workers"] == 2
+
+        survived = tmp_path / "survived"
+        process = _cluster_train(cluster.address, triplets["video"], survived, config)
+        _wait_for_checkpoint(survived, process, 2)
+        cluster.kill_node(doomed)
+        doomed = cluster.add_node(2)
+        code, output = _finish(process)
+        assert code == 0, output[-3000:]
+        assert _same_weights(whole, survived, 6)
+        assert _summary(survived) == _summary(whole)
+
+        gave_up = tmp_path / "gave-up"
+        process = _cluster_train(cluster.address, triplets["video"], gave_up, config, "--max-failures", "0")
+        _wait_for_checkpoint(gave_up, process, 2)
+        cluster.kill_node(doomed)
+        code, output = _finish(process)
+        assert code == 1, output[-3000:]
+        errors = [line for line in output.splitlines() if "error" in line.lower()]
+        assert "Traceback" not in output and len(errors) == 1, output[-3000:]
+        assert "--resume" in errors[0] and "checkpoint-0000000" in errors[0]

@@ -1,0 +1,112 @@
+"""The collective operations of the training loop, and a guard that makes a CPU test run refuse
+what NCCL refuses.
+
+NCCL has no CPU backend: every tensor handed to a collective must live on the worker's GPU. gloo
+accepts CPU tensors, so a loop that all-reduces a CPU tensor passes every CPU test and crashes at
+its first log step on GPUs. Two rules keep that class of bug out:
+
+- every collective the loop issues goes through ``Collectives``, which places its tensors on the
+  training device it was given (the one the model and the batches use);
+- ``nccl_guard`` (on when ``DISCO_NCCL_GUARD=1``, set by the test suite, and installed in every
+  training worker) wraps ``torch.distributed``'s tensor collectives and raises, as NCCL would,
+  when a tensor is not on the training device. The tests run the multi-worker loop under it,
+  and a unit test runs ``Collectives`` with a device that is not the CPU (``meta``).
+
+Object collectives (``all_gather_object``) are left to torch, which places their byte tensors
+on the device the backend needs (``torch.cuda.current_device()`` under NCCL; Ray Train sets it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+
+GUARD_ENV = "DISCO_NCCL_GUARD"
+GUARDED = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+           "reduce_scatter_tensor", "all_to_all_single")
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A collective was handed a tensor off the training device (NCCL would refuse it)."""
+
+
+class Collectives:
+    """The few collectives the loop needs, on tensors placed on ``device``; no-ops for one worker."""
+
+    def __init__(self, world: int, device: torch.device | str):
+        self.world, self.device = world, torch.device(device)
+
+    def mean(self, values: torch.Tensor | list[float]) -> torch.Tensor:
+        """Element-wise mean over the workers of a small vector (float64, on the training device)."""
+        t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+            t = t / self.world
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True when any worker says so (all workers then agree, e.g. on stopping at this step)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def gather(self, value) -> list:
+        """Every worker's ``value`` (small picklable values), in rank order."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+
+def _tensors(args, kwargs):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+@contextlib.contextmanager
+def nccl_guard(device: torch.device | str, enabled: bool | None = None):
+    """Within the block, ``torch.distributed`` tensor collectives refuse tensors not on ``device``.
+
+    ``enabled`` defaults to the ``DISCO_NCCL_GUARD`` environment variable. Object collectives
+    call the guarded functions too, with tensors on the backend's device: under gloo that is the
+    CPU, so the guard lets a CPU device pass for them only when ``device`` is the CPU."""
+    if enabled is None:
+        enabled = os.environ.get(GUARD_ENV) == "1"
+    if not enabled:
+        yield
+        return
+    from torch.distributed import distributed_c10d
+
+    device = torch.device(device)
+    # Both the public names and c10d's own (object collectives call those).
+    modules = (dist, distributed_c10d)
+    originals = {(m, name): getattr(m, name) for m in modules for name in GUARDED if hasattr(m, name)}
+
+    def guarded(name, fn):
+        @functools.wraps(fn)
+        def check(*args, **kwargs):
+            for t in _tensors(args, kwargs):
+                if t.device.type != device.type:
+                    raise CollectiveDeviceError(
+                        f"{name} got a tensor on {t.device}, but the training device is {device}: NCCL has no "
+                        "CPU backend, so every collective tensor must live on the training device")
+            return fn(*args, **kwargs)
+        return check
+
+    for (module, name), fn in originals.items():
+        setattr(module, name, guarded(name, fn))
+    try:
+        yield
+    finally:
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
