@@ -7,7 +7,7 @@ takes, for the ``tiny`` and ``small`` configurations.
 Each measurement runs in a fresh process of its own: its resident memory is read just before the
 model is built, then a few training steps run (the trainer's ``DiffusionObjective``, AdamW, the
 trainer's autocast and gradient checkpointing) and the process's peak resident memory
-(``ru_maxrss``) minus that starting point is what the run took: weights, AdamW states, gradients,
+(``VmHWM`` of /proc/self/status; ``ru_maxrss`` would keep the parent's high mark across fork + exec) minus that starting point is what the run took: weights, AdamW states, gradients,
 activations, temporaries. ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB in that process, so every
 tensor larger than that gets pages of its own that go back to the system when it is freed (with
 glibc's default moving threshold, freed tensors stay in the heap and the peak overstates what was
@@ -42,9 +42,14 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory since it started (its exec), in bytes."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
 def child(options: dict) -> dict:
     """Build the model and run ``steps`` training steps in this process; bytes taken."""
-    import resource
 
     import torch
 
@@ -83,7 +88,7 @@ def child(options: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del pictures, inputs, draws, loss
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()  # VmHWM: ru_maxrss keeps the high mark of the parent across fork + exec
     return {"before": before, "peak": peak, "taken": peak - before}
 
 
