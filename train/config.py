@@ -129,9 +129,29 @@ class TrainConfig:
     def variant(self) -> str:
         return self.stage
 
-    def validate(self) -> "TrainConfig":
+    def validate_model(self) -> "TrainConfig":
+        """The checks on what the model and a batch are (also all a memory plan needs)."""
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage {self.stage!r}; choose pretrain or finetune")
+        if (self.pretrained is None) == (self.model is None):
+            raise ConfigError("give exactly one of --pretrained DIR (sd-image-variations weights) or --model tiny")
+        if self.model is not None and self.model not in CONFIGS:
+            raise ConfigError(f"unknown --model {self.model!r}; choose one of {', '.join(CONFIGS)}")
+        if self.pretrained is not None and not Path(self.pretrained).is_dir():
+            raise ConfigError(f"--pretrained {self.pretrained} is not a folder")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"unknown --mixed-precision {self.mixed_precision!r}; choose no, fp16 or bf16")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError("--resolution must be a positive multiple of 8 (the VAE downsamples by 8)")
+        for name in ("batch_size", "grad_accum", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError("--ema-decay must be between 0 and 1")
+        return self
+
+    def validate(self) -> "TrainConfig":
+        self.validate_model()
         if not self.output:
             raise ConfigError("--output is required")
         if not self.data and not self.resume:
@@ -139,12 +159,6 @@ class TrainConfig:
         for folder in self.data:
             if not (Path(folder) / "triplets").is_dir():
                 raise ConfigError(f"--data {folder} holds no triplets/ folder; is it a `disco-cli preprocess` output?")
-        if (self.pretrained is None) == (self.model is None):
-            raise ConfigError("give exactly one of --pretrained DIR (sd-image-variations weights) or --model tiny")
-        if self.model is not None and self.model not in CONFIGS:
-            raise ConfigError(f"unknown --model {self.model!r}; choose one of {', '.join(CONFIGS)}")
-        if self.pretrained is not None and not Path(self.pretrained).is_dir():
-            raise ConfigError(f"--pretrained {self.pretrained} is not a folder")
         if self.init_from is not None:
             if self.stage != "finetune":
                 raise ConfigError("--init-from loads a pre-training (HAP) run into fine-tuning; use it with --stage finetune")
@@ -152,12 +166,8 @@ class TrainConfig:
                 raise ConfigError(f"--init-from {self.init_from} is not a training run (no {CONFIG_FILE})")
         if self.ref_mode not in REF_MODES:
             raise ConfigError(f"unknown --ref-mode {self.ref_mode!r}; choose first or random")
-        if self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"unknown --mixed-precision {self.mixed_precision!r}; choose no, fp16 or bf16")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError("--resolution must be a positive multiple of 8 (the VAE downsamples by 8)")
-        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep", "sample_every",
-                     "num_workers", "log_every", "sample_steps", "schedule_length"):
+        for name in ("max_steps", "checkpoint_every", "keep", "sample_every", "log_every", "sample_steps",
+                     "schedule_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_length', '_steps').replace('_', '-')} must be at least 1")
         if self.data_shards is not None:
@@ -171,8 +181,6 @@ class TrainConfig:
             raise ConfigError("--max-failures must be 0 or more")
         if self.learning_rate <= 0:
             raise ConfigError("--lr must be positive")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError("--ema-decay must be between 0 and 1")
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("--mixed-precision fp16 needs --use-gpu (on CPU use bf16)")
         if self.use_gpu:

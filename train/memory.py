@@ -516,8 +516,7 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     and notes on what a real run would still refuse: the plan reads no data and writes nothing,
     so a missing ``--data`` or ``--output`` is a note, not an error. With ``--resume`` the run's
     saved configuration is planned."""
-    from disco.model.configs import CONFIGS
-    from disco.train.config import CONFIG_FILE, PRECISIONS as KNOWN_PRECISIONS, STAGES, load_run_config
+    from disco.train.config import CONFIG_FILE, load_run_config
 
     notes = []
     if cfg.resume:
@@ -525,23 +524,7 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
             raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {CONFIG_FILE})")
         cfg = load_run_config(cfg.output)
         notes.append(f"planned from the saved configuration of {cfg.output}")
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"unknown stage {cfg.stage!r}; choose pretrain or finetune")
-    if (cfg.pretrained is None) == (cfg.model is None):
-        raise ConfigError("give exactly one of --pretrained DIR (sd-image-variations weights) or --model tiny")
-    if cfg.model is not None and cfg.model not in CONFIGS:
-        raise ConfigError(f"unknown --model {cfg.model!r}; choose one of {', '.join(CONFIGS)}")
-    if cfg.pretrained is not None and not Path(cfg.pretrained).is_dir():
-        raise ConfigError(f"--pretrained {cfg.pretrained} is not a folder")
-    if cfg.mixed_precision not in KNOWN_PRECISIONS:
-        raise ConfigError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        raise ConfigError("--resolution must be a positive multiple of 8 (the VAE downsamples by 8)")
-    for name in ("batch_size", "grad_accum", "num_workers"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
-        raise ConfigError("--ema-decay must be between 0 and 1")
+    cfg.validate_model()
     if not cfg.data and not cfg.resume:
         notes.append("no --data given: a real run needs at least one (the plan does not read data)")
     for folder in cfg.data:
