@@ -102,20 +102,34 @@ def _print_summary(manifest: dict, title: str = "preprocess summary") -> None:
 class _ProgressBar:
     """Adapts a rich progress bar to the pipeline's progress callbacks."""
 
+    # Where no terminal shows the bar (a `ray job submit` log, a redirected file): a line this often.
+    LINE_EVERY_S = 10.0
+
     def __init__(self, bar: Progress):
         self.bar = bar
         self.task = bar.add_task("preprocess", total=None, frames=0, speed="-")
         self.frames = 0
+        self.inputs = 0
+        self.total = None
         self.started = time.time()
+        self.lines = not bar.console.is_terminal and not bar.disable
+        self.last_line = self.started
 
     def start(self, total_inputs: int) -> None:
-        self.started = time.time()
+        self.started = self.last_line = time.time()
+        self.total = total_inputs
         self.bar.update(self.task, total=total_inputs)
 
     def update(self, inputs: int, frames: int) -> None:
         self.frames += frames
-        rate = self.frames / max(1e-6, time.time() - self.started)
+        self.inputs += inputs
+        now = time.time()
+        rate = self.frames / max(1e-6, now - self.started)
         self.bar.update(self.task, advance=inputs, frames=self.frames, speed=f"{rate:.1f}")
+        if self.lines and (now - self.last_line >= self.LINE_EVERY_S or self.inputs == self.total):
+            self.last_line = now
+            self.bar.console.print(f"progress: {self.inputs}/{self.total} inputs, {self.frames} frames, "
+                                   f"{rate:.1f} frames/s", highlight=False)
 
 
 def run_preprocess(config, show_progress: bool = True, title: str = "preprocess") -> dict:

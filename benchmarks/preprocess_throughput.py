@@ -86,8 +86,7 @@ def run_loop(cfg) -> int:
     frames = 0
     for item in list_inputs(cfg.source, cfg.input, cfg.split).items:
         for unit in plan_units(item.to_dict(), settings):
-            records = process_unit(unit, annotator, settings)
-            frames += records[-1]["_frames"]
+            frames += process_unit(unit, annotator, settings).unit["frames"]
     return frames
 
 

@@ -67,31 +67,35 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
     """Filter an existing triplets folder by its stored ``person_score``, ``mask_area`` and
     ``person_count``, without running a model. Kept rows are copied unchanged; each input shard is
     one unit of work, so an interrupted run resumes."""
-    from disco.pipeline.manifest import build_manifest, read_manifest, write_manifest
-    from disco.pipeline.run import RunResult
-    from disco.pipeline.writer import OutputStore, ShardWriter
+    from disco.pipeline.manifest import read_manifest
+    from disco.pipeline.writer import OutputStore
 
     input_dir, output = Path(input_dir), Path(output)
     if input_dir.resolve() == output.resolve():
         raise ConfigError("--output must differ from --input: the filtered set is written beside the original")
     source_manifest = read_manifest(input_dir / MANIFEST_FILE)
-    store = OutputStore(output)
-    if overwrite:
-        store.clear()
-    store.prepare()
-    state = store.read_journal()
     params = {"mode": "triplets", "input": str(input_dir.resolve()), "min_score": min_score,
               "min_area": min_area, "max_persons": max_persons, "keep_rejects": keep_rejects}
-    if state.params is not None and state.params != params:
-        changed = sorted(k for k in set(params) | set(state.params) if params.get(k) != state.params.get(k))
-        raise ConfigError(f"{output} was written with different options ({', '.join(changed)}); "
-                          "re-run with the same options to resume, or pass --overwrite to start fresh")
-    state.params = params
-    store.recover(state)
-    shards = sorted((input_dir / TRIPLETS_DIR).glob("*.parquet"))
+    store = OutputStore(output)
+    with store.locked():
+        return _filter_locked(store, input_dir, params, source_manifest, min_score=min_score, min_area=min_area,
+                              max_persons=max_persons, keep_rejects=keep_rejects, overwrite=overwrite,
+                              shard_rows=shard_rows, row_group_rows=row_group_rows, log=log)
+
+
+def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, *, min_score: float,
+                   min_area: float, max_persons: int | None, keep_rejects: bool, overwrite: bool, shard_rows: int,
+                   row_group_rows: int, log):
+    from disco.pipeline.manifest import build_manifest, write_manifest
+    from disco.pipeline.reader import shard_files
+    from disco.pipeline.run import RunResult
+    from disco.pipeline.writer import ShardWriter, run_token
+
+    state, _ = store.begin(params, overwrite)
+    shards = shard_files(input_dir, TRIPLETS_DIR)
     listed = [p.relative_to(input_dir).as_posix() for p in shards]
     done = state.complete_inputs()
-    writer = ShardWriter(store, store.next_shard_index(state), shard_rows, row_group_rows)
+    writer = ShardWriter(store, f"part-{run_token()}-", shard_rows, row_group_rows)
     started, frames = time.time(), 0
     try:
         for path, rel in zip(shards, listed):
@@ -117,7 +121,7 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
     finally:
         writer.flush()
     wall = time.time() - started
-    config = {"mode": "triplets", **params, "output": str(output),
+    config = {"mode": "triplets", **params, "output": str(store.root),
               "image_format": source_manifest.get("encoding", {}).get("image", "jpeg")}
     backends = {"matting": {"name": None}, "pose": {"name": None},
                 "reason": "filtered by the stored person_score, mask_area and person_count; no model ran",

@@ -5,27 +5,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-
-import pyarrow as pa
-import pyarrow.compute as pc
+from pathlib import Path
 
 from disco.pipeline.annotators import GPU_BACKENDS, BackendError, resolve_backends, weight_files
 from disco.pipeline.config import ConfigError, PreprocessConfig
 from disco.pipeline.datasets import list_source
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.manifest import build_manifest, write_manifest
-from disco.pipeline.schema import TRIPLET_SCHEMA
 from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, plan_units
-from disco.pipeline.writer import OutputStore, ShardWriter
+from disco.pipeline.writer import OutputStore, run_token
 
 # Quiet the MediaPipe / TFLite start-up chatter in every Ray worker.
 WORKER_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
 MAX_BLOCKS = 10_000
 RESERVED_CPUS = 0.1
+CONNECT_TIMEOUT_S = 60.0  # how long an unreachable --ray-address is tried ($DISCO_RAY_TIMEOUT)
+CALLS_PER_ACTOR = 4  # the last stage's calls per actor at least, so commits come often enough
 
 
 @dataclass
@@ -35,7 +34,12 @@ class RunResult:
     removed_on_recovery: list[str] = field(default_factory=list)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+             log=None) -> None:
+    """Connect to the cluster at ``address`` (or ``$RAY_ADDRESS``, which ``ray job submit`` sets),
+    or start a private local instance on loopback. Without an address a private instance is
+    started even where ``ray start`` runs a cluster on this machine (said in one line): pass
+    ``--ray-address auto`` to use that cluster."""
     import ray
 
     if ray.is_initialized():
@@ -43,18 +47,87 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     address = address or os.environ.get("RAY_ADDRESS")
     # Worker output (MediaPipe's start-up chatter) stays in Ray's log files; failures still
     # surface as exceptions through Ray Data.
-    common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env=_runtime_env())
     if address:
+        _wait_until_reachable(address, float(os.environ.get("DISCO_RAY_TIMEOUT", CONNECT_TIMEOUT_S)))
         # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
         # dials the interface address instead, where nothing listens.
-        host = address.split("://")[-1].rsplit(":", 1)[0]
+        host = _host_port(address)[0]
         with loopback_only() if host in ("127.0.0.1", "localhost") else contextlib.nullcontext():
             ray.init(address=address, **common)
-    else:
-        with loopback_only():
-            # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
-                     include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+        return
+    running = _cluster_on_this_machine()
+    if running and log is not None:
+        log(f"this machine runs a Ray cluster ({running}); starting a private instance anyway: pass "
+            "--ray-address auto to run on that cluster")
+    with loopback_only():
+        # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
+                 include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+
+
+class ClusterUnreachable(ConfigError):
+    """--ray-address names a cluster that does not answer."""
+
+
+def _runtime_env() -> dict:
+    """Our worker settings, minus any variable a job's own runtime env sets: Ray refuses to merge
+    a job's runtime env (``ray job submit --runtime-env-json``) with a driver's that names the same
+    variable, and the user's choice wins."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    env = {k: v for k, v in WORKER_ENV.items() if k not in taken}
+    return {"env_vars": env} if env else {}
+
+
+def _host_port(address: str) -> tuple[str, int | None]:
+    rest = address.split("://")[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host:
+        return rest, None
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return rest, None
+
+
+def _wait_until_reachable(address: str, timeout: float) -> None:
+    """Fail within ``timeout`` seconds, in one line, when nothing answers at the cluster's address
+    (``ray.init`` itself would wait forever)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, port = _host_port(address)
+    if port is None:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, max(0.1, timeout))):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterUnreachable(
+                    f"no Ray cluster answers at {address} ({exc.strerror or exc}) after {timeout:g} s; check the "
+                    "address (the head's `ray start` prints it) and that the head is running"
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _cluster_on_this_machine() -> str | None:
+    """The address `ray start` recorded here, if its cluster is still up."""
+    try:
+        recorded = open("/tmp/ray/ray_current_cluster", encoding="utf-8").read().strip()
+    except OSError:
+        return None
+    try:
+        _wait_until_reachable(recorded, 0.0)
+    except ClusterUnreachable:
+        return None
+    return recorded
 
 
 @contextlib.contextmanager
@@ -68,21 +141,32 @@ def loopback_only():
     a local instance on loopback."""
     from ray._private import ray_constants
 
-    previous = ray_constants.ENABLE_RAY_CLUSTER
+    previous = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # The processes started meanwhile (GCS, raylet, and through it workers and agents) read the
+    # same switch from their environment when they connect.
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     try:
         yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous
+        ray_constants.ENABLE_RAY_CLUSTER = previous[0]
+        if previous[1] is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = previous[1]
 
 
 def stage_settings(cfg: PreprocessConfig) -> dict:
     """The plain-dict settings shipped to Ray tasks and actors."""
     keys = ("fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality", "pose_style",
-            "hands", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames")
+            "hands", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames", "shard_rows",
+            "row_group_rows")
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"],
-                    backend_options=backend_options(cfg))
+                    backend_options=backend_options(cfg),
+                    # The writing actors put shards straight into the output: an absolute path on
+                    # storage that every node sees, and a name part of this run's own.
+                    output=str(Path(cfg.output).resolve()), run=run_token())
     settings.update(filter_settings(cfg))
     return settings
 
@@ -102,92 +186,104 @@ def uses_gpu_pipeline(resolved: dict) -> bool:
 
 @dataclass
 class PoolPlan:
-    """One actor pool of the pipeline: how many actors and what each holds."""
+    """One actor pool of the pipeline: how many actors, what each holds, units per call."""
 
     stage: str
     actors: int
     cpus: float
     gpus: float
+    units_per_call: int = 1
 
     def to_dict(self) -> dict:
-        return {"stage": self.stage, "actors": self.actors, "cpus_per_actor": self.cpus, "gpus_per_actor": self.gpus}
+        return {"stage": self.stage, "actors": self.actors, "cpus_per_actor": self.cpus, "gpus_per_actor": self.gpus,
+                "units_per_call": self.units_per_call}
 
 
-def gpu_pools(cfg: PreprocessConfig, total_cpus: float, total_gpus: float, units: int) -> list[PoolPlan]:
-    """The GPU pipeline's two pools. By default each model actor takes half a GPU, so a matting
-    and a pose actor share each GPU; on ``--device cpu`` they take none unless asked."""
+def cluster_nodes() -> list[dict]:
+    """The CPUs and GPUs of each live node of the connected Ray cluster."""
+    import ray
+
+    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units: list[dict]) -> list[PoolPlan]:
+    """The actor pools for this cluster and these units. The last pool writes the shards, so its
+    units per call are sized to fill a shard without leaving an actor idle."""
+    if uses_gpu_pipeline(cfg.resolved):
+        pools = gpu_pools(cfg, nodes, len(units))
+    else:
+        actors, cpus = actor_resources(cfg, nodes, len(units))
+        pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
+    pools[-1].units_per_call = units_per_call(units, cfg.shard_rows, pools[-1].actors)
+    return pools
+
+
+def units_per_call(units: list[dict], shard_rows: int, actors: int) -> int:
+    """Units per call of the writing stage: about a shard's rows, but at least CALLS_PER_ACTOR
+    calls per actor, so every actor has work and commits come often."""
+    if not units:
+        return 1
+    rows_per_unit = sum(len(u.get("src_indices") or ()) or 1 for u in units) / len(units)
+    fill = math.ceil(shard_rows / max(1.0, rows_per_unit))
+    spread = math.ceil(len(units) / (max(1, actors) * CALLS_PER_ACTOR))
+    return max(1, min(fill, spread))
+
+
+def _per_node_cpus(nodes: list[dict], actors_on: list[int]) -> float:
+    """CPUs per actor such that each node's actors fit beside a little room for Ray Data's own tasks."""
+    shares = [(n["CPU"] - RESERVED_CPUS) / k for n, k in zip(nodes, actors_on) if k > 0]
+    return round(min(1.0, max(0.1, min(shares, default=1.0))), 2)
+
+
+def gpu_pools(cfg: PreprocessConfig, nodes: list[dict], units: int) -> list[PoolPlan]:
+    """The GPU pipeline's two pools: on every GPU one matting and one pose actor at half a GPU
+    each (by default), so a node with N GPUs holds N of each. On ``--device cpu`` the models take
+    no GPU unless ``--matting-gpus`` / ``--pose-gpus`` ask; then the same rule places them."""
     on_gpu = cfg.resolved["device"] == "cuda"
     wants = {
         "matting": cfg.matting_gpus if cfg.matting_gpus is not None else (0.5 if on_gpu else 0.0),
         "pose": cfg.pose_gpus if cfg.pose_gpus is not None else (
             0.5 if on_gpu and cfg.resolved["pose"] in GPU_BACKENDS else 0.0),
     }
-    counts = {}
-    for stage, gpus in wants.items():
-        if cfg.actors:
-            counts[stage] = cfg.actors
-        elif gpus > 0:
-            counts[stage] = max(1, int(total_gpus // gpus)) if total_gpus >= gpus else 1
-        else:
-            counts[stage] = 1
-        counts[stage] = max(1, min(counts[stage], units))
-    cpus = cfg.cpus_per_actor
-    if cpus is None:
-        cpus = round(min(1.0, max(0.1, (total_cpus - RESERVED_CPUS) / sum(counts.values()))), 2)
+    per_set = sum(wants.values())
+    if cfg.actors:
+        sets = cfg.actors
+        sets_on = _spread(cfg.actors, [n["CPU"] for n in nodes])
+    elif per_set > 0:
+        # A "set" is one actor of each stage; each node holds as many sets as its GPUs fit.
+        sets_on = [int(n["GPU"] / per_set + 1e-9) for n in nodes]
+        sets = sum(sets_on)
+        if sets == 0:
+            largest = max((n["GPU"] for n in nodes), default=0)
+            raise ConfigError(
+                f"a matting actor ({wants['matting']:g} GPU) and a pose actor ({wants['pose']:g} GPU) do not fit on any "
+                f"node of this cluster (the largest has {largest:g} GPU); lower --matting-gpus / --pose-gpus, or set "
+                "--actors to ask for actors that an autoscaler will bring nodes for")
+    else:
+        sets_on = _spread(1, [n["CPU"] for n in nodes])
+        sets = 1
+    counts = {stage: max(1, min(sets, units)) for stage in wants}
+    cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else _per_node_cpus(nodes, [2 * k for k in sets_on])
     return [PoolPlan(stage, counts[stage], cpus, wants[stage]) for stage in ("matting", "pose")]
 
 
-def actor_resources(cfg: PreprocessConfig, total_cpus: float, units: int) -> tuple[int, float]:
-    """Actor count and CPUs per actor. A little CPU is left free: 2 actors x 1 CPU on a 2-CPU node
-    starve Ray Data's own tasks."""
-    actors = cfg.actors or max(1, int(total_cpus))
+def _spread(actors: int, cpus: list[float]) -> list[int]:
+    """How ``actors`` spread over nodes by their CPUs (for the CPU share only; Ray places them)."""
+    total = sum(cpus) or 1.0
+    return [max(0, math.ceil(actors * c / total)) for c in cpus]
+
+
+def actor_resources(cfg: PreprocessConfig, nodes: list[dict], units: int) -> tuple[int, float]:
+    """The CPU pipeline: one actor per CPU of every node, each a little under a CPU, since 2 actors
+    x 1 CPU on a 2-CPU node starve Ray Data's own tasks."""
+    per_node = [int(n["CPU"]) for n in nodes]
+    actors = cfg.actors or max(1, sum(per_node))
     actors = max(1, min(actors, units))
-    cpus = cfg.cpus_per_actor
-    if cpus is None:
-        cpus = round(min(1.0, max(0.1, (total_cpus - RESERVED_CPUS) / actors)), 2)
-    return actors, cpus
-
-
-class UnitCollector:
-    """Reassembles each unit's rows and its closing record from the stream of Ray blocks."""
-
-    def __init__(self, writer: ShardWriter):
-        self.writer = writer
-        self._rows: dict[tuple[str, int], list[pa.Table]] = defaultdict(list)
-        self._done: dict[tuple[str, int], dict] = {}
-        self.resources: dict[str, list[dict]] = {}
-
-    def consume(self, block: pa.Table) -> list[dict]:
-        """Take one block; returns the unit records that became complete."""
-        kinds = block.column("_kind")
-        rows = block.filter(pc.equal(kinds, "row"))
-        if rows.num_rows:
-            keys = list(zip(rows.column("input_path").to_pylist(), rows.column("_unit_index").to_pylist()))
-            for key in dict.fromkeys(keys):
-                mask = pc.and_(pc.equal(rows.column("input_path"), key[0]), pc.equal(rows.column("_unit_index"), key[1]))
-                self._rows[key].append(rows.filter(mask).select(TRIPLET_SCHEMA.names))
-        finished = []
-        for record in block.filter(pc.equal(kinds, "done")).to_pylist():
-            self._done[(record["input_path"], record["_unit_index"])] = record
-            for stage, held in json.loads(record.get("_resources") or "{}").items():
-                if held not in self.resources.setdefault(stage, []):
-                    self.resources[stage].append(held)
-        for key, record in list(self._done.items()):
-            parts = self._rows.get(key, [])
-            if sum(t.num_rows for t in parts) != record["_unit_rows"]:
-                continue  # its rows are still on their way in another block
-            errors = json.loads(record["_errors"])
-            unit = {
-                "input_path": key[0], "unit_index": key[1], "unit_count": record["_unit_count"],
-                "frames": record["_frames"], "rows": record["_unit_rows"],
-                "skipped": json.loads(record["_skipped"]), "errors": len(errors),
-            }
-            table = pa.concat_tables(parts) if parts else TRIPLET_SCHEMA.empty_table()
-            self.writer.add_unit(table, unit, errors, json.loads(record.get("_rejects") or "[]"))
-            del self._done[key]
-            self._rows.pop(key, None)
-            finished.append(unit)
-        return finished
+    if cfg.cpus_per_actor is not None:
+        return actors, cfg.cpus_per_actor
+    on = per_node if not cfg.actors else _spread(cfg.actors, [n["CPU"] for n in nodes])
+    return actors, _per_node_cpus(nodes, on)
 
 
 def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
@@ -198,7 +294,7 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
         import ray
 
         # On a cluster the GPUs are the workers'; the driver (often a CPU head node) may have none.
-        init_ray(cfg.ray_address)
+        init_ray(cfg.ray_address, log=log)
         cluster_cuda = ray.cluster_resources().get("GPU", 0) > 0
     try:
         cfg.resolved = resolve_backends(cfg.matting, cfg.pose, weights=cfg.weights, device=cfg.device,
@@ -207,19 +303,12 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
         raise ConfigError(str(exc)) from None
     log(f"backends: matting={cfg.resolved['matting']} pose={cfg.resolved['pose']} ({cfg.resolved['reason']})")
     store = OutputStore(cfg.output)
-    if cfg.overwrite:
-        store.clear()
-    store.prepare()
-    state = store.read_journal()
-    params = cfg.output_params()
-    if state.params is not None and state.params != params:
-        changed = sorted(k for k in set(params) | set(state.params) if params.get(k) != state.params.get(k))
-        raise ConfigError(
-            f"{cfg.output} was written with different options ({', '.join(changed)}); "
-            "re-run with the same options to resume, or pass --overwrite to start fresh"
-        )
-    state.params = params
-    removed = store.recover(state)
+    with store.locked():
+        return _preprocess_locked(cfg, store, progress, log)
+
+
+def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log) -> RunResult:
+    state, removed = store.begin(cfg.output_params(), cfg.overwrite)
     if removed:
         log(f"recovered from an interrupted run: removed {len(removed)} uncommitted file(s)")
 
@@ -237,34 +326,31 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
         log(f"resuming: {len(listed) - len(pending)} of {len(listed)} inputs already committed, "
             f"and {units} unit(s) of {len(partial)} partly done input(s)")
 
-    writer = ShardWriter(store, store.next_shard_index(state), cfg.shard_rows, cfg.row_group_rows)
     started = time.time()
     frames_done = 0
     pools: list[PoolPlan] = []
-    collector = None
+    held: dict[str, list[dict]] = {}
+    missing = 0
     interrupted = False
     try:
         if pending:
-            import ray
-
-            init_ray(cfg.ray_address)
+            init_ray(cfg.ray_address, log=log)
             settings = stage_settings(cfg)
             units = plan_all(pending, settings, partial)
-            resources = ray.cluster_resources()
-            total_cpus = float(resources.get("CPU", 1))
-            if uses_gpu_pipeline(cfg.resolved):
-                pools = gpu_pools(cfg, total_cpus, float(resources.get("GPU", 0)), len(units))
-            else:
-                actors, cpus = actor_resources(cfg, total_cpus, len(units))
-                pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
-            collector = UnitCollector(writer)
-            frames_done = _run_ray(units, settings, partial, collector, pools, progress)
+            pools = plan_pools(cfg, cluster_nodes(), units)
+            frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held)
+            if missing:
+                log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
         interrupted = True
-        log("interrupted: committing finished work")
-    finally:
-        writer.flush()
+        log("interrupted: what the actors committed is kept")
     wall = time.time() - started
+    if not interrupted:
+        # Shards that a lost actor wrote but never got committed (its task ran again elsewhere):
+        # every writer is done now, so anything the journal does not name can go.
+        orphans = store.recover(store.read_journal())
+        if orphans:
+            log(f"removed {len(orphans)} shard(s) written by lost actors and never committed")
 
     final_state = store.read_journal()
     backends = {
@@ -282,8 +368,8 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
         "frames_per_s": round(frames_done / wall, 3) if wall > 0 else None,
         "inputs_processed": len(pending),
         "pools": [p.to_dict() for p in pools],
-        # What Ray actually gave the actors that did the work, per stage.
-        "stage_resources": collector.resources if collector is not None else {},
+        # What Ray actually gave the actors that did the work: one entry per actor and stage.
+        "stage_resources": held,
         "ray_address": cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local",
         "interrupted": interrupted,
     }
@@ -295,7 +381,7 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     counts = manifest["counts"]
     if interrupted:
         code = 130
-    elif counts["inputs"] == 0 or counts["inputs_failed"] == counts["inputs"]:
+    elif counts["inputs"] == 0 or counts["inputs_failed"] == counts["inputs"] or missing:
         code = 1
     else:
         code = 0
@@ -324,7 +410,11 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
         return [unit for units in planned for unit in units]
 
 
-def _run_ray(units, settings, partial_units, collector, pools: list[PoolPlan], progress) -> int:
+def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[PoolPlan], progress,
+             held: dict[str, list[dict]]) -> tuple[int, int]:
+    """Stream the units through the pools. The last pool's actors write the shards; what reaches
+    the driver is one small commit record per shard, appended to the journal as it arrives.
+    Returns the frames committed and the number of units that never were."""
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -340,20 +430,34 @@ def _run_ray(units, settings, partial_units, collector, pools: list[PoolPlan], p
         ds = ds.map_batches(
             stages[pool.stage],
             fn_constructor_kwargs={"settings": settings},
-            batch_size=1,
+            batch_size=pool.units_per_call,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=pool.cpus,
             num_gpus=pool.gpus or None,
         )
     units_left: dict[str, int] = {}
+    committed: set[tuple[str, int]] = set()
     frames = 0
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for unit in collector.consume(block):
-            frames += unit["frames"]
-            path = unit["input_path"]
-            left = units_left.setdefault(path, unit["unit_count"] - len(partial_units.get(path, [])))
-            units_left[path] = left - 1
-            if progress is not None:
-                progress.update(1 if units_left[path] == 0 else 0, unit["frames"])
-    return frames
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for entry_json, resources in zip(batch.column("entry").to_pylist(), batch.column("resources").to_pylist()):
+            entry = json.loads(entry_json)
+            keys = [(u["input_path"], u["unit_index"]) for u in entry["units"]]
+            if any(k in committed for k in keys):
+                # The same work came back twice (a task of a lost node ran again after its first
+                # result had arrived): the first commit stands; these shards go at the end.
+                continue
+            store.append(entry)  # the commit: from here on its shards are data
+            committed.update(keys)
+            for actor in json.loads(resources):
+                stage = actor.pop("stage")
+                if actor not in held.setdefault(stage, []):
+                    held[stage].append(actor)
+            for unit in entry["units"]:
+                frames += unit["frames"]
+                path = unit["input_path"]
+                left = units_left.setdefault(path, unit["unit_count"] - len(partial_units.get(path, [])))
+                units_left[path] = left - 1
+                if progress is not None:
+                    progress.update(1 if units_left[path] == 0 else 0, unit["frames"])
+    return frames, len({(u["input_path"], u["unit_index"]) for u in units} - committed)

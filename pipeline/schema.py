@@ -66,23 +66,9 @@ def sample_id(source: str, clip_id: str, frame_index: int) -> str:
     return f"{source}/{clip_id}/{frame_index:06d}"
 
 
-# What the annotation stage hands to the writer: triplet rows plus one "done" record per unit of
-# work (a still, or a segment of a video) that carries its counts and errors, so the writer can
-# commit whole units and a resume can skip them.
-UNIT_RECORD_SCHEMA = pa.schema(
-    [pa.field(f.name, f.type, nullable=True) for f in TRIPLET_SCHEMA]
-    + [
-        pa.field("_kind", pa.string()),  # "row" or "done"
-        pa.field("_unit_index", pa.int32()),
-        pa.field("_unit_count", pa.int32()),
-        pa.field("_unit_rows", pa.int32()),
-        pa.field("_frames", pa.int32()),
-        pa.field("_skipped", pa.string()),  # JSON {reason: count}
-        pa.field("_errors", pa.string()),  # JSON list of error rows (ERROR_SCHEMA fields)
-        pa.field("_resources", pa.string()),  # JSON {stage: Ray resources its actor held}
-        pa.field("_rejects", pa.string()),  # JSON list of rejected frames (REJECT_SCHEMA fields)
-    ]
-)
+# What the writing actors hand the driver: one record per shard they wrote, which the driver
+# appends to the journal (the commit), and the Ray resources their stages held.
+COMMIT_SCHEMA = pa.schema([pa.field("entry", pa.string()), pa.field("resources", pa.string())])
 
 # A unit between the GPU pipeline's matting and pose actors: the frames that hold a person, raw,
 # with their mattes; frames without one were already counted as skipped.

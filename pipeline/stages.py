@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +30,8 @@ from disco.pipeline.annotators.base import Matte
 from disco.pipeline.encode import build_row
 from disco.pipeline.errors import InputError
 from disco.pipeline.filter import reject_reason, reject_record
-from disco.pipeline.schema import PACKED_UNIT_SCHEMA, UNIT_RECORD_SCHEMA, sample_id
+from disco.pipeline.schema import COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, TRIPLET_SCHEMA, sample_id
+from disco.pipeline.writer import OutputStore, ShardWriter
 
 
 def _error(stage: str, error_type: str, message: str, input_path: str, sid: str | None = None) -> dict:
@@ -118,10 +121,19 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
     return kept
 
 
+@dataclass
+class UnitResult:
+    """One unit of work, finished: its triplet rows, its journal record, its errors and rejects."""
+
+    rows: pa.Table
+    unit: dict
+    errors: list[dict]
+    rejects: list[dict]
+
+
 def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, frames: int, errors: list[dict],
-                skipped: Counter, rejects: list[dict], resources: dict | None = None) -> list[dict]:
-    """Pose and encoding for the frames that hold a person; returns the unit's triplet rows and one
-    closing "done" record."""
+                skipped: Counter, rejects: list[dict]) -> UnitResult:
+    """Pose and encoding for the frames that hold a person."""
     rows: list[dict] = []
     path = unit["input_path"]
     for frame_index, timestamp, frame, row_unit, matte in kept:
@@ -139,24 +151,19 @@ def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, fra
             )
         except InputError as exc:
             errors.append(_error(exc.stage, exc.error_type, exc.message, path, sid))
-    for row in rows:
-        row.update(_kind="row", _unit_index=unit["unit_index"])
-    done = {
-        "input_path": path, "_kind": "done", "_unit_index": unit["unit_index"], "_unit_count": unit["unit_count"],
-        "_unit_rows": len(rows), "_frames": frames, "_skipped": json.dumps(dict(skipped)),
-        "_errors": json.dumps(errors), "_rejects": json.dumps(rejects), "_resources": json.dumps(resources or {}),
-    }
-    return rows + [done]
+    record = {"input_path": path, "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
+              "frames": frames, "rows": len(rows), "skipped": dict(skipped), "errors": len(errors)}
+    return UnitResult(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), record, errors, rejects)
 
 
-def process_unit(unit: dict, annotator, settings: dict, resources: dict | None = None) -> list[dict]:
+def process_unit(unit: dict, annotator, settings: dict) -> UnitResult:
     """Decode, annotate and encode one unit in one place (the CPU pipeline)."""
     frames, errors = decode_unit(unit, settings)
     skipped: Counter = Counter()
     rejects: list[dict] = []
     kept = matte_unit(unit, frames, annotator, settings, errors, skipped, rejects)
     return finish_unit(unit, kept, annotator, settings, frames=len(frames), errors=errors, skipped=skipped,
-                       rejects=rejects, resources=resources)
+                       rejects=rejects)
 
 
 def pack_unit(unit: dict, frames: int, kept: list[tuple], errors: list[dict], skipped: Counter,
@@ -192,19 +199,49 @@ def unpack_unit(record: dict) -> tuple[dict, int, list[tuple], list[dict], Count
             json.loads(record["rejects"]), json.loads(record["resources"]))
 
 
-def records_to_table(records: list[dict]) -> pa.Table:
-    columns = {name: [r.get(name) for r in records] for name in UNIT_RECORD_SCHEMA.names}
-    return pa.Table.from_pydict(columns, schema=UNIT_RECORD_SCHEMA)
+class UnitWriter:
+    """The last stage's writer: each call's units go into shards that this actor writes straight
+    into the output folder (shared storage on a cluster); the call returns one commit record per
+    shard, and the driver, the journal's only writer, commits them. So the pictures never travel
+    to the driver, and writing grows with the actors."""
+
+    def __init__(self, settings: dict, stage: str):
+        import secrets
+
+        self.held = [{"stage": stage, **_assigned_resources()}]
+        self._entries: list[dict] = []
+        # A name part of its own per actor: a restarted actor or a resumed run never reuses a name.
+        prefix = f"part-{settings['run']}-{secrets.token_hex(3)}-"
+        self.writer = ShardWriter(OutputStore(Path(settings["output"])), prefix, settings["shard_rows"],
+                                  settings["row_group_rows"], commit=self._entries.append)
+
+    def add(self, result: UnitResult) -> None:
+        self.writer.add_unit(result.rows, result.unit, result.errors, result.rejects)
+
+    def commits(self, upstream: list[dict] = ()) -> pa.Table:
+        """Flush what this call added; its commit records, with the resources that this actor and
+        the upstream actors of its units held."""
+        self.writer.flush()
+        entries = list(self._entries)
+        self._entries.clear()  # the writer appends to this very list
+        resources = json.dumps(self.held + list(upstream))
+        return pa.Table.from_pylist([{"entry": json.dumps(e), "resources": resources} for e in entries],
+                                    schema=COMMIT_SCHEMA)
 
 
 def _assigned_resources() -> dict:
     import ray
 
     try:
-        assigned = ray.get_runtime_context().get_assigned_resources()
+        context = ray.get_runtime_context()
+        assigned = context.get_assigned_resources()
+        held = {k: round(float(v), 3) for k, v in assigned.items() if k in ("CPU", "GPU")}
+        # Which actor on which node, and which GPUs: the manifest shows how the pools were placed.
+        held.update(actor=context.get_actor_id(), node=context.get_node_id(),
+                    gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+        return held
     except Exception:  # outside a Ray worker (the benchmark's plain loop)
         return {}
-    return {k: round(float(v), 3) for k, v in assigned.items() if k in ("CPU", "GPU")}
 
 
 def _annotator(settings: dict, roles: tuple[str, ...]):
@@ -220,19 +257,18 @@ def _annotator(settings: dict, roles: tuple[str, ...]):
 
 
 class AnnotateStage:
-    """Ray Data actor of the CPU pipeline: loads the annotators once, then decodes, annotates and
-    encodes its units, so raw frames never cross the object store."""
+    """Ray Data actor of the CPU pipeline: loads the annotators once, then decodes, annotates,
+    encodes and writes its units, so frames and pictures never cross the object store."""
 
     def __init__(self, settings: dict):
         self.settings = settings
         self.annotator = _annotator(settings, ("matting", "pose"))
-        self.resources = {"annotate": _assigned_resources()}
+        self.out = UnitWriter(settings, "annotate")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        records: list[dict] = []
         for unit in batch.to_pylist():
-            records.extend(process_unit(unit, self.annotator, self.settings, self.resources))
-        return records_to_table(records)
+            self.out.add(process_unit(unit, self.annotator, self.settings))
+        return self.out.commits()
 
 
 class MattingStage:
@@ -255,17 +291,20 @@ class MattingStage:
 
 
 class PoseStage:
-    """Ray Data actor of the GPU pipeline: pose for the matted frames, then encoding."""
+    """Ray Data actor of the GPU pipeline: pose for the matted frames, encoding, and writing."""
 
     def __init__(self, settings: dict):
         self.settings = settings
         self.annotator = _annotator(settings, ("pose",))
-        self.resources = {"pose": _assigned_resources()}
+        self.out = UnitWriter(settings, "pose")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        records: list[dict] = []
+        upstream: list[dict] = []
         for record in batch.to_pylist():
             unit, frames, kept, errors, skipped, rejects, resources = unpack_unit(record)
-            records.extend(finish_unit(unit, kept, self.annotator, self.settings, frames=frames, errors=errors,
-                                       skipped=skipped, rejects=rejects, resources={**resources, **self.resources}))
-        return records_to_table(records)
+            for stage, held in resources.items():
+                if {"stage": stage, **held} not in upstream:
+                    upstream.append({"stage": stage, **held})
+            self.out.add(finish_unit(unit, kept, self.annotator, self.settings, frames=frames, errors=errors,
+                                     skipped=skipped, rejects=rejects))
+        return self.out.commits(upstream)

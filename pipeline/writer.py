@@ -7,9 +7,15 @@ a run killed between the two steps; recovery deletes it, and its units are simpl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import secrets
+import socket
+import time
+from collections.abc import Callable
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from disco.pipeline.config import ConfigError
 from disco.pipeline.schema import (
     ERROR_SCHEMA,
     ERRORS_DIR,
@@ -29,6 +36,11 @@ from disco.pipeline.schema import (
 )
 
 JOURNAL_FILE = "_journal.jsonl"
+LOCK_FILE = ".lock"
+
+
+class OutputBusy(ConfigError):
+    """Another run holds the output folder's lock."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,6 +106,27 @@ class OutputStore:
         self.journal = self.root / JOURNAL_FILE
         self.manifest = self.root / MANIFEST_FILE
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the output folder for one run: a second run on the same folder is refused instead
+        of interleaving its shards with ours. An ``flock`` dies with its process, so a killed run
+        leaves no stale lock behind; the file only says who holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process"
+                raise OutputBusy(f"{self.root} is being written by another run ({holder}); wait for it to "
+                                 "finish, or pick another --output") from None
+            os.ftruncate(fd, 0)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
     def clear(self) -> None:
         """--overwrite: remove what this tool wrote, and nothing else of the user's."""
         for d in (self.triplets, self.errors, self.rejects):
@@ -154,29 +187,59 @@ class OutputStore:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def next_shard_index(self, state: JournalState) -> int:
-        indices = [e["shard_index"] for e in state.entries]
-        return max(indices) + 1 if indices else 0
+    def begin(self, params: dict, overwrite: bool = False) -> tuple[JournalState, list[str]]:
+        """Open the folder for a run (call it holding ``locked()``): clear it on ``overwrite``, refuse
+        other options than the ones it was written with, and recover from an interrupted run.
+        Returns the journal state and the uncommitted files removed."""
+        if overwrite:
+            self.clear()
+        self.prepare()
+        state = self.read_journal()
+        if state.params is not None and state.params != params:
+            changed = sorted(k for k in set(params) | set(state.params) if params.get(k) != state.params.get(k))
+            raise ConfigError(f"{self.root} was written with different options ({', '.join(changed)}); "
+                              "re-run with the same options to resume, or pass --overwrite to start fresh")
+        state.params = params
+        return state, self.recover(state)
+
+    def committed_files(self, folder: Path) -> list[Path] | None:
+        """The shards of ``folder`` the journal names, in commit order; None without a journal (an
+        output written before journals named every file)."""
+        if not self.journal.exists():
+            return None
+        rel = folder.relative_to(self.root).as_posix() + "/"
+        names = [n for e in self.read_journal().entries for n in e.get("files", []) if n.startswith(rel)]
+        return [self.root / n for n in dict.fromkeys(names)]
+
+
+def run_token() -> str:
+    """A name part no other run or writer shares: shards of several writers, and of a resumed run,
+    never collide (sortable by start time, then random)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 class ShardWriter:
-    """Buffers complete units and commits them as shards of at most ``shard_rows`` rows.
+    """Buffers complete units and writes them as shards of at most ``shard_rows`` rows.
 
     A unit is never split across shards, so a shard holds at most max(shard_rows, rows of one
-    unit) rows; video segments (``--segment-frames``) keep units small.
+    unit) rows; video segments (``--segment-frames``) keep units small. Each shard becomes a
+    commit entry handed to ``commit``: by default appended to the journal here; the annotating
+    actors instead hand theirs to the driver, the one process that appends to the journal.
     """
 
-    def __init__(self, store: OutputStore, shard_index: int, shard_rows: int, row_group_rows: int):
+    def __init__(self, store: OutputStore, prefix: str, shard_rows: int, row_group_rows: int,
+                 commit: Callable[[dict], None] | None = None):
         self.store = store
-        self.shard_index = shard_index
+        self.prefix = prefix
         self.shard_rows = shard_rows
         self.row_group_rows = row_group_rows
+        self.commit = commit or store.append
+        self._written = 0
         self._tables: list[pa.Table] = []
         self._rows = 0
         self._units: list[dict] = []
         self._errors: list[dict] = []
         self._rejects: list[dict] = []
-        self.committed: list[dict] = []
 
     def add_unit(self, rows: pa.Table, unit: dict, errors: list[dict], rejects: list[dict] | None = None) -> None:
         if self._rows and self._rows + rows.num_rows > self.shard_rows:
@@ -193,34 +256,25 @@ class ShardWriter:
     def flush(self) -> dict | None:
         if not self._units:
             return None
-        name = f"part-{self.shard_index:05d}.parquet"
+        name = f"{self.prefix}{self._written:05d}.parquet"
         files, shards = [], []
-        if self._tables:
-            table = pa.concat_tables(self._tables).cast(TRIPLET_SCHEMA)
-            size = _write_parquet_atomic(table, self.store.triplets / name, self.row_group_rows)
-            files.append(f"{TRIPLETS_DIR}/{name}")
-            shards.append({"path": f"{TRIPLETS_DIR}/{name}", "rows": table.num_rows, "bytes": size})
-        if self._errors:
-            table = pa.Table.from_pylist(self._errors, schema=ERROR_SCHEMA)
-            size = _write_parquet_atomic(table, self.store.errors / name, self.row_group_rows)
-            files.append(f"{ERRORS_DIR}/{name}")
-            shards.append({"path": f"{ERRORS_DIR}/{name}", "rows": table.num_rows, "bytes": size})
-        if self._rejects:
-            self.store.rejects.mkdir(exist_ok=True)
-            table = pa.Table.from_pylist(self._rejects, schema=REJECT_SCHEMA)
-            size = _write_parquet_atomic(table, self.store.rejects / name, self.row_group_rows)
-            files.append(f"{REJECTS_DIR}/{name}")
-            shards.append({"path": f"{REJECTS_DIR}/{name}", "rows": table.num_rows, "bytes": size})
-            _fsync_dir(self.store.rejects)
-        if files:
-            _fsync_dir(self.store.triplets)
-            _fsync_dir(self.store.errors)
-        entry = {
-            "type": "commit", "shard_index": self.shard_index, "files": files, "shards": shards,
-            "units": self._units,
-        }
-        self.store.append(entry)
-        self.committed.append(entry)
-        self.shard_index += 1
+        parts = [(self.store.triplets, TRIPLETS_DIR, lambda: pa.concat_tables(self._tables).cast(TRIPLET_SCHEMA),
+                  self._tables),
+                 (self.store.errors, ERRORS_DIR, lambda: pa.Table.from_pylist(self._errors, schema=ERROR_SCHEMA),
+                  self._errors),
+                 (self.store.rejects, REJECTS_DIR, lambda: pa.Table.from_pylist(self._rejects, schema=REJECT_SCHEMA),
+                  self._rejects)]
+        for folder, label, build, pending in parts:
+            if not pending:
+                continue
+            folder.mkdir(exist_ok=True)
+            table = build()
+            size = _write_parquet_atomic(table, folder / name, self.row_group_rows)
+            _fsync_dir(folder)
+            files.append(f"{label}/{name}")
+            shards.append({"path": f"{label}/{name}", "rows": table.num_rows, "bytes": size})
+        entry = {"type": "commit", "files": files, "shards": shards, "units": self._units}
+        self.commit(entry)
+        self._written += 1
         self._tables, self._rows, self._units, self._errors, self._rejects = [], 0, [], [], []
         return entry

@@ -7,6 +7,7 @@ interface address), so the nodes come from Ray's own ``ray.cluster_utils.Cluster
 commands on its stdin, one per line, and reads one line back per command:
 
     add CPUS        -> node N        (a new worker node with CPUS CPUs)
+    (and at start: address ADDRESS, then with a dashboard: dashboard URL)
     kill N          -> killed N      (SIGKILL of node N's processes: a lost machine)
     stop            -> stopped
 """
@@ -20,20 +21,25 @@ import sys
 from contextlib import contextmanager
 
 
-def _serve(head_cpus: int) -> None:
+def _serve(head_cpus: int, dashboard: bool, keep_current: bool) -> None:
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # every address Ray derives stays 127.0.0.1
     common = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": head_cpus, **common})
+    head = {**common, "num_cpus": head_cpus}
+    if dashboard:  # for `ray job submit`: the dashboard on loopback too
+        head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port())
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
     nodes = {}
     # The head recorded itself as "the latest cluster", which a plain ray.init() elsewhere on this
-    # machine would join: take that back.
+    # machine would join: take that back, unless the test wants a machine that runs a cluster.
     current = "/tmp/ray/ray_current_cluster"
-    if os.path.exists(current) and open(current).read().strip() == cluster.address:
+    if not keep_current and os.path.exists(current) and open(current).read().strip() == cluster.address:
         os.remove(current)
     print(f"address {cluster.address}", flush=True)
+    if dashboard:
+        print(f"dashboard http://127.0.0.1:{head['dashboard_port']}", flush=True)
     for line in sys.stdin:
         command, *args = line.split()
         if command == "add":
@@ -46,14 +52,25 @@ def _serve(head_cpus: int) -> None:
             print(f"killed {args[0]}", flush=True)
         elif command == "stop":
             cluster.shutdown()
+            if os.path.exists(current) and open(current).read().strip() == cluster.address:
+                os.remove(current)
             print("stopped", flush=True)
             return
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class LoopbackCluster:
-    def __init__(self, process: subprocess.Popen):
+    def __init__(self, process: subprocess.Popen, dashboard: bool):
         self.process = process
         self.address = self._answer("address")
+        self.dashboard = self._answer("dashboard") if dashboard else None
 
     def _answer(self, word: str) -> str:
         line = self.process.stdout.readline()
@@ -74,12 +91,15 @@ class LoopbackCluster:
 
 
 @contextmanager
-def loopback_cluster(head_cpus: int):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    process = subprocess.Popen([sys.executable, __file__, str(head_cpus)], env=env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+def loopback_cluster(head_cpus: int, dashboard: bool = False, keep_current: bool = False):
+    # Every Ray process of the cluster (dashboard agents and job drivers included) inherits the
+    # switch that keeps Ray's addresses on 127.0.0.1.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    command = [sys.executable, __file__, str(head_cpus), str(int(dashboard)), str(int(keep_current))]
+    process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        yield LoopbackCluster(process)
+        yield LoopbackCluster(process, dashboard)
         process.stdin.write("stop\n")
         process.stdin.flush()
         process.wait(timeout=60)
@@ -92,4 +112,4 @@ def loopback_cluster(head_cpus: int):
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1")

@@ -236,15 +236,22 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
         if journal.exists() and journal.read_text().count('"commit"') >= 2:
             break
         time.sleep(0.02)
+    # A second run on the same output meanwhile is refused, in one line, touching nothing.
+    busy = CliRunner().invoke(app, ["preprocess", "--source", "video", "--input", str(folder), "--output", str(out),
+                                    *options])
+    assert busy.exit_code == 2, busy.output
+    assert "being written by another run" in busy.output.strip().splitlines()[-1]
+    assert "Traceback" not in busy.output
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     commits_at_kill = journal.read_text().count('"commit"')
     total_units = 19  # 150 frames in segments of 8
     assert 2 <= commits_at_kill < total_units, "the kill came too late to interrupt anything"
 
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stderr
+    # Resumed in this process (on the session's Ray instance): the kill above was the real one.
+    resumed = CliRunner().invoke(app, command[3:])
+    assert resumed.exit_code == 0, resumed.output[-2000:]
+    assert "resuming" in resumed.output
     got, want = _table_by_id(out), _table_by_id(tmp_path / "ref")
     assert got.num_rows == want.num_rows == 150
     assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
@@ -252,6 +259,6 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
         assert got.column(name).equals(want.column(name)), name
     assert not list(out.rglob("*.tmp"))
     # A third run finds nothing left to do and duplicates nothing.
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0
+    again = CliRunner().invoke(app, command[3:])
+    assert again.exit_code == 0, again.output[-2000:]
     assert _table_by_id(out).num_rows == 150

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import layouts
 from disco.cli import app
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.reader import open_errors, open_rejects, open_triplets
+from disco.pipeline.reader import shard_files, open_errors, open_rejects, open_triplets
 from disco.pipeline.run import preprocess
 from disco.pipeline.schema import REJECT_SCHEMA, TRIPLET_SCHEMA
 
@@ -109,12 +109,16 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
     # Give the three stored rows known scores: kept, a crowd, a small person.
     copy = tmp_path / "triplets-in"
     shutil.copytree(source_out, copy)
-    shard = next((copy / "triplets").glob("*.parquet"))
-    table = pq.read_table(shard).sort_by("sample_id")
-    for name, values, kind in (("person_count", [1, 4, 1], pa.int32()), ("mask_area", [0.3, 0.9, 0.1], pa.float32())):
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
-    pq.write_table(table, shard)
-    ids = table.column("sample_id").to_pylist()
+    ids = sorted(open_triplets(copy).to_table(columns=["sample_id"]).column("sample_id").to_pylist())
+    assert len(ids) == 3
+    known = {ids[0]: (1, 0.3), ids[1]: (4, 0.9), ids[2]: (1, 0.1)}
+    for shard in shard_files(copy, "triplets"):  # the shards the journal names, rewritten in place
+        part = pq.read_table(shard)
+        rows = [known[i] for i in part.column("sample_id").to_pylist()]
+        for k, (name, kind) in enumerate((("person_count", pa.int32()), ("mask_area", pa.float32()))):
+            part = part.set_column(part.schema.get_field_index(name), name, pa.array([r[k] for r in rows], kind))
+        pq.write_table(part, shard)
+    table = open_triplets(copy).to_table().sort_by("sample_id")
     import disco.pipeline.annotators as annotators
 
     monkeypatch.setattr(annotators, "FrameAnnotator", None)  # nothing may build a model

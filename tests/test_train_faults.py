@@ -8,18 +8,23 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
 
+from typer.testing import CliRunner
+
+from disco.cli import app
 from disco.pipeline.config import ConfigError
 from disco.train.checkpoint import find_checkpoint, list_checkpoints, read_checkpoint
 from disco.train.collectives import CollectiveDeviceError, Collectives, nccl_guard
 from disco.train.config import TrainConfig, load_run_config
-from disco.train.launch import train
+from disco.train.launch import TrainingFailed, train
 from disco.train.monitor import read_metrics
 from helpers import cli_process
 from loopback_cluster import loopback_cluster
@@ -86,8 +91,8 @@ def test_ctrl_c_writes_a_checkpoint_of_the_last_step_and_exits_130(triplets, tmp
     options = [*OPTIONS, "--data", str(triplets["video"]), "--max-steps", str(steps), "--checkpoint-every", "1000",
                "--log-every", "1"]
     whole = tmp_path / "whole"
-    command, env = cli_process("train", *options, "--output", str(whole))
-    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    runner = CliRunner()  # the runs around the interrupted one: in this process, on its Ray instance
+    assert runner.invoke(app, ["train", *options, "--output", str(whole)]).exit_code == 0
     stopped = tmp_path / "stopped"
     command, env = cli_process("train", *options, "--output", str(stopped))
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -98,9 +103,8 @@ def test_ctrl_c_writes_a_checkpoint_of_the_last_step_and_exits_130(triplets, tmp
     assert _summary(stopped)["interrupted"] and 1 <= stopped_at < steps
     assert list(list_checkpoints(stopped)) == [stopped_at]  # the step it stopped at, and only that
     assert "--resume" in out + err and "Traceback" not in err
-    command, env = cli_process("train", "--output", str(stopped), "--resume", "--no-progress")
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = runner.invoke(app, ["train", "--output", str(stopped), "--resume", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output[-2000:]
     assert _same_weights(whole, stopped, steps)
     assert _summary(stopped) == _summary(whole)
 
@@ -174,6 +178,60 @@ def test_resume_keeps_the_schedule_and_a_new_length_stretches_it_without_a_jump(
     assert not _same_weights(run, crashed, 4)
 
 
+# -- a lost worker ------------------------------------------------------------------------------------
+
+def _kill_a_worker_after(run: Path, step: int, stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL one Ray Train worker process of this session's Ray instance once ``run`` holds the
+    checkpoint of ``step``."""
+    deadline = time.monotonic() + 300
+    while step not in list_checkpoints(run):
+        if stop.is_set() or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                process.kill()
+                killed.append(process.pid)
+                return
+        except psutil.Error:
+            continue
+
+
+def _train_losing_a_worker(cfg: TrainConfig) -> list[int]:
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after, args=(Path(cfg.output), 2, stop, killed))
+    killer.start()
+    try:
+        train(cfg)
+    finally:
+        stop.set()
+        killer.join()
+    return killed
+
+
+def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, tmp_path):
+    """Two Ray Train workers on this session's Ray instance; one worker's process is killed
+    (SIGKILL) after checkpoint 2. Ray Train starts the worker group again, the loop continues from
+    the checkpoint it was last told of, and the final weights and summary equal an uninterrupted
+    run's bit for bit. With --max-failures 0 the same loss ends the run with one line naming the
+    last checkpoint and the --resume command. (A whole node lost on a multi-node cluster: the
+    slow test below.)"""
+    options = dict(num_workers=2, max_steps=6, checkpoint_every=2, log_every=4)
+    whole = _config(tmp_path, triplets, "whole", **options)
+    train(whole)
+    survived = _config(tmp_path, triplets, "survived", **options)
+    assert len(_train_losing_a_worker(survived)) == 1
+    assert _same_weights(Path(whole.output), Path(survived.output), 6)
+    assert _summary(Path(survived.output)) == _summary(Path(whole.output))
+
+    gave_up = _config(tmp_path, triplets, "gave-up", max_failures=0, **options)
+    with pytest.raises(TrainingFailed) as failed:
+        _train_losing_a_worker(gave_up)
+    message = str(failed.value)
+    assert "\n" not in message and "--resume" in message and "checkpoint-0000000" in message
+
+
 # -- a lost node --------------------------------------------------------------------------------------
 
 def _cluster_train(address: str, data: Path, run: Path, config: Path, *extra: str) -> subprocess.Popen:
@@ -202,6 +260,7 @@ def _wait_for_checkpoint(run: Path, process: subprocess.Popen, step: int) -> Non
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # about 8 minutes on 2 cores; the lost-worker test above takes the same restart path
 def test_a_lost_node_restarts_training_from_its_last_checkpoint(triplets, tmp_path):
     """Two Ray nodes besides a head with one CPU, on loopback; two workers of 1.5 CPU, so one runs
     on each node. The second node is killed (SIGKILL of all its processes) after checkpoint 2 and
@@ -236,6 +295,8 @@ def test_a_lost_node_restarts_training_from_its_last_checkpoint(triplets, tmp_pa
         cluster.kill_node(doomed)
         code, output = _finish(process)
         assert code == 1, output[-3000:]
-        errors = [line for line in output.splitlines() if "error" in line.lower()]
+        # Ray's own notices about the lost node (pushed to every driver, "(raylet) ...") may come
+        # too; ours is the one "error:" line.
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert "Traceback" not in output and len(errors) == 1, output[-3000:]
         assert "--resume" in errors[0] and "checkpoint-0000000" in errors[0]

@@ -27,7 +27,7 @@ def _unit(path: str, rows: int, index: int = 0, count: int = 1, errors: int = 0)
 def test_shards_hold_whole_units_and_respect_the_row_bound(tmp_path):
     store = OutputStore(tmp_path)
     store.prepare()
-    writer = ShardWriter(store, 0, shard_rows=5, row_group_rows=2)
+    writer = ShardWriter(store, "part-", shard_rows=5, row_group_rows=2)
     for k in range(6):
         writer.add_unit(_rows(f"v{k}", 2), _unit(f"v{k}", 2), [])
     writer.add_unit(_rows("long", 7), _unit("long", 7), [])  # one unit above the bound: its own shard
@@ -46,21 +46,23 @@ def test_recovery_drops_uncommitted_files_and_a_torn_journal_line(tmp_path):
     first = store.read_journal()
     first.params = {"p": 1}
     store.recover(first)
-    writer = ShardWriter(store, 0, shard_rows=2, row_group_rows=2)
+    writer = ShardWriter(store, "part-a-", shard_rows=2, row_group_rows=2)
     writer.add_unit(_rows("a", 2), _unit("a", 2), [])
     # A kill after the rename but before the journal line, and one in the middle of a write:
-    pq.write_table(_rows("b", 2), tmp_path / "triplets" / "part-00001.parquet")
-    (tmp_path / "triplets" / ".part-00002.parquet.tmp").write_bytes(b"PAR1 half")
+    pq.write_table(_rows("b", 2), tmp_path / "triplets" / "part-b-00000.parquet")
+    (tmp_path / "triplets" / ".part-b-00001.parquet.tmp").write_bytes(b"PAR1 half")
     with open(store.journal, "a") as fh:
         fh.write('{"type": "commit", "shard_ind')
     state = store.read_journal()
     assert state.params == {"p": 1}
     assert state.complete_inputs() == {"a"}
+    # Until recovery runs, readers see only what the journal names.
+    assert open_triplets(tmp_path).count_rows() == 2
     removed = store.recover(state)
-    assert sorted(removed) == ["triplets/.part-00002.parquet.tmp", "triplets/part-00001.parquet"]
-    assert [p.name for p in (tmp_path / "triplets").iterdir()] == ["part-00000.parquet"]
+    assert sorted(removed) == ["triplets/.part-b-00001.parquet.tmp", "triplets/part-b-00000.parquet"]
+    assert [p.name for p in (tmp_path / "triplets").iterdir()] == ["part-a-00000.parquet"]
     # The journal is whole again and the next commit lands on a line of its own.
-    writer = ShardWriter(store, store.next_shard_index(state), 2, 2)
+    writer = ShardWriter(store, "part-c-", 2, 2)
     writer.add_unit(_rows("b", 2), _unit("b", 2), [])
     assert store.read_journal().complete_inputs() == {"a", "b"}
 
@@ -68,7 +70,7 @@ def test_recovery_drops_uncommitted_files_and_a_torn_journal_line(tmp_path):
 def test_video_input_is_complete_only_when_every_segment_is_committed(tmp_path):
     store = OutputStore(tmp_path)
     store.prepare()
-    writer = ShardWriter(store, 0, shard_rows=100, row_group_rows=10)
+    writer = ShardWriter(store, "part-", shard_rows=100, row_group_rows=10)
     writer.add_unit(_rows("clip", 3), _unit("clip", 3, index=0, count=3), [])
     writer.add_unit(_rows("clip", 0), _unit("clip", 0, index=2, count=3), [])
     writer.flush()

@@ -142,7 +142,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     (run / STOP_FILE).unlink(missing_ok=True)  # left by an earlier Ctrl-C
     log(f"{len(index)} {cfg.split} rows from {len(index.files)} shards; "
         + (f"resuming from {checkpoint.name}" if checkpoint else "starting at step 0"))
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, log=log)
     distributed = cfg.num_workers > 1 or bool(cfg.ray_address)
     worker_cpus, data_cpus = _resources(cfg, distributed)
     loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,

@@ -1,0 +1,207 @@
+"""Preprocessing's real path on a Ray cluster, proven on this machine: a head and two nodes on
+loopback (``loopback_cluster``), a worker node lost mid-run, the driver killed mid-run, the job
+submitted with ``ray job submit``'s API; and how the CLI connects: a private local instance on
+loopback only, an unreachable address in one line, a job's runtime env merged, one run per
+output folder."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from skimage import data
+
+from disco.pipeline.demo_data import pan_zoom_frames, write_video
+from disco.pipeline.reader import open_triplets
+from disco.pipeline.schema import TRIPLET_SCHEMA
+from disco.pipeline.writer import OutputStore
+from helpers import cli_process
+from loopback_cluster import loopback_cluster
+
+OPTIONS = ["--segment-frames", "6", "--shard-rows", "6", "--max-side", "128", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Two clips cut into 10 units of 6 frames: enough units to interrupt between commits."""
+    folder = tmp_path_factory.mktemp("cluster-in")
+    write_video(folder / "dance.mp4", pan_zoom_frames(data.astronaut(), 42, 128), 30.0)
+    write_video(folder / "mirror.mp4", pan_zoom_frames(data.astronaut()[:, ::-1], 18, 112), 30.0)
+    return folder
+
+
+def _command(inputs: Path, out: Path, *extra: str) -> tuple[list[str], dict]:
+    return cli_process("preprocess", "--source", "video", "--input", str(inputs), "--output", str(out),
+                       *OPTIONS, *extra)
+
+
+def _start(inputs: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command, env = _command(inputs, out, *extra)
+    return subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_commits(out: Path, process: subprocess.Popen, count: int, timeout: float = 240) -> None:
+    journal = out / "_journal.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if journal.exists() and journal.read_text().count('"commit"') >= count:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {count} commit(s): {process.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} commit(s) within {timeout} s")
+
+
+def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def _same_rows(got: Path, want: Path) -> None:
+    a = open_triplets(got).to_table().sort_by("sample_id")
+    b = open_triplets(want).to_table().sort_by("sample_id")
+    assert a.num_rows == b.num_rows > 0
+    ids = a.column("sample_id").to_pylist()
+    assert len(set(ids)) == len(ids), "a row was written twice"
+    for name in TRIPLET_SCHEMA.names:
+        assert a.column(name).equals(b.column(name)), name
+    # Nothing uncommitted is left behind in the folders either.
+    named = {n for e in OutputStore(got).read_journal().entries for n in e["files"]}
+    on_disk = {p.relative_to(got).as_posix() for p in got.rglob("*.parquet")}
+    assert on_disk == named
+
+
+def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of_a_local_run(inputs, tmp_path):
+    """One loopback cluster (a head with its dashboard and two worker nodes) for all four runs:
+    cluster start-up is the slow part."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    with loopback_cluster(head_cpus=1, dashboard=True, keep_current=True) as cluster:
+        doomed = cluster.add_node(2)
+        cluster.add_node(2)
+
+        # 1. Without --ray-address on a machine that runs a cluster: a private instance, said so.
+        local = tmp_path / "local"
+        code, output = _finish(_start(inputs, local))
+        assert code == 0, output[-3000:]
+        assert "this machine runs a Ray cluster" in output and "--ray-address auto" in output
+        manifest = json.loads((local / "manifest.json").read_text())
+        assert manifest["run"]["ray_address"] == "local"
+
+        # 2. A worker node lost mid-run (and a replacement joining, as an autoscaler brings one):
+        # Ray Data retries the lost work; nothing is missing or written twice.
+        lost = tmp_path / "lost-node"
+        process = _start(inputs, lost, "--ray-address", cluster.address)
+        _wait_for_commits(lost, process, 1)
+        cluster.kill_node(doomed)
+        cluster.add_node(2)
+        code, output = _finish(process)
+        assert code == 0, output[-3000:]
+        assert "Traceback" not in output
+        _same_rows(lost, local)
+        pools = json.loads((lost / "manifest.json").read_text())["run"]["pools"]
+        assert pools[0]["actors"] == 5  # one per CPU of the three nodes it saw at the start
+        assert json.loads((local / "manifest.json").read_text())["counts"]["rows_written"] == 60
+
+        # 3. The driver killed mid-run: the same command finishes the rest.
+        killed = tmp_path / "killed-driver"
+        process = _start(inputs, killed, "--ray-address", cluster.address)
+        _wait_for_commits(killed, process, 1)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        command, env = _command(inputs, killed, "--ray-address", cluster.address)
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "resuming" in again.stderr + again.stdout
+        _same_rows(killed, local)
+
+        # 4. `ray job submit`: the dashboard's job API runs disco-cli on the cluster; a runtime env
+        # that sets a variable of our own worker settings merges instead of conflicting.
+        job_out = tmp_path / "job"
+        client = JobSubmissionClient(cluster.dashboard)
+        cli = Path(sys.executable).with_name("disco-cli")
+        entrypoint = " ".join([str(cli), "preprocess", "--source", "video", "--input", str(inputs), "--output",
+                               str(job_out), *OPTIONS[:-1]])
+        job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
+        deadline = time.time() + 300
+        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, "the job did not end in time"
+            time.sleep(1)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "progress: 2/2 inputs" in logs and "preprocess summary" in logs
+        _same_rows(job_out, local)
+        assert json.loads((job_out / "manifest.json").read_text())["run"]["ray_address"] != "local"
+
+
+def test_an_unreachable_cluster_fails_in_one_line_within_the_stated_time(inputs, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command, env = _command(inputs, tmp_path / "out", "--ray-address", f"127.0.0.1:{port}")
+    started = time.time()
+    result = subprocess.run(command, env={**env, "DISCO_RAY_TIMEOUT": "3"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in lines[0], result.stderr
+    assert "after 3 s" in lines[0] and "Traceback" not in result.stderr
+    assert time.time() - started < 60
+
+
+def test_our_worker_settings_yield_to_a_jobs_runtime_env(monkeypatch):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from disco.pipeline.run import WORKER_ENV, _runtime_env
+
+    assert _runtime_env() == {"env_vars": WORKER_ENV}
+    job = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "8"}, "working_dir": "."}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
+    merged = _runtime_env()["env_vars"]
+    assert "OMP_NUM_THREADS" not in merged and merged["GLOG_minloglevel"] == WORKER_ENV["GLOG_minloglevel"]
+
+
+def test_the_private_local_instance_listens_on_loopback_only(ray_local):
+    """Every listening socket of the Ray processes this test session started (GCS, raylet, object
+    manager, workers, agents) is bound to 127.0.0.1: nothing of it is reachable from the network."""
+    import psutil
+
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    import ray
+
+    gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    assert gcs_port in {c.laddr.port for c in listening} and len(listening) >= 3, "these are not Ray's sockets"
+    for conn in listening:
+        ip = ipaddress.ip_address(conn.laddr.ip)
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+        assert ip.is_loopback, f"a Ray process (pid {conn.pid}) listens on {conn.laddr.ip}:{conn.laddr.port}"
+
+
+def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path):
+    store = OutputStore(tmp_path / "out")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from disco.pipeline.writer import OutputStore\n"
+         f"with OutputStore({str(store.root)!r}).locked():\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception, match=rf"being written by another run \(pid {holder.pid} on "):
+            with store.locked():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with store.locked():  # the killed holder's lock died with it
+        pass
