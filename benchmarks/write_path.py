@@ -79,23 +79,26 @@ class ProduceAndWrite:
         return pa.table({"entry": [json.dumps(e) for e in entries]})
 
 
-def run(design: str, writers: int, units: int, rows: int, shard_rows: int, root: Path) -> tuple[float, int]:
+def run(design: str, writers: int, units: int, rows: int, shard_rows: int, root: Path,
+        name: str = "") -> tuple[float, int, int]:
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from disco.pipeline.writer import OutputStore, ShardWriter
 
-    out = root / f"{design}-{writers}"
+    out = root / (name or f"{design}-{writers}")
     store = OutputStore(out)
     store.prepare()
     per_call = max(1, shard_rows // rows)
     ds = ray.data.range(units, override_num_blocks=units)
+    to_driver = 0
     started = time.perf_counter()
     if design == "single":
         ds = ds.map_batches(Produce, fn_constructor_kwargs={"rows": rows}, batch_size=1, batch_format="numpy",
                             compute=ActorPoolStrategy(size=writers), num_cpus=0.5)
         writer = ShardWriter(store, "part-", shard_rows, 64)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            to_driver += block.nbytes
             for unit in sorted(set(block.column("clip_id").to_pylist())):
                 table = block.filter(pa.compute.equal(block.column("clip_id"), unit))
                 writer.add_unit(table, _record(int(unit[1:]), table.num_rows), [])
@@ -106,12 +109,13 @@ def run(design: str, writers: int, units: int, rows: int, shard_rows: int, root:
                             batch_size=per_call, batch_format="numpy", compute=ActorPoolStrategy(size=writers),
                             num_cpus=0.5)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            to_driver += block.nbytes
             for entry in block.column("entry").to_pylist():
                 store.append(json.loads(entry))
     wall = time.perf_counter() - started
     written = sum(s["rows"] for e in store.read_journal().entries for s in e["shards"])
     assert written == units * rows, (written, units * rows)
-    return wall, written
+    return wall, written, to_driver
 
 
 def main() -> None:
@@ -136,13 +140,14 @@ def main() -> None:
     print(f"{args.units} units x {args.unit_rows} rows, {row_bytes / 1e3:.0f} kB of pictures per row, "
           f"shards of {args.shard_rows} rows, on {os.cpu_count()} CPUs")
     try:
-        run("scaled", 1, 4, args.unit_rows, args.shard_rows, root)  # warm-up: workers, imports
+        run("scaled", 1, 4, args.unit_rows, args.shard_rows, root, name="warm-up")  # workers, imports
         for writers in args.writers:
-            single, rows = run("single", writers, args.units, args.unit_rows, args.shard_rows, root)
-            scaled, _ = run("scaled", writers, args.units, args.unit_rows, args.shard_rows, root)
-            print(f"{writers} actor(s): single writer {rows / single:8.0f} rows/s ({rows * row_bytes / single / 1e6:6.1f} MB/s)"
-                  f" | actors write {rows / scaled:8.0f} rows/s ({rows * row_bytes / scaled / 1e6:6.1f} MB/s)"
-                  f" | ratio {single / scaled:.2f}x")
+            single, rows, single_bytes = run("single", writers, args.units, args.unit_rows, args.shard_rows, root)
+            scaled, _, scaled_bytes = run("scaled", writers, args.units, args.unit_rows, args.shard_rows, root)
+            print(f"{writers} actor(s): single writer {rows / single:6.0f} rows/s ({rows * row_bytes / single / 1e6:5.1f} MB/s, "
+                  f"{single_bytes / 1e6:.0f} MB to the driver) | actors write {rows / scaled:6.0f} rows/s "
+                  f"({rows * row_bytes / scaled / 1e6:5.1f} MB/s, {scaled_bytes / 1e3:.0f} kB to the driver) | "
+                  f"ratio {single / scaled:.2f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
