@@ -40,6 +40,8 @@ def _usage_error(message: str) -> None:
 
 SOURCE_HELP = ("Input kind: video or images (any folder of videos or stills), or a data set in its published "
                "layout: tiktok, coco, shhq, deepfashion2, laion (see manifests/). With --manifest, defaults to its name.")
+RAY_ADDRESS_HELP = ("Ray cluster to run on: HOST:PORT, or auto for the one `ray start` runs on this machine "
+                    "(default: a private local instance on 127.0.0.1; $DISCO_RAY_TIMEOUT s to reach a cluster, 60).")
 MANIFEST_HELP = "A dataset manifest YAML describing a layout (see manifests/*.yaml); replaces the built-in one."
 
 
@@ -278,7 +280,7 @@ def preprocess(
     actors: Optional[int] = typer.Option(None, help="Annotator actors (default: one per CPU of the Ray cluster)."),
     cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per annotator actor (default: fits the cluster)."),
     gpus_per_actor: float = typer.Option(0.0, help="GPUs per annotator actor (fractions allowed)."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster to run on (default: a local instance)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
     overwrite: bool = typer.Option(False, help="Delete what a previous run wrote to OUTPUT and start fresh."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -324,7 +326,7 @@ def filter_humans(
     segment_frames: int = typer.Option(32, help="Frames (or shard members) per unit of work."),
     shard_rows: int = typer.Option(1024, help="Rows per Parquet shard."),
     actors: Optional[int] = typer.Option(None, help="Annotator actors (default: one per CPU of the Ray cluster)."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster to run on (default: a local instance)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
     overwrite: bool = typer.Option(False, help="Delete what a previous run wrote to OUTPUT and start fresh."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -602,7 +604,7 @@ def train(
     log_every: Optional[int] = typer.Option(None, help="Log scalars every N steps (default 10)."),
     num_workers: Optional[int] = typer.Option(None, help="Data-parallel training workers through Ray Train (default 1: in this process)."),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-use-gpu", help="Train on GPUs, one per worker (default off)."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster to train on (default: a local instance)."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
     max_failures: Optional[int] = typer.Option(None, help="Restarts from the last checkpoint after a lost worker or node (Ray Train workers; default 3)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the latest checkpoint of --output with its saved configuration."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-GPU memory plan of this run (weights, gradients, AdamW, EMA, activations at --batch-size) and the largest batch that fits, then exit: nothing is allocated, no data is read, no Ray is started."),

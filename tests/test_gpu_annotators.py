@@ -145,31 +145,62 @@ def test_weights_folder_from_the_environment(weights, monkeypatch):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_gpu_pipeline_fills_every_gpu_and_writes_the_contract(weights, tmp_path):
-    """On the session's instance (2 CPUs, 2 fake GPUs) with half a GPU per model actor: two actors
-    of each stage (one of each per GPU), Ray handed every actor what the plan asked for, and the
-    pose actors wrote rows of the contract."""
+def test_gpu_pipeline_runs_as_gpu_actors_and_writes_the_contract(weights, tmp_path):
     import ray
 
     assert ray.cluster_resources().get("GPU") == 2  # the session's fake GPUs
     folder = tmp_path / "in"
-    photo = Image.fromarray(data.astronaut())
-    save(folder / "astronaut.png", photo)
-    save(folder / "turned.png", photo.rotate(5))
+    save(folder / "astronaut.png", Image.fromarray(data.astronaut()))
     cfg = PreprocessConfig(
         source="images", input=folder, output=tmp_path / "out", matting="grounded-sam", pose="openpose",
         weights=weights, device="cpu", sam_model="vit_b", box_threshold=0.0, text_threshold=0.0, face=True,
-        max_side=128, matting_gpus=0.5, pose_gpus=0.5,
+        max_side=128, matting_gpus=1.0, pose_gpus=0.5,
     )
     result = preprocess(cfg, log=lambda *_: None)
     assert result.exit_code == 0
     manifest = result.manifest
     pools = {p["stage"]: p for p in manifest["run"]["pools"]}
+    assert pools["matting"]["gpus_per_actor"] == 1.0 and pools["pose"]["gpus_per_actor"] == 0.5
+    # What Ray actually handed the actors that did the work.
+    held = manifest["run"]["stage_resources"]
+    assert [r["GPU"] for r in held["matting"]] == [1.0] and [r["GPU"] for r in held["pose"]] == [0.5]
+    assert manifest["backends"]["matting"]["name"] == "grounded-sam"
+    assert manifest["backends"]["pose"]["name"] == "openpose"
+    recorded = {w["name"]: w["sha256"] for w in manifest["backends"]["weights"]}
+    sam = SAM_FILES["vit_b"]
+    assert recorded[sam] == hashlib.sha256((weights / sam).read_bytes()).hexdigest()
+    assert {OPENPOSE_FILES["body"], OPENPOSE_FILES["hand"], OPENPOSE_FILES["face"]} <= set(recorded)
+
+    table = open_triplets(tmp_path / "out").to_table()
+    assert table.schema.equals(TRIPLET_SCHEMA) and table.num_rows == 1
+    row = table.to_pylist()[0]
+    assert (row["width"], row["height"]) == (128, 128)
+    assert len(row["body_keypoints"]) == 54 and len(row["hand_keypoints"]) == 126 and len(row["face_keypoints"]) == 210
+    mask = decode_picture(row["mask"], grayscale=True)
+    assert mask.shape == (128, 128) and row["mask_area"] == pytest.approx((mask >= 128).mean(), abs=1e-6)
+    assert decode_picture(row["pose"]).shape == (128, 128, 3)
+    assert 1 <= row["person_count"] <= 6
+
+
+def test_gpu_pools_fill_every_gpu_with_one_matting_and_one_pose_actor(weights, tmp_path):
+    """On the session's instance (2 CPUs, 2 fake GPUs) with half a GPU per model actor: two actors
+    of each stage, one of each per GPU, and Ray handed every actor what the plan asked for. (MediaPipe
+    matting beside OpenPose keeps the actors cheap to start; the planner treats both stages alike.)"""
+    folder = tmp_path / "in"
+    photo = Image.fromarray(data.astronaut()).resize((128, 128))
+    for k in range(4):
+        save(folder / f"p{k}.png", photo.rotate(k * 5))
+    cfg = PreprocessConfig(
+        source="images", input=folder, output=tmp_path / "out", matting="mediapipe", pose="openpose",
+        weights=weights, device="cpu", hands=False, max_side=128, matting_gpus=0.5, pose_gpus=0.5,
+    )
+    result = preprocess(cfg, log=lambda *_: None)
+    assert result.exit_code == 0 and result.manifest["counts"]["rows_written"] == 4
+    pools = {p["stage"]: p for p in result.manifest["run"]["pools"]}
     assert pools["matting"]["actors"] == pools["pose"]["actors"] == 2
     assert pools["matting"]["gpus_per_actor"] == pools["pose"]["gpus_per_actor"] == 0.5
     assert pools["matting"]["cpus_per_actor"] * 4 <= 2 - 0.1
-    # What Ray actually handed the actors that did the work.
-    held = manifest["run"]["stage_resources"]
+    held = result.manifest["run"]["stage_resources"]
     for stage in ("matting", "pose"):
         assert 1 <= len(held[stage]) <= 2
         for actor in held[stage]:
@@ -179,23 +210,6 @@ def test_gpu_pipeline_fills_every_gpu_and_writes_the_contract(weights, tmp_path)
     actors = [a for s in held.values() for a in s]
     for gpu in {a["gpu_ids"][0] for a in actors}:
         assert sum(a["GPU"] for a in actors if a["gpu_ids"] == [gpu]) <= 1.0
-    assert manifest["backends"]["matting"]["name"] == "grounded-sam"
-    assert manifest["backends"]["pose"]["name"] == "openpose"
-    recorded = {w["name"]: w["sha256"] for w in manifest["backends"]["weights"]}
-    sam = SAM_FILES["vit_b"]
-    assert recorded[sam] == hashlib.sha256((weights / sam).read_bytes()).hexdigest()
-    assert {OPENPOSE_FILES["body"], OPENPOSE_FILES["hand"], OPENPOSE_FILES["face"]} <= set(recorded)
-
-    table = open_triplets(tmp_path / "out").to_table()
-    assert table.schema.equals(TRIPLET_SCHEMA) and table.num_rows == 2
-    for row in table.to_pylist():
-        assert (row["width"], row["height"]) == (128, 128)
-        assert len(row["body_keypoints"]) == 54 and len(row["hand_keypoints"]) == 126
-        assert len(row["face_keypoints"]) == 210
-        mask = decode_picture(row["mask"], grayscale=True)
-        assert mask.shape == (128, 128) and row["mask_area"] == pytest.approx((mask >= 128).mean(), abs=1e-6)
-        assert decode_picture(row["pose"]).shape == (128, 128, 3)
-        assert 1 <= row["person_count"] <= 6
 
 
 def test_frame_annotator_uses_the_box_threshold_as_the_person_threshold(weights):

@@ -277,6 +277,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_pat
     assert summaries[0] == summaries[1]
 
 
+# About 70 s: joining an address from another process is covered by tests/test_cluster.py, Ray
+# Train's fit and checkpoint pointers by the lost-worker test, both together by the slow node test.
+@pytest.mark.slow
 def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_path):
     """``disco-cli train --ray-address`` from another process joins this session's Ray instance
     (it stands in for a cluster) and trains there through Ray Train."""
