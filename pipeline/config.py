@@ -120,6 +120,9 @@ class PreprocessConfig:
         for flag, value in (("--matting-gpus", self.matting_gpus), ("--pose-gpus", self.pose_gpus)):
             if value is not None and value < 0:
                 raise ConfigError(f"{flag} cannot be negative")
+            if value is not None and value > 1 and value != int(value):
+                # Ray places a share below 1 inside one GPU; above 1 it takes whole GPUs only.
+                raise ConfigError(f"{flag} {value:g}: above 1 a share must be a whole number of GPUs")
         if self.weights is not None and not Path(self.weights).is_dir():
             raise ConfigError(f"--weights {self.weights} is not a folder")
         if self.source not in ("video", "images"):

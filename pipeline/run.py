@@ -23,6 +23,7 @@ from disco.pipeline.writer import OutputStore, run_token
 WORKER_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
 MAX_BLOCKS = 10_000
 RESERVED_CPUS = 0.1
+MIN_ACTOR_CPUS = 0.1
 CONNECT_TIMEOUT_S = 60.0  # how long an unreachable --ray-address is tried ($DISCO_RAY_TIMEOUT)
 CALLS_PER_ACTOR = 4  # the last stage's calls per actor at least, so commits come often enough
 
@@ -49,7 +50,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # surface as exceptions through Ray Data.
     common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env=_runtime_env())
     if address:
-        _wait_until_reachable(address, float(os.environ.get("DISCO_RAY_TIMEOUT", CONNECT_TIMEOUT_S)))
+        _wait_until_reachable(address, _connect_timeout())
         # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
         # dials the interface address instead, where nothing listens.
         host = _host_port(address)[0]
@@ -64,6 +65,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
                  include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+
+
+def _connect_timeout() -> float:
+    raw = os.environ.get("DISCO_RAY_TIMEOUT", "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"DISCO_RAY_TIMEOUT={raw!r}: give the seconds to wait for a cluster, a number >= 0")
+    return value
 
 
 class ClusterUnreachable(ConfigError):
@@ -231,9 +245,39 @@ def units_per_call(units: list[dict], shard_rows: int, actors: int) -> int:
 
 
 def _per_node_cpus(nodes: list[dict], actors_on: list[int]) -> float:
-    """CPUs per actor such that each node's actors fit beside a little room for Ray Data's own tasks."""
+    """CPUs per actor such that each node's actors fit beside a little room for Ray Data's own
+    tasks (rounded down: rounding up would take that room back)."""
     shares = [(n["CPU"] - RESERVED_CPUS) / k for n, k in zip(nodes, actors_on) if k > 0]
-    return round(min(1.0, max(0.1, min(shares, default=1.0))), 2)
+    share = min(1.0, min(shares, default=1.0))
+    return max(MIN_ACTOR_CPUS, math.floor(share * 100 + 1e-6) / 100)
+
+
+def _sets_on(node: dict, wants: dict[str, float]) -> int:
+    """Matting + pose sets (one actor of each stage) that one node holds: GPU shares packed device
+    by device as Ray places them (a share below 1 inside one GPU, a whole number of GPUs
+    otherwise), and at least MIN_ACTOR_CPUS for every actor beside the reserved room."""
+    free = [1.0] * int(node["GPU"] + 1e-9)
+    by_cpu = int((node["CPU"] - RESERVED_CPUS) / (len(wants) * MIN_ACTOR_CPUS) + 1e-9)
+    sets = 0
+    while sets < by_cpu:
+        trial = list(free)
+        for share in wants.values():
+            if share <= 0:
+                continue
+            if share < 1:
+                k = next((i for i, f in enumerate(trial) if f >= share - 1e-9), None)
+                if k is None:
+                    return sets
+                trial[k] -= share
+            else:
+                whole = [i for i, f in enumerate(trial) if f >= 1 - 1e-9][:int(share)]
+                if len(whole) < share:
+                    return sets
+                for i in whole:
+                    trial[i] = 0.0
+        free = trial
+        sets += 1
+    return sets
 
 
 def gpu_pools(cfg: PreprocessConfig, nodes: list[dict], units: int) -> list[PoolPlan]:
@@ -252,7 +296,7 @@ def gpu_pools(cfg: PreprocessConfig, nodes: list[dict], units: int) -> list[Pool
         sets_on = _spread(cfg.actors, [n["CPU"] for n in nodes])
     elif per_set > 0:
         # A "set" is one actor of each stage; each node holds as many sets as its GPUs fit.
-        sets_on = [int(n["GPU"] / per_set + 1e-9) for n in nodes]
+        sets_on = [_sets_on(n, wants) for n in nodes]
         sets = sum(sets_on)
         if sets == 0:
             largest = max((n["GPU"] for n in nodes), default=0)
@@ -410,6 +454,19 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
         return [unit for units in planned for unit in units]
 
 
+def _check_shards(store: OutputStore, entry: dict) -> None:
+    """A shard an actor wrote must be in the driver's output folder, whole, before it is
+    committed: an output folder that is not shared storage shows up here, not in training."""
+    for shard in entry["shards"]:
+        path = store.root / shard["path"]
+        size = path.stat().st_size if path.exists() else None
+        if size != shard["bytes"]:
+            seen = "is missing" if size is None else f"holds {size} bytes, not the {shard['bytes']} written"
+            raise ConfigError(
+                f"{path} {seen} here: an actor on another node wrote it into its own {store.root}; the output "
+                "folder must be on storage every node sees (NFS, a shared mount)")
+
+
 def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[PoolPlan], progress,
              held: dict[str, list[dict]]) -> tuple[int, int]:
     """Stream the units through the pools. The last pool's actors write the shards; what reaches
@@ -447,6 +504,7 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
                 # The same work came back twice (a task of a lost node ran again after its first
                 # result had arrived): the first commit stands; these shards go at the end.
                 continue
+            _check_shards(store, entry)
             store.append(entry)  # the commit: from here on its shards are data
             committed.update(keys)
             for actor in json.loads(resources):

@@ -211,7 +211,7 @@ class UnitWriter:
         self.held = [{"stage": stage, **_assigned_resources()}]
         self._entries: list[dict] = []
         # A name part of its own per actor: a restarted actor or a resumed run never reuses a name.
-        prefix = f"part-{settings['run']}-{secrets.token_hex(3)}-"
+        prefix = f"part-{settings['run']}-{secrets.token_hex(8)}-"
         self.writer = ShardWriter(OutputStore(Path(settings["output"])), prefix, settings["shard_rows"],
                                   settings["row_group_rows"], commit=self._entries.append)
 

@@ -178,8 +178,12 @@ class OutputStore:
             lines.append(json.dumps({"type": "params", "params": state.params}))
         lines += [json.dumps(e) for e in state.entries]
         tmp = self.journal.with_name(self.journal.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())  # a power loss must not leave an empty journal behind the rename
         os.replace(tmp, self.journal)
+        _fsync_dir(self.root)
 
     def append(self, record: dict) -> None:
         with open(self.journal, "a", encoding="utf-8") as fh:

@@ -102,6 +102,7 @@ def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of
         process = _start(inputs, lost, "--ray-address", cluster.address)
         _wait_for_commits(lost, process, 1)
         cluster.kill_node(doomed)
+        assert (lost / "_journal.jsonl").read_text().count('"commit"') < 10, "the kill came after the work"
         code, output = _finish(process)
         assert code == 0, output[-3000:]
         assert "Traceback" not in output
@@ -168,6 +169,26 @@ def test_our_worker_settings_yield_to_a_jobs_runtime_env(monkeypatch):
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
     merged = _runtime_env()["env_vars"]
     assert "OMP_NUM_THREADS" not in merged and merged["GLOG_minloglevel"] == WORKER_ENV["GLOG_minloglevel"]
+
+
+def test_a_bad_timeout_and_a_shard_that_is_not_on_shared_storage_are_one_line_errors(tmp_path, monkeypatch):
+    from disco.pipeline.config import ConfigError
+    from disco.pipeline.run import _check_shards, _connect_timeout
+
+    monkeypatch.setenv("DISCO_RAY_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="DISCO_RAY_TIMEOUT='soon'"):
+        _connect_timeout()
+    monkeypatch.setenv("DISCO_RAY_TIMEOUT", "2.5")
+    assert _connect_timeout() == 2.5
+    # A commit record from an actor whose shard landed on another node's disk.
+    store = OutputStore(tmp_path / "out")
+    store.prepare()
+    entry = {"shards": [{"path": "triplets/part-x-00000.parquet", "rows": 3, "bytes": 1234}]}
+    with pytest.raises(ConfigError, match="is missing here: .* storage every node sees"):
+        _check_shards(store, entry)
+    (store.triplets / "part-x-00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ConfigError, match="holds 4 bytes, not the 1234 written"):
+        _check_shards(store, entry)
 
 
 def test_the_private_local_instance_listens_on_loopback_only(ray_local):

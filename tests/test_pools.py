@@ -23,16 +23,30 @@ def _units(count: int, frames: int = 32) -> list[dict]:
 
 
 def _fits(nodes: list[dict], pools) -> bool:
-    """Place the actors greedily, node by node, as Ray would: every one finds a node."""
-    free = [dict(n) for n in nodes]
+    """Place the actors greedily, as Ray does: CPUs per node, GPUs device by device (a share below
+    1 inside one GPU, whole GPUs otherwise). Every actor must find a place."""
+    free = [{"CPU": n["CPU"], "GPU": [1.0] * int(n["GPU"])} for n in nodes]
+
+    def place(node: dict, cpus: float, gpus: float) -> bool:
+        if node["CPU"] < cpus - 1e-9:
+            return False
+        if 0 < gpus < 1:
+            device = next((i for i, f in enumerate(node["GPU"]) if f >= gpus - 1e-9), None)
+            if device is None:
+                return False
+            node["GPU"][device] -= gpus
+        elif gpus >= 1:
+            whole = [i for i, f in enumerate(node["GPU"]) if f >= 1 - 1e-9][:int(gpus)]
+            if len(whole) < gpus:
+                return False
+            for i in whole:
+                node["GPU"][i] = 0.0
+        node["CPU"] -= cpus
+        return True
+
     for pool in pools:
         for _ in range(pool.actors):
-            for node in free:
-                if node["CPU"] >= pool.cpus - 1e-9 and node["GPU"] >= pool.gpus - 1e-9:
-                    node["CPU"] -= pool.cpus
-                    node["GPU"] -= pool.gpus
-                    break
-            else:
+            if not any(place(node, pool.cpus, pool.gpus) for node in free):
                 return False
     return True
 
@@ -79,6 +93,32 @@ def test_shares_that_fit_no_node_are_a_clear_error(tmp_path):
         plan_pools(_cfg(tmp_path, matting_gpus=1.0, pose_gpus=0.5), nodes, _units(10))
     with pytest.raises(ConfigError, match="--actors"):
         plan_pools(_cfg(tmp_path), [{"CPU": 8.0, "GPU": 0.0}], _units(10))
+
+
+def test_shares_pack_inside_each_gpu_as_ray_places_them(tmp_path):
+    nodes = [{"CPU": 64.0, "GPU": 8.0}]
+    # 0.4 + 0.4 leaves 0.2 of each GPU: a third 0.4 actor fits in none, so 8 sets, not 10.
+    pools = plan_pools(_cfg(tmp_path, matting_gpus=0.4, pose_gpus=0.4), nodes, _units(1000))
+    assert [p.actors for p in pools] == [8, 8]
+    assert _fits(nodes, pools)
+    # 0.25 + 0.25: two sets per GPU.
+    pools = plan_pools(_cfg(tmp_path, matting_gpus=0.25, pose_gpus=0.25), nodes, _units(1000))
+    assert [p.actors for p in pools] == [16, 16]
+    assert _fits(nodes, pools)
+
+
+def test_few_cpus_cap_the_sets_and_shares_round_down(tmp_path):
+    starved = [{"CPU": 1.0, "GPU": 8.0}]  # (1 - 0.1) CPU / 0.1 per actor: 4 sets, not 8
+    pools = plan_pools(_cfg(tmp_path), starved, _units(1000))
+    assert [p.actors for p in pools] == [4, 4] and _fits(starved, pools)
+    big = [{"CPU": 32.0, "GPU": 0.0}]  # 32 actors of (32 - 0.1) / 32 = 0.996, kept below 1
+    cpu = plan_pools(_cfg(tmp_path, matting="mediapipe", pose="mediapipe", device="cpu"), big, _units(1000))
+    assert cpu[0].actors == 32 and cpu[0].cpus == 0.99 and _fits(big, cpu)
+
+
+def test_a_share_above_one_gpu_must_be_whole(tmp_path):
+    with pytest.raises(ConfigError, match="whole number of GPUs"):
+        _cfg(tmp_path, matting_gpus=1.5).validate()
 
 
 def test_gpu_backends_on_the_cpu_take_no_gpu(tmp_path):

@@ -223,7 +223,8 @@ def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, tmp_
     the new group is killed after checkpoint 4: the restarts are used up, and the run ends with
     one line naming the last checkpoint and the --resume command. (A whole node lost on a
     multi-node cluster: the slow test below.)"""
-    options = dict(num_workers=2, max_steps=12, checkpoint_every=2, log_every=4, keep=10)
+    # 16 steps: the second kill has 12 steps' time to land after checkpoint 4.
+    options = dict(num_workers=2, max_steps=16, checkpoint_every=2, log_every=4, keep=10)
     whole = _config(tmp_path, triplets, "whole", **options)
     train(whole)
     lost = _config(tmp_path, triplets, "lost", max_failures=1, **options)
