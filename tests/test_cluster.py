@@ -130,7 +130,15 @@ def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of
         cli = Path(sys.executable).with_name("disco-cli")
         entrypoint = " ".join([str(cli), "preprocess", "--source", "video", "--input", str(inputs), "--output",
                                str(job_out), *OPTIONS[:-1]])
-        job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
+        deadline = time.time() + 120
+        while True:  # the head's job agent registers with the dashboard a while after start-up
+            try:
+                job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.time() > deadline:
+                    raise
+                time.sleep(2)
         deadline = time.time() + 300
         while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.time() < deadline, "the job did not end in time"

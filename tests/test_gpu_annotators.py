@@ -145,7 +145,7 @@ def test_weights_folder_from_the_environment(weights, monkeypatch):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_gpu_pipeline_runs_as_gpu_actors_and_writes_the_contract(weights, tmp_path):
+def test_gpu_pipeline_runs_as_gpu_actors_and_writes_the_contract(weights, tmp_path, ray_local):
     import ray
 
     assert ray.cluster_resources().get("GPU") == 2  # the session's fake GPUs
@@ -182,7 +182,7 @@ def test_gpu_pipeline_runs_as_gpu_actors_and_writes_the_contract(weights, tmp_pa
     assert 1 <= row["person_count"] <= 6
 
 
-def test_gpu_pools_fill_every_gpu_with_one_matting_and_one_pose_actor(weights, tmp_path):
+def test_gpu_pools_fill_every_gpu_with_one_matting_and_one_pose_actor(weights, tmp_path, ray_local):
     """On the session's instance (2 CPUs, 2 fake GPUs) with half a GPU per model actor: two actors
     of each stage, one of each per GPU, and Ray handed every actor what the plan asked for. (MediaPipe
     matting beside OpenPose keeps the actors cheap to start; the planner treats both stages alike.)"""
