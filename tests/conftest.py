@@ -58,3 +58,18 @@ def triplets(tmp_path_factory, ray_local) -> dict[str, Path]:
                         log=lambda *_: None)
     assert stills.manifest["counts"]["rows_written"] == 2
     return {"video": root / "video", "images": root / "images"}
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(triplets, tmp_path_factory) -> Path:
+    """One uninterrupted run of two Ray Train workers (gloo) that several tests compare against:
+    16 steps, a checkpoint every 2 (all kept), the loss logged every 4. A two-worker run costs
+    most of a minute on two cores whatever its length, so the suite trains it once."""
+    from disco.train.config import TrainConfig
+    from disco.train.launch import train
+    from helpers import TWO_WORKER_RUN
+
+    run = tmp_path_factory.mktemp("two-workers") / "run"
+    train(TrainConfig(**TWO_WORKER_RUN, data=[str(triplets["video"])], output=str(run)))
+    return run
+

@@ -29,3 +29,9 @@ def cli_process(*args: str) -> tuple[list[str], dict[str, str]]:
     its own local Ray instance unless ARGS name ``--ray-address`` (a ``RAY_ADDRESS`` set around
     the tests must not leak in)."""
     return [sys.executable, "-m", "disco.cli", *args], {**os.environ, "RAY_ADDRESS": ""}
+
+
+
+# The options of ``two_worker_run``; a test repeats them (and adds its own) to get the same run.
+TWO_WORKER_RUN = dict(stage="finetune", model="tiny", resolution=64, batch_size=2, num_workers=2, max_steps=16,
+                      checkpoint_every=2, keep=10, log_every=4, sample_every=1000, sample_steps=2, warmup_steps=0)

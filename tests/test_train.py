@@ -32,6 +32,7 @@ from disco.train.data import SampleStream, at_low_priority, build_index, epoch_o
 from disco.train.inputs import model_inputs
 from disco.train.launch import train
 from disco.train.loop import DiffusionObjective, sample_draws
+from disco.train.monitor import read_metrics
 from helpers import cli_process
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -245,7 +246,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_pat
     steps = 5
     options = ["--stage", "finetune", "--data", str(triplets["video"]), "--model", "tiny", "--resolution", str(RES),
                "--batch-size", "2", "--max-steps", str(steps), "--checkpoint-every", "1", "--keep", "2",
-               "--sample-every", "1000", "--log-every", str(steps), "--warmup-steps", "0", "--no-progress"]
+               "--sample-every", "1000", "--sample-steps", "2", "--log-every", str(steps), "--warmup-steps", "0",
+               "--no-progress"]
     whole = tmp_path / "whole"
     runner = CliRunner()
     assert runner.invoke(app, ["train", *options, "--output", str(whole)]).exit_code == 0
@@ -289,7 +291,7 @@ def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_p
     run = tmp_path / "on-cluster"
     command, env = cli_process("train", "--stage", "finetune", "--data", str(triplets["video"]), "--model", "tiny",
                                "--resolution", str(RES), "--batch-size", "2", "--max-steps", "2", "--sample-every",
-                               "1000", "--log-every", "1", "--output", str(run), "--ray-address", address,
+                               "1000", "--sample-steps", "2", "--log-every", "1", "--output", str(run), "--ray-address", address,
                                "--no-progress")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -301,13 +303,15 @@ def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_p
     assert load_run_config(run).ray_address == address
 
 
-def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, tmp_path):
-    # The same data shards (the default for 2 workers: 2), so the same global batches.
-    one = _config(tmp_path, triplets, "one", batch_size=4, data_shards=2)
-    two = _config(tmp_path, triplets, "two", batch_size=2, num_workers=2)
-    assert train(one)["step"] == 2
-    assert train(two) == {"step": 2, "loss": pytest.approx(train_loss(one), rel=1e-4), "skipped_rows": 0, "workers": 2}
-    a, b = _weights(Path(one.output)), _weights(Path(two.output))
+def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, two_worker_run, tmp_path):
+    # The same data shards (the default for 2 workers: 2), so the same global batches, and the
+    # same schedule: the two-worker run's first 4 of its 16 steps.
+    one = _config(tmp_path, triplets, "one", batch_size=4, data_shards=2, max_steps=4, schedule_steps=16, log_every=4)
+    assert train(one)["step"] == 4
+    two = {m["step"]: m for m in read_metrics(two_worker_run)[0]}[4]
+    assert two["loss"] == pytest.approx(train_loss(one), rel=1e-4)
+    assert json.loads((find_checkpoint(two_worker_run, 4) / "state.json").read_text())["world_size"] == 2
+    a, b = _weights(Path(one.output)), _weights(two_worker_run, 4)
     start = initial_model(load_run_config(one.output)).trainable_parameters()
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
     update = torch.sqrt(sum(((a[k] - start[k].detach()) ** 2).sum() for k in a))
@@ -367,7 +371,7 @@ def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
 
 def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: tiny\nresolution: {RES}\nbatch-size: 4\nlr: 5.0e-4\nmax_steps: 2\nsample_every: 1000\n")
+    config.write_text(f"model: tiny\nresolution: {RES}\nbatch-size: 4\nlr: 5.0e-4\nmax_steps: 2\nsample_every: 1000\nsample_steps: 2\n")
     run = tmp_path / "hap"
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--data",

@@ -26,12 +26,12 @@ from disco.train.collectives import CollectiveDeviceError, Collectives, nccl_gua
 from disco.train.config import TrainConfig, load_run_config
 from disco.train.launch import TrainingFailed, train
 from disco.train.monitor import read_metrics
-from helpers import cli_process
+from helpers import TWO_WORKER_RUN, cli_process
 from loopback_cluster import loopback_cluster
 
 RES = 64
 OPTIONS = ["--stage", "finetune", "--model", "tiny", "--resolution", str(RES), "--batch-size", "2",
-           "--sample-every", "1000", "--warmup-steps", "0", "--no-progress"]
+           "--sample-every", "1000", "--sample-steps", "2", "--warmup-steps", "0", "--no-progress"]
 
 
 def _weights(run: Path, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -145,7 +145,7 @@ def test_ctrl_c_stops_ray_train_workers_after_a_checkpoint(triplets, tmp_path):
 
 def _config(tmp_path, triplets, name, **options) -> TrainConfig:
     values = dict(stage="finetune", data=[str(triplets["video"])], output=str(tmp_path / name), model="tiny",
-                  resolution=RES, batch_size=2, max_steps=4, checkpoint_every=2, sample_every=1000, log_every=1,
+                  resolution=RES, batch_size=2, max_steps=4, checkpoint_every=2, sample_every=1000, sample_steps=2, log_every=1,
                   warmup_steps=0)
     values.update(options)
     return TrainConfig(**values)
@@ -215,7 +215,7 @@ def _kill_workers_twice(run: Path, stop: threading.Event, killed: list[int]) -> 
             pass
 
 
-def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, tmp_path):
+def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, two_worker_run, tmp_path):
     """Two Ray Train workers on this session's Ray instance, --max-failures 1. One worker's process
     is killed (SIGKILL) after checkpoint 2: Ray Train starts the worker group again and the loop
     continues from the checkpoint it was last told of, bit for bit (checkpoint 4 and the loss
@@ -224,10 +224,8 @@ def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, tmp_
     one line naming the last checkpoint and the --resume command. (A whole node lost on a
     multi-node cluster: the slow test below.)"""
     # 16 steps: the second kill has 12 steps' time to land after checkpoint 4.
-    options = dict(num_workers=2, max_steps=16, checkpoint_every=2, log_every=4, keep=10)
-    whole = _config(tmp_path, triplets, "whole", **options)
-    train(whole)
-    lost = _config(tmp_path, triplets, "lost", max_failures=1, **options)
+    whole = two_worker_run
+    lost = TrainConfig(**TWO_WORKER_RUN, data=[str(triplets["video"])], output=str(tmp_path / "lost"), max_failures=1)
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_workers_twice, args=(Path(lost.output), stop, killed))
     killer.start()
@@ -238,9 +236,9 @@ def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, tmp_
         stop.set()
         killer.join()
     assert len(killed) == 2
-    assert _same_weights(Path(whole.output), Path(lost.output), 4)
+    assert _same_weights(whole, Path(lost.output), 4)
     logged = {m["step"]: m["loss"] for m in read_metrics(Path(lost.output))[0]}
-    assert logged[4] == {m["step"]: m["loss"] for m in read_metrics(Path(whole.output))[0]}[4]
+    assert logged[4] == {m["step"]: m["loss"] for m in read_metrics(whole)[0]}[4]
     message = str(failed.value)
     last = max(list_checkpoints(Path(lost.output)))
     assert "\n" not in message and "--resume" in message and f"checkpoint-{last:08d}" in message
