@@ -410,6 +410,7 @@ def inspect(
     rows: int = typer.Option(8, min=1, help="Rows to show on the contact sheet."),
 ) -> None:
     """Print the manifest summary, schema and counts of an output folder, and write a contact sheet."""
+    from disco.pipeline.config import ConfigError
     from disco.pipeline.contact_sheet import write_contact_sheet
     from disco.pipeline.manifest import read_manifest
     from disco.pipeline.reader import open_errors, open_triplets
@@ -418,12 +419,15 @@ def inspect(
     if not (output / MANIFEST_FILE).exists():
         _usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
     manifest = read_manifest(output / MANIFEST_FILE)
+    try:  # every shard's footer is checked here, before anything is printed
+        triplets, errors = open_triplets(output), open_errors(output)
+    except ConfigError as exc:
+        _usage_error(str(exc))
     out = Console()
     out.print(f"[bold]{output}[/bold]  written by: {manifest['command']}")
     backends = manifest["backends"]
     out.print(f"backends: matting={backends['matting']['name']} pose={backends['pose']['name']} ({backends['reason']})")
     _print_summary(manifest)
-    triplets, errors = open_triplets(output), open_errors(output)
     schema = Table(title="triplet schema")
     schema.add_column("column")
     schema.add_column("type")
@@ -441,7 +445,11 @@ def inspect(
         by_type = errors.to_table(columns=["error_type"]).column("error_type").value_counts().to_pylist()
         out.print("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type))
     target = sheet or output / "contact_sheet.png"
-    shown = write_contact_sheet(triplets, target, rows)
+    try:
+        shown = write_contact_sheet(triplets, target, rows)
+    except (OSError, ValueError) as exc:  # pyarrow's errors on damaged pages are both
+        _usage_error(f"a shard of {output} cannot be read ({str(exc).strip().splitlines()[0][:200]}); "
+                     "the shards are damaged: write the output again with `disco-cli preprocess ... --overwrite`")
     out.print(f"contact sheet ({shown} rows): {target.resolve()}")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from disco.generate.conditions import square
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.decode import decode_video_frames, load_image, probe_video, resample_indices
+from disco.pipeline.decode import decode_video_frames, load_image, probe_video
 from disco.pipeline.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.render import render_pose
@@ -95,7 +95,7 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
         info = probe_video(path)
     except InputError as exc:
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
-    indices = resample_indices(info.num_frames, info.fps, fps or info.fps)
+    indices = info.resample(fps or info.fps)
     own = annotator is None
     annotator = annotator or make_annotator(with_pose=True)
     analysed = max(side, MIN_ANNOTATE_SIDE)

@@ -56,6 +56,16 @@ class GenerateConfig:
             raise GenerateInputError("--fps must be positive")
         if self.max_frames is not None and self.max_frames < 1:
             raise GenerateInputError("--max-frames must be at least 1")
+        if self.size is not None and self.size < 1:
+            raise GenerateInputError(f"--size must be a positive number of pixels, not {self.size}")
+        if self.guidance_scale < 0:
+            raise GenerateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
+        # Every input is checked here, before a model is loaded (seconds to minutes).
+        for what, path in (("--checkpoint", self.checkpoint), ("--reference: reference picture", self.reference),
+                           ("--pose: pose video or folder", self.pose),
+                           ("--background: background picture", self.background)):
+            if path is not None and not path.exists():
+                raise GenerateInputError(f"{what} {path} does not exist")
         return self
 
 

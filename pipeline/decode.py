@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -82,26 +84,36 @@ def _decode_still(source, suffix: str, max_side: int, min_side: int, max_pixels:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(source)
+        with im:
+            width, height = im.size
+            check_size(width, height, min_side, max_pixels)
+            # JPEG can decode at a reduced scale directly, which is much cheaper for huge photos.
+            im.draft("RGB", (max_side, max_side))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = Image.fromarray(to_rgb(im))
     except UnidentifiedImageError:
         raise InputError("decode", "not_an_image", f"not a readable image (suffix {suffix!r})") from None
     except Image.DecompressionBombError as exc:
         raise InputError("decode", "image_too_large", str(exc)) from None
-    with im:
-        width, height = im.size
-        check_size(width, height, min_side, max_pixels)
-        # JPEG can decode at a reduced scale directly, which is much cheaper for huge photos.
-        im.draft("RGB", (max_side, max_side))
-        try:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = Image.fromarray(to_rgb(im))
-        except (OSError, SyntaxError, ValueError) as exc:
-            kind = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
-            raise InputError("decode", kind, f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's (missing, unreadable...): the caller maps it
+            raise
+        raise _damaged_image(exc) from None
+    except (SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        if "Decompressed data too large" in str(exc):
+            raise InputError("decode", "decompression_bomb", f"{exc} (a compressed chunk expands past Pillow's "
+                             "limit)") from None
+        raise _damaged_image(exc) from None
     size = target_size(rgb.width, rgb.height, max_side)
     if size != rgb.size:
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
     return np.asarray(rgb)
+
+
+def _damaged_image(exc: BaseException) -> InputError:
+    kind = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
+    return InputError("decode", kind, f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -110,15 +122,44 @@ class VideoInfo:
     fps: float
     width: int
     height: int
+    # Presentation time (s) of every frame, from the container's timestamps: a variable-frame-rate
+    # clip (phones write them) is resampled by time, not by frame number.
+    times: tuple[float, ...] = ()
+
+    def resample(self, target_fps: float) -> list[int]:
+        """Source frames for output frames evenly spaced in time (``resample_times``)."""
+        if len(self.times) == self.num_frames:
+            return resample_times(self.times, target_fps)
+        return resample_indices(self.num_frames, self.fps, target_fps)
 
 
 def _open_video(path: Path, **kwargs):
     import decord
 
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **kwargs)
+        with _utf8_name(path) as name:
+            return decord.VideoReader(name, ctx=decord.cpu(0), num_threads=1, **kwargs)
     except (decord.DECORDError, RuntimeError) as exc:
-        raise InputError("decode", "corrupt_video", f"cannot open the video: {str(exc).splitlines()[0]}") from None
+        text = str(exc)
+        if "cannot find video stream" in text:  # FFmpeg found streams, none of them video
+            raise InputError("decode", "no_video_stream", "the file holds no video stream (audio only?)") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise InputError("decode", "corrupt_video", f"cannot open the video: {first}") from None
+
+
+@contextlib.contextmanager
+def _utf8_name(path: Path):
+    """A name decord (a C library taking UTF-8) can open: the path itself, or where the name is not
+    valid UTF-8, a temporary symbolic link to it (the opened file outlives the link)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="disco-video-") as folder:
+            link = os.path.join(folder, "video" + "".join(c for c in Path(path).suffix if c.isascii()))
+            os.symlink(os.path.abspath(path), link)
+            yield link
+        return
+    yield str(path)
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -135,13 +176,37 @@ def probe_video(path: str | Path) -> VideoInfo:
         height, width = reader[0].shape[:2]
     except Exception as exc:  # decord raises a bare DECORDError subclass of RuntimeError
         raise InputError("decode", "corrupt_video", f"cannot decode the first frame: {exc}") from None
-    return VideoInfo(num_frames=num_frames, fps=fps, width=int(width), height=int(height))
+    try:  # read from the container's index: nothing is decoded
+        times = tuple(float(t) for t in reader.get_frame_timestamp(list(range(num_frames)))[:, 0])
+    except Exception:  # noqa: BLE001 - without timestamps, frame numbers at the average rate
+        times = ()
+    return VideoInfo(num_frames=num_frames, fps=fps, width=int(width), height=int(height), times=times)
+
+
+def resample_times(times, target_fps: float) -> list[int]:
+    """Source frames (indices into ``times``, their presentation times in s) for output frames
+    evenly spaced in time at ``min(target_fps, the source's average rate)``: output frame k sits
+    at ``times[0] + k / fps_out`` and takes the source frame nearest in time (ties to the later).
+    A clip whose frames come 33 ms and then 200 ms apart keeps its motion's speed: where the
+    source has no frame for a while, its last frame is taken again, as a player shows it."""
+    t = np.asarray(times, np.float64)
+    n = len(t)
+    if n < 2 or not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
+        return list(range(n))  # no usable time line: every frame, in order
+    duration = t[-1] - t[0]
+    fps_out = min(target_fps, (n - 1) / duration)
+    grid = t[0] + np.arange(math.floor(duration * fps_out + 1e-9) + 1) / fps_out
+    right = np.clip(np.searchsorted(t, grid), 1, n - 1)
+    left = right - 1
+    nearest = np.where(grid - t[left] < t[right] - grid - 1e-9, left, right)  # a tie within float error: later
+    return [int(i) for i in nearest]
 
 
 def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> list[int]:
     """Source frame indices for output frames at ``target_fps``; a slower source is never up-sampled.
 
-    Output frame k sits at time k / fps_out and takes the nearest source frame.
+    Output frame k sits at time k / fps_out and takes the nearest source frame (frame folders,
+    whose rate the data set states; videos go by their timestamps, ``resample_times``).
     """
     if num_frames <= 0:
         return []

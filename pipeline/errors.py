@@ -1,6 +1,16 @@
-"""The error an input raises when it cannot become triplets; it becomes an ``errors`` row."""
+"""The error an input raises when it cannot become triplets; it becomes an ``errors`` row.
+
+Every unit of work (a listed entry, a decoded file, an annotated frame, an encoded row) runs
+inside one boundary, ``input_error``, that turns *any* exception it raises into an ``InputError``:
+the known kinds get a specific ``error_type`` that users can group by, anything else a generic
+``unexpected_<ExceptionClass>``, so one input never stops a run. Only problems with the run itself
+(its output folder, its options) stop it, as a ``ConfigError``.
+"""
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class InputError(Exception):
@@ -15,3 +25,56 @@ class InputError(Exception):
         self.stage = stage
         self.error_type = error_type
         self.message = message
+
+
+# OSError numbers that say something about the input (not about the run's output).
+_OS_ERRORS = {
+    errno.ENOENT: "missing_file",
+    errno.EACCES: "permission_denied",
+    errno.EPERM: "permission_denied",
+    errno.ELOOP: "symlink_loop",
+    errno.EISDIR: "not_a_file",
+    errno.ENAMETOOLONG: "name_too_long",
+    errno.EIO: "read_error",
+}
+
+
+def error_type_of(exc: BaseException) -> str:
+    """The ``error_type`` of an exception an input raised."""
+    if isinstance(exc, InputError):
+        return exc.error_type
+    from PIL import Image
+
+    if isinstance(exc, Image.DecompressionBombError):
+        return "image_too_large"
+    if isinstance(exc, ValueError) and "Decompressed data too large" in str(exc):
+        return "decompression_bomb"  # a PNG text chunk that expands past Pillow's limit
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
+        return _OS_ERRORS[exc.errno]
+    if isinstance(exc, UnicodeError):
+        return "bad_encoding"
+    if isinstance(exc, MemoryError):
+        return "out_of_memory"
+    if isinstance(exc, RecursionError):
+        return "too_deeply_nested"
+    return f"unexpected_{type(exc).__name__}"
+
+
+def input_error(stage: str, exc: BaseException) -> InputError:
+    """Any exception raised for one input, as the ``InputError`` of its errors row."""
+    if isinstance(exc, InputError):
+        return exc
+    text = str(exc).splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.strerror or text}: {display_path(exc.filename)}"
+    return InputError(stage, error_type_of(exc), f"{type(exc).__name__}: {text}"[:500])
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """A path as text that any UTF-8 consumer (Arrow, JSON, a terminal) takes: a name that is not
+    valid UTF-8 keeps its bytes, escaped as ``\\xNN`` (the form ``os.fsencode`` gives)."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace")

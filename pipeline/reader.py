@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from disco.pipeline.config import ConfigError
 
 from disco.pipeline.schema import (
     ERROR_SCHEMA,
@@ -29,8 +33,34 @@ def shard_files(output: str | Path, folder: str) -> list[Path]:
     return sorted(path.glob("*.parquet")) if path.exists() else []
 
 
+class DamagedShard(ConfigError):
+    """A shard of an output folder cannot be read as what it should hold."""
+
+
+def damaged(path: str | Path, exc: BaseException) -> DamagedShard:
+    """The one-line error for a shard that failed to read: the file and what is wrong."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DamagedShard(f"{path} is damaged ({reason[:200]}); remove it (its rows are lost) or write the "
+                        "output again with `disco-cli preprocess ... --overwrite`")
+
+
+def check_shard(path: str | Path, schema: pa.Schema) -> None:
+    """Read the shard's footer and compare its columns with ``schema``: a cut or overwritten file,
+    or a file of another table, is refused here with one line, not deep inside a reader."""
+    try:
+        found = pq.read_schema(path)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise damaged(path, exc) from None
+    missing = [f.name for f in schema if f.name not in found.names]
+    if missing:
+        raise DamagedShard(f"{path} is not a shard of this table: it lacks {', '.join(missing[:5])}")
+
+
 def _open(output: str | Path, folder: str, schema) -> pads.Dataset:
-    return pads.dataset([str(p) for p in shard_files(output, folder)], schema=schema, format="parquet")
+    files = shard_files(output, folder)
+    for path in files:
+        check_shard(path, schema)
+    return pads.dataset([str(p) for p in files], schema=schema, format="parquet")
 
 
 def open_triplets(output: str | Path) -> pads.Dataset:

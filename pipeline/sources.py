@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+
+from disco.pipeline.errors import display_path, error_type_of
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"})
 # Media we recognise but cannot decode: listed as errors so the user sees them, not dropped silently.
 UNSUPPORTED_SUFFIXES = {
     "images": frozenset({".heic", ".heif", ".svg", ".cr2", ".nef", ".arw", ".dng", ".raf", ".orf", ".jxl", ".psd"}),
-    "video": frozenset({".swf", ".rm", ".rmvb", ".vob"}),
+    "video": frozenset({".swf", ".rm", ".rmvb", ".vob", ".gif"}),
+}
+# What to do instead, where there is something.
+UNSUPPORTED_HINTS = {
+    ".gif": "; an animated GIF is not read as a video: convert it (ffmpeg -i in.gif out.mp4), or use --source "
+            "images to take its first frame as a still",
 }
 KIND = {"images": "image", "video": "video"}
 
 
 @dataclass
 class InputItem:
-    input_path: str  # relative to --input, POSIX separators
-    abs_path: str
+    input_path: str  # relative to --input, POSIX separators (``display_path``: always valid UTF-8)
+    abs_path: str  # as text (``display_path``); open the file with ``local_path(item)``
     source: str
     clip_id: str
     kind: str  # image | video
@@ -29,6 +38,9 @@ class InputItem:
     error_message: str | None = None
     # JSON with what a data set kind needs to plan and decode (a frame folder's file names...).
     extra: str = ""
+    # The exact path as bytes where its name is not valid UTF-8 (``abs_path`` then shows it
+    # escaped); empty otherwise.
+    raw_path: bytes = b""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +52,35 @@ class Listing:
     ignored: int  # files that are not media of this source (sidecars, notes...)
     filtered: dict = field(default_factory=dict)  # inputs left out on purpose at listing, by reason
     dataset: dict | None = None  # the data set manifest's summary, for the output manifest
+
+
+def local_path(item: dict) -> str:
+    """The path to open for a listed item (or a unit planned from one)."""
+    return os.fsdecode(item["raw_path"]) if item.get("raw_path") else item["abs_path"]
+
+
+def path_fields(path: str) -> dict:
+    """``abs_path`` and ``raw_path`` of an ``InputItem`` for a file at ``path`` (made absolute,
+    symlinks kept: the listing never resolves a link, so a link loop cannot stop it)."""
+    full = os.path.abspath(path)
+    text = display_path(full)
+    return {"abs_path": text, "raw_path": b"" if text == full else os.fsencode(full)}
+
+
+def file_problem(path: str) -> tuple[str, str] | None:
+    """(error_type, message) for a listed name that cannot be read as a file: a dangling symbolic
+    link, a link loop, a FIFO or device (opening one could block the run forever)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if not os.path.islink(path):
+            return error_type_of(exc), exc.strerror or str(exc)
+        if exc.errno == errno.ENOENT:
+            return error_type_of(exc), "a symbolic link to a missing file"
+        return error_type_of(exc), f"a symbolic link that cannot be followed ({exc.strerror})"
+    if not stat.S_ISREG(info.st_mode):
+        return "not_a_regular_file", "not a regular file (a FIFO, socket or device); it was not opened"
+    return None
 
 
 def _walk(root: Path):
@@ -62,11 +103,12 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
     ignored = 0
     for path in _walk(root):
         suffix = path.suffix.lower()
-        rel = path.relative_to(base).as_posix()
+        rel = display_path(path.relative_to(base).as_posix())
         if suffix in supported:
-            found.append((rel, path, None))
+            found.append((rel, path, file_problem(str(path))))
         elif suffix in unsupported:
-            found.append((rel, path, f"{suffix} files are not supported by the {source} source"))
+            found.append((rel, path, ("unsupported_format", f"{suffix} files are not supported by the {source} "
+                                                            f"source{UNSUPPORTED_HINTS.get(suffix, '')}")))
         else:
             ignored += 1
     # clip_id is the path without its suffix; where two files differ only by suffix, keep it.
@@ -77,13 +119,13 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
         items.append(
             InputItem(
                 input_path=rel,
-                abs_path=str(path.resolve()),
+                **path_fields(str(path)),
                 source=source,
                 clip_id=stem if stems[stem] == 1 else rel,
                 kind=KIND[source],
                 split=split,
-                error_type="unsupported_format" if problem else None,
-                error_message=problem,
+                error_type=problem[0] if problem else None,
+                error_message=problem[1] if problem else None,
             )
         )
     return Listing(items=items, ignored=ignored)

@@ -22,20 +22,25 @@ from disco.pipeline.decode import (
     decode_video_frames,
     load_image,
     probe_video,
-    resample_indices,
     target_size,
 )
 from disco.pipeline.annotators import Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.encode import build_row
-from disco.pipeline.errors import InputError
+from disco.pipeline.errors import InputError, input_error
 from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.schema import COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, TRIPLET_SCHEMA, sample_id
+from disco.pipeline.sources import local_path
 from disco.pipeline.writer import OutputStore, ShardWriter
 
 
 def _error(stage: str, error_type: str, message: str, input_path: str, sid: str | None = None) -> dict:
     return {"input_path": input_path, "sample_id": sid, "stage": stage, "error_type": error_type, "message": message}
+
+
+def failed_unit(unit: dict, exc: InputError) -> dict:
+    """A unit that carries the error of its input instead of work."""
+    return {**unit, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}
 
 
 def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | None = None) -> list[dict]:
@@ -50,11 +55,11 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
     if item["kind"] in dataset_units.KINDS:
         return dataset_units.plan_units(base, settings, set((done_units or {}).get(item["input_path"], ())))
     try:
-        info = probe_video(item["abs_path"])
+        info = probe_video(local_path(item))
         check_size(info.width, info.height, settings["min_side"], settings["max_pixels"])
-    except InputError as exc:
-        return [{**base, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}]
-    indices = resample_indices(info.num_frames, info.fps, settings["fps"])
+    except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
+        return [failed_unit(base, input_error("decode", exc))]
+    indices = info.resample(settings["fps"])
     width, height = target_size(info.width, info.height, settings["max_side"])
     step = settings["segment_frames"]
     count = (len(indices) + step - 1) // step
@@ -79,15 +84,16 @@ def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
     errors: list[dict] = []
     try:
         if unit["kind"] == "image":
-            image = load_image(unit["abs_path"], settings["max_side"], settings["min_side"], settings["max_pixels"])
+            image = load_image(local_path(unit), settings["max_side"], settings["min_side"], settings["max_pixels"])
             return [(0, None, image, unit)], errors
         if unit["kind"] in dataset_units.KINDS:
             return dataset_units.decode_unit(unit, settings, errors, _error), errors
         decoded, times = decode_video_frames(
-            unit["abs_path"], list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
+            local_path(unit), list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
         )
         return [(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))], errors
-    except InputError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
+        exc = input_error("decode", exc)
         return [], errors + [_error(exc.stage, exc.error_type, exc.message, path)]
 
 
@@ -149,11 +155,30 @@ def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, fra
                           image_format=settings["image_format"], jpeg_quality=settings["jpeg_quality"],
                           pose_style=settings["pose_style"], with_pose=settings["pose"] != "none")
             )
-        except InputError as exc:
+        except Exception as exc:  # noqa: BLE001 - one row that cannot be encoded costs that row only
+            exc = input_error("encode", exc)
             errors.append(_error(exc.stage, exc.error_type, exc.message, path, sid))
     record = {"input_path": path, "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
               "frames": frames, "rows": len(rows), "skipped": dict(skipped), "errors": len(errors)}
     return UnitResult(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), record, errors, rejects)
+
+
+def failed_result(unit: dict, stage: str, exc: BaseException) -> UnitResult:
+    """The result of a unit whose work raised: no rows, one errors row naming what went wrong."""
+    error = input_error(stage, exc)
+    errors = [_error(error.stage, error.error_type, error.message, unit["input_path"])]
+    record = {"input_path": unit["input_path"], "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
+              "frames": 0, "rows": 0, "skipped": {}, "errors": 1}
+    return UnitResult(TRIPLET_SCHEMA.empty_table(), record, errors, [])
+
+
+def guarded(unit: dict, stage: str, work) -> UnitResult:
+    """``work()`` for one unit; whatever it raises becomes that unit's errors row (the boundary
+    that keeps one input from stopping a run)."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - see above
+        return failed_result(unit, stage, exc)
 
 
 def process_unit(unit: dict, annotator, settings: dict) -> UnitResult:
@@ -267,7 +292,7 @@ class AnnotateStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for unit in batch.to_pylist():
-            self.out.add(process_unit(unit, self.annotator, self.settings))
+            self.out.add(guarded(unit, "annotate", lambda: process_unit(unit, self.annotator, self.settings)))
         return self.out.commits()
 
 
@@ -282,12 +307,19 @@ class MattingStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         packed = []
         for unit in batch.to_pylist():
-            frames, errors = decode_unit(unit, self.settings)
-            skipped: Counter = Counter()
-            rejects: list[dict] = []
-            kept = matte_unit(unit, frames, self.annotator, self.settings, errors, skipped, rejects)
-            packed.append(pack_unit(unit, len(frames), kept, errors, skipped, rejects, self.resources))
+            try:
+                packed.append(self._matte(unit))
+            except Exception as exc:  # noqa: BLE001 - the unit's errors row; the others go on
+                failed = failed_result(unit, "matting", exc)
+                packed.append(pack_unit(unit, 0, [], failed.errors, Counter(), [], self.resources))
         return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
+
+    def _matte(self, unit: dict) -> dict:
+        frames, errors = decode_unit(unit, self.settings)
+        skipped: Counter = Counter()
+        rejects: list[dict] = []
+        kept = matte_unit(unit, frames, self.annotator, self.settings, errors, skipped, rejects)
+        return pack_unit(unit, len(frames), kept, errors, skipped, rejects, self.resources)
 
 
 class PoseStage:
@@ -305,6 +337,7 @@ class PoseStage:
             for stage, held in resources.items():
                 if {"stage": stage, **held} not in upstream:
                     upstream.append({"stage": stage, **held})
-            self.out.add(finish_unit(unit, kept, self.annotator, self.settings, frames=frames, errors=errors,
-                                     skipped=skipped, rejects=rejects))
+            self.out.add(guarded(unit, "pose", lambda: finish_unit(
+                unit, kept, self.annotator, self.settings, frames=frames, errors=errors, skipped=skipped,
+                rejects=rejects)))
         return self.out.commits(upstream)

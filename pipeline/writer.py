@@ -8,6 +8,7 @@ a run killed between the two steps; recovery deletes it, and its units are simpl
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -41,6 +42,28 @@ LOCK_FILE = ".lock"
 
 class OutputBusy(ConfigError):
     """Another run holds the output folder's lock."""
+
+
+class OutputUnwritable(ConfigError):
+    """The output folder cannot take the run's files (read-only, no permission, disk full)."""
+
+
+# OSError numbers that mean the output folder cannot be written, wherever they were raised.
+_UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_DENIED = {errno.EACCES, errno.EPERM}
+
+
+def _causes(exc: BaseException):
+    """An exception and those it wraps: ``__cause__``/``__context__`` and Ray's ``cause``."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,8 +134,11 @@ class OutputStore:
         """Hold the output folder for one run: a second run on the same folder is refused instead
         of interleaving its shards with ours. An ``flock`` dies with its process, so a killed run
         leaves no stale lock behind; the file only says who holds it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self.unwritable(exc) or exc from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -124,8 +150,32 @@ class OutputStore:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
             yield self
+        except Exception as exc:
+            # A write that failed anywhere (here or in an actor) because of the folder: one line.
+            problem = self.unwritable(exc)
+            if problem is None:
+                raise
+            raise problem from None
         finally:
             os.close(fd)  # releases the lock
+
+    def unwritable(self, exc: BaseException) -> OutputUnwritable | None:
+        """The run-stopping error for an exception that says the output folder cannot be written
+        (disk full, read-only, permission denied on a path inside it), else None."""
+        root = os.path.abspath(self.root)
+        for cause in _causes(exc):
+            if not isinstance(cause, OSError) or isinstance(cause, ConfigError):
+                continue
+            ours = False
+            if cause.filename is not None:  # a path in the folder, or one of the folders above it
+                failed = os.path.abspath(os.fsdecode(cause.filename))
+                ours = os.path.commonpath([failed, root]) in (failed, root)
+            if cause.errno in _UNWRITABLE or (cause.errno in _DENIED and ours):
+                return OutputUnwritable(
+                    f"cannot write to the output folder {self.root}: {cause.strerror or cause}; what was "
+                    "committed stays: make room or fix its permissions, then re-run the same command to "
+                    "finish the rest")
+        return None
 
     def clear(self) -> None:
         """--overwrite: remove what this tool wrote, and nothing else of the user's."""

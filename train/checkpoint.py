@@ -32,6 +32,27 @@ STATE_FILE = "state.json"
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 
 
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint file is missing, cut short, or not what its name says."""
+
+
+def _read(path: Path, read):
+    """``read()`` of one checkpoint file; any failure is one line naming the file. Nothing is
+    unpickled beyond tensors and plain values (``weights_only``), so a refusal is final."""
+    import pickle
+
+    try:
+        return read()
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path} is missing; the checkpoint is incomplete") from None
+    except pickle.UnpicklingError:
+        raise DamagedCheckpoint(f"{path} holds objects other than tensors and plain values; it was not "
+                                "loaded (a checkpoint of this tool never does)") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch and json raise many kinds
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DamagedCheckpoint(f"{path} is damaged or not a checkpoint file ({reason})") from None
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
 
@@ -134,10 +155,10 @@ def _load_trainable_file(model: DisCoModel, path: Path) -> None:
     tensor of the file is held."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as weights:
+    with _read(path, lambda: safe_open(str(path), framework="pt", device="cpu")) as weights:
         _check_trainable(model, weights.keys(), path)
         for name in weights.keys():
-            _put(model, name, weights.get_tensor(name))
+            _put(model, name, _read(path, lambda name=name: weights.get_tensor(name)))
 
 
 def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> DisCoModel:
@@ -189,10 +210,11 @@ def save_checkpoint(run: str | Path, step: int, model: DisCoModel, training_stat
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict[str, torch.Tensor] | None]:
     """Trainable weights, training state (tensors and plain values only), ``state.json``, EMA weights."""
-    weights = load_file(str(path / WEIGHTS_FILE))
-    training_state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
-    state = json.loads((path / STATE_FILE).read_text())
-    ema = load_file(str(path / EMA_FILE)) if (path / EMA_FILE).exists() else None
+    weights = _read(path / WEIGHTS_FILE, lambda: load_file(str(path / WEIGHTS_FILE)))
+    training_state = _read(path / TRAINING_STATE_FILE,
+                           lambda: torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=True))
+    state = _read(path / STATE_FILE, lambda: json.loads((path / STATE_FILE).read_text()))
+    ema = _read(path / EMA_FILE, lambda: load_file(str(path / EMA_FILE))) if (path / EMA_FILE).exists() else None
     return weights, training_state, state, ema
 
 

@@ -228,63 +228,66 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             _report_checkpoint(path, rank, {"step": step})
         saved_step = step
 
-    interrupted = False
-    while step < cfg.max_steps:
-        if collectives.any((run / STOP_FILE).exists()):
-            interrupted = True
-            break
-        for micro in range(cfg.grad_accum):
-            started = time.perf_counter()
-            batch = stream.next_batch()
-            waited += time.perf_counter() - started
-            if rank == 0 and preview is None:
-                preview = {k: v[:cfg.sample_count].clone() for k, v in batch.items()}
-            inputs = model_inputs(batch, device)
-            draws = sample_draws(batch["position"], cfg.seed, latent_shape, timesteps, device)
-            last_micro = micro == cfg.grad_accum - 1
-            sync = objective.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-            with sync:
-                with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                    loss = objective(**inputs, **draws)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            # Accumulated on the device: no host synchronisation per micro-batch.
-            loss_sum += loss.detach().double() / cfg.grad_accum
-        if cfg.max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ema is not None:
-            ema.step(params)
-        step += 1
-        window_steps += 1
+    # Whatever stops the loop (an error included: no decodable row, a lost peer), the stream's
+    # prefetch threads and the TensorBoard writer are stopped, so the process can exit.
+    try:
+        interrupted = False
+        while step < cfg.max_steps:
+            if collectives.any((run / STOP_FILE).exists()):
+                interrupted = True
+                break
+            for micro in range(cfg.grad_accum):
+                started = time.perf_counter()
+                batch = stream.next_batch()
+                waited += time.perf_counter() - started
+                if rank == 0 and preview is None:
+                    preview = {k: v[:cfg.sample_count].clone() for k, v in batch.items()}
+                inputs = model_inputs(batch, device)
+                draws = sample_draws(batch["position"], cfg.seed, latent_shape, timesteps, device)
+                last_micro = micro == cfg.grad_accum - 1
+                sync = objective.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                        loss = objective(**inputs, **draws)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                # Accumulated on the device: no host synchronisation per micro-batch.
+                loss_sum += loss.detach().double() / cfg.grad_accum
+            if cfg.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.step(params)
+            step += 1
+            window_steps += 1
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            last_loss = float(collectives.mean(loss_sum / window_steps))
-            skipped = skipped_before + int(sum(collectives.gather(stream.skipped)))
-            if monitor is not None:
-                monitor.log(step, {
-                    "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": window_steps * cfg.batch_size * cfg.grad_accum * world / elapsed,
-                    "steps_per_s": window_steps / elapsed, "data_wait_fraction": waited / elapsed,
-                    "skipped_rows": skipped,
-                })
-            window_start, waited, window_steps = time.perf_counter(), 0.0, 0
-            loss_sum.zero_()
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            checkpoint_now()
-        if monitor is not None and preview is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            write_sample_grid(model, preview, cfg, step, monitor, device, precision)
-
-    if interrupted and saved_step != step:
-        checkpoint_now()  # Ctrl-C: keep every finished step
-    stream.close()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                last_loss = float(collectives.mean(loss_sum / window_steps))
+                skipped = skipped_before + int(sum(collectives.gather(stream.skipped)))
+                if monitor is not None:
+                    monitor.log(step, {
+                        "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": window_steps * cfg.batch_size * cfg.grad_accum * world / elapsed,
+                        "steps_per_s": window_steps / elapsed, "data_wait_fraction": waited / elapsed,
+                        "skipped_rows": skipped,
+                    })
+                window_start, waited, window_steps = time.perf_counter(), 0.0, 0
+                loss_sum.zero_()
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                checkpoint_now()
+            if monitor is not None and preview is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                write_sample_grid(model, preview, cfg, step, monitor, device, precision)
+        if interrupted and saved_step != step:
+            checkpoint_now()  # Ctrl-C: keep every finished step
+    finally:
+        stream.close()
+        if monitor is not None:
+            monitor.close()
     skipped = skipped_before + int(sum(collectives.gather(stream.skipped)))
-    if monitor is not None:
-        monitor.close()
     summary = {"step": step, "loss": last_loss, "skipped_rows": skipped, "workers": world}
     if interrupted:
         summary["interrupted"] = True

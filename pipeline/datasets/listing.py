@@ -13,7 +13,15 @@ from disco.pipeline.config import ConfigError
 from disco.pipeline.datasets.coco import person_counts
 from disco.pipeline.datasets.walk import Match, iter_matches
 from disco.pipeline.manifest_yaml import DatasetManifest, Layout
-from disco.pipeline.sources import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, VIDEO_SUFFIXES, InputItem, Listing
+from disco.pipeline.errors import display_path
+from disco.pipeline.sources import (
+    IMAGE_SUFFIXES,
+    UNSUPPORTED_SUFFIXES,
+    VIDEO_SUFFIXES,
+    InputItem,
+    Listing,
+    path_fields,
+)
 
 DEFAULT_SUFFIXES = {
     "images": IMAGE_SUFFIXES, "video": VIDEO_SUFFIXES, "frames": IMAGE_SUFFIXES,
@@ -84,9 +92,10 @@ class _Lister:
     def item(self, layout: Layout, rel: str, clip: str, kind: str, extra: dict | None = None,
              error: tuple[str, str] | None = None, abs_path: str | None = None) -> InputItem:
         self.by_layout[layout.name] += 1
+        # Names that are not valid UTF-8 are shown escaped; raw_path keeps the bytes to open.
         return InputItem(
-            input_path=rel, abs_path=abs_path or f"{self.base_abs}/{rel}", source=self.source,
-            clip_id=clip, kind=kind, split=self.split(clip, layout),
+            input_path=display_path(rel), **path_fields(abs_path or f"{self.base_abs}/{rel}"), source=self.source,
+            clip_id=display_path(clip), kind=kind, split=self.split(clip, layout),
             error_type=error[0] if error else None, error_message=error[1] if error else None,
             extra=json.dumps(extra) if extra else "",
         )

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from disco.pipeline.datasets import webdataset
 from disco.pipeline.decode import decode_image_bytes, load_image, resample_indices
-from disco.pipeline.errors import InputError
+from disco.pipeline.errors import InputError, input_error
 from disco.pipeline.schema import sample_id
+from disco.pipeline.sources import local_path
 
 KINDS = ("frames", "tar")
 
@@ -25,10 +26,11 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
             chunks = [indices[k:k + step] for k in range(0, len(indices), step)]
             payloads = [{"frames": [names[i] for i in chunk], "fps": extra["fps"]} for chunk in chunks]
         else:
-            total = webdataset.count_entries(base["abs_path"])
+            total = webdataset.count_entries(local_path(base))
             chunks = [list(range(k, min(total, k + step))) for k in range(0, total, step)]
             payloads = [{"start": c[0], "stop": c[-1] + 1} for c in chunks]
-    except InputError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
+        exc = input_error("list", exc)
         return [{**base, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}]
     if not chunks:
         error = (("no_frames", "the folder holds no frames") if base["kind"] == "frames"
@@ -56,19 +58,23 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tu
     extra = json.loads(unit["extra"])
     out = []
     if unit["kind"] == "frames":
-        folder = Path(unit["abs_path"])
+        folder = Path(local_path(unit))
         fps = float(extra["fps"])
         for offset, (src, name) in enumerate(zip(unit["src_indices"], extra["frames"])):
             index = int(unit["frame_start"]) + offset
             try:
                 frame = _load_frame(folder / name, sizes)
-            except InputError as exc:
+            except Exception as exc:  # noqa: BLE001 - this frame's errors row; the others go on
+                exc = input_error("decode", exc)
                 sid = sample_id(unit["source"], unit["clip_id"], index)
                 errors.append(make_error(exc.stage, exc.error_type, f"{name}: {exc.message}", unit["input_path"], sid))
                 continue
             out.append((index, src / fps, frame, unit))
         return out
-    for entry, name, data in webdataset.read_entries(unit["abs_path"], extra["start"], extra["stop"]):
+    for entry, name, data in webdataset.read_entries(local_path(unit), extra["start"], extra["stop"]):
+        if entry is None:  # the shard ends damaged here; what was read before it is kept
+            errors.append(make_error(data.stage, data.error_type, data.message, unit["input_path"]))
+            break
         if entry.problem:
             errors.append(make_error("list", "unsafe_member", entry.problem, unit["input_path"]))
             continue
@@ -80,8 +86,11 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tu
                                      unit["input_path"], sid))
             continue
         try:
+            if isinstance(data, InputError):
+                raise data
             frame = decode_image_bytes(data, name, *sizes)
-        except InputError as exc:
+        except Exception as exc:  # noqa: BLE001 - this sample's errors row; the others go on
+            exc = input_error("decode", exc)
             errors.append(make_error(exc.stage, exc.error_type, f"{name}: {exc.message}", unit["input_path"], sid))
             continue
         out.append((0, None, frame, row_unit))

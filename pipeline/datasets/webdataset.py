@@ -82,19 +82,40 @@ def iter_entries(tar: tarfile.TarFile):
 
 
 def count_entries(path: str) -> int:
+    """Entries up to the end, or up to where the shard is damaged (``read_entries`` reports the
+    damage with the last unit's samples); a shard damaged before its first entry is an error."""
+    count = 0
     with _open(path) as tar:
-        return sum(1 for _ in iter_entries(tar))
+        try:
+            for _ in iter_entries(tar):
+                count += 1
+        except InputError:
+            if count == 0:
+                raise
+    return count
 
 
 def read_entries(path: str, start: int, stop: int):
     """Yield ``(entry, image_name, image_bytes)`` for entries ``start <= i < stop``; image_name is
-    None for a refused member or a sample without an image."""
+    None for a refused member or a sample without an image. A member that cannot be read (cut
+    short, damaged) comes as ``(entry, image_name, InputError)``: that sample is lost, not the
+    ones around it; a shard cut short ends there with an ``InputError`` as the last item."""
     with _open(path) as tar:
-        for i, entry in enumerate(iter_entries(tar)):
+        entries = iter_entries(tar)
+        i = -1
+        while True:
+            try:
+                entry = next(entries)
+            except StopIteration:
+                return
+            except InputError as exc:  # headers damaged or cut short: the samples before it stay
+                yield None, None, exc
+                return
+            i += 1
             if i < start:
                 continue
             if i >= stop:
-                break
+                return
             if entry.problem:
                 yield entry, None, None
                 continue
@@ -102,5 +123,9 @@ def read_entries(path: str, start: int, stop: int):
             if image is None:
                 yield entry, None, None
                 continue
-            handle = tar.extractfile(image)
-            yield entry, image.name, handle.read() if handle is not None else b""
+            try:
+                handle = tar.extractfile(image)
+                yield entry, image.name, handle.read() if handle is not None else b""
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                yield entry, image.name, InputError("decode", "truncated_member",
+                                                    f"member {image.name!r} cannot be read: {exc}")

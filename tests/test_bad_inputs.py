@@ -1,0 +1,391 @@
+"""Bad input never stops a run: each input that fails becomes its errors row and the others give
+their rows; only a problem with the run itself (its output folder) stops it, in one line."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import time
+import wave
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+from skimage import data
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.decode import probe_video, resample_times
+from disco.pipeline.errors import InputError, display_path
+from disco.pipeline.reader import open_errors, open_triplets
+from disco.pipeline.run import preprocess
+from disco.pipeline.sources import list_inputs, local_path
+from disco.pipeline.stages import decode_unit, plan_units
+from disco.pipeline.writer import OutputStore, OutputUnwritable
+from helpers import cli_process, save
+
+NON_UTF8 = os.fsdecode(b"caf\xe9-dancer.png")  # Latin-1 bytes: not valid UTF-8
+
+
+def _png(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def text_bomb_png() -> bytes:
+    """A small valid PNG whose compressed text chunk expands past Pillow's limit (a zip bomb in a
+    zTXt chunk): Pillow raises ``ValueError: Decompressed data too large`` while opening it."""
+    good = _png(Image.new("RGB", (64, 64), (200, 100, 50)))
+    payload = b"comment\x00\x00" + zlib.compress(b"\x00" * (PngImagePlugin.MAX_TEXT_CHUNK + 4096), 9)
+    chunk = len(payload).to_bytes(4, "big") + b"zTXt" + payload
+    chunk += zlib.crc32(b"zTXt" + payload).to_bytes(4, "big")
+    return good[:33] + chunk + good[33:]  # after the IHDR chunk
+
+
+def _person(side: int = 256) -> Image.Image:
+    return Image.fromarray(data.astronaut()).resize((side, side))
+
+
+# -- listing ----------------------------------------------------------------------------------------
+
+def test_listing_reports_links_fifos_and_keeps_names_that_are_not_utf8(tmp_path):
+    folder = tmp_path / "in"
+    save(folder / "good.png", _person(64))
+    save(folder / NON_UTF8, _person(64))
+    (folder / "dangling.png").symlink_to(folder / "gone.png")
+    (folder / "loop-a.png").symlink_to(folder / "loop-b.png")
+    (folder / "loop-b.png").symlink_to(folder / "loop-a.png")
+    (folder / "linked.png").symlink_to(folder / "good.png")
+    os.mkfifo(folder / "pipe.png")
+    save(folder / "dance.gif", _person(64))
+    items = {i.input_path: i for i in list_inputs("images", folder, "train").items}
+    kinds = {path: item.error_type for path, item in items.items()}
+    shown = display_path(NON_UTF8)
+    assert shown == "caf\\xe9-dancer.png"
+    assert kinds == {"good.png": None, shown: None, "dangling.png": "missing_file", "loop-a.png": "symlink_loop",
+                     "loop-b.png": "symlink_loop", "linked.png": None, "pipe.png": "not_a_regular_file",
+                     "dance.gif": None}
+    # The name travels as valid UTF-8 text; the file is opened by its exact bytes.
+    odd = items[shown]
+    assert odd.abs_path.endswith(shown) and os.fsdecode(odd.raw_path).endswith(NON_UTF8)
+    assert Path(local_path(odd.to_dict())).read_bytes() == (folder / NON_UTF8).read_bytes()
+    assert items["good.png"].raw_path == b""
+    video = {i.input_path: i for i in list_inputs("video", folder, "train").items}
+    assert video["dance.gif"].error_type == "unsupported_format" and "ffmpeg" in video["dance.gif"].error_message
+
+
+# -- one run over a folder of bad and good inputs -------------------------------------------------------
+
+def _adversarial_folder(folder: Path, rng: random.Random, cases: int) -> tuple[set[str], set[str]]:
+    """Good stills of a person and random bad entries; returns (good, bad) input paths."""
+    good_png = _png(_person(128))
+    buffer = io.BytesIO()
+    _person(128).save(buffer, format="JPEG")
+    good_jpg = buffer.getvalue()
+    good, bad = set(), set()
+
+    def put(name: str, content: bytes, ok: bool) -> None:
+        (folder / name).write_bytes(content)
+        (good if ok else bad).add(display_path(name))
+
+    folder.mkdir(parents=True)
+    put("person.png", good_png, True)
+    put("person.jpg", good_jpg, True)
+    put(NON_UTF8, good_png, True)
+    put("text-bomb.png", text_bomb_png(), False)
+    put("pixel-bomb.png", _png(Image.new("1", (20000, 20000))), False)
+    put("empty.jpg", b"", False)
+    (folder / "dangling.png").symlink_to(folder / "nowhere.png")
+    (folder / "loop-a.jpg").symlink_to(folder / "loop-b.jpg")
+    (folder / "loop-b.jpg").symlink_to(folder / "loop-a.jpg")
+    os.mkfifo(folder / "fifo.png")
+    bad.update({"dangling.png", "loop-a.jpg", "loop-b.jpg", "fifo.png"})
+    for k in range(cases):
+        kind = rng.choice(["random", "truncated", "flipped", "header"])
+        source = rng.choice([good_png, good_jpg])
+        suffix = ".png" if source is good_png else ".jpg"
+        if kind == "random":
+            content = rng.randbytes(rng.randint(1, 4096))
+        elif kind == "truncated":  # cut inside the picture data: never a whole decodable file
+            content = source[:rng.randint(1, len(source) // 2)]
+        elif kind == "flipped":  # the header kept, the rest random: decodes to garbage or fails
+            content = source[:64] + rng.randbytes(len(source) - 64)
+        else:
+            content = source[:rng.randint(8, 100)]
+        put(f"fuzz-{k:03d}-{kind}{suffix}", content, False)
+    return good, bad
+
+
+def test_every_bad_input_becomes_its_errors_row_and_every_good_one_its_rows(tmp_path, ray_local):
+    """About 40 entries: the README's promise held against a text bomb, a pixel bomb, a name that is
+    not UTF-8, dangling links, a link loop, a FIFO (opening it would block for ever) and random,
+    truncated and garbled files. Each of the first ones stopped the whole run before."""
+    folder = tmp_path / "in"
+    good, bad = _adversarial_folder(folder, random.Random(7), cases=30)
+    result = preprocess(PreprocessConfig(source="images", input=folder, output=tmp_path / "out", max_side=128),
+                        log=lambda *_: None)
+    assert result.exit_code == 0
+    rows = open_triplets(tmp_path / "out").to_table(columns=["input_path"]).column("input_path").to_pylist()
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    failed = {e["input_path"] for e in errors}
+    # A flipped file may still decode (to noise): then it is a skipped frame, not an error.
+    skipped = bad - failed
+    assert set(rows) == good and not failed & good
+    assert all(name.startswith("fuzz-") and "flipped" in name for name in skipped), skipped
+    by_path = {e["input_path"]: e["error_type"] for e in errors}
+    assert by_path["text-bomb.png"] == "decompression_bomb"
+    assert by_path["pixel-bomb.png"] == "image_too_large"
+    assert by_path["empty.jpg"] == "empty_file"
+    assert by_path["dangling.png"] == "missing_file" and by_path["loop-a.jpg"] == "symlink_loop"
+    assert by_path["fifo.png"] == "not_a_regular_file"
+    assert not [e for e in errors if e["error_type"].startswith("unexpected_")], errors
+    counts = result.manifest["counts"]
+    assert counts["inputs"] == len(good) + len(bad)
+
+
+def test_decoding_never_raises_whatever_the_bytes(tmp_path):
+    """The decode boundary on its own, without Ray, over many random and cut files: every one comes
+    back as frames or as errors rows, never as an exception."""
+    settings = {"max_side": 64, "min_side": 1, "max_pixels": 89_478_485, "fps": 30.0, "segment_frames": 8}
+    rng = random.Random(11)
+    sources = [_png(_person(64)), text_bomb_png()]
+    video = tmp_path / "clip.mp4"
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+    write_video(video, pan_zoom_frames(data.astronaut(), 6, 64), 10.0)
+    sources.append(video.read_bytes())
+    outcomes = {"frames": 0, "errors": 0}
+    for k in range(150):
+        source = rng.choice(sources)
+        cut = rng.choice([rng.randint(0, len(source)), len(source)])
+        content = bytearray(source[:cut])
+        for _ in range(rng.randint(0, 3)):
+            if content:
+                content[rng.randrange(len(content))] = rng.randrange(256)
+        kind = "video" if source is sources[-1] else "image"
+        path = tmp_path / f"case-{k}{'.mp4' if kind == 'video' else '.png'}"
+        path.write_bytes(bytes(content))
+        item = list_inputs("video" if kind == "video" else "images", path, "train").items[0].to_dict()
+        for unit in plan_units(item, settings):
+            frames, errors = decode_unit(unit, settings)
+            assert frames or errors
+            outcomes["frames" if frames else "errors"] += 1
+    assert outcomes["frames"] and outcomes["errors"]
+
+
+# -- videos: time, audio, GIFs --------------------------------------------------------------------------
+
+def _vfr_clip(path: Path, gaps_ms: list[int]) -> list[float]:
+    """An H.264 MP4 whose frames come ``gaps_ms`` apart (variable frame rate), made with PyAV;
+    frame k is grey level 8k, so a decoded frame tells which one it is. Returns the frame times."""
+    import av
+
+    times = [0.0]
+    for gap in gaps_ms:
+        times.append(times[-1] + gap / 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for k, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 8 * k, np.uint8), format="rgb24")
+            frame.pts = round(t * 1000)
+            frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return times
+
+
+def test_variable_frame_rate_video_is_resampled_by_time(tmp_path):
+    """Ten frames 33 ms apart, then five 200 ms apart: by frame number (the old rule) the slow part
+    went by as fast as the rest; by time, output frames are evenly spaced at the clip's average
+    rate and each is the source frame nearest its time."""
+    times = _vfr_clip(tmp_path / "vfr.mp4", [33] * 9 + [200] * 5)
+    info = probe_video(tmp_path / "vfr.mp4")
+    assert info.num_frames == len(times)
+    assert np.allclose(info.times, times, atol=0.002)
+    picked = info.resample(30.0)
+    rate = (len(times) - 1) / times[-1]
+    grid = [k / rate for k in range(len(picked))]
+    assert all(abs(times[i] - t) <= min(abs(s - t) for s in times) + 1e-9 for i, t in zip(picked, grid))
+    # Output spacing is even in time, so the slow part's source frames are each taken about as
+    # often as its length asks (the old rule took each source frame once).
+    assert picked.count(len(times) - 2) >= 2
+    # Constant-rate timestamps give what the frame-number rule gave.
+    assert resample_times([i / 60 for i in range(60)], 24.0)[:6] == [0, 3, 5, 8, 10, 13]
+
+
+def test_audio_only_file_and_gif_get_their_own_error_types(tmp_path, ray_local):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    with wave.open(str(folder / "song.mp4"), "wb") as sound:  # audio only, under a video suffix
+        sound.setnchannels(1)
+        sound.setsampwidth(2)
+        sound.setframerate(8000)
+        sound.writeframes(np.zeros(8000, np.int16).tobytes())
+    save(folder / "dance.gif", _person(64))
+    result = preprocess(PreprocessConfig(source="video", input=folder, output=tmp_path / "out"), log=lambda *_: None)
+    errors = {e["input_path"]: e for e in open_errors(tmp_path / "out").to_table().to_pylist()}
+    assert errors["song.mp4"]["error_type"] == "no_video_stream"
+    assert errors["dance.gif"]["error_type"] == "unsupported_format"
+    assert result.exit_code == 1  # every input failed
+
+
+# -- tar shards ------------------------------------------------------------------------------------------
+
+def test_a_tar_member_cut_short_costs_that_sample_only(tmp_path):
+    from disco.pipeline.datasets import units
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("a", "b", "c"):
+            content = _png(_person(64))
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    whole = shard.read_bytes()
+    # Cut inside the third member's data.
+    third = whole.index(b"c.png")
+    shard.write_bytes(whole[:third + 512 + 100])
+    settings = {"max_side": 64, "min_side": 1, "max_pixels": 89_478_485, "fps": 30.0, "segment_frames": 8}
+    base = {"input_path": "shard.tar", "abs_path": str(shard), "raw_path": b"", "source": "laion",
+            "clip_id": "shard", "kind": "tar", "split": "train", "error_type": None, "error_message": None,
+            "extra": "", "error_stage": None, "unit_index": 0, "unit_count": 1, "src_indices": [],
+            "frame_start": 0, "width": 0, "height": 0}
+    planned = units.plan_units(base, settings, set())
+    frames, errors = [], []
+    for unit in planned:
+        got, unit_errors = decode_unit(unit, settings)
+        frames += got
+        errors += unit_errors
+    assert [f[3]["clip_id"] for f in frames] == ["shard/a", "shard/b"]
+    assert len(errors) == 1 and errors[0]["error_type"] in ("corrupt_tar", "truncated_member")
+
+
+# -- the run's own problems --------------------------------------------------------------------------------
+
+def test_a_full_disk_or_read_only_output_is_one_line_naming_the_folder(tmp_path):
+    store = OutputStore(tmp_path / "out")
+
+    class RayTaskLike(Exception):  # Ray wraps an actor's error and keeps it as ``cause``
+        def __init__(self, cause):
+            super().__init__("the actor died")
+            self.cause = cause
+
+    full = OSError(28, "No space left on device", str(tmp_path / "out" / "triplets" / "part.parquet"))
+    with pytest.raises(OutputUnwritable, match="No space left on device.*re-run the same command"):
+        with store.locked():
+            raise RayTaskLike(full)
+    elsewhere = PermissionError(13, "Permission denied", "/somewhere/else.png")
+    with pytest.raises(PermissionError):  # an input's problem is not the output's
+        with store.locked():
+            raise elsewhere
+
+
+def test_preprocess_into_a_folder_it_cannot_write_exits_2_in_one_line(tmp_path):
+    """An output folder that cannot be made (under /sys, where even root may not create one): exit
+    2 with one line that names the folder, before Ray starts."""
+    folder = tmp_path / "in"
+    save(folder / "person.png", _person(64))
+    out = Path("/sys/disco-cannot-write/out")
+    command, env = cli_process("preprocess", "--source", "images", "--input", str(folder), "--output", str(out),
+                               "--no-progress")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(errors) == 1 and str(out) in errors[0] and "Traceback" not in result.stderr, errors
+
+
+# -- damaged outputs and checkpoints ------------------------------------------------------------------------
+
+def test_damaged_shards_and_checkpoints_are_one_line_errors(triplets, tmp_path):
+    runner = CliRunner()
+    # A shard cut short (its footer gone).
+    cut = tmp_path / "cut"
+    shutil.copytree(triplets["video"], cut)
+    shard = next((cut / "triplets").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    for args in (["inspect", str(cut)],
+                 ["train", "--data", str(cut), "--output", str(tmp_path / "run"), "--model", "tiny", "--no-progress"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output[-2000:]
+        assert len(result.output.strip().splitlines()) == 1 and shard.name in result.output
+    # A checkpoint that is not what it says: a pickle named .safetensors, and a training state
+    # that holds an object.
+    from disco.train.checkpoint import DamagedCheckpoint, load_model, read_checkpoint
+
+    run = tmp_path / "ckpt"
+    cfg_run = runner.invoke(app, ["train", "--stage", "finetune", "--data", str(triplets["video"]), "--output",
+                                  str(run), "--model", "tiny", "--resolution", "64", "--batch-size", "2",
+                                  "--max-steps", "1", "--sample-every", "1000", "--sample-steps", "2",
+                                  "--no-progress"])
+    assert cfg_run.exit_code == 0, cfg_run.output[-2000:]
+    checkpoint = next(run.glob("checkpoint-*"))
+    spoiled = tmp_path / "spoiled"
+    shutil.copytree(run, spoiled)
+    spoiled_checkpoint = spoiled / checkpoint.name
+    torch.save({"weights": {"a": torch.zeros(1)}}, spoiled_checkpoint / "trainable.safetensors")
+    with pytest.raises(DamagedCheckpoint, match="trainable.safetensors is damaged"):
+        load_model(spoiled)
+    torch.save({"optimizer": InputError("x", "y", "z")}, spoiled_checkpoint / "training_state.pt")
+    with pytest.raises(DamagedCheckpoint) as refused:
+        read_checkpoint(spoiled_checkpoint)
+    assert "weights_only=False" not in str(refused.value) and "\n" not in str(refused.value)
+    result = runner.invoke(app, ["generate", "--checkpoint", str(spoiled), "--reference", str(tmp_path / "x.png"),
+                                 "--pose", str(tmp_path / "x.mp4"), "--output", str(tmp_path / "o.mp4")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+
+
+def test_train_where_no_row_decodes_exits_promptly(triplets, tmp_path):
+    """Every picture of the data garbled: the run stops with one line and leaves no thread of its
+    data stream behind. Such threads (Ray Data's executor, a thread pool that Python joins at exit)
+    made the command hang for ever after printing its error."""
+    import threading
+
+    import pyarrow as pa
+
+    from disco.pipeline.schema import TRIPLET_SCHEMA
+
+    garbled = tmp_path / "garbled"
+    shutil.copytree(triplets["video"], garbled)
+    for shard in (garbled / "triplets").glob("*.parquet"):
+        table = pq.read_table(shard)
+        junk = pa.array([b"\xff\xd8 not a picture"] * table.num_rows, pa.binary())
+        table = table.set_column(table.schema.get_field_index("image"), "image", junk)
+        pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
+    before = set(threading.enumerate())
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["train", "--stage", "finetune", "--data", str(garbled), "--output",
+                                      str(tmp_path / "run"), "--model", "tiny", "--resolution", "64", "--batch-size",
+                                      "2", "--max-steps", "4", "--no-progress"])
+    assert time.monotonic() - started < 120
+    assert result.exit_code == 2 and "no row decodes" in result.output, result.output[-2000:]
+    time.sleep(1)
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not [name for name in left if name.startswith(("StreamingExecutor", "ThreadPoolExecutor"))], left
+
+
+def test_generate_checks_its_options_before_loading_a_model(tmp_path):
+    runner = CliRunner()
+    missing = tmp_path / "no-such-run"
+    save(tmp_path / "ref.png", _person(64))
+    result = runner.invoke(app, ["generate", "--checkpoint", str(missing), "--reference", str(tmp_path / "ref.png"),
+                                 "--pose", str(tmp_path / "ref.png"), "--output", str(tmp_path / "o.mp4"),
+                                 "--size", "0"])
+    assert result.exit_code == 2 and "--size" in result.output
+    assert len(result.output.strip().splitlines()) == 1
