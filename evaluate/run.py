@@ -219,6 +219,17 @@ class EvaluateConfig:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
         if self.batch_size < 1:
             raise EvaluateInputError("--batch-size must be at least 1")
+        for name in ("steps", "size", "max_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EvaluateInputError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.guidance_scale < 0:
+            raise EvaluateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
+        # Every path is checked here, before a feature network or a model is loaded.
+        for name in ("pred", "gt", "run", "data"):
+            path = getattr(self, name)
+            if path is not None and not path.exists():
+                raise EvaluateInputError(f"--{name}: {path} does not exist")
         return self
 
 

@@ -128,9 +128,8 @@ class VideoInfo:
 
     def resample(self, target_fps: float) -> list[int]:
         """Source frames for output frames evenly spaced in time (``resample_times``)."""
-        if len(self.times) == self.num_frames:
-            return resample_times(self.times, target_fps)
-        return resample_indices(self.num_frames, self.fps, target_fps)
+        by_time = resample_times(self.times, target_fps) if len(self.times) == self.num_frames else None
+        return by_time if by_time is not None else resample_indices(self.num_frames, self.fps, target_fps)
 
 
 def _open_video(path: Path, **kwargs):
@@ -183,19 +182,23 @@ def probe_video(path: str | Path) -> VideoInfo:
     return VideoInfo(num_frames=num_frames, fps=fps, width=int(width), height=int(height), times=times)
 
 
-def resample_times(times, target_fps: float) -> list[int]:
+def resample_times(times, target_fps: float) -> list[int] | None:
     """Source frames (indices into ``times``, their presentation times in s) for output frames
     evenly spaced in time at ``min(target_fps, the source's average rate)``: output frame k sits
     at ``times[0] + k / fps_out`` and takes the source frame nearest in time (ties to the later).
     A clip whose frames come 33 ms and then 200 ms apart keeps its motion's speed: where the
-    source has no frame for a while, its last frame is taken again, as a player shows it."""
+    source has no frame for a while, its last frame is taken again, as a player shows it.
+    None where the times are not a usable time line (not increasing)."""
     t = np.asarray(times, np.float64)
     n = len(t)
     if n < 2 or not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
-        return list(range(n))  # no usable time line: every frame, in order
+        return None
     duration = t[-1] - t[0]
     fps_out = min(target_fps, (n - 1) / duration)
-    grid = t[0] + np.arange(math.floor(duration * fps_out + 1e-9) + 1) / fps_out
+    # A quarter of a source frame's spacing of slack: timestamps are rounded to the container's
+    # time base, and a clip 1 ms short of its length must not lose its last frame.
+    slack = 0.25 * duration / (n - 1)
+    grid = t[0] + np.arange(math.floor((duration + slack) * fps_out) + 1) / fps_out
     right = np.clip(np.searchsorted(t, grid), 1, n - 1)
     left = right - 1
     nearest = np.where(grid - t[left] < t[right] - grid - 1e-9, left, right)  # a tie within float error: later

@@ -87,12 +87,14 @@ def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, 
                    min_area: float, max_persons: int | None, keep_rejects: bool, overwrite: bool, shard_rows: int,
                    row_group_rows: int, log):
     from disco.pipeline.manifest import build_manifest, write_manifest
-    from disco.pipeline.reader import shard_files
+    from disco.pipeline.reader import check_shard, damaged, shard_files
     from disco.pipeline.run import RunResult
     from disco.pipeline.writer import ShardWriter, run_token
 
     state, _ = store.begin(params, overwrite)
     shards = shard_files(input_dir, TRIPLETS_DIR)
+    for path in shards:  # a damaged shard stops the run before any work, in one line
+        check_shard(path, TRIPLET_SCHEMA)
     listed = [p.relative_to(input_dir).as_posix() for p in shards]
     done = state.complete_inputs()
     writer = ShardWriter(store, f"part-{run_token()}-", shard_rows, row_group_rows)
@@ -101,7 +103,10 @@ def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, 
         for path, rel in zip(shards, listed):
             if rel in done:
                 continue
-            table = pq.read_table(path, schema=TRIPLET_SCHEMA)
+            try:
+                table = pq.read_table(path, schema=TRIPLET_SCHEMA)
+            except (OSError, pa.ArrowException, ValueError) as exc:  # pages damaged behind a good footer
+                raise damaged(path, exc) from None
             reasons = [
                 classify(s, c, a, min_score, min_area, max_persons)
                 for s, c, a in zip(table.column("person_score").to_pylist(), table.column("person_count").to_pylist(),

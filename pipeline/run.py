@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if running and log is not None:
         log(f"this machine runs a Ray cluster ({running}); starting a private instance anyway: pass "
             "--ray-address auto to run on that cluster")
-    with loopback_only():
+    with loopback_only(), _free_agent_port():
         # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
                  include_dashboard=False, _node_ip_address="127.0.0.1", **common)
@@ -168,6 +169,39 @@ def loopback_only():
             os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
         else:
             os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = previous[1]
+
+
+@contextlib.contextmanager
+def _free_agent_port():
+    """Within the block, a Ray instance started here gives its dashboard agent a free port.
+
+    Why: Ray gives every instance's agent the fixed port 52365, and ``ray.init`` has no option for
+    it. A private instance holding it leaves a cluster that ``ray start --head`` starts later on
+    this machine without a job agent: ``ray job submit`` then answers "No available agent" for
+    ever. Where Ray's internals differ from what this expects, the default stays."""
+    try:
+        from ray._private.parameter import RayParams
+    except ImportError:
+        yield
+        return
+    original = RayParams.__init__
+    port = _free_port()
+
+    def with_free_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    RayParams.__init__ = with_free_port
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def stage_settings(cfg: PreprocessConfig) -> dict:

@@ -195,7 +195,7 @@ def pack_unit(unit: dict, frames: int, kept: list[tuple], errors: list[dict], sk
               rejects: list[dict], resources: dict) -> dict:
     """One record carrying a matted unit from the matting actors to the pose actors."""
     return {
-        "unit": json.dumps(unit),
+        "unit": json.dumps(_json_unit(unit)),
         "frames": frames,
         "pictures": [k[2].tobytes() for k in kept],
         "alphas": [k[4].alpha.tobytes() for k in kept],
@@ -211,8 +211,15 @@ def pack_unit(unit: dict, frames: int, kept: list[tuple], errors: list[dict], sk
     }
 
 
+def _json_unit(unit: dict) -> dict:
+    """The unit with its exact path bytes as hex: JSON holds no bytes."""
+    return {**unit, "raw_path": unit["raw_path"].hex()} if "raw_path" in unit else unit
+
+
 def unpack_unit(record: dict) -> tuple[dict, int, list[tuple], list[dict], Counter, list[dict], dict]:
     unit = json.loads(record["unit"])
+    if "raw_path" in unit:
+        unit["raw_path"] = bytes.fromhex(unit["raw_path"])
     kept = []
     for meta, picture, alpha in zip(json.loads(record["meta"]), record["pictures"], record["alphas"]):
         shape = tuple(meta["shape"])

@@ -11,6 +11,9 @@ from skimage import data
 os.environ.setdefault("GLOG_minloglevel", "2")
 # Collectives in the training tests refuse tensors off the training device, as NCCL does.
 os.environ.setdefault("DISCO_NCCL_GUARD", "1")
+# Ray Train's controller polls its workers every 2 s; each run waits for a poll to see its end
+# and each lost worker for one to notice. Every Ray process the tests start inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

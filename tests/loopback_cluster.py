@@ -29,10 +29,9 @@ def _serve(head_cpus: int, dashboard: bool, keep_current: bool) -> None:
     common = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
     head = {**common, "num_cpus": head_cpus}
     if dashboard:  # for `ray job submit`: the dashboard on loopback too
-        # The job agent gets a port of its own: the default (52365) may be taken by another Ray
-        # instance on this machine (the test session's own), and then no job can be submitted.
-        head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                    dashboard_agent_listen_port=_free_port())
+        # The job agent keeps Ray's default port (52365), as `ray start --head` gives it: the test
+        # session's private instance, started before, must have left it free.
+        head.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port())
     cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
     nodes = {}
     # The head recorded itself as "the latest cluster", which a plain ray.init() elsewhere on this

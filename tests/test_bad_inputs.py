@@ -351,6 +351,40 @@ def test_damaged_shards_and_checkpoints_are_one_line_errors(triplets, tmp_path):
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
 
 
+def _garble_pages(shard: Path, column: str = "image") -> None:
+    """Overwrite the first page header of ``column`` in row group 0: the footer stays valid, so
+    the file opens, and reading that column fails."""
+    metadata = pq.read_metadata(shard)
+    names = [metadata.row_group(0).column(i).path_in_schema for i in range(metadata.num_columns)]
+    start = metadata.row_group(0).column(names.index(column)).data_page_offset
+    raw = bytearray(shard.read_bytes())
+    raw[start:start + 64] = b"\xff" * 64
+    shard.write_bytes(bytes(raw))
+
+
+def test_garbage_inside_a_shard_and_a_damaged_shard_for_filter_humans_are_one_line(triplets, tmp_path):
+    runner = CliRunner()
+    garbled = tmp_path / "garbled"
+    shutil.copytree(triplets["video"], garbled)
+    shard = next((garbled / "triplets").glob("*.parquet"))
+    _garble_pages(shard)
+    for args in (["inspect", str(garbled)],
+                 ["train", "--stage", "finetune", "--data", str(garbled), "--output", str(tmp_path / "run"),
+                  "--model", "tiny", "--resolution", "64", "--batch-size", "2", "--max-steps", "2", "--no-progress"]):
+        result = runner.invoke(app, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1, result.output[-3000:]
+        assert "Traceback" not in result.output
+    assert shard.name in errors[0]  # train names the shard
+    cut = tmp_path / "cut"
+    shutil.copytree(triplets["video"], cut)
+    shard = next((cut / "triplets").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    result = runner.invoke(app, ["filter-humans", "--input", str(cut), "--output", str(tmp_path / "filtered")])
+    assert result.exit_code == 2 and shard.name in result.output, result.output[-2000:]
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
 def test_train_where_no_row_decodes_exits_promptly(triplets, tmp_path):
     """Every picture of the data garbled: the run stops with one line and leaves no thread of its
     data stream behind. Such threads (Ray Data's executor, a thread pool that Python joins at exit)
@@ -389,3 +423,14 @@ def test_generate_checks_its_options_before_loading_a_model(tmp_path):
                                  "--size", "0"])
     assert result.exit_code == 2 and "--size" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_evaluate_checks_its_options_before_loading_a_network(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "pred").mkdir()
+    for args, words in ((["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "nowhere")], "--gt"),
+                        (["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "pred"), "--steps", "0"],
+                         "--steps")):
+        result = runner.invoke(app, ["evaluate", "--output", str(tmp_path / "report.json"), *args])
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1

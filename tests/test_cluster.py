@@ -211,6 +211,8 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
 
     gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
     assert gcs_port in {c.laddr.port for c in listening} and len(listening) >= 3, "these are not Ray's sockets"
+    # Not the fixed port of Ray's job agent either: a `ray start --head` on this machine needs it.
+    assert 52365 not in {c.laddr.port for c in listening}
     for conn in listening:
         ip = ipaddress.ip_address(conn.laddr.ip)
         ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1

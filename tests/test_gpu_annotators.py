@@ -276,7 +276,8 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
     from disco.pipeline.stages import pack_unit, unpack_unit
 
     rng = np.random.default_rng(0)
-    unit = {"input_path": "shard-0.tar", "clip_id": "shard-0", "source": "laion", "unit_index": 1, "unit_count": 3}
+    unit = {"input_path": "shard-0.tar", "clip_id": "shard-0", "source": "laion", "unit_index": 1, "unit_count": 3,
+            "raw_path": b"/data/caf\xe9/shard-0.tar"}  # a name that is not UTF-8 keeps its bytes
     kept = []
     for k in range(2):
         frame = rng.integers(0, 256, (5 + k, 7, 3), dtype=np.uint8)

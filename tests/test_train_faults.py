@@ -83,6 +83,10 @@ def test_the_suite_trains_under_the_guard():
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
+# About 50 s: the two-worker test below takes the same path (the SIGINT handler, the stop file
+# every loop checks, a checkpoint of the last step, exit 130) and the kill -9 test in
+# test_train.py resumes an interrupted run to the uninterrupted weights.
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_of_the_last_step_and_exits_130(triplets, tmp_path):
     """SIGINT to the command's process group (what a terminal's Ctrl-C does) once training has
     logged a step: the run stops after the step in progress, checkpoints it (no periodic

@@ -104,6 +104,20 @@ class DataError(ValueError):
     stream cannot run (it could not start on the cluster, its shards do not fit the workers)."""
 
 
+def _damaged_shard(exc: BaseException) -> DataError | None:
+    """The ``DataError`` a read task raised (a damaged shard), out of Ray's wrapping, whose text
+    carries the remote traceback."""
+    seen = exc
+    for _ in range(8):
+        if isinstance(seen, DataError) and not type(seen).__name__.startswith("RayTaskError"):
+            return seen
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None:
+            return None
+        seen = cause
+    return None
+
+
 @dataclass
 class TripletIndex:
     """One entry per training row: where it lives, its clip and frame, and its reference row."""
@@ -488,7 +502,12 @@ def read_samples(spec: pa.Table, stage: str, block: int, store: str | None = Non
     columns = list(TARGET_COLUMNS[stage])
     parts, offsets, read, base = [], {}, 0, 0
     for key in dict.fromkeys(zip(paths, groups)):
-        table, nbytes = read_row_group(key[0], key[1], columns)
+        try:
+            table, nbytes = read_row_group(key[0], key[1], columns)
+        except (OSError, pa.ArrowException, ValueError) as exc:  # pages damaged behind a good footer
+            from disco.pipeline.reader import damaged
+
+            raise DataError(f"{damaged(key[0], exc)} (row group {key[1]})") from None
         offsets[key] = base
         base += table.num_rows
         parts.append(table)
@@ -956,9 +975,12 @@ class SampleStream:
                 ):
                     self._watch.delivered = True
                     yield block
-            except Exception:
+            except Exception as exc:
                 if self._watch.error is not None:
                     raise DataError(self._watch.error) from None
+                damaged = _damaged_shard(exc)
+                if damaged is not None:
+                    raise damaged from None
                 raise
             start = stop
 
