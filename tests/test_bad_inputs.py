@@ -434,3 +434,26 @@ def test_evaluate_checks_its_options_before_loading_a_network(tmp_path):
         result = runner.invoke(app, ["evaluate", "--output", str(tmp_path / "report.json"), *args])
         assert result.exit_code == 2 and words in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_known_failures_get_specific_error_types_and_the_rest_name_their_class():
+    """The mapping behind the boundary (unreadable files cannot be made for root, who reads
+    everything, so the permission case is checked here)."""
+    from PIL import Image as PILImage
+
+    from disco.pipeline.errors import error_type_of, input_error
+
+    cases = {
+        PermissionError(13, "Permission denied", "/data/x.png"): "permission_denied",
+        FileNotFoundError(2, "No such file or directory", "/data/x.png"): "missing_file",
+        OSError(40, "Too many levels of symbolic links", "/data/x.png"): "symlink_loop",
+        PILImage.DecompressionBombError("too many pixels"): "image_too_large",
+        ValueError("Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK"): "decompression_bomb",
+        MemoryError(): "out_of_memory",
+        ZeroDivisionError("division by zero"): "unexpected_ZeroDivisionError",
+    }
+    for exc, kind in cases.items():
+        assert error_type_of(exc) == kind
+    error = input_error("decode", PermissionError(13, "Permission denied", os.fsdecode(b"/data/caf\xe9.png")))
+    assert error.message == "PermissionError: Permission denied: /data/caf\\xe9.png"
+    error.message.encode("utf-8")  # an errors row's text is valid UTF-8

@@ -144,6 +144,11 @@ def test_weights_folder_from_the_environment(weights, monkeypatch):
     assert resolved["weights"] == str(weights)
 
 
+# 40-80 s on 2 cores (Grounded-SAM's ViT-B at 1024 px inside an actor). Covered in the default
+# run by the pools test below (a whole preprocess through GPU actors with fractional GPUs, OpenPose
+# among them, and what Ray gave each) and by the Grounded-SAM and OpenPose tests above (each
+# backend loads the weights layout and gives the contract's shapes).
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_gpu_pipeline_runs_as_gpu_actors_and_writes_the_contract(weights, tmp_path, ray_local):
     import ray
