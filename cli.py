@@ -410,6 +410,8 @@ def inspect(
     rows: int = typer.Option(8, min=1, help="Rows to show on the contact sheet."),
 ) -> None:
     """Print the manifest summary, schema and counts of an output folder, and write a contact sheet."""
+    import pyarrow as pa
+
     from disco.pipeline.config import ConfigError
     from disco.pipeline.contact_sheet import write_contact_sheet
     from disco.pipeline.manifest import read_manifest
@@ -442,12 +444,18 @@ def inspect(
     counts.add_row("errors", str(errors.count_rows()), str(len(errors.files)))
     out.print(counts)
     if errors.count_rows():
-        by_type = errors.to_table(columns=["error_type"]).column("error_type").value_counts().to_pylist()
+        try:
+            by_type = errors.to_table(columns=["error_type"]).column("error_type").value_counts().to_pylist()
+        except (OSError, pa.ArrowException) as exc:  # damaged pages, as above
+            _usage_error(f"an errors shard of {output} cannot be read ({str(exc).strip().splitlines()[0][:200]})")
         out.print("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type))
     target = sheet or output / "contact_sheet.png"
     try:
         shown = write_contact_sheet(triplets, target, rows)
-    except (OSError, ValueError) as exc:  # pyarrow's errors on damaged pages are both
+    except (OSError, pa.ArrowException) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the sheet could not be saved: not the shards' fault
+        # pyarrow on damaged pages: an OSError without errno, or one of its own
         _usage_error(f"a shard of {output} cannot be read ({str(exc).strip().splitlines()[0][:200]}); "
                      "the shards are damaged: write the output again with `disco-cli preprocess ... --overwrite`")
     out.print(f"contact sheet ({shown} rows): {target.resolve()}")

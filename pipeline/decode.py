@@ -128,8 +128,19 @@ class VideoInfo:
 
     def resample(self, target_fps: float) -> list[int]:
         """Source frames for output frames evenly spaced in time (``resample_times``)."""
-        by_time = resample_times(self.times, target_fps) if len(self.times) == self.num_frames else None
-        return by_time if by_time is not None else resample_indices(self.num_frames, self.fps, target_fps)
+        if len(self.times) == self.num_frames and not self.constant_rate():
+            by_time = resample_times(self.times, target_fps)
+            if by_time is not None:
+                return by_time
+        return resample_indices(self.num_frames, self.fps, target_fps)
+
+    def constant_rate(self) -> bool:
+        """Every frame within a quarter frame of where the stated rate puts it: resampled by frame
+        number, exactly as before timestamps were read (rounded time bases change no choice)."""
+        if len(self.times) < 2:
+            return True
+        t = np.asarray(self.times, np.float64)
+        return bool(np.max(np.abs((t - t[0]) - np.arange(len(t)) / self.fps)) <= 0.25 / self.fps)
 
 
 def _open_video(path: Path, **kwargs):

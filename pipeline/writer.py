@@ -63,7 +63,9 @@ def _causes(exc: BaseException):
             continue
         seen.add(id(current))
         yield current
-        stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
+        stack.extend(c for c in (getattr(current, "cause", None), current.__cause__,
+                                 None if current.__suppress_context__ else current.__context__)
+                     if isinstance(c, BaseException))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,8 +90,14 @@ def _parquet_options(schema: pa.Schema) -> dict:
 
 def _write_parquet_atomic(table: pa.Table, final: Path, row_group_rows: int) -> int:
     tmp = final.with_name(f".{final.name}.tmp")
-    with pq.ParquetWriter(tmp, table.schema, **_parquet_options(table.schema)) as writer:
-        writer.write_table(table, row_group_size=row_group_rows)
+    try:
+        with pq.ParquetWriter(tmp, table.schema, **_parquet_options(table.schema)) as writer:
+            writer.write_table(table, row_group_size=row_group_rows)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # pyarrow names no file: name ours, so the failure is known as the output folder's.
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(tmp)) from exc
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -164,13 +172,13 @@ class OutputStore:
         (disk full, read-only, permission denied on a path inside it), else None."""
         root = os.path.abspath(self.root)
         for cause in _causes(exc):
-            if not isinstance(cause, OSError) or isinstance(cause, ConfigError):
+            if not isinstance(cause, OSError):
                 continue
-            ours = False
-            if cause.filename is not None:  # a path in the folder, or one of the folders above it
+            ours, unknown = False, cause.filename is None
+            if not unknown:  # a path in the folder, or one of the folders above it
                 failed = os.path.abspath(os.fsdecode(cause.filename))
                 ours = os.path.commonpath([failed, root]) in (failed, root)
-            if cause.errno in _UNWRITABLE or (cause.errno in _DENIED and ours):
+            if (cause.errno in _UNWRITABLE and (ours or unknown)) or (cause.errno in _DENIED and ours):
                 return OutputUnwritable(
                     f"cannot write to the output folder {self.root}: {cause.strerror or cause}; what was "
                     "committed stays: make room or fix its permissions, then re-run the same command to "

@@ -180,6 +180,7 @@ def test_decoding_never_raises_whatever_the_bytes(tmp_path):
         for unit in plan_units(item, settings):
             frames, errors = decode_unit(unit, settings)
             assert frames or errors
+            assert not [e for e in errors if e["error_type"].startswith("unexpected_")], errors
             outcomes["frames" if frames else "errors"] += 1
     assert outcomes["frames"] and outcomes["errors"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from disco.pipeline.datasets import webdataset
 from disco.pipeline.decode import decode_image_bytes, load_image, resample_indices
-from disco.pipeline.errors import InputError, input_error
+from disco.pipeline.errors import InputError, display_path, input_error
 from disco.pipeline.schema import sample_id
 from disco.pipeline.sources import local_path
 
@@ -67,7 +67,8 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tu
             except Exception as exc:  # noqa: BLE001 - this frame's errors row; the others go on
                 exc = input_error("decode", exc)
                 sid = sample_id(unit["source"], unit["clip_id"], index)
-                errors.append(make_error(exc.stage, exc.error_type, f"{name}: {exc.message}", unit["input_path"], sid))
+                errors.append(make_error(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
+                                         unit["input_path"], sid))
                 continue
             out.append((index, src / fps, frame, unit))
         return out
@@ -76,13 +77,14 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tu
             errors.append(make_error(data.stage, data.error_type, data.message, unit["input_path"]))
             break
         if entry.problem:
-            errors.append(make_error("list", "unsafe_member", entry.problem, unit["input_path"]))
+            errors.append(make_error("list", "unsafe_member", display_path(entry.problem), unit["input_path"]))
             continue
-        row_unit = {**unit, "clip_id": f"{unit['clip_id']}/{entry.key}"}
+        # Member names that are not valid UTF-8 come escaped: they end up in Arrow strings.
+        row_unit = {**unit, "clip_id": f"{unit['clip_id']}/{display_path(entry.key)}"}
         sid = sample_id(unit["source"], row_unit["clip_id"], 0)
         if name is None:
-            members = ", ".join(m.name for m in entry.members)
-            errors.append(make_error("decode", "missing_image", f"sample {entry.key!r} holds no image ({members})",
+            members = ", ".join(display_path(m.name) for m in entry.members)
+            errors.append(make_error("decode", "missing_image", f"sample {display_path(entry.key)!r} holds no image ({members})",
                                      unit["input_path"], sid))
             continue
         try:
@@ -91,7 +93,8 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tu
             frame = decode_image_bytes(data, name, *sizes)
         except Exception as exc:  # noqa: BLE001 - this sample's errors row; the others go on
             exc = input_error("decode", exc)
-            errors.append(make_error(exc.stage, exc.error_type, f"{name}: {exc.message}", unit["input_path"], sid))
+            errors.append(make_error(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
+                                     unit["input_path"], sid))
             continue
         out.append((0, None, frame, row_unit))
     return out

@@ -43,6 +43,17 @@ def _entries(folder: str) -> list[os.DirEntry]:
         return []
 
 
+def _is(entry: os.DirEntry | None, path: str, kind: str) -> bool:
+    """``is_file`` / ``is_dir`` that answers False for a link that cannot be followed (a loop
+    raises instead of answering), so one bad link never stops the listing."""
+    try:
+        if entry is not None:
+            return entry.is_file() if kind == "file" else entry.is_dir()
+        return os.path.isfile(path) if kind == "file" else os.path.isdir(path)
+    except OSError:
+        return False
+
+
 def iter_matches(root: str, pattern: str):
     """Yield a ``Match`` for every file under ``root`` that ``pattern`` describes, in sorted order."""
     parts = pattern.split("/")
@@ -55,7 +66,7 @@ def iter_matches(root: str, pattern: str):
             # Zero folders, then one more folder at a time (a symlinked loop is entered once).
             yield from walk(folder, index + 1, rel, clip)
             for entry in _entries(folder):
-                if entry.is_dir():
+                if _is(entry, entry.path, "dir"):
                     st = entry.stat()
                     key = (st.st_dev, st.st_ino)
                     if key in seen_dirs:
@@ -76,9 +87,9 @@ def iter_matches(root: str, pattern: str):
         for name, path, entry, found in candidates:
             # DirEntry answers from the directory listing itself: no stat per file.
             if last:
-                if entry.is_file() if entry is not None else os.path.isfile(path):
+                if _is(entry, path, "file"):
                     yield Match("/".join(rel + (name,)), found)
-            elif entry.is_dir() if entry is not None else os.path.isdir(path):
+            elif _is(entry, path, "dir"):
                 yield from walk(path, index + 1, rel + (name,), found)
 
     yield from walk(root, 0, (), None)
