@@ -414,6 +414,7 @@ def inspect(
 
     from disco.pipeline.config import ConfigError
     from disco.pipeline.contact_sheet import write_contact_sheet
+    from disco.pipeline.errors import first_line
     from disco.pipeline.manifest import read_manifest
     from disco.pipeline.reader import open_errors, open_triplets
     from disco.pipeline.schema import MANIFEST_FILE
@@ -447,7 +448,7 @@ def inspect(
         try:
             by_type = errors.to_table(columns=["error_type"]).column("error_type").value_counts().to_pylist()
         except (OSError, pa.ArrowException) as exc:  # damaged pages, as above
-            _usage_error(f"an errors shard of {output} cannot be read ({str(exc).strip().splitlines()[0][:200]})")
+            _usage_error(f"an errors shard of {output} cannot be read ({first_line(exc)})")
         out.print("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type))
     target = sheet or output / "contact_sheet.png"
     try:
@@ -456,7 +457,7 @@ def inspect(
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the sheet could not be saved: not the shards' fault
         # pyarrow on damaged pages: an OSError without errno, or one of its own
-        _usage_error(f"a shard of {output} cannot be read ({str(exc).strip().splitlines()[0][:200]}); "
+        _usage_error(f"a shard of {output} cannot be read ({first_line(exc)}); "
                      "the shards are damaged: write the output again with `disco-cli preprocess ... --overwrite`")
     out.print(f"contact sheet ({shown} rows): {target.resolve()}")
 

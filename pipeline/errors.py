@@ -60,6 +60,12 @@ def error_type_of(exc: BaseException) -> str:
     return f"unexpected_{type(exc).__name__}"
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message in one line (its class name where it has none), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 def input_error(stage: str, exc: BaseException) -> InputError:
     """Any exception raised for one input, as the ``InputError`` of its errors row."""
     if isinstance(exc, InputError):

@@ -9,6 +9,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import first_line
 
 from disco.pipeline.schema import (
     ERROR_SCHEMA,
@@ -39,8 +40,7 @@ class DamagedShard(ConfigError):
 
 def damaged(path: str | Path, exc: BaseException) -> DamagedShard:
     """The one-line error for a shard that failed to read: the file and what is wrong."""
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return DamagedShard(f"{path} is damaged ({reason[:200]}); remove it (its rows are lost) or write the "
+    return DamagedShard(f"{path} is damaged ({first_line(exc)}); remove it (its rows are lost) or write the "
                         "output again with `disco-cli preprocess ... --overwrite`")
 
 

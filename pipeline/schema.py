@@ -10,7 +10,7 @@ import pyarrow as pa
 
 SOURCES = ("tiktok", "coco", "shhq", "deepfashion2", "laion", "video", "images")
 SPLITS = ("train", "test")
-ERROR_STAGES = ("list", "decode", "annotate", "matting", "pose", "encode", "write")
+ERROR_STAGES = ("list", "decode", "matting", "pose", "encode", "write")
 # A pixel is the person's where the mask (alpha 0..255) is at least this: the foreground /
 # background split, mask_area, and the person mask on the CLIP reference input all use it.
 PERSON_ALPHA = 128

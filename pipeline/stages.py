@@ -299,7 +299,7 @@ class AnnotateStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for unit in batch.to_pylist():
-            self.out.add(guarded(unit, "annotate", lambda: process_unit(unit, self.annotator, self.settings)))
+            self.out.add(guarded(unit, "encode", lambda: process_unit(unit, self.annotator, self.settings)))
         return self.out.commits()
 
 

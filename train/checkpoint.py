@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from disco.model.disco import DisCoModel
 from disco.model.meta_init import set_tensor
 from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import first_line
 from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
 
 WEIGHTS_FILE = "trainable.safetensors"
@@ -49,8 +50,7 @@ def _read(path: Path, read):
         raise DamagedCheckpoint(f"{path} holds objects other than tensors and plain values; it was not "
                                 "loaded (a checkpoint of this tool never does)") from None
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and json raise many kinds
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DamagedCheckpoint(f"{path} is damaged or not a checkpoint file ({reason})") from None
+        raise DamagedCheckpoint(f"{path} is damaged or not a checkpoint file ({first_line(exc)})") from None
 
 
 def checkpoint_name(step: int) -> str:
