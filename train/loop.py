@@ -274,6 +274,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                         "samples_per_s": window_steps * cfg.batch_size * cfg.grad_accum * world / elapsed,
                         "steps_per_s": window_steps / elapsed, "data_wait_fraction": waited / elapsed,
                         "skipped_rows": skipped,
+                        **_gpu_memory(device),
                     })
                 window_start, waited, window_steps = time.perf_counter(), 0.0, 0
                 loss_sum.zero_()
@@ -298,6 +299,16 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
 
         ray.train.report(summary)
     return summary
+
+
+def _gpu_memory(device) -> dict:
+    """This worker's peak CUDA memory so far, in GiB: what the caching allocator handed out and what it
+    holds from the driver (the figure to compare with ``train --dry-run``'s plan, which adds the
+    context on top)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: int, monitor: Monitor, device,

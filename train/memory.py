@@ -312,6 +312,25 @@ def measure_step(model: DisCoModel, cfg: TrainConfig, batch: int, device: str = 
     return {"activations": activations, "peak": tracker.peak}
 
 
+def step_flops(cfg: TrainConfig, batch: int = 1) -> int:
+    """Model FLOPs of one training step at ``batch`` (forward and backward, counted once: without
+    gradient checkpointing's recompute), counted by PyTorch's FLOP counter while the trainer's
+    objective runs on the meta device. Divided by the batch it is what MFU divides by."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from disco.train.loop import DiffusionObjective
+
+    model = meta_model(cfg)
+    model.set_trainable()
+    model.train()
+    objective = DiffusionObjective(model)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        inputs, draws = _meta_batch(model, batch, cfg.resolution)
+        objective(**inputs, **draws).backward()
+    return int(counter.get_total_flops())
+
+
 def adamw_temporaries(params, foreach: bool) -> int:
     """Bytes AdamW's update allocates besides its states: the multi-tensor (foreach)
     implementation, PyTorch's default on a GPU, makes one square-root copy of every second-moment
