@@ -1,0 +1,76 @@
+"""benchmarks/gpu_suite.py runs before a GPU ever sees it: its --smoke path on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+
+
+def _suite(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    out = tmp_path / "gpu_suite.json"
+    proc = subprocess.run([sys.executable, str(SUITE), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=900)
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+def _check(report: dict, steps: list[str]) -> dict:
+    assert report["smoke"] is True and report["environment"]["torch"]
+    by_step = {r["step"]: r for r in report["steps"]}
+    assert list(by_step) == steps
+    failed = {name: r.get("log", r.get("error")) for name, r in by_step.items() if r["status"] != "ok"}
+    assert not failed, failed
+    return by_step
+
+
+def _check_train(step: dict) -> None:
+    (config,) = step["configs"]
+    assert config["config"] == "finetune no gc-on b2"
+    assert config["steps_per_s"] > 0 and config["samples_per_s"] == pytest.approx(2 * config["steps_per_s"], rel=0.3)
+    # The plan of `train --dry-run` and the FLOPs of a sample come from the real (tiny) architecture.
+    assert 0.001 < config["plan_gib"] < 1 and config["flops_per_sample"] > 1e8
+    assert config["mfu"] == pytest.approx(config["samples_per_s"] * config["flops_per_sample"] / 989e12)
+
+
+def test_the_smoke_run_measures_training_generation_and_the_cuda_tests(tmp_path):
+    proc, report = _suite(tmp_path, "--smoke", "--only", "cuda-tests,train,generate")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = _check(report, ["cuda-tests", "train", "generate"])
+    tests = steps["cuda-tests"]
+    # Without a GPU the cuda-marked tests are collected and skip; none fails.
+    assert tests["tests"] >= 1 and tests["skipped"] == tests["tests"] and tests["failed"] == []
+    _check_train(steps["train"])
+    generate = steps["generate"]
+    assert generate["batched_frames_per_s"] > 0 and generate["one_at_a_time_frames_per_s"] > 0
+    assert "gpu_suite on CPU (smoke)" in proc.stdout and "finetune no gc-on b2" in proc.stdout
+
+
+def test_without_a_gpu_the_full_suite_refuses_in_one_line(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    proc, report = _suite(tmp_path, "--only", "generate")
+    assert proc.returncode == 2 and "no CUDA GPU is visible" in proc.stderr and report is None
+    proc, _ = _suite(tmp_path, "--smoke", "--only", "generate,warp")
+    assert proc.returncode == 2 and "unknown step 'warp'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_smoke_run_of_every_step(tmp_path):
+    """Every step, the annotators and the Grounded-SAM + OpenPose preprocess included (SAM's
+    encoder at 1024 px takes several minutes on two cores)."""
+    proc, report = _suite(tmp_path, "--smoke")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = _check(report, ["cuda-tests", "annotators", "preprocess", "train", "nccl", "generate", "trainer-vs-loop"])
+    assert steps["preprocess"]["rows"] == steps["preprocess"]["frames"] == 2
+    assert all(v > 0 for k, v in steps["annotators"]["frames_per_s"].items() if v is not None)
+    assert steps["nccl"]["backend"] == "gloo" and steps["nccl"]["steps_per_s"] > 0
+    assert steps["trainer-vs-loop"]["ratio"] > 0
+    _check_train(steps["train"])
