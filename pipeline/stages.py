@@ -101,6 +101,7 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
                rejects: list[dict]) -> list[tuple]:
     """Matting over the unit's frames (batched where the backend can). Returns the frames that hold
     a person as (frame_index, timestamp, frame, row_unit, matte); the others are counted by reason."""
+    annotator.begin_unit(unit)
     try:
         mattes = annotator.matte_batch([f[2] for f in frames])
     except Exception:  # one bad frame must not sink the others: go again one at a time
@@ -140,6 +141,7 @@ class UnitResult:
 def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, frames: int, errors: list[dict],
                 skipped: Counter, rejects: list[dict]) -> UnitResult:
     """Pose and encoding for the frames that hold a person."""
+    annotator.begin_unit(unit, resume=True)  # right after its matting (CPU pipeline): results kept
     rows: list[dict] = []
     path = unit["input_path"]
     for frame_index, timestamp, frame, row_unit, matte in kept:

@@ -167,6 +167,10 @@ def _mediapipe_engine(matting: str, pose: str, hands: bool):
     return MediaPipeEngine(hands=hands and pose == "mediapipe")
 
 
+# Unit kinds whose frames are consecutive frames of one shot (decode.py, datasets/units.py).
+SEQUENCE_KINDS = ("video", "frames")
+
+
 def person_threshold(matting: str, options: dict, min_visibility: float) -> float:
     """The detection score a person must reach: MediaPipe's landmark visibility, or for
     Grounded-SAM its own box threshold (a box below it was never proposed)."""
@@ -188,7 +192,18 @@ class FrameAnnotator:
         self.matting = build_matting(matting, options, self.engine) if "matting" in roles else None
         self.pose = build_pose(pose, options, self.engine) if "pose" in roles else None
         self.min_score = person_threshold(matting, options, min_visibility)
+        self._unit = None
         self.min_mask_area = min_mask_area
+
+    def begin_unit(self, unit: dict, resume: bool = False) -> None:
+        """The next frames belong to ``unit`` (a video segment or frame folder is a sequence):
+        MediaPipe keeps each frame's graph result for the unit and tracks through a sequence.
+        ``resume``: the same unit object as the last one begun keeps its results (its poses after
+        its matting); otherwise, or for any other unit, tracking starts afresh."""
+        if self.engine is None or (resume and unit is self._unit):
+            return
+        self._unit = unit  # held, so that no other unit can take its id
+        self.engine.begin_unit(sequence=unit.get("kind") in SEQUENCE_KINDS)
 
     def matte_batch(self, frames: list[np.ndarray]) -> list[Matte]:
         if hasattr(self.matting, "matte_batch"):

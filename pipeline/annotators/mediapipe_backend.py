@@ -63,35 +63,115 @@ def native_notices_silenced():
             os.close(saved)
 
 
+HOLISTIC_GRAPH = "holistic_landmark/holistic_landmark_cpu.binarypb"
+
+
+def holistic_without_face(tracking: bool):
+    """MediaPipe Holistic (BlazePose full, segmentation, both hands from the pose) without its face
+    mesh, which the contract never stores: the Holistic graph with the face nodes taken out, run
+    with the settings ``mp.solutions.holistic.Holistic`` gives it (model complexity 1, smoothing
+    only when tracking). Pose, mask and hands are the same as Holistic's, bit for bit."""
+    import mediapipe as mp
+    from mediapipe.framework import calculator_pb2
+    from mediapipe.python.solution_base import SolutionBase
+
+    config = calculator_pb2.CalculatorGraphConfig()
+    config.ParseFromString((Path(mp.__file__).parent / "modules" / HOLISTIC_GRAPH).read_bytes())
+    keep = [node for node in config.node
+            if not any("face_landmarks" in stream for stream in node.output_stream)]
+    if len(keep) != len(config.node) - 2:  # the split of the pose's face points, and the face mesh
+        raise RuntimeError(f"unexpected MediaPipe Holistic graph ({len(config.node)} nodes): mediapipe==0.10.14 "
+                           "is the version this project uses")
+    del config.node[:]
+    config.node.extend(keep)
+    outputs = [s for s in config.output_stream if not s.startswith("FACE_LANDMARKS")]
+    del config.output_stream[:]
+    config.output_stream.extend(outputs)
+    sides = [s for s in config.input_side_packet if "REFINE_FACE" not in s]
+    del config.input_side_packet[:]
+    config.input_side_packet.extend(sides)
+    return SolutionBase(
+        graph_config=config,
+        side_inputs={"model_complexity": 1, "smooth_landmarks": tracking, "enable_segmentation": True,
+                     "smooth_segmentation": tracking, "use_prev_landmarks": tracking},
+        calculator_params={
+            "poselandmarkcpu__posedetectioncpu__TensorsToDetectionsCalculator.min_score_thresh": 0.5,
+            "poselandmarkcpu__poselandmarkbyroicpu__tensorstoposelandmarksandsegmentation__ThresholdingCalculator"
+            ".threshold": 0.5,
+        },
+        outputs=["pose_landmarks", "pose_world_landmarks", "left_hand_landmarks", "right_hand_landmarks",
+                 "segmentation_mask"])
+
+
 class MediaPipeEngine:
-    """One BlazePose graph (Holistic when hands are wanted); remembers its last frame's result."""
+    """BlazePose graphs (Holistic when hands are wanted): one in static mode for stills, and one in
+    tracking mode for the frames of a video segment or frame folder, which follows the person from
+    the previous frame instead of detecting it again (faster, steadier landmarks).
+
+    Every result of the current unit is kept, so matting and pose read one graph run per frame
+    whatever order they ask in (the pipeline mattes a whole unit before it asks for poses).
+    ``begin_unit`` starts a unit: the kept results go, and the tracking graph starts afresh, so a
+    unit's rows depend on that unit's frames alone (not on which actor ran the unit before it, nor
+    on where a resumed run started). Outside units (``generate``, one-off calls) frames are stills.
+    """
+
+    MAX_KEPT = 256  # results kept outside units, where nothing says when they are no longer wanted
 
     def __init__(self, hands: bool):
-        import mediapipe as mp
-
         self.hands = hands
-        common = dict(static_image_mode=True, model_complexity=1, enable_segmentation=True)
-        with native_notices_silenced():
-            if hands:
-                self._graph = mp.solutions.holistic.Holistic(refine_face_landmarks=False, **common)
-            else:
-                self._graph = mp.solutions.pose.Pose(**common)
-        self._last_frame = None
-        self._last_result = None
-        self._started = False
+        self._graphs: dict[bool, object] = {}
+        self._results: dict[int, tuple] = {}
+        self._unit = False  # inside a unit (begin_unit was called)
+        self._tracking = False
+        self._dirty = False  # the tracking graph has seen frames since its last reset
+        self.graph_runs = 0  # frames that went through a graph (tests, the benchmark)
+        self._graph(False)  # build the static graph now: a broken install fails at start, not mid-run
+
+    def _graph(self, tracking: bool):
+        if tracking not in self._graphs:
+            import mediapipe as mp
+
+            with native_notices_silenced():
+                if self.hands:
+                    graph = holistic_without_face(tracking)
+                else:
+                    graph = mp.solutions.pose.Pose(static_image_mode=not tracking, model_complexity=1,
+                                                   enable_segmentation=True)
+            self._graphs[tracking] = graph
+            self._started = False
+        return self._graphs[tracking]
+
+    def begin_unit(self, sequence: bool) -> None:
+        """Frames from here on belong to a new unit; ``sequence``: consecutive frames of one video
+        (tracking mode) rather than unrelated stills."""
+        self._unit, self._tracking = True, sequence
+        self._results.clear()
+        if sequence and self._dirty:
+            self._graphs[True].reset()
+            self._dirty = False
 
     def process(self, frame: np.ndarray):
-        # Matting and pose both ask for the same frame object; run the graph once.
-        if frame is not self._last_frame:
-            quiet = native_notices_silenced() if not self._started else contextlib.nullcontext()
-            with quiet:
-                self._last_result = self._graph.process(np.ascontiguousarray(frame))
-            self._started = True
-            self._last_frame = frame
-        return self._last_result
+        kept = self._results.get(id(frame))
+        if kept is not None and kept[0] is frame:
+            return kept[1]
+        tracking = self._tracking and self._unit
+        graph = self._graph(tracking)
+        quiet = native_notices_silenced() if not self._started else contextlib.nullcontext()
+        with quiet:
+            result = graph.process(np.ascontiguousarray(frame))
+        self._started = True
+        self._dirty = self._dirty or tracking
+        self.graph_runs += 1
+        if not self._unit and len(self._results) >= self.MAX_KEPT:
+            self._results.clear()
+        self._results[id(frame)] = (frame, result)  # the frame is held, so its id stays its own
+        return result
 
     def close(self) -> None:
-        self._graph.close()
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+        self._results.clear()
 
     @staticmethod
     def weight_files(hands: bool) -> list[dict]:
@@ -107,7 +187,6 @@ class MediaPipeEngine:
             names += [
                 "holistic_landmark/hand_recrop.tflite",
                 "hand_landmark/hand_landmark_full.tflite",
-                "face_landmark/face_landmark.tflite",
             ]
         files = []
         for name in names:
