@@ -509,11 +509,16 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
+    from disco.pipeline.ray_idle import idle_pause_callback
+
     # Importing Ray Data sets up its own loggers; keep its per-run notices off the console.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    rest = idle_pause_callback()  # the driver's loop would poll on a core the actors need
+    if rest is not None and rest not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, rest]
     # Small blocks, so a video's segments spread over the actors instead of queueing on one.
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), MAX_BLOCKS)))
     stages = {"annotate": AnnotateStage, "matting": MattingStage, "pose": PoseStage}

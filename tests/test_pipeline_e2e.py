@@ -99,6 +99,32 @@ def test_a_person_below_the_area_threshold_is_counted_as_too_small(tmp_path):
     result = _run(tmp_path, "images", folder, min_mask_area=0.9)  # she covers about half the photo
     assert result.manifest["counts"]["rows_written"] == 0
     assert result.manifest["counts"]["rows_skipped"] == {"too_small": 1}
+    # Runs in this process before this one (the fixture's) registered the driver's idle pause too:
+    # it is there once, not once per run.
+    from ray.data import DataContext
+
+    from disco.pipeline.ray_idle import idle_pause_callback
+
+    assert DataContext.get_current().custom_execution_callback_classes.count(idle_pause_callback()) == 1
+
+
+def test_the_idle_pause_rests_only_after_a_step_spent_polling(monkeypatch):
+    import time
+
+    from disco.pipeline import ray_idle
+
+    real_sleep, rests = time.sleep, []
+    pause = ray_idle.IdlePause()
+    pause.step()
+    monkeypatch.setattr(ray_idle.time, "sleep", rests.append)
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:  # a step of the loop that found nothing to wait for
+        pass
+    pause.step()
+    assert rests == [ray_idle.IDLE_PAUSE_S]
+    real_sleep(0.05)  # a step that blocked on a task: no CPU spent
+    pause.step()
+    assert rests == [ray_idle.IDLE_PAUSE_S]
 
 
 def test_manifest_records_what_ran(astronaut_run):

@@ -70,6 +70,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from disco.pipeline.ray_idle import IdlePause
 from disco.pipeline.reader import open_triplets
 from disco.pipeline.schema import TRIPLETS_DIR
 
@@ -81,8 +82,6 @@ CHUNK_BATCHES = 256  # at least this many micro-batches of read tasks per Ray Da
 # Samples one decode task loads. Ray Data costs a few ms of driver and worker CPU per task
 # whatever its size; per micro-batch of 4 that was as much CPU as the decoding itself.
 SAMPLES_PER_BLOCK = 32
-# How long Ray Data's scheduling loop rests when a step of it did not wait for anything.
-IDLE_PAUSE_S = 0.03
 # A stream whose first decoded block has not arrived this long after its Ray Data execution
 # started fails with a ``DataError`` naming the resource it waits for.
 STARTUP_TIMEOUT_S = 120.0
@@ -711,12 +710,9 @@ def stream_callback(watch: _Watch):
     resource (Ray would wait for it forever; Ray Data itself gives up only after 30 minutes
     without progress, with no word about resources).
 
-    Idle pause: while the consumer holds the stream back (the model is slower than decoding, the
-    normal case), Ray Data's scheduling loop polls without pausing (ray-project/ray#65060). On a
-    machine with few cores that is most of a core taken from the model. A step that blocked
-    waiting for a task spent little CPU for its wall time and is left alone; a step that spent its
-    whole interval on the CPU was polling, and the loop rests ``IDLE_PAUSE_S``. The prefetched
-    blocks cover the pause many times over."""
+    Idle pause (pipeline/ray_idle.py): while the consumer holds the stream back (the model is
+    slower than decoding, the normal case), Ray Data's scheduling loop would poll on most of a
+    core; it rests instead. The prefetched blocks cover the pause many times over."""
     try:
         from ray.data._internal.execution.execution_callback import ExecutionCallback
     except ImportError:
@@ -724,7 +720,7 @@ def stream_callback(watch: _Watch):
 
     class StreamWatch(ExecutionCallback):
         def __init__(self):
-            self._last = None
+            self._pause = IdlePause()
 
         def before_execution_starts(self, executor) -> None:
             watch.started, watch.delivered = time.monotonic(), False
@@ -734,10 +730,7 @@ def stream_callback(watch: _Watch):
                     and time.monotonic() - watch.started > watch.timeout_s:
                 watch.error = watch.error or startup_failure(watch.data_cpus, watch.timeout_s)
                 raise DataError(watch.error)
-            wall, cpu = time.perf_counter(), time.thread_time()
-            if self._last is not None and cpu - self._last[1] > 0.5 * (wall - self._last[0]):
-                time.sleep(IDLE_PAUSE_S)
-            self._last = (time.perf_counter(), time.thread_time())
+            self._pause.step()
 
     return StreamWatch
 
