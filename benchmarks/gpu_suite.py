@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -284,31 +285,54 @@ def _mfu(samples_per_s: float, flops: int, peak_tflops: float) -> float:
     return samples_per_s * flops / (peak_tflops * 1e12)
 
 
+def _run_group(command: list[str], timeout: float) -> tuple[int | None, str, str]:
+    """Run ``command`` in a process group of its own; past ``timeout`` the whole group (Ray, pytest,
+    the CLI and whatever they started) is killed. Returns (exit code or None on timeout, out, err)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+def _summary_of_training(rows: list[dict], peak_tflops: float) -> dict:
+    done = [r for r in rows if "samples_per_s" in r]
+    best = max(done, key=lambda r: r["samples_per_s"], default=None)
+    summary = f"{len(done)}/{len(rows)} configurations ran"
+    if best:
+        summary += f"; best {best['config']}: {best['samples_per_s']:.1f} samples/s, MFU {best['mfu']:.1%}"
+    return {"configs": rows, "peak_tflops": peak_tflops, "summary": summary}
+
+
 def step_train(args, size, work: Path) -> dict:
     data = synthetic_triplets(work / "data", size["triplet_frames"], size["resolution"])
     rows = []
     for config in size["matrix"]:
         stage, precision, gc, batch = config
         label = f"{stage} {precision} gc-{'on' if gc else 'off'} b{batch}"
-        spec = {"size": size, "data": str(data), "output": str(work / label.replace(" ", "_")), "config": config}
+        output = work / label.replace(" ", "_")
+        spec = {"size": size, "data": str(data), "output": str(output), "config": config}
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--train-one", json.dumps(spec)], capture_output=True,
-                              text=True, env=_child_env(), timeout=args.config_timeout)
+        code, out, err = _run_group([sys.executable, __file__, "--train-one", json.dumps(spec)], args.config_timeout)
         row = {"config": label, "wall_s": time.perf_counter() - started}
         try:
-            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            row.update(json.loads(out.strip().splitlines()[-1]))
         except (IndexError, json.JSONDecodeError):
-            row["error"] = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            row["error"] = f"over {args.config_timeout:g} s" if code is None else f"exit {code}: {last}"
         if "samples_per_s" in row:
             row["mfu"] = _mfu(row["samples_per_s"], row["flops_per_sample"], args.peak_tflops)
         rows.append(row)
+        # The run's final checkpoint holds AdamW's states (about 19 GB full-size): one at a time.
+        shutil.rmtree(output, ignore_errors=True)
+        # What has run so far survives the step's own time limit.
+        args.result.write_text(json.dumps({**_summary_of_training(rows, args.peak_tflops), "partial": True}))
         print(json.dumps(row), flush=True)
-    done = [r for r in rows if "samples_per_s" in r]
-    best = max(done, key=lambda r: r["samples_per_s"], default=None)
-    summary = f"{len(done)}/{len(rows)} configurations ran"
-    if best:
-        summary += f"; best {best['config']}: {best['samples_per_s']:.1f} samples/s, MFU {best['mfu']:.1%}"
-    return {"configs": rows, "peak_tflops": args.peak_tflops, "summary": summary}
+    return _summary_of_training(rows, args.peak_tflops)
 
 
 def step_nccl(args, size, work: Path) -> dict:
@@ -491,25 +515,25 @@ def run_step(name: str, args, work: Path) -> dict:
     result_file = work / f"{name}.json"
     command = [sys.executable, __file__, "--child", name, "--result", str(result_file), "--work", str(work / name)]
     command += _passed_on(args)
+    timeout = args.step_timeout
+    if name == "train":  # room for every configuration of the matrix
+        timeout = max(timeout, args.config_timeout * len(sizes(args)["matrix"]) + 300)
     started = time.perf_counter()
     record = {"step": name}
     with GpuSampler() as sampler:
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, env=_child_env(), timeout=args.step_timeout)
-        except subprocess.TimeoutExpired as exc:
-            record.update(status="timeout", error=f"over {args.step_timeout} s",
-                          log=((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes)
-                               else (exc.stdout or ""))[-2000:])
-            proc = None
+        code, out, err = _run_group(command, timeout)
     record["seconds"] = time.perf_counter() - started
-    if proc is not None:
-        if proc.returncode == 0 and result_file.exists():
-            record.update(status="ok", **json.loads(result_file.read_text()))
-        else:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()
-            record.update(status="failed", error=tail[-1] if tail else f"exit {proc.returncode}",
-                          log="\n".join(tail[-40:]))
+    tail = (out + err).strip().splitlines()
+    if code == 0 and result_file.exists():
+        record.update(status="ok", **json.loads(result_file.read_text()))
+    elif code is None:
+        record.update(status="timeout", error=f"over {timeout:g} s", log="\n".join(tail[-40:]))
+        if result_file.exists():  # what the step finished before its limit
+            record.update(json.loads(result_file.read_text()))
+    else:
+        record.update(status="failed", error=tail[-1] if tail else f"exit {code}", log="\n".join(tail[-40:]))
     record.update(sampler.figures())
+    shutil.rmtree(work / name, ignore_errors=True)  # checkpoints and weights: gigabytes full-size
     return record
 
 

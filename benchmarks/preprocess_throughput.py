@@ -96,7 +96,9 @@ def run_plain_loop(cfg, out: Path) -> int:
     frames = 0
     for clip in sorted(Path(cfg.input).glob("*.mp4")):
         rows = []
-        with mp.solutions.holistic.Holistic(model_complexity=1, enable_segmentation=True) as holistic:
+        # Holistic for hands (as MediaPipe's docs show it), BlazePose alone without.
+        graph = mp.solutions.holistic.Holistic if cfg.hands else mp.solutions.pose.Pose
+        with graph(model_complexity=1, enable_segmentation=True) as holistic:
             for index, frame in enumerate(decord.VideoReader(str(clip))):
                 frame = frame.asnumpy()
                 result = holistic.process(frame)
@@ -107,7 +109,7 @@ def run_plain_loop(cfg, out: Path) -> int:
                 height, width = frame.shape[:2]
                 alpha = np.clip(np.round(result.segmentation_mask * 255.0), 0, 255).astype(np.uint8)
                 hands = None
-                if cfg.hands:
+                if cfg.hands and (result.left_hand_landmarks or result.right_hand_landmarks):
                     hands = np.stack([hand_to_pixels(points(result.left_hand_landmarks), width, height),
                                       hand_to_pixels(points(result.right_hand_landmarks), width, height)])
                 pose = Pose(body=blazepose_to_body18(landmarks, width, height, cfg.joint_threshold), hands=hands)

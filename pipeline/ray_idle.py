@@ -34,7 +34,7 @@ class IdlePause:
 def idle_pause_callback():
     """The Ray Data execution callback class that rests the loop (see above; one class, so it is
     registered once however many runs a process makes), or None where this Ray lacks the callback
-    interface. Register it in ``DataContext.custom_execution_callback_classes``."""
+    interface. Register it in a dataset's own ``context.custom_execution_callback_classes``."""
     try:
         from ray.data._internal.execution.execution_callback import ExecutionCallback
     except ImportError:

@@ -516,9 +516,6 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    rest = idle_pause_callback()  # the driver's loop would poll on a core the actors need
-    if rest is not None and rest not in ctx.custom_execution_callback_classes:
-        ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, rest]
     # Small blocks, so a video's segments spread over the actors instead of queueing on one.
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), MAX_BLOCKS)))
     stages = {"annotate": AnnotateStage, "matting": MattingStage, "pose": PoseStage}
@@ -532,6 +529,11 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
             num_cpus=pool.cpus,
             num_gpus=pool.gpus or None,
         )
+    # This run's own context (not the process's): the driver's loop would poll on a core the
+    # actors need, so it rests while it only polls.
+    rest = idle_pause_callback()
+    if rest is not None:
+        ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, rest]
     units_left: dict[str, int] = {}
     committed: set[tuple[str, int]] = set()
     frames = 0

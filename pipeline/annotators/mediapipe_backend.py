@@ -70,7 +70,8 @@ def holistic_without_face(tracking: bool):
     """MediaPipe Holistic (BlazePose full, segmentation, both hands from the pose) without its face
     mesh, which the contract never stores: the Holistic graph with the face nodes taken out, run
     with the settings ``mp.solutions.holistic.Holistic`` gives it (model complexity 1, smoothing
-    only when tracking). Pose, mask and hands are the same as Holistic's, bit for bit."""
+    only when tracking). Pose, mask and hands are the same as Holistic's, bit for bit (landmarks
+    keep their ``presence`` field, which Holistic clears and nothing here reads)."""
     import mediapipe as mp
     from mediapipe.framework import calculator_pb2
     from mediapipe.python.solution_base import SolutionBase
@@ -115,7 +116,7 @@ class MediaPipeEngine:
     on where a resumed run started). Outside units (``generate``, one-off calls) frames are stills.
     """
 
-    MAX_KEPT = 256  # results kept outside units, where nothing says when they are no longer wanted
+    MAX_KEPT = 2  # results kept outside units (``generate``): the frame asked for by matting, then pose
 
     def __init__(self, hands: bool):
         self.hands = hands
@@ -124,6 +125,7 @@ class MediaPipeEngine:
         self._unit = False  # inside a unit (begin_unit was called)
         self._tracking = False
         self._dirty = False  # the tracking graph has seen frames since its last reset
+        self._quiet_done: set[bool] = set()  # graphs whose first frame (start-up notices) went by
         self.graph_runs = 0  # frames that went through a graph (tests, the benchmark)
         self._graph(False)  # build the static graph now: a broken install fails at start, not mid-run
 
@@ -138,7 +140,6 @@ class MediaPipeEngine:
                     graph = mp.solutions.pose.Pose(static_image_mode=not tracking, model_complexity=1,
                                                    enable_segmentation=True)
             self._graphs[tracking] = graph
-            self._started = False
         return self._graphs[tracking]
 
     def begin_unit(self, sequence: bool) -> None:
@@ -149,6 +150,7 @@ class MediaPipeEngine:
         if sequence and self._dirty:
             self._graphs[True].reset()
             self._dirty = False
+            self._quiet_done.discard(True)  # a restarted graph prints its start-up notices again
 
     def process(self, frame: np.ndarray):
         kept = self._results.get(id(frame))
@@ -156,10 +158,10 @@ class MediaPipeEngine:
             return kept[1]
         tracking = self._tracking and self._unit
         graph = self._graph(tracking)
-        quiet = native_notices_silenced() if not self._started else contextlib.nullcontext()
+        quiet = native_notices_silenced() if tracking not in self._quiet_done else contextlib.nullcontext()
         with quiet:
             result = graph.process(np.ascontiguousarray(frame))
-        self._started = True
+        self._quiet_done.add(tracking)
         self._dirty = self._dirty or tracking
         self.graph_runs += 1
         if not self._unit and len(self._results) >= self.MAX_KEPT:
@@ -172,6 +174,8 @@ class MediaPipeEngine:
             graph.close()
         self._graphs.clear()
         self._results.clear()
+        self._unit, self._tracking, self._dirty = False, False, False
+        self._quiet_done.clear()
 
     @staticmethod
     def weight_files(hands: bool) -> list[dict]:
