@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from annotators import _frames as frames, _timed  # noqa: E402  (the annotator benchmark's frames and timer)
 STEPS = ("cuda-tests", "annotators", "preprocess", "train", "nccl", "generate", "trainer-vs-loop")
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -64,16 +66,6 @@ def sizes(args) -> dict:
 
 
 # -- shared inputs ----------------------------------------------------------------------------------
-
-def frames(count: int, size: int):
-    """Real pictures: a clip panned and zoomed over scikit-image's astronaut photo."""
-    import numpy as np
-    from skimage import data
-
-    from disco.pipeline.demo_data import pan_zoom_frames
-
-    return [np.ascontiguousarray(f) for f in pan_zoom_frames(data.astronaut(), count, size)]
-
 
 def annotator_weights(args, size: dict, root: Path) -> tuple[Path, bool]:
     """The annotators' weights folder and whether it is random (thresholds 0: random detectors
@@ -116,21 +108,6 @@ def synthetic_triplets(root: Path, count: int, side: int) -> Path:
     pq.write_table(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), root / "triplets" / "part-0.parquet",
                    row_group_size=16)
     return root
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 # -- steps (each runs in a child process; returns a dict with a one-line "summary") ----------------
@@ -414,7 +391,6 @@ def step_generate(args, size, work: Path) -> dict:
 
 def step_trainer_vs_loop(args, size, work: Path) -> dict:
     """The trainer (Parquet -> Ray Data -> loop) against a bare loop on batches held in memory."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from train_throughput import minimal_speed, trainer_speed
 
     from disco.pipeline.run import init_ray
