@@ -16,11 +16,11 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from disco.model.disco import DisCoModel
 from disco.model.meta_init import set_tensor
 from disco.pipeline.config import ConfigError
 from disco.pipeline.errors import first_line
@@ -31,6 +31,9 @@ EMA_FILE = "ema.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
+
+if TYPE_CHECKING:
+    from disco.model.disco import DisCoModel
 
 
 class DamagedCheckpoint(ConfigError):
@@ -91,6 +94,9 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
 def base_model(cfg: TrainConfig, variant: str) -> DisCoModel:
     """The model before any training: the sd-image-variations folder, or a named architecture with
     random weights drawn from ``model_seed`` (so a run directory can rebuild its frozen parts)."""
+    # Imported where a model is built: the launcher reads run folders without diffusers (10 s).
+    from disco.model.disco import DisCoModel
+
     if cfg.pretrained:
         return DisCoModel.from_sd_image_variations(cfg.pretrained, variant=variant)
     with torch.random.fork_rng(devices=[]):
@@ -105,6 +111,8 @@ def base_unet(cfg: TrainConfig):
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", local_files_only=True)
+    from disco.model.disco import DisCoModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.model_seed if cfg.model_seed is not None else cfg.seed)
         return DisCoModel.unet_from_architecture(cfg.model)
@@ -117,6 +125,8 @@ def initial_model(cfg: TrainConfig) -> DisCoModel:
     Every weight exists once: the HAP model and the base UNet are built, then assembled into the
     fine-tuning model without copies (``DisCoModel.finetune_from_hap``); the peak is their sum."""
     if cfg.stage == "finetune" and cfg.init_from:
+        from disco.model.disco import DisCoModel
+
         hap = load_model(cfg.init_from)
         if hap.config.variant != "pretrain":
             raise ConfigError(f"--init-from {cfg.init_from} is a {hap.config.variant} run, not a pretrain (HAP) run")

@@ -15,6 +15,10 @@ STAGES = ("pretrain", "finetune")
 REF_MODES = ("first", "random")
 PRECISIONS = ("no", "fp16", "bf16")
 CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+# Created in the run directory by the launcher on Ctrl-C: every worker finishes its step, the run
+# writes a checkpoint of that step and stops (all workers agree on the step through a collective).
+STOP_FILE = ".stop-requested"
 # Per-stage defaults from the paper / official code (DESIGN.md, "Recipe").
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-4}
 

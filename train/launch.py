@@ -18,11 +18,9 @@ from typing import Callable
 
 from disco.pipeline.config import ConfigError
 from disco.train.checkpoint import clean_temporary, list_checkpoints
-from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
-from disco.train.data import build_index
 from disco.train.collectives import GUARD_ENV
-from disco.train.config import lr_factor
-from disco.train.loop import STOP_FILE, SUMMARY_FILE, train_loop_per_worker
+from disco.train.config import CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
+from disco.train.data import build_index
 from disco.train.monitor import read_metrics
 
 # Options a resumed run may change; all others decide the data order or the model and must stay.
@@ -121,6 +119,14 @@ def _resources(cfg: TrainConfig, distributed: bool) -> tuple[float, float]:
     worker = cfg.cpus_per_worker or (min(1.0, total / (2 * cfg.num_workers)) if distributed else 0.0)
     data = cfg.data_cpus or (0.25 if total < 8 else 1.0)
     return worker, data
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """The training loop, imported where it runs: the driver of a Ray Train run never builds a
+    model, and importing diffusers and transformers costs it about 10 s of CPU."""
+    from disco.train.loop import train_loop_per_worker as loop
+
+    return loop(loop_config)
 
 
 class TrainingFailed(RuntimeError):

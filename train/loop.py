@@ -24,17 +24,13 @@ from torch import nn
 from disco.model.disco import VAE_SCALING, DisCoModel
 from disco.train.checkpoint import _load_trainable, initial_model, read_checkpoint, save_checkpoint
 from disco.train.collectives import Collectives, nccl_guard
-from disco.train.config import TrainConfig, lr_schedule
+from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
 from disco.train.data import SampleStream, build_index, sample_seed
 from disco.train.inputs import model_inputs, reference_picture
 from disco.train.monitor import Monitor
 from disco.train.sampling import ddim_sample, fit_pose, latent_factor
 
 DRAW_SALT = 0x9E3779B9
-SUMMARY_FILE = "summary.json"
-# Created in the run directory by the launcher on Ctrl-C: every worker finishes its step, the run
-# writes a checkpoint of that step and stops (all workers agree on the step through a collective).
-STOP_FILE = ".stop-requested"
 POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
 
 
