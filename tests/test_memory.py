@@ -115,6 +115,7 @@ def test_the_base_unet_alone_is_the_base_models_unet():
 _BUILD = """
 import json, os, resource, sys
 import torch
+import disco.model.disco  # the libraries' own memory is not the build's (checkpoint imports them lazily)
 from disco.train.checkpoint import initial_model
 from disco.train.config import TrainConfig
 
