@@ -51,7 +51,7 @@ def _source_name(source: Optional[str], manifest: Optional[Path]) -> str:
         return source
     if manifest is None:
         _usage_error("--source is required (or --manifest, whose name then serves as the source)")
-    from disco.pipeline.config import ConfigError
+    from disco.pipeline.errors import ConfigError
     from disco.pipeline.manifest_yaml import load_manifest
 
     try:
@@ -136,7 +136,7 @@ class _ProgressBar:
 
 def run_preprocess(config, show_progress: bool = True, title: str = "preprocess") -> dict:
     """Run a preprocess job with a progress bar and a summary; returns the manifest."""
-    from disco.pipeline.config import ConfigError
+    from disco.pipeline.errors import ConfigError
     from disco.pipeline.run import preprocess
 
     try:
@@ -162,7 +162,7 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
 
 def run_training(cfg, given: set[str] | None = None, show_progress: bool = True) -> dict:
     """Run (or resume) a training run with a progress bar; returns its summary."""
-    from disco.pipeline.config import ConfigError
+    from disco.pipeline.errors import ConfigError
     from disco.train.data import DataError
     from disco.train.launch import TrainingFailed
     from disco.train.launch import train as launch_training
@@ -201,7 +201,7 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
 
 def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
     """``train --dry-run``: the per-GPU memory plan of ``cfg`` as a table (see train/memory.py)."""
-    from disco.pipeline.config import ConfigError
+    from disco.pipeline.errors import ConfigError
     from disco.train.memory import GIB, host_build_bytes, memory_plan, plan_config, plan_table, visible_gpu_gib
 
     if gpu_memory is not None and gpu_memory <= 0:
@@ -242,6 +242,20 @@ def run_generation(config, show_progress: bool = True):
     return result
 
 
+def _annotator_help() -> tuple[str, str, str, str]:
+    """The backend options' help, from the annotator registry (a new backend shows up by itself)."""
+    from disco.pipeline.annotators import registry
+
+    gpu = " / ".join(b.name for b in registry.backends() if b.gpu)
+    return (f"Person matting backend: {registry.describe_choices('matting')}.",
+            f"Pose backend: {registry.describe_choices('pose')}.",
+            f"Folder of local weights for {gpu} (layout in the README).",
+            f"Where {gpu} run: auto (CUDA, else refuse), cuda, or cpu (on purpose, slow).")
+
+
+MATTING_HELP, POSE_HELP, WEIGHTS_HELP, DEVICE_HELP = _annotator_help()
+
+
 @app.command()
 def preprocess(
     source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
@@ -249,12 +263,12 @@ def preprocess(
     output: Path = typer.Option(..., "--output", "-o", help="Output folder: triplets/, errors/, manifest.json."),
     manifest: Optional[Path] = typer.Option(None, help=MANIFEST_HELP),
     coco_single_person: bool = typer.Option(False, help="coco: keep only images with exactly one annotated person."),
-    matting: str = typer.Option("auto", help="Person matting backend: auto, mediapipe or grounded-sam (GPU, --weights)."),
-    pose: str = typer.Option("auto", help="Pose backend: auto, mediapipe, openpose (GPU, --weights) or none."),
+    matting: str = typer.Option("auto", help=MATTING_HELP),
+    pose: str = typer.Option("auto", help=POSE_HELP),
     hands: bool = typer.Option(True, "--hands/--no-hands", help="Also estimate hand keypoints."),
     face: bool = typer.Option(False, "--face/--no-face", help="Also estimate OpenPose's 70 face keypoints (openpose only)."),
-    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Folder of local weights for grounded-sam and openpose (layout in the README)."),
-    device: str = typer.Option("auto", help="Where grounded-sam / openpose run: auto (CUDA, else refuse), cuda, or cpu (on purpose, slow)."),
+    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help=WEIGHTS_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     sam_model: str = typer.Option("vit_h", help="SAM variant for grounded-sam: vit_h, vit_l or vit_b."),
     box_threshold: float = typer.Option(0.3, help="GroundingDINO box threshold (grounded-sam): the person detection score."),
     text_threshold: float = typer.Option(0.25, help="GroundingDINO text threshold (grounded-sam)."),
@@ -315,9 +329,9 @@ def filter_humans(
     keep_rejects: bool = typer.Option(False, help="Write every rejected picture's reason, score, area and person count to rejects/*.parquet."),
     coco_single_person: bool = typer.Option(False, help="coco: keep only images with exactly one annotated person."),
     split: Optional[str] = typer.Option(None, help="Split written for every row (default: the manifest's split rule)."),
-    matting: str = typer.Option("auto", help="Person matting backend: auto, mediapipe or grounded-sam (GPU, --weights)."),
-    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Folder of local weights for grounded-sam and openpose (layout in the README)."),
-    device: str = typer.Option("auto", help="Where grounded-sam / openpose run: auto (CUDA, else refuse), cuda, or cpu (on purpose, slow)."),
+    matting: str = typer.Option("auto", help=MATTING_HELP),
+    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help=WEIGHTS_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     sam_model: str = typer.Option("vit_h", help="SAM variant for grounded-sam: vit_h, vit_l or vit_b."),
     box_threshold: float = typer.Option(0.3, help="GroundingDINO box threshold (grounded-sam)."),
     batch_size: int = typer.Option(8, help="Frames per batch through GroundingDINO and SAM's image encoder."),
@@ -331,7 +345,8 @@ def filter_humans(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Build the human-attribute pre-training set: keep pictures with one clear, large enough person."""
-    from disco.pipeline.config import ConfigError, PreprocessConfig
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.errors import ConfigError
     from disco.pipeline.filter import filter_triplets, is_triplets_dir
 
     for name, value in (("--min-score", min_score), ("--min-area", min_area)):
@@ -412,7 +427,7 @@ def inspect(
     """Print the manifest summary, schema and counts of an output folder, and write a contact sheet."""
     import pyarrow as pa
 
-    from disco.pipeline.config import ConfigError
+    from disco.pipeline.errors import ConfigError
     from disco.pipeline.contact_sheet import write_contact_sheet
     from disco.pipeline.errors import first_line
     from disco.pipeline.manifest import read_manifest
@@ -629,7 +644,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train DisCo on preprocessed triplets: --stage pretrain (HAP) or finetune; resumable."""
-    from disco.pipeline.config import ConfigError
+    from disco.pipeline.errors import ConfigError
     from disco.train.config import TrainConfig
 
     flags = dict(stage=stage, data=[str(d) for d in data] if data else None, output=str(output) if output else None,

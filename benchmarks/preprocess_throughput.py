@@ -137,7 +137,7 @@ def run_loop(cfg) -> int:
         for unit in plan_units(item.to_dict(), settings):
             frames += process_unit(unit, annotator, settings).unit["frames"]
     print(f"graph runs per frame (project code, the same per unit in Ray's actors): "
-          f"{annotator.engine.graph_runs / frames:.2f}")
+          f"{annotator.shared['mediapipe'].graph_runs / frames:.2f}")
     return frames
 
 

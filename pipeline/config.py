@@ -8,18 +8,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from disco.pipeline.annotators import registry
+from disco.pipeline.annotators.grounded_sam import SAM_FILES
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.schema import SOURCES, SPLITS
 
-MATTING_CHOICES = ("auto", "mediapipe", "grounded-sam")
-POSE_CHOICES = ("auto", "mediapipe", "openpose", "none")
-SAM_MODELS = ("vit_h", "vit_l", "vit_b")
+SAM_MODELS = tuple(SAM_FILES)
 DEVICES = ("auto", "cuda", "cpu")
 IMAGE_FORMATS = ("jpeg", "png")
 POSE_STYLES = ("openpose", "disco")
-
-
-class ConfigError(ValueError):
-    """A user-supplied option that cannot work; the CLI turns it into a usage error."""
 
 
 @dataclass
@@ -90,10 +87,9 @@ class PreprocessConfig:
             raise ConfigError("--max-persons must be at least 1")
         if not Path(self.input).exists():
             raise ConfigError(f"input {self.input} does not exist")
-        if self.matting not in MATTING_CHOICES:
-            raise ConfigError(f"unknown matting backend {self.matting!r}; choose one of {', '.join(MATTING_CHOICES)}")
-        if self.pose not in POSE_CHOICES:
-            raise ConfigError(f"unknown pose backend {self.pose!r}; choose one of {', '.join(POSE_CHOICES)}")
+        for role, asked in (("matting", self.matting), ("pose", self.pose)):
+            if asked not in registry.choices(role):
+                raise ConfigError(f"unknown {role} backend {asked!r}; choose one of {', '.join(registry.choices(role))}")
         if self.image_format not in IMAGE_FORMATS:
             raise ConfigError(f"unknown image format {self.image_format!r}; choose jpeg or png")
         if self.pose_style not in POSE_STYLES:

@@ -6,14 +6,8 @@ import importlib.util
 from pathlib import Path
 
 from disco.pipeline.annotators import cuda_available
-from disco.pipeline.annotators.weights import WEIGHTS_ENV, grounded_sam_files, openpose_files, weights_dir
-
-# The Python packages each backend imports.
-PACKAGES = {
-    "mediapipe": ("mediapipe",),
-    "grounded-sam": ("segment_anything", "transformers"),
-    "openpose": ("controlnet_aux",),
-}
+from disco.pipeline.annotators.registry import backends
+from disco.pipeline.annotators.weights import WEIGHTS_ENV, weights_dir
 
 
 def _gpus() -> list[str]:
@@ -33,29 +27,27 @@ def _torch_version() -> str:
 def diagnose(weights: str | Path | None, *, sam_model: str = "vit_h", hands: bool = True, face: bool = False) -> dict:
     root = weights_dir(weights)
     cuda = cuda_available()
-    files = {"grounded-sam": [], "openpose": []}
-    if root is not None:
-        files = {"grounded-sam": grounded_sam_files(root, sam_model), "openpose": openpose_files(root, hands, face)}
-    backends = []
-    for name, roles in (("mediapipe", "matting, pose"), ("grounded-sam", "matting"), ("openpose", "pose")):
-        problems = [f"package {p} is not installed" for p in PACKAGES[name] if importlib.util.find_spec(p) is None]
-        if name != "mediapipe":
+    options = {"sam_model": sam_model, "hands": hands, "face": face}
+    report, files = [], []
+    for backend in backends():
+        problems = [f"package {p} is not installed" for p in backend.packages if importlib.util.find_spec(p) is None]
+        needed = backend.files(root, options) if backend.files is not None and root is not None else []
+        if backend.gpu:
             if not cuda:
                 problems.append("no CUDA device (--device cpu runs it on the CPU on purpose)")
             if root is None:
                 problems.append(f"no weights folder (--weights or ${WEIGHTS_ENV})")
-            missing = [f.name for f in files[name] if not f.present]
-            if missing:
-                problems.append("missing " + ", ".join(missing))
-        backends.append({"name": name, "role": roles, "can_run": not problems, "problems": problems})
+        missing = [f.name for f in needed if not f.present]
+        if missing:
+            problems.append("missing " + ", ".join(missing))
+        report.append({"name": backend.name, "role": ", ".join(backend.roles), "can_run": not problems,
+                       "problems": problems})
+        files += needed
     return {
         "cuda": cuda,
         "gpus": _gpus(),
         "torch": _torch_version(),
         "weights_dir": str(root) if root else None,
-        "backends": backends,
-        "files": [
-            {"name": f.name, "purpose": f.purpose, "present": f.present, "path": str(f.path)}
-            for group in files.values() for f in group
-        ],
+        "backends": report,
+        "files": [{"name": f.name, "purpose": f.purpose, "present": f.present, "path": str(f.path)} for f in files],
     }

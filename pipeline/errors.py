@@ -13,6 +13,11 @@ import errno
 import os
 
 
+class ConfigError(ValueError):
+    """A user-supplied option that cannot work (or a run's own problem); the CLI turns it into a
+    one-line usage error. Train, generate and evaluate raise it too."""
+
+
 class InputError(Exception):
     """A problem with one input (or one frame range of it) that must not stop the run.
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from disco.pipeline.annotators import mask_area
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.schema import MANIFEST_FILE, REJECT_SCHEMA, TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
 
 
@@ -86,9 +86,8 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
 def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, *, min_score: float,
                    min_area: float, max_persons: int | None, keep_rejects: bool, overwrite: bool, shard_rows: int,
                    row_group_rows: int, log):
-    from disco.pipeline.manifest import build_manifest, write_manifest
+    from disco.pipeline.manifest import RunResult, build_manifest, write_manifest
     from disco.pipeline.reader import check_shard, damaged, shard_files
-    from disco.pipeline.run import RunResult
     from disco.pipeline.writer import ShardWriter, run_token
 
     state, _ = store.begin(params, overwrite)

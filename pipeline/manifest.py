@@ -7,10 +7,20 @@ import os
 import platform
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from disco.pipeline.writer import JournalState
+
+@dataclass
+class RunResult:
+    """What a `preprocess` or `filter-humans` run returns: its manifest and its exit code."""
+
+    manifest: dict
+    exit_code: int
+    removed_on_recovery: list[str] = field(default_factory=list)
+
 
 PACKAGES = ("disco", "ray", "pyarrow", "numpy", "pillow", "mediapipe", "decord", "opencv-contrib-python",
             "opencv-python-headless", "scikit-image", "torch")

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 
 LAYOUT_KINDS = ("images", "video", "frames", "webdataset", "parquet")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")

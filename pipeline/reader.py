@@ -8,8 +8,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from disco.pipeline.config import ConfigError
-from disco.pipeline.errors import first_line
+from disco.pipeline.errors import ConfigError, first_line
 
 from disco.pipeline.schema import (
     ERROR_SCHEMA,

@@ -9,14 +9,16 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from disco.pipeline.annotators import GPU_BACKENDS, BackendError, resolve_backends, weight_files
-from disco.pipeline.config import ConfigError, PreprocessConfig
+from disco.pipeline.annotators import BackendError, gpu_backend, resolve_backends, weight_files
+from disco.pipeline.annotators.registry import get as get_backend
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.datasets import list_source
 from disco.pipeline.filter import filter_section, filter_settings
-from disco.pipeline.manifest import build_manifest, write_manifest
+from disco.pipeline.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, plan_units
 from disco.pipeline.writer import OutputStore, run_token
 
@@ -27,13 +29,6 @@ RESERVED_CPUS = 0.1
 MIN_ACTOR_CPUS = 0.1
 CONNECT_TIMEOUT_S = 60.0  # how long an unreachable --ray-address is tried ($DISCO_RAY_TIMEOUT)
 CALLS_PER_ACTOR = 4  # the last stage's calls per actor at least, so commits come often enough
-
-
-@dataclass
-class RunResult:
-    manifest: dict
-    exit_code: int
-    removed_on_recovery: list[str] = field(default_factory=list)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
@@ -212,6 +207,9 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"],
                     backend_options=backend_options(cfg),
+                    # Where each backend is declared: an actor imports a backend it does not know.
+                    backend_modules={name: get_backend(name).module
+                                     for name in (cfg.resolved["matting"], cfg.resolved["pose"]) if name != "none"},
                     # The writing actors put shards straight into the output: an absolute path on
                     # storage that every node sees, and a name part of this run's own.
                     output=str(Path(cfg.output).resolve()), run=run_token())
@@ -229,7 +227,7 @@ def backend_options(cfg: PreprocessConfig) -> dict:
 
 
 def uses_gpu_pipeline(resolved: dict) -> bool:
-    return resolved["matting"] in GPU_BACKENDS or resolved["pose"] in GPU_BACKENDS
+    return gpu_backend(resolved["matting"]) or gpu_backend(resolved["pose"])
 
 
 @dataclass
@@ -322,7 +320,7 @@ def gpu_pools(cfg: PreprocessConfig, nodes: list[dict], units: int) -> list[Pool
     wants = {
         "matting": cfg.matting_gpus if cfg.matting_gpus is not None else (0.5 if on_gpu else 0.0),
         "pose": cfg.pose_gpus if cfg.pose_gpus is not None else (
-            0.5 if on_gpu and cfg.resolved["pose"] in GPU_BACKENDS else 0.0),
+            0.5 if on_gpu and gpu_backend(cfg.resolved["pose"]) else 0.0),
     }
     per_set = sum(wants.values())
     if cfg.actors:

@@ -286,7 +286,8 @@ def _annotator(settings: dict, roles: tuple[str, ...]):
     cv2.setNumThreads(1)  # one actor per core; OpenCV's own pool would fight the others
     return FrameAnnotator(
         settings["matting"], settings["pose"], settings["hands"], settings["min_visibility"],
-        settings["min_mask_area"], settings["joint_threshold"], roles=roles, **settings["backend_options"],
+        settings["min_mask_area"], settings["joint_threshold"], roles=roles,
+        modules=settings.get("backend_modules"), **settings["backend_options"],
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.schema import (
     ERROR_SCHEMA,
     ERRORS_DIR,

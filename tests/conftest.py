@@ -14,6 +14,9 @@ os.environ.setdefault("DISCO_NCCL_GUARD", "1")
 # Ray Train's controller polls its workers every 2 s; each run waits for a poll to see its end
 # and each lost worker for one to notice. Every Ray process the tests start inherits this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The suite's own annotator backend (annotator_plugin.py) must be importable by Ray's workers, as a
+# user's plugin module must be on every node: the tests folder on the path of every process.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

@@ -86,16 +86,16 @@ def test_each_frame_goes_through_the_graph_once(tmp_path):
     results = [process_unit(unit, annotator, settings) for unit in units]
     frames = sum(r.unit["frames"] for r in results)
     assert frames == 12 and sum(r.unit["rows"] for r in results) == 12  # mask and pose of every frame
-    assert annotator.engine.graph_runs == frames
+    assert annotator.shared["mediapipe"].graph_runs == frames
     # Stills: one run per picture, matting and pose alike; asking again for a still of the unit
     # reads the kept result.
     stills = [data.astronaut(), np.ascontiguousarray(data.astronaut()[:, ::-1])]
-    before = annotator.engine.graph_runs
+    before = annotator.shared["mediapipe"].graph_runs
     annotator.begin_unit({"input_path": "photos", "unit_index": 0, "kind": "image"})
     for still in stills:
         assert annotator.annotate(still).present
         annotator.annotate(still)
-    assert annotator.engine.graph_runs - before == len(stills)
+    assert annotator.shared["mediapipe"].graph_runs - before == len(stills)
     annotator.close()
 
 
@@ -116,7 +116,7 @@ def test_tracked_rows_do_not_depend_on_where_a_run_started(tmp_path):
         assert other.equals(second)
     assert first.num_rows == second.num_rows == 8
     # Tracking, not static: a static graph gives other landmarks on the same frames.
-    engine = fresh.engine
+    engine = fresh.shared["mediapipe"]
     assert True in engine._graphs and engine._graphs[True] is not engine._graphs[False]
     annotator.close()
     fresh.close()
@@ -158,7 +158,7 @@ def test_no_leg_is_stored_or_drawn_for_a_photo_cut_at_the_waist():
     annotator = FrameAnnotator("mediapipe", "mediapipe", hands=True, min_visibility=0.5, min_mask_area=0.01)
     photo = data.astronaut()
     result = annotator.annotate(photo)
-    raw = annotator.engine.process(photo).pose_landmarks.landmark
+    raw = annotator.shared["mediapipe"].process(photo).pose_landmarks.landmark
     assert all(raw[i].y > 1 for i in (25, 26, 27, 28))  # the guesses exist, below the edge
     body = result.pose.body
     for joint in ("r_knee", "l_knee", "r_ankle", "l_ankle"):

@@ -180,7 +180,7 @@ def test_our_worker_settings_yield_to_a_jobs_runtime_env(monkeypatch):
 
 
 def test_a_bad_timeout_and_a_shard_that_is_not_on_shared_storage_are_one_line_errors(tmp_path, monkeypatch):
-    from disco.pipeline.config import ConfigError
+    from disco.pipeline.errors import ConfigError
     from disco.pipeline.run import _check_shards, _connect_timeout
 
     monkeypatch.setenv("DISCO_RAY_TIMEOUT", "soon")

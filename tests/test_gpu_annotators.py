@@ -18,7 +18,8 @@ from disco.cli import app
 from disco.pipeline.annotators import BackendError, FrameAnnotator, cuda_available, resolve_backends
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.annotators.random_weights import write_random_weights
-from disco.pipeline.annotators.weights import OPENPOSE_FILES, SAM_FILES
+from disco.pipeline.annotators.grounded_sam import SAM_FILES
+from disco.pipeline.annotators.openpose_backend import OPENPOSE_FILES
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.encode import decode_picture
 from disco.pipeline.reader import open_triplets

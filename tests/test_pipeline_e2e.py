@@ -19,7 +19,8 @@ from skimage import data
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.pipeline.config import ConfigError, PreprocessConfig
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
 from disco.pipeline.encode import decode_picture
 from disco.pipeline.keypoints import BODY18_NAMES
@@ -287,3 +288,35 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     again = CliRunner().invoke(app, command[3:])
     assert again.exit_code == 0, again.output[-2000:]
     assert _table_by_id(out).num_rows == 150
+
+
+def test_a_backend_declared_in_one_file_runs_through_preprocess(tmp_path, ray_local):
+    """tests/annotator_plugin.py declares a matting backend; nothing else names it. It becomes a
+    choice of --matting (never of --pose, never picked by auto), and a `preprocess` on Ray's actors
+    (which import it themselves) stores its masks beside MediaPipe's poses."""
+    import annotator_plugin  # noqa: F401 - the declaration
+
+    from disco.pipeline.annotators import FrameAnnotator, registry, resolve_backends
+
+    assert "centre-box" in registry.choices("matting") and "centre-box" not in registry.choices("pose")
+    assert resolve_backends("auto", "auto")["matting"] == "mediapipe"
+    assert "centre-box" in registry.describe_choices("matting")  # the CLI's help (entry-point plugins)
+    local = FrameAnnotator("centre-box", "none", hands=False, min_visibility=0.5, min_mask_area=0.01)
+    local.begin_unit({"kind": "video"})
+    local.begin_unit({"kind": "image"})
+    assert local.matting.units == [True, False]
+
+    folder = tmp_path / "in"
+    save(folder / "astronaut.png", Image.fromarray(data.astronaut()).resize((128, 128)))
+    write_video(folder / "clip.mp4", pan_zoom_frames(data.astronaut(), 4, 96), 30.0)
+    result = _run(tmp_path, "video", folder / "clip.mp4", matting="centre-box", pose="mediapipe")
+    assert result.exit_code == 0
+    images = _run(tmp_path, "images", folder, name="stills", matting="centre-box", pose="mediapipe")
+    assert images.exit_code == 0 and images.manifest["backends"]["matting"]["name"] == "centre-box"
+    rows = open_triplets(tmp_path / "out").to_table().to_pylist() + open_triplets(tmp_path / "stills").to_table().to_pylist()
+    assert len(rows) == 5
+    for row in rows:
+        mask = decode_picture(row["mask"], grayscale=True) >= 128
+        side = row["height"] // 4, row["width"] // 4
+        assert mask[side[0]:-side[0], side[1]:-side[1]].all() and mask.mean() == pytest.approx(0.25, abs=0.02)
+        assert row["body_keypoints"] is not None  # MediaPipe's pose of the same frame

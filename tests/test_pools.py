@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from disco.pipeline.config import ConfigError, PreprocessConfig
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.run import RESERVED_CPUS, plan_pools
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import layouts
-from disco.pipeline.config import ConfigError, PreprocessConfig
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.datasets import list_source, webdataset
 from disco.pipeline.manifest_yaml import builtin_manifest, builtin_names, load_manifest, parse_manifest
 

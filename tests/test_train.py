@@ -21,7 +21,7 @@ from skimage import data
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.encode import decode_picture
 from disco.pipeline.reader import open_triplets
 from disco.pipeline.schema import TRIPLET_SCHEMA

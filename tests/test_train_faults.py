@@ -20,7 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 from disco.train.checkpoint import find_checkpoint, list_checkpoints, read_checkpoint
 from disco.train.collectives import CollectiveDeviceError, Collectives, nccl_guard
 from disco.train.config import TrainConfig, load_run_config

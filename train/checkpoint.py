@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from disco.model.meta_init import set_tensor
-from disco.pipeline.config import ConfigError
-from disco.pipeline.errors import first_line
+from disco.pipeline.errors import ConfigError, first_line
 from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
 
 WEIGHTS_FILE = "trainable.safetensors"

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from disco.model.configs import CONFIGS
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 
 STAGES = ("pretrain", "finetune")
 REF_MODES = ("first", "random")

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 from disco.train.checkpoint import clean_temporary, list_checkpoints
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor

@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 from disco.model.configs import SCHEDULER
 from disco.model.disco import DisCoModel
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 from disco.train.config import TrainConfig
 
 GIB = 1024 ** 3

@@ -13,11 +13,41 @@ from pathlib import Path
 import numpy as np
 
 from disco.pipeline.annotators.base import Matte
-from disco.pipeline.annotators.weights import GROUNDING_DINO_DIR, SAM_FILES, backend_files, require
+from disco.pipeline.annotators.registry import Backend, register
+from disco.pipeline.annotators.weights import WeightFile, first_present, needs_folder, require, weights_dir
 
 PROMPT = "person."
 # Boxes handed to SAM per frame, best first; bounds the cost of a crowd or of a detector gone wrong.
 MAX_BOXES = 32
+
+
+# In the weights folder: GroundingDINO SwinT-OGC in the transformers layout (the
+# IDEA-Research/grounding-dino-tiny folder: config, weights, image processor and the BERT tokenizer
+# it needs) and the segment-anything checkpoints as Meta publishes them (only the selected variant).
+GROUNDING_DINO_DIR = "grounding-dino"
+GROUNDING_DINO_FILES = ("config.json", "tokenizer_config.json")
+# Either name holds the image processor (the hub folder has the first, transformers 5 writes the second).
+GROUNDING_DINO_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
+GROUNDING_DINO_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+SAM_FILES = {
+    "vit_h": "sam/sam_vit_h_4b8939.pth",
+    "vit_l": "sam/sam_vit_l_0b3195.pth",
+    "vit_b": "sam/sam_vit_b_01ec64.pth",
+}
+
+
+def weight_files(root: Path | None, options: dict) -> list[WeightFile]:
+    """The files Grounded-SAM reads from the weights folder for ``options["sam_model"]``."""
+    root = needs_folder("grounded-sam", root)
+    sam_model = options.get("sam_model", "vit_h")
+    folder = root / GROUNDING_DINO_DIR
+    files = [WeightFile(f"{GROUNDING_DINO_DIR}/{n}", folder / n, "GroundingDINO SwinT-OGC") for n in GROUNDING_DINO_FILES]
+    for names, purpose in ((GROUNDING_DINO_PROCESSOR, "GroundingDINO image processor"),
+                           (GROUNDING_DINO_WEIGHTS, "GroundingDINO SwinT-OGC weights")):
+        path = first_present(folder, names)
+        files.append(WeightFile(path.relative_to(root).as_posix(), path, purpose))
+    sam = SAM_FILES[sam_model]
+    return files + [WeightFile(sam, root / sam, f"SAM {sam_model}")]
 
 
 def _batches(items: list, size: int):
@@ -36,7 +66,7 @@ class GroundedSamMatting:
         from segment_anything.utils.transforms import ResizeLongestSide
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-        self.files = backend_files(self.name, weights, sam_model=sam_model)
+        self.files = weight_files(weights, {"sam_model": sam_model})
         require(self.files, self.name)
         self.device = torch.device(device)
         self.box_threshold = box_threshold
@@ -128,5 +158,81 @@ class GroundedSamMatting:
         alpha = np.where(person_masks.any(axis=0), 255, 0).astype(np.uint8)
         return Matte(alpha=alpha, score=float(scores.max()), count=int(len(scores)), model=self.name)
 
-    def weight_files(self) -> list:
-        return self.files
+
+# -- random weights of the real architectures (tests, benchmarks) ------------------------------------
+
+# A word-piece vocabulary that covers the prompt; BERT's own has 30522 entries.
+SMALL_VOCAB = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "person", ".", "a", "the")
+
+
+def _grounding_dino_config(size: str):
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+
+    if size == "full":
+        return GroundingDinoConfig(text_config=BertConfig(vocab_size=len(SMALL_VOCAB)))
+    return GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=7,
+                                   out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=len(SMALL_VOCAB), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=6,
+    )
+
+
+def write_grounding_dino(root: Path, size: str = "small", seed: int = 0) -> Path:
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+    )
+
+    folder = Path(root) / GROUNDING_DINO_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SMALL_VOCAB) + "\n")
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(_grounding_dino_config(size)).save_pretrained(folder)
+    # The small detector sees small pictures; the full one keeps GroundingDINO's 800 x 1333.
+    sizes = {"shortest_edge": 800, "longest_edge": 1333} if size == "full" else {"shortest_edge": 128, "longest_edge": 160}
+    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=sizes),
+                                       tokenizer=BertTokenizerFast(vocab_file=str(vocab)))
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_sam(root: Path, sam_model: str = "vit_b", seed: int = 0) -> Path:
+    import torch
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(seed)
+    path = Path(root) / SAM_FILES[sam_model]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sam_model_registry[sam_model]().state_dict(), path)
+    return path
+
+
+def _random_weights(root: Path, size: str, options: dict) -> None:
+    write_grounding_dino(root, size)
+    write_sam(root, options.get("sam_model", "vit_b"))
+
+
+def _build(role: str, options: dict, shared: dict) -> GroundedSamMatting:
+    return GroundedSamMatting(
+        weights_dir(options.get("weights")), sam_model=options.get("sam_model", "vit_h"),
+        box_threshold=options.get("box_threshold", 0.3), text_threshold=options.get("text_threshold", 0.25),
+        largest_person=options.get("largest_person", False), device=options.get("device", "cuda"),
+        half=options.get("half", True), batch_size=options.get("batch_size", 8),
+    )
+
+
+register(Backend(
+    name="grounded-sam", roles=("matting",), build=_build, gpu=True, auto=True,
+    summary="GroundingDINO person boxes, one SAM mask per box, merged (DisCo's own)",
+    packages=("segment_anything", "transformers"), files=weight_files, random_weights=_random_weights,
+    options=("--sam-model", "--box-threshold", "--text-threshold", "--largest-person", "--half", "--batch-size"),
+    # A person is a box GroundingDINO proposed: its own box threshold is the detection score to reach.
+    person_score=lambda options, min_visibility: options.get("box_threshold", 0.3),
+))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from disco.pipeline.annotators.base import EMPTY_BODY, Matte, Pose
+from disco.pipeline.annotators.registry import Backend, register
 from disco.pipeline.keypoints import blazepose_to_body18, hand_to_pixels
 
 # Landmarks the person score is built from: nose and shoulders, which the detector always frames
@@ -252,3 +253,28 @@ class MediaPipePose:
             if left is not None or right is not None:
                 hands = np.stack([hand_to_pixels(left, width, height), hand_to_pixels(right, width, height)])
         return Pose(body=body, hands=hands)
+
+
+def _engine(options: dict, shared: dict) -> MediaPipeEngine:
+    """One engine per actor for both roles: matting and pose read the same graph result."""
+    if "mediapipe" not in shared:
+        # Hands only when the pose role is ours (matting alone never needs them).
+        hands = options.get("hands", True) and options.get("backends", {}).get("pose") == "mediapipe"
+        shared["mediapipe"] = MediaPipeEngine(hands=hands)
+    return shared["mediapipe"]
+
+
+def _build(role: str, options: dict, shared: dict):
+    engine = _engine(options, shared)
+    if role == "matting":
+        return MediaPipeMatting(engine)
+    return MediaPipePose(engine, options.get("joint_threshold", 0.2))
+
+
+register(Backend(
+    name="mediapipe", roles=("matting", "pose"), build=_build, auto=True, packages=("mediapipe",),
+    summary="BlazePose (Holistic with hands) and Selfie Segmentation on the CPU; models ship in the wheel",
+    options=("--hands", "--joint-threshold", "--min-visibility"),
+    embedded_files=lambda options, resolved: MediaPipeEngine.weight_files(
+        options.get("hands", True) and resolved.get("pose") == "mediapipe"),
+))

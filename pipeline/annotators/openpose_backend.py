@@ -12,11 +12,27 @@ from pathlib import Path
 import numpy as np
 
 from disco.pipeline.annotators.base import EMPTY_BODY, Pose
-from disco.pipeline.annotators.weights import OPENPOSE_FILES, backend_files, require
+from disco.pipeline.annotators.registry import Backend, register
+from disco.pipeline.annotators.weights import WeightFile, needs_folder, require, weights_dir
 from disco.pipeline.keypoints import FACE_POINTS, HAND_POINTS
+
+# In the weights folder, as lllyasviel/Annotators publishes them: body-18, hands (with --hands),
+# face (with --face).
+OPENPOSE_FILES = {
+    "body": "openpose/body_pose_model.pth",
+    "hand": "openpose/hand_pose_model.pth",
+    "face": "openpose/facenet.pth",
+}
 
 # OpenPose's own peak threshold for face heatmaps.
 FACE_PEAK_THRESHOLD = 0.05
+
+
+def weight_files(root: Path | None, options: dict) -> list[WeightFile]:
+    """The OpenPose files read from the weights folder with these ``hands`` / ``face`` options."""
+    root = needs_folder("openpose", root)
+    parts = ["body"] + (["hand"] if options.get("hands", True) else []) + (["face"] if options.get("face") else [])
+    return [WeightFile(OPENPOSE_FILES[p], root / OPENPOSE_FILES[p], f"OpenPose {p}") for p in parts]
 
 
 def _silence_controlnet_aux():
@@ -36,7 +52,7 @@ class OpenPosePose:
     def __init__(self, weights: Path | None, *, hands: bool = True, face: bool = False, device: str = "cuda",
                  joint_threshold: float = 0.0):
         Body, Face, Hand, OpenposeDetector, util = _silence_controlnet_aux()
-        self.files = backend_files(self.name, weights, hands=hands, face=face)
+        self.files = weight_files(weights, {"hands": hands, "face": face})
         require(self.files, self.name)
         root = Path(weights)
         # controlnet-aux reads these with torch.load, which loads tensors only (weights_only is
@@ -105,5 +121,42 @@ class OpenPosePose:
                 out[k] = (px + x, py + y, peak)
         return out
 
-    def weight_files(self) -> list:
-        return self.files
+
+def write_openpose(root: Path, hands: bool = True, face: bool = True, seed: int = 0) -> list[Path]:
+    """OpenPose's networks with random weights, saved as the published files are (tests, benchmarks)."""
+    import torch
+
+    _silence_controlnet_aux()  # the warnings of controlnet-aux's first import
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
+
+    torch.manual_seed(seed)
+    written = []
+    parts = [("body", bodypose_model, True), ("hand", handpose_model, hands), ("face", FaceNet, face)]
+    for part, build, wanted in parts:
+        if not wanted:
+            continue
+        state = build().state_dict()
+        if part != "face":
+            # The published body and hand files name layers without the block prefix
+            # ("conv1_1.weight" for "model0.conv1_1.weight"); controlnet-aux maps them back.
+            state = {key.split(".", 1)[1]: value for key, value in state.items()}
+        path = Path(root) / OPENPOSE_FILES[part]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        written.append(path)
+    return written
+
+
+def _build(role: str, options: dict, shared: dict) -> OpenPosePose:
+    return OpenPosePose(weights_dir(options.get("weights")), hands=options.get("hands", True),
+                        face=options.get("face", False), device=options.get("device", "cuda"))
+
+
+register(Backend(
+    name="openpose", roles=("pose",), build=_build, gpu=True, auto=True,
+    summary="OpenPose body-18 with hands and face (DisCo's own)", packages=("controlnet_aux",),
+    files=weight_files, options=("--hands", "--face"),
+    random_weights=lambda root, size, options: write_openpose(root, options.get("hands", True),
+                                                              options.get("face", True)),
+))

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError
 
 
 def person_counts(path: Path) -> dict[str, int]:

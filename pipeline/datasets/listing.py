@@ -9,11 +9,10 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from disco.pipeline.config import ConfigError
+from disco.pipeline.errors import ConfigError, display_path
 from disco.pipeline.datasets.coco import person_counts
 from disco.pipeline.datasets.walk import Match, iter_matches
 from disco.pipeline.manifest_yaml import DatasetManifest, Layout
-from disco.pipeline.errors import display_path
 from disco.pipeline.sources import (
     IMAGE_SUFFIXES,
     UNSUPPORTED_SUFFIXES,
