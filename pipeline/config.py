@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,10 +149,6 @@ class PreprocessConfig:
             "split_from_manifest": self.split_from_manifest, "coco_single_person": self.coco_single_person,
             "human_filter": self.human_filter, "max_persons": self.max_persons, "keep_rejects": self.keep_rejects,
         }
-
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.output_params(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

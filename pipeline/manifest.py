@@ -13,6 +13,7 @@ from pathlib import Path
 
 from disco.pipeline.writer import JournalState
 
+
 @dataclass
 class RunResult:
     """What a `preprocess` or `filter-humans` run returns: its manifest and its exit code."""

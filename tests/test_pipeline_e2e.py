@@ -296,6 +296,15 @@ def test_a_backend_declared_in_one_file_runs_through_preprocess(tmp_path, ray_lo
     (which import it themselves) stores its masks beside MediaPipe's poses."""
     import annotator_plugin  # noqa: F401 - the declaration
 
+    from disco.pipeline.annotators import registry
+
+    try:
+        _run_the_plugin(tmp_path)
+    finally:
+        registry.unregister("centre-box")  # the tests after this one see the built-in backends only
+
+
+def _run_the_plugin(tmp_path):
     from disco.pipeline.annotators import FrameAnnotator, registry, resolve_backends
 
     assert "centre-box" in registry.choices("matting") and "centre-box" not in registry.choices("pose")

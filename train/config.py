@@ -125,14 +125,6 @@ class TrainConfig:
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(0, self.schedule_length // 10)
 
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.num_workers
-
-    @property
-    def variant(self) -> str:
-        return self.stage
-
     def validate_model(self) -> "TrainConfig":
         """The checks on what the model and a batch are (also all a memory plan needs)."""
         if self.stage not in STAGES:

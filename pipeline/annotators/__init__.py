@@ -62,19 +62,21 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
 
     def auto(role: str) -> str:
         candidates = [b for b in backends(role) if b.auto]
-        embedded = next(b for b in candidates if not b.gpu)
+        embedded = next((b for b in candidates if not b.gpu), None)
         on_gpu = [b for b in candidates if b.gpu]
+        if embedded is None:
+            raise BackendError(f"no {role} backend runs without CUDA; name one with --{role}")
         if not on_gpu:
             return embedded.name
         if not cuda:
-            reasons.append(f"{role}: no CUDA device, using {embedded.name}")
+            reasons.append(f"{role}: no CUDA device, using {embedded.label}")
             return embedded.name
         for backend in on_gpu:
             if _files_ok(backend, root, options):
                 reasons.append(f"{role}: CUDA and {backend.name} weights found")
                 return backend.name
         where = f"in {root}" if root else "(no --weights / $DISCO_WEIGHTS)"
-        reasons.append(f"{role}: {on_gpu[0].name} weights not found {where}, using {embedded.name}")
+        reasons.append(f"{role}: {on_gpu[0].name} weights not found {where}, using {embedded.label}")
         return embedded.name
 
     def pick(role: str, asked: str) -> str:
@@ -88,9 +90,10 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
                                f"{', '.join(b.name for b in backends(role))}")
         if backend.gpu:
             if run_device == "cpu" and device != "cpu":
+                cpu = ", ".join(b.name for b in backends(role) if not b.gpu) or "none registered"
                 raise BackendError(
                     f"{asked} runs on a CUDA GPU and none is available; use the embedded backend "
-                    f"(mediapipe), or pass --device cpu to run {asked} on the CPU on purpose (slow)"
+                    f"({cpu}), or pass --device cpu to run {asked} on the CPU on purpose (slow)"
                 )
             try:
                 require(backend.files(root, options), asked)
@@ -113,10 +116,8 @@ def weight_files(resolved: dict, options: dict) -> list[dict]:
     """Manifest entries (name, sha256) for every model file the resolved backends load."""
     root = Path(resolved["weights"]) if resolved.get("weights") else None
     files: list[dict] = []
-    for name in dict.fromkeys(resolved[role] for role in ("matting", "pose")):
-        if name == "none":
-            continue
-        backend = get(name)
+    used = [get(n) for n in dict.fromkeys(resolved[role] for role in ("matting", "pose")) if n != "none"]
+    for backend in sorted(used, key=lambda b: b.embedded_files is None):  # the packaged models first
         if backend.embedded_files is not None:
             files += backend.embedded_files(options, resolved)
         if backend.files is not None and root is not None:

@@ -272,7 +272,7 @@ def _build(role: str, options: dict, shared: dict):
 
 
 register(Backend(
-    name="mediapipe", roles=("matting", "pose"), build=_build, auto=True, packages=("mediapipe",),
+    name="mediapipe", label="MediaPipe", roles=("matting", "pose"), build=_build, auto=True, packages=("mediapipe",),
     summary="BlazePose (Holistic with hands) and Selfie Segmentation on the CPU; models ship in the wheel",
     options=("--hands", "--joint-threshold", "--min-visibility"),
     embedded_files=lambda options, resolved: MediaPipeEngine.weight_files(

@@ -16,7 +16,7 @@ import it too, by the module name recorded here (``load``), so it must be import
 from __future__ import annotations
 
 import importlib
-import threading
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -58,18 +58,22 @@ class Backend:
     options: tuple[str, ...] = ()  # the CLI options it reads, for the help
     # The files it needs in the weights folder with these options (WeightFile list).
     files: Callable[[Path, dict], list] | None = None
-    # Manifest entries (name, sha256) of model files that ship inside its package.
-    embedded_files: Callable[[dict, str], list[dict]] | None = None
+    # Manifest entries (name, sha256) of model files that ship inside its package, from the
+    # options and the resolved backends.
+    embedded_files: Callable[[dict, dict], list[dict]] | None = None
     # Fills a weights folder with its architecture's files, randomly initialised (tests, benchmarks).
     random_weights: Callable[[Path, str, dict], None] | None = None
     # The detection score a person must reach, from the options and --min-visibility.
     person_score: Callable[[dict, float], float] | None = None
+    label: str = ""  # how messages name it (default: its name)
     module: str = field(default="", compare=False)  # where it was declared (set by register)
 
 
+# No lock: a dict assignment is atomic, and holding one while importing the backend modules could
+# deadlock against a thread importing one of them (it would wait for the lock in ``register``).
 _registry: dict[str, Backend] = {}
 _loaded = False
-_lock = threading.RLock()
+_loading = False
 
 
 def register(backend: Backend) -> Backend:
@@ -81,24 +85,38 @@ def register(backend: Backend) -> Backend:
         raise ValueError(f"backend {backend.name!r}: roles must be among {', '.join(ROLES)}, not {backend.roles}")
     if backend.gpu and backend.files is None:
         raise ValueError(f"backend {backend.name!r}: a CUDA backend names its weight files")
-    backend = replace(backend, module=backend.module or backend.build.__module__)
-    with _lock:
-        _registry[backend.name] = backend
+    module = backend.module or getattr(backend.build, "__module__", None) or ""
+    if module in ("", "__main__"):
+        raise ValueError(f"backend {backend.name!r}: declare it in an importable module (Ray's actors import it "
+                         "by name), or give module=")
+    backend = replace(backend, module=module, label=backend.label or backend.name)
+    _registry[backend.name] = backend
     return backend
 
 
+def unregister(name: str) -> None:
+    """Remove a backend (a test's own, once the test is done)."""
+    _registry.pop(name, None)
+
+
 def _load_all() -> None:
-    global _loaded
-    with _lock:
-        if _loaded:
-            return
-        _loaded = True  # set first: the modules below call register, which must not recurse here
+    global _loaded, _loading
+    if _loaded or _loading:  # _loading: the modules below call register, which must not recurse here
+        return
+    _loading = True
+    try:
         for module in BUILTIN_MODULES:
             importlib.import_module(module)
         from importlib.metadata import entry_points
 
         for point in entry_points(group=ENTRY_POINTS):
-            importlib.import_module(point.value)
+            try:  # one broken plugin must not stop every command
+                importlib.import_module(point.module)
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"annotator plugin {point.name} ({point.value}) failed to load: {exc}", stacklevel=2)
+        _loaded = True
+    finally:
+        _loading = False
 
 
 def load(name: str, module: str | None = None) -> Backend:
