@@ -12,9 +12,9 @@ import time
 
 import torch
 
-import disco.generate.pipeline as pipeline_module
-from disco.generate.conditions import pose_size
-from disco.generate.pipeline import DisCoPipeline
+import disco.model.pipeline as pipeline_module
+from disco.model.conditioning import pose_size
+from disco.model.pipeline import DisCoPipeline
 from disco.model.disco import DisCoModel
 
 

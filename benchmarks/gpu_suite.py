@@ -363,8 +363,8 @@ def step_generate(args, size, work: Path) -> dict:
     time (what a loop over `generate` per frame does)."""
     import torch
 
-    from disco.generate.conditions import pose_size
-    from disco.generate.pipeline import DisCoPipeline
+    from disco.model.conditioning import pose_size
+    from disco.model.pipeline import DisCoPipeline
     from disco.train.checkpoint import initial_model
 
     device = size["device"]

@@ -56,7 +56,7 @@ def child(options: dict) -> dict:
     from disco.model.disco import DisCoModel
     from disco.train.inputs import model_inputs
     from disco.train.loop import DiffusionObjective
-    from disco.train.sampling import latent_factor
+    from disco.model.conditioning import vae_factor
 
     torch.set_num_threads(options.get("threads", 2))
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(options["mixed_precision"])
@@ -71,7 +71,7 @@ def child(options: dict) -> dict:
     objective = DiffusionObjective(model)
     params = list(model.trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-3)
-    side = resolution // latent_factor(model)
+    side = resolution // vae_factor(model)
     for _ in range(options["steps"]):
         pictures = {name: torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
                     for name in ("target", "background", "pose")}

@@ -134,7 +134,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
     from disco.train.data import SampleStream, build_index
     from disco.train.inputs import model_inputs
     from disco.train.loop import DiffusionObjective, sample_draws
-    from disco.train.sampling import latent_factor
+    from disco.model.conditioning import vae_factor
 
     stream = SampleStream(build_index(cfg.data), stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution,
                           augment=cfg.augment, seed=cfg.seed, batch=cfg.batch_size)
@@ -147,7 +147,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
     params = list(model.trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.98), weight_decay=1e-3)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps * 2)
-    side = cfg.resolution // latent_factor(model)
+    side = cfg.resolution // vae_factor(model)
     inputs = model_inputs(batch, device)
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     start = None

@@ -292,7 +292,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     frames go to ``work/pred/CLIP/``, the real frames, squared to the same size, to ``work/gt/CLIP/``."""
     import pyarrow.compute as pc
 
-    from disco.generate.conditions import background_pixels, pose_pixels, reference_pixels, square
+    from disco.model.conditioning import background_pixels, pose_pixels, reference_pixels, square
     from disco.generate.inputs import read_clip
     from disco.generate.run import open_pipeline
     from disco.generate.video import write_frames

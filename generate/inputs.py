@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from disco.generate.conditions import square
+from disco.model.conditioning import square
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.decode import decode_video_frames, load_image, probe_video
 from disco.pipeline.encode import decode_picture, split_person

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from disco.generate.checkpoint import load_checkpoint
-from disco.generate.conditions import background_pixels, check_size, default_size, pose_pixels, pose_size, reference_pixels
+from disco.model.conditioning import background_pixels, check_size, default_size, pose_pixels, pose_size, reference_pixels
 from disco.generate.inputs import (
     GenerateInputError,
     matte_reference,
@@ -19,7 +19,7 @@ from disco.generate.inputs import (
     poses_from_video,
     read_picture,
 )
-from disco.generate.pipeline import DisCoPipeline
+from disco.model.pipeline import DisCoPipeline
 from disco.generate.video import side_by_side, write_frames, write_video
 
 

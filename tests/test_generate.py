@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from disco.cli import app
 from disco.generate.checkpoint import load_checkpoint
-from disco.generate.conditions import background_pixels, pose_pixels, pose_size
+from disco.model.conditioning import background_pixels, pose_pixels, pose_size
 from disco.generate.inputs import matte_reference
-from disco.generate.pipeline import DisCoPipeline
+from disco.model.pipeline import DisCoPipeline
 from disco.generate.run import conditions_from_reference
 from disco.generate.video import read_video
 from disco.model.disco import DisCoModel
@@ -109,7 +109,7 @@ def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeli
 def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch, conditions):
     import contextlib
 
-    import disco.generate.pipeline as module
+    import disco.model.pipeline as module
 
     reference, background = conditions
     side = pose_size(pipeline.model, SIZE)

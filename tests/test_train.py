@@ -138,7 +138,7 @@ def test_decoding_runs_at_the_lowest_priority_and_changes_nothing_around_it(trip
 
 
 def test_training_and_generation_mask_the_clip_reference_alike():
-    from disco.generate.conditions import reference_pixels
+    from disco.model.conditioning import reference_pixels
 
     image = data.astronaut()[:224, 100:324]
     alpha = np.tile(np.arange(224, dtype=np.uint8)[None] + 16, (224, 1))  # 16..239 across the width

@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
+from disco.model.conditioning import fit_pose, reference_picture, vae_factor
 from disco.model.disco import VAE_SCALING, DisCoModel
 from disco.train.checkpoint import _load_trainable, initial_model, read_checkpoint, save_checkpoint
 from disco.train.collectives import Collectives, nccl_guard
 from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
 from disco.train.data import SampleStream, build_index, sample_seed
-from disco.train.inputs import model_inputs, reference_picture
+from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
-from disco.train.sampling import ddim_sample, fit_pose, latent_factor
+from disco.train.sampling import ddim_sample
 
 DRAW_SALT = 0x9E3779B9
 POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
@@ -200,7 +201,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                           prefetch_batches=cfg.prefetch_batches)
     monitor = Monitor(run) if rank == 0 else None
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-    side = cfg.resolution // latent_factor(model)
+    side = cfg.resolution // vae_factor(model)
     latent_shape = (model.unet.config.in_channels, side, side)
     preview = None
     window_start, waited, last_loss = time.perf_counter(), 0.0, float("nan")

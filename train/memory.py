@@ -262,7 +262,7 @@ def _meta_batch(model: DisCoModel, batch: int, resolution: int) -> tuple[dict, d
     the draws (noise, latent noise, timesteps; dropout uniforms stay on the host)."""
     from disco.train.augment import CLIP_SIZE
     from disco.train.inputs import model_inputs
-    from disco.train.sampling import latent_factor
+    from disco.model.conditioning import vae_factor
 
     meta = torch.device("meta")
     pictures = {name: torch.empty(batch, 3, resolution, resolution, dtype=torch.uint8, device=meta)
@@ -270,7 +270,7 @@ def _meta_batch(model: DisCoModel, batch: int, resolution: int) -> tuple[dict, d
     pictures["reference"] = torch.empty(batch, 3, CLIP_SIZE, CLIP_SIZE, dtype=torch.uint8, device=meta)
     pictures["reference_mask"] = torch.empty(batch, 1, CLIP_SIZE, CLIP_SIZE, dtype=torch.uint8, device=meta)
     inputs = model_inputs(pictures, meta)
-    side = resolution // latent_factor(model)
+    side = resolution // vae_factor(model)
     latent = (batch, model.unet.config.in_channels, side, side)
     uniforms = torch.ones(batch, 3)
     uniforms[0, 0] = 0.0  # one reference dropped, as happens in most batches of 32 or more at p = 0.05

@@ -1,29 +1,14 @@
 """Sampling a batch of training samples, each with its own reference, for the trainer's grids
-(DESIGN.md: DDIM, eta 0, guidance 1.5). The DDIM loop itself is generation's ``guided_ddim``."""
+(DESIGN.md: DDIM, eta 0, guidance 1.5). The DDIM loop itself is the model's ``guided_ddim``."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler
 
+from disco.model.conditioning import fit_pose, vae_factor
 from disco.model.disco import DisCoModel
-
-
-def latent_factor(model: DisCoModel) -> int:
-    """How much the VAE shrinks a picture (8 for Stable Diffusion's)."""
-    return 2 ** (len(model.vae.config.block_out_channels) - 1)
-
-
-def fit_pose(model: DisCoModel, pose: torch.Tensor | None, latent_side: int) -> torch.Tensor | None:
-    """The skeleton at the size the pose ControlNet's conditioning embedding expects (it shrinks
-    by 8, like SD's VAE; the tiny VAE shrinks by 4, so there the pose is enlarged)."""
-    if pose is None or model.pose_controlnet is None:
-        return None
-    blocks = model.pose_controlnet.config.conditioning_embedding_out_channels
-    side = latent_side * 2 ** (len(blocks) - 1)
-    if pose.shape[-1] == side:
-        return pose
-    return torch.nn.functional.interpolate(pose, size=(side, side), mode="bilinear", align_corners=False)
+from disco.model.pipeline import guided_ddim
 
 
 @torch.no_grad()
@@ -45,15 +30,13 @@ def ddim_sample(
     B x 3 x H x W in [0, 1] (needed by the ``finetune`` variant). The unconditional branch is the
     zero-image reference (``DisCoModel.unconditional_reference``); background and pose are kept.
     """
-    from disco.generate.pipeline import guided_ddim
-
     scheduler = DDIMScheduler.from_config(model.config.scheduler_config)
     device = background.device
     dtype = next(model.unet.parameters()).dtype
     batch, _, height, width = background.shape
     tokens = model.encode_reference(reference.to(dtype))
     background_latents = model.encode_background(background.to(dtype))
-    factor = latent_factor(model)
+    factor = vae_factor(model)
     pose = fit_pose(model, pose, height // factor)
     if pose is not None:
         pose = pose.to(dtype)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from disco.generate.conditions import check_size, pose_size, to_uint8, vae_factor
+from disco.model.conditioning import check_size, pose_size, to_uint8, vae_factor
 from disco.model.configs import SCHEDULER
 from disco.model.disco import VAE_SCALING, DisCoModel
 

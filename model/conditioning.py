@@ -4,6 +4,9 @@
   std, then multiplied by the person mask;
 - background: the picture with the person removed, in [-1, 1], at the generated size;
 - pose: the skeleton picture in [0, 1], at the pose ControlNet's size (8 x the latent side).
+
+Training (from the data stream's tensors), generation and evaluation (from pictures) all go
+through here, so the model sees the same conditions in each.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from disco.pipeline.schema import PERSON_ALPHA
 
 DISCO_SIZE = 256  # the paper trains and samples at 256 x 256
 
@@ -31,6 +37,7 @@ def square(image: np.ndarray, side: int, nearest: bool = False) -> np.ndarray:
 
 
 def vae_factor(model) -> int:
+    """How much the VAE shrinks a picture (8 for Stable Diffusion's)."""
     return 2 ** (len(model.vae.config.block_out_channels) - 1)
 
 
@@ -63,10 +70,36 @@ def pose_size(model, size: int) -> int:
     return size // vae_factor(model) * pose_factor(model)
 
 
+def fit_pose(model, pose: torch.Tensor | None, latent_side: int) -> torch.Tensor | None:
+    """A skeleton tensor at the size the pose ControlNet's conditioning embedding expects (it
+    shrinks by 8, like SD's VAE; the tiny VAE shrinks by 4, so there the pose is enlarged)."""
+    if pose is None or model.pose_controlnet is None:
+        return None
+    side = latent_side * pose_factor(model)
+    if pose.shape[-1] == side:
+        return pose
+    return torch.nn.functional.interpolate(pose, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def clip_input(pictures: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """N x 3 x 224 x 224 pictures in [0, 1] and the person alpha (N x 1 x 224 x 224, in [0, 1]) ->
+    the reference encoder's input: CLIP's mean and std, then the binary person mask (alpha at
+    least ``PERSON_ALPHA``, DESIGN.md)."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=pictures.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=pictures.device).view(1, 3, 1, 1)
+    person = (alpha * 255 >= PERSON_ALPHA - 0.5).to(pictures.dtype)
+    return (pictures - mean) / std * person
+
+
+def reference_picture(reference: torch.Tensor) -> torch.Tensor:
+    """The CLIP input back in [0, 1], for looking at it (sample grids)."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=reference.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=reference.device).view(1, 3, 1, 1)
+    return (reference * std + mean).clamp(0, 1) * (reference != 0).any(1, keepdim=True)
+
+
 def reference_pixels(image: np.ndarray, alpha: np.ndarray, clip_size: int = 224) -> torch.Tensor:
     """RGB uint8 picture and its person alpha (0..255) -> 1 x 3 x 224 x 224 CLIP input, masked."""
-    from disco.train.inputs import clip_input
-
     rgb = torch.from_numpy(square(image, clip_size).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     alpha = torch.from_numpy(square(alpha, clip_size, nearest=True).astype(np.float32) / 255.0)[None, None]
     return clip_input(rgb, alpha).contiguous()
