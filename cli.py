@@ -548,6 +548,22 @@ def generate(
 
 
 @app.command()
+def export(
+    checkpoint: Path = typer.Option(..., help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/."),
+) -> None:
+    """Write a checkpoint's UNet and ControlNets as diffusers folders, each loadable with from_pretrained."""
+    from disco.generate.checkpoint import load_checkpoint
+
+    try:
+        model = load_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError: not a DisCo checkpoint
+        _usage_error(str(exc))
+    for folder in model.export_diffusers(output):
+        console.print(f"wrote {folder.resolve()}")
+
+
+@app.command()
 def evaluate(
     pred: Optional[Path] = typer.Option(None, help="Generated frames or videos (a video, a folder of videos, of frames, or of frame folders)."),
     gt: Optional[Path] = typer.Option(None, help="The real frames or videos, laid out and named like --pred."),

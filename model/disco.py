@@ -4,6 +4,7 @@ pose ControlNet, both adding residuals to the image-variations UNet (DESIGN.md, 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -18,7 +19,6 @@ from disco.model.meta_init import SeededMeta, seeded_meta_active
 
 VARIANTS = ("pretrain", "finetune")
 VAE_SCALING = 0.18215
-BACKGROUND_EMBEDDING_FILE = "background_embedding.safetensors"
 
 
 # What ``ControlNetModel.from_unet`` takes from the UNet (every other ControlNet weight is its own:
@@ -27,7 +27,24 @@ _FROM_UNET = ("conv_in.", "time_proj.", "time_embedding.", "class_embedding.", "
               "mid_block.")
 
 
-def controlnet_from_unet(unet: UNet2DConditionModel, take: bool = False) -> ControlNetModel:
+class BackgroundControlNet(ControlNetModel):
+    """DisCo's background ControlNet: a ControlNet whose conditioning embedding is one 3 x 3 conv
+    over the background's VAE latent (``in_channels`` of them, like the UNet's ``conv_in``) instead
+    of diffusers' pixel-space embedding. Its config says so (the class, ``conditioning_channels``
+    = the latent's channels), so ``save_pretrained`` / ``from_pretrained`` give it back whole."""
+
+    # diffusers reads the configuration's keys from __init__'s signature: the ControlNet's own.
+    @functools.wraps(ControlNetModel.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        channels = self.config.in_channels
+        self.register_to_config(conditioning_channels=channels)
+        self.controlnet_cond_embedding = nn.Conv2d(channels, self.config.block_out_channels[0], kernel_size=3,
+                                                   padding=1)
+
+
+def controlnet_from_unet(unet: UNet2DConditionModel, take: bool = False,
+                         cls: type[ControlNetModel] = ControlNetModel) -> ControlNetModel:
     """``ControlNetModel.from_unet(unet)``, bit for bit, without a random full-size ControlNet.
 
     diffusers builds a whole random ControlNet and then copies the UNet's blocks over it. Here the
@@ -38,9 +55,9 @@ def controlnet_from_unet(unet: UNet2DConditionModel, take: bool = False) -> Cont
     the CPU build would have drawn. A UNet on the meta device gives a meta ControlNet.
     """
     if unet.conv_in.weight.is_meta:
-        return ControlNetModel.from_unet(unet)
+        return cls.from_unet(unet)
     with SeededMeta() as init:
-        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        controlnet = cls.from_unet(unet, load_weights_from_unet=False)
     source = unet.state_dict()
     ours = controlnet.state_dict()
     tensors = {k: v if take else v.detach().clone() for k, v in source.items() if k.startswith(_FROM_UNET) and k in ours}
@@ -51,15 +68,13 @@ def controlnet_from_unet(unet: UNet2DConditionModel, take: bool = False) -> Cont
     return init.materialize_module(controlnet)
 
 
-def _background_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
-    """A ControlNet copied from the UNet whose conditioning embedding is a 3 x 3 conv over the
-    background's VAE latent, initialised from the UNet's ``conv_in`` (not zero)."""
-    controlnet = controlnet_from_unet(unet)
-    conv = nn.Conv2d(unet.config.in_channels, unet.config.block_out_channels[0], kernel_size=3, padding=1)
+def _background_controlnet(unet: UNet2DConditionModel) -> BackgroundControlNet:
+    """The background ControlNet copied from the UNet, its latent conv initialised from the UNet's
+    ``conv_in`` (not zero)."""
+    controlnet = controlnet_from_unet(unet, cls=BackgroundControlNet)
     with torch.no_grad():
-        conv.weight.copy_(unet.conv_in.weight)
-        conv.bias.copy_(unet.conv_in.bias)
-    controlnet.controlnet_cond_embedding = conv
+        controlnet.controlnet_cond_embedding.weight.copy_(unet.conv_in.weight)
+        controlnet.controlnet_cond_embedding.bias.copy_(unet.conv_in.bias)
     return controlnet
 
 
@@ -189,32 +204,18 @@ class DisCoModel(ModelMixin, ConfigMixin):
         return model
 
     def export_diffusers(self, folder: str | Path) -> list[Path]:
-        """Write plain diffusers folders: ``unet/``, ``controlnet_pose/`` and
-        ``controlnet_background/``, each loadable by ``UNet2DConditionModel`` / ``ControlNetModel``.
-
-        diffusers' ControlNet has no 4-channel latent conditioning conv, so the background folder
-        holds a standard ControlNet (conditioning_channels=4) whose conditioning embedding is a
-        placeholder, plus ``background_embedding.safetensors`` with the real 3 x 3 conv;
-        ``load_background_controlnet`` puts them back together.
-        """
-        from safetensors.torch import save_file
-
+        """Write the networks as diffusers folders: ``unet/`` and ``controlnet_pose/``
+        (``UNet2DConditionModel`` / ``ControlNetModel``), and ``controlnet_background/``
+        (``BackgroundControlNet``, a ``ControlNetModel`` whose conditioning is the VAE latent).
+        ``disco-cli export`` writes them from a checkpoint."""
         folder = Path(folder)
         written = [folder / "unet"]
         self.unet.save_pretrained(folder / "unet")
         if self.pose_controlnet is not None:
             self.pose_controlnet.save_pretrained(folder / "controlnet_pose")
             written.append(folder / "controlnet_pose")
-        background = self.background_controlnet
-        plain = ControlNetModel.from_config({**background.config, "conditioning_channels": 4})
-        state = {k: v for k, v in background.state_dict().items() if not k.startswith("controlnet_cond_embedding.")}
-        plain.load_state_dict(state, strict=False)
-        target = folder / "controlnet_background"
-        plain.save_pretrained(target)
-        embedding = background.controlnet_cond_embedding
-        save_file({"weight": embedding.weight.detach().contiguous(), "bias": embedding.bias.detach().contiguous()},
-                  str(target / BACKGROUND_EMBEDDING_FILE))
-        written.append(target)
+        self.background_controlnet.save_pretrained(folder / "controlnet_background")
+        written.append(folder / "controlnet_background")
         return written
 
     # -- conditioning ---------------------------------------------------------------------------
@@ -331,20 +332,6 @@ class DisCoModel(ModelMixin, ConfigMixin):
         train = set(self.trainable_parameters())
         for name, param in self.named_parameters():
             param.requires_grad_(name in train)
-
-
-def load_background_controlnet(folder: str | Path) -> ControlNetModel:
-    """The background ControlNet from an ``export_diffusers`` folder, with its latent conv restored."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    controlnet = ControlNetModel.from_pretrained(folder, local_files_only=True)
-    weights = load_file(str(folder / BACKGROUND_EMBEDDING_FILE))
-    out_channels, in_channels = weights["weight"].shape[:2]
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-    conv.load_state_dict(weights)
-    controlnet.controlnet_cond_embedding = conv
-    return controlnet
 
 
 def parameter_counts(model: DisCoModel) -> dict[str, int]:

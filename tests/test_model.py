@@ -10,7 +10,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.model.disco import DisCoModel, load_background_controlnet, parameter_counts
+from disco.model.disco import BackgroundControlNet, DisCoModel, parameter_counts
 
 
 def _inputs(model: DisCoModel, batch: int = 2, seed: int = 0):
@@ -90,16 +90,28 @@ def test_save_and_load_round_trip_is_bit_exact(tiny, tmp_path):
 
 
 def test_diffusers_export_loads_in_plain_diffusers(tiny, tmp_path):
-    tiny.export_diffusers(tmp_path / "export")
+    """`disco-cli export` of a checkpoint: each folder loads with its diffusers class; the background
+    ControlNet's config says what it is, so it comes back whole without a side file."""
+    from typer.testing import CliRunner
+
+    from disco.cli import app
+
+    tiny.save_pretrained(tmp_path / "ckpt")
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet", local_files_only=True)
     pose = ControlNetModel.from_pretrained(tmp_path / "export" / "controlnet_pose", local_files_only=True)
     assert torch.equal(unet.conv_in.weight, tiny.unet.conv_in.weight)
     assert all(torch.equal(p, q) for p, q in zip(pose.parameters(), tiny.pose_controlnet.parameters()))
     folder = tmp_path / "export" / "controlnet_background"
-    assert ControlNetModel.from_pretrained(folder, local_files_only=True).config.conditioning_channels == 4
-    background = load_background_controlnet(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    background = BackgroundControlNet.from_pretrained(folder, local_files_only=True)
+    assert background.config.conditioning_channels == tiny.unet.config.in_channels == 4
+    assert background.controlnet_cond_embedding.weight.shape[1] == 4
     ours, theirs = background.state_dict(), tiny.background_controlnet.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    missing = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output and "Traceback" not in missing.output
 
 
 def test_attention_runs_on_pytorch_sdpa(tiny):
