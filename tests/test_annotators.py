@@ -174,3 +174,24 @@ def test_no_leg_is_stored_or_drawn_for_a_photo_cut_at_the_waist():
     present = {tuple(c) for c in np.unique(drawn, axis=0)}
     assert len(present) > 5 and not colours & present
     annotator.close()
+
+
+def test_a_backend_declaration_that_cannot_work_is_refused_at_once():
+    from disco.pipeline.annotators import registry
+    from disco.pipeline.annotators.registry import Backend, BackendError, register
+
+    def build(role, options, shared):
+        return None
+
+    with pytest.raises(ValueError, match="cannot name a backend"):
+        register(Backend(name="auto", roles=("matting",), build=build))
+    with pytest.raises(ValueError, match="roles must be among matting, pose"):
+        register(Backend(name="x", roles=("depth",), build=build))
+    with pytest.raises(ValueError, match="a CUDA backend names its weight files"):
+        register(Backend(name="x", roles=("pose",), build=build, gpu=True))
+    build.__module__ = "__main__"  # as if declared in a user's script: Ray's actors could not import it
+    with pytest.raises(ValueError, match="importable module"):
+        register(Backend(name="x", roles=("pose",), build=build))
+    assert "x" not in registry.choices("pose")
+    with pytest.raises(BackendError, match="unknown annotator backend 'x'; known: grounded-sam, mediapipe, openpose"):
+        registry.get("x")
