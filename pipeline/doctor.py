@@ -40,8 +40,8 @@ def diagnose(weights: str | Path | None, *, sam_model: str = "vit_h", hands: boo
         missing = [f.name for f in needed if not f.present]
         if missing:
             problems.append("missing " + ", ".join(missing))
-        report.append({"name": backend.name, "role": ", ".join(backend.roles), "can_run": not problems,
-                       "problems": problems})
+        report.append({"name": backend.name, "role": ", ".join(backend.roles), "about": backend.summary,
+                       "options": list(backend.options), "can_run": not problems, "problems": problems})
         files += needed
     return {
         "cuda": cuda,

@@ -136,11 +136,10 @@ class Annotation:
 SEQUENCE_KINDS = ("video", "frames")
 
 
-def person_threshold(matting: str, options: dict, min_visibility: float) -> float:
+def person_threshold(matting: Backend, options: dict, min_visibility: float) -> float:
     """The detection score a person must reach: --min-visibility, unless the matting backend has
     its own (Grounded-SAM's box threshold: a box below it was never proposed)."""
-    backend = get(matting)
-    return backend.person_score(options, min_visibility) if backend.person_score else min_visibility
+    return matting.person_score(options, min_visibility) if matting.person_score else min_visibility
 
 
 class FrameAnnotator:
@@ -163,7 +162,7 @@ class FrameAnnotator:
                  for role, name in names.items() if name}
         self.matting = built.get("matting")
         self.pose = built.get("pose")
-        self.min_score = person_threshold(load(matting, modules.get(matting)).name, options, min_visibility)
+        self.min_score = person_threshold(load(matting, modules.get(matting)), options, min_visibility)
         self._unit = None
         self.min_mask_area = min_mask_area
 
