@@ -25,7 +25,7 @@ block is recomputed inside the backward: the measurement sees both.
 
 On top of the allocator's peak comes an allowance the allocator does not see: the CUDA context
 and the cuBLAS / cuDNN workspaces (``CUDA_CONTEXT_GIB``) and fragmentation of the caching
-allocator (``FRAGMENTATION`` of the peak).
+allocator (``fragmentation(cfg)`` of the peak).
 """
 
 from __future__ import annotations
@@ -51,10 +51,13 @@ GIB = 1024 ** 3
 # Not seen by PyTorch's allocator: the CUDA context (about 0.5 GiB on an H100 with lazy module
 # loading) and the cuBLAS / cuDNN workspaces.
 CUDA_CONTEXT_GIB = 1.0
-# The caching allocator reserves more than is allocated (block rounding, split blocks): measured
-# 14 % on an H200 (full-size fine-tuning, bf16, checkpointing, batch 32: 31.3 GiB allocated at the
-# peak, 35.6 GiB reserved; benchmarks/gpu_suite.py, 2026-11-26).
+# The caching allocator reserves more than is allocated (block rounding, split blocks), much more
+# when gradient checkpointing frees and re-allocates every block's activations in the backward.
+# Measured with benchmarks/gpu_suite.py, full size, bf16, batch 32, 2026-11-26: with checkpointing
+# 14 % (H200, fine-tuning: 31.3 GiB allocated, 35.6 reserved) and 30 % (H100, HAP: 15.6 / 20.3);
+# without, 2 % (H100, fine-tuning: 40.1 / 40.8).
 FRAGMENTATION = 0.15
+FRAGMENTATION_CHECKPOINTING = 0.30
 DEFAULT_GPU_GIB = 80.0
 _BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 bytes
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -382,10 +385,15 @@ class MemoryPlan:
         return out
 
 
-def _allowance(allocated: int, device: str) -> int:
+def fragmentation(cfg: TrainConfig) -> float:
+    """The caching allocator's share on top of the allocated peak, for ``cfg``'s step."""
+    return FRAGMENTATION_CHECKPOINTING if cfg.gradient_checkpointing else FRAGMENTATION
+
+
+def _allowance(allocated: int, device: str, share: float) -> int:
     if device != "cuda":
         return 0
-    return int(CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * allocated)
+    return int(CUDA_CONTEXT_GIB * GIB + share * allocated)
 
 
 def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: str = "cuda",
@@ -442,10 +450,10 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
         ("backward / update transients", transients, "step peak - gradients - activations"),
     ]
     total = allocated(step)
-    allowance = _allowance(total, device)
+    allowance = _allowance(total, device, fragmentation(cfg))
     if allowance:
         plan.lines.append(("CUDA context + allocator", allowance,
-                           f"{CUDA_CONTEXT_GIB:g} GiB + {FRAGMENTATION:.0%} fragmentation"))
+                           f"{CUDA_CONTEXT_GIB:g} GiB + {fragmentation(cfg):.0%} fragmentation"))
     plan.total = total + allowance
     plan.fits = plan.total <= plan.gpu_memory
     if search:
@@ -463,7 +471,7 @@ def _largest_batch(model, cfg, device, budget: int, fixed: int, update: int, ste
     batch). So the line is drawn through two measurements near the answer: a first guess from the
     activations per sample, and three quarters of it; if the answer lands far from them, once
     more through the answer and its nearer neighbour."""
-    context, factor = (CUDA_CONTEXT_GIB * GIB, 1 + FRAGMENTATION) if device == "cuda" else (0, 1.0)
+    context, factor = (CUDA_CONTEXT_GIB * GIB, 1 + fragmentation(cfg)) if device == "cuda" else (0, 1.0)
     room = int((budget - context) / factor) - fixed  # what the step's peak may reach
     if room < update:
         return 0, 0
