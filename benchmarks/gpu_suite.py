@@ -234,9 +234,9 @@ def _steady(metrics: list[dict]) -> dict:
     return out
 
 
-def train_one(spec: dict) -> dict:
-    """One configuration of the matrix, in a fresh process (its own peak memory, an OOM stays
-    here): the plan of `train --dry-run`, then the trainer itself."""
+def train_one(spec: dict, timeout: float | None = None) -> dict:
+    """One configuration of the matrix: the plan of `train --dry-run`, then the trainer itself
+    (``timeout`` is the child's, see ``_train_one_in_child``)."""
     from disco.pipeline.run import init_ray
     from disco.train.launch import train
     from disco.train.memory import GIB, memory_plan, step_flops
@@ -285,7 +285,20 @@ def _summary_of_training(rows: list[dict], peak_tflops: float) -> dict:
     return {"configs": rows, "peak_tflops": peak_tflops, "summary": summary}
 
 
-def step_train(args, size, work: Path) -> dict:
+def _train_one_in_child(spec: dict, timeout: float) -> dict:
+    """``train_one`` in a fresh process of its own (its own peak memory; an OOM or a hang stays
+    there), killed past ``timeout``."""
+    code, out, err = _run_group([sys.executable, __file__, "--train-one", json.dumps(spec)], timeout)
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        return {"error": f"over {timeout:g} s" if code is None else f"exit {code}: {last}"}
+
+
+def step_train(args, size, work: Path, run_one=_train_one_in_child) -> dict:
+    """Every configuration of the matrix, each by ``run_one(spec, timeout)`` (by default in a
+    child process; the suite's own test passes ``train_one`` to run them in its process)."""
     data = synthetic_triplets(work / "data", size["triplet_frames"], size["resolution"])
     rows = []
     for config in size["matrix"]:
@@ -294,13 +307,8 @@ def step_train(args, size, work: Path) -> dict:
         output = work / label.replace(" ", "_")
         spec = {"size": size, "data": str(data), "output": str(output), "config": config}
         started = time.perf_counter()
-        code, out, err = _run_group([sys.executable, __file__, "--train-one", json.dumps(spec)], args.config_timeout)
-        row = {"config": label, "wall_s": time.perf_counter() - started}
-        try:
-            row.update(json.loads(out.strip().splitlines()[-1]))
-        except (IndexError, json.JSONDecodeError):
-            last = err.strip().splitlines()[-1] if err.strip() else ""
-            row["error"] = f"over {args.config_timeout:g} s" if code is None else f"exit {code}: {last}"
+        row = {"config": label, **run_one(spec, args.config_timeout)}
+        row["wall_s"] = time.perf_counter() - started
         if "samples_per_s" in row:
             row["mfu"] = _mfu(row["samples_per_s"], row["flops_per_sample"], args.peak_tflops)
         rows.append(row)

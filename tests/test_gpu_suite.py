@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -37,20 +39,38 @@ def _check_train(step: dict) -> None:
     assert config["mfu"] == pytest.approx(config["samples_per_s"] * config["flops_per_sample"] / 989e12)
 
 
-def test_the_smoke_run_measures_training_generation_and_the_cuda_tests(tmp_path):
-    proc, report = _suite(tmp_path, "--smoke", "--only", "cuda-tests,train,generate")
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_driver_runs_a_step_in_a_child_and_reports_it(tmp_path):
+    """The command as a user runs it, with its quickest step: the cuda-marked tests (collected;
+    without a GPU they skip, with one they pass) in a child process, the JSON report, the table."""
+    proc, report = _suite(tmp_path, "--smoke", "--only", "cuda-tests")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    steps = _check(report, ["cuda-tests", "train", "generate"])
-    tests = steps["cuda-tests"]
-    # The cuda-marked tests are collected; without a GPU they skip, with one they pass.
+    tests = _check(report, ["cuda-tests"])["cuda-tests"]
     import torch
 
     ran = tests["passed"] if torch.cuda.is_available() else tests["skipped"]
     assert tests["tests"] >= 1 and ran == tests["tests"] and tests["failed"] == []
-    _check_train(steps["train"])
-    generate = steps["generate"]
-    assert generate["batched_frames_per_s"] > 0 and generate["one_at_a_time_frames_per_s"] > 0
-    assert "gpu_suite on CPU (smoke)" in proc.stdout and "finetune no gc-on b2" in proc.stdout
+    assert "gpu_suite on CPU (smoke)" in proc.stdout and "cuda-tests" in proc.stdout
+
+
+def test_the_training_and_generation_steps_measure_at_smoke_size(tmp_path, ray_local):
+    """The training and generation steps' own code at smoke size, in this process and on the
+    suite's Ray instance (the driver's child processes: the test above and the slow one below)."""
+    suite = _module()
+    args = argparse.Namespace(smoke=True, result=tmp_path / "train.json", config_timeout=600.0, peak_tflops=989.0)
+    size = suite.sizes(args)
+    train = suite.step_train(args, size, tmp_path / "train", run_one=suite.train_one)
+    _check_train(train)
+    assert json.loads(args.result.read_text())["partial"] is True  # written after every configuration
+    generate = suite.step_generate(args, size, tmp_path / "generate")
+    assert generate["frames"] == 2 and generate["batched_frames_per_s"] > 0
+    assert generate["one_at_a_time_frames_per_s"] > 0 and generate["ratio"] > 0
 
 
 def test_without_a_gpu_the_full_suite_refuses_in_one_line(tmp_path):
