@@ -74,7 +74,7 @@ class TrainConfig:
     # CPUs Ray accounts per training worker and per data task; None sizes them from the cluster.
     cpus_per_worker: float | None = None
     data_cpus: float | None = None
-    # Virtual shards of the training data stream (train/data.py): each worker reads only its own
+    # Virtual shards of the training data stream (train/data/): each worker reads only its own
     # shards, so this must be a multiple of num_workers (and batch_size of data_shards /
     # num_workers). None: num_workers. It decides the data order, so a resume keeps it.
     data_shards: int | None = None

@@ -1,0 +1,102 @@
+"""The index of the training rows: where each row lives, its clip and frame, its reference row
+(metadata columns and row-group sizes only, never a picture)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from disco.pipeline.reader import open_triplets
+from disco.pipeline.schema import TRIPLETS_DIR
+
+
+INDEX_COLUMNS = ["source", "clip_id", "frame_index", "split"]
+REFERENCE_COLUMNS = ("foreground", "background", "mask")
+# The picture columns a training sample uses. Pre-training (HAP) has no pose branch and is its own
+# reference; fine-tuning reads its reference row's pictures separately (``_encoded_references``).
+TARGET_COLUMNS = {"finetune": ("image", "pose"), "pretrain": ("image", *REFERENCE_COLUMNS)}
+
+
+class DataError(ValueError):
+    """The data folders cannot be trained on (no rows, no pose for fine-tuning), or the data
+    stream cannot run (it could not start on the cluster, its shards do not fit the workers)."""
+
+
+def damaged_shard(exc: BaseException) -> DataError | None:
+    """The ``DataError`` a read task raised (a damaged shard), out of Ray's wrapping, whose text
+    carries the remote traceback."""
+    seen = exc
+    for _ in range(8):
+        if isinstance(seen, DataError) and not type(seen).__name__.startswith("RayTaskError"):
+            return seen
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None:
+            return None
+        seen = cause
+    return None
+
+
+@dataclass
+class TripletIndex:
+    """One entry per training row: where it lives, its clip and frame, and its reference row."""
+
+    files: list[str]
+    file: np.ndarray  # int32, into ``files``
+    group: np.ndarray  # int32, row group inside the file
+    row: np.ndarray  # int32, row inside the row group
+    clip: np.ndarray  # int64 clip code (data folder, source, clip id)
+    frame: np.ndarray  # int32
+    group_starts: np.ndarray  # row ids where each (file, row group) run starts, plus the end
+    clip_order: np.ndarray  # row ids sorted by (clip, frame)
+    clip_starts: np.ndarray  # offsets of each clip in ``clip_order``, plus the end
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def first_reference(self) -> np.ndarray:
+        """Row id of each row's reference under ``--ref-mode first``: its clip's first frame."""
+        return self.clip_order[self.clip_starts[:-1]][self.clip]
+
+    def random_reference(self, rows: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """A frame of the same clip drawn per sample from its seed (``--ref-mode random``)."""
+        clips = self.clip[rows]
+        counts = self.clip_starts[clips + 1] - self.clip_starts[clips]
+        draws = np.array([np.random.default_rng(int(s) ^ 0x5EF).integers(n) for s, n in zip(seeds, counts)], np.int64)
+        return self.clip_order[self.clip_starts[clips] + draws]
+
+
+def build_index(folders: list[str], split: str = "train") -> TripletIndex:
+    files, file_ids, groups, rows, clip_keys, frames = [], [], [], [], [], []
+    for folder_id, folder in enumerate(folders):
+        for path in open_triplets(folder).files:
+            parquet = pq.ParquetFile(path)
+            sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+            meta = parquet.read(columns=INDEX_COLUMNS)
+            keep = np.asarray(meta.column("split").to_numpy(zero_copy_only=False) == split)
+            group = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+            row = np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]) if sizes else np.zeros(0, np.int32)
+            source = meta.column("source").to_numpy(zero_copy_only=False)
+            clip = meta.column("clip_id").to_numpy(zero_copy_only=False)
+            file_ids.append(np.full(int(keep.sum()), len(files), np.int32))
+            files.append(path)
+            groups.append(group[keep])
+            rows.append(row[keep])
+            clip_keys.append(np.array([f"{folder_id}\x00{s}/{c}" for s, c in zip(source[keep], clip[keep])], dtype=object))
+            frames.append(meta.column("frame_index").to_numpy()[keep].astype(np.int32))
+    if not files or not sum(len(f) for f in file_ids):
+        where = ", ".join(str(f) for f in folders)
+        raise DataError(f"no {split!r} rows in {where} ({TRIPLETS_DIR}/*.parquet)")
+    file = np.concatenate(file_ids)
+    group = np.concatenate(groups)
+    frame = np.concatenate(frames)
+    _, clip = np.unique(np.concatenate(clip_keys), return_inverse=True)
+    clip = clip.astype(np.int64)
+    change = np.flatnonzero((np.diff(file) != 0) | (np.diff(group) != 0)) + 1
+    group_starts = np.concatenate([[0], change, [len(file)]]).astype(np.int64)
+    clip_order = np.lexsort((frame, clip))
+    clip_starts = np.searchsorted(clip[clip_order], np.arange(clip.max() + 2)).astype(np.int64)
+    return TripletIndex(files, file, group, np.concatenate(rows), clip, frame, group_starts, clip_order, clip_starts)
+
+

@@ -1,0 +1,296 @@
+"""The stream a worker trains on: ``SampleStream`` plans read tasks over its share of the order
+and runs the read and decode stages through Ray Data."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from disco.train.data.decode import decode_samples
+from disco.train.data.index import REFERENCE_COLUMNS, TARGET_COLUMNS, DataError, TripletIndex, damaged_shard
+from disco.train.data.order import WINDOW_GROUPS, StreamPlan, global_positions, locator_table
+from disco.train.data.read import REFERENCE_STORE_BYTES, REFERENCE_STORE_NAMESPACE, ReferenceStore, file_version, read_samples
+from disco.train.data.watch import STARTUP_TIMEOUT_S, Watch, stream_callback
+
+
+CHUNK_BATCHES = 256  # at least this many micro-batches of read tasks per Ray Data execution; chained
+# Samples one decode task loads. Ray Data costs a few ms of driver and worker CPU per task
+# whatever its size; per micro-batch of 4 that was as much CPU as the decoding itself.
+SAMPLES_PER_BLOCK = 32
+
+
+
+class SampleStream:
+    """Micro-batches of exactly ``batch`` decodable samples from this worker's share of the stream.
+
+    ``position`` counts this worker's stream items consumed so far (skipped ones included, rows
+    already fetched but not yet used excluded): a checkpoint stores it and a resume restarts there.
+    ``shards``: the run's data shards (default: ``world``); it must be a multiple of ``world``, and
+    ``batch`` a multiple of ``shards / world``. ``read_bytes`` and ``reference_bytes`` count what the
+    read tasks behind the blocks handed out so far read from the Parquet files.
+
+    Every Ray task and actor of the stream asks for at most ``data_cpus`` CPUs: the decode tasks
+    exactly that (``data_tasks`` at a time), the read task (I/O, one at a time, a few ms of CPU per
+    window) and the ``ReferenceStore`` actor none, and the source is built on the driver
+    (``from_blocks``: no metadata tasks, which ``from_arrow`` starts at Ray's default of 1 CPU; Ray
+    Data's own helper actors ask for none; ``iter_torch_batches`` works in threads of this
+    process). A stream whose first block has not arrived within
+    ``startup_timeout_s`` (default ``STARTUP_TIMEOUT_S``) of starting raises ``DataError`` saying
+    which resource it waits for.
+    """
+
+    def __init__(self, index: TripletIndex, *, stage: str, ref_mode: str, resolution: int, augment: bool,
+                 seed: int, batch: int, rank: int = 0, world: int = 1, position: int = 0, shards: int | None = None,
+                 data_cpus: float = 0.25, data_tasks: int = 2, prefetch_batches: int = 2, device=None,
+                 startup_timeout_s: float | None = None):
+        shards = shards or world
+        if shards % world:
+            raise DataError(f"{shards} data shards cannot be shared evenly by {world} workers; make data_shards "
+                            "a multiple of the number of workers")
+        if batch % (shards // world):
+            raise DataError(f"each of the {world} workers reads {shards // world} data shards, so its batch size "
+                            f"({batch}) must be a multiple of {shards // world}")
+        self.index, self.stage, self.ref_mode = index, stage, ref_mode
+        self.resolution, self.augment, self.seed = resolution, augment, seed
+        self.batch, self.rank, self.world, self.shards = batch, rank, world, shards
+        self.position, self.skipped = position, 0
+        self.read_bytes, self.reference_bytes = 0, 0
+        self.data_cpus, self.data_tasks = data_cpus, data_tasks
+        self.prefetch_batches, self.device = prefetch_batches, device
+        self.startup_timeout_s = STARTUP_TIMEOUT_S if startup_timeout_s is None else startup_timeout_s
+        self._plan = StreamPlan(index, seed, shards, batch * world)
+        self._first_shard = rank * (shards // world)
+        self._first_references = index.first_reference() if stage == "finetune" and ref_mode == "first" else None
+        self._watch = Watch(self.startup_timeout_s, data_cpus)
+        self._store = None  # (name, handle) of the data set's ReferenceStore, once started
+        self._blocks = self._stream()
+        self._block, self._offset, self._bad_run = None, 0, 0
+
+    @property
+    def samples_per_block(self) -> int:
+        """Samples per decode task: whole micro-batches, about ``SAMPLES_PER_BLOCK`` of them."""
+        return self.batch * max(1, round(SAMPLES_PER_BLOCK / self.batch))
+
+    @property
+    def prefetch_blocks(self) -> int:
+        """``prefetch_batches`` micro-batches, in decode-task outputs (at least one)."""
+        return max(1, -(-self.prefetch_batches * self.batch // self.samples_per_block))
+
+    # -- the read plan ------------------------------------------------------------------------------
+
+    def _first_shard_item(self, samples: np.ndarray) -> np.ndarray:
+        """Samples of this worker's first shard -> this worker's stream items."""
+        k = self._plan.per_shard
+        return (samples // k) * self.batch + samples % k
+
+    def _next_window_start(self, item: int) -> int:
+        """The first stream item after ``item`` where a window of this worker's first shard starts."""
+        size = int(self._plan.sizes[self._first_shard])
+        epoch = (item // self.batch) * self._plan.per_shard // size
+        while True:
+            items = self._first_shard_item(self._plan.window_starts(self._first_shard, epoch))
+            later = items[items > item]
+            if len(later):
+                return int(later[0])
+            epoch += 1
+
+    def task_end(self, start: int) -> int:
+        """Where the read task that starts at stream item ``start`` ends: at the next window
+        start, or later ones while that leaves it under ``samples_per_block`` samples."""
+        end = self._next_window_start(start)
+        while end - start < self.samples_per_block:
+            end = self._next_window_start(end)
+        return end
+
+    def locators(self, start: int, stop: int) -> pa.Table:
+        """The locators of this worker's stream items ``[start, stop)``."""
+        positions = global_positions(np.arange(start, stop, dtype=np.int64), self.rank, self.world, self.batch)
+        return locator_table(self.index, self._plan, positions, self.stage, self.ref_mode, self.seed,
+                             self._first_references)
+
+    def planned_reads(self, samples: int, references: set | None = None) -> dict:
+        """What this worker's read tasks read for its next ``samples`` stream items or more (whole
+        tasks), by its own read plan, without Ray or reading a picture: ``target_bytes`` (the
+        column chunks of the row groups the tasks read, from the Parquet metadata),
+        ``reference_bytes`` (those of the reference row groups not in ``references`` yet: the
+        reference rows read so far, which this call adds to; pass one set to several workers'
+        calls to plan for the shared ``ReferenceStore``), ``footer_bytes`` (what opening each file once reads),
+        ``needed_bytes`` (the samples' own share of their row groups' column chunks: what a reader
+        of exactly these rows would read) and ``samples``."""
+        footers, opened = {}, set()
+        references = set() if references is None else references
+        counts = dict(samples=0, target_bytes=0, footer_bytes=0, reference_bytes=0, needed_bytes=0.0)
+
+        def chunks(path: str, group: int, columns) -> tuple[int, int, int]:
+            """(bytes of these column chunks, bytes of the footer if the file is new, rows)"""
+            if path not in footers:
+                metadata = pq.read_metadata(path)
+                index = {metadata.row_group(0).column(i).path_in_schema: i for i in range(metadata.num_columns)}
+                footers[path] = (metadata, index)
+            metadata, index = footers[path]
+            row_group = metadata.row_group(group)
+            footer = 0 if path in opened else min(64 << 10, os.path.getsize(path))  # pyarrow reads 64 KiB
+            opened.add(path)
+            return sum(row_group.column(index[c]).total_compressed_size for c in columns), footer, row_group.num_rows
+
+        start = self.position
+        while counts["samples"] < samples:
+            end = self.task_end(start)
+            spec = self.locators(start, end).to_pydict()
+            keys = list(zip(spec["path"], spec["group"]))
+            uses = defaultdict(int)
+            for key in keys:
+                uses[key] += 1
+            for (path, group), used in uses.items():
+                nbytes, footer, rows = chunks(path, group, TARGET_COLUMNS[self.stage])
+                counts["target_bytes"] += nbytes
+                counts["footer_bytes"] += footer
+                counts["needed_bytes"] += used * nbytes / rows
+            if self.stage == "finetune":
+                refs = list(zip(spec["ref_path"], spec["ref_group"], spec["ref_row"]))
+                for path, group in dict.fromkeys(key[:2] for key in refs if key not in references):
+                    nbytes, footer, _ = chunks(path, group, REFERENCE_COLUMNS)
+                    counts["reference_bytes"] += nbytes
+                    counts["footer_bytes"] += footer
+                references.update(refs)
+            counts["samples"] += end - start
+            start = end
+        return counts
+
+    # -- Ray Data -----------------------------------------------------------------------------------
+
+    def _configure(self, context) -> None:
+        """Settings of this stream's own Ray Data context (a copy: nothing else in the process
+        sees them). Blocks in order: resume and the workers' shares depend on it. A bound on how
+        far Ray Data decodes ahead: by default it fills its object-store budget (a whole chunk),
+        competing with the model for the CPU; a few blocks beyond the loop's prefetch are enough,
+        plus the encoded windows of the read tasks. And the start-up watch and idle pause of its
+        scheduling loop."""
+        from disco.train.augment import CLIP_SIZE
+
+        per_sample = 3 * self.resolution ** 2 * 3 + 4 * CLIP_SIZE ** 2
+        blocks = self.prefetch_blocks + 2 * self.data_tasks + 1
+        context.enable_progress_bars = False  # the trainer has its own progress
+        # Every block the stages yield is one row (a whole encoded or decoded block) and goes out
+        # as it is: Ray Data neither merges a read task's blocks into one nor slices a decoded one.
+        context.target_max_block_size = 1
+        options = context.execution_options
+        options.preserve_order = True  # the stream's order is part of the run's determinism
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=blocks * self.samples_per_block * per_sample + 2 * self._window_bytes())
+        callback = stream_callback(self._watch)
+        if callback is not None:
+            context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, callback]
+
+    def _window_bytes(self) -> int:
+        """About the encoded bytes of one window (from the first file's footer), for the budget."""
+        if not hasattr(self, "_window_estimate"):
+            try:
+                metadata = pq.read_metadata(self.index.files[0])
+                names = {metadata.row_group(0).column(i).path_in_schema: i for i in range(metadata.num_columns)}
+                columns = set(TARGET_COLUMNS[self.stage]) | set(REFERENCE_COLUMNS)
+                groups = [metadata.row_group(g) for g in range(metadata.num_row_groups)]
+                per_row = sum(g.column(names[c]).total_compressed_size for g in groups for c in columns) / \
+                    max(1, sum(g.num_rows for g in groups))
+                rows = max(g.num_rows for g in groups)
+            except Exception:  # noqa: BLE001 - only a budget estimate
+                per_row, rows = 200 << 10, 64
+            self._window_estimate = int(per_row * rows * WINDOW_GROUPS)
+        return self._window_estimate
+
+    def _reference_store(self) -> str | None:
+        """The name of this data set's ``ReferenceStore`` on the cluster, started here unless one
+        runs (fine-tuning only; None where it cannot start: the stream reads without it)."""
+        if self.stage != "finetune":
+            return None
+        import hashlib
+
+        import ray
+
+        if self._store is None:
+            files = "\0".join(f"{path}\0{file_version(path)}" for path in self.index.files)
+            name = "references-" + hashlib.sha256(files.encode()).hexdigest()[:24]
+            try:
+                self._store = name, ray.remote(num_cpus=0)(ReferenceStore).options(
+                    name=name, namespace=REFERENCE_STORE_NAMESPACE, get_if_exists=True, scheduling_strategy="DEFAULT",
+                ).remote(REFERENCE_STORE_BYTES)
+            except Exception:  # noqa: BLE001 - the store only saves reads
+                self._store = None, None
+        return self._store[0]
+
+    def _dataset(self, tasks: list[tuple[int, int]]):
+        import ray
+
+        specs = [self.locators(start, stop) for start, stop in tasks]
+        dataset = (
+            ray.data.from_blocks(specs)
+            # Two stages that Ray Data does not fuse (their CPU requests differ): fused, each task
+            # would read and decode a whole window, and as blocks stay in order the next window's
+            # task could not decode ahead of it.
+            .map_batches(read_samples, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=1,
+                         fn_kwargs=dict(stage=self.stage, block=self.samples_per_block, store=self._reference_store()))
+            .map_batches(decode_samples, batch_size=None, batch_format="pyarrow", num_cpus=self.data_cpus,
+                         concurrency=self.data_tasks,
+                         fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment,
+                                        seed=self.seed))
+        )
+        self._configure(dataset.context)
+        return dataset
+
+    def _stream(self):
+        start = self.position
+        while True:
+            tasks, stop = [], start
+            while not tasks or stop - start < CHUNK_BATCHES * self.batch:
+                end = self.task_end(stop)
+                tasks.append((stop, end))
+                stop = end
+            try:
+                for block in self._dataset(tasks).iter_torch_batches(
+                    batch_size=None, prefetch_batches=self.prefetch_blocks, device=self.device or "cpu",
+                ):
+                    self._watch.delivered = True
+                    yield block
+            except Exception as exc:
+                if self._watch.error is not None:
+                    raise DataError(self._watch.error) from None
+                damaged = damaged_shard(exc)
+                if damaged is not None:
+                    raise damaged from None
+                raise
+            start = stop
+
+    def close(self) -> None:
+        """Stop the running Ray Data execution (its prefetching tasks) now, not at interpreter exit."""
+        self._blocks.close()
+
+    def next_batch(self) -> dict:
+        """The next ``batch`` decodable samples, as torch tensors (uint8 pictures)."""
+        import torch
+
+        parts, need = [], self.batch
+        while need:
+            if self._block is None or self._offset >= len(self._block["position"]):
+                self._block, self._offset = {k: v[0] for k, v in next(self._blocks).items()}, 0
+                self.read_bytes += int(self._block.pop("read_bytes").sum())
+                self.reference_bytes += int(self._block.pop("reference_bytes").sum())
+            ok = self._block["ok"][self._offset:]
+            taken = torch.cumsum(ok.to(torch.int64), 0)
+            hits = torch.nonzero(taken == need)
+            end = self._offset + (int(hits[0]) + 1 if len(hits) else len(ok))
+            rows = slice(self._offset, end)
+            keep = self._block["ok"][rows]
+            parts.append({k: v[rows][keep] for k, v in self._block.items()})
+            self.skipped += int((~keep).sum())
+            self._bad_run = 0 if keep.any() else self._bad_run + int((~keep).sum())
+            if self._bad_run > len(self.index):  # a whole epoch without one decodable row
+                raise DataError(f"no row decodes: {self._bad_run} in a row failed (corrupt pictures, or no pose "
+                                "for fine-tuning)")
+            need -= int(keep.sum())
+            self.position += end - self._offset
+            self._offset = end
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
