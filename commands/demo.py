@@ -1,0 +1,80 @@
+"""``demo``: the whole journey on media that ship with installed packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from disco.commands.terminal import console, usage_error
+from disco.commands.generate import run_generation
+from disco.commands.preprocess import run_preprocess
+from disco.commands.train import run_training
+
+
+# The demo's scale: small enough for a few minutes on 2 cores.
+DEMO_STEPS = 30
+DEMO_RESOLUTION = 64
+DEMO_SAMPLE_STEPS = 10
+DEMO_FRAMES = 16
+
+
+def demo(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the demo's inputs and results."),
+    steps: int = typer.Option(DEMO_STEPS, help="Training steps of each stage (pre-training, then fine-tuning)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """The whole journey on photos and a clip that ship with installed packages: preprocess, a short
+    tiny-model pre-training and fine-tuning, and a generated clip."""
+    import shutil
+
+    from disco.generate.run import GenerateConfig
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.contact_sheet import write_contact_sheet
+    from disco.pipeline.demo_data import DEMO_CLIP, write_demo_images, write_demo_video
+    from disco.pipeline.reader import open_triplets
+    from disco.train.config import TrainConfig
+
+    if steps < 1:
+        usage_error("--steps must be at least 1")
+    images_in, videos_in = output / "inputs" / "images", output / "inputs" / "videos"
+    write_demo_images(images_in)
+    write_demo_video(videos_in)
+    console.print(f"[bold]1/4 preprocess[/bold]: {images_in.resolve()} and {videos_in.resolve()}")
+    triplets = {}
+    for source, folder in (("images", images_in), ("video", videos_in)):
+        out = output / f"triplets-{source}"
+        run_preprocess(PreprocessConfig(source=source, input=folder, output=out, overwrite=True),
+                       show_progress=progress)
+        write_contact_sheet(open_triplets(out), out / "contact_sheet.png", 8)
+        triplets[source] = out
+    # A demo always starts over: a run folder left by an earlier demo would be refused (resume).
+    runs = {"pretrain": output / "run-pretrain", "finetune": output / "run-finetune"}
+    for run in runs.values():
+        shutil.rmtree(run, ignore_errors=True)
+    common = dict(model="tiny", resolution=DEMO_RESOLUTION, batch_size=2, max_steps=steps, checkpoint_every=steps,
+                  sample_every=steps, sample_steps=DEMO_SAMPLE_STEPS, sample_count=2, log_every=5)
+    console.print("[bold]2/4 pre-train[/bold] (human attributes, on every still and frame)")
+    summary = run_training(TrainConfig(stage="pretrain", data=[str(triplets["images"]), str(triplets["video"])],
+                                       output=str(runs["pretrain"]), **common), show_progress=progress)
+    console.print(f"  step {summary['step']}, loss {summary['loss']:.4f}")
+    console.print("[bold]3/4 fine-tune[/bold] (with pose, on the clip)")
+    summary = run_training(TrainConfig(stage="finetune", data=[str(triplets["video"])], output=str(runs["finetune"]),
+                                       init_from=str(runs["pretrain"]), **common), show_progress=progress)
+    console.print(f"  step {summary['step']}, loss {summary['loss']:.4f}")
+    console.print("[bold]4/4 generate[/bold] (the astronaut photo, moving as the clip's stored poses)")
+    video = output / "generated.mp4"
+    result = run_generation(GenerateConfig(
+        checkpoint=runs["finetune"], reference=images_in / "astronaut.png", pose=triplets["video"], clip=DEMO_CLIP,
+        output=video, steps=DEMO_SAMPLE_STEPS, size=DEMO_RESOLUTION, max_frames=DEMO_FRAMES, side_by_side=True,
+    ), show_progress=progress)
+
+    console.print("\n[bold green]demo finished[/bold green] (a tiny model trained for seconds: expect noise, not dancers)")
+    for source, out in triplets.items():
+        console.print(f"  {source:7s} triplets: {(out / 'triplets').resolve()}")
+        console.print(f"  {source:7s} contact sheet: {(out / 'contact_sheet.png').resolve()}")
+    for stage, run in runs.items():
+        console.print(f"  {stage:8s} run: {run.resolve()}  (checkpoints, logs/ for TensorBoard, samples/*.png)")
+    console.print(f"  generated clip: {result.video.resolve()}  ({result.frames} frames)")
+    console.print(f"  pose | generated: {result.side_by_side.resolve()}")
+    console.print(f"look inside with: disco-cli inspect {triplets['images']}")

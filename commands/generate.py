@@ -1,0 +1,81 @@
+"""``generate`` a dance video and ``export`` a checkpoint as diffusers folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from disco.commands.terminal import check_device, console, usage_error
+
+
+def run_generation(config, show_progress: bool = True):
+    """Generate a video with a progress bar; a user's mistake is a one-line usage error."""
+    from disco.generate.inputs import GenerateInputError
+    from disco.generate.run import generate as run_generate
+
+    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not show_progress) as bar:
+        task = bar.add_task("generate", total=None)
+        try:
+            result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False),
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (GenerateInputError, FileNotFoundError) as exc:
+            usage_error(str(exc))
+        except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
+            usage_error(str(exc))
+    return result
+
+
+
+def generate(
+    checkpoint: Path = typer.Option(..., help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder."),
+    reference: Path = typer.Option(..., help="Photo of the person (and, without --background, the scene)."),
+    pose: Path = typer.Option(..., help="Video to take the pose sequence from, or a `preprocess` output folder with --clip."),
+    output: Path = typer.Option(..., "--output", "-o", help="The generated video (.mp4); a .json with the settings is written beside it."),
+    clip: Optional[str] = typer.Option(None, help="With --pose TRIPLETS_DIR: the clip_id whose stored poses drive the model."),
+    background: Optional[Path] = typer.Option(None, help="Put the person into this scene instead of the reference's own background."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    guidance_scale: float = typer.Option(1.5, help="Classifier-free guidance scale on the reference (1 turns guidance off)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise; the same seed gives the same frames."),
+    batch_size: int = typer.Option(8, help="Frames generated at once."),
+    fps: Optional[float] = typer.Option(None, help="Frame rate of the output (and the rate the pose video is resampled to); default: the pose source's."),
+    size: Optional[int] = typer.Option(None, help="Side of the square frames (default: the model's resolution, 256 for the full model)."),
+    max_frames: Optional[int] = typer.Option(None, help="Generate only the first N pose frames."),
+    frames: Optional[Path] = typer.Option(None, help="Also write every generated frame as PNG into this folder."),
+    side_by_side: bool = typer.Option(False, "--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+) -> None:
+    """Generate a dance video: the person of --reference, in its own or another scene, moving as --pose."""
+    from disco.generate.run import GenerateConfig
+
+    check_device(device)
+    config = GenerateConfig(
+        checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
+        steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,
+        frames=frames, side_by_side=side_by_side, max_frames=max_frames, device=device,
+    )
+    result = run_generation(config)
+    console.print(f"wrote {result.video.resolve()}: {result.frames} frames, {result.size} x {result.size} px, "
+                  f"{result.fps:g} fps, in {result.seconds:.1f} s")
+    for extra in (result.side_by_side, result.frames_dir):
+        if extra is not None:
+            console.print(f"wrote {extra.resolve()}")
+
+
+def export(
+    checkpoint: Path = typer.Option(..., help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/."),
+) -> None:
+    """Write a checkpoint's UNet and ControlNets as diffusers folders, each loadable with from_pretrained."""
+    from disco.generate.checkpoint import load_checkpoint
+
+    try:
+        model = load_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError: not a DisCo checkpoint
+        usage_error(str(exc))
+    for folder in model.export_diffusers(output):
+        console.print(f"wrote {folder.resolve()}")

@@ -1,0 +1,137 @@
+"""Commands that report: ``doctor`` (what can run here) and ``inspect`` (an output folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from disco.commands.terminal import console, usage_error
+
+
+def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
+    counts, run = manifest["counts"], manifest["run"]
+    table = Table(title=title, show_header=False)
+    table.add_row("inputs", f"{counts['inputs']} ({counts['inputs_done']} done, {counts['inputs_failed']} failed, "
+                  f"{counts['inputs_pending']} pending)")
+    table.add_row("frames", str(counts["frames"]))
+    table.add_row("rows written", str(counts["rows_written"]))
+    skipped = ", ".join(f"{k}: {v}" for k, v in counts["rows_skipped"].items()) or "none"
+    table.add_row("rows skipped", skipped)
+    table.add_row("errors", str(counts["errors"]))
+    if counts.get("ignored_files"):
+        table.add_row("ignored files", f"{counts['ignored_files']} (not media of this source)")
+    if manifest.get("filtered_at_listing"):
+        table.add_row("left out at listing", ", ".join(f"{k}: {v}" for k, v in manifest["filtered_at_listing"].items()))
+    if manifest.get("dataset"):
+        dataset = manifest["dataset"]
+        table.add_row("data set", f"{dataset['name']} ({dataset['manifest']}); split: {dataset['split_rule'][:60]}"
+                      + ("..." if len(dataset["split_rule"]) > 60 else ""))
+    if manifest.get("reject_shards"):
+        table.add_row("rejects table", f"{sum(s['rows'] for s in manifest['reject_shards'])} rows in rejects/")
+    fps = run.get("frames_per_s")
+    table.add_row("this run", f"{run['frames_processed']} frames in {run['wall_time_s']:.1f} s"
+                  + (f" ({fps:.1f} frames/s)" if fps else ""))
+    table.add_row("shards", str(len(manifest["shards"])))
+    console.print(table)
+
+
+
+def doctor(
+    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Weights folder to check (layout in the README)."),
+    sam_model: str = typer.Option("vit_h", help="SAM variant to look for: vit_h, vit_l or vit_b."),
+    hands: bool = typer.Option(True, "--hands/--no-hands", help="Look for the OpenPose hand model."),
+    face: bool = typer.Option(False, "--face/--no-face", help="Look for the OpenPose face model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Report CUDA, GPUs, which annotator backends can run here and which weights were found."""
+    import json
+
+    from disco.pipeline.config import SAM_MODELS
+    from disco.pipeline.doctor import diagnose
+
+    if sam_model not in SAM_MODELS:
+        usage_error(f"unknown SAM model {sam_model!r}; choose one of {', '.join(SAM_MODELS)}")
+    if weights is not None and not weights.is_dir():
+        usage_error(f"--weights {weights} is not a folder")
+    report = diagnose(weights, sam_model=sam_model, hands=hands, face=face)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    out = Console()
+    gpus = ", ".join(report["gpus"]) or "none"
+    out.print(f"CUDA: {'yes' if report['cuda'] else 'no'}   GPUs: {gpus}   torch {report['torch']}")
+    out.print(f"weights folder: {report['weights_dir'] or 'not set (--weights / $DISCO_WEIGHTS)'}")
+    table = Table(title="annotator backends")
+    for column in ("backend", "role", "can run", "why not"):
+        table.add_column(column)
+    for b in report["backends"]:
+        table.add_row(b["name"], b["role"], "yes" if b["can_run"] else "no", "; ".join(b["problems"]))
+    out.print(table)
+    files = Table(title="weight files")
+    for column in ("file", "for", "found"):
+        files.add_column(column)
+    for f in report["files"]:
+        files.add_row(f["name"], f["purpose"], "yes" if f["present"] else f"no (expected at {f['path']})")
+    out.print(files)
+
+
+def inspect(
+    output: Path = typer.Argument(..., help="An output folder written by `disco-cli preprocess`."),
+    sheet: Optional[Path] = typer.Option(None, help="Where to write the contact sheet PNG (default OUTPUT/contact_sheet.png)."),
+    rows: int = typer.Option(8, min=1, help="Rows to show on the contact sheet."),
+) -> None:
+    """Print the manifest summary, schema and counts of an output folder, and write a contact sheet."""
+    import pyarrow as pa
+
+    from disco.pipeline.errors import ConfigError
+    from disco.pipeline.contact_sheet import write_contact_sheet
+    from disco.pipeline.errors import first_line
+    from disco.pipeline.manifest import read_manifest
+    from disco.pipeline.reader import open_errors, open_triplets
+    from disco.pipeline.schema import MANIFEST_FILE
+
+    if not (output / MANIFEST_FILE).exists():
+        usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
+    manifest = read_manifest(output / MANIFEST_FILE)
+    try:  # every shard's footer is checked here, before anything is printed
+        triplets, errors = open_triplets(output), open_errors(output)
+    except ConfigError as exc:
+        usage_error(str(exc))
+    out = Console()
+    out.print(f"[bold]{output}[/bold]  written by: {manifest['command']}")
+    backends = manifest["backends"]
+    out.print(f"backends: matting={backends['matting']['name']} pose={backends['pose']['name']} ({backends['reason']})")
+    print_summary(manifest)
+    schema = Table(title="triplet schema")
+    schema.add_column("column")
+    schema.add_column("type")
+    for field in triplets.schema:
+        schema.add_row(field.name, str(field.type))
+    out.print(schema)
+    counts = Table(title="rows on disk")
+    counts.add_column("table")
+    counts.add_column("rows", justify="right")
+    counts.add_column("files", justify="right")
+    counts.add_row("triplets", str(triplets.count_rows()), str(len(triplets.files)))
+    counts.add_row("errors", str(errors.count_rows()), str(len(errors.files)))
+    out.print(counts)
+    if errors.count_rows():
+        try:
+            by_type = errors.to_table(columns=["error_type"]).column("error_type").value_counts().to_pylist()
+        except (OSError, pa.ArrowException) as exc:  # damaged pages, as above
+            usage_error(f"an errors shard of {output} cannot be read ({first_line(exc)})")
+        out.print("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type))
+    target = sheet or output / "contact_sheet.png"
+    try:
+        shown = write_contact_sheet(triplets, target, rows)
+    except (OSError, pa.ArrowException) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the sheet could not be saved: not the shards' fault
+        # pyarrow on damaged pages: an OSError without errno, or one of its own
+        usage_error(f"a shard of {output} cannot be read ({first_line(exc)}); "
+                     "the shards are damaged: write the output again with `disco-cli preprocess ... --overwrite`")
+    out.print(f"contact sheet ({shown} rows): {target.resolve()}")
