@@ -1,25 +1,74 @@
-"""What every command shares: the error console, one-line usage errors, the device check."""
+"""What every command shares: the error console, one-line usage errors (the commands' own and
+click's), option choices as enums, the defaults of a stage's config object, the device check."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import sys
+from collections.abc import Iterable
+from types import SimpleNamespace
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-
+from typer.core import TyperGroup
 
 console = Console(stderr=True)
 
+RAY_ADDRESS_HELP = ("Ray cluster to run on: HOST:PORT, or auto for the one `ray start` runs on this machine "
+                    "(default: a private local instance on 127.0.0.1; $DISCO_RAY_TIMEOUT s to reach a cluster, 60).")
 
-def usage_error(message: str) -> None:
+
+def print_error(message: str) -> None:
     # A message quotes paths and library errors: its brackets are text, never rich markup.
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def usage_error(message: str) -> None:
+    print_error(message)
     raise typer.Exit(2)
 
 
+class OneLineErrors(TyperGroup):
+    """The app's group: click's own usage errors (an unknown option, a choice not offered, a value
+    out of range, a missing option) print as one ``error:`` line naming the command's ``--help``,
+    like the commands' own errors, instead of a usage block and a framed panel."""
 
-RAY_ADDRESS_HELP = ("Ray cluster to run on: HOST:PORT, or auto for the one `ray start` runs on this machine "
-                    "(default: a private local instance on 127.0.0.1; $DISCO_RAY_TIMEOUT s to reach a cluster, 60).")
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else (prog_name or self.name)
+            print_error(f"{exc.format_message()} (see `{where} --help`)")
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException as exc:
+            print_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
+    """The values an option accepts, as the string enum typer lists in the help and checks."""
+    return enum.Enum(name, {value: value for value in values}, type=str)
+
+
+def plain(value):
+    """An option's value as the stage's config object takes it: an enum member becomes its string."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def defaults(config_class) -> SimpleNamespace:
+    """The field defaults of a stage's config dataclass: a command's options take their defaults
+    from here, so each default is written once, in the config object."""
+    return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(config_class)
+                              if f.default is not dataclasses.MISSING})
 
 
 def check_device(device: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from disco.model.conditioning import square
+from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.decode import decode_video_frames, load_image, probe_video
 from disco.pipeline.encode import decode_picture, split_person
@@ -25,10 +26,6 @@ MIN_ANNOTATE_SIDE = 256
 
 _DEFAULTS = {f.name: f.default for f in fields(PreprocessConfig) if f.name in (
     "hands", "min_visibility", "min_mask_area", "joint_threshold", "pose_style")}
-
-
-class GenerateInputError(ValueError):
-    """An input picture, video or clip that cannot drive generation (a user's mistake)."""
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""The settings of ``disco-cli evaluate``: the metrics, where the feature networks' weights are,
+and what to generate with ``--run`` (light to import: the command line reads its defaults and
+choices from here; the networks are built by ``NetworkConfig.build``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = ("fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd")
+# The video networks FID-VID and FVD can use (built in evaluate/networks.py), and the defaults.
+VIDEO_NET_NAMES = ("r3d_18", "r2plus1d_18", "mc3_18", "s3d")
+FID_VID_NET = "r3d_18"
+FVD_NET = "s3d"
+
+
+class EvaluateInputError(ValueError):
+    """Folders or options that cannot be scored (a user's mistake)."""
+
+
+@dataclass
+class NetworkConfig:
+    """Where the feature networks' weights are: one flag per file, or a weights directory."""
+
+    weights: Path | None = None
+    inception: Path | None = None
+    vgg16: Path | None = None
+    fid_vid_net: Path | None = None
+    fvd_net: Path | None = None
+    fid_vid_arch: str = FID_VID_NET
+    fvd_arch: str = FVD_NET
+
+    def files(self, metrics: list[str]) -> dict[str, Path]:
+        """The weight file of every requested metric that needs one; a missing file raises WeightsError."""
+        from disco.evaluate import networks as N
+
+        wanted = {
+            "fid": (self.inception, N.INCEPTION_FILE, "--inception"),
+            "lpips": (self.vgg16, N.VGG16_FILE, "--vgg16"),
+            "fid-vid": (self.fid_vid_net, N.VIDEO_NETS[self.fid_vid_arch].filename, "--fid-vid-net"),
+            "fvd": (self.fvd_net, N.VIDEO_NETS[self.fvd_arch].filename, "--fvd-net"),
+        }
+        return {m: N.weight_file(wanted[m][0], self.weights, wanted[m][1], wanted[m][2])
+                for m in metrics if m in wanted}
+
+    def build(self, metrics: list[str]) -> dict:
+        """The feature networks of ``metrics`` (name -> torch module), from their weight files."""
+        from disco.evaluate import networks as N
+
+        files = self.files(metrics)  # all files are checked before any network is built
+        built = {}
+        if "fid" in files:
+            built["fid"] = N.inception(files["fid"])
+        if "lpips" in files:
+            built["lpips"] = N.lpips_vgg(files["lpips"])
+        if "fid-vid" in files:
+            built["fid-vid"] = N.video_network(self.fid_vid_arch, files["fid-vid"])
+        if "fvd" in files:
+            built["fvd"] = N.video_network(self.fvd_arch, files["fvd"])
+        return built
+
+
+def parse_metrics(text: str) -> list[str]:
+    chosen = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if chosen == ["all"]:
+        return list(METRICS)
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown or not chosen:
+        raise EvaluateInputError(f"unknown metric {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)} or all")
+    return [m for m in METRICS if m in chosen]
+
+
+@dataclass
+class EvaluateConfig:
+    output: Path  # JSON report
+    pred: Path | None = None
+    gt: Path | None = None
+    run: Path | None = None  # a checkpoint: generate --data's split first
+    data: Path | None = None
+    split: str = "test"
+    work_dir: Path | None = None  # where generated and real frames go (default beside the report)
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    networks: NetworkConfig = field(default_factory=NetworkConfig)
+    batch_size: int = 16
+    # generation, for --run
+    steps: int = 50
+    guidance_scale: float = 1.5
+    seed: int = 0
+    size: int | None = None
+    max_frames: int | None = None
+    device: str = "cpu"
+
+    def validate(self) -> "EvaluateConfig":
+        if (self.pred is None) != (self.gt is None):
+            raise EvaluateInputError("--pred and --gt go together")
+        if (self.pred is None) == (self.run is None):
+            raise EvaluateInputError("pass either --pred DIR --gt DIR, or --run RUN --data TRIPLETS_DIR")
+        if self.run is not None and self.data is None:
+            raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
+        if self.batch_size < 1:
+            raise EvaluateInputError("--batch-size must be at least 1")
+        for name in ("steps", "size", "max_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EvaluateInputError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.guidance_scale < 0:
+            raise EvaluateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
+        # Every path is checked here, before a feature network or a model is loaded.
+        for name in ("pred", "gt", "run", "data"):
+            path = getattr(self, name)
+            if path is not None and not path.exists():
+                raise EvaluateInputError(f"--{name}: {path} does not exist")
+        return self

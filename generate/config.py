@@ -1,0 +1,57 @@
+"""The settings of ``disco-cli generate``: one config object, checked before any model loads
+(light to import: the command line reads its defaults from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class GenerateInputError(ValueError):
+    """An input picture, video or clip that cannot drive generation (a user's mistake)."""
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: Path
+    reference: Path
+    pose: Path  # a video, or a `preprocess` output folder with ``clip``
+    output: Path
+    clip: str | None = None
+    background: Path | None = None
+    steps: int = 50
+    guidance_scale: float = 1.5
+    seed: int = 0
+    batch_size: int = 8
+    fps: float | None = None  # default: the pose source's frame rate
+    size: int | None = None  # default: the model's resolution
+    frames: Path | None = None
+    side_by_side: bool = False
+    max_frames: int | None = None
+    device: str = "cpu"
+
+    def validate(self) -> "GenerateConfig":
+        if self.output.suffix.lower() != ".mp4":
+            raise GenerateInputError(f"--output must be an .mp4 file, not {self.output.name!r}")
+        if self.pose.is_dir() and self.clip is None:
+            raise GenerateInputError(f"{self.pose} is a folder: name the clip to take poses from with --clip")
+        if self.clip is not None and not self.pose.is_dir():
+            raise GenerateInputError("--clip needs --pose to be a `disco-cli preprocess` output folder")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise GenerateInputError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.fps is not None and self.fps <= 0:
+            raise GenerateInputError("--fps must be positive")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise GenerateInputError("--max-frames must be at least 1")
+        if self.size is not None and self.size < 1:
+            raise GenerateInputError(f"--size must be a positive number of pixels, not {self.size}")
+        if self.guidance_scale < 0:
+            raise GenerateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
+        # Every input is checked here, before a model is loaded (seconds to minutes).
+        for what, path in (("--checkpoint", self.checkpoint), ("--reference: reference picture", self.reference),
+                           ("--pose: pose video or folder", self.pose),
+                           ("--background: background picture", self.background)):
+            if path is not None and not path.exists():
+                raise GenerateInputError(f"{what} {path} does not exist")
+        return self
