@@ -10,9 +10,11 @@ import warnings
 import typer
 
 from disco.commands import demo, evaluate, generate, preprocess, report, train
+from disco.commands.terminal import OneLineErrors
 
 app = typer.Typer(
     name="disco-cli",
+    cls=OneLineErrors,
     help="Preprocess dance videos and photos into DisCo training triplets (foreground, background, pose), and train DisCo on them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -20,15 +21,15 @@ DEMO_FRAMES = 16
 
 
 def demo(
-    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the demo's inputs and results."),
-    steps: int = typer.Option(DEMO_STEPS, help="Training steps of each stage (pre-training, then fine-tuning)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's inputs and results.")] = Path("demo-output"),
+    steps: Annotated[int, typer.Option(help="Training steps of each stage (pre-training, then fine-tuning).")] = DEMO_STEPS,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """The whole journey on photos and a clip that ship with installed packages: preprocess, a short
     tiny-model pre-training and fine-tuning, and a generated clip."""
     import shutil
 
-    from disco.generate.run import GenerateConfig
+    from disco.generate.config import GenerateConfig
     from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.contact_sheet import write_contact_sheet
     from disco.pipeline.demo_data import DEMO_CLIP, write_demo_images, write_demo_video

@@ -3,56 +3,57 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from disco.commands.terminal import check_device, console, usage_error
+from disco.commands.terminal import check_device, choices, console, defaults, plain, usage_error
+from disco.evaluate.config import METRICS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError, NetworkConfig, parse_metrics
+
+E = defaults(EvaluateConfig)
+NETS = defaults(NetworkConfig)
+VideoNet = choices("video network", VIDEO_NET_NAMES)
 
 
 def evaluate(
-    pred: Optional[Path] = typer.Option(None, help="Generated frames or videos (a video, a folder of videos, of frames, or of frame folders)."),
-    gt: Optional[Path] = typer.Option(None, help="The real frames or videos, laid out and named like --pred."),
-    run: Optional[Path] = typer.Option(None, help="A checkpoint (save_pretrained folder or training run) to generate --data's split with."),
-    data: Optional[Path] = typer.Option(None, help="With --run: a `preprocess` output folder (triplets)."),
-    split: str = typer.Option("test", help="With --run: the split to generate and score."),
-    output: Path = typer.Option(Path("metrics.json"), "--output", "-o", help="The JSON report (scores, counts, settings)."),
-    work_dir: Optional[Path] = typer.Option(None, help="With --run: where pred/ and gt/ frames go (default: OUTPUT without .json)."),
-    metrics: str = typer.Option("all", help="Comma-separated: fid, ssim, psnr, lpips, l1, fid-vid, fvd, or all."),
-    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Folder holding the feature networks' files under their standard names."),
-    inception: Optional[Path] = typer.Option(None, help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth)."),
-    vgg16: Optional[Path] = typer.Option(None, help="VGG-16 ImageNet weights for LPIPS (torchvision vgg16-397923af.pth)."),
-    fid_vid_net: Optional[Path] = typer.Option(None, help="Weights of the FID-VID video network (default r3d_18-b3b3357e.pth)."),
-    fvd_net: Optional[Path] = typer.Option(None, help="Weights of the FVD video network (default s3d-d76dad2f.pth)."),
-    fid_vid_arch: str = typer.Option("r3d_18", help="FID-VID network: r3d_18, r2plus1d_18, mc3_18 or s3d."),
-    fvd_arch: str = typer.Option("s3d", help="FVD network: s3d, r3d_18, r2plus1d_18 or mc3_18."),
-    batch_size: int = typer.Option(16, help="Frames (or 16-frame clips) per forward pass; also frames generated at once with --run."),
-    steps: int = typer.Option(50, help="With --run: DDIM steps."),
-    guidance_scale: float = typer.Option(1.5, help="With --run: guidance scale."),
-    seed: int = typer.Option(0, help="With --run: seed."),
-    size: Optional[int] = typer.Option(None, help="With --run: frame side (default: the model's resolution)."),
-    max_frames: Optional[int] = typer.Option(None, help="With --run: only the first N frames of each clip."),
-    device: str = typer.Option("cpu", help="torch device for generation and the feature networks, e.g. cpu or cuda."),
+    pred: Annotated[Optional[Path], typer.Option(help="Generated frames or videos (a video, a folder of videos, of frames, or of frame folders).")] = None,
+    gt: Annotated[Optional[Path], typer.Option(help="The real frames or videos, laid out and named like --pred.")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="A checkpoint (save_pretrained folder or training run) to generate --data's split with.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="With --run: a `preprocess` output folder (triplets).")] = None,
+    split: Annotated[str, typer.Option(help="With --run: the split to generate and score.")] = E.split,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The JSON report (scores, counts, settings).")] = Path("metrics.json"),
+    work_dir: Annotated[Optional[Path], typer.Option(help="With --run: where pred/ and gt/ frames go (default: OUTPUT without .json).")] = None,
+    metrics: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(METRICS)}, or all.")] = "all",
+    weights: Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help="Folder holding the feature networks' files under their standard names.")] = NETS.weights,
+    inception: Annotated[Optional[Path], typer.Option(help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth).")] = NETS.inception,
+    vgg16: Annotated[Optional[Path], typer.Option(help="VGG-16 ImageNet weights for LPIPS (torchvision vgg16-397923af.pth).")] = NETS.vgg16,
+    fid_vid_net: Annotated[Optional[Path], typer.Option(help="Weights of the FID-VID video network (default r3d_18-b3b3357e.pth).")] = NETS.fid_vid_net,
+    fvd_net: Annotated[Optional[Path], typer.Option(help="Weights of the FVD video network (default s3d-d76dad2f.pth).")] = NETS.fvd_net,
+    fid_vid_arch: Annotated[VideoNet, typer.Option(help="FID-VID network.")] = NETS.fid_vid_arch,
+    fvd_arch: Annotated[VideoNet, typer.Option(help="FVD network.")] = NETS.fvd_arch,
+    batch_size: Annotated[int, typer.Option(help="Frames (or 16-frame clips) per forward pass; also frames generated at once with --run.")] = E.batch_size,
+    steps: Annotated[int, typer.Option(help="With --run: DDIM steps.")] = E.steps,
+    guidance_scale: Annotated[float, typer.Option(help="With --run: guidance scale.")] = E.guidance_scale,
+    seed: Annotated[int, typer.Option(help="With --run: seed.")] = E.seed,
+    size: Annotated[Optional[int], typer.Option(help="With --run: frame side (default: the model's resolution).")] = E.size,
+    max_frames: Annotated[Optional[int], typer.Option(help="With --run: only the first N frames of each clip.")] = E.max_frames,
+    device: Annotated[str, typer.Option(help="torch device for generation and the feature networks, e.g. cpu or cuda.")] = E.device,
 ) -> None:
     """Score generated frames against real ones: FID, SSIM, PSNR, LPIPS, L1, FID-VID, FVD."""
-    from disco.evaluate.networks import VIDEO_NETS, WeightsError
-    from disco.evaluate.run import EvaluateConfig, EvaluateInputError, NetworkConfig, parse_metrics
+    from disco.evaluate.networks import WeightsError
     from disco.evaluate.run import evaluate as run_evaluate
     from disco.generate.inputs import GenerateInputError
 
     check_device(device)
-    for name, arch in (("--fid-vid-arch", fid_vid_arch), ("--fvd-arch", fvd_arch)):
-        if arch not in VIDEO_NETS:
-            usage_error(f"{name}: unknown video network {arch!r}; choose one of {', '.join(VIDEO_NETS)}")
     try:
         config = EvaluateConfig(
             output=output, pred=pred, gt=gt, run=run, data=data, split=split, work_dir=work_dir,
             metrics=parse_metrics(metrics), batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
             seed=seed, size=size, max_frames=max_frames, device=device,
             networks=NetworkConfig(weights=weights, inception=inception, vgg16=vgg16, fid_vid_net=fid_vid_net,
-                                   fvd_net=fvd_net, fid_vid_arch=fid_vid_arch, fvd_arch=fvd_arch),
+                                   fvd_net=fvd_net, fid_vid_arch=plain(fid_vid_arch), fvd_arch=plain(fvd_arch)),
         )
         report = run_evaluate(config, log=lambda m: console.print(m, highlight=False))
     except (EvaluateInputError, GenerateInputError, WeightsError, FileNotFoundError) as exc:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from disco.commands.terminal import check_device, console, usage_error
+from disco.generate.config import GenerateConfig
+from disco.commands.terminal import check_device, console, defaults, usage_error
+
+G = defaults(GenerateConfig)
 
 
 def run_generation(config, show_progress: bool = True):
@@ -32,26 +35,24 @@ def run_generation(config, show_progress: bool = True):
 
 
 def generate(
-    checkpoint: Path = typer.Option(..., help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder."),
-    reference: Path = typer.Option(..., help="Photo of the person (and, without --background, the scene)."),
-    pose: Path = typer.Option(..., help="Video to take the pose sequence from, or a `preprocess` output folder with --clip."),
-    output: Path = typer.Option(..., "--output", "-o", help="The generated video (.mp4); a .json with the settings is written beside it."),
-    clip: Optional[str] = typer.Option(None, help="With --pose TRIPLETS_DIR: the clip_id whose stored poses drive the model."),
-    background: Optional[Path] = typer.Option(None, help="Put the person into this scene instead of the reference's own background."),
-    steps: int = typer.Option(50, help="DDIM steps."),
-    guidance_scale: float = typer.Option(1.5, help="Classifier-free guidance scale on the reference (1 turns guidance off)."),
-    seed: int = typer.Option(0, help="Seed of the initial noise; the same seed gives the same frames."),
-    batch_size: int = typer.Option(8, help="Frames generated at once."),
-    fps: Optional[float] = typer.Option(None, help="Frame rate of the output (and the rate the pose video is resampled to); default: the pose source's."),
-    size: Optional[int] = typer.Option(None, help="Side of the square frames (default: the model's resolution, 256 for the full model)."),
-    max_frames: Optional[int] = typer.Option(None, help="Generate only the first N pose frames."),
-    frames: Optional[Path] = typer.Option(None, help="Also write every generated frame as PNG into this folder."),
-    side_by_side: bool = typer.Option(False, "--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    checkpoint: Annotated[Path, typer.Option(help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder.")],
+    reference: Annotated[Path, typer.Option(help="Photo of the person (and, without --background, the scene).")],
+    pose: Annotated[Path, typer.Option(help="Video to take the pose sequence from, or a `preprocess` output folder with --clip.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The generated video (.mp4); a .json with the settings is written beside it.")],
+    clip: Annotated[Optional[str], typer.Option(help="With --pose TRIPLETS_DIR: the clip_id whose stored poses drive the model.")] = G.clip,
+    background: Annotated[Optional[Path], typer.Option(help="Put the person into this scene instead of the reference's own background.")] = G.background,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = G.steps,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale on the reference (1 turns guidance off).")] = G.guidance_scale,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same frames.")] = G.seed,
+    batch_size: Annotated[int, typer.Option(help="Frames generated at once.")] = G.batch_size,
+    fps: Annotated[Optional[float], typer.Option(help="Frame rate of the output (and the rate the pose video is resampled to); default: the pose source's.")] = G.fps,
+    size: Annotated[Optional[int], typer.Option(help="Side of the square frames (default: the model's resolution, 256 for the full model).")] = G.size,
+    max_frames: Annotated[Optional[int], typer.Option(help="Generate only the first N pose frames.")] = G.max_frames,
+    frames: Annotated[Optional[Path], typer.Option(help="Also write every generated frame as PNG into this folder.")] = G.frames,
+    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated.")] = G.side_by_side,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = G.device,
 ) -> None:
     """Generate a dance video: the person of --reference, in its own or another scene, moving as --pose."""
-    from disco.generate.run import GenerateConfig
-
     check_device(device)
     config = GenerateConfig(
         checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
@@ -67,8 +68,8 @@ def generate(
 
 
 def export(
-    checkpoint: Path = typer.Option(..., help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/."),
+    checkpoint: Annotated[Path, typer.Option(help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/.")],
 ) -> None:
     """Write a checkpoint's UNet and ControlNets as diffusers folders, each loadable with from_pretrained."""
     from disco.generate.checkpoint import load_checkpoint

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from disco.commands.terminal import RAY_ADDRESS_HELP, console, usage_error
+from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults, plain, usage_error
 from disco.commands.report import print_summary
+from disco.pipeline.annotators import registry
+from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM_MODELS, PreprocessConfig
+from disco.pipeline.schema import SPLITS
 
 
 SOURCE_HELP = ("Input kind: video or images (any folder of videos or stills), or a data set in its published "
@@ -96,8 +99,6 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
 
 def _annotator_help() -> tuple[str, str, str, str]:
     """The backend options' help, from the annotator registry (a new backend shows up by itself)."""
-    from disco.pipeline.annotators import registry
-
     gpu = " / ".join(b.name for b in registry.backends() if b.gpu)
     return (f"Person matting backend: {registry.describe_choices('matting')}.",
             f"Pose backend: {registry.describe_choices('pose')}.",
@@ -106,96 +107,108 @@ def _annotator_help() -> tuple[str, str, str, str]:
 
 
 MATTING_HELP, POSE_HELP, WEIGHTS_HELP, DEVICE_HELP = _annotator_help()
+D = defaults(PreprocessConfig)
+Matting = choices("matting backend", registry.choices("matting"))
+PoseBackend = choices("pose backend", registry.choices("pose"))
+Device = choices("device", DEVICES)
+SamModel = choices("SAM model", SAM_MODELS)
+PoseStyle = choices("pose style", POSE_STYLES)
+ImageFormat = choices("image format", IMAGE_FORMATS)
+Split = choices("split", SPLITS)
+
+Input = Annotated[Path, typer.Option("--input", "-i", help="Folder (or single file) to read.")]
+Source = Annotated[Optional[str], typer.Option(help=SOURCE_HELP)]
+Manifest = Annotated[Optional[Path], typer.Option(help=MANIFEST_HELP)]
+CocoSinglePerson = Annotated[bool, typer.Option(help="coco: keep only images with exactly one annotated person.")]
+Weights = Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help=WEIGHTS_HELP)]
+DeviceOption = Annotated[Device, typer.Option(help=DEVICE_HELP)]
+SamModelOption = Annotated[SamModel, typer.Option(help="SAM variant for grounded-sam.")]
+BatchSize = Annotated[int, typer.Option(help="Frames per batch through GroundingDINO and SAM's image encoder.")]
+MaxSide = Annotated[int, typer.Option(help="Shrink pictures so the long side is at most this many pixels.")]
+ShardRows = Annotated[int, typer.Option(help="Rows per Parquet shard.")]
+Actors = Annotated[Optional[int], typer.Option(help="Annotator actors (default: one per CPU of the Ray cluster).")]
+RayAddress = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP)]
+Overwrite = Annotated[bool, typer.Option(help="Delete what a previous run wrote to OUTPUT and start fresh.")]
+ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 
 
 def preprocess(
-    source: Optional[str] = typer.Option(None, help=SOURCE_HELP),
-    input: Path = typer.Option(..., "--input", "-i", help="Folder (or single file) to read."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output folder: triplets/, errors/, manifest.json."),
-    manifest: Optional[Path] = typer.Option(None, help=MANIFEST_HELP),
-    coco_single_person: bool = typer.Option(False, help="coco: keep only images with exactly one annotated person."),
-    matting: str = typer.Option("auto", help=MATTING_HELP),
-    pose: str = typer.Option("auto", help=POSE_HELP),
-    hands: bool = typer.Option(True, "--hands/--no-hands", help="Also estimate hand keypoints."),
-    face: bool = typer.Option(False, "--face/--no-face", help="Also estimate OpenPose's 70 face keypoints (openpose only)."),
-    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help=WEIGHTS_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    sam_model: str = typer.Option("vit_h", help="SAM variant for grounded-sam: vit_h, vit_l or vit_b."),
-    box_threshold: float = typer.Option(0.3, help="GroundingDINO box threshold (grounded-sam): the person detection score."),
-    text_threshold: float = typer.Option(0.25, help="GroundingDINO text threshold (grounded-sam)."),
-    largest_person: bool = typer.Option(False, "--largest-person/--all-persons", help="grounded-sam: keep only the largest person's mask instead of merging all."),
-    half: bool = typer.Option(True, "--half/--no-half", help="Half precision for SAM's image encoder on CUDA."),
-    batch_size: int = typer.Option(8, help="Frames per batch through GroundingDINO and SAM's image encoder."),
-    matting_gpus: Optional[float] = typer.Option(None, help="GPUs per matting actor of the GPU pipeline (default 0.5 on CUDA)."),
-    pose_gpus: Optional[float] = typer.Option(None, help="GPUs per pose actor of the GPU pipeline (default 0.5 on CUDA)."),
-    pose_style: str = typer.Option("openpose", help="Skeleton colours: openpose, or disco (red/blue swapped as in the official renders)."),
-    fps: float = typer.Option(30.0, help="Frame rate to resample videos to (a slower source is never up-sampled)."),
-    max_side: int = typer.Option(512, help="Shrink pictures so the long side is at most this many pixels."),
-    min_side: int = typer.Option(32, help="Reject inputs whose short side is below this."),
-    max_pixels: int = typer.Option(89_478_485, help="Reject inputs with more pixels than this."),
-    image_format: str = typer.Option("jpeg", help="Encoding of image, foreground and background: jpeg or png (mask and pose are always PNG)."),
-    jpeg_quality: int = typer.Option(95, min=1, max=100, help="JPEG quality."),
-    split: Optional[str] = typer.Option(None, help="Split written for every row (train or test). Default: the data set manifest's split rule; train for video and images."),
-    min_visibility: float = typer.Option(0.5, help="Minimum detection score (nose and shoulder visibility) for a person."),
-    joint_threshold: float = typer.Option(0.2, help="Minimum visibility for a joint to be stored with a confidence (else 0)."),
-    min_mask_area: float = typer.Option(0.01, help="Minimum fraction of the picture the person mask must cover."),
-    shard_rows: int = typer.Option(1024, help="Rows per Parquet shard."),
-    row_group_rows: int = typer.Option(64, help="Rows per Parquet row group (the streaming unit)."),
-    segment_frames: int = typer.Option(32, help="Frames per unit of work when splitting videos."),
-    actors: Optional[int] = typer.Option(None, help="Annotator actors (default: one per CPU of the Ray cluster)."),
-    cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per annotator actor (default: fits the cluster)."),
-    gpus_per_actor: float = typer.Option(0.0, help="GPUs per annotator actor (fractions allowed)."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
-    overwrite: bool = typer.Option(False, help="Delete what a previous run wrote to OUTPUT and start fresh."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    input: Input,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder: triplets/, errors/, manifest.json.")],
+    source: Source = None,
+    manifest: Manifest = None,
+    coco_single_person: CocoSinglePerson = D.coco_single_person,
+    matting: Annotated[Matting, typer.Option(help=MATTING_HELP)] = D.matting,
+    pose: Annotated[PoseBackend, typer.Option(help=POSE_HELP)] = D.pose,
+    hands: Annotated[bool, typer.Option("--hands/--no-hands", help="Also estimate hand keypoints.")] = D.hands,
+    face: Annotated[bool, typer.Option("--face/--no-face", help="Also estimate OpenPose's 70 face keypoints (openpose only).")] = D.face,
+    weights: Weights = D.weights,
+    device: DeviceOption = D.device,
+    sam_model: SamModelOption = D.sam_model,
+    box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam): the person detection score.")] = D.box_threshold,
+    text_threshold: Annotated[float, typer.Option(help="GroundingDINO text threshold (grounded-sam).")] = D.text_threshold,
+    largest_person: Annotated[bool, typer.Option("--largest-person/--all-persons", help="grounded-sam: keep only the largest person's mask instead of merging all.")] = D.largest_person,
+    half: Annotated[bool, typer.Option("--half/--no-half", help="Half precision for SAM's image encoder on CUDA.")] = D.half,
+    batch_size: BatchSize = D.batch_size,
+    matting_gpus: Annotated[Optional[float], typer.Option(help="GPUs per matting actor of the GPU pipeline (default 0.5 on CUDA).")] = D.matting_gpus,
+    pose_gpus: Annotated[Optional[float], typer.Option(help="GPUs per pose actor of the GPU pipeline (default 0.5 on CUDA).")] = D.pose_gpus,
+    pose_style: Annotated[PoseStyle, typer.Option(help="Skeleton colours: openpose, or disco (red/blue swapped as in the official renders).")] = D.pose_style,
+    fps: Annotated[float, typer.Option(help="Frame rate to resample videos to (a slower source is never up-sampled).")] = D.fps,
+    max_side: MaxSide = D.max_side,
+    min_side: Annotated[int, typer.Option(help="Reject inputs whose short side is below this.")] = D.min_side,
+    max_pixels: Annotated[int, typer.Option(help="Reject inputs with more pixels than this.")] = D.max_pixels,
+    image_format: Annotated[ImageFormat, typer.Option(help="Encoding of image, foreground and background (mask and pose are always PNG).")] = D.image_format,
+    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = D.jpeg_quality,
+    split: Annotated[Optional[Split], typer.Option(help="Split written for every row. Default: the data set manifest's split rule; train for video and images.")] = None,
+    min_visibility: Annotated[float, typer.Option(help="Minimum detection score (nose and shoulder visibility) for a person.")] = D.min_visibility,
+    joint_threshold: Annotated[float, typer.Option(help="Minimum visibility for a joint to be stored with a confidence (else 0).")] = D.joint_threshold,
+    min_mask_area: Annotated[float, typer.Option(help="Minimum fraction of the picture the person mask must cover.")] = D.min_mask_area,
+    shard_rows: ShardRows = D.shard_rows,
+    row_group_rows: Annotated[int, typer.Option(help="Rows per Parquet row group (the streaming unit).")] = D.row_group_rows,
+    segment_frames: Annotated[int, typer.Option(help="Frames per unit of work when splitting videos.")] = D.segment_frames,
+    actors: Actors = D.actors,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per annotator actor (default: fits the cluster).")] = D.cpus_per_actor,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per annotator actor (fractions allowed).")] = D.gpus_per_actor,
+    ray_address: RayAddress = D.ray_address,
+    overwrite: Overwrite = D.overwrite,
+    progress: ShowProgress = True,
 ) -> None:
     """Turn videos or photos into foreground / background / pose triplets in Parquet."""
-    from disco.pipeline.config import PreprocessConfig
-
-    config = PreprocessConfig(
-        source=source_name(source, manifest), manifest=manifest, coco_single_person=coco_single_person,
-        split_from_manifest=split is None, input=input, output=output, matting=matting, pose=pose, hands=hands,
-        pose_style=pose_style, fps=fps, max_side=max_side, min_side=min_side, max_pixels=max_pixels,
-        image_format=image_format, jpeg_quality=jpeg_quality, split=split or "train", min_visibility=min_visibility,
-        joint_threshold=joint_threshold, min_mask_area=min_mask_area, shard_rows=shard_rows, row_group_rows=row_group_rows,
-        segment_frames=segment_frames, actors=actors, cpus_per_actor=cpus_per_actor,
-        gpus_per_actor=gpus_per_actor, ray_address=ray_address, overwrite=overwrite,
-        face=face, weights=weights, device=device, sam_model=sam_model, box_threshold=box_threshold,
-        text_threshold=text_threshold, largest_person=largest_person, half=half, batch_size=batch_size,
-        matting_gpus=matting_gpus, pose_gpus=pose_gpus,
-    )
+    # Every other option is the PreprocessConfig field of its name.
+    options = {name: plain(value) for name, value in locals().items() if name not in ("source", "split", "progress")}
+    config = PreprocessConfig(source=source_name(source, manifest), split=plain(split) or D.split,
+                              split_from_manifest=split is None, **options)
     run_preprocess(config, show_progress=progress)
 
 
 def filter_humans(
-    input: Path = typer.Option(..., "--input", "-i", help="The data set (as for preprocess), or an existing triplets folder to filter by its stored scores."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output folder, with the same contract as preprocess (plus rejects/ with --keep-rejects)."),
-    source: Optional[str] = typer.Option(None, help=SOURCE_HELP + " Not needed for a triplets folder."),
-    manifest: Optional[Path] = typer.Option(None, help=MANIFEST_HELP),
-    min_score: float = typer.Option(0.5, help="Keep a picture only if a person is detected with at least this score."),
-    min_area: float = typer.Option(0.05, help="... and the person mask covers at least this fraction of the picture."),
-    max_persons: Optional[int] = typer.Option(None, help="... and at most this many persons are detected (default: no limit)."),
-    with_pose: bool = typer.Option(False, help="Also estimate the pose (default: matting only, the pre-training set needs no pose)."),
-    keep_rejects: bool = typer.Option(False, help="Write every rejected picture's reason, score, area and person count to rejects/*.parquet."),
-    coco_single_person: bool = typer.Option(False, help="coco: keep only images with exactly one annotated person."),
-    split: Optional[str] = typer.Option(None, help="Split written for every row (default: the manifest's split rule)."),
-    matting: str = typer.Option("auto", help=MATTING_HELP),
-    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help=WEIGHTS_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    sam_model: str = typer.Option("vit_h", help="SAM variant for grounded-sam: vit_h, vit_l or vit_b."),
-    box_threshold: float = typer.Option(0.3, help="GroundingDINO box threshold (grounded-sam)."),
-    batch_size: int = typer.Option(8, help="Frames per batch through GroundingDINO and SAM's image encoder."),
-    max_side: int = typer.Option(512, help="Shrink pictures so the long side is at most this many pixels."),
-    image_format: str = typer.Option("jpeg", help="Encoding of image, foreground and background: jpeg or png."),
-    segment_frames: int = typer.Option(32, help="Frames (or shard members) per unit of work."),
-    shard_rows: int = typer.Option(1024, help="Rows per Parquet shard."),
-    actors: Optional[int] = typer.Option(None, help="Annotator actors (default: one per CPU of the Ray cluster)."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
-    overwrite: bool = typer.Option(False, help="Delete what a previous run wrote to OUTPUT and start fresh."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    input: Annotated[Path, typer.Option("--input", "-i", help="The data set (as for preprocess), or an existing triplets folder to filter by its stored scores.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder, with the same contract as preprocess (plus rejects/ with --keep-rejects).")],
+    source: Annotated[Optional[str], typer.Option(help=SOURCE_HELP + " Not needed for a triplets folder.")] = None,
+    manifest: Manifest = None,
+    min_score: Annotated[float, typer.Option(help="Keep a picture only if a person is detected with at least this score.")] = D.min_visibility,
+    min_area: Annotated[float, typer.Option(help="... and the person mask covers at least this fraction of the picture.")] = 0.05,
+    max_persons: Annotated[Optional[int], typer.Option(help="... and at most this many persons are detected (default: no limit).")] = D.max_persons,
+    with_pose: Annotated[bool, typer.Option(help="Also estimate the pose (default: matting only, the pre-training set needs no pose).")] = False,
+    keep_rejects: Annotated[bool, typer.Option(help="Write every rejected picture's reason, score, area and person count to rejects/*.parquet.")] = D.keep_rejects,
+    coco_single_person: CocoSinglePerson = D.coco_single_person,
+    split: Annotated[Optional[Split], typer.Option(help="Split written for every row (default: the manifest's split rule).")] = None,
+    matting: Annotated[Matting, typer.Option(help=MATTING_HELP)] = D.matting,
+    weights: Weights = D.weights,
+    device: DeviceOption = D.device,
+    sam_model: SamModelOption = D.sam_model,
+    box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam).")] = D.box_threshold,
+    batch_size: BatchSize = D.batch_size,
+    max_side: MaxSide = D.max_side,
+    image_format: Annotated[ImageFormat, typer.Option(help="Encoding of image, foreground and background.")] = D.image_format,
+    segment_frames: Annotated[int, typer.Option(help="Frames (or shard members) per unit of work.")] = D.segment_frames,
+    shard_rows: ShardRows = D.shard_rows,
+    actors: Actors = D.actors,
+    ray_address: RayAddress = D.ray_address,
+    overwrite: Overwrite = D.overwrite,
+    progress: ShowProgress = True,
 ) -> None:
     """Build the human-attribute pre-training set: keep pictures with one clear, large enough person."""
-    from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.errors import ConfigError
     from disco.pipeline.filter import filter_triplets, is_triplets_dir
 
@@ -217,12 +230,12 @@ def filter_humans(
             raise typer.Exit(result.exit_code)
         return
     config = PreprocessConfig(
-        source=source_name(source, manifest), input=input, output=output, manifest=manifest, matting=matting,
-        pose="auto" if with_pose else "none", hands=with_pose, max_side=max_side, image_format=image_format,
-        split=split or "train", split_from_manifest=split is None, min_visibility=min_score,
+        source=source_name(source, manifest), input=input, output=output, manifest=manifest, matting=plain(matting),
+        pose="auto" if with_pose else "none", hands=with_pose, max_side=max_side, image_format=plain(image_format),
+        split=plain(split) or D.split, split_from_manifest=split is None, min_visibility=min_score,
         min_mask_area=min_area, segment_frames=segment_frames, shard_rows=shard_rows, actors=actors,
         ray_address=ray_address, overwrite=overwrite, coco_single_person=coco_single_person, human_filter=True,
-        max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=device, sam_model=sam_model,
-        box_threshold=box_threshold, batch_size=batch_size,
+        max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=plain(device),
+        sam_model=plain(sam_model), box_threshold=box_threshold, batch_size=batch_size,
     )
     run_preprocess(config, show_progress=progress, title="filter-humans")

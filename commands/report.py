@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from disco.commands.terminal import console, usage_error
+from disco.pipeline.config import SAM_MODELS, PreprocessConfig
+from disco.commands.terminal import choices, console, defaults, plain, usage_error
+
+P = defaults(PreprocessConfig)
+SamModel = choices("SAM model", SAM_MODELS)
 
 
 def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
@@ -41,20 +45,18 @@ def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
 
 
 def doctor(
-    weights: Optional[Path] = typer.Option(None, envvar="DISCO_WEIGHTS", help="Weights folder to check (layout in the README)."),
-    sam_model: str = typer.Option("vit_h", help="SAM variant to look for: vit_h, vit_l or vit_b."),
-    hands: bool = typer.Option(True, "--hands/--no-hands", help="Look for the OpenPose hand model."),
-    face: bool = typer.Option(False, "--face/--no-face", help="Look for the OpenPose face model."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    weights: Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help="Weights folder to check (layout in the README).")] = None,
+    sam_model: Annotated[SamModel, typer.Option(help="SAM variant to look for.")] = P.sam_model,
+    hands: Annotated[bool, typer.Option("--hands/--no-hands", help="Look for the OpenPose hand model.")] = P.hands,
+    face: Annotated[bool, typer.Option("--face/--no-face", help="Look for the OpenPose face model.")] = P.face,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Report CUDA, GPUs, which annotator backends can run here and which weights were found."""
     import json
 
-    from disco.pipeline.config import SAM_MODELS
     from disco.pipeline.doctor import diagnose
 
-    if sam_model not in SAM_MODELS:
-        usage_error(f"unknown SAM model {sam_model!r}; choose one of {', '.join(SAM_MODELS)}")
+    sam_model = plain(sam_model)
     if weights is not None and not weights.is_dir():
         usage_error(f"--weights {weights} is not a folder")
     report = diagnose(weights, sam_model=sam_model, hands=hands, face=face)
@@ -80,9 +82,9 @@ def doctor(
 
 
 def inspect(
-    output: Path = typer.Argument(..., help="An output folder written by `disco-cli preprocess`."),
-    sheet: Optional[Path] = typer.Option(None, help="Where to write the contact sheet PNG (default OUTPUT/contact_sheet.png)."),
-    rows: int = typer.Option(8, min=1, help="Rows to show on the contact sheet."),
+    output: Annotated[Path, typer.Argument(help="An output folder written by `disco-cli preprocess`.")],
+    sheet: Annotated[Optional[Path], typer.Option(help="Where to write the contact sheet PNG (default OUTPUT/contact_sheet.png).")] = None,
+    rows: Annotated[int, typer.Option(min=1, help="Rows to show on the contact sheet.")] = 8,
 ) -> None:
     """Print the manifest summary, schema and counts of an output folder, and write a contact sheet."""
     import pyarrow as pa

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import sys
 from collections.abc import Iterable
 from types import SimpleNamespace
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 console = Console(stderr=True)
 
@@ -41,22 +42,41 @@ class OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else (prog_name or self.name)
-            print_error(f"{exc.format_message()} (see `{where} --help`)")
-            sys.exit(exc.exit_code)
-        except click.exceptions.ClickException as exc:
-            print_error(exc.format_message())
-            sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+        except typer.Abort:
             print_error("aborted")
             sys.exit(1)
+        except TyperException as exc:  # click's usage errors, as typer vendors them
+            message = _choice_message(exc) or exc.format_message()
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None:
+                message += f" (see `{ctx.command_path} --help`)"
+            print_error(message)
+            sys.exit(getattr(exc, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)
 
 
+# What each set of choices is called in an error ("unknown stage 'warmup'"), by its values.
+_CHOICE_NAMES: dict[tuple[str, ...], str] = {}
+
+
 def choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
-    """The values an option accepts, as the string enum typer lists in the help and checks."""
-    return enum.Enum(name, {value: value for value in values}, type=str)
+    """The values an option accepts, as the string enum typer lists in the help and checks;
+    ``name`` says what they are in an error."""
+    values = tuple(values)
+    _CHOICE_NAMES[values] = name
+    return enum.Enum(name.title().replace(" ", ""), {value: value for value in values}, type=str)
+
+
+def _choice_message(exc: Exception) -> str | None:
+    """A value outside an option's choices, said as the commands say it: what was unknown, which
+    option, and what it may be."""
+    found = re.search(r"'(.*)' is not one of (.+)$", getattr(exc, "message", "") or "")
+    param = getattr(exc, "param", None)
+    if not found or param is None:
+        return None
+    offered = tuple(re.findall(r"'([^']*)'", found.group(2)))
+    what = _CHOICE_NAMES.get(offered, param.name.replace("_", " "))
+    return f"unknown {what} {found.group(1)!r} ({param.opts[0]}); choose one of {', '.join(offered)}"
 
 
 def plain(value):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from disco.commands.terminal import RAY_ADDRESS_HELP, console, usage_error
+from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults, plain, print_error, usage_error
+from disco.model.configs import CONFIGS
+from disco.train.config import DEFAULT_LR, PRECISIONS, REF_MODES, STAGES, TrainConfig
 
 
 def run_training(cfg, given: set[str] | None = None, show_progress: bool = True) -> dict:
@@ -43,7 +44,7 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
             usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
         except TrainingFailed as exc:
             bar.stop()
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(1) from None
         bar.update(task, completed=summary["step"], total=summary["step"])
     if summary.get("interrupted"):
@@ -78,23 +79,30 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
 
 
 
+T = defaults(TrainConfig)
+Stage = choices("stage", STAGES)
+RefMode = choices("reference mode", REF_MODES)
+Precision = choices("mixed precision", PRECISIONS)
+Architecture = choices("architecture", CONFIGS)
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def model_info(
-    config: str = typer.Option("sd-image-variations", help="Architecture: sd-image-variations, small or tiny."),
-    variant: str = typer.Option("finetune", help="pretrain (HAP, no pose branch) or finetune."),
-    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+    config: Annotated[Architecture, typer.Option(help="Architecture.")] = "sd-image-variations",
+    variant: Annotated[Stage, typer.Option(help="pretrain (HAP, no pose branch) or finetune.")] = T.stage,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
 ) -> None:
     """Parameter counts of the DisCo model, built without weights (meta device)."""
     import json
 
     import torch
 
-    from disco.model.configs import CONFIGS
-    from disco.model.disco import VARIANTS, DisCoModel, parameter_counts
+    from disco.model.disco import DisCoModel, parameter_counts
 
-    if config not in CONFIGS:
-        usage_error(f"unknown configuration {config!r}; choose one of {', '.join(CONFIGS)}")
-    if variant not in VARIANTS:
-        usage_error(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    config, variant = plain(config), plain(variant)
     with torch.device("meta"):
         model = DisCoModel.from_architecture(config, variant=variant)
     counts = parameter_counts(model)
@@ -113,51 +121,50 @@ def model_info(
 
 
 def train(
-    stage: Optional[str] = typer.Option(None, help="pretrain (human-attribute pre-training on stills) or finetune (with pose). Default finetune."),
-    data: Optional[list[Path]] = typer.Option(None, "--data", "-d", help="A `disco-cli preprocess` output folder; repeat for several."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The run directory: config.yaml, checkpoints, logs/, samples/."),
-    pretrained: Optional[Path] = typer.Option(None, help="Local sd-image-variations folder (diffusers layout) to start from."),
-    model: Optional[str] = typer.Option(None, help="Start from random weights of a named architecture instead (tiny, small, sd-image-variations)."),
-    init_from: Optional[Path] = typer.Option(None, help="Fine-tune from this pre-training (HAP) run: its UNet, projection and background ControlNet."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options (dashes or underscores); flags override it."),
-    ref_mode: Optional[str] = typer.Option(None, help="Fine-tuning reference frame: first (the clip's first frame, default) or random."),
-    resolution: Optional[int] = typer.Option(None, help="Training resolution in pixels (default 256)."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random crops of DisCo's recipe (default on); off: centre crop."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train (default 1000)."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per worker per micro-batch (default 8)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 1)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: pretrain 1e-3, finetune 2e-4)."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps (default 10% of the schedule), then linear decay to 0."),
-    schedule_steps: Optional[int] = typer.Option(None, help="Length of the learning-rate schedule (default --max-steps, fixed when the run starts; on --resume a new value stretches the decay from the current rate)."),
-    max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this (default: no clipping)."),
-    ema_decay: Optional[float] = typer.Option(None, help="Keep an EMA of the weights with this decay (default: none, as in DisCo)."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 (GPU) or bf16 (default no)."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory (default off)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the data order, crops, noise and (with --model) the random weights (default 0)."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Write a checkpoint every N steps (default 500, and at the end)."),
-    keep: Optional[int] = typer.Option(None, help="Checkpoints to keep (default 3)."),
-    sample_every: Optional[int] = typer.Option(None, help="Write a reference | pose | generated | target grid every N steps (default 500)."),
-    sample_steps: Optional[int] = typer.Option(None, help="DDIM steps for the sample grids (default 50)."),
-    log_every: Optional[int] = typer.Option(None, help="Log scalars every N steps (default 10)."),
-    num_workers: Optional[int] = typer.Option(None, help="Data-parallel training workers through Ray Train (default 1: in this process)."),
-    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-use-gpu", help="Train on GPUs, one per worker (default off)."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP),
-    max_failures: Optional[int] = typer.Option(None, help="Restarts from the last checkpoint after a lost worker or node (Ray Train workers; default 3)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the latest checkpoint of --output with its saved configuration."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-GPU memory plan of this run (weights, gradients, AdamW, EMA, activations at --batch-size) and the largest batch that fits, then exit: nothing is allocated, no data is read, no Ray is started."),
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GPU memory in GiB the --dry-run plan must fit (default: the visible CUDA GPU's, else 80)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    stage: Annotated[Optional[Stage], typer.Option(help=f"pretrain (human-attribute pre-training on stills) or finetune (with pose). Default {T.stage}.")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="A `disco-cli preprocess` output folder; repeat for several.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The run directory: config.yaml, checkpoints, logs/, samples/.")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option(help="Local sd-image-variations folder (diffusers layout) to start from.")] = None,
+    model: Annotated[Optional[Architecture], typer.Option(help="Start from random weights of a named architecture instead.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from this pre-training (HAP) run: its UNet, projection and background ControlNet.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options (dashes or underscores); flags override it.")] = None,
+    ref_mode: Annotated[Optional[RefMode], typer.Option(help=f"Fine-tuning reference frame: first (the clip's first frame) or random (default {T.ref_mode}).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help=f"Training resolution in pixels (default {T.resolution}).")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help=f"Random crops of DisCo's recipe (default {_on(T.augment)}); off: centre crop.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps to train (default {T.max_steps}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Samples per worker per micro-batch (default {T.batch_size}).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help=f"Micro-batches per optimizer step (default {T.grad_accum}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: pretrain {DEFAULT_LR['pretrain']:g}, finetune {DEFAULT_LR['finetune']:g}).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (default 10% of the schedule), then linear decay to 0.")] = None,
+    schedule_steps: Annotated[Optional[int], typer.Option(help="Length of the learning-rate schedule (default --max-steps, fixed when the run starts; on --resume a new value stretches the decay from the current rate).")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this (default: no clipping).")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights with this decay (default: none, as in DisCo).")] = None,
+    mixed_precision: Annotated[Optional[Precision], typer.Option(help=f"no, fp16 (GPU) or bf16 (default {T.mixed_precision}).")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=f"Trade compute for memory (default {_on(T.gradient_checkpointing)}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed of the data order, crops, noise and (with --model) the random weights (default {T.seed}).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help=f"Write a checkpoint every N steps (default {T.checkpoint_every}, and at the end).")] = None,
+    keep: Annotated[Optional[int], typer.Option(help=f"Checkpoints to keep (default {T.keep}).")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(help=f"Write a reference | pose | generated | target grid every N steps (default {T.sample_every}).")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help=f"DDIM steps for the sample grids (default {T.sample_steps}).")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=f"Log scalars every N steps (default {T.log_every}).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help=f"Data-parallel training workers through Ray Train (default {T.num_workers}: in this process).")] = None,
+    use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-use-gpu", help=f"Train on GPUs, one per worker (default {_on(T.use_gpu)}).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP)] = None,
+    max_failures: Annotated[Optional[int], typer.Option(help="Restarts from the last checkpoint after a lost worker or node (Ray Train workers; default 3).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest checkpoint of --output with its saved configuration.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-GPU memory plan of this run (weights, gradients, AdamW, EMA, activations at --batch-size) and the largest batch that fits, then exit: nothing is allocated, no data is read, no Ray is started.")] = False,
+    gpu_memory: Annotated[Optional[float], typer.Option("--gpu-memory", help="GPU memory in GiB the --dry-run plan must fit (default: the visible CUDA GPU's, else 80).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train DisCo on preprocessed triplets: --stage pretrain (HAP) or finetune; resumable."""
     from disco.pipeline.errors import ConfigError
-    from disco.train.config import TrainConfig
 
-    flags = dict(stage=stage, data=[str(d) for d in data] if data else None, output=str(output) if output else None,
-                 pretrained=str(pretrained) if pretrained else None, model=model,
-                 init_from=str(init_from) if init_from else None, ref_mode=ref_mode, resolution=resolution,
+    flags = dict(stage=plain(stage), data=[str(d) for d in data] if data else None, output=str(output) if output else None,
+                 pretrained=str(pretrained) if pretrained else None, model=plain(model),
+                 init_from=str(init_from) if init_from else None, ref_mode=plain(ref_mode), resolution=resolution,
                  augment=augment, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                  warmup_steps=warmup_steps, schedule_steps=schedule_steps, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
-                 mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
+                 mixed_precision=plain(mixed_precision), gradient_checkpointing=gradient_checkpointing, seed=seed,
                  checkpoint_every=checkpoint_every, keep=keep, sample_every=sample_every, sample_steps=sample_steps,
                  log_every=log_every, num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address,
                  max_failures=max_failures)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disco.evaluate.config import VIDEO_NET_NAMES
 from disco.pipeline.annotators.weights import WEIGHTS_ENV, WeightsError, weights_dir
 
 
@@ -40,7 +39,6 @@ VIDEO_NETS = {
     "mc3_18": VideoNet("mc3_18", 112, "mc3_18-a90a0ba3.pth"),
     "s3d": VideoNet("s3d", 224, "s3d-d76dad2f.pth"),
 }
-assert tuple(VIDEO_NETS) == VIDEO_NET_NAMES  # the command line offers these names
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 VGG16_FILE = "vgg16-397923af.pth"
 

@@ -313,7 +313,7 @@ def test_dry_run_plans_the_full_model_without_data_or_ray(tmp_path, monkeypatch)
     assert "holds no triplets/" in result.output
     assert not (tmp_path / "run").exists()
     bad = CliRunner().invoke(app, ["train", "--dry-run", "--model", "nope"])
-    assert bad.exit_code == 2 and "unknown --model" in bad.output
+    assert bad.exit_code == 2 and "unknown architecture 'nope' (--model)" in bad.output
 
 
 def test_dry_run_reads_a_pretrained_folders_configurations(tmp_path):

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from disco.cli import app
 from disco.evaluate import metrics as M
 from disco.evaluate import networks as N
-from disco.evaluate.run import EvaluateConfig, EvaluateInputError, NetworkConfig, evaluate, score
+from disco.evaluate.config import EvaluateConfig, EvaluateInputError, NetworkConfig
+from disco.evaluate.run import evaluate, score
 from disco.generate.video import write_frames
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
 
@@ -296,3 +297,9 @@ def test_evaluate_needs_pred_and_gt_or_a_run(folders, tmp_path):
     assert result.exit_code == 2 and "--pred and --gt go together" in result.output
     result = _cli("--run", tmp_path, "--output", tmp_path / "o.json")
     assert result.exit_code == 2 and "--data" in result.output
+
+
+def test_the_command_line_offers_exactly_the_video_networks_that_can_be_built():
+    from disco.evaluate.config import FID_VID_NET, FVD_NET, VIDEO_NET_NAMES
+
+    assert tuple(N.VIDEO_NETS) == VIDEO_NET_NAMES and {FID_VID_NET, FVD_NET} <= set(VIDEO_NET_NAMES)

@@ -238,6 +238,29 @@ def test_usage_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
         assert len(result.output.strip().splitlines()) == 1
 
 
+def test_the_parsers_own_usage_errors_are_one_line_too(tmp_path):
+    """What typer and click reject before a command runs (a choice not offered, a value out of
+    range, a missing or unknown option, an unknown command) reads like the commands' own errors:
+    one line, exit 2, the option named, and where to look."""
+    runner = CliRunner()
+    base = ["preprocess", "--source", "video", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    cases = [
+        (base + ["--image-format", "gif"], "unknown image format 'gif' (--image-format); choose one of jpeg, png"),
+        (base + ["--matting", "sam9"], "unknown matting backend 'sam9' (--matting); choose one of auto, mediapipe"),
+        (base + ["--jpeg-quality", "0"], "--jpeg-quality"),
+        (base + ["--bogus", "1"], "No such option: --bogus"),
+        (["preprocess", "--source", "video", "--output", str(tmp_path / "o")], "Missing option '--input'"),
+        (["train", "--mixed-precision", "fp8"], "unknown mixed precision 'fp8' (--mixed-precision)"),
+        (["warp"], "No such command 'warp'"),
+    ]
+    for args, words in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert words in result.output and "--help" in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "o").exists()
+
+
 def _table_by_id(out: Path):
     return open_triplets(out).to_table().sort_by("sample_id")
 
