@@ -174,7 +174,7 @@ def test_building_the_finetune_model_from_hap_holds_each_weight_once(tmp_path):
 # -- the memory plan --------------------------------------------------------------------------------------
 
 def test_adamw_temporaries_are_what_the_update_allocates():
-    from disco.train.memory import _LiveBytes, adamw_temporaries
+    from disco.train.meta_step import _LiveBytes, adamw_temporaries
 
     with torch.device("meta"):
         params = [nn.Parameter(torch.empty(n, 64)) for n in (300, 1000, 50)]
@@ -242,7 +242,7 @@ def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision
     peak agree to a few percent, with the CPU's autocast and with gradient checkpointing."""
     from disco.train.inputs import model_inputs
     from disco.train.loop import DiffusionObjective
-    from disco.train.memory import _LiveBytes, measure_step, meta_model
+    from disco.train.meta_step import _LiveBytes, measure_step, meta_model
 
     batch, side = 2, 64
     cfg = TrainConfig(stage="finetune", model="tiny", batch_size=batch, resolution=side, mixed_precision=precision,
