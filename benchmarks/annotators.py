@@ -114,7 +114,8 @@ def main() -> None:
     if args.pipeline:
         from disco.pipeline.config import PreprocessConfig
         from disco.pipeline.demo_data import write_video
-        from disco.pipeline.run import init_ray, preprocess
+        from disco.pipeline.cluster import init_ray
+        from disco.pipeline.run import preprocess
 
         clip = Path(tmp.name) / "in"
         write_video(clip / "clip.mp4", frames, 30.0)

@@ -237,7 +237,7 @@ def _steady(metrics: list[dict]) -> dict:
 def train_one(spec: dict, timeout: float | None = None) -> dict:
     """One configuration of the matrix: the plan of `train --dry-run`, then the trainer itself
     (``timeout`` is the child's, see ``_train_one_in_child``)."""
-    from disco.pipeline.run import init_ray
+    from disco.pipeline.cluster import init_ray
     from disco.train.launch import train
     from disco.train.memory import GIB, memory_plan, step_flops
 
@@ -401,7 +401,7 @@ def step_trainer_vs_loop(args, size, work: Path) -> dict:
     """The trainer (Parquet -> Ray Data -> loop) against a bare loop on batches held in memory."""
     from train_throughput import minimal_speed, trainer_speed
 
-    from disco.pipeline.run import init_ray
+    from disco.pipeline.cluster import init_ray
 
     data = synthetic_triplets(work / "data", size["triplet_frames"], size["resolution"])
     stage, precision, gc, batch = size["nccl"]

@@ -150,7 +150,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from disco.pipeline.config import PreprocessConfig
-    from disco.pipeline.run import init_ray, preprocess
+    from disco.pipeline.cluster import init_ray
+    from disco.pipeline.run import preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--clip-frames", type=int, default=240, help="frames of each of those clips")
     parser.add_argument("--reads-only", action="store_true", help="only the bytes read per sample")
     args = parser.parse_args()
-    from disco.pipeline.run import init_ray
+    from disco.pipeline.cluster import init_ray
 
     init_ray()
     with tempfile.TemporaryDirectory() as tmp:

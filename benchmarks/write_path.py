@@ -130,7 +130,7 @@ def main() -> None:
 
     from ray.data import DataContext
 
-    from disco.pipeline.run import init_ray
+    from disco.pipeline.cluster import init_ray
 
     init_ray()
     logging.getLogger("ray.data").setLevel(logging.ERROR)

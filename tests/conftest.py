@@ -33,7 +33,7 @@ def ray_local():
     """
     import ray
 
-    from disco.pipeline.run import init_ray
+    from disco.pipeline.cluster import init_ray
 
     init_ray(num_cpus=2, num_gpus=2)
     yield

@@ -170,7 +170,7 @@ def test_an_unreachable_cluster_fails_in_one_line_within_the_stated_time(inputs,
 def test_our_worker_settings_yield_to_a_jobs_runtime_env(monkeypatch):
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    from disco.pipeline.run import WORKER_ENV, _runtime_env
+    from disco.pipeline.cluster import WORKER_ENV, _runtime_env
 
     assert _runtime_env() == {"env_vars": WORKER_ENV}
     job = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "8"}, "working_dir": "."}}
@@ -181,7 +181,8 @@ def test_our_worker_settings_yield_to_a_jobs_runtime_env(monkeypatch):
 
 def test_a_bad_timeout_and_a_shard_that_is_not_on_shared_storage_are_one_line_errors(tmp_path, monkeypatch):
     from disco.pipeline.errors import ConfigError
-    from disco.pipeline.run import _check_shards, _connect_timeout
+    from disco.pipeline.cluster import _connect_timeout
+    from disco.pipeline.run import _check_shards
 
     monkeypatch.setenv("DISCO_RAY_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="DISCO_RAY_TIMEOUT='soon'"):

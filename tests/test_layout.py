@@ -140,3 +140,9 @@ def test_train_and_generate_share_model_and_not_each_other():
     # The conditioning and the DDIM loop that both use live in model/.
     assert "disco.model.conditioning" in graph["disco.train.inputs"] and "disco.model.pipeline" in graph["disco.train.sampling"]
     assert {"disco.model.conditioning", "disco.model.pipeline"} <= graph["disco.generate.run"]
+
+
+def test_training_joins_ray_without_importing_the_preprocessing_job():
+    graph = import_graph()
+    assert "disco.pipeline.cluster" in graph["disco.train.launch"]
+    assert not {m for m, ts in graph.items() if folder(m) == "train" and "disco.pipeline.run" in ts}

@@ -296,13 +296,13 @@ def test_plan_is_within_a_quarter_of_what_a_cpu_run_takes():
 
 
 def test_dry_run_plans_the_full_model_without_data_or_ray(tmp_path, monkeypatch):
-    import disco.pipeline.run
+    import disco.pipeline.cluster
     from disco.cli import app
 
     def no_ray(*args, **kwargs):
         raise AssertionError("the dry run started Ray")
 
-    monkeypatch.setattr(disco.pipeline.run, "init_ray", no_ray)
+    monkeypatch.setattr(disco.pipeline.cluster, "init_ray", no_ray)
 
     args = ["train", "--dry-run", "--stage", "finetune", "--model", "sd-image-variations", "--resolution", "256",
             "--batch-size", "32", "--mixed-precision", "bf16", "--gradient-checkpointing", "--gpu-memory", "80",

@@ -10,7 +10,7 @@ import pytest
 
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.run import RESERVED_CPUS, plan_pools
+from disco.pipeline.pools import RESERVED_CPUS, plan_pools
 
 
 def _cfg(tmp_path, matting="grounded-sam", pose="openpose", device="cuda", **options) -> PreprocessConfig:

@@ -218,7 +218,7 @@ STARVED = textwrap.dedent("""
     from disco.train.data import DataError, SampleStream, build_index
 
     # On loopback only: Linux Ray moves a 127.0.0.1 node to the interface address unless its
-    # multi-node switch is off (as pipeline.run.init_ray does).
+    # multi-node switch is off (as pipeline.cluster.init_ray does).
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)

@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     """Run (or resume) a training run; returns a summary (final step, loss, skipped rows, and
     ``interrupted: True`` when Ctrl-C stopped it after a checkpoint of its last step)."""
 
-    from disco.pipeline.run import init_ray
+    from disco.pipeline.cluster import init_ray
 
     cfg, checkpoint = resolve(cfg, given)
     index = build_index(cfg.data, cfg.split)  # fails early, with a clear message, on empty data

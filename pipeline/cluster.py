@@ -1,0 +1,186 @@
+"""Where the preprocessing and training jobs run: a Ray cluster joined by address (or
+``$RAY_ADDRESS``, as ``ray job submit`` sets it), or a private local instance kept on loopback;
+the worker settings every job ships, merged with a job's own runtime env."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+
+from disco.pipeline.errors import ConfigError
+
+# Quiet the MediaPipe / TFLite start-up chatter in every Ray worker.
+WORKER_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
+CONNECT_TIMEOUT_S = 60.0  # how long an unreachable --ray-address is tried ($DISCO_RAY_TIMEOUT)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+             log=None) -> None:
+    """Connect to the cluster at ``address`` (or ``$RAY_ADDRESS``, which ``ray job submit`` sets),
+    or start a private local instance on loopback. Without an address a private instance is
+    started even where ``ray start`` runs a cluster on this machine (said in one line): pass
+    ``--ray-address auto`` to use that cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Worker output (MediaPipe's start-up chatter) stays in Ray's log files; failures still
+    # surface as exceptions through Ray Data.
+    common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env=_runtime_env())
+    if address:
+        _wait_until_reachable(address, _connect_timeout())
+        # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
+        # dials the interface address instead, where nothing listens.
+        host = _host_port(address)[0]
+        with loopback_only() if host in ("127.0.0.1", "localhost") else contextlib.nullcontext():
+            ray.init(address=address, **common)
+        return
+    running = _cluster_on_this_machine()
+    if running and log is not None:
+        log(f"this machine runs a Ray cluster ({running}); starting a private instance anyway: pass "
+            "--ray-address auto to run on that cluster")
+    with loopback_only(), _free_agent_port():
+        # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
+                 include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+
+
+def _connect_timeout() -> float:
+    raw = os.environ.get("DISCO_RAY_TIMEOUT", "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"DISCO_RAY_TIMEOUT={raw!r}: give the seconds to wait for a cluster, a number >= 0")
+    return value
+
+
+class ClusterUnreachable(ConfigError):
+    """--ray-address names a cluster that does not answer."""
+
+
+def _runtime_env() -> dict:
+    """Our worker settings, minus any variable a job's own runtime env sets: Ray refuses to merge
+    a job's runtime env (``ray job submit --runtime-env-json``) with a driver's that names the same
+    variable, and the user's choice wins."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    env = {k: v for k, v in WORKER_ENV.items() if k not in taken}
+    return {"env_vars": env} if env else {}
+
+
+def _host_port(address: str) -> tuple[str, int | None]:
+    rest = address.split("://")[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host:
+        return rest, None
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return rest, None
+
+
+def _wait_until_reachable(address: str, timeout: float) -> None:
+    """Fail within ``timeout`` seconds, in one line, when nothing answers at the cluster's address
+    (``ray.init`` itself would wait forever)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, port = _host_port(address)
+    if port is None:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, max(0.1, timeout))):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterUnreachable(
+                    f"no Ray cluster answers at {address} ({exc.strerror or exc}) after {timeout:g} s; check the "
+                    "address (the head's `ray start` prints it) and that the head is running"
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _cluster_on_this_machine() -> str | None:
+    """The address `ray start` recorded here, if its cluster is still up."""
+    try:
+        recorded = open("/tmp/ray/ray_current_cluster", encoding="utf-8").read().strip()
+    except OSError:
+        return None
+    try:
+        _wait_until_reachable(recorded, 0.0)
+    except ClusterUnreachable:
+        return None
+    return recorded
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Within the block, Ray starts its processes on 127.0.0.1 (a private instance must not be
+    reachable from the network: Ray has no authentication by default).
+
+    Why a switch and not just ``_node_ip_address="127.0.0.1"``: on Linux Ray rewrites a loopback
+    node address to the machine's interface address (``services.resolve_ip_for_localhost``) unless
+    its multi-node support is off, which is exactly the switch that macOS and Windows use to keep
+    a local instance on loopback."""
+    from ray._private import ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # The processes started meanwhile (GCS, raylet, and through it workers and agents) read the
+    # same switch from their environment when they connect.
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous[0]
+        if previous[1] is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = previous[1]
+
+
+@contextlib.contextmanager
+def _free_agent_port():
+    """Within the block, a Ray instance started here gives its dashboard agent a free port.
+
+    Why: Ray gives every instance's agent the fixed port 52365, and ``ray.init`` has no option for
+    it. A private instance holding it leaves a cluster that ``ray start --head`` starts later on
+    this machine without a job agent: ``ray job submit`` then answers "No available agent" for
+    ever. Where Ray's internals differ from what this expects, the default stays."""
+    try:
+        from ray._private.parameter import RayParams
+    except ImportError:
+        yield
+        return
+    original = RayParams.__init__
+    port = _free_port()
+
+    def with_free_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    RayParams.__init__ = with_free_port
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,152 @@
+"""The actor pools of a preprocessing run, sized to the cluster: one matting and one pose actor
+per GPU for the GPU backends, CPU actors spread over the nodes otherwise, and the units each call
+of the last (writing) pool takes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from disco.pipeline.annotators import gpu_backend
+from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.errors import ConfigError
+
+RESERVED_CPUS = 0.1
+MIN_ACTOR_CPUS = 0.1
+CALLS_PER_ACTOR = 4  # the last stage's calls per actor at least, so commits come often enough
+
+
+def uses_gpu_pipeline(resolved: dict) -> bool:
+    return gpu_backend(resolved["matting"]) or gpu_backend(resolved["pose"])
+
+
+@dataclass
+class PoolPlan:
+    """One actor pool of the pipeline: how many actors, what each holds, units per call."""
+
+    stage: str
+    actors: int
+    cpus: float
+    gpus: float
+    units_per_call: int = 1
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "actors": self.actors, "cpus_per_actor": self.cpus, "gpus_per_actor": self.gpus,
+                "units_per_call": self.units_per_call}
+
+
+def cluster_nodes() -> list[dict]:
+    """The CPUs and GPUs of each live node of the connected Ray cluster."""
+    import ray
+
+    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units: list[dict]) -> list[PoolPlan]:
+    """The actor pools for this cluster and these units. The last pool writes the shards, so its
+    units per call are sized to fill a shard without leaving an actor idle."""
+    if uses_gpu_pipeline(cfg.resolved):
+        pools = gpu_pools(cfg, nodes, len(units))
+    else:
+        actors, cpus = actor_resources(cfg, nodes, len(units))
+        pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
+    pools[-1].units_per_call = units_per_call(units, cfg.shard_rows, pools[-1].actors)
+    return pools
+
+
+def units_per_call(units: list[dict], shard_rows: int, actors: int) -> int:
+    """Units per call of the writing stage: about a shard's rows, but at least CALLS_PER_ACTOR
+    calls per actor, so every actor has work and commits come often."""
+    if not units:
+        return 1
+    rows_per_unit = sum(len(u.get("src_indices") or ()) or 1 for u in units) / len(units)
+    fill = math.ceil(shard_rows / max(1.0, rows_per_unit))
+    spread = math.ceil(len(units) / (max(1, actors) * CALLS_PER_ACTOR))
+    return max(1, min(fill, spread))
+
+
+def _per_node_cpus(nodes: list[dict], actors_on: list[int]) -> float:
+    """CPUs per actor such that each node's actors fit beside a little room for Ray Data's own
+    tasks (rounded down: rounding up would take that room back)."""
+    shares = [(n["CPU"] - RESERVED_CPUS) / k for n, k in zip(nodes, actors_on) if k > 0]
+    share = min(1.0, min(shares, default=1.0))
+    return max(MIN_ACTOR_CPUS, math.floor(share * 100 + 1e-6) / 100)
+
+
+def _sets_on(node: dict, wants: dict[str, float]) -> int:
+    """Matting + pose sets (one actor of each stage) that one node holds: GPU shares packed device
+    by device as Ray places them (a share below 1 inside one GPU, a whole number of GPUs
+    otherwise), and at least MIN_ACTOR_CPUS for every actor beside the reserved room."""
+    free = [1.0] * int(node["GPU"] + 1e-9)
+    by_cpu = int((node["CPU"] - RESERVED_CPUS) / (len(wants) * MIN_ACTOR_CPUS) + 1e-9)
+    sets = 0
+    while sets < by_cpu:
+        trial = list(free)
+        for share in wants.values():
+            if share <= 0:
+                continue
+            if share < 1:
+                k = next((i for i, f in enumerate(trial) if f >= share - 1e-9), None)
+                if k is None:
+                    return sets
+                trial[k] -= share
+            else:
+                whole = [i for i, f in enumerate(trial) if f >= 1 - 1e-9][:int(share)]
+                if len(whole) < share:
+                    return sets
+                for i in whole:
+                    trial[i] = 0.0
+        free = trial
+        sets += 1
+    return sets
+
+
+def gpu_pools(cfg: PreprocessConfig, nodes: list[dict], units: int) -> list[PoolPlan]:
+    """The GPU pipeline's two pools: on every GPU one matting and one pose actor at half a GPU
+    each (by default), so a node with N GPUs holds N of each. On ``--device cpu`` the models take
+    no GPU unless ``--matting-gpus`` / ``--pose-gpus`` ask; then the same rule places them."""
+    on_gpu = cfg.resolved["device"] == "cuda"
+    wants = {
+        "matting": cfg.matting_gpus if cfg.matting_gpus is not None else (0.5 if on_gpu else 0.0),
+        "pose": cfg.pose_gpus if cfg.pose_gpus is not None else (
+            0.5 if on_gpu and gpu_backend(cfg.resolved["pose"]) else 0.0),
+    }
+    per_set = sum(wants.values())
+    if cfg.actors:
+        sets = cfg.actors
+        sets_on = _spread(cfg.actors, [n["CPU"] for n in nodes])
+    elif per_set > 0:
+        # A "set" is one actor of each stage; each node holds as many sets as its GPUs fit.
+        sets_on = [_sets_on(n, wants) for n in nodes]
+        sets = sum(sets_on)
+        if sets == 0:
+            largest = max((n["GPU"] for n in nodes), default=0)
+            raise ConfigError(
+                f"a matting actor ({wants['matting']:g} GPU) and a pose actor ({wants['pose']:g} GPU) do not fit on any "
+                f"node of this cluster (the largest has {largest:g} GPU); lower --matting-gpus / --pose-gpus, or set "
+                "--actors to ask for actors that an autoscaler will bring nodes for")
+    else:
+        sets_on = _spread(1, [n["CPU"] for n in nodes])
+        sets = 1
+    counts = {stage: max(1, min(sets, units)) for stage in wants}
+    cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else _per_node_cpus(nodes, [2 * k for k in sets_on])
+    return [PoolPlan(stage, counts[stage], cpus, wants[stage]) for stage in ("matting", "pose")]
+
+
+def _spread(actors: int, cpus: list[float]) -> list[int]:
+    """How ``actors`` spread over nodes by their CPUs (for the CPU share only; Ray places them)."""
+    total = sum(cpus) or 1.0
+    return [max(0, math.ceil(actors * c / total)) for c in cpus]
+
+
+def actor_resources(cfg: PreprocessConfig, nodes: list[dict], units: int) -> tuple[int, float]:
+    """The CPU pipeline: one actor per CPU of every node, each a little under a CPU, since 2 actors
+    x 1 CPU on a 2-CPU node starve Ray Data's own tasks."""
+    per_node = [int(n["CPU"]) for n in nodes]
+    actors = cfg.actors or max(1, sum(per_node))
+    actors = max(1, min(actors, units))
+    if cfg.cpus_per_actor is not None:
+        return actors, cfg.cpus_per_actor
+    on = per_node if not cfg.actors else _spread(cfg.actors, [n["CPU"] for n in nodes])
+    return actors, _per_node_cpus(nodes, on)
