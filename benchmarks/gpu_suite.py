@@ -87,8 +87,8 @@ def synthetic_triplets(root: Path, count: int, side: int) -> Path:
 
     from disco.pipeline.annotators import Annotation
     from disco.pipeline.annotators.base import Matte, Pose
-    from disco.pipeline.encode import build_row
-    from disco.pipeline.schema import TRIPLET_SCHEMA
+    from disco.pipeline.store.encode import build_row
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA
 
     yy, xx = np.mgrid[:side, :side] / side
     alpha = ((((xx - 0.5) / 0.22) ** 2 + ((yy - 0.55) / 0.4) ** 2) <= 1).astype(np.uint8) * 255

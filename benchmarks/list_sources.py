@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.datasets import list_source
+from disco.pipeline.sources import list_source
 
 
 def build_tiktok(root: Path, sequences: int, frames: int) -> int:

@@ -85,9 +85,9 @@ def run_plain_loop(cfg, out: Path) -> int:
 
     from disco.pipeline.annotators import Annotation
     from disco.pipeline.annotators.base import Matte, Pose
-    from disco.pipeline.encode import build_row
+    from disco.pipeline.store.encode import build_row
     from disco.pipeline.keypoints import blazepose_to_body18, hand_to_pixels
-    from disco.pipeline.schema import TRIPLET_SCHEMA
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA
 
     def points(landmarks):
         return None if landmarks is None else np.array([(p.x, p.y, p.visibility) for p in landmarks.landmark])
@@ -125,7 +125,7 @@ def run_plain_loop(cfg, out: Path) -> int:
 def run_loop(cfg) -> int:
     from disco.pipeline.annotators import FrameAnnotator, resolve_backends
     from disco.pipeline.run import stage_settings
-    from disco.pipeline.sources import list_inputs
+    from disco.pipeline.sources.generic import list_inputs
     from disco.pipeline.stages import plan_units, process_unit
 
     cfg.resolved = resolve_backends(cfg.matting, cfg.pose)

@@ -49,9 +49,9 @@ def many_clips(triplets: Path, out: Path, clips: int, frames: int) -> Path:
     import pyarrow as pa
 
     from disco.pipeline.config import PreprocessConfig
-    from disco.pipeline.reader import open_triplets
-    from disco.pipeline.schema import TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
-    from disco.pipeline.writer import _write_parquet_atomic
+    from disco.pipeline.store.reader import open_triplets
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
+    from disco.pipeline.store.writer import _write_parquet_atomic
 
     source = open_triplets(triplets).to_table().sort_by("frame_index").to_pylist()
     rows = []

@@ -29,7 +29,7 @@ PICTURE_BYTES = {"image": 60_000, "mask": 6_000, "foreground": 30_000, "backgrou
 
 
 def _unit_rows(unit: int, rows: int, pictures: dict[str, bytes]) -> pa.Table:
-    from disco.pipeline.schema import TRIPLET_SCHEMA
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA
 
     records = [{
         "sample_id": f"video/c{unit}/{i:06d}", "source": "video", "clip_id": f"c{unit}", "frame_index": i,
@@ -62,7 +62,7 @@ class ProduceAndWrite:
     def __init__(self, rows: int, output: str, shard_rows: int):
         import secrets
 
-        from disco.pipeline.writer import OutputStore, ShardWriter
+        from disco.pipeline.store.writer import OutputStore, ShardWriter
 
         self.rows = rows
         self.pictures = {k: os.urandom(n) for k, n in PICTURE_BYTES.items()}
@@ -84,7 +84,7 @@ def run(design: str, writers: int, units: int, rows: int, shard_rows: int, root:
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from disco.pipeline.writer import OutputStore, ShardWriter
+    from disco.pipeline.store.writer import OutputStore, ShardWriter
 
     out = root / (name or f"{design}-{writers}")
     store = OutputStore(out)

@@ -33,7 +33,7 @@ def demo(
     from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.contact_sheet import write_contact_sheet
     from disco.pipeline.demo_data import DEMO_CLIP, write_demo_images, write_demo_video
-    from disco.pipeline.reader import open_triplets
+    from disco.pipeline.store.reader import open_triplets
     from disco.train.config import TrainConfig
 
     if steps < 1:

@@ -13,7 +13,7 @@ from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults
 from disco.commands.report import print_summary
 from disco.pipeline.annotators import registry
 from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM_MODELS, PreprocessConfig
-from disco.pipeline.schema import SPLITS
+from disco.pipeline.store.schema import SPLITS
 
 
 SOURCE_HELP = ("Input kind: video or images (any folder of videos or stills), or a data set in its published "
@@ -28,7 +28,7 @@ def source_name(source: Optional[str], manifest: Optional[Path]) -> str:
     if manifest is None:
         usage_error("--source is required (or --manifest, whose name then serves as the source)")
     from disco.pipeline.errors import ConfigError
-    from disco.pipeline.manifest_yaml import load_manifest
+    from disco.pipeline.sources.dataset_manifest import load_manifest
 
     try:
         return load_manifest(manifest).name

@@ -92,9 +92,9 @@ def inspect(
     from disco.pipeline.errors import ConfigError
     from disco.pipeline.contact_sheet import write_contact_sheet
     from disco.pipeline.errors import first_line
-    from disco.pipeline.manifest import read_manifest
-    from disco.pipeline.reader import open_errors, open_triplets
-    from disco.pipeline.schema import MANIFEST_FILE
+    from disco.pipeline.store.manifest import read_manifest
+    from disco.pipeline.store.reader import open_errors, open_triplets
+    from disco.pipeline.store.schema import MANIFEST_FILE
 
     if not (output / MANIFEST_FILE).exists():
         usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")

@@ -202,8 +202,8 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     from disco.generate.inputs import read_clip
     from disco.generate.run import open_pipeline
     from disco.generate.video import write_frames
-    from disco.pipeline.encode import decode_picture
-    from disco.pipeline.reader import open_triplets
+    from disco.pipeline.store.encode import decode_picture
+    from disco.pipeline.store.reader import open_triplets
 
     dataset = open_triplets(config.data)
     if not dataset.files:

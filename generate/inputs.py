@@ -16,7 +16,7 @@ from disco.model.conditioning import square
 from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.decode import decode_video_frames, load_image, probe_video
-from disco.pipeline.encode import decode_picture, split_person
+from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.render import render_pose
 
@@ -125,7 +125,7 @@ def read_clip(triplets: str | Path, clip: str, columns: list[str], split: str | 
     """The rows of one preprocessed clip, in frame order."""
     import pyarrow.compute as pc
 
-    from disco.pipeline.reader import open_triplets
+    from disco.pipeline.store.reader import open_triplets
 
     dataset = open_triplets(triplets)
     if not dataset.files:

@@ -1,1 +1,1 @@
-"""Built-in dataset manifests (YAML); read with ``disco.pipeline.manifest_yaml``."""
+"""Built-in dataset manifests (YAML); read with ``disco.pipeline.sources.dataset_manifest``."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from disco.pipeline.schema import PERSON_ALPHA
+from disco.pipeline.store.schema import PERSON_ALPHA
 
 DISCO_SIZE = 256  # the paper trains and samples at 256 x 256
 

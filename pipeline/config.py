@@ -9,7 +9,7 @@ from pathlib import Path
 from disco.pipeline.annotators import registry
 from disco.pipeline.annotators.grounded_sam import SAM_FILES
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.schema import SOURCES, SPLITS
+from disco.pipeline.store.schema import SOURCES, SPLITS
 
 SAM_MODELS = tuple(SAM_FILES)
 DEVICES = ("auto", "cuda", "cpu")
@@ -120,7 +120,7 @@ class PreprocessConfig:
         if self.weights is not None and not Path(self.weights).is_dir():
             raise ConfigError(f"--weights {self.weights} is not a folder")
         if self.source not in ("video", "images"):
-            from disco.pipeline.datasets import resolve_manifest
+            from disco.pipeline.sources import resolve_manifest
 
             resolve_manifest(self)  # a broken manifest is a usage error, before anything runs
         return self
@@ -141,7 +141,7 @@ class PreprocessConfig:
     def _dataset_params(self) -> dict:
         if self.source in ("video", "images") and not self.human_filter:
             return {}
-        from disco.pipeline.datasets import resolve_manifest
+        from disco.pipeline.sources import resolve_manifest
 
         manifest = None if self.source in ("video", "images") else resolve_manifest(self)
         return {

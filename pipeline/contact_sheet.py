@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from disco.pipeline.encode import decode_picture
-from disco.pipeline.schema import PICTURE_COLUMNS
+from disco.pipeline.store.encode import decode_picture
+from disco.pipeline.store.schema import PICTURE_COLUMNS
 
 THUMB = 160
 LABEL_H = 18

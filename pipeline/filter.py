@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from disco.pipeline.annotators import mask_area
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.schema import MANIFEST_FILE, REJECT_SCHEMA, TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
+from disco.pipeline.store.schema import MANIFEST_FILE, REJECT_SCHEMA, TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
 
 
 def classify(score: float, count: int, area: float, min_score: float, min_area: float,
@@ -67,8 +67,8 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
     """Filter an existing triplets folder by its stored ``person_score``, ``mask_area`` and
     ``person_count``, without running a model. Kept rows are copied unchanged; each input shard is
     one unit of work, so an interrupted run resumes."""
-    from disco.pipeline.manifest import read_manifest
-    from disco.pipeline.writer import OutputStore
+    from disco.pipeline.store.manifest import read_manifest
+    from disco.pipeline.store.writer import OutputStore
 
     input_dir, output = Path(input_dir), Path(output)
     if input_dir.resolve() == output.resolve():
@@ -86,9 +86,9 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
 def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, *, min_score: float,
                    min_area: float, max_persons: int | None, keep_rejects: bool, overwrite: bool, shard_rows: int,
                    row_group_rows: int, log):
-    from disco.pipeline.manifest import RunResult, build_manifest, write_manifest
-    from disco.pipeline.reader import check_shard, damaged, shard_files
-    from disco.pipeline.writer import ShardWriter, run_token
+    from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
+    from disco.pipeline.store.reader import check_shard, damaged, shard_files
+    from disco.pipeline.store.writer import ShardWriter, run_token
 
     state, _ = store.begin(params, overwrite)
     shards = shard_files(input_dir, TRIPLETS_DIR)

@@ -13,12 +13,12 @@ from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import init_ray
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.datasets import list_source
+from disco.pipeline.sources import list_source
 from disco.pipeline.filter import filter_section, filter_settings
-from disco.pipeline.manifest import RunResult, build_manifest, write_manifest
+from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
 from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, plan_units
-from disco.pipeline.writer import OutputStore, run_token
+from disco.pipeline.store.writer import OutputStore, run_token
 
 MAX_BLOCKS = 10_000
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from disco.pipeline.datasets import units as dataset_units
+from disco.pipeline.sources import units as dataset_units
 from disco.pipeline.decode import (
     check_size,
     decode_video_frames,
@@ -26,12 +26,12 @@ from disco.pipeline.decode import (
 )
 from disco.pipeline.annotators import Annotation
 from disco.pipeline.annotators.base import Matte
-from disco.pipeline.encode import build_row
+from disco.pipeline.store.encode import build_row
 from disco.pipeline.errors import InputError, input_error
 from disco.pipeline.filter import reject_reason, reject_record
-from disco.pipeline.schema import COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, TRIPLET_SCHEMA, sample_id
-from disco.pipeline.sources import local_path
-from disco.pipeline.writer import OutputStore, ShardWriter
+from disco.pipeline.store.schema import COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, TRIPLET_SCHEMA, sample_id
+from disco.pipeline.sources.generic import local_path
+from disco.pipeline.store.writer import OutputStore, ShardWriter
 
 
 def _error(stage: str, error_type: str, message: str, input_path: str, sid: str | None = None) -> dict:

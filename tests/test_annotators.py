@@ -62,7 +62,7 @@ def _video_units(tmp_path, frames: int, segment: int = 8):
     from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.demo_data import pan_zoom_frames, write_video
     from disco.pipeline.run import stage_settings
-    from disco.pipeline.sources import list_inputs
+    from disco.pipeline.sources.generic import list_inputs
     from disco.pipeline.stages import plan_units
 
     write_video(tmp_path / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), frames, 160), 30.0)

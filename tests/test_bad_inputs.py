@@ -27,11 +27,11 @@ from disco.cli import app
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.decode import probe_video, resample_times
 from disco.pipeline.errors import InputError, display_path
-from disco.pipeline.reader import open_errors, open_triplets
+from disco.pipeline.store.reader import open_errors, open_triplets
 from disco.pipeline.run import preprocess
-from disco.pipeline.sources import list_inputs, local_path
+from disco.pipeline.sources.generic import list_inputs, local_path
 from disco.pipeline.stages import decode_unit, plan_units
-from disco.pipeline.writer import OutputStore, OutputUnwritable
+from disco.pipeline.store.writer import OutputStore, OutputUnwritable
 from helpers import cli_process, save
 
 NON_UTF8 = os.fsdecode(b"caf\xe9-dancer.png")  # Latin-1 bytes: not valid UTF-8
@@ -250,7 +250,7 @@ def test_audio_only_file_and_gif_get_their_own_error_types(tmp_path, ray_local):
 # -- tar shards ------------------------------------------------------------------------------------------
 
 def test_a_tar_member_cut_short_costs_that_sample_only(tmp_path):
-    from disco.pipeline.datasets import units
+    from disco.pipeline.sources import units
 
     shard = tmp_path / "shard.tar"
     with tarfile.open(shard, "w") as tar:
@@ -394,7 +394,7 @@ def test_train_where_no_row_decodes_exits_promptly(triplets, tmp_path):
 
     import pyarrow as pa
 
-    from disco.pipeline.schema import TRIPLET_SCHEMA
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA
 
     garbled = tmp_path / "garbled"
     shutil.copytree(triplets["video"], garbled)

@@ -24,9 +24,9 @@ from disco.generate.video import read_video
 from disco.model.disco import DisCoModel
 from disco.pipeline.annotators import FrameAnnotator
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
-from disco.pipeline.encode import build_row
-from disco.pipeline.reader import open_triplets
-from disco.pipeline.schema import TRIPLET_SCHEMA
+from disco.pipeline.store.encode import build_row
+from disco.pipeline.store.reader import open_triplets
+from disco.pipeline.store.schema import TRIPLET_SCHEMA
 
 SIZE = 64  # the tiny model: 16 x 16 latents, 128 px pose pictures
 POSE_FRAMES = 6

@@ -21,10 +21,10 @@ from disco.pipeline.annotators.random_weights import write_random_weights
 from disco.pipeline.annotators.grounded_sam import SAM_FILES
 from disco.pipeline.annotators.openpose_backend import OPENPOSE_FILES
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.encode import decode_picture
-from disco.pipeline.reader import open_triplets
+from disco.pipeline.store.encode import decode_picture
+from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.run import preprocess
-from disco.pipeline.schema import TRIPLET_SCHEMA
+from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from helpers import save
 
 
@@ -277,7 +277,7 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
     import pyarrow as pa
     from collections import Counter
 
-    from disco.pipeline.schema import PACKED_UNIT_SCHEMA
+    from disco.pipeline.store.schema import PACKED_UNIT_SCHEMA
     from disco.pipeline.stages import pack_unit, unpack_unit
 
     rng = np.random.default_rng(0)

@@ -22,11 +22,11 @@ from disco.cli import app
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
-from disco.pipeline.encode import decode_picture
+from disco.pipeline.store.encode import decode_picture
 from disco.pipeline.keypoints import BODY18_NAMES
-from disco.pipeline.reader import open_errors, open_triplets
+from disco.pipeline.store.reader import open_errors, open_triplets
 from disco.pipeline.run import preprocess
-from disco.pipeline.schema import ERROR_SCHEMA, TRIPLET_SCHEMA
+from disco.pipeline.store.schema import ERROR_SCHEMA, TRIPLET_SCHEMA
 from helpers import cli_process, save
 
 pytestmark = pytest.mark.usefixtures("ray_local")

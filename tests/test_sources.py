@@ -12,8 +12,8 @@ import pytest
 import layouts
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.datasets import list_source, webdataset
-from disco.pipeline.manifest_yaml import builtin_manifest, builtin_names, load_manifest, parse_manifest
+from disco.pipeline.sources import list_source, webdataset
+from disco.pipeline.sources.dataset_manifest import builtin_manifest, builtin_names, load_manifest, parse_manifest
 
 SOURCES = ["coco", "deepfashion2", "laion", "shhq", "tiktok"]
 

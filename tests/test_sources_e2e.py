@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 import layouts
 from disco.cli import app
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.reader import shard_files, open_errors, open_rejects, open_triplets
+from disco.pipeline.store.reader import shard_files, open_errors, open_rejects, open_triplets
 from disco.pipeline.run import preprocess
-from disco.pipeline.schema import REJECT_SCHEMA, TRIPLET_SCHEMA
+from disco.pipeline.store.schema import REJECT_SCHEMA, TRIPLET_SCHEMA
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

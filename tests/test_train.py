@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 
 from disco.cli import app
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.encode import decode_picture
-from disco.pipeline.reader import open_triplets
-from disco.pipeline.schema import TRIPLET_SCHEMA
+from disco.pipeline.store.encode import decode_picture
+from disco.pipeline.store.reader import open_triplets
+from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from disco.train.augment import apply_box, crop_box
 from disco.train.checkpoint import find_checkpoint, initial_model, list_checkpoints, load_model, read_checkpoint
 from disco.train.config import TrainConfig, load_run_config

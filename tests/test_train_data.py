@@ -17,9 +17,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from disco.pipeline.encode import encode_png
-from disco.pipeline.schema import TRIPLET_SCHEMA
-from disco.pipeline.writer import _write_parquet_atomic
+from disco.pipeline.store.encode import encode_png
+from disco.pipeline.store.schema import TRIPLET_SCHEMA
+from disco.pipeline.store.writer import _write_parquet_atomic
 from disco.train.data import (
     WINDOW_GROUPS,
     DataError,

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from disco.pipeline.reader import open_triplets
-from disco.pipeline.schema import TRIPLET_SCHEMA
-from disco.pipeline.writer import OutputStore, ShardWriter
+from disco.pipeline.store.reader import open_triplets
+from disco.pipeline.store.schema import TRIPLET_SCHEMA
+from disco.pipeline.store.writer import OutputStore, ShardWriter
 
 
 def _rows(path: str, n: int) -> pa.Table:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from disco.pipeline.schema import PERSON_ALPHA
+from disco.pipeline.store.schema import PERSON_ALPHA
 
 
 @dataclass

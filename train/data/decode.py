@@ -55,7 +55,7 @@ _REFERENCES = LRU(max_items=REFERENCE_CACHE_ROWS)
 
 
 def _decode_reference(foreground: bytes, background: bytes, mask: bytes) -> dict:
-    from disco.pipeline.encode import decode_picture
+    from disco.pipeline.store.encode import decode_picture
 
     return {"foreground": decode_picture(foreground), "background": decode_picture(background),
             "mask": decode_picture(mask, grayscale=True)}
@@ -93,7 +93,7 @@ def decode_samples(blocks: pa.Table, stage: str, resolution: int, augment: bool,
 
 
 def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int) -> dict:
-    from disco.pipeline.encode import decode_picture
+    from disco.pipeline.store.encode import decode_picture
     from disco.train.augment import CLIP_SIZE, apply_box, crop_box, scale_box
 
     n = len(batch["position"])

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from disco.pipeline.reader import open_triplets
-from disco.pipeline.schema import TRIPLETS_DIR
+from disco.pipeline.store.reader import open_triplets
+from disco.pipeline.store.schema import TRIPLETS_DIR
 
 
 INDEX_COLUMNS = ["source", "clip_id", "frame_index", "split"]

@@ -217,7 +217,7 @@ def read_samples(spec: pa.Table, stage: str, block: int, store: str | None = Non
         try:
             table, nbytes = read_row_group(key[0], key[1], columns)
         except (OSError, pa.ArrowException, ValueError) as exc:  # pages damaged behind a good footer
-            from disco.pipeline.reader import damaged
+            from disco.pipeline.store.reader import damaged
 
             raise DataError(f"{damaged(key[0], exc)} (row group {key[1]})") from None
         offsets[key] = base

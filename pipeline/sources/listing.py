@@ -10,10 +10,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from disco.pipeline.errors import ConfigError, display_path
-from disco.pipeline.datasets.coco import person_counts
-from disco.pipeline.datasets.walk import Match, iter_matches
-from disco.pipeline.manifest_yaml import DatasetManifest, Layout
-from disco.pipeline.sources import (
+from disco.pipeline.sources.coco import person_counts
+from disco.pipeline.sources.walk import Match, iter_matches
+from disco.pipeline.sources.dataset_manifest import DatasetManifest, Layout
+from disco.pipeline.sources.generic import (
     IMAGE_SUFFIXES,
     UNSUPPORTED_SUFFIXES,
     VIDEO_SUFFIXES,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from disco.pipeline.errors import ConfigError, first_line
 
-from disco.pipeline.schema import (
+from disco.pipeline.store.schema import (
     ERROR_SCHEMA,
     ERRORS_DIR,
     REJECT_SCHEMA,
@@ -18,7 +18,7 @@ from disco.pipeline.schema import (
     TRIPLET_SCHEMA,
     TRIPLETS_DIR,
 )
-from disco.pipeline.writer import OutputStore
+from disco.pipeline.store.writer import OutputStore
 
 
 def shard_files(output: str | Path, folder: str) -> list[Path]:

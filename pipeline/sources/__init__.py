@@ -1,13 +1,13 @@
 """The data set sources (tiktok, coco, shhq, deepfashion2, laion, or any ``--manifest``): their
 manifests, listing, and units of work. The generic ``video`` and ``images`` sources stay in
-``disco.pipeline.sources``."""
+``disco.pipeline.sources.generic``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from disco.pipeline.manifest_yaml import DatasetManifest, builtin_manifest, load_manifest
-from disco.pipeline.sources import Listing, list_inputs
+from disco.pipeline.sources.dataset_manifest import DatasetManifest, builtin_manifest, load_manifest
+from disco.pipeline.sources.generic import Listing, list_inputs
 
 GENERIC_SOURCES = ("video", "images")
 
@@ -22,7 +22,7 @@ def resolve_manifest(cfg) -> DatasetManifest:
 def list_source(cfg, log=print) -> Listing:
     if cfg.source in GENERIC_SOURCES:
         return list_inputs(cfg.source, Path(cfg.input), cfg.split)
-    from disco.pipeline.datasets.listing import list_dataset
+    from disco.pipeline.sources.listing import list_dataset
 
     manifest = resolve_manifest(cfg)
     listing = list_dataset(manifest, Path(cfg.input), cfg.source,

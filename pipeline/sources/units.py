@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from disco.pipeline.datasets import webdataset
+from disco.pipeline.sources import webdataset
 from disco.pipeline.decode import decode_image_bytes, load_image, resample_indices
 from disco.pipeline.errors import InputError, display_path, input_error
-from disco.pipeline.schema import sample_id
-from disco.pipeline.sources import local_path
+from disco.pipeline.store.schema import sample_id
+from disco.pipeline.sources.generic import local_path
 
 KINDS = ("frames", "tar")
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.schema import (
+from disco.pipeline.store.schema import (
     ERROR_SCHEMA,
     ERRORS_DIR,
     MANIFEST_FILE,

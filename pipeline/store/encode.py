@@ -8,7 +8,7 @@ import numpy as np
 from disco.pipeline.annotators import Annotation, mask_area
 from disco.pipeline.errors import InputError
 from disco.pipeline.render import render_pose
-from disco.pipeline.schema import PERSON_ALPHA, sample_id
+from disco.pipeline.store.schema import PERSON_ALPHA, sample_id
 
 
 def encode_png(array: np.ndarray) -> bytes:
