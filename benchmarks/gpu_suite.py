@@ -239,7 +239,8 @@ def train_one(spec: dict, timeout: float | None = None) -> dict:
     (``timeout`` is the child's, see ``_train_one_in_child``)."""
     from disco.pipeline.cluster import init_ray
     from disco.train.launch import train
-    from disco.train.memory import GIB, memory_plan, step_flops
+    from disco.train.memory import GIB, memory_plan
+    from disco.train.meta_step import step_flops
 
     size = spec["size"]
     cfg = _train_config(size, Path(spec["data"]), Path(spec["output"]), *spec["config"])

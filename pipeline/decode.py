@@ -10,11 +10,23 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from disco.pipeline.errors import InputError
+
+
+class Frame(NamedTuple):
+    """One decoded frame of a unit of work: where it sits in its clip, and the unit its row belongs
+    to (a tar member has its own clip_id)."""
+
+    index: int
+    timestamp: float | None  # seconds into the video; None for a still
+    picture: np.ndarray  # H x W x 3 uint8 RGB
+    unit: dict
+
 
 
 def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:

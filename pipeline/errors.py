@@ -89,3 +89,14 @@ def display_path(path: str | bytes | os.PathLike) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("utf-8", "backslashreplace")
+
+
+def error_record(stage: str, error_type: str, message: str, input_path: str, sample_id: str | None = None) -> dict:
+    """One row of the errors table (ERRORS_SCHEMA): what failed, where, and why."""
+    return {"input_path": input_path, "sample_id": sample_id, "stage": stage, "error_type": error_type,
+            "message": message}
+
+
+def failed_unit(unit: dict, exc: InputError) -> dict:
+    """A unit that carries the error of its input instead of work (it becomes one errors row)."""
+    return {**unit, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}

@@ -17,7 +17,7 @@ from disco.pipeline.sources import list_source
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
-from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, plan_units
+from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, held_resources, plan_units
 from disco.pipeline.store.writer import OutputStore, run_token
 
 MAX_BLOCKS = 10_000
@@ -234,7 +234,7 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
             _check_shards(store, entry)
             store.append(entry)  # the commit: from here on its shards are data
             committed.update(keys)
-            for actor in json.loads(resources):
+            for actor in held_resources(resources):
                 stage = actor.pop("stage")
                 if actor not in held.setdefault(stage, []):
                     held[stage].append(actor)

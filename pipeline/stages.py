@@ -12,12 +12,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from disco.pipeline.sources import units as dataset_units
 from disco.pipeline.decode import (
+    Frame,
     check_size,
     decode_video_frames,
     load_image,
@@ -27,20 +29,11 @@ from disco.pipeline.decode import (
 from disco.pipeline.annotators import Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.store.encode import build_row
-from disco.pipeline.errors import InputError, input_error
+from disco.pipeline.errors import error_record, failed_unit, input_error
 from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.store.schema import COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, TRIPLET_SCHEMA, sample_id
 from disco.pipeline.sources.generic import local_path
 from disco.pipeline.store.writer import OutputStore, ShardWriter
-
-
-def _error(stage: str, error_type: str, message: str, input_path: str, sid: str | None = None) -> dict:
-    return {"input_path": input_path, "sample_id": sid, "stage": stage, "error_type": error_type, "message": message}
-
-
-def failed_unit(unit: dict, exc: InputError) -> dict:
-    """A unit that carries the error of its input instead of work."""
-    return {**unit, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}
 
 
 def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | None = None) -> list[dict]:
@@ -72,7 +65,14 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
     ]
 
 
-Frame = tuple  # (frame_index, timestamp_s or None, H x W x 3 uint8 RGB, the unit its row belongs to)
+class MattedFrame(NamedTuple):
+    """A frame that holds a person, with its matte: what the pose stage and the encoder take."""
+
+    index: int
+    timestamp: float | None
+    picture: np.ndarray
+    unit: dict
+    matte: Matte
 
 
 def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
@@ -80,30 +80,30 @@ def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
     belongs to: a tar member has its own clip_id."""
     path = unit["input_path"]
     if unit.get("error_type"):
-        return [], [_error(unit.get("error_stage") or "list", unit["error_type"], unit["error_message"], path)]
+        return [], [error_record(unit.get("error_stage") or "list", unit["error_type"], unit["error_message"], path)]
     errors: list[dict] = []
     try:
         if unit["kind"] == "image":
             image = load_image(local_path(unit), settings["max_side"], settings["min_side"], settings["max_pixels"])
-            return [(0, None, image, unit)], errors
+            return [Frame(0, None, image, unit)], errors
         if unit["kind"] in dataset_units.KINDS:
-            return dataset_units.decode_unit(unit, settings, errors, _error), errors
+            return dataset_units.decode_unit(unit, settings, errors), errors
         decoded, times = decode_video_frames(
             local_path(unit), list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
         )
-        return [(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))], errors
+        return [Frame(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))], errors
     except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
         exc = input_error("decode", exc)
-        return [], errors + [_error(exc.stage, exc.error_type, exc.message, path)]
+        return [], errors + [error_record(exc.stage, exc.error_type, exc.message, path)]
 
 
 def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, errors: list[dict], skipped: Counter,
-               rejects: list[dict]) -> list[tuple]:
+               rejects: list[dict]) -> list[MattedFrame]:
     """Matting over the unit's frames (batched where the backend can). Returns the frames that hold
-    a person as (frame_index, timestamp, frame, row_unit, matte); the others are counted by reason."""
+    a person, with their mattes; the others are counted by reason."""
     annotator.begin_unit(unit)
     try:
-        mattes = annotator.matte_batch([f[2] for f in frames])
+        mattes = annotator.matte_batch([f.picture for f in frames])
     except Exception:  # one bad frame must not sink the others: go again one at a time
         mattes = []
         for frame_index, _, frame, row_unit in frames:
@@ -111,7 +111,7 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
                 mattes.append(annotator.matte_batch([frame])[0])
             except Exception as exc:
                 sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
-                errors.append(_error("matting", type(exc).__name__, str(exc), unit["input_path"], sid))
+                errors.append(error_record("matting", type(exc).__name__, str(exc), unit["input_path"], sid))
                 mattes.append(None)
     kept = []
     for (frame_index, timestamp, frame, row_unit), matte in zip(frames, mattes):
@@ -124,7 +124,7 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
             if settings.get("keep_rejects"):
                 rejects.append(reject_record(row_unit, frame_index, timestamp, frame, annotation, reason))
             continue
-        kept.append((frame_index, timestamp, frame, row_unit, matte))
+        kept.append(MattedFrame(frame_index, timestamp, frame, row_unit, matte))
     return kept
 
 
@@ -138,7 +138,7 @@ class UnitResult:
     rejects: list[dict]
 
 
-def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, frames: int, errors: list[dict],
+def finish_unit(unit: dict, kept: list[MattedFrame], annotator, settings: dict, *, frames: int, errors: list[dict],
                 skipped: Counter, rejects: list[dict]) -> UnitResult:
     """Pose and encoding for the frames that hold a person."""
     annotator.begin_unit(unit, resume=True)  # right after its matting (CPU pipeline): results kept
@@ -149,7 +149,7 @@ def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, fra
         try:
             pose = annotator.pose_of(frame)
         except Exception as exc:  # a model failing on one frame must not sink the unit
-            errors.append(_error("pose", type(exc).__name__, str(exc), path, sid))
+            errors.append(error_record("pose", type(exc).__name__, str(exc), path, sid))
             continue
         try:
             rows.append(
@@ -159,7 +159,7 @@ def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, fra
             )
         except Exception as exc:  # noqa: BLE001 - one row that cannot be encoded costs that row only
             exc = input_error("encode", exc)
-            errors.append(_error(exc.stage, exc.error_type, exc.message, path, sid))
+            errors.append(error_record(exc.stage, exc.error_type, exc.message, path, sid))
     record = {"input_path": path, "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
               "frames": frames, "rows": len(rows), "skipped": dict(skipped), "errors": len(errors)}
     return UnitResult(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), record, errors, rejects)
@@ -168,7 +168,7 @@ def finish_unit(unit: dict, kept: list[tuple], annotator, settings: dict, *, fra
 def failed_result(unit: dict, stage: str, exc: BaseException) -> UnitResult:
     """The result of a unit whose work raised: no rows, one errors row naming what went wrong."""
     error = input_error(stage, exc)
-    errors = [_error(error.stage, error.error_type, error.message, unit["input_path"])]
+    errors = [error_record(error.stage, error.error_type, error.message, unit["input_path"])]
     record = {"input_path": unit["input_path"], "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
               "frames": 0, "rows": 0, "skipped": {}, "errors": 1}
     return UnitResult(TRIPLET_SCHEMA.empty_table(), record, errors, [])
@@ -193,24 +193,33 @@ def process_unit(unit: dict, annotator, settings: dict) -> UnitResult:
                        rejects=rejects)
 
 
-def pack_unit(unit: dict, frames: int, kept: list[tuple], errors: list[dict], skipped: Counter,
+def pack_unit(unit: dict, frames: int, kept: list[MattedFrame], errors: list[dict], skipped: Counter,
               rejects: list[dict], resources: dict) -> dict:
-    """One record carrying a matted unit from the matting actors to the pose actors."""
+    """One record carrying a matted unit from the matting actors to the pose actors
+    (``PACKED_UNIT_SCHEMA``: typed fields, the planned unit as JSON)."""
     return {
         "unit": json.dumps(_json_unit(unit)),
         "frames": frames,
-        "pictures": [k[2].tobytes() for k in kept],
-        "alphas": [k[4].alpha.tobytes() for k in kept],
-        "meta": json.dumps([
-            {"frame_index": fi, "timestamp": ts, "shape": list(frame.shape), "clip_id": row_unit["clip_id"],
-             "score": m.score, "count": m.count, "model": m.model}
-            for fi, ts, frame, row_unit, m in kept
-        ]),
-        "skipped": json.dumps(dict(skipped)),
-        "errors": json.dumps(errors),
-        "rejects": json.dumps(rejects),
-        "resources": json.dumps(resources),
+        "pictures": [k.picture.tobytes() for k in kept],
+        "alphas": [k.matte.alpha.tobytes() for k in kept],
+        "kept": [{"frame_index": k.index, "timestamp_s": k.timestamp, "shape": list(k.picture.shape),
+                  "clip_id": k.unit["clip_id"], "person_score": k.matte.score, "person_count": k.matte.count,
+                  "model": k.matte.model} for k in kept],
+        "skipped": [{"reason": reason, "count": count} for reason, count in skipped.items()],
+        "errors": errors,
+        "rejects": rejects,
+        "resources": resource_records(resources),
     }
+
+
+def resource_records(held: dict[str, dict]) -> list[dict]:
+    """{stage: what its actor held} as ``RESOURCES_TYPE`` records."""
+    return [{"stage": stage, **resources} for stage, resources in held.items()]
+
+
+def held_resources(records: list[dict]) -> list[dict]:
+    """``RESOURCES_TYPE`` records back as the dicts they were made of (nulls: fields not known)."""
+    return [{k: v for k, v in record.items() if v is not None} for record in records]
 
 
 def _json_unit(unit: dict) -> dict:
@@ -218,19 +227,21 @@ def _json_unit(unit: dict) -> dict:
     return {**unit, "raw_path": unit["raw_path"].hex()} if "raw_path" in unit else unit
 
 
-def unpack_unit(record: dict) -> tuple[dict, int, list[tuple], list[dict], Counter, list[dict], dict]:
+def unpack_unit(record: dict) -> tuple[dict, int, list[MattedFrame], list[dict], Counter, list[dict], dict]:
     unit = json.loads(record["unit"])
     if "raw_path" in unit:
         unit["raw_path"] = bytes.fromhex(unit["raw_path"])
     kept = []
-    for meta, picture, alpha in zip(json.loads(record["meta"]), record["pictures"], record["alphas"]):
+    for meta, picture, alpha in zip(record["kept"], record["pictures"], record["alphas"]):
         shape = tuple(meta["shape"])
         frame = np.frombuffer(picture, np.uint8).reshape(shape)
-        matte = Matte(alpha=np.frombuffer(alpha, np.uint8).reshape(shape[:2]), score=meta["score"],
-                      count=meta["count"], model=meta["model"])
-        kept.append((meta["frame_index"], meta["timestamp"], frame, {**unit, "clip_id": meta["clip_id"]}, matte))
-    return (unit, record["frames"], kept, json.loads(record["errors"]), Counter(json.loads(record["skipped"])),
-            json.loads(record["rejects"]), json.loads(record["resources"]))
+        matte = Matte(alpha=np.frombuffer(alpha, np.uint8).reshape(shape[:2]), score=meta["person_score"],
+                      count=meta["person_count"], model=meta["model"])
+        kept.append(MattedFrame(meta["frame_index"], meta["timestamp_s"], frame, {**unit, "clip_id": meta["clip_id"]},
+                                matte))
+    skipped = Counter({s["reason"]: s["count"] for s in record["skipped"]})
+    resources = {r.pop("stage"): r for r in held_resources(record["resources"])}
+    return unit, record["frames"], kept, record["errors"], skipped, record["rejects"], resources
 
 
 class UnitWriter:
@@ -258,7 +269,7 @@ class UnitWriter:
         self.writer.flush()
         entries = list(self._entries)
         self._entries.clear()  # the writer appends to this very list
-        resources = json.dumps(self.held + list(upstream))
+        resources = self.held + list(upstream)
         return pa.Table.from_pylist([{"entry": json.dumps(e), "resources": resources} for e in entries],
                                     schema=COMMIT_SCHEMA)
 

@@ -278,7 +278,7 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
     from collections import Counter
 
     from disco.pipeline.store.schema import PACKED_UNIT_SCHEMA
-    from disco.pipeline.stages import pack_unit, unpack_unit
+    from disco.pipeline.stages import MattedFrame, pack_unit, unpack_unit
 
     rng = np.random.default_rng(0)
     unit = {"input_path": "shard-0.tar", "clip_id": "shard-0", "source": "laion", "unit_index": 1, "unit_count": 3,
@@ -287,15 +287,18 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
     for k in range(2):
         frame = rng.integers(0, 256, (5 + k, 7, 3), dtype=np.uint8)
         alpha = rng.integers(0, 256, (5 + k, 7), dtype=np.uint8)
-        kept.append((k, None, frame, {**unit, "clip_id": f"shard-0/{k:09d}"}, Matte(alpha, 0.7 + k / 10, k + 1, "grounded-sam")))
+        kept.append(MattedFrame(k, None, frame, {**unit, "clip_id": f"shard-0/{k:09d}"}, Matte(alpha, 0.7 + k / 10, k + 1, "grounded-sam")))
     errors = [{"input_path": "shard-0.tar", "sample_id": None, "stage": "list", "error_type": "unsafe_member",
                "message": "../x"}]
-    record = pack_unit(unit, 3, kept, errors, Counter(no_person=1), [{"reason": "no_person"}], {"matting": {"GPU": 0.5}})
+    reject = {"sample_id": "laion/shard-0/000000002", "source": "laion", "clip_id": "shard-0/000000002",
+              "frame_index": 2, "timestamp_s": None, "split": "train", "input_path": "shard-0.tar", "width": 7,
+              "height": 5, "reason": "no_person", "person_score": 0.25, "person_count": 0, "mask_area": 0.0}
+    record = pack_unit(unit, 3, kept, errors, Counter(no_person=1), [reject], {"matting": {"GPU": 0.5}})
     # Through Arrow, as Ray Data carries it.
     record = pa.Table.from_pylist([record], schema=PACKED_UNIT_SCHEMA).to_pylist()[0]
     back_unit, frames, back, back_errors, skipped, rejects, resources = unpack_unit(record)
     assert back_unit == unit and frames == 3 and back_errors == errors and skipped == Counter(no_person=1)
-    assert rejects == [{"reason": "no_person"}] and resources == {"matting": {"GPU": 0.5}}
+    assert rejects == [reject] and resources == {"matting": {"GPU": 0.5}}
     for (fi, ts, frame, row_unit, matte), (fi2, ts2, frame2, row_unit2, matte2) in zip(kept, back):
         assert (fi, ts, row_unit) == (fi2, ts2, row_unit2)
         assert np.array_equal(frame, frame2) and np.array_equal(matte.alpha, matte2.alpha)

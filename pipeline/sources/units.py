@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from disco.pipeline.sources import webdataset
-from disco.pipeline.decode import decode_image_bytes, load_image, resample_indices
-from disco.pipeline.errors import InputError, display_path, input_error
+from disco.pipeline.decode import Frame, decode_image_bytes, load_image, resample_indices
+from disco.pipeline.errors import InputError, display_path, error_record, failed_unit, input_error
 from disco.pipeline.store.schema import sample_id
 from disco.pipeline.sources.generic import local_path
 
@@ -30,12 +30,11 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
             chunks = [list(range(k, min(total, k + step))) for k in range(0, total, step)]
             payloads = [{"start": c[0], "stop": c[-1] + 1} for c in chunks]
     except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
-        exc = input_error("list", exc)
-        return [{**base, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}]
+        return [failed_unit(base, input_error("list", exc))]
     if not chunks:
-        error = (("no_frames", "the folder holds no frames") if base["kind"] == "frames"
-                 else ("empty_shard", "the shard holds no samples"))
-        return [{**base, "error_type": error[0], "error_message": error[1], "error_stage": "list"}]
+        empty = (InputError("list", "no_frames", "the folder holds no frames") if base["kind"] == "frames"
+                 else InputError("list", "empty_shard", "the shard holds no samples"))
+        return [failed_unit(base, empty)]
     return [
         {**base, "unit_index": k, "unit_count": len(chunks), "src_indices": chunks[k], "frame_start": k * step,
          "extra": json.dumps(payloads[k])}
@@ -51,9 +50,9 @@ def _load_frame(path: Path, sizes):
         raise InputError("decode", "missing_file", str(exc)) from None
 
 
-def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tuple]:
+def decode_unit(unit: dict, settings: dict, errors: list) -> list[Frame]:
     """Frames of the unit as ``(frame_index, timestamp, frame, row_unit)``; a frame that fails
-    becomes an error row (through ``make_error``) and the others go on."""
+    becomes an error row and the others go on."""
     sizes = (settings["max_side"], settings["min_side"], settings["max_pixels"])
     extra = json.loads(unit["extra"])
     out = []
@@ -67,24 +66,24 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tu
             except Exception as exc:  # noqa: BLE001 - this frame's errors row; the others go on
                 exc = input_error("decode", exc)
                 sid = sample_id(unit["source"], unit["clip_id"], index)
-                errors.append(make_error(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
+                errors.append(error_record(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
                                          unit["input_path"], sid))
                 continue
-            out.append((index, src / fps, frame, unit))
+            out.append(Frame(index, src / fps, frame, unit))
         return out
     for entry, name, data in webdataset.read_entries(local_path(unit), extra["start"], extra["stop"]):
         if entry is None:  # the shard ends damaged here; what was read before it is kept
-            errors.append(make_error(data.stage, data.error_type, data.message, unit["input_path"]))
+            errors.append(error_record(data.stage, data.error_type, data.message, unit["input_path"]))
             break
         if entry.problem:
-            errors.append(make_error("list", "unsafe_member", display_path(entry.problem), unit["input_path"]))
+            errors.append(error_record("list", "unsafe_member", display_path(entry.problem), unit["input_path"]))
             continue
         # Member names that are not valid UTF-8 come escaped: they end up in Arrow strings.
         row_unit = {**unit, "clip_id": f"{unit['clip_id']}/{display_path(entry.key)}"}
         sid = sample_id(unit["source"], row_unit["clip_id"], 0)
         if name is None:
             members = ", ".join(display_path(m.name) for m in entry.members)
-            errors.append(make_error("decode", "missing_image", f"sample {display_path(entry.key)!r} holds no image ({members})",
+            errors.append(error_record("decode", "missing_image", f"sample {display_path(entry.key)!r} holds no image ({members})",
                                      unit["input_path"], sid))
             continue
         try:
@@ -93,8 +92,8 @@ def decode_unit(unit: dict, settings: dict, errors: list, make_error) -> list[tu
             frame = decode_image_bytes(data, name, *sizes)
         except Exception as exc:  # noqa: BLE001 - this sample's errors row; the others go on
             exc = input_error("decode", exc)
-            errors.append(make_error(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
+            errors.append(error_record(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
                                      unit["input_path"], sid))
             continue
-        out.append((0, None, frame, row_unit))
+        out.append(Frame(0, None, frame, row_unit))
     return out

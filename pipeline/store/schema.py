@@ -66,25 +66,6 @@ def sample_id(source: str, clip_id: str, frame_index: int) -> str:
     return f"{source}/{clip_id}/{frame_index:06d}"
 
 
-# What the writing actors hand the driver: one record per shard they wrote, which the driver
-# appends to the journal (the commit), and the Ray resources their stages held.
-COMMIT_SCHEMA = pa.schema([pa.field("entry", pa.string()), pa.field("resources", pa.string())])
-
-# A unit between the GPU pipeline's matting and pose actors: the frames that hold a person, raw,
-# with their mattes; frames without one were already counted as skipped.
-PACKED_UNIT_SCHEMA = pa.schema(
-    [
-        pa.field("unit", pa.string()),  # JSON of the planned unit
-        pa.field("frames", pa.int32()),  # frames decoded
-        pa.field("pictures", pa.list_(pa.binary())),  # raw H x W x 3 uint8
-        pa.field("alphas", pa.list_(pa.binary())),  # raw H x W uint8
-        pa.field("meta", pa.string()),  # JSON per kept frame: index, timestamp, shape, score, count
-        pa.field("skipped", pa.string()),
-        pa.field("errors", pa.string()),
-        pa.field("resources", pa.string()),
-        pa.field("rejects", pa.string()),
-    ]
-)
 
 
 # `filter-humans --keep-rejects`: one row per rejected frame or still, with what the thresholds
@@ -95,4 +76,42 @@ REJECT_SCHEMA = pa.schema(
                                        "input_path", "width", "height")]
     + [pa.field("reason", pa.string(), nullable=False)]
     + [TRIPLET_SCHEMA.field(n) for n in ("person_score", "person_count", "mask_area")]
+)
+
+
+# The Ray resources an actor of a stage held, and where: the manifest shows how the pools were
+# placed (fields a context does not know stay null).
+RESOURCES_TYPE = pa.list_(pa.struct([
+    pa.field("stage", pa.string()), pa.field("CPU", pa.float64()), pa.field("GPU", pa.float64()),
+    pa.field("actor", pa.string()), pa.field("node", pa.string()), pa.field("gpu_ids", pa.list_(pa.string())),
+]))
+# What the writing actors hand the driver: one record per shard they wrote, which the driver
+# appends to the journal (the commit record, as the journal holds it: JSON), and the Ray
+# resources their stages held.
+COMMIT_SCHEMA = pa.schema([pa.field("entry", pa.string()), pa.field("resources", RESOURCES_TYPE)])
+
+
+def _transport(schema: pa.Schema) -> pa.DataType:
+    """A table's rows as a list of structs between actors (nulls allowed: a record in flight)."""
+    return pa.list_(pa.struct([field.with_nullable(True) for field in schema]))
+
+
+# A unit between the GPU pipeline's matting and pose actors: the frames that hold a person, raw,
+# with their mattes; frames without one were already counted as skipped.
+PACKED_UNIT_SCHEMA = pa.schema(
+    [
+        pa.field("unit", pa.string()),  # JSON of the planned unit (its fields differ by source)
+        pa.field("frames", pa.int32()),  # frames decoded
+        pa.field("pictures", pa.list_(pa.binary())),  # raw H x W x 3 uint8
+        pa.field("alphas", pa.list_(pa.binary())),  # raw H x W uint8
+        pa.field("kept", pa.list_(pa.struct([  # per kept frame, beside its picture and alpha
+            pa.field("frame_index", pa.int64()), pa.field("timestamp_s", pa.float64()),
+            pa.field("shape", pa.list_(pa.int32())), pa.field("clip_id", pa.string()),
+            pa.field("person_score", pa.float64()), pa.field("person_count", pa.int32()), pa.field("model", pa.string()),
+        ]))),
+        pa.field("skipped", pa.list_(pa.struct([pa.field("reason", pa.string()), pa.field("count", pa.int64())]))),
+        pa.field("errors", _transport(ERROR_SCHEMA)),
+        pa.field("rejects", _transport(REJECT_SCHEMA)),
+        pa.field("resources", RESOURCES_TYPE),
+    ]
 )
