@@ -47,11 +47,15 @@ class OneLineErrors(TyperGroup):
             sys.exit(1)
         except TyperException as exc:  # click's usage errors, as typer vendors them
             message = _choice_message(exc) or exc.format_message()
+            if not message:  # no arguments at all: the help was the answer (typer's no_args_is_help)
+                sys.exit(getattr(exc, "exit_code", 2))
             ctx = getattr(exc, "ctx", None)
             if ctx is not None:
                 message += f" (see `{ctx.command_path} --help`)"
             print_error(message)
             sys.exit(getattr(exc, "exit_code", 2))
+        # What a command returns is its exit code here (click's non-standalone mode): ours return
+        # None (0) or end with typer.Exit(code).
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -259,6 +259,8 @@ def test_the_parsers_own_usage_errors_are_one_line_too(tmp_path):
         assert words in result.output and "--help" in result.output and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "o").exists()
+    bare = runner.invoke(app, [])  # no arguments: the help, and no error line under it
+    assert bare.exit_code == 2 and "Usage" in bare.output and "error" not in bare.output
 
 
 def _table_by_id(out: Path):
