@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from annotators import _frames as frames, _timed  # noqa: E402  (the annotator benchmark's frames and timer)
 STEPS = ("cuda-tests", "annotators", "preprocess", "train", "nccl", "generate", "trainer-vs-loop")
+MODEL_STEPS = {"train", "nccl", "generate", "trainer-vs-loop"}  # the steps that build a DisCo model
 H100_BF16_DENSE_TFLOPS = 989.0
 
 # The training matrix: stage x precision x gradient checkpointing x per-GPU batch.
@@ -75,6 +76,25 @@ def annotator_weights(args, size: dict, root: Path) -> tuple[Path, bool]:
     from disco.pipeline.annotators.random_weights import write_random_weights
 
     return write_random_weights(root / "weights", size=size["weights_size"], sam_model=size["sam_model"]), True
+
+
+def random_pretrained(root: Path, size: dict) -> Path:
+    """An sd-image-variations folder (unet/, vae/, image_encoder/) with random weights of the
+    step's architecture, written once for the whole run: building the full-size model from random
+    draws costs about 100 s a time on the CPU, loading it from safetensors a few seconds, and every
+    training configuration, the NCCL run, generation and the trainer-vs-loop comparison build one."""
+    import torch
+
+    from disco.model.disco import DisCoModel
+
+    folder = root / "sd-image-variations-random"
+    if not (folder / "image_encoder" / "config.json").exists():
+        torch.manual_seed(0)
+        model = DisCoModel.from_architecture(size["model"], variant="pretrain")
+        model.unet.save_pretrained(folder / "unet")
+        model.vae.save_pretrained(folder / "vae")
+        model.image_encoder.save_pretrained(folder / "image_encoder")
+    return folder
 
 
 def synthetic_triplets(root: Path, count: int, side: int) -> Path:
@@ -618,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s for s in chosen if s not in args.skip.split(",")]
     report = {"environment": environment(), "smoke": args.smoke, "steps": []}
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
+        if not args.pretrained and set(chosen) & MODEL_STEPS:
+            started = time.perf_counter()
+            args.pretrained = str(random_pretrained(Path(tmp), sizes(args)))
+            report["random_pretrained_s"] = time.perf_counter() - started
+            print(f"[{time.strftime('%H:%M:%S')}] random sd-image-variations weights written once in "
+                  f"{report['random_pretrained_s']:.0f} s", flush=True)
         for name in chosen:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             record = run_step(name, args, Path(tmp))

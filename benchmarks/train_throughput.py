@@ -142,11 +142,21 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
     stream.close()
     model = initial_model(cfg)
     model.set_trainable()
+    # The same work per step as the trainer's configuration: gradient checkpointing recomputes the
+    # activations (a third more compute), fp16 scales the loss, clipping and EMA touch every weight.
+    if cfg.gradient_checkpointing:
+        model.enable_memory_savings(gradient_checkpointing=True)
     model.train()
     objective = DiffusionObjective(model).to(device)
     params = list(model.trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.98), weight_decay=1e-3)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps * 2)
+    scaler = torch.amp.GradScaler(device, enabled=cfg.mixed_precision == "fp16")
+    ema = None
+    if cfg.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
     side = cfg.resolution // vae_factor(model)
     inputs = model_inputs(batch, device)
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -159,10 +169,16 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
         draws = sample_draws(batch["position"] + step * cfg.batch_size, cfg.seed, (4, side, side), 1000, device)
         with torch.autocast(device, dtype=precision, enabled=precision is not None):
             loss = objective(**inputs, **draws)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        if cfg.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ema is not None:
+            ema.step(params)
         float(loss.detach())
     if device == "cuda":
         torch.cuda.synchronize()

@@ -65,6 +65,9 @@ def test_the_training_and_generation_steps_measure_at_smoke_size(tmp_path, ray_l
     suite = _module()
     args = argparse.Namespace(smoke=True, result=tmp_path / "train.json", config_timeout=600.0, peak_tflops=989.0)
     size = suite.sizes(args)
+    # The driver writes one random sd-image-variations folder that every model step loads.
+    size["pretrained"] = str(suite.random_pretrained(tmp_path, size))
+    assert (Path(size["pretrained"]) / "unet" / "config.json").exists()
     train = suite.step_train(args, size, tmp_path / "train", run_one=suite.train_one)
     _check_train(train)
     assert json.loads(args.result.read_text())["partial"] is True  # written after every configuration
