@@ -394,7 +394,7 @@ def step_generate(args, size, work: Path) -> dict:
 
     from disco.model.conditioning import pose_size
     from disco.model.pipeline import DisCoPipeline
-    from disco.train.checkpoint import initial_model
+    from disco.train.initial import initial_model
 
     device = size["device"]
     torch.manual_seed(0)

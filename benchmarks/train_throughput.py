@@ -130,7 +130,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
     """The same model, objective and optimizer on one batch held in memory."""
     from diffusers.optimization import get_scheduler
 
-    from disco.train.checkpoint import initial_model
+    from disco.train.initial import initial_model
     from disco.train.data import SampleStream, build_index
     from disco.train.inputs import model_inputs
     from disco.train.loop import DiffusionObjective, sample_draws

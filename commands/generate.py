@@ -72,7 +72,7 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/.")],
 ) -> None:
     """Write a checkpoint's UNet and ControlNets as diffusers folders, each loadable with from_pretrained."""
-    from disco.generate.checkpoint import load_checkpoint
+    from disco.model.checkpoint import load_checkpoint
 
     try:
         model = load_checkpoint(checkpoint)

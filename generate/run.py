@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from disco.generate.checkpoint import load_checkpoint
+from disco.model.checkpoint import load_checkpoint
 from disco.generate.config import GenerateConfig
 from disco.model.conditioning import background_pixels, check_size, default_size, pose_pixels, pose_size, reference_pixels
 from disco.generate.inputs import (

@@ -9,6 +9,10 @@ for memory measurements on a CPU to be dominated by the model and its activation
 
 from __future__ import annotations
 
+# A training run's resolved configuration, in its run directory: the trainer writes it, and the
+# checkpoint format reads which base model the run's checkpoints belong to from it.
+RUN_CONFIG_FILE = "config.yaml"
+
 # lambdalabs/sd-image-variations-diffusers: unet/, vae/, image_encoder/ (CLIP ViT-L/14 vision).
 SD_IMAGE_VARIATIONS = {
     "unet": {

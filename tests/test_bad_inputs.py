@@ -328,7 +328,7 @@ def test_damaged_shards_and_checkpoints_are_one_line_errors(triplets, tmp_path):
         assert len(result.output.strip().splitlines()) == 1 and shard.name in result.output
     # A checkpoint that is not what it says: a pickle named .safetensors, and a training state
     # that holds an object.
-    from disco.train.checkpoint import DamagedCheckpoint, load_model, read_checkpoint
+    from disco.model.checkpoint import DamagedCheckpoint, load_model, read_checkpoint
 
     run = tmp_path / "ckpt"
     cfg_run = runner.invoke(app, ["train", "--stage", "finetune", "--data", str(triplets["video"]), "--output",

@@ -15,7 +15,7 @@ from skimage import data
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.generate.checkpoint import load_checkpoint
+from disco.model.checkpoint import load_checkpoint
 from disco.model.conditioning import background_pixels, pose_pixels, pose_size
 from disco.generate.inputs import matte_reference
 from disco.model.pipeline import DisCoPipeline
@@ -207,21 +207,20 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     assert bad.exit_code == 2 and "no rows in split 'val'" in bad.output
 
 
-def test_training_runs_are_read_through_the_trainers_loader(inputs, tmp_path, monkeypatch):
-    import sys
-    import types
+def test_training_runs_are_read_through_the_run_loader(inputs, tmp_path, monkeypatch):
+    from disco.model import checkpoint
 
     calls = []
 
     def load_model(path, step=None, device="cpu"):
         calls.append((path, device))
-        return DisCoModel.from_pretrained(inputs / "ckpt")
+        return DisCoModel.from_pretrained(inputs / "ckpt").eval()
 
-    monkeypatch.setitem(sys.modules, "disco.train.checkpoint", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
     (tmp_path / "run").mkdir()
     model = load_checkpoint(tmp_path / "run")
     assert calls == [(tmp_path / "run", "cpu")] and not model.training
-    load_checkpoint(inputs / "ckpt")  # a save_pretrained folder never goes to the trainer
+    load_checkpoint(inputs / "ckpt")  # a save_pretrained folder is never read as a training run
     assert len(calls) == 1
 
 

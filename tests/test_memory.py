@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from disco.model.configs import CONFIGS
 from disco.model.disco import DisCoModel
-from disco.train.checkpoint import base_model, save_checkpoint
+from disco.model.checkpoint import ModelSource, base_model, save_checkpoint
 from disco.train.config import TrainConfig
 
 MIB = 1024 ** 2
@@ -106,17 +106,17 @@ def test_finetune_from_hap_takes_the_weights_and_keeps_the_random_stream():
 
 
 def test_the_base_unet_alone_is_the_base_models_unet():
-    from disco.train.checkpoint import base_unet
+    from disco.model.checkpoint import base_unet
 
     cfg = TrainConfig(stage="finetune", model="tiny", model_seed=3)
-    _assert_same(base_unet(cfg).state_dict(), base_model(cfg, "pretrain").unet.state_dict())
+    _assert_same(base_unet(ModelSource.of(cfg)).state_dict(), base_model(ModelSource.of(cfg), "pretrain").unet.state_dict())
 
 
 _BUILD = """
 import json, os, resource, sys
 import torch
 import disco.model.disco  # the libraries' own memory is not the build's (checkpoint imports them lazily)
-from disco.train.checkpoint import initial_model
+from disco.train.initial import initial_model
 from disco.train.config import TrainConfig
 
 def rss():
@@ -153,7 +153,7 @@ def test_building_the_finetune_model_from_hap_holds_each_weight_once(tmp_path):
     """
     run = tmp_path / "hap"
     cfg = TrainConfig(stage="pretrain", model="small", model_seed=0, seed=0, output=str(run))
-    hap = base_model(cfg, "pretrain")
+    hap = base_model(ModelSource.of(cfg), "pretrain")
     cfg.save(run)
     save_checkpoint(run, 1, hap, {}, {"positions": [0], "skipped": 0}, None, keep=1)
     del hap

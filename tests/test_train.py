@@ -26,7 +26,8 @@ from disco.pipeline.store.encode import decode_picture
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from disco.train.augment import apply_box, crop_box
-from disco.train.checkpoint import find_checkpoint, initial_model, list_checkpoints, load_model, read_checkpoint
+from disco.model.checkpoint import find_checkpoint, list_checkpoints, load_model, read_checkpoint
+from disco.train.initial import initial_model
 from disco.train.config import TrainConfig, load_run_config
 from disco.train.data import SampleStream, at_low_priority, build_index, epoch_order
 from disco.train.inputs import model_inputs

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from disco.cli import app
 from disco.pipeline.errors import ConfigError
-from disco.train.checkpoint import find_checkpoint, list_checkpoints, read_checkpoint
+from disco.model.checkpoint import find_checkpoint, list_checkpoints, read_checkpoint
 from disco.train.collectives import CollectiveDeviceError, Collectives, nccl_guard
 from disco.train.config import TrainConfig, load_run_config
 from disco.train.launch import TrainingFailed, train

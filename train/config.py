@@ -8,13 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from disco.model.configs import CONFIGS
+from disco.model.configs import CONFIGS, RUN_CONFIG_FILE
 from disco.pipeline.errors import ConfigError
 
 STAGES = ("pretrain", "finetune")
 REF_MODES = ("first", "random")
 PRECISIONS = ("no", "fp16", "bf16")
-CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 # Created in the run directory by the launcher on Ctrl-C: every worker finishes its step, the run
 # writes a checkpoint of that step and stops (all workers agree on the step through a collective).
@@ -158,8 +157,8 @@ class TrainConfig:
         if self.init_from is not None:
             if self.stage != "finetune":
                 raise ConfigError("--init-from loads a pre-training (HAP) run into fine-tuning; use it with --stage finetune")
-            if not (Path(self.init_from) / CONFIG_FILE).exists():
-                raise ConfigError(f"--init-from {self.init_from} is not a training run (no {CONFIG_FILE})")
+            if not (Path(self.init_from) / RUN_CONFIG_FILE).exists():
+                raise ConfigError(f"--init-from {self.init_from} is not a training run (no {RUN_CONFIG_FILE})")
         if self.ref_mode not in REF_MODES:
             raise ConfigError(f"unknown --ref-mode {self.ref_mode!r}; choose first or random")
         for name in ("max_steps", "checkpoint_every", "keep", "sample_every", "log_every", "sample_steps",
@@ -194,7 +193,7 @@ class TrainConfig:
         return d
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_FILE
+        path = Path(folder) / RUN_CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -223,7 +222,7 @@ def lr_schedule(cfg: TrainConfig):
 
 def load_run_config(run: str | Path) -> TrainConfig:
     """The resolved configuration saved in a run directory."""
-    path = Path(run) / CONFIG_FILE
+    path = Path(run) / RUN_CONFIG_FILE
     if not path.exists():
-        raise ConfigError(f"{run} is not a training run: {CONFIG_FILE} is missing")
+        raise ConfigError(f"{run} is not a training run: {RUN_CONFIG_FILE} is missing")
     return TrainConfig.from_yaml(path)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from disco.pipeline.errors import ConfigError
-from disco.train.checkpoint import clean_temporary, list_checkpoints
+from disco.model.checkpoint import clean_temporary, list_checkpoints
 from disco.train.collectives import GUARD_ENV
-from disco.train.config import CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
+from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
 from disco.train.data import build_index
 from disco.train.monitor import read_metrics
 
@@ -40,8 +40,8 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
     # Absolute paths, stored so: Ray Train runs each worker in a working directory of its own.
     run = Path(cfg.output).absolute()
     if cfg.resume:
-        if not (run / CONFIG_FILE).exists():
-            raise ConfigError(f"--resume: {run} is not a training run (no {CONFIG_FILE})")
+        if not (run / RUN_CONFIG_FILE).exists():
+            raise ConfigError(f"--resume: {run} is not a training run (no {RUN_CONFIG_FILE})")
         saved = load_run_config(run)
         changes = {}
         for name in sorted((given or set()) - {"output", "resume"}):
@@ -61,12 +61,12 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
         checkpoint = checkpoints[max(checkpoints)] if checkpoints else None
         cfg = _resumed_schedule(cfg, saved, max(checkpoints) if checkpoints else 0)
     else:
-        if (run / CONFIG_FILE).exists() or list_checkpoints(run):
+        if (run / RUN_CONFIG_FILE).exists() or list_checkpoints(run):
             raise ConfigError(f"{run} already holds a training run; pass --resume to continue it, or choose another --output")
         checkpoint = None
         if cfg.init_from:
-            if not (Path(cfg.init_from) / CONFIG_FILE).exists():
-                raise ConfigError(f"--init-from {cfg.init_from} is not a training run (no {CONFIG_FILE})")
+            if not (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():
+                raise ConfigError(f"--init-from {cfg.init_from} is not a training run (no {RUN_CONFIG_FILE})")
             hap = load_run_config(cfg.init_from)
             if (hap.model, hap.pretrained and str(Path(hap.pretrained).resolve())) != \
                     (cfg.model, cfg.pretrained and str(Path(cfg.pretrained).resolve())):

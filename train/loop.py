@@ -23,7 +23,8 @@ from torch import nn
 
 from disco.model.conditioning import fit_pose, reference_picture, vae_factor
 from disco.model.disco import VAE_SCALING, DisCoModel
-from disco.train.checkpoint import _load_trainable, initial_model, read_checkpoint, save_checkpoint
+from disco.model.checkpoint import load_trainable, read_checkpoint, save_checkpoint
+from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
 from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
 from disco.train.data import SampleStream, build_index, sample_seed
@@ -151,7 +152,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     state, training_state, ema_weights = {}, {}, None
     if checkpoint:
         weights, training_state, state, ema_weights = read_checkpoint(checkpoint)
-        _load_trainable(model, weights, checkpoint)
+        load_trainable(model, weights, checkpoint)
     model.set_trainable()
     if cfg.gradient_checkpointing:
         model.enable_memory_savings(gradient_checkpointing=True)

@@ -245,12 +245,12 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     and notes on what a real run would still refuse: the plan reads no data and writes nothing,
     so a missing ``--data`` or ``--output`` is a note, not an error. With ``--resume`` the run's
     saved configuration is planned."""
-    from disco.train.config import CONFIG_FILE, load_run_config
+    from disco.train.config import RUN_CONFIG_FILE, load_run_config
 
     notes = []
     if cfg.resume:
-        if not cfg.output or not (Path(cfg.output) / CONFIG_FILE).exists():
-            raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {CONFIG_FILE})")
+        if not cfg.output or not (Path(cfg.output) / RUN_CONFIG_FILE).exists():
+            raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {RUN_CONFIG_FILE})")
         cfg = load_run_config(cfg.output)
         notes.append(f"planned from the saved configuration of {cfg.output}")
     cfg.validate_model()
@@ -261,7 +261,7 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
             notes.append(f"--data {folder} holds no triplets/ folder: a real run would stop there")
     if not cfg.output:
         notes.append("no --output given: a real run needs one")
-    if cfg.init_from and not (Path(cfg.init_from) / CONFIG_FILE).exists():
+    if cfg.init_from and not (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():
         notes.append(f"--init-from {cfg.init_from} is not a training run: a real run would stop there")
     if cfg.mixed_precision != "no" and not cfg.use_gpu:
         notes.append(f"planned for a GPU (--mixed-precision {cfg.mixed_precision} under CUDA autocast); "

@@ -1,16 +1,21 @@
-"""Run directories and their checkpoints, and rebuilding a trained model from them.
+"""The one checkpoint format, below training and generation: a training run's checkpoints (what
+the trainer writes and resumes from, what ``generate`` and ``evaluate`` load) and the
+``DisCoModel.save_pretrained`` folder, turned into models.
 
-A run directory holds ``config.yaml`` (the resolved configuration), ``checkpoint-XXXXXXXX/``
+A run directory holds ``config.yaml`` (the resolved training configuration), ``checkpoint-XXXXXXXX/``
 folders, ``logs/`` (TensorBoard), ``samples/`` (PNG grids) and ``metrics.jsonl``. A checkpoint
 holds the trainable weights (``trainable.safetensors``, plus ``ema.safetensors`` with EMA), the
 optimizer / LR scheduler / grad scaler / RNG states (``training_state.pt``, tensors and plain
 values only, read back with ``weights_only=True``) and ``state.json`` (step, data positions,
 skipped rows). It is written to a hidden temporary folder and renamed into place, so a kill at
-any moment leaves either the whole checkpoint or none.
+any moment leaves either the whole checkpoint or none. The frozen parts are not stored: they are
+rebuilt from the run's base model (``--pretrained`` folder, or a named architecture drawn from
+the run's seed), which ``ModelSource`` names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,19 +26,19 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from disco.model.configs import RUN_CONFIG_FILE
 from disco.model.meta_init import set_tensor
 from disco.pipeline.errors import ConfigError, first_line
-from disco.train.config import CONFIG_FILE, TrainConfig, load_run_config
 
 WEIGHTS_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
 STATE_FILE = "state.json"
+PRETRAINED_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # of a save_pretrained folder
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 
 if TYPE_CHECKING:
     from disco.model.disco import DisCoModel
-
 
 class DamagedCheckpoint(ConfigError):
     """A checkpoint file is missing, cut short, or not what its name says."""
@@ -90,47 +95,66 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
 
 # -- models -----------------------------------------------------------------------------------------
 
-def base_model(cfg: TrainConfig, variant: str) -> DisCoModel:
-    """The model before any training: the sd-image-variations folder, or a named architecture with
-    random weights drawn from ``model_seed`` (so a run directory can rebuild its frozen parts)."""
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a run's base model comes from: an sd-image-variations folder (``pretrained``), or a
+    named architecture (``model``) with random weights drawn from ``seed``."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> "ModelSource":
+        """From a training configuration (or anything with its ``model``, ``pretrained``,
+        ``model_seed`` and ``seed`` fields)."""
+        seed = cfg.model_seed if cfg.model_seed is not None else cfg.seed
+        return cls(model=cfg.model, pretrained=cfg.pretrained, seed=seed)
+
+    @classmethod
+    def of_run(cls, run: Path) -> tuple["ModelSource", str]:
+        """The base model and the stage of a run directory, from its ``config.yaml``."""
+        import yaml
+
+        path = Path(run) / RUN_CONFIG_FILE
+        if not path.exists():
+            raise ConfigError(f"{run} holds no {RUN_CONFIG_FILE}; cannot tell which base model its checkpoints belong to")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(values, dict) or "stage" not in values:
+            raise ConfigError(f"{path} is not a training run's configuration (no stage)")
+        seed = values.get("model_seed")
+        return cls(model=values.get("model"), pretrained=values.get("pretrained"),
+                   seed=int(seed if seed is not None else values.get("seed", 0))), str(values["stage"])
+
+
+def base_model(source: ModelSource, variant: str) -> DisCoModel:
+    """The model before any training: the sd-image-variations folder, or the named architecture
+    with random weights drawn from ``source.seed`` (so a run directory can rebuild its frozen parts)."""
     # Imported where a model is built: the launcher reads run folders without diffusers (10 s).
     from disco.model.disco import DisCoModel
 
-    if cfg.pretrained:
-        return DisCoModel.from_sd_image_variations(cfg.pretrained, variant=variant)
+    if source.pretrained:
+        return DisCoModel.from_sd_image_variations(source.pretrained, variant=variant)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.model_seed if cfg.model_seed is not None else cfg.seed)
-        return DisCoModel.from_architecture(cfg.model, variant=variant)
+        torch.manual_seed(source.seed)
+        return DisCoModel.from_architecture(source.model, variant=variant)
 
 
-def base_unet(cfg: TrainConfig):
+def base_unet(source: ModelSource):
     """The base model's UNet alone: from the sd-image-variations folder, or drawn from
-    ``model_seed`` exactly as ``base_model`` draws it (it is the first module built)."""
-    if cfg.pretrained:
+    ``source.seed`` exactly as ``base_model`` draws it (it is the first module built)."""
+    if source.pretrained:
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel.from_pretrained(Path(cfg.pretrained) / "unet", local_files_only=True)
+        return UNet2DConditionModel.from_pretrained(Path(source.pretrained) / "unet", local_files_only=True)
     from disco.model.disco import DisCoModel
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.model_seed if cfg.model_seed is not None else cfg.seed)
-        return DisCoModel.unet_from_architecture(cfg.model)
-
-
-def initial_model(cfg: TrainConfig) -> DisCoModel:
-    """The model at step 0 of a run. Fine-tuning from a HAP run (``init_from``) takes the UNet,
-    projection and background ControlNet from it and a fresh pose ControlNet from the base UNet.
-
-    Every weight exists once: the HAP model and the base UNet are built, then assembled into the
-    fine-tuning model without copies (``DisCoModel.finetune_from_hap``); the peak is their sum."""
-    if cfg.stage == "finetune" and cfg.init_from:
-        from disco.model.disco import DisCoModel
-
-        hap = load_model(cfg.init_from)
-        if hap.config.variant != "pretrain":
-            raise ConfigError(f"--init-from {cfg.init_from} is a {hap.config.variant} run, not a pretrain (HAP) run")
-        return DisCoModel.finetune_from_hap(hap.train(), base_unet(cfg))
-    return base_model(cfg, cfg.stage)
+        torch.manual_seed(source.seed)
+        return DisCoModel.unet_from_architecture(source.model)
 
 
 def _check_trainable(model: DisCoModel, names, source: Path) -> None:
@@ -151,7 +175,7 @@ def _put(model: DisCoModel, name: str, tensor: torch.Tensor) -> None:
             param.copy_(tensor)
 
 
-def _load_trainable(model: DisCoModel, weights: dict[str, torch.Tensor], source: Path) -> None:
+def load_trainable(model: DisCoModel, weights: dict[str, torch.Tensor], source: Path) -> None:
     """The trainable weights of a checkpoint into ``model``: the loaded tensors take the
     parameters' places, so no second copy of them remains."""
     _check_trainable(model, weights, source)
@@ -159,8 +183,8 @@ def _load_trainable(model: DisCoModel, weights: dict[str, torch.Tensor], source:
         _put(model, name, tensor)
 
 
-def _load_trainable_file(model: DisCoModel, path: Path) -> None:
-    """As ``_load_trainable``, reading one tensor at a time: besides the model, at most one
+def load_trainable_file(model: DisCoModel, path: Path) -> None:
+    """As ``load_trainable``, reading one tensor at a time: besides the model, at most one
     tensor of the file is held."""
     from safetensors import safe_open
 
@@ -176,14 +200,35 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
     ``--pretrained``), trainable weights from safetensors (the EMA weights when the run kept an
     EMA). Returned in eval mode on ``device``."""
     checkpoint = find_checkpoint(path, step)
-    run = checkpoint.parent
-    if not (run / CONFIG_FILE).exists():
-        raise ConfigError(f"{run} holds no {CONFIG_FILE}; cannot tell which base model {checkpoint} belongs to")
-    cfg = load_run_config(run)
-    model = base_model(cfg, cfg.stage)
+    source, stage = ModelSource.of_run(checkpoint.parent)
+    model = base_model(source, stage)
     weights_file = checkpoint / (EMA_FILE if (checkpoint / EMA_FILE).exists() else WEIGHTS_FILE)
-    _load_trainable_file(model, weights_file)
+    load_trainable_file(model, weights_file)
     return model.to(device).eval()
+
+
+def is_pretrained_folder(path: Path) -> bool:
+    """A ``DisCoModel.save_pretrained`` folder: its config names the class and the weights are safetensors."""
+    config = path / "config.json"
+    if not (config.is_file() and (path / PRETRAINED_WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "DisCoModel"
+    except (OSError, ValueError):
+        return False
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> DisCoModel:
+    """Any model path a user gives ``generate`` or ``evaluate``: a ``save_pretrained`` folder, a
+    training run, or one of its checkpoints; the model comes back in eval mode on ``device``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if is_pretrained_folder(path):
+        from disco.model.disco import DisCoModel
+
+        return DisCoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    return load_model(path, device=device)
 
 
 # -- writing and reading checkpoints ------------------------------------------------------------------

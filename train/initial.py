@@ -1,0 +1,30 @@
+"""The model at step 0 of a training run."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from disco.model.checkpoint import ModelSource, base_model, base_unet, load_model
+from disco.pipeline.errors import ConfigError
+from disco.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from disco.model.disco import DisCoModel
+
+
+def initial_model(cfg: TrainConfig) -> DisCoModel:
+    """The run's base model (``--pretrained`` or ``--model``) for its stage. Fine-tuning from a HAP
+    run (``init_from``) takes the UNet, projection and background ControlNet from it and a fresh
+    pose ControlNet from the base UNet.
+
+    Every weight exists once: the HAP model and the base UNet are built, then assembled into the
+    fine-tuning model without copies (``DisCoModel.finetune_from_hap``); the peak is their sum."""
+    source = ModelSource.of(cfg)
+    if cfg.stage == "finetune" and cfg.init_from:
+        from disco.model.disco import DisCoModel
+
+        hap = load_model(cfg.init_from)
+        if hap.config.variant != "pretrain":
+            raise ConfigError(f"--init-from {cfg.init_from} is a {hap.config.variant} run, not a pretrain (HAP) run")
+        return DisCoModel.finetune_from_hap(hap.train(), base_unet(source))
+    return base_model(source, cfg.stage)
