@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ from disco.pipeline.errors import ConfigError
 from disco.pipeline.sources import list_source
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
+from disco.pipeline.store.schema import commit_entry
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
 from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, held_resources, plan_units
 from disco.pipeline.store.writer import OutputStore, run_token
@@ -224,8 +224,8 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     committed: set[tuple[str, int]] = set()
     frames = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for entry_json, resources in zip(batch.column("entry").to_pylist(), batch.column("resources").to_pylist()):
-            entry = json.loads(entry_json)
+        for record, resources in zip(batch.column("entry").to_pylist(), batch.column("resources").to_pylist()):
+            entry = commit_entry(record)
             keys = [(u["input_path"], u["unit_index"]) for u in entry["units"]]
             if any(k in committed for k in keys):
                 # The same work came back twice (a task of a lost node ran again after its first

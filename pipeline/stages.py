@@ -8,7 +8,6 @@ GPU; a matted unit travels between them as one packed record.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from disco.pipeline.annotators.base import Matte
 from disco.pipeline.store.encode import build_row
 from disco.pipeline.errors import error_record, failed_unit, input_error
 from disco.pipeline.filter import reject_reason, reject_record
-from disco.pipeline.store.schema import COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, TRIPLET_SCHEMA, sample_id
+from disco.pipeline.store.schema import (COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, TRIPLET_SCHEMA, UNIT_FIELDS, commit_record,
+                                         sample_id, skipped_counts, skipped_records)
 from disco.pipeline.sources.generic import local_path
 from disco.pipeline.store.writer import OutputStore, ShardWriter
 
@@ -196,16 +196,19 @@ def process_unit(unit: dict, annotator, settings: dict) -> UnitResult:
 def pack_unit(unit: dict, frames: int, kept: list[MattedFrame], errors: list[dict], skipped: Counter,
               rejects: list[dict], resources: dict) -> dict:
     """One record carrying a matted unit from the matting actors to the pose actors
-    (``PACKED_UNIT_SCHEMA``: typed fields, the planned unit as JSON)."""
+    (``PACKED_UNIT_SCHEMA``: typed fields, the planned unit a ``UNIT_TYPE`` struct)."""
+    unknown = set(unit) - UNIT_FIELDS
+    if unknown:  # Arrow would drop them silently on the way
+        raise ValueError(f"the unit has fields UNIT_TYPE does not declare: {sorted(unknown)}")
     return {
-        "unit": json.dumps(_json_unit(unit)),
+        "unit": unit,
         "frames": frames,
         "pictures": [k.picture.tobytes() for k in kept],
         "alphas": [k.matte.alpha.tobytes() for k in kept],
         "kept": [{"frame_index": k.index, "timestamp_s": k.timestamp, "shape": list(k.picture.shape),
                   "clip_id": k.unit["clip_id"], "person_score": k.matte.score, "person_count": k.matte.count,
                   "model": k.matte.model} for k in kept],
-        "skipped": [{"reason": reason, "count": count} for reason, count in skipped.items()],
+        "skipped": skipped_records(skipped),
         "errors": errors,
         "rejects": rejects,
         "resources": resource_records(resources),
@@ -222,15 +225,8 @@ def held_resources(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if v is not None} for record in records]
 
 
-def _json_unit(unit: dict) -> dict:
-    """The unit with its exact path bytes as hex: JSON holds no bytes."""
-    return {**unit, "raw_path": unit["raw_path"].hex()} if "raw_path" in unit else unit
-
-
 def unpack_unit(record: dict) -> tuple[dict, int, list[MattedFrame], list[dict], Counter, list[dict], dict]:
-    unit = json.loads(record["unit"])
-    if "raw_path" in unit:
-        unit["raw_path"] = bytes.fromhex(unit["raw_path"])
+    unit = dict(record["unit"])
     kept = []
     for meta, picture, alpha in zip(record["kept"], record["pictures"], record["alphas"]):
         shape = tuple(meta["shape"])
@@ -239,7 +235,7 @@ def unpack_unit(record: dict) -> tuple[dict, int, list[MattedFrame], list[dict],
                       count=meta["person_count"], model=meta["model"])
         kept.append(MattedFrame(meta["frame_index"], meta["timestamp_s"], frame, {**unit, "clip_id": meta["clip_id"]},
                                 matte))
-    skipped = Counter({s["reason"]: s["count"] for s in record["skipped"]})
+    skipped = Counter(skipped_counts(record["skipped"]))
     resources = {r.pop("stage"): r for r in held_resources(record["resources"])}
     return unit, record["frames"], kept, record["errors"], skipped, record["rejects"], resources
 
@@ -270,7 +266,7 @@ class UnitWriter:
         entries = list(self._entries)
         self._entries.clear()  # the writer appends to this very list
         resources = self.held + list(upstream)
-        return pa.Table.from_pylist([{"entry": json.dumps(e), "resources": resources} for e in entries],
+        return pa.Table.from_pylist([{"entry": commit_record(e), "resources": resources} for e in entries],
                                     schema=COMMIT_SCHEMA)
 
 

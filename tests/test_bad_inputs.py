@@ -31,6 +31,7 @@ from disco.pipeline.store.reader import open_errors, open_triplets
 from disco.pipeline.run import preprocess
 from disco.pipeline.sources.generic import list_inputs, local_path
 from disco.pipeline.stages import decode_unit, plan_units
+from disco.pipeline.store.schema import UNIT_FIELDS
 from disco.pipeline.store.writer import OutputStore, OutputUnwritable
 from helpers import cli_process, save
 
@@ -178,6 +179,7 @@ def test_decoding_never_raises_whatever_the_bytes(tmp_path):
         path.write_bytes(bytes(content))
         item = list_inputs("video" if kind == "video" else "images", path, "train").items[0].to_dict()
         for unit in plan_units(item, settings):
+            assert set(unit) == UNIT_FIELDS  # every unit, failed or not, has the declared fields
             frames, errors = decode_unit(unit, settings)
             assert frames or errors
             assert not [e for e in errors if e["error_type"].startswith("unexpected_")], errors

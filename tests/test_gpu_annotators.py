@@ -277,12 +277,17 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
     import pyarrow as pa
     from collections import Counter
 
-    from disco.pipeline.store.schema import PACKED_UNIT_SCHEMA
+    from disco.pipeline.sources.generic import InputItem
+    from disco.pipeline.store.schema import PACKED_UNIT_SCHEMA, UNIT_FIELDS
     from disco.pipeline.stages import MattedFrame, pack_unit, unpack_unit
 
     rng = np.random.default_rng(0)
-    unit = {"input_path": "shard-0.tar", "clip_id": "shard-0", "source": "laion", "unit_index": 1, "unit_count": 3,
-            "raw_path": b"/data/caf\xe9/shard-0.tar"}  # a name that is not UTF-8 keeps its bytes
+    listed = InputItem(input_path="shard-0.tar", abs_path="/data/caf\\xe9/shard-0.tar", source="laion",
+                       clip_id="shard-0", kind="tar", split="train", extra='{"start": 8, "stop": 16}',
+                       raw_path=b"/data/caf\xe9/shard-0.tar")  # a name that is not UTF-8 keeps its bytes
+    unit = {**listed.to_dict(), "error_stage": None, "unit_index": 1, "unit_count": 3, "src_indices": [8, 9],
+            "frame_start": 8, "width": 0, "height": 0}
+    assert set(unit) == UNIT_FIELDS  # what the planner gives every unit, as the type declares
     kept = []
     for k in range(2):
         frame = rng.integers(0, 256, (5 + k, 7, 3), dtype=np.uint8)
@@ -299,6 +304,8 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
     back_unit, frames, back, back_errors, skipped, rejects, resources = unpack_unit(record)
     assert back_unit == unit and frames == 3 and back_errors == errors and skipped == Counter(no_person=1)
     assert rejects == [reject] and resources == {"matting": {"GPU": 0.5}}
+    with pytest.raises(ValueError, match="does not declare"):  # Arrow would drop it on the way
+        pack_unit({**unit, "note": 1}, 3, kept, errors, Counter(), [], {})
     for (fi, ts, frame, row_unit, matte), (fi2, ts2, frame2, row_unit2, matte2) in zip(kept, back):
         assert (fi, ts, row_unit) == (fi2, ts2, row_unit2)
         assert np.array_equal(frame, frame2) and np.array_equal(matte.alpha, matte2.alpha)

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from disco.pipeline.store.reader import open_triplets
-from disco.pipeline.store.schema import TRIPLET_SCHEMA
+from disco.pipeline.store.schema import COMMIT_SCHEMA, TRIPLET_SCHEMA, commit_entry, commit_record
 from disco.pipeline.store.writer import OutputStore, ShardWriter
 
 
@@ -38,6 +38,10 @@ def test_shards_hold_whole_units_and_respect_the_row_bound(tmp_path):
     state = store.read_journal()
     assert state.complete_inputs() == {f"v{k}" for k in range(6)} | {"long"}
     assert open_triplets(tmp_path).count_rows() == 19
+    # A commit travels from a writing actor to the driver as a typed Arrow value, and back whole.
+    entries = [{**e, "units": [{**u, "skipped": {"no_person": 1}} for u in e["units"]]} for e in state.entries]
+    table = pa.Table.from_pylist([{"entry": commit_record(e), "resources": []} for e in entries], schema=COMMIT_SCHEMA)
+    assert [commit_entry(r) for r in table.column("entry").to_pylist()] == entries
 
 
 def test_recovery_drops_uncommitted_files_and_a_torn_journal_line(tmp_path):

@@ -85,10 +85,59 @@ RESOURCES_TYPE = pa.list_(pa.struct([
     pa.field("stage", pa.string()), pa.field("CPU", pa.float64()), pa.field("GPU", pa.float64()),
     pa.field("actor", pa.string()), pa.field("node", pa.string()), pa.field("gpu_ids", pa.list_(pa.string())),
 ]))
-# What the writing actors hand the driver: one record per shard they wrote, which the driver
-# appends to the journal (the commit record, as the journal holds it: JSON), and the Ray
-# resources their stages held.
-COMMIT_SCHEMA = pa.schema([pa.field("entry", pa.string()), pa.field("resources", RESOURCES_TYPE)])
+_SKIPPED_TYPE = pa.list_(pa.struct([pa.field("reason", pa.string()), pa.field("count", pa.int64())]))
+
+# A planned unit of work (a listed input, or a stretch of one) as the stages receive it: the
+# listing's fields (``sources.generic.InputItem``), then the plan's. ``extra`` is the data set
+# kind's own payload (a frame folder's file names, a tar shard's range), kept as the listing wrote it.
+UNIT_TYPE = pa.struct([
+    pa.field("input_path", pa.string()), pa.field("abs_path", pa.string()), pa.field("source", pa.string()),
+    pa.field("clip_id", pa.string()), pa.field("kind", pa.string()), pa.field("split", pa.string()),
+    pa.field("error_type", pa.string()), pa.field("error_message", pa.string()), pa.field("extra", pa.string()),
+    pa.field("raw_path", pa.binary()),
+    pa.field("error_stage", pa.string()), pa.field("unit_index", pa.int64()), pa.field("unit_count", pa.int64()),
+    pa.field("src_indices", pa.list_(pa.int64())), pa.field("frame_start", pa.int64()),
+    pa.field("width", pa.int64()), pa.field("height", pa.int64()),
+])
+UNIT_FIELDS = frozenset(field.name for field in UNIT_TYPE)
+
+# One commit of the journal: the shards a writer wrote and the units whose rows they hold.
+COMMIT_ENTRY_TYPE = pa.struct([
+    pa.field("type", pa.string()),
+    pa.field("files", pa.list_(pa.string())),
+    pa.field("shards", pa.list_(pa.struct([pa.field("path", pa.string()), pa.field("rows", pa.int64()),
+                                           pa.field("bytes", pa.int64())]))),
+    pa.field("units", pa.list_(pa.struct([
+        pa.field("input_path", pa.string()), pa.field("unit_index", pa.int64()), pa.field("unit_count", pa.int64()),
+        pa.field("frames", pa.int64()), pa.field("rows", pa.int64()), pa.field("skipped", _SKIPPED_TYPE),
+        pa.field("errors", pa.int64()),
+    ]))),
+])
+# What the writing actors hand the driver: one commit per shard they wrote, which the driver
+# appends to the journal, and the Ray resources their stages held.
+COMMIT_SCHEMA = pa.schema([pa.field("entry", COMMIT_ENTRY_TYPE), pa.field("resources", RESOURCES_TYPE)])
+
+
+def skipped_records(skipped: dict[str, int]) -> list[dict]:
+    """{reason: count} as ``reason``/``count`` records (Arrow has no dict with free keys)."""
+    return [{"reason": reason, "count": count} for reason, count in skipped.items()]
+
+
+def skipped_counts(records: list[dict]) -> dict[str, int]:
+    return {r["reason"]: r["count"] for r in records}
+
+
+def commit_record(entry: dict) -> dict:
+    """A journal commit as a ``COMMIT_ENTRY_TYPE`` value (refuses fields the type does not hold)."""
+    unknown = set(entry) - {f.name for f in COMMIT_ENTRY_TYPE}
+    if unknown:
+        raise ValueError(f"a commit has fields COMMIT_ENTRY_TYPE does not declare: {sorted(unknown)}")
+    return {**entry, "units": [{**u, "skipped": skipped_records(u["skipped"])} for u in entry["units"]]}
+
+
+def commit_entry(record: dict) -> dict:
+    """``commit_record``'s value back as the journal's commit."""
+    return {**record, "units": [{**u, "skipped": skipped_counts(u["skipped"])} for u in record["units"]]}
 
 
 def _transport(schema: pa.Schema) -> pa.DataType:
@@ -100,7 +149,7 @@ def _transport(schema: pa.Schema) -> pa.DataType:
 # with their mattes; frames without one were already counted as skipped.
 PACKED_UNIT_SCHEMA = pa.schema(
     [
-        pa.field("unit", pa.string()),  # JSON of the planned unit (its fields differ by source)
+        pa.field("unit", UNIT_TYPE),  # the planned unit
         pa.field("frames", pa.int32()),  # frames decoded
         pa.field("pictures", pa.list_(pa.binary())),  # raw H x W x 3 uint8
         pa.field("alphas", pa.list_(pa.binary())),  # raw H x W uint8
@@ -109,7 +158,7 @@ PACKED_UNIT_SCHEMA = pa.schema(
             pa.field("shape", pa.list_(pa.int32())), pa.field("clip_id", pa.string()),
             pa.field("person_score", pa.float64()), pa.field("person_count", pa.int32()), pa.field("model", pa.string()),
         ]))),
-        pa.field("skipped", pa.list_(pa.struct([pa.field("reason", pa.string()), pa.field("count", pa.int64())]))),
+        pa.field("skipped", _SKIPPED_TYPE),
         pa.field("errors", _transport(ERROR_SCHEMA)),
         pa.field("rejects", _transport(REJECT_SCHEMA)),
         pa.field("resources", RESOURCES_TYPE),
