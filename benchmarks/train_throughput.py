@@ -51,7 +51,7 @@ def many_clips(triplets: Path, out: Path, clips: int, frames: int) -> Path:
     from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.store.reader import open_triplets
     from disco.pipeline.store.schema import TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
-    from disco.pipeline.store.writer import _write_parquet_atomic
+    from disco.pipeline.store.shards import write_parquet_atomic
 
     source = open_triplets(triplets).to_table().sort_by("frame_index").to_pylist()
     rows = []
@@ -65,7 +65,7 @@ def many_clips(triplets: Path, out: Path, clips: int, frames: int) -> Path:
     (out / TRIPLETS_DIR).mkdir(parents=True, exist_ok=True)
     for i in range(0, len(rows), shard_rows):
         table = pa.Table.from_pylist(rows[i:i + shard_rows], schema=TRIPLET_SCHEMA)
-        _write_parquet_atomic(table, out / TRIPLETS_DIR / f"part-{i // shard_rows:05d}.parquet", group_rows)
+        write_parquet_atomic(table, out / TRIPLETS_DIR / f"part-{i // shard_rows:05d}.parquet", group_rows)
     return out
 
 

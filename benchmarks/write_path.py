@@ -62,7 +62,8 @@ class ProduceAndWrite:
     def __init__(self, rows: int, output: str, shard_rows: int):
         import secrets
 
-        from disco.pipeline.store.writer import OutputStore, ShardWriter
+        from disco.pipeline.store.output import OutputStore
+        from disco.pipeline.store.shards import ShardWriter
 
         self.rows = rows
         self.pictures = {k: os.urandom(n) for k, n in PICTURE_BYTES.items()}
@@ -84,7 +85,8 @@ def run(design: str, writers: int, units: int, rows: int, shard_rows: int, root:
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from disco.pipeline.store.writer import OutputStore, ShardWriter
+    from disco.pipeline.store.output import OutputStore
+    from disco.pipeline.store.shards import ShardWriter
 
     out = root / (name or f"{design}-{writers}")
     store = OutputStore(out)

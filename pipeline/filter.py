@@ -68,7 +68,7 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
     ``person_count``, without running a model. Kept rows are copied unchanged; each input shard is
     one unit of work, so an interrupted run resumes."""
     from disco.pipeline.store.manifest import read_manifest
-    from disco.pipeline.store.writer import OutputStore
+    from disco.pipeline.store.output import OutputStore
 
     input_dir, output = Path(input_dir), Path(output)
     if input_dir.resolve() == output.resolve():
@@ -88,7 +88,8 @@ def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, 
                    row_group_rows: int, log):
     from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
     from disco.pipeline.store.reader import check_shard, damaged, shard_files
-    from disco.pipeline.store.writer import ShardWriter, run_token
+    from disco.pipeline.store.output import run_token
+    from disco.pipeline.store.shards import ShardWriter
 
     state, _ = store.begin(params, overwrite)
     shards = shard_files(input_dir, TRIPLETS_DIR)

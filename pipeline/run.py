@@ -17,8 +17,9 @@ from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
-from disco.pipeline.stages import AnnotateStage, MattingStage, PoseStage, held_resources, plan_units
-from disco.pipeline.store.writer import OutputStore, run_token
+from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, held_resources
+from disco.pipeline.stages import plan_units
+from disco.pipeline.store.output import OutputStore, run_token
 
 MAX_BLOCKS = 10_000
 

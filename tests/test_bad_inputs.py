@@ -32,7 +32,7 @@ from disco.pipeline.run import preprocess
 from disco.pipeline.sources.generic import list_inputs, local_path
 from disco.pipeline.stages import decode_unit, plan_units
 from disco.pipeline.store.schema import UNIT_FIELDS
-from disco.pipeline.store.writer import OutputStore, OutputUnwritable
+from disco.pipeline.store.output import OutputStore, OutputUnwritable
 from helpers import cli_process, save
 
 NON_UTF8 = os.fsdecode(b"caf\xe9-dancer.png")  # Latin-1 bytes: not valid UTF-8

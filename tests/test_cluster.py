@@ -21,7 +21,7 @@ from skimage import data
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
-from disco.pipeline.store.writer import OutputStore
+from disco.pipeline.store.output import OutputStore
 from helpers import cli_process
 from loopback_cluster import loopback_cluster
 
@@ -223,7 +223,7 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
 def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path):
     store = OutputStore(tmp_path / "out")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from disco.pipeline.store.writer import OutputStore\n"
+        [sys.executable, "-c", "import sys, time; from disco.pipeline.store.output import OutputStore\n"
          f"with OutputStore({str(store.root)!r}).locked():\n    print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -279,7 +279,8 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
 
     from disco.pipeline.sources.generic import InputItem
     from disco.pipeline.store.schema import PACKED_UNIT_SCHEMA, UNIT_FIELDS
-    from disco.pipeline.stages import MattedFrame, pack_unit, unpack_unit
+    from disco.pipeline.actors import pack_unit, unpack_unit
+    from disco.pipeline.stages import MattedFrame
 
     rng = np.random.default_rng(0)
     listed = InputItem(input_path="shard-0.tar", abs_path="/data/caf\\xe9/shard-0.tar", source="laion",

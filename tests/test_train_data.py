@@ -19,7 +19,7 @@ import torch
 
 from disco.pipeline.store.encode import encode_png
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
-from disco.pipeline.store.writer import _write_parquet_atomic
+from disco.pipeline.store.shards import write_parquet_atomic
 from disco.train.data import (
     WINDOW_GROUPS,
     DataError,
@@ -58,7 +58,7 @@ def write_triplets(folder: Path, clip_frames: list[int], *, row_group_rows: int,
     out.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(rows), shard_rows):
         table = pa.Table.from_pylist(rows[i:i + shard_rows], schema=TRIPLET_SCHEMA)
-        _write_parquet_atomic(table, out / f"shard-{i // shard_rows:05d}.parquet", row_group_rows)
+        write_parquet_atomic(table, out / f"shard-{i // shard_rows:05d}.parquet", row_group_rows)
     return folder
 
 

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import COMMIT_SCHEMA, TRIPLET_SCHEMA, commit_entry, commit_record
-from disco.pipeline.store.writer import OutputStore, ShardWriter
+from disco.pipeline.store.output import OutputStore
+from disco.pipeline.store.shards import ShardWriter
 
 
 def _rows(path: str, n: int) -> pa.Table:

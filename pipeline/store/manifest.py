@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from disco.pipeline.store.writer import JournalState
+from disco.pipeline.store.output import JournalState
 
 
 @dataclass

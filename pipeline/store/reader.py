@@ -18,7 +18,7 @@ from disco.pipeline.store.schema import (
     TRIPLET_SCHEMA,
     TRIPLETS_DIR,
 )
-from disco.pipeline.store.writer import OutputStore
+from disco.pipeline.store.output import OutputStore
 
 
 def shard_files(output: str | Path, folder: str) -> list[Path]:

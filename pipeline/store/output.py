@@ -1,4 +1,5 @@
-"""The output directory: atomic shards, the commit journal that makes runs resumable, recovery.
+"""The output directory: its lock, the commit journal that makes runs resumable, recovery (the
+shards themselves are written by ``shards.py``).
 
 A unit of work (a still, or a segment of a video) is committed once its rows sit in a shard that
 was renamed into place *and* the journal names it. A shard the journal does not name was left by
@@ -16,25 +17,12 @@ import shutil
 import secrets
 import socket
 import time
-from collections.abc import Callable
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from disco.pipeline.errors import ConfigError
-from disco.pipeline.store.schema import (
-    ERROR_SCHEMA,
-    ERRORS_DIR,
-    MANIFEST_FILE,
-    PICTURE_COLUMNS,
-    REJECT_SCHEMA,
-    REJECTS_DIR,
-    TRIPLET_SCHEMA,
-    TRIPLETS_DIR,
-)
+from disco.pipeline.store.schema import ERRORS_DIR, MANIFEST_FILE, REJECTS_DIR, TRIPLETS_DIR
 
 JOURNAL_FILE = "_journal.jsonl"
 LOCK_FILE = ".lock"
@@ -68,40 +56,12 @@ def _causes(exc: BaseException):
                      if isinstance(c, BaseException))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _parquet_options(schema: pa.Schema) -> dict:
-    """Encoded pictures are already compressed: storing them plain saves the writer's CPU for
-    nothing lost; the metadata columns get zstd and dictionaries."""
-    pictures = [n for n in PICTURE_COLUMNS if n in schema.names]
-    others = [n for n in schema.names if n not in pictures]
-    return {
-        "compression": {**{n: "none" for n in pictures}, **{n: "zstd" for n in others}},
-        "use_dictionary": [n for n in others if pa.types.is_string(schema.field(n).type)],
-        "write_statistics": others,
-    }
-
-
-def _write_parquet_atomic(table: pa.Table, final: Path, row_group_rows: int) -> int:
-    tmp = final.with_name(f".{final.name}.tmp")
-    try:
-        with pq.ParquetWriter(tmp, table.schema, **_parquet_options(table.schema)) as writer:
-            writer.write_table(table, row_group_size=row_group_rows)
-    except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
-            raise
-        # pyarrow names no file: name ours, so the failure is known as the output folder's.
-        raise type(exc)(exc.errno, exc.strerror or str(exc), str(tmp)) from exc
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final.stat().st_size
 
 
 @dataclass
@@ -241,7 +201,7 @@ class OutputStore:
             fh.flush()
             os.fsync(fh.fileno())  # a power loss must not leave an empty journal behind the rename
         os.replace(tmp, self.journal)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def append(self, record: dict) -> None:
         with open(self.journal, "a", encoding="utf-8") as fh:
@@ -278,65 +238,3 @@ def run_token() -> str:
     """A name part no other run or writer shares: shards of several writers, and of a resumed run,
     never collide (sortable by start time, then random)."""
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-
-
-class ShardWriter:
-    """Buffers complete units and writes them as shards of at most ``shard_rows`` rows.
-
-    A unit is never split across shards, so a shard holds at most max(shard_rows, rows of one
-    unit) rows; video segments (``--segment-frames``) keep units small. Each shard becomes a
-    commit entry handed to ``commit``: by default appended to the journal here; the annotating
-    actors instead hand theirs to the driver, the one process that appends to the journal.
-    """
-
-    def __init__(self, store: OutputStore, prefix: str, shard_rows: int, row_group_rows: int,
-                 commit: Callable[[dict], None] | None = None):
-        self.store = store
-        self.prefix = prefix
-        self.shard_rows = shard_rows
-        self.row_group_rows = row_group_rows
-        self.commit = commit or store.append
-        self._written = 0
-        self._tables: list[pa.Table] = []
-        self._rows = 0
-        self._units: list[dict] = []
-        self._errors: list[dict] = []
-        self._rejects: list[dict] = []
-
-    def add_unit(self, rows: pa.Table, unit: dict, errors: list[dict], rejects: list[dict] | None = None) -> None:
-        if self._rows and self._rows + rows.num_rows > self.shard_rows:
-            self.flush()
-        if rows.num_rows:
-            self._tables.append(rows)
-            self._rows += rows.num_rows
-        self._units.append(unit)
-        self._errors.extend(errors)
-        self._rejects.extend(rejects or ())
-        if self._rows >= self.shard_rows:
-            self.flush()
-
-    def flush(self) -> dict | None:
-        if not self._units:
-            return None
-        name = f"{self.prefix}{self._written:05d}.parquet"
-        files, shards = [], []
-        parts = [(self.store.triplets, TRIPLETS_DIR, lambda: pa.concat_tables(self._tables).cast(TRIPLET_SCHEMA),
-                  self._tables),
-                 (self.store.errors, ERRORS_DIR, lambda: pa.Table.from_pylist(self._errors, schema=ERROR_SCHEMA),
-                  self._errors),
-                 (self.store.rejects, REJECTS_DIR, lambda: pa.Table.from_pylist(self._rejects, schema=REJECT_SCHEMA),
-                  self._rejects)]
-        for folder, label, build, pending in parts:
-            if not pending:
-                continue
-            folder.mkdir(exist_ok=True)
-            table = build()
-            size = _write_parquet_atomic(table, folder / name, self.row_group_rows)
-            _fsync_dir(folder)
-            files.append(f"{label}/{name}")
-            shards.append({"path": f"{label}/{name}", "rows": table.num_rows, "bytes": size})
-        entry = {"type": "commit", "files": files, "shards": shards, "units": self._units}
-        self.commit(entry)
-        self._written += 1
-        self._tables, self._rows, self._units, self._errors, self._rejects = [], 0, [], [], []
-        return entry

@@ -1,0 +1,116 @@
+"""Shards: Parquet files written atomically (a temporary name, fsync, rename), and the writer
+that fills them with whole units and hands each finished shard's commit record on.
+
+A unit of work (a still, or a segment of a video) is committed once its rows sit in a shard that
+was renamed into place *and* the journal (``output.OutputStore``) names it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from disco.pipeline.store.schema import (
+    ERROR_SCHEMA,
+    ERRORS_DIR,
+    PICTURE_COLUMNS,
+    REJECT_SCHEMA,
+    REJECTS_DIR,
+    TRIPLET_SCHEMA,
+    TRIPLETS_DIR,
+)
+from disco.pipeline.store.output import OutputStore, fsync_dir
+
+
+def _parquet_options(schema: pa.Schema) -> dict:
+    """Encoded pictures are already compressed: storing them plain saves the writer's CPU for
+    nothing lost; the metadata columns get zstd and dictionaries."""
+    pictures = [n for n in PICTURE_COLUMNS if n in schema.names]
+    others = [n for n in schema.names if n not in pictures]
+    return {
+        "compression": {**{n: "none" for n in pictures}, **{n: "zstd" for n in others}},
+        "use_dictionary": [n for n in others if pa.types.is_string(schema.field(n).type)],
+        "write_statistics": others,
+    }
+
+
+def write_parquet_atomic(table: pa.Table, final: Path, row_group_rows: int) -> int:
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        with pq.ParquetWriter(tmp, table.schema, **_parquet_options(table.schema)) as writer:
+            writer.write_table(table, row_group_size=row_group_rows)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # pyarrow names no file: name ours, so the failure is known as the output folder's.
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(tmp)) from exc
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final.stat().st_size
+
+
+class ShardWriter:
+    """Buffers complete units and writes them as shards of at most ``shard_rows`` rows.
+
+    A unit is never split across shards, so a shard holds at most max(shard_rows, rows of one
+    unit) rows; video segments (``--segment-frames``) keep units small. Each shard becomes a
+    commit entry handed to ``commit``: by default appended to the journal here; the annotating
+    actors instead hand theirs to the driver, the one process that appends to the journal.
+    """
+
+    def __init__(self, store: OutputStore, prefix: str, shard_rows: int, row_group_rows: int,
+                 commit: Callable[[dict], None] | None = None):
+        self.store = store
+        self.prefix = prefix
+        self.shard_rows = shard_rows
+        self.row_group_rows = row_group_rows
+        self.commit = commit or store.append
+        self._written = 0
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+        self._units: list[dict] = []
+        self._errors: list[dict] = []
+        self._rejects: list[dict] = []
+
+    def add_unit(self, rows: pa.Table, unit: dict, errors: list[dict], rejects: list[dict] | None = None) -> None:
+        if self._rows and self._rows + rows.num_rows > self.shard_rows:
+            self.flush()
+        if rows.num_rows:
+            self._tables.append(rows)
+            self._rows += rows.num_rows
+        self._units.append(unit)
+        self._errors.extend(errors)
+        self._rejects.extend(rejects or ())
+        if self._rows >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> dict | None:
+        if not self._units:
+            return None
+        name = f"{self.prefix}{self._written:05d}.parquet"
+        files, shards = [], []
+        parts = [(self.store.triplets, TRIPLETS_DIR, lambda: pa.concat_tables(self._tables).cast(TRIPLET_SCHEMA),
+                  self._tables),
+                 (self.store.errors, ERRORS_DIR, lambda: pa.Table.from_pylist(self._errors, schema=ERROR_SCHEMA),
+                  self._errors),
+                 (self.store.rejects, REJECTS_DIR, lambda: pa.Table.from_pylist(self._rejects, schema=REJECT_SCHEMA),
+                  self._rejects)]
+        for folder, label, build, pending in parts:
+            if not pending:
+                continue
+            folder.mkdir(exist_ok=True)
+            table = build()
+            size = write_parquet_atomic(table, folder / name, self.row_group_rows)
+            fsync_dir(folder)
+            files.append(f"{label}/{name}")
+            shards.append({"path": f"{label}/{name}", "rows": table.num_rows, "bytes": size})
+        entry = {"type": "commit", "files": files, "shards": shards, "units": self._units}
+        self.commit(entry)
+        self._written += 1
+        self._tables, self._rows, self._units, self._errors, self._rejects = [], 0, [], [], []
+        return entry
