@@ -4,78 +4,21 @@ pose ControlNet, both adding residuals to the image-variations UNet (DESIGN.md, 
 from __future__ import annotations
 
 import copy
-import functools
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from disco.model.configs import CONFIGS, SCHEDULER
+from disco.model.controlnets import background_controlnet, controlnet_from_unet
 from disco.model.meta_init import SeededMeta, seeded_meta_active
 
 VARIANTS = ("pretrain", "finetune")
 VAE_SCALING = 0.18215
-
-
-# What ``ControlNetModel.from_unet`` takes from the UNet (every other ControlNet weight is its own:
-# the conditioning embedding and the zero convolutions).
-_FROM_UNET = ("conv_in.", "time_proj.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.",
-              "mid_block.")
-
-
-class BackgroundControlNet(ControlNetModel):
-    """DisCo's background ControlNet: a ControlNet whose conditioning embedding is one 3 x 3 conv
-    over the background's VAE latent (``in_channels`` of them, like the UNet's ``conv_in``) instead
-    of diffusers' pixel-space embedding. Its config says so (the class, ``conditioning_channels``
-    = the latent's channels), so ``save_pretrained`` / ``from_pretrained`` give it back whole."""
-
-    # diffusers reads the configuration's keys from __init__'s signature: the ControlNet's own.
-    @functools.wraps(ControlNetModel.__init__)
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        channels = self.config.in_channels
-        self.register_to_config(conditioning_channels=channels)
-        self.controlnet_cond_embedding = nn.Conv2d(channels, self.config.block_out_channels[0], kernel_size=3,
-                                                   padding=1)
-
-
-def controlnet_from_unet(unet: UNet2DConditionModel, take: bool = False,
-                         cls: type[ControlNetModel] = ControlNetModel) -> ControlNetModel:
-    """``ControlNetModel.from_unet(unet)``, bit for bit, without a random full-size ControlNet.
-
-    diffusers builds a whole random ControlNet and then copies the UNet's blocks over it. Here the
-    ControlNet is built on the meta device (``SeededMeta``: the global generator still advances
-    exactly as the CPU build advances it), then gets the UNet's tensors -- cloned, or with
-    ``take`` the UNet's own tensors (the UNet is consumed: its blocks now belong to the ControlNet)
-    -- and its own conditioning embedding and zero convolutions are materialised with the values
-    the CPU build would have drawn. A UNet on the meta device gives a meta ControlNet.
-    """
-    if unet.conv_in.weight.is_meta:
-        return cls.from_unet(unet)
-    with SeededMeta() as init:
-        controlnet = cls.from_unet(unet, load_weights_from_unet=False)
-    source = unet.state_dict()
-    ours = controlnet.state_dict()
-    tensors = {k: v if take else v.detach().clone() for k, v in source.items() if k.startswith(_FROM_UNET) and k in ours}
-    bad = [k for k, v in tensors.items() if v.shape != ours[k].shape]
-    if bad:
-        raise ValueError(f"the UNet's {bad[0]} does not fit the ControlNet built from its configuration")
-    controlnet.load_state_dict(tensors, strict=False, assign=True)
-    return init.materialize_module(controlnet)
-
-
-def _background_controlnet(unet: UNet2DConditionModel) -> BackgroundControlNet:
-    """The background ControlNet copied from the UNet, its latent conv initialised from the UNet's
-    ``conv_in`` (not zero)."""
-    controlnet = controlnet_from_unet(unet, cls=BackgroundControlNet)
-    with torch.no_grad():
-        controlnet.controlnet_cond_embedding.weight.copy_(unet.conv_in.weight)
-        controlnet.controlnet_cond_embedding.bias.copy_(unet.conv_in.bias)
-    return controlnet
 
 
 def _clip_from_config(config: dict) -> CLIPVisionModelWithProjection:
@@ -125,7 +68,7 @@ class DisCoModel(ModelMixin, ConfigMixin):
         self.reference_projection = nn.Linear(clip.config.hidden_size, clip.config.projection_dim, bias=False)
         with torch.no_grad():
             self.reference_projection.weight.copy_(clip.visual_projection.weight)
-        self.background_controlnet = _background_controlnet(unet)
+        self.background_controlnet = background_controlnet(unet)
         self.pose_controlnet = controlnet_from_unet(unet) if self.config.variant == "finetune" else None
         self.vae.requires_grad_(False)
         self.image_encoder.requires_grad_(False)

@@ -10,7 +10,8 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.model.disco import BackgroundControlNet, DisCoModel, parameter_counts
+from disco.model.controlnets import BackgroundControlNet
+from disco.model.disco import DisCoModel, parameter_counts
 
 
 def _inputs(model: DisCoModel, batch: int = 2, seed: int = 0):

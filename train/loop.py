@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from disco.model.conditioning import fit_pose, reference_picture, vae_factor
+from disco.model.conditioning import fit_pose, vae_factor
 from disco.model.disco import VAE_SCALING, DisCoModel
 from disco.model.checkpoint import load_trainable, read_checkpoint, save_checkpoint
 from disco.train.initial import initial_model
@@ -30,7 +30,7 @@ from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
 from disco.train.data import SampleStream, build_index, sample_seed
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
-from disco.train.sampling import ddim_sample
+from disco.train.sampling import write_sample_grid
 
 DRAW_SALT = 0x9E3779B9
 POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
@@ -307,21 +307,3 @@ def _gpu_memory(device) -> dict:
         return {}
     return {"gpu_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-
-
-def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: int, monitor: Monitor, device,
-                      precision) -> Path:
-    """reference | pose | generated | target for the first samples the run saw, with the current weights."""
-    inputs = model_inputs(preview, device)
-    model.eval()
-    try:
-        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            generated = ddim_sample(model, inputs["reference"], inputs["background"],
-                                    inputs["pose"] if model.pose_controlnet is not None else None,
-                                    steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                                    generator=torch.Generator().manual_seed(cfg.seed))
-    finally:
-        model.train()
-    columns = [reference_picture(inputs["reference"]), inputs["pose"], (generated.float() + 1) / 2,
-               (inputs["target"] + 1) / 2]
-    return monitor.grid(step, columns)

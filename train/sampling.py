@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from diffusers import DDIMScheduler
 
-from disco.model.conditioning import fit_pose, vae_factor
+from disco.model.conditioning import fit_pose, reference_picture, vae_factor
 from disco.model.disco import DisCoModel
 from disco.model.pipeline import guided_ddim
+from disco.train.inputs import model_inputs
+
+if TYPE_CHECKING:
+    from disco.train.config import TrainConfig
+    from disco.train.monitor import Monitor
 
 
 @torch.no_grad()
@@ -46,3 +54,21 @@ def ddim_sample(
     empty = model.unconditional_reference(batch).to(tokens.dtype)
     return guided_ddim(model, scheduler, latents, tokens, empty, background_latents, pose, steps, guidance_scale,
                        eta=eta, generator=generator)
+
+
+def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: int, monitor: Monitor, device,
+                      precision) -> Path:
+    """reference | pose | generated | target for the first samples the run saw, with the current weights."""
+    inputs = model_inputs(preview, device)
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            generated = ddim_sample(model, inputs["reference"], inputs["background"],
+                                    inputs["pose"] if model.pose_controlnet is not None else None,
+                                    steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+    finally:
+        model.train()
+    columns = [reference_picture(inputs["reference"]), inputs["pose"], (generated.float() + 1) / 2,
+               (inputs["target"] + 1) / 2]
+    return monitor.grid(step, columns)
