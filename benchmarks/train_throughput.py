@@ -133,7 +133,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
     from disco.train.initial import initial_model
     from disco.train.data import SampleStream, build_index
     from disco.train.inputs import model_inputs
-    from disco.train.loop import DiffusionObjective, sample_draws
+    from disco.train.loop import DiffusionObjective, apply_update, sample_draws
     from disco.model.conditioning import vae_factor
 
     stream = SampleStream(build_index(cfg.data), stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution,
@@ -170,15 +170,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
         with torch.autocast(device, dtype=precision, enabled=precision is not None):
             loss = objective(**inputs, **draws)
         scaler.scale(loss).backward()
-        if cfg.max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ema is not None:
-            ema.step(params)
+        apply_update(params, optimizer, scheduler, scaler, ema, cfg.max_grad_norm)
         float(loss.detach())
     if device == "cuda":
         torch.cuda.synchronize()

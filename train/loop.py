@@ -73,6 +73,20 @@ def sample_draws(positions: torch.Tensor, seed: int, latent_shape: tuple, timest
     }
 
 
+def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float | None) -> None:
+    """One optimizer update from the accumulated gradients: unscale and clip (when asked), step
+    through the loss scaler (a no-op without fp16), clear, advance the schedule and the EMA."""
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if ema is not None:
+        ema.step(params)
+
+
 def _rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"numpy": [kind, keys.tolist(), pos, has_gauss, cached], "python": _jsonable(random.getstate())}
@@ -250,15 +264,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                     scaler.scale(loss / cfg.grad_accum).backward()
                 # Accumulated on the device: no host synchronisation per micro-batch.
                 loss_sum += loss.detach().double() / cfg.grad_accum
-            if cfg.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.step(params)
+            apply_update(params, optimizer, scheduler, scaler, ema, cfg.max_grad_norm)
             step += 1
             window_steps += 1
 
