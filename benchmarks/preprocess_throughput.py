@@ -86,7 +86,7 @@ def run_plain_loop(cfg, out: Path) -> int:
     from disco.pipeline.annotators import Annotation
     from disco.pipeline.annotators.base import Matte, Pose
     from disco.pipeline.store.encode import build_row
-    from disco.pipeline.keypoints import blazepose_to_body18, hand_to_pixels
+    from disco.pipeline.annotators.keypoints import blazepose_to_body18, hand_to_pixels
     from disco.pipeline.store.schema import TRIPLET_SCHEMA
 
     def points(landmarks):

@@ -18,7 +18,7 @@ from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.decode import decode_video_frames, load_image, probe_video
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
-from disco.pipeline.render import render_pose
+from disco.pipeline.annotators.render import render_pose
 
 # MediaPipe needs pictures of some size: smaller models' frames are annotated at this side and the
 # mask and keypoints scaled down (at 64 px it finds people in a cup of coffee).

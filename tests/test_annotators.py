@@ -152,8 +152,8 @@ def test_no_face_model_and_the_same_landmarks_as_holistic():
 def test_no_leg_is_stored_or_drawn_for_a_photo_cut_at_the_waist():
     """The astronaut is cut at the waist: BlazePose still guesses knees and ankles (below the
     picture, at low visibility); none is stored and no leg limb is drawn."""
-    from disco.pipeline.keypoints import BODY18_NAMES
-    from disco.pipeline.render import render_pose
+    from disco.pipeline.annotators.keypoints import BODY18_NAMES
+    from disco.pipeline.annotators.render import render_pose
 
     annotator = FrameAnnotator("mediapipe", "mediapipe", hands=True, min_visibility=0.5, min_mask_area=0.01)
     photo = data.astronaut()
@@ -164,7 +164,7 @@ def test_no_leg_is_stored_or_drawn_for_a_photo_cut_at_the_waist():
     for joint in ("r_knee", "l_knee", "r_ankle", "l_ankle"):
         assert body[BODY18_NAMES.index(joint)].tolist() == [0.0, 0.0, 0.0]
     # In the drawing (the body alone), no pixel has the colour of a leg limb or of a knee or ankle.
-    from disco.pipeline.render import BODY_COLORS, BODY_LIMBS, LIMB_INTENSITY
+    from disco.pipeline.annotators.render import BODY_COLORS, BODY_LIMBS, LIMB_INTENSITY
 
     height, width = photo.shape[:2]
     drawn = render_pose(width, height, body).reshape(-1, 3)

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from disco.pipeline.keypoints import BLAZEPOSE_TO_BODY18, BODY18_NAMES, blazepose_to_body18, hand_to_pixels
-from disco.pipeline.render import BODY_COLORS, BODY_LIMBS, render_pose
+from disco.pipeline.annotators.keypoints import BLAZEPOSE_TO_BODY18, BODY18_NAMES, blazepose_to_body18, hand_to_pixels
+from disco.pipeline.annotators.render import BODY_COLORS, BODY_LIMBS, render_pose
 
 
 def _blazepose(visible: float = 1.0) -> np.ndarray:

@@ -23,7 +23,7 @@ from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
 from disco.pipeline.store.encode import decode_picture
-from disco.pipeline.keypoints import BODY18_NAMES
+from disco.pipeline.annotators.keypoints import BODY18_NAMES
 from disco.pipeline.store.reader import open_errors, open_triplets
 from disco.pipeline.run import preprocess
 from disco.pipeline.store.schema import ERROR_SCHEMA, TRIPLET_SCHEMA

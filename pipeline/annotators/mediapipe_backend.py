@@ -18,7 +18,7 @@ import numpy as np
 
 from disco.pipeline.annotators.base import EMPTY_BODY, Matte, Pose
 from disco.pipeline.annotators.registry import Backend, register
-from disco.pipeline.keypoints import blazepose_to_body18, hand_to_pixels
+from disco.pipeline.annotators.keypoints import blazepose_to_body18, hand_to_pixels
 
 # Landmarks the person score is built from: nose and shoulders, which the detector always frames
 # (hips and legs are legitimately out of view in half-body photos).

@@ -14,7 +14,7 @@ import numpy as np
 from disco.pipeline.annotators.base import EMPTY_BODY, Pose
 from disco.pipeline.annotators.registry import Backend, register
 from disco.pipeline.annotators.weights import WeightFile, needs_folder, require, weights_dir
-from disco.pipeline.keypoints import FACE_POINTS, HAND_POINTS
+from disco.pipeline.annotators.keypoints import FACE_POINTS, HAND_POINTS
 
 # In the weights folder, as lllyasviel/Annotators publishes them: body-18, hands (with --hands),
 # face (with --face).

@@ -7,7 +7,7 @@ import numpy as np
 
 from disco.pipeline.annotators import Annotation, mask_area
 from disco.pipeline.errors import InputError
-from disco.pipeline.render import render_pose
+from disco.pipeline.annotators.render import render_pose
 from disco.pipeline.store.schema import PERSON_ALPHA, sample_id
 
 
