@@ -640,10 +640,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
         if not args.pretrained and set(chosen) & MODEL_STEPS:
             started = time.perf_counter()
-            args.pretrained = str(random_pretrained(Path(tmp), sizes(args)))
-            report["random_pretrained_s"] = time.perf_counter() - started
-            print(f"[{time.strftime('%H:%M:%S')}] random sd-image-variations weights written once in "
-                  f"{report['random_pretrained_s']:.0f} s", flush=True)
+            try:
+                args.pretrained = str(random_pretrained(Path(tmp), sizes(args)))
+                report["random_pretrained_s"] = time.perf_counter() - started
+                print(f"[{time.strftime('%H:%M:%S')}] random sd-image-variations weights written once in "
+                      f"{report['random_pretrained_s']:.0f} s", flush=True)
+            except Exception as exc:  # noqa: BLE001 - the steps then build their own random models
+                report["random_pretrained_error"] = f"{type(exc).__name__}: {exc}"
+                print(f"random sd-image-variations weights not written ({report['random_pretrained_error']}); "
+                      "each model step builds its own", flush=True)
         for name in chosen:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             record = run_step(name, args, Path(tmp))

@@ -166,10 +166,12 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        draws = sample_draws(batch["position"] + step * cfg.batch_size, cfg.seed, (4, side, side), 1000, device)
-        with torch.autocast(device, dtype=precision, enabled=precision is not None):
-            loss = objective(**inputs, **draws)
-        scaler.scale(loss).backward()
+        for micro in range(cfg.grad_accum):  # as the trainer: the update after grad_accum micro-batches
+            position = batch["position"] + (step * cfg.grad_accum + micro) * cfg.batch_size
+            draws = sample_draws(position, cfg.seed, (4, side, side), 1000, device)
+            with torch.autocast(device, dtype=precision, enabled=precision is not None):
+                loss = objective(**inputs, **draws)
+            scaler.scale(loss / cfg.grad_accum).backward()
         apply_update(params, optimizer, scheduler, scaler, ema, cfg.max_grad_norm)
         float(loss.detach())
     if device == "cuda":

@@ -123,11 +123,14 @@ class ModelSource:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict) or "stage" not in values:
-            raise ConfigError(f"{path} is not a training run's configuration (no stage)")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} is not a training run's configuration (not a mapping of option: value)")
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}  # as the trainer reads it
         seed = values.get("model_seed")
+        # The trainer writes every field; a hand-edited file gets the trainer's defaults.
+        stage = values.get("stage") or "finetune"
         return cls(model=values.get("model"), pretrained=values.get("pretrained"),
-                   seed=int(seed if seed is not None else values.get("seed", 0))), str(values["stage"])
+                   seed=int(seed if seed is not None else values.get("seed") or 0)), str(stage)
 
 
 def base_model(source: ModelSource, variant: str) -> DisCoModel:

@@ -228,3 +228,23 @@ def test_bf16_autocast_forward_stays_close_to_float32(tiny):
             half = tiny(sample, timestep, reference, background, pose)
     assert half.dtype == torch.bfloat16
     assert (half.float() - full).abs().mean() < 0.05 * full.abs().mean()
+
+
+def test_a_runs_base_model_is_read_from_its_config(tmp_path):
+    """What the checkpoint format needs of a run's config.yaml: the base model, its seed and the
+    stage, read as the trainer reads the file (dashed keys too)."""
+    import yaml
+
+    from disco.model.checkpoint import ModelSource
+    from disco.pipeline.errors import ConfigError
+    from disco.train.config import TrainConfig
+
+    cfg = TrainConfig(stage="pretrain", model="tiny", seed=5, model_seed=3, output=str(tmp_path / "run"))
+    cfg.save(tmp_path / "run")
+    assert ModelSource.of_run(tmp_path / "run") == (ModelSource(model="tiny", pretrained=None, seed=3), "pretrain")
+    assert ModelSource.of(cfg) == ModelSource(model="tiny", seed=3)
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "seed": 7, "model-seed": None}))
+    assert ModelSource.of_run(tmp_path / "edited") == (ModelSource(model="tiny", seed=7), "finetune")
+    with pytest.raises(ConfigError, match="holds no config.yaml"):
+        ModelSource.of_run(tmp_path)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from disco.pipeline.store.reader import open_triplets
@@ -43,6 +44,8 @@ def test_shards_hold_whole_units_and_respect_the_row_bound(tmp_path):
     entries = [{**e, "units": [{**u, "skipped": {"no_person": 1}} for u in e["units"]]} for e in state.entries]
     table = pa.Table.from_pylist([{"entry": commit_record(e), "resources": []} for e in entries], schema=COMMIT_SCHEMA)
     assert [commit_entry(r) for r in table.column("entry").to_pylist()] == entries
+    with pytest.raises(ValueError, match="does not declare"):  # Arrow would drop it on the way
+        commit_record({**entries[0], "units": [{**entries[0]["units"][0], "note": 1}]})
 
 
 def test_recovery_drops_uncommitted_files_and_a_torn_journal_line(tmp_path):

@@ -129,8 +129,9 @@ def skipped_counts(records: list[dict]) -> dict[str, int]:
 
 def commit_record(entry: dict) -> dict:
     """A journal commit as a ``COMMIT_ENTRY_TYPE`` value (refuses fields the type does not hold)."""
-    unknown = set(entry) - {f.name for f in COMMIT_ENTRY_TYPE}
-    if unknown:
+    unit_fields = {f.name for f in COMMIT_ENTRY_TYPE.field("units").type.value_type}
+    unknown = (set(entry) - {f.name for f in COMMIT_ENTRY_TYPE}) | {k for u in entry["units"] for k in set(u) - unit_fields}
+    if unknown:  # Arrow would drop them silently on the way
         raise ValueError(f"a commit has fields COMMIT_ENTRY_TYPE does not declare: {sorted(unknown)}")
     return {**entry, "units": [{**u, "skipped": skipped_records(u["skipped"])} for u in entry["units"]]}
 
