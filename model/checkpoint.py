@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from disco.model.configs import RUN_CONFIG_FILE
 from disco.model.meta_init import set_tensor
-from disco.pipeline.errors import ConfigError, first_line
+from disco.pipeline.errors import ConfigError, first_line, read_options_yaml
 
 WEIGHTS_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -114,18 +114,11 @@ class ModelSource:
     @classmethod
     def of_run(cls, run: Path) -> tuple["ModelSource", str]:
         """The base model and the stage of a run directory, from its ``config.yaml``."""
-        import yaml
-
         path = Path(run) / RUN_CONFIG_FILE
         if not path.exists():
             raise ConfigError(f"{run} holds no {RUN_CONFIG_FILE}; cannot tell which base model its checkpoints belong to")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} is not a training run's configuration (not a mapping of option: value)")
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}  # as the trainer reads it
+        # Read as the trainer reads it (dashed keys too).
+        values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(path).items()}
         seed = values.get("model_seed")
         # The trainer writes every field; a hand-edited file gets the trainer's defaults.
         stage = values.get("stage") or "finetune"

@@ -25,8 +25,8 @@ from disco.pipeline.stages import (
     matte_unit,
     process_unit,
 )
-from disco.pipeline.store.schema import (COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, UNIT_FIELDS, commit_record, skipped_counts,
-                                         skipped_records)
+from disco.pipeline.store.schema import (COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, UNIT_TYPE, check_declared, commit_record,
+                                         skipped_counts, skipped_records)
 from disco.pipeline.store.output import OutputStore
 from disco.pipeline.store.shards import ShardWriter
 
@@ -35,9 +35,7 @@ def pack_unit(unit: dict, frames: int, kept: list[MattedFrame], errors: list[dic
               rejects: list[dict], resources: dict) -> dict:
     """One record carrying a matted unit from the matting actors to the pose actors
     (``PACKED_UNIT_SCHEMA``: typed fields, the planned unit a ``UNIT_TYPE`` struct)."""
-    unknown = set(unit) - UNIT_FIELDS
-    if unknown:  # Arrow would drop them silently on the way
-        raise ValueError(f"the unit has fields UNIT_TYPE does not declare: {sorted(unknown)}")
+    check_declared(unit, UNIT_TYPE, "the unit")
     return {
         "unit": unit,
         "frames": frames,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -100,3 +101,17 @@ def error_record(stage: str, error_type: str, message: str, input_path: str, sam
 def failed_unit(unit: dict, exc: InputError) -> dict:
     """A unit that carries the error of its input instead of work (it becomes one errors row)."""
     return {**unit, "error_type": exc.error_type, "error_message": exc.message, "error_stage": exc.stage}
+
+
+def read_options_yaml(path: Path) -> dict:
+    """A YAML file of option: value (a training config, a run's config.yaml) as a dict; a file
+    that is not valid YAML or not a mapping is a one-line ``ConfigError``."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return values

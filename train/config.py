@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from disco.model.configs import CONFIGS, RUN_CONFIG_FILE
-from disco.pipeline.errors import ConfigError
+from disco.pipeline.errors import ConfigError, read_options_yaml
 
 STAGES = ("pretrain", "finetune")
 REF_MODES = ("first", "random")
@@ -87,13 +87,7 @@ class TrainConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of option: value")
-        return cls().updated(values, origin=str(path))
+        return cls().updated(read_options_yaml(path), origin=str(path))
 
     def updated(self, values: dict, origin: str = "options") -> "TrainConfig":
         """A copy with ``values`` applied (keys may use dashes, as on the command line)."""

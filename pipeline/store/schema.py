@@ -118,6 +118,13 @@ COMMIT_ENTRY_TYPE = pa.struct([
 COMMIT_SCHEMA = pa.schema([pa.field("entry", COMMIT_ENTRY_TYPE), pa.field("resources", RESOURCES_TYPE)])
 
 
+def check_declared(record: dict, struct: pa.StructType, what: str) -> None:
+    """Refuse a record with fields ``struct`` does not declare: Arrow would drop them silently."""
+    unknown = set(record) - {field.name for field in struct}
+    if unknown:
+        raise ValueError(f"{what} has fields its Arrow type does not declare: {sorted(unknown)}")
+
+
 def skipped_records(skipped: dict[str, int]) -> list[dict]:
     """{reason: count} as ``reason``/``count`` records (Arrow has no dict with free keys)."""
     return [{"reason": reason, "count": count} for reason, count in skipped.items()]
@@ -129,10 +136,9 @@ def skipped_counts(records: list[dict]) -> dict[str, int]:
 
 def commit_record(entry: dict) -> dict:
     """A journal commit as a ``COMMIT_ENTRY_TYPE`` value (refuses fields the type does not hold)."""
-    unit_fields = {f.name for f in COMMIT_ENTRY_TYPE.field("units").type.value_type}
-    unknown = (set(entry) - {f.name for f in COMMIT_ENTRY_TYPE}) | {k for u in entry["units"] for k in set(u) - unit_fields}
-    if unknown:  # Arrow would drop them silently on the way
-        raise ValueError(f"a commit has fields COMMIT_ENTRY_TYPE does not declare: {sorted(unknown)}")
+    check_declared(entry, COMMIT_ENTRY_TYPE, "a commit")
+    for unit in entry["units"]:
+        check_declared(unit, COMMIT_ENTRY_TYPE.field("units").type.value_type, "a commit's unit")
     return {**entry, "units": [{**u, "skipped": skipped_records(u["skipped"])} for u in entry["units"]]}
 
 
