@@ -69,13 +69,15 @@ def triplets(tmp_path_factory, ray_local) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def two_worker_run(triplets, tmp_path_factory) -> Path:
     """One uninterrupted run of two Ray Train workers (gloo) that several tests compare against:
-    16 steps, a checkpoint every 2 (all kept), the loss logged every 4. A two-worker run costs
-    most of a minute on two cores whatever its length, so the suite trains it once."""
+    the first 4 steps of ``TWO_WORKER_RUN`` (its 16-step schedule), a checkpoint every 2, the
+    loss logged every 4; what the tests compare is at step 4. A two-worker run costs most of a
+    minute on two cores whatever its length, so the suite trains it once."""
     from disco.train.config import TrainConfig
     from disco.train.launch import train
     from helpers import TWO_WORKER_RUN
 
     run = tmp_path_factory.mktemp("two-workers") / "run"
-    train(TrainConfig(**TWO_WORKER_RUN, data=[str(triplets["video"])], output=str(run)))
+    options = {**TWO_WORKER_RUN, "max_steps": 4, "schedule_steps": TWO_WORKER_RUN["max_steps"]}
+    train(TrainConfig(**options, data=[str(triplets["video"])], output=str(run)))
     return run
 

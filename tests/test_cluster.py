@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,17 @@ def _wait_for_commits(out: Path, process: subprocess.Popen, count: int, timeout:
     raise AssertionError(f"no {count} commit(s) within {timeout} s")
 
 
+@contextmanager
+def _reaped(process: subprocess.Popen):
+    """A run started beside other work: whatever fails meanwhile, it does not outlive the test."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
 def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     output, _ = process.communicate(timeout=timeout)
     return process.returncode, output
@@ -84,19 +96,16 @@ def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of
     cluster start-up is the slow part."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    with loopback_cluster(head_cpus=1, dashboard=True, keep_current=True) as cluster:
+    with loopback_cluster(head_cpus=1, dashboard=True, keep_current=True) as cluster, ExitStack() as runs:
         # One CPU a node: three actors, one on each, start sooner on two cores than five.
         doomed = cluster.add_node(1)
         cluster.add_node(1)
 
         # 1. Without --ray-address on a machine that runs a cluster: a private instance, said so.
+        # It runs while the job below does (the two wait on process start-ups in turn), and its
+        # rows are the uninterrupted ones the other runs must give.
         local = tmp_path / "local"
-        code, output = _finish(_start(inputs, local))
-        assert code == 0, output[-3000:]
-        assert "this machine runs a Ray cluster" in output and "--ray-address auto" in output
-        manifest = json.loads((local / "manifest.json").read_text())
-        assert manifest["run"]["ray_address"] == "local"
-        assert manifest["counts"]["rows_written"] == 60
+        private = runs.enter_context(_reaped(_start(inputs, local)))
 
         # 2. `ray job submit`: the dashboard's job API runs disco-cli on the cluster, with a runtime
         # env that sets a variable of our own worker settings (merged, not conflicting). A worker
@@ -129,6 +138,12 @@ def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of
         while client.get_job_status(job) not in ended:
             assert time.time() < deadline, "the job did not end in time"
             time.sleep(1)
+        code, output = _finish(private)
+        assert code == 0, output[-3000:]
+        assert "this machine runs a Ray cluster" in output and "--ray-address auto" in output
+        manifest = json.loads((local / "manifest.json").read_text())
+        assert manifest["run"]["ray_address"] == "local"
+        assert manifest["counts"]["rows_written"] == 60
         logs = client.get_job_logs(job)
         assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
         assert "progress: 2/2 inputs" in logs and "preprocess summary" in logs and "Traceback" not in logs

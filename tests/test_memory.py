@@ -224,6 +224,39 @@ def test_plan_lines_add_up_and_follow_the_options():
         assert f"{share:.0%} fragmentation" in allowance["how"]
 
 
+def test_a_step_is_measured_once_for_the_plans_that_share_it(tmp_path, monkeypatch):
+    """A step of the full model takes seconds on the meta device: plans that differ only in what
+    the step does not see reuse its measurement; a new picture size, or a --pretrained folder
+    whose configuration changed, is measured again."""
+    import disco.train.memory as memory
+
+    calls = []
+
+    def counted(model, cfg, batch, device="cuda"):
+        calls.append((cfg.resolution, batch))
+        return {"activations": 1, "peak": 2}
+
+    monkeypatch.setattr(memory, "measure_step", counted)
+    monkeypatch.setattr(memory, "_MEASURED", {})
+    cfg = TrainConfig(stage="finetune", model="tiny", resolution=64, batch_size=4)
+    for options in ({}, {"ema_decay": 0.999}, {"num_workers": 2}, {"max_steps": 7}):
+        memory.memory_plan(cfg.updated(options), 80, search=False)
+    memory.memory_plan(cfg.updated({"resolution": 32}), 80, search=False)
+    assert calls == [(64, 4), (32, 4)]
+    torch.manual_seed(0)
+    tiny = DisCoModel.from_architecture("tiny")
+    for part in ("unet", "vae", "image_encoder"):
+        getattr(tiny, part).save_pretrained(tmp_path / part)
+    folder = TrainConfig(stage="finetune", pretrained=str(tmp_path), resolution=64, batch_size=4)
+    memory.memory_plan(folder, 80, search=False)
+    memory.memory_plan(folder, 80, search=False)
+    assert len(calls) == 3
+    unet = json.loads((tmp_path / "unet" / "config.json").read_text())
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**unet, "attention_head_dim": 8}))
+    memory.memory_plan(folder, 80, search=False)
+    assert len(calls) == 4
+
+
 def test_the_largest_batch_fits_and_one_more_sample_in_ten_does_not():
     from disco.train.memory import memory_plan
 

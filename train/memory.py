@@ -51,6 +51,29 @@ CUDA_CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.15
 FRAGMENTATION_CHECKPOINTING = 0.30
 DEFAULT_GPU_GIB = 80.0
+
+# Measured steps of this process, by what a step depends on (``_step_key``): a step of the full
+# model takes seconds on the meta device, and plans that differ only in what the step does not
+# see (EMA, workers, the GPU's size) or a search that comes back to a batch reuse it.
+_MEASURED: dict[tuple, dict] = {}
+
+
+def _step_key(cfg: TrainConfig, batch: int, device: str) -> tuple:
+    """The architecture (a ``--pretrained`` folder's configurations as they are now), the stage,
+    picture size, precision, checkpointing, whether gradients accumulate, the batch and the
+    device whose autocast rules apply: everything ``measure_step`` reads."""
+    folder = Path(cfg.pretrained) if cfg.pretrained else None
+    configs = tuple((folder / part / "config.json").read_text() if (folder / part / "config.json").exists() else None
+                    for part in ("unet", "vae", "image_encoder")) if folder else ()
+    return (cfg.model, configs, cfg.stage, cfg.resolution, cfg.mixed_precision, cfg.gradient_checkpointing,
+            min(cfg.grad_accum, 2), batch, device)
+
+
+def _measured_step(model, cfg: TrainConfig, batch: int, device: str) -> dict:
+    key = _step_key(cfg, batch, device)
+    if key not in _MEASURED:
+        _MEASURED[key] = measure_step(model, cfg, batch, device)
+    return dict(_MEASURED[key])
 # -- the plan ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -124,7 +147,7 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
         and the update's (every gradient alive, plus AdamW's temporaries)."""
         return static + states + max(step["peak"], update)
 
-    step = measure_step(model, cfg, cfg.batch_size, device)
+    step = _measured_step(model, cfg, cfg.batch_size, device)
     precision = {"no": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[cfg.mixed_precision]
     plan = MemoryPlan(
         stage=cfg.stage, base=cfg.pretrained or cfg.model, batch_size=cfg.batch_size, resolution=cfg.resolution,
@@ -179,7 +202,7 @@ def _largest_batch(model, cfg, device, budget: int, fixed: int, update: int, ste
 
     def peak(b: int) -> int:
         if b not in peaks:
-            peaks[b] = measure_step(model, cfg, b, device)["peak"]
+            peaks[b] = _measured_step(model, cfg, b, device)["peak"]
         return peaks[b]
 
     per_sample = max(1, step["activations"] // cfg.batch_size)
