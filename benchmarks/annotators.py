@@ -93,8 +93,8 @@ def main() -> None:
 
     matting = gsam()
     matting.matte_batch(frames[:1])  # warm-up (CUDA kernels, allocator)
-    results["grounded-sam, loaded once, batched"] = len(frames) / _timed(lambda: matting.matte_batch(frames), device)
-    once_per_image = len(frames) / _timed(lambda: [matting.matte_batch([f]) for f in frames], device)
+    results["grounded-sam, loaded once, batched"] = len(frames) / _timed(lambda m=matting: m.matte_batch(frames), device)
+    once_per_image = len(frames) / _timed(lambda m=matting: [m.matte_batch([f]) for f in frames], device)
     results["grounded-sam, loaded once, one image at a time"] = once_per_image
 
     reload_frames = frames[: args.reload_images]
@@ -108,7 +108,7 @@ def main() -> None:
 
     pose = OpenPosePose(weights, hands=True, face=False, device=device)
     pose.pose(frames[0])
-    results["openpose body+hands"] = len(frames) / _timed(lambda: [pose.pose(f) for f in frames], device)
+    results["openpose body+hands"] = len(frames) / _timed(lambda p=pose: [p.pose(f) for f in frames], device)
     del pose
 
     if args.pipeline:

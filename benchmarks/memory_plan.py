@@ -55,7 +55,7 @@ def child(options: dict) -> dict:
 
     from disco.model.disco import DisCoModel
     from disco.train.inputs import model_inputs
-    from disco.train.loop import DiffusionObjective
+    from disco.train.objective import DiffusionObjective
     from disco.model.conditioning import vae_factor
 
     torch.set_num_threads(options.get("threads", 2))

@@ -133,7 +133,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
     from disco.train.initial import initial_model
     from disco.train.data import SampleStream, build_index
     from disco.train.inputs import model_inputs
-    from disco.train.loop import DiffusionObjective, apply_update, sample_draws
+    from disco.train.objective import DiffusionObjective, apply_update, sample_draws
     from disco.model.conditioning import vae_factor
 
     stream = SampleStream(build_index(cfg.data), stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution,

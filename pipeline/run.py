@@ -15,7 +15,7 @@ from disco.pipeline.errors import ConfigError
 from disco.pipeline.sources import list_source
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
-from disco.pipeline.store.schema import commit_entry
+from disco.pipeline.store.schema import commit_entry, unit_blocks
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
 from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, held_resources
 from disco.pipeline.stages import plan_units
@@ -203,8 +203,9 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # Small blocks, so a video's segments spread over the actors instead of queueing on one.
-    ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), MAX_BLOCKS)))
+    # Small blocks, so a video's segments spread over the actors instead of queueing on one; the
+    # units' declared Arrow type, whatever kinds a block happens to hold.
+    ds = ray.data.from_arrow(unit_blocks(units, MAX_BLOCKS))
     stages = {"annotate": AnnotateStage, "matting": MattingStage, "pose": PoseStage}
     for pool in pools:
         ds = ds.map_batches(

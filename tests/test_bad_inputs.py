@@ -31,7 +31,7 @@ from disco.pipeline.store.reader import open_errors, open_triplets
 from disco.pipeline.run import preprocess
 from disco.pipeline.sources.generic import list_inputs, local_path
 from disco.pipeline.stages import decode_unit, plan_units
-from disco.pipeline.store.schema import UNIT_FIELDS
+from disco.pipeline.store.schema import UNIT_FIELDS, payload
 from disco.pipeline.store.output import OutputStore, OutputUnwritable
 from helpers import cli_process, save
 
@@ -268,7 +268,7 @@ def test_a_tar_member_cut_short_costs_that_sample_only(tmp_path):
     settings = {"max_side": 64, "min_side": 1, "max_pixels": 89_478_485, "fps": 30.0, "segment_frames": 8}
     base = {"input_path": "shard.tar", "abs_path": str(shard), "raw_path": b"", "source": "laion",
             "clip_id": "shard", "kind": "tar", "split": "train", "error_type": None, "error_message": None,
-            "extra": "", "error_stage": None, "unit_index": 0, "unit_count": 1, "src_indices": [],
+            "extra": payload(), "error_stage": None, "unit_index": 0, "unit_count": 1, "src_indices": [],
             "frame_start": 0, "width": 0, "height": 0}
     planned = units.plan_units(base, settings, set())
     frames, errors = [], []

@@ -278,13 +278,13 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
     from collections import Counter
 
     from disco.pipeline.sources.generic import InputItem
-    from disco.pipeline.store.schema import PACKED_UNIT_SCHEMA, UNIT_FIELDS
+    from disco.pipeline.store.schema import PACKED_UNIT_SCHEMA, UNIT_FIELDS, payload
     from disco.pipeline.actors import pack_unit, unpack_unit
     from disco.pipeline.stages import MattedFrame
 
     rng = np.random.default_rng(0)
     listed = InputItem(input_path="shard-0.tar", abs_path="/data/caf\\xe9/shard-0.tar", source="laion",
-                       clip_id="shard-0", kind="tar", split="train", extra='{"start": 8, "stop": 16}',
+                       clip_id="shard-0", kind="tar", split="train", extra=payload(start=8, stop=16),
                        raw_path=b"/data/caf\xe9/shard-0.tar")  # a name that is not UTF-8 keeps its bytes
     unit = {**listed.to_dict(), "error_stage": None, "unit_index": 1, "unit_count": 3, "src_indices": [8, 9],
             "frame_start": 8, "width": 0, "height": 0}

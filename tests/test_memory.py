@@ -34,6 +34,30 @@ def _benchmark():
     return module
 
 
+# The CPU training runs the plan is checked against (model, stage, batch, resolution, precision,
+# checkpointing).
+CPU_RUNS = [("tiny", "finetune", 4, 128, "no", False), ("small", "finetune", 2, 128, "no", False)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_processes(request, tmp_path_factory):
+    """The measurements that need a fresh process each (peak resident memory) start with the
+    module: single-threaded, they run beside the tests before the ones that read them, whose meta
+    steps are single-threaded Python too, so both cores work. Started only for the tests selected."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    started = {}
+    if "test_plan_is_within_a_quarter_of_what_a_cpu_run_takes" in selected:
+        bench = _benchmark()
+        started["cpu_runs"] = [bench.start(*case, steps=2, threads=1) for case in CPU_RUNS]
+    if "test_building_the_finetune_model_from_hap_holds_each_weight_once" in selected:
+        started["build"] = _start_build(tmp_path_factory.mktemp("hap") / "hap")
+    yield started
+    for process in [*started.get("cpu_runs", []), started.get("build")]:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 # -- one copy of every weight ---------------------------------------------------------------------------
 
 def _plain_cpu_build(name: str, variant: str) -> dict[str, torch.Tensor]:
@@ -140,18 +164,9 @@ print(json.dumps({"taken": peak - before, "model": nbytes(model), "pose": nbytes
 """
 
 
-def test_building_the_finetune_model_from_hap_holds_each_weight_once(tmp_path):
-    """Peak resident memory of ``initial_model`` for fine-tuning from a HAP run (``small``, in a
-    fresh process) is at most 1.1 x (HAP model + base UNet) + 32 MiB.
-
-    Those two must exist together: every weight of the HAP model goes into the fine-tuning model,
-    and the base UNet's down and mid blocks become the pose ControlNet (its up blocks are dropped
-    after). Their sum is the fine-tuning model plus the base UNet's unused blocks; 10 % and 32 MiB
-    cover the allocator and the one checkpoint tensor being read. The earlier construction (a
-    random base model to take its UNet, a random fine-tuning model beside HAP's, a random
-    ControlNet under the copy) took about 2.2 x this bound's base.
-    """
-    run = tmp_path / "hap"
+def _start_build(run: Path) -> subprocess.Popen:
+    """A HAP run (``small``) with one checkpoint, then ``initial_model`` for fine-tuning from it
+    in a fresh process (``_BUILD``)."""
     cfg = TrainConfig(stage="pretrain", model="small", model_seed=0, seed=0, output=str(run))
     hap = base_model(ModelSource.of(cfg), "pretrain")
     cfg.save(run)
@@ -159,16 +174,8 @@ def test_building_the_finetune_model_from_hap_holds_each_weight_once(tmp_path):
     del hap
     # Every tensor over 64 KiB in pages of its own, returned when freed: RSS follows live tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _BUILD, str(run)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    m = json.loads(out.stdout.strip().splitlines()[-1])
-    hap_bytes = m["model"] - m["pose"]
-    needed = hap_bytes + m["unet"]
-    bound = 1.1 * needed + 32 * MIB
-    assert m["taken"] <= bound, (f"building took {m['taken'] / MIB:.0f} MiB; HAP {hap_bytes / MIB:.0f} MiB + base UNet "
-                                 f"{m['unet'] / MIB:.0f} MiB allow {bound / MIB:.0f} MiB")
-    assert m["taken"] >= 0.8 * m["model"]  # the measurement sees the model itself
+    return subprocess.Popen([sys.executable, "-c", _BUILD, str(run)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 # -- the memory plan --------------------------------------------------------------------------------------
@@ -274,7 +281,7 @@ def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision
     tensor (the same live-bytes counter on CPU storages): activations and the forward + backward
     peak agree to a few percent, with the CPU's autocast and with gradient checkpointing."""
     from disco.train.inputs import model_inputs
-    from disco.train.loop import DiffusionObjective
+    from disco.train.objective import DiffusionObjective
     from disco.train.meta_step import _LiveBytes, measure_step, meta_model
 
     batch, side = 2, 64
@@ -313,21 +320,6 @@ def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision
     assert simulated["peak"] == pytest.approx(tracker.peak, rel=0.05)
 
 
-def test_plan_is_within_a_quarter_of_what_a_cpu_run_takes():
-    """The plan's method on a CPU (device="cpu": CPU autocast lists, per-tensor AdamW, no CUDA
-    allowance) against the peak resident memory of the same training steps, each in a fresh
-    process (benchmarks/memory_plan.py says how it is measured), for ``tiny`` and ``small``.
-    fp32: on a CPU without native bf16, oneDNN's bf16 kernels take memory outside PyTorch's
-    tensors (the tensors themselves are checked above), and they are slow."""
-    bench = _benchmark()
-    cases = [("tiny", "finetune", 4, 128, "no", False), ("small", "finetune", 2, 128, "no", False)]
-    running = [bench.start(*case, steps=2, threads=1) for case in cases]  # both at once, a core each
-    estimated = [bench.estimate(*case) for case in cases]
-    measured = [bench.finish(process) for process in running]
-    for case, ours, theirs in zip(cases, estimated, measured):
-        assert ours == pytest.approx(theirs, rel=0.25), (case[0], theirs / MIB, ours / MIB)
-
-
 def test_dry_run_plans_the_full_model_without_data_or_ray(tmp_path, monkeypatch):
     import disco.pipeline.cluster
     from disco.cli import app
@@ -361,3 +353,41 @@ def test_dry_run_reads_a_pretrained_folders_configurations(tmp_path):
     named = memory_plan(TrainConfig(model="tiny", **common), 80, search=False)
     assert ours.trainable_params == named.trainable_params and ours.frozen_params == named.frozen_params
     assert ours.total == named.total
+
+
+# -- measured in fresh processes (started with the module: ``fresh_processes``) ------------------
+
+def test_building_the_finetune_model_from_hap_holds_each_weight_once(fresh_processes):
+    """Peak resident memory of ``initial_model`` for fine-tuning from a HAP run (``small``, in a
+    fresh process) is at most 1.1 x (HAP model + base UNet) + 32 MiB.
+
+    Those two must exist together: every weight of the HAP model goes into the fine-tuning model,
+    and the base UNet's down and mid blocks become the pose ControlNet (its up blocks are dropped
+    after). Their sum is the fine-tuning model plus the base UNet's unused blocks; 10 % and 32 MiB
+    cover the allocator and the one checkpoint tensor being read. The earlier construction (a
+    random base model to take its UNet, a random fine-tuning model beside HAP's, a random
+    ControlNet under the copy) took about 2.2 x this bound's base.
+    """
+    process = fresh_processes["build"]
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    m = json.loads(stdout.strip().splitlines()[-1])
+    hap_bytes = m["model"] - m["pose"]
+    needed = hap_bytes + m["unet"]
+    bound = 1.1 * needed + 32 * MIB
+    assert m["taken"] <= bound, (f"building took {m['taken'] / MIB:.0f} MiB; HAP {hap_bytes / MIB:.0f} MiB + base UNet "
+                                 f"{m['unet'] / MIB:.0f} MiB allow {bound / MIB:.0f} MiB")
+    assert m["taken"] >= 0.8 * m["model"]  # the measurement sees the model itself
+
+
+def test_plan_is_within_a_quarter_of_what_a_cpu_run_takes(fresh_processes):
+    """The plan's method on a CPU (device="cpu": CPU autocast lists, per-tensor AdamW, no CUDA
+    allowance) against the peak resident memory of the same training steps, each in a fresh
+    process (benchmarks/memory_plan.py says how it is measured), for ``tiny`` and ``small``.
+    fp32: on a CPU without native bf16, oneDNN's bf16 kernels take memory outside PyTorch's
+    tensors (the tensors themselves are checked above), and they are slow."""
+    bench = _benchmark()
+    estimated = [bench.estimate(*case) for case in CPU_RUNS]
+    measured = [bench.finish(process) for process in fresh_processes["cpu_runs"]]
+    for case, ours, theirs in zip(CPU_RUNS, estimated, measured):
+        assert ours == pytest.approx(theirs, rel=0.25), (case[0], theirs / MIB, ours / MIB)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.sources import list_source, webdataset
 from disco.pipeline.sources.dataset_manifest import builtin_manifest, builtin_names, load_manifest, parse_manifest
+from disco.pipeline.store.schema import payload
 
 SOURCES = ["coco", "deepfashion2", "laion", "shhq", "tiktok"]
 
@@ -77,8 +77,8 @@ def test_tiktok_frame_folders_and_videos_are_listed_with_the_held_out_split(tmp_
         "00003": ("frames", "00003/images", "train"),
         "00013": ("video", "videos/00013.mp4", "test"),
     }
-    frames = json.loads(next(i for i in listing.items if i.clip_id == "00001").extra)
-    assert frames == {"frames": [f"{k:04d}.png" for k in range(6)], "fps": 30.0}
+    frames = next(i for i in listing.items if i.clip_id == "00001").extra
+    assert frames == payload(frames=[f"{k:04d}.png" for k in range(6)], fps=30.0)
     # masks/ and densepose/ are never even listed.
     assert not [p for p in scanned if "masks" in p or "densepose" in p]
     assert listing.dataset["listed_by_layout"] == {"frame-folders": 3, "videos": 1}
@@ -89,7 +89,7 @@ def test_tiktok_frame_folders_and_videos_are_listed_with_the_held_out_split(tmp_
 def test_coco_splits_by_folder_and_single_person_reads_the_annotations(tmp_path):
     root = layouts.coco(tmp_path / "coco")
     listing = _list("coco", root)
-    got = {i.clip_id: (i.split, json.loads(i.extra)["annotated_persons"]) for i in listing.items}
+    got = {i.clip_id: (i.split, i.extra["annotated_persons"]) for i in listing.items}
     assert got == {"000000000001": ("train", 1), "000000000002": ("train", 1), "000000000003": ("train", 2),
                    "000000000005": ("train", 0), "000000000004": ("test", 1)}
     single = _list("coco", root, coco_single_person=True)
@@ -105,7 +105,7 @@ def test_shhq_and_deepfashion2_layouts(tmp_path):
     assert [(i.clip_id, i.input_path, i.split) for i in shhq.items] == [
         ("000001", "no_segment/000001.png", "train"), ("000002", "no_segment/000002.png", "train")]
     df2 = _list("deepfashion2", layouts.deepfashion2(tmp_path / "df2"))
-    got = {i.clip_id: (i.split, json.loads(i.extra)["has_annotation"]) for i in df2.items}
+    got = {i.clip_id: (i.split, i.extra["has_annotation"]) for i in df2.items}
     assert got == {"000001": ("train", True), "000002": ("test", False), "000003": ("test", False)}
     assert df2.dataset["notes"] == {"missing_annotation": 2}
     # One part passed alone (image/ and annos/ directly under --input).
@@ -188,8 +188,8 @@ def test_an_empty_shard_is_one_error_unit_and_a_shard_is_cut_into_ranges(tmp_pat
     assert [(u["error_type"], u["error_stage"]) for u in empty] == [("empty_shard", "list")]
     # Six entries (3 samples, 3 refused members) in units of 4: [0, 4) and [4, 6); a resume skips unit 0.
     units = plan_units(items["shards/00000.tar"].to_dict(), settings)
-    assert [(u["unit_index"], u["unit_count"], json.loads(u["extra"])) for u in units] == [
-        (0, 2, {"start": 0, "stop": 4}), (1, 2, {"start": 4, "stop": 6})]
+    assert [(u["unit_index"], u["unit_count"], u["extra"]) for u in units] == [
+        (0, 2, payload(start=0, stop=4)), (1, 2, payload(start=4, stop=6))]
     resumed = plan_units(items["shards/00000.tar"].to_dict(), settings, {"shards/00000.tar": [0]})
     assert [u["unit_index"] for u in resumed] == [1]
 

@@ -32,7 +32,7 @@ from disco.train.config import TrainConfig, load_run_config
 from disco.train.data import SampleStream, at_low_priority, build_index, epoch_order
 from disco.train.inputs import model_inputs
 from disco.train.launch import train
-from disco.train.loop import DiffusionObjective, sample_draws
+from disco.train.objective import DiffusionObjective, sample_draws
 from disco.train.monitor import read_metrics
 from helpers import cli_process
 

@@ -252,7 +252,7 @@ def measure_step(model: DisCoModel, cfg: TrainConfig, batch: int, device: str = 
     (alive at the end of the forward of the last micro-batch) and ``peak`` (the peak of the
     forward and backward: activations, gradients, temporaries; weights and AdamW states, which
     exist before the step, are not in it)."""
-    from disco.train.loop import DiffusionObjective
+    from disco.train.objective import DiffusionObjective
 
     objective = DiffusionObjective(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -287,7 +287,7 @@ def step_flops(cfg: TrainConfig, batch: int = 1) -> int:
     objective runs on the meta device. Divided by the batch it is what MFU divides by."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from disco.train.loop import DiffusionObjective
+    from disco.train.objective import DiffusionObjective
 
     model = meta_model(cfg)
     model.set_trainable()

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from disco.pipeline.errors import display_path, error_type_of
+from disco.pipeline.store.schema import payload
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"})
@@ -36,8 +37,9 @@ class InputItem:
     split: str
     error_type: str | None = None
     error_message: str | None = None
-    # JSON with what a data set kind needs to plan and decode (a frame folder's file names...).
-    extra: str = ""
+    # What the data set kind needs to plan and decode it: a ``PAYLOAD_TYPE`` record
+    # (``store.schema.payload``), every field null for a plain video or image.
+    extra: dict = field(default_factory=payload)
     # The exact path as bytes where its name is not valid UTF-8 (``abs_path`` then shows it
     # escaped); empty otherwise.
     raw_path: bytes = b""

@@ -3,7 +3,6 @@ per tar shard, or per row of a Parquet file of paths. Nothing is decoded to list
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter, defaultdict
@@ -12,6 +11,7 @@ from pathlib import Path
 from disco.pipeline.errors import ConfigError, display_path
 from disco.pipeline.sources.coco import person_counts
 from disco.pipeline.sources.walk import Match, iter_matches
+from disco.pipeline.store.schema import payload
 from disco.pipeline.sources.dataset_manifest import DatasetManifest, Layout
 from disco.pipeline.sources.generic import (
     IMAGE_SUFFIXES,
@@ -96,7 +96,7 @@ class _Lister:
             input_path=display_path(rel), **path_fields(abs_path or f"{self.base_abs}/{rel}"), source=self.source,
             clip_id=display_path(clip), kind=kind, split=self.split(clip, layout),
             error_type=error[0] if error else None, error_message=error[1] if error else None,
-            extra=json.dumps(extra) if extra else "",
+            extra=payload(**(extra or {})),
         )
 
     def run(self) -> Listing:

@@ -3,13 +3,12 @@ samples. Planned on the driver from cheap metadata; decoded inside the annotator
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from disco.pipeline.sources import webdataset
 from disco.pipeline.decode import Frame, decode_image_bytes, load_image, resample_indices
 from disco.pipeline.errors import InputError, display_path, error_record, failed_unit, input_error
-from disco.pipeline.store.schema import sample_id
+from disco.pipeline.store.schema import payload, sample_id
 from disco.pipeline.sources.generic import local_path
 
 KINDS = ("frames", "tar")
@@ -19,16 +18,16 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
     step = settings["segment_frames"]
     try:
         if base["kind"] == "frames":
-            extra = json.loads(base["extra"])
+            extra = base["extra"]
             names = extra["frames"]
             # Frame k of the output is the folder's frame nearest to k / fps (like a video).
             indices = resample_indices(len(names), float(extra["fps"]), settings["fps"])
             chunks = [indices[k:k + step] for k in range(0, len(indices), step)]
-            payloads = [{"frames": [names[i] for i in chunk], "fps": extra["fps"]} for chunk in chunks]
+            payloads = [payload(frames=[names[i] for i in chunk], fps=extra["fps"]) for chunk in chunks]
         else:
             total = webdataset.count_entries(local_path(base))
             chunks = [list(range(k, min(total, k + step))) for k in range(0, total, step)]
-            payloads = [{"start": c[0], "stop": c[-1] + 1} for c in chunks]
+            payloads = [payload(start=c[0], stop=c[-1] + 1) for c in chunks]
     except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
         return [failed_unit(base, input_error("list", exc))]
     if not chunks:
@@ -37,7 +36,7 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
         return [failed_unit(base, empty)]
     return [
         {**base, "unit_index": k, "unit_count": len(chunks), "src_indices": chunks[k], "frame_start": k * step,
-         "extra": json.dumps(payloads[k])}
+         "extra": payloads[k]}
         for k in range(len(chunks))
         if k not in skip
     ]
@@ -54,7 +53,7 @@ def decode_unit(unit: dict, settings: dict, errors: list) -> list[Frame]:
     """Frames of the unit as ``(frame_index, timestamp, frame, row_unit)``; a frame that fails
     becomes an error row and the others go on."""
     sizes = (settings["max_side"], settings["min_side"], settings["max_pixels"])
-    extra = json.loads(unit["extra"])
+    extra = unit["extra"]
     out = []
     if unit["kind"] == "frames":
         folder = Path(local_path(unit))

@@ -87,19 +87,46 @@ RESOURCES_TYPE = pa.list_(pa.struct([
 ]))
 _SKIPPED_TYPE = pa.list_(pa.struct([pa.field("reason", pa.string()), pa.field("count", pa.int64())]))
 
+# What a data set kind needs to plan and decode an input, beside its path: a frame folder's file
+# names and frame rate, a tar shard's range of samples (a unit's), what an image's annotations say.
+# Every record has every field (``payload``), null where the kind has none.
+PAYLOAD_TYPE = pa.struct([
+    pa.field("frames", pa.list_(pa.string())), pa.field("fps", pa.float64()),
+    pa.field("start", pa.int64()), pa.field("stop", pa.int64()),
+    pa.field("annotated_persons", pa.int64()), pa.field("has_annotation", pa.bool_()),
+])
+
+
+def payload(**fields) -> dict:
+    """A ``PAYLOAD_TYPE`` record: ``fields``, and null for the others."""
+    record = {field.name: None for field in PAYLOAD_TYPE}
+    check_declared(fields, PAYLOAD_TYPE, "the data set kind's payload")
+    record.update(fields)
+    return record
+
+
 # A planned unit of work (a listed input, or a stretch of one) as the stages receive it: the
 # listing's fields (``sources.generic.InputItem``), then the plan's. ``extra`` is the data set
-# kind's own payload (a frame folder's file names, a tar shard's range), kept as the listing wrote it.
+# kind's payload (``PAYLOAD_TYPE``).
 UNIT_TYPE = pa.struct([
     pa.field("input_path", pa.string()), pa.field("abs_path", pa.string()), pa.field("source", pa.string()),
     pa.field("clip_id", pa.string()), pa.field("kind", pa.string()), pa.field("split", pa.string()),
-    pa.field("error_type", pa.string()), pa.field("error_message", pa.string()), pa.field("extra", pa.string()),
+    pa.field("error_type", pa.string()), pa.field("error_message", pa.string()), pa.field("extra", PAYLOAD_TYPE),
     pa.field("raw_path", pa.binary()),
     pa.field("error_stage", pa.string()), pa.field("unit_index", pa.int64()), pa.field("unit_count", pa.int64()),
     pa.field("src_indices", pa.list_(pa.int64())), pa.field("frame_start", pa.int64()),
     pa.field("width", pa.int64()), pa.field("height", pa.int64()),
 ])
 UNIT_FIELDS = frozenset(field.name for field in UNIT_TYPE)
+
+
+def unit_blocks(units: list[dict], blocks: int) -> list[pa.Table]:
+    """The planned units as ``UNIT_TYPE`` rows, in up to ``blocks`` tables of about equal size."""
+    for unit in units:
+        check_declared(unit, UNIT_TYPE, "the unit")
+    table = pa.Table.from_pylist(units, schema=pa.schema(list(UNIT_TYPE)))
+    size = max(1, -(-len(units) // max(1, blocks)))
+    return [table.slice(k, size) for k in range(0, len(units), size)] or [table]
 
 # One commit of the journal: the shards a writer wrote and the units whose rows they hold.
 COMMIT_ENTRY_TYPE = pa.struct([

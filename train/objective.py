@@ -1,0 +1,67 @@
+"""What one training step computes and how it updates: the diffusion objective (the loss of a
+batch, the same module the memory plan runs on the meta device), each sample's random draws (from
+its position in the global stream only), and the optimizer update."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+from disco.model.conditioning import fit_pose
+from disco.model.disco import VAE_SCALING, DisCoModel
+from disco.train.data import sample_seed
+
+DRAW_SALT = 0x9E3779B9
+
+
+class DiffusionObjective(nn.Module):
+    """Epsilon-prediction MSE on VAE latents (DDPM schedule of the model's scheduler config)."""
+
+    def __init__(self, model: DisCoModel):
+        super().__init__()
+        self.model = model
+        self.noise_scheduler = DDPMScheduler.from_config(model.config.scheduler_config)
+
+    def forward(self, target, background, pose, reference, noise, latent_noise, timesteps, uniforms):
+        model = self.model
+        with torch.no_grad():
+            posterior = model.vae.encode(target).latent_dist
+            latents = (posterior.mean + posterior.std * latent_noise) * VAE_SCALING
+            background_latents = model.encode_background(background)
+        tokens = model.encode_reference(reference)
+        pose = fit_pose(model, pose, latents.shape[-1])
+        tokens, background_latents, pose = model.drop_conditions(tokens, background_latents, pose, uniforms=uniforms)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        predicted = model(noisy, timesteps, tokens, background_latents, pose)
+        return F.mse_loss(predicted.float(), noise.float())
+
+
+def sample_draws(positions: torch.Tensor, seed: int, latent_shape: tuple, timesteps: int, device) -> dict:
+    """Noise, latent-sampling noise, timestep and three dropout uniforms for each sample."""
+    noise, latent_noise, steps, uniforms = [], [], [], []
+    for position in positions.tolist():
+        g = torch.Generator().manual_seed(sample_seed(seed, position) ^ DRAW_SALT)
+        steps.append(torch.randint(0, timesteps, (1,), generator=g))
+        uniforms.append(torch.rand(3, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+        latent_noise.append(torch.randn(latent_shape, generator=g))
+    return {
+        "noise": torch.stack(noise).to(device), "latent_noise": torch.stack(latent_noise).to(device),
+        "timesteps": torch.cat(steps).to(device), "uniforms": torch.stack(uniforms),
+    }
+
+
+def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float | None) -> None:
+    """One optimizer update from the accumulated gradients: unscale and clip (when asked), step
+    through the loss scaler (a no-op without fp16), clear, advance the schedule and the EMA."""
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if ema is not None:
+        ema.step(params)
