@@ -44,18 +44,20 @@ def fresh_processes(request, tmp_path_factory):
     """The measurements that need a fresh process each (peak resident memory) start with the
     module: single-threaded, they run beside the tests before the ones that read them, whose meta
     steps are single-threaded Python too, so both cores work. Started only for the tests selected."""
-    selected = {item.name for item in request.session.items if item.module is request.module}
+    selected = {item.name for item in request.session.items if getattr(item, "module", None) is request.module}
     started = {}
-    if "test_plan_is_within_a_quarter_of_what_a_cpu_run_takes" in selected:
-        bench = _benchmark()
-        started["cpu_runs"] = [bench.start(*case, steps=2, threads=1) for case in CPU_RUNS]
-    if "test_building_the_finetune_model_from_hap_holds_each_weight_once" in selected:
-        started["build"] = _start_build(tmp_path_factory.mktemp("hap") / "hap")
-    yield started
-    for process in [*started.get("cpu_runs", []), started.get("build")]:
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.communicate()
+    try:  # a failed start (setup error) stops the processes started before it too
+        if "test_plan_is_within_a_quarter_of_what_a_cpu_run_takes" in selected:
+            bench = _benchmark()
+            started["cpu_runs"] = [bench.start(*case, steps=2, threads=1) for case in CPU_RUNS]
+        if "test_building_the_finetune_model_from_hap_holds_each_weight_once" in selected:
+            started["build"] = _start_build(tmp_path_factory.mktemp("hap") / "hap")
+        yield started
+    finally:
+        for process in [*started.get("cpu_runs", []), started.get("build")]:
+            if process is not None and process.returncode is None:  # never read: stop it, close its pipes
+                process.kill()
+                process.communicate()
 
 
 # -- one copy of every weight ---------------------------------------------------------------------------

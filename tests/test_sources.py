@@ -78,7 +78,7 @@ def test_tiktok_frame_folders_and_videos_are_listed_with_the_held_out_split(tmp_
         "00013": ("video", "videos/00013.mp4", "test"),
     }
     frames = next(i for i in listing.items if i.clip_id == "00001").extra
-    assert frames == payload(frames=[f"{k:04d}.png" for k in range(6)], fps=30.0)
+    assert frames == payload(frames=[f"{k:04d}.png".encode() for k in range(6)], fps=30.0)
     # masks/ and densepose/ are never even listed.
     assert not [p for p in scanned if "masks" in p or "densepose" in p]
     assert listing.dataset["listed_by_layout"] == {"frame-folders": 3, "videos": 1}
@@ -126,6 +126,32 @@ def test_laion_shards_are_units_and_parquet_rows_are_stills(tmp_path):
     # A single shard passed as --input.
     one = _list("laion", root / "shards" / "00000.tar")
     assert [(i.input_path, i.kind) for i in one.items] == [("00000.tar", "tar")]
+
+
+def test_a_frame_name_that_is_not_utf8_travels_as_bytes_and_is_opened(tmp_path):
+    """A frame folder's names go into the units as the file system's bytes: a name that is not
+    UTF-8 survives the units' Arrow type and its frame is decoded like the others."""
+    import numpy as np
+    from PIL import Image
+
+    from disco.pipeline.sources.generic import InputItem
+    from disco.pipeline.sources.units import decode_unit, plan_units
+    from disco.pipeline.store.schema import unit_blocks
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    names = [b"0001.png", b"0002\xe9.png"]
+    for k, name in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), 40 * (k + 1), np.uint8)).save(os.fsdecode(bytes(folder)) + "/" + os.fsdecode(name))
+    item = InputItem(input_path="clip", abs_path=str(folder), source="tiktok", clip_id="clip", kind="frames",
+                     split="train", extra=payload(frames=names, fps=30.0))
+    settings = {"segment_frames": 8, "fps": 30.0, "max_side": 64, "min_side": 1, "max_pixels": 89_478_485}
+    units = [{**u, "width": 0, "height": 0} for u in plan_units(item.to_dict(), settings, set())]
+    (unit,) = [row for table in unit_blocks(units, 4) for row in table.to_pylist()]
+    assert unit["extra"]["frames"] == names
+    errors: list = []
+    frames = decode_unit(unit, settings, errors)
+    assert not errors and [int(f.picture.mean()) for f in frames] == [40, 80]
 
 
 def test_tar_members_that_could_escape_are_refused_and_nothing_is_extracted(tmp_path):

@@ -158,7 +158,8 @@ class _Lister:
             folders[(match.clip, folder)].append(name)
         for (clip, folder), names in sorted(folders.items(), key=lambda kv: natural_key(kv[0][1])):
             names.sort(key=natural_key)
-            self.items.append(self.item(layout, folder, clip, "frames", {"frames": names, "fps": layout.fps}))
+            self.items.append(self.item(layout, folder, clip, "frames",
+                                         {"frames": [os.fsencode(n) for n in names], "fps": layout.fps}))
 
     def _webdataset(self, layout: Layout, matches: list[Match]):
         for match, error in self._media(layout, matches):

@@ -3,6 +3,7 @@ samples. Planned on the driver from cheap metadata; decoded inside the annotator
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from disco.pipeline.sources import webdataset
@@ -58,7 +59,8 @@ def decode_unit(unit: dict, settings: dict, errors: list) -> list[Frame]:
     if unit["kind"] == "frames":
         folder = Path(local_path(unit))
         fps = float(extra["fps"])
-        for offset, (src, name) in enumerate(zip(unit["src_indices"], extra["frames"])):
+        for offset, (src, raw) in enumerate(zip(unit["src_indices"], extra["frames"])):
+            name = os.fsdecode(raw)
             index = int(unit["frame_start"]) + offset
             try:
                 frame = _load_frame(folder / name, sizes)
