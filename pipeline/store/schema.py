@@ -88,8 +88,9 @@ RESOURCES_TYPE = pa.list_(pa.struct([
 _SKIPPED_TYPE = pa.list_(pa.struct([pa.field("reason", pa.string()), pa.field("count", pa.int64())]))
 
 # What a data set kind needs to plan and decode an input, beside its path: a frame folder's file
-# names (bytes, as the file system gives them: a name need not be UTF-8) and frame rate, a tar shard's range of samples (a unit's), what an image's annotations say.
-# Every record has every field (``payload``), null where the kind has none.
+# names (bytes, as the file system gives them: a name need not be UTF-8) and frame rate, a tar
+# shard's range of samples (a unit's), what an image's annotations say. Every record has every
+# field (``payload``), null where the kind has none.
 PAYLOAD_TYPE = pa.struct([
     pa.field("frames", pa.list_(pa.binary())), pa.field("fps", pa.float64()),
     pa.field("start", pa.int64()), pa.field("stop", pa.int64()),
