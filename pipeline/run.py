@@ -188,12 +188,22 @@ def _check_shards(store: OutputStore, entry: dict) -> None:
                 "folder must be on storage every node sees (NFS, a shared mount)")
 
 
+def unit_dataset(units: list[dict]):
+    """The planned units as a Ray dataset: small blocks, so a video's segments spread over the
+    actors instead of queueing on one, of the units' declared Arrow type whatever kinds a block
+    holds. ``from_blocks`` takes their metadata here; ``from_arrow`` would start a task per block
+    at Ray's default of 1 CPU and wait for it, for ever on a cluster with no whole CPU free (and a
+    second or so of CPU per worker that imports Ray Data for it, on a local instance)."""
+    import ray.data
+
+    return ray.data.from_blocks(unit_blocks(units, MAX_BLOCKS))
+
+
 def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[PoolPlan], progress,
              held: dict[str, list[dict]]) -> tuple[int, int]:
     """Stream the units through the pools. The last pool's actors write the shards; what reaches
     the driver is one small commit record per shard, appended to the journal as it arrives.
     Returns the frames committed and the number of units that never were."""
-    import ray.data
     from ray.data import ActorPoolStrategy, DataContext
 
     from disco.pipeline.ray_idle import idle_pause_callback
@@ -203,9 +213,7 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # Small blocks, so a video's segments spread over the actors instead of queueing on one; the
-    # units' declared Arrow type, whatever kinds a block happens to hold.
-    ds = ray.data.from_arrow(unit_blocks(units, MAX_BLOCKS))
+    ds = unit_dataset(units)
     stages = {"annotate": AnnotateStage, "matting": MattingStage, "pose": PoseStage}
     for pool in pools:
         ds = ds.map_batches(

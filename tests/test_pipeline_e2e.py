@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -354,3 +355,40 @@ def _run_the_plugin(tmp_path):
         side = row["height"] // 4, row["width"] // 4
         assert mask[side[0]:-side[0], side[1]:-side[1]].all() and mask.mean() == pytest.approx(0.25, abs=0.02)
         assert row["body_keypoints"] is not None  # MediaPipe's pose of the same frame
+
+
+def test_the_units_become_a_dataset_while_every_cpu_is_taken(ray_local):
+    """The units reach Ray Data without a task of their own: with every CPU of the instance held
+    by other work (a busy cluster), building the dataset still returns at once with every unit.
+    ``from_arrow`` would start a metadata task per block at 1 CPU and wait for it for ever."""
+    import threading
+
+    import ray
+
+    from disco.pipeline.run import unit_dataset
+    from disco.pipeline.store.schema import UNIT_TYPE
+
+    @ray.remote(num_cpus=ray.cluster_resources()["CPU"])
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    try:
+        assert ray.get(hog.ready.remote(), timeout=60)
+        assert ray.available_resources().get("CPU", 0) == 0
+        units = [{"input_path": f"clip{k}.mp4", "source": "video", "clip_id": f"clip{k}", "kind": "video",
+                  "split": "train", "unit_index": k % 3, "unit_count": 3, "src_indices": [k, k + 1]}
+                 for k in range(12)]
+        built: list = []
+        worker = threading.Thread(target=lambda: built.append(unit_dataset(units)), daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        assert built, "building the dataset waited for a CPU"
+        dataset = built[0]
+        assert dataset.count() == 12 and dataset.num_blocks() == 12
+        assert dataset.schema().base_schema.equals(pa.schema(list(UNIT_TYPE)))
+    finally:
+        ray.kill(hog)
+    rows = dataset.take_all()
+    assert [(r["input_path"], r["src_indices"]) for r in rows] == [(u["input_path"], u["src_indices"]) for u in units]
