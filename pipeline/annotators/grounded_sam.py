@@ -36,18 +36,23 @@ SAM_FILES = {
 }
 
 
-def weight_files(root: Path | None, options: dict) -> list[WeightFile]:
-    """The files Grounded-SAM reads from the weights folder for ``options["sam_model"]``."""
-    root = needs_folder("grounded-sam", root)
-    sam_model = options.get("sam_model", "vit_h")
+def grounding_dino_files(root: Path) -> list[WeightFile]:
+    """The GroundingDINO files read from the weights folder (Grounded-SAM, and SAM 2's seeds)."""
     folder = root / GROUNDING_DINO_DIR
     files = [WeightFile(f"{GROUNDING_DINO_DIR}/{n}", folder / n, "GroundingDINO SwinT-OGC") for n in GROUNDING_DINO_FILES]
     for names, purpose in ((GROUNDING_DINO_PROCESSOR, "GroundingDINO image processor"),
                            (GROUNDING_DINO_WEIGHTS, "GroundingDINO SwinT-OGC weights")):
         path = first_present(folder, names)
         files.append(WeightFile(path.relative_to(root).as_posix(), path, purpose))
+    return files
+
+
+def weight_files(root: Path | None, options: dict) -> list[WeightFile]:
+    """The files Grounded-SAM reads from the weights folder for ``options["sam_model"]``."""
+    root = needs_folder("grounded-sam", root)
+    sam_model = options.get("sam_model", "vit_h")
     sam = SAM_FILES[sam_model]
-    return files + [WeightFile(sam, root / sam, f"SAM {sam_model}")]
+    return grounding_dino_files(root) + [WeightFile(sam, root / sam, f"SAM {sam_model}")]
 
 
 def _batches(items: list, size: int):
@@ -55,54 +60,29 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-class GroundedSamMatting:
-    name = "grounded-sam"
+class PersonDetector:
+    """GroundingDINO SwinT-OGC prompted with "person.": person boxes and scores per frame. Loaded
+    from the weights folder's ``grounding-dino`` folder."""
 
-    def __init__(self, weights: Path | None, *, sam_model: str = "vit_h", box_threshold: float = 0.3,
-                 text_threshold: float = 0.25, largest_person: bool = False, device: str = "cuda",
-                 half: bool = True, batch_size: int = 8):
+    def __init__(self, weights: Path, *, box_threshold: float = 0.3, text_threshold: float = 0.25,
+                 device: str = "cuda"):
         import torch
-        from segment_anything import sam_model_registry
-        from segment_anything.utils.transforms import ResizeLongestSide
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-        self.files = weight_files(weights, {"sam_model": sam_model})
-        require(self.files, self.name)
         self.device = torch.device(device)
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
-        self.largest_person = largest_person
-        self.batch_size = max(1, batch_size)
-        # Half precision for SAM's ViT on CUDA only; GroundingDINO's deformable attention stays float32.
-        self.half = half and self.device.type == "cuda"
         folder = Path(weights) / GROUNDING_DINO_DIR
         self.processor = GroundingDinoProcessor.from_pretrained(folder)
-        self.detector = GroundingDinoForObjectDetection.from_pretrained(folder).to(self.device).eval()
-        # segment-anything reads its checkpoint with torch.load, which loads tensors only
-        # (weights_only is the default from torch 2.6, the floor of our pin).
-        self.sam = sam_model_registry[sam_model](checkpoint=str(Path(weights) / SAM_FILES[sam_model]))
-        self.sam.to(self.device).eval()
-        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+        self.model = GroundingDinoForObjectDetection.from_pretrained(folder).to(self.device).eval()
         self._torch = torch
-
-    def matte(self, frame: np.ndarray) -> Matte:
-        return self.matte_batch([frame])[0]
-
-    def matte_batch(self, frames: list[np.ndarray]) -> list[Matte]:
-        out: list[Matte] = []
-        for chunk in _batches(frames, self.batch_size):
-            detections = self.detect(chunk)
-            masks = self.segment(chunk, [boxes for boxes, _ in detections])
-            for frame, (boxes, scores), person_masks in zip(chunk, detections, masks):
-                out.append(self._merge(frame, scores, person_masks))
-        return out
 
     def detect(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Person boxes (x0, y0, x1, y1 pixels) and their scores, per frame, best first."""
         torch = self._torch
         inputs = self.processor(images=list(frames), text=[PROMPT] * len(frames), return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            outputs = self.detector(**inputs)
+            outputs = self.model(**inputs)
         results = self.processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
             target_sizes=[f.shape[:2] for f in frames],
@@ -116,6 +96,45 @@ class GroundedSamMatting:
             order = np.argsort(-scores)[:MAX_BOXES]
             found.append((boxes[order], scores[order]))
         return found
+
+
+class GroundedSamMatting:
+    name = "grounded-sam"
+
+    def __init__(self, weights: Path | None, *, sam_model: str = "vit_h", box_threshold: float = 0.3,
+                 text_threshold: float = 0.25, largest_person: bool = False, device: str = "cuda",
+                 half: bool = True, batch_size: int = 8):
+        import torch
+        from segment_anything import sam_model_registry
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.files = weight_files(weights, {"sam_model": sam_model})
+        require(self.files, self.name)
+        self.device = torch.device(device)
+        self.largest_person = largest_person
+        self.batch_size = max(1, batch_size)
+        # Half precision for SAM's ViT on CUDA only; GroundingDINO's deformable attention stays float32.
+        self.half = half and self.device.type == "cuda"
+        self.detector = PersonDetector(Path(weights), box_threshold=box_threshold, text_threshold=text_threshold,
+                                       device=device)
+        # segment-anything reads its checkpoint with torch.load, which loads tensors only
+        # (weights_only is the default from torch 2.6, the floor of our pin).
+        self.sam = sam_model_registry[sam_model](checkpoint=str(Path(weights) / SAM_FILES[sam_model]))
+        self.sam.to(self.device).eval()
+        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+        self._torch = torch
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        return self.matte_batch([frame])[0]
+
+    def matte_batch(self, frames: list[np.ndarray]) -> list[Matte]:
+        out: list[Matte] = []
+        for chunk in _batches(frames, self.batch_size):
+            detections = self.detector.detect(chunk)
+            masks = self.segment(chunk, [boxes for boxes, _ in detections])
+            for frame, (boxes, scores), person_masks in zip(chunk, detections, masks):
+                out.append(self._merge(frame, scores, person_masks))
+        return out
 
     def segment(self, frames: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
         """One mask per box (N x H x W bool), frames batched through SAM's image encoder."""
