@@ -81,12 +81,31 @@ def doctor(
     out.print(files)
 
 
+def print_temporal(out: Console, backends: dict, quality) -> None:
+    """The steadiness of an output's video annotations, named by the backends that made them."""
+    if not quality.pairs:
+        out.print("temporal quality: no video clip with consecutive frames")
+        return
+    table = Table(title=f"temporal quality ({quality.pairs} pairs of consecutive frames, {quality.clips} clips)")
+    for column in ("measure", "backend", "value", "meaning"):
+        table.add_column(column)
+    table.add_row("mask flicker", backends["matting"]["name"], f"{quality.mask_iou:.3f}",
+                  "mean IoU of consecutive masks (1 = steady)")
+    jitter = "n/a" if quality.pose_jitter is None else f"{quality.pose_jitter:.4f}"
+    table.add_row("pose jitter", backends["pose"]["name"], jitter,
+                  "mean joint displacement between consecutive frames / body size (0 = still)")
+    out.print(table)
+
+
 def inspect(
     output: Annotated[Path, typer.Argument(help="An output folder written by `disco-cli preprocess`.")],
     sheet: Annotated[Optional[Path], typer.Option(help="Where to write the contact sheet PNG (default OUTPUT/contact_sheet.png).")] = None,
     rows: Annotated[int, typer.Option(min=1, help="Rows to show on the contact sheet.")] = 8,
+    temporal_frames: Annotated[int, typer.Option(
+        min=0, help="Video frames read for mask flicker and pose jitter (0: skip that report).")] = 2000,
 ) -> None:
-    """Print the manifest summary, schema and counts of an output folder, and write a contact sheet."""
+    """Print the manifest summary, schema and counts of an output folder, the steadiness of its
+    video annotations (mask flicker, pose jitter), and write a contact sheet."""
     import pyarrow as pa
 
     from disco.pipeline.errors import ConfigError
@@ -95,6 +114,7 @@ def inspect(
     from disco.pipeline.store.manifest import read_manifest
     from disco.pipeline.store.reader import open_errors, open_triplets
     from disco.pipeline.store.schema import MANIFEST_FILE
+    from disco.pipeline.temporal_quality import temporal_quality
 
     if not (output / MANIFEST_FILE).exists():
         usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
@@ -127,6 +147,11 @@ def inspect(
         except (OSError, pa.ArrowException) as exc:  # damaged pages, as above
             usage_error(f"an errors shard of {output} cannot be read ({first_line(exc)})")
         out.print("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type))
+    if temporal_frames:
+        try:
+            print_temporal(out, backends, temporal_quality(triplets, temporal_frames))
+        except (OSError, ValueError, pa.ArrowException) as exc:  # damaged pages or pictures
+            usage_error(f"a shard of {output} cannot be read ({first_line(exc)})")
     target = sheet or output / "contact_sheet.png"
     try:
         shown = write_contact_sheet(triplets, target, rows)

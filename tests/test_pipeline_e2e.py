@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -181,6 +182,14 @@ def test_video_is_resampled_and_split_into_segments(tmp_path):
     assert len(set(table.column("sample_id").to_pylist())) == 15
     assert max(s["rows"] for s in result.manifest["shards"]) <= 6
     assert result.manifest["counts"]["frames"] == 15
+    # `inspect` reports how steady the clip's masks and skeletons are, named by their backends.
+    report = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--sheet", str(tmp_path / "sheet.png")])
+    assert report.exit_code == 0, report.output
+    assert "temporal quality (14 pairs of consecutive frames, 1 clips)" in report.output
+    iou, jitter = (float(re.search(rf"{name}\s+│\s+mediapipe\s+│\s+([0-9.]+)", report.output).group(1))
+                   for name in ("mask flicker", "pose jitter"))
+    # The camera pans and zooms over a still photo: masks overlap strongly and joints move a little.
+    assert 0.5 < iou < 1.0 and 0.0 < jitter < 0.2, report.output
 
 
 def _bad_inputs(folder: Path) -> dict[str, str]:

@@ -1,0 +1,103 @@
+"""How steady an output's annotations are through video: mask flicker and pose jitter.
+
+Both compare each stored frame of a clip with the clip's previous frame (consecutive frame
+indices only: a frame skipped for having no person breaks the pair). Stills have no pairs.
+
+- mask flicker: the mean IoU of consecutive person masks (alpha >= 128); 1.0 is a mask that never
+  flickers (nor moves).
+- pose jitter: the mean displacement of a body joint between consecutive frames, over the joints
+  found in both, divided by the body's size (the diagonal of the box around the joints found in
+  both frames, averaged over the two): 0.0 is a skeleton that never moves.
+
+The dancer's own motion counts in both, so compare backends (or smoothing settings) on the same
+clips, as ``disco-cli inspect`` prints them for one output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from disco.pipeline.store.encode import decode_picture
+from disco.pipeline.store.schema import PERSON_ALPHA
+
+MAX_FRAMES = 2000  # frames read by default: a few clips' worth say what a whole output would
+
+
+@dataclass
+class TemporalQuality:
+    clips: int  # clips with at least one pair of consecutive frames
+    pairs: int  # pairs of consecutive frames compared
+    mask_iou: float | None  # mean IoU of consecutive masks
+    pose_jitter: float | None  # mean joint displacement / body size (None: no joint in both frames)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks; two empty masks agree fully."""
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def pose_jitter(previous: np.ndarray, current: np.ndarray) -> float | None:
+    """Mean displacement of the joints found in both skeletons (N x 3: x, y, confidence; a
+    missing joint has confidence 0), divided by the body's size; None when fewer than two joints
+    are in both (no size to divide by)."""
+    both = (previous[:, 2] > 0) & (current[:, 2] > 0)
+    if np.count_nonzero(both) < 2:
+        return None
+    sizes = [np.hypot(*np.ptp(points[both, :2], axis=0)) for points in (previous, current)]
+    size = float(np.mean(sizes))
+    if size <= 0:
+        return None
+    return float(np.linalg.norm(current[both, :2] - previous[both, :2], axis=1).mean() / size)
+
+
+def sequence_jitter(skeletons: list[np.ndarray]) -> float | None:
+    """Mean ``pose_jitter`` over a sequence of consecutive skeletons."""
+    values = [j for a, b in zip(skeletons, skeletons[1:]) if (j := pose_jitter(a, b)) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def temporal_quality(triplets, max_frames: int = MAX_FRAMES) -> TemporalQuality:
+    """Mask flicker and pose jitter of an output's video clips (``triplets``: the output's Arrow
+    dataset), over the clips' first ``max_frames`` frames in clip order."""
+    keys = triplets.to_table(columns=["clip_id", "frame_index"])
+    order = sorted(range(keys.num_rows), key=lambda i: (keys["clip_id"][i].as_py(), keys["frame_index"][i].as_py()))
+    clip_ids = keys.column("clip_id").to_pylist()
+    frames = keys.column("frame_index").to_pylist()
+    # Rows that belong to a pair: a clip's frame whose next or previous index is also stored.
+    wanted: list[int] = []
+    for position, row in enumerate(order):
+        before = position > 0 and _consecutive(clip_ids, frames, order[position - 1], row)
+        after = position + 1 < len(order) and _consecutive(clip_ids, frames, row, order[position + 1])
+        if before or after:
+            wanted.append(row)
+        if len(wanted) >= max_frames:
+            break
+    if not wanted:
+        return TemporalQuality(clips=0, pairs=0, mask_iou=None, pose_jitter=None)
+    # Only the masks of those rows are read (row numbers in the dataset's own order, as above).
+    rows = triplets.take(pa.array(wanted), columns=["clip_id", "frame_index", "mask", "body_keypoints"])
+    ious, jitters, clips = [], [], set()
+    previous = None
+    for clip_id, frame_index, mask, body in zip(*(rows.column(c).to_pylist() for c in rows.column_names)):
+        current = (clip_id, frame_index, decode_picture(mask, grayscale=True) >= PERSON_ALPHA,
+                   np.asarray(body, np.float32).reshape(-1, 3))
+        if previous is not None and previous[0] == clip_id and previous[1] + 1 == frame_index:
+            clips.add(clip_id)
+            ious.append(mask_iou(previous[2], current[2]))
+            jitter = pose_jitter(previous[3], current[3])
+            if jitter is not None:
+                jitters.append(jitter)
+        previous = current
+    return TemporalQuality(clips=len(clips), pairs=len(ious), mask_iou=float(np.mean(ious)) if ious else None,
+                           pose_jitter=float(np.mean(jitters)) if jitters else None)
+
+
+def _consecutive(clip_ids: list, frames: list, a: int, b: int) -> bool:
+    return clip_ids[a] == clip_ids[b] and frames[a] + 1 == frames[b]
