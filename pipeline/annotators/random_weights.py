@@ -14,12 +14,13 @@ from pathlib import Path
 from disco.pipeline.annotators.registry import backends
 
 
-def write_random_weights(root: Path, *, size: str = "small", sam_model: str = "vit_b", hands: bool = True,
-                         face: bool = True) -> Path:
-    """Every registered backend's weight files under ``root``; returns ``root``."""
+def write_random_weights(root: Path, *, size: str = "small", sam_model: str = "vit_b", sam2_model: str = "tiny",
+                         hands: bool = True, face: bool = True, only: tuple[str, ...] | None = None) -> Path:
+    """The weight files under ``root`` of every registered backend (or of the backends named in
+    ``only``); returns ``root``."""
     root = Path(root)
-    options = {"sam_model": sam_model, "hands": hands, "face": face}
+    options = {"sam_model": sam_model, "sam2_model": sam2_model, "hands": hands, "face": face}
     for backend in backends():
-        if backend.random_weights is not None:
+        if backend.random_weights is not None and (only is None or backend.name in only):
             backend.random_weights(root, size, options)
     return root
