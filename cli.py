@@ -9,7 +9,7 @@ import warnings
 
 import typer
 
-from disco.commands import demo, evaluate, generate, preprocess, report, train
+from disco.commands import convert_weights, demo, evaluate, generate, preprocess, report, train
 from disco.commands.terminal import OneLineErrors
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ for command, name in (
     (preprocess.filter_humans, "filter-humans"),
     (report.doctor, "doctor"),
     (report.inspect, "inspect"),
+    (convert_weights.convert_weights, "convert-weights"),
     (train.model_info, "model-info"),
     (generate.generate, "generate"),
     (generate.export, "export"),

@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--random-weights", choices=("small", "full"), help="build random weights instead")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--sam-model", default="vit_h", choices=("vit_h", "vit_l", "vit_b"))
+    parser.add_argument("--sam2-model", default="large", choices=("tiny", "small", "base_plus", "large"))
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--size", type=int, default=512, help="long side of the frames")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -62,7 +63,7 @@ def main() -> None:
 
     import torch
 
-    from disco.pipeline.annotators import FrameAnnotator, grounded_sam
+    from disco.pipeline.annotators import FrameAnnotator, grounded_sam, registry
     from disco.pipeline.annotators.grounded_sam import GroundedSamMatting
     from disco.pipeline.annotators.openpose_backend import OpenPosePose
     from disco.pipeline.annotators.random_weights import write_random_weights
@@ -74,7 +75,8 @@ def main() -> None:
     if weights is None:
         if args.random_weights is None:
             parser.error("pass --weights DIR, or --random-weights small|full")
-        weights = write_random_weights(Path(tmp.name) / "weights", size=args.random_weights, sam_model=args.sam_model)
+        weights = write_random_weights(Path(tmp.name) / "weights", size=args.random_weights, sam_model=args.sam_model,
+                                       sam2_model=args.sam2_model)
     threshold = 0.0 if args.random_weights else 0.3  # random detectors score near chance
     frames = _frames(args.frames, args.size)
     print(f"device: {device} ({torch.cuda.get_device_name(0) if device == 'cuda' else 'CPU'}), "
@@ -110,6 +112,29 @@ def main() -> None:
     pose.pose(frames[0])
     results["openpose body+hands"] = len(frames) / _timed(lambda p=pose: [p.pose(f) for f in frames], device)
     del pose
+
+    # The field's newer annotators, where this install has them: DWPose (whole body, ONNX Runtime)
+    # and SAM 2 tracking the GroundingDINO-seeded masks through the frames as one video unit.
+    options = dict(weights=str(weights), device=device, sam_model=args.sam_model, sam2_model=args.sam2_model,
+                   box_threshold=threshold, text_threshold=threshold, batch_size=args.batch_size)
+    if "dwpose" in registry.choices("pose"):
+        dwpose = FrameAnnotator("mediapipe", "dwpose", hands=True, min_visibility=0.5, min_mask_area=0.01,
+                                roles=("pose",), **options)
+        dwpose.pose_of(frames[0])
+        results["dwpose whole body"] = len(frames) / _timed(lambda a=dwpose: [a.pose_of(f) for f in frames], device)
+        dwpose.close()
+    if "sam2" in registry.choices("matting"):
+        sam2 = FrameAnnotator("sam2", "none", hands=False, min_visibility=0.5, min_mask_area=0.01,
+                              roles=("matting",), **options)
+
+        def track(a=sam2):
+            a.begin_unit({"kind": "video"})
+            a.matte_batch(frames)
+
+        sam2.begin_unit({"kind": "image"})
+        sam2.matte_batch(frames[:1])  # warm-up
+        results[f"sam2 {args.sam2_model}, one video unit"] = len(frames) / _timed(track, device)
+        sam2.close()
 
     if args.pipeline:
         from disco.pipeline.config import PreprocessConfig

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from disco.cli import app
 from disco.pipeline.annotators import BackendError, FrameAnnotator, cuda_available, resolve_backends
 from disco.pipeline.annotators.base import Matte
+from disco.pipeline.annotators.dwpose_backend import DWPOSE_FILES
 from disco.pipeline.annotators.random_weights import write_random_weights
 from disco.pipeline.annotators.grounded_sam import SAM_FILES
 from disco.pipeline.annotators.openpose_backend import OPENPOSE_FILES
@@ -136,6 +137,14 @@ def test_auto_picks_gpu_backends_only_with_cuda_and_weights(weights, tmp_path, m
     resolved = resolve_backends("auto", "auto", weights=weights, sam_model="vit_h")
     assert (resolved["matting"], resolved["pose"]) == ("mediapipe", "openpose")
     assert "grounded-sam weights not found" in resolved["reason"]
+    # With DWPose's graphs beside OpenPose's, auto takes DWPose, the better of the two; without
+    # them it says DWPose was preferred.
+    both = write_random_weights(tmp_path / "both", only=("openpose", "dwpose"))
+    resolved = resolve_backends("mediapipe", "auto", weights=both)
+    assert resolved["pose"] == "dwpose" and "pose: CUDA and dwpose weights found" in resolved["reason"]
+    (both / "dwpose" / "yolox_l.onnx").unlink()
+    resolved = resolve_backends("mediapipe", "auto", weights=both)
+    assert resolved["pose"] == "openpose" and "(dwpose preferred, weights not found)" in resolved["reason"]
     monkeypatch.delenv("DISCO_WEIGHTS", raising=False)
     resolved = resolve_backends("auto", "auto")
     assert (resolved["matting"], resolved["pose"]) == ("mediapipe", "mediapipe")
@@ -251,8 +260,11 @@ def test_doctor_reports_backends_and_weights(weights, tmp_path):
         assert any("CUDA" in p for p in backends["grounded-sam"]["problems"])
     result = CliRunner().invoke(app, ["doctor", "--weights", str(weights), "--sam-model", "vit_h", "--json"])
     report = json.loads(result.output)
-    missing = [f for f in report["files"] if not f["present"]]
-    assert [f["name"] for f in missing] == [SAM_FILES["vit_h"]]
+    missing = [f["name"] for f in report["files"] if not f["present"]]
+    # The folder holds the paper's two backends only; DWPose's graphs are named as missing too.
+    assert [name for name in missing if not name.startswith(("dwpose/", "sam2/"))] == [SAM_FILES["vit_h"]]
+    assert set(DWPOSE_FILES.values()) <= set(missing)
+    assert not {b["name"]: b for b in report["backends"]}["dwpose"]["can_run"]
     assert any(SAM_FILES["vit_h"] in p for p in {b["name"]: b for b in report["backends"]}["grounded-sam"]["problems"])
     text = CliRunner().invoke(app, ["doctor", "--weights", str(weights)])
     assert text.exit_code == 0 and "grounded-sam" in text.output and "CUDA" in text.output

@@ -71,12 +71,16 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
         if not cuda:
             reasons.append(f"{role}: no CUDA device, using {embedded.label}")
             return embedded.name
-        for backend in on_gpu:
+        # The first in the registry's order of preference whose weights are all there.
+        for rank, backend in enumerate(on_gpu):
             if _files_ok(backend, root, options):
-                reasons.append(f"{role}: CUDA and {backend.name} weights found")
+                passed = [b.name for b in on_gpu[:rank]]
+                reasons.append(f"{role}: CUDA and {backend.name} weights found"
+                               + (f" ({', '.join(passed)} preferred, weights not found)" if passed else ""))
                 return backend.name
         where = f"in {root}" if root else "(no --weights / $DISCO_WEIGHTS)"
-        reasons.append(f"{role}: {on_gpu[0].name} weights not found {where}, using {embedded.label}")
+        names = " or ".join(b.name for b in on_gpu)
+        reasons.append(f"{role}: {names} weights not found {where}, using {embedded.label}")
         return embedded.name
 
     def pick(role: str, asked: str) -> str:

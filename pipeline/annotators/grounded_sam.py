@@ -3,7 +3,9 @@ turns each box into one mask, and every person's mask is merged into one.
 
 GroundingDINO runs through transformers' port of the SwinT-OGC network: the `groundingdino-py`
 package cannot build its text branch with transformers 5 (its BERT wrapper calls methods that
-release removed), and the transformers checkpoint is the same network converted.
+release removed), and the transformers checkpoint is the same network converted. The original
+checkpoint (groundingdino_swint_ogc.pth) is read too, converted at load
+(grounding_dino_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from disco.pipeline.annotators.base import Matte
+from disco.pipeline.annotators.grounding_dino_checkpoint import CHECKPOINT_NAME
 from disco.pipeline.annotators.registry import Backend, register
 from disco.pipeline.annotators.weights import WeightFile, first_present, needs_folder, require, weights_dir
 
@@ -23,7 +26,9 @@ MAX_BOXES = 32
 
 # In the weights folder: GroundingDINO SwinT-OGC in the transformers layout (the
 # IDEA-Research/grounding-dino-tiny folder: config, weights, image processor and the BERT tokenizer
-# it needs) and the segment-anything checkpoints as Meta publishes them (only the selected variant).
+# it needs), or instead the original checkpoint alone (groundingdino_swint_ogc.pth, the file the
+# Grounded-Segment-Anything instructions download), and the segment-anything checkpoints as Meta
+# publishes them (only the selected variant).
 GROUNDING_DINO_DIR = "grounding-dino"
 GROUNDING_DINO_FILES = ("config.json", "tokenizer_config.json")
 # Either name holds the image processor (the hub folder has the first, transformers 5 writes the second).
@@ -36,10 +41,26 @@ SAM_FILES = {
 }
 
 
+def _original_checkpoint(folder: Path) -> Path | None:
+    """The original checkpoint, when the folder holds it and no transformers layout (whose
+    config.json wins: it is what ``disco-cli convert-weights`` writes beside the .pth)."""
+    path = folder / CHECKPOINT_NAME
+    return path if path.exists() and not (folder / GROUNDING_DINO_FILES[0]).exists() else None
+
+
 def grounding_dino_files(root: Path) -> list[WeightFile]:
-    """The GroundingDINO files read from the weights folder (Grounded-SAM, and SAM 2's seeds)."""
+    """The GroundingDINO files read from the weights folder (Grounded-SAM, and SAM 2's seeds): the
+    original checkpoint where the folder holds only that, else the transformers layout's files."""
     folder = root / GROUNDING_DINO_DIR
+    original = _original_checkpoint(folder)
+    if original is not None:
+        return [WeightFile(f"{GROUNDING_DINO_DIR}/{CHECKPOINT_NAME}", original,
+                           "GroundingDINO SwinT-OGC original checkpoint, converted at load")]
     files = [WeightFile(f"{GROUNDING_DINO_DIR}/{n}", folder / n, "GroundingDINO SwinT-OGC") for n in GROUNDING_DINO_FILES]
+    if not folder.joinpath(GROUNDING_DINO_FILES[0]).exists():
+        # Neither layout is there: the missing-files error names the other way too.
+        files[0].purpose = (f"GroundingDINO SwinT-OGC in the transformers layout; or instead the original "
+                            f"checkpoint alone, {GROUNDING_DINO_DIR}/{CHECKPOINT_NAME}")
     for names, purpose in ((GROUNDING_DINO_PROCESSOR, "GroundingDINO image processor"),
                            (GROUNDING_DINO_WEIGHTS, "GroundingDINO SwinT-OGC weights")):
         path = first_present(folder, names)
@@ -62,7 +83,8 @@ def _batches(items: list, size: int):
 
 class PersonDetector:
     """GroundingDINO SwinT-OGC prompted with "person.": person boxes and scores per frame. Loaded
-    from the weights folder's ``grounding-dino`` folder."""
+    from the weights folder's ``grounding-dino`` folder: the transformers layout, or the original
+    checkpoint converted in memory where the folder holds only that."""
 
     def __init__(self, weights: Path, *, box_threshold: float = 0.3, text_threshold: float = 0.25,
                  device: str = "cuda"):
@@ -73,8 +95,16 @@ class PersonDetector:
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
         folder = Path(weights) / GROUNDING_DINO_DIR
-        self.processor = GroundingDinoProcessor.from_pretrained(folder)
-        self.model = GroundingDinoForObjectDetection.from_pretrained(folder).to(self.device).eval()
+        original = _original_checkpoint(folder)
+        if original is not None:
+            from disco.pipeline.annotators.grounding_dino_checkpoint import build_processor, model_from_checkpoint
+
+            self.processor = build_processor()
+            model = model_from_checkpoint(original)
+        else:
+            self.processor = GroundingDinoProcessor.from_pretrained(folder)
+            model = GroundingDinoForObjectDetection.from_pretrained(folder)
+        self.model = model.to(self.device).eval()
         self._torch = torch
 
     def detect(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

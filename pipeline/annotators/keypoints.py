@@ -16,6 +16,13 @@ BLAZEPOSE_TO_BODY18 = {
     "l_wrist": 15, "r_hip": 24, "r_knee": 26, "r_ankle": 28, "l_hip": 23, "l_knee": 25,
     "l_ankle": 27, "r_eye": 5, "l_eye": 2, "r_ear": 8, "l_ear": 7,
 }
+# COCO's 17 body points (the first 17 of COCO-WholeBody's 133, DWPose's output) -> body-18;
+# the neck again comes from the shoulders.
+COCO17_TO_BODY18 = {
+    "nose": 0, "r_shoulder": 6, "r_elbow": 8, "r_wrist": 10, "l_shoulder": 5, "l_elbow": 7,
+    "l_wrist": 9, "r_hip": 12, "r_knee": 14, "r_ankle": 16, "l_hip": 11, "l_knee": 13,
+    "l_ankle": 15, "r_eye": 2, "l_eye": 1, "r_ear": 4, "l_ear": 3,
+}
 # MediaPipe's 21 hand landmarks follow OpenPose's hand order already (wrist, then thumb to pinky).
 HAND_POINTS = 21
 # OpenPose's face model: 68 landmarks and the two pupils.
@@ -34,11 +41,17 @@ def blazepose_to_body18(
     out = np.zeros((18, 3), dtype=np.float32)
     for name, src in BLAZEPOSE_TO_BODY18.items():
         out[BODY18_NAMES.index(name)] = _joint(landmarks[src], width, height, min_visibility)
-    r_sh = out[BODY18_NAMES.index("r_shoulder")]
-    l_sh = out[BODY18_NAMES.index("l_shoulder")]
+    return with_neck(out)
+
+
+def with_neck(body: np.ndarray) -> np.ndarray:
+    """``body`` (18 x 3) with the neck at the shoulders' midpoint, at the lower of their
+    confidences; missing unless both shoulders are found (no backend's model has a neck)."""
+    r_sh = body[BODY18_NAMES.index("r_shoulder")]
+    l_sh = body[BODY18_NAMES.index("l_shoulder")]
     if r_sh[2] > 0 and l_sh[2] > 0:
-        out[NECK] = [(r_sh[0] + l_sh[0]) / 2, (r_sh[1] + l_sh[1]) / 2, min(r_sh[2], l_sh[2])]
-    return out
+        body[NECK] = [(r_sh[0] + l_sh[0]) / 2, (r_sh[1] + l_sh[1]) / 2, min(r_sh[2], l_sh[2])]
+    return body
 
 
 def _joint(lm: np.ndarray, width: int, height: int, min_visibility: float) -> list[float]:
