@@ -14,8 +14,7 @@ def convert_weights(
     weights: Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help="Weights folder whose grounding-dino/ holds groundingdino_swint_ogc.pth (layout in the README).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a transformers layout already in grounding-dino/.")] = False,
 ) -> None:
-    """Convert GroundingDINO's original checkpoint (grounding-dino/groundingdino_swint_ogc.pth) into
-    the transformers files beside it, so later runs skip the conversion at load."""
+    """Convert GroundingDINO's original groundingdino_swint_ogc.pth into the transformers files beside it."""
     from disco.pipeline.annotators.grounded_sam import GROUNDING_DINO_DIR
     from disco.pipeline.annotators.grounding_dino_checkpoint import (
         CHECKPOINT_NAME,

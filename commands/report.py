@@ -104,8 +104,7 @@ def inspect(
     temporal_frames: Annotated[int, typer.Option(
         min=0, help="Video frames read for mask flicker and pose jitter (0: skip that report).")] = 2000,
 ) -> None:
-    """Print the manifest summary, schema and counts of an output folder, the steadiness of its
-    video annotations (mask flicker, pose jitter), and write a contact sheet."""
+    """Print an output's manifest summary, schema, counts, mask flicker and pose jitter; write a contact sheet."""
     import pyarrow as pa
 
     from disco.pipeline.errors import ConfigError
