@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults, plain, usage_error
 from disco.commands.report import print_summary
 from disco.pipeline.annotators import registry
-from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM_MODELS, PreprocessConfig
+from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM2_MODELS, SAM_MODELS, PreprocessConfig
 from disco.pipeline.store.schema import SPLITS
 
 
@@ -112,6 +112,7 @@ Matting = choices("matting backend", registry.choices("matting"))
 PoseBackend = choices("pose backend", registry.choices("pose"))
 Device = choices("device", DEVICES)
 SamModel = choices("SAM model", SAM_MODELS)
+Sam2Model = choices("SAM 2 model", SAM2_MODELS)
 PoseStyle = choices("pose style", POSE_STYLES)
 ImageFormat = choices("image format", IMAGE_FORMATS)
 Split = choices("split", SPLITS)
@@ -123,6 +124,8 @@ CocoSinglePerson = Annotated[bool, typer.Option(help="coco: keep only images wit
 Weights = Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help=WEIGHTS_HELP)]
 DeviceOption = Annotated[Device, typer.Option(help=DEVICE_HELP)]
 SamModelOption = Annotated[SamModel, typer.Option(help="SAM variant for grounded-sam.")]
+Sam2ModelOption = Annotated[Sam2Model, typer.Option(
+    help="SAM 2.1 size for sam2: tiny, small, base_plus or large (checkpoint sam2/sam2.1_hiera_<size>.pt).")]
 BatchSize = Annotated[int, typer.Option(help="Frames per batch through GroundingDINO and SAM's image encoder.")]
 MaxSide = Annotated[int, typer.Option(help="Shrink pictures so the long side is at most this many pixels.")]
 ShardRows = Annotated[int, typer.Option(help="Rows per Parquet shard.")]
@@ -145,8 +148,9 @@ def preprocess(
     weights: Weights = D.weights,
     device: DeviceOption = D.device,
     sam_model: SamModelOption = D.sam_model,
-    box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam): the person detection score.")] = D.box_threshold,
-    text_threshold: Annotated[float, typer.Option(help="GroundingDINO text threshold (grounded-sam).")] = D.text_threshold,
+    sam2_model: Sam2ModelOption = D.sam2_model,
+    box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam, sam2): the person detection score.")] = D.box_threshold,
+    text_threshold: Annotated[float, typer.Option(help="GroundingDINO text threshold (grounded-sam, sam2).")] = D.text_threshold,
     largest_person: Annotated[bool, typer.Option("--largest-person/--all-persons", help="grounded-sam: keep only the largest person's mask instead of merging all.")] = D.largest_person,
     half: Annotated[bool, typer.Option("--half/--no-half", help="Half precision for SAM's image encoder on CUDA.")] = D.half,
     batch_size: BatchSize = D.batch_size,
@@ -197,7 +201,8 @@ def filter_humans(
     weights: Weights = D.weights,
     device: DeviceOption = D.device,
     sam_model: SamModelOption = D.sam_model,
-    box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam).")] = D.box_threshold,
+    sam2_model: Sam2ModelOption = D.sam2_model,
+    box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam, sam2).")] = D.box_threshold,
     batch_size: BatchSize = D.batch_size,
     max_side: MaxSide = D.max_side,
     image_format: Annotated[ImageFormat, typer.Option(help="Encoding of image, foreground and background.")] = D.image_format,
@@ -236,6 +241,6 @@ def filter_humans(
         min_mask_area=min_area, segment_frames=segment_frames, shard_rows=shard_rows, actors=actors,
         ray_address=ray_address, overwrite=overwrite, coco_single_person=coco_single_person, human_filter=True,
         max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=plain(device),
-        sam_model=plain(sam_model), box_threshold=box_threshold, batch_size=batch_size,
+        sam_model=plain(sam_model), sam2_model=plain(sam2_model), box_threshold=box_threshold, batch_size=batch_size,
     )
     run_preprocess(config, show_progress=progress, title="filter-humans")

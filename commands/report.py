@@ -9,11 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from disco.pipeline.config import SAM_MODELS, PreprocessConfig
+from disco.pipeline.config import SAM2_MODELS, SAM_MODELS, PreprocessConfig
 from disco.commands.terminal import choices, console, defaults, plain, usage_error
 
 P = defaults(PreprocessConfig)
 SamModel = choices("SAM model", SAM_MODELS)
+Sam2Model = choices("SAM 2 model", SAM2_MODELS)
 
 
 def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
@@ -47,6 +48,7 @@ def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
 def doctor(
     weights: Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help="Weights folder to check (layout in the README).")] = None,
     sam_model: Annotated[SamModel, typer.Option(help="SAM variant to look for.")] = P.sam_model,
+    sam2_model: Annotated[Sam2Model, typer.Option(help="SAM 2.1 size to look for.")] = P.sam2_model,
     hands: Annotated[bool, typer.Option("--hands/--no-hands", help="Look for the OpenPose hand model.")] = P.hands,
     face: Annotated[bool, typer.Option("--face/--no-face", help="Look for the OpenPose face model.")] = P.face,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -59,7 +61,7 @@ def doctor(
     sam_model = plain(sam_model)
     if weights is not None and not weights.is_dir():
         usage_error(f"--weights {weights} is not a folder")
-    report = diagnose(weights, sam_model=sam_model, hands=hands, face=face)
+    report = diagnose(weights, sam_model=sam_model, sam2_model=plain(sam2_model), hands=hands, face=face)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -13,8 +13,9 @@ import time
 
 from disco.pipeline.errors import ConfigError
 
-# Quiet the MediaPipe / TFLite start-up chatter in every Ray worker.
-WORKER_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
+# Quiet the MediaPipe / TFLite start-up chatter in every Ray worker, and SAM 2's progress bar per
+# video unit (a job's workers forward their output to the driver's log).
+WORKER_ENV = {"GLOG_minloglevel": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 CONNECT_TIMEOUT_S = 60.0  # how long an unreachable --ray-address is tried ($DISCO_RAY_TIMEOUT)
 
 

@@ -12,6 +12,9 @@ from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.schema import SOURCES, SPLITS
 
 SAM_MODELS = tuple(SAM_FILES)
+# SAM 2.1's sizes, as sam2_backend names its checkpoints (not imported from there: importing a
+# backend's module registers it, and the registry's list of built-in backends decides that).
+SAM2_MODELS = ("tiny", "small", "base_plus", "large")
 DEVICES = ("auto", "cuda", "cpu")
 IMAGE_FORMATS = ("jpeg", "png")
 POSE_STYLES = ("openpose", "disco")
@@ -51,6 +54,7 @@ class PreprocessConfig:
     weights: Path | None = None
     device: str = "auto"
     sam_model: str = "vit_h"
+    sam2_model: str = "large"  # the sam2 backend's SAM 2.1 size
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     largest_person: bool = False
@@ -104,6 +108,9 @@ class PreprocessConfig:
             raise ConfigError("--actors must be at least 1")
         if self.sam_model not in SAM_MODELS:
             raise ConfigError(f"unknown SAM model {self.sam_model!r}; choose one of {', '.join(SAM_MODELS)}")
+        if self.sam2_model not in SAM2_MODELS:
+            raise ConfigError(f"unknown SAM 2.1 model {self.sam2_model!r} (--sam2-model); "
+                              f"choose one of {', '.join(SAM2_MODELS)}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for flag, value in (("--box-threshold", self.box_threshold), ("--text-threshold", self.text_threshold)):
@@ -130,7 +137,7 @@ class PreprocessConfig:
         keys = (
             "source", "fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality",
             "split", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames", "hands", "pose_style",
-            "sam_model", "box_threshold", "text_threshold", "largest_person", "face",
+            "sam_model", "sam2_model", "box_threshold", "text_threshold", "largest_person", "face",
         )
         params = {k: getattr(self, k) for k in keys}
         params["input"] = str(Path(self.input).resolve())

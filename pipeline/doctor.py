@@ -24,10 +24,11 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def diagnose(weights: str | Path | None, *, sam_model: str = "vit_h", hands: bool = True, face: bool = False) -> dict:
+def diagnose(weights: str | Path | None, *, sam_model: str = "vit_h", sam2_model: str = "large", hands: bool = True,
+             face: bool = False) -> dict:
     root = weights_dir(weights)
     cuda = cuda_available()
-    options = {"sam_model": sam_model, "hands": hands, "face": face}
+    options = {"sam_model": sam_model, "sam2_model": sam2_model, "hands": hands, "face": face}
     report, files = [], []
     for backend in backends():
         problems = [f"package {p} is not installed" for p in backend.packages if importlib.util.find_spec(p) is None]

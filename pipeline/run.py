@@ -46,8 +46,8 @@ def backend_options(cfg: PreprocessConfig) -> dict:
     """What the paper-faithful backends are built with, inside each actor."""
     return {
         "weights": cfg.resolved.get("weights"), "device": cfg.resolved.get("device", "cpu"),
-        "sam_model": cfg.sam_model, "box_threshold": cfg.box_threshold, "text_threshold": cfg.text_threshold,
-        "largest_person": cfg.largest_person, "face": cfg.face, "half": cfg.half, "batch_size": cfg.batch_size,
+        "sam_model": cfg.sam_model, "sam2_model": cfg.sam2_model, "box_threshold": cfg.box_threshold,
+        "text_threshold": cfg.text_threshold, "largest_person": cfg.largest_person, "face": cfg.face, "half": cfg.half, "batch_size": cfg.batch_size,
     }
 
 
@@ -63,7 +63,8 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
         cluster_cuda = ray.cluster_resources().get("GPU", 0) > 0
     try:
         cfg.resolved = resolve_backends(cfg.matting, cfg.pose, weights=cfg.weights, device=cfg.device,
-                                        cuda=cluster_cuda, sam_model=cfg.sam_model, hands=cfg.hands, face=cfg.face)
+                                        cuda=cluster_cuda, sam_model=cfg.sam_model, sam2_model=cfg.sam2_model,
+                                        hands=cfg.hands, face=cfg.face)
     except BackendError as exc:
         raise ConfigError(str(exc)) from None
     log(f"backends: matting={cfg.resolved['matting']} pose={cfg.resolved['pose']} ({cfg.resolved['reason']})")
@@ -125,7 +126,8 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
         "cuda": cfg.resolved["cuda"],
         "device": cfg.resolved["device"],
         "weights_dir": cfg.resolved["weights"],
-        "weights": weight_files(cfg.resolved, {"hands": cfg.hands, "face": cfg.face, "sam_model": cfg.sam_model}),
+        "weights": weight_files(cfg.resolved, {"hands": cfg.hands, "face": cfg.face, "sam_model": cfg.sam_model,
+                                                "sam2_model": cfg.sam2_model}),
     }
     run = {
         "wall_time_s": round(wall, 3),

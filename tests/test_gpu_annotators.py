@@ -136,7 +136,7 @@ def test_auto_picks_gpu_backends_only_with_cuda_and_weights(weights, tmp_path, m
     # vit_h is not in the folder: matting falls back to MediaPipe and says why; pose still finds its files.
     resolved = resolve_backends("auto", "auto", weights=weights, sam_model="vit_h")
     assert (resolved["matting"], resolved["pose"]) == ("mediapipe", "openpose")
-    assert "grounded-sam weights not found" in resolved["reason"]
+    assert "sam2 or grounded-sam weights not found" in resolved["reason"]
     # With DWPose's graphs beside OpenPose's, auto takes DWPose, the better of the two; without
     # them it says DWPose was preferred.
     both = write_random_weights(tmp_path / "both", only=("openpose", "dwpose"))
@@ -265,6 +265,9 @@ def test_doctor_reports_backends_and_weights(weights, tmp_path):
     assert [name for name in missing if not name.startswith(("dwpose/", "sam2/"))] == [SAM_FILES["vit_h"]]
     assert set(DWPOSE_FILES.values()) <= set(missing)
     assert not {b["name"]: b for b in report["backends"]}["dwpose"]["can_run"]
+    # The SAM 2 size asked for is the checkpoint looked for.
+    tiny = CliRunner().invoke(app, ["doctor", "--weights", str(weights), "--sam2-model", "tiny", "--json"])
+    assert "sam2/sam2.1_hiera_tiny.pt" in {f["name"] for f in json.loads(tiny.output)["files"]}
     assert any(SAM_FILES["vit_h"] in p for p in {b["name"]: b for b in report["backends"]}["grounded-sam"]["problems"])
     text = CliRunner().invoke(app, ["doctor", "--weights", str(weights)])
     assert text.exit_code == 0 and "grounded-sam" in text.output and "CUDA" in text.output

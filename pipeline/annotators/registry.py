@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROLES = ("matting", "pose")
-# In the order `auto` prefers them, within a role: DWPose before OpenPose (the field's pose
+# In the order `auto` prefers them, within a role: SAM 2 before Grounded-SAM (masks tracked
+# through a video unit instead of drawn anew per frame), DWPose before OpenPose (the field's pose
 # condition since 2024: OpenPose's format, more accurate and faster).
 BUILTIN_MODULES = (
     "disco.pipeline.annotators.mediapipe_backend",
+    "disco.pipeline.annotators.sam2_backend",
     "disco.pipeline.annotators.grounded_sam",
     "disco.pipeline.annotators.dwpose_backend",
     "disco.pipeline.annotators.openpose_backend",
