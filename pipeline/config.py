@@ -8,13 +8,11 @@ from pathlib import Path
 
 from disco.pipeline.annotators import registry
 from disco.pipeline.annotators.grounded_sam import SAM_FILES
+from disco.pipeline.annotators.sam2_backend import SAM2_MODELS
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.schema import SOURCES, SPLITS
 
 SAM_MODELS = tuple(SAM_FILES)
-# SAM 2.1's sizes, as sam2_backend names its checkpoints (not imported from there: importing a
-# backend's module registers it, and the registry's list of built-in backends decides that).
-SAM2_MODELS = ("tiny", "small", "base_plus", "large")
 DEVICES = ("auto", "cuda", "cpu")
 IMAGE_FORMATS = ("jpeg", "png")
 POSE_STYLES = ("openpose", "disco")

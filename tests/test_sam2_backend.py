@@ -16,13 +16,11 @@ from PIL import Image
 from skimage import data
 from typer.testing import CliRunner
 
-# Imported first: the module registers the backend (Ray's actors import it by this name too).
-from disco.pipeline.annotators import sam2_backend
 from disco.pipeline.annotators import BackendError, resolve_backends
 from disco.pipeline.annotators.random_weights import write_random_weights
 from disco.pipeline.annotators.sam2_backend import SAM2_FILES, Sam2Matting, build_model
 from disco.pipeline.annotators.weights import WeightsError
-from disco.pipeline.config import SAM2_MODELS, PreprocessConfig
+from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
 
 SIZE = 128
@@ -74,7 +72,6 @@ def no_image_predictor(*_args, **_kwargs):
 def test_random_checkpoint_is_metas_format_and_is_what_the_backend_runs(weights, matting):
     import torch
 
-    assert SAM2_MODELS == sam2_backend.SAM2_MODELS  # the config's choices are the backend's
     path = weights / SAM2_FILES["tiny"]
     assert SAM2_FILES["tiny"] == "sam2/sam2.1_hiera_tiny.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)

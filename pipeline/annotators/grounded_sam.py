@@ -199,13 +199,20 @@ class GroundedSamMatting:
         return masks
 
     def _merge(self, frame: np.ndarray, scores: np.ndarray, person_masks: np.ndarray) -> Matte:
-        height, width = frame.shape[:2]
-        if len(scores) == 0:
-            return Matte(alpha=np.zeros((height, width), np.uint8), score=0.0, count=0, model=self.name)
-        if self.largest_person:
-            person_masks = person_masks[[int(np.argmax(person_masks.reshape(len(person_masks), -1).sum(1)))]]
-        alpha = np.where(person_masks.any(axis=0), 255, 0).astype(np.uint8)
-        return Matte(alpha=alpha, score=float(scores.max()), count=int(len(scores)), model=self.name)
+        return merge_persons(frame, scores, person_masks, self.name, self.largest_person)
+
+
+def merge_persons(frame: np.ndarray, scores: np.ndarray, person_masks: np.ndarray, model: str,
+                  largest_person: bool = False) -> Matte:
+    """Every person's mask (N x H x W bool) in one alpha (255 inside), as DisCo merged them (or
+    only the largest one); the best box's score and the number of persons."""
+    height, width = frame.shape[:2]
+    if len(scores) == 0:
+        return Matte(alpha=np.zeros((height, width), np.uint8), score=0.0, count=0, model=model)
+    if largest_person:
+        person_masks = person_masks[[int(np.argmax(person_masks.reshape(len(person_masks), -1).sum(1)))]]
+    alpha = np.where(person_masks.any(axis=0), 255, 0).astype(np.uint8)
+    return Matte(alpha=alpha, score=float(np.max(scores)), count=int(len(scores)), model=model)
 
 
 # -- random weights of the real architectures (tests, benchmarks) ------------------------------------

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from disco.pipeline.annotators.base import Matte
-from disco.pipeline.annotators.grounded_sam import PersonDetector, grounding_dino_files, write_grounding_dino
+from disco.pipeline.annotators.grounded_sam import (PersonDetector, grounding_dino_files, merge_persons,
+                                                    write_grounding_dino)
 from disco.pipeline.annotators.registry import Backend, BackendError, register
 from disco.pipeline.annotators.weights import WeightFile, WeightsError, needs_folder, require, weights_dir
 
@@ -244,12 +245,7 @@ def _runs_of_one_size(frames: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
 
 
 def _merge(frame: np.ndarray, scores: np.ndarray, person_masks: np.ndarray, model: str) -> Matte:
-    """Every person's mask in one alpha (255 inside), as Grounded-SAM merges them."""
-    height, width = frame.shape[:2]
-    if len(scores) == 0:
-        return Matte(alpha=np.zeros((height, width), np.uint8), score=0.0, count=0, model=model)
-    alpha = np.where(person_masks.any(axis=0), 255, 0).astype(np.uint8)
-    return Matte(alpha=alpha, score=float(np.max(scores)), count=int(len(scores)), model=model)
+    return merge_persons(frame, scores, person_masks, model)
 
 
 # -- random weights of the real architecture (tests, benchmarks) -------------------------------------
