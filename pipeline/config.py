@@ -135,11 +135,14 @@ class PreprocessConfig:
         keys = (
             "source", "fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality",
             "split", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames", "hands", "pose_style",
-            "sam_model", "sam2_model", "box_threshold", "text_threshold", "largest_person", "face",
+            "sam_model", "box_threshold", "text_threshold", "largest_person", "face",
         )
         params = {k: getattr(self, k) for k in keys}
         params["input"] = str(Path(self.input).resolve())
         params["backends"] = {k: self.resolved.get(k) for k in ("matting", "pose")}
+        if params["backends"]["matting"] == "sam2":
+            # Only where it decides the masks: an output written before SAM 2 existed resumes as it was.
+            params["sam2_model"] = self.sam2_model
         params.update(self._dataset_params())
         return params
 
