@@ -47,7 +47,8 @@ def backend_options(cfg: PreprocessConfig) -> dict:
     return {
         "weights": cfg.resolved.get("weights"), "device": cfg.resolved.get("device", "cpu"),
         "sam_model": cfg.sam_model, "sam2_model": cfg.sam2_model, "box_threshold": cfg.box_threshold,
-        "text_threshold": cfg.text_threshold, "largest_person": cfg.largest_person, "face": cfg.face, "half": cfg.half, "batch_size": cfg.batch_size,
+        "text_threshold": cfg.text_threshold, "largest_person": cfg.largest_person, "face": cfg.face,
+        "half": cfg.half, "batch_size": cfg.batch_size,
     }
 
 

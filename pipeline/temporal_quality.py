@@ -67,9 +67,9 @@ def temporal_quality(triplets, max_frames: int = MAX_FRAMES) -> TemporalQuality:
     """Mask flicker and pose jitter of an output's video clips (``triplets``: the output's Arrow
     dataset), over the clips' first ``max_frames`` frames in clip order."""
     keys = triplets.to_table(columns=["clip_id", "frame_index"])
-    order = sorted(range(keys.num_rows), key=lambda i: (keys["clip_id"][i].as_py(), keys["frame_index"][i].as_py()))
     clip_ids = keys.column("clip_id").to_pylist()
     frames = keys.column("frame_index").to_pylist()
+    order = sorted(range(keys.num_rows), key=lambda i: (clip_ids[i], frames[i]))
     # Rows that belong to a pair: a clip's frame whose next or previous index is also stored.
     wanted: list[int] = []
     for position, row in enumerate(order):

@@ -35,3 +35,13 @@ def cli_process(*args: str) -> tuple[list[str], dict[str, str]]:
 # The options of ``two_worker_run``; a test repeats them (and adds its own) to get the same run.
 TWO_WORKER_RUN = dict(stage="finetune", model="tiny", resolution=64, batch_size=2, num_workers=2, max_steps=16,
                       checkpoint_every=2, keep=10, log_every=4, sample_every=1000, sample_steps=2, warmup_steps=0)
+
+
+class CodeRunningPickle:
+    """Unpickling this runs code (it touches ``marker``): what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

@@ -26,7 +26,7 @@ from disco.pipeline.store.encode import decode_picture
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.run import preprocess
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
-from helpers import save
+from helpers import CodeRunningPickle, save
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +76,6 @@ def test_openpose_loads_from_the_layout_and_gives_contract_shapes(weights, frame
         assert np.all(points[points[:, 2] == 0][:, :2] == 0)
 
 
-class _Payload:
-    """Unpickling this runs code: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_openpose_checkpoints_load_tensors_only(tmp_path):
     """A checkpoint that would run code when unpickled is refused, and the code never runs."""
     import torch
@@ -94,7 +84,7 @@ def test_openpose_checkpoints_load_tensors_only(tmp_path):
 
     marker = tmp_path / "ran"
     (tmp_path / "openpose").mkdir()
-    torch.save({"conv1_1.weight": _Payload(marker)}, tmp_path / OPENPOSE_FILES["body"])
+    torch.save({"conv1_1.weight": CodeRunningPickle(marker)}, tmp_path / OPENPOSE_FILES["body"])
     with pytest.raises(Exception, match="(?i)weights.only"):
         OpenPosePose(tmp_path, hands=False, device="cpu")
     assert not marker.exists()

@@ -27,6 +27,7 @@ from disco.pipeline.annotators.grounding_dino_checkpoint import (
     load_original_state_dict,
 )
 from disco.pipeline.annotators.weights import WeightsError
+from helpers import CodeRunningPickle
 
 # -- the original network, as groundingdino/models/GroundingDINO/*.py and GroundingDINO_SwinT_OGC.py build it
 
@@ -356,23 +357,17 @@ def test_files_and_errors_for_a_folder_with_neither(tmp_path):
     assert missing.exit_code == 2 and CHECKPOINT_NAME in missing.output and "Traceback" not in missing.output
 
 
-class _Payload:
-    """Unpickling this would run code: a checkpoint carrying more than tensors."""
-
-    def __reduce__(self):
-        return (print, ("this ran",))
-
-
 def test_a_checkpoint_with_objects_is_refused(tmp_path):
     path = tmp_path / "grounding-dino" / CHECKPOINT_NAME
     path.parent.mkdir()
-    torch.save({"model": {"feat_map.weight": torch.zeros(2)}, "args": _Payload()}, path)
+    torch.save({"model": {"feat_map.weight": torch.zeros(2)}, "args": CodeRunningPickle(tmp_path / "ran")}, path)
     with pytest.raises(CheckpointError) as error:
         load_original_state_dict(path)
     assert str(path) in str(error.value) and "\n" not in str(error.value) and "refused" in str(error.value)
     result = CliRunner().invoke(app, ["convert-weights", "--weights", str(tmp_path)])
     assert result.exit_code == 2 and "refused" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "ran").exists()  # refused before anything in it could run
 
     # Both containers are read, and a DistributedDataParallel prefix goes.
     bare = tmp_path / "bare.pth"

@@ -22,6 +22,7 @@ from disco.pipeline.annotators.sam2_backend import SAM2_FILES, Sam2Matting, buil
 from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
+from helpers import CodeRunningPickle
 
 SIZE = 128
 
@@ -84,21 +85,11 @@ def test_random_checkpoint_is_metas_format_and_is_what_the_backend_runs(weights,
     assert matting.model.image_size == 1024 and matting.model.image_encoder.trunk.blocks[0].dim == 96  # Hiera-T
 
 
-class _Payload:
-    """Unpickling this runs code: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_checkpoints_load_tensors_only_and_must_fit(tmp_path):
     import torch
 
     marker = tmp_path / "ran"
-    torch.save({"model": {"no_mem_embed": _Payload(marker)}}, tmp_path / "evil.pt")
+    torch.save({"model": {"no_mem_embed": CodeRunningPickle(marker)}}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="(?i)weights.only"):
         build_model("tiny", tmp_path / "evil.pt")
     assert not marker.exists()
@@ -207,14 +198,14 @@ def test_stills_go_through_the_image_predictor(weights, matting, monkeypatch):
 
 
 def test_merge_unions_every_person():
-    from disco.pipeline.annotators.sam2_backend import _merge
+    from disco.pipeline.annotators.grounded_sam import merge_persons
 
     masks = np.zeros((2, 4, 4), bool)
     masks[0, :1, :1] = True
     masks[1, 2:, 2:] = True
-    merged = _merge(np.zeros((4, 4, 3), np.uint8), np.array([0.4, 0.9]), masks, "sam2")
+    merged = merge_persons(np.zeros((4, 4, 3), np.uint8), np.array([0.4, 0.9]), masks, "sam2")
     assert (merged.alpha == 255).sum() == 5 and merged.count == 2 and merged.score == pytest.approx(0.9)
-    empty = _merge(np.zeros((4, 4, 3), np.uint8), np.zeros(0), np.zeros((0, 4, 4), bool), "sam2")
+    empty = merge_persons(np.zeros((4, 4, 3), np.uint8), np.zeros(0), np.zeros((0, 4, 4), bool), "sam2")
     assert empty.count == 0 and empty.score == 0.0 and not empty.alpha.any()
 
 

@@ -152,7 +152,8 @@ class Sam2Matting:
                     # predict_batch squeezes a lone box's axis away: N x H x W in every case.
                     masks[i] = np.asarray(person_masks).reshape((-1,) + chunk[i].shape[:2]) > 0
             for i, (frame, (boxes, scores)) in enumerate(zip(chunk, detections)):
-                out.append(_merge(frame, scores, masks.get(i, np.zeros((0,) + frame.shape[:2], bool)), self.name))
+                none = np.zeros((0,) + frame.shape[:2], bool)
+                out.append(merge_persons(frame, scores, masks.get(i, none), self.name))
         return out
 
     # -- video units -------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Sam2Matting:
         while index < len(frames):
             boxes, scores = self.detector.detect([frames[index]])[0]
             if len(boxes) == 0:
-                mattes[index] = _merge(frames[index], scores, np.zeros((0,) + frames[index].shape[:2], bool),
+                mattes[index] = merge_persons(frames[index], scores, np.zeros((0,) + frames[index].shape[:2], bool),
                                        self.name)
                 index += 1
                 continue
@@ -188,13 +189,13 @@ class Sam2Matting:
                 for frame_index, person_masks in propagated:
                     if frame_index == start:
                         # The seed frame: every box the detector gave counts, as in Grounded-SAM.
-                        mattes[frame_index] = _merge(frames[frame_index], scores, person_masks, self.name)
+                        mattes[frame_index] = merge_persons(frames[frame_index], scores, person_masks, self.name)
                         continue
                     visible = person_masks.reshape(len(person_masks), -1).any(axis=1)
                     if not visible.any():
                         return frame_index
                     # The persons still in view, with the scores of the boxes that seeded them.
-                    mattes[frame_index] = _merge(frames[frame_index], scores[visible], person_masks[visible],
+                    mattes[frame_index] = merge_persons(frames[frame_index], scores[visible], person_masks[visible],
                                                  self.name)
         return len(frames)
 
@@ -242,10 +243,6 @@ def _runs_of_one_size(frames: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
         run.append(frame)
     if run:
         yield run
-
-
-def _merge(frame: np.ndarray, scores: np.ndarray, person_masks: np.ndarray, model: str) -> Matte:
-    return merge_persons(frame, scores, person_masks, model)
 
 
 # -- random weights of the real architecture (tests, benchmarks) -------------------------------------
