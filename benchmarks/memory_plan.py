@@ -77,6 +77,7 @@ def child(options: dict) -> dict:
                     for name in ("target", "background", "pose")}
         pictures["reference"] = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
         pictures["reference_mask"] = torch.full((batch, 1, 224, 224), 255, dtype=torch.uint8)
+        pictures["background_mask"] = torch.zeros((batch, 1, resolution, resolution), dtype=torch.uint8)
         inputs = model_inputs(pictures)
         uniforms = torch.ones(batch, 3)
         uniforms[0, 0] = 0.0

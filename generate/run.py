@@ -38,10 +38,12 @@ class GenerateResult:
 
 def conditions_from_reference(pipeline: DisCoPipeline, reference: np.ndarray, size: int,
                               background: np.ndarray | None = None, annotator=None):
-    """Reference photo (and optional other scene) -> the CLIP input and background tensors."""
+    """Reference photo (and optional other scene) -> the CLIP input and background tensors (the
+    reference's own background has the person's hole, mid grey; another scene has none)."""
     matted = matte_reference(reference, size, annotator)
-    scene = matted.background if background is None else background
-    return reference_pixels(matted.image, matted.alpha), background_pixels(scene, size)
+    if background is None:
+        return reference_pixels(matted.image, matted.alpha), background_pixels(matted.background, size, matted.alpha)
+    return reference_pixels(matted.image, matted.alpha), background_pixels(background, size)
 
 
 def open_pipeline(checkpoint: Path, device: str, size: int | None) -> tuple[DisCoPipeline, int, int]:

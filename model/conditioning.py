@@ -2,7 +2,8 @@
 
 - reference: the foreground as CLIP sees it: a 224 x 224 square, normalised with CLIP's mean and
   std, then multiplied by the person mask;
-- background: the picture with the person removed, in [-1, 1], at the generated size;
+- background: the picture with the person removed, in [-1, 1], at the generated size, the person's
+  hole 0 (mid grey: ``[-1, 1] * (1 - mask)``, the value the official checkpoints were trained on);
 - pose: the skeleton picture in [0, 1], at the pose ControlNet's size (8 x the latent side).
 
 Training (from the data stream's tensors), generation and evaluation (from pictures) all go
@@ -81,14 +82,29 @@ def fit_pose(model, pose: torch.Tensor | None, latent_side: int) -> torch.Tensor
     return torch.nn.functional.interpolate(pose, size=(side, side), mode="bilinear", align_corners=False)
 
 
+def person_mask(alpha: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The person alpha in [0, 1] -> 1 where it is a person (alpha at least ``PERSON_ALPHA``, the
+    threshold the pipeline split foreground and background with), else 0."""
+    return (alpha * 255 >= PERSON_ALPHA - 0.5).to(dtype)
+
+
 def clip_input(pictures: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """N x 3 x 224 x 224 pictures in [0, 1] and the person alpha (N x 1 x 224 x 224, in [0, 1]) ->
-    the reference encoder's input: CLIP's mean and std, then the binary person mask (alpha at
-    least ``PERSON_ALPHA``, DESIGN.md)."""
+    the reference encoder's input: CLIP's mean and std, then the binary person mask (DESIGN.md)."""
     mean = torch.tensor(OPENAI_CLIP_MEAN, device=pictures.device).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD, device=pictures.device).view(1, 3, 1, 1)
-    person = (alpha * 255 >= PERSON_ALPHA - 0.5).to(pictures.dtype)
-    return (pictures - mean) / std * person
+    return (pictures - mean) / std * person_mask(alpha, pictures.dtype)
+
+
+def background_input(background: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """N x 3 x H x W backgrounds in [0, 1] and the person alpha at the same size (N x 1 x H x W, in
+    [0, 1]; None for a scene without a person cut out) -> the background ControlNet's input:
+    [-1, 1], then times (1 - person mask), so the hole is 0 (mid grey) as in the official code,
+    whose checkpoints were trained on it, not -1 (black)."""
+    pictures = background * 2 - 1
+    if alpha is None:
+        return pictures
+    return pictures * (1 - person_mask(alpha, pictures.dtype))
 
 
 def reference_picture(reference: torch.Tensor) -> torch.Tensor:
@@ -105,10 +121,13 @@ def reference_pixels(image: np.ndarray, alpha: np.ndarray, clip_size: int = 224)
     return clip_input(rgb, alpha).contiguous()
 
 
-def background_pixels(background: np.ndarray, size: int) -> torch.Tensor:
-    """RGB uint8 background (person pixels already 0) -> 1 x 3 x size x size in [-1, 1]."""
-    rgb = square(background, size).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+def background_pixels(background: np.ndarray, size: int, alpha: np.ndarray | None = None) -> torch.Tensor:
+    """RGB uint8 background and the person alpha cut out of it (0..255, same size; None for
+    another scene) -> 1 x 3 x size x size, ``background_input``'s values."""
+    rgb = torch.from_numpy(square(background, size).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    if alpha is not None:
+        alpha = torch.from_numpy(square(alpha, size, nearest=True).astype(np.float32) / 255.0)[None, None]
+    return background_input(rgb, alpha).contiguous()
 
 
 def pose_pixels(poses: list[np.ndarray] | np.ndarray, side: int) -> torch.Tensor:

@@ -170,7 +170,9 @@ class DisCoModel(ModelMixin, ConfigMixin):
         return self.reference_projection(hidden)
 
     def unconditional_reference(self, batch: int) -> torch.Tensor:
-        """The classifier-free-guidance reference: the CLIP encoding of an all-zero image."""
+        """The classifier-free-guidance reference: the CLIP encoding of an all-zero image, through
+        the trainable projection (with gradient when grad is on: the official code trains the
+        projection on it too)."""
         size = self.image_encoder.config.image_size
         param = next(self.reference_projection.parameters())
         zeros = torch.zeros(batch, 3, size, size, device=param.device, dtype=param.dtype)
@@ -206,8 +208,9 @@ class DisCoModel(ModelMixin, ConfigMixin):
 
         drop_ref = draw(self.config.reference_dropout)
         if drop_ref.any():
-            with torch.no_grad():
-                empty = self.unconditional_reference(1).to(reference_tokens.dtype)
+            # With gradient: a dropped sample trains the projection on the zero image's tokens,
+            # as the official code does (CLIP itself is frozen, so only the projection learns).
+            empty = self.unconditional_reference(1).to(reference_tokens.dtype)
             drop_ref = drop_ref.to(reference_tokens.device)
             reference_tokens = torch.where(drop_ref[:, None, None], empty, reference_tokens)
         drop_bg = draw(self.config.background_dropout).to(reference_tokens.device)
@@ -260,13 +263,15 @@ class DisCoModel(ModelMixin, ConfigMixin):
     # -- what trains ------------------------------------------------------------------------------
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """The parameters each stage trains (DESIGN.md): HAP trains the UNet's transformer blocks,
-        the projection and the background ControlNet; fine-tuning trains all but CLIP and the VAE."""
+        """The parameters each stage trains (DESIGN.md): HAP trains the UNet's transformer blocks
+        (``transformer_blocks``: not the ResNet blocks, and not the norm / ``proj_in`` /
+        ``proj_out`` of their Transformer2D wrappers, as the official "transblocks" setting), the
+        projection and the background ControlNet; fine-tuning trains all but CLIP and the VAE."""
         out = {}
         for name, param in self.named_parameters():
             if name.startswith(("vae.", "image_encoder.")):
                 continue
-            if self.config.variant == "pretrain" and name.startswith("unet.") and ".attentions." not in name:
+            if self.config.variant == "pretrain" and name.startswith("unet.") and ".transformer_blocks." not in name:
                 continue
             out[name] = param
         return out

@@ -138,9 +138,9 @@ def test_background_composition_replaces_the_scene(pipeline, inputs, tmp_path):
     other_ref, other_bg = conditions_from_reference(pipeline, person, SIZE, background=scene)
     assert torch.equal(own_ref, other_ref)  # the person is the same
     assert torch.equal(other_bg, background_pixels(scene, SIZE))
-    # The own background has the person cut out (black = -1 in [-1, 1]).
+    # The own background has the person cut out: mid grey (0 in [-1, 1]), the official value.
     person_pixels = torch.from_numpy(matted.alpha >= 128)
-    assert (own_bg[0][:, person_pixels] == -1).all() and person_pixels.float().mean() > 0.1
+    assert (own_bg[0][:, person_pixels] == 0).all() and person_pixels.float().mean() > 0.1
     result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
                   "--pose", inputs / "dance.mp4", "--background", inputs / "scene.png", "--output", tmp_path / "a.mp4",
                   "--steps", 2, "--size", SIZE, "--max-frames", 2)

@@ -301,6 +301,7 @@ def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision
                     for n in ("target", "background", "pose")}
         pictures["reference"] = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
         pictures["reference_mask"] = torch.full((batch, 1, 224, 224), 255, dtype=torch.uint8)
+        pictures["background_mask"] = torch.zeros((batch, 1, side, side), dtype=torch.uint8)
         inputs = model_inputs(pictures)
         latent = (batch, 4, side // 4, side // 4)
         uniforms = torch.ones(batch, 3)

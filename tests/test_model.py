@@ -75,7 +75,14 @@ def test_one_optimiser_step_changes_exactly_the_documented_parameters(variant):
     unet_changed = {n for n in changed if n.startswith("unet.")}
     if variant == "pretrain":
         assert model.pose_controlnet is None
-        assert unet_changed and all(".attentions." in n for n in unet_changed)
+        # The official "transblocks" set: the transformer blocks only, not the Transformer2D
+        # wrappers' norm / proj_in / proj_out, nor the ResNet blocks.
+        assert unet_changed and all(".transformer_blocks." in n for n in unet_changed)
+        wrappers = {n for n in trainable if n.startswith("unet.") and ".attentions." in n
+                    and ".transformer_blocks." not in n}
+        assert not wrappers
+        assert any(n.startswith("unet.") and n.endswith(("proj_in.weight", "attentions.0.norm.weight"))
+                   for n in before)
         assert any(n.startswith("unet.") and ".resnets." in n for n in before) and not any(".resnets." in n for n in unet_changed)
     else:
         assert any(".resnets." in n for n in unet_changed) and any(n.startswith("pose_controlnet.") for n in changed)
@@ -193,6 +200,21 @@ def test_condition_dropout_is_per_sample():
     # Default probability 0.05 for the reference, none for pose and background.
     default = DisCoModel.from_architecture("tiny", variant="pretrain")
     assert (default.config.reference_dropout, default.config.pose_dropout) == (0.05, 0.0)
+
+
+def test_a_dropped_reference_trains_the_projection_on_the_zero_image():
+    """Official CFG training: the zero image's CLIP tokens go through the trainable projection with
+    gradient, so a batch whose every reference is dropped still moves the projection."""
+    torch.manual_seed(5)
+    model = DisCoModel.from_architecture("tiny", variant="pretrain", reference_dropout=1.0)
+    model.set_trainable()
+    reference = torch.randn(2, 257, 32)  # kept references would be these; every one is dropped
+    tokens, _, _ = model.drop_conditions(reference, torch.zeros(2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tokens, model.unconditional_reference(2).detach())
+    tokens.square().sum().backward()
+    grad = model.reference_projection.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.image_encoder.parameters())
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

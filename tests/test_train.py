@@ -89,6 +89,36 @@ def test_finetune_pairs_every_target_with_its_clips_first_frame(triplets):
     assert len({bytes(b.numpy().tobytes()) for b in hap["background"]}) == FRAMES + 2
 
 
+def test_the_background_hole_is_mid_grey_in_training_and_generation(triplets):
+    """Official value of the person's hole in the background condition: [-1, 1] * (1 - mask) = 0
+    (mid grey), not the -1 (black) that scaling the stored picture alone gives. Training (from
+    the stream) and generation / evaluation (``background_pixels``) give the same tensor."""
+    from disco.model.conditioning import background_pixels
+
+    batch = _stream(triplets, batch=2)
+    inputs = model_inputs(batch)
+    rows = _rows_by_frame(triplets["video"])
+    side = rows[0]["height"]
+    box = crop_box(side, side, "finetune", 0, augment=False)
+    alpha = apply_box(decode_picture(rows[0]["mask"], grayscale=True), box, RES)
+    person = torch.from_numpy(alpha >= 128)
+    assert 0.05 < person.float().mean() < 0.9
+    background = inputs["background"][0]
+    assert (background[:, person] == 0).all()
+    outside = background[:, ~person]
+    assert outside.min() < -0.2 and outside.max() > 0.2  # the scene keeps its values
+    # Generation and evaluation: the same rule on the reference's own background and alpha.
+    stored, cut = decode_picture(rows[0]["background"]), decode_picture(rows[0]["mask"], grayscale=True)
+    generated = background_pixels(stored, RES, cut)[0]
+    from disco.model.conditioning import square
+
+    hole = torch.from_numpy(square(cut, RES, nearest=True) >= 128)
+    assert hole.any() and (generated[:, hole] == 0).all()
+    plain = background_pixels(stored, RES)[0]  # another scene: nothing is cut out
+    assert torch.equal(generated[:, ~hole], plain[:, ~hole])
+    assert (plain[:, hole] < -0.9).float().mean() > 0.8  # black there (bar the edge's blend)
+
+
 def test_random_reference_mode_draws_frames_of_the_same_clip(triplets):
     batch = _stream(triplets, ref_mode="random")
     rows = _rows_by_frame(triplets["video"])
@@ -147,7 +177,7 @@ def test_training_and_generation_mask_the_clip_reference_alike():
     trained = model_inputs({k: torch.from_numpy(v)[None] for k, v in
                             {"target": np.zeros((3, 8, 8), np.uint8), "background": np.zeros((3, 8, 8), np.uint8),
                              "pose": np.zeros((3, 8, 8), np.uint8), "reference": image.transpose(2, 0, 1).copy(),
-                             "reference_mask": alpha[None]}.items()})["reference"]
+                             "reference_mask": alpha[None], "background_mask": np.zeros((1, 8, 8), np.uint8)}.items()})["reference"]
     assert torch.equal(trained, generated)
     kept = (generated != 0).any(1)[0]
     assert not kept[:, 127 - 16].any() and kept[:, 128 - 16:].all()  # alpha 127 out, 128 in (the contract)

@@ -236,6 +236,7 @@ def _meta_batch(model: DisCoModel, batch: int, resolution: int) -> tuple[dict, d
                 for name in ("target", "background", "pose")}
     pictures["reference"] = torch.empty(batch, 3, CLIP_SIZE, CLIP_SIZE, dtype=torch.uint8, device=meta)
     pictures["reference_mask"] = torch.empty(batch, 1, CLIP_SIZE, CLIP_SIZE, dtype=torch.uint8, device=meta)
+    pictures["background_mask"] = torch.empty(batch, 1, resolution, resolution, dtype=torch.uint8, device=meta)
     inputs = model_inputs(pictures, meta)
     side = resolution // vae_factor(model)
     latent = (batch, model.unet.config.in_channels, side, side)

@@ -105,6 +105,8 @@ def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, see
         "pose": np.zeros((n, 3, resolution, resolution), np.uint8),
         "reference": np.zeros((n, 3, CLIP_SIZE, CLIP_SIZE), np.uint8),
         "reference_mask": np.zeros((n, 1, CLIP_SIZE, CLIP_SIZE), np.uint8),
+        # The reference's alpha at the background's size: the background's person hole.
+        "background_mask": np.zeros((n, 1, resolution, resolution), np.uint8),
     }
     for i in range(n):
         try:
@@ -120,9 +122,10 @@ def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, see
             out["background"][i] = _chw(apply_box(ref["background"], ref_box, resolution))
             out["reference"][i] = _chw(apply_box(ref["foreground"], ref_box, CLIP_SIZE))
             out["reference_mask"][i] = _chw(apply_box(ref["mask"], ref_box, CLIP_SIZE))
+            out["background_mask"][i] = _chw(apply_box(ref["mask"], ref_box, resolution))
             out["ok"][i] = True
         except Exception:  # noqa: BLE001 - any undecodable row is skipped and counted, never fatal
-            for key in ("target", "background", "pose", "reference", "reference_mask"):
+            for key in ("target", "background", "pose", "reference", "reference_mask", "background_mask"):
                 out[key][i] = 0
     return out
 
