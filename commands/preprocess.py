@@ -121,6 +121,7 @@ Input = Annotated[Path, typer.Option("--input", "-i", help="Folder (or single fi
 Source = Annotated[Optional[str], typer.Option(help=SOURCE_HELP)]
 Manifest = Annotated[Optional[Path], typer.Option(help=MANIFEST_HELP)]
 CocoSinglePerson = Annotated[bool, typer.Option(help="coco: keep only images with exactly one annotated person.")]
+SplitRuleName = Annotated[Optional[str], typer.Option(help="A named split rule of the data set's manifest instead of its own (tiktok: official, the official DisCo code's split).")]
 Weights = Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help=WEIGHTS_HELP)]
 DeviceOption = Annotated[Device, typer.Option(help=DEVICE_HELP)]
 SamModelOption = Annotated[SamModel, typer.Option(help="SAM variant for grounded-sam.")]
@@ -164,6 +165,7 @@ def preprocess(
     image_format: Annotated[ImageFormat, typer.Option(help="Encoding of image, foreground and background (mask and pose are always PNG).")] = D.image_format,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = D.jpeg_quality,
     split: Annotated[Optional[Split], typer.Option(help="Split written for every row. Default: the data set manifest's split rule; train for video and images.")] = None,
+    split_rule: SplitRuleName = None,
     min_visibility: Annotated[float, typer.Option(help="Minimum detection score (nose and shoulder visibility) for a person.")] = D.min_visibility,
     joint_threshold: Annotated[float, typer.Option(help="Minimum visibility for a joint to be stored with a confidence (else 0).")] = D.joint_threshold,
     min_mask_area: Annotated[float, typer.Option(help="Minimum fraction of the picture the person mask must cover.")] = D.min_mask_area,
@@ -197,6 +199,7 @@ def filter_humans(
     keep_rejects: Annotated[bool, typer.Option(help="Write every rejected picture's reason, score, area and person count to rejects/*.parquet.")] = D.keep_rejects,
     coco_single_person: CocoSinglePerson = D.coco_single_person,
     split: Annotated[Optional[Split], typer.Option(help="Split written for every row (default: the manifest's split rule).")] = None,
+    split_rule: SplitRuleName = None,
     matting: Annotated[Matting, typer.Option(help=MATTING_HELP)] = D.matting,
     weights: Weights = D.weights,
     device: DeviceOption = D.device,
@@ -237,7 +240,7 @@ def filter_humans(
     config = PreprocessConfig(
         source=source_name(source, manifest), input=input, output=output, manifest=manifest, matting=plain(matting),
         pose="auto" if with_pose else "none", hands=with_pose, max_side=max_side, image_format=plain(image_format),
-        split=plain(split) or D.split, split_from_manifest=split is None, min_visibility=min_score,
+        split=plain(split) or D.split, split_from_manifest=split is None, split_rule=split_rule, min_visibility=min_score,
         min_mask_area=min_area, segment_frames=segment_frames, shard_rows=shard_rows, actors=actors,
         ray_address=ray_address, overwrite=overwrite, coco_single_person=coco_single_person, human_filter=True,
         max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=plain(device),

@@ -69,6 +69,8 @@ class PreprocessConfig:
     # With a data set source the manifest's split rule decides each row's split; set False to
     # write ``split`` on every row instead (the CLI does when --split is given).
     split_from_manifest: bool = True
+    # A named split rule of the data set's manifest (e.g. tiktok's ``official``); None: its own.
+    split_rule: str | None = None
     coco_single_person: bool = False
     # filter-humans: rejected frames are counted by reason (no_person, too_small, too_many_people).
     human_filter: bool = False
@@ -81,6 +83,11 @@ class PreprocessConfig:
                               "or describe a new data set with --manifest")
         if self.source in ("video", "images") and self.manifest is not None:
             raise ConfigError(f"--manifest describes a data set; the generic {self.source!r} source takes none")
+        if self.split_rule is not None and self.source in ("video", "images"):
+            raise ConfigError(f"--split-rule picks a data set manifest's split rule; the generic {self.source!r} "
+                              "source has none (use --split)")
+        if self.split_rule is not None and not self.split_from_manifest:
+            raise ConfigError("give --split (one split for every row) or --split-rule (the manifest's rule), not both")
         if self.coco_single_person and self.source != "coco" and self.manifest is None:
             raise ConfigError("--coco-single-person only applies to --source coco")
         if self.max_persons is not None and self.max_persons < 1:
@@ -144,6 +151,8 @@ class PreprocessConfig:
             # Only where it decides the masks: an output written before SAM 2 existed resumes as it was.
             params["sam2_model"] = self.sam2_model
         params.update(self._dataset_params())
+        if self.split_rule is not None:  # only when given: an output written before it resumes as it was
+            params["split_rule"] = self.split_rule
         return params
 
     def _dataset_params(self) -> dict:

@@ -86,6 +86,36 @@ def test_tiktok_frame_folders_and_videos_are_listed_with_the_held_out_split(tmp_
     assert {i.split for i in _list("tiktok", root, split="test", split_from_manifest=False).items} == {"test"}
 
 
+def test_tiktok_official_split_rule_is_the_official_loaders_ranges(tmp_path):
+    """--split-rule official: what the official TikTok loader reads, range(1, 335) to train and
+    range(335, 340) to test, so 00340 is in neither; the default rule stays ours."""
+    from PIL import Image
+
+    for seq in ("00001", "00002", "00334", "00335", "00339", "00340"):
+        for k in range(2):
+            layouts.save(tmp_path / "tiktok" / seq / "images" / f"{k:04d}.png", Image.new("RGB", (8, 8)))
+    official = _list("tiktok", tmp_path / "tiktok", split_rule="official")
+    assert {i.clip_id: i.split for i in official.items} == {
+        "00001": "train", "00002": "train", "00334": "train", "00335": "test", "00339": "test"}
+    assert official.filtered == {"excluded_by_split_rule": 1}
+    assert official.dataset["split_rule_name"] == "official" and "00340" in official.dataset["split_rule"]
+    ours = _list("tiktok", tmp_path / "tiktok")
+    assert {i.clip_id: i.split for i in ours.items}["00002"] == "test" and len(ours.items) == 6
+    assert ours.dataset["split_rule_name"] == "default"
+    # The official rule over every public name: 334 train, 5 test, 1 left out.
+    manifest = builtin_manifest("tiktok").with_split_rule("official")
+    names = [f"{k:05d}" for k in range(1, 341)]
+    assert [n for n in names if n in manifest.splits.test] == [f"{k:05d}" for k in range(335, 340)]
+    assert manifest.splits.exclude == ["00340"]
+    with pytest.raises(ConfigError, match="default, official"):
+        _list("tiktok", tmp_path / "tiktok", split_rule="theirs")
+    with pytest.raises(ConfigError, match="not both"):
+        _list("tiktok", tmp_path / "tiktok", split_rule="official", split="test", split_from_manifest=False)
+    # The rule joins the resume options only when given.
+    cfg = PreprocessConfig(source="tiktok", input=tmp_path / "tiktok", output=tmp_path / "o", split_rule="official")
+    assert cfg.output_params()["split_rule"] == "official"
+
+
 def test_coco_splits_by_folder_and_single_person_reads_the_annotations(tmp_path):
     root = layouts.coco(tmp_path / "coco")
     listing = _list("coco", root)

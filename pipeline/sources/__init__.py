@@ -13,10 +13,10 @@ GENERIC_SOURCES = ("video", "images")
 
 
 def resolve_manifest(cfg) -> DatasetManifest:
-    """The manifest a run uses: ``--manifest`` if given, else the built-in one for ``--source``."""
-    if cfg.manifest is not None:
-        return load_manifest(cfg.manifest)
-    return builtin_manifest(cfg.source)
+    """The manifest a run uses: ``--manifest`` if given, else the built-in one for ``--source``,
+    with the split rule ``--split-rule`` names (default: the manifest's own)."""
+    manifest = load_manifest(cfg.manifest) if cfg.manifest is not None else builtin_manifest(cfg.source)
+    return manifest.with_split_rule(getattr(cfg, "split_rule", None))
 
 
 def list_source(cfg, log=print) -> Listing:

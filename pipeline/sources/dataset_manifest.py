@@ -21,6 +21,7 @@ from disco.pipeline.errors import ConfigError
 
 LAYOUT_KINDS = ("images", "video", "frames", "webdataset", "parquet")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DEFAULT_SPLIT_RULE = "default"  # the name of a manifest's own split rule
 CLIP_TEMPLATES = ("{clip}", "{stem}", "{path}")
 
 
@@ -90,17 +91,35 @@ class Layout(_Strict):
         return self
 
 
-class Splits(_Strict):
+class SplitRule(_Strict):
     default: Literal["train", "test"] = "train"
     # Clip ids that are held out; every other clip gets ``default`` (unless its layout fixes one).
     test: list[str] = []
+    # Clip ids the rule leaves out of both splits (they are not listed at all).
+    exclude: list[str] = []
     rule: str = Field(min_length=1)
 
-    @field_validator("test", mode="before")
+    @field_validator("test", "exclude", mode="before")
     @classmethod
     def _strings(cls, value):
         # YAML reads 00002 as an int unless quoted; clip ids are names, so keep them as written.
         return [str(v) for v in (value or [])]
+
+
+class Splits(SplitRule):
+    """The data set's own split rule, and other rules by name (``preprocess --split-rule NAME``),
+    e.g. the one an official code base used."""
+
+    named: dict[str, SplitRule] = {}
+
+    @field_validator("named")
+    @classmethod
+    def _names(cls, named):
+        for name in named:
+            if not NAME_RE.match(name) or name == DEFAULT_SPLIT_RULE:
+                raise ValueError(f"split rule name {name!r} must be lower-case letters, digits, '-' or '_', "
+                                 f"and not {DEFAULT_SPLIT_RULE!r}")
+        return named
 
 
 class Expected(_Strict):
@@ -128,6 +147,8 @@ class DatasetManifest(_Strict):
     # Where the manifest was read from, and a digest of its text (a resume must use the same one).
     origin: str = ""
     digest: str = ""
+    # Which split rule ``splits`` holds: the manifest's own, or one of its named rules.
+    split_rule: str = DEFAULT_SPLIT_RULE
 
     @field_validator("name")
     @classmethod
@@ -148,12 +169,27 @@ class DatasetManifest(_Strict):
             return layout.split
         return "test" if clip_id in self.splits.test else self.splits.default
 
+    def split_rules(self) -> list[str]:
+        return [DEFAULT_SPLIT_RULE, *self.splits.named]
+
+    def with_split_rule(self, name: str | None) -> "DatasetManifest":
+        """This manifest with split rule ``name`` (None or ``default``: its own) in ``splits``."""
+        if name in (None, DEFAULT_SPLIT_RULE):
+            return self
+        if name not in self.splits.named:
+            raise ConfigError(f"--split-rule {name!r}: the {self.name} manifest has the split rules "
+                              f"{', '.join(self.split_rules())}")
+        rule = self.splits.named[name]
+        return self.model_copy(update={"splits": Splits(**rule.model_dump(), named=self.splits.named),
+                                       "split_rule": name})
+
     def summary(self) -> dict:
         """What the output manifest records about the data set."""
         return {
             "name": self.name, "manifest": self.origin, "sha256": self.digest,
             "provenance": self.provenance.model_dump(exclude_none=True),
-            "split_rule": self.splits.rule, "test_clips": len(self.splits.test),
+            "split_rule_name": self.split_rule, "split_rule": self.splits.rule, "test_clips": len(self.splits.test),
+            "excluded_clips": len(self.splits.exclude),
             "expected": self.expected.model_dump(exclude_none=True),
         }
 

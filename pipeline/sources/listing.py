@@ -108,6 +108,7 @@ class _Lister:
                         self.seen.add(match.rel)
                         matches.append(match)
             getattr(self, f"_{layout.kind}")(layout, matches)
+        self._exclude()
         self._dedupe_clip_ids()
         return Listing(items=self.items, ignored=self.ignored, filtered=dict(self.filtered),
                        dataset={**self.manifest.summary(), "listed_by_layout": dict(self.by_layout),
@@ -207,6 +208,15 @@ class _Lister:
             raise ConfigError(f"--coco-single-person needs COCO annotations; none of "
                               f"{', '.join(layout.annotations)} exists under {self.base}")
         return None
+
+    def _exclude(self):
+        """Clips the split rule leaves out of both splits (a --split for every row keeps them)."""
+        excluded = set(self.manifest.splits.exclude)
+        if excluded and not self.split_override:
+            kept = [i for i in self.items if i.clip_id not in excluded]
+            if len(kept) < len(self.items):
+                self.filtered["excluded_by_split_rule"] += len(self.items) - len(kept)
+            self.items = kept
 
     def _dedupe_clip_ids(self):
         # Two files with the same clip id would share sample ids: keep their full paths instead.
