@@ -73,6 +73,9 @@ def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, 
     assert frames.std() > 1  # a picture, not a blank
     pair, _ = read_video(tmp_path / "out_side_by_side.mp4")
     assert pair.shape == (POSE_FRAMES, SIZE, 2 * SIZE, 3)
+    for video in (out, tmp_path / "out_side_by_side.mp4"):  # what browsers play
+        assert _codec(video) == ("h264", "yuv420p", True)
+    assert np.abs(pair[:, :, SIZE:].astype(int) - frames).mean() < 8  # pose | generated (each encoded once)
     pngs = sorted((tmp_path / "frames").glob("*.png"))
     assert len(pngs) == POSE_FRAMES and np.asarray(Image.open(pngs[0])).shape == (SIZE, SIZE, 3)
     record = json.loads(out.with_suffix(".json").read_text())
@@ -288,3 +291,30 @@ def test_mediapipes_native_start_up_notices_stay_out_of_the_terminal():
     assert "after the annotator" in result.stderr
     for notice in ("XNNPACK", "absl::InitializeLog", "inference_feedback_manager"):
         assert notice not in result.stderr, result.stderr
+
+
+def _codec(path) -> tuple[str, str, bool]:
+    """The video stream's codec and pixel format (PyAV), and whether the index (moov) comes before
+    the media data (mdat): ``+faststart``, so a browser starts playing before the whole file is in."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        codec, pixels = stream.codec_context.name, stream.codec_context.pix_fmt
+    head = path.read_bytes()
+    return codec, pixels, 0 < head.find(b"moov") < head.find(b"mdat")
+
+
+def test_videos_are_h264_yuv420p_with_the_index_first_and_odd_sides_padded(tmp_path):
+    from disco.generate.video import write_video as write_h264
+
+    frames = np.stack(pan_zoom_frames(data.astronaut(), 6, 64))[:, :63, :61]  # odd sides
+    path = write_h264(tmp_path / "clip.mp4", frames, 25.0)
+    assert _codec(path) == ("h264", "yuv420p", True)
+    back, fps = read_video(path)
+    assert back.shape == (6, 64, 62, 3) and fps == pytest.approx(25.0)
+    assert np.abs(back[:, :63, :61].astype(int) - frames).mean() < 8  # 4:2:0 chroma on a 64 px picture
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+    with pytest.raises(ValueError, match="no frames"):
+        write_h264(tmp_path / "empty.mp4", [], 25.0)
+    assert not (tmp_path / "empty.mp4").exists()
