@@ -27,6 +27,8 @@ class PreprocessConfig:
     pose: str = "auto"
     hands: bool = True
     pose_style: str = "openpose"
+    # A One-Euro filter over each joint of a video unit's poses (pipeline/annotators/smoothing.py).
+    smooth_poses: bool = False
     fps: float = 30.0
     max_side: int = 512
     min_side: int = 32
@@ -146,6 +148,8 @@ class PreprocessConfig:
         )
         params = {k: getattr(self, k) for k in keys}
         params["input"] = str(Path(self.input).resolve())
+        if self.smooth_poses:  # only when on: an output written before it resumes as it was
+            params["smooth_poses"] = True
         params["backends"] = {k: self.resolved.get(k) for k in ("matting", "pose")}
         if params["backends"]["matting"] == "sam2":
             # Only where it decides the masks: an output written before SAM 2 existed resumes as it was.

@@ -28,7 +28,7 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
     """The plain-dict settings shipped to Ray tasks and actors."""
     keys = ("fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality", "pose_style",
             "hands", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames", "shard_rows",
-            "row_group_rows")
+            "row_group_rows", "smooth_poses")
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"],
                     backend_options=backend_options(cfg),

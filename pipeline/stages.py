@@ -23,7 +23,7 @@ from disco.pipeline.decode import (
     probe_video,
     target_size,
 )
-from disco.pipeline.annotators import Annotation
+from disco.pipeline.annotators import SEQUENCE_KINDS, Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.store.encode import build_row
 from disco.pipeline.errors import error_record, failed_unit, input_error
@@ -140,13 +140,17 @@ def finish_unit(unit: dict, kept: list[MattedFrame], annotator, settings: dict, 
     annotator.begin_unit(unit, resume=True)  # right after its matting (CPU pipeline): results kept
     rows: list[dict] = []
     path = unit["input_path"]
+    posed = []
     for frame_index, timestamp, frame, row_unit, matte in kept:
-        sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
         try:
-            pose = annotator.pose_of(frame)
+            posed.append((frame_index, timestamp, frame, row_unit, matte, annotator.pose_of(frame)))
         except Exception as exc:  # a model failing on one frame must not sink the unit
+            sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
             errors.append(error_record("pose", type(exc).__name__, str(exc), path, sid))
-            continue
+    if settings.get("smooth_poses") and unit.get("kind") in SEQUENCE_KINDS:
+        posed = smooth_unit_poses(posed, settings["fps"])
+    for frame_index, timestamp, frame, row_unit, matte, pose in posed:
+        sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
         try:
             rows.append(
                 build_row(row_unit, frame_index, timestamp, frame, Annotation(matte, pose, True),
@@ -159,6 +163,41 @@ def finish_unit(unit: dict, kept: list[MattedFrame], annotator, settings: dict, 
     record = {"input_path": path, "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
               "frames": frames, "rows": len(rows), "skipped": dict(skipped), "errors": len(errors)}
     return UnitResult(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), record, errors, rejects)
+
+
+def smooth_unit_poses(posed: list[tuple], fps: float) -> list[tuple]:
+    """``--smooth-poses``: the One-Euro filter over the poses of a video unit's frames (tuples
+    ending in the frame's ``Pose`` or None). Tracks run through consecutive frame indices only:
+    a frame without a person (not kept) or without a pose breaks them, so nothing is carried over
+    a gap. Body and hands are smoothed; the face is kept as found."""
+    from disco.pipeline.annotators.base import Pose
+    from disco.pipeline.annotators.smoothing import smooth_track
+
+    out = list(posed)
+    runs: list[list[int]] = []
+    for i, item in enumerate(posed):
+        if item[-1] is None:
+            continue
+        if runs and runs[-1][-1] == i - 1 and posed[i - 1][0] == item[0] - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    for run in runs:
+        poses = [posed[i][-1] for i in run]
+        height = posed[run[0]][2].shape[0]
+        # The frames' own rate (a slower source is not up-sampled to --fps): from their times.
+        times = [posed[i][1] for i in run]
+        span = times[-1] - times[0] if len(run) > 1 and None not in times else 0.0
+        rate = (len(run) - 1) / span if span > 0 else fps
+        body = smooth_track(np.stack([p.body for p in poses]), rate, height)
+        with_hands = all(p.hands is not None for p in poses)
+        hands = smooth_track(np.stack([p.hands.reshape(-1, 3) for p in poses]), rate, height) if with_hands else None
+        for k, i in enumerate(run):
+            pose = poses[k]
+            smoothed = Pose(body=body[k], hands=hands[k].reshape(pose.hands.shape) if with_hands else pose.hands,
+                            face=pose.face)
+            out[i] = (*posed[i][:-1], smoothed)
+    return out
 
 
 def failed_result(unit: dict, stage: str, exc: BaseException) -> UnitResult:
