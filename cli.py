@@ -9,7 +9,7 @@ import warnings
 
 import typer
 
-from disco.commands import convert_weights, demo, evaluate, generate, preprocess, report, train
+from disco.commands import convert_official, convert_weights, demo, evaluate, generate, preprocess, report, train
 from disco.commands.terminal import OneLineErrors
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ for command, name in (
     (report.doctor, "doctor"),
     (report.inspect, "inspect"),
     (convert_weights.convert_weights, "convert-weights"),
+    (convert_official.convert_official, "convert-official"),
     (train.model_info, "model-info"),
     (generate.generate, "generate"),
     (generate.export, "export"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from disco.pipeline.errors import ConfigError
-from disco.model.checkpoint import clean_temporary, list_checkpoints
+from disco.model.checkpoint import STATE_FILE, clean_temporary, list_checkpoints
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
 from disco.train.data import build_index
@@ -59,6 +59,10 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
         clean_temporary(run)
         checkpoints = list_checkpoints(run)
         checkpoint = checkpoints[max(checkpoints)] if checkpoints else None
+        if checkpoint is not None and "converted_from" in json.loads((checkpoint / STATE_FILE).read_text()):
+            raise ConfigError(f"--resume: {run} holds a converted official checkpoint (`disco-cli convert-official`), "
+                              "with no optimizer state to resume; start a run from it with --init-from (HAP) "
+                              "or use it in generate / evaluate")
         cfg = _resumed_schedule(cfg, saved, max(checkpoints) if checkpoints else 0)
     else:
         if (run / RUN_CONFIG_FILE).exists() or list_checkpoints(run):
@@ -81,6 +85,12 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
     cfg = cfg.updated({"data": [_absolute(d) for d in cfg.data], "init_from": _absolute(cfg.init_from),
                        "pretrained": _absolute(cfg.pretrained)})
     cfg.validate()
+    if cfg.stage == "finetune" or cfg.pose_style is not None or cfg.hands is not None:
+        # The run's pose drawing, recorded in its config.yaml (generate and evaluate use it).
+        from disco.train.data.pose import resolve_pose_setting
+
+        style, hands = resolve_pose_setting(cfg.data, cfg.pose_style, cfg.hands)
+        cfg = cfg.updated({"pose_style": style, "hands": hands})
     if checkpoint is not None and cfg.max_steps <= int(checkpoint.name.split("-")[1]):
         raise ConfigError(f"{checkpoint.name} is already at --max-steps {cfg.max_steps}; raise --max-steps to train on")
     return cfg, checkpoint
@@ -142,6 +152,10 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
 
     cfg, checkpoint = resolve(cfg, given)
     index = build_index(cfg.data, cfg.split)  # fails early, with a clear message, on empty data
+    if cfg.stage == "finetune":
+        from disco.train.data.pose import render_plan
+
+        render_plan(cfg.data, index.files, cfg.pose_style, cfg.hands)  # data it cannot draw: fails here
     run = Path(cfg.output)
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(run)
