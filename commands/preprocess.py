@@ -157,7 +157,7 @@ def preprocess(
     batch_size: BatchSize = D.batch_size,
     matting_gpus: Annotated[Optional[float], typer.Option(help="GPUs per matting actor of the GPU pipeline (default 0.5 on CUDA).")] = D.matting_gpus,
     pose_gpus: Annotated[Optional[float], typer.Option(help="GPUs per pose actor of the GPU pipeline (default 0.5 on CUDA).")] = D.pose_gpus,
-    pose_style: Annotated[PoseStyle, typer.Option(help="Skeleton colours: openpose, or disco (red/blue swapped as in the official renders).")] = D.pose_style,
+    pose_style: Annotated[PoseStyle, typer.Option(help="Skeleton drawing: openpose, or disco (the official DisCo drawing: body only, joints first, limbs blended over them 0.4 / 0.6).")] = D.pose_style,
     smooth_poses: Annotated[bool, typer.Option("--smooth-poses/--no-smooth-poses", help="Smooth each joint's track through a video (One-Euro filter, confidence-aware; stills are never smoothed). Recorded in the manifest.")] = D.smooth_poses,
     fps: Annotated[float, typer.Option(help="Frame rate to resample videos to (a slower source is never up-sampled).")] = D.fps,
     max_side: MaxSide = D.max_side,

@@ -43,14 +43,16 @@ class PoseSequence:
     empty: int = 0  # frames where no person was found (black skeleton)
 
 
-def make_annotator(with_pose: bool):
-    """The pipeline's annotators, resolved as ``preprocess`` resolves ``auto``."""
+def make_annotator(with_pose: bool, hands: bool | None = None):
+    """The pipeline's annotators, resolved as ``preprocess`` resolves ``auto`` (hands found unless
+    ``hands`` is False)."""
     from disco.pipeline.annotators import FrameAnnotator, resolve_backends
 
     backends = resolve_backends("auto", "auto" if with_pose else "none")
     # `auto` may pick the paper-faithful backends (CUDA and $DISCO_WEIGHTS): build them from what
     # it resolved, the weights folder and device included.
-    return FrameAnnotator(backends["matting"], backends["pose"], _DEFAULTS["hands"] and with_pose,
+    hands = _DEFAULTS["hands"] if hands is None else hands
+    return FrameAnnotator(backends["matting"], backends["pose"], hands and with_pose,
                           _DEFAULTS["min_visibility"], _DEFAULTS["min_mask_area"], _DEFAULTS["joint_threshold"],
                           weights=backends["weights"], device=backends["device"])
 
@@ -83,8 +85,10 @@ def matte_reference(image: np.ndarray, size: int, annotator=None) -> Reference:
 
 
 def poses_from_video(path: str | Path, side: int, fps: float | None = None, annotator=None,
-                     style: str | None = None, batch: int = 32) -> PoseSequence:
-    """Every frame of a video (resampled to ``fps`` when given) -> a skeleton picture of ``side`` px."""
+                     style: str | None = None, batch: int = 32, hands: bool | None = None) -> PoseSequence:
+    """Every frame of a video (resampled to ``fps`` when given) -> a skeleton picture of ``side`` px,
+    drawn in ``style`` with or without ``hands`` (default: the preprocessing defaults)."""
+    hands = _DEFAULTS["hands"] if hands is None else hands
     path = Path(path)
     if not path.is_file():
         raise GenerateInputError(f"pose video {path} does not exist")
@@ -94,7 +98,7 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
     indices = info.resample(fps or info.fps)
     own = annotator is None
-    annotator = annotator or make_annotator(with_pose=True)
+    annotator = annotator or make_annotator(with_pose=True, hands=hands)
     analysed = max(side, MIN_ANNOTATE_SIDE)
     frames, empty = [], 0
     try:
@@ -104,8 +108,9 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
                 pose = annotator.annotate(square(frame, analysed)).pose
                 empty += pose is None
                 body = None if pose is None else scale_keypoints(pose.body, side / analysed)
-                hands = None if pose is None or pose.hands is None else scale_keypoints(pose.hands, side / analysed)
-                frames.append(render_pose(side, side, body, hands, style=style or _DEFAULTS["pose_style"]))
+                drawn = None if not hands or pose is None or pose.hands is None else \
+                    scale_keypoints(pose.hands, side / analysed)
+                frames.append(render_pose(side, side, body, drawn, style=style or _DEFAULTS["pose_style"]))
     except InputError as exc:
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
     finally:
@@ -148,10 +153,54 @@ def clip_fps(rows: list[dict], default: float = 30.0) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def poses_from_triplets(triplets: str | Path, clip: str, side: int) -> PoseSequence:
-    """The stored pose pictures of a preprocessed clip, squared to ``side`` px."""
-    rows = read_clip(triplets, clip, ["pose", "timestamp_s"])
-    if any(r["pose"] is None for r in rows):
-        raise GenerateInputError(f"clip {clip!r} was preprocessed with --pose none: it has no pose pictures")
-    frames = [square(decode_picture(r["pose"]), side) for r in rows]
+# What ``pose_pictures`` reads of each row: the stored picture, and what to draw one from.
+POSE_READ_COLUMNS = ("pose", "width", "height", "body_keypoints", "hand_keypoints", "face_keypoints")
+
+
+def pose_pictures(triplets: str | Path, rows: list[dict], style: str | None = None, hands: bool | None = None,
+                  clip: str = "") -> list[np.ndarray]:
+    """The pose pictures (stored size) of ``rows`` of the preprocessed folder ``triplets`` (read
+    with ``POSE_READ_COLUMNS``) in ``style`` / ``hands`` (default: as stored): the stored pictures
+    where the folder's manifest says they are drawn so, else drawn from the stored keypoints.
+    Stored pictures of another drawing with no keypoints to redraw them are refused."""
+    from disco.pipeline.store.pose import data_pose, row_pose
+
+    data = data_pose(triplets)
+    style = style or data.style
+    hands = data.hands if hands is None else hands
+    if check_pose_folder(triplets, style, hands):
+        if any(r["pose"] is None for r in rows):
+            raise GenerateInputError(f"clip {clip!r} was preprocessed with --pose none: it has no pose pictures")
+        return [decode_picture(r["pose"]) for r in rows]
+    if any(r["body_keypoints"] is None for r in rows):
+        raise _other_drawing(triplets, data.style, style)
+    return [row_pose(r["width"], r["height"], r["body_keypoints"], r["hand_keypoints"], r["face_keypoints"],
+                     style, hands) for r in rows]
+
+
+def check_pose_folder(triplets: str | Path, style: str, hands: bool) -> bool:
+    """Whether the preprocessed folder ``triplets`` stores its pose pictures drawn in ``style`` /
+    ``hands`` (else they are drawn from its keypoints); a folder of another drawing without
+    keypoints (``--pose none``) is refused with one line, before any model loads."""
+    from disco.pipeline.store.pose import data_pose, same_drawing
+
+    data = data_pose(triplets)
+    if same_drawing(data, style, hands):
+        return True
+    if not data.keypoints:
+        raise _other_drawing(triplets, data.style, style)
+    return False
+
+
+def _other_drawing(triplets, stored: str, style: str) -> GenerateInputError:
+    return GenerateInputError(f"{triplets} holds {stored} pose pictures (or none) and no keypoints to draw the "
+                              f"model's {style} poses from; preprocess it with --pose-style {style}")
+
+
+def poses_from_triplets(triplets: str | Path, clip: str, side: int, style: str | None = None,
+                        hands: bool | None = None) -> PoseSequence:
+    """The pose pictures of a preprocessed clip in ``style`` / ``hands`` (``pose_pictures``),
+    squared to ``side`` px."""
+    rows = read_clip(triplets, clip, [*POSE_READ_COLUMNS, "timestamp_s"])
+    frames = [square(picture, side) for picture in pose_pictures(triplets, rows, style, hands, clip)]
     return PoseSequence(frames, fps=clip_fps(rows))

@@ -10,11 +10,12 @@ from typing import Callable
 
 import numpy as np
 
-from disco.model.checkpoint import load_checkpoint
+from disco.model.checkpoint import load_checkpoint, pose_setting
 from disco.generate.config import GenerateConfig
 from disco.model.conditioning import background_pixels, check_size, default_size, pose_pixels, pose_size, reference_pixels
 from disco.generate.inputs import (
     GenerateInputError,
+    check_pose_folder,
     matte_reference,
     poses_from_triplets,
     poses_from_video,
@@ -62,14 +63,18 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
              progress: Callable[[int, int], None] | None = None) -> GenerateResult:
     config.validate()
     started = time.time()
+    # The driving poses are drawn as the model's training poses were (its run's config.yaml).
+    style, hands = pose_setting(config.checkpoint)
+    if config.clip is not None:
+        check_pose_folder(config.pose, style, hands)  # pictures it cannot redraw: refused before the model loads
     pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size)
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
     reference_in, background_in = conditions_from_reference(pipeline, reference, size, background)
     if config.clip is not None:
-        poses = poses_from_triplets(config.pose, config.clip, side)
+        poses = poses_from_triplets(config.pose, config.clip, side, style=style, hands=hands)
     else:
-        poses = poses_from_video(config.pose, side, fps=config.fps)
+        poses = poses_from_video(config.pose, side, fps=config.fps, style=style, hands=hands)
     frames_in = poses.frames[:config.max_frames] if config.max_frames else poses.frames
     if poses.empty:
         log(f"{poses.empty} of {len(poses.frames)} pose frames show no person: they get an empty skeleton")

@@ -203,6 +203,23 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
     return model.to(device).eval()
 
 
+def pose_setting(path: str | Path) -> tuple[str, bool]:
+    """The pose drawing (style, hands) a model was trained on, which generate and evaluate draw
+    its driving poses with: from the run's ``config.yaml`` for a training run or one of its
+    checkpoints; OpenPose colours with hands (the preprocessing defaults) for a
+    ``save_pretrained`` folder or a run that recorded none."""
+    from disco.pipeline.store.pose import DEFAULT_HANDS, DEFAULT_STYLE
+
+    path = Path(path)
+    run = path if (path / RUN_CONFIG_FILE).exists() else path.parent
+    config = run / RUN_CONFIG_FILE
+    if is_pretrained_folder(path) or not config.exists():
+        return DEFAULT_STYLE, DEFAULT_HANDS
+    values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}
+    hands = values.get("hands")
+    return str(values.get("pose_style") or DEFAULT_STYLE), DEFAULT_HANDS if hands is None else bool(hands)
+
+
 def is_pretrained_folder(path: Path) -> bool:
     """A ``DisCoModel.save_pretrained`` folder: its config names the class and the weights are safetensors."""
     config = path / "config.json"

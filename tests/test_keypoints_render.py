@@ -67,10 +67,14 @@ def test_render_draws_openpose_colours_only_for_present_limbs():
     assert render_pose(100, 120, np.zeros((18, 3))).max() == 0
 
 
-def test_disco_style_swaps_red_and_blue():
+def test_disco_style_is_the_official_drawing_not_a_channel_swap():
+    # The official DisCo code stores its colour triples as RGB, as the openpose style does; what
+    # differs is the order and blending (tests/test_pose_style.py checks it pixel for pixel).
     standard = render_pose(100, 120, _body_line())
     disco = render_pose(100, 120, _body_line(), style="disco")
-    np.testing.assert_array_equal(disco, standard[..., ::-1])
+    neck_rshoulder = BODY_LIMBS.index((1, 2))
+    assert disco[20, 35].tolist() == standard[20, 35].tolist() == [int(c * 0.6) for c in BODY_COLORS[neck_rshoulder]]
+    assert not np.array_equal(disco, standard[..., ::-1])
     assert not np.array_equal(disco, standard)
 
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from disco.train.data.index import REFERENCE_COLUMNS
+from disco.train.data.index import REFERENCE_COLUMNS, DataError
 from disco.train.data.order import sample_seed
 from disco.train.data.read import LRU
 
@@ -76,23 +76,40 @@ def _reference(batch: dict, i: int) -> dict:
     return decoded
 
 
+def _rendered_pose(batch: dict, i: int, shape: tuple, pose_render: dict) -> np.ndarray:
+    """Sample ``i``'s pose picture drawn from its keypoints in the run's style, at the size of
+    its stored image (``shape``)."""
+    from disco.pipeline.store.pose import row_pose
+
+    body = batch["body_keypoints"][i]
+    if body is None:  # its stored picture is of another drawing, so it cannot stand in
+        raise DataError(f"a row has no keypoints to draw its {pose_render['style']} pose from, and its stored "
+                        "pose picture is drawn otherwise; train with the data's own --pose-style / --hands")
+    return row_pose(shape[1], shape[0], body, batch["hand_keypoints"][i], batch["face_keypoints"][i],
+                    pose_render["style"], pose_render["hands"])
+
+
 def _chw(picture: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(picture.transpose(2, 0, 1)) if picture.ndim == 3 else picture[None]
 
 
-def decode_samples(blocks: pa.Table, stage: str, resolution: int, augment: bool, seed: int) -> Iterator[dict]:
+def decode_samples(blocks: pa.Table, stage: str, resolution: int, augment: bool, seed: int,
+                   pose_render: dict | None = None) -> Iterator[dict]:
     """The decode stage: each row of ``blocks`` (one encoded block of ``read_samples``) -> one row
     holding the block's uint8 pictures, cropped alike. A sample that fails to decode is kept with
     ``ok = False`` and zero pictures, so the loop can count it and skip it. The work runs at the
-    lowest CPU priority (``at_low_priority``)."""
+    lowest CPU priority (``at_low_priority``). ``pose_render``: the run's pose drawing, for the
+    samples the read stage marked ``render`` (their pose picture is drawn from their keypoints at
+    the stored image's size, then cropped as the target is)."""
     for row in blocks.to_pylist():
-        out = at_low_priority(_decode_samples, row, stage, resolution, augment, seed)
+        out = at_low_priority(_decode_samples, row, stage, resolution, augment, seed, pose_render)
         out["read_bytes"] = np.asarray(row["read_bytes"], np.int64)
         out["reference_bytes"] = np.asarray(row["reference_bytes"], np.int64)
         yield {name: value[None] for name, value in out.items()}
 
 
-def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int) -> dict:
+def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int,
+                    pose_render: dict | None = None) -> dict:
     from disco.pipeline.store.encode import decode_picture
     from disco.train.augment import CLIP_SIZE, apply_box, crop_box, scale_box
 
@@ -114,9 +131,13 @@ def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, see
             box = crop_box(image.shape[0], image.shape[1], stage, sample_seed(seed, out["position"][i]), augment)
             out["target"][i] = _chw(apply_box(image, box, resolution))
             if stage == "finetune":
-                if batch["pose"][i] is None:
+                if pose_render is not None and batch.get("render", [False] * n)[i]:
+                    pose = _rendered_pose(batch, i, image.shape, pose_render)
+                elif batch["pose"][i] is None:
                     raise ValueError("the row has no pose picture (preprocessed with --pose none)")
-                out["pose"][i] = _chw(apply_box(decode_picture(batch["pose"][i]), box, resolution))
+                else:
+                    pose = decode_picture(batch["pose"][i])
+                out["pose"][i] = _chw(apply_box(pose, box, resolution))
             ref = _reference(batch, i)
             ref_box = scale_box(box, image.shape[:2], ref["background"].shape[:2])
             out["background"][i] = _chw(apply_box(ref["background"], ref_box, resolution))
@@ -124,6 +145,8 @@ def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, see
             out["reference_mask"][i] = _chw(apply_box(ref["mask"], ref_box, CLIP_SIZE))
             out["background_mask"][i] = _chw(apply_box(ref["mask"], ref_box, resolution))
             out["ok"][i] = True
+        except DataError:  # the run's pose cannot be drawn for this data: the run stops, saying why
+            raise
         except Exception:  # noqa: BLE001 - any undecodable row is skipped and counted, never fatal
             for key in ("target", "background", "pose", "reference", "reference_mask", "background_mask"):
                 out[key][i] = 0

@@ -201,17 +201,25 @@ def _encoded_references(keys: list[tuple[str, int, int]], store: str | None = No
     return found, read
 
 
-def read_samples(spec: pa.Table, stage: str, block: int, store: str | None = None) -> Iterator[pa.Table]:
+def read_samples(spec: pa.Table, stage: str, block: int, store: str | None = None,
+                 pose_render: dict | None = None) -> Iterator[pa.Table]:
     """The read stage: one task per window of the order (``spec``: the locators of its samples).
     Reads each row group the samples lie in once, only the columns training uses, and yields the
     samples' encoded pictures in stream order, each with its reference's pictures, in blocks of
     ``block`` samples. A block is one row of list columns, so Ray Data ships it as it is (see
     ``SampleStream._configure``). The first carries the bytes this task read from Parquet
     (``read_bytes`` for the samples' row groups, ``reference_bytes`` for reference rows), for the
-    stream's accounting; ``store``: the name of the data set's ``ReferenceStore``."""
+    stream's accounting; ``store``: the name of the data set's ``ReferenceStore``. ``pose_render``
+    (``train/data/pose.py``, ``render_plan``): the samples of its files also carry their keypoints
+    and ``render = True``, for the decode stage to draw their pose picture."""
     paths = spec.column("path").to_pylist()
     groups = spec.column("group").to_pylist()
     columns = list(TARGET_COLUMNS[stage])
+    rendering = stage == "finetune" and pose_render is not None
+    if rendering:
+        from disco.pipeline.store.pose import KEYPOINT_COLUMNS
+
+        columns += KEYPOINT_COLUMNS
     parts, offsets, read, base = [], {}, 0, 0
     for key in dict.fromkeys(zip(paths, groups)):
         try:
@@ -231,6 +239,13 @@ def read_samples(spec: pa.Table, stage: str, block: int, store: str | None = Non
     reference_read = 0
     if stage == "finetune":
         out["pose"] = taken.column("pose")
+        if rendering:
+            from disco.pipeline.store.pose import KEYPOINT_COLUMNS
+
+            drawn = set(pose_render["files"])
+            out["render"] = pa.array([path in drawn for path in paths], pa.bool_())
+            for column in KEYPOINT_COLUMNS:
+                out[column] = taken.column(column)
         keys = list(zip(spec.column("ref_path").to_pylist(), spec.column("ref_group").to_pylist(),
                         spec.column("ref_row").to_pylist()))
         encoded, reference_read = _encoded_references(keys, store)

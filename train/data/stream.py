@@ -46,7 +46,7 @@ class SampleStream:
     def __init__(self, index: TripletIndex, *, stage: str, ref_mode: str, resolution: int, augment: bool,
                  seed: int, batch: int, rank: int = 0, world: int = 1, position: int = 0, shards: int | None = None,
                  data_cpus: float = 0.25, data_tasks: int = 2, prefetch_batches: int = 2, device=None,
-                 startup_timeout_s: float | None = None):
+                 startup_timeout_s: float | None = None, pose_render: dict | None = None):
         shards = shards or world
         if shards % world:
             raise DataError(f"{shards} data shards cannot be shared evenly by {world} workers; make data_shards "
@@ -61,6 +61,8 @@ class SampleStream:
         self.read_bytes, self.reference_bytes = 0, 0
         self.data_cpus, self.data_tasks = data_cpus, data_tasks
         self.prefetch_batches, self.device = prefetch_batches, device
+        # train/data/pose.py ``render_plan``: the files whose pose pictures are drawn from keypoints.
+        self.pose_render = pose_render
         self.startup_timeout_s = STARTUP_TIMEOUT_S if startup_timeout_s is None else startup_timeout_s
         self._plan = StreamPlan(index, seed, shards, batch * world)
         self._first_shard = rank * (shards // world)
@@ -135,7 +137,9 @@ class SampleStream:
             row_group = metadata.row_group(group)
             footer = 0 if path in opened else min(64 << 10, os.path.getsize(path))  # pyarrow reads 64 KiB
             opened.add(path)
-            return sum(row_group.column(index[c]).total_compressed_size for c in columns), footer, row_group.num_rows
+            # A list column (the keypoints) is stored as its leaf column ("name.list.element").
+            return (sum(row_group.column(i).total_compressed_size for name, i in index.items()
+                        if name.split(".")[0] in columns), footer, row_group.num_rows)
 
         start = self.position
         while counts["samples"] < samples:
@@ -146,7 +150,7 @@ class SampleStream:
             for key in keys:
                 uses[key] += 1
             for (path, group), used in uses.items():
-                nbytes, footer, rows = chunks(path, group, TARGET_COLUMNS[self.stage])
+                nbytes, footer, rows = chunks(path, group, self._read_columns())
                 counts["target_bytes"] += nbytes
                 counts["footer_bytes"] += footer
                 counts["needed_bytes"] += used * nbytes / rows
@@ -160,6 +164,14 @@ class SampleStream:
             counts["samples"] += end - start
             start = end
         return counts
+
+    def _read_columns(self) -> tuple[str, ...]:
+        """The columns the read tasks read of a sample's row group (``read_samples``)."""
+        if self.stage == "finetune" and self.pose_render is not None:
+            from disco.pipeline.store.pose import KEYPOINT_COLUMNS
+
+            return (*TARGET_COLUMNS[self.stage], *KEYPOINT_COLUMNS)
+        return TARGET_COLUMNS[self.stage]
 
     # -- Ray Data -----------------------------------------------------------------------------------
 
@@ -232,11 +244,12 @@ class SampleStream:
             # would read and decode a whole window, and as blocks stay in order the next window's
             # task could not decode ahead of it.
             .map_batches(read_samples, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=1,
-                         fn_kwargs=dict(stage=self.stage, block=self.samples_per_block, store=self._reference_store()))
+                         fn_kwargs=dict(stage=self.stage, block=self.samples_per_block, store=self._reference_store(),
+                                        pose_render=self.pose_render))
             .map_batches(decode_samples, batch_size=None, batch_format="pyarrow", num_cpus=self.data_cpus,
                          concurrency=self.data_tasks,
                          fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment,
-                                        seed=self.seed))
+                                        seed=self.seed, pose_render=self.pose_render))
         )
         self._configure(dataset.context)
         return dataset

@@ -1,0 +1,62 @@
+"""How a data folder's ``pose`` pictures were drawn, and drawing a row's pose from its keypoints.
+
+The stored keypoints (``body_keypoints``, ``hand_keypoints``, ``face_keypoints``, pixels of the
+stored image) are the truth; the ``pose`` PNG is a cache of one rendering of them, the one the
+preprocessing run's ``--pose-style`` / ``--hands`` asked for (its ``manifest.json`` records them).
+A consumer that wants another drawing (a training run, generate, evaluate) draws it from the
+keypoints with the one renderer (``pipeline/annotators/render.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from disco.pipeline.annotators.render import render_pose
+
+MANIFEST_FILE = "manifest.json"
+# What `disco-cli preprocess` draws when nothing is said (PreprocessConfig's defaults); also the
+# setting of a data folder without a manifest and of a run that recorded none.
+DEFAULT_STYLE, DEFAULT_HANDS = "openpose", True
+KEYPOINT_COLUMNS = ("body_keypoints", "hand_keypoints", "face_keypoints")
+
+
+@dataclass(frozen=True)
+class DataPose:
+    """How one data folder's ``pose`` pictures were drawn."""
+
+    style: str = DEFAULT_STYLE
+    hands: bool = DEFAULT_HANDS
+    keypoints: bool = True  # False: preprocessed with --pose none (no pose picture, no keypoints)
+
+
+def data_pose(folder: str | Path) -> DataPose:
+    """The pose drawing ``folder``'s manifest recorded (the preprocessing defaults without one)."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        return DataPose()
+    from disco.pipeline.store.manifest import read_manifest
+
+    manifest = read_manifest(path)
+    params = manifest.get("parameters") or {}
+    backend = (params.get("backends") or manifest.get("backends") or {}).get("pose")
+    return DataPose(style=params.get("pose_style", DEFAULT_STYLE), hands=bool(params.get("hands", DEFAULT_HANDS)),
+                    keypoints=backend != "none")
+
+
+def same_drawing(data: DataPose, style: str, hands: bool) -> bool:
+    """Whether ``data``'s stored pictures are what ``style`` / ``hands`` draws (the disco style
+    draws no hands, so there the hands setting does not matter)."""
+    return data.style == style and (style == "disco" or data.hands == hands)
+
+
+def row_pose(width: int, height: int, body, hands, face, style: str, with_hands: bool) -> np.ndarray:
+    """One row's pose picture (H x W x 3 uint8 RGB) drawn from its stored keypoints."""
+    if body is None:
+        raise ValueError("the row has no body keypoints to draw its pose from")
+    body = np.asarray(body, np.float32).reshape(18, 3)
+    hands = np.asarray(hands, np.float32).reshape(2, 21, 3) if with_hands and hands is not None else None
+    face = np.asarray(face, np.float32).reshape(-1, 3) if face is not None else None
+    return render_pose(width, height, body, hands, style=style, face=face)
