@@ -13,6 +13,7 @@ from rich.table import Table
 from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults, plain, print_error, usage_error
 from disco.model.configs import CONFIGS
 from disco.train.config import DEFAULT_LR, PRECISIONS, REF_MODES, STAGES, TrainConfig
+from disco.train.presets import PRESETS
 
 
 def run_training(cfg, given: set[str] | None = None, show_progress: bool = True) -> dict:
@@ -79,9 +80,34 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
 
 
 
+def configured(preset: str | None, config: Path | None, given: dict, resume: bool) -> TrainConfig:
+    """The run's configuration: the defaults, then the preset (``--preset``, or a ``preset`` key of
+    the YAML), then the ``--config`` YAML, then the flags. Giving the gradient accumulation
+    (YAML or flag) drops the preset's global batch."""
+    from disco.pipeline.errors import ConfigError, read_options_yaml
+    from disco.train.presets import preset_values
+
+    if config and not Path(config).exists():
+        raise ConfigError(f"config file {config} does not exist")
+    values = read_options_yaml(config) if config else {}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    preset = preset or values.get("preset")
+    if preset and resume:
+        raise ConfigError("--preset starts a run; a resumed run keeps the configuration it was started with")
+    cfg = TrainConfig()
+    if preset:
+        cfg = cfg.updated({**preset_values(preset), "preset": preset}, origin=f"--preset {preset}")
+    cfg = cfg.updated(values, origin=str(config))
+    if "grad_accum" in {**values, **given} and "global_batch" not in values:
+        cfg = cfg.updated({"global_batch": None})
+    return cfg.updated({**given, "resume": resume})
+
+
 T = defaults(TrainConfig)
+PresetName = choices("preset", PRESETS)
 Stage = choices("stage", STAGES)
 RefMode = choices("reference mode", REF_MODES)
+PoseStyle = choices("pose style", ("openpose", "disco"))
 Precision = choices("mixed precision", PRECISIONS)
 Architecture = choices("architecture", CONFIGS)
 
@@ -127,8 +153,11 @@ def train(
     pretrained: Annotated[Optional[Path], typer.Option(help="Local sd-image-variations folder (diffusers layout) to start from.")] = None,
     model: Annotated[Optional[Architecture], typer.Option(help="Start from random weights of a named architecture instead.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from this pre-training (HAP) run: its UNet, projection and background ControlNet.")] = None,
+    preset: Annotated[Optional[PresetName], typer.Option(help="The paper's recipe: disco-hap (pre-training) or disco-finetune; sets the stage, resolution, optimizer, learning rate and schedule, steps, global batch (made up by gradient accumulation on fewer GPUs), precision, checkpointing, crops and pose style. --config and flags override it; README lists each value and its source.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options (dashes or underscores); flags override it.")] = None,
     ref_mode: Annotated[Optional[RefMode], typer.Option(help=f"Fine-tuning reference frame: first (the clip's first frame) or random (default {T.ref_mode}).")] = None,
+    pose_style: Annotated[Optional[PoseStyle], typer.Option(help="Pose picture style: openpose or disco (the official DisCo drawing, body only). Default: the style the --data was preprocessed with; another style is drawn from the stored keypoints.")] = None,
+    hands: Annotated[Optional[bool], typer.Option("--hands/--no-hands", help="Draw the hands in openpose-style pose pictures (default: as the --data was preprocessed).")] = None,
     resolution: Annotated[Optional[int], typer.Option(help=f"Training resolution in pixels (default {T.resolution}).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help=f"Random crops of DisCo's recipe (default {_on(T.augment)}); off: centre crop.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps to train (default {T.max_steps}).")] = None,
@@ -161,7 +190,7 @@ def train(
 
     flags = dict(stage=plain(stage), data=[str(d) for d in data] if data else None, output=str(output) if output else None,
                  pretrained=str(pretrained) if pretrained else None, model=plain(model),
-                 init_from=str(init_from) if init_from else None, ref_mode=plain(ref_mode), resolution=resolution,
+                 init_from=str(init_from) if init_from else None, ref_mode=plain(ref_mode), pose_style=plain(pose_style), hands=hands, resolution=resolution,
                  augment=augment, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                  warmup_steps=warmup_steps, schedule_steps=schedule_steps, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
                  mixed_precision=plain(mixed_precision), gradient_checkpointing=gradient_checkpointing, seed=seed,
@@ -170,8 +199,7 @@ def train(
                  max_failures=max_failures)
     given = {k: v for k, v in flags.items() if v is not None}
     try:
-        cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
-        cfg = cfg.updated({**given, "resume": resume})
+        cfg = configured(plain(preset), config, given, resume)
     except ConfigError as exc:
         usage_error(str(exc))
     if dry_run:

@@ -402,7 +402,10 @@ def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
 
 def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: tiny\nresolution: {RES}\nbatch-size: 4\nlr: 5.0e-4\nmax_steps: 2\nsample_every: 1000\nsample_steps: 2\n")
+    # The paper's HAP recipe, shrunk by the YAML (which also gives the accumulation: no global
+    # batch of 2048 then) and the flags.
+    config.write_text(f"preset: disco-hap\nmodel: tiny\nresolution: {RES}\nbatch-size: 4\nlr: 5.0e-4\nmax_steps: 2\n"
+                      "grad_accum: 1\nsample_every: 1000\nsample_steps: 2\n")
     run = tmp_path / "hap"
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--data",
@@ -414,6 +417,7 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     saved = load_run_config(run)
     assert (saved.batch_size, saved.lr, saved.stage, saved.model_seed) == (2, 5e-4, "pretrain", 0)
     assert (saved.mixed_precision, saved.gradient_checkpointing) == ("bf16", True)
+    assert (saved.preset, saved.official_weight_decay, saved.global_batch, saved.grad_accum) == ("disco-hap", True, None, 1)
     assert len(saved.data) == 2 and list_checkpoints(run) and load_model(run).pose_controlnet is None
     # The same output again without --resume, and --resume at the end: one-line usage errors.
     again = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--output",

@@ -35,12 +35,20 @@ class TrainConfig:
     model_seed: int | None = None
     init_from: str | None = None
     ref_mode: str = "first"
+    # The pose picture fine-tuning trains on: its style (openpose | disco) and whether hands are
+    # drawn. None: what the --data folders' manifest.json recorded; fixed when the run starts,
+    # and what generate / evaluate draw for this run (train/data/pose.py).
+    pose_style: str | None = None
+    hands: bool | None = None
     split: str = "train"
     resolution: int = 256
     augment: bool = True
     max_steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
+    # The samples per optimizer step over all workers; when set, ``grad_accum`` is derived from it
+    # (global_batch / (batch_size x num_workers)). The presets set it; --grad-accum clears it.
+    global_batch: int | None = None
     lr: float | None = None
     warmup_steps: int | None = None  # default: 10% of schedule_steps (fixed when the run starts)
     # Length of the learning-rate schedule (warm-up, then linear decay to 0 at this step). Fixed
@@ -51,6 +59,10 @@ class TrainConfig:
     # decays linearly from factor x lr to 0 at schedule_steps.
     decay_from: list[float] | None = None
     weight_decay: float = 1e-3
+    # AdamW's weight decay skips biases and norm weights, as the official parameter groups do.
+    official_weight_decay: bool = False
+    # The paper recipe the run started from (train/presets.py); recorded, the values are the fields.
+    preset: str | None = None
     adam_betas: tuple[float, float] = (0.9, 0.98)
     max_grad_norm: float | None = None
     ema_decay: float | None = None
@@ -107,6 +119,10 @@ class TrainConfig:
     # -- derived values -------------------------------------------------------------------------
 
     @property
+    def _from_preset(self) -> str:
+        return f" (of --preset {self.preset})" if self.preset else ""
+
+    @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
 
@@ -135,6 +151,13 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "num_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.global_batch is not None:
+            per_step = self.batch_size * self.num_workers
+            if self.global_batch < per_step or self.global_batch % per_step:
+                raise ConfigError(f"the global batch {self.global_batch}{self._from_preset} is not a multiple of "
+                                  f"--batch-size {self.batch_size} x --num-workers {self.num_workers}; change one "
+                                  "of them, or give --grad-accum")
+            self.grad_accum = self.global_batch // per_step
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError("--ema-decay must be between 0 and 1")
         return self
@@ -155,6 +178,8 @@ class TrainConfig:
                 raise ConfigError(f"--init-from {self.init_from} is not a training run (no {RUN_CONFIG_FILE})")
         if self.ref_mode not in REF_MODES:
             raise ConfigError(f"unknown --ref-mode {self.ref_mode!r}; choose first or random")
+        if self.pose_style not in (None, "openpose", "disco"):
+            raise ConfigError(f"unknown --pose-style {self.pose_style!r}; choose openpose or disco")
         for name in ("max_steps", "checkpoint_every", "keep", "sample_every", "log_every", "sample_steps",
                      "schedule_length"):
             if getattr(self, name) < 1:
@@ -171,7 +196,8 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise ConfigError("--lr must be positive")
         if self.mixed_precision == "fp16" and not self.use_gpu:
-            raise ConfigError("--mixed-precision fp16 needs --use-gpu (on CPU use bf16)")
+            raise ConfigError(f"--mixed-precision fp16{self._from_preset} needs --use-gpu (on CPU give "
+                              "--mixed-precision bf16)")
         if self.use_gpu:
             import torch
 

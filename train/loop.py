@@ -26,7 +26,7 @@ from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
 from disco.train.data import SampleStream, build_index
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
-from disco.train.objective import DiffusionObjective, apply_update, sample_draws
+from disco.train.objective import DiffusionObjective, apply_update, parameter_groups, sample_draws
 from disco.train.sampling import write_sample_grid
 
 POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
@@ -126,7 +126,8 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
         objective.to(device)
     names = list(model.trainable_parameters())
     params = list(model.trainable_parameters().values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model.trainable_parameters(), cfg), lr=cfg.learning_rate,
+                                  betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     ema = None
@@ -154,7 +155,13 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             loss_sum.fill_(float(window["loss_sums"][rank]))
 
     index = build_index(cfg.data, cfg.split)
-    stream = SampleStream(index, stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution,
+    pose_render = None
+    if cfg.stage == "finetune":
+        from disco.train.data.pose import render_plan
+
+        pose_render = render_plan(cfg.data, index.files, cfg.pose_style or "openpose",
+                                  True if cfg.hands is None else cfg.hands)
+    stream = SampleStream(index, stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution, pose_render=pose_render,
                           augment=cfg.augment, seed=cfg.seed, batch=cfg.batch_size, rank=rank, world=world,
                           position=position, shards=cfg.data_shards or world,
                           data_cpus=loop_config.get("data_cpus", 0.25),

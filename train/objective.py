@@ -53,6 +53,21 @@ def sample_draws(positions: torch.Tensor, seed: int, latent_shape: tuple, timest
     }
 
 
+# The official optimizer's no-decay names (substrings of a parameter's name): biases and norm weights.
+NO_DECAY = ("bias", "LayerNorm.weight", "norm.weight", "norm1.weight", "norm2.weight")
+
+
+def parameter_groups(named: dict[str, torch.nn.Parameter], cfg) -> list[dict]:
+    """AdamW's parameter groups: one group decayed by ``cfg.weight_decay``; with
+    ``cfg.official_weight_decay`` the official code's split, biases and norm weights (``NO_DECAY``)
+    in a second group without weight decay."""
+    if not cfg.official_weight_decay:
+        return [{"params": list(named.values())}]
+    decay = [p for n, p in named.items() if not any(word in n for word in NO_DECAY)]
+    plain = [p for n, p in named.items() if any(word in n for word in NO_DECAY)]
+    return [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float | None) -> None:
     """One optimizer update from the accumulated gradients: unscale and clip (when asked), step
     through the loss scaler (a no-op without fp16), clear, advance the schedule and the EMA."""
