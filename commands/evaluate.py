@@ -10,11 +10,13 @@ from rich.console import Console
 from rich.table import Table
 
 from disco.commands.terminal import check_device, choices, console, defaults, plain, usage_error
-from disco.evaluate.config import METRICS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError, NetworkConfig, parse_metrics
+from disco.evaluate.config import (METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
+                                   NetworkConfig, parse_metrics)
 
 E = defaults(EvaluateConfig)
 NETS = defaults(NetworkConfig)
 VideoNet = choices("video network", VIDEO_NET_NAMES)
+Protocol = choices("protocol", PROTOCOLS)
 
 
 def evaluate(
@@ -29,10 +31,13 @@ def evaluate(
     weights: Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help="Folder holding the feature networks' files under their standard names.")] = NETS.weights,
     inception: Annotated[Optional[Path], typer.Option(help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth).")] = NETS.inception,
     vgg16: Annotated[Optional[Path], typer.Option(help="VGG-16 ImageNet weights for LPIPS (torchvision vgg16-397923af.pth).")] = NETS.vgg16,
-    fid_vid_net: Annotated[Optional[Path], typer.Option(help="Weights of the FID-VID video network (default r3d_18-b3b3357e.pth).")] = NETS.fid_vid_net,
-    fvd_net: Annotated[Optional[Path], typer.Option(help="Weights of the FVD video network (default s3d-d76dad2f.pth).")] = NETS.fvd_net,
-    fid_vid_arch: Annotated[VideoNet, typer.Option(help="FID-VID network.")] = NETS.fid_vid_arch,
-    fvd_arch: Annotated[VideoNet, typer.Option(help="FVD network.")] = NETS.fvd_arch,
+    fid_vid_net: Annotated[Optional[Path], typer.Option(help="Weights of the FID-VID video network (r3d_18-b3b3357e.pth; with --protocol disco resnet-50-kinetics.pth).")] = NETS.fid_vid_net,
+    fvd_net: Annotated[Optional[Path], typer.Option(help="Weights of the FVD video network (s3d-d76dad2f.pth; with --protocol disco i3d_pretrained_400.pt).")] = NETS.fvd_net,
+    protocol: Annotated[Protocol, typer.Option(help="ours: the corrected evaluation; disco: the official DisCo scripts exactly (3D ResNet-50 / I3D, LPIPS on [0, 1], uint8 PSNR, their video clips).")] = E.protocol,
+    fid_vid_arch: Annotated[Optional[VideoNet], typer.Option(help="FID-VID network (default: the protocol's, r3d_18 or resnet3d50).")] = NETS.fid_vid_arch,
+    fvd_arch: Annotated[Optional[VideoNet], typer.Option(help="FVD network (default: the protocol's, s3d or i3d).")] = NETS.fvd_arch,
+    lpips_legacy: Annotated[Optional[bool], typer.Option("--lpips-legacy/--no-lpips-legacy", help="LPIPS on images in [0, 1] as the official script (default: on with --protocol disco).")] = E.lpips_legacy,
+    psnr_legacy: Annotated[Optional[bool], typer.Option("--psnr-legacy/--no-psnr-legacy", help="PSNR of uint8 differences that wrap around, as the official script (default: on with --protocol disco).")] = E.psnr_legacy,
     batch_size: Annotated[int, typer.Option(help="Frames (or 16-frame clips) per forward pass; also frames generated at once with --run.")] = E.batch_size,
     steps: Annotated[int, typer.Option(help="With --run: DDIM steps.")] = E.steps,
     guidance_scale: Annotated[float, typer.Option(help="With --run: guidance scale.")] = E.guidance_scale,
@@ -51,7 +56,8 @@ def evaluate(
         config = EvaluateConfig(
             output=output, pred=pred, gt=gt, run=run, data=data, split=split, work_dir=work_dir,
             metrics=parse_metrics(metrics), batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
-            seed=seed, size=size, max_frames=max_frames, device=device,
+            seed=seed, size=size, max_frames=max_frames, device=device, protocol=plain(protocol),
+            lpips_legacy=lpips_legacy, psnr_legacy=psnr_legacy,
             networks=NetworkConfig(weights=weights, inception=inception, vgg16=vgg16, fid_vid_net=fid_vid_net,
                                    fvd_net=fvd_net, fid_vid_arch=plain(fid_vid_arch), fvd_arch=plain(fvd_arch)),
         )
@@ -61,11 +67,24 @@ def evaluate(
     except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
         usage_error(str(exc))
     counts = report["counts"]
-    table = Table(title="scores")
+    table = Table(title=f"scores (--protocol {config.protocol})")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("computed with")
+    official = {"resnet3d50": "resnet3d50 (3D ResNet-50, official)", "i3d": "i3d (I3D logits, official)"}
+    how = {"fid": "Inception 2015-12-05", "ssim": "grayscale", "l1": "/ (H x W)",
+           "psnr": "uint8, wrapping (official)" if config.psnr_legacy else "float64",
+           "lpips": "VGG, [0, 1] (official)" if config.lpips_legacy else "VGG, [-1, 1]",
+           "fid-vid": official.get(config.networks.fid_vid_arch, config.networks.fid_vid_arch),
+           "fvd": official.get(config.networks.fvd_arch, config.networks.fvd_arch)}
     for name, value in report["metrics"].items():
-        table.add_row(name.upper(), f"{value:.3e}" if name == "l1" else f"{value:.4f}")
+        table.add_row(name.upper(), f"{value:.3e}" if name == "l1" else f"{value:.4f}", how[name])
     Console().print(table)
-    console.print(f"{counts['sequences']} sequences, {counts['frames']} frames, {counts['clips']} clips of 16 frames; "
+    clips = counts["clips"]
+    if isinstance(clips, dict):  # --protocol disco: per video metric
+        clips = ", ".join(f"{m.upper()} {counts['video_samples'][m]} samples from {n} clips" for m, n in clips.items())
+        clips = clips or "no video metric"
+    else:
+        clips = f"{clips} clips of 16 frames"
+    console.print(f"{counts['sequences']} sequences, {counts['frames']} frames, {clips}; "
                   f"report: {output.resolve()}")

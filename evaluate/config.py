@@ -9,9 +9,17 @@ from pathlib import Path
 
 METRICS = ("fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd")
 # The video networks FID-VID and FVD can use (built in evaluate/networks.py), and the defaults.
-VIDEO_NET_NAMES = ("r3d_18", "r2plus1d_18", "mc3_18", "s3d")
+VIDEO_NET_NAMES = ("r3d_18", "r2plus1d_18", "mc3_18", "s3d", "resnet3d50", "i3d")
 FID_VID_NET = "r3d_18"
 FVD_NET = "s3d"
+# --protocol: "ours" (default) is the corrected evaluation; "disco" reproduces the official DisCo
+# scripts: their video networks, LPIPS fed [0, 1] images, PSNR on uint8 differences (which wrap
+# around, as in the script behind the paper's table) and their cutting of videos into clips.
+PROTOCOLS = ("ours", "disco")
+PROTOCOL_DEFAULTS = {
+    "ours": {"fid_vid_arch": FID_VID_NET, "fvd_arch": FVD_NET, "lpips_legacy": False, "psnr_legacy": False},
+    "disco": {"fid_vid_arch": "resnet3d50", "fvd_arch": "i3d", "lpips_legacy": True, "psnr_legacy": True},
+}
 
 
 class EvaluateInputError(ValueError):
@@ -27,8 +35,9 @@ class NetworkConfig:
     vgg16: Path | None = None
     fid_vid_net: Path | None = None
     fvd_net: Path | None = None
-    fid_vid_arch: str = FID_VID_NET
-    fvd_arch: str = FVD_NET
+    # None: EvaluateConfig.validate sets its --protocol's network (alone, FID_VID_NET and FVD_NET)
+    fid_vid_arch: str | None = None
+    fvd_arch: str | None = None
 
     def files(self, metrics: list[str]) -> dict[str, Path]:
         """The weight file of every requested metric that needs one; a missing file raises WeightsError."""
@@ -37,8 +46,8 @@ class NetworkConfig:
         wanted = {
             "fid": (self.inception, N.INCEPTION_FILE, "--inception"),
             "lpips": (self.vgg16, N.VGG16_FILE, "--vgg16"),
-            "fid-vid": (self.fid_vid_net, N.VIDEO_NETS[self.fid_vid_arch].filename, "--fid-vid-net"),
-            "fvd": (self.fvd_net, N.VIDEO_NETS[self.fvd_arch].filename, "--fvd-net"),
+            "fid-vid": (self.fid_vid_net, N.VIDEO_NETS[self.fid_vid_arch or FID_VID_NET].filename, "--fid-vid-net"),
+            "fvd": (self.fvd_net, N.VIDEO_NETS[self.fvd_arch or FVD_NET].filename, "--fvd-net"),
         }
         return {m: N.weight_file(wanted[m][0], self.weights, wanted[m][1], wanted[m][2])
                 for m in metrics if m in wanted}
@@ -54,9 +63,9 @@ class NetworkConfig:
         if "lpips" in files:
             built["lpips"] = N.lpips_vgg(files["lpips"])
         if "fid-vid" in files:
-            built["fid-vid"] = N.video_network(self.fid_vid_arch, files["fid-vid"])
+            built["fid-vid"] = N.video_network(self.fid_vid_arch or FID_VID_NET, files["fid-vid"])
         if "fvd" in files:
-            built["fvd"] = N.video_network(self.fvd_arch, files["fvd"])
+            built["fvd"] = N.video_network(self.fvd_arch or FVD_NET, files["fvd"])
         return built
 
 
@@ -82,6 +91,9 @@ class EvaluateConfig:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     networks: NetworkConfig = field(default_factory=NetworkConfig)
     batch_size: int = 16
+    protocol: str = "ours"  # PROTOCOLS; sets the defaults of the two legacy switches and the video networks
+    lpips_legacy: bool | None = None  # LPIPS on [0, 1] images as the official script (None: the protocol's)
+    psnr_legacy: bool | None = None  # PSNR of uint8 differences, wrapping, as the official script (None: the protocol's)
     # generation, for --run
     steps: int = 50
     guidance_scale: float = 1.5
@@ -97,6 +109,12 @@ class EvaluateConfig:
             raise EvaluateInputError("pass either --pred DIR --gt DIR, or --run RUN --data TRIPLETS_DIR")
         if self.run is not None and self.data is None:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
+        if self.protocol not in PROTOCOLS:
+            raise EvaluateInputError(f"unknown --protocol {self.protocol!r}; choose {' or '.join(PROTOCOLS)}")
+        for name, value in PROTOCOL_DEFAULTS[self.protocol].items():  # unset switches follow the protocol
+            holder = self.networks if name.endswith("_arch") else self
+            if getattr(holder, name) is None:
+                setattr(holder, name, value)
         if self.batch_size < 1:
             raise EvaluateInputError("--batch-size must be at least 1")
         for name in ("steps", "size", "max_frames"):

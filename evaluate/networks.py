@@ -6,6 +6,13 @@
 | LPIPS | VGG-16 (ImageNet, torchvision) + the LPIPS linear layers that ship in torchmetrics | ``vgg16-397923af.pth`` |
 | FID-VID | 3D ResNet-18 (torchvision ``r3d_18``, Kinetics-400), 112 px, pooled 512-d | ``r3d_18-b3b3357e.pth`` |
 | FVD | S3D (torchvision ``s3d``, Kinetics-400), 224 px, pooled 1024-d | ``s3d-d76dad2f.pth`` |
+| FID-VID (``--protocol disco``, ``--fid-vid-arch resnet3d50``) | the official one: 3D ResNet-50 (Hara et al., Kinetics-400), 16 x 112 px, 0..255 minus the Kinetics mean, pooled 2048-d | ``resnet-50-kinetics.pth`` |
+| FVD (``--protocol disco``, ``--fvd-arch i3d``) | the official one: I3D (Kinetics-400, the PyTorch port's ``InceptionI3d``), 224 px in [-1, 1], 400 logits averaged over time | ``i3d_pretrained_400.pt`` |
+
+The two official files are the ones the DisCo evaluation reads from ``ROOT/eval_fvd/``; in
+``--weights DIR`` they are found in ``DIR`` or in ``DIR/eval_fvd/``. Their checkpoints (a pickled
+dict with ``state_dict``, keys prefixed ``module.``) load with ``weights_only=True``, the keys
+checked strictly: a missing or unexpected key is named in a one-line error.
 
 Every file is read with ``torch.load(weights_only=True)`` (or safetensors): no pickled code runs.
 """
@@ -25,19 +32,29 @@ from disco.pipeline.annotators.weights import WEIGHTS_ENV, WeightsError, weights
 
 @dataclass(frozen=True)
 class VideoNet:
-    builder: str  # torchvision.models.video function
+    builder: str  # torchvision.models.video function, or "official" (evaluate/official_nets.py)
     side: int  # frames are resized to side x side
     filename: str
     # torchvision's Kinetics-400 video models share one normalisation
     mean: tuple = (0.43216, 0.394666, 0.37645)
     std: tuple = (0.22803, 0.22145, 0.216989)
+    description: str = ""  # for the report
 
 
 VIDEO_NETS = {
-    "r3d_18": VideoNet("r3d_18", 112, "r3d_18-b3b3357e.pth"),
-    "r2plus1d_18": VideoNet("r2plus1d_18", 112, "r2plus1d_18-91a641e6.pth"),
-    "mc3_18": VideoNet("mc3_18", 112, "mc3_18-a90a0ba3.pth"),
-    "s3d": VideoNet("s3d", 224, "s3d-d76dad2f.pth"),
+    "r3d_18": VideoNet("r3d_18", 112, "r3d_18-b3b3357e.pth",
+                       description="r3d_18 (torchvision, Kinetics-400), 112 px, pooled 512-d"),
+    "r2plus1d_18": VideoNet("r2plus1d_18", 112, "r2plus1d_18-91a641e6.pth",
+                            description="r2plus1d_18 (torchvision, Kinetics-400), 112 px, pooled 512-d"),
+    "mc3_18": VideoNet("mc3_18", 112, "mc3_18-a90a0ba3.pth",
+                       description="mc3_18 (torchvision, Kinetics-400), 112 px, pooled 512-d"),
+    "s3d": VideoNet("s3d", 224, "s3d-d76dad2f.pth", description="s3d (torchvision, Kinetics-400), 224 px, pooled 1024-d"),
+    # The official DisCo evaluation's networks (own code from their published structure).
+    "resnet3d50": VideoNet("official", 112, "resnet-50-kinetics.pth", description=(
+        "resnet3d50: 3D ResNet-50 (Hara et al., Kinetics-400; official DisCo FID-VID), 16 x 112 px, "
+        "0..255 minus the Kinetics mean, pooled 2048-d")),
+    "i3d": VideoNet("official", 224, "i3d_pretrained_400.pt", description=(
+        "i3d: I3D (Kinetics-400; official DisCo FVD), 224 px in [-1, 1], 400 logits averaged over time")),
 }
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -53,6 +70,8 @@ def weight_file(explicit: str | Path | None, weights_folder: str | Path | None, 
             raise WeightsError(f"no weights for this metric: pass {flag} FILE, or --weights DIR (or ${WEIGHTS_ENV}) "
                                f"holding {filename}")
         path = Path(folder) / filename
+        if not path.is_file() and (Path(folder) / "eval_fvd" / filename).is_file():
+            path = Path(folder) / "eval_fvd" / filename  # the official evaluation's layout
     if not path.is_file():
         raise WeightsError(f"weight file {path} is missing ({flag} FILE or {filename} in --weights DIR)")
     return path
@@ -73,6 +92,33 @@ def load_state_dict(path: str | Path) -> dict:
     if not isinstance(state, dict):
         raise WeightsError(f"{path} does not hold a state dict")
     return state
+
+
+def load_strict(module: nn.Module, path: Path, what: str) -> nn.Module:
+    """``path``'s tensors into ``module``, every key checked first; a ``module.`` prefix (a
+    DataParallel checkpoint) is dropped, and a missing BatchNorm counter (``num_batches_tracked``,
+    not a weight; old checkpoints lack it) is allowed. Any other difference is one line."""
+    state = load_state_dict(path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+
+    def named(keys):
+        return repr(keys[0]) + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+    if missing:
+        raise WeightsError(f"{path} does not fit {what}: missing key {named(missing)}")
+    if unexpected:
+        raise WeightsError(f"{path} does not fit {what}: unexpected key {named(unexpected)}")
+    if shapes:
+        k = shapes[0]
+        raise WeightsError(f"{path} does not fit {what}: key {k!r} has shape {tuple(state[k].shape)}, "
+                           f"the network's is {tuple(own[k].shape)}")
+    module.load_state_dict({**{k: v for k, v in own.items() if k not in state}, **state}, strict=True)
+    return module
 
 
 def _load_into(module: nn.Module, path: Path, strict: bool = True) -> nn.Module:
@@ -145,13 +191,40 @@ class VideoFeatures(nn.Module):
         return self.net((x - self.mean) / self.std).flatten(1)
 
 
-def video_network(arch: str, path: Path | None) -> VideoFeatures:
-    """A torchvision video model with its classifier removed; weights from ``path`` (random when None)."""
+def official_video_network(arch: str, path: Path | None) -> nn.Module:
+    """The official DisCo FID-VID (``resnet3d50``) or FVD (``i3d``) network with its official
+    preprocessing (``official_nets.OfficialVideoFeatures``); weights from ``path`` (random when None)."""
+    from disco.evaluate import official_nets as O
+
+    if arch == "resnet3d50":
+        build, normalise, what = O.ResNet3d50, "kinetics_mean", "the 3D ResNet-50 (Hara et al.)"
+    elif arch == "i3d":
+        build, normalise, what = O.InceptionI3d, "minus_one_one", "I3D (InceptionI3d, 400 classes)"
+    else:
+        raise ValueError(f"{arch!r} is not an official DisCo video network")
+    if path is None:
+        net = build()
+    else:  # no random initialisation of weights the file replaces (seconds for the ResNet's 47 M)
+        with torch.device("meta"):
+            net = build()
+        net = net.to_empty(device="cpu")
+        for name, buffer in net.named_buffers():
+            if name.endswith("num_batches_tracked"):
+                buffer.zero_()
+        load_strict(net, path, what)
+    return O.OfficialVideoFeatures(net, VIDEO_NETS[arch].side, normalise)
+
+
+def video_network(arch: str, path: Path | None) -> nn.Module:
+    """A torchvision video model with its classifier removed, or one of the official DisCo
+    networks; weights from ``path`` (random when None)."""
     import torchvision.models.video as video
 
     if arch not in VIDEO_NETS:
         raise ValueError(f"unknown video network {arch!r}; choose one of {', '.join(VIDEO_NETS)}")
     spec = VIDEO_NETS[arch]
+    if spec.builder == "official":
+        return official_video_network(arch, path)
     net = getattr(video, spec.builder)(weights=None)
     if path is not None:
         _load_into(net, path)

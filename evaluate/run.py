@@ -14,6 +14,8 @@ import torch
 
 from disco.evaluate import metrics as M
 from disco.evaluate import networks as N
+from disco.evaluate.config import FID_VID_NET as M_FID_VID
+from disco.evaluate.config import FVD_NET as M_FVD
 from disco.evaluate.config import EvaluateConfig, EvaluateInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -94,14 +96,21 @@ def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, l
 # -- scoring --------------------------------------------------------------------------------------
 
 def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
-          batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu") -> dict:
-    """Every requested metric over the paired sequences; ``networks`` holds the built feature nets."""
+          batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu",
+          protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False) -> dict:
+    """Every requested metric over the paired sequences; ``networks`` holds the built feature nets.
+    ``protocol`` "disco" cuts videos into clips as the official scripts (``M.disco_samples``)."""
     pairs = pair_sequences(pred, gt)
     pair_values = {m: [] for m in ("psnr", "ssim", "l1") if m in metrics}
-    lpips = M.Lpips(networks["lpips"], batch_size, device) if "lpips" in metrics else None
+    pair_functions = {**M.PAIR_METRICS, "psnr": M.psnr_legacy if psnr_legacy else M.psnr}
+    lpips = M.Lpips(networks["lpips"], batch_size, device, legacy=lpips_legacy) if "lpips" in metrics else None
     fid = M.Frechet(networks["fid"], (3, 64, 64), batch_size, device) if "fid" in metrics else None
-    videos = {m: M.Frechet(networks[m], (M.CLIP_LENGTH, 64, 64, 3), batch_size, device) for m in ("fid-vid", "fvd")
-              if m in metrics}
+    if protocol == "disco":
+        videos = {m: M.FeatureFrechet(networks[m], m, batch_size, device) for m in ("fid-vid", "fvd") if m in metrics}
+    else:
+        videos = {m: M.Frechet(networks[m], (M.CLIP_LENGTH, 64, 64, 3), batch_size, device)
+                  for m in ("fid-vid", "fvd") if m in metrics}
+    samples = {m: 0 for m in videos}
     frames_total, windows_total = 0, 0
     for name, item_pred, item_gt in pairs:
         gt_frames = read_sequence(item_gt)
@@ -111,7 +120,7 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
         pred_frames = np.stack([M.match_size(p, g) for p, g in zip(pred_frames, gt_frames)])
         frames_total += len(gt_frames)
         for metric, values in pair_values.items():
-            values.extend(M.PAIR_METRICS[metric](p, g) for p, g in zip(pred_frames, gt_frames))
+            values.extend(pair_functions[metric](p, g) for p, g in zip(pred_frames, gt_frames))
         if lpips is not None:
             lpips.update(pred_frames, gt_frames)
         if fid is not None:
@@ -119,12 +128,18 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
             fid.update(M.to_tensor(gt_frames), real=True)
         windows = M.clip_windows(len(gt_frames))
         windows_total += len(windows)
+        if protocol == "disco":  # the official rule: by input kind (frame files or a video file) and metric
+            for metric_name, metric in videos.items():
+                metric.update(pred_frames, isinstance(item_pred, Path), real=False)
+                samples[metric_name] += metric.update(gt_frames, isinstance(item_gt, Path), real=True)
+            windows = []
         for start in range(0, len(windows), batch_size):
             chunk = windows[start:start + batch_size]
             for metric in videos.values():
                 metric.update(M.clips(pred_frames, chunk), real=False)
                 metric.update(M.clips(gt_frames, chunk), real=True)
-        log(f"scored {name if name != '.' else pred.name}: {len(gt_frames)} frames, {len(windows)} clips")
+        log(f"scored {name if name != '.' else pred.name}: {len(gt_frames)} frames"
+            + (f", {len(windows)} clips" if protocol != "disco" else ""))
     results = {m: float(np.mean(v)) for m, v in pair_values.items()}
     if lpips is not None:
         results["lpips"] = lpips.compute()
@@ -135,8 +150,11 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
             results[metric_name] = metric.compute()
     except ValueError as exc:
         raise EvaluateInputError(str(exc)) from None
-    return {"metrics": {m: results[m] for m in metrics}, "counts": {
-        "sequences": len(pairs), "frames": frames_total, "clips": windows_total}}
+    counts = {"sequences": len(pairs), "frames": frames_total, "clips": windows_total}
+    if protocol == "disco":  # features per set, and the 16-frame (or whole-video) clips behind them
+        counts["clips"] = {m: metric.clips[True] for m, metric in videos.items()}
+        counts["video_samples"] = samples
+    return {"metrics": {m: results[m] for m in metrics}, "counts": counts}
 
 
 def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None = None,
@@ -155,24 +173,38 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         work = config.work_dir or config.output.with_suffix("")
         generated = generate_split(config, work, log)
         pred, gt = work / "pred", work / "gt"
-    report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device)
+    report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
+                   config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy))
     generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "device")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
                 if k != "networks" and (config.run is not None or k not in generation)}
     settings["networks"] = describe_networks(config)
-    settings["conventions"] = {
-        "pairs": "per (pred, gt) frame, averaged; pred resized to gt size if they differ",
-        "psnr": f"float64 MSE, 255 peak, identical frames score {M.PSNR_CAP}",
-        "ssim": "skimage structural_similarity on grayscale, data_range 255",
-        "l1": "mean |pred - gt| of 0..255 values divided by H*W (official DisCo convention)",
-        "lpips": "VGG, inputs scaled to [-1, 1]",
-        "video_clips": f"{M.CLIP_LENGTH} consecutive frames, stride {M.CLIP_STRIDE}",
-    }
+    settings["conventions"] = conventions(config)
     report = {**report, "pred": str(pred), "gt": str(gt), "settings": settings,
               "generated": generated, "wall_time_s": round(time.time() - started, 3)}
     config.output.parent.mkdir(parents=True, exist_ok=True)
     config.output.write_text(json.dumps(report, indent=2))
     return report
+
+
+def conventions(config: EvaluateConfig) -> dict:
+    """How each number was computed, for the report (after ``config.validate()``)."""
+    disco = config.protocol == "disco"
+    return {
+        "protocol": config.protocol + (" (the official DisCo evaluation scripts)" if disco else " (corrected)"),
+        "pairs": "per (pred, gt) frame, averaged; pred resized to gt size if they differ",
+        "psnr": ("uint8 differences squared in uint8 (wrapping modulo 256, the official script), 255 peak"
+                 if config.psnr_legacy else "float64 MSE, 255 peak") + f", identical frames score {M.PSNR_CAP}",
+        "ssim": "skimage structural_similarity on grayscale, data_range 255",
+        "l1": "mean |pred - gt| of 0..255 values divided by H*W (official DisCo convention)",
+        "lpips": ("VGG, inputs in [0, 1] (legacy: the official script's range)" if config.lpips_legacy
+                  else "VGG, inputs scaled to [-1, 1]"),
+        "video_clips": ("official: frame files -> every 16 consecutive frames, stride 1, incomplete windows "
+                        "dropped; a video file -> one sample per video (FID-VID: 16-frame segments, the last "
+                        "padded with the final frame, features averaged; FVD: the whole video as one clip); "
+                        "Fréchet distance in numpy/scipy" if disco else
+                        f"{M.CLIP_LENGTH} consecutive frames, stride {M.CLIP_STRIDE}"),
+    }
 
 
 def describe_networks(config: EvaluateConfig) -> dict:
@@ -182,8 +214,8 @@ def describe_networks(config: EvaluateConfig) -> dict:
     except N.WeightsError:
         files = {}
     names = {"fid": "FID Inception (2015-12-05) pool3", "lpips": "LPIPS VGG-16",
-             "fid-vid": f"{config.networks.fid_vid_arch} (torchvision, Kinetics-400)",
-             "fvd": f"{config.networks.fvd_arch} (torchvision, Kinetics-400)"}
+             "fid-vid": N.VIDEO_NETS[config.networks.fid_vid_arch or M_FID_VID].description,
+             "fvd": N.VIDEO_NETS[config.networks.fvd_arch or M_FVD].description}
     for metric in ("fid", "lpips", "fid-vid", "fvd"):
         if metric in config.metrics:
             out[metric] = {"network": names[metric], "file": str(files[metric]) if metric in files else None}
@@ -199,7 +231,8 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     import pyarrow.compute as pc
 
     from disco.model.conditioning import background_pixels, pose_pixels, reference_pixels, square
-    from disco.generate.inputs import read_clip
+    from disco.generate.inputs import POSE_READ_COLUMNS, check_pose_folder, pose_pictures, read_clip
+    from disco.model.checkpoint import pose_setting
     from disco.generate.run import open_pipeline
     from disco.generate.video import write_frames
     from disco.pipeline.store.encode import decode_picture
@@ -212,19 +245,20 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     clip_ids = sorted(set(table.column("clip_id").to_pylist()))
     if not clip_ids:
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
+    check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
     pipeline, size, side = open_pipeline(config.run, config.device, config.size)
     frames_done = 0
     for clip in clip_ids:
-        rows = read_clip(config.data, clip, ["image", "mask", "background", "pose"], split=config.split)
+        rows = read_clip(config.data, clip, ["image", "mask", "background", *POSE_READ_COLUMNS], split=config.split)
         if config.max_frames:
             rows = rows[:config.max_frames]
-        if any(r["pose"] is None for r in rows):
-            raise EvaluateInputError(f"clip {clip!r} was preprocessed with --pose none: it has no pose pictures")
+        # Drawn as the run's training poses were (its config.yaml): stored, or from the keypoints.
+        drawn = pose_pictures(config.data, rows, *pose_setting(config.run), clip=clip)
         first = rows[0]
         image, mask = decode_picture(first["image"]), decode_picture(first["mask"], grayscale=True)
         reference = reference_pixels(square(image, size), square(mask, size, nearest=True))
         background = background_pixels(decode_picture(first["background"]), size, mask)
-        poses = pose_pixels([decode_picture(r["pose"]) for r in rows], side)
+        poses = pose_pixels(drawn, side)
         frames = pipeline(reference, background, poses, num_inference_steps=config.steps,
                           guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)
         folder = clip.replace("/", "__")

@@ -273,7 +273,7 @@ def test_evaluate_cli_prints_a_table_and_writes_json(folders, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--metrics", "fid"], N.INCEPTION_FILE),
     (["--metrics", "psnr,bogus"], "unknown metric bogus"),
-    (["--metrics", "fvd", "--fvd-arch", "i3d"], "unknown video network 'i3d'"),
+    (["--metrics", "fvd", "--fvd-arch", "c3d"], "unknown video network 'c3d'"),
     (["--metrics", "psnr", "--device", "tpu9"], "--device"),
 ])
 def test_evaluate_usage_errors_are_one_line_exit_2(folders, tmp_path, args, message, monkeypatch):

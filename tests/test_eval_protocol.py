@@ -1,0 +1,326 @@
+"""`evaluate --protocol disco|ours`: the official DisCo video networks (3D ResNet-50, I3D) from
+local files, the legacy LPIPS and PSNR, the official clip rule; networks have random weights
+written here (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.evaluate import metrics as M
+from disco.evaluate import networks as N
+from disco.evaluate import official_nets as O
+from disco.evaluate.config import EvaluateConfig, NetworkConfig
+from disco.evaluate.run import evaluate, score
+from disco.generate.video import write_frames
+from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+SIDE = 48  # frame size of the scored sets (the video networks resize to 112 / 224 themselves)
+LENGTHS = {"clip_a": 17, "clip_b": 16}  # 33 frames: stride-1 windows 2 + 1
+
+
+def _vgg16_trunk() -> torch.nn.Sequential:
+    """torchvision's VGG-16 ``features`` alone (building the whole VGG-16 spends seconds on its classifier)."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    return make_layers(cfgs["D"])
+
+
+def _randomise_norms(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+    return net
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """The files `--weights DIR` needs for LPIPS and the official FID-VID and FVD, random."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in _vgg16_trunk().state_dict().items()}, root / N.VGG16_FILE)
+    # The official files' shapes: Hara et al.'s checkpoint is a dict with a DataParallel state_dict
+    # (and training state); I3D's is a bare state dict, here without BatchNorm counters as old ones.
+    resnet = _randomise_norms(O.ResNet3d50(), 1).state_dict()
+    (root / "eval_fvd").mkdir()
+    torch.save({"epoch": 200, "arch": "resnet-50", "state_dict": {f"module.{k}": v for k, v in resnet.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9}]}},
+               root / "eval_fvd" / N.VIDEO_NETS["resnet3d50"].filename)  # the official layout
+    i3d = _randomise_norms(O.InceptionI3d(), 2).state_dict()
+    torch.save({k: v for k, v in i3d.items() if not k.endswith("num_batches_tracked")},
+               root / N.VIDEO_NETS["i3d"].filename)
+    return root
+
+
+# -- the official networks ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, side, dim", [("resnet3d50", 112, 2048), ("i3d", 224, 400)])
+def test_the_official_networks_load_strictly_from_local_files(weights, arch, side, dim, tmp_path):
+    net = NetworkConfig(weights=weights, fid_vid_arch=arch, fvd_arch=arch).build(["fvd"])["fvd"]
+    assert isinstance(net, O.OfficialVideoFeatures) and net.side == side
+    clips = torch.from_numpy(np.stack([np.stack(pan_zoom_frames(data.astronaut(), 16, 40))] * 2))
+    clips[1] = torch.flip(clips[1], dims=(0,))
+    features = net(clips)
+    assert features.shape == (2, dim) and torch.isfinite(features).all()
+    assert not torch.allclose(features[0], features[1])
+    # The file's tensors are the network's (the DataParallel prefix dropped).
+    state = N.load_state_dict(N.weight_file(None, weights, N.VIDEO_NETS[arch].filename, "--fvd-net"))
+    first = next(iter(net.net.state_dict()))
+    assert torch.equal(net.net.state_dict()[first], state.get(first, state.get(f"module.{first}")))
+    if arch == "resnet3d50":  # the feature is the last pool over layer4's 1 x 4 x 4 map
+        x = net.prepare(clips[0])[None]
+        with torch.no_grad():
+            r = net.net
+            last = r.layer4(r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x))))))))
+        assert last.shape == (1, 2048, 1, 4, 4)
+        torch.testing.assert_close(features[:1], last.mean((2, 3, 4)))
+    # A file that does not fit: one line naming the key.
+    own = net.net.state_dict()
+    dropped = list(own)[3]
+    torch.save({k: v for k, v in own.items() if k != dropped}, tmp_path / "cut.pth")
+    with pytest.raises(N.WeightsError) as missing:
+        N.load_strict(net.net, tmp_path / "cut.pth", arch)
+    assert f"missing key {dropped!r}" in str(missing.value) and "\n" not in str(missing.value)
+    torch.save({**own, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(N.WeightsError, match="unexpected key 'extra.weight'"):
+        N.load_strict(net.net, tmp_path / "extra.pth", arch)
+    torch.save({**own, dropped: torch.zeros(3)}, tmp_path / "shape.pth")
+    with pytest.raises(N.WeightsError, match=f"key {dropped!r} has shape"):
+        N.load_strict(net.net, tmp_path / "shape.pth", arch)
+
+
+def test_official_preprocessing():
+    frames = np.stack(pan_zoom_frames(data.astronaut(), 3, 64))
+    resnet = O.OfficialVideoFeatures(torch.nn.Identity(), 112, "kinetics_mean")
+    i3d = O.OfficialVideoFeatures(torch.nn.Identity(), 224, "minus_one_one")
+    x, y = resnet.prepare(frames), i3d.prepare(frames)
+    assert x.shape == (3, 3, 112, 112) and y.shape == (3, 3, 224, 224)
+    # Per-channel float bicubic (PIL, not quantised), then the Kinetics mean off / [-1, 1].
+    from PIL import Image
+
+    def plane(channel, side):
+        image = Image.fromarray(frames[1][:, :, channel].astype(np.float32), mode="F")
+        return torch.from_numpy(np.array(image.resize((side, side), Image.BICUBIC)))
+
+    torch.testing.assert_close(x[0, 1], plane(0, 112) - 114.7748)
+    torch.testing.assert_close(x[2, 1], plane(2, 112) - 99.4750)
+    torch.testing.assert_close(y[1, 1], plane(1, 224) / 127.5 - 1)  # not clipped: bicubic overshoots a little
+
+
+# -- the official clip rule --------------------------------------------------------------------------
+
+def test_the_official_clip_rule():
+    # Frame files: every window of 16, stride 1, no padding.
+    assert M.disco_samples(18, False, "fvd") == [[list(range(s, s + 16))] for s in range(3)]
+    assert M.disco_samples(15, False, "fid-vid") == []
+    # A video file, FID-VID: 16-frame segments, the last padded with the final frame, averaged.
+    assert M.disco_samples(20, True, "fid-vid") == [[list(range(16)), [16, 17, 18, 19] + [19] * 12]]
+    assert M.disco_samples(32, True, "fid-vid") == [[list(range(16)), list(range(16, 32))]]
+    # A video file, FVD: the whole video, one clip.
+    assert M.disco_samples(20, True, "fvd") == [[list(range(20))]]
+
+
+class TinyVideoFeatures(torch.nn.Module):
+    """uint8 N x T x H x W x 3 clips of any length -> N x 8."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv3d(3, 8, (3, 5, 5), stride=(1, 4, 4))
+
+    def forward(self, clips):
+        return torch.tanh(self.conv(clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1)).mean((2, 3, 4))
+
+
+def test_videos_are_cut_as_the_official_loader_does(tmp_path):
+    for side, name in (("pred", "a"), ("gt", "a"), ("pred", "b"), ("gt", "b")):
+        n = 20 if name == "a" else 35
+        frames = pan_zoom_frames(data.astronaut(), n, 32)
+        if side == "pred":
+            frames = [np.roll(f, 3, axis=1) for f in frames]
+        write_video(tmp_path / side / f"{name}.mp4", frames, 10)
+    nets = {"fid-vid": TinyVideoFeatures(), "fvd": TinyVideoFeatures()}
+    ours = score(tmp_path / "pred", tmp_path / "gt", ["fid-vid", "fvd"], nets)
+    assert ours["counts"]["clips"] == 5 + 20
+    disco = score(tmp_path / "pred", tmp_path / "gt", ["fid-vid", "fvd"], nets, protocol="disco")
+    # FID-VID: 2 + 3 segments, one averaged sample per video; FVD: one whole-video clip per video.
+    assert disco["counts"]["clips"] == {"fid-vid": 2 + 3, "fvd": 2}
+    assert disco["counts"]["video_samples"] == {"fid-vid": 2, "fvd": 2}
+    assert all(v > 0 for v in disco["metrics"].values())
+
+
+def test_the_numpy_frechet_distance():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 4)), rng.normal(1.0, 1.0, size=(60, 4))
+    assert M.frechet_distance_numpy(a, a) == pytest.approx(0.0, abs=1e-6)
+    # Same covariance, shifted mean: the distance is |mu1 - mu2|^2.
+    assert M.frechet_distance_numpy(a, a + 2.0) == pytest.approx(16.0, rel=1e-6)
+    assert M.frechet_distance_numpy(a, b) > 1
+
+
+# -- both protocols through the command line ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> Path:
+    """Deterministic frames: the astronaut panned (gt) and the same shifted and noised (pred)."""
+    root = tmp_path_factory.mktemp("sets")
+    rng = np.random.default_rng(7)
+    for name, n in LENGTHS.items():
+        gt = np.stack(pan_zoom_frames(data.astronaut(), n, SIDE))
+        noise = rng.integers(-40, 41, gt.shape)
+        pred = np.clip(np.roll(gt, 2, axis=2).astype(int) + noise, 0, 255).astype(np.uint8)
+        write_frames(root / "gt" / name, gt)
+        write_frames(root / "pred" / name, pred)
+    return root
+
+
+def _pairs(root: Path):
+    from PIL import Image
+
+    for name in sorted(LENGTHS):
+        for p in sorted((root / "pred" / name).glob("*.png")):
+            yield np.array(Image.open(p).convert("RGB")), np.array(Image.open(root / "gt" / name / p.name).convert("RGB"))
+
+
+def _lpips_by_hand(root: Path, vgg_file: Path) -> dict[str, float]:
+    """LPIPS (VGG, v0.1) written out: the VGG-16 trunk from the file, the linear layers from
+    torchmetrics' packaged weights; images in [-1, 1] ("ours") or in [0, 1] passed as is ("disco")."""
+    import torchmetrics
+
+    trunk = _vgg16_trunk().eval()
+    trunk.load_state_dict({k[len("features."):]: v for k, v in torch.load(vgg_file, weights_only=True).items()})
+    lins = torch.load(Path(torchmetrics.__file__).parent / "functional/image/lpips_models/vgg.pth",
+                      map_location="cpu", weights_only=True)
+    weights = [lins[f"lin{i}.model.1.weight"] for i in range(5)]
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    cuts = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+    def features(images, legacy):
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+        x = x if legacy else 2 * x - 1
+        x, out, start = (x - shift) / scale, [], 0
+        for stop in cuts:
+            x = trunk[start:stop](x)
+            out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+            start = stop
+        return out
+
+    preds, gts = zip(*_pairs(root))
+    values = {}
+    with torch.no_grad():
+        for protocol, legacy in (("ours", False), ("disco", True)):
+            fa, fb = features(preds, legacy), features(gts, legacy)
+            per_pair = sum(torch.nn.functional.conv2d((a - b) ** 2, w).mean((1, 2, 3)).double()
+                           for a, b, w in zip(fa, fb, weights))
+            values[protocol] = float(per_pair.mean())
+    return values
+
+
+def _psnr_by_hand(root: Path, legacy: bool) -> float:
+    values = []
+    for pred, gt in _pairs(root):
+        if legacy:  # uint8 arithmetic, wrapping: what the official script computed
+            squared = ((pred.astype(np.int64) - gt) % 256) ** 2 % 256
+        else:
+            squared = (pred.astype(np.float64) - gt) ** 2
+        values.append(20 * math.log10(255 / math.sqrt(squared.mean())))
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def reports(sets, weights, tmp_path_factory):
+    """Both protocols through ``evaluate`` (the command's code path): LPIPS from the VGG file in
+    ``weights``; small random video networks stand in for the 2048-d ones, whose Fréchet distance
+    (scipy's sqrtm of a 2048 x 2048 matrix, as the official script) takes a minute on 2 cores."""
+    out = tmp_path_factory.mktemp("reports")
+    lpips = N.lpips_vgg(weights / N.VGG16_FILE)
+    reports = {}
+    for protocol in ("ours", "disco"):
+        config = EvaluateConfig(output=out / f"{protocol}.json", pred=sets / "pred", gt=sets / "gt",
+                                metrics=["ssim", "psnr", "lpips", "l1", "fid-vid", "fvd"],
+                                networks=NetworkConfig(weights=weights), batch_size=4, protocol=protocol)
+        nets = {"lpips": lpips, "fid-vid": TinyVideoFeatures(), "fvd": TinyVideoFeatures()}
+        evaluate(config, networks=nets, log=lambda m: None)
+        reports[protocol] = json.loads((out / f"{protocol}.json").read_text())
+    return reports
+
+
+def test_both_protocols_score_the_same_frames(reports, sets, weights):
+    ours, disco = reports["ours"], reports["disco"]
+    # The clip rule: 17 and 16 frame files give 2 + 1 stride-1 windows under both protocols.
+    assert ours["counts"] == {"sequences": 2, "frames": 33, "clips": 3}
+    assert disco["counts"]["clips"] == {"fid-vid": 3, "fvd": 3}
+    assert disco["counts"]["video_samples"] == {"fid-vid": 3, "fvd": 3}
+    a, b = ours["metrics"], disco["metrics"]
+    # LPIPS: each protocol's figure is LPIPS computed by hand with its input range; they differ.
+    by_hand = _lpips_by_hand(sets, weights / N.VGG16_FILE)
+    assert a["lpips"] == pytest.approx(by_hand["ours"], rel=1e-4)
+    assert b["lpips"] == pytest.approx(by_hand["disco"], rel=1e-4)
+    assert abs(a["lpips"] - b["lpips"]) > 1e-3
+    # PSNR: float64 (ours) vs the official uint8 wraparound; the noise has negative differences.
+    assert a["psnr"] == pytest.approx(_psnr_by_hand(sets, legacy=False), rel=1e-9)
+    assert b["psnr"] == pytest.approx(_psnr_by_hand(sets, legacy=True), rel=1e-9)
+    assert abs(b["psnr"] - a["psnr"]) > 1
+    # SSIM and L1 are computed the same way by both; so are the windows of frame files (the
+    # Fréchet distance in float64 either way: torchmetrics for ours, numpy / scipy for disco).
+    assert a["ssim"] == b["ssim"] and a["l1"] == b["l1"]
+    assert b["fvd"] == pytest.approx(a["fvd"], rel=1e-3, abs=1e-6)
+
+
+def test_the_report_names_the_protocol_and_the_networks(reports, weights):
+    ours, disco = reports["ours"], reports["disco"]
+    assert ours["settings"]["protocol"] == "ours" and disco["settings"]["protocol"] == "disco"
+    assert disco["settings"]["lpips_legacy"] is True and ours["settings"]["lpips_legacy"] is False
+    assert disco["settings"]["psnr_legacy"] is True and ours["settings"]["psnr_legacy"] is False
+    assert disco["settings"]["conventions"]["protocol"].startswith("disco")
+    assert "[0, 1]" in disco["settings"]["conventions"]["lpips"]
+    nets = disco["settings"]["networks"]
+    assert nets["fid-vid"]["network"].startswith("resnet3d50: 3D ResNet-50 (Hara et al.")
+    assert nets["fid-vid"]["file"] == str(weights / "eval_fvd" / "resnet-50-kinetics.pth")
+    assert nets["fvd"]["network"].startswith("i3d: I3D") and nets["fvd"]["file"].endswith("i3d_pretrained_400.pt")
+    assert ours["settings"]["networks"]["fvd"]["network"].startswith("s3d")
+    assert ours["settings"]["networks"]["fid-vid"]["network"].startswith("r3d_18")
+
+
+def test_the_command_line_runs_the_official_i3d_and_prints_the_protocol(sets, weights, tmp_path):
+    clip = Path("pred") / "clip_a"  # one sequence, 17 frames: 2 windows per set
+    result = CliRunner().invoke(app, ["evaluate", "--pred", str(sets / "pred" / "clip_a"), "--gt",
+                                      str(sets / "gt" / "clip_a"), "--weights", str(weights), "--protocol", "disco",
+                                      "--metrics", "psnr,fvd", "--output", str(tmp_path / "disco.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "disco.json").read_text())
+    assert report["settings"]["networks"]["fvd"]["network"].startswith("i3d") and clip.name in report["pred"]
+    assert report["counts"]["clips"] == {"fvd": 2} and np.isfinite(report["metrics"]["fvd"])
+    assert "--protocol disco" in result.output and "I3D" in result.output and "wrapping" in result.output
+
+
+def test_single_switches_override_the_protocol(tmp_path):
+    config = EvaluateConfig(output=tmp_path / "o.json", pred=tmp_path, gt=tmp_path, protocol="disco",
+                            lpips_legacy=False, networks=NetworkConfig(fvd_arch="s3d")).validate()
+    assert (config.lpips_legacy, config.psnr_legacy) == (False, True)
+    assert (config.networks.fid_vid_arch, config.networks.fvd_arch) == ("resnet3d50", "s3d")
+    config = EvaluateConfig(output=tmp_path / "o.json", pred=tmp_path, gt=tmp_path, psnr_legacy=True).validate()
+    assert (config.lpips_legacy, config.psnr_legacy) == (False, True)
+    assert (config.networks.fid_vid_arch, config.networks.fvd_arch) == ("r3d_18", "s3d")
+
+
+def test_a_wrong_official_file_is_one_line(sets, weights, tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    result = CliRunner().invoke(app, ["evaluate", "--pred", str(sets / "pred"), "--gt", str(sets / "gt"),
+                                      "--protocol", "disco", "--metrics", "fid-vid", "--fid-vid-net",
+                                      str(tmp_path / "bad.pth"), "--output", str(tmp_path / "o.json")])
+    assert result.exit_code == 2, result.output
+    assert "bad.pth does not fit the 3D ResNet-50" in result.output
+    assert "key 'conv1.weight' has shape" in result.output or "missing key" in result.output
+    assert len(result.output.strip().splitlines()) == 1
