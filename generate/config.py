@@ -29,6 +29,8 @@ class GenerateConfig:
     side_by_side: bool = False
     max_frames: int | None = None
     device: str = "cpu"
+    align_pose: bool = True  # refit the driving skeletons to the reference person (when its pose is found)
+    smooth_poses: bool = True  # One-Euro filter over a pose video's keypoints
 
     def validate(self) -> "GenerateConfig":
         if self.output.suffix.lower() != ".mp4":

@@ -19,6 +19,7 @@ from disco.pipeline.decode import decode_video_frames, load_image, probe_video
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.annotators.render import render_pose
+from disco.generate.align import align_sequence
 
 # MediaPipe needs pictures of some size: smaller models' frames are annotated at this side and the
 # mask and keypoints scaled down (at 64 px it finds people in a cup of coffee).
@@ -34,6 +35,7 @@ class Reference:
     alpha: np.ndarray  # size x size uint8 person alpha
     foreground: np.ndarray
     background: np.ndarray
+    pose: np.ndarray | None = None  # 18 x 3 body keypoints in pixels of the square (``with_pose``; None: not found)
 
 
 @dataclass
@@ -41,6 +43,9 @@ class PoseSequence:
     frames: list[np.ndarray]  # skeleton pictures, RGB uint8, pose-size squares
     fps: float
     empty: int = 0  # frames where no person was found (black skeleton)
+    alignment: dict | None = None  # the pose alignment applied (generate/align.py), None: not aligned
+    smoothed: bool = False  # the keypoints went through the One-Euro filter
+    bodies: list | None = None  # a video's drawn 18 x 3 body keypoints per frame (None: nobody), pose-size pixels
 
 
 def make_annotator(with_pose: bool, hands: bool | None = None):
@@ -67,10 +72,11 @@ def read_picture(path: str | Path, what: str) -> np.ndarray:
         raise GenerateInputError(f"{what} {path}: {exc.message}") from None
 
 
-def matte_reference(image: np.ndarray, size: int, annotator=None) -> Reference:
-    """Square the photo to ``size`` and split it into person and background with the pipeline's matting."""
+def matte_reference(image: np.ndarray, size: int, annotator=None, with_pose: bool = False) -> Reference:
+    """Square the photo to ``size`` and split it into person and background with the pipeline's matting
+    (``with_pose``: also its body keypoints, from the same annotators' pose, in pixels of the square)."""
     own = annotator is None
-    annotator = annotator or make_annotator(with_pose=False)
+    annotator = annotator or make_annotator(with_pose=with_pose, hands=False)
     side = max(size, MIN_ANNOTATE_SIDE)
     try:
         annotation = annotator.annotate(square(image, side))
@@ -81,13 +87,25 @@ def matte_reference(image: np.ndarray, size: int, annotator=None) -> Reference:
         raise GenerateInputError("no person was found in the reference picture")
     picture, alpha = square(image, size), square(annotation.matte.alpha, size)
     foreground, background = split_person(picture, alpha)
-    return Reference(picture, alpha, foreground, background)
+    pose = None if annotation.pose is None else scale_keypoints(annotation.pose.body, size / side)
+    return Reference(picture, alpha, foreground, background, pose)
+
+
+# Frames annotated as one video unit (MediaPipe tracking mode; the engine keeps each result of a
+# unit, so a long video is cut into units of this many frames, each starting the tracking afresh).
+UNIT_FRAMES = 256
 
 
 def poses_from_video(path: str | Path, side: int, fps: float | None = None, annotator=None,
-                     style: str | None = None, batch: int = 32, hands: bool | None = None) -> PoseSequence:
+                     style: str | None = None, batch: int = 32, hands: bool | None = None,
+                     smooth: bool = False, reference: np.ndarray | None = None) -> PoseSequence:
     """Every frame of a video (resampled to ``fps`` when given) -> a skeleton picture of ``side`` px,
-    drawn in ``style`` with or without ``hands`` (default: the preprocessing defaults)."""
+    drawn in ``style`` with or without ``hands`` (default: the preprocessing defaults).
+
+    The frames are annotated as a video (tracking mode, as ``preprocess`` does). ``smooth``: the
+    keypoints go through the One-Euro filter (``pipeline/annotators/smoothing.py``) first;
+    ``reference``: then they are aligned to this 18 x 3 skeleton (pixels of the ``side`` square,
+    ``generate/align.py``)."""
     hands = _DEFAULTS["hands"] if hands is None else hands
     path = Path(path)
     if not path.is_file():
@@ -100,23 +118,53 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     own = annotator is None
     annotator = annotator or make_annotator(with_pose=True, hands=hands)
     analysed = max(side, MIN_ANNOTATE_SIDE)
-    frames, empty = [], 0
+    bodies, drawn_hands = [], []
+    begin_unit = getattr(annotator, "begin_unit", None)
     try:
         for start in range(0, len(indices), batch):
             decoded, _ = decode_video_frames(path, indices[start:start + batch], info.width, info.height)
-            for frame in decoded:
+            for offset, frame in enumerate(decoded):
+                if begin_unit is not None and (start + offset) % UNIT_FRAMES == 0:
+                    begin_unit({"kind": "video", "path": str(path), "frame_start": start + offset})
                 pose = annotator.annotate(square(frame, analysed)).pose
-                empty += pose is None
-                body = None if pose is None else scale_keypoints(pose.body, side / analysed)
-                drawn = None if not hands or pose is None or pose.hands is None else \
-                    scale_keypoints(pose.hands, side / analysed)
-                frames.append(render_pose(side, side, body, drawn, style=style or _DEFAULTS["pose_style"]))
+                bodies.append(None if pose is None else scale_keypoints(pose.body, side / analysed))
+                drawn_hands.append(None if not hands or pose is None or pose.hands is None else
+                                   scale_keypoints(pose.hands, side / analysed))
     except InputError as exc:
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
     finally:
         if own:
             annotator.close()
-    return PoseSequence(frames, fps=min(fps or info.fps, info.fps), empty=empty)
+    rate = min(fps or info.fps, info.fps)
+    if smooth and len(bodies) > 1:
+        bodies, drawn_hands = smooth_keypoints(bodies, drawn_hands, rate, side)
+    alignment = None
+    if reference is not None:
+        bodies, drawn_hands, _, fitted = align_sequence(reference, bodies, drawn_hands)
+        alignment = None if fitted is None else fitted.to_dict()
+    frames = [render_pose(side, side, body, hand, style=style or _DEFAULTS["pose_style"])
+              for body, hand in zip(bodies, drawn_hands)]
+    return PoseSequence(frames, fps=rate, empty=sum(b is None for b in bodies), alignment=alignment,
+                        smoothed=smooth and len(bodies) > 1, bodies=bodies)
+
+
+def smooth_keypoints(bodies: list, hands: list, fps: float, side: int) -> tuple[list, list]:
+    """Per-frame 18 x 3 bodies and 2 x 21 x 3 hands (None: not found) of consecutive frames of a
+    ``side`` px square at ``fps`` -> the same through the One-Euro filter (``smooth_track``); a
+    frame without a body or hands breaks those tracks, missing joints stay missing."""
+    from disco.pipeline.annotators.smoothing import smooth_track
+
+    def run(rows: list, shape: tuple[int, ...]) -> list:
+        if all(r is None for r in rows):
+            return rows
+        track = np.zeros((len(rows), int(np.prod(shape[:-1])), 3), np.float32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                track[i] = np.asarray(r, np.float32).reshape(-1, 3)
+        smoothed = smooth_track(track, fps, side)
+        return [None if r is None else smoothed[i].reshape(shape) for i, r in enumerate(rows)]
+
+    return run(bodies, (18, 3)), run(hands, (2, 21, 3))
 
 
 def scale_keypoints(points: np.ndarray, factor: float) -> np.ndarray:
@@ -158,17 +206,18 @@ POSE_READ_COLUMNS = ("pose", "width", "height", "body_keypoints", "hand_keypoint
 
 
 def pose_pictures(triplets: str | Path, rows: list[dict], style: str | None = None, hands: bool | None = None,
-                  clip: str = "") -> list[np.ndarray]:
+                  clip: str = "", redraw: bool = False) -> list[np.ndarray]:
     """The pose pictures (stored size) of ``rows`` of the preprocessed folder ``triplets`` (read
     with ``POSE_READ_COLUMNS``) in ``style`` / ``hands`` (default: as stored): the stored pictures
     where the folder's manifest says they are drawn so, else drawn from the stored keypoints.
-    Stored pictures of another drawing with no keypoints to redraw them are refused."""
+    Stored pictures of another drawing with no keypoints to redraw them are refused. ``redraw``:
+    always drawn from the keypoints (rows whose keypoints were changed, e.g. aligned)."""
     from disco.pipeline.store.pose import data_pose, row_pose
 
     data = data_pose(triplets)
     style = style or data.style
     hands = data.hands if hands is None else hands
-    if check_pose_folder(triplets, style, hands):
+    if not redraw and check_pose_folder(triplets, style, hands):
         if any(r["pose"] is None for r in rows):
             raise GenerateInputError(f"clip {clip!r} was preprocessed with --pose none: it has no pose pictures")
         return [decode_picture(r["pose"]) for r in rows]
@@ -198,9 +247,53 @@ def _other_drawing(triplets, stored: str, style: str) -> GenerateInputError:
 
 
 def poses_from_triplets(triplets: str | Path, clip: str, side: int, style: str | None = None,
-                        hands: bool | None = None) -> PoseSequence:
+                        hands: bool | None = None, reference: np.ndarray | None = None) -> PoseSequence:
     """The pose pictures of a preprocessed clip in ``style`` / ``hands`` (``pose_pictures``),
-    squared to ``side`` px."""
+    squared to ``side`` px. ``reference``: the stored keypoints are first aligned to this 18 x 3
+    skeleton (pixels of the ``side`` square, ``generate/align.py``) and drawn from."""
     rows = read_clip(triplets, clip, [*POSE_READ_COLUMNS, "timestamp_s"])
-    frames = [square(picture, side) for picture in pose_pictures(triplets, rows, style, hands, clip)]
-    return PoseSequence(frames, fps=clip_fps(rows))
+    alignment = None
+    if reference is not None and all(r["body_keypoints"] is not None for r in rows):
+        rows, alignment = align_rows(rows, reference, side)
+    frames = [square(picture, side)
+              for picture in pose_pictures(triplets, rows, style, hands, clip, redraw=alignment is not None)]
+    return PoseSequence(frames, fps=clip_fps(rows), alignment=alignment)
+
+
+def _square_frame(row: dict, side: int) -> tuple[np.ndarray, float]:
+    """Where ``square`` puts a row's stored picture: (crop corner, stored pixels per square pixel)."""
+    width, height = row["width"], row["height"]
+    short = min(width, height)
+    return np.array([(width - short) // 2, (height - short) // 2], np.float32), short / side
+
+
+def align_rows(rows: list[dict], reference: np.ndarray, side: int) -> tuple[list[dict], dict | None]:
+    """Rows of a clip (``POSE_READ_COLUMNS``) with their keypoints aligned to ``reference``
+    (pixels of the ``side`` square the pictures are squared to); (rows, None) when it could not be measured."""
+    def to_square(points, row, joints):
+        if points is None:
+            return None
+        corner, factor = _square_frame(row, side)
+        out = np.asarray(points, np.float32).reshape(*joints, 3).copy()
+        found = out[..., 2] > 0
+        out[..., :2] = np.where(found[..., None], (out[..., :2] - corner) / factor, 0)
+        return out
+
+    def back(points, row):
+        if points is None:
+            return None
+        corner, factor = _square_frame(row, side)
+        out = np.array(points, np.float32, copy=True)
+        found = out[..., 2] > 0
+        out[..., :2] = np.where(found[..., None], out[..., :2] * factor + corner, 0)
+        return out.reshape(-1).tolist()
+
+    bodies = [to_square(r["body_keypoints"], r, (18,)) for r in rows]
+    hands = [to_square(r["hand_keypoints"], r, (2, 21)) for r in rows]
+    faces = [to_square(r["face_keypoints"], r, (-1,)) for r in rows]
+    bodies, hands, faces, fitted = align_sequence(reference, bodies, hands, faces)
+    if fitted is None:
+        return rows, None
+    aligned = [{**r, "body_keypoints": back(b, r), "hand_keypoints": back(h, r), "face_keypoints": back(f, r)}
+               for r, b, h, f in zip(rows, bodies, hands, faces)]
+    return aligned, fitted.to_dict()

@@ -20,6 +20,7 @@ from disco.generate.inputs import (
     poses_from_triplets,
     poses_from_video,
     read_picture,
+    scale_keypoints,
 )
 from disco.model.pipeline import DisCoPipeline
 from disco.generate.video import side_by_side, write_frames, write_video
@@ -38,13 +39,25 @@ class GenerateResult:
 
 
 def conditions_from_reference(pipeline: DisCoPipeline, reference: np.ndarray, size: int,
-                              background: np.ndarray | None = None, annotator=None):
+                              background: np.ndarray | None = None, annotator=None, with_pose: bool = False,
+                              on_matte: Callable | None = None):
     """Reference photo (and optional other scene) -> the CLIP input and background tensors (the
-    reference's own background has the person's hole, mid grey; another scene has none)."""
-    matted = matte_reference(reference, size, annotator)
+    reference's own background has the person's hole, mid grey; another scene has none).
+    ``with_pose``: the reference's pose is found too; ``on_matte`` is given the matted ``Reference``."""
+    matted = matte_reference(reference, size, annotator, with_pose=with_pose)
+    if on_matte is not None:
+        on_matte(matted)
     if background is None:
         return reference_pixels(matted.image, matted.alpha), background_pixels(matted.background, size, matted.alpha)
     return reference_pixels(matted.image, matted.alpha), background_pixels(background, size)
+
+
+def reference_target(matted: list, size: int, side: int) -> np.ndarray | None:
+    """The reference's body keypoints (``matte_reference(..., with_pose=True)``, pixels of the
+    ``size`` square) in pixels of the ``side`` px pose pictures; None when no pose was found."""
+    if not matted or matted[0].pose is None:
+        return None
+    return scale_keypoints(matted[0].pose, side / size)
 
 
 def open_pipeline(checkpoint: Path, device: str, size: int | None) -> tuple[DisCoPipeline, int, int]:
@@ -70,11 +83,22 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size)
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
-    reference_in, background_in = conditions_from_reference(pipeline, reference, size, background)
+    matted = []
+    reference_in, background_in = conditions_from_reference(pipeline, reference, size, background,
+                                                            with_pose=config.align_pose, on_matte=matted.append)
+    # --align-pose: the driving skeletons refitted to the reference person (its pose, in pose-picture pixels).
+    target = reference_target(matted, size, side) if config.align_pose else None
     if config.clip is not None:
-        poses = poses_from_triplets(config.pose, config.clip, side, style=style, hands=hands)
+        poses = poses_from_triplets(config.pose, config.clip, side, style=style, hands=hands, reference=target)
     else:
-        poses = poses_from_video(config.pose, side, fps=config.fps, style=style, hands=hands)
+        poses = poses_from_video(config.pose, side, fps=config.fps, style=style, hands=hands,
+                                 smooth=config.smooth_poses, reference=target)
+    unaligned = None if not config.align_pose or poses.alignment else \
+        "no pose found in the reference picture" if target is None else "no skeleton in the pose source to measure"
+    if poses.alignment:
+        log(f"poses aligned to the reference person (scale {poses.alignment['scale']:.3g})")
+    elif unaligned:
+        log(f"{unaligned}: the driver's skeletons are drawn as they are")
     frames_in = poses.frames[:config.max_frames] if config.max_frames else poses.frames
     if poses.empty:
         log(f"{poses.empty} of {len(poses.frames)} pose frames show no person: they get an empty skeleton")
@@ -104,6 +128,9 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     result.seconds = time.time() - started
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     record = {"settings": settings, "frames": result.frames, "size": size, "fps": fps,
-              "empty_poses": poses.empty, "wall_time_s": round(result.seconds, 3)}
+              "empty_poses": poses.empty, "wall_time_s": round(result.seconds, 3),
+              "align_pose": {"ran": poses.alignment is not None, **(poses.alignment or {}),
+                             **({"skipped": unaligned} if unaligned else {})},
+              "smooth_poses": poses.smoothed}
     config.output.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return result
