@@ -55,11 +55,11 @@ def sizes(args) -> dict:
     """Everything that differs between the GPU run and the CPU smoke run."""
     if args.smoke:
         # SAM's encoder sees 1024 x 1024 whatever the frame: a few seconds a picture on a CPU.
-        return dict(device="cpu", weights_size="small", sam_model="vit_b", frames=1, frame_size=96, batch_sizes=(1,),
+        return dict(device="cpu", weights_size="small", sam_model="vit_b", sam2_model="tiny", frames=1, frame_size=96, batch_sizes=(1,),
                     reload_images=1, pipeline_frames=2, model="tiny", resolution=64, train_steps=4, log_every=2,
                     matrix=MATRICES["smoke"], nccl=("finetune", "no", False, 2), generate_frames=2, generate_size=64,
                     generate_steps=2, loop_steps=4, triplet_frames=8)
-    return dict(device="cuda", weights_size="full", sam_model=args.sam_model, frames=64, frame_size=512,
+    return dict(device="cuda", weights_size="full", sam_model=args.sam_model, sam2_model=args.sam2_model, frames=64, frame_size=512,
                 batch_sizes=(1, 8, 32), reload_images=4, pipeline_frames=args.pipeline_frames, model="sd-image-variations",
                 resolution=256, train_steps=args.train_steps, log_every=10, matrix=MATRICES[args.train_matrix],
                 nccl=("finetune", "bf16", True, 32), generate_frames=16, generate_size=256, generate_steps=50,
@@ -75,7 +75,8 @@ def annotator_weights(args, size: dict, root: Path) -> tuple[Path, bool]:
         return args.weights, False
     from disco.pipeline.annotators.random_weights import write_random_weights
 
-    return write_random_weights(root / "weights", size=size["weights_size"], sam_model=size["sam_model"]), True
+    return write_random_weights(root / "weights", size=size["weights_size"], sam_model=size["sam_model"],
+                                sam2_model=size["sam2_model"]), True
 
 
 def random_pretrained(root: Path, size: dict) -> Path:
@@ -188,6 +189,14 @@ def step_annotators(args, size, work: Path) -> dict:
     pose.pose(pictures[0])
     fps["openpose body+hands"] = len(pictures) / _timed(lambda: [pose.pose(p) for p in pictures], device)
     pose = None
+    notes = []
+    for label, measure in ((f"sam2 {size['sam2_model']} tracking a clip", lambda: _sam2_fps(weights, size, threshold, pictures)),
+                           ("dwpose body+hands", lambda: _dwpose_fps(weights, device, pictures))):
+        try:  # each newer backend on its own: one missing (a wheel, a CUDA provider) loses only its line
+            fps[label] = measure()
+        except Exception as exc:  # noqa: BLE001 - reported, the rest of the step stands
+            fps[label] = None
+            notes.append(f"{label}: {str(exc).splitlines()[0][:160]}")
     try:
         mediapipe = FrameAnnotator("mediapipe", "mediapipe", hands=True, min_visibility=0.5, min_mask_area=0.01)
     except Exception as exc:  # not installed where the GPU is: the rest stands
@@ -198,12 +207,33 @@ def step_annotators(args, size, work: Path) -> dict:
         fps["mediapipe (host CPU)"] = len(pictures) / _timed(lambda: [mediapipe.annotate(p) for p in pictures], "cpu")
         mediapipe.close()
         note = ""
+    note = "; ".join([n for n in (note, *notes) if n])
     best = max(v for k, v in fps.items() if k.startswith("grounded-sam batch"))
     ratio = best / fps["grounded-sam rebuilt per image (official scripts)"]
     return {"frames_per_s": fps, "frames": len(pictures), "frame_size": size["frame_size"],
             "sam_model": size["sam_model"], "random_weights": random, "batched_vs_rebuilt": ratio, "note": note,
             "summary": ", ".join(f"{k} {v:.1f}" for k, v in fps.items() if v is not None)
                        + f" frames/s; batched / rebuilt per image {ratio:.1f}x"}
+
+
+def _sam2_fps(weights: Path, size: dict, threshold: float, pictures: list) -> float:
+    """SAM 2.1 masks propagated through the frames as one video unit (GroundingDINO seeds the first)."""
+    from disco.pipeline.annotators.sam2_backend import Sam2Matting
+
+    matting = Sam2Matting(weights, sam2_model=size["sam2_model"], box_threshold=threshold, text_threshold=threshold,
+                          device=size["device"])
+    matting.begin_unit(sequence=True)
+    matting.matte_batch(pictures[:2])  # warm-up
+    return len(pictures) / _timed(lambda: matting.matte_batch(pictures), size["device"])
+
+
+def _dwpose_fps(weights: Path, device: str, pictures: list) -> float:
+    """DWPose (YOLOX-L + dw-ll_ucoco_384 through ONNX Runtime; CUDA needs onnxruntime-gpu)."""
+    from disco.pipeline.annotators.dwpose_backend import DWPosePose
+
+    pose = DWPosePose(weights, hands=True, face=False, device=device)
+    pose.pose(pictures[0])
+    return len(pictures) / _timed(lambda: [pose.pose(p) for p in pictures], device)
 
 
 def step_preprocess(args, size, work: Path) -> dict:
@@ -547,7 +577,7 @@ def _passed_on(args) -> list[str]:
     for flag in ("weights", "pretrained"):
         if getattr(args, flag):
             out += [f"--{flag}", str(getattr(args, flag))]
-    out += ["--sam-model", args.sam_model, "--pipeline-frames", str(args.pipeline_frames), "--train-matrix",
+    out += ["--sam-model", args.sam_model, "--sam2-model", args.sam2_model, "--pipeline-frames", str(args.pipeline_frames), "--train-matrix",
             args.train_matrix, "--train-steps", str(args.train_steps), "--peak-tflops", str(args.peak_tflops),
             "--config-timeout", str(args.config_timeout)]
     return out
@@ -602,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, help="annotator weights folder (default: random full-size ones)")
     parser.add_argument("--pretrained", help="sd-image-variations folder (default: random weights of its architecture)")
     parser.add_argument("--sam-model", default="vit_h", choices=("vit_h", "vit_l", "vit_b"))
+    parser.add_argument("--sam2-model", default="large", choices=("tiny", "small", "base_plus", "large"),
+                        help="SAM 2.1 size for the annotator step")
     parser.add_argument("--pipeline-frames", type=int, default=300, help="frames of the preprocess step's clip")
     parser.add_argument("--train-matrix", default="full", choices=("full", "quick"),
                         help="24 configurations (stage x bf16/fp16 x checkpointing x batch 8/32/64) or 3")
