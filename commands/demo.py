@@ -18,6 +18,9 @@ DEMO_STEPS = 30
 DEMO_RESOLUTION = 64
 DEMO_SAMPLE_STEPS = 10
 DEMO_FRAMES = 16
+# The temporal stage (model/temporal.py): a few steps on clips of a few frames.
+DEMO_TEMPORAL_STEPS = 4
+DEMO_CLIP_FRAMES = 4
 
 
 def demo(
@@ -26,7 +29,7 @@ def demo(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """The whole journey on photos and a clip that ship with installed packages: preprocess, a short
-    tiny-model pre-training and fine-tuning, and a generated clip."""
+    tiny-model pre-training, fine-tuning and temporal-module training, and a generated clip."""
     import shutil
 
     from disco.generate.config import GenerateConfig
@@ -41,7 +44,7 @@ def demo(
     images_in, videos_in = output / "inputs" / "images", output / "inputs" / "videos"
     write_demo_images(images_in)
     write_demo_video(videos_in)
-    console.print(f"[bold]1/4 preprocess[/bold]: {images_in.resolve()} and {videos_in.resolve()}")
+    console.print(f"[bold]1/5 preprocess[/bold]: {images_in.resolve()} and {videos_in.resolve()}")
     triplets = {}
     for source, folder in (("images", images_in), ("video", videos_in)):
         out = output / f"triplets-{source}"
@@ -50,23 +53,32 @@ def demo(
         write_contact_sheet(open_triplets(out), out / "contact_sheet.png", 8)
         triplets[source] = out
     # A demo always starts over: a run folder left by an earlier demo would be refused (resume).
-    runs = {"pretrain": output / "run-pretrain", "finetune": output / "run-finetune"}
+    runs = {"pretrain": output / "run-pretrain", "finetune": output / "run-finetune",
+            "temporal": output / "run-temporal"}
     for run in runs.values():
         shutil.rmtree(run, ignore_errors=True)
     common = dict(model="tiny", resolution=DEMO_RESOLUTION, batch_size=2, max_steps=steps, checkpoint_every=steps,
                   sample_every=steps, sample_steps=DEMO_SAMPLE_STEPS, sample_count=2, log_every=5)
-    console.print("[bold]2/4 pre-train[/bold] (human attributes, on every still and frame)")
+    console.print("[bold]2/5 pre-train[/bold] (human attributes, on every still and frame)")
     summary = run_training(TrainConfig(stage="pretrain", data=[str(triplets["images"]), str(triplets["video"])],
                                        output=str(runs["pretrain"]), **common), show_progress=progress)
     console.print(f"  step {summary['step']}, loss {summary['loss']:.4f}")
-    console.print("[bold]3/4 fine-tune[/bold] (with pose, on the clip)")
+    console.print("[bold]3/5 fine-tune[/bold] (with pose, on the clip)")
     summary = run_training(TrainConfig(stage="finetune", data=[str(triplets["video"])], output=str(runs["finetune"]),
                                        init_from=str(runs["pretrain"]), **common), show_progress=progress)
     console.print(f"  step {summary['step']}, loss {summary['loss']:.4f}")
-    console.print("[bold]4/4 generate[/bold] (the astronaut photo, moving as the clip's stored poses)")
+    console.print(f"[bold]4/5 temporal module[/bold] (temporal layers alone, on clips of {DEMO_CLIP_FRAMES} frames)")
+    summary = run_training(TrainConfig(stage="temporal", data=[str(triplets["video"])], output=str(runs["temporal"]),
+                                       init_from=str(runs["finetune"]), clip_frames=DEMO_CLIP_FRAMES,
+                                       **{**common, "batch_size": 1, "max_steps": DEMO_TEMPORAL_STEPS,
+                                          "checkpoint_every": DEMO_TEMPORAL_STEPS,
+                                          "sample_every": DEMO_TEMPORAL_STEPS}), show_progress=progress)
+    console.print(f"  step {summary['step']}, loss {summary['loss']:.4f}")
+    console.print("[bold]5/5 generate[/bold] (the astronaut photo, moving as the clip's stored poses; the temporal "
+                  f"model denoises overlapping windows of {DEMO_CLIP_FRAMES} frames)")
     video = output / "generated.mp4"
     result = run_generation(GenerateConfig(
-        checkpoint=runs["finetune"], reference=images_in / "astronaut.png", pose=triplets["video"], clip=DEMO_CLIP,
+        checkpoint=runs["temporal"], reference=images_in / "astronaut.png", pose=triplets["video"], clip=DEMO_CLIP,
         output=video, steps=DEMO_SAMPLE_STEPS, size=DEMO_RESOLUTION, max_frames=DEMO_FRAMES, side_by_side=True,
     ), show_progress=progress)
 

@@ -30,6 +30,8 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
         task = bar.add_task("train", total=None, loss="-", speed="-", wait="-")
 
         def on_metrics(m: dict) -> None:
+            if "loss" not in m:  # an evaluation's line (eval/...), not a training window's
+                return
             bar.update(task, completed=m["step"], loss=f"{m['loss']:.4f}", speed=f"{m['samples_per_s']:.1f}",
                        wait=f"{m['data_wait_fraction']:.0%}")
 
@@ -130,8 +132,14 @@ def model_info(
 
     config, variant = plain(config), plain(variant)
     with torch.device("meta"):
-        model = DisCoModel.from_architecture(config, variant=variant)
+        model = DisCoModel.from_architecture(config, variant="finetune" if variant == "temporal" else variant)
+        if variant == "temporal":  # the fine-tuned model plus the temporal layers (model/temporal.py)
+            from disco.model.temporal import add_temporal
+
+            add_temporal(model)
     counts = parameter_counts(model)
+    if variant == "temporal":
+        counts["temporal"] = sum(p.numel() for p in model.temporal.parameters())
     if as_json:
         typer.echo(json.dumps(counts))
         return
@@ -147,12 +155,13 @@ def model_info(
 
 
 def train(
-    stage: Annotated[Optional[Stage], typer.Option(help=f"pretrain (human-attribute pre-training on stills) or finetune (with pose). Default {T.stage}.")] = None,
+    stage: Annotated[Optional[Stage], typer.Option(help=f"pretrain (human-attribute pre-training on stills), finetune (with pose) or temporal (the temporal module, on clips; needs --init-from). Default {T.stage}.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="A `disco-cli preprocess` output folder; repeat for several.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The run directory: config.yaml, checkpoints, logs/, samples/.")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(help="Local sd-image-variations folder (diffusers layout) to start from.")] = None,
     model: Annotated[Optional[Architecture], typer.Option(help="Start from random weights of a named architecture instead.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from this pre-training (HAP) run: its UNet, projection and background ControlNet.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from this pre-training (HAP) run: its UNet, projection and background ControlNet; with --stage temporal, the fine-tuning run whose image model gets the temporal layers.")] = None,
+    clip_frames: Annotated[Optional[int], typer.Option(help=f"--stage temporal: consecutive frames of one clip per training sample (default {T.clip_frames}, the official length); a batch is --batch-size clips.")] = None,
     preset: Annotated[Optional[PresetName], typer.Option(help="The paper's recipe: disco-hap (pre-training) or disco-finetune; sets the stage, resolution, optimizer, learning rate and schedule, steps, global batch (made up by gradient accumulation on fewer GPUs), precision, checkpointing, crops and pose style. --config and flags override it; README lists each value and its source.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options (dashes or underscores); flags override it.")] = None,
     ref_mode: Annotated[Optional[RefMode], typer.Option(help=f"Fine-tuning reference frame: first (the clip's first frame) or random (default {T.ref_mode}).")] = None,
@@ -175,6 +184,10 @@ def train(
     keep: Annotated[Optional[int], typer.Option(help=f"Checkpoints to keep (default {T.keep}).")] = None,
     sample_every: Annotated[Optional[int], typer.Option(help=f"Write a reference | pose | generated | target grid every N steps (default {T.sample_every}).")] = None,
     sample_steps: Annotated[Optional[int], typer.Option(help=f"DDIM steps for the sample grids (default {T.sample_steps}).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Every N steps (and at the end) log the loss on held-out rows with all conditions and each condition's gap: the loss without it (pose of another clip, background zeroed, zero-image reference) minus with all (default: off; 0: off).")] = None,
+    eval_rows: Annotated[Optional[int], typer.Option(help=f"Rows of the --eval-every batch (default {T.eval_rows}).")] = None,
+    eval_split: Annotated[Optional[str], typer.Option(help=f"Split the --eval-every rows come from (default {T.eval_split}; data without it: a fixed slice of the training rows).")] = None,
+    pose_scale: Annotated[Optional[float], typer.Option(help="Scale of the pose ControlNet's residuals (default 1); 0 cuts the pose branch (an ablation).")] = None,
     log_every: Annotated[Optional[int], typer.Option(help=f"Log scalars every N steps (default {T.log_every}).")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help=f"Data-parallel training workers through Ray Train (default {T.num_workers}: in this process).")] = None,
     use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-use-gpu", help=f"Train on GPUs, one per worker (default {_on(T.use_gpu)}).")] = None,
@@ -190,13 +203,14 @@ def train(
 
     flags = dict(stage=plain(stage), data=[str(d) for d in data] if data else None, output=str(output) if output else None,
                  pretrained=str(pretrained) if pretrained else None, model=plain(model),
-                 init_from=str(init_from) if init_from else None, ref_mode=plain(ref_mode), pose_style=plain(pose_style), hands=hands, resolution=resolution,
+                 init_from=str(init_from) if init_from else None, clip_frames=clip_frames, ref_mode=plain(ref_mode), pose_style=plain(pose_style), hands=hands, resolution=resolution,
                  augment=augment, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                  warmup_steps=warmup_steps, schedule_steps=schedule_steps, max_grad_norm=max_grad_norm, ema_decay=ema_decay,
                  mixed_precision=plain(mixed_precision), gradient_checkpointing=gradient_checkpointing, seed=seed,
                  checkpoint_every=checkpoint_every, keep=keep, sample_every=sample_every, sample_steps=sample_steps,
                  log_every=log_every, num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address,
                  max_failures=max_failures)
+    flags.update(eval_every=eval_every, eval_rows=eval_rows, eval_split=eval_split, pose_scale=pose_scale)
     given = {k: v for k, v in flags.items() if v is not None}
     try:
         cfg = configured(plain(preset), config, given, resume)
@@ -208,4 +222,9 @@ def train(
     summary = run_training(cfg, given=set(given), show_progress=progress)
     console.print(f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
                   f"{summary['skipped_rows']} undecodable rows skipped")
+    if summary.get("eval"):
+        from disco.train.condition_gaps import describe
+
+        for line in describe(summary["eval"]):
+            console.print(line, highlight=False)
     console.print(f"run: {Path(cfg.output).resolve()}  (config.yaml, checkpoint-*/, logs/ for TensorBoard, samples/)")

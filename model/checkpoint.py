@@ -197,10 +197,25 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
     EMA). Returned in eval mode on ``device``."""
     checkpoint = find_checkpoint(path, step)
     source, stage = ModelSource.of_run(checkpoint.parent)
-    model = base_model(source, stage)
+    model = temporal_base(checkpoint.parent) if stage == "temporal" else base_model(source, stage)
     weights_file = checkpoint / (EMA_FILE if (checkpoint / EMA_FILE).exists() else WEIGHTS_FILE)
     load_trainable_file(model, weights_file)
     return model.to(device).eval()
+
+
+def temporal_base(run: Path) -> DisCoModel:
+    """The model a temporal-stage run's checkpoints hold the temporal layers of: the image model
+    of the fine-tuning checkpoint it was initialised from (its ``init_from``, pinned to one
+    checkpoint when the run started), with temporal layers of the run's clip length added."""
+    from disco.model.temporal import DEFAULT_CLIP_FRAMES, TemporalConfig, add_temporal
+
+    values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(Path(run) / RUN_CONFIG_FILE).items()}
+    if not values.get("init_from"):
+        raise ConfigError(f"{run} is a temporal-stage run without init_from; cannot rebuild its image model")
+    image = load_model(values["init_from"])
+    frames = int(values.get("clip_frames") or DEFAULT_CLIP_FRAMES)
+    with torch.random.fork_rng(devices=[]):  # the temporal layers' draws are overwritten by the checkpoint
+        return add_temporal(image, TemporalConfig(frames=frames))
 
 
 def pose_setting(path: str | Path) -> tuple[str, bool]:

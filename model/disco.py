@@ -51,6 +51,7 @@ class DisCoModel(ModelMixin, ConfigMixin):
         reference_dropout: float = 0.05,
         pose_dropout: float = 0.0,
         background_dropout: float = 0.0,
+        temporal_config: dict | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -60,6 +61,10 @@ class DisCoModel(ModelMixin, ConfigMixin):
             AutoencoderKL.from_config(vae_config),
             _clip_from_config(image_encoder_config),
         )
+        if temporal_config is not None:  # a temporal-module (TM) model: model/temporal.py
+            from disco.model.temporal import attach_temporal
+
+            attach_temporal(self, temporal_config)
 
     def _assemble(self, unet: UNet2DConditionModel, vae: AutoencoderKL, clip: CLIPVisionModelWithProjection) -> None:
         """Derive every trainable branch from the three base models."""
@@ -268,6 +273,9 @@ class DisCoModel(ModelMixin, ConfigMixin):
         ``proj_out`` of their Transformer2D wrappers, as the official "transblocks" setting), the
         projection and the background ControlNet; fine-tuning trains all but CLIP and the VAE."""
         out = {}
+        if getattr(self, "temporal", None) is not None:
+            # The temporal stage trains its temporal layers alone (model/temporal.py).
+            return {name: param for name, param in self.named_parameters() if name.startswith("temporal.")}
         for name, param in self.named_parameters():
             if name.startswith(("vae.", "image_encoder.")):
                 continue

@@ -41,7 +41,14 @@ def pose_embedding_cache(model: DisCoModel) -> Iterator[None]:
 
 
 class DisCoPipeline:
-    """The model plus a DDIM scheduler built from the model's own scheduler config."""
+    """The model plus a DDIM scheduler built from the model's own scheduler config.
+
+    With a temporal-module (TM) model the frames are denoised in overlapping windows of ``window``
+    frames (default: the clip length it trained on), sharing ``overlap`` frames (default a
+    quarter of a window), blended at every step (``model/temporal.py``, ``windowed_ddim``)."""
+
+    window: int | None = None
+    overlap: int | None = None
 
     def __init__(self, model: DisCoModel, scheduler: DDIMScheduler | None = None):
         if model.pose_controlnet is None:
@@ -86,6 +93,15 @@ class DisCoPipeline:
         tokens = model.encode_reference(reference.to(device, dtype))
         empty = model.unconditional_reference(1).to(dtype)
         background_latents = model.encode_background(background.to(device, dtype))
+        if getattr(model, "temporal", None) is not None:
+            from disco.model.temporal import decode_latents, windowed_ddim
+
+            latents = windowed_ddim(model, self.scheduler, noise.to(device, dtype) * self.scheduler.init_noise_sigma,
+                                    tokens, empty, background_latents, poses.to(device, dtype), num_inference_steps,
+                                    guidance_scale, window=self.window, overlap=self.overlap)
+            if progress is not None:
+                progress(len(poses))
+            return to_uint8(decode_latents(model, latents / VAE_SCALING, batch_size))
         frames = []
         with pose_embedding_cache(model):
             for start in range(0, len(poses), batch_size):

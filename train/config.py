@@ -11,7 +11,7 @@ import yaml
 from disco.model.configs import CONFIGS, RUN_CONFIG_FILE
 from disco.pipeline.errors import ConfigError, read_options_yaml
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "temporal")
 REF_MODES = ("first", "random")
 PRECISIONS = ("no", "fp16", "bf16")
 SUMMARY_FILE = "summary.json"
@@ -19,7 +19,7 @@ SUMMARY_FILE = "summary.json"
 # writes a checkpoint of that step and stops (all workers agree on the step through a collective).
 STOP_FILE = ".stop-requested"
 # Per-stage defaults from the paper / official code (DESIGN.md, "Recipe").
-DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-4}
+DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-4, "temporal": 1e-4}  # temporal: the official TM command
 
 
 @dataclass
@@ -34,12 +34,18 @@ class TrainConfig:
     # run directory can rebuild them); inherited from --init-from.
     model_seed: int | None = None
     init_from: str | None = None
+    # Temporal stage (model/temporal.py): frames per training clip (consecutive frames of one
+    # clip); a micro-batch is batch_size clips of clip_frames frames. 16: the official TM length.
+    clip_frames: int = 16
     ref_mode: str = "first"
     # The pose picture fine-tuning trains on: its style (openpose | disco) and whether hands are
     # drawn. None: what the --data folders' manifest.json recorded; fixed when the run starts,
     # and what generate / evaluate draw for this run (train/data/pose.py).
     pose_style: str | None = None
     hands: bool | None = None
+    # The pose ControlNet's residual scale (DisCoModel's pose_scale); None: the model's 1.0. 0 cuts
+    # the pose branch (an ablation: its residuals, and so its gradients, are zero).
+    pose_scale: float | None = None
     split: str = "train"
     resolution: int = 256
     augment: bool = True
@@ -72,6 +78,12 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep: int = 3
     sample_every: int = 500
+    # Condition gaps (train/condition_gaps.py): every eval_every steps and at the last step, the
+    # loss on eval_rows fixed rows of eval_split (the training split's when the data has none)
+    # with all conditions and with each removed in turn. None or 0: off.
+    eval_every: int | None = None
+    eval_rows: int = 16
+    eval_split: str = "test"
     sample_count: int = 4
     sample_steps: int = 50
     guidance_scale: float = 1.5
@@ -137,7 +149,9 @@ class TrainConfig:
     def validate_model(self) -> "TrainConfig":
         """The checks on what the model and a batch are (also all a memory plan needs)."""
         if self.stage not in STAGES:
-            raise ConfigError(f"unknown stage {self.stage!r}; choose pretrain or finetune")
+            raise ConfigError(f"unknown stage {self.stage!r}; choose pretrain, finetune or temporal")
+        if self.stage == "temporal" and self.clip_frames < 1:
+            raise ConfigError("--clip-frames must be at least 1")
         if (self.pretrained is None) == (self.model is None):
             raise ConfigError("give exactly one of --pretrained DIR (sd-image-variations weights) or --model tiny")
         if self.model is not None and self.model not in CONFIGS:
@@ -171,10 +185,17 @@ class TrainConfig:
         for folder in self.data:
             if not (Path(folder) / "triplets").is_dir():
                 raise ConfigError(f"--data {folder} holds no triplets/ folder; is it a `disco-cli preprocess` output?")
+        if self.stage == "temporal" and self.init_from is None:
+            raise ConfigError("--stage temporal trains temporal layers on a fine-tuned model: give --init-from FINETUNE_RUN")
+        if self.stage == "temporal" and self.ref_mode != "first":
+            raise ConfigError("--stage temporal takes each clip's first frame as its reference (--ref-mode first)")
         if self.init_from is not None:
-            if self.stage != "finetune":
-                raise ConfigError("--init-from loads a pre-training (HAP) run into fine-tuning; use it with --stage finetune")
-            if not (Path(self.init_from) / RUN_CONFIG_FILE).exists():
+            if self.stage == "pretrain":
+                raise ConfigError("--init-from loads a pre-training (HAP) run into fine-tuning (--stage finetune) or "
+                                  "a fine-tuning run into the temporal stage (--stage temporal)")
+            init = Path(self.init_from)
+            # A temporal run pins its init run's checkpoint (train/launch.py): a checkpoint folder.
+            if not (init / RUN_CONFIG_FILE).exists() and not (self.stage == "temporal" and (init.parent / RUN_CONFIG_FILE).exists()):
                 raise ConfigError(f"--init-from {self.init_from} is not a training run (no {RUN_CONFIG_FILE})")
         if self.ref_mode not in REF_MODES:
             raise ConfigError(f"unknown --ref-mode {self.ref_mode!r}; choose first or random")
@@ -191,6 +212,14 @@ class TrainConfig:
             if self.batch_size % per_worker:
                 raise ConfigError(f"--batch-size ({self.batch_size}) must be a multiple of the data shards per worker "
                                   f"({per_worker} = data_shards {self.data_shards} / --num-workers {self.num_workers})")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ConfigError("--eval-every must be 0 (off) or more")
+        if self.eval_rows < 1:
+            raise ConfigError("--eval-rows must be at least 1")
+        if self.eval_split not in ("train", "test"):
+            raise ConfigError(f"unknown --eval-split {self.eval_split!r}; choose test or train")
+        if self.pose_scale is not None and self.stage == "pretrain":
+            raise ConfigError("--pose-scale applies to fine-tuning (pre-training has no pose branch)")
         if self.max_failures is not None and self.max_failures < 0:
             raise ConfigError("--max-failures must be 0 or more")
         if self.learning_rate <= 0:

@@ -20,11 +20,25 @@ def initial_model(cfg: TrainConfig) -> DisCoModel:
     Every weight exists once: the HAP model and the base UNet are built, then assembled into the
     fine-tuning model without copies (``DisCoModel.finetune_from_hap``); the peak is their sum."""
     source = ModelSource.of(cfg)
+    if cfg.stage == "temporal":
+        from disco.model.temporal import TemporalConfig, add_temporal
+
+        image = load_model(cfg.init_from)
+        if image.config.variant != "finetune" or image.config.get("temporal_config") is not None:
+            raise ConfigError(f"--init-from {cfg.init_from} is not a fine-tuning (image model) run")
+        # The temporal layers' random parts are drawn from the run's seed (the loop seeded it).
+        return add_temporal(image.train(), TemporalConfig(frames=cfg.clip_frames))
     if cfg.stage == "finetune" and cfg.init_from:
         from disco.model.disco import DisCoModel
 
         hap = load_model(cfg.init_from)
         if hap.config.variant != "pretrain":
             raise ConfigError(f"--init-from {cfg.init_from} is a {hap.config.variant} run, not a pretrain (HAP) run")
-        return DisCoModel.finetune_from_hap(hap.train(), base_unet(source))
-    return base_model(source, cfg.stage)
+        model = DisCoModel.finetune_from_hap(hap.train(), base_unet(source))
+    else:
+        model = base_model(source, cfg.stage)
+    if getattr(cfg, "pose_scale", None) is not None:
+        # --pose-scale 0 cuts the pose branch: its zero-initialised output convolutions then get
+        # no gradient and stay 0, so the trained model ignores the pose at any scale it is loaded with.
+        model.register_to_config(pose_scale=float(cfg.pose_scale))
+    return model

@@ -27,6 +27,7 @@ from disco.train.monitor import read_metrics
 RESUME_MAY_CHANGE = {
     "max_steps", "schedule_steps", "max_failures", "checkpoint_every", "keep", "sample_every", "sample_count", "sample_steps", "guidance_scale",
     "log_every", "ray_address", "cpus_per_worker", "data_cpus", "prefetch_batches", "resume",
+    "eval_every",  # how often the condition gaps are measured; what is measured (eval_rows, eval_split) stays
 }
 
 PATH_OPTIONS = {"pretrained", "init_from"}
@@ -72,11 +73,21 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
             if not (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():
                 raise ConfigError(f"--init-from {cfg.init_from} is not a training run (no {RUN_CONFIG_FILE})")
             hap = load_run_config(cfg.init_from)
+            if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None:
+                cfg = cfg.updated({"model": hap.model, "pretrained": hap.pretrained})  # the image model's base
             if (hap.model, hap.pretrained and str(Path(hap.pretrained).resolve())) != \
                     (cfg.model, cfg.pretrained and str(Path(cfg.pretrained).resolve())):
                 raise ConfigError(f"--init-from {cfg.init_from} was trained on another base model "
                                   f"({hap.pretrained or hap.model}); use the same --pretrained / --model")
             cfg = cfg.updated({"model_seed": hap.model_seed})
+            if cfg.stage == "temporal":
+                # Pinned to the init run's checkpoint now: the temporal weights belong to that image
+                # model even if the fine-tuning run trains on; its pose drawing is the default.
+                from disco.model.checkpoint import find_checkpoint
+
+                cfg = cfg.updated({"init_from": str(find_checkpoint(cfg.init_from).absolute()),
+                                   "pose_style": cfg.pose_style or hap.pose_style,
+                                   "hands": hap.hands if cfg.hands is None else cfg.hands})
         if cfg.model_seed is None:
             cfg = cfg.updated({"model_seed": cfg.seed})
         # The schedule is fixed now: a later --resume with more --max-steps keeps it.
@@ -85,7 +96,7 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
     cfg = cfg.updated({"data": [_absolute(d) for d in cfg.data], "init_from": _absolute(cfg.init_from),
                        "pretrained": _absolute(cfg.pretrained)})
     cfg.validate()
-    if cfg.stage == "finetune" or cfg.pose_style is not None or cfg.hands is not None:
+    if cfg.stage in ("finetune", "temporal") or cfg.pose_style is not None or cfg.hands is not None:
         # The run's pose drawing, recorded in its config.yaml (generate and evaluate use it).
         from disco.train.data.pose import resolve_pose_setting
 
@@ -152,7 +163,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
 
     cfg, checkpoint = resolve(cfg, given)
     index = build_index(cfg.data, cfg.split)  # fails early, with a clear message, on empty data
-    if cfg.stage == "finetune":
+    if cfg.stage in ("finetune", "temporal"):
         from disco.train.data.pose import render_plan
 
         render_plan(cfg.data, index.files, cfg.pose_style, cfg.hands)  # data it cannot draw: fails here

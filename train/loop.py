@@ -23,11 +23,14 @@ from disco.model.checkpoint import load_trainable, read_checkpoint, save_checkpo
 from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
 from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
-from disco.train.data import SampleStream, build_index
+from disco.train.data import build_index
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
 from disco.train.objective import DiffusionObjective, apply_update, parameter_groups, sample_draws
 from disco.train.sampling import write_sample_grid
+from disco.train.temporal import clip_draws, frames_per_clip, stream_class
+from disco.model.temporal import clip_frames
+from disco.train.condition_gaps import ConditionGaps
 
 POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
 
@@ -156,18 +159,20 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
 
     index = build_index(cfg.data, cfg.split)
     pose_render = None
-    if cfg.stage == "finetune":
+    if cfg.stage in ("finetune", "temporal"):
         from disco.train.data.pose import render_plan
 
         pose_render = render_plan(cfg.data, index.files, cfg.pose_style or "openpose",
                                   True if cfg.hands is None else cfg.hands)
-    stream = SampleStream(index, stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution, pose_render=pose_render,
+    stream = stream_class(cfg)(index, stage=cfg.stage, ref_mode=cfg.ref_mode, resolution=cfg.resolution, pose_render=pose_render,
                           augment=cfg.augment, seed=cfg.seed, batch=cfg.batch_size, rank=rank, world=world,
                           position=position, shards=cfg.data_shards or world,
                           data_cpus=loop_config.get("data_cpus", 0.25),
                           prefetch_batches=cfg.prefetch_batches)
     monitor = Monitor(run) if rank == 0 else None
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    # Condition gaps (--eval-every): rank 0 only, on the bare model; no collective involved.
+    gaps = ConditionGaps.for_run(cfg, rank, model, device, precision, loop_config.get("data_cpus", 0.25))
     side = cfg.resolution // vae_factor(model)
     latent_shape = (model.unet.config.in_channels, side, side)
     preview = None
@@ -207,10 +212,11 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 if rank == 0 and preview is None:
                     preview = {k: v[:cfg.sample_count].clone() for k, v in batch.items()}
                 inputs = model_inputs(batch, device)
-                draws = sample_draws(batch["position"], cfg.seed, latent_shape, timesteps, device)
+                draws = clip_draws(sample_draws(batch["position"], cfg.seed, latent_shape, timesteps, device),
+                                   frames_per_clip(cfg))
                 last_micro = micro == cfg.grad_accum - 1
                 sync = objective.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-                with sync:
+                with sync, clip_frames(model, frames_per_clip(cfg)):  # (B F) layout, backward included
                     with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
                         loss = objective(**inputs, **draws)
                     scaler.scale(loss / cfg.grad_accum).backward()
@@ -238,6 +244,8 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 checkpoint_now()
             if monitor is not None and preview is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                 write_sample_grid(model, preview, cfg, step, monitor, device, precision)
+            if gaps is not None and gaps.due(step):
+                monitor.log(step, gaps.measure())
         if interrupted and saved_step != step:
             checkpoint_now()  # Ctrl-C: keep every finished step
     finally:
@@ -248,6 +256,9 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     summary = {"step": step, "loss": last_loss, "skipped_rows": skipped, "workers": world}
     if interrupted:
         summary["interrupted"] = True
+    evaluations = gaps.summary(run) if gaps is not None else None
+    if evaluations is not None:
+        summary["eval"] = evaluations  # the condition gaps at the first and the last evaluation
     if rank == 0:
         (run / SUMMARY_FILE).write_text(json.dumps(summary))
     if distributed:

@@ -66,7 +66,7 @@ def _step_key(cfg: TrainConfig, batch: int, device: str) -> tuple:
     configs = tuple((folder / part / "config.json").read_text() if (folder / part / "config.json").exists() else None
                     for part in ("unet", "vae", "image_encoder")) if folder else ()
     return (cfg.model, configs, cfg.stage, cfg.resolution, cfg.mixed_precision, cfg.gradient_checkpointing,
-            min(cfg.grad_accum, 2), batch, device)
+            min(cfg.grad_accum, 2), batch, device, cfg.clip_frames if cfg.stage == "temporal" else 1)
 
 
 def _measured_step(model, cfg: TrainConfig, batch: int, device: str) -> dict:
@@ -160,7 +160,8 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
     plan.lines = [
         ("weights, trainable", weights_trainable, f"{plan.trainable_params / 1e6:,.1f} M params, fp32"),
         ("weights, frozen", weights_frozen, f"{plan.frozen_params / 1e6:,.1f} M params (VAE, CLIP"
-         f"{', UNet ResNets' if cfg.stage == 'pretrain' else ''}), fp32"),
+         f"{', UNet ResNets' if cfg.stage == 'pretrain' else ''}"
+         f"{', the image model' if cfg.stage == 'temporal' else ''}), fp32"),
         ("gradients", grads, "fp32"),
         ("AdamW states", states, "exp_avg + exp_avg_sq, fp32"),
         ("EMA", ema, "fp32 copy of the trainable weights" if ema else "off"),
@@ -168,7 +169,8 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
     if buckets:
         plan.lines.append(("DDP gradient buckets", buckets, "fp32, a second copy of the gradients"))
     plan.lines += [
-        (f"activations (batch {cfg.batch_size})", step["activations"],
+        (f"activations (batch {cfg.batch_size}"
+         f"{f' clips x {cfg.clip_frames} frames' if cfg.stage == 'temporal' else ''})", step["activations"],
          f"measured, {precision}" + (", checkpointing" if cfg.gradient_checkpointing else "")),
         ("backward / update transients", transients, "step peak - gradients - activations"),
     ]
@@ -276,6 +278,10 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
             raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {RUN_CONFIG_FILE})")
         cfg = load_run_config(cfg.output)
         notes.append(f"planned from the saved configuration of {cfg.output}")
+    if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None and cfg.init_from and \
+            (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():  # the base of the image model it starts from
+        init = load_run_config(cfg.init_from)
+        cfg = cfg.updated({"model": init.model, "pretrained": init.pretrained})
     cfg.validate_model()
     if not cfg.data and not cfg.resume:
         notes.append("no --data given: a real run needs at least one (the plan does not read data)")

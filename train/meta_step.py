@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from disco.model.configs import SCHEDULER
 from disco.model.disco import DisCoModel
+from disco.model.temporal import clip_frames
 from disco.pipeline.errors import ConfigError
 from disco.train.config import TrainConfig
 
@@ -201,6 +202,12 @@ def meta_model(cfg: TrainConfig, variant: str | None = None) -> DisCoModel:
     """The run's model on the meta device (shapes only): ``--model NAME``, or the configurations
     of a ``--pretrained`` folder (``unet/``, ``vae/``, ``image_encoder/`` config.json)."""
     variant = variant or cfg.stage
+    if variant == "temporal":  # the fine-tuned image model plus the temporal layers (model/temporal.py)
+        from disco.model.temporal import TemporalConfig, add_temporal
+
+        model = meta_model(cfg, "finetune")
+        with torch.device("meta"):
+            return add_temporal(model, TemporalConfig(frames=cfg.clip_frames))
     with torch.device("meta"):
         if cfg.pretrained:
             folder = Path(cfg.pretrained)
@@ -264,10 +271,12 @@ def measure_step(model: DisCoModel, cfg: TrainConfig, batch: int, device: str = 
     micro_batches = min(cfg.grad_accum, 2)  # from the second on, each one starts with every gradient alive
     tracker = _LiveBytes(known=list(model.parameters()) + list(model.buffers()))
     activations = 0
+    # The temporal stage: a sample is a clip, ``batch`` clips of clip_frames frames in (B F) layout.
+    frames = cfg.clip_frames if cfg.stage == "temporal" else 1
     try:
-        with tracker, semantics:
+        with tracker, semantics, clip_frames(model, frames):
             for micro in range(micro_batches):
-                inputs, draws = _meta_batch(model, batch, cfg.resolution)
+                inputs, draws = _meta_batch(model, batch * frames, cfg.resolution)
                 semantics.forward = True
                 loss = objective(**inputs, **draws)
                 semantics.end_forward()

@@ -24,8 +24,9 @@ class Monitor:
         self._metrics = open(self.run / METRICS_FILE, "a")
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        """Scalars under ``train/`` in TensorBoard, unless their name has its own group (``eval/loss``)."""
         for name, value in values.items():
-            self.writer.add_scalar(f"train/{name}", value, step)
+            self.writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
         self._metrics.write(json.dumps({"step": step, **values}) + "\n")
         self._metrics.flush()
         self.writer.flush()

@@ -94,7 +94,7 @@ def _chw(picture: np.ndarray) -> np.ndarray:
 
 
 def decode_samples(blocks: pa.Table, stage: str, resolution: int, augment: bool, seed: int,
-                   pose_render: dict | None = None) -> Iterator[dict]:
+                   pose_render: dict | None = None, clip_frames: int = 1) -> Iterator[dict]:
     """The decode stage: each row of ``blocks`` (one encoded block of ``read_samples``) -> one row
     holding the block's uint8 pictures, cropped alike. A sample that fails to decode is kept with
     ``ok = False`` and zero pictures, so the loop can count it and skip it. The work runs at the
@@ -102,14 +102,14 @@ def decode_samples(blocks: pa.Table, stage: str, resolution: int, augment: bool,
     samples the read stage marked ``render`` (their pose picture is drawn from their keypoints at
     the stored image's size, then cropped as the target is)."""
     for row in blocks.to_pylist():
-        out = at_low_priority(_decode_samples, row, stage, resolution, augment, seed, pose_render)
+        out = at_low_priority(_decode_samples, row, stage, resolution, augment, seed, pose_render, clip_frames)
         out["read_bytes"] = np.asarray(row["read_bytes"], np.int64)
         out["reference_bytes"] = np.asarray(row["reference_bytes"], np.int64)
         yield {name: value[None] for name, value in out.items()}
 
 
 def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, seed: int,
-                    pose_render: dict | None = None) -> dict:
+                    pose_render: dict | None = None, clip_frames: int = 1) -> dict:
     from disco.pipeline.store.encode import decode_picture
     from disco.train.augment import CLIP_SIZE, apply_box, crop_box, scale_box
 
@@ -128,7 +128,7 @@ def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, see
     for i in range(n):
         try:
             image = decode_picture(batch["image"][i])
-            box = crop_box(image.shape[0], image.shape[1], stage, sample_seed(seed, out["position"][i]), augment)
+            box = crop_box(image.shape[0], image.shape[1], stage, sample_seed(seed, out["position"][i] // clip_frames), augment)  # clip_frames > 1: one crop per clip (train/data/clips.py)
             out["target"][i] = _chw(apply_box(image, box, resolution))
             if stage == "finetune":
                 if pose_render is not None and batch.get("render", [False] * n)[i]:

@@ -43,6 +43,8 @@ class SampleStream:
     which resource it waits for.
     """
 
+    clip_frames = 1  # frames cropped alike (ClipStream, train/data/clips.py: one crop per clip)
+
     def __init__(self, index: TripletIndex, *, stage: str, ref_mode: str, resolution: int, augment: bool,
                  seed: int, batch: int, rank: int = 0, world: int = 1, position: int = 0, shards: int | None = None,
                  data_cpus: float = 0.25, data_tasks: int = 2, prefetch_batches: int = 2, device=None,
@@ -249,7 +251,7 @@ class SampleStream:
             .map_batches(decode_samples, batch_size=None, batch_format="pyarrow", num_cpus=self.data_cpus,
                          concurrency=self.data_tasks,
                          fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment,
-                                        seed=self.seed, pose_render=self.pose_render))
+                                        seed=self.seed, pose_render=self.pose_render, clip_frames=self.clip_frames))
         )
         self._configure(dataset.context)
         return dataset

@@ -1,0 +1,86 @@
+"""Condition gaps (``--eval-every``, train/condition_gaps.py): the loss on fixed held-out rows with
+all conditions and with each removed in turn, on a tiny model trained on the real triplets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from disco.train.condition_gaps import pose_partners
+from disco.train.config import TrainConfig
+from disco.train.launch import train
+from helpers import cli_process
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+# The first 200 steps of a 300-step schedule. Measured on the fixture's clip (8 frames, one clip:
+# the pose swap takes the farthest frame), evaluating every 50 steps: pose gap 6.5e-5 at step 50
+# (a transient), then -7.9e-7, 1.9e-6, 4.9e-6 at steps 100, 150, 200 (3.9e-6, 4.4e-6 at 250,
+# 300): small, because the tiny random VAE's latents are mostly sampling noise that no condition
+# predicts, and the pose enters through two zero-initialised layers. The margin is a fifth of
+# what step 200 reaches; the run without the pose branch gives exactly 0.
+RUN = dict(stage="finetune", model="tiny", resolution=32, batch_size=4, max_steps=200, schedule_steps=300, lr=5e-3,
+           warmup_steps=0, augment=False, eval_every=100, eval_rows=8, log_every=100, checkpoint_every=100000,
+           sample_every=100000, sample_steps=2)
+POSE_GAP_MARGIN = 1e-6
+GAPS = ("eval/loss", "eval/gap_pose", "eval/gap_background", "eval/gap_reference")
+
+
+def _evaluations(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "eval/loss" in m]
+
+
+def test_pose_partners_prefer_another_clip_then_the_farthest_frame():
+    clips, frames = np.array([0, 0, 1, 1]), np.array([0, 5, 2, 9])
+    assert pose_partners(clips, frames).tolist() == [2, 2, 0, 0]
+    one_clip = pose_partners(np.zeros(5, int), np.array([0, 1, 2, 3, 4]))
+    assert one_clip.tolist() == [4, 4, 0, 0, 0]
+    assert pose_partners(np.zeros(1, int), np.zeros(1, int)).tolist() == [0]  # nothing to swap with
+
+
+def test_the_pose_gap_grows_while_training_and_is_zero_with_the_pose_branch_cut(triplets, tmp_path):
+    run = tmp_path / "with-pose"
+    summary = train(TrainConfig(**RUN, data=[str(triplets["video"])], output=str(run)))
+    evaluations = _evaluations(run)
+    assert [m["step"] for m in evaluations] == [100, 200]
+    assert all(set(GAPS) <= set(m) for m in evaluations)
+    first, last = summary["eval"]["first"], summary["eval"]["last"]
+    assert (first["step"], last["step"]) == (100, 200)
+    assert last["gap_pose"] == evaluations[-1]["eval/gap_pose"]
+    # The fixture has no test rows: a fixed slice of the training rows, said so.
+    assert (summary["eval"]["split"], summary["eval"]["held_out"], summary["eval"]["rows"]) == ("train", False, 8)
+    assert last["gap_pose"] > POSE_GAP_MARGIN, evaluations
+    assert last["gap_pose"] > first["gap_pose"], evaluations
+    # TensorBoard: the evaluation's own group.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs"))
+    events.Reload()
+    assert set(GAPS) <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/gap_pose")] == [100, 200]
+
+    # The same run with the pose branch cut (--pose-scale 0), through the command line, to its
+    # first evaluation (its first 100 steps are those of the 200-step run: same schedule): its
+    # pose gap is 0, and the console's last lines give the gaps.
+    cut = tmp_path / "no-pose"
+    options = []
+    for key, value in {**RUN, "max_steps": 100}.items():
+        if key == "augment":
+            options.append("--no-augment")
+        else:
+            options += [f"--{key.replace('_', '-')}", str(value)]
+    command, env = cli_process("train", *options, "--data", str(triplets["video"]), "--output", str(cut),
+                               "--pose-scale", "0", "--no-progress")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr  # rich writes the console's lines to stderr
+    cut_evaluations = _evaluations(cut)
+    assert [m["step"] for m in cut_evaluations] == [100]
+    assert all(m["eval/gap_pose"] == 0.0 for m in cut_evaluations), cut_evaluations
+    cut_summary = json.loads((cut / "summary.json").read_text())
+    assert cut_summary["eval"]["last"]["gap_pose"] == cut_evaluations[-1]["eval/gap_pose"]
+    assert "condition gaps" in output and "pose +0.0000 -> +0.0000" in output.replace("-0.0000", "+0.0000")

@@ -1,0 +1,205 @@
+"""The temporal module (TM): zero-initialised temporal layers on a trained image model, trained
+alone on clips, and windowed generation (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from disco.model.checkpoint import find_checkpoint, list_checkpoints, load_model, read_checkpoint
+from disco.model.conditioning import pose_factor
+from disco.model.disco import DisCoModel
+from disco.model.pipeline import DisCoPipeline
+from disco.model.temporal import (add_temporal, clip_frames, temporal_parameter_names, window_starts,
+                                  window_weights)
+from disco.train.config import TrainConfig
+from disco.train.data import build_index
+from disco.train.data.clips import ClipStream
+from disco.train.launch import train
+from disco.train.objective import DiffusionObjective
+
+RES = 32
+F = 4  # frames per clip in these tests
+
+
+def _tiny(seed: int = 0) -> DisCoModel:
+    torch.manual_seed(seed)
+    return DisCoModel.from_architecture("tiny")
+
+
+def _inputs(model: DisCoModel, n: int, side: int = 8, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    pose_side = side * pose_factor(model)
+    return (torch.randn(n, 4, side, side, generator=g), torch.randint(0, 1000, (n,), generator=g),
+            torch.randn(n, 257, 32, generator=g), torch.randn(n, 4, side, side, generator=g),
+            torch.rand(n, 3, pose_side, pose_side, generator=g))
+
+
+def test_a_tm_model_equals_its_image_model_at_initialisation(tmp_path):
+    model = _tiny().eval()
+    args = _inputs(model, 2 * F)
+    with torch.no_grad():
+        image = model(*args)
+    add_temporal(model, {"frames": F})
+    names = temporal_parameter_names(model)
+    # Official layout: a temporal conv per ResNet block and a temporal attention per transformer
+    # block, in the UNet and in both ControlNets.
+    assert any(n.startswith("temporal.convs.unet-") for n in names)
+    assert any(n.startswith("temporal.attentions.pose_controlnet-") for n in names)
+    assert any(n.startswith("temporal.convs.background_controlnet-") for n in names)
+    assert set(model.trainable_parameters()) == set(names)
+    with torch.no_grad(), clip_frames(model, F):
+        assert torch.equal(model(*args), image)
+    # The layers mix the frames of a clip and only them.
+    with torch.no_grad():
+        for p in model.temporal.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.1)
+    changed = [a.clone() for a in args]
+    changed[0][1] += 1.0  # frame 1 of clip 0
+    with torch.no_grad(), clip_frames(model, F):
+        before, after = model(*args), model(*changed)
+    assert (before[0] - after[0]).abs().max() > 1e-4  # frame 0 sees frame 1
+    assert torch.equal(before[F:], after[F:])  # clip 1 does not
+    # save_pretrained / from_pretrained keep the TM model whole.
+    model.save_pretrained(tmp_path / "tm")
+    again = DisCoModel.from_pretrained(tmp_path / "tm").eval()
+    with torch.no_grad(), clip_frames(again, F):
+        assert torch.equal(again(*args), before)
+
+
+def test_only_the_temporal_parameters_move_in_a_step():
+    model = add_temporal(_tiny(), {"frames": F})
+    model.set_trainable()
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objective = DiffusionObjective(model)
+    n, side = F, 4  # one clip of 16 px frames
+    g = torch.Generator().manual_seed(3)
+    batch = dict(target=torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, background=torch.rand(n, 3, 16, 16, generator=g),
+                 pose=torch.rand(n, 3, 32, 32, generator=g), reference=torch.randn(n, 3, 224, 224, generator=g),
+                 noise=torch.randn(n, 4, side, side, generator=g), latent_noise=torch.randn(n, 4, side, side, generator=g),
+                 timesteps=torch.randint(0, 1000, (n,), generator=g), uniforms=torch.ones(n, 3))
+    optimizer = torch.optim.AdamW(list(model.trainable_parameters().values()), lr=1e-3)
+    with clip_frames(model, F):
+        objective(**batch).backward()
+    optimizer.step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and all(name.startswith("temporal.") for name in moved)
+    # the zero-initialised output layers are among them: the module now does something
+    assert any(name.endswith("conv.weight") for name in moved)
+    assert any(name.endswith("to_out.0.weight") for name in moved)
+
+
+def test_a_clip_batch_holds_consecutive_frames_of_one_clip(triplets):
+    index = build_index([str(triplets["video"])])
+    stream = ClipStream(index, frames=F, batch=2, ref_mode="first", resolution=RES, augment=True, seed=0)
+    try:
+        batch = stream.next_batch()
+        second = stream.next_batch()
+    finally:
+        stream.close()
+    assert len(batch["position"]) == 2 * F
+    for b in (batch, second):
+        rows = stream._plan.rows(b["position"].numpy()).reshape(-1, F)
+        for clip_rows in rows:
+            assert len(set(index.clip[clip_rows])) == 1  # one clip
+            assert np.all(np.diff(index.frame[clip_rows]) == 1)  # consecutive, in order
+    clips = batch["reference"].reshape(2, F, *batch["reference"].shape[1:])
+    assert all(torch.equal(c[0], c[k]) for c in clips for k in range(F))  # the clip's reference, cropped alike
+    targets = batch["target"].reshape(2, F, *batch["target"].shape[1:])
+    assert not torch.equal(targets[0, 0], targets[0, 1])
+    # A resumed stream continues at its position.
+    resumed = ClipStream(index, frames=F, batch=2, ref_mode="first", resolution=RES, augment=True, seed=0,
+                         position=2 * F)
+    try:
+        assert torch.equal(resumed.next_batch()["position"], second["position"])
+    finally:
+        resumed.close()
+
+
+def test_windowed_generation_of_a_sequence_longer_than_a_window():
+    assert window_starts(10, 4, 1) == [0, 3, 6]
+    assert window_starts(3, 4, 1) == [0]
+    assert torch.equal(window_weights(4, 1), torch.tensor([0.5, 1.0, 1.0, 0.5]))
+    n = 10  # 2.5 windows of 4
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(1, 3, 224, 224, generator=g)
+    background = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    poses = torch.rand(n, 3, 32, 32, generator=g)  # pose pictures at 8 x the latent side
+    # At initialisation, windowed TM sampling gives the image model's per-frame frames.
+    per_frame = DisCoPipeline(_tiny().eval())(reference, background, poses, num_inference_steps=2, guidance_scale=1.5)
+    model = add_temporal(_tiny(), {"frames": F}).eval()
+    pipeline = DisCoPipeline(model)
+    pipeline.overlap = 1
+    windowed = pipeline(reference, background, poses, num_inference_steps=2, guidance_scale=1.5)
+    assert np.abs(windowed.astype(int) - per_frame.astype(int)).max() <= 1  # blending rounds, nothing more
+    with torch.no_grad():  # the identity is broken: the windows' frames affect each other
+        for p in model.temporal.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.05)
+    seen = []
+    from disco.model import temporal
+
+    original = temporal.windowed_ddim
+
+    def spy(*args, **kwargs):
+        kwargs["on_window"] = lambda start, size: seen.append((start, size))
+        return original(*args, **kwargs)
+
+    temporal.windowed_ddim = spy
+    try:
+        frames = pipeline(reference, background, poses, num_inference_steps=2, guidance_scale=1.5)
+    finally:
+        temporal.windowed_ddim = original
+    assert frames.shape == (n, 16, 16, 3) and frames.dtype == np.uint8
+    starts = sorted(set(seen))
+    assert starts == [(0, 4), (3, 4), (6, 4)]  # every frame covered, neighbours share a frame
+    assert len(seen) == 2 * 3  # every window at every step
+
+
+def _finetune_run(tmp_path: Path, triplets) -> Path:
+    run = tmp_path / "finetune"
+    train(TrainConfig(stage="finetune", data=[str(triplets["video"])], output=str(run), model="tiny", resolution=RES,
+                      batch_size=2, max_steps=1, checkpoint_every=1000, sample_every=1000, sample_steps=2,
+                      log_every=1, warmup_steps=0))
+    return run
+
+
+def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp_path):
+    image_run = _finetune_run(tmp_path, triplets)
+    run = tmp_path / "temporal"
+    cfg = TrainConfig(stage="temporal", data=[str(triplets["video"])], output=str(run), init_from=str(image_run),
+                      clip_frames=F, resolution=RES, batch_size=1, max_steps=3, checkpoint_every=1, keep=3,
+                      sample_every=1000, sample_steps=2, log_every=1, warmup_steps=0, lr=1e-3)
+    assert train(cfg)["step"] == 3
+    weights = read_checkpoint(find_checkpoint(run, 3))[0]
+    assert weights and all(name.startswith("temporal.") for name in weights)
+    # A crash after step 2, then --resume: the same weights as the uninterrupted run.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("checkpoint-00000003", "summary.json"))
+    assert sorted(list_checkpoints(crashed)) == [1, 2]
+    assert train(TrainConfig(output=str(crashed), resume=True), given={"output", "resume"})["step"] == 3
+    resumed = read_checkpoint(find_checkpoint(crashed, 3))[0]
+    assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
+    # The run's model: the image model of its (pinned) init checkpoint plus its temporal weights.
+    model = load_model(run)
+    image = load_model(image_run)
+    assert model.config.temporal_config["frames"] == F
+    for name, tensor in image.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor)
+    assert all(torch.equal(model.get_parameter(k), weights[k]) for k in weights)
+    assert any(weights[k].abs().sum() > 0 for k in weights if k.endswith("to_out.0.weight"))
+
+
+def test_the_memory_plan_of_the_temporal_stage_counts_clips():
+    from disco.train.memory import memory_plan
+
+    cfg = TrainConfig(stage="temporal", model="tiny", resolution=RES, batch_size=1, clip_frames=F)
+    plan = memory_plan(cfg, gpu_memory_gib=80, device="cpu", search=False)
+    model = add_temporal(_tiny(), {"frames": F})
+    assert plan.trainable_params == sum(p.numel() for p in model.temporal.parameters())
+    assert dict((name, n) for name, n, _ in plan.lines)[f"activations (batch 1 clips x {F} frames)"] > 0
