@@ -136,11 +136,19 @@ def guided_ddim(model: DisCoModel, scheduler: DDIMScheduler, latents: torch.Tens
         pose = torch.cat([pose] * 2) if pose is not None else None
     scheduler.set_timesteps(steps, device=latents.device)
     for t in scheduler.timesteps:
-        model_in = torch.cat([latents] * 2) if guided else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        eps = model(model_in, t.expand(model_in.shape[0]), tokens, background_latents, pose)
-        if guided:
-            uncond, cond = eps.chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
+        eps = guided_noise(model, scheduler, latents, t, tokens, background_latents, pose, guidance_scale)
         latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
     return model.vae.decode(latents / VAE_SCALING).sample.clamp(-1, 1)
+
+
+def guided_noise(model: DisCoModel, scheduler, latents: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                 background_latents: torch.Tensor, pose: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    """The noise predicted for ``latents`` at step ``t``: with guidance (scale other than 1) the
+    conditions come doubled, unconditional reference first, and the two predictions are combined."""
+    guided = guidance_scale != 1.0
+    model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+    eps = model(model_in, t.expand(model_in.shape[0]), tokens, background_latents, pose)
+    if guided:
+        uncond, cond = eps.chunk(2)
+        eps = uncond + guidance_scale * (cond - uncond)
+    return eps

@@ -255,6 +255,8 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
     ``background_latents`` one sample each (the reference). Returns the denoised latents (still
     scaled by the VAE factor).
     """
+    from disco.model.pipeline import guided_noise  # the one guidance step (pipeline imports this module lazily)
+
     total = latents.shape[0]
     window = int(window or TemporalConfig.of(model.config.get("temporal_config")).frames)
     window = min(window, total)
@@ -276,13 +278,8 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
             eps_sum = torch.zeros_like(latents)
             weight_sum = torch.zeros(total, 1, 1, 1, device=latents.device, dtype=latents.dtype)
             for start, poses in zip(starts, window_poses):
-                part = latents[start:start + window]
-                model_in = torch.cat([part] * 2) if guided else part
-                model_in = scheduler.scale_model_input(model_in, t)
-                eps = model(model_in, t.expand(model_in.shape[0]), cond, background, poses)
-                if guided:
-                    uncond, conditioned = eps.chunk(2)
-                    eps = uncond + guidance_scale * (conditioned - uncond)
+                eps = guided_noise(model, scheduler, latents[start:start + window], t, cond, background, poses,
+                                   guidance_scale)
                 eps_sum[start:start + window] += eps * weights[:, None, None, None]
                 weight_sum[start:start + window] += weights[:, None, None, None]
                 if on_window is not None:
