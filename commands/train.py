@@ -93,14 +93,18 @@ def configured(preset: str | None, config: Path | None, given: dict, resume: boo
         raise ConfigError(f"config file {config} does not exist")
     values = read_options_yaml(config) if config else {}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    preset = preset or values.get("preset")
     if preset and resume:
         raise ConfigError("--preset starts a run; a resumed run keeps the configuration it was started with")
+    # A YAML's preset (a run's own config.yaml names it) is the base of a new run; a resumed run
+    # takes its saved configuration whatever the YAML says.
+    preset = preset or (None if resume else values.get("preset"))
     cfg = TrainConfig()
     if preset:
         cfg = cfg.updated({**preset_values(preset), "preset": preset}, origin=f"--preset {preset}")
     cfg = cfg.updated(values, origin=str(config))
-    if "grad_accum" in {**values, **given} and "global_batch" not in values:
+    # An accumulation given without a global batch at the same level or above wins over the
+    # preset's (or the YAML's) global batch.
+    if "grad_accum" in given or ("grad_accum" in values and "global_batch" not in values):
         cfg = cfg.updated({"global_batch": None})
     return cfg.updated({**given, "resume": resume})
 

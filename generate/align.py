@@ -118,12 +118,14 @@ def fit_alignment(reference: np.ndarray, first: np.ndarray, min_limbs: int = 1) 
     known = np.isfinite(ref_len) & np.isfinite(drv_len) & (np.nan_to_num(drv_len) > 1e-6)
     if known.sum() < min_limbs:
         return None
+    scale = float(ref_len[known].sum() / drv_len[known].sum())
     ratios = np.full(len(LIMBS), np.nan)
-    ratios[known] = ref_len[known] / drv_len[known]
+    # A limb foreshortened in the first driving frame (pointing at the camera) would give a huge
+    # ratio and stretch that limb in every later frame: held within 3x of the overall scale.
+    ratios[known] = np.clip(ref_len[known] / drv_len[known], scale / 3, scale * 3)
     mean = float(ratios[known].mean())
     for i in np.flatnonzero(~known):
         ratios[i] = ratios[MIRROR[i]] if known[MIRROR[i]] else mean
-    scale = float(ref_len[known].sum() / drv_len[known].sum())
     alignment = PoseAlignment(ratios, drv_len, known, scale, np.zeros(2), np.zeros(2), "centroid")
     if reference[NECK, 2] > 0 and first[NECK, 2] > 0:
         alignment.source, alignment.target, alignment.anchor = first[NECK, :2].copy(), reference[NECK, :2].copy(), "neck"
@@ -201,7 +203,8 @@ def align_sequence(reference: np.ndarray, bodies: list, hands: list | None = Non
     frame, or None for a frame with nobody; ``hands`` / ``faces``: the same per frame (or None).
     The ratios are measured on the first frame that has a skeleton. Returns (bodies, hands, faces,
     alignment): the inputs unchanged and alignment None when it could not be measured."""
-    first = next((b for b in bodies if b is not None), None)
+    # The first frame with a limb to measure (a stored frame without a pose has all-zero keypoints).
+    first = next((b for b in bodies if b is not None and np.isfinite(limb_lengths(b)).any()), None)
     alignment = None if first is None else fit_alignment(reference, first, min_limbs)
     if alignment is None:
         return bodies, hands, faces, None

@@ -87,6 +87,22 @@ def test_every_frame_uses_the_first_frames_ratios():
     np.testing.assert_allclose(second[NECK, :2] - first[NECK, :2], [10, 10], atol=1e-4)
 
 
+def test_a_first_frame_without_a_pose_is_passed_over_and_foreshortened_limbs_are_held():
+    """Stored rows without a pose hold all-zero keypoints: the ratios come from the first frame
+    with a limb to measure. A limb pointing at the camera in that frame (a few px long) would get
+    a huge ratio: it is held within 3x of the overall scale."""
+    nobody = np.zeros((18, 3), np.float32)
+    bodies, _, _, alignment = align_sequence(REFERENCE, [nobody, DRIVER])
+    assert alignment is not None and np.array_equal(bodies[0], nobody)
+    np.testing.assert_allclose(limb_lengths(bodies[1]), limb_lengths(REFERENCE), atol=1e-4)
+    pointing = DRIVER.copy()
+    forearm = FOREARMS[1]
+    elbow, wrist = LIMBS[forearm]
+    pointing[wrist, :2] = pointing[elbow, :2] + 0.01 * (pointing[wrist, :2] - pointing[elbow, :2])
+    held = fit_alignment(REFERENCE, pointing)
+    assert held.ratios[forearm] == pytest.approx(3 * held.scale)
+
+
 def test_missing_joints_stay_missing_and_their_children_hang_from_the_nearest_found_joint():
     driver = DRIVER.copy()
     driver[J("l_elbow")] = 0

@@ -36,6 +36,12 @@ def test_the_finetune_preset_is_the_papers_recipe_and_flags_override_it(tmp_path
         configured("disco-finetune", None, {"model": "tiny", "output": "x", "data": [str(tmp_path)]}, False).validate()
     with pytest.raises(ConfigError, match="keeps the configuration"):
         configured("disco-hap", None, {}, resume=True)
+    # A flag's accumulation wins over a YAML's global batch; a run's own config.yaml (naming its
+    # preset) can be given again with --resume.
+    yaml.write_text("preset: disco-finetune\nglobal_batch: 64\n")
+    cfg = configured(None, yaml, {"model": "tiny", "grad_accum": 2}, False).validate_model()
+    assert (cfg.grad_accum, cfg.global_batch, cfg.preset) == (2, None, "disco-finetune")
+    assert configured(None, yaml, {"output": "run"}, resume=True).lr is None  # the preset's values not applied
     with pytest.raises(ConfigError, match="unknown --preset 'hap'"):
         configured("hap", None, {}, resume=False)
     # Every value carries where it comes from.

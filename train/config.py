@@ -214,6 +214,9 @@ class TrainConfig:
                                   f"({per_worker} = data_shards {self.data_shards} / --num-workers {self.num_workers})")
         if self.eval_every is not None and self.eval_every < 0:
             raise ConfigError("--eval-every must be 0 (off) or more")
+        if self.eval_every and self.stage == "temporal":
+            raise ConfigError("--eval-every measures the image model's condition gaps (pretrain, finetune); "
+                              "the temporal stage has none")
         if self.eval_rows < 1:
             raise ConfigError("--eval-rows must be at least 1")
         if self.eval_split not in ("train", "test"):
