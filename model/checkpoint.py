@@ -153,8 +153,21 @@ def base_unet(source: ModelSource):
         return DisCoModel.unet_from_architecture(source.model)
 
 
+def legacy_hap_names(model: DisCoModel, names) -> set[str]:
+    """The names of ``names`` that a HAP checkpoint written before its trainable set followed the
+    official one holds besides today's set: the UNet's Transformer2D wrappers (norm, proj_in,
+    proj_out under ``.attentions.``), then trained. They are loaded as they are (the model is
+    the one that was trained); such a run cannot be resumed (its optimizer state is of that set)."""
+    if model.config.variant != "pretrain":
+        return set()
+    extra = set(names) - set(model.trainable_parameters())
+    params = dict(model.named_parameters())
+    ok = all(n.startswith("unet.") and ".attentions." in n and n in params for n in extra)
+    return extra if ok else set()
+
+
 def _check_trainable(model: DisCoModel, names, source: Path) -> None:
-    expected = set(model.trainable_parameters())
+    expected = set(model.trainable_parameters()) | legacy_hap_names(model, names)
     if set(names) != expected:
         missing, extra = sorted(expected - set(names)), sorted(set(names) - expected)
         raise ConfigError(f"{source} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")

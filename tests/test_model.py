@@ -270,3 +270,30 @@ def test_a_runs_base_model_is_read_from_its_config(tmp_path):
     assert ModelSource.of_run(tmp_path / "edited") == (ModelSource(model="tiny", seed=7), "finetune")
     with pytest.raises(ConfigError, match="holds no config.yaml"):
         ModelSource.of_run(tmp_path)
+
+
+def test_a_hap_checkpoint_of_the_earlier_trainable_set_still_loads(tmp_path):
+    """HAP checkpoints written while the Transformer2D wrappers (norm, proj_in, proj_out) trained
+    too hold those tensors besides today's set: they load whole (generate, evaluate, --init-from)."""
+    from safetensors.torch import save_file
+
+    from disco.model.checkpoint import legacy_hap_names, load_model
+    from disco.train.config import TrainConfig
+
+    TrainConfig(stage="pretrain", model="tiny", seed=0, output=str(tmp_path / "run")).save(tmp_path / "run")
+    torch.manual_seed(0)
+    model = DisCoModel.from_architecture("tiny", variant="pretrain")
+    old = {n: p.detach() + 0.5 for n, p in model.named_parameters()
+           if not n.startswith(("vae.", "image_encoder.")) and not (n.startswith("unet.") and ".attentions." not in n)}
+    wrappers = set(old) - set(model.trainable_parameters())
+    assert wrappers and all(".proj_in." in n or ".proj_out." in n or ".norm." in n for n in wrappers)
+    assert legacy_hap_names(model, old) == wrappers
+    checkpoint = tmp_path / "run" / "checkpoint-00000002"
+    checkpoint.mkdir()
+    save_file({n: t.contiguous() for n, t in old.items()}, str(checkpoint / "trainable.safetensors"))
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2}))
+    loaded = load_model(tmp_path / "run")
+    for name in sorted(wrappers)[:3] + sorted(set(old) - wrappers)[:3]:
+        assert torch.equal(loaded.get_parameter(name), old[name]), name
+    # Anything else left over is still refused.
+    assert legacy_hap_names(model, {**old, "unet.conv_in.weight": old[next(iter(old))]}) == set()

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from disco.model.conditioning import vae_factor
-from disco.model.checkpoint import load_trainable, read_checkpoint, save_checkpoint
+from disco.model.checkpoint import legacy_hap_names, load_trainable, read_checkpoint, save_checkpoint
+from disco.pipeline.errors import ConfigError
 from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
 from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
@@ -114,6 +115,10 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     state, training_state, ema_weights = {}, {}, None
     if checkpoint:
         weights, training_state, state, ema_weights = read_checkpoint(checkpoint)
+        if legacy_hap_names(model, weights):
+            raise ConfigError(f"{checkpoint} is of a HAP run trained before its trainable set became the official "
+                              "one (transformer blocks only): it loads for generate, evaluate and --init-from, "
+                              "but cannot be resumed")
         load_trainable(model, weights, checkpoint)
     model.set_trainable()
     if cfg.gradient_checkpointing:
