@@ -216,6 +216,32 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
     return model.to(device).eval()
 
 
+IMAGE_MODEL_DIR = "image-model"  # in a temporal-stage run: its own copy of the image model's checkpoint
+
+
+def keep_image_model(run: Path, checkpoint: Path) -> Path:
+    """A temporal-stage run's own copy of the fine-tuning ``checkpoint`` its layers belong to
+    (``RUN/image-model/``: the fine-tuning run's config.yaml and that checkpoint's weights, hard
+    links where the file system allows), so that the fine-tuning run pruning its checkpoints
+    (``--keep``) as it trains on never takes it away. Returns the copy's checkpoint folder."""
+    source_run, target_run = checkpoint.parent, Path(run) / IMAGE_MODEL_DIR
+    target = target_run / checkpoint.name
+    tmp = target_run / f".tmp-{checkpoint.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (WEIGHTS_FILE, EMA_FILE, STATE_FILE):
+        if (checkpoint / name).exists():
+            try:
+                os.link(checkpoint / name, tmp / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(checkpoint / name, tmp / name)
+    shutil.copy2(source_run / RUN_CONFIG_FILE, target_run / RUN_CONFIG_FILE)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
 def temporal_base(run: Path) -> DisCoModel:
     """The model a temporal-stage run's checkpoints hold the temporal layers of: the image model
     of the fine-tuning checkpoint it was initialised from (its ``init_from``, pinned to one

@@ -193,6 +193,11 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
         assert torch.equal(model.state_dict()[name], tensor)
     assert all(torch.equal(model.get_parameter(k), weights[k]) for k in weights)
     assert any(weights[k].abs().sum() > 0 for k in weights if k.endswith("to_out.0.weight"))
+    # The run keeps its own copy of that image model: the fine-tuning run's checkpoints may go.
+    assert "image-model" in TrainConfig.from_yaml(run / "config.yaml").init_from
+    shutil.rmtree(image_run)
+    again = load_model(run)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_the_memory_plan_of_the_temporal_stage_counts_clips():

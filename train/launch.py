@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from disco.pipeline.errors import ConfigError
-from disco.model.checkpoint import STATE_FILE, clean_temporary, list_checkpoints
+from disco.model.checkpoint import IMAGE_MODEL_DIR, STATE_FILE, clean_temporary, list_checkpoints
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
 from disco.train.data import build_index
@@ -102,6 +102,12 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
 
         style, hands = resolve_pose_setting(cfg.data, cfg.pose_style, cfg.hands)
         cfg = cfg.updated({"pose_style": style, "hands": hands})
+    if cfg.stage == "temporal" and not cfg.resume and Path(cfg.init_from).parent.name != IMAGE_MODEL_DIR:
+        # The run keeps its own copy of that checkpoint (hard links): the fine-tuning run's
+        # --keep pruning, as it trains on, cannot take the image model away from it.
+        from disco.model.checkpoint import keep_image_model
+
+        cfg = cfg.updated({"init_from": str(keep_image_model(run, Path(cfg.init_from)))})
     if checkpoint is not None and cfg.max_steps <= int(checkpoint.name.split("-")[1]):
         raise ConfigError(f"{checkpoint.name} is already at --max-steps {cfg.max_steps}; raise --max-steps to train on")
     return cfg, checkpoint
