@@ -162,6 +162,14 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             window_steps = int(window["steps"])
             loss_sum.fill_(float(window["loss_sums"][rank]))
 
+    precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    # Condition gaps (--eval-every): rank 0 only, on the bare model; no collective involved. The
+    # held-out batch is read now, before the training stream holds the data CPUs: read later, on
+    # a busy cluster, it could wait while the other ranks sit in their next all-reduce.
+    gaps = ConditionGaps.for_run(cfg, rank, model, device, precision, loop_config.get("data_cpus", 0.25))
+    if gaps is not None:
+        with torch.random.fork_rng(devices=[]):
+            gaps.held_out()
     index = build_index(cfg.data, cfg.split)
     pose_render = None
     if cfg.stage in ("finetune", "temporal"):
@@ -175,9 +183,6 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                           data_cpus=loop_config.get("data_cpus", 0.25),
                           prefetch_batches=cfg.prefetch_batches)
     monitor = Monitor(run) if rank == 0 else None
-    precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-    # Condition gaps (--eval-every): rank 0 only, on the bare model; no collective involved.
-    gaps = ConditionGaps.for_run(cfg, rank, model, device, precision, loop_config.get("data_cpus", 0.25))
     side = cfg.resolution // vae_factor(model)
     latent_shape = (model.unet.config.in_channels, side, side)
     preview = None
