@@ -27,6 +27,10 @@ class PreprocessConfig:
     pose: str = "auto"
     hands: bool = True
     pose_style: str = "openpose"
+    # Which drawing `disco` means (recorded in the manifest's parameters): 2 is the official
+    # renderer; outputs written before (no value: 1) hold the OpenPose drawing with red and blue
+    # swapped under that name, which readers redraw from the keypoints.
+    pose_renderer: int = 2
     # A One-Euro filter over each joint of a video unit's poses (pipeline/annotators/smoothing.py).
     smooth_poses: bool = False
     fps: float = 30.0

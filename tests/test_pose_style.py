@@ -134,7 +134,7 @@ def write_data(folder, *, style: str = "openpose", hands: bool = True, pose: str
                               pose_style=style, with_pose=pose != "none"))
     (folder / "triplets").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), folder / "triplets" / f"{clip}.parquet")
-    manifest = {"format": "disco-triplets/1", "parameters": {"pose_style": style, "hands": hands,
+    manifest = {"format": "disco-triplets/1", "parameters": {"pose_style": style, "hands": hands, "pose_renderer": 2,
                                                              "backends": {"matting": "mediapipe", "pose": pose}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
@@ -232,6 +232,12 @@ def test_folders_that_disagree_need_a_flag(openpose_data, tmp_path):
     # Only the folders of another drawing are drawn again.
     files = [str(openpose_data / "triplets" / "dance.parquet"), str(disco / "triplets" / "dance.parquet")]
     assert render_plan([str(openpose_data), str(disco)], files, "disco", True)["files"] == files[:1]
+    # A folder written before `disco` meant the official drawing (no pose_renderer recorded) holds
+    # the earlier, red/blue-swapped drawing under that name: it is drawn again too.
+    manifest = json.loads((disco / "manifest.json").read_text())
+    del manifest["parameters"]["pose_renderer"]
+    (disco / "manifest.json").write_text(json.dumps(manifest))
+    assert render_plan([str(openpose_data), str(disco)], files, "disco", True)["files"] == files
     bare = write_data(tmp_path / "bare", pose="none")
     with pytest.raises(ConfigError, match="--pose none"):
         render_plan([str(bare)], [str(bare / "triplets" / "dance.parquet")], "disco", True)

@@ -42,8 +42,10 @@ def data_pose(folder: str | Path) -> DataPose:
     manifest = read_manifest(path)
     params = manifest.get("parameters") or {}
     backend = (params.get("backends") or manifest.get("backends") or {}).get("pose")
-    return DataPose(style=params.get("pose_style", DEFAULT_STYLE), hands=bool(params.get("hands", DEFAULT_HANDS)),
-                    keypoints=backend != "none")
+    style = params.get("pose_style", DEFAULT_STYLE)
+    if style == "disco" and int(params.get("pose_renderer") or 1) < 2:
+        style = "disco-v1"  # the earlier drawing of that name: never what a reader asks for, so redrawn
+    return DataPose(style=style, hands=bool(params.get("hands", DEFAULT_HANDS)), keypoints=backend != "none")
 
 
 def same_drawing(data: DataPose, style: str, hands: bool) -> bool:
