@@ -257,7 +257,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         first = rows[0]
         image, mask = decode_picture(first["image"]), decode_picture(first["mask"], grayscale=True)
         reference = reference_pixels(square(image, size), square(mask, size, nearest=True))
-        background = background_pixels(decode_picture(first["background"]), size, mask)
+        background = background_pixels(decode_picture(first["background"]), size, mask, pipeline.background_hole)
         poses = pose_pixels(drawn, side)
         frames = pipeline(reference, background, poses, num_inference_steps=config.steps,
                           guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)

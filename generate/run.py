@@ -10,9 +10,17 @@ from typing import Callable
 
 import numpy as np
 
-from disco.model.checkpoint import load_checkpoint, pose_setting
+from disco.model.checkpoint import background_hole, load_checkpoint, pose_setting
 from disco.generate.config import GenerateConfig
-from disco.model.conditioning import background_pixels, check_size, default_size, pose_pixels, pose_size, reference_pixels
+from disco.model.conditioning import (
+    HOLE,
+    background_pixels,
+    check_size,
+    default_size,
+    pose_pixels,
+    pose_size,
+    reference_pixels,
+)
 from disco.generate.inputs import (
     GenerateInputError,
     check_pose_folder,
@@ -48,7 +56,8 @@ def conditions_from_reference(pipeline: DisCoPipeline, reference: np.ndarray, si
     if on_matte is not None:
         on_matte(matted)
     if background is None:
-        return reference_pixels(matted.image, matted.alpha), background_pixels(matted.background, size, matted.alpha)
+        return reference_pixels(matted.image, matted.alpha), background_pixels(matted.background, size, matted.alpha,
+                                                                                getattr(pipeline, "background_hole", HOLE))
     return reference_pixels(matted.image, matted.alpha), background_pixels(background, size)
 
 
@@ -64,6 +73,7 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None) -> tuple[DisC
     """The sampling pipeline of a checkpoint, the frame side (default: the model's) and the pose side."""
     model = load_checkpoint(checkpoint, device=device)
     pipeline = DisCoPipeline(model)
+    pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     size = size or default_size(model)
     try:
         check_size(model, size)

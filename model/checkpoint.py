@@ -274,6 +274,21 @@ def pose_setting(path: str | Path) -> tuple[str, bool]:
     return str(values.get("pose_style") or DEFAULT_STYLE), DEFAULT_HANDS if hands is None else bool(hands)
 
 
+def background_hole(path: str | Path) -> float:
+    """The person-hole value of the background condition a model was trained with: a run's
+    ``config.yaml`` says (one without the key was trained before it became the official 0, with
+    -1); a ``save_pretrained`` folder has today's value."""
+    from disco.model.conditioning import HOLE, LEGACY_HOLE
+
+    path = Path(path)
+    run = path if (path / RUN_CONFIG_FILE).exists() else path.parent
+    config = run / RUN_CONFIG_FILE
+    if is_pretrained_folder(path) or not config.exists():
+        return HOLE
+    values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}
+    return float(values["background_hole"]) if "background_hole" in values else LEGACY_HOLE
+
+
 def is_pretrained_folder(path: Path) -> bool:
     """A ``DisCoModel.save_pretrained`` folder: its config names the class and the weights are safetensors."""
     config = path / "config.json"

@@ -96,7 +96,13 @@ def clip_input(pictures: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return (pictures - mean) / std * person_mask(alpha, pictures.dtype)
 
 
-def background_input(background: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+# The value of the person's hole in the background condition: 0 (mid grey), the official code's;
+# runs trained before this package followed it had -1 (black) and keep it (``background_hole``).
+HOLE = 0.0
+LEGACY_HOLE = -1.0
+
+
+def background_input(background: torch.Tensor, alpha: torch.Tensor | None, hole: float = HOLE) -> torch.Tensor:
     """N x 3 x H x W backgrounds in [0, 1] and the person alpha at the same size (N x 1 x H x W, in
     [0, 1]; None for a scene without a person cut out) -> the background ControlNet's input:
     [-1, 1], then times (1 - person mask), so the hole is 0 (mid grey) as in the official code,
@@ -104,7 +110,8 @@ def background_input(background: torch.Tensor, alpha: torch.Tensor | None) -> to
     pictures = background * 2 - 1
     if alpha is None:
         return pictures
-    return pictures * (1 - person_mask(alpha, pictures.dtype))
+    person = person_mask(alpha, pictures.dtype)
+    return pictures * (1 - person) + hole * person
 
 
 def reference_picture(reference: torch.Tensor) -> torch.Tensor:
@@ -121,13 +128,14 @@ def reference_pixels(image: np.ndarray, alpha: np.ndarray, clip_size: int = 224)
     return clip_input(rgb, alpha).contiguous()
 
 
-def background_pixels(background: np.ndarray, size: int, alpha: np.ndarray | None = None) -> torch.Tensor:
+def background_pixels(background: np.ndarray, size: int, alpha: np.ndarray | None = None,
+                      hole: float = HOLE) -> torch.Tensor:
     """RGB uint8 background and the person alpha cut out of it (0..255, same size; None for
     another scene) -> 1 x 3 x size x size, ``background_input``'s values."""
     rgb = torch.from_numpy(square(background, size).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     if alpha is not None:
         alpha = torch.from_numpy(square(alpha, size, nearest=True).astype(np.float32) / 255.0)[None, None]
-    return background_input(rgb, alpha).contiguous()
+    return background_input(rgb, alpha, hole).contiguous()
 
 
 def pose_pixels(poses: list[np.ndarray] | np.ndarray, side: int) -> torch.Tensor:

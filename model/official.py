@@ -279,7 +279,8 @@ def _write_run(output: Path, base: Path, variant: str, step: int, model, state: 
             shutil.rmtree(old)
     # The fields a run's config.yaml must say for its checkpoints to load (the trainer reads any
     # other field as its default; this layer does not import the trainer).
-    options = dict(stage=variant, pretrained=str(base.resolve()), model=None, output=str(output.resolve()))
+    options = dict(stage=variant, pretrained=str(base.resolve()), model=None, output=str(output.resolve()),
+                   background_hole=0.0)
     if variant == "finetune":
         # The official pose pictures it was trained on: the official renderer, body only;
         # generate and evaluate draw the driving poses the same way.

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from disco.model.conditioning import check_size, pose_size, to_uint8, vae_factor
+from disco.model.conditioning import HOLE, check_size, pose_size, to_uint8, vae_factor
 from disco.model.configs import SCHEDULER
 from disco.model.disco import VAE_SCALING, DisCoModel
 
@@ -56,6 +56,8 @@ class DisCoPipeline:
                              "generation needs a fine-tuned model")
         self.model = model.eval()
         self.scheduler = scheduler or DDIMScheduler.from_config(model.config.scheduler_config or dict(SCHEDULER))
+        # The background's person-hole value the model was trained with (generate sets a run's own).
+        self.background_hole = HOLE
 
     @property
     def device(self) -> torch.device:

@@ -114,6 +114,15 @@ def test_the_background_hole_is_mid_grey_in_training_and_generation(triplets):
 
     hole = torch.from_numpy(square(cut, RES, nearest=True) >= 128)
     assert hole.any() and (generated[:, hole] == 0).all()
+    # A run trained before the official value (its config.yaml does not say) keeps black: -1.
+    legacy = model_inputs(batch, hole=-1.0)["background"][0]
+    assert (legacy[:, person] == -1).all() and torch.equal(legacy[:, ~person], background[:, ~person])
+    from disco.model.checkpoint import background_hole
+
+    run = Path(str(TrainConfig(output="x").save(triplets["video"].parent / "hole-run")))
+    assert background_hole(run.parent) == 0.0 and load_run_config(run.parent).background_hole == 0.0
+    run.write_text("\n".join(l for l in run.read_text().splitlines() if not l.startswith("background_hole")))
+    assert background_hole(run.parent) == -1.0 and load_run_config(run.parent).background_hole == -1.0
     plain = background_pixels(stored, RES)[0]  # another scene: nothing is cut out
     assert torch.equal(generated[:, ~hole], plain[:, ~hole])
     assert (plain[:, hole] < -0.9).float().mean() > 0.8  # black there (bar the edge's blend)

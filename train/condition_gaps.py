@@ -170,7 +170,7 @@ class ConditionGaps:
         """Summed per-row losses of one chunk for every variant (the objective's computation,
         ``DiffusionObjective``, with the conditions encoded once)."""
         model, device = self.model, self.device
-        inputs = model_inputs(pictures, device)
+        inputs = model_inputs(pictures, device, self.cfg.background_hole)
         noise = draws["noise"].to(device)
         timesteps = draws["timesteps"].to(device)
         posterior = model.vae.encode(inputs["target"]).latent_dist

@@ -65,6 +65,9 @@ class TrainConfig:
     # decays linearly from factor x lr to 0 at schedule_steps.
     decay_from: list[float] | None = None
     weight_decay: float = 1e-3
+    # The background condition's person hole: 0 (mid grey, the official value). A run directory
+    # whose config.yaml does not say (written before) was trained with -1 and keeps it.
+    background_hole: float = 0.0
     # AdamW's weight decay skips biases and norm weights, as the official parameter groups do.
     official_weight_decay: bool = False
     # The paper recipe the run started from (train/presets.py); recorded, the values are the fields.
@@ -277,4 +280,9 @@ def load_run_config(run: str | Path) -> TrainConfig:
     path = Path(run) / RUN_CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{run} is not a training run: {RUN_CONFIG_FILE} is missing")
-    return TrainConfig.from_yaml(path)
+    cfg = TrainConfig.from_yaml(path)
+    if "background_hole" not in {str(k).replace("-", "_") for k in read_options_yaml(path)}:
+        from disco.model.conditioning import LEGACY_HOLE
+
+        cfg = cfg.updated({"background_hole": LEGACY_HOLE})
+    return cfg

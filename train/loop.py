@@ -221,7 +221,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 waited += time.perf_counter() - started
                 if rank == 0 and preview is None:
                     preview = {k: v[:cfg.sample_count].clone() for k, v in batch.items()}
-                inputs = model_inputs(batch, device)
+                inputs = model_inputs(batch, device, cfg.background_hole)
                 draws = clip_draws(sample_draws(batch["position"], cfg.seed, latent_shape, timesteps, device),
                                    frames_per_clip(cfg))
                 last_micro = micro == cfg.grad_accum - 1

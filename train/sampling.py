@@ -59,7 +59,7 @@ def ddim_sample(
 def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: int, monitor: Monitor, device,
                       precision) -> Path:
     """reference | pose | generated | target for the first samples the run saw, with the current weights."""
-    inputs = model_inputs(preview, device)
+    inputs = model_inputs(preview, device, cfg.background_hole)
     model.eval()
     try:
         with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
