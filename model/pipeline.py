@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from disco.model.conditioning import HOLE, check_size, pose_size, to_uint8, vae_factor
+from disco.model.guidance import guided_noise
 from disco.model.configs import SCHEDULER
 from disco.model.disco import VAE_SCALING, DisCoModel
 
@@ -142,15 +143,3 @@ def guided_ddim(model: DisCoModel, scheduler: DDIMScheduler, latents: torch.Tens
         latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
     return model.vae.decode(latents / VAE_SCALING).sample.clamp(-1, 1)
 
-
-def guided_noise(model: DisCoModel, scheduler, latents: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
-                 background_latents: torch.Tensor, pose: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-    """The noise predicted for ``latents`` at step ``t``: with guidance (scale other than 1) the
-    conditions come doubled, unconditional reference first, and the two predictions are combined."""
-    guided = guidance_scale != 1.0
-    model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-    eps = model(model_in, t.expand(model_in.shape[0]), tokens, background_latents, pose)
-    if guided:
-        uncond, cond = eps.chunk(2)
-        eps = uncond + guidance_scale * (cond - uncond)
-    return eps

@@ -26,6 +26,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from disco.model.guidance import guided_noise
+
 # ``DisCoModel`` (model/disco.py) builds its temporal layers with ``attach_temporal``; this module
 # does not import it back (annotations name it as ``nn.Module``).
 DisCoModel = nn.Module
@@ -255,8 +257,6 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
     ``background_latents`` one sample each (the reference). Returns the denoised latents (still
     scaled by the VAE factor).
     """
-    from disco.model.pipeline import guided_noise  # the one guidance step (pipeline imports this module lazily)
-
     total = latents.shape[0]
     window = int(window or TemporalConfig.of(model.config.get("temporal_config")).frames)
     window = min(window, total)
