@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
 from disco.model.conditioning import HOLE, check_size, pose_size, to_uint8, vae_factor
+from disco.model.controlnets import pose_embedding_cache
 from disco.model.guidance import guided_noise
 from disco.model.configs import SCHEDULER
 from disco.model.disco import VAE_SCALING, DisCoModel
-
-
-class _SameInputCache(torch.nn.Module):
-    """Returns the wrapped module's last output again while it is called with the very same tensor."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner, self.key, self.value = inner, None, None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x is not self.key:
-            self.key, self.value = x, self.inner(x)
-        return self.value
-
-
-@contextmanager
-def pose_embedding_cache(model: DisCoModel) -> Iterator[None]:
-    """The pose ControlNet's conditioning embedding does not depend on the timestep: compute it
-    once per batch of frames instead of once per denoising step (it runs at 8 x the latent size)."""
-    controlnet = model.pose_controlnet
-    inner = controlnet.controlnet_cond_embedding
-    controlnet.controlnet_cond_embedding = _SameInputCache(inner)
-    try:
-        yield
-    finally:
-        controlnet.controlnet_cond_embedding = inner
 
 
 class DisCoPipeline:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from disco.model.controlnets import pose_embedding_cache
 from disco.model.guidance import guided_noise
 
 # ``DisCoModel`` (model/disco.py) builds its temporal layers with ``attach_temporal``; this module
@@ -273,7 +274,7 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
     # conditioning embedding, which does not depend on the step, is computed once per window).
     window_poses = [torch.cat([pose[s:s + window]] * 2) if guided else pose[s:s + window] for s in starts]
     scheduler.set_timesteps(steps, device=latents.device)
-    with clip_frames(model, window), _embedding_cache(model.pose_controlnet):
+    with clip_frames(model, window), pose_embedding_cache(model, size=len(starts)):
         for t in scheduler.timesteps:
             eps_sum = torch.zeros_like(latents)
             weight_sum = torch.zeros(total, 1, 1, 1, device=latents.device, dtype=latents.dtype)
@@ -286,30 +287,6 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
                     on_window(start, window)
             latents = scheduler.step(eps_sum / weight_sum, t, latents, eta=0.0).prev_sample
     return latents
-
-
-class _KeyedCache(nn.Module):
-    """The wrapped module's output for each input tensor it has seen (by identity)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.seen = inner, {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hit = self.seen.get(id(x))
-        if hit is None or hit[0] is not x:
-            hit = self.seen[id(x)] = (x, self.inner(x))
-        return hit[1]
-
-
-@contextmanager
-def _embedding_cache(controlnet) -> Iterator[None]:
-    inner = controlnet.controlnet_cond_embedding
-    controlnet.controlnet_cond_embedding = _KeyedCache(inner)
-    try:
-        yield
-    finally:
-        controlnet.controlnet_cond_embedding = inner
 
 
 def decode_latents(model: DisCoModel, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:

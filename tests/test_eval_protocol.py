@@ -22,6 +22,7 @@ from disco.evaluate.config import EvaluateConfig, NetworkConfig
 from disco.evaluate.run import evaluate, score
 from disco.generate.video import write_frames
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
+from test_metrics import TinyVideoFeatures  # the same stand-in video network
 
 SIDE = 48  # frame size of the scored sets (the video networks resize to 112 / 224 themselves)
 LENGTHS = {"clip_a": 17, "clip_b": 16}  # 33 frames: stride-1 windows 2 + 1
@@ -128,18 +129,6 @@ def test_the_official_clip_rule():
     assert M.disco_samples(32, True, "fid-vid") == [[list(range(16)), list(range(16, 32))]]
     # A video file, FVD: the whole video, one clip.
     assert M.disco_samples(20, True, "fvd") == [[list(range(20))]]
-
-
-class TinyVideoFeatures(torch.nn.Module):
-    """uint8 N x T x H x W x 3 clips of any length -> N x 8."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.conv = torch.nn.Conv3d(3, 8, (3, 5, 5), stride=(1, 4, 4))
-
-    def forward(self, clips):
-        return torch.tanh(self.conv(clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1)).mean((2, 3, 4))
 
 
 def test_videos_are_cut_as_the_official_loader_does(tmp_path):
