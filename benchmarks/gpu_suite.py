@@ -7,6 +7,7 @@ the trainer against a bare loop. Nothing is downloaded: random full-size weights
     python benchmarks/gpu_suite.py --only train,nccl     # some steps
     python benchmarks/gpu_suite.py --train-matrix quick  # 3 training configurations instead of 24
     python benchmarks/gpu_suite.py --smoke               # tiny sizes on the CPU (a few minutes)
+    python benchmarks/gpu_suite.py --only cpu-pipeline   # the MediaPipe pipeline on the machine's cores
 
 Each step runs in a process of its own under its own time limit, so one that fails, runs out of
 memory or hangs loses nothing else; the results so far are rewritten to ``--out`` (default
@@ -36,7 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from annotators import _frames as frames, _timed  # noqa: E402  (the annotator benchmark's frames and timer)
-STEPS = ("cuda-tests", "annotators", "preprocess", "train", "nccl", "generate", "trainer-vs-loop")
+STEPS = ("cuda-tests", "annotators", "preprocess", "train", "nccl", "generate", "trainer-vs-loop", "cpu-pipeline")
+# Run only when named in --only: the GPU's minutes go to the GPU's figures first.
+OPT_IN = {"cpu-pipeline"}
 MODEL_STEPS = {"train", "nccl", "generate", "trainer-vs-loop"}  # the steps that build a DisCo model
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -58,12 +61,12 @@ def sizes(args) -> dict:
         return dict(device="cpu", weights_size="small", sam_model="vit_b", sam2_model="tiny", frames=1, frame_size=96, batch_sizes=(1,),
                     reload_images=1, pipeline_frames=2, model="tiny", resolution=64, train_steps=4, log_every=2,
                     matrix=MATRICES["smoke"], nccl=("finetune", "no", False, 2), generate_frames=2, generate_size=64,
-                    generate_steps=2, loop_steps=4, triplet_frames=8)
+                    generate_steps=2, loop_steps=4, triplet_frames=8, cpu_clips=2, cpu_seconds=0.5, cpu_size=128)
     return dict(device="cuda", weights_size="full", sam_model=args.sam_model, sam2_model=args.sam2_model, frames=64, frame_size=512,
                 batch_sizes=(1, 8, 32), reload_images=4, pipeline_frames=args.pipeline_frames, model="sd-image-variations",
                 resolution=256, train_steps=args.train_steps, log_every=10, matrix=MATRICES[args.train_matrix],
                 nccl=("finetune", "bf16", True, 32), generate_frames=16, generate_size=256, generate_steps=50,
-                loop_steps=20, triplet_frames=64)
+                loop_steps=20, triplet_frames=64, cpu_clips=16, cpu_seconds=2.5, cpu_size=320)
 
 
 # -- shared inputs ----------------------------------------------------------------------------------
@@ -471,9 +474,24 @@ def step_trainer_vs_loop(args, size, work: Path) -> dict:
             "summary": f"trainer {trainer:.2f} steps/s, bare loop {before:.2f} / {after:.2f}: ratio {ratio:.2f}"}
 
 
+def step_cpu_pipeline(args, size, work: Path) -> dict:
+    """The embedded CPU pipeline (MediaPipe on Ray actors) against the loop a user would write, on
+    the lent machine's cores: `benchmarks/preprocess_throughput.py`'s comparison, 1200 frames in
+    16 clips (so that the side-by-side line has a clip per core). The development VM has 2 cores;
+    this is where more of them show what the actors do with them."""
+    from preprocess_throughput import measure
+
+    m = measure(size["cpu_clips"], size["cpu_seconds"], size["cpu_size"], work=work)
+    m["summary"] = (f"{m['frames']} frames on {m['ray_cpus']:g} CPUs: plain loop "
+                    f"{m['plain_loop']['frames_per_s']:.1f}, side by side {m['plain_side_by_side']['frames_per_s']:.1f}, Ray {m['ray_first_job']['frames_per_s']:.1f} (first job, "
+                    f"{m['ratio_first_over_plain']:.2f}x) / {m['ray_again']['frames_per_s']:.1f} (next job, "
+                    f"{m['ratio_again_over_plain']:.2f}x) frames/s")
+    return m
+
+
 STEP_FUNCTIONS = {"cuda-tests": step_cuda_tests, "annotators": step_annotators, "preprocess": step_preprocess,
                   "train": step_train, "nccl": step_nccl, "generate": step_generate,
-                  "trainer-vs-loop": step_trainer_vs_loop}
+                  "trainer-vs-loop": step_trainer_vs_loop, "cpu-pipeline": step_cpu_pipeline}
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -626,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the suite runs")
-    parser.add_argument("--only", help=f"comma-separated steps to run, of: {', '.join(STEPS)}")
+    parser.add_argument("--only", help=f"comma-separated steps to run, of: {', '.join(STEPS)} "
+                                         f"({', '.join(sorted(OPT_IN))} only when named here)")
     parser.add_argument("--skip", default="", help="comma-separated steps not to run")
     parser.add_argument("--out", type=Path, default=Path("gpu_suite.json"), help="the JSON report")
     parser.add_argument("--weights", type=Path, help="annotator weights folder (default: random full-size ones)")
@@ -663,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA GPU is visible: pass --smoke to check the suite on the CPU")
-    chosen = [s.strip() for s in args.only.split(",")] if args.only else list(STEPS)
+    chosen = [s.strip() for s in args.only.split(",")] if args.only else [s for s in STEPS if s not in OPT_IN]
     unknown = [s for s in chosen + [s for s in args.skip.split(",") if s] if s not in STEPS]
     if unknown:
         parser.error(f"unknown step {unknown[0]!r}: the steps are {', '.join(STEPS)}")

@@ -47,16 +47,29 @@ def _module():
 
 
 def test_the_driver_runs_a_step_in_a_child_and_reports_it(tmp_path):
-    """The command as a user runs it, with its quickest step: the cuda-marked tests (collected;
-    without a GPU they skip, with one they pass) in a child process, the JSON report, the table."""
-    proc, report = _suite(tmp_path, "--smoke", "--only", "cuda-tests")
+    """The command as a user runs it, with its quickest steps: the cuda-marked tests (collected;
+    without a GPU they skip, with one they pass) and the opt-in CPU pipeline comparison (the plain
+    MediaPipe loop, the project's loop and two Ray jobs on a Ray instance of the step's own) in
+    child processes, the JSON report, the table."""
+    proc, report = _suite(tmp_path, "--smoke", "--only", "cuda-tests,cpu-pipeline")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    tests = _check(report, ["cuda-tests"])["cuda-tests"]
+    steps = _check(report, ["cuda-tests", "cpu-pipeline"])
+    tests = steps["cuda-tests"]
     import torch
 
     ran = tests["passed"] if torch.cuda.is_available() else tests["skipped"]
     assert tests["tests"] >= 1 and ran == tests["tests"] and tests["failed"] == []
     assert "gpu_suite on CPU (smoke)" in proc.stdout and "cuda-tests" in proc.stdout
+
+    cpu = steps["cpu-pipeline"]
+    lines = [cpu[k] for k in ("plain_loop", "plain_side_by_side", "project_loop", "ray_first_job", "ray_again")]
+    assert cpu["frames"] == 30 and all(line["frames"] == 30 and line["frames_per_s"] > 0 for line in lines)
+    assert cpu["plain_side_by_side"]["processes"] == 2  # the two clips, one process each
+    assert cpu["graph_runs_per_frame"] == 1.0
+    assert cpu["plain_loop"]["cpu_ms_per_frame"] > 1 and cpu["project_loop"]["cpu_ms_per_frame"] > 1
+    assert cpu["ceiling_frames_per_s"] == pytest.approx(cpu["ray_cpus"] * 1000 / cpu["project_loop"]["cpu_ms_per_frame"])
+    assert cpu["ratio_again_over_plain"] == pytest.approx(
+        cpu["ray_again"]["frames_per_s"] / cpu["plain_loop"]["frames_per_s"])
 
 
 def test_the_training_and_generation_steps_measure_at_smoke_size(tmp_path, ray_local):

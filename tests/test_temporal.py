@@ -18,7 +18,7 @@ from disco.model.temporal import (add_temporal, clip_frames, temporal_parameter_
 from disco.train.config import TrainConfig
 from disco.train.data import build_index
 from disco.train.data.clips import ClipStream
-from disco.train.launch import train
+from disco.train.launch import resolve, train
 from disco.train.objective import DiffusionObjective
 
 RES = 32
@@ -195,6 +195,13 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     assert any(weights[k].abs().sum() > 0 for k in weights if k.endswith("to_out.0.weight"))
     # The run keeps its own copy of that image model: the fine-tuning run's checkpoints may go.
     assert "image-model" in TrainConfig.from_yaml(run / "config.yaml").init_from
+    assert TrainConfig.from_yaml(run / "config.yaml").background_hole == 0.0
+    # An image model trained before the official hole value (its config.yaml does not say: -1):
+    # the temporal run started from it conditions its background the same way.
+    saved = image_run / "config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("background_hole")))
+    legacy, _ = resolve(cfg.updated({"output": str(tmp_path / "temporal-legacy")}))
+    assert legacy.background_hole == -1.0
     shutil.rmtree(image_run)
     again = load_model(run)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -18,6 +18,7 @@ from typing import Callable
 
 from disco.pipeline.errors import ConfigError
 from disco.model.checkpoint import IMAGE_MODEL_DIR, STATE_FILE, clean_temporary, list_checkpoints
+from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
 from disco.train.data import build_index
@@ -80,6 +81,10 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
                 raise ConfigError(f"--init-from {cfg.init_from} was trained on another base model "
                                   f"({hap.pretrained or hap.model}); use the same --pretrained / --model")
             cfg = cfg.updated({"model_seed": hap.model_seed})
+            if cfg.background_hole == HOLE:
+                # The background ControlNet goes on with the hole value it learned: a run started
+                # from one trained before the official value (-1) keeps -1 (a YAML's own other value stands).
+                cfg = cfg.updated({"background_hole": hap.background_hole})
             if cfg.stage == "temporal":
                 # Pinned to the init run's checkpoint now: the temporal weights belong to that image
                 # model even if the fine-tuning run trains on; its pose drawing is the default.
