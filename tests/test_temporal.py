@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from disco.model.checkpoint import find_checkpoint, list_checkpoints, load_model, read_checkpoint
 from disco.model.conditioning import pose_factor
 from disco.model.disco import DisCoModel
 from disco.model.pipeline import DisCoPipeline
+from disco.pipeline.errors import ConfigError
 from disco.model.temporal import (add_temporal, clip_frames, temporal_parameter_names, window_starts,
                                   window_weights)
 from disco.train.config import TrainConfig
@@ -185,6 +187,19 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     assert train(TrainConfig(output=str(crashed), resume=True), given={"output", "resume"})["step"] == 3
     resumed = read_checkpoint(find_checkpoint(crashed, 3))[0]
     assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
+    # The same command again with --resume (--init-from naming the fine-tuning run, whose checkpoint
+    # the run pinned) is that run; another --init-from is refused; the plan of it has no false note.
+    more = {"output", "resume", "init_from", "max_steps", "schedule_steps"}
+    again, _ = resolve(TrainConfig(output=str(crashed), resume=True, init_from=str(image_run), max_steps=4,
+                                   schedule_steps=4), given=more)
+    assert again.init_from == TrainConfig.from_yaml(crashed / "config.yaml").init_from and again.max_steps == 4
+    with pytest.raises(ConfigError, match="keeps the run's init-from"):
+        resolve(TrainConfig(output=str(crashed), resume=True, init_from=str(tmp_path), max_steps=4,
+                            schedule_steps=4), given=more)
+    from disco.train.memory import plan_config
+
+    _, notes = plan_config(TrainConfig(output=str(crashed), resume=True))
+    assert not [n for n in notes if "init-from" in n], notes
     # The run's model: the image model of its (pinned) init checkpoint plus its temporal weights.
     model = load_model(run)
     image = load_model(image_run)

@@ -54,7 +54,7 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
                 new, old = [_absolute(d) for d in new or []], [_absolute(d) for d in old or []]
             if name in RESUME_MAY_CHANGE:
                 changes[name] = new
-            elif new != old and not (name == "data" and not new):
+            elif new != old and not (name == "data" and not new) and not (name == "init_from" and _same_init(new, old)):
                 raise ConfigError(f"--resume keeps the run's {name.replace('_', '-')} ({old!r}); "
                                   f"it cannot become {new!r}")
         cfg = saved.updated({**changes, "resume": True, "output": str(run)})
@@ -116,6 +116,20 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
     if checkpoint is not None and cfg.max_steps <= int(checkpoint.name.split("-")[1]):
         raise ConfigError(f"{checkpoint.name} is already at --max-steps {cfg.max_steps}; raise --max-steps to train on")
     return cfg, checkpoint
+
+
+def _same_init(given: str | None, saved: str | None) -> bool:
+    """``--init-from RUN`` given again with ``--resume``: the run pinned one checkpoint of RUN when
+    it started (``RUN/checkpoint-N``, or for the temporal stage its own ``image-model/`` copy of
+    it, whose config.yaml is RUN's and names RUN as its output)."""
+    if not given or not saved:
+        return False
+    given_path, pinned = Path(given).absolute(), Path(saved).absolute()
+    if pinned.parent == given_path:
+        return True
+    if pinned.parent.name == IMAGE_MODEL_DIR and (pinned.parent / RUN_CONFIG_FILE).exists():
+        return Path(load_run_config(pinned.parent).output).absolute() == given_path
+    return False
 
 
 def _absolute(path: str | None) -> str | None:

@@ -273,7 +273,8 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     from disco.train.config import RUN_CONFIG_FILE, load_run_config
 
     notes = []
-    if cfg.resume:
+    resumed = cfg.resume
+    if resumed:
         if not cfg.output or not (Path(cfg.output) / RUN_CONFIG_FILE).exists():
             raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {RUN_CONFIG_FILE})")
         cfg = load_run_config(cfg.output)
@@ -290,7 +291,8 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
             notes.append(f"--data {folder} holds no triplets/ folder: a real run would stop there")
     if not cfg.output:
         notes.append("no --output given: a real run needs one")
-    if cfg.init_from and not (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():
+    # (A resumed run's saved --init-from is the checkpoint folder it pinned when it started.)
+    if cfg.init_from and not resumed and not (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():
         notes.append(f"--init-from {cfg.init_from} is not a training run: a real run would stop there")
     if cfg.mixed_precision != "no" and not cfg.use_gpu:
         notes.append(f"planned for a GPU (--mixed-precision {cfg.mixed_precision} under CUDA autocast); "
