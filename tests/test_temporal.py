@@ -230,3 +230,25 @@ def test_the_memory_plan_of_the_temporal_stage_counts_clips():
     model = add_temporal(_tiny(), {"frames": F})
     assert plan.trainable_params == sum(p.numel() for p in model.temporal.parameters())
     assert dict((name, n) for name, n, _ in plan.lines)[f"activations (batch 1 clips x {F} frames)"] > 0
+
+
+def test_two_workers_make_the_same_temporal_update_as_one_with_twice_the_batch(triplets, tmp_path):
+    """The temporal stage on two Ray Train workers (gloo, under the suite's guard that behaves like
+    NCCL): the clip windows dealt to two data shards, the temporal layers' gradients averaged
+    across the workers, one checkpoint of those layers alone, the same update as one worker
+    reading both shards with twice the batch."""
+    image_run = _finetune_run(tmp_path, triplets)
+    options = dict(stage="temporal", data=[str(triplets["video"])], init_from=str(image_run), clip_frames=F,
+                   resolution=RES, max_steps=2, checkpoint_every=1000, sample_every=1000, sample_steps=2,
+                   log_every=1, warmup_steps=0, lr=1e-3)
+    two, one = tmp_path / "temporal-two", tmp_path / "temporal-one"
+    assert train(TrainConfig(**options, output=str(two), batch_size=1, num_workers=2))["step"] == 2
+    assert train(TrainConfig(**options, output=str(one), batch_size=2, data_shards=2))["step"] == 2
+    a, b = read_checkpoint(find_checkpoint(two, 2))[0], read_checkpoint(find_checkpoint(one, 2))[0]
+    assert a.keys() == b.keys() and all(name.startswith("temporal.") for name in a)
+    start = add_temporal(load_model(image_run), {"frames": F}).temporal.state_dict()
+    update = torch.sqrt(sum(((b[k] - start[k.removeprefix("temporal.")]) ** 2).sum() for k in b))
+    difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+    # Same clips, noise and timesteps; only the order of float sums differs (the all-reduce of
+    # two half-batch means against one mean), which Adam's division by sqrt(v) enlarges.
+    assert update > 1e-3 and difference / update < 1e-3, (float(update), float(difference))
