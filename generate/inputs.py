@@ -137,7 +137,9 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
             annotator.close()
     rate = min(fps or info.fps, info.fps)
     if smooth and len(bodies) > 1:
-        bodies, drawn_hands = smooth_keypoints(bodies, drawn_hands, rate, side)
+        from disco.pipeline.annotators.smoothing import smooth_sequence
+
+        bodies, drawn_hands = smooth_sequence(bodies, rate, side), smooth_sequence(drawn_hands, rate, side)
     alignment = None
     if reference is not None:
         bodies, drawn_hands, _, fitted = align_sequence(reference, bodies, drawn_hands)
@@ -146,25 +148,6 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
               for body, hand in zip(bodies, drawn_hands)]
     return PoseSequence(frames, fps=rate, empty=sum(b is None for b in bodies), alignment=alignment,
                         smoothed=smooth and len(bodies) > 1, bodies=bodies)
-
-
-def smooth_keypoints(bodies: list, hands: list, fps: float, side: int) -> tuple[list, list]:
-    """Per-frame 18 x 3 bodies and 2 x 21 x 3 hands (None: not found) of consecutive frames of a
-    ``side`` px square at ``fps`` -> the same through the One-Euro filter (``smooth_track``); a
-    frame without a body or hands breaks those tracks, missing joints stay missing."""
-    from disco.pipeline.annotators.smoothing import smooth_track
-
-    def run(rows: list, shape: tuple[int, ...]) -> list:
-        if all(r is None for r in rows):
-            return rows
-        track = np.zeros((len(rows), int(np.prod(shape[:-1])), 3), np.float32)
-        for i, r in enumerate(rows):
-            if r is not None:
-                track[i] = np.asarray(r, np.float32).reshape(-1, 3)
-        smoothed = smooth_track(track, fps, side)
-        return [None if r is None else smoothed[i].reshape(shape) for i, r in enumerate(rows)]
-
-    return run(bodies, (18, 3)), run(hands, (2, 21, 3))
 
 
 def scale_keypoints(points: np.ndarray, factor: float) -> np.ndarray:

@@ -169,9 +169,10 @@ def smooth_unit_poses(posed: list[tuple], fps: float) -> list[tuple]:
     """``--smooth-poses``: the One-Euro filter over the poses of a video unit's frames (tuples
     ending in the frame's ``Pose`` or None). Tracks run through consecutive frame indices only:
     a frame without a person (not kept) or without a pose breaks them, so nothing is carried over
-    a gap. Body and hands are smoothed; the face is kept as found."""
+    a gap; a frame without hands breaks the hands' tracks alone. Body and hands are smoothed; the
+    face is kept as found."""
     from disco.pipeline.annotators.base import Pose
-    from disco.pipeline.annotators.smoothing import smooth_track
+    from disco.pipeline.annotators.smoothing import smooth_sequence
 
     out = list(posed)
     runs: list[list[int]] = []
@@ -189,14 +190,10 @@ def smooth_unit_poses(posed: list[tuple], fps: float) -> list[tuple]:
         times = [posed[i][1] for i in run]
         span = times[-1] - times[0] if len(run) > 1 and None not in times else 0.0
         rate = (len(run) - 1) / span if span > 0 else fps
-        body = smooth_track(np.stack([p.body for p in poses]), rate, height)
-        with_hands = all(p.hands is not None for p in poses)
-        hands = smooth_track(np.stack([p.hands.reshape(-1, 3) for p in poses]), rate, height) if with_hands else None
+        bodies = smooth_sequence([p.body for p in poses], rate, height)
+        hands = smooth_sequence([p.hands for p in poses], rate, height)
         for k, i in enumerate(run):
-            pose = poses[k]
-            smoothed = Pose(body=body[k], hands=hands[k].reshape(pose.hands.shape) if with_hands else pose.hands,
-                            face=pose.face)
-            out[i] = (*posed[i][:-1], smoothed)
+            out[i] = (*posed[i][:-1], Pose(body=bodies[k], hands=hands[k], face=poses[k].face))
     return out
 
 

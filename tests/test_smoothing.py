@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from disco.pipeline.annotators.smoothing import OneEuro, smooth_rows, smooth_track
+from disco.pipeline.annotators.smoothing import OneEuro, smooth_sequence, smooth_track
 from disco.pipeline.temporal_quality import sequence_jitter
 
 FPS, HEIGHT = 30.0, 256.0
@@ -54,14 +54,43 @@ def test_missing_joints_stay_missing_and_their_track_restarts():
         smooth_track(np.zeros((3, 4)), FPS, HEIGHT)
 
 
-def test_stored_rows_round_trip_with_absent_frames():
+def test_a_sequence_keeps_its_shapes_and_a_frame_without_keypoints_breaks_the_tracks():
     rng = np.random.default_rng(1)
-    body = [list((np.tile([[100.0, 100.0, 0.9]], (18, 1)) + np.c_[rng.normal(0, 2, (18, 2)), np.zeros(18)]).ravel())
-            for _ in range(8)]
+    body = [np.tile([[100.0, 100.0, 0.9]], (18, 1)) + np.c_[rng.normal(0, 2, (18, 2)), np.zeros(18)] for _ in range(8)]
     body[3] = None
-    smoothed, hands = smooth_rows(body, None, FPS, HEIGHT)
-    assert smoothed[3] is None and hands is None and len(smoothed[0]) == 54
-    assert smoothed[0] == pytest.approx(body[0])  # a track's first frame is the raw point
+    smoothed = smooth_sequence(body, FPS, HEIGHT)
+    assert smoothed[3] is None and all(s.shape == (18, 3) for i, s in enumerate(smoothed) if i != 3)
+    assert np.allclose(smoothed[0], body[0]) and np.allclose(smoothed[4], body[4])  # each track's first frame
+    assert not np.allclose(smoothed[5], body[5])
+    assert smooth_sequence([None, None], FPS, HEIGHT) == [None, None]
+
+
+def test_hands_missing_in_one_frame_break_only_the_hands_tracks_in_preprocess_and_generate():
+    """The pipeline's stage and generate smooth the same way (one function): a frame whose pose has
+    no hands keeps None there, the frames around it have their hands smoothed, the body's track
+    goes on through it."""
+    from disco.pipeline.annotators.base import Pose
+    from disco.pipeline.stages import smooth_unit_poses
+
+    rng = np.random.default_rng(2)
+    frames = 8
+    body = [np.tile([[120.0, 90.0, 0.9]], (18, 1)) + np.c_[rng.normal(0, 3, (18, 2)), np.zeros(18)] for _ in range(frames)]
+    hands = [np.tile([[60.0, 70.0, 0.8]], (42, 1)).reshape(2, 21, 3) + np.concatenate(
+        [rng.normal(0, 3, (2, 21, 2)), np.zeros((2, 21, 1))], axis=2) for _ in range(frames)]
+    hands[4] = None
+    picture = np.zeros((int(HEIGHT), int(HEIGHT), 3), np.uint8)
+    posed = [(i, i / FPS, picture, Pose(body=body[i].astype(np.float32),
+                                        hands=None if hands[i] is None else hands[i].astype(np.float32)))
+             for i in range(frames)]
+    stage = [p[-1] for p in smooth_unit_poses(posed, FPS)]
+    assert stage[4].hands is None
+    assert not np.allclose(stage[3].hands, hands[3]) and not np.allclose(stage[7].hands, hands[7])
+    assert np.allclose(stage[5].hands, hands[5])  # the hands' track starts again after the gap
+    assert not np.allclose(stage[4].body, body[4])  # the body's track goes on through it
+    # generate's path: the same function over the same keypoints gives the same values.
+    assert all(np.allclose(a.body, b) for a, b in zip(stage, smooth_sequence(body, FPS, HEIGHT)))
+    again = smooth_sequence(hands, FPS, HEIGHT)
+    assert all((a.hands is None and b is None) or np.allclose(a.hands, b) for a, b in zip(stage, again))
 
 
 def test_on_a_real_clip_smoothing_lowers_the_pose_jitter():

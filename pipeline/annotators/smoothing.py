@@ -79,20 +79,17 @@ def smooth_track(points: np.ndarray, fps: float, height: float, settings: OneEur
     return out
 
 
-def smooth_rows(body: list, hands: list | None, fps: float, height: float,
-                settings: OneEuro = OneEuro()) -> tuple[list, list | None]:
-    """The stored columns of a unit's consecutive rows (``body_keypoints``: flat 18 x 3 lists;
-    ``hand_keypoints``: flat 2 x 21 x 3 or None) -> the same, smoothed. A frame without body or
-    hands keeps its value and breaks those tracks."""
-    def run(rows: list, joints: int) -> list:
-        present = [r is not None for r in rows]
-        track = np.zeros((len(rows), joints, 3), np.float32)
-        for i, r in enumerate(rows):
-            if r is not None:
-                track[i] = np.asarray(r, np.float32).reshape(joints, 3)
-        smoothed = smooth_track(track, fps, height, settings)
-        return [smoothed[i].reshape(-1).tolist() if present[i] else None for i in range(len(rows))]
-
-    body_out = run(body, 18) if body else body
-    hands_out = run(hands, 42) if hands is not None and any(h is not None for h in hands) else hands
-    return body_out, hands_out
+def smooth_sequence(frames: list, fps: float, height: float, settings: OneEuro = OneEuro()) -> list:
+    """The keypoints of consecutive frames, each an array of (x, y, confidence) rows (an 18 x 3
+    body, 2 x 21 x 3 hands) or None where none were found -> the same through ``smooth_track``, in
+    the same shapes. A None frame breaks every track (nothing is carried over it) and stays None;
+    missing joints stay as given. The one way preprocess (``--smooth-poses``) and generate smooth."""
+    shape = next((np.shape(f) for f in frames if f is not None), None)
+    if shape is None:
+        return list(frames)
+    track = np.zeros((len(frames), int(np.prod(shape[:-1])), 3), np.float32)
+    for i, f in enumerate(frames):
+        if f is not None:
+            track[i] = np.asarray(f, np.float32).reshape(-1, 3)
+    smoothed = smooth_track(track, fps, height, settings)
+    return [None if f is None else smoothed[i].reshape(np.shape(f)) for i, f in enumerate(frames)]
