@@ -72,31 +72,62 @@ def background_controlnet(unet: UNet2DConditionModel) -> BackgroundControlNet:
 
 
 class _EmbeddingCache(nn.Module):
-    """The wrapped module's outputs for the last ``size`` input tensors it was called with (by
-    identity: the sampling loops pass the same pose tensor at every denoising step)."""
+    """The wrapped module's outputs for the input tensors it was called with (by identity: the
+    sampling loops pass the same pose tensor at every denoising step), at most ``size`` of them
+    and at most ``max_bytes`` (each entry counted as its output's bytes plus its input's, which
+    the entry keeps alive). An entry that does not fit evicts the oldest ones, or with ``pin``
+    is not kept (the entries kept stay: a loop over more inputs than fit still finds those
+    instead of missing every time)."""
 
-    def __init__(self, inner: nn.Module, size: int):
+    def __init__(self, inner: nn.Module, size: int | None = 1, max_bytes: int | None = None, pin: bool = False):
         super().__init__()
-        self.inner, self.size, self.seen = inner, max(1, size), []
+        self.inner, self.seen = inner, []
+        self.size = None if size is None else max(1, size)
+        self.max_bytes, self.pin = max_bytes, pin
+        self.nbytes = self.peak_bytes = 0  # held now, and the most ever held
+        self.hits = self.misses = 0
+
+    def holds(self, x: torch.Tensor) -> bool:
+        return any(key is x for key, _ in self.seen)
+
+    def _fits(self, count: int, nbytes: int) -> bool:
+        return (self.size is None or count <= self.size) and (self.max_bytes is None or nbytes <= self.max_bytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for key, value in self.seen:
             if key is x:
+                self.hits += 1
                 return value
+        self.misses += 1
         value = self.inner(x)
-        self.seen = (self.seen + [(x, value)])[-self.size:]
+        cost = _cost(x, value)
+        while not self.pin and self.seen and not self._fits(len(self.seen) + 1, self.nbytes + cost):
+            self.nbytes -= _cost(*self.seen.pop(0))
+        if not self._fits(len(self.seen) + 1, self.nbytes + cost):
+            return value
+        self.seen.append((x, value))
+        self.nbytes += cost
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
         return value
 
 
+def _cost(x: torch.Tensor, value: torch.Tensor) -> int:
+    return value.nbytes + x.nbytes
+
+
 @contextmanager
-def pose_embedding_cache(model, size: int = 1) -> Iterator[None]:
+def pose_embedding_cache(model, size: int | None = 1, max_bytes: int | None = None,
+                         pin: bool = False) -> Iterator[_EmbeddingCache]:
     """The pose ControlNet's conditioning embedding does not depend on the timestep: computed once
-    per pose tensor instead of once per denoising step (it runs at 8 x the latent size). ``size``
-    pose tensors are kept (a batch of frames: 1; the temporal model's windows: one each)."""
+    per pose tensor instead of once per denoising step (it runs at 8 x the latent size). At most
+    ``size`` pose tensors (None: any number) and ``max_bytes`` are kept (a batch of frames: 1,
+    the next batch replacing it; the temporal model's windows: a byte budget, ``pin``-ned, the
+    windows past it embedded again at each step). Yields the cache."""
     controlnet = model.pose_controlnet
     inner = controlnet.controlnet_cond_embedding
-    controlnet.controlnet_cond_embedding = _EmbeddingCache(inner, size)
+    cache = _EmbeddingCache(inner, size, max_bytes, pin)
+    controlnet.controlnet_cond_embedding = cache
     try:
-        yield
+        yield cache
     finally:
         controlnet.controlnet_cond_embedding = inner

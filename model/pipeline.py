@@ -13,6 +13,7 @@ from disco.model.controlnets import pose_embedding_cache
 from disco.model.guidance import guided_noise
 from disco.model.configs import SCHEDULER
 from disco.model.disco import VAE_SCALING, DisCoModel
+from disco.model.temporal import POSE_CACHE_BYTES
 
 
 class DisCoPipeline:
@@ -20,10 +21,13 @@ class DisCoPipeline:
 
     With a temporal-module (TM) model the frames are denoised in overlapping windows of ``window``
     frames (default: the clip length it trained on), sharing ``overlap`` frames (default a
-    quarter of a window), blended at every step (``model/temporal.py``, ``windowed_ddim``)."""
+    quarter of a window), blended at every step (``model/temporal.py``, ``windowed_ddim``);
+    ``batch_size`` frames per forward pass there means as many whole windows as fit (at least
+    one), and at most ``pose_cache_bytes`` of the windows' pose embeddings are kept (None: all)."""
 
     window: int | None = None
     overlap: int | None = None
+    pose_cache_bytes: int | None = POSE_CACHE_BYTES
 
     def __init__(self, model: DisCoModel, scheduler: DDIMScheduler | None = None):
         if model.pose_controlnet is None:
@@ -52,6 +56,8 @@ class DisCoPipeline:
     ) -> np.ndarray:
         """One frame per pose: ``reference`` 1 x 3 x 224 x 224 (CLIP input), ``background``
         1 x 3 x S x S in [-1, 1], ``poses`` N x 3 x P x P in [0, 1] -> N x S x S x 3 uint8.
+        ``progress(frames)`` is told the frames done as they are (a TM model: frames' worth of
+        its windows' steps), adding up to N.
 
         Every frame's initial noise comes from one generator seeded with ``seed``, drawn for all
         frames up front, so the frames do not depend on ``batch_size``.
@@ -75,9 +81,8 @@ class DisCoPipeline:
 
             latents = windowed_ddim(model, self.scheduler, noise.to(device, dtype) * self.scheduler.init_noise_sigma,
                                     tokens, empty, background_latents, poses.to(device, dtype), num_inference_steps,
-                                    guidance_scale, window=self.window, overlap=self.overlap)
-            if progress is not None:
-                progress(len(poses))
+                                    guidance_scale, window=self.window, overlap=self.overlap, batch_size=batch_size,
+                                    progress=progress, pose_cache_bytes=self.pose_cache_bytes)
             return to_uint8(decode_latents(model, latents / VAE_SCALING, batch_size))
         frames = []
         with pose_embedding_cache(model):

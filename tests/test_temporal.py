@@ -3,6 +3,7 @@ alone on clips, and windowed generation (tiny model, CPU)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from disco.model.temporal import (add_temporal, clip_frames, temporal_parameter_
 from disco.train.config import TrainConfig
 from disco.train.data import build_index
 from disco.train.data.clips import ClipStream
+from disco.train.data.index import DataError
 from disco.train.launch import resolve, train
 from disco.train.objective import DiffusionObjective
 
@@ -163,6 +165,123 @@ def test_windowed_generation_of_a_sequence_longer_than_a_window():
     assert len(seen) == 2 * 3  # every window at every step
 
 
+def _mixing_tm_model() -> DisCoModel:
+    """A tiny TM model of F-frame windows whose temporal layers mix the frames of a clip."""
+    model = add_temporal(_tiny(), {"frames": F}).eval()
+    with torch.no_grad():
+        for p in model.temporal.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.05)
+    return model
+
+
+def test_batch_size_puts_several_whole_windows_in_one_forward_pass():
+    from disco.model.temporal import windowed_ddim
+
+    model = _mixing_tm_model()
+    scheduler = DisCoPipeline(model).scheduler
+    n = 10  # windows at 0, 3, 6
+    g = torch.Generator().manual_seed(0)
+    latents, background = torch.randn(n, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    tokens, pose = torch.randn(1, 257, 32, generator=g), torch.rand(n, 3, 32, 32, generator=g)
+    empty = model.unconditional_reference(1)
+    passes = []
+    handle = model.unet.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+    try:
+        for scale in (1.5, 1.0):  # the doubled batch of guidance, and none
+            run = dict(steps=2, guidance_scale=scale, overlap=1)
+            with torch.no_grad():
+                one = windowed_ddim(model, scheduler, latents, tokens, empty, background, pose, **run)
+                passes.clear()
+                two = windowed_ddim(model, scheduler, latents, tokens, empty, background, pose, batch_size=11, **run)
+                doubled = 2 if scale != 1.0 else 1
+                assert passes == [2 * F * doubled, F * doubled] * 2  # windows 0 and 3 together, then 6
+                passes.clear()
+                three = windowed_ddim(model, scheduler, latents, tokens, empty, background, pose, batch_size=12, **run)
+                assert passes == [3 * F * doubled] * 2
+                # a batch smaller than two windows: one window a pass
+                passes.clear()
+                small = windowed_ddim(model, scheduler, latents, tokens, empty, background, pose, batch_size=7, **run)
+                assert passes == [F * doubled] * 6 and torch.equal(small, one)
+            assert (one - latents).abs().max() > 0.1
+            torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+    # The frames of a window are one clip of the batch: moving window 3's first frame changes
+    # windows 0 and 3 (they share it), never window 6's frames beyond the blend (frames 7 to 9).
+    moved = latents.clone()
+    moved[4] += 1.0  # only in window 3 (frames 3-6)
+    with torch.no_grad():
+        a = windowed_ddim(model, scheduler, latents, tokens, empty, background, pose, steps=1, guidance_scale=1.5,
+                          overlap=1, batch_size=12)
+        b = windowed_ddim(model, scheduler, moved, tokens, empty, background, pose, steps=1, guidance_scale=1.5,
+                          overlap=1, batch_size=12)
+    assert (a[5] - b[5]).abs().max() > 1e-4  # frame 5 sees frame 4 through the temporal layers
+    torch.testing.assert_close(a[:3], b[:3], rtol=0, atol=1e-6)  # window 0 does not
+    torch.testing.assert_close(a[7:], b[7:], rtol=0, atol=1e-6)  # nor window 6's own frames
+
+
+def test_a_bounded_pose_embedding_cache_gives_the_same_frames_and_holds_its_budget(monkeypatch):
+    import contextlib
+
+    from disco.model import temporal
+
+    caches = []
+    original = temporal.pose_embedding_cache
+
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        with original(*args, **kwargs) as cache:
+            caches.append(cache)
+            yield cache
+
+    monkeypatch.setattr(temporal, "pose_embedding_cache", recording)
+    n, steps = 10, 3
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(1, 3, 224, 224, generator=g)
+    background = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    poses = torch.rand(n, 3, 32, 32, generator=g)
+    pipeline = DisCoPipeline(_mixing_tm_model())
+    pipeline.overlap = 1
+    run = dict(num_inference_steps=steps, guidance_scale=1.5, batch_size=1)  # a window a pass: 3 passes a step
+    pipeline.pose_cache_bytes = None
+    full = pipeline(reference, background, poses, **run)
+    whole = caches.pop()
+    assert (whole.misses, whole.hits, len(whole.seen)) == (3, 3 * (steps - 1), 3)  # each window embedded once
+    entry = whole.peak_bytes // 3  # one window's embedding (guided: 2 x F items) and its pose pictures
+    for budget, kept in ((entry, 1), (2 * entry + entry // 2, 2), (0, 0)):
+        pipeline.pose_cache_bytes = budget
+        assert np.array_equal(pipeline(reference, background, poses, **run), full)
+        cache = caches.pop()
+        assert cache.peak_bytes <= budget and len(cache.seen) == kept
+        # the first windows stay; the others are embedded again at every step
+        assert (cache.misses, cache.hits) == (kept + (3 - kept) * steps, kept * (steps - 1))
+    assert pipeline.model.pose_controlnet.controlnet_cond_embedding is whole.inner  # restored
+
+
+def test_windowed_generation_reports_progress_as_it_goes(tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    from disco.generate.config import GenerateConfig
+    from disco.generate.run import generate
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+    _mixing_tm_model().save_pretrained(tmp_path / "tm")
+    Image.fromarray(data.astronaut()).save(tmp_path / "person.png")
+    n = 10  # windows at 0, 3, 6 (the default overlap, a quarter of F = 4)
+    write_video(tmp_path / "dance.mp4", pan_zoom_frames(data.astronaut(), n, 96), fps=10)
+    config = GenerateConfig(checkpoint=tmp_path / "tm", reference=tmp_path / "person.png", pose=tmp_path / "dance.mp4",
+                            output=tmp_path / "out.mp4", steps=2, size=16, batch_size=2 * F, align_pose=False,
+                            smooth_poses=False)
+    seen = []
+    result = generate(config, log=lambda message: None, progress=lambda done, total: seen.append((done, total)))
+    assert result.frames == n
+    # 2 passes a step (windows 0 and 3, then 6), 2 steps: 24 frame-passes of work counted as 10 frames
+    assert seen == [(3, n), (5, n), (8, n), (n, n)]
+
+
 def _finetune_run(tmp_path: Path, triplets) -> Path:
     run = tmp_path / "finetune"
     train(TrainConfig(stage="finetune", data=[str(triplets["video"])], output=str(run), model="tiny", resolution=RES,
@@ -252,3 +371,115 @@ def test_two_workers_make_the_same_temporal_update_as_one_with_twice_the_batch(t
     # Same clips, noise and timesteps; only the order of float sums differs (the all-reduce of
     # two half-batch means against one mean), which Adam's division by sqrt(v) enlarges.
     assert update > 1e-3 and difference / update < 1e-3, (float(update), float(difference))
+
+
+def _corrupt_frames(folder: Path, target: Path, frames: tuple[int, ...]) -> None:
+    """A copy of a preprocessed folder whose stored images of these frame indices are bad bytes
+    (as ``_corrupt_copy`` in test_train.py does)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA
+
+    shutil.copytree(folder, target)
+    shard = next((target / "triplets").glob("*.parquet"))
+    table = pq.read_table(shard)
+    frame_index = table.column("frame_index").to_pylist()
+    images = [b"\xff\xd8 not a jpeg any more" if f in frames else image
+              for f, image in zip(frame_index, table.column("image").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
+
+
+def _skipped_before(plan, index, bad_frame: int, good: int) -> tuple[int, int]:
+    """(windows holding ``bad_frame`` that a one-shard, one-clip-per-batch stream passes before
+    its ``good``-th good window, stream items consumed by then)."""
+    bad, taken, window = 0, 0, 0
+    while taken < good:
+        rows = plan.rows(np.arange(window * F, (window + 1) * F))
+        if bad_frame in index.frame[rows]:
+            bad += 1
+        else:
+            taken += 1
+        window += 1
+    return bad, window * F
+
+
+def test_a_clip_with_a_frame_that_does_not_decode_is_skipped_whole(triplets, tmp_path):
+    bad = tmp_path / "bad"
+    _corrupt_frames(triplets["video"], bad, (5,))  # the fixture's 8 frames: windows 0-3 and 4-7
+    index = build_index([str(bad)])
+    stream = ClipStream(index, frames=F, batch=1, ref_mode="first", resolution=RES, augment=False, seed=0)
+    try:
+        batches = [stream.next_batch() for _ in range(4)]
+    finally:
+        stream.close()
+    for batch in batches:  # a whole clip of F consecutive frames each time, never the broken one
+        assert len(batch["position"]) == F
+        rows = stream._plan.rows(batch["position"].numpy())
+        assert index.frame[rows].tolist() == [0, 1, 2, 3]
+    expected, consumed = _skipped_before(stream._plan, index, 5, good=4)
+    assert expected >= 1  # the broken clip came up and was passed over
+    assert stream.skipped == expected * F  # every frame of a skipped clip is a skipped row
+    assert stream.position == consumed  # skipped clips count as read: a resume starts after them
+    # A resumed stream continues exactly where the uninterrupted one did.
+    _, resume_at = _skipped_before(stream._plan, index, 5, good=2)
+    resumed = ClipStream(index, frames=F, batch=1, ref_mode="first", resolution=RES, augment=False, seed=0,
+                         position=resume_at)
+    try:
+        assert torch.equal(resumed.next_batch()["position"], batches[2]["position"])
+    finally:
+        resumed.close()
+    # When no clip decodes whole, the stream stops saying so instead of reading for ever.
+    worse = tmp_path / "worse"
+    _corrupt_frames(triplets["video"], worse, (1, 5))
+    broken = ClipStream(build_index([str(worse)]), frames=F, batch=1, ref_mode="first", resolution=RES,
+                        augment=False, seed=0)
+    try:
+        with pytest.raises(DataError, match="no clip decodes"):
+            broken.next_batch()
+    finally:
+        broken.close()
+
+
+def test_a_temporal_run_skips_and_counts_a_clip_that_does_not_decode(triplets, tmp_path):
+    bad = tmp_path / "bad"
+    _corrupt_frames(triplets["video"], bad, (5,))
+    image_run = _finetune_run(tmp_path, triplets)
+    run = tmp_path / "temporal"
+    cfg = TrainConfig(stage="temporal", data=[str(bad)], output=str(run), init_from=str(image_run), clip_frames=F,
+                      resolution=RES, batch_size=1, max_steps=2, checkpoint_every=1000, sample_every=1000,
+                      sample_steps=2, log_every=1, warmup_steps=0, lr=1e-3)
+    summary = train(cfg)
+    assert summary["step"] == 2
+    from disco.train.data.clips import ClipPlan
+
+    index = build_index([str(bad)])
+    expected, consumed = _skipped_before(ClipPlan(index, F, cfg.seed, 1, F), index, 5, good=2)
+    assert expected >= 1 and summary["skipped_rows"] == expected * F
+    state = json.loads((find_checkpoint(run, 2) / "state.json").read_text())
+    assert state["skipped"] == expected * F and state["positions"] == [consumed]
+
+
+def test_each_epoch_draws_its_own_window_offsets_from_the_seed(triplets):
+    from disco.train.data.clips import ClipPlan
+
+    index = build_index([str(triplets["video"])])
+
+    def starts(frames: int, seed: int, epochs: int = 12) -> list[tuple[int, ...]]:
+        """Per epoch, the first frames of the clip's windows (a micro-batch is one epoch's windows)."""
+        count = 8 // frames
+        plan = ClipPlan(index, frames, seed, 1, frames * count)
+        out = []
+        for epoch in range(epochs):
+            rows = plan.rows(np.arange(epoch * frames * count, (epoch + 1) * frames * count)).reshape(count, frames)
+            assert all(np.all(np.diff(index.frame[r]) == 1) for r in rows)  # consecutive frames
+            out.append(tuple(sorted(int(index.frame[r[0]]) for r in rows)))
+        return out
+
+    three = starts(3, seed=0)  # 8 frames: 2 windows of 3 and 2 frames to spare
+    assert set(three) == {(0, 3), (1, 4), (2, 5)}  # every offset in [0, 8 - 2 * 3] comes up
+    assert three[0] != three[1] or three[1] != three[2]  # epochs differ
+    assert starts(3, seed=0) == three  # the seed decides: a resumed run reads the same windows
+    assert starts(3, seed=1) != three
+    assert set(starts(4, seed=0)) == {(0, 4)}  # a whole number of windows: offset 0 every epoch

@@ -1,18 +1,30 @@
 """The temporal stage's stream: samples are clips of ``frames`` consecutive frames of one video
 clip, in order, each frame paired with its clip's reference (the first frame).
 
-The order is the row stream's (``order.py``) applied to windows instead of rows: each clip is
-cut into windows of ``frames`` consecutive frames (from its first frame; a tail shorter than a
-window is left out), the windows of one clip form a group, and an epoch permutes the groups,
-deals them to the data shards and permutes windows inside runs of groups, exactly as the row
-stream does with row groups. A window then expands into its frames, so the stream's items stay
-frames (``SampleStream`` reads, decodes, prefetches, counts and resumes them as before) and a
-micro-batch of ``batch`` clips is ``batch * frames`` items: frame ``k`` of window ``w`` of a
-micro-batch sits at item ``w * frames + k``. Every frame of a window is cropped alike (the crop
-is drawn from the window's position)."""
+The order is the row stream's (``order.py``) applied to windows instead of rows: each clip holds
+``count = length // frames`` windows of ``frames`` consecutive frames, laid end to end from a
+per-epoch offset (the frames before it, and a tail shorter than a window after the last, are left
+out that epoch), the windows of one clip form a group, and an epoch permutes the groups, deals
+them to the data shards and permutes windows inside runs of groups, exactly as the row stream
+does with row groups. The offset of a clip in an epoch is drawn in ``[0, length - count *
+frames]`` from (run seed, epoch) alone, so different epochs see different windows, a resumed run
+the same ones, and the number of windows per clip (the plan's group sizes) never changes; a clip
+whose length is a whole number of windows keeps offset 0. A window then expands into its frames,
+so the stream's items stay frames (``SampleStream`` reads, decodes, prefetches, counts and
+resumes them as before) and a micro-batch of ``batch`` clips is ``batch * frames`` items: frame
+``k`` of window ``w`` of a micro-batch sits at item ``w * frames + k``. Every frame of a window is
+cropped alike (the crop is drawn from the window's position).
+
+A window with a frame that does not decode is skipped whole, as the row stream skips a row: its
+``frames`` items count as consumed (``position``) and as skipped (``skipped``, the run's
+``skipped_rows``), and the windows after it fill the micro-batch, which always holds ``batch``
+whole clips (a clip is never trained with a hole or a stand-in frame). Read tasks and blocks start
+and end on window boundaries (windows are whole per shard and per micro-batch), so a block always
+holds whole windows."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,30 +34,44 @@ from disco.train.data.order import StreamPlan
 from disco.train.data.stream import SampleStream
 
 
+OFFSET_SALT = 0x0FF5E7  # keeps the offsets' draws apart from the order's (``epoch_plan``: [seed, epoch])
+
+
 @dataclass
 class WindowIndex:
     """The windows of every clip, as an index ``epoch_plan`` can order: ``first`` is each
-    window's first frame (an offset into ``TripletIndex.clip_order``), ``group_starts`` where
-    each clip's run of windows starts, plus the end."""
+    window's first frame at offset 0 (an offset into ``TripletIndex.clip_order``),
+    ``group_starts`` where each clip's run of windows starts, plus the end; per clip with windows
+    (group), ``slack`` its frames beyond its whole windows (the largest offset); per window,
+    ``group`` its clip's group."""
 
     first: np.ndarray
     group_starts: np.ndarray
+    slack: np.ndarray
+    group: np.ndarray
 
     def __len__(self) -> int:
         return len(self.first)
 
+    def offsets(self, seed: int, epoch: int) -> np.ndarray:
+        """Each group's offset in ``epoch``: uniform in ``[0, slack]``, from (seed, epoch) alone."""
+        return np.random.default_rng([seed, int(epoch), OFFSET_SALT]).integers(0, self.slack + 1)
+
 
 def window_index(index: TripletIndex, frames: int) -> WindowIndex:
-    firsts, starts = [], [0]
+    firsts, starts, slack = [], [0], []
     for lo, hi in zip(index.clip_starts[:-1], index.clip_starts[1:]):
         count = int(hi - lo) // frames
         if count:
             firsts.append(lo + frames * np.arange(count, dtype=np.int64))
             starts.append(starts[-1] + count)
+            slack.append(int(hi - lo) - count * frames)
     if not firsts:
         raise DataError(f"no clip has {frames} frames: the temporal stage needs clips of at least --clip-frames "
                         f"{frames} frames (the longest has {int(np.diff(index.clip_starts).max())})")
-    return WindowIndex(np.concatenate(firsts), np.asarray(starts, np.int64))
+    starts = np.asarray(starts, np.int64)
+    return WindowIndex(np.concatenate(firsts), starts, np.asarray(slack, np.int64),
+                       np.repeat(np.arange(len(slack), dtype=np.int64), np.diff(starts)))
 
 
 class ClipPlan(StreamPlan):
@@ -62,6 +88,7 @@ class ClipPlan(StreamPlan):
         self.index, self.seed, self.shards = index, seed, shards
         self.global_batch, self.per_shard = global_batch, global_batch // shards
         self.sizes = self.inner.sizes * frames
+        self._offsets: OrderedDict = OrderedDict()
 
     def epoch(self, epoch: int):
         return self.inner.epoch(epoch)
@@ -73,9 +100,30 @@ class ClipPlan(StreamPlan):
         batch, slot = np.divmod(window, self.inner.per_shard)
         return batch * self.inner.global_batch + shard * self.inner.per_shard + slot, frame
 
+    def offsets(self, epoch: int) -> np.ndarray:
+        """Each clip's (window group's) offset in ``epoch``, the last few epochs' kept."""
+        epoch = int(epoch)
+        if epoch not in self._offsets:
+            self._offsets[epoch] = self.windows.offsets(self.seed, epoch)
+            while len(self._offsets) > 3:
+                self._offsets.popitem(last=False)
+        self._offsets.move_to_end(epoch)
+        return self._offsets[epoch]
+
+    def window_firsts(self, positions: np.ndarray) -> np.ndarray:
+        """Window positions -> the window's first frame that epoch (an offset into ``clip_order``)."""
+        windows = self.inner.rows(positions)
+        shard, sample = self.inner.locate(positions)
+        epoch = sample // self.inner.sizes[shard]
+        offset = np.empty(len(windows), np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            offset[sel] = self.offsets(e)[self.windows.group[windows[sel]]]
+        return self.windows.first[windows] + offset
+
     def rows(self, positions: np.ndarray) -> np.ndarray:
         windows, frame = self.window_positions(positions)
-        return self.index.clip_order[self.windows.first[self.inner.rows(windows)] + frame]
+        return self.index.clip_order[self.window_firsts(windows) + frame]
 
     def window_starts(self, shard: int, epoch: int) -> np.ndarray:
         return self.inner.window_starts(shard, epoch) * self.frames
@@ -83,8 +131,9 @@ class ClipPlan(StreamPlan):
 
 class ClipStream(SampleStream):
     """``SampleStream`` of fine-tuning samples in clips: ``batch`` clips of ``frames`` frames per
-    micro-batch (``next_batch`` returns ``batch * frames`` samples, clip-major). A frame that
-    does not decode would break its clip: the stream stops with a ``DataError`` saying so."""
+    micro-batch (``next_batch`` returns ``batch * frames`` samples, clip-major). A clip with a
+    frame that does not decode is skipped whole, its frames counted in ``skipped``, and the next
+    clips fill the micro-batch; a whole epoch of clips without one that decodes is a ``DataError``."""
 
     def __init__(self, index: TripletIndex, *, frames: int, batch: int, world: int = 1, shards: int | None = None,
                  seed: int = 0, **options):
@@ -94,10 +143,24 @@ class ClipStream(SampleStream):
         self.clip_frames = frames
         self._plan = ClipPlan(index, frames, seed, self.shards, batch * frames * world)
 
-    def next_batch(self) -> dict:
-        skipped = self.skipped
-        batch = super().next_batch()
-        if self.skipped != skipped:
-            raise DataError("a frame of a training clip did not decode; the temporal stage needs every frame of "
-                            "its clips (filter the data, or remove the clip)")
-        return batch
+    def _usable(self, block: dict):
+        """Whole clips: a frame is usable when every frame of its window decoded."""
+        import torch
+
+        ok, positions = block["ok"], block["position"]
+        frames = self.clip_frames
+        firsts = positions[::frames]
+        if len(ok) % frames or bool((firsts % frames).any()) or \
+                bool((positions.reshape(-1, frames) - firsts[:, None] != torch.arange(frames, device=ok.device)).any()):
+            raise RuntimeError(f"a block of the clip stream does not hold whole clips of {frames} frames "
+                               f"(positions {positions[:1].tolist()}..{positions[-1:].tolist()}): a bug of the read plan")
+        return ok.reshape(-1, frames).all(dim=1).repeat_interleave(frames)
+
+    @property
+    def _epoch_items(self) -> int:
+        return len(self._plan.windows) * self.clip_frames
+
+    def _nothing_decodes(self) -> DataError:
+        return DataError(f"no clip decodes: {self._bad_run // self.clip_frames} clips of {self.clip_frames} frames "
+                         "in a row each had a frame that failed to decode (corrupt pictures, or no pose); the "
+                         "temporal stage trains only on clips whose every frame decodes")

@@ -283,8 +283,27 @@ class SampleStream:
         """Stop the running Ray Data execution (its prefetching tasks) now, not at interpreter exit."""
         self._blocks.close()
 
+    # -- skipping what does not decode ---------------------------------------------------------------
+
+    def _usable(self, block: dict):
+        """Which items of a decoded block training takes (a bool tensor): here the ones that
+        decoded; the others are skipped and counted (``skipped``) and the micro-batch filled from
+        the items after them (``ClipStream`` takes whole clips only)."""
+        return block["ok"]
+
+    @property
+    def _epoch_items(self) -> int:
+        """Stream items of one epoch: this many unusable items in a row and none will ever do."""
+        return len(self.index)
+
+    def _nothing_decodes(self) -> DataError:
+        return DataError(f"no row decodes: {self._bad_run} in a row failed (corrupt pictures, or no pose for "
+                         "fine-tuning)")
+
     def next_batch(self) -> dict:
-        """The next ``batch`` decodable samples, as torch tensors (uint8 pictures)."""
+        """The next ``batch`` decodable samples, as torch tensors (uint8 pictures): an item that
+        does not decode is skipped (counted in ``skipped``, and in ``position`` as consumed) and
+        the items after it fill its place, so every worker gets a whole micro-batch each step."""
         import torch
 
         parts, need = [], self.batch
@@ -293,6 +312,7 @@ class SampleStream:
                 self._block, self._offset = {k: v[0] for k, v in next(self._blocks).items()}, 0
                 self.read_bytes += int(self._block.pop("read_bytes").sum())
                 self.reference_bytes += int(self._block.pop("reference_bytes").sum())
+                self._block["ok"] = self._usable(self._block)
             ok = self._block["ok"][self._offset:]
             taken = torch.cumsum(ok.to(torch.int64), 0)
             hits = torch.nonzero(taken == need)
@@ -302,9 +322,8 @@ class SampleStream:
             parts.append({k: v[rows][keep] for k, v in self._block.items()})
             self.skipped += int((~keep).sum())
             self._bad_run = 0 if keep.any() else self._bad_run + int((~keep).sum())
-            if self._bad_run > len(self.index):  # a whole epoch without one decodable row
-                raise DataError(f"no row decodes: {self._bad_run} in a row failed (corrupt pictures, or no pose "
-                                "for fine-tuning)")
+            if self._bad_run > self._epoch_items:  # a whole epoch without one usable sample
+                raise self._nothing_decodes()
             need -= int(keep.sum())
             self.position += end - self._offset
             self._offset = end
