@@ -72,7 +72,7 @@ def generate(
 
 def export(
     checkpoint: Annotated[Path, typer.Option(help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/ (and temporal/ for a temporal-module model).")],
 ) -> None:
     """Write a checkpoint's UNet and ControlNets as diffusers folders, each loadable with from_pretrained."""
     from disco.model.checkpoint import load_checkpoint

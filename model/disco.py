@@ -154,7 +154,8 @@ class DisCoModel(ModelMixin, ConfigMixin):
     def export_diffusers(self, folder: str | Path) -> list[Path]:
         """Write the networks as diffusers folders: ``unet/`` and ``controlnet_pose/``
         (``UNet2DConditionModel`` / ``ControlNetModel``), and ``controlnet_background/``
-        (``BackgroundControlNet``, a ``ControlNetModel`` whose conditioning is the VAE latent).
+        (``BackgroundControlNet``, a ``ControlNetModel`` whose conditioning is the VAE latent);
+        a temporal-module model also ``temporal/`` (its layers' tensors and config).
         ``disco-cli export`` writes them from a checkpoint."""
         folder = Path(folder)
         written = [folder / "unet"]
@@ -164,6 +165,23 @@ class DisCoModel(ModelMixin, ConfigMixin):
             written.append(folder / "controlnet_pose")
         self.background_controlnet.save_pretrained(folder / "controlnet_background")
         written.append(folder / "controlnet_background")
+        if getattr(self, "temporal", None) is not None:
+            # diffusers has no class for the temporal module (it hooks into the networks above):
+            # its tensors and config go beside them instead of being dropped without a word.
+            import json
+
+            from safetensors.torch import save_file
+
+            target = folder / "temporal"
+            target.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.temporal.state_dict().items()},
+                      str(target / "temporal.safetensors"))
+            (target / "config.json").write_text(json.dumps(
+                {"temporal_config": self.config.get("temporal_config"),
+                 "note": "temporal layers of a DisCo TM model, attached by disco.model.temporal.add_temporal to "
+                         "the UNet and ControlNets exported beside this folder; load the whole model with "
+                         "DisCoModel.from_pretrained"}, indent=2))
+            written.append(target)
         return written
 
     # -- conditioning ---------------------------------------------------------------------------

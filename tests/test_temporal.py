@@ -341,6 +341,30 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_export_of_a_temporal_model_keeps_its_temporal_layers(tmp_path):
+    """`disco-cli export` of a TM model: the diffusers folders plus temporal/, whose tensors are the
+    model's temporal layers, with their config (nothing dropped without a word)."""
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from disco.cli import app
+
+    model = add_temporal(_tiny(), {"frames": F})
+    with torch.no_grad():
+        for p in model.temporal.parameters():
+            p.normal_()
+    model.save_pretrained(tmp_path / "tm")
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "tm"), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    saved = load_file(str(tmp_path / "out" / "temporal" / "temporal.safetensors"))
+    ours = model.temporal.state_dict()
+    assert saved.keys() == ours.keys() and all(torch.equal(saved[k], ours[k]) for k in ours)
+    assert json.loads((tmp_path / "out" / "temporal" / "config.json").read_text())["temporal_config"]["frames"] == F
+    assert (tmp_path / "out" / "unet" / "config.json").exists() and "temporal" in result.output
+
+
 def test_the_memory_plan_of_the_temporal_stage_counts_clips():
     from disco.train.memory import memory_plan
 
