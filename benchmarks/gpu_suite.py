@@ -61,12 +61,12 @@ def sizes(args) -> dict:
         return dict(device="cpu", weights_size="small", sam_model="vit_b", sam2_model="tiny", frames=1, frame_size=96, batch_sizes=(1,),
                     reload_images=1, pipeline_frames=2, model="tiny", resolution=64, train_steps=4, log_every=2,
                     matrix=MATRICES["smoke"], nccl=("finetune", "no", False, 2), generate_frames=2, generate_size=64,
-                    generate_steps=2, loop_steps=4, triplet_frames=8, cpu_clips=2, cpu_seconds=0.5, cpu_size=128)
+                    generate_steps=2, loop_steps=4, triplet_frames=8, cpu_clips=2, cpu_clip_seconds=0.5, cpu_size=128)
     return dict(device="cuda", weights_size="full", sam_model=args.sam_model, sam2_model=args.sam2_model, frames=64, frame_size=512,
                 batch_sizes=(1, 8, 32), reload_images=4, pipeline_frames=args.pipeline_frames, model="sd-image-variations",
                 resolution=256, train_steps=args.train_steps, log_every=10, matrix=MATRICES[args.train_matrix],
                 nccl=("finetune", "bf16", True, 32), generate_frames=16, generate_size=256, generate_steps=50,
-                loop_steps=20, triplet_frames=64, cpu_clips=16, cpu_seconds=2.5, cpu_size=320)
+                loop_steps=20, triplet_frames=64, cpu_clips=16, cpu_clip_seconds=5.0, cpu_size=320)
 
 
 # -- shared inputs ----------------------------------------------------------------------------------
@@ -476,13 +476,14 @@ def step_trainer_vs_loop(args, size, work: Path) -> dict:
 
 def step_cpu_pipeline(args, size, work: Path) -> dict:
     """The embedded CPU pipeline (MediaPipe on Ray actors) against the loop a user would write, on
-    the lent machine's cores: `benchmarks/preprocess_throughput.py`'s comparison, 1200 frames in
-    16 clips (so that the side-by-side line has a clip per core). The development VM has 2 cores;
+    the lent machine's cores: `benchmarks/preprocess_throughput.py`'s comparison, 2400 frames in
+    16 clips of 5 s (a clip per core for the side-by-side line; each process and actor pays its
+    start once, against 150 frames of work). The development VM has 2 cores;
     this is where more of them show what the actors do with them."""
     from preprocess_throughput import measure
 
-    m = measure(size["cpu_clips"], size["cpu_seconds"], size["cpu_size"], work=work)
-    m["summary"] = (f"{m['frames']} frames on {m['ray_cpus']:g} CPUs: plain loop "
+    m = measure(size["cpu_clips"], size["cpu_clip_seconds"], size["cpu_size"], work=work)
+    m["summary"] = (f"{m['frames']} frames on {m['cores']} cores: plain loop "
                     f"{m['plain_loop']['frames_per_s']:.1f}, side by side {m['plain_side_by_side']['frames_per_s']:.1f}, Ray {m['ray_first_job']['frames_per_s']:.1f} (first job, "
                     f"{m['ratio_first_over_plain']:.2f}x) / {m['ray_again']['frames_per_s']:.1f} (next job, "
                     f"{m['ratio_again_over_plain']:.2f}x) frames/s")

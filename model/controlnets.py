@@ -101,6 +101,8 @@ class _EmbeddingCache(nn.Module):
         self.misses += 1
         value = self.inner(x)
         cost = _cost(x, value)
+        if not self._fits(1, cost):  # too big on its own: keeping it would only evict the others
+            return value
         while not self.pin and self.seen and not self._fits(len(self.seen) + 1, self.nbytes + cost):
             self.nbytes -= _cost(*self.seen.pop(0))
         if not self._fits(len(self.seen) + 1, self.nbytes + cost):

@@ -305,8 +305,13 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
             conditions[n] = cond, background
         return conditions[n]
 
+    def windows_of(frames: torch.Tensor, group: list[int]) -> torch.Tensor:
+        """The group's windows of ``frames``, one after the other (a view for a single window)."""
+        return torch.cat([frames[s:s + window] for s in group]) if len(group) > 1 else \
+            frames[group[0]:group[0] + window]
+
     def pass_poses(group: list[int]) -> torch.Tensor:
-        poses = torch.cat([pose[s:s + window] for s in group]) if len(group) > 1 else pose[group[0]:group[0] + window]
+        poses = windows_of(pose, group)
         return torch.cat([poses] * 2) if guided else poses
 
     scheduler.set_timesteps(steps, device=latents.device)
@@ -324,9 +329,8 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
                 if poses is None:
                     poses = pass_poses(group)
                 cond, background = pass_conditions(len(group))
-                x = torch.cat([latents[s:s + window] for s in group]) if len(group) > 1 else \
-                    latents[group[0]:group[0] + window]
-                eps = guided_noise(model, scheduler, x, t, cond, background, poses, guidance_scale)
+                eps = guided_noise(model, scheduler, windows_of(latents, group), t, cond, background, poses,
+                                   guidance_scale)
                 if g not in kept and cache.holds(poses):
                     kept[g] = poses
                 for i, start in enumerate(group):

@@ -394,7 +394,7 @@ def test_two_workers_make_the_same_temporal_update_as_one_with_twice_the_batch(t
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
     # Same clips, noise and timesteps; only the order of float sums differs (the all-reduce of
     # two half-batch means against one mean), which Adam's division by sqrt(v) enlarges.
-    assert update > 1e-3 and difference / update < 1e-3, (float(update), float(difference))
+    assert update > 1e-3 and difference / update < 1e-5, (float(update), float(difference))
 
 
 def _corrupt_frames(folder: Path, target: Path, frames: tuple[int, ...]) -> None:
@@ -490,10 +490,10 @@ def test_each_epoch_draws_its_own_window_offsets_from_the_seed(triplets):
 
     index = build_index([str(triplets["video"])])
 
-    def starts(frames: int, seed: int, epochs: int = 12) -> list[tuple[int, ...]]:
+    def starts(frames: int, seed: int, epochs: int = 12, offsets: bool = True) -> list[tuple[int, ...]]:
         """Per epoch, the first frames of the clip's windows (a micro-batch is one epoch's windows)."""
         count = 8 // frames
-        plan = ClipPlan(index, frames, seed, 1, frames * count)
+        plan = ClipPlan(index, frames, seed, 1, frames * count, offsets)
         out = []
         for epoch in range(epochs):
             rows = plan.rows(np.arange(epoch * frames * count, (epoch + 1) * frames * count)).reshape(count, frames)
@@ -507,3 +507,15 @@ def test_each_epoch_draws_its_own_window_offsets_from_the_seed(triplets):
     assert starts(3, seed=0) == three  # the seed decides: a resumed run reads the same windows
     assert starts(3, seed=1) != three
     assert set(starts(4, seed=0)) == {(0, 4)}  # a whole number of windows: offset 0 every epoch
+    # A run started before offsets (its config.yaml does not say) resumes on the windows it read.
+    assert set(starts(3, seed=0, offsets=False)) == {(0, 3)}
+    from disco.train.config import load_run_config
+
+    run = Path(str(TrainConfig(output="x", stage="temporal").save(triplets["video"].parent / "offsets-run"))).parent
+    assert load_run_config(run).window_offsets is True
+    saved = run / "config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("window_offsets")))
+    assert load_run_config(run).window_offsets is False
+    from disco.train.temporal import stream_class
+
+    assert stream_class(load_run_config(run)).keywords["offsets"] is False

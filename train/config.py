@@ -68,6 +68,10 @@ class TrainConfig:
     # The background condition's person hole: 0 (mid grey, the official value). A run directory
     # whose config.yaml does not say (written before) was trained with -1 and keeps it.
     background_hole: float = 0.0
+    # The temporal stage's windows start at an offset drawn per clip and epoch; a run directory
+    # whose config.yaml does not say (written before) cut them from each clip's first frame, and
+    # a resume of it keeps doing so (its windows stay the ones it was reading).
+    window_offsets: bool = True
     # AdamW's weight decay skips biases and norm weights, as the official parameter groups do.
     official_weight_decay: bool = False
     # The paper recipe the run started from (train/presets.py); recorded, the values are the fields.
@@ -281,8 +285,11 @@ def load_run_config(run: str | Path) -> TrainConfig:
     if not path.exists():
         raise ConfigError(f"{run} is not a training run: {RUN_CONFIG_FILE} is missing")
     cfg = TrainConfig.from_yaml(path)
-    if "background_hole" not in {str(k).replace("-", "_") for k in read_options_yaml(path)}:
+    saved = {str(k).replace("-", "_") for k in read_options_yaml(path)}
+    if "background_hole" not in saved:
         from disco.model.conditioning import LEGACY_HOLE
 
         cfg = cfg.updated({"background_hole": LEGACY_HOLE})
+    if "window_offsets" not in saved:
+        cfg = cfg.updated({"window_offsets": False})
     return cfg

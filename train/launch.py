@@ -124,11 +124,11 @@ def _same_init(given: str | None, saved: str | None) -> bool:
     it, whose config.yaml is RUN's and names RUN as its output)."""
     if not given or not saved:
         return False
-    given_path, pinned = Path(given).absolute(), Path(saved).absolute()
-    if pinned.parent == given_path:
+    given_path, pinned = Path(given).resolve(), Path(saved).resolve()
+    if pinned.name.startswith("checkpoint-") and pinned.parent == given_path:
         return True
     if pinned.parent.name == IMAGE_MODEL_DIR and (pinned.parent / RUN_CONFIG_FILE).exists():
-        return Path(load_run_config(pinned.parent).output).absolute() == given_path
+        return Path(load_run_config(pinned.parent).output).resolve() == given_path
     return False
 
 
@@ -187,6 +187,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     from disco.pipeline.cluster import init_ray
 
     cfg, checkpoint = resolve(cfg, given)
+    if cfg.init_from and not cfg.resume and cfg.background_hole != HOLE:
+        log(f"background hole {cfg.background_hole:g}: the value the --init-from run was trained with")
     index = build_index(cfg.data, cfg.split)  # fails early, with a clear message, on empty data
     if cfg.stage in ("finetune", "temporal"):
         from disco.train.data.pose import render_plan

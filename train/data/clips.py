@@ -78,7 +78,8 @@ class ClipPlan(StreamPlan):
     """A ``StreamPlan`` over frame items whose order is a window plan's: items ``frames`` at a
     time are the frames of one window, in order. ``global_batch`` counts frames."""
 
-    def __init__(self, index: TripletIndex, frames: int, seed: int, shards: int, global_batch: int):
+    def __init__(self, index: TripletIndex, frames: int, seed: int, shards: int, global_batch: int,
+                 offsets: bool = True):
         if global_batch % (shards * frames):
             raise DataError(f"the global micro-batch ({global_batch} frames) must be whole clips of {frames} frames "
                             f"for each of the {shards} data shards")
@@ -89,6 +90,7 @@ class ClipPlan(StreamPlan):
         self.global_batch, self.per_shard = global_batch, global_batch // shards
         self.sizes = self.inner.sizes * frames
         self._offsets: OrderedDict = OrderedDict()
+        self.use_offsets = offsets  # False: windows from each clip's first frame (runs from before offsets)
 
     def epoch(self, epoch: int):
         return self.inner.epoch(epoch)
@@ -104,7 +106,8 @@ class ClipPlan(StreamPlan):
         """Each clip's (window group's) offset in ``epoch``, the last few epochs' kept."""
         epoch = int(epoch)
         if epoch not in self._offsets:
-            self._offsets[epoch] = self.windows.offsets(self.seed, epoch)
+            self._offsets[epoch] = self.windows.offsets(self.seed, epoch) if self.use_offsets else \
+                np.zeros(len(self.windows.slack), np.int64)
             while len(self._offsets) > 3:
                 self._offsets.popitem(last=False)
         self._offsets.move_to_end(epoch)
@@ -136,12 +139,12 @@ class ClipStream(SampleStream):
     clips fill the micro-batch; a whole epoch of clips without one that decodes is a ``DataError``."""
 
     def __init__(self, index: TripletIndex, *, frames: int, batch: int, world: int = 1, shards: int | None = None,
-                 seed: int = 0, **options):
+                 seed: int = 0, offsets: bool = True, **options):
         options.pop("stage", None)
         super().__init__(index, stage="finetune", batch=batch * frames, world=world, shards=shards, seed=seed,
                          **options)
         self.clip_frames = frames
-        self._plan = ClipPlan(index, frames, seed, self.shards, batch * frames * world)
+        self._plan = ClipPlan(index, frames, seed, self.shards, batch * frames * world, offsets)
 
     def _usable(self, block: dict):
         """Whole clips: a frame is usable when every frame of its window decoded."""
