@@ -124,6 +124,27 @@ def test_a_clip_batch_holds_consecutive_frames_of_one_clip(triplets):
     finally:
         resumed.close()
 
+    # The trainer's preview grid of a temporal run: the first whole clip, denoised jointly (its
+    # temporal layers see the clip's frames), one grid row per frame.
+    from disco.train.sampling import preview_samples, write_sample_grid
+
+    cfg = TrainConfig(stage="temporal", clip_frames=F, sample_count=2, sample_steps=2, resolution=RES)
+    preview = preview_samples(batch, cfg)
+    assert torch.equal(preview["position"], batch["position"][:F])
+    assert len(preview_samples(batch, TrainConfig(stage="finetune", sample_count=3))["position"]) == 3
+    model = add_temporal(_tiny(), {"frames": F})
+    seen, grids = [], []
+    layer = next(iter(model.temporal.attentions.values()))
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+
+    class Grids:
+        def grid(self, step, columns):
+            grids.append(columns)
+
+    write_sample_grid(model, preview, cfg, 1, Grids(), torch.device("cpu"), None)
+    assert seen and set(seen) == {F} and model.temporal.frames == 1
+    assert [len(c) for c in grids[0]] == [F] * 4
+
 
 def test_windowed_generation_of_a_sequence_longer_than_a_window():
     assert window_starts(10, 4, 1) == [0, 3, 6]

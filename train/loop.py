@@ -28,7 +28,7 @@ from disco.train.data import build_index
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
 from disco.train.objective import DiffusionObjective, apply_update, parameter_groups, sample_draws
-from disco.train.sampling import write_sample_grid
+from disco.train.sampling import preview_samples, write_sample_grid
 from disco.train.temporal import clip_draws, frames_per_clip, stream_class
 from disco.model.temporal import clip_frames
 from disco.train.condition_gaps import ConditionGaps
@@ -220,7 +220,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 batch = stream.next_batch()
                 waited += time.perf_counter() - started
                 if rank == 0 and preview is None:
-                    preview = {k: v[:cfg.sample_count].clone() for k, v in batch.items()}
+                    preview = preview_samples(batch, cfg)
                 inputs = model_inputs(batch, device, cfg.background_hole)
                 draws = clip_draws(sample_draws(batch["position"], cfg.seed, latent_shape, timesteps, device),
                                    frames_per_clip(cfg))

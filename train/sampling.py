@@ -56,13 +56,29 @@ def ddim_sample(
                        eta=eta, generator=generator)
 
 
+def preview_samples(batch: dict, cfg: TrainConfig) -> dict:
+    """The samples the trainer's grids show, from the first micro-batch the run saw: the first
+    ``sample_count`` of them, or for the temporal stage the first whole clips holding at least
+    that many frames (its grids sample a clip jointly, so the temporal layers act in them)."""
+    from disco.train.temporal import frames_per_clip
+
+    frames = frames_per_clip(cfg)
+    count = frames * max(1, -(-cfg.sample_count // frames))
+    return {k: v[:count].clone() for k, v in batch.items()}
+
+
 def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: int, monitor: Monitor, device,
                       precision) -> Path:
-    """reference | pose | generated | target for the first samples the run saw, with the current weights."""
+    """reference | pose | generated | target for the first samples the run saw, with the current
+    weights (a temporal run's clips denoised jointly, as generation does)."""
+    from disco.model.temporal import clip_frames
+    from disco.train.temporal import frames_per_clip
+
     inputs = model_inputs(preview, device, cfg.background_hole)
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None), \
+                clip_frames(model, frames_per_clip(cfg)):
             generated = ddim_sample(model, inputs["reference"], inputs["background"],
                                     inputs["pose"] if model.pose_controlnet is not None else None,
                                     steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
