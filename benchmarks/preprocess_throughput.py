@@ -5,9 +5,10 @@ per frame in its video mode, the same keypoint mapping, encoding and Parquet row
 loop in one process per core at once, the clips dealt out (parallelism by hand, nothing in
 between: about the most these cores give any parallel run), (a) a sequential loop over the
 project's own per-unit code (decode, MediaPipe, encode), (b) the Ray pipeline as the first job
-on a fresh local instance and (b2) the same job again on that running instance. Prints frames/s, CPU time per frame of each loop, the ratios, peak memory, and the
-ceiling the machine's cores put on any parallel run: cores / (CPU per frame of the project's
-loop), against the plain loop.
+on a fresh local instance and (b2) the same job again on that running instance. Prints
+frames/s, CPU time per frame of each loop, the ratios, peak memory, and the ceiling the machine's
+cores put on any parallel run: cores / (CPU per frame of the project's loop), against the plain
+loop.
 
     python benchmarks/preprocess_throughput.py [--clips 4] [--seconds 10] [--size 320] [--no-hands]
 
@@ -147,7 +148,6 @@ def run_plain_loops_side_by_side(cfg, out: Path, processes: int) -> int:
     """The plain loop in several processes at once, the clips dealt round robin: parallelism by
     hand with nothing in between, what these cores give at most to any parallel run (each process
     pays its own start, as each Ray actor does)."""
-    import shutil
     import subprocess
 
     clips = sorted(Path(cfg.input).glob("*.mp4"))
@@ -156,7 +156,7 @@ def run_plain_loops_side_by_side(cfg, out: Path, processes: int) -> int:
         part = out / f"in-{k}"
         part.mkdir(parents=True)
         for clip in clips[k::processes]:
-            shutil.copy(clip, part / clip.name)
+            (part / clip.name).symlink_to(clip.resolve())  # the same file, not a copy
         parts.append(part)
     children = [subprocess.Popen([sys.executable, __file__, "--plain-loop", str(part), str(out / f"out-{k}"),
                                   "--hands" if cfg.hands else "--no-hands"],

@@ -12,7 +12,9 @@ from diffusers import DDIMScheduler
 from disco.model.conditioning import fit_pose, reference_picture, vae_factor
 from disco.model.disco import DisCoModel
 from disco.model.pipeline import guided_ddim
+from disco.model.temporal import clip_frames
 from disco.train.inputs import model_inputs
+from disco.train.temporal import frames_per_clip
 
 if TYPE_CHECKING:
     from disco.train.config import TrainConfig
@@ -60,8 +62,6 @@ def preview_samples(batch: dict, cfg: TrainConfig) -> dict:
     """The samples the trainer's grids show, from the first micro-batch the run saw: the first
     ``sample_count`` of them, or for the temporal stage the first whole clips holding at least
     that many frames (its grids sample a clip jointly, so the temporal layers act in them)."""
-    from disco.train.temporal import frames_per_clip
-
     frames = frames_per_clip(cfg)
     count = frames * max(1, -(-cfg.sample_count // frames))
     return {k: v[:count].clone() for k, v in batch.items()}
@@ -71,9 +71,6 @@ def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: 
                       precision) -> Path:
     """reference | pose | generated | target for the first samples the run saw, with the current
     weights (a temporal run's clips denoised jointly, as generation does)."""
-    from disco.model.temporal import clip_frames
-    from disco.train.temporal import frames_per_clip
-
     inputs = model_inputs(preview, device, cfg.background_hole)
     model.eval()
     try:
