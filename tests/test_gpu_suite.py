@@ -115,3 +115,23 @@ def test_the_smoke_run_of_every_step(tmp_path):
     assert steps["nccl"]["backend"] == "gloo" and steps["nccl"]["steps_per_s"] > 0
     assert steps["trainer-vs-loop"]["ratio"] > 0
     _check_train(steps["train"])
+
+
+def test_the_device_payload_lists_what_the_gpu_machine_lacks_and_nothing_it_has():
+    """benchmarks/gpu_payload.py (the packages carried to a GPU machine without a package index):
+    the dependency walk follows extras (Ray's [default] brings its dashboard's packages), reads
+    markers for Python 3.12, and leaves out what the machine has or must keep (its CUDA PyTorch)."""
+    spec = importlib.util.spec_from_file_location("gpu_payload", SUITE.parent / "gpu_payload.py")
+    payload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(payload)
+    from importlib import metadata
+
+    roots = [r for r in metadata.distribution("disco").requires if "extra ==" not in r]
+    wanted = payload.closure(roots)
+    for name in ("ray", "decord", "diffusers", "sam2", "hydra-core", "pydantic-core", "aiohttp-cors", "opencensus"):
+        assert name in wanted, name
+    for name in ("torch", "torchvision", "numpy", "transformers", "mediapipe", "protobuf", "pytest", "onnx"):
+        assert name not in wanted, name
+    assert not any(n.startswith("nvidia-") for n in wanted)
+    assert wanted["ray"][0] == metadata.version("ray")  # the version the suite passed with here
+    assert payload.compiled("ray") and not payload.compiled("diffusers")
