@@ -155,6 +155,10 @@ class PreprocessConfig:
         if self.smooth_poses:  # only when on: an output written before it resumes as it was
             params["smooth_poses"] = True
         params["backends"] = {k: self.resolved.get(k) for k in ("matting", "pose")}
+        if params["backends"]["matting"] == "grounded-sam" and not self.half:
+            # float32 SAM masks differ from half precision's; only when off (the default is on), so an
+            # output written before this key resumes as it was.
+            params["half"] = False
         if params["backends"]["matting"] == "sam2":
             # Only where it decides the masks: an output written before SAM 2 existed resumes as it was.
             params["sam2_model"] = self.sam2_model

@@ -112,10 +112,19 @@ def gpu_pools(cfg: PreprocessConfig, nodes: list[dict], units: int) -> list[Pool
         "pose": cfg.pose_gpus if cfg.pose_gpus is not None else (
             0.5 if on_gpu and gpu_backend(cfg.resolved["pose"]) else 0.0),
     }
+    for stage, share in wants.items():
+        if on_gpu and share <= 0 and gpu_backend(cfg.resolved[stage]):
+            # Its models would be built on a CUDA device that Ray did not give it (Ray leaves every
+            # GPU visible to an actor without a GPU share): outside Ray's accounting, on GPU 0.
+            raise ConfigError(f"--{stage}-gpus 0 with {cfg.resolved[stage]} on CUDA: its actors would use a GPU Ray "
+                              f"did not reserve for them; give them a share above 0, or pass --device cpu")
     per_set = sum(wants.values())
     if cfg.actors:
         sets = cfg.actors
-        sets_on = _spread(cfg.actors, [n["CPU"] for n in nodes])
+        # The actors hold GPU shares: only nodes with GPUs hold them (a CPU-only head node's CPUs
+        # must not thin the shares planned for the GPU nodes).
+        gpu_nodes = [n["CPU"] if n["GPU"] > 0 or per_set <= 0 else 0.0 for n in nodes]
+        sets_on = _spread(cfg.actors, gpu_nodes if any(gpu_nodes) else [n["CPU"] for n in nodes])
     elif per_set > 0:
         # A "set" is one actor of each stage; each node holds as many sets as its GPUs fit.
         sets_on = [_sets_on(n, wants) for n in nodes]

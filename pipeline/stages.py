@@ -100,7 +100,12 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
     annotator.begin_unit(unit)
     try:
         mattes = annotator.matte_batch([f.picture for f in frames])
-    except Exception:  # one bad frame must not sink the others: go again one at a time
+    except Exception:  # one bad frame must not sink the others: go again one at a time (below)
+        mattes = None
+    if mattes is None:
+        # Outside the except block: its traceback holds the failed batch's frames and tensors,
+        # which a retry after a GPU out-of-memory error needs freed.
+        release_device_memory()
         mattes = []
         for frame_index, _, frame, row_unit in frames:
             try:
@@ -122,6 +127,16 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
             continue
         kept.append(MattedFrame(frame_index, timestamp, frame, row_unit, matte))
     return kept
+
+
+def release_device_memory() -> None:
+    """Hands the CUDA caching allocator's unused blocks back (after a failed batch), where torch
+    is loaded and CUDA started; nothing otherwise."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @dataclass

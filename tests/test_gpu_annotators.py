@@ -130,6 +130,19 @@ def test_auto_picks_gpu_backends_only_with_cuda_and_weights(weights, tmp_path, m
     # With DWPose's graphs beside OpenPose's, auto takes DWPose, the better of the two; without
     # them it says DWPose was preferred.
     both = write_random_weights(tmp_path / "both", only=("openpose", "dwpose"))
+    import onnxruntime
+
+    # The CPU-only onnxruntime wheel (this machine's) cannot run DWPose on CUDA: auto passes it
+    # over and says why, asked for by name it is refused here instead of in every actor.
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    resolved = resolve_backends("mediapipe", "auto", weights=both)
+    assert resolved["pose"] == "openpose"
+    assert "dwpose weights found but this onnxruntime has no CUDA provider" in resolved["reason"]
+    with pytest.raises(BackendError, match="dwpose cannot run on CUDA: .*onnxruntime-gpu"):
+        resolve_backends("mediapipe", "dwpose", weights=both)
+    assert resolve_backends("mediapipe", "dwpose", weights=both, device="cpu")["pose"] == "dwpose"
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])  # onnxruntime-gpu
     resolved = resolve_backends("mediapipe", "auto", weights=both)
     assert resolved["pose"] == "dwpose" and "pose: CUDA and dwpose weights found" in resolved["reason"]
     (both / "dwpose" / "yolox_l.onnx").unlink()
@@ -144,6 +157,21 @@ def test_weights_folder_from_the_environment(weights, monkeypatch):
     monkeypatch.setenv("DISCO_WEIGHTS", str(weights))
     resolved = resolve_backends("mediapipe", "openpose", device="cpu", face=True)
     assert resolved["weights"] == str(weights)
+
+
+def test_a_relative_weights_folder_reaches_the_actors_absolute(weights, monkeypatch):
+    """Ray's workers (other nodes, a ``ray job submit`` job) do not run in the driver's working
+    directory: the folder they load from is made absolute where it is given."""
+    from disco.pipeline.run import stage_settings
+
+    monkeypatch.chdir(weights.parent)
+    relative = Path(weights.name)
+    resolved = resolve_backends("mediapipe", "openpose", weights=relative, device="cpu", face=True)
+    assert resolved["weights"] == str(weights.resolve())
+    cfg = PreprocessConfig(source="images", input=weights, output=weights.parent / "out", matting="mediapipe",
+                           pose="openpose", weights=relative, device="cpu", face=True).validate()
+    cfg.resolved = resolved
+    assert stage_settings(cfg)["backend_options"]["weights"] == str(weights.resolve())
 
 
 # 40-80 s on 2 cores (Grounded-SAM's ViT-B at 1024 px inside an actor). Covered in the default

@@ -73,7 +73,11 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
             return embedded.name
         # The first in the registry's order of preference whose weights are all there.
         for rank, backend in enumerate(on_gpu):
-            if _files_ok(backend, root, options):
+            missing = backend.cuda_missing() if backend.cuda_missing is not None else None
+            if missing and _files_ok(backend, root, options):
+                reasons.append(f"{role}: {backend.name} weights found but {missing}")
+                continue
+            if not missing and _files_ok(backend, root, options):
                 passed = [b.name for b in on_gpu[:rank]]
                 reasons.append(f"{role}: CUDA and {backend.name} weights found"
                                + (f" ({', '.join(passed)} preferred, weights not found)" if passed else ""))
@@ -103,6 +107,10 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
                 require(backend.files(root, options), asked)
             except WeightsError as exc:
                 raise BackendError(str(exc)) from None
+            missing = backend.cuda_missing() if backend.cuda_missing is not None and run_device == "cuda" else None
+            if missing:  # here, not in every actor at start-up
+                raise BackendError(f"{asked} cannot run on CUDA: {missing}; or pass --device cpu to run it on the "
+                                   "CPU on purpose (slow)")
         return asked
 
     resolved = {

@@ -191,16 +191,23 @@ def wholebody_to_contract(points: np.ndarray, width: int, height: int, threshold
 
 # -- the backend ----------------------------------------------------------------------------------
 
+def cuda_provider_missing() -> str | None:
+    """Why ONNX Runtime cannot run DWPose on CUDA here (the CPU-only ``onnxruntime`` wheel), or None."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("this onnxruntime has no CUDA provider (install onnxruntime-gpu in place of onnxruntime)")
+    return None
+
+
 def providers_for(device: str) -> list[str]:
     """ONNX Runtime's execution providers for ``device``: CUDA only where asked for, and never a
     silent CPU run in its place (DESIGN.md)."""
     if device != "cuda":
         return ["CPUExecutionProvider"]
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise BackendError("dwpose on CUDA needs ONNX Runtime's CUDA provider, which this onnxruntime lacks: "
-                           "install onnxruntime-gpu in place of onnxruntime, or pass --device cpu")
+    missing = cuda_provider_missing()
+    if missing:
+        raise BackendError(f"dwpose on CUDA: {missing}, or pass --device cpu")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -379,5 +386,6 @@ register(Backend(
     name="dwpose", roles=("pose",), build=_build, gpu=True, auto=True,
     summary="DWPose whole-body (YOLOX-L + dw-ll_ucoco_384, ONNX Runtime)",
     packages=("onnxruntime",), files=weight_files, options=("--hands", "--face", "--joint-threshold"),
+    cuda_missing=cuda_provider_missing,
     random_weights=lambda root, size, options: write_dwpose(root),
 ))

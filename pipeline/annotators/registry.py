@@ -70,6 +70,8 @@ class Backend:
     random_weights: Callable[[Path, str, dict], None] | None = None
     # The detection score a person must reach, from the options and --min-visibility.
     person_score: Callable[[dict, float], float] | None = None
+    # Why it cannot run on CUDA with what is installed here (a library built without CUDA), or None.
+    cuda_missing: Callable[[], str | None] | None = None
     label: str = ""  # how messages name it (default: its name)
     module: str = field(default="", compare=False)  # where it was declared (set by register)
 

@@ -83,6 +83,12 @@ def build_model(sam2_model: str, checkpoint: Path | None = None, device: str = "
     return model.to(device).eval()
 
 
+def _native_bfloat16(torch, device) -> bool:
+    """Whether ``device`` (CUDA) does bfloat16 arithmetic itself; otherwise SAM 2 runs in float32."""
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 class Sam2Matting:
     """GroundingDINO boxes seed SAM 2.1; video units are tracked, stills segmented one by one."""
 
@@ -97,8 +103,9 @@ class Sam2Matting:
         require(self.files, self.name)
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
-        # bfloat16 as SAM 2's own demos run it, on CUDA only (CPU autocast is slow and lossy).
-        self.bfloat16 = self.device.type == "cuda"
+        # bfloat16 as SAM 2's own demos run it, on CUDA only (CPU autocast is slow and lossy), and
+        # only on GPUs with bfloat16 arithmetic (Ampere on): a V100 or T4 would emulate it, slowly.
+        self.bfloat16 = self.device.type == "cuda" and _native_bfloat16(torch, self.device)
         self.detector = PersonDetector(Path(weights), box_threshold=box_threshold, text_threshold=text_threshold,
                                        device=device)
         self.model = build_model(sam2_model, Path(weights) / SAM2_FILES[sam2_model], device)
@@ -141,13 +148,15 @@ class Sam2Matting:
             found = [i for i, (boxes, _) in enumerate(detections) if len(boxes)]
             masks: dict[int, np.ndarray] = {}
             if found:
-                with self._sam():
-                    self.image_predictor.set_image_batch([chunk[i] for i in found])
-                    predicted, _, _ = self.image_predictor.predict_batch(
-                        box_batch=[detections[i][0] for i in found],
-                        multimask_output=False,  # one mask per box, as the paper used SAM
-                    )
-                self.image_predictor.reset_predictor()  # drop the batch's features
+                try:
+                    with self._sam():
+                        self.image_predictor.set_image_batch([chunk[i] for i in found])
+                        predicted, _, _ = self.image_predictor.predict_batch(
+                            box_batch=[detections[i][0] for i in found],
+                            multimask_output=False,  # one mask per box, as the paper used SAM
+                        )
+                finally:  # drop the batch's features, also when it failed (the retry needs the memory)
+                    self.image_predictor.reset_predictor()
                 for i, person_masks in zip(found, predicted):
                     # predict_batch squeezes a lone box's axis away: N x H x W in every case.
                     masks[i] = np.asarray(person_masks).reshape((-1,) + chunk[i].shape[:2]) > 0

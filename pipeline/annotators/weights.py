@@ -32,9 +32,11 @@ class WeightFile:
 
 
 def weights_dir(explicit: str | os.PathLike | None) -> Path | None:
-    """The weights folder: the flag, else the environment variable, else none."""
+    """The weights folder: the flag, else the environment variable, else none. Absolute: the
+    actors that load from it run in other working directories (Ray's workers, other nodes, a
+    ``ray job submit`` job's)."""
     value = explicit or os.environ.get(WEIGHTS_ENV)
-    return Path(value).expanduser() if value else None
+    return Path(value).expanduser().resolve() if value else None
 
 
 def first_present(folder: Path, names: tuple[str, ...]) -> Path:
