@@ -156,7 +156,7 @@ def minimal_speed(cfg, steps: int, device: str) -> float:
     if cfg.ema_decay:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=cfg.ema_decay)
+        ema = EMAModel(params, decay=cfg.ema_decay, foreach=True)  # as the trainer does
     side = cfg.resolution // vae_factor(model)
     inputs = model_inputs(batch, device)
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)

@@ -217,8 +217,9 @@ class DisCoModel(ModelMixin, ConfigMixin):
 
         A dropped reference becomes the zero-image CLIP encoding, a dropped background a zero
         latent, a dropped pose an empty (black) skeleton picture. ``uniforms`` (B x 3: reference,
-        background, pose), when given, replaces the draws from ``generator``: the trainer draws
-        them from each sample's own seed, so a sample's dropout does not depend on its batch.
+        background, pose; a host tensor or NumPy array), when given, replaces the draws from
+        ``generator``: the trainer draws them from each sample's own seed, so a sample's dropout
+        does not depend on its batch.
         """
         batch = reference_tokens.shape[0]
         columns = iter(range(3))
@@ -226,7 +227,8 @@ class DisCoModel(ModelMixin, ConfigMixin):
         def draw(p: float) -> torch.Tensor:
             # Decided on the host (no device synchronisation for ``any``), then moved.
             column = next(columns)
-            u = uniforms[:, column].cpu() if uniforms is not None else torch.rand(batch, generator=generator, device="cpu")
+            u = (torch.as_tensor(uniforms[:, column], device="cpu") if uniforms is not None
+                 else torch.rand(batch, generator=generator, device="cpu"))
             return u < p
 
         drop_ref = draw(self.config.reference_dropout)

@@ -202,6 +202,30 @@ def test_condition_dropout_is_per_sample():
     assert (default.config.reference_dropout, default.config.pose_dropout) == (0.05, 0.0)
 
 
+def test_the_trainers_dropout_draws_stay_on_the_host_when_ddp_moves_the_inputs():
+    """DDP moves every tensor argument of the objective to the GPU; the dropout uniforms are read
+    on the host, so the trainer hands them over as a NumPy array, which DDP leaves alone (reading
+    them back from a GPU stalled every micro-batch three times). ``meta`` stands in for the GPU,
+    where ``.cpu()`` would fail; the decisions equal those from a tensor of the same draws."""
+    import numpy as np
+    from torch.distributed.utils import _recursive_to  # what DDP's forward applies to its inputs
+
+    from disco.train.objective import sample_draws
+    from disco.train.temporal import clip_draws
+
+    draws = clip_draws(sample_draws(torch.arange(8), 0, (4, 8, 8), 1000, "cpu"), 2)
+    (moved,) = _recursive_to(draws, torch.device("meta"), False)
+    assert moved["noise"].device.type == "meta" and isinstance(moved["uniforms"], np.ndarray)
+    assert (moved["uniforms"][0::2] == moved["uniforms"][1::2]).all()  # one draw per clip of 2 frames
+    model = DisCoModel.from_architecture("tiny", variant="finetune", reference_dropout=0.5, background_dropout=0.5,
+                                         pose_dropout=0.5)
+    reference, background, pose = torch.randn(8, 257, 32), torch.randn(8, 4, 8, 8), torch.rand(8, 3, 64, 64)
+    host = model.drop_conditions(reference, background, pose, uniforms=moved["uniforms"])
+    tensor = model.drop_conditions(reference, background, pose, uniforms=torch.from_numpy(moved["uniforms"]))
+    assert all(torch.equal(a, b) for a, b in zip(host, tensor))
+    assert (host[1].flatten(1).abs().sum(1) == 0).any()  # some background dropped at p = 0.5 over 8 samples
+
+
 def test_a_dropped_reference_trains_the_projection_on_the_zero_image():
     """Official CFG training: the zero image's CLIP tokens go through the trainable projection with
     gradient, so a batch whose every reference is dropped still moves the projection."""

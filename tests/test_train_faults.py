@@ -67,12 +67,49 @@ def test_collectives_live_on_the_training_device_and_the_guard_refuses_others(fa
     ``Collectives`` passes because it places its tensors on the training device."""
     import torch.distributed as dist
 
+    from disco.train.collectives import _collective
+
     with nccl_guard("meta", enabled=True):
-        with pytest.raises(CollectiveDeviceError, match="training device is meta"):
+        with pytest.raises(CollectiveDeviceError, match="training device is meta"), _collective():
             dist.all_reduce(torch.tensor([1.0], dtype=torch.float64))  # what the loop used to do
         mean = Collectives(2, "meta").mean([1.0, 2.0])
         assert mean.device.type == "meta" and mean.shape == (2,)
     dist.all_reduce(torch.tensor([1.0]))  # outside the block the guard is gone
+
+
+def test_under_the_guard_a_collective_outside_collectives_is_refused_even_on_the_cpu(fake_group):
+    """The tests train on the CPU under gloo, where the training device is the CPU: a loop that
+    all-reduced a CPU tensor itself would pass the device check there and crash under NCCL. The
+    guard refuses any collective issued outside ``Collectives``, tensor and object ones alike."""
+    import torch.distributed as dist
+
+    with nccl_guard("cpu", enabled=True):
+        with pytest.raises(CollectiveDeviceError, match="outside train.collectives.Collectives"):
+            dist.all_reduce(torch.tensor([1.0]))
+        with pytest.raises(CollectiveDeviceError, match="outside train.collectives.Collectives"):
+            dist.all_gather_object([None, None], {"rows": 1})
+        collectives = Collectives(2, "cpu")
+        assert collectives.mean([2.0]).item() == 2.0 / 2  # the fake group sums nothing: 2 / world
+        assert collectives.any(True) is True
+        assert len(collectives.gather(3)) == 2
+
+
+def test_only_the_collectives_module_talks_to_torch_distributed():
+    """The rule the guard holds at run time, read from the source: no other module of the trainer,
+    the model or generation imports ``torch.distributed``."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("train", "model", "generate", "evaluate", "pipeline", "commands"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+                module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+                if any(n.startswith("torch.distributed") for n in names) or module.startswith("torch.distributed") \
+                        or (module == "torch" and "distributed" in names):
+                    offenders.append(str(path.relative_to(root)))
+    assert sorted(set(offenders)) == ["train/collectives.py"]
     assert Collectives(1, "cpu").mean([3.0]).item() == 3.0 and Collectives(1, "cpu").any(True)
 
 

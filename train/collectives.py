@@ -9,8 +9,11 @@ its first log step on GPUs. Two rules keep that class of bug out:
   training device it was given (the one the model and the batches use);
 - ``nccl_guard`` (on when ``DISCO_NCCL_GUARD=1``, set by the test suite, and installed in every
   training worker) wraps ``torch.distributed``'s tensor collectives and raises, as NCCL would,
-  when a tensor is not on the training device. The tests run the multi-worker loop under it,
-  and a unit test runs ``Collectives`` with a device that is not the CPU (``meta``).
+  when a tensor is not on the training device, and also when a collective is issued anywhere but
+  inside ``Collectives``: the tests train on the CPU under gloo, where the training device *is*
+  the CPU and a stray ``dist.all_reduce(cpu_tensor)`` would pass the device check, so the tests
+  hold the rule itself. The tests run the multi-worker loop under it, and a unit test runs
+  ``Collectives`` with a device that is not the CPU (``meta``).
 
 Object collectives (``all_gather_object``) are left to torch, which places their byte tensors
 on the device the backend needs (``torch.cuda.current_device()`` under NCCL; Ray Train sets it).
@@ -19,6 +22,7 @@ on the device the backend needs (``torch.cuda.current_device()`` under NCCL; Ray
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 
@@ -31,7 +35,21 @@ GUARDED = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_t
 
 
 class CollectiveDeviceError(RuntimeError):
-    """A collective was handed a tensor off the training device (NCCL would refuse it)."""
+    """A collective was handed a tensor off the training device (NCCL would refuse it), or was
+    issued outside ``Collectives`` under the guard."""
+
+
+_issuing = contextvars.ContextVar("disco_collective", default=False)
+
+
+@contextlib.contextmanager
+def _collective():
+    """Marks the collectives ``Collectives`` issues (the guard lets only those through)."""
+    token = _issuing.set(True)
+    try:
+        yield
+    finally:
+        _issuing.reset(token)
 
 
 class Collectives:
@@ -44,7 +62,8 @@ class Collectives:
         """Element-wise mean over the workers of a small vector (float64, on the training device)."""
         t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
         if self.world > 1:
-            dist.all_reduce(t)
+            with _collective():
+                dist.all_reduce(t)
             t = t / self.world
         return t
 
@@ -53,7 +72,8 @@ class Collectives:
         if self.world == 1:
             return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with _collective():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def gather(self, value) -> list:
@@ -61,7 +81,8 @@ class Collectives:
         if self.world == 1:
             return [value]
         out = [None] * self.world
-        dist.all_gather_object(out, value)
+        with _collective():
+            dist.all_gather_object(out, value)
         return out
 
 
@@ -75,7 +96,9 @@ def _tensors(args, kwargs):
 
 @contextlib.contextmanager
 def nccl_guard(device: torch.device | str, enabled: bool | None = None):
-    """Within the block, ``torch.distributed`` tensor collectives refuse tensors not on ``device``.
+    """Within the block, ``torch.distributed`` tensor collectives refuse tensors not on ``device``,
+    and any call made outside ``Collectives`` (DDP's gradient buckets go through its C++ reducer,
+    not these functions).
 
     ``enabled`` defaults to the ``DISCO_NCCL_GUARD`` environment variable. Object collectives
     call the guarded functions too, with tensors on the backend's device: under gloo that is the
@@ -95,6 +118,10 @@ def nccl_guard(device: torch.device | str, enabled: bool | None = None):
     def guarded(name, fn):
         @functools.wraps(fn)
         def check(*args, **kwargs):
+            if not _issuing.get():
+                raise CollectiveDeviceError(
+                    f"{name} called outside train.collectives.Collectives: the loop's collectives go through it, "
+                    "which places their tensors where NCCL takes them (on the GPU)")
             for t in _tensors(args, kwargs):
                 if t.device.type != device.type:
                     raise CollectiveDeviceError(

@@ -142,7 +142,8 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     if cfg.ema_decay:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=cfg.ema_decay)
+        # foreach: one fused update over the ~1.7k trainable tensors instead of a Python loop per step.
+        ema = EMAModel(params, decay=cfg.ema_decay, foreach=True)
     step, position, skipped_before = 0, 0, 0
     # The current logging window (this worker's loss sum and its steps) is part of a checkpoint, so
     # a resumed or restarted run logs, and ends with, the loss an uninterrupted run would.

@@ -47,9 +47,12 @@ def sample_draws(positions: torch.Tensor, seed: int, latent_shape: tuple, timest
         uniforms.append(torch.rand(3, generator=g))
         noise.append(torch.randn(latent_shape, generator=g))
         latent_noise.append(torch.randn(latent_shape, generator=g))
+    # The dropout uniforms stay a NumPy array: the dropout is decided on the host, and DDP moves
+    # every *tensor* argument of the objective to the GPU, where reading them back would stall
+    # the step three times per micro-batch.
     return {
         "noise": torch.stack(noise).to(device), "latent_noise": torch.stack(latent_noise).to(device),
-        "timesteps": torch.cat(steps).to(device), "uniforms": torch.stack(uniforms),
+        "timesteps": torch.cat(steps).to(device), "uniforms": torch.stack(uniforms).numpy(),
     }
 
 

@@ -34,4 +34,5 @@ def clip_draws(draws: dict, frames: int) -> dict:
         clips = t.reshape(-1, frames, *t.shape[1:])
         return clips[:, :1].expand_as(clips).reshape(t.shape).contiguous()
 
-    return {**draws, "timesteps": per_clip(draws["timesteps"]), "uniforms": per_clip(draws["uniforms"])}
+    return {**draws, "timesteps": per_clip(draws["timesteps"]),
+            "uniforms": per_clip(torch.as_tensor(draws["uniforms"])).numpy()}  # host-side (sample_draws)
