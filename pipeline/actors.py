@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from disco.pipeline.annotators.base import Matte
+from disco.pipeline.gpu_balance import balance_gpu
 from disco.pipeline.stages import (
     MattedFrame,
     UnitResult,
@@ -82,10 +83,10 @@ class UnitWriter:
     shard, and the driver, the journal's only writer, commits them. So the pictures never travel
     to the driver, and writing grows with the actors."""
 
-    def __init__(self, settings: dict, stage: str):
+    def __init__(self, settings: dict, stage: str, gpu_ids: list[str] | None = None):
         import secrets
 
-        self.held = [{"stage": stage, **_assigned_resources()}]
+        self.held = [{"stage": stage, **_assigned_resources(gpu_ids)}]
         self._entries: list[dict] = []
         # A name part of its own per actor: a restarted actor or a resumed run never reuses a name.
         prefix = f"part-{settings['run']}-{secrets.token_hex(8)}-"
@@ -106,7 +107,8 @@ class UnitWriter:
                                     schema=COMMIT_SCHEMA)
 
 
-def _assigned_resources() -> dict:
+def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
+    """What Ray gave this actor; ``gpu_ids``: the GPUs it uses, where it moved (``gpu_balance``)."""
     import ray
 
     try:
@@ -115,7 +117,7 @@ def _assigned_resources() -> dict:
         held = {k: round(float(v), 3) for k, v in assigned.items() if k in ("CPU", "GPU")}
         # Which actor on which node, and which GPUs: the manifest shows how the pools were placed.
         held.update(actor=context.get_actor_id(), node=context.get_node_id(),
-                    gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+                    gpu_ids=gpu_ids if gpu_ids is not None else [str(g) for g in ray.get_gpu_ids()])
         return held
     except Exception:  # outside a Ray worker (the benchmark's plain loop)
         return {}
@@ -154,8 +156,9 @@ class MattingStage:
 
     def __init__(self, settings: dict):
         self.settings = settings
+        gpu_ids = balance_gpu(settings.get("gpu_ledger"), "matting")  # before any model loads
         self.annotator = _annotator(settings, ("matting",))
-        self.resources = {"matting": _assigned_resources()}
+        self.resources = {"matting": _assigned_resources(gpu_ids)}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         packed = []
@@ -180,8 +183,9 @@ class PoseStage:
 
     def __init__(self, settings: dict):
         self.settings = settings
+        gpu_ids = balance_gpu(settings.get("gpu_ledger"), "pose")  # before any model loads
         self.annotator = _annotator(settings, ("pose",))
-        self.out = UnitWriter(settings, "pose")
+        self.out = UnitWriter(settings, "pose", gpu_ids)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         upstream: list[dict] = []

@@ -18,6 +18,7 @@ from disco.pipeline.store.manifest import RunResult, build_manifest, write_manif
 from disco.pipeline.store.schema import commit_entry, unit_blocks
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
 from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, held_resources
+from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
 
@@ -218,6 +219,11 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     ctx.print_on_execution_start = False
     ds = unit_dataset(units)
     stages = {"annotate": AnnotateStage, "matting": MattingStage, "pose": PoseStage}
+    ledger = None
+    if len(pools) > 1 and any(0 < pool.gpus < 1 for pool in pools):
+        # Ray packs fractional shares best-fit, blind to the stages: the actors spread themselves.
+        name, ledger = start_ledger(settings["run"])
+        settings = {**settings, "gpu_ledger": name}
     for pool in pools:
         ds = ds.map_batches(
             stages[pool.stage],
@@ -236,26 +242,30 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     units_left: dict[str, int] = {}
     committed: set[tuple[str, int]] = set()
     frames = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for record, resources in zip(batch.column("entry").to_pylist(), batch.column("resources").to_pylist()):
-            entry = commit_entry(record)
-            keys = [(u["input_path"], u["unit_index"]) for u in entry["units"]]
-            if any(k in committed for k in keys):
-                # The same work came back twice (a task of a lost node ran again after its first
-                # result had arrived): the first commit stands; these shards go at the end.
-                continue
-            _check_shards(store, entry)
-            store.append(entry)  # the commit: from here on its shards are data
-            committed.update(keys)
-            for actor in held_resources(resources):
-                stage = actor.pop("stage")
-                if actor not in held.setdefault(stage, []):
-                    held[stage].append(actor)
-            for unit in entry["units"]:
-                frames += unit["frames"]
-                path = unit["input_path"]
-                left = units_left.setdefault(path, unit["unit_count"] - len(partial_units.get(path, [])))
-                units_left[path] = left - 1
-                if progress is not None:
-                    progress.update(1 if units_left[path] == 0 else 0, unit["frames"])
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for record, resources in zip(batch.column("entry").to_pylist(), batch.column("resources").to_pylist()):
+                entry = commit_entry(record)
+                keys = [(u["input_path"], u["unit_index"]) for u in entry["units"]]
+                if any(k in committed for k in keys):
+                    # The same work came back twice (a task of a lost node ran again after its first
+                    # result had arrived): the first commit stands; these shards go at the end.
+                    continue
+                _check_shards(store, entry)
+                store.append(entry)  # the commit: from here on its shards are data
+                committed.update(keys)
+                for actor in held_resources(resources):
+                    stage = actor.pop("stage")
+                    if actor not in held.setdefault(stage, []):
+                        held[stage].append(actor)
+                for unit in entry["units"]:
+                    frames += unit["frames"]
+                    path = unit["input_path"]
+                    left = units_left.setdefault(path, unit["unit_count"] - len(partial_units.get(path, [])))
+                    units_left[path] = left - 1
+                    if progress is not None:
+                        progress.update(1 if units_left[path] == 0 else 0, unit["frames"])
+    finally:
+        if ledger is not None:
+            stop_ledger(ledger)
     return frames, len({(u["input_path"], u["unit_index"]) for u in units} - committed)

@@ -241,6 +241,48 @@ def test_gpu_pools_fill_every_gpu_with_one_matting_and_one_pose_actor(weights, t
         for actor in held[stage]:
             assert actor["GPU"] == 0.5 and actor["CPU"] == pools[stage]["cpus_per_actor"]
             assert len(actor["gpu_ids"]) == 1
+        # Two actors of one stage never share a GPU (Ray alone would pack them: see below).
+        assert len({tuple(actor["gpu_ids"]) for actor in held[stage]}) == len(held[stage])
+
+
+def test_half_gpu_actors_spread_one_of_each_stage_over_the_gpus(ray_local):
+    """Ray places fractional GPU shares best fit and cannot tell the stages apart: two half-GPU
+    matting actors started first share GPU 0 and the pose actors GPU 1. Through the run's ledger
+    each actor takes the GPU of its node with the fewest of its stage, before any model loads
+    (``CUDA_VISIBLE_DEVICES``): one matting and one pose actor per GPU, as the plan has it."""
+    import ray
+
+    from disco.pipeline.gpu_balance import balance_gpu, start_ledger, stop_ledger
+
+    @ray.remote(num_gpus=0.5, num_cpus=0)
+    class Stage:
+        def __init__(self, ledger, stage):
+            self.used = balance_gpu(ledger, stage)
+
+        def devices(self):
+            import os
+
+            return [str(g) for g in ray.get_gpu_ids()], self.used, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    def start(ledger, stages):
+        actors, seen = [], []
+        for stage in stages:  # one after the other, as a pool's actors come up
+            actors.append(Stage.remote(ledger, stage))
+            seen.append(ray.get(actors[-1].devices.remote()))
+        for actor in actors:
+            ray.kill(actor)
+        return seen
+
+    alone = start(None, ["matting", "matting", "pose", "pose"])
+    assert [ray_ids for ray_ids, _, _ in alone] == [["0"], ["0"], ["1"], ["1"]]  # Ray's packing, unbalanced
+    name, ledger = start_ledger("test")
+    try:
+        spread = start(name, ["matting", "matting", "pose", "pose"])
+    finally:
+        stop_ledger(ledger)
+    used = [ids for _, ids, _ in spread]
+    assert sorted(map(tuple, used[:2])) == sorted(map(tuple, used[2:])) == [("0",), ("1",)]
+    assert all(visible == ids[0] for _, ids, visible in spread)  # what CUDA will see in each actor
 
 
 def test_frame_annotator_uses_the_box_threshold_as_the_person_threshold(weights):
