@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from disco.pipeline.annotators.base import Matte
+from disco.pipeline.device_loss import DeviceLost, device_lost, restart_or_give_up
 from disco.pipeline.gpu_balance import balance_gpu
 from disco.pipeline.stages import (
     MattedFrame,
@@ -123,6 +124,15 @@ def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
         return {}
 
 
+def unit_result(settings: dict, unit: dict, stage: str, work) -> UnitResult:
+    """``guarded(work)``, and where the GPU broke: a restart of this actor, or on the unit's second
+    break its errors row (``device_loss``)."""
+    try:
+        return guarded(unit, stage, work)
+    except DeviceLost as lost:
+        return failed_result(unit, stage, restart_or_give_up(settings, unit, lost))
+
+
 def _annotator(settings: dict, roles: tuple[str, ...]):
     import cv2
 
@@ -147,7 +157,8 @@ class AnnotateStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for unit in batch.to_pylist():
-            self.out.add(guarded(unit, "encode", lambda: process_unit(unit, self.annotator, self.settings)))
+            self.out.add(unit_result(self.settings, unit, "encode",
+                                     lambda: process_unit(unit, self.annotator, self.settings)))
         return self.out.commits()
 
 
@@ -165,7 +176,9 @@ class MattingStage:
         for unit in batch.to_pylist():
             try:
                 packed.append(self._matte(unit))
-            except Exception as exc:  # noqa: BLE001 - the unit's errors row; the others go on
+            except (Exception, DeviceLost) as exc:  # noqa: BLE001 - the unit's errors row; the others go on
+                if isinstance(exc, DeviceLost) or device_lost(exc):
+                    exc = restart_or_give_up(self.settings, unit, exc if isinstance(exc, DeviceLost) else DeviceLost(exc))
                 failed = failed_result(unit, "matting", exc)
                 packed.append(pack_unit(unit, 0, [], failed.errors, Counter(), [], self.resources))
         return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
@@ -194,7 +207,7 @@ class PoseStage:
             for stage, held in resources.items():
                 if {"stage": stage, **held} not in upstream:
                     upstream.append({"stage": stage, **held})
-            self.out.add(guarded(unit, "pose", lambda: finish_unit(
+            self.out.add(unit_result(self.settings, unit, "pose", lambda: finish_unit(
                 unit, kept, self.annotator, self.settings, frames=frames, errors=errors, skipped=skipped,
                 rejects=rejects)))
         return self.out.commits(upstream)

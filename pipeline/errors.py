@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 
@@ -61,6 +62,13 @@ def error_type_of(exc: BaseException) -> str:
         return "bad_encoding"
     if isinstance(exc, MemoryError):
         return "out_of_memory"
+    from disco.pipeline.device_loss import device_lost
+
+    if device_lost(exc):
+        return "gpu_failed"  # twice on this unit (the actor restarted after the first)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return "gpu_out_of_memory"
     if isinstance(exc, RecursionError):
         return "too_deeply_nested"
     return f"unexpected_{type(exc).__name__}"

@@ -26,6 +26,7 @@ from disco.pipeline.decode import (
 from disco.pipeline.annotators import SEQUENCE_KINDS, Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.store.encode import build_row
+from disco.pipeline.device_loss import raise_if_device_lost
 from disco.pipeline.errors import error_record, failed_unit, input_error
 from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.store.schema import TRIPLET_SCHEMA, sample_id
@@ -100,7 +101,8 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
     annotator.begin_unit(unit)
     try:
         mattes = annotator.matte_batch([f.picture for f in frames])
-    except Exception:  # one bad frame must not sink the others: go again one at a time (below)
+    except Exception as exc:  # one bad frame must not sink the others: go again one at a time (below)
+        raise_if_device_lost(exc)
         mattes = None
     if mattes is None:
         # Outside the except block: its traceback holds the failed batch's frames and tensors,
@@ -111,6 +113,7 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
             try:
                 mattes.append(annotator.matte_batch([frame])[0])
             except Exception as exc:
+                raise_if_device_lost(exc)
                 sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
                 errors.append(error_record("matting", type(exc).__name__, str(exc), unit["input_path"], sid))
                 mattes.append(None)
@@ -160,6 +163,7 @@ def finish_unit(unit: dict, kept: list[MattedFrame], annotator, settings: dict, 
         try:
             posed.append((frame_index, timestamp, frame, row_unit, matte, annotator.pose_of(frame)))
         except Exception as exc:  # a model failing on one frame must not sink the unit
+            raise_if_device_lost(exc)
             sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
             errors.append(error_record("pose", type(exc).__name__, str(exc), path, sid))
     if settings.get("smooth_poses") and unit.get("kind") in SEQUENCE_KINDS:
@@ -223,10 +227,11 @@ def failed_result(unit: dict, stage: str, exc: BaseException) -> UnitResult:
 
 def guarded(unit: dict, stage: str, work) -> UnitResult:
     """``work()`` for one unit; whatever it raises becomes that unit's errors row (the boundary
-    that keeps one input from stopping a run)."""
+    that keeps one input from stopping a run), except a broken GPU (``device_loss``)."""
     try:
         return work()
     except Exception as exc:  # noqa: BLE001 - see above
+        raise_if_device_lost(exc)
         return failed_result(unit, stage, exc)
 
 

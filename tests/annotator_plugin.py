@@ -29,3 +29,27 @@ class CentreBox:
 
 register(Backend(name="centre-box", roles=("matting",), build=lambda role, options, shared: CentreBox(options),
                  summary="the middle of the frame (tests only)"))
+
+
+# -- a GPU that breaks ------------------------------------------------------------------------------
+
+FAULT = (255, 0, 255)  # a frame whose top-left pixel is this breaks "the device"
+
+
+class BrokenDevice(CentreBox):
+    """The centre box, on a make-believe GPU: a frame marked with FAULT raises the error CUDA
+    raises after an illegal memory access, and from then on every call in this process fails
+    the same way, as a broken CUDA context does."""
+
+    broken = False  # per process, like a CUDA context
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        if tuple(frame[0, 0]) == FAULT:
+            BrokenDevice.broken = True
+        if BrokenDevice.broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().matte(frame)
+
+
+register(Backend(name="broken-device", roles=("matting",), build=lambda role, options, shared: BrokenDevice(options),
+                 summary="the centre box on a GPU that breaks (tests only)"))

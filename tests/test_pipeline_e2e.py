@@ -366,6 +366,43 @@ def _run_the_plugin(tmp_path):
         assert row["body_keypoints"] is not None  # MediaPipe's pose of the same frame
 
 
+def test_a_broken_gpu_restarts_its_actor_instead_of_failing_every_unit_after_it(tmp_path, ray_local):
+    """A CUDA error that breaks the context (every later call in the process fails too) is not an
+    errors row of each unit that follows: the actor exits, Ray starts it again and the units run
+    again; the unit that breaks the device a second time becomes its row (``gpu_failed``), once."""
+    import importlib
+    import tempfile
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+
+    importlib.reload(annotator_plugin)  # its declarations, whatever an earlier test unregistered
+
+    folder = tmp_path / "in"
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((96, 96))).copy()
+    for name in ("a", "b", "c"):
+        save(folder / f"{name}.png", Image.fromarray(photo))
+    photo[0, 0] = annotator_plugin.FAULT
+    save(folder / "faulty.png", Image.fromarray(photo))
+    strikes = Path(tempfile.gettempdir()) / "disco-strikes"
+    before = set(strikes.rglob("*"))
+    try:
+        # One actor, so the units after the fault meet the broken "context" in the same process.
+        result = _run(tmp_path, "images", folder, matting="broken-device", pose="none", actors=1)
+    finally:
+        registry.unregister("broken-device")
+        registry.unregister("centre-box")
+    assert result.exit_code == 0
+    rows = open_triplets(tmp_path / "out").to_table().column("input_path").to_pylist()
+    assert sorted(rows) == ["a.png", "b.png", "c.png"]
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    assert [(e["input_path"], e["error_type"]) for e in errors] == [("faulty.png", "gpu_failed")]
+    assert "illegal memory access" in errors[0]["message"]
+    # The first fault restarted the actor (its strike recorded on this node), not an errors row.
+    assert len([p for p in set(strikes.rglob("*")) - before if p.is_file()]) >= 1
+
+
 def test_the_units_become_a_dataset_while_every_cpu_is_taken(ray_local):
     """The units reach Ray Data without a task of their own: with every CPU of the instance held
     by other work (a busy cluster), building the dataset still returns at once with every unit.
