@@ -375,46 +375,59 @@ def step_train(args, size, work: Path, run_one=_train_one_in_child) -> dict:
 
 
 def step_nccl(args, size, work: Path) -> dict:
-    """`disco-cli train --num-workers 1 --use-gpu` through Ray Train (NCCL on a GPU) on a Ray
-    cluster of one node on loopback, as a user's `ray start --head` gives it."""
+    """`disco-cli train --use-gpu` through Ray Train on a Ray cluster of one node on loopback, as a
+    user's `ray start --head` gives it: one worker on NCCL, then two workers sharing the GPU
+    (`--gpus-per-worker 0.5`, over gloo: NCCL refuses two ranks on one device), the path only
+    several workers take (DDP on CUDA, the loop's collectives on CUDA tensors), which a machine of
+    one GPU can run. ``--smoke``: the two workers on the CPU (gloo)."""
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    from disco.train.memory import GIB, memory_plan
-
     data = synthetic_triplets(work / "data", size["triplet_frames"], size["resolution"])
-    stage, precision, gc, batch = size["nccl"]
-    cfg = _train_config(size, data, work / "run", stage, precision, gc, batch)
-    plan = memory_plan(cfg, search=False, device=size["device"])
     ray_constants.ENABLE_RAY_CLUSTER = False
     head = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": os.cpu_count()}
     if size["device"] == "cuda":
         import torch
 
         head["num_gpus"] = torch.cuda.device_count()
+    variants = [(1, 1.0), (2, 0.5)] if size["device"] == "cuda" else [(2, 0.0)]
     cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
     try:
-        command = [sys.executable, "-m", "disco.cli", "train", "--ray-address", cluster.address, "--num-workers", "1",
-                   "--stage", stage, "--data", str(data), "--output", str(work / "run"), "--resolution",
-                   str(size["resolution"]), "--batch-size", str(batch), "--mixed-precision", precision,
-                   "--gradient-checkpointing" if gc else "--no-gradient-checkpointing",
-                   "--max-steps", str(size["train_steps"]), "--log-every", str(size["log_every"]),
-                   "--checkpoint-every", str(size["train_steps"]), "--sample-every", str(10**6), "--warmup-steps", "0",
-                   "--no-progress"]
-        command += ["--pretrained", size["pretrained"]] if size.get("pretrained") else ["--model", size["model"]]
-        command += ["--use-gpu"] if size["device"] == "cuda" else []
-        started = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=_child_env())
-        wall = time.perf_counter() - started
+        runs = [_train_through_ray(size, data, work / f"run-{workers}", cluster.address, workers, share)
+                for workers, share in variants]
     finally:
         cluster.shutdown()
+    return {**runs[0], "runs": runs, "summary": "; ".join(run["summary"] for run in runs)}
+
+
+def _train_through_ray(size, data: Path, output: Path, address: str, workers: int, share: float) -> dict:
+    from disco.train.memory import GIB, memory_plan
+
+    stage, precision, gc, batch = size["nccl"]
+    cfg = _train_config(size, data, output, stage, precision, gc, batch)
+    plan = memory_plan(cfg, search=False, device=size["device"])
+    command = [sys.executable, "-m", "disco.cli", "train", "--ray-address", address, "--num-workers", str(workers),
+               "--stage", stage, "--data", str(data), "--output", str(output), "--resolution",
+               str(size["resolution"]), "--batch-size", str(batch), "--mixed-precision", precision,
+               "--gradient-checkpointing" if gc else "--no-gradient-checkpointing",
+               "--max-steps", str(size["train_steps"]), "--log-every", str(size["log_every"]),
+               "--checkpoint-every", str(size["train_steps"]), "--sample-every", str(10**6), "--warmup-steps", "0",
+               "--no-progress"]
+    command += ["--pretrained", size["pretrained"]] if size.get("pretrained") else ["--model", size["model"]]
+    if share:
+        command += ["--use-gpu", "--gpus-per-worker", f"{share:g}"]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=_child_env())
+    wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"train exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
-    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    out = {"config": f"{stage} {precision} gc-{'on' if gc else 'off'} b{batch}", "wall_s": wall,
-           "plan_gib": plan.total / GIB, "backend": "nccl" if size["device"] == "cuda" else "gloo", **_steady(metrics)}
+        raise RuntimeError(f"train ({workers} workers) exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    backend = "nccl" if share >= 1 else "gloo"
+    on = f"{share:g} GPU each" if share else "CPU"
+    out = {"config": f"{stage} {precision} gc-{'on' if gc else 'off'} b{batch}", "workers": workers, "wall_s": wall,
+           "plan_gib": plan.total / GIB, "backend": backend, **_steady(metrics)}
     peak = out.get("gpu_peak_reserved_gib")
-    out["summary"] = (f"{out['backend']}, {out['config']}: {out['steps_per_s']:.2f} steps/s, "
+    out["summary"] = (f"{backend}, {workers} worker(s) at {on}, {out['config']}: {out['steps_per_s']:.2f} steps/s, "
                       + (f"peak {peak:.1f} GiB reserved vs plan {out['plan_gib']:.1f} GiB" if peak else
                          f"plan {out['plan_gib']:.2f} GiB"))
     return out

@@ -195,6 +195,7 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help=f"Log scalars every N steps (default {T.log_every}).")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help=f"Data-parallel training workers through Ray Train (default {T.num_workers}: in this process).")] = None,
     use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-use-gpu", help=f"Train on GPUs, one per worker (default {_on(T.use_gpu)}).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(help=f"GPU share of each worker with --use-gpu (default {T.gpus_per_worker:g}); below 1 several workers share a GPU, over gloo since NCCL refuses two ranks on one device: DDP on CUDA with one GPU, for testing.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP)] = None,
     max_failures: Annotated[Optional[int], typer.Option(help="Restarts from the last checkpoint after a lost worker or node (Ray Train workers; default 3).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest checkpoint of --output with its saved configuration.")] = False,
@@ -213,7 +214,7 @@ def train(
                  mixed_precision=plain(mixed_precision), gradient_checkpointing=gradient_checkpointing, seed=seed,
                  checkpoint_every=checkpoint_every, keep=keep, sample_every=sample_every, sample_steps=sample_steps,
                  log_every=log_every, num_workers=num_workers, use_gpu=use_gpu, ray_address=ray_address,
-                 max_failures=max_failures)
+                 max_failures=max_failures, gpus_per_worker=gpus_per_worker)
     flags.update(eval_every=eval_every, eval_rows=eval_rows, eval_split=eval_split, pose_scale=pose_scale)
     given = {k: v for k, v in flags.items() if v is not None}
     try:

@@ -113,6 +113,7 @@ def test_the_smoke_run_of_every_step(tmp_path):
     assert steps["preprocess"]["rows"] == steps["preprocess"]["frames"] == 2
     assert all(v > 0 for k, v in steps["annotators"]["frames_per_s"].items() if v is not None)
     assert steps["nccl"]["backend"] == "gloo" and steps["nccl"]["steps_per_s"] > 0
+    assert [run["workers"] for run in steps["nccl"]["runs"]] == [2]  # DDP's path, on the CPU
     assert steps["trainer-vs-loop"]["ratio"] > 0
     _check_train(steps["train"])
 

@@ -456,9 +456,22 @@ def test_cli_usage_errors_exit_2_with_one_line(triplets, tmp_path):
         (["--data", str(triplets["video"]), "--model", "tiny", "--stage", "pretrain", "--init-from", str(tmp_path)],
          "--init-from"),
         (["--output", str(tmp_path / "nothing"), "--resume"], "not a training run"),
+        (["--data", str(triplets["video"]), "--model", "tiny", "--gpus-per-worker", "0.5"], "needs --use-gpu"),
+        (["--data", str(triplets["video"]), "--model", "tiny", "--gpus-per-worker", "2"], "at most 1"),
     ]
     for extra, words in cases:
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2, (extra, result.output)
         assert words in result.output and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_workers_that_share_a_gpu_train_over_gloo(triplets, tmp_path):
+    """NCCL refuses two ranks on one GPU: workers with a share below 1 (DDP on CUDA with one GPU)
+    get gloo, which takes CUDA tensors; workers with a GPU each get NCCL, the CPU gloo."""
+    from disco.train.launch import process_group_backend
+
+    base = dict(model="tiny", data=[str(triplets["video"])], output=str(tmp_path / "r"), num_workers=2)
+    assert process_group_backend(TrainConfig(**base)) == "gloo"
+    assert process_group_backend(TrainConfig(**base, use_gpu=True)) == "nccl"
+    assert process_group_backend(TrainConfig(**base, use_gpu=True, gpus_per_worker=0.5)) == "gloo"

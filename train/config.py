@@ -97,6 +97,9 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 1
     use_gpu: bool = False
+    # GPU share of each Ray Train worker: 1, or below 1 to put several workers on one GPU (over
+    # gloo: NCCL refuses two ranks on one device). A way to run DDP on CUDA with one GPU.
+    gpus_per_worker: float = 1.0
     ray_address: str | None = None
     # Restarts from the last checkpoint after a lost worker or node (Ray Train); None: 3 when
     # training runs on Ray Train workers.
@@ -237,6 +240,10 @@ class TrainConfig:
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError(f"--mixed-precision fp16{self._from_preset} needs --use-gpu (on CPU give "
                               "--mixed-precision bf16)")
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ConfigError("--gpus-per-worker must be above 0 and at most 1 (a worker uses one GPU)")
+        if self.gpus_per_worker < 1 and not self.use_gpu:
+            raise ConfigError("--gpus-per-worker below 1 shares GPUs between workers: it needs --use-gpu")
         if self.use_gpu:
             import torch
 

@@ -243,6 +243,12 @@ def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
         signal.signal(signal.SIGINT, previous)
 
 
+def process_group_backend(cfg: TrainConfig) -> str:
+    """NCCL for workers with a GPU each; gloo on the CPU, and where workers share a GPU (NCCL
+    refuses two ranks on one device; gloo takes CUDA tensors)."""
+    return "nccl" if cfg.use_gpu and cfg.gpus_per_worker >= 1 else "gloo"
+
+
 def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     import time
 
@@ -251,12 +257,12 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
 
     resources = {"CPU": worker_cpus}
     if cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.gpus_per_worker
     max_failures = cfg.max_failures if cfg.max_failures is not None else 3
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         # Checkpoints are written by rank 0 into the run directory itself (shared storage on a
         # multi-node cluster); Ray Train's storage holds its bookkeeping and, per checkpoint, a
