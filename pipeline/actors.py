@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from disco.pipeline.annotators.base import Matte
-from disco.pipeline.device_loss import DeviceLost, device_lost, restart_or_give_up
+from disco.pipeline.device_loss import DeviceLost, device_lost, given_up, restart
 from disco.pipeline.gpu_balance import balance_gpu
 from disco.pipeline.stages import (
     MattedFrame,
@@ -125,12 +125,15 @@ def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
 
 
 def unit_result(settings: dict, unit: dict, stage: str, work) -> UnitResult:
-    """``guarded(work)``, and where the GPU broke: a restart of this actor, or on the unit's second
-    break its errors row (``device_loss``)."""
+    """``guarded(work)``; where the GPU broke, a restart of this actor, and a unit that broke it
+    too often on this node its errors row without running again (``device_loss``)."""
+    failed = given_up(settings, unit, stage)
+    if failed is not None:
+        return failed_result(unit, stage, failed)
     try:
         return guarded(unit, stage, work)
     except DeviceLost as lost:
-        return failed_result(unit, stage, restart_or_give_up(settings, unit, lost))
+        restart(settings, unit, stage, lost)
 
 
 def _annotator(settings: dict, roles: tuple[str, ...]):
@@ -174,12 +177,18 @@ class MattingStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         packed = []
         for unit in batch.to_pylist():
+            failure = given_up(self.settings, unit, "matting")  # it broke the GPU too often here
             try:
-                packed.append(self._matte(unit))
-            except (Exception, DeviceLost) as exc:  # noqa: BLE001 - the unit's errors row; the others go on
-                if isinstance(exc, DeviceLost) or device_lost(exc):
-                    exc = restart_or_give_up(self.settings, unit, exc if isinstance(exc, DeviceLost) else DeviceLost(exc))
-                failed = failed_result(unit, "matting", exc)
+                if failure is None:
+                    packed.append(self._matte(unit))
+            except DeviceLost as lost:
+                restart(self.settings, unit, "matting", lost)
+            except Exception as exc:  # noqa: BLE001 - the unit's errors row; the others go on
+                if device_lost(exc):
+                    restart(self.settings, unit, "matting", DeviceLost(exc))
+                failure = exc
+            if failure is not None:
+                failed = failed_result(unit, "matting", failure)
                 packed.append(pack_unit(unit, 0, [], failed.errors, Counter(), [], self.resources))
         return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
 

@@ -62,10 +62,10 @@ def error_type_of(exc: BaseException) -> str:
         return "bad_encoding"
     if isinstance(exc, MemoryError):
         return "out_of_memory"
-    from disco.pipeline.device_loss import device_lost
+    from disco.pipeline.device_loss import GpuFailed
 
-    if device_lost(exc):
-        return "gpu_failed"  # twice on this unit (the actor restarted after the first)
+    if isinstance(exc, GpuFailed):
+        return "gpu_failed"  # it broke the GPU on every try (the actor restarted after each)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return "gpu_out_of_memory"

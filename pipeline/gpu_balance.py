@@ -7,8 +7,9 @@ gets half the GPUs, and two matting peaks share one GPU's memory. So the actors 
 themselves: before any model loads, each asks the run's ledger (a small actor the driver starts)
 for the GPU of its node that holds the fewest actors of its stage, and sets ``CUDA_VISIBLE_DEVICES``
 to it. What Ray granted per node stays the same; only which device of the node holds which share
-moves. Whole-GPU shares are left as Ray placed them (no two actors share a GPU then), and so is
-a node whose GPU ids are not ``0 .. n-1`` (a raylet started with its own ``CUDA_VISIBLE_DEVICES``).
+moves, and no GPU takes more than a whole one. The driver starts the ledger only when every GPU
+pool has a fractional share (whole-GPU actors are never moved, nor counted); on a node whose
+raylet was started with its own ``CUDA_VISIBLE_DEVICES`` the ids are that list's.
 """
 
 from __future__ import annotations
@@ -17,25 +18,30 @@ import os
 
 
 class GpuLedger:
-    """Remembers which GPU each balanced actor took, per node (a Ray actor; ``claim`` is its call)."""
+    """Remembers which GPU each balanced actor took and its share, per node (a Ray actor; ``claim``
+    is its call)."""
 
     def __init__(self):
-        self.claims: dict[str, tuple[str, str, str]] = {}  # actor -> (node, gpu, stage)
+        self.claims: dict[str, tuple[str, str, str, float]] = {}  # actor -> (node, gpu, stage, share)
 
-    def claim(self, actor: str, node: str, stage: str, assigned: list[str], gpus: int) -> list[str]:
+    def claim(self, actor: str, node: str, stage: str, share: float, assigned: list[str], ids: list[str]) -> list[str]:
+        """The GPU for ``actor`` among the node's ``ids``: the fewest actors of ``stage``, then the
+        least taken, then where Ray put it; never past a whole GPU (Ray's own assignment then)."""
         self.claims.pop(actor, None)  # a restarted actor keeps its id and claims again
-        ids = [str(i) for i in range(gpus)]
         if len(assigned) != 1 or assigned[0] not in ids:
             return assigned
-        on_node = [(gpu, other) for n, gpu, other in self.claims.values() if n == node]
+        on_node = [(gpu, other, taken) for n, gpu, other, taken in self.claims.values() if n == node]
+
+        def taken(gpu: str) -> float:
+            return sum(t for g, _, t in on_node if g == gpu)
 
         def load(gpu: str) -> tuple:
-            same = sum(1 for g, other in on_node if g == gpu and other == stage)
-            every = sum(1 for g, _ in on_node if g == gpu)
-            return same, every, gpu != assigned[0], int(gpu)
+            same = sum(1 for g, other, _ in on_node if g == gpu and other == stage)
+            return same, taken(gpu), gpu != assigned[0], ids.index(gpu)
 
-        chosen = min(ids, key=load)
-        self.claims[actor] = (node, chosen, stage)
+        room = [gpu for gpu in ids if taken(gpu) + share <= 1 + 1e-9]
+        chosen = min(room, key=load) if room else assigned[0]
+        self.claims[actor] = (node, chosen, stage, share)
         return [chosen]
 
 
@@ -57,9 +63,23 @@ def stop_ledger(handle) -> None:
     ray.kill(handle)
 
 
+def node_gpu_ids(gpus: int) -> list[str] | None:
+    """The ids Ray hands out on this worker's node: the raylet's own ``CUDA_VISIBLE_DEVICES`` where
+    it was started with one (Ray keeps what the worker inherited), else ``0 .. gpus-1``; None
+    where this Ray does not tell (then nothing moves)."""
+    from ray._private import worker
+
+    original = getattr(worker.global_worker, "original_visible_accelerator_ids", None)
+    if not isinstance(original, dict):
+        return None
+    visible = original.get("GPU")
+    return [str(i) for i in visible] if visible is not None else [str(i) for i in range(gpus)]
+
+
 def balance_gpu(ledger: str | None, stage: str) -> list[str]:
     """In a GPU actor, before its models load: the GPU ids it is to use, ``CUDA_VISIBLE_DEVICES``
-    set to them. Ray's own assignment where there is no ledger or the share is a whole GPU."""
+    set to them. Ray's own assignment where there is no ledger, the share is a whole GPU, or
+    the ledger cannot be reached."""
     import ray
 
     context = ray.get_runtime_context()
@@ -69,7 +89,14 @@ def balance_gpu(ledger: str | None, stage: str) -> list[str]:
         return assigned
     node = context.get_node_id()
     gpus = next((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node), 0)
-    chosen = ray.get(ray.get_actor(ledger, namespace=NAMESPACE).claim.remote(context.get_actor_id(), node, stage, assigned, gpus))
+    ids = node_gpu_ids(gpus)
+    if not ids:
+        return assigned
+    try:
+        chosen = ray.get(ray.get_actor(ledger, namespace=NAMESPACE).claim.remote(
+            context.get_actor_id(), node, stage, share, assigned, ids))
+    except Exception:  # noqa: BLE001 - a ledger that is gone: where Ray put it is a valid place
+        return assigned
     if chosen != assigned:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
     return chosen

@@ -220,7 +220,8 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     ds = unit_dataset(units)
     stages = {"annotate": AnnotateStage, "matting": MattingStage, "pose": PoseStage}
     ledger = None
-    if len(pools) > 1 and any(0 < pool.gpus < 1 for pool in pools):
+    on_gpu = [pool for pool in pools if pool.gpus > 0]
+    if len(pools) > 1 and on_gpu and all(pool.gpus < 1 for pool in on_gpu):
         # Ray packs fractional shares best-fit, blind to the stages: the actors spread themselves.
         name, ledger = start_ledger(settings["run"])
         settings = {**settings, "gpu_ledger": name}

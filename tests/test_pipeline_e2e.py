@@ -369,7 +369,7 @@ def _run_the_plugin(tmp_path):
 def test_a_broken_gpu_restarts_its_actor_instead_of_failing_every_unit_after_it(tmp_path, ray_local):
     """A CUDA error that breaks the context (every later call in the process fails too) is not an
     errors row of each unit that follows: the actor exits, Ray starts it again and the units run
-    again; the unit that breaks the device a second time becomes its row (``gpu_failed``), once."""
+    again; the unit that broke the device twice becomes its row (``gpu_failed``), once."""
     import importlib
     import tempfile
 
@@ -399,8 +399,55 @@ def test_a_broken_gpu_restarts_its_actor_instead_of_failing_every_unit_after_it(
     errors = open_errors(tmp_path / "out").to_table().to_pylist()
     assert [(e["input_path"], e["error_type"]) for e in errors] == [("faulty.png", "gpu_failed")]
     assert "illegal memory access" in errors[0]["message"]
-    # The first fault restarted the actor (its strike recorded on this node), not an errors row.
-    assert len([p for p in set(strikes.rglob("*")) - before if p.is_file()]) >= 1
+    # Its two faults restarted the actor (each struck on this node), before the errors row.
+    struck = [p for p in set(strikes.rglob("*")) - before if p.is_file()]
+    assert len(struck) == 1 and len(struck[0].read_text().splitlines()) == 2
+
+
+def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_is_blamed(monkeypatch):
+    """One call of an actor holds several units; the faulty one breaks the device (and with it
+    every later call in the process). Each break ends the process at once, so the units beside
+    it never fail in a broken context and never take a strike; after two breaks the faulty unit
+    becomes its errors row without running, and the others are written."""
+    import secrets
+
+    from disco.pipeline import device_loss
+    from disco.pipeline.actors import unit_result
+
+    class Restarted(Exception):
+        pass
+
+    def exit_(code):
+        raise Restarted(code)
+
+    monkeypatch.setattr(device_loss.os, "_exit", exit_)
+    settings = {"run": f"test-{secrets.token_hex(4)}"}
+    units = [{"input_path": name, "unit_index": 0, "unit_count": 1} for name in ("a", "faulty", "b", "c")]
+    context = {"broken": False}
+
+    def work(unit):
+        def run():
+            if unit["input_path"] == "faulty":
+                context["broken"] = True
+            if context["broken"]:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return "written"
+        return run
+
+    restarts = 0
+    while True:  # Ray's restart of the actor: a fresh process, the same call again
+        context["broken"] = False
+        try:
+            results = [unit_result(settings, unit, "pose", work(unit)) for unit in units]
+            break
+        except Restarted:
+            restarts += 1
+    assert restarts == 2
+    assert [r for r in results if r == "written"] == ["written"] * 3
+    failed = results[1]
+    assert failed.errors[0]["error_type"] == "gpu_failed" and "illegal memory access" in failed.errors[0]["message"]
+    assert device_loss.given_up(settings, units[0], "pose") is None  # no strike on the others
+    assert not device_loss.device_lost(RuntimeError("CUDA error: out of memory"))
 
 
 def test_the_units_become_a_dataset_while_every_cpu_is_taken(ray_local):

@@ -153,3 +153,28 @@ def test_stills_fill_a_shard_per_call_only_when_every_actor_still_gets_several_c
     few = plan_pools(cfg, [{"CPU": 2.0, "GPU": 0.0}], _units(40, frames=0))
     assert many[0].units_per_call == 256
     assert few[0].units_per_call == math.ceil(40 / (2 * 4))
+
+
+def test_the_gpu_ledger_gives_each_gpu_its_share_of_every_stage():
+    """The ledger's choice (pipeline/gpu_balance.py), fed what Ray's best-fit packing assigns:
+    the actors of a stage spread over the node's GPUs, no GPU past a whole one, the node's own
+    ids (a raylet started with CUDA_VISIBLE_DEVICES=1,3), and a restarted actor claims afresh."""
+    from collections import Counter
+
+    from disco.pipeline.gpu_balance import GpuLedger
+
+    ledger = GpuLedger()
+    # Quarter shares on 2 GPUs: Ray packs 4 matting actors on GPU 0, 4 pose actors on GPU 1.
+    got = [(stage, ledger.claim(f"{stage}{k}", "n1", stage, 0.25, [gpu], ["0", "1"])[0])
+           for stage, gpu in [("matting", "0")] * 4 + [("pose", "1")] * 4 for k in [len(ledger.claims)]]
+    assert Counter(got) == {("matting", "0"): 2, ("matting", "1"): 2, ("pose", "0"): 2, ("pose", "1"): 2}
+    # Another node is counted apart; its ids are the raylet's.
+    assert ledger.claim("a", "n2", "matting", 0.5, ["1"], ["1", "3"]) == ["1"]
+    assert ledger.claim("b", "n2", "matting", 0.5, ["1"], ["1", "3"]) == ["3"]
+    assert ledger.claim("c", "n2", "pose", 0.5, ["3"], ["1", "3"]) == ["3"]  # the least taken GPU first
+    assert ledger.claim("d", "n2", "pose", 0.5, ["3"], ["1", "3"]) == ["1"]
+    on_n2 = lambda: sorted(k for k, claim in ledger.claims.items() if claim[0] == "n2")  # noqa: E731
+    assert ledger.claim("b", "n2", "matting", 0.5, ["1"], ["1", "3"]) == ["3"]  # b restarted: its half of 3 again
+    assert on_n2() == ["a", "b", "c", "d"]
+    assert ledger.claim("e", "n2", "pose", 0.5, ["3"], ["1", "3"]) == ["3"]  # no room left: where Ray put it
+    assert ledger.claim("f", "n2", "pose", 0.5, ["7"], ["1", "3"]) == ["7"]  # not an id of the node: untouched

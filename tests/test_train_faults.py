@@ -94,6 +94,27 @@ def test_under_the_guard_a_collective_outside_collectives_is_refused_even_on_the
         assert len(collectives.gather(3)) == 2
 
 
+def test_under_gloo_object_collectives_pass_for_workers_training_on_a_gpu():
+    """Workers sharing a GPU (``--gpus-per-worker`` below 1) train over gloo, whose object
+    collectives run on CPU tensors whatever the training device: the guard lets those through
+    (``meta`` standing for the GPU) and still refuses a CPU tensor in a tensor collective."""
+    import torch.distributed as dist
+
+    from disco.train.collectives import _collective
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with nccl_guard("meta", enabled=True):
+            out = [None]
+            with _collective("object"):
+                dist.all_gather_object(out, {"rows": 3})
+            assert out == [{"rows": 3}]
+            with pytest.raises(CollectiveDeviceError, match="training device is meta"), _collective():
+                dist.all_reduce(torch.tensor([1.0]))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_only_the_collectives_module_talks_to_torch_distributed():
     """The rule the guard holds at run time, read from the source: no other module of the trainer,
     the model or generation imports ``torch.distributed``."""

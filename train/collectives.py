@@ -39,13 +39,14 @@ class CollectiveDeviceError(RuntimeError):
     issued outside ``Collectives`` under the guard."""
 
 
-_issuing = contextvars.ContextVar("disco_collective", default=False)
+_issuing = contextvars.ContextVar("disco_collective", default="")
 
 
 @contextlib.contextmanager
-def _collective():
-    """Marks the collectives ``Collectives`` issues (the guard lets only those through)."""
-    token = _issuing.set(True)
+def _collective(kind: str = "tensor"):
+    """Marks the collectives ``Collectives`` issues (the guard lets only those through); ``kind``:
+    "tensor", or "object" for torch's object collectives, whose byte tensors torch places."""
+    token = _issuing.set(kind)
     try:
         yield
     finally:
@@ -81,7 +82,7 @@ class Collectives:
         if self.world == 1:
             return [value]
         out = [None] * self.world
-        with _collective():
+        with _collective("object"):
             dist.all_gather_object(out, value)
         return out
 
@@ -102,7 +103,8 @@ def nccl_guard(device: torch.device | str, enabled: bool | None = None):
 
     ``enabled`` defaults to the ``DISCO_NCCL_GUARD`` environment variable. Object collectives
     call the guarded functions too, with tensors on the backend's device: under gloo that is the
-    CPU, so the guard lets a CPU device pass for them only when ``device`` is the CPU."""
+    CPU whatever the training device (workers sharing a GPU train over gloo), so under gloo they
+    pass; under any other backend their tensors are checked like the rest."""
     if enabled is None:
         enabled = os.environ.get(GUARD_ENV) == "1"
     if not enabled:
@@ -122,6 +124,10 @@ def nccl_guard(device: torch.device | str, enabled: bool | None = None):
                 raise CollectiveDeviceError(
                     f"{name} called outside train.collectives.Collectives: the loop's collectives go through it, "
                     "which places their tensors where NCCL takes them (on the GPU)")
+            if _issuing.get() == "object" and dist.get_backend() == "gloo":
+                # gloo's object collectives run on CPU tensors, also for workers training on a
+                # GPU (--gpus-per-worker below 1): legal there; NCCL's are on the GPU, checked.
+                return fn(*args, **kwargs)
             for t in _tensors(args, kwargs):
                 if t.device.type != device.type:
                     raise CollectiveDeviceError(

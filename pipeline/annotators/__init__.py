@@ -36,6 +36,10 @@ def cuda_available() -> bool:
         return False
 
 
+def _cuda_missing(backend: Backend) -> str | None:
+    return backend.cuda_missing() if backend.cuda_missing is not None else None
+
+
 def _files_ok(backend: Backend, root: Path | None, options: dict) -> bool:
     try:
         return all(f.present for f in backend.files(root, options))
@@ -51,6 +55,9 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
     ``hands``, ``face``). ``cuda`` overrides the local check: on a Ray cluster the GPUs are on the
     workers, not on the driver. Raises ``BackendError`` for a request that cannot run here.
     """
+    # The CUDA libraries of this process stand for the GPU machine's only when it is that machine
+    # (on a cluster the driver is often a CPU head node with other wheels).
+    local = cuda is None
     cuda = cuda_available() if cuda is None else cuda
     root = weights_dir(weights)
     if device not in DEVICES:
@@ -73,7 +80,7 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
             return embedded.name
         # The first in the registry's order of preference whose weights are all there.
         for rank, backend in enumerate(on_gpu):
-            missing = backend.cuda_missing() if backend.cuda_missing is not None else None
+            missing = _cuda_missing(backend) if local and run_device == "cuda" else None
             if missing and _files_ok(backend, root, options):
                 reasons.append(f"{role}: {backend.name} weights found but {missing}")
                 continue
@@ -107,7 +114,7 @@ def resolve_backends(matting: str, pose: str, *, weights: str | os.PathLike | No
                 require(backend.files(root, options), asked)
             except WeightsError as exc:
                 raise BackendError(str(exc)) from None
-            missing = backend.cuda_missing() if backend.cuda_missing is not None and run_device == "cuda" else None
+            missing = _cuda_missing(backend) if local and run_device == "cuda" else None
             if missing:  # here, not in every actor at start-up
                 raise BackendError(f"{asked} cannot run on CUDA: {missing}; or pass --device cpu to run it on the "
                                    "CPU on purpose (slow)")

@@ -36,7 +36,7 @@ def weights_dir(explicit: str | os.PathLike | None) -> Path | None:
     actors that load from it run in other working directories (Ray's workers, other nodes, a
     ``ray job submit`` job's)."""
     value = explicit or os.environ.get(WEIGHTS_ENV)
-    return Path(value).expanduser().resolve() if value else None
+    return Path(os.path.abspath(Path(value).expanduser())) if value else None  # links kept: they may be per node
 
 
 def first_present(folder: Path, names: tuple[str, ...]) -> Path:
