@@ -75,7 +75,10 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
     from disco.pipeline.errors import ConfigError
     from disco.pipeline.run import preprocess
 
+    from disco.pipeline.cluster import check_job_paths
+
     try:
+        check_job_paths(output=config.output)
         config.validate()
     except ConfigError as exc:
         usage_error(str(exc))

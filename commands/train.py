@@ -217,7 +217,10 @@ def train(
                  max_failures=max_failures, gpus_per_worker=gpus_per_worker)
     flags.update(eval_every=eval_every, eval_rows=eval_rows, eval_split=eval_split, pose_scale=pose_scale)
     given = {k: v for k, v in flags.items() if v is not None}
+    from disco.pipeline.cluster import check_job_paths
+
     try:
+        check_job_paths(output=output)
         cfg = configured(plain(preset), config, given, resume)
     except ConfigError as exc:
         usage_error(str(exc))

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.device_loss import DeviceLost, device_lost, given_up, restart
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.gpu_balance import balance_gpu
 from disco.pipeline.stages import (
     MattedFrame,
@@ -124,6 +125,27 @@ def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
         return {}
 
 
+NOT_SHARED = "not on this node:"  # the marker the driver finds in whatever Ray wraps it in
+
+
+class StorageNotShared(ConfigError):
+    """The run's input or output folder is missing on an actor's node."""
+
+
+def check_storage(settings: dict) -> None:
+    """At an actor's start: the run's input and output must be on storage this node sees. A
+    missing mount would otherwise turn every unit of this node into errors rows that a resume
+    counts as done (its input), or fail on the first shard (its output)."""
+    import os
+    import socket
+
+    for what, path in (("input", settings.get("input_root")), ("output folder", settings.get("output"))):
+        if path and not os.path.exists(path):
+            raise StorageNotShared(
+                f"{NOT_SHARED} the {what} {path} does not exist on node {socket.gethostname()}; the input and "
+                "the output must be on storage every node sees (NFS, a shared mount), by the same path")
+
+
 def unit_result(settings: dict, unit: dict, stage: str, work) -> UnitResult:
     """``guarded(work)``; where the GPU broke, a restart of this actor, and a unit that broke it
     too often on this node its errors row without running again (``device_loss``)."""
@@ -155,6 +177,7 @@ class AnnotateStage:
 
     def __init__(self, settings: dict):
         self.settings = settings
+        check_storage(settings)
         self.annotator = _annotator(settings, ("matting", "pose"))
         self.out = UnitWriter(settings, "annotate")
 
@@ -170,6 +193,7 @@ class MattingStage:
 
     def __init__(self, settings: dict):
         self.settings = settings
+        check_storage(settings)
         gpu_ids = balance_gpu(settings.get("gpu_ledger"), "matting")  # before any model loads
         self.annotator = _annotator(settings, ("matting",))
         self.resources = {"matting": _assigned_resources(gpu_ids)}
@@ -205,6 +229,7 @@ class PoseStage:
 
     def __init__(self, settings: dict):
         self.settings = settings
+        check_storage(settings)
         gpu_ids = balance_gpu(settings.get("gpu_ledger"), "pose")  # before any model loads
         self.annotator = _annotator(settings, ("pose",))
         self.out = UnitWriter(settings, "pose", gpu_ids)

@@ -80,6 +80,25 @@ def _runtime_env() -> dict:
     return {"env_vars": env} if env else {}
 
 
+def check_job_paths(**paths) -> None:
+    """Under ``ray job submit --working-dir``, the job's driver and workers run in Ray's temporary
+    copy of that folder, which every node holds apart and Ray deletes after the job: a relative
+    output would be written there (relative inputs are fine: each node has the copy). Refuses
+    them, each by its flag."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    for flag, value in paths.items():
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if path is not None and not os.path.isabs(os.path.expanduser(str(path))):
+                raise ConfigError(
+                    f"--{flag.replace('_', '-')} {path} is relative, and this job runs in Ray's temporary copy of "
+                    f"its --working-dir ({os.getcwd()}), held apart on every node and deleted after the job: give "
+                    "an absolute output path on storage every node sees")
+
+
 def _host_port(address: str) -> tuple[str, int | None]:
     rest = address.split("://")[-1].rstrip("/")
     host, _, port = rest.rpartition(":")

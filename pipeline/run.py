@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 from disco.pipeline.annotators import BackendError, resolve_backends, weight_files
 from disco.pipeline.annotators.registry import get as get_backend
@@ -17,7 +16,7 @@ from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry, unit_blocks
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
-from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, held_resources
+from disco.pipeline.actors import NOT_SHARED, AnnotateStage, MattingStage, PoseStage, held_resources
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
@@ -38,7 +37,7 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
                                      for name in (cfg.resolved["matting"], cfg.resolved["pose"]) if name != "none"},
                     # The writing actors put shards straight into the output: an absolute path on
                     # storage that every node sees, and a name part of this run's own.
-                    output=str(Path(cfg.output).resolve()), run=run_token())
+                    output=os.path.abspath(cfg.output), input_root=os.path.abspath(cfg.input), run=run_token())
     settings.update(filter_settings(cfg))
     return settings
 
@@ -192,6 +191,15 @@ def _check_shards(store: OutputStore, entry: dict) -> None:
                 "folder must be on storage every node sees (NFS, a shared mount)")
 
 
+def storage_error(exc: BaseException) -> ConfigError | None:
+    """An actor that found the input or output missing on its node (``check_storage``), as the
+    one-line error of the run, out of whatever Ray Data wrapped it in; None for anything else."""
+    for line in str(exc).splitlines():
+        if NOT_SHARED in line:
+            return ConfigError(line[line.index(NOT_SHARED) + len(NOT_SHARED):].strip())
+    return None
+
+
 def unit_dataset(units: list[dict]):
     """The planned units as a Ray dataset: small blocks, so a video's segments spread over the
     actors instead of queueing on one, of the units' declared Arrow type whatever kinds a block
@@ -266,6 +274,11 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
                     units_left[path] = left - 1
                     if progress is not None:
                         progress.update(1 if units_left[path] == 0 else 0, unit["frames"])
+    except Exception as exc:
+        missing = storage_error(exc)
+        if missing is None:
+            raise
+        raise missing from None
     finally:
         if ledger is not None:
             stop_ledger(ledger)

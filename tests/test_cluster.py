@@ -251,3 +251,30 @@ def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path):
         holder.wait()
     with store.locked():  # the killed holder's lock died with it
         pass
+
+
+def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, monkeypatch):
+    """``ray job submit --working-dir .`` runs the job in Ray's temporary copy of that folder,
+    apart on every node and deleted after the job: a relative --output would be written there.
+    Refused in one line (exit 2) by both commands; an absolute one, or no working_dir, passes."""
+    import json as json_
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from typer.testing import CliRunner
+
+    from disco.cli import app
+    from disco.pipeline.cluster import check_job_paths
+    from disco.pipeline.errors import ConfigError
+
+    check_job_paths(output="out")  # not a job: anything goes
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json_.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    monkeypatch.chdir(tmp_path)
+    check_job_paths(output=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="--output out is relative"):
+        check_job_paths(output="out")
+    (tmp_path / "in").mkdir()
+    for command in (["preprocess", "--source", "images", "--input", "in", "--output", "out"],
+                    ["train", "--data", "in", "--model", "tiny", "--output", "run"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "is relative, and this job runs in Ray's temporary copy" in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output

@@ -450,6 +450,31 @@ def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_i
     assert not device_loss.device_lost(RuntimeError("CUDA error: out of memory"))
 
 
+def test_an_actor_on_a_node_without_the_input_or_output_stops_the_run_in_one_line(tmp_path):
+    """A node whose mount is missing would turn every unit it gets into errors rows that a resume
+    counts as done: its actors refuse to start, and the driver reports that in one line out of
+    whatever Ray Data wraps the actor's error in."""
+    from disco.pipeline.actors import AnnotateStage, StorageNotShared
+    from disco.pipeline.annotators import resolve_backends
+    from disco.pipeline.run import stage_settings, storage_error
+
+    folder = tmp_path / "in"
+    save(folder / "a.png", Image.fromarray(data.astronaut()).resize((64, 64)))
+    cfg = PreprocessConfig(source="images", input=folder, output=tmp_path / "out").validate()
+    cfg.resolved = resolve_backends(cfg.matting, cfg.pose)
+    (tmp_path / "out").mkdir()
+    settings = stage_settings(cfg)
+    assert settings["input_root"] == str(folder) and settings["output"] == str(tmp_path / "out")
+    for key, what in (("input_root", "the input"), ("output", "the output folder")):
+        with pytest.raises(StorageNotShared, match=f"{what} /nowhere does not exist on node") as info:
+            AnnotateStage({**settings, key: "/nowhere"})
+        wrapped = RuntimeError(f"ray::MapWorker(MapBatches(AnnotateStage)).__init__()\n  ...\n{type(info.value).__name__}: "
+                               f"{info.value}")
+        error = storage_error(wrapped)
+        assert isinstance(error, ConfigError) and str(error).startswith(f"{what} /nowhere does not exist on node")
+    assert storage_error(RuntimeError("something else")) is None
+
+
 def test_the_units_become_a_dataset_while_every_cpu_is_taken(ray_local):
     """The units reach Ray Data without a task of their own: with every CPU of the instance held
     by other work (a busy cluster), building the dataset still returns at once with every unit.

@@ -374,3 +374,43 @@ def test_a_lost_node_restarts_training_from_its_last_checkpoint(triplets, tmp_pa
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert "Traceback" not in output and len(errors) == 1, output[-3000:]
         assert "--resume" in errors[0] and "checkpoint-0000000" in errors[0]
+
+
+def test_sigterm_asks_the_run_to_stop_as_ctrl_c_does(tmp_path):
+    """``ray job stop`` sends the job's driver SIGTERM (then SIGKILL after
+    RAY_JOB_STOP_WAIT_TIME_S): like Ctrl-C it leaves the stop file every worker checks after its
+    step (the Ctrl-C tests follow a run from there to its checkpoint), and a second one is fatal."""
+    from disco.train.launch import STOP_FILE, _stop_on_interrupt
+
+    said = []
+    before = signal.getsignal(signal.SIGTERM)
+    with _stop_on_interrupt(tmp_path, said.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (tmp_path / STOP_FILE).exists()
+        assert said == ["stopping after the current step and writing a checkpoint (SIGTERM again to abort at once)"]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_restart_finds_the_newest_checkpoint_when_the_reported_one_was_pruned(tmp_path, monkeypatch):
+    """With --keep 1, rank 0 prunes the reported checkpoint when it writes the next; a worker lost
+    before that one's report leaves Ray Train pointing at a folder that is gone. The restarted
+    group starts from the newest checkpoint in the run directory instead of failing each attempt."""
+    import ray.train
+
+    from disco.model.checkpoint import STATE_FILE, checkpoint_name, list_checkpoints
+    from disco.train import loop
+
+    run = tmp_path / "run"
+    for step in (4, 8):
+        (run / checkpoint_name(step)).mkdir(parents=True)
+        (run / checkpoint_name(step) / STATE_FILE).write_text("{}")
+    assert sorted(list_checkpoints(run)) == [4, 8]
+    pointer = tmp_path / "pointer"
+    pointer.mkdir()
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(pointer)))
+    config = {"config": {"output": str(run)}}
+    (pointer / loop.POINTER_FILE).write_text(json.dumps({"checkpoint": str(run / checkpoint_name(2))}))
+    assert loop._start_checkpoint(config, distributed=True) == run / checkpoint_name(8)
+    (pointer / loop.POINTER_FILE).write_text(json.dumps({"checkpoint": str(run / checkpoint_name(4))}))
+    assert loop._start_checkpoint(config, distributed=True) == run / checkpoint_name(4)  # still there: used

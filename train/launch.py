@@ -224,23 +224,26 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
 
 @contextlib.contextmanager
 def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
-    """Ctrl-C (SIGINT) asks the run to stop: a file in the run directory that every worker checks
-    after each step (workers on other nodes see it on the shared storage). A second Ctrl-C
-    interrupts at once."""
+    """Ctrl-C (SIGINT), or SIGTERM (what ``ray job stop`` sends a job's driver), asks the run to
+    stop: a file in the run directory that every worker checks after each step (workers on other
+    nodes see it on the shared storage). A second signal interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def request_stop(signum, frame):
         (run / STOP_FILE).touch()
-        log("stopping after the current step and writing a checkpoint (Ctrl-C again to abort at once)")
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        log(f"stopping after the current step and writing a checkpoint ({again} again to abort at once)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def process_group_backend(cfg: TrainConfig) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from disco.model.conditioning import vae_factor
-from disco.model.checkpoint import legacy_hap_names, load_trainable, read_checkpoint, save_checkpoint
+from disco.model.checkpoint import legacy_hap_names, list_checkpoints, load_trainable, read_checkpoint, save_checkpoint
 from disco.pipeline.errors import ConfigError
 from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
@@ -65,7 +65,14 @@ def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
         reported = ray.train.get_checkpoint()
         if reported is not None:
             with reported.as_directory() as folder:
-                return Path(json.loads((Path(folder) / POINTER_FILE).read_text())["checkpoint"])
+                pointed = Path(json.loads((Path(folder) / POINTER_FILE).read_text())["checkpoint"])
+            if pointed.exists():
+                return pointed
+            # Pruned by --keep after a newer checkpoint was written whose report the lost worker
+            # cut short: the newest one in the run directory (written whole, then renamed).
+            written = list_checkpoints(loop_config["config"]["output"])
+            if written:
+                return written[max(written)]
     checkpoint = loop_config.get("checkpoint")
     return Path(checkpoint) if checkpoint else None
 
