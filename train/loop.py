@@ -88,7 +88,7 @@ def _report_checkpoint(path: Path | None, rank: int, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / POINTER_FILE).write_text(json.dumps({"checkpoint": str(path.resolve())}))
+        (Path(folder) / POINTER_FILE).write_text(json.dumps({"checkpoint": str(path.absolute())}))  # links kept
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=path.name)
 
