@@ -220,8 +220,8 @@ def train(
     from disco.pipeline.cluster import check_job_paths
 
     try:
-        check_job_paths(output=output)
         cfg = configured(plain(preset), config, given, resume)
+        check_job_paths(output=cfg.output)  # the flag's, or the --config file's
     except ConfigError as exc:
         usage_error(str(exc))
     if dry_run:

@@ -92,7 +92,7 @@ def check_job_paths(**paths) -> None:
         return
     for flag, value in paths.items():
         for path in value if isinstance(value, (list, tuple)) else [value]:
-            if path is not None and not os.path.isabs(os.path.expanduser(str(path))):
+            if path is not None and not os.path.isabs(str(path)):  # "~/out" too: nothing expands it
                 raise ConfigError(
                     f"--{flag.replace('_', '-')} {path} is relative, and this job runs in Ray's temporary copy of "
                     f"its --working-dir ({os.getcwd()}), held apart on every node and deleted after the job: give "

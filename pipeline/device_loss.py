@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 # What CUDA, cuBLAS, cuDNN and ONNX Runtime's CUDA provider say when the context is gone...
 MARKERS = ("CUDA error", "CUDA failure", "illegal memory access", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED",
@@ -43,6 +44,8 @@ class GpuFailed(RuntimeError):
 
 
 def device_lost(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):  # a file's trouble, whatever its name or message says
+        return False
     text = str(exc)
     if any(marker in text for marker in RECOVERABLE):
         return False
@@ -61,27 +64,30 @@ def raise_if_device_lost(exc: BaseException) -> None:
 
 def strike_file(run: str, unit: dict, stage: str) -> Path:
     key = hashlib.sha1(f"{stage}\0{unit['input_path']}\0{unit.get('unit_index', 0)}".encode()).hexdigest()
-    return Path(tempfile.gettempdir()) / "disco-strikes" / run / key
+    return Path(tempfile.gettempdir()) / f"disco-strikes-{os.getuid()}" / (run or "run") / key
 
 
 def given_up(settings: dict, unit: dict, stage: str) -> GpuFailed | None:
     """The error for ``unit``'s row when it has broken the GPU ``STRIKES`` times on this node."""
     try:
-        strikes = strike_file(settings["run"], unit, stage).read_text().splitlines()
-    except FileNotFoundError:
+        strikes = strike_file(settings.get("run", ""), unit, stage).read_text().splitlines()
+    except OSError:  # none yet (or unreadable: then the unit runs again, as before any strike)
         return None
     if len(strikes) < STRIKES:
         return None
     return GpuFailed(f"the GPU failed {len(strikes)} times on this unit ({strikes[-1]})")
 
 
-def restart(settings: dict, unit: dict, stage: str, lost: DeviceLost):
-    """Counts the break against ``unit`` and ends this actor's process (Ray starts it again)."""
-    path = strike_file(settings["run"], unit, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    message = (str(lost.error).strip().splitlines() or [type(lost.error).__name__])[0][:300]
-    with open(path, "a") as strikes:
-        strikes.write(message + "\n")
-    print(f"disco: the GPU failed on {unit['input_path']} (unit {unit.get('unit_index', 0)}, {stage}): {message}; "
-          "restarting this actor, its units run again", file=sys.stderr, flush=True)
-    os._exit(EXIT_CODE)
+def restart(settings: dict, unit: dict, stage: str, lost: DeviceLost) -> NoReturn:
+    """Counts the break against ``unit`` and ends this actor's process (Ray starts it again),
+    whatever happens while counting: a process with a broken CUDA context must not go on."""
+    try:
+        message = (str(lost.error).strip().splitlines() or [type(lost.error).__name__])[0][:300]
+        print(f"disco: the GPU failed on {unit['input_path']} (unit {unit.get('unit_index', 0)}, {stage}): {message}; "
+              "restarting this actor, its units run again", file=sys.stderr, flush=True)
+        path = strike_file(settings.get("run", ""), unit, stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as strikes:
+            strikes.write(message + "\n")
+    finally:
+        os._exit(EXIT_CODE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 from disco.pipeline.annotators import BackendError, resolve_backends, weight_files
 from disco.pipeline.annotators.registry import get as get_backend
@@ -37,7 +38,9 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
                                      for name in (cfg.resolved["matting"], cfg.resolved["pose"]) if name != "none"},
                     # The writing actors put shards straight into the output: an absolute path on
                     # storage that every node sees, and a name part of this run's own.
-                    output=os.path.abspath(cfg.output), input_root=os.path.abspath(cfg.input), run=run_token())
+                    output=os.path.abspath(cfg.output),
+                    # As the listing names the units' files (resolved), so the check sees what they will.
+                    input_root=str(Path(cfg.input).resolve()), run=run_token())
     settings.update(filter_settings(cfg))
     return settings
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -385,7 +386,7 @@ def test_a_broken_gpu_restarts_its_actor_instead_of_failing_every_unit_after_it(
         save(folder / f"{name}.png", Image.fromarray(photo))
     photo[0, 0] = annotator_plugin.FAULT
     save(folder / "faulty.png", Image.fromarray(photo))
-    strikes = Path(tempfile.gettempdir()) / "disco-strikes"
+    strikes = Path(tempfile.gettempdir()) / f"disco-strikes-{os.getuid()}"
     before = set(strikes.rglob("*"))
     try:
         # One actor, so the units after the fault meet the broken "context" in the same process.
@@ -400,7 +401,7 @@ def test_a_broken_gpu_restarts_its_actor_instead_of_failing_every_unit_after_it(
     assert [(e["input_path"], e["error_type"]) for e in errors] == [("faulty.png", "gpu_failed")]
     assert "illegal memory access" in errors[0]["message"]
     # Its two faults restarted the actor (each struck on this node), before the errors row.
-    struck = [p for p in set(strikes.rglob("*")) - before if p.is_file()]
+    struck = [p for p in set(strikes.rglob("*")) - before if p.is_file() and "illegal memory" in p.read_text()]
     assert len(struck) == 1 and len(struck[0].read_text().splitlines()) == 2
 
 
@@ -435,19 +436,24 @@ def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_i
         return run
 
     restarts = 0
-    while True:  # Ray's restart of the actor: a fresh process, the same call again
-        context["broken"] = False
-        try:
-            results = [unit_result(settings, unit, "pose", work(unit)) for unit in units]
-            break
-        except Restarted:
-            restarts += 1
+    try:
+        while True:  # Ray's restart of the actor: a fresh process, the same call again
+            context["broken"] = False
+            try:
+                results = [unit_result(settings, unit, "pose", work(unit)) for unit in units]
+                break
+            except Restarted:
+                restarts += 1
+        assert device_loss.given_up(settings, units[0], "pose") is None  # no strike on the others
+        assert not device_loss.strike_file(settings["run"], units[0], "pose").exists()
+    finally:
+        shutil.rmtree(device_loss.strike_file(settings["run"], units[0], "pose").parent, ignore_errors=True)
     assert restarts == 2
     assert [r for r in results if r == "written"] == ["written"] * 3
     failed = results[1]
     assert failed.errors[0]["error_type"] == "gpu_failed" and "illegal memory access" in failed.errors[0]["message"]
-    assert device_loss.given_up(settings, units[0], "pose") is None  # no strike on the others
     assert not device_loss.device_lost(RuntimeError("CUDA error: out of memory"))
+    assert not device_loss.device_lost(FileNotFoundError(2, "No such file", "CUDA error.png"))
 
 
 def test_an_actor_on_a_node_without_the_input_or_output_stops_the_run_in_one_line(tmp_path):

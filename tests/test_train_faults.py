@@ -388,7 +388,7 @@ def test_sigterm_asks_the_run_to_stop_as_ctrl_c_does(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         assert (tmp_path / STOP_FILE).exists()
         assert said == ["stopping after the current step and writing a checkpoint (SIGTERM again to abort at once)"]
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == before  # a second one does what it did before
     assert signal.getsignal(signal.SIGTERM) == before
 
 
@@ -414,3 +414,9 @@ def test_a_restart_finds_the_newest_checkpoint_when_the_reported_one_was_pruned(
     assert loop._start_checkpoint(config, distributed=True) == run / checkpoint_name(8)
     (pointer / loop.POINTER_FILE).write_text(json.dumps({"checkpoint": str(run / checkpoint_name(4))}))
     assert loop._start_checkpoint(config, distributed=True) == run / checkpoint_name(4)  # still there: used
+    # A node that sees no checkpoint of the run (its folder not on shared storage): never a silent
+    # start from --resume's checkpoint or from step 0.
+    for path in list_checkpoints(run).values():
+        shutil.rmtree(path)
+    with pytest.raises(ConfigError, match="must be on storage every node sees"):
+        loop._start_checkpoint({**config, "checkpoint": None}, distributed=True)

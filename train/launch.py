@@ -236,7 +236,8 @@ def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         log(f"stopping after the current step and writing a checkpoint ({again} again to abort at once)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        before = previous[signal.SIGTERM]  # what ran before (Ray's exit, or the default): fatal again
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -71,8 +71,11 @@ def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
             # Pruned by --keep after a newer checkpoint was written whose report the lost worker
             # cut short: the newest one in the run directory (written whole, then renamed).
             written = list_checkpoints(loop_config["config"]["output"])
-            if written:
-                return written[max(written)]
+            if not written:  # never a silent start from an older checkpoint, or from step 0
+                raise ConfigError(f"Ray Train restarts from {pointed}, which this node does not see, nor any checkpoint of "
+                                f"{loop_config['config']['output']}: the run directory must be on storage every node "
+                                "sees")
+            return written[max(written)]
     checkpoint = loop_config.get("checkpoint")
     return Path(checkpoint) if checkpoint else None
 
