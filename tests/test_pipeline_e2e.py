@@ -403,6 +403,7 @@ def test_a_broken_gpu_restarts_its_actor_instead_of_failing_every_unit_after_it(
     # Its two faults restarted the actor (each struck on this node), before the errors row.
     struck = [p for p in set(strikes.rglob("*")) - before if p.is_file() and "illegal memory" in p.read_text()]
     assert len(struck) == 1 and len(struck[0].read_text().splitlines()) == 2
+    shutil.rmtree(struck[0].parent)  # this run's strikes
 
 
 def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_is_blamed(monkeypatch):
