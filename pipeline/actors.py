@@ -24,7 +24,6 @@ from disco.pipeline.stages import (
     decode_unit,
     failed_result,
     finish_unit,
-    guarded,
     matte_unit,
     process_unit,
 )
@@ -146,16 +145,24 @@ def check_storage(settings: dict) -> None:
                 "the output must be on storage every node sees (NFS, a shared mount), by the same path")
 
 
-def unit_result(settings: dict, unit: dict, stage: str, work) -> UnitResult:
-    """``guarded(work)``; where the GPU broke, a restart of this actor, and a unit that broke it
-    too often on this node its errors row without running again (``device_loss``)."""
-    failed = given_up(settings, unit, stage)
-    if failed is not None:
-        return failed_result(unit, stage, failed)
+def unit_result(settings: dict, unit: dict, stage: str, work, failed=None):
+    """``work()`` for one unit: the boundary that keeps one input from stopping a run. Whatever it
+    raises becomes the unit's errors row (``failed(exc)``; default ``failed_result``), except a
+    broken GPU: a restart of this actor, and a unit that broke it too often on this node its row
+    without running again (``device_loss``)."""
+    if failed is None:
+        failed = lambda exc: failed_result(unit, stage, exc)  # noqa: E731
+    error = given_up(settings, unit, stage)
+    if error is not None:
+        return failed(error)
     try:
-        return guarded(unit, stage, work)
+        return work()
     except DeviceLost as lost:
         restart(settings, unit, stage, lost)
+    except Exception as exc:  # noqa: BLE001 - see above
+        if device_lost(exc):
+            restart(settings, unit, stage, DeviceLost(exc))
+        return failed(exc)
 
 
 def _annotator(settings: dict, roles: tuple[str, ...]):
@@ -201,19 +208,11 @@ class MattingStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         packed = []
         for unit in batch.to_pylist():
-            failure = given_up(self.settings, unit, "matting")  # it broke the GPU too often here
-            try:
-                if failure is None:
-                    packed.append(self._matte(unit))
-            except DeviceLost as lost:
-                restart(self.settings, unit, "matting", lost)
-            except Exception as exc:  # noqa: BLE001 - the unit's errors row; the others go on
-                if device_lost(exc):
-                    restart(self.settings, unit, "matting", DeviceLost(exc))
-                failure = exc
-            if failure is not None:
-                failed = failed_result(unit, "matting", failure)
-                packed.append(pack_unit(unit, 0, [], failed.errors, Counter(), [], self.resources))
+            def failed(exc, unit=unit):  # the unit's errors row travels to the writing stage
+                errors = failed_result(unit, "matting", exc).errors
+                return pack_unit(unit, 0, [], errors, Counter(), [], self.resources)
+
+            packed.append(unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed))
         return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
 
     def _matte(self, unit: dict) -> dict:

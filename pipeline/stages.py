@@ -1,6 +1,6 @@
 """The pipeline's work on one unit: planning units, decoding, matting, pose and encoding, and
-the boundary that turns whatever a unit raises into its errors row. The Ray actors that run
-these steps are in ``actors.py``.
+the errors row of a unit that failed (``failed_result``). The Ray actors that run these steps,
+and the boundary around each unit, are in ``actors.py`` (``unit_result``).
 
 A unit is a still image or a segment of a video.
 """
@@ -223,16 +223,6 @@ def failed_result(unit: dict, stage: str, exc: BaseException) -> UnitResult:
     record = {"input_path": unit["input_path"], "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
               "frames": 0, "rows": 0, "skipped": {}, "errors": 1}
     return UnitResult(TRIPLET_SCHEMA.empty_table(), record, errors, [])
-
-
-def guarded(unit: dict, stage: str, work) -> UnitResult:
-    """``work()`` for one unit; whatever it raises becomes that unit's errors row (the boundary
-    that keeps one input from stopping a run), except a broken GPU (``device_loss``)."""
-    try:
-        return work()
-    except Exception as exc:  # noqa: BLE001 - see above
-        raise_if_device_lost(exc)
-        return failed_result(unit, stage, exc)
 
 
 def process_unit(unit: dict, annotator, settings: dict) -> UnitResult:
