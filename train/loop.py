@@ -33,6 +33,11 @@ from disco.train.temporal import clip_draws, frames_per_clip, stream_class
 from disco.model.temporal import clip_frames
 from disco.train.condition_gaps import ConditionGaps
 
+# DDP keeps each gradient as a view into its all-reduce bucket instead of a second fp32 copy of
+# the gradients: 5.9 GiB less per GPU when fine-tuning the full model, the same update bit for bit.
+# (With --grad-accum > 1 the micro-batches under no_sync accumulate into fresh gradients after
+# each update clears them, so the buckets stay a copy there: train/memory.py counts them then.)
+DDP_OPTIONS = {"gradient_as_bucket_view": True}
 POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
 
 
@@ -139,7 +144,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     if world > 1:
         import ray.train.torch
 
-        objective = ray.train.torch.prepare_model(objective)
+        objective = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=DDP_OPTIONS)
     else:
         objective.to(device)
     names = list(model.trainable_parameters())

@@ -4,7 +4,8 @@
 What the trainer keeps (train/loop.py): the whole model on the GPU in fp32 (frozen VAE and CLIP
 included; autocast casts per op), fp32 gradients, AdamW's two fp32 states (PyTorch's default
 multi-tensor implementation on a GPU), an fp32 EMA copy on the GPU with ``--ema-decay``, and with
-several workers DDP's gradient buckets. These are counted from the model's parameters (built on
+several workers and ``--grad-accum`` > 1 DDP's gradient buckets (otherwise the gradients are views
+into them). These are counted from the model's parameters (built on
 the meta device: no weight is allocated), and so is the update (every gradient alive, plus the
 square-root copy of the second moments the multi-tensor AdamW makes).
 
@@ -136,7 +137,9 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
     weights_trainable, weights_frozen = block_bytes(trainable), block_bytes(frozen) + block_bytes(model.buffers())
     grads = block_bytes(trainable)
     ema = grads if cfg.ema_decay else 0
-    buckets = grads if cfg.num_workers > 1 else 0  # DDP's gradient buckets (gradient_as_bucket_view off)
+    # DDP's gradient buckets: the gradients themselves (DDP_OPTIONS in train/loop.py), except with
+    # gradient accumulation, where the micro-batches before the all-reduce hold gradients of their own.
+    buckets = grads if cfg.num_workers > 1 and cfg.grad_accum > 1 else 0
     static = weights_trainable + weights_frozen + ema + buckets
 
     states = 2 * block_bytes(trainable)
@@ -167,7 +170,7 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
         ("EMA", ema, "fp32 copy of the trainable weights" if ema else "off"),
     ]
     if buckets:
-        plan.lines.append(("DDP gradient buckets", buckets, "fp32, a second copy of the gradients"))
+        plan.lines.append(("DDP gradient buckets", buckets, "fp32, a second copy of the gradients while accumulating"))
     plan.lines += [
         (f"activations (batch {cfg.batch_size}"
          f"{f' clips x {cfg.clip_frames} frames' if cfg.stage == 'temporal' else ''})", step["activations"],
