@@ -38,6 +38,7 @@ def evaluate(
     fvd_arch: Annotated[Optional[VideoNet], typer.Option(help="FVD network (default: the protocol's, s3d or i3d).")] = NETS.fvd_arch,
     lpips_legacy: Annotated[Optional[bool], typer.Option("--lpips-legacy/--no-lpips-legacy", help="LPIPS on images in [0, 1] as the official script (default: on with --protocol disco).")] = E.lpips_legacy,
     psnr_legacy: Annotated[Optional[bool], typer.Option("--psnr-legacy/--no-psnr-legacy", help="PSNR of uint8 differences that wrap around, as the official script (default: on with --protocol disco).")] = E.psnr_legacy,
+    square_gt: Annotated[bool, typer.Option("--square-gt", help="Centre-crop the --gt frames to squares first, as generate crops its inputs (for real videos that are not square).")] = E.square_gt,
     batch_size: Annotated[int, typer.Option(help="Frames (or 16-frame clips) per forward pass; also frames generated at once with --run.")] = E.batch_size,
     steps: Annotated[int, typer.Option(help="With --run: DDIM steps.")] = E.steps,
     guidance_scale: Annotated[float, typer.Option(help="With --run: guidance scale.")] = E.guidance_scale,
@@ -57,7 +58,7 @@ def evaluate(
             output=output, pred=pred, gt=gt, run=run, data=data, split=split, work_dir=work_dir,
             metrics=parse_metrics(metrics), batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
             seed=seed, size=size, max_frames=max_frames, device=device, protocol=plain(protocol),
-            lpips_legacy=lpips_legacy, psnr_legacy=psnr_legacy,
+            lpips_legacy=lpips_legacy, psnr_legacy=psnr_legacy, square_gt=square_gt,
             networks=NetworkConfig(weights=weights, inception=inception, vgg16=vgg16, fid_vid_net=fid_vid_net,
                                    fvd_net=fvd_net, fid_vid_arch=plain(fid_vid_arch), fvd_arch=plain(fvd_arch)),
         )

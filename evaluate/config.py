@@ -94,6 +94,7 @@ class EvaluateConfig:
     protocol: str = "ours"  # PROTOCOLS; sets the defaults of the two legacy switches and the video networks
     lpips_legacy: bool | None = None  # LPIPS on [0, 1] images as the official script (None: the protocol's)
     psnr_legacy: bool | None = None  # PSNR of uint8 differences, wrapping, as the official script (None: the protocol's)
+    square_gt: bool = False  # centre-crop the real frames to squares first, as generate squares its inputs
     # generation, for --run
     steps: int = 50
     guidance_scale: float = 1.5

@@ -115,7 +115,10 @@ class Frechet:
     def __init__(self, features: nn.Module, input_size: tuple, batch_size: int = 16, device: str = "cpu"):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        self.metric = FrechetInceptionDistance(feature=features.to(device), input_img_size=input_size).to(device)
+        # torchmetrics sizes a network that has no ``num_features`` with one forward of a dummy made
+        # on the CPU: build the metric around the network on the CPU, then move both (on a GPU,
+        # the network moved first failed there, before a single frame was scored).
+        self.metric = FrechetInceptionDistance(feature=features.cpu(), input_img_size=input_size).to(device)
         self.batch_size, self.device = batch_size, device
         self.counts = {True: 0, False: 0}
 

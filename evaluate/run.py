@@ -4,6 +4,7 @@ a preprocessed split with a checkpoint and score that."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -95,11 +96,26 @@ def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, l
 
 # -- scoring --------------------------------------------------------------------------------------
 
+def check_framing(name: str, pred: np.ndarray, gt: np.ndarray, tolerance: float = 0.02) -> None:
+    """A prediction of another size is resized to the real frame's; of another shape it would be
+    stretched, and every score would compare misaligned pictures: refused, saying why."""
+    (ph, pw), (gh, gw) = pred.shape[:2], gt.shape[:2]
+    if abs((pw / ph) / (gw / gh) - 1) > tolerance:
+        raise EvaluateInputError(
+            f"{name!r}: predicted frames are {pw} x {ph}, real ones {gw} x {gh}: another shape, which resizing "
+            "would stretch; pass --square-gt where the predictions are squares from `generate` (it centre-crops "
+            "its inputs the same way), or give real frames framed as the predictions")
+
+
 def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
           batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu",
-          protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False) -> dict:
+          protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False,
+          square_gt: bool = False) -> dict:
     """Every requested metric over the paired sequences; ``networks`` holds the built feature nets.
-    ``protocol`` "disco" cuts videos into clips as the official scripts (``M.disco_samples``)."""
+    ``protocol`` "disco" cuts videos into clips as the official scripts (``M.disco_samples``).
+    ``square_gt``: the real frames centre-cropped to squares first (``generate``'s framing)."""
+    from disco.model.conditioning import square
+
     pairs = pair_sequences(pred, gt)
     pair_values = {m: [] for m in ("psnr", "ssim", "l1") if m in metrics}
     pair_functions = {**M.PAIR_METRICS, "psnr": M.psnr_legacy if psnr_legacy else M.psnr}
@@ -114,9 +130,12 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
     frames_total, windows_total = 0, 0
     for name, item_pred, item_gt in pairs:
         gt_frames = read_sequence(item_gt)
+        if square_gt:
+            gt_frames = np.stack([square(g, min(g.shape[:2])) for g in gt_frames])
         pred_frames = read_sequence(item_pred)
         if len(pred_frames) != len(gt_frames):
             raise EvaluateInputError(f"{name!r}: {len(pred_frames)} predicted frames but {len(gt_frames)} real ones")
+        check_framing(name, pred_frames[0], gt_frames[0])
         pred_frames = np.stack([M.match_size(p, g) for p, g in zip(pred_frames, gt_frames)])
         frames_total += len(gt_frames)
         for metric, values in pair_values.items():
@@ -174,7 +193,7 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         generated = generate_split(config, work, log)
         pred, gt = work / "pred", work / "gt"
     report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
-                   config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy))
+                   config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt)
     generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "device")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
                 if k != "networks" and (config.run is not None or k not in generation)}
@@ -192,7 +211,8 @@ def conventions(config: EvaluateConfig) -> dict:
     disco = config.protocol == "disco"
     return {
         "protocol": config.protocol + (" (the official DisCo evaluation scripts)" if disco else " (corrected)"),
-        "pairs": "per (pred, gt) frame, averaged; pred resized to gt size if they differ",
+        "pairs": ("per (pred, gt) frame, averaged; " + ("gt centre-cropped to a square, " if config.square_gt else "")
+                  + "pred resized to gt size if they differ (same shape)"),
         "psnr": ("uint8 differences squared in uint8 (wrapping modulo 256, the official script), 255 peak"
                  if config.psnr_legacy else "float64 MSE, 255 peak") + f", identical frames score {M.PSNR_CAP}",
         "ssim": "skimage structural_similarity on grayscale, data_range 255",
@@ -224,6 +244,24 @@ def describe_networks(config: EvaluateConfig) -> dict:
 
 # -- --run: generate a preprocessed split -----------------------------------------------------------
 
+WORK_MARK = ".disco-evaluate-run"  # in a work folder whose pred/ and gt/ evaluate --run wrote
+
+
+def fresh_work_dir(work: Path) -> None:
+    """Empty ``work``'s pred/ and gt/ before ``--run`` writes there: every folder in them is
+    scored, so the frames of an earlier run (another checkpoint, split or --max-frames) would be
+    scored with the new ones. Folders that ``--run`` did not write are refused, never deleted."""
+    old = [work / name for name in ("pred", "gt") if (work / name).exists()]
+    if old and not (work / WORK_MARK).exists():
+        raise EvaluateInputError(
+            f"{work} already holds {' and '.join(p.name + '/' for p in old)}, not written by `evaluate --run`: "
+            "choose another --work-dir (or delete them)")
+    for folder in old:
+        shutil.rmtree(folder)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARK).touch()
+
+
 def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None]) -> dict:
     """Every clip of ``config.split`` in ``config.data``: the clip's first frame is the reference
     (its stored foreground mask and background), its stored poses drive the model; generated
@@ -246,6 +284,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     if not clip_ids:
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
     check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
+    fresh_work_dir(work)  # after the checks: a refused command leaves the last run's frames alone
     pipeline, size, side = open_pipeline(config.run, config.device, config.size)
     frames_done = 0
     for clip in clip_ids:

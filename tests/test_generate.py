@@ -20,7 +20,7 @@ from disco.model.conditioning import background_pixels, pose_pixels, pose_size
 from disco.generate.inputs import matte_reference
 from disco.model.pipeline import DisCoPipeline
 from disco.generate.run import conditions_from_reference
-from disco.generate.video import read_video
+from disco.generate.video import read_video, write_frames
 from disco.model.disco import DisCoModel
 from disco.pipeline.annotators import FrameAnnotator
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
@@ -204,6 +204,22 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     assert np.asarray(Image.open(gt[0])).shape == (SIZE, SIZE, 3)
     assert 0 < report["metrics"]["psnr"] < 100 and -1 <= report["metrics"]["ssim"] < 1
     assert report["settings"]["run"] == str(inputs / "ckpt") and report["settings"]["steps"] == 1
+    # Run again into the same folder with fewer frames: only this run's frames are scored, none
+    # left from the first run or from a clip it no longer generates.
+    for side in ("pred", "gt"):
+        write_frames(tmp_path / "report" / side / "old_clip", np.zeros((3, SIZE, SIZE, 3), np.uint8))
+    again = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics",
+                 "psnr", "--steps", 1, "--size", SIZE, "--max-frames", 4, "--output", report_path)
+    assert again.exit_code == 0, again.output
+    assert json.loads(report_path.read_text())["counts"]["frames"] == 4
+    assert sorted(p.name for p in (tmp_path / "report" / "pred").iterdir()) == ["dance"]
+    assert len(list((tmp_path / "report" / "pred" / "dance").glob("*.png"))) == 4
+    # pred/ and gt/ that --run did not write are refused, not deleted.
+    (tmp_path / "mine" / "pred").mkdir(parents=True)
+    mine = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics", "psnr",
+                "--work-dir", tmp_path / "mine", "--output", tmp_path / "y.json")
+    assert mine.exit_code == 2 and "not written by `evaluate --run`" in mine.output
+    assert (tmp_path / "mine" / "pred").is_dir()
     # A split with no rows is a usage error.
     bad = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "val", "--metrics", "psnr",
                "--output", tmp_path / "x.json")

@@ -158,6 +158,19 @@ def test_frechet_plumbing(frames):
     assert 0 < results[1] < results[2]
 
 
+def test_frechet_metrics_run_on_another_device_than_the_cpu(frames):
+    """``meta`` stands in for a GPU (tensors that are not on the CPU): the metric is built and
+    updated there, with the network and every running sum on that device. The video network is
+    the product's (torchvision's, in its wrapper with normalisation buffers), random."""
+    for metric, items in ((M.Frechet(TinyFeatures(), (3, 32, 32), device="meta"), M.to_tensor(frames)),
+                          (M.Frechet(N.video_network("mc3_18", None), (M.CLIP_LENGTH, 32, 32, 3), device="meta"),
+                           M.clips(frames, M.clip_windows(len(frames))))):
+        metric.update(items, real=True)
+        metric.update(items, real=False)
+        assert {t.device.type for t in (*metric.metric.parameters(), *metric.metric.buffers())} == {"meta"}
+        assert metric.metric.real_features_sum.device.type == "meta"
+
+
 def test_a_frechet_distance_needs_two_samples(frames):
     metric = M.Frechet(TinyFeatures(), (3, 64, 64))
     metric.update(M.to_tensor(frames[:1]), real=False)
@@ -237,6 +250,23 @@ def test_mismatched_sets_are_refused(folders, tmp_path):
     write_frames(tmp_path / "g2" / "clip_a", np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(EvaluateInputError, match="do not match by name"):
         score(tmp_path / "p2", tmp_path / "g2", ["psnr"], {})
+
+
+def test_real_frames_of_another_shape_are_refused_or_squared_as_generate_does(frames, tmp_path):
+    """Squares from ``generate`` against the wide real video they came from: resizing would
+    stretch them, so the pair is refused; ``--square-gt`` crops the real frames as generate does,
+    and scores exactly what the squares cut by hand would."""
+    from disco.model.conditioning import square
+
+    wide = np.stack([np.concatenate([f, f[:, :16]], axis=1) for f in frames])  # 48 x 32
+    write_frames(tmp_path / "gt" / "clip", wide)
+    write_frames(tmp_path / "squares" / "clip", np.stack([square(f, 32) for f in wide]))
+    write_frames(tmp_path / "pred" / "clip", shifted(np.stack([square(f, 24) for f in wide]), 9))
+    with pytest.raises(EvaluateInputError, match="predicted frames are 24 x 24, real ones 48 x 32.*--square-gt"):
+        score(tmp_path / "pred", tmp_path / "gt", ["psnr"], {})
+    cropped = score(tmp_path / "pred", tmp_path / "gt", ["psnr", "ssim"], {}, square_gt=True)
+    by_hand = score(tmp_path / "pred", tmp_path / "squares", ["psnr", "ssim"], {})
+    assert cropped["metrics"] == by_hand["metrics"] and 20 < cropped["metrics"]["psnr"] < 100
 
 
 def test_the_report_records_scores_counts_and_settings(folders, tmp_path):
