@@ -45,7 +45,7 @@ def generate(
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale on the reference (1 turns guidance off).")] = G.guidance_scale,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same frames.")] = G.seed,
     batch_size: Annotated[int, typer.Option(help="Frames per forward pass (a temporal-module model: whole windows of its clip length, several when two or more fit).")] = G.batch_size,
-    fps: Annotated[Optional[float], typer.Option(help="Frame rate of the output (and the rate the pose video is resampled to); default: the pose source's.")] = G.fps,
+    fps: Annotated[Optional[float], typer.Option(help="Rate the poses (video or --clip) are resampled to, never above the source's own; the output plays at it. Default: the source's rate.")] = G.fps,
     size: Annotated[Optional[int], typer.Option(help="Side of the square frames (default: the model's resolution, 256 for the full model).")] = G.size,
     max_frames: Annotated[Optional[int], typer.Option(help="Generate only the first N pose frames.")] = G.max_frames,
     frames: Annotated[Optional[Path], typer.Option(help="Also write every generated frame as PNG into this folder.")] = G.frames,

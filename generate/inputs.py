@@ -15,7 +15,7 @@ import numpy as np
 from disco.model.conditioning import square
 from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.decode import decode_video_frames, load_image, probe_video
+from disco.pipeline.decode import decode_video_frames, load_image, probe_video, resample_indices, resample_times
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.annotators.render import render_pose
@@ -98,9 +98,11 @@ UNIT_FRAMES = 256
 
 def poses_from_video(path: str | Path, side: int, fps: float | None = None, annotator=None,
                      style: str | None = None, batch: int = 32, hands: bool | None = None,
-                     smooth: bool = False, reference: np.ndarray | None = None) -> PoseSequence:
-    """Every frame of a video (resampled to ``fps`` when given) -> a skeleton picture of ``side`` px,
-    drawn in ``style`` with or without ``hands`` (default: the preprocessing defaults).
+                     smooth: bool = False, reference: np.ndarray | None = None,
+                     max_frames: int | None = None) -> PoseSequence:
+    """Every frame of a video (resampled to ``fps`` when given, the first ``max_frames`` only when
+    given: the rest is never decoded) -> a skeleton picture of ``side`` px, drawn in ``style``
+    with or without ``hands`` (default: the preprocessing defaults).
 
     The frames are annotated as a video (tracking mode, as ``preprocess`` does). ``smooth``: the
     keypoints go through the One-Euro filter (``pipeline/annotators/smoothing.py``) first;
@@ -114,7 +116,7 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
         info = probe_video(path)
     except InputError as exc:
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
-    indices = info.resample(fps or info.fps)
+    indices = info.resample(fps or info.fps)[:max_frames]
     own = annotator is None
     annotator = annotator or make_annotator(with_pose=True, hands=hands)
     analysed = max(side, MIN_ANNOTATE_SIDE)
@@ -230,17 +232,33 @@ def _other_drawing(triplets, stored: str, style: str) -> GenerateInputError:
 
 
 def poses_from_triplets(triplets: str | Path, clip: str, side: int, style: str | None = None,
-                        hands: bool | None = None, reference: np.ndarray | None = None) -> PoseSequence:
+                        hands: bool | None = None, reference: np.ndarray | None = None,
+                        fps: float | None = None, max_frames: int | None = None) -> PoseSequence:
     """The pose pictures of a preprocessed clip in ``style`` / ``hands`` (``pose_pictures``),
-    squared to ``side`` px. ``reference``: the stored keypoints are first aligned to this 18 x 3
-    skeleton (pixels of the ``side`` square, ``generate/align.py``) and drawn from."""
+    squared to ``side`` px; resampled to ``fps`` as a pose video is, the first ``max_frames``
+    only. ``reference``: the stored keypoints are first aligned to this 18 x 3 skeleton (pixels of
+    the ``side`` square, ``generate/align.py``) and drawn from."""
     rows = read_clip(triplets, clip, [*POSE_READ_COLUMNS, "timestamp_s"])
+    rate = clip_fps(rows)
+    if fps is not None:
+        rows, rate = resample_rows(rows, fps), min(fps, rate)
+    rows = rows[:max_frames]
     alignment = None
     if reference is not None and all(r["body_keypoints"] is not None for r in rows):
         rows, alignment = align_rows(rows, reference, side)
     frames = [square(picture, side)
               for picture in pose_pictures(triplets, rows, style, hands, clip, redraw=alignment is not None)]
-    return PoseSequence(frames, fps=clip_fps(rows), alignment=alignment)
+    return PoseSequence(frames, fps=rate, alignment=alignment)
+
+
+def resample_rows(rows: list[dict], fps: float) -> list[dict]:
+    """A stored clip's rows at ``fps`` (never above the clip's own rate): by their timestamps where
+    every row has one, else by frame number at the clip's rate, as a pose video is resampled."""
+    times = [r.get("timestamp_s") for r in rows]
+    picked = resample_times(times, fps) if len(rows) > 1 and None not in times else None
+    if picked is None:
+        picked = resample_indices(len(rows), clip_fps(rows), fps)
+    return [rows[i] for i in picked]
 
 
 def _square_frame(row: dict, side: int) -> tuple[np.ndarray, float]:

@@ -99,17 +99,18 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     # --align-pose: the driving skeletons refitted to the reference person (its pose, in pose-picture pixels).
     target = reference_target(matted, size, side) if config.align_pose else None
     if config.clip is not None:
-        poses = poses_from_triplets(config.pose, config.clip, side, style=style, hands=hands, reference=target)
+        poses = poses_from_triplets(config.pose, config.clip, side, style=style, hands=hands, reference=target,
+                                    fps=config.fps, max_frames=config.max_frames)
     else:
         poses = poses_from_video(config.pose, side, fps=config.fps, style=style, hands=hands,
-                                 smooth=config.smooth_poses, reference=target)
+                                 smooth=config.smooth_poses, reference=target, max_frames=config.max_frames)
     unaligned = None if not config.align_pose or poses.alignment else \
         "no pose found in the reference picture" if target is None else "no skeleton in the pose source to measure"
     if poses.alignment:
         log(f"poses aligned to the reference person (scale {poses.alignment['scale']:.3g})")
     elif unaligned:
         log(f"{unaligned}: the driver's skeletons are drawn as they are")
-    frames_in = poses.frames[:config.max_frames] if config.max_frames else poses.frames
+    frames_in = poses.frames  # --max-frames: cut before any frame was decoded or annotated
     if poses.empty:
         log(f"{poses.empty} of {len(poses.frames)} pose frames show no person: they get an empty skeleton")
     log(f"generating {len(frames_in)} frames of {size} x {size} px, {config.steps} DDIM steps, "
@@ -125,7 +126,7 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     frames = pipeline(reference_in, background_in, pose_pixels(frames_in, side), num_inference_steps=config.steps,
                       guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size,
                       progress=step)
-    fps = config.fps or poses.fps
+    fps = poses.fps  # the rate the poses were taken at: --fps above the source's would play them too fast
     write_video(config.output, list(frames), fps)
     result = GenerateResult(video=config.output, frames=len(frames), size=size, fps=fps, empty_poses=poses.empty,
                             seconds=0.0)

@@ -92,6 +92,11 @@ def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
     assert all(p.shape == (128, 128, 3) for p in poses.frames)
     assert poses.frames[0].any() and not poses.frames[-1].any()  # a skeleton, then empty ones
     assert len(poses_from_video(tmp_path / "v.mp4", 128, fps=5).frames) == 3  # resampled, not stretched
+    # Never up-sampled: the rate stays the video's. --max-frames: only those frames are annotated.
+    assert poses_from_video(tmp_path / "v.mp4", 128, fps=25).fps == pytest.approx(10)
+    first = poses_from_video(tmp_path / "v.mp4", 128, max_frames=2)
+    assert len(first.frames) == 2 and first.empty == 0
+    assert all(np.array_equal(a, b) for a, b in zip(first.frames, poses.frames))
 
 
 def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeline, inputs, conditions):
@@ -183,6 +188,20 @@ def test_poses_from_a_preprocessed_clip(inputs, triplets, tmp_path):
     assert result.exit_code == 0, result.output
     frames, fps = read_video(out)
     assert frames.shape == (3, SIZE, SIZE, 3) and fps == pytest.approx(10)  # the clip's own rate
+    # --fps resamples the stored poses as it does a pose video's, and the output plays at that
+    # rate; above the clip's own rate nothing is up-sampled and the video keeps the clip's speed.
+    from disco.generate.inputs import poses_from_triplets
+
+    every = poses_from_triplets(triplets, "dance", 32).frames
+    halved = poses_from_triplets(triplets, "dance", 32, fps=5)
+    assert halved.fps == pytest.approx(5) and len(halved.frames) == 9
+    assert all(np.array_equal(a, every[2 * k]) for k, a in enumerate(halved.frames))
+    assert len(poses_from_triplets(triplets, "dance", 32, fps=5, max_frames=4).frames) == 4
+    faster = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", triplets, "--clip", "dance", "--output", out, "--steps", 1, "--size", SIZE,
+                  "--max-frames", 3, "--fps", 30)
+    assert faster.exit_code == 0, faster.output
+    assert read_video(out)[1] == pytest.approx(10) and json.loads(out.with_suffix(".json").read_text())["fps"] == 10
     bad = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
                "--pose", triplets, "--clip", "nope", "--output", out)
     assert bad.exit_code == 2 and "clip 'nope' is not in" in bad.output
