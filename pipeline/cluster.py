@@ -32,14 +32,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     address = address or os.environ.get("RAY_ADDRESS")
     # Worker output (MediaPipe's start-up chatter) stays in Ray's log files; failures still
     # surface as exceptions through Ray Data.
-    common = dict(logging_level=logging.ERROR, log_to_driver=False, runtime_env=_runtime_env())
+    common = dict(logging_level=logging.ERROR, log_to_driver=False)
     if address:
         _wait_until_reachable(address, _connect_timeout())
         # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
         # dials the interface address instead, where nothing listens.
-        host = _host_port(address)[0]
-        with loopback_only() if host in ("127.0.0.1", "localhost") else contextlib.nullcontext():
-            ray.init(address=address, **common)
+        loopback = _host_port(address)[0] in ("127.0.0.1", "localhost")
+        with loopback_only() if loopback else contextlib.nullcontext():
+            ray.init(address=address, runtime_env=_runtime_env(loopback), **common)
         return
     running = _cluster_on_this_machine()
     if running and log is not None:
@@ -48,7 +48,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     with loopback_only(), _free_agent_port():
         # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
-                 include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=_runtime_env(True), **common)
 
 
 def _connect_timeout() -> float:
@@ -68,16 +68,35 @@ class ClusterUnreachable(ConfigError):
     """--ray-address names a cluster that does not answer."""
 
 
-def _runtime_env() -> dict:
+def _runtime_env(loopback: bool = False) -> dict:
     """Our worker settings, minus any variable a job's own runtime env sets: Ray refuses to merge
     a job's runtime env (``ray job submit --runtime-env-json``) with a driver's that names the same
-    variable, and the user's choice wins."""
+    variable, and the user's choice wins. ``loopback``: a private instance, or a cluster on this
+    machine's loopback: the training workers' gloo and NCCL sockets stay on the loopback interface
+    too (left alone, both bind the address the host name resolves to, often the network's)."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
     taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
-    env = {k: v for k, v in WORKER_ENV.items() if k not in taken}
+    wanted = dict(WORKER_ENV)
+    interface = loopback_interface() if loopback else None
+    if interface is not None:
+        wanted.update({name: interface for name in SOCKET_INTERFACE_VARS if name not in os.environ})
+    env = {k: v for k, v in wanted.items() if k not in taken}
     return {"env_vars": env} if env else {}
+
+
+SOCKET_INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def loopback_interface() -> str | None:
+    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux), if any."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return name
+    return None
 
 
 def check_job_paths(**paths) -> None:

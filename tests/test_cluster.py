@@ -233,6 +233,14 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
         ip = ipaddress.ip_address(conn.laddr.ip)
         ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
         assert ip.is_loopback, f"a Ray process (pid {conn.pid}) listens on {conn.laddr.ip}:{conn.laddr.port}"
+    # The training workers' gloo / NCCL sockets too: left alone they bind the address the host
+    # name resolves to, which on many machines is the network's.
+    interfaces = ray.get(ray.remote(num_cpus=0)(
+        lambda: {name: os.environ.get(name) for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}).remote())
+    addresses = psutil.net_if_addrs()
+    for name, interface in interfaces.items():
+        assert interface in addresses, f"{name}={interface!r} in a Ray worker"
+        assert "127.0.0.1" in {a.address for a in addresses[interface]}
 
 
 def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path):

@@ -388,7 +388,9 @@ def test_ddp_keeps_the_gradients_in_its_buckets_and_updates_the_same(monkeypatch
             apply_update(params, optimizer, scheduler, scaler, None, 1.0)
         return [p.detach().clone() for p in params], len(storages), len(params)
 
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    from disco.pipeline.cluster import loopback_interface
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback_interface())
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         default_weights, default_storages, count = run({})
