@@ -77,13 +77,13 @@ class DisCoPipeline:
         empty = model.unconditional_reference(1).to(dtype)
         background_latents = model.encode_background(background.to(device, dtype))
         if getattr(model, "temporal", None) is not None:
-            from disco.model.temporal import decode_latents, windowed_ddim
+            from disco.model.temporal import decode_frames, windowed_ddim
 
             latents = windowed_ddim(model, self.scheduler, noise.to(device, dtype) * self.scheduler.init_noise_sigma,
-                                    tokens, empty, background_latents, poses.to(device, dtype), num_inference_steps,
+                                    tokens, empty, background_latents, poses.to(dtype), num_inference_steps,
                                     guidance_scale, window=self.window, overlap=self.overlap, batch_size=batch_size,
                                     progress=progress, pose_cache_bytes=self.pose_cache_bytes)
-            return to_uint8(decode_latents(model, latents / VAE_SCALING, batch_size))
+            return decode_frames(model, latents / VAE_SCALING, batch_size)
         frames = []
         with pose_embedding_cache(model):
             for start in range(0, len(poses), batch_size):

@@ -23,9 +23,11 @@ import dataclasses
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
+from disco.model.conditioning import to_uint8
 from disco.model.controlnets import pose_embedding_cache
 from disco.model.guidance import guided_noise
 
@@ -311,7 +313,9 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
             frames[group[0]:group[0] + window]
 
     def pass_poses(group: list[int]) -> torch.Tensor:
-        poses = windows_of(pose, group)
+        # ``pose`` may stay on the host: only a pass's windows go to the model's device (a long
+        # video's pose pictures would otherwise take ~0.8 MB of GPU memory per frame throughout).
+        poses = windows_of(pose, group).to(latents.device)
         return torch.cat([poses] * 2) if guided else poses
 
     scheduler.set_timesteps(steps, device=latents.device)
@@ -346,7 +350,8 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
     return latents
 
 
-def decode_latents(model: DisCoModel, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Unscaled latents -> pictures in [-1, 1], decoded ``batch_size`` at a time."""
-    return torch.cat([model.vae.decode(latents[i:i + batch_size]).sample.clamp(-1, 1)
-                      for i in range(0, len(latents), batch_size)])
+def decode_frames(model: DisCoModel, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Unscaled latents -> N x H x W x 3 uint8 frames, decoded ``batch_size`` at a time and each
+    batch brought to the host at once (a long video's decoded float frames never all sit on the GPU)."""
+    return np.concatenate([to_uint8(model.vae.decode(latents[i:i + batch_size]).sample)
+                           for i in range(0, len(latents), batch_size)])
