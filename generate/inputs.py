@@ -48,18 +48,24 @@ class PoseSequence:
     bodies: list | None = None  # a video's drawn 18 x 3 body keypoints per frame (None: nobody), pose-size pixels
 
 
-def make_annotator(with_pose: bool, hands: bool | None = None):
+def make_annotator(with_pose: bool, hands: bool | None = None, device: str | None = None):
     """The pipeline's annotators, resolved as ``preprocess`` resolves ``auto`` (hands found unless
-    ``hands`` is False)."""
+    ``hands`` is False), on the torch ``device`` the model runs on (``cpu``, ``cuda``, ``cuda:1``;
+    None: a CUDA GPU where there is one)."""
     from disco.pipeline.annotators import FrameAnnotator, resolve_backends
 
-    backends = resolve_backends("auto", "auto" if with_pose else "none")
+    on_cpu = device is not None and not str(device).startswith("cuda")
+    # On the CPU `auto` takes the embedded backends, as where no GPU exists: a GPU backend on the
+    # CPU is only ever asked for by name.
+    backends = resolve_backends("auto", "auto" if with_pose else "none", device="cpu" if on_cpu else "auto",
+                                cuda=False if on_cpu else None)
     # `auto` may pick the paper-faithful backends (CUDA and $DISCO_WEIGHTS): build them from what
-    # it resolved, the weights folder and device included.
+    # it resolved, the weights folder and device included (the model's GPU where one is named).
+    run_device = device if backends["device"] == "cuda" and device is not None else backends["device"]
     hands = _DEFAULTS["hands"] if hands is None else hands
     return FrameAnnotator(backends["matting"], backends["pose"], hands and with_pose,
                           _DEFAULTS["min_visibility"], _DEFAULTS["min_mask_area"], _DEFAULTS["joint_threshold"],
-                          weights=backends["weights"], device=backends["device"])
+                          weights=backends["weights"], device=run_device)
 
 
 def read_picture(path: str | Path, what: str) -> np.ndarray:
@@ -72,11 +78,13 @@ def read_picture(path: str | Path, what: str) -> np.ndarray:
         raise GenerateInputError(f"{what} {path}: {exc.message}") from None
 
 
-def matte_reference(image: np.ndarray, size: int, annotator=None, with_pose: bool = False) -> Reference:
+def matte_reference(image: np.ndarray, size: int, annotator=None, with_pose: bool = False,
+                    device: str | None = None) -> Reference:
     """Square the photo to ``size`` and split it into person and background with the pipeline's matting
-    (``with_pose``: also its body keypoints, from the same annotators' pose, in pixels of the square)."""
+    (``with_pose``: also its body keypoints, from the same annotators' pose, in pixels of the square;
+    ``device``: where annotators built here run, ``make_annotator``)."""
     own = annotator is None
-    annotator = annotator or make_annotator(with_pose=with_pose, hands=False)
+    annotator = annotator or make_annotator(with_pose=with_pose, hands=False, device=device)
     side = max(size, MIN_ANNOTATE_SIDE)
     try:
         annotation = annotator.annotate(square(image, side))
@@ -99,7 +107,7 @@ UNIT_FRAMES = 256
 def poses_from_video(path: str | Path, side: int, fps: float | None = None, annotator=None,
                      style: str | None = None, batch: int = 32, hands: bool | None = None,
                      smooth: bool = False, reference: np.ndarray | None = None,
-                     max_frames: int | None = None) -> PoseSequence:
+                     max_frames: int | None = None, device: str | None = None) -> PoseSequence:
     """Every frame of a video (resampled to ``fps`` when given, the first ``max_frames`` only when
     given: the rest is never decoded) -> a skeleton picture of ``side`` px, drawn in ``style``
     with or without ``hands`` (default: the preprocessing defaults).
@@ -118,7 +126,7 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
     indices = info.resample(fps or info.fps)[:max_frames]
     own = annotator is None
-    annotator = annotator or make_annotator(with_pose=True, hands=hands)
+    annotator = annotator or make_annotator(with_pose=True, hands=hands, device=device)
     analysed = max(side, MIN_ANNOTATE_SIDE)
     bodies, drawn_hands = [], []
     begin_unit = getattr(annotator, "begin_unit", None)

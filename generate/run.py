@@ -48,11 +48,11 @@ class GenerateResult:
 
 def conditions_from_reference(pipeline: DisCoPipeline, reference: np.ndarray, size: int,
                               background: np.ndarray | None = None, annotator=None, with_pose: bool = False,
-                              on_matte: Callable | None = None):
+                              on_matte: Callable | None = None, device: str | None = None):
     """Reference photo (and optional other scene) -> the CLIP input and background tensors (the
     reference's own background has the person's hole, mid grey; another scene has none).
     ``with_pose``: the reference's pose is found too; ``on_matte`` is given the matted ``Reference``."""
-    matted = matte_reference(reference, size, annotator, with_pose=with_pose)
+    matted = matte_reference(reference, size, annotator, with_pose=with_pose, device=device)
     if on_matte is not None:
         on_matte(matted)
     if background is None:
@@ -95,7 +95,8 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     background = read_picture(config.background, "background picture") if config.background else None
     matted = []
     reference_in, background_in = conditions_from_reference(pipeline, reference, size, background,
-                                                            with_pose=config.align_pose, on_matte=matted.append)
+                                                            with_pose=config.align_pose, on_matte=matted.append,
+                                                            device=config.device)
     # --align-pose: the driving skeletons refitted to the reference person (its pose, in pose-picture pixels).
     target = reference_target(matted, size, side) if config.align_pose else None
     if config.clip is not None:
@@ -103,7 +104,8 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
                                     fps=config.fps, max_frames=config.max_frames)
     else:
         poses = poses_from_video(config.pose, side, fps=config.fps, style=style, hands=hands,
-                                 smooth=config.smooth_poses, reference=target, max_frames=config.max_frames)
+                                 smooth=config.smooth_poses, reference=target, max_frames=config.max_frames,
+                                 device=config.device)
     unaligned = None if not config.align_pose or poses.alignment else \
         "no pose found in the reference picture" if target is None else "no skeleton in the pose source to measure"
     if poses.alignment:

@@ -391,3 +391,27 @@ def test_a_matted_unit_survives_the_trip_between_the_gpu_stages():
         assert (fi, ts, row_unit) == (fi2, ts2, row_unit2)
         assert np.array_equal(frame, frame2) and np.array_equal(matte.alpha, matte2.alpha)
         assert (matte.score, matte.count, matte.model) == (matte2.score, matte2.count, matte2.model)
+
+
+def test_generate_builds_its_annotators_on_the_models_device(weights, monkeypatch):
+    """``generate --device cpu`` on a machine with a GPU and $DISCO_WEIGHTS takes the embedded
+    annotators (not OpenPose on GPU 0 beside a CPU model); ``--device cuda:1`` puts a GPU backend
+    on that GPU, DWPose's ONNX Runtime session included."""
+    import onnxruntime
+
+    from disco.generate.inputs import make_annotator
+    from disco.pipeline.annotators import dwpose_backend
+
+    built = []
+    monkeypatch.setattr("disco.pipeline.annotators.FrameAnnotator",
+                        lambda matting, pose, *args, **kwargs: built.append((matting, pose, kwargs["device"])))
+    monkeypatch.setattr("disco.pipeline.annotators.cuda_available", lambda: True)
+    monkeypatch.setenv("DISCO_WEIGHTS", str(weights))
+    for device in ("cpu", "cuda:1", None):
+        make_annotator(with_pose=True, device=device)
+    assert built == [("mediapipe", "mediapipe", "cpu"), ("mediapipe", "openpose", "cuda:1"),
+                     ("mediapipe", "openpose", "cuda")]
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert dwpose_backend.providers_for("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert dwpose_backend.providers_for("cpu") == ["CPUExecutionProvider"]

@@ -200,15 +200,20 @@ def cuda_provider_missing() -> str | None:
     return None
 
 
-def providers_for(device: str) -> list[str]:
-    """ONNX Runtime's execution providers for ``device``: CUDA only where asked for, and never a
-    silent CPU run in its place (DESIGN.md)."""
-    if device != "cuda":
+def providers_for(device: str) -> list:
+    """ONNX Runtime's execution providers for ``device`` (``cuda``, ``cuda:1``, ``cpu``): CUDA only
+    where asked for, on that GPU, and never a silent CPU run in its place (DESIGN.md)."""
+    kind, _, index = str(device).partition(":")
+    if kind != "cuda":
         return ["CPUExecutionProvider"]
     missing = cuda_provider_missing()
     if missing:
         raise BackendError(f"dwpose on CUDA: {missing}, or pass --device cpu")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+
+
+def _provider_names(providers: list) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 def _describe(io) -> str:
@@ -244,7 +249,7 @@ def load_session(path: Path, io, what: str, providers: list[str]):
         found = (", ".join(f"{i.name!r} {tuple(i.shape)}" for i in inputs) + " -> "
                  + ", ".join(f"{o.name!r} {tuple(o.shape)}" for o in got))
         raise WeightsError(f"{path} is not {expected}: it has {found}. Is it the right file?")
-    if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
+    if "CUDAExecutionProvider" in _provider_names(providers) and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime-gpu falls back to the CPU by itself when CUDA or cuDNN fail to load.
         raise BackendError(f"ONNX Runtime could not run {path.name} on CUDA (see its log above: CUDA or cuDNN "
                            "libraries missing?); pass --device cpu to run dwpose on the CPU on purpose")
