@@ -3,6 +3,7 @@ a preprocessed split with a checkpoint and score that."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -107,7 +108,32 @@ def check_framing(name: str, pred: np.ndarray, gt: np.ndarray, tolerance: float 
             "its inputs the same way), or give real frames framed as the predictions")
 
 
+@contextlib.contextmanager
+def ieee_convolutions():
+    """fp32 convolutions in full precision within the block: cuDNN's default on a GPU is TF32 (a
+    10-bit mantissa), which moves FID, LPIPS and FVD away from the figures the same frames score
+    on the CPU. The setting before is restored after."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
+
+
 def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
+          batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu",
+          protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False,
+          square_gt: bool = False) -> dict:
+    """Every requested metric over the paired sequences (``_score``), the feature networks'
+    convolutions in full fp32 precision (``ieee_convolutions``)."""
+    with ieee_convolutions():
+        return _score(pred, gt, metrics, networks, batch_size, log, device, protocol, lpips_legacy, psnr_legacy,
+                      square_gt)
+
+
+def _score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
           batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu",
           protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False,
           square_gt: bool = False) -> dict:
@@ -194,7 +220,7 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         pred, gt = work / "pred", work / "gt"
     report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
                    config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt)
-    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "device")
+    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
                 if k != "networks" and (config.run is not None or k not in generation)}
     settings["networks"] = describe_networks(config)
@@ -217,6 +243,7 @@ def conventions(config: EvaluateConfig) -> dict:
                  if config.psnr_legacy else "float64 MSE, 255 peak") + f", identical frames score {M.PSNR_CAP}",
         "ssim": "skimage structural_similarity on grayscale, data_range 255",
         "l1": "mean |pred - gt| of 0..255 values divided by H*W (official DisCo convention)",
+        "networks": "float32, full-precision convolutions (no TF32) on any device",
         "lpips": ("VGG, inputs in [0, 1] (legacy: the official script's range)" if config.lpips_legacy
                   else "VGG, inputs scaled to [-1, 1]"),
         "video_clips": ("official: frame files -> every 16 consecutive frames, stride 1, incomplete windows "

@@ -171,6 +171,22 @@ def test_frechet_metrics_run_on_another_device_than_the_cpu(frames):
         assert metric.metric.real_features_sum.device.type == "meta"
 
 
+def test_scoring_runs_its_networks_without_tf32(folders):
+    """cuDNN convolves fp32 in TF32 on a GPU by default, which moves the feature metrics: the
+    networks run with full-precision convolutions, and the setting comes back afterwards."""
+    seen = []
+
+    class Recording(TinyFeatures):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.conv.fp32_precision)
+            return super().forward(x)
+
+    before = torch.backends.cudnn.conv.fp32_precision
+    score(folders / "shift", folders / "gt", ["fid"], {"fid": Recording()})
+    assert seen and set(seen) == {"ieee"} and before != "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == before
+
+
 def test_a_frechet_distance_needs_two_samples(frames):
     metric = M.Frechet(TinyFeatures(), (3, 64, 64))
     metric.update(M.to_tensor(frames[:1]), real=False)
@@ -276,6 +292,7 @@ def test_the_report_records_scores_counts_and_settings(folders, tmp_path):
     stored = json.loads((tmp_path / "m.json").read_text())
     assert stored["metrics"] == report["metrics"] and set(stored["metrics"]) == {"fid", "ssim", "fvd"}
     assert stored["settings"]["conventions"]["video_clips"] == "16 consecutive frames, stride 1"
+    assert stored["settings"]["device"] == "cpu" and "no TF32" in stored["settings"]["conventions"]["networks"]
     assert stored["settings"]["networks"]["fvd"]["network"].startswith("s3d")
 
 
