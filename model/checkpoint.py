@@ -76,9 +76,20 @@ def list_checkpoints(run: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
+
+
 def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
-    """``path`` is a checkpoint folder, or a run directory (then its latest checkpoint, or ``step``)."""
+    """``path`` is a checkpoint folder, or a run directory (then its latest checkpoint, or ``step``),
+    or the folder Ray Train keeps for a reported checkpoint (``RUN/ray/train-*/checkpoint-N/``,
+    which points at ours)."""
     path = Path(path)
+    if (path / POINTER_FILE).exists() and not (path / WEIGHTS_FILE).exists():
+        pointed = Path(json.loads((path / POINTER_FILE).read_text())["checkpoint"])
+        if not (pointed / WEIGHTS_FILE).exists():
+            raise ConfigError(f"{path} is Ray Train's record of the checkpoint {pointed}, which is not there any "
+                              f"more (pruned by --keep?); give the run directory for its latest checkpoint")
+        return find_checkpoint(pointed, step)
     if (path / WEIGHTS_FILE).exists():
         if step is not None and int(json.loads((path / STATE_FILE).read_text())["step"]) != step:
             raise ConfigError(f"{path} is the checkpoint of another step than {step}")
@@ -210,6 +221,10 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
     EMA). Returned in eval mode on ``device``."""
     checkpoint = find_checkpoint(path, step)
     source, stage = ModelSource.of_run(checkpoint.parent)
+    if source.pretrained and not Path(source.pretrained).is_dir():
+        raise ConfigError(f"{checkpoint.parent}'s base model {source.pretrained} (`pretrained` in its "
+                          f"{RUN_CONFIG_FILE}) is not on this machine: copy that sd-image-variations folder there, or "
+                          "set `pretrained` in that file to where it is")
     model = temporal_base(checkpoint.parent) if stage == "temporal" else base_model(source, stage)
     weights_file = checkpoint / (EMA_FILE if (checkpoint / EMA_FILE).exists() else WEIGHTS_FILE)
     load_trainable_file(model, weights_file)
@@ -251,7 +266,11 @@ def temporal_base(run: Path) -> DisCoModel:
     values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(Path(run) / RUN_CONFIG_FILE).items()}
     if not values.get("init_from"):
         raise ConfigError(f"{run} is a temporal-stage run without init_from; cannot rebuild its image model")
-    image = load_model(values["init_from"])
+    init = Path(values["init_from"])
+    own = Path(run) / IMAGE_MODEL_DIR / init.name
+    if init.parent.name == IMAGE_MODEL_DIR and not init.exists() and own.exists():
+        init = own  # the run was moved or copied: its own copy of the image model came with it
+    image = load_model(init)
     frames = int(values.get("clip_frames") or DEFAULT_CLIP_FRAMES)
     with torch.random.fork_rng(devices=[]):  # the temporal layers' draws are overwritten by the checkpoint
         return add_temporal(image, TemporalConfig(frames=frames))

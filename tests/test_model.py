@@ -294,6 +294,17 @@ def test_a_runs_base_model_is_read_from_its_config(tmp_path):
     assert ModelSource.of_run(tmp_path / "edited") == (ModelSource(model="tiny", seed=7), "finetune")
     with pytest.raises(ConfigError, match="holds no config.yaml"):
         ModelSource.of_run(tmp_path)
+    # A run whose base model folder is not on this machine: said, with the line to change.
+    from disco.model.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_name, load_model
+
+    moved = tmp_path / "moved"
+    TrainConfig(stage="finetune", pretrained=str(tmp_path / "gone" / "sd-image-variations"),
+                output=str(moved)).save(moved)
+    (moved / checkpoint_name(2)).mkdir()
+    (moved / checkpoint_name(2) / WEIGHTS_FILE).write_bytes(b"")
+    (moved / checkpoint_name(2) / STATE_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match=r"base model .*gone.* \(`pretrained` in its config.yaml\) is not on this"):
+        load_model(moved)
 
 
 def test_a_hap_checkpoint_of_the_earlier_trainable_set_still_loads(tmp_path):

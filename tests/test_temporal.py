@@ -360,6 +360,11 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     shutil.rmtree(image_run)
     again = load_model(run)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    # Moved (or copied to another machine): its config.yaml still names the old place of its
+    # image-model copy, which came along with it.
+    moved = tmp_path / "elsewhere" / "temporal"
+    shutil.move(run, moved)
+    assert all(torch.equal(load_model(moved).state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_export_of_a_temporal_model_keeps_its_temporal_layers(tmp_path):

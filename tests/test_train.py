@@ -339,7 +339,10 @@ def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_p
     state = json.loads((find_checkpoint(run) / "state.json").read_text())
     assert (state["step"], state["world_size"], state["positions"]) == (2, 1, [4])
     # Ray Train's bookkeeping, with the pointer to the checkpoint it reported: it ran as a TorchTrainer.
-    assert [p.name for p in (run / "ray").glob("train-*/checkpoint-00000002")]
+    reported = list((run / "ray").glob("train-*/checkpoint-00000002"))
+    assert reported
+    # Ray Train's folder of that report points at ours: generate / evaluate take it for the checkpoint.
+    assert find_checkpoint(reported[0]) == find_checkpoint(run)
     assert load_run_config(run).ray_address == address
 
 
@@ -351,6 +354,9 @@ def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(tripl
     two = {m["step"]: m for m in read_metrics(two_worker_run)[0]}[4]
     assert two["loss"] == pytest.approx(train_loss(one), rel=1e-4)
     assert json.loads((find_checkpoint(two_worker_run, 4) / "state.json").read_text())["world_size"] == 2
+    # Ray Train's folder of a reported checkpoint points at ours: generate / evaluate take it for it.
+    reported = sorted((two_worker_run / "ray").glob("train-*/checkpoint-00000004"))
+    assert reported and find_checkpoint(reported[0]) == find_checkpoint(two_worker_run, 4)
     a, b = _weights(Path(one.output)), _weights(two_worker_run, 4)
     start = initial_model(load_run_config(one.output)).trainable_parameters()
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))

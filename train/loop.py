@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from disco.model.conditioning import vae_factor
-from disco.model.checkpoint import legacy_hap_names, list_checkpoints, load_trainable, read_checkpoint, save_checkpoint
+from disco.model.checkpoint import (POINTER_FILE, legacy_hap_names, list_checkpoints, load_trainable, read_checkpoint,
+                                   save_checkpoint)
 from disco.pipeline.errors import ConfigError
 from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
@@ -38,7 +39,6 @@ from disco.train.condition_gaps import ConditionGaps
 # (With --grad-accum > 1 the micro-batches under no_sync accumulate into fresh gradients after
 # each update clears them, so the buckets stay a copy there: train/memory.py counts them then.)
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
-POINTER_FILE = "pointer.json"  # what a checkpoint reported to Ray Train holds: where ours lives
 
 
 def _rng_state() -> dict:
