@@ -52,6 +52,7 @@ def generate(
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated.")] = G.side_by_side,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = G.device,
     align_pose: Annotated[bool, typer.Option("--align-pose/--no-align-pose", help="Refit the driving skeletons limb by limb to the reference person's proportions and put them where it stands (when its pose is found); --no-align-pose keeps the driver's skeleton.")] = G.align_pose,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="A training run's EMA weights where it kept them (--ema-decay); --no-ema samples with the weights as trained.")] = G.ema,
     smooth_poses: Annotated[bool, typer.Option("--smooth-poses/--no-smooth-poses", help="With --pose VIDEO: steady the keypoints with a One-Euro filter before drawing (and aligning) them.")] = G.smooth_poses,
 ) -> None:
     """Generate a dance video: the person of --reference, in its own or another scene, moving as --pose."""
@@ -60,7 +61,7 @@ def generate(
         checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
         steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,
         frames=frames, side_by_side=side_by_side, max_frames=max_frames, device=device,
-        align_pose=align_pose, smooth_poses=smooth_poses,
+        align_pose=align_pose, smooth_poses=smooth_poses, ema=ema,
     )
     result = run_generation(config)
     console.print(f"wrote {result.video.resolve()}: {result.frames} frames, {result.size} x {result.size} px, "

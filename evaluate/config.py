@@ -102,6 +102,7 @@ class EvaluateConfig:
     size: int | None = None
     max_frames: int | None = None
     device: str = "cpu"
+    ema: bool = True  # with --run: its EMA weights where it kept them; False: the weights as trained
 
     def validate(self) -> "EvaluateConfig":
         if (self.pred is None) != (self.gt is None):

@@ -220,7 +220,7 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         pred, gt = work / "pred", work / "gt"
     report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
                    config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt)
-    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames")
+    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "ema")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
                 if k != "networks" and (config.run is not None or k not in generation)}
     settings["networks"] = describe_networks(config)
@@ -312,7 +312,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
     check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
     fresh_work_dir(work)  # after the checks: a refused command leaves the last run's frames alone
-    pipeline, size, side = open_pipeline(config.run, config.device, config.size)
+    pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema)
     frames_done = 0
     for clip in clip_ids:
         rows = read_clip(config.data, clip, ["image", "mask", "background", *POSE_READ_COLUMNS], split=config.split)
@@ -332,6 +332,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         write_frames(work / "gt" / folder, np.stack([square(decode_picture(r["image"]), size) for r in rows]))
         frames_done += len(rows)
         log(f"generated {clip}: {len(rows)} frames")
-    return {"run": str(config.run), "data": str(config.data), "split": config.split, "clips": len(clip_ids),
+    return {"run": str(config.run), "checkpoint": getattr(pipeline, "source", None),
+            "data": str(config.data), "split": config.split, "clips": len(clip_ids),
             "frames": frames_done, "size": size, "steps": config.steps, "guidance_scale": config.guidance_scale,
             "seed": config.seed}

@@ -31,6 +31,7 @@ class GenerateConfig:
     device: str = "cpu"
     align_pose: bool = True  # refit the driving skeletons to the reference person (when its pose is found)
     smooth_poses: bool = True  # One-Euro filter over a pose video's keypoints
+    ema: bool = True  # a training run's EMA weights where it kept them; False: the weights as trained
 
     def validate(self) -> "GenerateConfig":
         if self.output.suffix.lower() != ".mp4":

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from disco.model.checkpoint import background_hole, load_checkpoint, pose_setting
+from disco.model.checkpoint import background_hole, describe_checkpoint, load_checkpoint, pose_setting
 from disco.generate.config import GenerateConfig
 from disco.model.conditioning import (
     HOLE,
@@ -69,11 +69,13 @@ def reference_target(matted: list, size: int, side: int) -> np.ndarray | None:
     return scale_keypoints(matted[0].pose, side / size)
 
 
-def open_pipeline(checkpoint: Path, device: str, size: int | None) -> tuple[DisCoPipeline, int, int]:
-    """The sampling pipeline of a checkpoint, the frame side (default: the model's) and the pose side."""
-    model = load_checkpoint(checkpoint, device=device)
+def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True) -> tuple[DisCoPipeline, int, int]:
+    """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
+    False), the frame side (default: the model's) and the pose side."""
+    model = load_checkpoint(checkpoint, device=device, ema=ema)
     pipeline = DisCoPipeline(model)
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
+    pipeline.source = describe_checkpoint(checkpoint, ema)  # for the records: which checkpoint and weights
     size = size or default_size(model)
     try:
         check_size(model, size)
@@ -90,7 +92,7 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     style, hands = pose_setting(config.checkpoint)
     if config.clip is not None:
         check_pose_folder(config.pose, style, hands)  # pictures it cannot redraw: refused before the model loads
-    pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size)
+    pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema)
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
     matted = []
@@ -140,7 +142,8 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
         result.frames_dir = config.frames
     result.seconds = time.time() - started
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    record = {"settings": settings, "frames": result.frames, "size": size, "fps": fps,
+    record = {"settings": settings, "checkpoint": getattr(pipeline, "source", None),
+              "frames": result.frames, "size": size, "fps": fps,
               "empty_poses": poses.empty, "wall_time_s": round(result.seconds, 3),
               "align_pose": {"ran": poses.alignment is not None, **(poses.alignment or {}),
                              **({"skipped": unaligned} if unaligned else {})},

@@ -214,11 +214,11 @@ def load_trainable_file(model: DisCoModel, path: Path) -> None:
             _put(model, name, _read(path, lambda name=name: weights.get_tensor(name)))
 
 
-def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> DisCoModel:
+def load_model(path: str | Path, step: int | None = None, device: str = "cpu", ema: bool = True) -> DisCoModel:
     """The trained DisCo model of a run directory (its latest checkpoint, or ``step``) or of one
     checkpoint folder: frozen parts rebuilt from the run's ``config.yaml`` (``--model`` or
     ``--pretrained``), trainable weights from safetensors (the EMA weights when the run kept an
-    EMA). Returned in eval mode on ``device``."""
+    EMA, unless ``ema`` is False). Returned in eval mode on ``device``."""
     checkpoint = find_checkpoint(path, step)
     source, stage = ModelSource.of_run(checkpoint.parent)
     if source.pretrained and not Path(source.pretrained).is_dir():
@@ -226,9 +226,25 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
                           f"{RUN_CONFIG_FILE}) is not on this machine: copy that sd-image-variations folder there, or "
                           "set `pretrained` in that file to where it is")
     model = temporal_base(checkpoint.parent) if stage == "temporal" else base_model(source, stage)
-    weights_file = checkpoint / (EMA_FILE if (checkpoint / EMA_FILE).exists() else WEIGHTS_FILE)
-    load_trainable_file(model, weights_file)
+    load_trainable_file(model, checkpoint / weights_name(checkpoint, ema))
     return model.to(device).eval()
+
+
+def weights_name(checkpoint: Path, ema: bool = True) -> str:
+    """The weights file a model is loaded from: the EMA's where the run kept one (and ``ema``)."""
+    return EMA_FILE if ema and (checkpoint / EMA_FILE).exists() else WEIGHTS_FILE
+
+
+def describe_checkpoint(path: str | Path, ema: bool = True) -> dict:
+    """What ``load_checkpoint(path, ema=ema)`` loads, for the records of generate and evaluate: the
+    checkpoint folder a run resolves to now, its step and which weights (EMA or as trained)."""
+    path = Path(path)
+    if is_pretrained_folder(path):
+        return {"path": str(path), "kind": "save_pretrained"}
+    checkpoint = find_checkpoint(path)
+    return {"path": str(path), "kind": "training run", "checkpoint": str(checkpoint),
+            "step": json.loads((checkpoint / STATE_FILE).read_text()).get("step"),
+            "weights": "ema" if weights_name(checkpoint, ema) == EMA_FILE else "trained"}
 
 
 IMAGE_MODEL_DIR = "image-model"  # in a temporal-stage run: its own copy of the image model's checkpoint
@@ -319,9 +335,10 @@ def is_pretrained_folder(path: Path) -> bool:
         return False
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> DisCoModel:
+def load_checkpoint(path: str | Path, device: str = "cpu", ema: bool = True) -> DisCoModel:
     """Any model path a user gives ``generate`` or ``evaluate``: a ``save_pretrained`` folder, a
-    training run, or one of its checkpoints; the model comes back in eval mode on ``device``."""
+    training run, or one of its checkpoints (its EMA weights where it kept them, unless ``ema`` is
+    False); the model comes back in eval mode on ``device``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -329,7 +346,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> DisCoModel:
         from disco.model.disco import DisCoModel
 
         return DisCoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-    return load_model(path, device=device)
+    return load_model(path, device=device, ema=ema)
 
 
 # -- writing and reading checkpoints ------------------------------------------------------------------

@@ -254,7 +254,7 @@ def test_generate_feeds_the_model_the_aligned_poses(clip, tmp_path, monkeypatch)
         fed.setdefault("poses", []).append(poses)
         return np.zeros((len(poses), 32, 32, 3), np.uint8)
 
-    monkeypatch.setattr(run_module, "open_pipeline", lambda checkpoint, device, size: (pipeline, 32, 64))
+    monkeypatch.setattr(run_module, "open_pipeline", lambda checkpoint, device, size, **_: (pipeline, 32, 64))
     (tmp_path / "ckpt").mkdir()
     # The reference: the astronaut closer to the camera than in the driving clip's first frame.
     Image.fromarray(data.astronaut()[:320, 96:416]).save(tmp_path / "person.png")

@@ -81,6 +81,7 @@ def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, 
     assert len(pngs) == POSE_FRAMES and np.asarray(Image.open(pngs[0])).shape == (SIZE, SIZE, 3)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["frames"] == POSE_FRAMES and record["settings"]["steps"] == 2
+    assert record["checkpoint"] == {"path": str(inputs / "ckpt"), "kind": "save_pretrained"}
 
 
 def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
@@ -251,7 +252,7 @@ def test_training_runs_are_read_through_the_run_loader(inputs, tmp_path, monkeyp
 
     calls = []
 
-    def load_model(path, step=None, device="cpu"):
+    def load_model(path, step=None, device="cpu", ema=True):
         calls.append((path, device))
         return DisCoModel.from_pretrained(inputs / "ckpt").eval()
 

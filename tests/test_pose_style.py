@@ -300,7 +300,7 @@ def test_generate_feeds_the_model_poses_in_the_runs_style(openpose_data, tmp_pat
         fed["poses"] = poses
         return np.zeros((len(poses), 32, 32, 3), np.uint8)
 
-    monkeypatch.setattr(run_module, "open_pipeline", lambda checkpoint, device, size: (pipeline, 32, 48))
+    monkeypatch.setattr(run_module, "open_pipeline", lambda checkpoint, device, size, **_: (pipeline, 32, 48))
     monkeypatch.setattr(run_module, "conditions_from_reference", lambda *args, **kwargs: (None, None))
     Image.fromarray(_frame(0)).save(tmp_path / "person.png")
     run_module.generate(GenerateConfig(checkpoint=_disco_run(tmp_path / "run"), reference=tmp_path / "person.png",

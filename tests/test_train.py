@@ -451,6 +451,13 @@ def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
     name = "unet.conv_in.weight"
     assert torch.equal(load_model(cfg.output).get_parameter(name), ema[name])
     assert not torch.equal(ema[name], trained[name])
+    # generate / evaluate --no-ema: the weights as trained; their records say which were loaded.
+    assert torch.equal(load_model(cfg.output, ema=False).get_parameter(name), trained[name])
+    from disco.model.checkpoint import describe_checkpoint
+
+    assert describe_checkpoint(cfg.output) == {"path": cfg.output, "kind": "training run",
+                                               "checkpoint": str(checkpoint), "step": 3, "weights": "ema"}
+    assert describe_checkpoint(cfg.output, ema=False)["weights"] == "trained"
 
 
 # -- command line ------------------------------------------------------------------------------------
