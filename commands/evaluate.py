@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from disco.commands.terminal import check_device, choices, console, defaults, plain, usage_error
+from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
 from disco.evaluate.config import (METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
                                    NetworkConfig, parse_metrics)
 
@@ -49,6 +49,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="torch device for generation and the feature networks, e.g. cpu or cuda.")] = E.device,
 ) -> None:
     """Score generated frames against real ones: FID, SSIM, PSNR, LPIPS, L1, FID-VID, FVD."""
+    import torch
+
     from disco.evaluate.networks import WeightsError
     from disco.evaluate.run import evaluate as run_evaluate
     from disco.generate.inputs import GenerateInputError
@@ -68,6 +70,8 @@ def evaluate(
         usage_error(str(exc))
     except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
         usage_error(str(exc))
+    except torch.OutOfMemoryError:
+        out_of_memory(device, batch_size)
     counts = report["counts"]
     table = Table(title=f"scores (--protocol {config.protocol})")
     table.add_column("metric")

@@ -9,13 +9,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from disco.generate.config import GenerateConfig
-from disco.commands.terminal import check_device, console, defaults, usage_error
+from disco.commands.terminal import check_device, console, defaults, out_of_memory, usage_error
 
 G = defaults(GenerateConfig)
 
 
 def run_generation(config, show_progress: bool = True):
     """Generate a video with a progress bar; a user's mistake is a one-line usage error."""
+    import torch
+
     from disco.generate.inputs import GenerateInputError
     from disco.generate.run import generate as run_generate
 
@@ -30,6 +32,8 @@ def run_generation(config, show_progress: bool = True):
             usage_error(str(exc))
         except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
             usage_error(str(exc))
+        except torch.OutOfMemoryError:
+            out_of_memory(config.device, config.batch_size)
     return result
 
 

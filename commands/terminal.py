@@ -105,3 +105,13 @@ def check_device(device: str) -> None:
         usage_error(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     if kind == "cuda" and not torch.cuda.is_available():
         usage_error(f"--device {device}: no CUDA device is available on this machine")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        usage_error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                    f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def out_of_memory(device: str, batch_size: int) -> None:
+    """A GPU that runs out of memory: one line saying what to lower, not a CUDA traceback."""
+    usage_error(f"out of GPU memory on {device} at --batch-size {batch_size}: lower --batch-size (or --size), "
+                "or free the GPU of other work")

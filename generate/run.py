@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from disco.model.checkpoint import background_hole, describe_checkpoint, load_checkpoint, pose_setting
+from disco.model.checkpoint import ModelSource, background_hole, describe_checkpoint, load_checkpoint, pose_setting
 from disco.generate.config import GenerateConfig
 from disco.model.conditioning import (
     HOLE,
@@ -72,10 +72,15 @@ def reference_target(matted: list, size: int, side: int) -> np.ndarray | None:
 def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True) -> tuple[DisCoPipeline, int, int]:
     """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
     False), the frame side (default: the model's) and the pose side."""
+    source = describe_checkpoint(checkpoint, ema)
+    if source.get("kind") == "training run" and ModelSource.of_run(Path(source["checkpoint"]).parent)[1] == "pretrain":
+        # Said before the model loads (a minute at full size on a CPU), as DisCoPipeline would after.
+        raise GenerateInputError(f"{checkpoint} is a pre-training (HAP) run, without a pose ControlNet; generation "
+                                 "needs a fine-tuned model")
     model = load_checkpoint(checkpoint, device=device, ema=ema)
     pipeline = DisCoPipeline(model)
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
-    pipeline.source = describe_checkpoint(checkpoint, ema)  # for the records: which checkpoint and weights
+    pipeline.source = source  # for the records: which checkpoint and weights
     size = size or default_size(model)
     try:
         check_size(model, size)

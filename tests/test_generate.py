@@ -275,11 +275,40 @@ def test_checkpoint_resolution_errors(tmp_path, inputs):
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
 
 
-def test_a_pretraining_checkpoint_cannot_generate(tmp_path, inputs):
+def test_a_pretraining_checkpoint_cannot_generate(tmp_path, inputs, monkeypatch):
     DisCoModel.from_architecture("tiny", variant="pretrain").save_pretrained(tmp_path / "hap")
     result = _run("generate", "--checkpoint", tmp_path / "hap", "--reference", inputs / "person.png",
                   "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")
     assert result.exit_code == 2 and "pose ControlNet" in result.output
+    # A HAP training run is refused from its config.yaml, before its model is built.
+    import disco.generate.run as run_module
+    from disco.model.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_name
+    from disco.train.config import TrainConfig
+
+    run = tmp_path / "hap-run"
+    TrainConfig(stage="pretrain", model="tiny", output=str(run)).save(run)
+    (run / checkpoint_name(5)).mkdir()
+    (run / checkpoint_name(5) / WEIGHTS_FILE).write_bytes(b"")
+    (run / checkpoint_name(5) / STATE_FILE).write_text('{"step": 5}')
+    monkeypatch.setattr(run_module, "load_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = _run("generate", "--checkpoint", run, "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")
+    assert result.exit_code == 2 and "is a pre-training (HAP) run, without a pose ControlNet" in result.output
+
+
+def test_running_out_of_gpu_memory_is_one_line(inputs, tmp_path, monkeypatch):
+    import torch
+
+    import disco.generate.run as run_module
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(run_module, "generate", exhausted)
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4", "--batch-size", 16)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "out of GPU memory on cpu at --batch-size 16: lower --batch-size" in result.output
 
 
 @pytest.mark.parametrize("change, message", [

@@ -339,6 +339,26 @@ def test_a_missing_gpu_is_a_usage_error(folders, tmp_path):
     assert result.exit_code == 2 and "no CUDA device" in result.output
 
 
+def test_a_gpu_index_past_the_machines_and_running_out_of_gpu_memory_are_one_line(folders, tmp_path, monkeypatch):
+    """On a machine with one GPU (made believe), --device cuda:3 is refused before any work, and a
+    CUDA out-of-memory error during scoring says what to lower instead of a traceback."""
+    import disco.evaluate.run as run_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = ("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "psnr", "--output", tmp_path / "o.json")
+    result = _cli(*args, "--device", "cuda:3")
+    assert result.exit_code == 2 and "this machine has 1 CUDA device(s), cuda:0 to cuda:0" in result.output
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run_module, "score", exhausted)
+    result = _cli(*args, "--device", "cuda:0", "--batch-size", "64")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "out of GPU memory on cuda:0 at --batch-size 64: lower --batch-size" in result.output
+
+
 def test_evaluate_needs_pred_and_gt_or_a_run(folders, tmp_path):
     result = _cli("--pred", folders / "shift", "--output", tmp_path / "o.json")
     assert result.exit_code == 2 and "--pred and --gt go together" in result.output
