@@ -458,10 +458,17 @@ def step_generate(args, size, work: Path) -> dict:
 
     run(n)  # warm-up
     batched, single = n / run(n), n / run(1)
+    # `generate --dtype`: float16 on a GPU (bfloat16 where the smoke run is on the CPU), batched.
+    half = "float16" if str(device).startswith("cuda") else "bfloat16"
+    model.to(getattr(torch, half))
+    run(n)
+    halved = n / run(n)
     return {"frames": n, "size": size["generate_size"], "steps": size["generate_steps"], "dtype": "float32",
             "batched_frames_per_s": batched, "one_at_a_time_frames_per_s": single, "ratio": batched / single,
+            "half_dtype": half, "half_batched_frames_per_s": halved, "half_ratio": halved / batched,
             "summary": f"{n} frames, {size['generate_steps']} DDIM steps: batched {batched:.2f} frames/s, one at a "
-                       f"time {single:.2f} frames/s ({batched / single:.1f}x)"}
+                       f"time {single:.2f} frames/s ({batched / single:.1f}x); --dtype {half} batched "
+                       f"{halved:.2f} frames/s ({halved / batched:.2f}x float32)"}
 
 
 def step_trainer_vs_loop(args, size, work: Path) -> dict:

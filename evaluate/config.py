@@ -103,12 +103,20 @@ class EvaluateConfig:
     max_frames: int | None = None
     device: str = "cpu"
     ema: bool = True  # with --run: its EMA weights where it kept them; False: the weights as trained
+    dtype: str = "float32"  # with --run: what the model samples in (generate's DTYPES)
 
     def validate(self) -> "EvaluateConfig":
         if (self.pred is None) != (self.gt is None):
             raise EvaluateInputError("--pred and --gt go together")
         if (self.pred is None) == (self.run is None):
             raise EvaluateInputError("pass either --pred DIR --gt DIR, or --run RUN --data TRIPLETS_DIR")
+        if self.run is not None:
+            from disco.generate.config import GenerateInputError, check_dtype
+
+            try:
+                check_dtype(self.dtype, self.device)
+            except GenerateInputError as exc:
+                raise EvaluateInputError(str(exc)) from None
         if self.run is not None and self.data is None:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
         if self.protocol not in PROTOCOLS:

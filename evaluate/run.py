@@ -220,7 +220,8 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         pred, gt = work / "pred", work / "gt"
     report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
                    config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt)
-    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "ema")
+    generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "ema",
+                  "dtype")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
                 if k != "networks" and (config.run is not None or k not in generation)}
     settings["networks"] = describe_networks(config)
@@ -312,7 +313,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
     check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
     fresh_work_dir(work)  # after the checks: a refused command leaves the last run's frames alone
-    pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema)
+    pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype)
     frames_done = 0
     for clip in clip_ids:
         rows = read_clip(config.data, clip, ["image", "mask", "background", *POSE_READ_COLUMNS], split=config.split)

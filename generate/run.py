@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from disco.model.checkpoint import ModelSource, background_hole, describe_checkpoint, load_checkpoint, pose_setting
 from disco.generate.config import GenerateConfig
@@ -69,15 +70,16 @@ def reference_target(matted: list, size: int, side: int) -> np.ndarray | None:
     return scale_keypoints(matted[0].pose, side / size)
 
 
-def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True) -> tuple[DisCoPipeline, int, int]:
+def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True,
+                  dtype: str = "float32") -> tuple[DisCoPipeline, int, int]:
     """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
-    False), the frame side (default: the model's) and the pose side."""
+    False; its weights in ``dtype``), the frame side (default: the model's) and the pose side."""
     source = describe_checkpoint(checkpoint, ema)
     if source.get("kind") == "training run" and ModelSource.of_run(Path(source["checkpoint"]).parent)[1] == "pretrain":
         # Said before the model loads (a minute at full size on a CPU), as DisCoPipeline would after.
         raise GenerateInputError(f"{checkpoint} is a pre-training (HAP) run, without a pose ControlNet; generation "
                                  "needs a fine-tuned model")
-    model = load_checkpoint(checkpoint, device=device, ema=ema)
+    model = load_checkpoint(checkpoint, device=device, ema=ema).to(getattr(torch, dtype))
     pipeline = DisCoPipeline(model)
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     pipeline.source = source  # for the records: which checkpoint and weights
@@ -97,7 +99,8 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     style, hands = pose_setting(config.checkpoint)
     if config.clip is not None:
         check_pose_folder(config.pose, style, hands)  # pictures it cannot redraw: refused before the model loads
-    pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema)
+    pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema,
+                                         dtype=config.dtype)
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
     matted = []

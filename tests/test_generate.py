@@ -296,6 +296,24 @@ def test_a_pretraining_checkpoint_cannot_generate(tmp_path, inputs, monkeypatch)
     assert result.exit_code == 2 and "is a pre-training (HAP) run, without a pose ControlNet" in result.output
 
 
+def test_half_precision_samples_nearly_the_same_frames(inputs, tmp_path):
+    """--dtype bfloat16 (the half precision a CPU runs; float16 is for GPUs only): the same frames
+    within a few grey levels of float32's, and the record says which precision made them."""
+    common = ["generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
+              inputs / "dance.mp4", "--steps", 2, "--size", SIZE, "--max-frames", 2, "--no-align-pose"]
+    frames = {}
+    for dtype in ("float32", "bfloat16"):
+        result = _run(*common, "--dtype", dtype, "--output", tmp_path / f"{dtype}.mp4", "--frames", tmp_path / dtype)
+        assert result.exit_code == 0, result.output
+        frames[dtype] = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / dtype).glob("*.png"))])
+        assert json.loads((tmp_path / f"{dtype}.json").read_text())["settings"]["dtype"] == dtype
+    difference = np.abs(frames["float32"].astype(int) - frames["bfloat16"].astype(int))
+    assert frames["float32"].shape == frames["bfloat16"].shape == (2, SIZE, SIZE, 3)
+    assert 0 < difference.mean() < 3 and frames["float32"].std() > 1
+    refused = _run(*common, "--dtype", "float16", "--output", tmp_path / "f16.mp4")
+    assert refused.exit_code == 2 and "--dtype float16 needs a CUDA --device" in refused.output
+
+
 def test_running_out_of_gpu_memory_is_one_line(inputs, tmp_path, monkeypatch):
     import torch
 

@@ -89,6 +89,7 @@ def test_the_training_and_generation_steps_measure_at_smoke_size(tmp_path, ray_l
     generate = suite.step_generate(args, size, tmp_path / "generate")
     assert generate["frames"] == 2 and generate["batched_frames_per_s"] > 0
     assert generate["one_at_a_time_frames_per_s"] > 0 and generate["ratio"] > 0
+    assert generate["half_dtype"] == "bfloat16" and generate["half_batched_frames_per_s"] > 0
 
 
 def test_without_a_gpu_the_full_suite_refuses_in_one_line(tmp_path):
