@@ -440,6 +440,7 @@ def step_generate(args, size, work: Path) -> dict:
 
     from disco.model.conditioning import pose_size
     from disco.model.pipeline import DisCoPipeline
+    from disco.model.precision import on_cuda
     from disco.train.initial import initial_model
 
     device = size["device"]
@@ -459,7 +460,7 @@ def step_generate(args, size, work: Path) -> dict:
     run(n)  # warm-up
     batched, single = n / run(n), n / run(1)
     # `generate --dtype`: float16 on a GPU (bfloat16 where the smoke run is on the CPU), batched.
-    half = "float16" if str(device).startswith("cuda") else "bfloat16"
+    half = "float16" if on_cuda(device) else "bfloat16"
     model.to(getattr(torch, half))
     run(n)
     halved = n / run(n)

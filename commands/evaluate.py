@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
-from disco.generate.config import DTYPES
+from disco.model.precision import DTYPES
 from disco.evaluate.config import (METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
                                    NetworkConfig, parse_metrics)
 
@@ -75,7 +75,7 @@ def evaluate(
     except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
         usage_error(str(exc))
     except torch.OutOfMemoryError:
-        out_of_memory(device, batch_size)
+        out_of_memory(device, batch_size, generating=run is not None)
     counts = report["counts"]
     table = Table(title=f"scores (--protocol {config.protocol})")
     table.add_column("metric")

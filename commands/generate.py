@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from disco.generate.config import DTYPES, GenerateConfig
+from disco.generate.config import GenerateConfig
+from disco.model.precision import DTYPES
 from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
 
 G = defaults(GenerateConfig)

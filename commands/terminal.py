@@ -111,7 +111,8 @@ def check_device(device: str) -> None:
                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
-def out_of_memory(device: str, batch_size: int) -> None:
+def out_of_memory(device: str, batch_size: int, generating: bool = True) -> None:
     """A GPU that runs out of memory: one line saying what to lower, not a CUDA traceback."""
-    usage_error(f"out of GPU memory on {device} at --batch-size {batch_size}: lower --batch-size (or --size), "
+    lower = "--batch-size (or --size)" if generating else "--batch-size"
+    usage_error(f"out of GPU memory on {device} at --batch-size {batch_size}: lower {lower}, "
                 "or free the GPU of other work")

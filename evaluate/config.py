@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from disco.model.precision import dtype_problem
+
 METRICS = ("fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd")
 # The video networks FID-VID and FVD can use (built in evaluate/networks.py), and the defaults.
 VIDEO_NET_NAMES = ("r3d_18", "r2plus1d_18", "mc3_18", "s3d", "resnet3d50", "i3d")
@@ -110,13 +112,8 @@ class EvaluateConfig:
             raise EvaluateInputError("--pred and --gt go together")
         if (self.pred is None) == (self.run is None):
             raise EvaluateInputError("pass either --pred DIR --gt DIR, or --run RUN --data TRIPLETS_DIR")
-        if self.run is not None:
-            from disco.generate.config import GenerateInputError, check_dtype
-
-            try:
-                check_dtype(self.dtype, self.device)
-            except GenerateInputError as exc:
-                raise EvaluateInputError(str(exc)) from None
+        if self.run is not None and dtype_problem(self.dtype, self.device):
+            raise EvaluateInputError(dtype_problem(self.dtype, self.device))
         if self.run is not None and self.data is None:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
         if self.protocol not in PROTOCOLS:

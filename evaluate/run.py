@@ -280,7 +280,7 @@ def fresh_work_dir(work: Path) -> None:
     scored, so the frames of an earlier run (another checkpoint, split or --max-frames) would be
     scored with the new ones. Folders that ``--run`` did not write are refused, never deleted."""
     old = [work / name for name in ("pred", "gt") if (work / name).exists()]
-    if old and not (work / WORK_MARK).exists():
+    if old and not (work / WORK_MARK).exists() and not _frames_of_a_run(old):
         raise EvaluateInputError(
             f"{work} already holds {' and '.join(p.name + '/' for p in old)}, not written by `evaluate --run`: "
             "choose another --work-dir (or delete them)")
@@ -288,6 +288,19 @@ def fresh_work_dir(work: Path) -> None:
         shutil.rmtree(folder)
     work.mkdir(parents=True, exist_ok=True)
     (work / WORK_MARK).touch()
+
+
+def _frames_of_a_run(folders: list[Path]) -> bool:
+    """pred/ and gt/ laid out as ``--run`` writes them (before it marked its work folders): only
+    clip folders of ``000000.png``-numbered frames, the same clips on both sides."""
+    clips = []
+    for folder in folders:
+        subfolders = list(folder.iterdir())
+        if not all(p.is_dir() and all(f.is_file() and f.suffix == ".png" and f.stem.isdigit() and len(f.stem) == 6
+                                      for f in p.iterdir()) for p in subfolders):
+            return False
+        clips.append({p.name for p in subfolders})
+    return len(folders) == 2 and clips[0] == clips[1]
 
 
 def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None]) -> dict:
@@ -312,8 +325,8 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     if not clip_ids:
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
     check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
-    fresh_work_dir(work)  # after the checks: a refused command leaves the last run's frames alone
     pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype)
+    fresh_work_dir(work)  # after the checks and the model: a refused command leaves the last run's frames alone
     frames_done = 0
     for clip in clip_ids:
         rows = read_clip(config.data, clip, ["image", "mask", "background", *POSE_READ_COLUMNS], split=config.split)

@@ -6,20 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from disco.model.precision import dtype_problem
+
 
 class GenerateInputError(ValueError):
     """An input picture, video or clip that cannot drive generation (a user's mistake)."""
-
-
-DTYPES = ("float32", "float16", "bfloat16")  # what the model samples in (checkpoints are stored in float32)
-
-
-def check_dtype(dtype: str, device: str) -> None:
-    """float16 only where it is fast and complete, on a GPU; bfloat16 and float32 anywhere."""
-    if dtype not in DTYPES:
-        raise GenerateInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if dtype == "float16" and not str(device).startswith("cuda"):
-        raise GenerateInputError("--dtype float16 needs a CUDA --device; on the CPU use bfloat16 or float32")
 
 
 @dataclass
@@ -63,7 +54,9 @@ class GenerateConfig:
             raise GenerateInputError(f"--size must be a positive number of pixels, not {self.size}")
         if self.guidance_scale < 0:
             raise GenerateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
-        check_dtype(self.dtype, self.device)
+        problem = dtype_problem(self.dtype, self.device)
+        if problem:
+            raise GenerateInputError(problem)
         # Every input is checked here, before a model is loaded (seconds to minutes).
         for what, path in (("--checkpoint", self.checkpoint), ("--reference: reference picture", self.reference),
                            ("--pose: pose video or folder", self.pose),

@@ -15,11 +15,12 @@ import numpy as np
 from disco.model.conditioning import square
 from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.decode import decode_video_frames, load_image, probe_video, resample_indices, resample_times
+from disco.pipeline.decode import decode_video_frames, load_image, probe_video, resample_sequence
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.annotators.render import render_pose
 from disco.generate.align import align_sequence
+from disco.model.precision import on_cuda
 
 # MediaPipe needs pictures of some size: smaller models' frames are annotated at this side and the
 # mask and keypoints scaled down (at 64 px it finds people in a cup of coffee).
@@ -54,7 +55,7 @@ def make_annotator(with_pose: bool, hands: bool | None = None, device: str | Non
     None: a CUDA GPU where there is one)."""
     from disco.pipeline.annotators import FrameAnnotator, resolve_backends
 
-    on_cpu = device is not None and not str(device).startswith("cuda")
+    on_cpu = device is not None and not on_cuda(device)
     # On the CPU `auto` takes the embedded backends, as where no GPU exists: a GPU backend on the
     # CPU is only ever asked for by name.
     backends = resolve_backends("auto", "auto" if with_pose else "none", device="cpu" if on_cpu else "auto",
@@ -124,7 +125,8 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
         info = probe_video(path)
     except InputError as exc:
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
-    indices = info.resample(fps or info.fps)[:max_frames]
+    indices, rate = info.resampled(fps or info.fps)
+    indices = indices[:max_frames]
     own = annotator is None
     annotator = annotator or make_annotator(with_pose=True, hands=hands, device=device)
     analysed = max(side, MIN_ANNOTATE_SIDE)
@@ -145,7 +147,6 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     finally:
         if own:
             annotator.close()
-    rate = min(fps or info.fps, info.fps)
     if smooth and len(bodies) > 1:
         from disco.pipeline.annotators.smoothing import smooth_sequence
 
@@ -249,7 +250,9 @@ def poses_from_triplets(triplets: str | Path, clip: str, side: int, style: str |
     rows = read_clip(triplets, clip, [*POSE_READ_COLUMNS, "timestamp_s"])
     rate = clip_fps(rows)
     if fps is not None:
-        rows, rate = resample_rows(rows, fps), min(fps, rate)
+        times = [r.get("timestamp_s") for r in rows]
+        picked, rate = resample_sequence(times if None not in times else (), len(rows), rate, fps)
+        rows = [rows[i] for i in picked]
     rows = rows[:max_frames]
     alignment = None
     if reference is not None and all(r["body_keypoints"] is not None for r in rows):
@@ -257,16 +260,6 @@ def poses_from_triplets(triplets: str | Path, clip: str, side: int, style: str |
     frames = [square(picture, side)
               for picture in pose_pictures(triplets, rows, style, hands, clip, redraw=alignment is not None)]
     return PoseSequence(frames, fps=rate, alignment=alignment)
-
-
-def resample_rows(rows: list[dict], fps: float) -> list[dict]:
-    """A stored clip's rows at ``fps`` (never above the clip's own rate): by their timestamps where
-    every row has one, else by frame number at the clip's rate, as a pose video is resampled."""
-    times = [r.get("timestamp_s") for r in rows]
-    picked = resample_times(times, fps) if len(rows) > 1 and None not in times else None
-    if picked is None:
-        picked = resample_indices(len(rows), clip_fps(rows), fps)
-    return [rows[i] for i in picked]
 
 
 def _square_frame(row: dict, side: int) -> tuple[np.ndarray, float]:

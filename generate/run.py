@@ -79,7 +79,8 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
         # Said before the model loads (a minute at full size on a CPU), as DisCoPipeline would after.
         raise GenerateInputError(f"{checkpoint} is a pre-training (HAP) run, without a pose ControlNet; generation "
                                  "needs a fine-tuned model")
-    model = load_checkpoint(checkpoint, device=device, ema=ema).to(getattr(torch, dtype))
+    # The folder resolved once: a run still training may write a newer checkpoint meanwhile.
+    model = load_checkpoint(source.get("checkpoint", checkpoint), device=device, ema=ema).to(getattr(torch, dtype))
     pipeline = DisCoPipeline(model)
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     pipeline.source = source  # for the records: which checkpoint and weights

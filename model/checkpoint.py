@@ -86,6 +86,9 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
     path = Path(path)
     if (path / POINTER_FILE).exists() and not (path / WEIGHTS_FILE).exists():
         pointed = Path(json.loads((path / POINTER_FILE).read_text())["checkpoint"])
+        beside = path.parents[2] / pointed.name if len(path.parents) > 2 else pointed  # RUN/ray/train-*/checkpoint-N
+        if (beside / WEIGHTS_FILE).exists():
+            pointed = beside  # the same folder, or the run's own where it was moved or copied
         if not (pointed / WEIGHTS_FILE).exists():
             raise ConfigError(f"{path} is Ray Train's record of the checkpoint {pointed}, which is not there any "
                               f"more (pruned by --keep?); give the run directory for its latest checkpoint")
@@ -284,8 +287,8 @@ def temporal_base(run: Path) -> DisCoModel:
         raise ConfigError(f"{run} is a temporal-stage run without init_from; cannot rebuild its image model")
     init = Path(values["init_from"])
     own = Path(run) / IMAGE_MODEL_DIR / init.name
-    if init.parent.name == IMAGE_MODEL_DIR and not init.exists() and own.exists():
-        init = own  # the run was moved or copied: its own copy of the image model came with it
+    if init.parent.name == IMAGE_MODEL_DIR and own.exists():
+        init = own  # its own copy, also where the run was moved or copied (config.yaml names the old place)
     image = load_model(init)
     frames = int(values.get("clip_frames") or DEFAULT_CLIP_FRAMES)
     with torch.random.fork_rng(devices=[]):  # the temporal layers' draws are overwritten by the checkpoint

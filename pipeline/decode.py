@@ -139,20 +139,34 @@ class VideoInfo:
     times: tuple[float, ...] = ()
 
     def resample(self, target_fps: float) -> list[int]:
-        """Source frames for output frames evenly spaced in time (``resample_times``)."""
-        if len(self.times) == self.num_frames and not self.constant_rate():
-            by_time = resample_times(self.times, target_fps)
-            if by_time is not None:
-                return by_time
-        return resample_indices(self.num_frames, self.fps, target_fps)
+        """Source frames for output frames evenly spaced in time (``resample_sequence``)."""
+        return resample_sequence(self.times, self.num_frames, self.fps, target_fps)[0]
 
-    def constant_rate(self) -> bool:
-        """Every frame within a quarter frame of where the stated rate puts it: resampled by frame
-        number, exactly as before timestamps were read (rounded time bases change no choice)."""
-        if len(self.times) < 2:
-            return True
-        t = np.asarray(self.times, np.float64)
-        return bool(np.max(np.abs((t - t[0]) - np.arange(len(t)) / self.fps)) <= 0.25 / self.fps)
+    def resampled(self, target_fps: float) -> tuple[list[int], float]:
+        """``resample``'s frames and the rate they play at (``resample_sequence``)."""
+        return resample_sequence(self.times, self.num_frames, self.fps, target_fps)
+
+
+def constant_rate(times, fps: float) -> bool:
+    """Every frame within a quarter frame of where the stated rate puts it: resampled by frame
+    number, exactly as before timestamps were read (rounded time bases change no choice)."""
+    if len(times) < 2:
+        return True
+    t = np.asarray(times, np.float64)
+    return bool(np.max(np.abs((t - t[0]) - np.arange(len(t)) / fps)) <= 0.25 / fps)
+
+
+def resample_sequence(times, num_frames: int, stated_fps: float, target_fps: float) -> tuple[list[int], float]:
+    """The one resampling rule of a frame sequence (a video, a preprocessed clip's rows): the
+    source frames for output frames evenly spaced in time at ``target_fps`` (never above the
+    source's rate), and the rate they then play at. By the presentation ``times`` where every
+    frame has one and they stray from the stated rate (``resample_times``: the source's average
+    rate caps it), else by frame number at ``stated_fps`` (``resample_indices``)."""
+    if len(times) == num_frames and not constant_rate(times, stated_fps):
+        by_time = resample_times(times, target_fps)
+        if by_time is not None:
+            return by_time, min(target_fps, (num_frames - 1) / (float(times[-1]) - float(times[0])))
+    return resample_indices(num_frames, stated_fps, target_fps), min(target_fps, stated_fps)
 
 
 def _open_video(path: Path, **kwargs):

@@ -101,6 +101,20 @@ def test_resample_indices_rules():
     assert resample_indices(0, 30.0, 10.0) == []
 
 
+def test_resampled_sequences_say_the_rate_they_play_at():
+    """What a video is written at after resampling: a clip stated at 30 fps whose timestamps
+    average 25 (a phone's variable rate) asked for 28 gives frames 1/25 s apart, so it plays at
+    25, not 28; a constant-rate clip plays at the lower of the two rates."""
+    from disco.pipeline.decode import resample_sequence
+
+    times = np.cumsum([0.0] + [1 / 30, 1 / 20] * 30)[:61]  # 60 gaps: 30 of 33 ms, 30 of 50 ms
+    average = 60 / times[-1]
+    indices, rate = resample_sequence(times, 61, 30.0, 28.0)
+    assert rate == pytest.approx(average) and rate < 28 and len(indices) == 61
+    assert resample_sequence((), 90, 30.0, 10.0) == (list(range(0, 90, 3)), 10.0)
+    assert resample_sequence((), 50, 25.0, 30.0) == (list(range(50)), 25.0)
+
+
 def test_video_at_lower_fps_gives_a_third_of_the_frames_with_their_times(tmp_path):
     path = write_counter_video(tmp_path / "counter.mp4", frames=90, fps=30.0)
     info = probe_video(path)

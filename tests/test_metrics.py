@@ -162,7 +162,12 @@ def test_frechet_metrics_run_on_another_device_than_the_cpu(frames):
     """``meta`` stands in for a GPU (tensors that are not on the CPU): the metric is built and
     updated there, with the network and every running sum on that device. The video network is
     the product's (torchvision's, in its wrapper with normalisation buffers), random."""
-    for metric, items in ((M.Frechet(TinyFeatures(), (3, 32, 32), device="meta"), M.to_tensor(frames)),
+    class SameDevice(TinyFeatures):  # as a GPU convolution: input and weights on one device
+        def forward(self, x):
+            assert x.device == self.conv.weight.device, f"input on {x.device}, weights on {self.conv.weight.device}"
+            return super().forward(x)
+
+    for metric, items in ((M.Frechet(SameDevice(), (3, 32, 32), device="meta"), M.to_tensor(frames)),
                           (M.Frechet(N.video_network("mc3_18", None), (M.CLIP_LENGTH, 32, 32, 3), device="meta"),
                            M.clips(frames, M.clip_windows(len(frames))))):
         metric.update(items, real=True)

@@ -364,7 +364,8 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     # image-model copy, which came along with it.
     moved = tmp_path / "elsewhere" / "temporal"
     shutil.move(run, moved)
-    assert all(torch.equal(load_model(moved).state_dict()[k], v) for k, v in model.state_dict().items())
+    loaded = load_model(moved).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
 def test_export_of_a_temporal_model_keeps_its_temporal_layers(tmp_path):

@@ -357,6 +357,9 @@ def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(tripl
     # Ray Train's folder of a reported checkpoint points at ours: generate / evaluate take it for it.
     reported = sorted((two_worker_run / "ray").glob("train-*/checkpoint-00000004"))
     assert reported and find_checkpoint(reported[0]) == find_checkpoint(two_worker_run, 4)
+    copy = tmp_path / "copied-run"  # the pointer names the original; a copy of the run leads to its own
+    shutil.copytree(two_worker_run, copy)
+    assert find_checkpoint(copy / reported[0].relative_to(two_worker_run)) == copy / "checkpoint-00000004"
     a, b = _weights(Path(one.output)), _weights(two_worker_run, 4)
     start = initial_model(load_run_config(one.output)).trainable_parameters()
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))

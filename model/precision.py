@@ -1,0 +1,21 @@
+"""The precisions a DisCo model samples in (``generate --dtype``, ``evaluate --run --dtype``):
+checkpoints hold float32 weights, cast on loading."""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def on_cuda(device) -> bool:
+    """Whether a torch device string (``cuda``, ``cuda:1``, ``cpu``) names a CUDA GPU."""
+    return str(device).split(":")[0] == "cuda"
+
+
+def dtype_problem(dtype: str, device) -> str | None:
+    """Why ``dtype`` cannot sample on ``device``, or None: float16 only where it is fast and
+    complete, on a GPU; bfloat16 and float32 anywhere."""
+    if dtype not in DTYPES:
+        return f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}"
+    if dtype == "float16" and not on_cuda(device):
+        return "--dtype float16 needs a CUDA --device; on the CPU use bfloat16 or float32"
+    return None
