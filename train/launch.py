@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     distributed = cfg.num_workers > 1 or bool(cfg.ray_address)
     worker_cpus, data_cpus = _resources(cfg, distributed)
     loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,
-                   "distributed": distributed, "data_cpus": data_cpus,
+                   "distributed": distributed, "data_cpus": data_cpus, "worker_cpus": worker_cpus,
                    "nccl_guard": os.environ.get(GUARD_ENV) == "1"}
     stop = threading.Event()
     poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop), daemon=True)
