@@ -6,8 +6,9 @@ machine; the Ray Train run on a one-node Ray cluster on loopback, as `ray start 
         [--steps 30] [--frames 96] [--worker-cpus 1 2]
 
 Each Ray Train line names the CPUs Ray accounts its worker (``cpus_per_worker``), which is also
-its number of PyTorch threads; the cluster gets one CPU more than the largest of them, so that
-the decode tasks always have room. Steps/s and the data-wait fraction are the trainer's own
+its number of PyTorch threads; the cluster declares one CPU more than the largest of them, so that
+the decode tasks can always be scheduled (on a machine with that many cores or fewer they share
+the worker's cores, as they share the driver's in the in-process run). Steps/s and the data-wait fraction are the trainer's own
 (``metrics.jsonl``), from the log windows after the first (start-up excluded).
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 def train(data: Path, output: Path, args, extra: list[str]) -> dict:
     command = [sys.executable, "-m", "disco.cli", "train", "--stage", "finetune", "--data", str(data),
                "--model", args.model, "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
-               "--max-steps", str(args.steps), "--log-every", str(args.steps // 3), "--sample-every", str(10**6),
+               "--max-steps", str(args.steps), "--log-every", str(max(1, args.steps // 3)), "--sample-every", str(10**6),
                "--checkpoint-every", str(10**6), "--warmup-steps", "0", "--output", str(output), "--no-progress",
                *extra]
     started = time.perf_counter()
@@ -35,7 +36,8 @@ def train(data: Path, output: Path, args, extra: list[str]) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"train failed: {proc.stderr[-2000:]}")
     windows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    windows = [w for w in windows if "steps_per_s" in w][1:]
+    windows = [w for w in windows if "steps_per_s" in w]
+    windows = windows[1:] or windows  # the first window holds the start-up
     return {"steps_per_s": statistics.mean(w["steps_per_s"] for w in windows),
             "data_wait": statistics.mean(w["data_wait_fraction"] for w in windows),
             "wall_s": time.perf_counter() - started}

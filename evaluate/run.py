@@ -275,32 +275,26 @@ def describe_networks(config: EvaluateConfig) -> dict:
 WORK_MARK = ".disco-evaluate-run"  # in a work folder whose pred/ and gt/ evaluate --run wrote
 
 
-def fresh_work_dir(work: Path) -> None:
-    """Empty ``work``'s pred/ and gt/ before ``--run`` writes there: every folder in them is
-    scored, so the frames of an earlier run (another checkpoint, split or --max-frames) would be
-    scored with the new ones. Folders that ``--run`` did not write are refused, never deleted."""
-    old = [work / name for name in ("pred", "gt") if (work / name).exists()]
-    if old and not (work / WORK_MARK).exists() and not _frames_of_a_run(old):
+def check_work_dir(work: Path) -> list[Path]:
+    """The pred/ and gt/ of ``work`` that ``--run`` wrote before (its mark is there), to clear
+    before it writes again: every folder in them is scored, so the frames of an earlier run
+    (another checkpoint, split or --max-frames) would be scored with the new ones. Anything else
+    there is refused, never deleted: a user's frames look the same as ours (an output of
+    ``evaluate --run`` from before the mark included)."""
+    old = [work / name for name in ("pred", "gt") if (work / name).exists() or (work / name).is_symlink()]
+    if old and not ((work / WORK_MARK).is_file() and all(p.is_dir() and not p.is_symlink() for p in old)):
         raise EvaluateInputError(
-            f"{work} already holds {' and '.join(p.name + '/' for p in old)}, not written by `evaluate --run`: "
-            "choose another --work-dir (or delete them)")
+            f"{work} already holds {' and '.join(p.name for p in old)}, not marked as written by `evaluate --run`: "
+            "choose another --work-dir, or delete them if they are an earlier run's frames")
+    return old
+
+
+def clear_work_dir(work: Path, old: list[Path]) -> None:
+    """Remove what ``check_work_dir`` found, and mark ``work`` as ``--run``'s."""
     for folder in old:
         shutil.rmtree(folder)
     work.mkdir(parents=True, exist_ok=True)
     (work / WORK_MARK).touch()
-
-
-def _frames_of_a_run(folders: list[Path]) -> bool:
-    """pred/ and gt/ laid out as ``--run`` writes them (before it marked its work folders): only
-    clip folders of ``000000.png``-numbered frames, the same clips on both sides."""
-    clips = []
-    for folder in folders:
-        subfolders = list(folder.iterdir())
-        if not all(p.is_dir() and all(f.is_file() and f.suffix == ".png" and f.stem.isdigit() and len(f.stem) == 6
-                                      for f in p.iterdir()) for p in subfolders):
-            return False
-        clips.append({p.name for p in subfolders})
-    return len(folders) == 2 and clips[0] == clips[1]
 
 
 def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None]) -> dict:
@@ -325,8 +319,9 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     if not clip_ids:
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
     check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
+    old = check_work_dir(work)
     pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype)
-    fresh_work_dir(work)  # after the checks and the model: a refused command leaves the last run's frames alone
+    clear_work_dir(work, old)  # after the model loads: a refused command leaves the last run's frames alone
     frames_done = 0
     for clip in clip_ids:
         rows = read_clip(config.data, clip, ["image", "mask", "background", *POSE_READ_COLUMNS], split=config.split)

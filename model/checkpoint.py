@@ -86,7 +86,8 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> Path:
     path = Path(path)
     if (path / POINTER_FILE).exists() and not (path / WEIGHTS_FILE).exists():
         pointed = Path(json.loads((path / POINTER_FILE).read_text())["checkpoint"])
-        beside = path.parents[2] / pointed.name if len(path.parents) > 2 else pointed  # RUN/ray/train-*/checkpoint-N
+        parents = path.absolute().parents
+        beside = parents[2] / pointed.name if len(parents) > 2 else pointed  # RUN/ray/train-*/checkpoint-N
         if (beside / WEIGHTS_FILE).exists():
             pointed = beside  # the same folder, or the run's own where it was moved or copied
         if not (pointed / WEIGHTS_FILE).exists():
@@ -303,13 +304,21 @@ def pose_setting(path: str | Path) -> tuple[str, bool]:
     from disco.pipeline.store.pose import DEFAULT_HANDS, DEFAULT_STYLE
 
     path = Path(path)
-    run = path if (path / RUN_CONFIG_FILE).exists() else path.parent
-    config = run / RUN_CONFIG_FILE
+    config = _run_config(path)
     if is_pretrained_folder(path) or not config.exists():
         return DEFAULT_STYLE, DEFAULT_HANDS
     values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}
     hands = values.get("hands")
     return str(values.get("pose_style") or DEFAULT_STYLE), DEFAULT_HANDS if hands is None else bool(hands)
+
+
+def _run_config(path: Path) -> Path:
+    """The ``config.yaml`` of the run that ``path`` (a run, one of its checkpoints, or Ray Train's
+    record of one) belongs to; it may not exist."""
+    if (path / POINTER_FILE).exists() and not (path / WEIGHTS_FILE).exists():
+        path = find_checkpoint(path)
+    run = path if (path / RUN_CONFIG_FILE).exists() else path.parent
+    return run / RUN_CONFIG_FILE
 
 
 def background_hole(path: str | Path) -> float:
@@ -319,8 +328,7 @@ def background_hole(path: str | Path) -> float:
     from disco.model.conditioning import HOLE, LEGACY_HOLE
 
     path = Path(path)
-    run = path if (path / RUN_CONFIG_FILE).exists() else path.parent
-    config = run / RUN_CONFIG_FILE
+    config = _run_config(path)
     if is_pretrained_folder(path) or not config.exists():
         return HOLE
     values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}

@@ -74,16 +74,21 @@ def _runtime_env(loopback: bool = False) -> dict:
     variable, and the user's choice wins. ``loopback``: a private instance, or a cluster on this
     machine's loopback: the training workers' gloo and NCCL sockets stay on the loopback interface
     too (left alone, both bind the address the host name resolves to, often the network's)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    taken = job_env_vars()
     wanted = dict(WORKER_ENV)
     interface = loopback_interface() if loopback else None
     if interface is not None:
         wanted.update({name: interface for name in SOCKET_INTERFACE_VARS if name not in os.environ})
     env = {k: v for k, v in wanted.items() if k not in taken}
     return {"env_vars": env} if env else {}
+
+
+def job_env_vars() -> set[str]:
+    """The variables a ``ray job submit`` job's own runtime env sets (none outside a job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    return set((job.get("runtime_env") or {}).get("env_vars") or {})
 
 
 SOCKET_INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")

@@ -192,6 +192,12 @@ def test_our_worker_settings_yield_to_a_jobs_runtime_env(monkeypatch):
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
     merged = _runtime_env()["env_vars"]
     assert "OMP_NUM_THREADS" not in merged and merged["GLOG_minloglevel"] == WORKER_ENV["GLOG_minloglevel"]
+    # A training worker's threads follow its CPUs, unless the job set OMP_NUM_THREADS itself.
+    from disco.train.launch import worker_threads
+
+    assert worker_threads(2.0) is None
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    assert (worker_threads(2.0), worker_threads(0.5), worker_threads(4.0)) == (2, 1, 4)
 
 
 def test_a_bad_timeout_and_a_shard_that_is_not_on_shared_storage_are_one_line_errors(tmp_path, monkeypatch):

@@ -103,8 +103,8 @@ def test_resample_indices_rules():
 
 def test_resampled_sequences_say_the_rate_they_play_at():
     """What a video is written at after resampling: a clip stated at 30 fps whose timestamps
-    average 25 (a phone's variable rate) asked for 28 gives frames 1/25 s apart, so it plays at
-    25, not 28; a constant-rate clip plays at the lower of the two rates."""
+    average 24 (a phone's variable rate) asked for 28 gives frames 1/24 s apart, so it plays at
+    24, not 28; a constant-rate clip plays at the lower of the two rates."""
     from disco.pipeline.decode import resample_sequence
 
     times = np.cumsum([0.0] + [1 / 30, 1 / 20] * 30)[:61]  # 60 gaps: 30 of 33 ms, 30 of 50 ms

@@ -235,18 +235,12 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     assert json.loads(report_path.read_text())["counts"]["frames"] == 4
     assert sorted(p.name for p in (tmp_path / "report" / "pred").iterdir()) == ["dance"]
     assert len(list((tmp_path / "report" / "pred" / "dance").glob("*.png"))) == 4
-    # Frames laid out as --run wrote them before it marked its folders are its own, and replaced.
+    # pred/ and gt/ without its mark (a user's frames, laid out as ours) are refused, not deleted.
     (tmp_path / "report" / ".disco-evaluate-run").unlink()
-    again = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics",
-                 "psnr", "--steps", 1, "--size", SIZE, "--max-frames", 3, "--output", report_path)
-    assert again.exit_code == 0, again.output
-    assert len(list((tmp_path / "report" / "pred" / "dance").glob("*.png"))) == 3
-    # pred/ and gt/ that --run did not write are refused, not deleted.
-    (tmp_path / "mine" / "pred").mkdir(parents=True)
     mine = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics", "psnr",
-                "--work-dir", tmp_path / "mine", "--output", tmp_path / "y.json")
-    assert mine.exit_code == 2 and "not written by `evaluate --run`" in mine.output
-    assert (tmp_path / "mine" / "pred").is_dir()
+                "--output", report_path)
+    assert mine.exit_code == 2 and "not marked as written by `evaluate --run`" in mine.output
+    assert len(list((tmp_path / "report" / "pred" / "dance").glob("*.png"))) == 4
     # A split with no rows is a usage error.
     bad = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "val", "--metrics", "psnr",
                "--output", tmp_path / "x.json")

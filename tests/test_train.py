@@ -359,7 +359,15 @@ def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(tripl
     assert reported and find_checkpoint(reported[0]) == find_checkpoint(two_worker_run, 4)
     copy = tmp_path / "copied-run"  # the pointer names the original; a copy of the run leads to its own
     shutil.copytree(two_worker_run, copy)
-    assert find_checkpoint(copy / reported[0].relative_to(two_worker_run)) == copy / "checkpoint-00000004"
+    record = copy / reported[0].relative_to(two_worker_run)
+    assert find_checkpoint(record) == copy / "checkpoint-00000004"
+    # ... and to its config.yaml: the pose drawing and background hole generate takes from the run.
+    from disco.model.checkpoint import background_hole, pose_setting
+
+    saved = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(saved.replace("background_hole: 0.0", "background_hole: -1.0")
+                                      .replace("hands: true", "hands: false"))
+    assert background_hole(record) == -1.0 and pose_setting(record)[1] is False
     a, b = _weights(Path(one.output)), _weights(two_worker_run, 4)
     start = initial_model(load_run_config(one.output)).trainable_parameters()
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))

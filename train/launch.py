@@ -167,6 +167,15 @@ def _resources(cfg: TrainConfig, distributed: bool) -> tuple[float, float]:
     return worker, data
 
 
+def worker_threads(worker_cpus: float) -> int | None:
+    """PyTorch threads of a Ray Train worker: the whole CPUs Ray accounts it, at least one (the
+    job's workers otherwise run one, our OMP_NUM_THREADS); None where a ``ray job submit`` job
+    sets OMP_NUM_THREADS itself: its value stands."""
+    from disco.pipeline.cluster import job_env_vars
+
+    return None if "OMP_NUM_THREADS" in job_env_vars() else max(1, int(worker_cpus or 1))
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     """The training loop, imported where it runs: the driver of a Ray Train run never builds a
     model, and importing diffusers and transformers costs it about 10 s of CPU."""
@@ -204,7 +213,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     distributed = cfg.num_workers > 1 or bool(cfg.ray_address)
     worker_cpus, data_cpus = _resources(cfg, distributed)
     loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,
-                   "distributed": distributed, "data_cpus": data_cpus, "worker_cpus": worker_cpus,
+                   "distributed": distributed, "data_cpus": data_cpus, "worker_threads": worker_threads(worker_cpus),
                    "nccl_guard": os.environ.get(GUARD_ENV) == "1"}
     stop = threading.Event()
     poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop), daemon=True)

@@ -112,8 +112,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         rank, world = context.get_world_rank(), context.get_world_size()
         device = ray.train.torch.get_device()
         # The job's workers run with OMP_NUM_THREADS=1 (pipeline/cluster.py): a training worker
-        # gets the CPUs Ray accounts it (--cpus-per-worker) as PyTorch threads, as in-process.
-        torch.set_num_threads(max(1, int(loop_config.get("worker_cpus") or 1)))
+        # gets the whole CPUs Ray accounts it (`cpus_per_worker`) as threads (launch.worker_threads).
+        if loop_config.get("worker_threads"):
+            torch.set_num_threads(int(loop_config["worker_threads"]))
     else:
         rank, world = 0, 1
         device = torch.device("cuda" if cfg.use_gpu else "cpu")
