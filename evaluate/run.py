@@ -122,18 +122,8 @@ def ieee_convolutions():
         conv.fp32_precision = before
 
 
+@ieee_convolutions()  # the feature networks' convolutions in full fp32 precision
 def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
-          batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu",
-          protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False,
-          square_gt: bool = False) -> dict:
-    """Every requested metric over the paired sequences (``_score``), the feature networks'
-    convolutions in full fp32 precision (``ieee_convolutions``)."""
-    with ieee_convolutions():
-        return _score(pred, gt, metrics, networks, batch_size, log, device, protocol, lpips_legacy, psnr_legacy,
-                      square_gt)
-
-
-def _score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
           batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu",
           protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False,
           square_gt: bool = False) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from disco.model.checkpoint import ModelSource, background_hole, describe_checkpoint, load_checkpoint, pose_setting
+from disco.model.checkpoint import background_hole, describe_checkpoint, load_checkpoint, pose_setting
 from disco.generate.config import GenerateConfig
 from disco.model.conditioning import (
     HOLE,
@@ -75,7 +75,7 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
     """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
     False; its weights in ``dtype``), the frame side (default: the model's) and the pose side."""
     source = describe_checkpoint(checkpoint, ema)
-    if source.get("kind") == "training run" and ModelSource.of_run(Path(source["checkpoint"]).parent)[1] == "pretrain":
+    if source.get("stage") == "pretrain":
         # Said before the model loads (a minute at full size on a CPU), as DisCoPipeline would after.
         raise GenerateInputError(f"{checkpoint} is a pre-training (HAP) run, without a pose ControlNet; generation "
                                  "needs a fine-tuned model")

@@ -241,13 +241,15 @@ def weights_name(checkpoint: Path, ema: bool = True) -> str:
 
 def describe_checkpoint(path: str | Path, ema: bool = True) -> dict:
     """What ``load_checkpoint(path, ema=ema)`` loads, for the records of generate and evaluate: the
-    checkpoint folder a run resolves to now, its step and which weights (EMA or as trained)."""
+    checkpoint folder a run resolves to now, its step, its run's stage and which weights (EMA or
+    as trained)."""
     path = Path(path)
     if is_pretrained_folder(path):
         return {"path": str(path), "kind": "save_pretrained"}
     checkpoint = find_checkpoint(path)
     return {"path": str(path), "kind": "training run", "checkpoint": str(checkpoint),
             "step": json.loads((checkpoint / STATE_FILE).read_text()).get("step"),
+            "stage": ModelSource.of_run(checkpoint.parent)[1],
             "weights": "ema" if weights_name(checkpoint, ema) == EMA_FILE else "trained"}
 
 

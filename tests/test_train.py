@@ -467,7 +467,8 @@ def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
     from disco.model.checkpoint import describe_checkpoint
 
     assert describe_checkpoint(cfg.output) == {"path": cfg.output, "kind": "training run",
-                                               "checkpoint": str(checkpoint), "step": 3, "weights": "ema"}
+                                               "checkpoint": str(checkpoint), "step": 3, "stage": "finetune",
+                                               "weights": "ema"}
     assert describe_checkpoint(cfg.output, ema=False)["weights"] == "trained"
 
 
