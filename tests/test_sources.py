@@ -158,6 +158,25 @@ def test_laion_shards_are_units_and_parquet_rows_are_stills(tmp_path):
     assert [(i.input_path, i.kind) for i in one.items] == [("00000.tar", "tar")]
 
 
+def test_img2dataset_metadata_beside_its_shards_is_not_taken_for_a_list_of_images(tmp_path):
+    """img2dataset's webdataset output holds NNNNN.parquet (url, key, caption, status) and
+    NNNNN_stats.json beside every NNNNN.tar: the folder lists as its shards; a Parquet file of
+    that kind with no shard beside it is still refused in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = layouts.laion(tmp_path / "laion") / "shards"
+    pq.write_table(pa.table({"url": ["http://example.com/a.jpg"], "key": ["000000000"], "caption": ["an astronaut"],
+                             "status": ["success"]}), shards / "00000.parquet")
+    (shards / "00000_stats.json").write_text('{"count": 4, "successes": 2}')
+    listing = _list("laion", shards)
+    assert [(i.input_path, i.kind) for i in listing.items] == [("00000.tar", "tar")]
+    assert listing.dataset["notes"] == {"shard_metadata_parquet": 1}
+    (shards / "00000.tar").rename(shards / "elsewhere.tar")
+    with pytest.raises(ConfigError, match="00000.parquet has no column naming image paths"):
+        _list("laion", shards)
+
+
 def test_a_frame_name_that_is_not_utf8_travels_as_bytes_and_is_opened(tmp_path):
     """A frame folder's names go into the units as the file system's bytes: a name that is not
     UTF-8 survives the units' Arrow type and its frame is decoded like the others."""

@@ -176,6 +176,11 @@ class _Lister:
             except Exception as exc:
                 raise ConfigError(f"cannot read the Parquet file {table_path}: {exc}") from None
             path_col = next((c for c in layout.path_column if c in names), None)
+            if path_col is None and table_path.with_suffix(".tar").is_file():
+                # img2dataset writes NNNNN.parquet (url, key, caption, status) beside each NNNNN.tar
+                # shard: the shard's own metadata, not a list of local images.
+                self.notes["shard_metadata_parquet"] += 1
+                continue
             if path_col is None:
                 raise ConfigError(f"{table_path} has no column naming image paths; looked for "
                                   f"{', '.join(layout.path_column)} (columns: {', '.join(names)})")
