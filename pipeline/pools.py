@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from disco.pipeline.annotators import gpu_backend
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
+from disco.pipeline.sources.units import unit_frames
 
 RESERVED_CPUS = 0.1
 MIN_ACTOR_CPUS = 0.1
@@ -60,7 +61,7 @@ def units_per_call(units: list[dict], shard_rows: int, actors: int) -> int:
     calls per actor, so every actor has work and commits come often."""
     if not units:
         return 1
-    rows_per_unit = sum(len(u.get("src_indices") or ()) or 1 for u in units) / len(units)
+    rows_per_unit = sum(unit_frames(u) for u in units) / len(units)
     fill = math.ceil(shard_rows / max(1.0, rows_per_unit))
     spread = math.ceil(len(units) / (max(1, actors) * CALLS_PER_ACTOR))
     return max(1, min(fill, spread))

@@ -10,7 +10,7 @@ import pytest
 
 import layouts
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.errors import ConfigError
+from disco.pipeline.errors import ConfigError, InputError
 from disco.pipeline.sources import list_source, webdataset
 from disco.pipeline.sources.dataset_manifest import builtin_manifest, builtin_names, load_manifest, parse_manifest
 from disco.pipeline.store.schema import payload
@@ -207,7 +207,7 @@ def test_tar_members_that_could_escape_are_refused_and_nothing_is_extracted(tmp_
     root = layouts.laion(tmp_path / "laion")
     shard = str(root / "shards" / "00000.tar")
     before = sorted(p for p in tmp_path.rglob("*"))
-    entries = list(webdataset.read_entries(shard, 0, webdataset.count_entries(shard)))
+    entries = list(webdataset.read_entries(shard, 0, len(webdataset.entry_offsets(shard))))
     summary = [(e.key, name, bool(e.problem), len(data or b"")) for e, name, data in entries]
     assert [s[:3] for s in summary] == [
         ("000000000", "000000000.jpg", False), ("../evil.jpg", None, True), ("000000001", "000000001.jpg", False),
@@ -217,9 +217,55 @@ def test_tar_members_that_could_escape_are_refused_and_nothing_is_extracted(tmp_
     assert "'..'" in problems[0] and "absolute" in problems[1] and "link" in problems[2]
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert not Path("/tmp/disco-absolute-evil.jpg").exists() and not (root / "shards" / ".." / "evil.jpg").exists()
-    # A range in the middle skips the members before it.
-    middle = list(webdataset.read_entries(shard, 2, 3))
+    # A range in the middle skips the members before it, walking their headers or seeking to its
+    # first entry's offset: the same samples, the same bytes.
+    offsets = webdataset.entry_offsets(shard)
+    for start in range(len(offsets)):
+        walked = list(webdataset.read_entries(shard, start, start + 2))
+        sought = list(webdataset.read_entries(shard, start, start + 2, offsets[start]))
+        assert [(e.key, n, d) for e, n, d in sought] == [(e.key, n, d) for e, n, d in walked]
+    middle = list(webdataset.read_entries(shard, 2, 3, offsets[2]))
     assert [(e.key, name) for e, name, _ in middle] == [("000000001", "000000001.jpg")]
+
+
+def test_a_tar_unit_reads_from_its_first_sample_and_not_the_headers_before_it(tmp_path):
+    """A shard of many samples is many units; each one seeks to the offset recorded when the
+    shard was counted, so a unit at the end does not parse the shard's headers from the start
+    (proved here by damaging the first header after planning: only the first unit sees it)."""
+    import io
+    import tarfile
+
+    from disco.pipeline.sources.generic import InputItem
+    from disco.pipeline.sources.units import decode_unit, plan_units
+    from disco.pipeline.store.schema import unit_blocks
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for k in range(7):
+            for suffix, data in ((".jpg", layouts.jpeg_bytes("astronaut" if k % 2 else "coffee")), (".txt", b"c")):
+                member = tarfile.TarInfo(f"{'long-folder-name/' * 8}{k:09d}{suffix}")  # names past ustar's 100
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    item = InputItem(input_path="00000.tar", abs_path=str(shard), source="laion", clip_id="00000", kind="tar",
+                     split="train", extra=payload())
+    settings = {"segment_frames": 3, "fps": 30.0, "max_side": 64, "min_side": 1, "max_pixels": 89_478_485}
+    planned = [{**u, "width": 0, "height": 0} for u in plan_units(item.to_dict(), settings, set())]
+    units = [row for table in unit_blocks(planned, 4) for row in table.to_pylist()]
+    assert [(u["extra"]["start"], u["extra"]["stop"], u["unit_count"]) for u in units] == [(0, 3, 3), (3, 6, 3), (6, 7, 3)]
+    assert units[0]["extra"]["offset"] == 0 and units[1]["extra"]["offset"] > 0
+
+    def keys(unit):
+        errors: list = []
+        frames = decode_unit(unit, settings, errors)
+        return [f.unit["clip_id"].rsplit("/", 1)[-1] for f in frames], [e["error_type"] for e in errors]
+
+    assert [keys(u) for u in units] == [(["000000000", "000000001", "000000002"], []),
+                                       (["000000003", "000000004", "000000005"], []), (["000000006"], [])]
+    with open(shard, "r+b") as fh:
+        fh.write(b"\xff" * 512)  # the first header (its PAX block) now parses as nothing
+    with pytest.raises(InputError, match="not a readable uncompressed tar shard"):  # the unit's errors row
+        keys(units[0])
+    assert [keys(u) for u in units[1:]] == [(["000000003", "000000004", "000000005"], []), (["000000006"], [])]
 
 
 def test_a_custom_manifest_describes_a_new_data_set_without_code(tmp_path):
@@ -263,8 +309,9 @@ def test_an_empty_shard_is_one_error_unit_and_a_shard_is_cut_into_ranges(tmp_pat
     assert [(u["error_type"], u["error_stage"]) for u in empty] == [("empty_shard", "list")]
     # Six entries (3 samples, 3 refused members) in units of 4: [0, 4) and [4, 6); a resume skips unit 0.
     units = plan_units(items["shards/00000.tar"].to_dict(), settings)
+    offsets = webdataset.entry_offsets(str(root / "shards" / "00000.tar"))
     assert [(u["unit_index"], u["unit_count"], u["extra"]) for u in units] == [
-        (0, 2, payload(start=0, stop=4)), (1, 2, payload(start=4, stop=6))]
+        (0, 2, payload(start=0, stop=4, offset=0)), (1, 2, payload(start=4, stop=6, offset=offsets[4]))]
     resumed = plan_units(items["shards/00000.tar"].to_dict(), settings, {"shards/00000.tar": [0]})
     assert [u["unit_index"] for u in resumed] == [1]
 

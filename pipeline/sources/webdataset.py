@@ -4,6 +4,7 @@ absolute path, ``..``) or that is not a regular file (links, devices, FIFOs) is 
 
 from __future__ import annotations
 
+import contextlib
 import tarfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -45,13 +46,19 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _open(path: str) -> tarfile.TarFile:
-    try:
-        # "r:" reads an uncompressed tar by seeking from header to header: a unit in the middle of
-        # a shard skips the members before it without reading them.
-        return tarfile.open(path, mode="r:")
-    except (tarfile.TarError, OSError) as exc:
-        raise InputError("decode", "corrupt_tar", f"not a readable uncompressed tar shard: {exc}") from None
+@contextlib.contextmanager
+def _open(path: str, offset: int = 0):
+    """The shard, read from the header at byte ``offset`` on ("r:": uncompressed, seeking from
+    header to header, a member's bytes only read when asked for)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            fh = stack.enter_context(open(path, "rb"))
+            fh.seek(offset)
+            # tarfile starts at the file object's position; the members' data offsets stay absolute.
+            tar = stack.enter_context(tarfile.open(fileobj=fh, mode="r:"))
+        except (tarfile.TarError, OSError) as exc:
+            raise InputError("decode", "corrupt_tar", f"not a readable uncompressed tar shard: {exc}") from None
+        yield tar
 
 
 def iter_entries(tar: tarfile.TarFile):
@@ -81,28 +88,31 @@ def iter_entries(tar: tarfile.TarFile):
         yield current
 
 
-def count_entries(path: str) -> int:
-    """Entries up to the end, or up to where the shard is damaged (``read_entries`` reports the
-    damage with the last unit's samples); a shard damaged before its first entry is an error."""
-    count = 0
+def entry_offsets(path: str) -> list[int]:
+    """The byte offset of every entry's first header, up to the end or up to where the shard is
+    damaged (``read_entries`` reports the damage with the last unit's samples); a shard damaged
+    before its first entry is an error. A unit of samples ``start`` onwards reads from
+    ``offsets[start]``: it never walks the headers of the samples before it again."""
+    offsets: list[int] = []
     with _open(path) as tar:
         try:
-            for _ in iter_entries(tar):
-                count += 1
+            for entry in iter_entries(tar):
+                offsets.append(entry.members[0].offset)
         except InputError:
-            if count == 0:
+            if not offsets:
                 raise
-    return count
+    return offsets
 
 
-def read_entries(path: str, start: int, stop: int):
+def read_entries(path: str, start: int, stop: int, offset: int | None = None):
     """Yield ``(entry, image_name, image_bytes)`` for entries ``start <= i < stop``; image_name is
     None for a refused member or a sample without an image. A member that cannot be read (cut
     short, damaged) comes as ``(entry, image_name, InputError)``: that sample is lost, not the
-    ones around it; a shard cut short ends there with an ``InputError`` as the last item."""
-    with _open(path) as tar:
+    ones around it; a shard cut short ends there with an ``InputError`` as the last item.
+    ``offset``: entry ``start``'s byte offset (``entry_offsets``), where reading starts."""
+    with _open(path, offset or 0) as tar:
         entries = iter_entries(tar)
-        i = -1
+        i = start - 1 if offset is not None else -1
         while True:
             try:
                 entry = next(entries)

@@ -93,7 +93,7 @@ _SKIPPED_TYPE = pa.list_(pa.struct([pa.field("reason", pa.string()), pa.field("c
 # field (``payload``), null where the kind has none.
 PAYLOAD_TYPE = pa.struct([
     pa.field("frames", pa.list_(pa.binary())), pa.field("fps", pa.float64()),
-    pa.field("start", pa.int64()), pa.field("stop", pa.int64()),
+    pa.field("start", pa.int64()), pa.field("stop", pa.int64()), pa.field("offset", pa.int64()),
     pa.field("annotated_persons", pa.int64()), pa.field("has_annotation", pa.bool_()),
 ])
 
