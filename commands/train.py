@@ -12,7 +12,7 @@ from rich.table import Table
 
 from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults, plain, print_error, usage_error
 from disco.model.configs import CONFIGS
-from disco.train.config import DEFAULT_LR, PRECISIONS, REF_MODES, STAGES, TrainConfig
+from disco.train.config import DEFAULT_BATCH, DEFAULT_LR, PRECISIONS, REF_MODES, STAGES, TrainConfig
 from disco.train.presets import PRESETS
 
 
@@ -174,7 +174,7 @@ def train(
     resolution: Annotated[Optional[int], typer.Option(help=f"Training resolution in pixels (default {T.resolution}).")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help=f"Random crops of DisCo's recipe (default {_on(T.augment)}); off: centre crop.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps to train (default {T.max_steps}).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Samples per worker per micro-batch (default {T.batch_size}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Samples per worker per micro-batch; --stage temporal: clips (default {DEFAULT_BATCH['finetune']}; temporal {DEFAULT_BATCH['temporal']}).")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help=f"Micro-batches per optimizer step (default {T.grad_accum}).")] = None,
     lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: pretrain {DEFAULT_LR['pretrain']:g}, finetune {DEFAULT_LR['finetune']:g}).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (default 10% of the schedule), then linear decay to 0.")] = None,

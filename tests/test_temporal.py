@@ -317,7 +317,14 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     cfg = TrainConfig(stage="temporal", data=[str(triplets["video"])], output=str(run), init_from=str(image_run),
                       clip_frames=F, resolution=RES, batch_size=1, max_steps=3, checkpoint_every=1, keep=3,
                       sample_every=1000, sample_steps=2, log_every=1, warmup_steps=0, lr=1e-3)
-    assert train(cfg)["step"] == 3
+    lines: list[str] = []
+    assert train(cfg, log=lines.append)["step"] == 3
+    assert f"2 windows of {F} consecutive frames from 1 runs of 1 clips (0 gaps" in " ".join(lines)
+    # Clips too short for --clip-frames: one error on the driver before the run starts (in a
+    # worker, it would come after loading the model, and Ray Train would retry it).
+    with pytest.raises(DataError, match="no clip has 9 consecutive frames.*the longest has 8"):
+        train(cfg.updated({"output": str(tmp_path / "too-long"), "clip_frames": 9}))
+    assert not (tmp_path / "too-long" / "config.yaml").exists()
     weights = read_checkpoint(find_checkpoint(run, 3))[0]
     assert weights and all(name.startswith("temporal.") for name in weights)
     # A crash after step 2, then --resume: the same weights as the uninterrupted run.
@@ -546,3 +553,51 @@ def test_each_epoch_draws_its_own_window_offsets_from_the_seed(triplets):
     from disco.train.temporal import stream_class
 
     assert stream_class(load_run_config(run)).keywords["offsets"] is False
+
+
+def test_no_window_spans_frames_that_preprocessing_dropped(triplets, tmp_path):
+    """Preprocessing leaves out frames of a clip (no person, a failed pose: the row is rejected)
+    and their frame indices with them. A window is F consecutive frames, so it is cut from the
+    stretches between such gaps, never across one (a run started before keeps its windows)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from disco.train.config import load_run_config
+    from disco.train.data.clips import ClipPlan, window_index
+    from disco.train.temporal import stream_class
+
+    gapped = tmp_path / "gapped"
+    shutil.copytree(triplets["video"], gapped)
+    shard = next((gapped / "triplets").glob("*.parquet"))
+    table = pq.read_table(shard)
+    pq.write_table(table.filter(pc.not_equal(table.column("frame_index"), 2)), shard, row_group_size=4)
+    index = build_index([str(gapped)])
+    assert sorted(index.frame.tolist()) == [0, 1, 3, 4, 5, 6, 7]
+    frames = 3
+    windows = window_index(index, frames)  # runs 0-1 (too short) and 3-7: one window, 2 frames to spare
+    assert (len(windows), windows.runs, windows.clips, windows.unused, windows.slack.tolist()) == (1, 2, 1, 2, [2])
+    assert "1 windows of 3 consecutive frames from 1 runs of 1 clips (1 gaps" in windows.describe(frames)
+    starts = set()
+    for epoch in range(12):
+        plan = ClipPlan(index, frames, 0, 1, frames)
+        rows = plan.rows(np.arange(epoch * frames, (epoch + 1) * frames))
+        assert np.all(np.diff(index.frame[rows]) == 1), index.frame[rows]
+        starts.add(int(index.frame[rows[0]]))
+    assert starts == {3, 4, 5}  # every offset of the run comes up, none reaches back over the gap
+    legacy = ClipPlan(index, frames, 0, 1, frames * 2, offsets=False, split_at_gaps=False)
+    assert index.frame[legacy.rows(np.arange(frames * 2))].tolist() == [0, 1, 3, 4, 5, 6]
+    # A run directory written before says nothing of gaps: its resume keeps its windows.
+    run = Path(str(TrainConfig(output="x", stage="temporal").save(tmp_path / "gaps-run"))).parent
+    assert stream_class(load_run_config(run)).keywords["split_at_gaps"] is True
+    saved = run / "config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("split_at_gaps")))
+    assert stream_class(load_run_config(run)).keywords["split_at_gaps"] is False
+    # The stream itself (Ray Data reading the shard) hands out whole windows of consecutive frames.
+    stream = ClipStream(index, frames=frames, batch=1, ref_mode="first", resolution=RES, augment=False, seed=0)
+    try:
+        batch = stream.next_batch()
+    finally:
+        stream.close()
+    assert index.frame[stream._plan.rows(batch["position"].numpy())].tolist() in ([3, 4, 5], [4, 5, 6], [5, 6, 7])
+    with pytest.raises(DataError, match="no clip has 6 consecutive frames.*the longest has 5"):
+        window_index(index, 6)

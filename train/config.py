@@ -20,6 +20,9 @@ SUMMARY_FILE = "summary.json"
 STOP_FILE = ".stop-requested"
 # Per-stage defaults from the paper / official code (DESIGN.md, "Recipe").
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-4, "temporal": 1e-4}  # temporal: the official TM command
+# Per worker: samples, or clips for the temporal stage (2: the official TM command; 8 clips of 16
+# frames is 128 frames, a 138 GiB plan per GPU at full size in fp32).
+DEFAULT_BATCH = {"pretrain": 8, "finetune": 8, "temporal": 2}
 
 
 @dataclass
@@ -50,7 +53,7 @@ class TrainConfig:
     resolution: int = 256
     augment: bool = True
     max_steps: int = 1000
-    batch_size: int = 8
+    batch_size: int | None = None  # None: DEFAULT_BATCH of the stage (set by validate_model)
     grad_accum: int = 1
     # The samples per optimizer step over all workers; when set, ``grad_accum`` is derived from it
     # (global_batch / (batch_size x num_workers)). The presets set it; --grad-accum clears it.
@@ -72,6 +75,10 @@ class TrainConfig:
     # whose config.yaml does not say (written before) cut them from each clip's first frame, and
     # a resume of it keeps doing so (its windows stay the ones it was reading).
     window_offsets: bool = True
+    # Windows are cut from runs of consecutive frames: where preprocessing dropped frames of a clip
+    # (frame_index jumps), no window spans the gap. A run directory whose config.yaml does not say
+    # (written before) cut them across gaps, and a resume of it keeps doing so.
+    split_at_gaps: bool = True
     # AdamW's weight decay skips biases and norm weights, as the official parameter groups do.
     official_weight_decay: bool = False
     # The paper recipe the run started from (train/presets.py); recorded, the values are the fields.
@@ -172,6 +179,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --mixed-precision {self.mixed_precision!r}; choose no, fp16 or bf16")
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError("--resolution must be a positive multiple of 8 (the VAE downsamples by 8)")
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH[self.stage]
         for name in ("batch_size", "grad_accum", "num_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -299,4 +308,6 @@ def load_run_config(run: str | Path) -> TrainConfig:
         cfg = cfg.updated({"background_hole": LEGACY_HOLE})
     if "window_offsets" not in saved:
         cfg = cfg.updated({"window_offsets": False})
+    if "split_at_gaps" not in saved:
+        cfg = cfg.updated({"split_at_gaps": False})
     return cfg

@@ -203,6 +203,11 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
         from disco.train.data.pose import render_plan
 
         render_plan(cfg.data, index.files, cfg.pose_style, cfg.hands)  # data it cannot draw: fails here
+    if cfg.stage == "temporal":
+        from disco.train.data.clips import window_index
+
+        # Here, before any worker loads the model (and Ray Train retries a data error it cannot fix).
+        log(window_index(index, cfg.clip_frames, cfg.split_at_gaps).describe(cfg.clip_frames))
     run = Path(cfg.output)
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(run)

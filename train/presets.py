@@ -1,4 +1,4 @@
-"""The paper's training recipe as named presets (``train --preset disco-hap`` / ``disco-finetune``).
+"""The paper's training recipe as named presets (``train --preset disco-hap`` / ``disco-finetune`` / ``disco-temporal``).
 
 A preset is a set of ``TrainConfig`` values with, for each, where it comes from: the DisCo paper
 (Wang et al., "DisCo: Disentangled Control for Realistic Human Dance Generation", CVPR 2024) or a
@@ -26,6 +26,8 @@ CONFIG_HAP = "official config/ref_attn_clip_combine_controlnet_attr_pretraining/
 DATASET_FT = "official dataset/tiktok_controlnet_t2i_imagevar_combine_tsv.py"
 DATASET_HAP = "official dataset/coco_controlnet_t2i_imagevar_combine_tsv_strongrand.py"
 DEEPSPEED = "official utils/deepspeed.py (fp16 under --deepspeed)"
+README_TM = "official README.md (temporal module training command)"
+CONFIG_TM = "official config/disco_w_tm/yz_tiktok_S256L16_xformers_tsv.py"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ PRESETS: dict[str, dict[str, Setting]] = {
         "global_batch": Setting(256, f"{PAPER}; {README} mpirun -np 8", "8 GPUs x 32"),
         "ref_mode": Setting("first", f"{DATASET_FT}", "the clip's first frame"),
         "pose_style": Setting("disco", "official pose renders", "what the released checkpoints saw"),
+    },
+    "disco-temporal": {
+        "stage": Setting("temporal", f"{PAPER}; {CONFIG_TM}"),
+        **_SHARED,
+        "lr": Setting(1e-4, f"{README_TM} --learning_rate 1e-4"),
+        "batch_size": Setting(2, f"{README_TM} --local_train_batch_size 2", "clips per GPU"),
+        "clip_frames": Setting(16, f"{CONFIG_TM} (S256L16)", "frames per clip"),
+        "gradient_checkpointing": Setting(True, f"{CONFIG_TM} gradient_checkpointing = True"),
+        "ref_mode": Setting("first", PAPER, "each clip's first frame"),
     },
 }
 

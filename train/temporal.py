@@ -15,7 +15,8 @@ def stream_class(cfg):
     """The stream a run trains on: clips of ``clip_frames`` frames for the temporal stage (a
     micro-batch of ``batch_size`` clips), single samples otherwise."""
     if cfg.stage == "temporal":
-        return functools.partial(ClipStream, frames=cfg.clip_frames, offsets=cfg.window_offsets)
+        return functools.partial(ClipStream, frames=cfg.clip_frames, offsets=cfg.window_offsets,
+                                 split_at_gaps=cfg.split_at_gaps)
     return SampleStream
 
 

@@ -1,15 +1,17 @@
 """The temporal stage's stream: samples are clips of ``frames`` consecutive frames of one video
 clip, in order, each frame paired with its clip's reference (the first frame).
 
-The order is the row stream's (``order.py``) applied to windows instead of rows: each clip holds
-``count = length // frames`` windows of ``frames`` consecutive frames, laid end to end from a
-per-epoch offset (the frames before it, and a tail shorter than a window after the last, are left
-out that epoch), the windows of one clip form a group, and an epoch permutes the groups, deals
-them to the data shards and permutes windows inside runs of groups, exactly as the row stream
-does with row groups. The offset of a clip in an epoch is drawn in ``[0, length - count *
-frames]`` from (run seed, epoch) alone, so different epochs see different windows, a resumed run
-the same ones, and the number of windows per clip (the plan's group sizes) never changes; a clip
-whose length is a whole number of windows keeps offset 0. A window then expands into its frames,
+The order is the row stream's (``order.py``) applied to windows instead of rows: each run of
+consecutive frames (a clip, or where preprocessing dropped frames of it, each stretch between the
+jumps of ``frame_index``: a window never spans one) holds ``count = length // frames`` windows of
+``frames`` consecutive frames, laid end to end from a per-epoch offset (the frames before it, and
+a tail shorter than a window after the last, are left out that epoch), the windows of one run
+form a group, and an epoch permutes the groups, deals them to the data shards and permutes
+windows inside runs of groups, exactly as the row stream does with row groups. The offset of a
+run in an epoch is drawn in ``[0, length - count * frames]`` from (run seed, epoch) alone, so
+different epochs see different windows, a resumed run the same ones, and the number of windows
+per run (the plan's group sizes) never changes; a run whose length is a whole number of windows
+keeps offset 0. A window then expands into its frames,
 so the stream's items stay frames (``SampleStream`` reads, decodes, prefetches, counts and
 resumes them as before) and a micro-batch of ``batch`` clips is ``batch * frames`` items: frame
 ``k`` of window ``w`` of a micro-batch sits at item ``w * frames + k``. Every frame of a window is
@@ -39,16 +41,22 @@ OFFSET_SALT = 0x0FF5E7  # keeps the offsets' draws apart from the order's (``epo
 
 @dataclass
 class WindowIndex:
-    """The windows of every clip, as an index ``epoch_plan`` can order: ``first`` is each
-    window's first frame at offset 0 (an offset into ``TripletIndex.clip_order``),
-    ``group_starts`` where each clip's run of windows starts, plus the end; per clip with windows
-    (group), ``slack`` its frames beyond its whole windows (the largest offset); per window,
-    ``group`` its clip's group."""
+    """The windows of every run of consecutive frames, as an index ``epoch_plan`` can order:
+    ``first`` is each window's first frame at offset 0 (an offset into
+    ``TripletIndex.clip_order``), ``group_starts`` where each run's windows start, plus the end;
+    per run with windows (group), ``slack`` its frames beyond its whole windows (the largest
+    offset); per window, ``group`` its run's group. A run is a clip, or where frames of the clip
+    are missing (rows preprocessing rejected or could not annotate: its ``frame_index`` jumps), each
+    stretch of it between the gaps: a window never spans a gap. ``runs`` counts them all,
+    ``unused`` the frames in runs shorter than a window."""
 
     first: np.ndarray
     group_starts: np.ndarray
     slack: np.ndarray
     group: np.ndarray
+    runs: int = 0
+    clips: int = 0
+    unused: int = 0
 
     def __len__(self) -> int:
         return len(self.first)
@@ -57,21 +65,39 @@ class WindowIndex:
         """Each group's offset in ``epoch``: uniform in ``[0, slack]``, from (seed, epoch) alone."""
         return np.random.default_rng([seed, int(epoch), OFFSET_SALT]).integers(0, self.slack + 1)
 
+    def describe(self, frames: int) -> str:
+        """One line for the run's log: what the windows cover."""
+        frames_in = int(self.group_starts[-1]) * frames
+        return (f"{len(self)} windows of {frames} consecutive frames from {len(self.slack)} runs of {self.clips} clips "
+                f"({self.runs - self.clips} gaps where preprocessing dropped frames; {self.unused} frames in runs "
+                f"shorter than a window, {frames_in} frames covered at offset 0)")
 
-def window_index(index: TripletIndex, frames: int) -> WindowIndex:
-    firsts, starts, slack = [], [0], []
-    for lo, hi in zip(index.clip_starts[:-1], index.clip_starts[1:]):
-        count = int(hi - lo) // frames
-        if count:
-            firsts.append(lo + frames * np.arange(count, dtype=np.int64))
-            starts.append(starts[-1] + count)
-            slack.append(int(hi - lo) - count * frames)
-    if not firsts:
-        raise DataError(f"no clip has {frames} frames: the temporal stage needs clips of at least --clip-frames "
-                        f"{frames} frames (the longest has {int(np.diff(index.clip_starts).max())})")
-    starts = np.asarray(starts, np.int64)
-    return WindowIndex(np.concatenate(firsts), starts, np.asarray(slack, np.int64),
-                       np.repeat(np.arange(len(slack), dtype=np.int64), np.diff(starts)))
+
+def window_index(index: TripletIndex, frames: int, split_at_gaps: bool = True) -> WindowIndex:
+    """``split_at_gaps`` False: windows of a clip's rows in order whatever their frame indices (a
+    run started before windows were cut at gaps resumes on the windows it was reading)."""
+    n = len(index.clip_order)
+    clip_starts = index.clip_starts[:-1][index.clip_starts[:-1] < n]
+    run_start = np.zeros(n, bool)
+    run_start[clip_starts] = True
+    if split_at_gaps and n:
+        ordered = index.frame[index.clip_order].astype(np.int64)
+        run_start[1:] |= np.diff(ordered) != 1
+    starts = np.flatnonzero(run_start)
+    lengths = np.diff(np.append(starts, n))
+    count = lengths // frames
+    kept = count > 0
+    if not kept.any():
+        raise DataError(f"no clip has {frames} consecutive frames: the temporal stage needs runs of at least "
+                        f"--clip-frames {frames} frames with no frame missing (the longest has "
+                        f"{int(lengths.max()) if len(lengths) else 0})")
+    count, kept_starts = count[kept], starts[kept]
+    group_starts = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
+    within = np.arange(int(group_starts[-1]), dtype=np.int64) - np.repeat(group_starts[:-1], count)
+    first = np.repeat(kept_starts, count).astype(np.int64) + frames * within
+    return WindowIndex(first, group_starts, (lengths[kept] - count * frames).astype(np.int64),
+                       np.repeat(np.arange(len(count), dtype=np.int64), count),
+                       runs=len(starts), clips=len(clip_starts), unused=int(lengths[~kept].sum()))
 
 
 class ClipPlan(StreamPlan):
@@ -79,11 +105,11 @@ class ClipPlan(StreamPlan):
     time are the frames of one window, in order. ``global_batch`` counts frames."""
 
     def __init__(self, index: TripletIndex, frames: int, seed: int, shards: int, global_batch: int,
-                 offsets: bool = True):
+                 offsets: bool = True, split_at_gaps: bool = True):
         if global_batch % (shards * frames):
             raise DataError(f"the global micro-batch ({global_batch} frames) must be whole clips of {frames} frames "
                             f"for each of the {shards} data shards")
-        self.windows = window_index(index, frames)
+        self.windows = window_index(index, frames, split_at_gaps)
         self.frames = frames
         self.inner = StreamPlan(self.windows, seed, shards, global_batch // frames)
         self.index, self.seed, self.shards = index, seed, shards
@@ -139,12 +165,12 @@ class ClipStream(SampleStream):
     clips fill the micro-batch; a whole epoch of clips without one that decodes is a ``DataError``."""
 
     def __init__(self, index: TripletIndex, *, frames: int, batch: int, world: int = 1, shards: int | None = None,
-                 seed: int = 0, offsets: bool = True, **options):
+                 seed: int = 0, offsets: bool = True, split_at_gaps: bool = True, **options):
         options.pop("stage", None)
         super().__init__(index, stage="finetune", batch=batch * frames, world=world, shards=shards, seed=seed,
                          **options)
         self.clip_frames = frames
-        self._plan = ClipPlan(index, frames, seed, self.shards, batch * frames * world, offsets)
+        self._plan = ClipPlan(index, frames, seed, self.shards, batch * frames * world, offsets, split_at_gaps)
 
     def _usable(self, block: dict):
         """Whole clips: a frame is usable when every frame of its window decoded."""
