@@ -132,13 +132,17 @@ class ModelSource:
         path = Path(run) / RUN_CONFIG_FILE
         if not path.exists():
             raise ConfigError(f"{run} holds no {RUN_CONFIG_FILE}; cannot tell which base model its checkpoints belong to")
-        # Read as the trainer reads it (dashed keys too).
-        values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(path).items()}
+        values = run_options(path)
         seed = values.get("model_seed")
         # The trainer writes every field; a hand-edited file gets the trainer's defaults.
         stage = values.get("stage") or "finetune"
         return cls(model=values.get("model"), pretrained=values.get("pretrained"),
                    seed=int(seed if seed is not None else values.get("seed") or 0)), str(stage)
+
+
+def run_options(config: Path) -> dict:
+    """A run's ``config.yaml`` as the trainer reads it (dashed keys too)."""
+    return {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}
 
 
 def base_model(source: ModelSource, variant: str) -> DisCoModel:
@@ -229,7 +233,13 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu", e
         raise ConfigError(f"{checkpoint.parent}'s base model {source.pretrained} (`pretrained` in its "
                           f"{RUN_CONFIG_FILE}) is not on this machine: copy that sd-image-variations folder there, or "
                           "set `pretrained` in that file to where it is")
-    model = temporal_base(checkpoint.parent) if stage == "temporal" else base_model(source, stage)
+    if stage == "temporal":
+        model = temporal_base(checkpoint.parent)  # its image model's pose scale included
+    else:
+        model = base_model(source, stage)
+        pose_scale = run_options(checkpoint.parent / RUN_CONFIG_FILE).get("pose_scale")
+        if pose_scale is not None:  # the run's --pose-scale: its pose residuals were trained at that scale
+            model.register_to_config(pose_scale=float(pose_scale))
     load_trainable_file(model, checkpoint / weights_name(checkpoint, ema))
     return model.to(device).eval()
 
@@ -285,7 +295,7 @@ def temporal_base(run: Path) -> DisCoModel:
     checkpoint when the run started), with temporal layers of the run's clip length added."""
     from disco.model.temporal import DEFAULT_CLIP_FRAMES, TemporalConfig, add_temporal
 
-    values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(Path(run) / RUN_CONFIG_FILE).items()}
+    values = run_options(Path(run) / RUN_CONFIG_FILE)
     if not values.get("init_from"):
         raise ConfigError(f"{run} is a temporal-stage run without init_from; cannot rebuild its image model")
     init = Path(values["init_from"])
@@ -309,7 +319,7 @@ def pose_setting(path: str | Path) -> tuple[str, bool]:
     config = _run_config(path)
     if is_pretrained_folder(path) or not config.exists():
         return DEFAULT_STYLE, DEFAULT_HANDS
-    values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}
+    values = run_options(config)
     hands = values.get("hands")
     return str(values.get("pose_style") or DEFAULT_STYLE), DEFAULT_HANDS if hands is None else bool(hands)
 
@@ -333,7 +343,7 @@ def background_hole(path: str | Path) -> float:
     config = _run_config(path)
     if is_pretrained_folder(path) or not config.exists():
         return HOLE
-    values = {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}
+    values = run_options(config)
     return float(values["background_hole"]) if "background_hole" in values else LEGACY_HOLE
 
 

@@ -84,3 +84,7 @@ def test_the_pose_gap_grows_while_training_and_is_zero_with_the_pose_branch_cut(
     cut_summary = json.loads((cut / "summary.json").read_text())
     assert cut_summary["eval"]["last"]["gap_pose"] == cut_evaluations[-1]["eval/gap_pose"]
     assert "condition gaps" in output and "pose +0.0000 -> +0.0000" in output.replace("-0.0000", "+0.0000")
+    # generate / evaluate load the run's model with the pose scale it trained at.
+    from disco.model.checkpoint import load_model
+
+    assert load_model(cut).config.pose_scale == 0.0

@@ -325,6 +325,8 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     with pytest.raises(DataError, match="no clip has 9 consecutive frames.*the longest has 8"):
         train(cfg.updated({"output": str(tmp_path / "too-long"), "clip_frames": 9}))
     assert not (tmp_path / "too-long" / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="the temporal stage keeps its --init-from run's"):
+        train(cfg.updated({"output": str(tmp_path / "scaled"), "pose_scale": 0.5}))  # was ignored: the image model's stands
     weights = read_checkpoint(find_checkpoint(run, 3))[0]
     assert weights and all(name.startswith("temporal.") for name in weights)
     # A crash after step 2, then --resume: the same weights as the uninterrupted run.

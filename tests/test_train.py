@@ -365,9 +365,14 @@ def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(tripl
     from disco.model.checkpoint import background_hole, pose_setting
 
     saved = (copy / "config.yaml").read_text()
+    assert "pose_scale: null" in saved
     (copy / "config.yaml").write_text(saved.replace("background_hole: 0.0", "background_hole: -1.0")
-                                      .replace("hands: true", "hands: false"))
+                                      .replace("hands: true", "hands: false").replace("pose_scale: null", "pose_scale: 0.5"))
     assert background_hole(record) == -1.0 and pose_setting(record)[1] is False
+    # ... and the pose residuals' scale the run trained with (--pose-scale), which the model keeps.
+    from disco.model.checkpoint import load_model
+
+    assert load_model(record).config.pose_scale == 0.5 and load_model(two_worker_run).config.pose_scale == 1.0
     a, b = _weights(Path(one.output)), _weights(two_worker_run, 4)
     start = initial_model(load_run_config(one.output)).trainable_parameters()
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))

@@ -242,6 +242,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --eval-split {self.eval_split!r}; choose test or train")
         if self.pose_scale is not None and self.stage == "pretrain":
             raise ConfigError("--pose-scale applies to fine-tuning (pre-training has no pose branch)")
+        if self.pose_scale is not None and self.stage == "temporal" and not self.resume:  # (was ignored before)
+            raise ConfigError("--pose-scale applies to fine-tuning; the temporal stage keeps its --init-from run's")
         if self.max_failures is not None and self.max_failures < 0:
             raise ConfigError("--max-failures must be 0 or more")
         if self.learning_rate <= 0:
