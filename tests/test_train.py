@@ -249,9 +249,24 @@ def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path):
     shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("checkpoint-00000004", "summary.json"))
     (crashed / ".tmp-checkpoint-00000004-999").mkdir()
     (crashed / ".tmp-checkpoint-00000004-999" / "trainable.safetensors").write_bytes(b"cut short")
-    summary = train(TrainConfig(output=str(crashed), resume=True), given={"output", "resume"})
+    lines: list[str] = []
+    summary = train(TrainConfig(output=str(crashed), resume=True), given={"output", "resume"}, log=lines.append)
     assert summary["step"] == 4
     assert not (crashed / ".tmp-checkpoint-00000004-999").exists()
+    # The checkpoint records the data it trained on; the same data resumes without a word ...
+    recorded = json.loads((crashed / "checkpoint-00000003" / "state.json").read_text())["data"]
+    assert recorded == build_index([str(triplets["video"])]).summary() and recorded["rows"] == 8
+    assert not [line for line in lines if "data changed" in line]
+    # ... and data that changed since (a shard rewritten with a row fewer) is said in one line.
+    changed, fewer = tmp_path / "changed", tmp_path / "fewer-rows"
+    shutil.copytree(run, changed, ignore=shutil.ignore_patterns("checkpoint-00000004", "summary.json"))
+    shutil.copytree(triplets["video"], fewer)
+    shard = next((fewer / "triplets").glob("*.parquet"))
+    pq.write_table(pq.read_table(shard).slice(1), shard, row_group_size=4)
+    (changed / "config.yaml").write_text((changed / "config.yaml").read_text().replace(str(triplets["video"]), str(fewer)))
+    lines.clear()
+    assert train(TrainConfig(output=str(changed), resume=True), given={"output", "resume"}, log=lines.append)["step"] == 4
+    assert "the data changed since checkpoint-00000003 (1 shards, 8 rows then; 1, 7 now)" in " ".join(lines), lines
     whole, resumed = _weights(run, 4), _weights(crashed, 4)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)

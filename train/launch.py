@@ -214,12 +214,28 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     (run / STOP_FILE).unlink(missing_ok=True)  # left by an earlier Ctrl-C
     log(f"{len(index)} {cfg.split} rows from {len(index.files)} shards; "
         + (f"resuming from {checkpoint.name}" if checkpoint else "starting at step 0"))
+    if checkpoint is not None:
+        then = json.loads((checkpoint / STATE_FILE).read_text()).get("data")
+        now = index.summary()
+        if then is not None and then != now:
+            log(f"the data changed since {checkpoint.name} ({then['shards']} shards, {then['rows']} rows then; "
+                f"{now['shards']}, {now['rows']} now): the run trains on today's, in another order than an "
+                "uninterrupted run would have read")
     init_ray(cfg.ray_address, log=log)
     distributed = cfg.num_workers > 1 or bool(cfg.ray_address)
     worker_cpus, data_cpus = _resources(cfg, distributed)
+    # The index the driver built goes to every worker (through the object store; numpy arrays are
+    # shared, not copied, by the workers of a node): they all train on the same shards even when a
+    # data folder gains some meanwhile, and no worker re-reads every shard's metadata.
+    if distributed:
+        import ray
+
+        shared_index = ray.put(index)
+    else:
+        shared_index = index
     loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,
                    "distributed": distributed, "data_cpus": data_cpus, "worker_threads": worker_threads(worker_cpus),
-                   "nccl_guard": os.environ.get(GUARD_ENV) == "1"}
+                   "nccl_guard": os.environ.get(GUARD_ENV) == "1", "index": shared_index}
     stop = threading.Event()
     poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop), daemon=True)
     if on_metrics is not None:

@@ -25,7 +25,7 @@ from disco.pipeline.errors import ConfigError
 from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
 from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
-from disco.train.data import build_index
+from disco.train.data import TripletIndex, build_index
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
 from disco.train.objective import DiffusionObjective, apply_update, parameter_groups, sample_draws
@@ -190,7 +190,13 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     if gaps is not None:
         with torch.random.fork_rng(devices=[]):
             gaps.held_out()
-    index = build_index(cfg.data, cfg.split)
+    index = loop_config.get("index")
+    if index is None:  # a caller of the loop that did not build one (launch.train always does)
+        index = build_index(cfg.data, cfg.split)
+    elif not isinstance(index, TripletIndex):  # Ray Train workers: the driver's, from the object store
+        import ray
+
+        index = ray.get(index)
     pose_render = None
     if cfg.stage in ("finetune", "temporal"):
         from disco.train.data.pose import render_plan
@@ -219,7 +225,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             if device.type == "cuda":
                 training["cuda_rng"] = torch.cuda.get_rng_state()
             info = {"positions": [p for p, _, _ in gathered], "skipped": skipped_before + sum(s for _, s, _ in gathered),
-                    "world_size": world, "rng": _rng_state(),
+                    "world_size": world, "rng": _rng_state(), "data": index.summary(),
                     "window": {"steps": window_steps, "loss_sums": [loss for _, _, loss in gathered]}}
             ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
             path = save_checkpoint(run, step, model, training, info, ema_state, cfg.keep)

@@ -55,6 +55,15 @@ class TripletIndex:
     def __len__(self) -> int:
         return len(self.file)
 
+    def summary(self) -> dict:
+        """What the run trains on, for its checkpoints: shards, rows, and a digest of both (the
+        shards' paths and rows per shard) that a resume compares."""
+        import hashlib
+
+        digest = hashlib.sha256("\0".join(self.files).encode())
+        digest.update(np.bincount(self.file, minlength=len(self.files)).astype(np.int64).tobytes())
+        return {"shards": len(self.files), "rows": len(self), "digest": digest.hexdigest()[:16]}
+
     def first_reference(self) -> np.ndarray:
         """Row id of each row's reference under ``--ref-mode first``: its clip's first frame."""
         return self.clip_order[self.clip_starts[:-1]][self.clip]
