@@ -106,7 +106,7 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
         if pending:
             init_ray(cfg.ray_address, log=log)
             settings = stage_settings(cfg)
-            units = plan_all(pending, settings, partial)
+            units = plan_all(pending, settings, partial, log=log)
             pools = plan_pools(cfg, cluster_nodes(), units)
             frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held)
             if missing:
@@ -171,14 +171,45 @@ def dataset_section(cfg: PreprocessConfig, listing, state) -> dict:
     return section
 
 
-def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8) -> list[dict]:
-    """Cut every pending input into units. Reading a video's header is cheap and mostly I/O, so
-    the driver probes videos on a few threads; stills need no probe."""
+# Tar shards are counted (every header walked, in Python: the GIL keeps threads from helping) in
+# Ray tasks, SHARDS_PER_PLAN_TASK a task, once a run has RAY_PLAN_FROM of them: 40K shards of 10K
+# samples are 7 hours on one driver thread. A task asks for a quarter of a CPU, which no pool holds
+# yet at planning time.
+RAY_PLAN_FROM = 16
+SHARDS_PER_PLAN_TASK = 8
+PLAN_TASK_CPUS = 0.25
+
+
+def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8,
+             log=lambda message: None, ray_from: int = RAY_PLAN_FROM) -> list[dict]:
+    """Cut every pending input into units, in listing order. Reading a video's header is cheap and
+    mostly I/O, so the driver probes videos on a few threads; stills need no probe; many tar
+    shards are counted in Ray tasks over the cluster."""
     from concurrent.futures import ThreadPoolExecutor
 
+    items = [item.to_dict() for item in pending]
+    shards = [k for k, item in enumerate(items) if item["kind"] == "tar" and not item.get("error_type")]
+    planned: dict[int, list[dict]] = {}
+    if len(shards) >= ray_from:
+        import ray
+
+        log(f"counting the samples of {len(shards)} tar shards in Ray tasks")
+        plan = ray.remote(num_cpus=PLAN_TASK_CPUS)(plan_inputs)
+        chunks = [shards[k:k + SHARDS_PER_PLAN_TASK] for k in range(0, len(shards), SHARDS_PER_PLAN_TASK)]
+        refs = [plan.remote([items[k] for k in chunk], settings,
+                            {items[k]["input_path"]: partial_units[items[k]["input_path"]] for k in chunk
+                             if items[k]["input_path"] in partial_units}) for chunk in chunks]
+        for chunk, units in zip(chunks, ray.get(refs)):
+            planned.update(zip(chunk, units))
+    rest = [k for k in range(len(items)) if k not in planned]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        planned = pool.map(lambda item: plan_units(item.to_dict(), settings, partial_units), pending)
-        return [unit for units in planned for unit in units]
+        planned.update(zip(rest, pool.map(lambda k: plan_units(items[k], settings, partial_units), rest)))
+    return [unit for k in range(len(items)) for unit in planned[k]]
+
+
+def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list[int]]) -> list[list[dict]]:
+    """``plan_units`` of each input (what a planning task runs)."""
+    return [plan_units(item, settings, partial_units) for item in items]
 
 
 def _check_shards(store: OutputStore, entry: dict) -> None:

@@ -189,6 +189,35 @@ def test_laion_shards_are_streamed_and_no_member_escapes(tmp_path):
     assert not (root / "shards" / "000000000.jpg").exists()
 
 
+def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, monkeypatch):
+    """Counting a shard walks every header in Python; many shards are counted in Ray tasks across
+    the cluster instead of on the driver, with the same units in the same order (a resumed
+    input's done units left out as before, a damaged shard its one errors unit)."""
+    from disco.pipeline import run as run_module
+    from disco.pipeline.run import plan_all
+    from disco.pipeline.sources import list_source
+
+    root = layouts.laion(tmp_path / "laion")
+    for k in range(1, 5):
+        shutil.copy(root / "shards" / "00000.tar", root / "shards" / f"0000{k}.tar")
+    (root / "shards" / "00005.tar").write_bytes(b"not a tar" * 100)
+    cfg = PreprocessConfig(source="laion", input=root, output=tmp_path / "out", pose="none", hands=False,
+                           segment_frames=4).validate()
+    pending = list_source(cfg, log=lambda *_: None).items
+    settings, partial = {"segment_frames": 4, "fps": 30.0}, {"shards/00002.tar": [0]}
+    on_driver = plan_all(pending, settings, partial, ray_from=10**9)
+    monkeypatch.setattr(run_module, "SHARDS_PER_PLAN_TASK", 2)
+    lines: list[str] = []
+    on_ray = plan_all(pending, settings, partial, log=lines.append, ray_from=3)
+    assert lines == ["counting the samples of 6 tar shards in Ray tasks"]
+    assert on_ray == on_driver
+    shards = [(u["input_path"], u["unit_index"], u.get("error_type")) for u in on_ray if u["kind"] == "tar"]
+    assert shards == [("shards/00000.tar", 0, None), ("shards/00000.tar", 1, None), ("shards/00001.tar", 0, None),
+                      ("shards/00001.tar", 1, None), ("shards/00002.tar", 1, None), ("shards/00003.tar", 0, None),
+                      ("shards/00003.tar", 1, None), ("shards/00004.tar", 0, None), ("shards/00004.tar", 1, None),
+                      ("shards/00005.tar", 0, "corrupt_tar")]
+
+
 def test_a_new_data_set_from_a_manifest_alone(tmp_path):
     root = tmp_path / "mine"
     for name, picture in (("a1", "astronaut"), ("b2", "hopper"), ("c3", "rocket")):

@@ -197,6 +197,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
         import ray
 
         index = ray.get(index)
+    trained_on = index.summary()  # recorded in every checkpoint; a resume compares
     pose_render = None
     if cfg.stage in ("finetune", "temporal"):
         from disco.train.data.pose import render_plan
@@ -225,7 +226,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             if device.type == "cuda":
                 training["cuda_rng"] = torch.cuda.get_rng_state()
             info = {"positions": [p for p, _, _ in gathered], "skipped": skipped_before + sum(s for _, s, _ in gathered),
-                    "world_size": world, "rng": _rng_state(), "data": index.summary(),
+                    "world_size": world, "rng": _rng_state(), "data": trained_on,
                     "window": {"steps": window_steps, "loss_sums": [loss for _, _, loss in gathered]}}
             ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
             path = save_checkpoint(run, step, model, training, info, ema_state, cfg.keep)
