@@ -88,6 +88,12 @@ class TemporalConv(nn.Module):
         return y.reshape(b, h, w, c, frames).permute(0, 4, 3, 1, 2).reshape(bf, c, h, w)
 
 
+# Sequences (clips x token positions) per attention call. CUDA's memory-efficient attention
+# launches a grid with one block row per sequence and fails past 65,535 of them ("invalid
+# configuration argument", pytorch/pytorch#142228): at 512 px a forward of 16 clips has 65,536.
+MAX_SEQUENCES = 32768
+
+
 class TemporalAttention(nn.Module):
     """LayerNorm, then self-attention across the frames of each token position (output
     projection zero-initialised): ``(B F) D C`` tokens -> the residual to add."""
@@ -104,8 +110,11 @@ class TemporalAttention(nn.Module):
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         bf, d, c = x.shape
         b = _clips(x, frames)
-        y = x.reshape(b, frames, d, c).permute(0, 2, 1, 3).reshape(b * d, frames, c)
-        y = self.attention(self.norm(y))
+        y = self.norm(x.reshape(b, frames, d, c).permute(0, 2, 1, 3).reshape(b * d, frames, c))
+        if len(y) > MAX_SEQUENCES:
+            y = torch.cat([self.attention(part) for part in y.split(MAX_SEQUENCES)])
+        else:
+            y = self.attention(y)
         return y.reshape(b, d, frames, c).permute(0, 2, 1, 3).reshape(bf, d, c)
 
 

@@ -603,3 +603,25 @@ def test_no_window_spans_frames_that_preprocessing_dropped(triplets, tmp_path):
     assert index.frame[stream._plan.rows(batch["position"].numpy())].tolist() in ([3, 4, 5], [4, 5, 6], [5, 6, 7])
     with pytest.raises(DataError, match="no clip has 6 consecutive frames.*the longest has 5"):
         window_index(index, 6)
+
+
+def test_temporal_attention_runs_many_sequences_in_parts_with_the_same_result(monkeypatch):
+    """A clip batch's temporal attention is one sequence per clip and token position: past
+    MAX_SEQUENCES it runs in parts (CUDA's memory-efficient kernel fails past 65,535 sequences),
+    the same values and gradients as in one call."""
+    from disco.model import temporal
+
+    torch.manual_seed(0)
+    layer = temporal.TemporalAttention(32, 4)
+    with torch.no_grad():
+        layer.attention.to_out[0].weight.normal_(std=0.2)
+    x = torch.randn(3 * F, 10, 32, requires_grad=True)  # 3 clips of F frames, 10 token positions: 30 sequences
+    whole = layer(x, F)
+    (grad_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    calls = []
+    monkeypatch.setattr(temporal, "MAX_SEQUENCES", 7)
+    monkeypatch.setattr(layer.attention, "forward", lambda y, _f=layer.attention.forward: calls.append(len(y)) or _f(y))
+    parts = layer(x, F)
+    (grad_parts,) = torch.autograd.grad(parts.square().sum(), x)
+    assert calls == [7, 7, 7, 7, 2]
+    assert torch.allclose(parts, whole, atol=1e-6) and torch.allclose(grad_parts, grad_whole, atol=1e-5)
