@@ -13,6 +13,7 @@ from disco.pipeline.cluster import init_ray
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.sources import list_source
+from disco.pipeline.sources.generic import local_path
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry, unit_blocks
@@ -86,6 +87,12 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     listed = [i.input_path for i in listing.items]
     if not listed:
         log(f"no {cfg.source} inputs found under {cfg.input}")
+    versions = input_versions(listing.items)
+    changed = changed_inputs(state, versions)
+    if changed:
+        log(f"{len(changed)} input(s) changed since their units were committed ({', '.join(changed[:3])}"
+            f"{', ...' if len(changed) > 3 else ''}): their rows are from the earlier file and are kept; pass "
+            "--overwrite to redo the output")
     complete = state.complete_inputs()
     pending = [i for i in listing.items if i.input_path not in complete]
     if progress is not None:
@@ -108,7 +115,7 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
             settings = stage_settings(cfg)
             units = plan_all(pending, settings, partial, log=log)
             pools = plan_pools(cfg, cluster_nodes(), units)
-            frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held)
+            frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
@@ -148,6 +155,8 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     manifest = build_manifest(config=config, backends=backends, state=final_state, listed=listed,
                               ignored=listing.ignored, run=run)
     manifest.update(dataset_section(cfg, listing, final_state))
+    if changed:  # every later resume says it again: the rows stay until an --overwrite
+        manifest["changed_inputs"] = changed
     write_manifest(store.manifest, manifest)
     counts = manifest["counts"]
     if interrupted:
@@ -212,6 +221,31 @@ def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list
     return [plan_units(item, settings, partial_units) for item in items]
 
 
+# Inputs whose file can change under a run: a tar shard img2dataset is still writing, a video
+# replaced by a longer take. (Stills are not stat-ed: millions, and each is one unit.)
+VERSIONED_KINDS = ("tar", "video")
+
+
+def input_versions(items) -> dict[str, str]:
+    """Size and modification time of each listed tar shard and video, as the journal records
+    them with its committed units."""
+    versions = {}
+    for item in items:
+        if item.kind in VERSIONED_KINDS and not item.error_type:
+            try:
+                stat = os.stat(local_path({"raw_path": item.raw_path, "abs_path": item.abs_path}))
+            except OSError:
+                continue  # its units will say what is wrong with it
+            versions[item.input_path] = f"{stat.st_size}-{stat.st_mtime_ns}"
+    return versions
+
+
+def changed_inputs(state, versions: dict[str, str]) -> list[str]:
+    """Inputs with committed units whose file is not the one they were cut from."""
+    return sorted(path for path, units in state.units().items() if path in versions and
+                  any(unit.get("version") not in (None, versions[path]) for unit in units.values()))
+
+
 def _check_shards(store: OutputStore, entry: dict) -> None:
     """A shard an actor wrote must be in the driver's output folder, whole, before it is
     committed: an output folder that is not shared storage shows up here, not in training."""
@@ -246,7 +280,7 @@ def unit_dataset(units: list[dict]):
 
 
 def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[PoolPlan], progress,
-             held: dict[str, list[dict]]) -> tuple[int, int]:
+             held: dict[str, list[dict]], versions: dict[str, str] | None = None) -> tuple[int, int]:
     """Stream the units through the pools. The last pool's actors write the shards; what reaches
     the driver is one small commit record per shard, appended to the journal as it arrives.
     Returns the frames committed and the number of units that never were."""
@@ -295,6 +329,9 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
                     # result had arrived): the first commit stands; these shards go at the end.
                     continue
                 _check_shards(store, entry)
+                for unit in entry["units"]:
+                    if (versions or {}).get(unit["input_path"]):
+                        unit["version"] = versions[unit["input_path"]]
                 store.append(entry)  # the commit: from here on its shards are data
                 committed.update(keys)
                 for actor in held_resources(resources):

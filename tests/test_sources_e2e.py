@@ -187,6 +187,22 @@ def test_laion_shards_are_streamed_and_no_member_escapes(tmp_path):
     assert after == before
     assert not Path("/tmp/disco-absolute-evil.jpg").exists() and not (root / "evil.jpg").exists()
     assert not (root / "shards" / "000000000.jpg").exists()
+    # The shard grows after its units were committed (img2dataset was still writing it): a resume
+    # keeps the rows and says, in its log and manifest, that they come from the earlier file.
+    import io
+    import tarfile
+
+    shard = root / "shards" / "00000.tar"
+    with tarfile.open(shard, "a") as tar:
+        member = tarfile.TarInfo("000000009.jpg")
+        member.size = len(layouts.jpeg_bytes("astronaut"))
+        tar.addfile(member, io.BytesIO(layouts.jpeg_bytes("astronaut")))
+    lines: list[str] = []
+    again = preprocess(PreprocessConfig(source="laion", input=root, output=out, pose="none", hands=False,
+                                        segment_frames=2), log=lines.append)
+    assert again.manifest["changed_inputs"] == ["shards/00000.tar"] and _rows(out).keys() == rows.keys()
+    assert any("1 input(s) changed since their units were committed (shards/00000.tar)" in line for line in lines)
+    assert "changed_inputs" not in result.manifest
 
 
 def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, monkeypatch):
