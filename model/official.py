@@ -233,20 +233,28 @@ class Conversion:
         return lines
 
 
-def _frozen_equal(found: torch.Tensor, base: torch.Tensor) -> bool:
-    """Equal at the lower of the two precisions (a DeepSpeed fp16 file holds the fp32 base
-    rounded to fp16): both rounded to it, then allclose within a unit of its last place."""
-    if found.dtype == base.dtype:
-        low = found.dtype
-    elif not (found.dtype.is_floating_point and base.dtype.is_floating_point):
+def _frozen_equal(found: torch.Tensor, base: torch.Tensor, trained_in: torch.dtype | None = None) -> bool:
+    """Equal at the lowest of the two precisions and ``trained_in`` (a DeepSpeed fp16 file holds
+    the fp32 base rounded to fp16, and its CLIP encoder in fp32 but rounded too: the official
+    ``Net.half`` halves the whole network, then turns CLIP back to float): both rounded to it,
+    then allclose within a unit of its last place."""
+    if found.dtype.is_floating_point != base.dtype.is_floating_point:
         return False
-    else:
-        low = found.dtype if torch.finfo(found.dtype).eps >= torch.finfo(base.dtype).eps else base.dtype
+    low = found.dtype
+    if low.is_floating_point:
+        low = max((found.dtype, base.dtype, trained_in or found.dtype), key=lambda t: torch.finfo(t).eps)
+    elif found.dtype != base.dtype:
+        return False
     a, b = found.to(low).to(torch.float64), base.detach().to(low).to(torch.float64)
     if not low.is_floating_point:
         return torch.equal(a, b)
     eps = torch.finfo(low).eps
     return torch.allclose(a, b, rtol=eps, atol=eps * 1e-3)
+
+
+def fp16_file(found: "OfficialFile") -> bool:
+    """A file of DeepSpeed's fp16 training: it holds fp16 tensors (all but CLIP's)."""
+    return any(t.dtype == torch.float16 for t in found.weights.values())
 
 
 def _fit(found: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
@@ -349,6 +357,7 @@ def convert_official(checkpoint: str | Path, base: str | Path, output: str | Pat
     reshaped, dtypes = 0, set()
     _check_trainable(model, [name for name in params if name in trainable_names], checkpoint)
     say("checking the frozen tensors against the base and collecting the trainable ones")
+    trained_in = torch.float16 if fp16_file(found) else None
     for name, param in params.items():  # in our model's order: the first difference is reported
         key = targets[name]
         tensor = _fit(found.weights[key], param.shape)
@@ -364,7 +373,7 @@ def convert_official(checkpoint: str | Path, base: str | Path, output: str | Pat
             _put(model, name, tensor.to(torch.float32).contiguous())
             count["trainable"] += 1
         else:
-            if not _frozen_equal(tensor, param):
+            if not _frozen_equal(tensor, param, trained_in):
                 raise OfficialCheckpointError(f"{checkpoint}: frozen {key} differs from the base's {name} in {base}; "
                                               "was the checkpoint trained from another base?")
             count["checked"] += 1

@@ -141,9 +141,12 @@ def test_hap_fp16_checkpoint_converts_on_the_command_line_and_initialises_fine_t
     from disco.train.initial import initial_model
 
     source = trained(base, "pretrain", half=True)
-    # DeepSpeed fp16: the whole network in half precision, except CLIP (the official Net.half keeps it fp32).
-    module = {k: v if k.startswith("clip_image_encoder.") or not v.is_floating_point() else v.half()
+    # DeepSpeed fp16: the whole network in half precision; the official Net.half halves everything,
+    # then turns CLIP back to float: fp32 tensors holding fp16-rounded values.
+    module = {k: v if not v.is_floating_point() else v.half().float() if k.startswith("clip_image_encoder.") else v.half()
               for k, v in official_state_dict(source).items()}
+    assert any(not torch.equal(v, official_state_dict(source)[k]) for k, v in module.items()
+               if k.startswith("clip_image_encoder.") and v.is_floating_point())
     path = deepspeed_file(tmp_path / "mp_rank_00_model_states.pt", module)
     run = tmp_path / "hap"
     result = CliRunner().invoke(app, ["convert-official", str(path), "--base", str(base), "--output", str(run)])
