@@ -24,13 +24,12 @@ The file is read without running pickled code: ``torch.load(weights_only=True)``
 plain containers and numbers, ``OrderedDict``, ``torch.Size`` and ``set`` (what DeepSpeed's
 model-states file holds besides the weights: ``buffer_names``, ``param_shapes``,
 ``sparse_tensor_module_names``, ``ds_config``, ``ds_version``, step counters, an LR scheduler's
-state), and ``SAFE_GLOBALS`` adds ``argparse.Namespace`` (a bag of attributes some trainers
-save as client state). Anything else is refused before it is built.
+state) and ``argparse.Namespace`` (``pipeline/safe_load.py``). Anything else is refused before it is
+built.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pickle
 import re
@@ -43,9 +42,9 @@ import torch
 from disco.model.checkpoint import DamagedCheckpoint, _check_trainable, _put, list_checkpoints, save_checkpoint
 from disco.model.configs import RUN_CONFIG_FILE
 from disco.pipeline.errors import ConfigError, first_line
+from disco.pipeline.safe_load import load_tensors_only, refusal
 
 OFFICIAL_DIFFUSERS = "0.14.0"  # what the official code pins (requirements.txt)
-SAFE_GLOBALS = (argparse.Namespace,)
 VARIANTS = ("pretrain", "finetune")
 
 # Official prefix -> (our prefix, the part it is, as the summary names it). The first match wins.
@@ -107,21 +106,14 @@ def read_official(path: str | Path) -> OfficialFile:
         from safetensors.torch import load_file
 
         try:
-            return OfficialFile(load_file(str(path)))
+            data = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
             raise DamagedCheckpoint(f"{path} is damaged or not a safetensors file ({first_line(exc)})") from None
+        return _state_dict(path, data, {})
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        data = load_tensors_only(path, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        if found:
-            raise UnsafeCheckpoint(f"{path} holds a pickled {found.group(1)}, not only tensors and plain values; "
-                                   "refused without running it") from None
-        opcode = re.search(r"Unsupported operand (\d+)", str(exc))
-        raise UnsafeCheckpoint(f"{path} is damaged or not a tensors-only checkpoint"
-                               + (f" (pickle opcode {opcode.group(1)} is not allowed)" if opcode else "")
-                               + "; refused without running it") from None
+        raise UnsafeCheckpoint(f"{path}: {refusal(exc)}; refused without running it") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise DamagedCheckpoint(f"{path} is damaged or not a checkpoint file ({first_line(exc)})") from None
     info = {}
@@ -136,12 +128,20 @@ def read_official(path: str | Path) -> OfficialFile:
                         and isinstance(v, (int, str))}
                 data = data[key]
                 break
+    return _state_dict(path, data, info)
+
+
+def _state_dict(path: Path, data, info: dict) -> OfficialFile:
+    """The weights of a file as read: a dict of name -> tensor, a DDP wrapper's prefix stripped."""
     if not isinstance(data, Mapping) or not data:
         raise DamagedCheckpoint(f"{path} holds no state dict (expected DeepSpeed's model states with the weights "
                                 "under 'module', or a dict of name -> tensor)")
     bad = next((k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise DamagedCheckpoint(f"{path}: entry {bad!r} of its state dict is not a tensor")
+    if all(v.numel() == 0 for v in data.values()):  # ZeRO-3 keeps the weights in its shards, 0-size stand-ins here
+        raise DamagedCheckpoint(f"{path} holds only empty tensors (DeepSpeed ZeRO-3 keeps the weights in its "
+                                "optimizer shards); consolidate them (DeepSpeed's zero_to_fp32.py) and convert that file")
     if all(k.startswith("module.") for k in data):  # saved from a DDP wrapper
         data = {k[len("module."):]: v for k, v in data.items()}
     step = info.get("global_steps", info.get("global_step", 0))
@@ -196,6 +196,11 @@ def map_keys(keys, variant: str) -> KeyMap:
 def _refusal(keys, variant: str) -> str | None:
     """Why a checkpoint of the official code is another architecture than ours, if it is."""
     keys = set(keys)
+    temporal = next((k for k in keys if ".tem_conv." in k or ".tem_attn." in k or ".tem_norm." in k), None)
+    if temporal is not None:
+        return (f"it is a temporal-module (TM) model ({temporal}, ...): converting the official TM layers is not "
+                "supported yet; convert the fine-tuned image model it was trained from, then train the temporal "
+                "stage on it (train --stage temporal --init-from RUN)")
     if any(k.startswith("text_encoder.") for k in keys):
         return ("it holds a text encoder (text_encoder.*): it was trained with --ref_null_caption, whose background "
                 "ControlNet attends to SD 1.5 text embeddings, not to the reference's CLIP tokens as ours does")
@@ -282,9 +287,9 @@ def _write_run(output: Path, base: Path, variant: str, step: int, model, state: 
     import yaml
 
     output.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # only what a run holds: the old checkpoints (of any step) and its config
-        for old in list_checkpoints(output).values():
-            shutil.rmtree(old)
+    # The checkpoint first, every old one kept: a write that fails (a full disk) leaves an
+    # overwritten run as it was. Then its config, then (--overwrite) the checkpoints of other steps.
+    written = save_checkpoint(output, step, model, {}, state, None, keep=len(list_checkpoints(output)) + 1)
     # The fields a run's config.yaml must say for its checkpoints to load (the trainer reads any
     # other field as its default; this layer does not import the trainer).
     options = dict(stage=variant, pretrained=str(base.resolve()), model=None, output=str(output.resolve()),
@@ -296,7 +301,11 @@ def _write_run(output: Path, base: Path, variant: str, step: int, model, state: 
     tmp = output / f"{RUN_CONFIG_FILE}.tmp"
     tmp.write_text(yaml.safe_dump(options, sort_keys=False))
     tmp.replace(output / RUN_CONFIG_FILE)
-    return save_checkpoint(output, step, model, {}, state, None, keep=1)
+    if overwrite:  # only what a run holds: the old checkpoints (of any step) and its config
+        for old in list_checkpoints(output).values():
+            if old != written:
+                shutil.rmtree(old)
+    return written
 
 
 def convert_official(checkpoint: str | Path, base: str | Path, output: str | Path, variant: str = "auto",

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from disco.cli import app
-from disco.model.checkpoint import DamagedCheckpoint, load_model
+from disco.model.checkpoint import DamagedCheckpoint, list_checkpoints, load_model
 from disco.model.disco import DisCoModel
 from disco.model.official import OfficialCheckpointError, UnsafeCheckpoint, convert_official, read_official
 from disco.pipeline.errors import ConfigError
@@ -161,6 +161,22 @@ def test_hap_fp16_checkpoint_converts_on_the_command_line_and_initialises_fine_t
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert CliRunner().invoke(app, ["convert-official", str(path), "--base", str(base), "--output", str(run),
                                     "--overwrite"]).exit_code == 0
+    # --overwrite with a file of another step: a write that fails (the disk full) leaves the run as
+    # it was; one that succeeds leaves the new checkpoint alone.
+    later = deepspeed_file(tmp_path / "later.pt", module, step=30000)
+    from disco.model import official
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(official, "save_checkpoint", full_disk)
+        with pytest.raises(OSError):
+            official.convert_official(later, base, run, overwrite=True)
+    assert list(list_checkpoints(run)) == [25000]
+    assert_same_model(load_model(run), source)
+    official.convert_official(later, base, run, overwrite=True)
+    assert list(list_checkpoints(run)) == [30000]
     # train --init-from: the fine-tuning model takes the UNet, projection and background ControlNet from it.
     model = initial_model(TrainConfig(stage="finetune", pretrained=str(base), init_from=str(run)))
     for part in ("unet", "reference_projection", "background_controlnet"):
@@ -187,7 +203,11 @@ def test_a_key_left_over_or_missing_fails_naming_it(base, tmp_path):
                             "--ref_null_caption"),
                            (lambda m: m.update({"controlnet.nets.1.controlnet_cond_embedding.conv_out.weight": torch.ones(2)}),
                             "without --refer_sdvae"),
-                           (lambda m: m.pop("refer_clip_proj.weight"), "no refer_clip_proj")):
+                           (lambda m: m.pop("refer_clip_proj.weight"), "no refer_clip_proj"),
+                           # the official TM net: temporal layers in every ResNet and transformer block
+                           (lambda m: m.update({"unet.down_blocks.0.resnets.0.tem_conv.weight": torch.ones(2),
+                                                "unet.down_blocks.0.attentions.0.transformer_blocks.0.tem_attn.to_q.weight":
+                                                    torch.ones(2)}), "temporal-module .TM. model")):
         changed = dict(module)
         change(changed)
         with pytest.raises(OfficialCheckpointError, match=reason):
@@ -226,14 +246,19 @@ def test_plain_state_dicts_safetensors_and_argparse_client_state_are_read(tmp_pa
     weights = {"unet.conv_in.weight": torch.ones(2, 2), "controlnet.conv_in.weight": torch.zeros(3)}
     torch.save(weights, tmp_path / "plain.pt")
     save_file(weights, str(tmp_path / "w.safetensors"))
+    save_file({f"module.{k}": v for k, v in weights.items()}, str(tmp_path / "ddp.safetensors"))  # a DDP wrapper's names
     torch.save({"module": weights, "args": argparse.Namespace(lr=1e-3, name="x"), "global_steps": 5}, tmp_path / "ds.pt")
-    for name in ("plain.pt", "w.safetensors", "ds.pt"):
+    for name in ("plain.pt", "w.safetensors", "ddp.safetensors", "ds.pt"):
         found = read_official(tmp_path / name)
         assert set(found.weights) == set(weights) and torch.equal(found.weights["unet.conv_in.weight"], torch.ones(2, 2))
     assert read_official(tmp_path / "ds.pt").step == 5
     torch.save({"module": None, "param_shapes": [OrderedDict(a=torch.Size([2]))], "ds_version": "0.10.0"}, tmp_path / "z3.pt")
     with pytest.raises(DamagedCheckpoint, match="no weights under 'module'"):
         read_official(tmp_path / "z3.pt")
+    # ZeRO-3's model states: the module's tensors are empty stand-ins for what its shards hold.
+    torch.save({"module": {k: torch.empty(0) for k in weights}, "ds_version": "0.10.0"}, tmp_path / "z3-empty.pt")
+    with pytest.raises(DamagedCheckpoint, match="only empty tensors .*zero_to_fp32"):
+        read_official(tmp_path / "z3-empty.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DamagedCheckpoint, match="damaged or not a tensors-only checkpoint"):
         read_official(tmp_path / "junk.pt")

@@ -369,6 +369,14 @@ def test_a_checkpoint_with_objects_is_refused(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "ran").exists()  # refused before anything in it could run
 
+    # The training arguments DETR-family trainers save beside the weights (argparse.Namespace) are
+    # plain attributes: read, not refused.
+    import argparse
+
+    with_args = tmp_path / "with-args.pth"
+    torch.save({"model": {"feat_map.weight": torch.zeros(2)}, "args": argparse.Namespace(lr=1e-4, backbone="swin_T_224_1k"),
+                "epoch": 11}, with_args)
+    assert list(load_original_state_dict(with_args)) == ["feat_map.weight"]
     # Both containers are read, and a DistributedDataParallel prefix goes.
     bare = tmp_path / "bare.pth"
     torch.save({"module.feat_map.bias": torch.ones(3)}, bare)

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from disco.pipeline.annotators.weights import WeightsError
+from disco.pipeline.safe_load import load_tensors_only, refusal
 
 CHECKPOINT_NAME = "groundingdino_swint_ogc.pth"
 
@@ -339,17 +340,9 @@ def load_original_state_dict(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (the original GroundingDINO checkpoint {CHECKPOINT_NAME})")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_tensors_only(path)
     except pickle.UnpicklingError as exc:
-        # torch's message spans many lines and suggests weights_only=False, which would run whatever
-        # code the file carries: one line instead, with the unpickler's own reason.
-        reason = next((line.split("error:", 1)[1].strip() for line in str(exc).splitlines()
-                       if "WeightsUnpickler error:" in line), "")
-        if "GLOBAL" in reason:  # a class or function to import: a pickled Python object
-            found = re.search(r"GLOBAL (\S+)", reason)
-            raise CheckpointError(f"{path}: refused, it holds Python objects besides tensors "
-                                  f"({found.group(1) if found else reason[:120]}); only tensors are read") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason[:160] or 'unpickling failed'})") from None
+        raise CheckpointError(f"{path}: refused, {refusal(exc)}; only tensors are read") from None
     except Exception as exc:  # a truncated download, a file of another kind
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
