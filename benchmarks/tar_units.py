@@ -90,10 +90,10 @@ def plan_shards(count: int, samples: int, step: int) -> None:
         started = time.perf_counter()
         on_ray = plan_all(items, settings, {}, ray_from=1)
         tasks = time.perf_counter() - started
-        assert on_ray == on_driver, "the two ways planned different units"
+        assert on_ray.equals(on_driver), "the two ways planned different units"
         cpus = ray.cluster_resources().get("CPU", 0)
         ray.shutdown()
-    print(f"planning {count} shards of {samples} samples ({len(on_ray)} units): driver threads {driver:.2f} s, "
+    print(f"planning {count} shards of {samples} samples ({on_ray.num_rows} units): driver threads {driver:.2f} s, "
           f"Ray tasks {tasks:.2f} s on {cpus:g} CPUs ({driver / tasks:.1f}x)")
 
 

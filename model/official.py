@@ -198,9 +198,10 @@ def _refusal(keys, variant: str) -> str | None:
     keys = set(keys)
     temporal = next((k for k in keys if ".tem_conv." in k or ".tem_attn." in k or ".tem_norm." in k), None)
     if temporal is not None:
-        return (f"it is a temporal-module (TM) model ({temporal}, ...): converting the official TM layers is not "
-                "supported yet; convert the fine-tuned image model it was trained from, then train the temporal "
-                "stage on it (train --stage temporal --init-from RUN)")
+        return (f"it is a temporal-module (TM) model ({temporal}, ...), whose ResNet blocks also normalise over all "
+                "16 frames of a clip (GroupNorm on 5-D tensors) where ours normalise each frame: its weights would not "
+                "give its outputs here; convert the fine-tuned image model it was trained from, then train the "
+                "temporal stage on it (train --stage temporal --init-from RUN)")
     if any(k.startswith("text_encoder.") for k in keys):
         return ("it holds a text encoder (text_encoder.*): it was trained with --ref_null_caption, whose background "
                 "ControlNet attends to SD 1.5 text embeddings, not to the reference's CLIP tokens as ours does")

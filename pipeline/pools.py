@@ -44,26 +44,31 @@ def cluster_nodes() -> list[dict]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units: list[dict]) -> list[PoolPlan]:
+def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units) -> list[PoolPlan]:
     """The actor pools for this cluster and these units. The last pool writes the shards, so its
     units per call are sized to fill a shard without leaving an actor idle."""
     if uses_gpu_pipeline(cfg.resolved):
-        pools = gpu_pools(cfg, nodes, len(units))
+        pools = gpu_pools(cfg, nodes, _count(units))
     else:
-        actors, cpus = actor_resources(cfg, nodes, len(units))
+        actors, cpus = actor_resources(cfg, nodes, _count(units))
         pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
     pools[-1].units_per_call = units_per_call(units, cfg.shard_rows, pools[-1].actors)
     return pools
 
 
-def units_per_call(units: list[dict], shard_rows: int, actors: int) -> int:
-    """Units per call of the writing stage: about a shard's rows, but at least CALLS_PER_ACTOR
-    calls per actor, so every actor has work and commits come often."""
-    if not units:
+def _count(units) -> int:
+    return units.num_rows if hasattr(units, "num_rows") else len(units)
+
+
+def units_per_call(units, shard_rows: int, actors: int) -> int:
+    """Units per call of the writing stage (``units``: a ``UNIT_TYPE`` table or unit dicts): about
+    a shard's rows, but at least CALLS_PER_ACTOR calls per actor, so every actor has work and
+    commits come often."""
+    if not _count(units):
         return 1
-    rows_per_unit = sum(unit_frames(u) for u in units) / len(units)
+    rows_per_unit = float(unit_frames(units).mean())
     fill = math.ceil(shard_rows / max(1.0, rows_per_unit))
-    spread = math.ceil(len(units) / (max(1, actors) * CALLS_PER_ACTOR))
+    spread = math.ceil(_count(units) / (max(1, actors) * CALLS_PER_ACTOR))
     return max(1, min(fill, spread))
 
 

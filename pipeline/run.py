@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from disco.pipeline.annotators import BackendError, resolve_backends, weight_files
 from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import init_ray
@@ -16,7 +18,7 @@ from disco.pipeline.sources import list_source
 from disco.pipeline.sources.generic import local_path
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
-from disco.pipeline.store.schema import commit_entry, unit_blocks
+from disco.pipeline.store.schema import commit_entry, unit_blocks, unit_table
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
 from disco.pipeline.actors import NOT_SHARED, AnnotateStage, MattingStage, PoseStage, held_resources
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
@@ -95,6 +97,7 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
             "--overwrite to redo the output")
     complete = state.complete_inputs()
     pending = [i for i in listing.items if i.input_path not in complete]
+    pending_inputs = len(pending)
     if progress is not None:
         progress.start(len(pending))
     partial = state.partial_units()
@@ -110,10 +113,12 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     missing = 0
     interrupted = False
     try:
-        if pending:
+        if pending_inputs:
             init_ray(cfg.ray_address, log=log)
             settings = stage_settings(cfg)
             units = plan_all(pending, settings, partial, log=log)
+            # The units hold what the run needs of the inputs: their records go (GBs for millions).
+            pending, listing.items = [], []
             pools = plan_pools(cfg, cluster_nodes(), units)
             frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
             if missing:
@@ -144,7 +149,7 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
         "wall_time_s": round(wall, 3),
         "frames_processed": frames_done,
         "frames_per_s": round(frames_done / wall, 3) if wall > 0 else None,
-        "inputs_processed": len(pending),
+        "inputs_processed": pending_inputs,
         "pools": [p.to_dict() for p in pools],
         # What Ray actually gave the actors that did the work: one entry per actor and stage.
         "stage_resources": held,
@@ -189,11 +194,23 @@ SHARDS_PER_PLAN_TASK = 8
 PLAN_TASK_CPUS = 0.25
 
 
+# Inputs planned at a time: their units become Arrow rows (about 240 bytes a unit) and the dicts
+# they were planned as (about 1.5 KB) go, so the driver does not hold millions of them at once.
+PLAN_CHUNK = 20_000
+
+
 def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8,
-             log=lambda message: None, ray_from: int = RAY_PLAN_FROM) -> list[dict]:
-    """Cut every pending input into units, in listing order. Reading a video's header is cheap and
-    mostly I/O, so the driver probes videos on a few threads; stills need no probe; many tar
-    shards are counted in Ray tasks over the cluster."""
+             log=lambda message: None, ray_from: int = RAY_PLAN_FROM) -> pa.Table:
+    """Cut every pending input into units (``UNIT_TYPE`` rows), in listing order. Reading a
+    video's header is cheap and mostly I/O, so the driver probes videos on a few threads; stills
+    need no probe; many tar shards are counted in Ray tasks over the cluster."""
+    tables = [unit_table(_plan_chunk(pending[k:k + PLAN_CHUNK], settings, partial_units, threads, log, ray_from))
+              for k in range(0, len(pending), PLAN_CHUNK)]
+    return pa.concat_tables(tables) if tables else unit_table([])
+
+
+def _plan_chunk(pending, settings: dict, partial_units: dict[str, list[int]], threads: int, log,
+                ray_from: int) -> list[dict]:
     from concurrent.futures import ThreadPoolExecutor
 
     items = [item.to_dict() for item in pending]
@@ -268,7 +285,7 @@ def storage_error(exc: BaseException) -> ConfigError | None:
     return None
 
 
-def unit_dataset(units: list[dict]):
+def unit_dataset(units: pa.Table):
     """The planned units as a Ray dataset: small blocks, so a video's segments spread over the
     actors instead of queueing on one, of the units' declared Arrow type whatever kinds a block
     holds. ``from_blocks`` takes their metadata here; ``from_arrow`` would start a task per block
@@ -353,4 +370,5 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     finally:
         if ledger is not None:
             stop_ledger(ledger)
-    return frames, len({(u["input_path"], u["unit_index"]) for u in units} - committed)
+    planned = zip(units.column("input_path").to_pylist(), units.column("unit_index").to_pylist())
+    return frames, sum(1 for key in planned if key not in committed)

@@ -221,12 +221,21 @@ def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, 
                            segment_frames=4).validate()
     pending = list_source(cfg, log=lambda *_: None).items
     settings, partial = {"segment_frames": 4, "fps": 30.0}, {"shards/00002.tar": [0]}
-    on_driver = plan_all(pending, settings, partial, ray_from=10**9)
+    on_driver = plan_all(pending, settings, partial, ray_from=10**9).to_pylist()
     monkeypatch.setattr(run_module, "SHARDS_PER_PLAN_TASK", 2)
     lines: list[str] = []
-    on_ray = plan_all(pending, settings, partial, log=lines.append, ray_from=3)
+    on_ray = plan_all(pending, settings, partial, log=lines.append, ray_from=3).to_pylist()
     assert lines == ["counting the samples of 6 tar shards in Ray tasks"]
     assert on_ray == on_driver
+    # Planned a few inputs at a time (each chunk's units turned into Arrow rows), the same units.
+    monkeypatch.setattr(run_module, "PLAN_CHUNK", 2)
+    table = plan_all(pending, settings, partial, ray_from=10**9)
+    assert table.to_pylist() == on_driver
+    # What the pool planner reads of them: samples per unit (a still is 1), the same from the rows.
+    from disco.pipeline.sources.units import unit_frames
+
+    frames = unit_frames(table).tolist()
+    assert frames == unit_frames(on_driver).tolist() and sorted(set(frames)) == [1, 2, 4]
     shards = [(u["input_path"], u["unit_index"], u.get("error_type")) for u in on_ray if u["kind"] == "tar"]
     assert shards == [("shards/00000.tar", 0, None), ("shards/00000.tar", 1, None), ("shards/00001.tar", 0, None),
                       ("shards/00001.tar", 1, None), ("shards/00002.tar", 1, None), ("shards/00003.tar", 0, None),

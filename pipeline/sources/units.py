@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
+
 from disco.pipeline.sources import webdataset
 from disco.pipeline.decode import Frame, decode_image_bytes, load_image, resample_indices
 from disco.pipeline.errors import InputError, display_path, error_record, failed_unit, input_error
@@ -46,12 +49,23 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
     ]
 
 
-def unit_frames(unit: dict) -> int:
-    """Frames (or samples) a planned unit covers, at most (one for a still)."""
-    extra = unit.get("extra") or {}
-    if extra.get("stop") is not None:
-        return int(extra["stop"]) - int(extra["start"])
-    return len(unit.get("src_indices") or ()) or 1
+def unit_frames(units) -> np.ndarray:
+    """Frames (or samples) each planned unit covers, at most (one for a still), of a ``UNIT_TYPE``
+    table or a list of unit dicts."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(units, pa.Table):
+        return np.array([(int(u["extra"]["stop"]) - int(u["extra"]["start"]))
+                         if (u.get("extra") or {}).get("stop") is not None else len(u.get("src_indices") or ()) or 1
+                         for u in units], np.int64)
+    if not units.num_rows:
+        return np.zeros(0, np.int64)
+    extra = units.column("extra").combine_chunks()
+    ranges = pc.subtract(extra.field("stop"), extra.field("start"))
+    listed = pc.fill_null(pc.list_value_length(units.column("src_indices")), 0)
+    frames = pc.if_else(pc.is_valid(ranges), ranges, listed).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.maximum(frames, 1)
 
 
 def _load_frame(path: Path, sizes):

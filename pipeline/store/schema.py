@@ -121,13 +121,18 @@ UNIT_TYPE = pa.struct([
 UNIT_FIELDS = frozenset(field.name for field in UNIT_TYPE)
 
 
-def unit_blocks(units: list[dict], blocks: int) -> list[pa.Table]:
-    """The planned units as ``UNIT_TYPE`` rows, in up to ``blocks`` tables of about equal size."""
+def unit_table(units: list[dict]) -> pa.Table:
+    """Planned units as ``UNIT_TYPE`` rows (about 240 bytes a unit, against 1.5 KB as dicts)."""
     for unit in units:
         check_declared(unit, UNIT_TYPE, "the unit")
-    table = pa.Table.from_pylist(units, schema=pa.schema(list(UNIT_TYPE)))
-    size = max(1, -(-len(units) // max(1, blocks)))
-    return [table.slice(k, size) for k in range(0, len(units), size)] or [table]
+    return pa.Table.from_pylist(units, schema=pa.schema(list(UNIT_TYPE)))
+
+
+def unit_blocks(units: list[dict] | pa.Table, blocks: int) -> list[pa.Table]:
+    """The planned units as ``UNIT_TYPE`` rows, in up to ``blocks`` tables of about equal size."""
+    table = units if isinstance(units, pa.Table) else unit_table(units)
+    size = max(1, -(-table.num_rows // max(1, blocks)))
+    return [table.slice(k, size) for k in range(0, table.num_rows, size)] or [table]
 
 # One commit of the journal: the shards a writer wrote and the units whose rows they hold.
 COMMIT_ENTRY_TYPE = pa.struct([
