@@ -5,6 +5,9 @@ Builds a TikTok-shaped tree of empty files (N sequences x F frames in images/, m
 densepose/) and a COCO-shaped folder of empty .jpg files, then times both. Nothing is decoded:
 the files are empty, and a lister that opened them would fail.
 
+Then it measures the driver's memory per unit for the COCO listing: listed, planned into units
+(``plan_all``), and with the listing dropped as ``preprocess`` does.
+
     python benchmarks/list_sources.py [--sequences 340] [--frames 300] [--images 100000]
 """
 
@@ -70,6 +73,35 @@ def main() -> None:
             print(f"{source:7s} {files:>8d} files on disk, {len(listing.items):>7d} inputs listed: "
                   f"os.walk {walk_s:.3f} s, listing {list_s:.3f} s, ratio listing/os.walk {list_s / walk_s:.2f}x "
                   f"({files / list_s:,.0f} files/s)")
+            if source == "coco":
+                driver_memory(cfg)
+
+
+def driver_memory(cfg: PreprocessConfig) -> None:
+    """The driver's memory per unit of work: the listing, then ``plan_all`` (the units as Arrow
+    rows, planned PLAN_CHUNK inputs at a time), then with the listing's records dropped as
+    ``preprocess`` drops them (RSS growth of this process; freed memory the allocator keeps
+    stays counted)."""
+    import gc
+
+    import psutil
+
+    from disco.pipeline.run import plan_all
+
+    process = psutil.Process()
+    gc.collect()
+    start = process.memory_info().rss
+    listing = list_source(cfg, log=lambda *_: None)
+    listed = process.memory_info().rss
+    units = plan_all(listing.items, {"segment_frames": 32, "fps": 30.0}, {})
+    planned = process.memory_info().rss
+    listing.items = []
+    gc.collect()
+    after = process.memory_info().rss
+    n = units.num_rows
+    print(f"driver memory per unit ({n} stills): listing {(listed - start) / n:,.0f} B, at the peak of planning "
+          f"{(planned - start) / n:,.0f} B, once planned {(after - start) / n:,.0f} B (the units' Arrow rows "
+          f"{units.nbytes / n:,.0f} B)")
 
 
 if __name__ == "__main__":
