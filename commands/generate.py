@@ -23,13 +23,14 @@ def run_generation(config, show_progress: bool = True):
     from disco.generate.inputs import GenerateInputError
     from disco.generate.run import generate as run_generate
 
-    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not show_progress) as bar:
         task = bar.add_task("generate", total=None)
         try:
             result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False),
-                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                  progress=lambda done, total, phase: bar.update(task, completed=done, total=total,
+                                                                                 description=phase))
         except (GenerateInputError, FileNotFoundError) as exc:
             usage_error(str(exc))
         except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch

@@ -92,7 +92,6 @@ def configured(preset: str | None, config: Path | None, given: dict, resume: boo
     if config and not Path(config).exists():
         raise ConfigError(f"config file {config} does not exist")
     values = read_options_yaml(config) if config else {}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     if preset and resume:
         raise ConfigError("--preset starts a run; a resumed run keeps the configuration it was started with")
     # A YAML's preset (a run's own config.yaml names it) is the base of a new run; a resumed run

@@ -7,6 +7,7 @@ as the training data was made.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -108,7 +109,8 @@ UNIT_FRAMES = 256
 def poses_from_video(path: str | Path, side: int, fps: float | None = None, annotator=None,
                      style: str | None = None, batch: int = 32, hands: bool | None = None,
                      smooth: bool = False, reference: np.ndarray | None = None,
-                     max_frames: int | None = None, device: str | None = None) -> PoseSequence:
+                     max_frames: int | None = None, device: str | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> PoseSequence:
     """Every frame of a video (resampled to ``fps`` when given, the first ``max_frames`` only when
     given: the rest is never decoded) -> a skeleton picture of ``side`` px, drawn in ``style``
     with or without ``hands`` (default: the preprocessing defaults).
@@ -116,7 +118,8 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     The frames are annotated as a video (tracking mode, as ``preprocess`` does). ``smooth``: the
     keypoints go through the One-Euro filter (``pipeline/annotators/smoothing.py``) first;
     ``reference``: then they are aligned to this 18 x 3 skeleton (pixels of the ``side`` square,
-    ``generate/align.py``)."""
+    ``generate/align.py``). ``progress(done, total)``: frames annotated so far, after each batch
+    (a long video takes minutes: several frames a second)."""
     hands = _DEFAULTS["hands"] if hands is None else hands
     path = Path(path)
     if not path.is_file():
@@ -142,6 +145,8 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
                 bodies.append(None if pose is None else scale_keypoints(pose.body, side / analysed))
                 drawn_hands.append(None if not hands or pose is None or pose.hands is None else
                                    scale_keypoints(pose.hands, side / analysed))
+            if progress is not None:
+                progress(len(bodies), len(indices))
     except InputError as exc:
         raise GenerateInputError(f"pose video {path}: {exc.message}") from None
     finally:

@@ -92,8 +92,13 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
     return pipeline, size, pose_size(model, size)
 
 
+# The phases ``generate`` reports progress in: the driving video's frames annotated, then frames generated.
+ANNOTATE, GENERATE = "annotating poses", "generating"
+
+
 def generate(config: GenerateConfig, log: Callable[[str], None] = print,
-             progress: Callable[[int, int], None] | None = None) -> GenerateResult:
+             progress: Callable[[int, int, str], None] | None = None) -> GenerateResult:
+    """``progress(done, total, phase)``: frames of ``phase`` (ANNOTATE, then GENERATE) done so far."""
     config.validate()
     started = time.time()
     # The driving poses are drawn as the model's training poses were (its run's config.yaml).
@@ -116,7 +121,8 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     else:
         poses = poses_from_video(config.pose, side, fps=config.fps, style=style, hands=hands,
                                  smooth=config.smooth_poses, reference=target, max_frames=config.max_frames,
-                                 device=config.device)
+                                 device=config.device,
+                                 progress=None if progress is None else lambda done, total: progress(done, total, ANNOTATE))
     unaligned = None if not config.align_pose or poses.alignment else \
         "no pose found in the reference picture" if target is None else "no skeleton in the pose source to measure"
     if poses.alignment:
@@ -134,7 +140,7 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
         nonlocal done
         done += n
         if progress is not None:
-            progress(done, len(frames_in))
+            progress(done, len(frames_in), GENERATE)
 
     frames = pipeline(reference_in, background_in, pose_pixels(frames_in, side), num_inference_steps=config.steps,
                       guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size,

@@ -132,17 +132,12 @@ class ModelSource:
         path = Path(run) / RUN_CONFIG_FILE
         if not path.exists():
             raise ConfigError(f"{run} holds no {RUN_CONFIG_FILE}; cannot tell which base model its checkpoints belong to")
-        values = run_options(path)
+        values = read_options_yaml(path)
         seed = values.get("model_seed")
         # The trainer writes every field; a hand-edited file gets the trainer's defaults.
         stage = values.get("stage") or "finetune"
         return cls(model=values.get("model"), pretrained=values.get("pretrained"),
                    seed=int(seed if seed is not None else values.get("seed") or 0)), str(stage)
-
-
-def run_options(config: Path) -> dict:
-    """A run's ``config.yaml`` as the trainer reads it (dashed keys too)."""
-    return {str(k).replace("-", "_"): v for k, v in read_options_yaml(config).items()}
 
 
 def base_model(source: ModelSource, variant: str) -> DisCoModel:
@@ -237,7 +232,7 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu", e
         model = temporal_base(checkpoint.parent)  # its image model's pose scale included
     else:
         model = base_model(source, stage)
-        pose_scale = run_options(checkpoint.parent / RUN_CONFIG_FILE).get("pose_scale")
+        pose_scale = read_options_yaml(checkpoint.parent / RUN_CONFIG_FILE).get("pose_scale")
         if pose_scale is not None:  # the run's --pose-scale: its pose residuals were trained at that scale
             model.register_to_config(pose_scale=float(pose_scale))
     load_trainable_file(model, checkpoint / weights_name(checkpoint, ema))
@@ -295,7 +290,7 @@ def temporal_base(run: Path) -> DisCoModel:
     checkpoint when the run started), with temporal layers of the run's clip length added."""
     from disco.model.temporal import DEFAULT_CLIP_FRAMES, TemporalConfig, add_temporal
 
-    values = run_options(Path(run) / RUN_CONFIG_FILE)
+    values = read_options_yaml(Path(run) / RUN_CONFIG_FILE)
     if not values.get("init_from"):
         raise ConfigError(f"{run} is a temporal-stage run without init_from; cannot rebuild its image model")
     init = Path(values["init_from"])
@@ -319,7 +314,7 @@ def pose_setting(path: str | Path) -> tuple[str, bool]:
     config = _run_config(path)
     if is_pretrained_folder(path) or not config.exists():
         return DEFAULT_STYLE, DEFAULT_HANDS
-    values = run_options(config)
+    values = read_options_yaml(config)
     hands = values.get("hands")
     return str(values.get("pose_style") or DEFAULT_STYLE), DEFAULT_HANDS if hands is None else bool(hands)
 
@@ -343,7 +338,7 @@ def background_hole(path: str | Path) -> float:
     config = _run_config(path)
     if is_pretrained_folder(path) or not config.exists():
         return HOLE
-    values = run_options(config)
+    values = read_options_yaml(config)
     return float(values["background_hole"]) if "background_hole" in values else LEGACY_HOLE
 
 

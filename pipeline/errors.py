@@ -112,8 +112,9 @@ def failed_unit(unit: dict, exc: InputError) -> dict:
 
 
 def read_options_yaml(path: Path) -> dict:
-    """A YAML file of option: value (a training config, a run's config.yaml) as a dict; a file
-    that is not valid YAML or not a mapping is a one-line ``ConfigError``."""
+    """A YAML file of option: value (a training config, a run's config.yaml) as a dict, its keys
+    as field names (``batch-size`` as on the command line is ``batch_size``); a file that is not
+    valid YAML or not a mapping is a one-line ``ConfigError``."""
     import yaml
 
     try:
@@ -122,4 +123,4 @@ def read_options_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
-    return values
+    return {str(k).replace("-", "_"): v for k, v in values.items()}

@@ -93,9 +93,10 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     changed = changed_inputs(state, versions)
     if changed:
         log(f"{len(changed)} input(s) changed since their units were committed ({', '.join(changed[:3])}"
-            f"{', ...' if len(changed) > 3 else ''}): their rows are from the earlier file and are kept; pass "
+            f"{', ...' if len(changed) > 3 else ''}): their rows are from the earlier file and are kept, and "
+            "nothing more is read of them (the rest of a partly done one would be cut from another file); pass "
             "--overwrite to redo the output")
-    complete = state.complete_inputs()
+    complete = state.complete_inputs() | set(changed)  # a changed one stays as it is, partly done or not
     pending = [i for i in listing.items if i.input_path not in complete]
     pending_inputs = len(pending)
     if progress is not None:
@@ -188,54 +189,59 @@ def dataset_section(cfg: PreprocessConfig, listing, state) -> dict:
 # Tar shards are counted (every header walked, in Python: the GIL keeps threads from helping) in
 # Ray tasks, SHARDS_PER_PLAN_TASK a task, once a run has RAY_PLAN_FROM of them: 40K shards of 10K
 # samples are 7 hours on one driver thread. A task asks for a quarter of a CPU, which no pool holds
-# yet at planning time.
+# yet at planning time, and sends back its units as Arrow rows.
 RAY_PLAN_FROM = 16
 SHARDS_PER_PLAN_TASK = 8
 PLAN_TASK_CPUS = 0.25
-
-
-# Inputs planned at a time: their units become Arrow rows (about 240 bytes a unit) and the dicts
-# they were planned as (about 1.5 KB) go, so the driver does not hold millions of them at once.
-PLAN_CHUNK = 20_000
+# The driver plans the other inputs PLAN_CHUNK at a time and turns their units into Arrow rows
+# (about 240 bytes a unit, against about 1.5 KB as dicts) every UNITS_PER_TABLE units, so it never
+# holds millions of unit dicts (20K stills, or the segments of a few hundred long videos).
+PLAN_CHUNK = 2_000
+UNITS_PER_TABLE = 100_000
 
 
 def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8,
              log=lambda message: None, ray_from: int = RAY_PLAN_FROM) -> pa.Table:
-    """Cut every pending input into units (``UNIT_TYPE`` rows), in listing order. Reading a
-    video's header is cheap and mostly I/O, so the driver probes videos on a few threads; stills
-    need no probe; many tar shards are counted in Ray tasks over the cluster."""
-    tables = [unit_table(_plan_chunk(pending[k:k + PLAN_CHUNK], settings, partial_units, threads, log, ray_from))
-              for k in range(0, len(pending), PLAN_CHUNK)]
-    return pa.concat_tables(tables) if tables else unit_table([])
-
-
-def _plan_chunk(pending, settings: dict, partial_units: dict[str, list[int]], threads: int, log,
-                ray_from: int) -> list[dict]:
+    """Cut every pending input into units (``UNIT_TYPE`` rows). Reading a video's header is cheap
+    and mostly I/O, so the driver probes videos on a few threads, in listing order; stills need no
+    probe; many tar shards are counted in Ray tasks over the cluster (their units after the
+    others', in listing order)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    items = [item.to_dict() for item in pending]
-    shards = [k for k, item in enumerate(items) if item["kind"] == "tar" and not item.get("error_type")]
-    planned: dict[int, list[dict]] = {}
-    if len(shards) >= ray_from:
+    shards = [item for item in pending if item.kind == "tar" and not item.error_type]
+    on_ray = len(shards) >= ray_from
+    refs = []
+    if on_ray:
         import ray
 
         log(f"counting the samples of {len(shards)} tar shards in Ray tasks")
         plan = ray.remote(num_cpus=PLAN_TASK_CPUS)(plan_inputs)
-        chunks = [shards[k:k + SHARDS_PER_PLAN_TASK] for k in range(0, len(shards), SHARDS_PER_PLAN_TASK)]
-        refs = [plan.remote([items[k] for k in chunk], settings,
-                            {items[k]["input_path"]: partial_units[items[k]["input_path"]] for k in chunk
-                             if items[k]["input_path"] in partial_units}) for chunk in chunks]
-        for chunk, units in zip(chunks, ray.get(refs)):
-            planned.update(zip(chunk, units))
-    rest = [k for k in range(len(items)) if k not in planned]
+        for k in range(0, len(shards), SHARDS_PER_PLAN_TASK):
+            chunk = [item.to_dict() for item in shards[k:k + SHARDS_PER_PLAN_TASK]]
+            refs.append(plan.remote(chunk, settings, {item["input_path"]: partial_units[item["input_path"]]
+                                                      for item in chunk if item["input_path"] in partial_units}))
+        taken = {id(item) for item in shards}
+        pending = [item for item in pending if id(item) not in taken]
+    tables, units = [], []
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        planned.update(zip(rest, pool.map(lambda k: plan_units(items[k], settings, partial_units), rest)))
-    return [unit for k in range(len(items)) for unit in planned[k]]
+        for k in range(0, len(pending), PLAN_CHUNK):  # map() holds a chunk's results, not the run's
+            for planned in pool.map(lambda item: plan_units(item.to_dict(), settings, partial_units),
+                                    pending[k:k + PLAN_CHUNK]):
+                units += planned
+                if len(units) >= UNITS_PER_TABLE:
+                    tables.append(unit_table(units))
+                    units = []
+    tables.append(unit_table(units))
+    if refs:
+        import ray
+
+        tables += ray.get(refs)
+    return pa.concat_tables(tables)
 
 
-def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list[int]]) -> list[list[dict]]:
-    """``plan_units`` of each input (what a planning task runs)."""
-    return [plan_units(item, settings, partial_units) for item in items]
+def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list[int]]) -> pa.Table:
+    """The units of these inputs as ``UNIT_TYPE`` rows (what a planning task runs)."""
+    return unit_table([unit for item in items for unit in plan_units(item, settings, partial_units)])
 
 
 # Inputs whose file can change under a run: a tar shard img2dataset is still writing, a video

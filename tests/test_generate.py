@@ -96,8 +96,13 @@ def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
     assert len(poses_from_video(tmp_path / "v.mp4", 128, fps=5).frames) == 3  # resampled, not stretched
     # Never up-sampled: the rate stays the video's. --max-frames: only those frames are annotated.
     assert poses_from_video(tmp_path / "v.mp4", 128, fps=25).fps == pytest.approx(10)
-    first = poses_from_video(tmp_path / "v.mp4", 128, max_frames=2)
-    assert len(first.frames) == 2 and first.empty == 0
+    annotated = []
+    first = poses_from_video(tmp_path / "v.mp4", 128, max_frames=2, progress=lambda *done: annotated.append(done))
+    assert len(first.frames) == 2 and first.empty == 0 and annotated == [(2, 2)]
+    # A long video reports as it goes: after every batch of frames annotated.
+    batches = []
+    assert len(poses_from_video(tmp_path / "v.mp4", 128, batch=4, progress=lambda *done: batches.append(done)).frames) == 6
+    assert batches == [(4, 6), (6, 6)]
     assert all(np.array_equal(a, b) for a, b in zip(first.frames, poses.frames))
 
 

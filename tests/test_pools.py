@@ -178,3 +178,21 @@ def test_the_gpu_ledger_gives_each_gpu_its_share_of_every_stage():
     assert on_n2() == ["a", "b", "c", "d"]
     assert ledger.claim("e", "n2", "pose", 0.5, ["3"], ["1", "3"]) == ["3"]  # no room left: where Ray put it
     assert ledger.claim("f", "n2", "pose", 0.5, ["7"], ["1", "3"]) == ["7"]  # not an id of the node: untouched
+
+
+def test_the_planner_reads_frames_per_unit_from_the_units_rows(tmp_path):
+    """preprocess hands the planner its units as Arrow rows: a video segment's frames (its
+    indices), a tar range's samples, a still's one (also with no payload), as from the dicts."""
+    from disco.pipeline.sources.units import unit_frames
+    from disco.pipeline.store.schema import payload, unit_table
+
+    units = [{"input_path": "v.mp4", "kind": "video", "src_indices": list(range(32)), "extra": payload()},
+             {"input_path": "v.mp4", "kind": "video", "src_indices": list(range(7)), "extra": payload()},
+             {"input_path": "a.tar", "kind": "tar", "src_indices": [], "extra": payload(start=64, stop=96, offset=9)},
+             {"input_path": "a.jpg", "kind": "image", "src_indices": [], "extra": payload()},
+             {"input_path": "b.jpg", "kind": "image", "src_indices": [3, 4], "extra": None}]
+    table = unit_table(units)
+    assert unit_frames(table).tolist() == unit_frames(units).tolist() == [32, 7, 32, 1, 2]
+    nodes = [{"CPU": 8.0, "GPU": 0.0}]
+    cfg = _cfg(tmp_path, matting="mediapipe", pose="mediapipe", device="cpu")
+    assert [p.to_dict() for p in plan_pools(cfg, nodes, table)] == [p.to_dict() for p in plan_pools(cfg, nodes, units)]

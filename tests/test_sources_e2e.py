@@ -203,6 +203,17 @@ def test_laion_shards_are_streamed_and_no_member_escapes(tmp_path):
     assert again.manifest["changed_inputs"] == ["shards/00000.tar"] and _rows(out).keys() == rows.keys()
     assert any("1 input(s) changed since their units were committed (shards/00000.tar)" in line for line in lines)
     assert "changed_inputs" not in result.manifest
+    # Partly done when it changed (its last unit's commit lost, as to a kill): the rest is not cut
+    # from the new file either (its units would not fit the ones committed).
+    journal = out / "_journal.jsonl"
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    last = max(u["unit_index"] for r in records for u in r.get("units", []) if u["input_path"] == "shards/00000.tar")
+    for record in (r for r in records if "units" in r):
+        record["units"] = [u for u in record["units"] if (u["input_path"], u["unit_index"]) != ("shards/00000.tar", last)]
+    journal.write_text("".join(json.dumps(r) + "\n" for r in records))
+    partly = preprocess(PreprocessConfig(source="laion", input=root, output=out, pose="none", hands=False,
+                                         segment_frames=2), log=lines.append)
+    assert partly.manifest["changed_inputs"] == ["shards/00000.tar"] and partly.manifest["run"]["inputs_processed"] == 0
 
 
 def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, monkeypatch):
@@ -226,9 +237,16 @@ def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, 
     lines: list[str] = []
     on_ray = plan_all(pending, settings, partial, log=lines.append, ray_from=3).to_pylist()
     assert lines == ["counting the samples of 6 tar shards in Ray tasks"]
-    assert on_ray == on_driver
-    # Planned a few inputs at a time (each chunk's units turned into Arrow rows), the same units.
+    # The shards' units come after the others' (the stills of the layout's Parquet file).
+    assert [u["kind"] for u in on_ray] == sorted((u["kind"] for u in on_ray), key=lambda kind: kind == "tar")
+
+    def key(unit):
+        return unit["input_path"], unit["unit_index"]
+
+    assert sorted(on_ray, key=key) == sorted(on_driver, key=key)
+    # Planned a few inputs at a time, their units turned into Arrow rows a few at a time: the same.
     monkeypatch.setattr(run_module, "PLAN_CHUNK", 2)
+    monkeypatch.setattr(run_module, "UNITS_PER_TABLE", 3)
     table = plan_all(pending, settings, partial, ray_from=10**9)
     assert table.to_pylist() == on_driver
     # What the pool planner reads of them: samples per unit (a still is 1), the same from the rows.

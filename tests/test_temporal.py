@@ -297,10 +297,13 @@ def test_windowed_generation_reports_progress_as_it_goes(tmp_path):
                             output=tmp_path / "out.mp4", steps=2, size=16, batch_size=2 * F, align_pose=False,
                             smooth_poses=False)
     seen = []
-    result = generate(config, log=lambda message: None, progress=lambda done, total: seen.append((done, total)))
+    result = generate(config, log=lambda message: None,
+                      progress=lambda done, total, phase: seen.append((done, total, phase)))
     assert result.frames == n
-    # 2 passes a step (windows 0 and 3, then 6), 2 steps: 24 frame-passes of work counted as 10 frames
-    assert seen == [(3, n), (5, n), (8, n), (n, n)]
+    # The driving video annotated first (a batch of 32 frames: one report), then 2 passes a step
+    # (windows 0 and 3, then 6), 2 steps: 24 frame-passes of work counted as 10 frames.
+    assert seen == [(n, n, "annotating poses"), (3, n, "generating"), (5, n, "generating"), (8, n, "generating"),
+                    (n, n, "generating")]
 
 
 def _finetune_run(tmp_path: Path, triplets) -> Path:

@@ -242,7 +242,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --eval-split {self.eval_split!r}; choose test or train")
         if self.pose_scale is not None and self.stage == "pretrain":
             raise ConfigError("--pose-scale applies to fine-tuning (pre-training has no pose branch)")
-        if self.pose_scale is not None and self.stage == "temporal" and not self.resume:  # (was ignored before)
+        # A run that gave one before this check resumes (the image model's scale was used all along).
+        if self.pose_scale is not None and self.stage == "temporal" and not self.resume:
             raise ConfigError("--pose-scale applies to fine-tuning; the temporal stage keeps its --init-from run's")
         if self.max_failures is not None and self.max_failures < 0:
             raise ConfigError("--max-failures must be 0 or more")
@@ -302,14 +303,11 @@ def load_run_config(run: str | Path) -> TrainConfig:
     path = Path(run) / RUN_CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{run} is not a training run: {RUN_CONFIG_FILE} is missing")
-    cfg = TrainConfig.from_yaml(path)
-    saved = {str(k).replace("-", "_") for k in read_options_yaml(path)}
-    if "background_hole" not in saved:
-        from disco.model.conditioning import LEGACY_HOLE
+    from disco.model.conditioning import LEGACY_HOLE
 
-        cfg = cfg.updated({"background_hole": LEGACY_HOLE})
-    if "window_offsets" not in saved:
-        cfg = cfg.updated({"window_offsets": False})
-    if "split_at_gaps" not in saved:
-        cfg = cfg.updated({"split_at_gaps": False})
-    return cfg
+    # Fields added after runs were written: such a run goes on as it was trained (the hole value,
+    # windows from each clip's first frame, windows across gaps).
+    legacy = {"background_hole": LEGACY_HOLE, "window_offsets": False, "split_at_gaps": False}
+    saved = read_options_yaml(path)
+    return TrainConfig().updated(saved, origin=str(path)).updated(
+        {k: v for k, v in legacy.items() if k not in saved})

@@ -125,6 +125,7 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
     """The per-GPU memory of training ``cfg`` (``device`` "cuda": what the trainer does on a GPU;
     "cpu": its CPU run, without the CUDA allowance), and the largest per-GPU batch that fits
     ``gpu_memory_gib`` (default: the visible GPU's memory, else 80 GiB)."""
+    cfg.validate_model()  # the stage's default batch, the preset's accumulation
     if gpu_memory_gib is None:
         gpu_memory_gib = visible_gpu_gib() or DEFAULT_GPU_GIB
     model = meta_model(cfg)

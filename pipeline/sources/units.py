@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from disco.pipeline.sources import webdataset
 from disco.pipeline.decode import Frame, decode_image_bytes, load_image, resample_indices
 from disco.pipeline.errors import InputError, display_path, error_record, failed_unit, input_error
@@ -62,7 +61,9 @@ def unit_frames(units) -> np.ndarray:
     if not units.num_rows:
         return np.zeros(0, np.int64)
     extra = units.column("extra").combine_chunks()
-    ranges = pc.subtract(extra.field("stop"), extra.field("start"))
+    # flatten(): the fields with the struct's own nulls (field() would read a null payload's as 0)
+    start, stop = (extra.flatten()[extra.type.get_field_index(name)] for name in ("start", "stop"))
+    ranges = pc.subtract(stop, start)
     listed = pc.fill_null(pc.list_value_length(units.column("src_indices")), 0)
     frames = pc.if_else(pc.is_valid(ranges), ranges, listed).to_numpy(zero_copy_only=False).astype(np.int64)
     return np.maximum(frames, 1)

@@ -57,10 +57,12 @@ class TripletIndex:
 
     def summary(self) -> dict:
         """What the run trains on, for its checkpoints: shards, rows, and a digest of both (the
-        shards' paths and rows per shard) that a resume compares."""
+        shards' file names, unique per writer, and rows per shard: data moved elsewhere is the same
+        data) that a resume compares."""
         import hashlib
+        import os
 
-        digest = hashlib.sha256("\0".join(self.files).encode())
+        digest = hashlib.sha256("\0".join(os.path.basename(f) for f in self.files).encode())
         digest.update(np.bincount(self.file, minlength=len(self.files)).astype(np.int64).tobytes())
         return {"shards": len(self.files), "rows": len(self), "digest": digest.hexdigest()[:16]}
 
