@@ -136,6 +136,9 @@ ShardRows = Annotated[int, typer.Option(help="Rows per Parquet shard.")]
 Actors = Annotated[Optional[int], typer.Option(help="Annotator actors (default: one per CPU of the Ray cluster).")]
 RayAddress = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help=RAY_ADDRESS_HELP)]
 Overwrite = Annotated[bool, typer.Option(help="Delete what a previous run wrote to OUTPUT and start fresh.")]
+RetryErrors = Annotated[Optional[list[str]], typer.Option(
+    help="Run again the inputs that wrote no rows and failed with this error type (errors/ error_type, e.g. "
+         "gpu_failed, missing_file; repeat it or separate with commas; all: every type); their errors rows go.")]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 
 
@@ -181,6 +184,7 @@ def preprocess(
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per annotator actor (fractions allowed).")] = D.gpus_per_actor,
     ray_address: RayAddress = D.ray_address,
     overwrite: Overwrite = D.overwrite,
+    retry_errors: RetryErrors = None,
     progress: ShowProgress = True,
 ) -> None:
     """Turn videos or photos into foreground / background / pose triplets in Parquet."""
@@ -218,6 +222,7 @@ def filter_humans(
     actors: Actors = D.actors,
     ray_address: RayAddress = D.ray_address,
     overwrite: Overwrite = D.overwrite,
+    retry_errors: RetryErrors = None,
     progress: ShowProgress = True,
 ) -> None:
     """Build the human-attribute pre-training set: keep pictures with one clear, large enough person."""
@@ -230,6 +235,8 @@ def filter_humans(
     if max_persons is not None and max_persons < 1:
         usage_error("--max-persons must be at least 1")
     if is_triplets_dir(input):
+        if retry_errors:
+            usage_error("--retry-errors reruns inputs of a data set; a triplets folder is filtered by its stored scores")
         try:
             result = filter_triplets(input, output, min_score=min_score, min_area=min_area, max_persons=max_persons,
                                      keep_rejects=keep_rejects, overwrite=overwrite, shard_rows=shard_rows,
@@ -246,7 +253,8 @@ def filter_humans(
         pose="auto" if with_pose else "none", hands=with_pose, max_side=max_side, image_format=plain(image_format),
         split=plain(split) or D.split, split_from_manifest=split is None, split_rule=split_rule, min_visibility=min_score,
         min_mask_area=min_area, segment_frames=segment_frames, shard_rows=shard_rows, actors=actors,
-        ray_address=ray_address, overwrite=overwrite, coco_single_person=coco_single_person, human_filter=True,
+        ray_address=ray_address, overwrite=overwrite, retry_errors=retry_errors, coco_single_person=coco_single_person,
+        human_filter=True,
         max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=plain(device),
         sam_model=plain(sam_model), sam2_model=plain(sam2_model), box_threshold=box_threshold, batch_size=batch_size,
     )

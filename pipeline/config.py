@@ -54,6 +54,9 @@ class PreprocessConfig:
     gpus_per_actor: float = 0.0
     ray_address: str | None = None
     overwrite: bool = False
+    # Error types (errors/ error_type, or "all") whose inputs a resume does again: an input that
+    # wrote no rows and failed with one of them leaves the output (its errors rows) and runs again.
+    retry_errors: list[str] | None = None
     # The paper-faithful backends (Grounded-SAM, OpenPose): their weights folder and options.
     weights: Path | None = None
     device: str = "auto"
@@ -84,6 +87,12 @@ class PreprocessConfig:
     keep_rejects: bool = False
 
     def validate(self) -> "PreprocessConfig":
+        if self.retry_errors is not None:
+            self.retry_errors = sorted({t.strip() for value in self.retry_errors for t in str(value).split(",") if t.strip()})
+            if not self.retry_errors:
+                raise ConfigError("--retry-errors needs an error type (errors/ error_type, e.g. gpu_failed) or all")
+            if self.overwrite:
+                raise ConfigError("--retry-errors redoes some inputs of an existing output; --overwrite redoes all of it")
         if self.source not in SOURCES and self.manifest is None:
             raise ConfigError(f"unknown source {self.source!r}; choose one of {', '.join(SOURCES)}, "
                               "or describe a new data set with --manifest")

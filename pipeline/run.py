@@ -24,6 +24,7 @@ from disco.pipeline.actors import NOT_SHARED, AnnotateStage, MattingStage, PoseS
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
+from disco.pipeline.store.shards import retract_inputs
 
 MAX_BLOCKS = 10_000
 
@@ -84,6 +85,12 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     state, removed = store.begin(cfg.output_params(), cfg.overwrite)
     if removed:
         log(f"recovered from an interrupted run: removed {len(removed)} uncommitted file(s)")
+    if cfg.retry_errors:
+        again = failed_inputs(store, state, set(cfg.retry_errors))
+        if again:
+            state = retract_inputs(store, state, set(again), cfg.row_group_rows)
+        log(f"--retry-errors {','.join(cfg.retry_errors)}: {len(again)} input(s) that wrote no rows run again"
+            + (f" ({', '.join(again[:3])}{', ...' if len(again) > 3 else ''})" if again else ""))
 
     listing = list_source(cfg, log)
     listed = [i.input_path for i in listing.items]
@@ -242,6 +249,23 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
 def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list[int]]) -> pa.Table:
     """The units of these inputs as ``UNIT_TYPE`` rows (what a planning task runs)."""
     return unit_table([unit for item in items for unit in plan_units(item, settings, partial_units)])
+
+
+def failed_inputs(store: OutputStore, state, types: set[str]) -> list[str]:
+    """Committed inputs that wrote no triplet rows and have an errors row of one of ``types``
+    ("all": any type)."""
+    import pyarrow.dataset as pads
+
+    from disco.pipeline.store.schema import ERROR_SCHEMA
+
+    failed = {path for path, units in state.units().items()
+              if all(u["rows"] == 0 for u in units.values()) and any(u["errors"] for u in units.values())}
+    files = [str(f) for f in store.committed_files(store.errors) or []]
+    if not failed or not files:
+        return []
+    errors = pads.dataset(files, schema=ERROR_SCHEMA).to_table(columns=["input_path", "error_type"])
+    return sorted({path for path, kind in zip(errors.column("input_path").to_pylist(), errors.column("error_type").to_pylist())
+                   if path in failed and ("all" in types or kind in types)})
 
 
 # Inputs whose file can change under a run: a tar shard img2dataset is still writing, a video

@@ -249,6 +249,44 @@ def test_audio_only_file_and_gif_get_their_own_error_types(tmp_path, ray_local):
     assert result.exit_code == 1  # every input failed
 
 
+def test_retry_errors_runs_the_failed_inputs_again_and_nothing_else(tmp_path, ray_local):
+    """An input that failed for a reason that has gone (a file cut short while it was copied, a
+    GPU that broke) counts as done on resume; --retry-errors TYPE takes it out of the output (its
+    errors row, its units in the journal) and runs it again; the other inputs stay as they were."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for name in ("a", "b"):
+        save(folder / f"{name}.png", _person(64))
+    (folder / "late.png").write_bytes((folder / "a.png").read_bytes()[:200])  # still being copied
+    (folder / "text.png").write_text("not a picture")
+    config = dict(source="images", input=folder, output=out, pose="none", hands=False)
+    first = preprocess(PreprocessConfig(**config), log=lambda *_: None)
+    before = {e["input_path"]: e["error_type"] for e in open_errors(out).to_table().to_pylist()}
+    assert before == {"late.png": "truncated_image", "text.png": "not_an_image"}
+    rows = sorted(open_triplets(out).to_table(columns=["sample_id"]).column("sample_id").to_pylist())
+    save(folder / "late.png", _person(64))  # the copy finished
+    lines: list[str] = []
+    again = preprocess(PreprocessConfig(**config), log=lines.append)  # a plain resume: nothing to do
+    assert again.manifest["run"]["inputs_processed"] == 0
+    retried = preprocess(PreprocessConfig(**config, retry_errors=["truncated_image,missing_file"]), log=lines.append)
+    assert "--retry-errors missing_file,truncated_image: 1 input(s) that wrote no rows run again (late.png)" in lines
+    assert retried.manifest["run"]["inputs_processed"] == 1
+    assert {e["input_path"]: e["error_type"] for e in open_errors(out).to_table().to_pylist()} == {"text.png": "not_an_image"}
+    after = sorted(open_triplets(out).to_table(columns=["sample_id"]).column("sample_id").to_pylist())
+    assert len(after) == len(rows) + 1 and set(rows) < set(after)  # its row, once; the others untouched
+    assert retried.manifest["counts"]["inputs_failed"] == first.manifest["counts"]["inputs_failed"] - 1
+    # Every shard on disk is one the journal names (the errors shard rewritten, the old one gone).
+    store = OutputStore(out)
+    named = {n for e in store.read_journal().entries for n in e["files"]}
+    assert named == {p.relative_to(out).as_posix() for p in out.rglob("*.parquet")}
+    # On the command line: no such input is a line saying so; with --overwrite it makes no sense.
+    result = CliRunner().invoke(app, ["preprocess", "--source", "images", "-i", str(folder), "-o", str(out), "--pose",
+                                      "none", "--no-hands", "--retry-errors", "gpu_failed", "--no-progress"])
+    assert result.exit_code == 0 and "0 input(s) that wrote no rows run again" in result.output, result.output
+    both = CliRunner().invoke(app, ["preprocess", "--source", "images", "-i", str(folder), "-o", str(out),
+                                    "--retry-errors", "all", "--overwrite"])
+    assert both.exit_code == 2 and "--overwrite redoes all of it" in both.output
+
+
 # -- tar shards ------------------------------------------------------------------------------------------
 
 def test_a_tar_member_cut_short_costs_that_sample_only(tmp_path):

@@ -187,10 +187,10 @@ class OutputStore:
                     path.unlink()
                     removed.append(rel)
         # Rewrite the journal without a torn last line, so later appends start on a clean line.
-        self._rewrite_journal(state)
+        self.rewrite_journal(state)
         return removed
 
-    def _rewrite_journal(self, state: JournalState) -> None:
+    def rewrite_journal(self, state: JournalState) -> None:
         lines = []
         if state.params is not None:
             lines.append(json.dumps({"type": "params", "params": state.params}))

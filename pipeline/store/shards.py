@@ -23,7 +23,7 @@ from disco.pipeline.store.schema import (
     TRIPLET_SCHEMA,
     TRIPLETS_DIR,
 )
-from disco.pipeline.store.output import OutputStore, fsync_dir
+from disco.pipeline.store.output import JournalState, OutputStore, fsync_dir, run_token
 
 
 def _parquet_options(schema: pa.Schema) -> dict:
@@ -114,3 +114,49 @@ class ShardWriter:
         self._written += 1
         self._tables, self._rows, self._units, self._errors, self._rejects = [], 0, [], [], []
         return entry
+
+
+def retract_inputs(store: OutputStore, state: JournalState, inputs: set[str], row_group_rows: int) -> JournalState:
+    """Take ``inputs`` (which wrote no triplet rows) out of the committed output, so that a run
+    does them again: their units leave the journal and their errors and rejects rows the shards
+    that hold them (each rewritten without them under a new name; one left empty goes). The
+    journal is rewritten once, atomically: before that, the new shards are files no commit names
+    (recovery deletes them), after it the old ones are."""
+    import pyarrow.compute as pc
+
+    token, renamed = run_token(), {}  # old shard -> its rewrite (None: nothing left in it)
+    touched = [e for e in state.entries if any(u["input_path"] in inputs for u in e.get("units", []))]
+    for rel in dict.fromkeys(f for e in touched for f in e.get("files", [])):
+        if not rel.startswith((f"{ERRORS_DIR}/", f"{REJECTS_DIR}/")):
+            continue
+        table = pq.read_table(store.root / rel)
+        kept = table.filter(pc.invert(pc.is_in(table.column("input_path"), pa.array(sorted(inputs), pa.string()))))
+        if kept.num_rows == table.num_rows:
+            continue
+        renamed[rel] = None
+        if kept.num_rows:
+            name = Path(rel)
+            renamed[rel] = (name.parent / f"{name.stem}-{token}{name.suffix}").as_posix()
+            write_parquet_atomic(kept, store.root / renamed[rel], row_group_rows)
+    for folder in (store.errors, store.rejects):
+        if folder.exists():
+            fsync_dir(folder)
+    entries = []
+    for entry in state.entries:
+        units = [u for u in entry.get("units", []) if u["input_path"] not in inputs]
+        files = [renamed.get(f, f) for f in entry.get("files", []) if renamed.get(f, f) is not None]
+        shards = [_rewritten(store, shard, renamed[shard["path"]]) if shard["path"] in renamed else shard
+                  for shard in entry.get("shards", []) if renamed.get(shard["path"], shard["path"]) is not None]
+        if units or files:
+            entries.append({**entry, "units": units, "files": files, "shards": shards})
+    retracted = JournalState(entries, state.params)
+    store.rewrite_journal(retracted)
+    for rel in renamed:
+        (store.root / rel).unlink(missing_ok=True)
+    return retracted
+
+
+def _rewritten(store: OutputStore, shard: dict, path: str) -> dict:
+    """A commit's record of a shard, for its rewrite at ``path``."""
+    return {**shard, "path": path, "rows": pq.read_metadata(store.root / path).num_rows,
+            "bytes": (store.root / path).stat().st_size}
