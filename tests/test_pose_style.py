@@ -134,8 +134,9 @@ def write_data(folder, *, style: str = "openpose", hands: bool = True, pose: str
                               pose_style=style, with_pose=pose != "none"))
     (folder / "triplets").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), folder / "triplets" / f"{clip}.parquet")
-    manifest = {"format": "disco-triplets/1", "parameters": {"pose_style": style, "hands": hands, "pose_renderer": 2,
-                                                             "backends": {"matting": "mediapipe", "pose": pose}}}
+    # As preprocess writes it: the backends beside the parameters, one record per stage.
+    manifest = {"format": "disco-triplets/1", "parameters": {"pose_style": style, "hands": hands, "pose_renderer": 2},
+                "backends": {"matting": {"name": "mediapipe"}, "pose": {"name": pose}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

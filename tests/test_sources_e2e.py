@@ -158,6 +158,10 @@ def test_shhq_and_deepfashion2(tmp_path):
     assert kept.column("pose").null_count == 0 and max(kept.column("body_keypoints")[0].as_py()) > 0
     hap_manifest = json.loads((tmp_path / "shhq-hap" / "manifest.json").read_text())
     assert hap_manifest["counts"]["rows_skipped"] == {"no_person": 1} and not (tmp_path / "shhq-hap" / "rejects").exists()
+    # What training reads of each: the first has no pose (preprocessed with --pose none), the second has.
+    from disco.pipeline.store.pose import data_pose
+
+    assert not data_pose(tmp_path / "shhq-out").keypoints and data_pose(tmp_path / "shhq-hap").keypoints
     df2 = _run("deepfashion2", layouts.deepfashion2(tmp_path / "df2"), tmp_path / "df2-out")
     assert {s: (r["clip_id"], r["split"]) for s, r in _rows(tmp_path / "df2-out").items()} == {
         "deepfashion2/000001/000000": ("000001", "train"), "deepfashion2/000002/000000": ("000002", "test")}

@@ -42,6 +42,8 @@ def data_pose(folder: str | Path) -> DataPose:
     manifest = read_manifest(path)
     params = manifest.get("parameters") or {}
     backend = (params.get("backends") or manifest.get("backends") or {}).get("pose")
+    if isinstance(backend, dict):  # what preprocess writes: {"name": ..., ...} per stage
+        backend = backend.get("name")
     style = params.get("pose_style", DEFAULT_STYLE)
     if style == "disco" and int(params.get("pose_renderer") or 1) < 2:
         style = "disco-v1"  # the earlier drawing of that name: never what a reader asks for, so redrawn
