@@ -126,7 +126,11 @@ def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, 
     finally:
         writer.flush()
     wall = time.time() - started
-    config = {"mode": "triplets", **params, "output": str(store.root),
+    # The rows are the source's, pose pictures included: how they were drawn is the source's too
+    # (train, generate and evaluate read it here: store/pose.py data_pose).
+    drawn = {k: v for k, v in (source_manifest.get("parameters") or {}).items()
+             if k in ("pose_style", "hands", "pose_renderer")}
+    config = {"mode": "triplets", **drawn, **params, "output": str(store.root),
               "image_format": source_manifest.get("encoding", {}).get("image", "jpeg")}
     backends = {"matting": {"name": None}, "pose": {"name": None},
                 "reason": "filtered by the stored person_score, mask_area and person_count; no model ran",

@@ -130,6 +130,10 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["rows_skipped"] == {"too_many_people": 1, "too_small": 1}
     assert manifest["backends"]["matting"]["name"] is None
+    # The rows are the source's: how their poses were drawn (here: none, no hands) comes along.
+    from disco.pipeline.store.pose import data_pose
+
+    assert data_pose(out) == data_pose(copy) and (data_pose(out).keypoints, data_pose(out).hands) == (False, False)
     kept = open_triplets(out).to_table()
     assert kept.schema.equals(TRIPLET_SCHEMA) and kept.column("sample_id").to_pylist() == [ids[0]]
     assert kept.column("image").equals(table.slice(0, 1).column("image"))  # copied, not re-encoded

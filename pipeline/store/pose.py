@@ -41,9 +41,12 @@ def data_pose(folder: str | Path) -> DataPose:
 
     manifest = read_manifest(path)
     params = manifest.get("parameters") or {}
-    backend = (params.get("backends") or manifest.get("backends") or {}).get("pose")
+    backends = params.get("backends") or manifest.get("backends") or {}
+    backend = backends.get("pose")
     if isinstance(backend, dict):  # what preprocess writes: {"name": ..., ...} per stage
         backend = backend.get("name")
+    if backend is None and isinstance((backends.get("source_backends") or {}).get("pose"), dict):
+        backend = backends["source_backends"]["pose"].get("name")  # filter-humans of a triplets folder: no model ran
     style = params.get("pose_style", DEFAULT_STYLE)
     if style == "disco" and int(params.get("pose_renderer") or 1) < 2:
         style = "disco-v1"  # the earlier drawing of that name: never what a reader asks for, so redrawn
