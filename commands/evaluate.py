@@ -45,7 +45,7 @@ def evaluate(
     steps: Annotated[int, typer.Option(help="With --run: DDIM steps.")] = E.steps,
     guidance_scale: Annotated[float, typer.Option(help="With --run: guidance scale.")] = E.guidance_scale,
     seed: Annotated[int, typer.Option(help="With --run: seed.")] = E.seed,
-    size: Annotated[Optional[int], typer.Option(help="With --run: frame side (default: the model's resolution).")] = E.size,
+    size: Annotated[Optional[int], typer.Option(help="With --run: frame side (default: the side the run trained at; else the model's).")] = E.size,
     max_frames: Annotated[Optional[int], typer.Option(help="With --run: only the first N frames of each clip.")] = E.max_frames,
     dtype: Annotated[Dtype, typer.Option(help="With --run: what the model samples in: float16 or bfloat16 halve its GPU memory and speed a GPU up (float16 on CUDA only); checkpoints are float32.")] = E.dtype,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="With --run: a training run's EMA weights where it kept them (--ema-decay); --no-ema samples with the weights as trained.")] = E.ema,

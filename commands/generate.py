@@ -53,7 +53,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed of the initial noise; the same seed gives the same frames.")] = G.seed,
     batch_size: Annotated[int, typer.Option(help="Frames per forward pass (a temporal-module model: whole windows of its clip length, several when two or more fit).")] = G.batch_size,
     fps: Annotated[Optional[float], typer.Option(help="Rate the poses (video or --clip) are resampled to, never above the source's own; the output plays at it. Default: the source's rate.")] = G.fps,
-    size: Annotated[Optional[int], typer.Option(help="Side of the square frames (default: the model's resolution, 256 for the full model).")] = G.size,
+    size: Annotated[Optional[int], typer.Option(help="Side of the square frames (default: the side a training run trained at; else the model's, 256 for the full model).")] = G.size,
     max_frames: Annotated[Optional[int], typer.Option(help="Generate only the first N pose frames.")] = G.max_frames,
     frames: Annotated[Optional[Path], typer.Option(help="Also write every generated frame as PNG into this folder.")] = G.frames,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated.")] = G.side_by_side,

@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from disco.model.checkpoint import background_hole, describe_checkpoint, load_checkpoint, pose_setting
+from disco.model.checkpoint import (background_hole, describe_checkpoint, load_checkpoint, pose_setting,
+                                    trained_resolution)
 from disco.generate.config import GenerateConfig
 from disco.model.conditioning import (
     HOLE,
@@ -73,7 +74,8 @@ def reference_target(matted: list, size: int, side: int) -> np.ndarray | None:
 def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True,
                   dtype: str = "float32") -> tuple[DisCoPipeline, int, int]:
     """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
-    False; its weights in ``dtype``), the frame side (default: the model's) and the pose side."""
+    False; its weights in ``dtype``), the frame side (default: a training run's resolution, else the
+    model's) and the pose side."""
     source = describe_checkpoint(checkpoint, ema)
     if source.get("stage") == "pretrain":
         # Said before the model loads (a minute at full size on a CPU), as DisCoPipeline would after.
@@ -84,7 +86,7 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
     pipeline = DisCoPipeline(model)
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     pipeline.source = source  # for the records: which checkpoint and weights
-    size = size or default_size(model)
+    size = size or trained_resolution(checkpoint) or default_size(model)  # a run generates at its training side
     try:
         check_size(model, size)
     except ValueError as exc:

@@ -328,6 +328,18 @@ def _run_config(path: Path) -> Path:
     return run / RUN_CONFIG_FILE
 
 
+def trained_resolution(path: str | Path) -> int | None:
+    """The side a training run trained at (its ``config.yaml``), which it generates at by
+    default; None for a ``save_pretrained`` folder or a run that does not say (a converted
+    official checkpoint: the model's default, the paper's 256)."""
+    path = Path(path)
+    config = _run_config(path)
+    if is_pretrained_folder(path) or not config.exists():
+        return None
+    value = read_options_yaml(config).get("resolution")
+    return int(value) if value else None
+
+
 def background_hole(path: str | Path) -> float:
     """The person-hole value of the background condition a model was trained with: a run's
     ``config.yaml`` says (one without the key was trained before it became the official 0, with

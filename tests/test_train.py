@@ -34,7 +34,7 @@ from disco.train.inputs import model_inputs
 from disco.train.launch import train
 from disco.train.objective import DiffusionObjective, sample_draws
 from disco.train.monitor import read_metrics
-from helpers import cli_process
+from helpers import TWO_WORKER_RUN, cli_process
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 FRAMES = 8
@@ -389,6 +389,11 @@ def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(tripl
     from disco.model.checkpoint import load_model
 
     assert load_model(record).config.pose_scale == 0.5 and load_model(two_worker_run).config.pose_scale == 1.0
+    # ... and the side it trained at, which generate and evaluate --run sample at by default (the
+    # tiny model's own default is 128).
+    from disco.generate.run import open_pipeline
+
+    assert open_pipeline(record, "cpu", None)[1] == TWO_WORKER_RUN["resolution"] == 64
     a, b = _weights(Path(one.output)), _weights(two_worker_run, 4)
     start = initial_model(load_run_config(one.output)).trainable_parameters()
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
