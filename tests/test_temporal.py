@@ -323,6 +323,9 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     lines: list[str] = []
     assert train(cfg, log=lines.append)["step"] == 3
     assert f"2 windows of {F} consecutive frames from 1 runs of 1 clips (0 gaps" in " ".join(lines)
+    assert "3 steps of 1 clips: 1.50 epochs of the data" in lines  # what --max-steps covers
+    with pytest.raises(ConfigError, match="is given twice"):  # a folder's rows would count double
+        train(cfg.updated({"output": str(tmp_path / "twice"), "data": [str(triplets["video"]), str(triplets["video"]) + "/"]}))
     # Clips too short for --clip-frames: one error on the driver before the run starts (in a
     # worker, it would come after loading the model, and Ray Train would retry it).
     with pytest.raises(DataError, match="no clip has 9 consecutive frames.*the longest has 8"):

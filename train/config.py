@@ -201,6 +201,10 @@ class TrainConfig:
             raise ConfigError("--output is required")
         if not self.data and not self.resume:
             raise ConfigError("give at least one --data folder (a `disco-cli preprocess` output)")
+        twice = next((f for k, f in enumerate(self.data) if Path(f).resolve() in
+                      {Path(g).resolve() for g in self.data[:k]}), None)
+        if twice is not None:
+            raise ConfigError(f"--data {twice} is given twice (its rows would count double)")
         for folder in self.data:
             if not (Path(folder) / "triplets").is_dir():
                 raise ConfigError(f"--data {folder} holds no triplets/ folder; is it a `disco-cli preprocess` output?")

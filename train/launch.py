@@ -203,11 +203,16 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
         from disco.train.data.pose import render_plan
 
         render_plan(cfg.data, index.files, cfg.pose_style, cfg.hands)  # data it cannot draw: fails here
+    items, what = len(index), "samples"
     if cfg.stage == "temporal":
         from disco.train.data.clips import window_index
 
         # Here, before any worker loads the model (and Ray Train retries a data error it cannot fix).
-        log(window_index(index, cfg.clip_frames, cfg.split_at_gaps).describe(cfg.clip_frames))
+        windows = window_index(index, cfg.clip_frames, cfg.split_at_gaps)
+        log(windows.describe(cfg.clip_frames))
+        items, what = len(windows), "clips"
+    per_step = cfg.batch_size * cfg.grad_accum * cfg.num_workers
+    log(f"{cfg.max_steps} steps of {per_step} {what}: {cfg.max_steps * per_step / items:.2f} epochs of the data")
     run = Path(cfg.output)
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(run)
