@@ -295,8 +295,9 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
 
     from disco.model.conditioning import background_pixels, pose_pixels, reference_pixels, square
     from disco.generate.inputs import POSE_READ_COLUMNS, check_pose_folder, pose_pictures, read_clip
-    from disco.model.checkpoint import pose_setting
+    from disco.model.checkpoint import pose_setting, trained_data
     from disco.generate.run import open_pipeline
+    from disco.pipeline.store.manifest import split_conflicts
     from disco.generate.video import write_frames
     from disco.pipeline.store.encode import decode_picture
     from disco.pipeline.store.reader import open_triplets
@@ -309,6 +310,9 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     if not clip_ids:
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
     check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
+    for line in split_conflicts(trained_data(config.run), [config.data]):
+        log(f"warning: {line} (the run, the runs it started from, and the folder scored): clips scored here may "
+            "have been trained on")
     old = check_work_dir(work)
     pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype)
     clear_work_dir(work, old)  # after the model loads: a refused command leaves the last run's frames alone

@@ -328,6 +328,22 @@ def _run_config(path: Path) -> Path:
     return run / RUN_CONFIG_FILE
 
 
+def trained_data(path: str | Path) -> list[str]:
+    """The data folders a run trained on, and those of the runs it started from (``init_from``:
+    a fine-tuning run's HAP run, a temporal run's fine-tuning run), as their config.yaml name them."""
+    folders, seen, path = [], set(), Path(path)
+    while path is not None and len(seen) < 8:
+        config = _run_config(path) if path.exists() else None
+        if config is None or not config.exists() or config in seen:
+            break
+        seen.add(config)
+        values = read_options_yaml(config)
+        data = values.get("data") or []
+        folders += [data] if isinstance(data, str) else [str(d) for d in data]
+        path = Path(values["init_from"]) if values.get("init_from") else None
+    return folders
+
+
 def trained_resolution(path: str | Path) -> int | None:
     """The side a training run trained at (its ``config.yaml``), which it generates at by
     default; None for a ``save_pretrained`` folder or a run that does not say (a converted

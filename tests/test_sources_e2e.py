@@ -61,6 +61,19 @@ def test_tiktok_frame_folders_and_videos(tmp_path):
     # A second run resumes with nothing left to do.
     again = _run("tiktok", root, tmp_path / "out", fps=15, segment_frames=2)
     assert again.manifest["run"]["inputs_processed"] == 0 and len(_rows(tmp_path / "out")) == 8
+    # The split rule is recorded; folders of one data set split by different rules are named
+    # (train and evaluate warn: a clip one holds out, the other trains on).
+    from disco.pipeline.store.manifest import split_conflicts, split_rule
+
+    assert split_rule(tmp_path / "out") == ("tiktok", "default")
+    official = tmp_path / "out-official"  # as `--split-rule official` records it
+    shutil.copytree(tmp_path / "out", official)
+    manifest = json.loads((official / "manifest.json").read_text())
+    manifest["dataset"]["split_rule_name"] = "official"
+    (official / "manifest.json").write_text(json.dumps(manifest))
+    assert split_conflicts([tmp_path / "out", tmp_path / "out"]) == [] and split_conflicts([root]) == []
+    (line,) = split_conflicts([tmp_path / "out"], [official])
+    assert line == f"tiktok data split by different rules: 'default' in {tmp_path / 'out'}; 'official' in {official}"
 
 
 @pytest.fixture(scope="module")

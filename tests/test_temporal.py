@@ -324,6 +324,11 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     assert train(cfg, log=lines.append)["step"] == 3
     assert f"2 windows of {F} consecutive frames from 1 runs of 1 clips (0 gaps" in " ".join(lines)
     assert "3 steps of 1 clips: 1.50 epochs of the data" in lines  # what --max-steps covers
+    from disco.model.checkpoint import trained_data
+
+    # The data of the run and of the runs it started from (here the fine-tuning run's), which train
+    # and evaluate --run compare split rules over.
+    assert trained_data(run) == [str(triplets["video"])] * 2 and trained_data(image_run) == [str(triplets["video"])]
     with pytest.raises(ConfigError, match="is given twice"):  # a folder's rows would count double
         train(cfg.updated({"output": str(tmp_path / "twice"), "data": [str(triplets["video"]), str(triplets["video"]) + "/"]}))
     # Clips too short for --clip-frames: one error on the driver before the run starts (in a

@@ -203,6 +203,12 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
         from disco.train.data.pose import render_plan
 
         render_plan(cfg.data, index.files, cfg.pose_style, cfg.hands)  # data it cannot draw: fails here
+    from disco.model.checkpoint import trained_data
+    from disco.pipeline.store.manifest import split_conflicts
+
+    for line in split_conflicts([*cfg.data, *(trained_data(cfg.init_from) if cfg.init_from else [])]):
+        log(f"warning: {line} (this run and the runs it starts from): a clip one rule holds out for testing, "
+            "another trains on")
     items, what = len(index), "samples"
     if cfg.stage == "temporal":
         from disco.train.data.clips import window_index

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from disco.pipeline.store.output import JournalState
+from disco.pipeline.store.schema import MANIFEST_FILE
 
 
 @dataclass
@@ -99,3 +100,29 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 def read_manifest(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def split_rule(folder: str | Path) -> tuple[str, str] | None:
+    """(data set, split rule) a data folder's rows were split by (a filter-humans of a triplets
+    folder: its source's); None for the generic sources and folders without a manifest."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    manifest = read_manifest(path)
+    dataset = manifest.get("dataset") or (manifest.get("filtered_from") or {}).get("dataset")
+    if not isinstance(dataset, dict) or not dataset.get("name"):
+        return None
+    return str(dataset["name"]), str(dataset.get("split_rule_name") or "default")
+
+
+def split_conflicts(trained: list[str | Path], evaluated: list[str | Path] = ()) -> list[str]:
+    """Data sets split by different rules among ``trained`` folders, or between them and
+    ``evaluated`` ones: a clip one rule holds out, another may train on. One line each."""
+    rules: dict[str, dict[str, list[str]]] = {}
+    for folder in [*trained, *evaluated]:
+        found = split_rule(folder)
+        if found is not None:
+            rules.setdefault(found[0], {}).setdefault(found[1], []).append(str(folder))
+    return [f"{name} data split by different rules: " + "; ".join(f"{rule!r} in {', '.join(folders)}"
+                                                                  for rule, folders in by_rule.items())
+            for name, by_rule in rules.items() if len(by_rule) > 1]
