@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from disco.model.precision import resolve_device
 from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
 from disco.model.precision import DTYPES
 from disco.evaluate.config import (METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
@@ -49,7 +50,7 @@ def evaluate(
     max_frames: Annotated[Optional[int], typer.Option(help="With --run: only the first N frames of each clip.")] = E.max_frames,
     dtype: Annotated[Dtype, typer.Option(help="With --run: what the model samples in: float16 or bfloat16 halve its GPU memory and speed a GPU up (float16 on CUDA only); checkpoints are float32.")] = E.dtype,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="With --run: a training run's EMA weights where it kept them (--ema-decay); --no-ema samples with the weights as trained.")] = E.ema,
-    device: Annotated[str, typer.Option(help="torch device for generation and the feature networks, e.g. cpu or cuda.")] = E.device,
+    device: Annotated[str, typer.Option(help="torch device for generation and the feature networks: auto (the GPU where there is one, else the CPU), cpu, cuda or cuda:N.")] = E.device,
 ) -> None:
     """Score generated frames against real ones: FID, SSIM, PSNR, LPIPS, L1, FID-VID, FVD."""
     import torch
@@ -59,6 +60,7 @@ def evaluate(
     from disco.generate.inputs import GenerateInputError
 
     check_device(device)
+    device = resolve_device(device)  # the one a GPU message names
     try:
         config = EvaluateConfig(
             output=output, pred=pred, gt=gt, run=run, data=data, split=split, work_dir=work_dir,

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from disco.generate.config import GenerateConfig
 from disco.model.precision import DTYPES
+from disco.model.precision import resolve_device
 from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
 
 G = defaults(GenerateConfig)
@@ -57,7 +58,7 @@ def generate(
     max_frames: Annotated[Optional[int], typer.Option(help="Generate only the first N pose frames.")] = G.max_frames,
     frames: Annotated[Optional[Path], typer.Option(help="Also write every generated frame as PNG into this folder.")] = G.frames,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated.")] = G.side_by_side,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = G.device,
+    device: Annotated[str, typer.Option(help="torch device: auto (the GPU where there is one, else the CPU), cpu, cuda or cuda:N.")] = G.device,
     align_pose: Annotated[bool, typer.Option("--align-pose/--no-align-pose", help="Refit the driving skeletons limb by limb to the reference person's proportions and put them where it stands (when its pose is found); --no-align-pose keeps the driver's skeleton.")] = G.align_pose,
     dtype: Annotated[Dtype, typer.Option(help="What the model samples in: float16 or bfloat16 halve its GPU memory and speed a GPU up (float16 on CUDA only); checkpoints are float32.")] = G.dtype,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="A training run's EMA weights where it kept them (--ema-decay); --no-ema samples with the weights as trained.")] = G.ema,
@@ -65,6 +66,7 @@ def generate(
 ) -> None:
     """Generate a dance video: the person of --reference, in its own or another scene, moving as --pose."""
     check_device(device)
+    device = resolve_device(device)  # the one a GPU message names
     config = GenerateConfig(
         checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
         steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,

@@ -96,9 +96,12 @@ def defaults(config_class) -> SimpleNamespace:
 
 
 def check_device(device: str) -> None:
-    """A GPU asked for where there is none is the user's mistake, never a silent fallback to CPU."""
+    """A GPU asked for where there is none is the user's mistake, never a silent fallback to CPU
+    (``auto`` picks what there is)."""
     import torch
 
+    if device == "auto":
+        return
     try:
         kind = torch.device(device).type
     except RuntimeError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from disco.model.precision import dtype_problem
+from disco.model.precision import dtype_problem, resolve_device
 
 METRICS = ("fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd")
 # The video networks FID-VID and FVD can use (built in evaluate/networks.py), and the defaults.
@@ -103,7 +103,7 @@ class EvaluateConfig:
     seed: int = 0
     size: int | None = None
     max_frames: int | None = None
-    device: str = "cpu"
+    device: str = "auto"  # resolve_device: the GPU where there is one
     ema: bool = True  # with --run: its EMA weights where it kept them; False: the weights as trained
     dtype: str = "float32"  # with --run: what the model samples in (generate's DTYPES)
 
@@ -112,6 +112,7 @@ class EvaluateConfig:
             raise EvaluateInputError("--pred and --gt go together")
         if (self.pred is None) == (self.run is None):
             raise EvaluateInputError("pass either --pred DIR --gt DIR, or --run RUN --data TRIPLETS_DIR")
+        self.device = resolve_device(self.device)
         if self.run is not None and dtype_problem(self.dtype, self.device):
             raise EvaluateInputError(dtype_problem(self.dtype, self.device))
         if self.run is not None and self.data is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from disco.model.precision import dtype_problem
+from disco.model.precision import dtype_problem, resolve_device
 
 
 class GenerateInputError(ValueError):
@@ -30,7 +30,7 @@ class GenerateConfig:
     frames: Path | None = None
     side_by_side: bool = False
     max_frames: int | None = None
-    device: str = "cpu"
+    device: str = "auto"  # resolve_device: the GPU where there is one
     align_pose: bool = True  # refit the driving skeletons to the reference person (when its pose is found)
     smooth_poses: bool = True  # One-Euro filter over a pose video's keypoints
     ema: bool = True  # a training run's EMA weights where it kept them; False: the weights as trained
@@ -54,6 +54,7 @@ class GenerateConfig:
             raise GenerateInputError(f"--size must be a positive number of pixels, not {self.size}")
         if self.guidance_scale < 0:
             raise GenerateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
+        self.device = resolve_device(self.device)
         problem = dtype_problem(self.dtype, self.device)
         if problem:
             raise GenerateInputError(problem)

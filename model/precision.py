@@ -11,6 +11,16 @@ def on_cuda(device) -> bool:
     return str(device).split(":")[0] == "cuda"
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: the GPU where there is one (the full model samples a frame in seconds there, in
+    minutes on a CPU), else the CPU; any other device as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def dtype_problem(dtype: str, device) -> str | None:
     """Why ``dtype`` cannot sample on ``device``, or None: float16 only where it is fast and
     complete, on a GPU; bfloat16 and float32 anywhere."""

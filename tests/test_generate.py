@@ -407,3 +407,18 @@ def test_videos_are_h264_yuv420p_with_the_index_first_and_odd_sides_padded(tmp_p
     with pytest.raises(ValueError, match="no frames"):
         write_h264(tmp_path / "empty.mp4", [], 25.0)
     assert not (tmp_path / "empty.mp4").exists()
+
+
+def test_the_default_device_is_the_gpu_where_there_is_one(monkeypatch):
+    """generate and evaluate default to --device auto: the full model samples a frame in seconds on
+    a GPU and minutes on a CPU, so a GPU machine must not fall to the CPU for want of a flag."""
+    import torch
+
+    from disco.evaluate.config import EvaluateConfig
+    from disco.generate.config import GenerateConfig
+    from disco.model.precision import resolve_device
+
+    assert GenerateConfig.device == EvaluateConfig.device == "auto"
+    assert resolve_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"
