@@ -333,7 +333,7 @@ def trained_data(path: str | Path) -> list[str]:
     a fine-tuning run's HAP run, a temporal run's fine-tuning run), as their config.yaml name them."""
     folders, seen, path = [], set(), Path(path)
     while path is not None and len(seen) < 8:
-        config = _run_config(path) if path.exists() else None
+        config = _run_config(path) if path.exists() and not is_pretrained_folder(path) else None
         if config is None or not config.exists() or config in seen:
             break
         seen.add(config)

@@ -394,6 +394,12 @@ def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(tripl
     from disco.generate.run import open_pipeline
 
     assert open_pipeline(record, "cpu", None)[1] == TWO_WORKER_RUN["resolution"] == 64
+    # A save_pretrained folder kept inside a run is not that run: no training side, no data of its own.
+    from disco.model.checkpoint import trained_data, trained_resolution
+
+    load_model(record).save_pretrained(copy / "exported")
+    assert trained_resolution(copy / "exported") is None and trained_data(copy / "exported") == []
+    assert trained_data(record) == [str(triplets["video"])]
     a, b = _weights(Path(one.output)), _weights(two_worker_run, 4)
     start = initial_model(load_run_config(one.output)).trainable_parameters()
     difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
