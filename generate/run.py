@@ -82,7 +82,9 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
         raise GenerateInputError(f"{checkpoint} is a pre-training (HAP) run, without a pose ControlNet; generation "
                                  "needs a fine-tuned model")
     # The folder resolved once: a run still training may write a newer checkpoint meanwhile.
-    model = load_checkpoint(source.get("checkpoint", checkpoint), device=device, ema=ema).to(getattr(torch, dtype))
+    model = load_checkpoint(source.get("checkpoint", checkpoint), device=device, ema=ema)
+    if dtype != "float32":  # (a cast to float32 makes diffusers warn about modules kept in float32)
+        model = model.to(getattr(torch, dtype))
     pipeline = DisCoPipeline(model)
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     pipeline.source = source  # for the records: which checkpoint and weights
