@@ -307,11 +307,13 @@ def load_run_config(run: str | Path) -> TrainConfig:
     path = Path(run) / RUN_CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{run} is not a training run: {RUN_CONFIG_FILE} is missing")
-    from disco.model.conditioning import LEGACY_HOLE
-
-    # Fields added after runs were written: such a run goes on as it was trained (the hole value,
-    # windows from each clip's first frame, windows across gaps).
-    legacy = {"background_hole": LEGACY_HOLE, "window_offsets": False, "split_at_gaps": False}
+    # Fields added after runs were written: such a run goes on as it was trained (windows from
+    # each clip's first frame, windows across gaps, the hole value).
     saved = read_options_yaml(path)
+    legacy = {"window_offsets": False, "split_at_gaps": False}
+    if "background_hole" not in saved:
+        from disco.model.conditioning import LEGACY_HOLE  # (torch: imported for such old runs only)
+
+        legacy["background_hole"] = LEGACY_HOLE
     return TrainConfig().updated(saved, origin=str(path)).updated(
         {k: v for k, v in legacy.items() if k not in saved})
