@@ -310,37 +310,36 @@ def pose_setting(path: str | Path) -> tuple[str, bool]:
     ``save_pretrained`` folder or a run that recorded none."""
     from disco.pipeline.store.pose import DEFAULT_HANDS, DEFAULT_STYLE
 
-    path = Path(path)
-    config = _run_config(path)
-    if is_pretrained_folder(path) or not config.exists():
+    values = run_options(path)
+    if values is None:
         return DEFAULT_STYLE, DEFAULT_HANDS
-    values = read_options_yaml(config)
     hands = values.get("hands")
     return str(values.get("pose_style") or DEFAULT_STYLE), DEFAULT_HANDS if hands is None else bool(hands)
 
 
-def _run_config(path: Path) -> Path:
+def run_options(path: str | Path) -> dict | None:
     """The ``config.yaml`` of the run that ``path`` (a run, one of its checkpoints, or Ray Train's
-    record of one) belongs to; it may not exist."""
+    record of one) belongs to; None for a ``save_pretrained`` folder (a run's own, kept inside
+    it, included) or where there is none."""
+    path = Path(path)
+    if is_pretrained_folder(path):
+        return None
     if (path / POINTER_FILE).exists() and not (path / WEIGHTS_FILE).exists():
         path = find_checkpoint(path)
-    run = path if (path / RUN_CONFIG_FILE).exists() else path.parent
-    return run / RUN_CONFIG_FILE
+    config = (path if (path / RUN_CONFIG_FILE).exists() else path.parent) / RUN_CONFIG_FILE
+    return read_options_yaml(config) if config.exists() else None
 
 
 def trained_data(path: str | Path) -> list[str]:
     """The data folders a run trained on, and those of the runs it started from (``init_from``:
     a fine-tuning run's HAP run, a temporal run's fine-tuning run), as their config.yaml name them."""
-    folders, seen, path = [], set(), Path(path)
-    while path is not None and len(seen) < 8:
-        config = _run_config(path) if path.exists() and not is_pretrained_folder(path) else None
-        if config is None or not config.exists() or config in seen:
+    folders, values = [], run_options(path)
+    for _ in range(8):  # a chain of runs; a loop of init_from (hand-edited files) stops here
+        if values is None:
             break
-        seen.add(config)
-        values = read_options_yaml(config)
         data = values.get("data") or []
         folders += [data] if isinstance(data, str) else [str(d) for d in data]
-        path = Path(values["init_from"]) if values.get("init_from") else None
+        values = run_options(values["init_from"]) if values.get("init_from") else None
     return folders
 
 
@@ -348,11 +347,7 @@ def trained_resolution(path: str | Path) -> int | None:
     """The side a training run trained at (its ``config.yaml``), which it generates at by
     default; None for a ``save_pretrained`` folder or a run that does not say (a converted
     official checkpoint: the model's default, the paper's 256)."""
-    path = Path(path)
-    config = _run_config(path)
-    if is_pretrained_folder(path) or not config.exists():
-        return None
-    value = read_options_yaml(config).get("resolution")
+    value = (run_options(path) or {}).get("resolution")
     return int(value) if value else None
 
 
@@ -362,11 +357,9 @@ def background_hole(path: str | Path) -> float:
     -1); a ``save_pretrained`` folder has today's value."""
     from disco.model.conditioning import HOLE, LEGACY_HOLE
 
-    path = Path(path)
-    config = _run_config(path)
-    if is_pretrained_folder(path) or not config.exists():
+    values = run_options(path)
+    if values is None:
         return HOLE
-    values = read_options_yaml(config)
     return float(values["background_hole"]) if "background_hole" in values else LEGACY_HOLE
 
 

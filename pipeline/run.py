@@ -254,16 +254,13 @@ def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list
 def failed_inputs(store: OutputStore, state, types: set[str]) -> list[str]:
     """Committed inputs that wrote no triplet rows and have an errors row of one of ``types``
     ("all": any type)."""
-    import pyarrow.dataset as pads
-
-    from disco.pipeline.store.schema import ERROR_SCHEMA
+    from disco.pipeline.store.reader import open_errors
 
     failed = {path for path, units in state.units().items()
               if all(u["rows"] == 0 for u in units.values()) and any(u["errors"] for u in units.values())}
-    files = [str(f) for f in store.committed_files(store.errors) or []]
-    if not failed or not files:
+    if not failed:
         return []
-    errors = pads.dataset(files, schema=ERROR_SCHEMA).to_table(columns=["input_path", "error_type"])
+    errors = open_errors(store.root).to_table(columns=["input_path", "error_type"])
     return sorted({path for path, kind in zip(errors.column("input_path").to_pylist(), errors.column("error_type").to_pylist())
                    if path in failed and ("all" in types or kind in types)})
 
