@@ -314,6 +314,12 @@ def _finetune_run(tmp_path: Path, triplets) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def image_run(triplets, tmp_path_factory) -> Path:
+    """One fine-tuning run that the temporal runs which leave it as it is start from."""
+    return _finetune_run(tmp_path_factory.mktemp("image-run"), triplets)
+
+
 def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp_path):
     image_run = _finetune_run(tmp_path, triplets)
     run = tmp_path / "temporal"
@@ -422,12 +428,11 @@ def test_the_memory_plan_of_the_temporal_stage_counts_clips():
     assert dict((name, n) for name, n, _ in plan.lines)[f"activations (batch 1 clips x {F} frames)"] > 0
 
 
-def test_two_workers_make_the_same_temporal_update_as_one_with_twice_the_batch(triplets, tmp_path):
+def test_two_workers_make_the_same_temporal_update_as_one_with_twice_the_batch(triplets, image_run, tmp_path):
     """The temporal stage on two Ray Train workers (gloo, under the suite's guard that behaves like
     NCCL): the clip windows dealt to two data shards, the temporal layers' gradients averaged
     across the workers, one checkpoint of those layers alone, the same update as one worker
     reading both shards with twice the batch."""
-    image_run = _finetune_run(tmp_path, triplets)
     options = dict(stage="temporal", data=[str(triplets["video"])], init_from=str(image_run), clip_frames=F,
                    resolution=RES, max_steps=2, checkpoint_every=1000, sample_every=1000, sample_steps=2,
                    log_every=1, warmup_steps=0, lr=1e-3)
@@ -513,10 +518,9 @@ def test_a_clip_with_a_frame_that_does_not_decode_is_skipped_whole(triplets, tmp
         broken.close()
 
 
-def test_a_temporal_run_skips_and_counts_a_clip_that_does_not_decode(triplets, tmp_path):
+def test_a_temporal_run_skips_and_counts_a_clip_that_does_not_decode(triplets, image_run, tmp_path):
     bad = tmp_path / "bad"
     _corrupt_frames(triplets["video"], bad, (5,))
-    image_run = _finetune_run(tmp_path, triplets)
     run = tmp_path / "temporal"
     cfg = TrainConfig(stage="temporal", data=[str(bad)], output=str(run), init_from=str(image_run), clip_frames=F,
                       resolution=RES, batch_size=1, max_steps=2, checkpoint_every=1000, sample_every=1000,

@@ -235,7 +235,7 @@ STARVED = textwrap.dedent("""
     stream = SampleStream(index, data_cpus=0.25, startup_timeout_s=90, **options)
     print("batch", tuple(stream.next_batch()["target"].shape), flush=True)
     stream.close()
-    stream = SampleStream(index, data_cpus=1.0, startup_timeout_s=5, **options)
+    stream = SampleStream(index, data_cpus=1.0, startup_timeout_s=2, **options)
     started = time.monotonic()
     try:
         stream.next_batch()
@@ -257,6 +257,6 @@ def test_the_stream_starts_when_few_cpus_are_free_and_fails_in_time_when_none_fi
     assert lines[0] == f"batch (4, 3, {SIDE}, {SIDE})"
     error = lines[1]
     seconds = int(error.split()[2])
-    assert 5 <= seconds < 30, error
-    assert re.search(r"the training data stream could not start within 5 s: its decode tasks need 1 CPU each and "
+    assert 2 <= seconds < 30, error
+    assert re.search(r"the training data stream could not start within 2 s: its decode tasks need 1 CPU each and "
                      r"no node has that free \(free CPU per node: 127\.0\.0\.1 0\.5 of 2\); lower data_cpus", error), error
