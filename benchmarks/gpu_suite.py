@@ -406,7 +406,7 @@ def _train_through_ray(size, data: Path, output: Path, address: str, workers: in
     stage, precision, gc, batch = size["nccl"]
     if workers > 1:
         # A check of the path (two ranks on one GPU go through gloo and host memory: 0.23 steps/s
-        # full-size on an H200), not a speed: half the steps, logged twice as often.
+        # full-size on an H200), not a speed: two log windows of half the usual length at most.
         log_every = max(1, size["log_every"] // 2)
         size = {**size, "log_every": log_every, "train_steps": min(size["train_steps"], 2 * log_every)}
     cfg = _train_config(size, data, output, stage, precision, gc, batch)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # (image_utils: 1.4 s more, torchvision)
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from disco.pipeline.store.schema import PERSON_ALPHA
 

@@ -235,6 +235,10 @@ STARVED = textwrap.dedent("""
     stream = SampleStream(index, data_cpus=0.25, startup_timeout_s=90, **options)
     print("batch", tuple(stream.next_batch()["target"].shape), flush=True)
     stream.close()
+    # The closed stream's decode tasks give their CPUs back first (the message names what is free).
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) != 0.5 and time.monotonic() < deadline:
+        time.sleep(0.1)
     stream = SampleStream(index, data_cpus=1.0, startup_timeout_s=2, **options)
     started = time.monotonic()
     try:
