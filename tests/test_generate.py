@@ -68,6 +68,8 @@ def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, 
                   "--pose", inputs / "dance.mp4", "--output", out, "--steps", 2, "--size", SIZE, "--fps", 12,
                   "--batch-size", 4, "--side-by-side", "--frames", tmp_path / "frames")
     assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # (the console wraps long lines)
+    assert "seed 0, float32 on cpu" in said and "--dtype float16" not in said
     frames, fps = read_video(out)  # decord reads it back
     # --fps 12 above the 10 fps source: every pose frame, played at the source's rate (not faster).
     assert frames.shape == (POSE_FRAMES, SIZE, SIZE, 3) and fps == pytest.approx(10)
@@ -422,3 +424,14 @@ def test_the_default_device_is_the_gpu_where_there_is_one(monkeypatch):
     assert resolve_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"
+
+
+def test_float32_on_a_gpu_says_what_float16_gains(tmp_path):
+    from disco.generate.config import GenerateConfig
+    from disco.generate.run import sampling_line
+
+    config = GenerateConfig(checkpoint=tmp_path, reference=tmp_path, pose=tmp_path, output=tmp_path / "o.mp4",
+                            device="cuda:1")
+    assert sampling_line(config, 16, 256).endswith("float32 on cuda:1 (--dtype float16 samples about 2.8x faster on a GPU)")
+    config.dtype = "float16"
+    assert sampling_line(config, 16, 256).endswith("float16 on cuda:1")
