@@ -18,10 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from disco.pipeline.errors import ConfigError
+from disco.pipeline.store.manifest import DEFAULT_SPLIT_RULE  # the name of a manifest's own split rule
 
 LAYOUT_KINDS = ("images", "video", "frames", "webdataset", "parquet")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-DEFAULT_SPLIT_RULE = "default"  # the name of a manifest's own split rule
 CLIP_TEMPLATES = ("{clip}", "{stem}", "{path}")
 
 

@@ -14,6 +14,10 @@ from pathlib import Path
 from disco.pipeline.store.output import JournalState
 from disco.pipeline.store.schema import MANIFEST_FILE
 
+# The name of a data set manifest's own split rule (pipeline/sources/dataset_manifest.py), as the
+# output's manifest records it; here because the store records it and sits below the sources.
+DEFAULT_SPLIT_RULE = "default"
+
 
 @dataclass
 class RunResult:
@@ -112,7 +116,7 @@ def split_rule(folder: str | Path) -> tuple[str, str] | None:
     dataset = manifest.get("dataset") or (manifest.get("filtered_from") or {}).get("dataset")
     if not isinstance(dataset, dict) or not dataset.get("name"):
         return None
-    return str(dataset["name"]), str(dataset.get("split_rule_name") or "default")
+    return str(dataset["name"]), str(dataset.get("split_rule_name") or DEFAULT_SPLIT_RULE)
 
 
 def split_conflicts(trained: list[str | Path], evaluated: list[str | Path] = ()) -> list[str]:
