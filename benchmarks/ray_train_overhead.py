@@ -3,7 +3,12 @@
 machine; the Ray Train run on a one-node Ray cluster on loopback, as `ray start --head` gives it.
 
     .venv/bin/python benchmarks/ray_train_overhead.py [--model small] [--resolution 256] [--batch-size 4]
-        [--steps 30] [--frames 96] [--worker-cpus 1 2]
+        [--steps 30] [--frames 96] [--worker-cpus 1 2] [--use-gpu] [--cluster-cpus N] [--train-args "..."]
+
+On a GPU machine (where Ray Train's single worker has waited for data a quarter of the time against
+2 % in the driver's process: README, Benchmarks), for example ``--use-gpu --model sd-image-variations
+--batch-size 32 --cluster-cpus 16 --worker-cpus 1 4 --train-args "--mixed-precision bf16
+--gradient-checkpointing"``: both runs on the GPU, the cluster as large as the machine.
 
 Each Ray Train line names the CPUs Ray accounts its worker (``cpus_per_worker``), which is also
 its number of PyTorch threads; the cluster declares one CPU more than the largest of them, so that
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -51,7 +57,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--frames", type=int, default=96)
     parser.add_argument("--worker-cpus", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--use-gpu", action="store_true", help="train on the GPU, in the process and through Ray Train")
+    parser.add_argument("--cluster-cpus", type=int, help="CPUs of the loopback cluster (default: the largest --worker-cpus + 1)")
+    parser.add_argument("--train-args", default="", help="more `disco-cli train` options for every run")
     args = parser.parse_args()
+    common = shlex.split(args.train_args) + (["--use-gpu"] if args.use_gpu else [])
 
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -65,17 +75,22 @@ def main() -> None:
         import ray
 
         ray.shutdown()  # the preprocessing's private instance: the runs below start their own
-        baseline = train(data, work / "in-process", args, [])
+        baseline = train(data, work / "in-process", args, common)
         print(f"in-process: {baseline['steps_per_s']:.3f} steps/s, {baseline['data_wait']:.1%} waiting for data "
               f"({baseline['wall_s']:.0f} s)", flush=True)
         ray_constants.ENABLE_RAY_CLUSTER = False  # every address Ray derives stays 127.0.0.1
-        cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-            "node_ip_address": "127.0.0.1", "include_dashboard": False, "num_cpus": max(args.worker_cpus) + 1})
+        head = {"node_ip_address": "127.0.0.1", "include_dashboard": False,
+                "num_cpus": args.cluster_cpus or max(args.worker_cpus) + 1}
+        if args.use_gpu:
+            import torch
+
+            head["num_gpus"] = torch.cuda.device_count()
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
         try:
             for cpus in args.worker_cpus:
                 (work / f"cpus-{cpus}.yaml").write_text(f"cpus_per_worker: {cpus}\n")
                 run = train(data, work / f"ray-train-{cpus}", args,
-                            ["--ray-address", cluster.address, "--config", str(work / f"cpus-{cpus}.yaml")])
+                            ["--ray-address", cluster.address, "--config", str(work / f"cpus-{cpus}.yaml"), *common])
                 print(f"Ray Train, 1 worker, cpus_per_worker {cpus}: {run['steps_per_s']:.3f} steps/s, "
                       f"{run['data_wait']:.1%} waiting for data ({run['wall_s']:.0f} s): "
                       f"{run['steps_per_s'] / baseline['steps_per_s']:.2f}x in-process", flush=True)
