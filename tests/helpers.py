@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +32,21 @@ def cli_process(*args: str) -> tuple[list[str], dict[str, str]]:
     the tests must not leak in)."""
     return [sys.executable, "-m", "disco.cli", *args], {**os.environ, "RAY_ADDRESS": ""}
 
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path):
+    """A process of its own that holds ``folder``'s lock (a run still writing it) until the block
+    ends; yields that process."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from disco.pipeline.store.output import folder_lock\n"
+         f"with folder_lock({str(folder)!r}, '--output'):\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # The options of ``two_worker_run``; a test repeats them (and adds its own) to get the same run.

@@ -23,7 +23,7 @@ from disco.pipeline.demo_data import pan_zoom_frames, write_video
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from disco.pipeline.store.output import OutputStore
-from helpers import cli_process
+from helpers import cli_process, lock_held_elsewhere
 from loopback_cluster import loopback_cluster
 
 OPTIONS = ["--segment-frames", "6", "--shard-rows", "6", "--max-side", "128", "--no-progress"]
@@ -251,18 +251,10 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
 
 def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path):
     store = OutputStore(tmp_path / "out")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from disco.pipeline.store.output import OutputStore\n"
-         f"with OutputStore({str(store.root)!r}).locked():\n    print('held', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(store.root) as holder:
         with pytest.raises(Exception, match=rf"being written by another run \(pid {holder.pid} on "):
             with store.locked():
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     with store.locked():  # the killed holder's lock died with it
         pass
 

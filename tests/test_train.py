@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from typer.testing import CliRunner
 from disco.cli import app
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.encode import decode_picture
+from disco.pipeline.store.output import OutputBusy
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from disco.train.augment import apply_box, crop_box
@@ -32,9 +35,9 @@ from disco.train.config import TrainConfig, load_run_config
 from disco.train.data import SampleStream, at_low_priority, build_index, epoch_order
 from disco.train.inputs import model_inputs
 from disco.train.launch import train
-from disco.train.objective import DiffusionObjective, sample_draws
+from disco.train.objective import DiffusionObjective, apply_update, sample_draws
 from disco.train.monitor import read_metrics
-from helpers import TWO_WORKER_RUN, cli_process
+from helpers import TWO_WORKER_RUN, cli_process, lock_held_elsewhere
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 FRAMES = 8
@@ -234,7 +237,7 @@ def test_a_tiny_model_overfits_a_few_triplets(triplets, tmp_path):
     assert logged[-1]["loss"] < 0.5 * logged[0]["loss"]
 
 
-def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path):
+def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path, monkeypatch):
     cfg = _config(tmp_path, triplets, "whole", max_steps=4, checkpoint_every=1, keep=2, sample_every=2)
     train(cfg)
     run = Path(cfg.output)
@@ -245,9 +248,42 @@ def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path):
     shutil.copytree(run, crashed, ignore=shutil.ignore_patterns("checkpoint-00000004", "summary.json"))
     (crashed / ".tmp-checkpoint-00000004-999").mkdir()
     (crashed / ".tmp-checkpoint-00000004-999" / "trainable.safetensors").write_bytes(b"cut short")
+    # While another process holds the run (a first job still training), a resume is refused and
+    # leaves the run as it is: its checkpoint in the making, its configuration.
+    config_before = (crashed / "config.yaml").read_bytes()
+    with lock_held_elsewhere(crashed) as holder:
+        with pytest.raises(OutputBusy, match=rf"{crashed} is being written by another run \(pid {holder.pid} on "):
+            train(TrainConfig(output=str(crashed), resume=True, max_steps=8, schedule_steps=8),
+                  given={"output", "resume", "max_steps", "schedule_steps"})
+    assert (crashed / ".tmp-checkpoint-00000004-999" / "trainable.safetensors").exists()
+    assert (crashed / "config.yaml").read_bytes() == config_before
     lines: list[str] = []
+    # Once loaded, the checkpoint as read is let go (on a GPU the model and optimizer hold copies,
+    # and it would stay in host memory to the end of the run): checked at the first update.
+    import disco.train.loop as loop
+
+    class Read(dict):  # a dict that takes a weak reference
+        pass
+
+    read, alive = [], []
+
+    def tracked_read(path):
+        parts = [Read(part) if isinstance(part, dict) else part for part in read_checkpoint(path)]
+        read.extend(weakref.ref(part) for part in parts[:2])  # the weights, the optimizer's state
+        return tuple(parts)
+
+    def update(*args, **kwargs):
+        if not alive:
+            gc.collect()
+            alive.extend(ref() is not None for ref in read)
+        return apply_update(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "read_checkpoint", tracked_read)
+    monkeypatch.setattr(loop, "apply_update", update)
     summary = train(TrainConfig(output=str(crashed), resume=True), given={"output", "resume"}, log=lines.append)
+    monkeypatch.undo()
     assert summary["step"] == 4
+    assert len(read) == 2 and alive == [False, False]
     assert not (crashed / ".tmp-checkpoint-00000004-999").exists()
     # The checkpoint records the data it trained on; the same data resumes without a word ...
     recorded = json.loads((crashed / "checkpoint-00000003" / "state.json").read_text())["data"]

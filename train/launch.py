@@ -191,11 +191,27 @@ class TrainingFailed(RuntimeError):
 def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[[dict], None] | None = None,
           log: Callable[[str], None] = lambda message: None) -> dict:
     """Run (or resume) a training run; returns a summary (final step, loss, skipped rows, and
-    ``interrupted: True`` when Ctrl-C stopped it after a checkpoint of its last step)."""
+    ``interrupted: True`` when Ctrl-C stopped it after a checkpoint of its last step).
 
+    The driver holds the run directory's lock from before ``resolve`` (which clears what an
+    interrupted checkpoint write left) to the end: a second ``--resume`` of a run still training
+    (a job resubmitted while the first runs) is refused instead of deleting the live run's
+    checkpoint in the making and interleaving its own checkpoints and metrics with it."""
+    from disco.pipeline.store.output import folder_lock
+
+    run = Path(cfg.output).absolute() if cfg.output else None
+    if run is not None and not cfg.resume:
+        run.mkdir(parents=True, exist_ok=True)
+    if run is None or not run.is_dir():
+        resolve(cfg, given)  # raises: no --output, or --resume of a folder that is not there
+    with folder_lock(run, "--output"):
+        return _locked_train(*resolve(cfg, given), on_metrics, log)
+
+
+def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callable[[dict], None] | None,
+           log: Callable[[str], None]) -> dict:
     from disco.pipeline.cluster import init_ray
 
-    cfg, checkpoint = resolve(cfg, given)
     if cfg.init_from and not cfg.resume and cfg.background_hole != HOLE:
         log(f"background hole {cfg.background_hole:g}: the value the --init-from run was trained with")
     index = build_index(cfg.data, cfg.split)  # fails early, with a clear message, on empty data

@@ -131,7 +131,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
 
     model = initial_model(cfg)
     checkpoint = _start_checkpoint(loop_config, distributed)
-    state, training_state, ema_weights = {}, {}, None
+    state, weights, training_state, ema_weights = {}, None, {}, None
     if checkpoint:
         weights, training_state, state, ema_weights = read_checkpoint(checkpoint)
         if legacy_hap_names(model, weights):
@@ -181,6 +181,10 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
         if window:
             window_steps = int(window["steps"])
             loss_sum.fill_(float(window["loss_sums"][rank]))
+    # The checkpoint as read (host memory) is in the model, optimizer and EMA now: on a GPU those
+    # hold copies, and these would keep the host's (weights and AdamW state: about 19 GB per worker
+    # for full fine-tuning) to the end of the run.
+    weights = training_state = ema_weights = None
 
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     # Condition gaps (--eval-every): rank 0 only, on the bare model; no collective involved. The

@@ -56,6 +56,30 @@ def _causes(exc: BaseException):
                      if isinstance(c, BaseException))
 
 
+@contextlib.contextmanager
+def folder_lock(root: Path, option: str):
+    """Hold ``root`` for one process (a preprocessing output, a training run): a second one is
+    refused with ``OutputBusy``, which names the holder. An ``flock`` dies with its process, so a
+    killed run leaves no stale lock behind; the file only says who holds it. ``option``: the
+    command-line option that named the folder, for the message."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process"
+            raise OutputBusy(f"{root} is being written by another run ({holder}); wait for it to "
+                             f"finish, or pick another {option}") from None
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -100,32 +124,16 @@ class OutputStore:
     @contextlib.contextmanager
     def locked(self):
         """Hold the output folder for one run: a second run on the same folder is refused instead
-        of interleaving its shards with ours. An ``flock`` dies with its process, so a killed run
-        leaves no stale lock behind; the file only says who holds it."""
+        of interleaving its shards with ours."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise self.unwritable(exc) or exc from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process"
-                raise OutputBusy(f"{self.root} is being written by another run ({holder}); wait for it to "
-                                 "finish, or pick another --output") from None
-            os.ftruncate(fd, 0)
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
-            yield self
+            with folder_lock(self.root, "--output"):
+                yield self
         except Exception as exc:
             # A write that failed anywhere (here or in an actor) because of the folder: one line.
             problem = self.unwritable(exc)
             if problem is None:
                 raise
             raise problem from None
-        finally:
-            os.close(fd)  # releases the lock
 
     def unwritable(self, exc: BaseException) -> OutputUnwritable | None:
         """The run-stopping error for an exception that says the output folder cannot be written
