@@ -69,6 +69,15 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
         # On a cluster the GPUs are the workers'; the driver (often a CPU head node) may have none.
         init_ray(cfg.ray_address, log=log)
         cluster_cuda = ray.cluster_resources().get("GPU", 0) > 0
+        if not cluster_cuda and cfg.device == "cuda":
+            if not cfg.actors:
+                raise ConfigError("--device cuda asked for, but the cluster has no GPU now; where an autoscaler adds "
+                                  "GPU nodes on demand, pass --actors N too: the actors' GPU requests bring them")
+            # An autoscaling cluster whose GPU nodes are scaled to zero: the actors ask for their
+            # GPU shares, the autoscaler adds nodes for them, and Ray Data waits until they start.
+            log(f"no GPU in the cluster now: {cfg.actors} actor(s) of each stage ask for GPU shares; the run "
+                "starts when nodes with GPUs join (an autoscaler's)")
+            cluster_cuda = True
     try:
         cfg.resolved = resolve_backends(cfg.matting, cfg.pose, weights=cfg.weights, device=cfg.device,
                                         cuda=cluster_cuda, sam_model=cfg.sam_model, sam2_model=cfg.sam2_model,

@@ -6,7 +6,7 @@ interface address), so the nodes come from Ray's own ``ray.cluster_utils.Cluster
 (one process group: the test stops it by that PID, never with ``ray stop``). The test sends
 commands on its stdin, one per line, and reads one line back per command:
 
-    add CPUS        -> node N        (a new worker node with CPUS CPUs)
+    add CPUS [GPUS] -> node N        (a new worker node with CPUS CPUs, and GPUS fake GPUs)
     (and at start: address ADDRESS, then with a dashboard: dashboard URL)
     kill N          -> killed N      (SIGKILL of node N's processes: a lost machine)
     stop            -> stopped
@@ -27,7 +27,7 @@ def _serve(head_cpus: int, dashboard: bool, keep_current: bool) -> None:
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # every address Ray derives stays 127.0.0.1
     common = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
-    head = {**common, "num_cpus": head_cpus}
+    head = {**common, "num_cpus": head_cpus, "num_gpus": 0}
     if dashboard:  # for `ray job submit`: the dashboard on loopback too
         # The job agent keeps Ray's default port (52365), as `ray start --head` gives it: the test
         # session's private instance, started before, must have left it free.
@@ -45,7 +45,7 @@ def _serve(head_cpus: int, dashboard: bool, keep_current: bool) -> None:
     for line in sys.stdin:
         command, *args = line.split()
         if command == "add":
-            node = cluster.add_node(num_cpus=int(args[0]), **common)
+            node = cluster.add_node(num_cpus=int(args[0]), num_gpus=int(args[1]) if len(args) > 1 else 0, **common)
             cluster.wait_for_nodes()
             nodes[len(nodes) + 1] = node
             print(f"node {len(nodes)}", flush=True)
@@ -85,8 +85,8 @@ class LoopbackCluster:
         self.process.stdin.flush()
         return self._answer(answer)
 
-    def add_node(self, cpus: int) -> int:
-        return int(self._send(f"add {cpus}", "node"))
+    def add_node(self, cpus: int, gpus: int = 0) -> int:
+        return int(self._send(f"add {cpus} {gpus}", "node"))
 
     def kill_node(self, node: int) -> None:
         self._send(f"kill {node}", "killed")

@@ -17,13 +17,14 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from skimage import data
 
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from disco.pipeline.store.output import OutputStore
-from helpers import cli_process, lock_held_elsewhere
+from helpers import cli_process, lock_held_elsewhere, save
 from loopback_cluster import loopback_cluster
 
 OPTIONS = ["--segment-frames", "6", "--shard-rows", "6", "--max-side", "128", "--no-progress"]
@@ -163,6 +164,45 @@ def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of
         assert again.returncode == 0, again.stderr[-3000:]
         assert "resuming" in again.stderr + again.stdout
         _same_rows(killed, local)
+
+
+def test_device_cuda_on_a_cluster_with_no_gpu_yet_waits_for_the_nodes_an_autoscaler_adds(tmp_path):
+    """A cluster whose GPU nodes are scaled to zero (an autoscaler adds them on demand): `--device
+    cuda --actors N` is not refused; its actors' GPU requests wait, and the run goes through once
+    a node with GPUs joins (added here, as the autoscaler would). Without --actors it says to pass it."""
+    folder = tmp_path / "in"
+    photo = Image.fromarray(data.astronaut()).resize((64, 64))
+    for k in range(3):
+        save(folder / f"p{k}.png", photo.rotate(5 * k))
+    out = tmp_path / "out"
+    with loopback_cluster(head_cpus=1) as cluster:
+        command, env = cli_process("preprocess", "--source", "images", "--input", str(folder), "--output", str(out),
+                                   "--matting", "centre-box-gpu", "--pose", "none", "--device", "cuda",
+                                   "--no-progress", "--ray-address", cluster.address)
+        # The make-believe GPU backend's declaration, in the command's process (and its actors').
+        command[1:3] = ["-c", "import sys, gpu_plugin, disco.cli; sys.argv[0] = 'disco-cli'; disco.cli.main()"]
+        env = {**env, "PYTHONUNBUFFERED": "1"}
+        refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "pass --actors N too" in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr and not out.exists()
+        with _reaped(subprocess.Popen([*command, "--actors", "1"], env=env, start_new_session=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) as run:
+            said = []
+            for line in run.stdout:
+                said.append(line)
+                if "no GPU in the cluster now" in line:
+                    break
+            assert said and "no GPU in the cluster now" in said[-1], "".join(said)[-3000:]
+            time.sleep(2)  # the run waits for its GPU actors ...
+            assert run.poll() is None and not list(out.rglob("*.parquet")), "".join(said)[-3000:]
+            cluster.add_node(1, gpus=1)  # ... which start on the node that joins
+            code, output = _finish(run, timeout=240)
+        assert code == 0, ("".join(said) + output)[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["rows_written"] == 3
+    assert manifest["backends"]["device"] == "cuda"
+    held = manifest["run"]["stage_resources"]["matting"]
+    assert held and all(actor["GPU"] == 0.5 and len(actor["gpu_ids"]) == 1 for actor in held), held
 
 
 def test_an_unreachable_cluster_fails_in_one_line_within_the_stated_time(inputs, tmp_path):
