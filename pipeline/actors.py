@@ -8,6 +8,7 @@ hands the driver commit records (``UnitWriter``).
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from disco.pipeline.annotators.base import Matte
+from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline.device_loss import DeviceLost, device_lost, given_up, restart
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.gpu_balance import balance_gpu
@@ -124,10 +126,15 @@ def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
         return {}
 
 
-NOT_SHARED = "not on this node:"  # the marker the driver finds in whatever Ray wraps it in
+STOPS_THE_RUN = "stops the run:"  # the marker the driver finds in whatever Ray wraps it in
 
 
-class StorageNotShared(ConfigError):
+class ActorCannotStart(ConfigError):
+    """An actor cannot start on its node for a reason every actor there would meet: the run stops
+    in one line (the message after ``STOPS_THE_RUN``) instead of Ray's traceback of the actor."""
+
+
+class StorageNotShared(ActorCannotStart):
     """The run's input or output folder is missing on an actor's node."""
 
 
@@ -136,12 +143,11 @@ def check_storage(settings: dict) -> None:
     missing mount would otherwise turn every unit of this node into errors rows that a resume
     counts as done (its input), or fail on the first shard (its output)."""
     import os
-    import socket
 
     for what, path in (("input", settings.get("input_root")), ("output folder", settings.get("output"))):
         if path and not os.path.exists(path):
             raise StorageNotShared(
-                f"{NOT_SHARED} the {what} {path} does not exist on node {socket.gethostname()}; the input and "
+                f"{STOPS_THE_RUN} the {what} {path} does not exist on node {socket.gethostname()}; the input and "
                 "the output must be on storage every node sees (NFS, a shared mount), by the same path")
 
 
@@ -171,11 +177,17 @@ def _annotator(settings: dict, roles: tuple[str, ...]):
     from disco.pipeline.annotators import FrameAnnotator
 
     cv2.setNumThreads(1)  # one actor per core; OpenCV's own pool would fight the others
-    return FrameAnnotator(
-        settings["matting"], settings["pose"], settings["hands"], settings["min_visibility"],
-        settings["min_mask_area"], settings["joint_threshold"], roles=roles,
-        modules=settings.get("backend_modules"), **settings["backend_options"],
-    )
+    try:
+        return FrameAnnotator(
+            settings["matting"], settings["pose"], settings["hands"], settings["min_visibility"],
+            settings["min_mask_area"], settings["joint_threshold"], roles=roles,
+            modules=settings.get("backend_modules"), **settings["backend_options"],
+        )
+    except WeightsError as exc:
+        # The driver found the files; here they are missing (not on this node's storage) or do
+        # not load (damaged, another model): every actor would fail the same way.
+        raise ActorCannotStart(f"{STOPS_THE_RUN} {exc} (node {socket.gethostname()}; every node must see the "
+                               "same --weights folder)") from None
 
 
 class AnnotateStage:

@@ -20,7 +20,7 @@ from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry, unit_blocks, unit_table
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
-from disco.pipeline.actors import NOT_SHARED, AnnotateStage, MattingStage, PoseStage, held_resources
+from disco.pipeline.actors import STOPS_THE_RUN, AnnotateStage, MattingStage, PoseStage, held_resources
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
@@ -312,12 +312,13 @@ def _check_shards(store: OutputStore, entry: dict) -> None:
                 "folder must be on storage every node sees (NFS, a shared mount)")
 
 
-def storage_error(exc: BaseException) -> ConfigError | None:
-    """An actor that found the input or output missing on its node (``check_storage``), as the
-    one-line error of the run, out of whatever Ray Data wrapped it in; None for anything else."""
+def stopping_error(exc: BaseException) -> ConfigError | None:
+    """An actor that could not start on its node (``ActorCannotStart``: the input or output
+    missing there, weights it cannot load), as the one-line error of the run, out of whatever Ray
+    Data wrapped it in; None for anything else."""
     for line in str(exc).splitlines():
-        if NOT_SHARED in line:
-            return ConfigError(line[line.index(NOT_SHARED) + len(NOT_SHARED):].strip())
+        if STOPS_THE_RUN in line:
+            return ConfigError(line[line.index(STOPS_THE_RUN) + len(STOPS_THE_RUN):].strip())
     return None
 
 
@@ -399,7 +400,7 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
                     if progress is not None:
                         progress.update(1 if units_left[path] == 0 else 0, unit["frames"])
     except Exception as exc:
-        missing = storage_error(exc)
+        missing = stopping_error(exc)
         if missing is None:
             raise
         raise missing from None

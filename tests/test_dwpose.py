@@ -325,3 +325,28 @@ def test_preprocess_with_dwpose_writes_rows_and_names_its_weights(weights, tmp_p
         body = np.array(row["body_keypoints"]).reshape(18, 3)
         found = body[body[:, 2] > 0]
         assert np.all(found[:, :2] >= 0) and np.all(found[:, :2] < 128)
+
+
+def test_a_pose_model_an_actor_cannot_load_stops_preprocess_in_one_line(weights, tmp_path, ray_local):
+    """The driver sees the files (present), an actor cannot load one (damaged here; on a cluster,
+    often a node that does not see the weights folder): every actor would fail the same way, so
+    the run stops with that error in one line, not Ray's traceback of the actor's start."""
+    import shutil
+
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.errors import ConfigError
+    from disco.pipeline.run import preprocess
+    from disco.pipeline.store.reader import open_triplets
+
+    damaged = tmp_path / "weights"
+    shutil.copytree(weights, damaged)
+    (damaged / dw.DWPOSE_FILES["pose"]).write_bytes(b"not a graph")
+    save(tmp_path / "in" / "astronaut.png", Image.fromarray(data.astronaut()).resize((64, 64)))
+    cfg = PreprocessConfig(source="images", input=tmp_path / "in", output=tmp_path / "out", matting="mediapipe",
+                           pose="dwpose", weights=damaged, device="cpu", max_side=64)
+    with pytest.raises(ConfigError) as info:
+        preprocess(cfg, log=lambda *_: None)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{damaged / dw.DWPOSE_FILES['pose']} is not a readable ONNX graph")
+    assert "(node " in message and "every node must see the same --weights folder" in message
+    assert open_triplets(tmp_path / "out").count_rows() == 0

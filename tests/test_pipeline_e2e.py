@@ -463,7 +463,7 @@ def test_an_actor_on_a_node_without_the_input_or_output_stops_the_run_in_one_lin
     whatever Ray Data wraps the actor's error in."""
     from disco.pipeline.actors import AnnotateStage, StorageNotShared
     from disco.pipeline.annotators import resolve_backends
-    from disco.pipeline.run import stage_settings, storage_error
+    from disco.pipeline.run import stage_settings, stopping_error
 
     folder = tmp_path / "in"
     save(folder / "a.png", Image.fromarray(data.astronaut()).resize((64, 64)))
@@ -477,9 +477,9 @@ def test_an_actor_on_a_node_without_the_input_or_output_stops_the_run_in_one_lin
             AnnotateStage({**settings, key: "/nowhere"})
         wrapped = RuntimeError(f"ray::MapWorker(MapBatches(AnnotateStage)).__init__()\n  ...\n{type(info.value).__name__}: "
                                f"{info.value}")
-        error = storage_error(wrapped)
+        error = stopping_error(wrapped)
         assert isinstance(error, ConfigError) and str(error).startswith(f"{what} /nowhere does not exist on node")
-    assert storage_error(RuntimeError("something else")) is None
+    assert stopping_error(RuntimeError("something else")) is None
 
 
 def test_the_units_become_a_dataset_while_every_cpu_is_taken(ray_local):
