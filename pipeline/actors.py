@@ -138,16 +138,24 @@ class StorageNotShared(ActorCannotStart):
     """The run's input or output folder is missing on an actor's node."""
 
 
-def check_storage(settings: dict) -> None:
-    """At an actor's start: the run's input and output must be on storage this node sees. A
-    missing mount would otherwise turn every unit of this node into errors rows that a resume
-    counts as done (its input), or fail on the first shard (its output)."""
+def check_storage(settings: dict, output: bool = True) -> None:
+    """At an actor's start (and a planning task's, ``output=False``): the run's input and output
+    must be on storage this node sees. A missing mount would otherwise turn every unit of this
+    node into errors rows that a resume counts as done (its input), or fail on the first shard
+    (its output). An empty input folder counts as missing: the driver listed inputs in it, and an
+    unmounted mount point is an empty folder."""
     import os
 
-    for what, path in (("input", settings.get("input_root")), ("output folder", settings.get("output"))):
-        if path and not os.path.exists(path):
+    checks = [("input", settings.get("input_root")), ("output folder", settings.get("output") if output else None)]
+    for what, path in checks:
+        if not path:
+            continue
+        missing = not os.path.exists(path)
+        empty = what == "input" and not missing and os.path.isdir(path) and next(os.scandir(path), None) is None
+        if missing or empty:
+            state = "does not exist" if missing else "is an empty folder (a mount point not mounted?)"
             raise StorageNotShared(
-                f"{STOPS_THE_RUN} the {what} {path} does not exist on node {socket.gethostname()}; the input and "
+                f"{STOPS_THE_RUN} the {what} {path} {state} on node {socket.gethostname()}; the input and "
                 "the output must be on storage every node sees (NFS, a shared mount), by the same path")
 
 

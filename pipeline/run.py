@@ -20,7 +20,7 @@ from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry, unit_blocks, unit_table
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
-from disco.pipeline.actors import STOPS_THE_RUN, AnnotateStage, MattingStage, PoseStage, held_resources
+from disco.pipeline.actors import STOPS_THE_RUN, AnnotateStage, MattingStage, PoseStage, check_storage, held_resources
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
@@ -251,12 +251,21 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
     if refs:
         import ray
 
-        tables += ray.get(refs)
+        try:
+            tables += ray.get(refs)
+        except Exception as exc:
+            stopped = stopping_error(exc)
+            if stopped is None:
+                raise
+            raise stopped from None
     return pa.concat_tables(tables)
 
 
 def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list[int]]) -> pa.Table:
-    """The units of these inputs as ``UNIT_TYPE`` rows (what a planning task runs)."""
+    """The units of these inputs as ``UNIT_TYPE`` rows (what a planning task runs, on any node:
+    on one that does not see the input, the run stops instead of committing every shard the task
+    was given as a listing error)."""
+    check_storage(settings, output=False)
     return unit_table([unit for item in items for unit in plan_units(item, settings, partial_units)])
 
 

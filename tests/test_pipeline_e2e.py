@@ -479,6 +479,10 @@ def test_an_actor_on_a_node_without_the_input_or_output_stops_the_run_in_one_lin
                                f"{info.value}")
         error = stopping_error(wrapped)
         assert isinstance(error, ConfigError) and str(error).startswith(f"{what} /nowhere does not exist on node")
+    empty = tmp_path / "mount-point"  # an unmounted mount point: an empty folder
+    empty.mkdir()
+    with pytest.raises(StorageNotShared, match=f"the input {empty} is an empty folder"):
+        AnnotateStage({**settings, "input_root": str(empty)})
     assert stopping_error(RuntimeError("something else")) is None
 
 

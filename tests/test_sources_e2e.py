@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import layouts
 from disco.cli import app
 from disco.pipeline.config import PreprocessConfig
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.reader import shard_files, open_errors, open_rejects, open_triplets
 from disco.pipeline.run import preprocess
 from disco.pipeline.store.schema import REJECT_SCHEMA, TRIPLET_SCHEMA
@@ -237,10 +238,11 @@ def test_laion_shards_are_streamed_and_no_member_escapes(tmp_path):
     assert partly.manifest["changed_inputs"] == ["shards/00000.tar"] and partly.manifest["run"]["inputs_processed"] == 0
 
 
-def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, monkeypatch):
+def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, monkeypatch, ray_local):
     """Counting a shard walks every header in Python; many shards are counted in Ray tasks across
     the cluster instead of on the driver, with the same units in the same order (a resumed
-    input's done units left out as before, a damaged shard its one errors unit)."""
+    input's done units left out as before, a damaged shard its one errors unit). A task on a node
+    that does not see the input stops the run in one line: its shards are not listing errors."""
     from disco.pipeline import run as run_module
     from disco.pipeline.run import plan_all
     from disco.pipeline.sources import list_source
@@ -280,6 +282,12 @@ def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, 
                       ("shards/00001.tar", 1, None), ("shards/00002.tar", 1, None), ("shards/00003.tar", 0, None),
                       ("shards/00003.tar", 1, None), ("shards/00004.tar", 0, None), ("shards/00004.tar", 1, None),
                       ("shards/00005.tar", 0, "corrupt_tar")]
+    unmounted = tmp_path / "mount-point"
+    unmounted.mkdir()
+    for root, state in ((unmounted, "is an empty folder (a mount point not mounted?)"), (tmp_path / "nowhere", "does not exist")):
+        with pytest.raises(ConfigError) as info:
+            plan_all(pending, {**settings, "input_root": str(root)}, partial, ray_from=3)
+        assert str(info.value).startswith(f"the input {root} {state} on node"), info.value
 
 
 def test_a_new_data_set_from_a_manifest_alone(tmp_path):
