@@ -394,6 +394,26 @@ def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_p
     assert load_run_config(run).ray_address == address
 
 
+def test_a_worker_that_does_not_see_the_drivers_run_directory_stops_at_its_start(tmp_path):
+    """Every Ray Train worker first checks that it sees the run directory the driver holds (the
+    lock file's text, unique to this invocation); the two-worker runs of this suite pass it. On a
+    node where --output is a folder of its own (a local disk: no lock file, or an older run's),
+    the worker stops before building the model, not at the first checkpoint's report."""
+    from disco.pipeline.store.output import LOCK_FILE, folder_lock
+    from disco.train.loop import check_run_directory
+
+    run, node_local = tmp_path / "run", tmp_path / "node-local"
+    with folder_lock(run, "--output") as holder:
+        check_run_directory(run, holder, 1)
+        node_local.mkdir()
+        for stale in (None, "pid 1 on another-host, since 2026-01-01 00:00:00\n"):
+            if stale is not None:
+                (node_local / LOCK_FILE).write_text(stale)
+            with pytest.raises(ConfigError, match=rf"worker 1 on node .* does not see the run directory {node_local} "
+                                                  "that the driver holds: --output must be on storage every node sees"):
+                check_run_directory(node_local, holder, 1)
+
+
 def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, two_worker_run, tmp_path):
     # The same data shards (the default for 2 workers: 2), so the same global batches, and the
     # same schedule: the two-worker run's first 4 of its 16 steps.

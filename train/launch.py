@@ -204,12 +204,12 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
         run.mkdir(parents=True, exist_ok=True)
     if run is None or not run.is_dir():
         resolve(cfg, given)  # raises: no --output, or --resume of a folder that is not there
-    with folder_lock(run, "--output"):
-        return _locked_train(*resolve(cfg, given), on_metrics, log)
+    with folder_lock(run, "--output") as holder:
+        return _locked_train(*resolve(cfg, given), on_metrics, log, holder)
 
 
 def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callable[[dict], None] | None,
-           log: Callable[[str], None]) -> dict:
+                  log: Callable[[str], None], holder: str) -> dict:
     from disco.pipeline.cluster import init_ray
 
     if cfg.init_from and not cfg.resume and cfg.background_hole != HOLE:
@@ -262,7 +262,8 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
         shared_index = index
     loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,
                    "distributed": distributed, "data_cpus": data_cpus, "worker_threads": worker_threads(worker_cpus),
-                   "nccl_guard": os.environ.get(GUARD_ENV) == "1", "index": shared_index}
+                   "nccl_guard": os.environ.get(GUARD_ENV) == "1", "index": shared_index,
+                   "run_holder": holder}
     stop = threading.Event()
     poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop), daemon=True)
     if on_metrics is not None:

@@ -22,6 +22,7 @@ from disco.model.conditioning import vae_factor
 from disco.model.checkpoint import (POINTER_FILE, legacy_hap_names, list_checkpoints, load_trainable, read_checkpoint,
                                    save_checkpoint)
 from disco.pipeline.errors import ConfigError
+from disco.pipeline.store.output import LOCK_FILE
 from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
 from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
@@ -101,6 +102,25 @@ def _report_checkpoint(path: Path | None, rank: int, metrics: dict) -> None:
                          checkpoint_dir_name=path.name)
 
 
+def check_run_directory(run: Path, holder: str | None, rank: int) -> None:
+    """A Ray Train worker, before anything else: it must see the run directory the driver holds
+    (its lock file says who holds it). On a node where it is a folder of its own (a local disk),
+    rank 0 would write every checkpoint there, and Ray Train would only notice at the first
+    checkpoint's report, after hours of training."""
+    if holder is None:  # a caller of the loop that took no lock
+        return
+    try:
+        seen = (run / LOCK_FILE).read_text()
+    except OSError:
+        seen = None
+    if seen != holder:
+        import socket
+
+        raise ConfigError(f"worker {rank} on node {socket.gethostname()} does not see the run directory {run} that the "
+                          "driver holds: --output must be on storage every node sees (NFS, a shared mount), by the "
+                          "same path")
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     cfg = TrainConfig().updated(loop_config["config"])
     distributed = loop_config.get("distributed", False)
@@ -110,6 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
+        check_run_directory(Path(cfg.output), loop_config.get("run_holder"), rank)
         device = ray.train.torch.get_device()
         # The job's workers run with OMP_NUM_THREADS=1 (pipeline/cluster.py): a training worker
         # gets the whole CPUs Ray accounts it (`cpus_per_worker`) as threads (launch.worker_threads).

@@ -60,8 +60,9 @@ def _causes(exc: BaseException):
 def folder_lock(root: Path, option: str):
     """Hold ``root`` for one process (a preprocessing output, a training run): a second one is
     refused with ``OutputBusy``, which names the holder. An ``flock`` dies with its process, so a
-    killed run leaves no stale lock behind; the file only says who holds it. ``option``: the
-    command-line option that named the folder, for the message."""
+    killed run leaves no stale lock behind; the file only says who holds it (yielded: a text
+    unique to this holding, which a process on another node can compare with what it reads there).
+    ``option``: the command-line option that named the folder, for the message."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -74,8 +75,9 @@ def folder_lock(root: Path, option: str):
                              f"finish, or pick another {option}") from None
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
-        yield
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n"
+        os.pwrite(fd, holder.encode(), 0)
+        yield holder
     finally:
         os.close(fd)  # releases the lock
 
