@@ -8,6 +8,7 @@ hands the driver commit records (``UnitWriter``).
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ import pyarrow as pa
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline.device_loss import DeviceLost, device_lost, given_up, restart
-from disco.pipeline.errors import ConfigError
+from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 from disco.pipeline.gpu_balance import balance_gpu
 from disco.pipeline.stages import (
     MattedFrame,
@@ -126,9 +127,6 @@ def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
         return {}
 
 
-STOPS_THE_RUN = "stops the run:"  # the marker the driver finds in whatever Ray wraps it in
-
-
 class ActorCannotStart(ConfigError):
     """An actor cannot start on its node for a reason every actor there would meet: the run stops
     in one line (the message after ``STOPS_THE_RUN``) instead of Ray's traceback of the actor."""
@@ -144,19 +142,22 @@ def check_storage(settings: dict, output: bool = True) -> None:
     node into errors rows that a resume counts as done (its input), or fail on the first shard
     (its output). An empty input folder counts as missing: the driver listed inputs in it, and an
     unmounted mount point is an empty folder."""
-    import os
-
     checks = [("input", settings.get("input_root")), ("output folder", settings.get("output") if output else None)]
     for what, path in checks:
         if not path:
             continue
         missing = not os.path.exists(path)
-        empty = what == "input" and not missing and os.path.isdir(path) and next(os.scandir(path), None) is None
+        empty = what == "input" and not missing and os.path.isdir(path) and _empty(path)
         if missing or empty:
             state = "does not exist" if missing else "is an empty folder (a mount point not mounted?)"
             raise StorageNotShared(
                 f"{STOPS_THE_RUN} the {what} {path} {state} on node {socket.gethostname()}; the input and "
                 "the output must be on storage every node sees (NFS, a shared mount), by the same path")
+
+
+def _empty(folder: str) -> bool:
+    with os.scandir(folder) as entries:
+        return next(entries, None) is None
 
 
 def unit_result(settings: dict, unit: dict, stage: str, work, failed=None):
@@ -194,8 +195,8 @@ def _annotator(settings: dict, roles: tuple[str, ...]):
     except WeightsError as exc:
         # The driver found the files; here they are missing (not on this node's storage) or do
         # not load (damaged, another model): every actor would fail the same way.
-        raise ActorCannotStart(f"{STOPS_THE_RUN} {exc} (node {socket.gethostname()}; every node must see the "
-                               "same --weights folder)") from None
+        raise ActorCannotStart(f"{STOPS_THE_RUN} {exc} (node {socket.gethostname()}, where the driver found the "
+                               "files: every node must see the same --weights folder)") from None
 
 
 class AnnotateStage:

@@ -20,6 +20,22 @@ class ConfigError(ValueError):
     one-line usage error. Train, generate and evaluate raise it too."""
 
 
+# A run-stopping error raised in a Ray actor or task (a node without the storage or the weights,
+# a training worker without the run directory) reaches the driver inside whatever Ray wraps it
+# in (tracebacks, the actor's or worker group's errors): this marker leads its one line there.
+STOPS_THE_RUN = "stops the run:"
+
+
+def stopping_error(*errors: BaseException) -> ConfigError | None:
+    """The one-line ``ConfigError`` an actor, task or worker raised with ``STOPS_THE_RUN``, out of
+    whatever Ray wrapped it in; None when none of ``errors`` holds one."""
+    for exc in errors:
+        for line in str(exc).splitlines():
+            if STOPS_THE_RUN in line:
+                return ConfigError(line[line.index(STOPS_THE_RUN) + len(STOPS_THE_RUN):].strip())
+    return None
+
+
 class InputError(Exception):
     """A problem with one input (or one frame range of it) that must not stop the run.
 

@@ -13,14 +13,14 @@ from disco.pipeline.annotators import BackendError, resolve_backends, weight_fil
 from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import init_ray
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.errors import ConfigError
+from disco.pipeline.errors import ConfigError, stopping_error
 from disco.pipeline.sources import list_source
 from disco.pipeline.sources.generic import local_path
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry, unit_blocks, unit_table
 from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
-from disco.pipeline.actors import STOPS_THE_RUN, AnnotateStage, MattingStage, PoseStage, check_storage, held_resources
+from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, check_storage, held_resources
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
@@ -76,7 +76,8 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
             # An autoscaling cluster whose GPU nodes are scaled to zero: the actors ask for their
             # GPU shares, the autoscaler adds nodes for them, and Ray Data waits until they start.
             log(f"no GPU in the cluster now: {cfg.actors} actor(s) of each stage ask for GPU shares; the run "
-                "starts when nodes with GPUs join (an autoscaler's)")
+                "starts when nodes with GPUs join (an autoscaler's; without one, add GPU nodes, or stop with Ctrl-C "
+                "and pass --device cpu)")
             cluster_cuda = True
     try:
         cfg.resolved = resolve_backends(cfg.matting, cfg.pose, weights=cfg.weights, device=cfg.device,
@@ -319,16 +320,6 @@ def _check_shards(store: OutputStore, entry: dict) -> None:
             raise ConfigError(
                 f"{path} {seen} here: an actor on another node wrote it into its own {store.root}; the output "
                 "folder must be on storage every node sees (NFS, a shared mount)")
-
-
-def stopping_error(exc: BaseException) -> ConfigError | None:
-    """An actor that could not start on its node (``ActorCannotStart``: the input or output
-    missing there, weights it cannot load), as the one-line error of the run, out of whatever Ray
-    Data wrapped it in; None for anything else."""
-    for line in str(exc).splitlines():
-        if STOPS_THE_RUN in line:
-            return ConfigError(line[line.index(STOPS_THE_RUN) + len(STOPS_THE_RUN):].strip())
-    return None
 
 
 def unit_dataset(units: pa.Table):

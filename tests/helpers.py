@@ -39,7 +39,7 @@ def lock_held_elsewhere(folder: Path):
     ends; yields that process."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time; from disco.pipeline.store.output import folder_lock\n"
-         f"with folder_lock({str(folder)!r}, '--output'):\n    print('held', flush=True); time.sleep(600)"],
+         f"with folder_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

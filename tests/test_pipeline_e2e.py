@@ -463,7 +463,8 @@ def test_an_actor_on_a_node_without_the_input_or_output_stops_the_run_in_one_lin
     whatever Ray Data wraps the actor's error in."""
     from disco.pipeline.actors import AnnotateStage, StorageNotShared
     from disco.pipeline.annotators import resolve_backends
-    from disco.pipeline.run import stage_settings, stopping_error
+    from disco.pipeline.errors import stopping_error
+    from disco.pipeline.run import stage_settings
 
     folder = tmp_path / "in"
     save(folder / "a.png", Image.fromarray(data.astronaut()).resize((64, 64)))

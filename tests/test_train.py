@@ -394,16 +394,23 @@ def test_training_on_an_existing_ray_cluster_through_ray_address(triplets, tmp_p
     assert load_run_config(run).ray_address == address
 
 
-def test_a_worker_that_does_not_see_the_drivers_run_directory_stops_at_its_start(tmp_path):
+def test_a_worker_that_does_not_see_the_drivers_run_directory_stops_the_run_at_its_start(triplets, tmp_path,
+                                                                                          monkeypatch):
     """Every Ray Train worker first checks that it sees the run directory the driver holds (the
-    lock file's text, unique to this invocation); the two-worker runs of this suite pass it. On a
-    node where --output is a folder of its own (a local disk: no lock file, or an older run's),
-    the worker stops before building the model, not at the first checkpoint's report."""
+    lock file's text, unique to this invocation); the multi-worker runs of this suite pass it. On
+    a node where --output is a folder of its own (a local disk: no lock file, or an older run's),
+    the worker stops before building the model, not at the first checkpoint's report, and the
+    driver says why in one line (no advice to --resume, which cannot help)."""
+    from contextlib import contextmanager
+
+    import ray
+
+    from disco.pipeline.store import output
     from disco.pipeline.store.output import LOCK_FILE, folder_lock
     from disco.train.loop import check_run_directory
 
     run, node_local = tmp_path / "run", tmp_path / "node-local"
-    with folder_lock(run, "--output") as holder:
+    with folder_lock(run) as holder:
         check_run_directory(run, holder, 1)
         node_local.mkdir()
         for stale in (None, "pid 1 on another-host, since 2026-01-01 00:00:00\n"):
@@ -412,6 +419,22 @@ def test_a_worker_that_does_not_see_the_drivers_run_directory_stops_at_its_start
             with pytest.raises(ConfigError, match=rf"worker 1 on node .* does not see the run directory {node_local} "
                                                   "that the driver holds: --output must be on storage every node sees"):
                 check_run_directory(node_local, holder, 1)
+
+    # Through Ray Train: the worker reads a lock text other than the driver's (as on a node with a
+    # run directory of its own).
+    @contextmanager
+    def held_elsewhere(root, advice="wait"):
+        with folder_lock(root, advice):
+            yield "pid 1 on another-host, since 2026-01-01 00:00:00\n"
+
+    monkeypatch.setattr(output, "folder_lock", held_elsewhere)
+    cfg = _config(tmp_path, triplets, "elsewhere", ray_address=ray.get_runtime_context().gcs_address, max_failures=0)
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert message.startswith("worker 0 on node ") and f"does not see the run directory {cfg.output}" in message
+    assert "\n" not in message and "--resume" not in message
+    assert not list(Path(cfg.output).glob("checkpoint-*"))
 
 
 def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(triplets, two_worker_run, tmp_path):
@@ -613,6 +636,11 @@ def test_cli_usage_errors_exit_2_with_one_line(triplets, tmp_path):
         assert result.exit_code == 2, (extra, result.output)
         assert words in result.output and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+    # A run refused leaves no folder behind (the lock is taken before the options are checked), and a
+    # --resume of a folder that is no run leaves nothing in it.
+    assert not (tmp_path / "r").exists() and not (tmp_path / "nothing").exists()
+    assert runner.invoke(app, ["train", "--output", str(tmp_path), "--resume"]).exit_code == 2
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_workers_that_share_a_gpu_train_over_gloo(triplets, tmp_path):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
 from typing import Callable
 
-from disco.pipeline.errors import ConfigError
+from disco.pipeline.errors import ConfigError, stopping_error
 from disco.model.checkpoint import IMAGE_MODEL_DIR, STATE_FILE, clean_temporary, list_checkpoints
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
@@ -197,15 +198,20 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     interrupted checkpoint write left) to the end: a second ``--resume`` of a run still training
     (a job resubmitted while the first runs) is refused instead of deleting the live run's
     checkpoint in the making and interleaving its own checkpoints and metrics with it."""
-    from disco.pipeline.store.output import folder_lock
+    from disco.pipeline.store.output import LOCK_FILE, folder_lock
 
     run = Path(cfg.output).absolute() if cfg.output else None
-    if run is not None and not cfg.resume:
-        run.mkdir(parents=True, exist_ok=True)
-    if run is None or not run.is_dir():
-        resolve(cfg, given)  # raises: no --output, or --resume of a folder that is not there
-    with folder_lock(run, "--output") as holder:
-        return _locked_train(*resolve(cfg, given), on_metrics, log, holder)
+    if run is None or (cfg.resume and not (run / RUN_CONFIG_FILE).exists()):
+        resolve(cfg, given)  # raises: no --output, or --resume of what is not a run
+    created = not run.exists()
+    with folder_lock(run, "wait for it to finish, or stop it (Ctrl-C, `ray job stop`) and resume then") as holder:
+        try:
+            cfg, checkpoint = resolve(cfg, given)
+        except ConfigError:
+            if created and [p.name for p in run.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(run)  # a new run refused: no folder left behind
+            raise
+        return _locked_train(cfg, checkpoint, on_metrics, log, holder)
 
 
 def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callable[[dict], None] | None,
@@ -337,6 +343,10 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     try:
         _fit_in_thread(trainer)
     except TrainingFailedError as exc:
+        # A worker that found the run unable to go on (STOPS_THE_RUN): its one line, no advice to resume.
+        stopped = stopping_error(exc, *(getattr(exc, "worker_failures", None) or {}).values())
+        if stopped is not None:
+            raise stopped from None
         checkpoints = list_checkpoints(cfg.output)
         where = (f"the last checkpoint is {checkpoints[max(checkpoints)].name}" if checkpoints
                  else "no checkpoint was written yet")

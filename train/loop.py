@@ -21,7 +21,7 @@ import torch
 from disco.model.conditioning import vae_factor
 from disco.model.checkpoint import (POINTER_FILE, legacy_hap_names, list_checkpoints, load_trainable, read_checkpoint,
                                    save_checkpoint)
-from disco.pipeline.errors import ConfigError
+from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 from disco.pipeline.store.output import LOCK_FILE
 from disco.train.initial import initial_model
 from disco.train.collectives import Collectives, nccl_guard
@@ -116,7 +116,7 @@ def check_run_directory(run: Path, holder: str | None, rank: int) -> None:
     if seen != holder:
         import socket
 
-        raise ConfigError(f"worker {rank} on node {socket.gethostname()} does not see the run directory {run} that the "
+        raise ConfigError(f"{STOPS_THE_RUN} worker {rank} on node {socket.gethostname()} does not see the run directory {run} that the "
                           "driver holds: --output must be on storage every node sees (NFS, a shared mount), by the "
                           "same path")
 

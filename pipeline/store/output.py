@@ -57,12 +57,13 @@ def _causes(exc: BaseException):
 
 
 @contextlib.contextmanager
-def folder_lock(root: Path, option: str):
+def folder_lock(root: Path, advice: str = "wait for it to finish, or pick another --output"):
     """Hold ``root`` for one process (a preprocessing output, a training run): a second one is
     refused with ``OutputBusy``, which names the holder. An ``flock`` dies with its process, so a
     killed run leaves no stale lock behind; the file only says who holds it (yielded: a text
-    unique to this holding, which a process on another node can compare with what it reads there).
-    ``option``: the command-line option that named the folder, for the message."""
+    unique to this holding, which a process on another node can compare with what it reads there:
+    written through to the storage, for NFS shows another node a file's new content only once it
+    is flushed). ``advice``: what the refusal tells the user to do."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -71,12 +72,12 @@ def folder_lock(root: Path, option: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process"
-            raise OutputBusy(f"{root} is being written by another run ({holder}); wait for it to "
-                             f"finish, or pick another {option}") from None
+            raise OutputBusy(f"{root} is being written by another run ({holder}); {advice}") from None
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         holder = f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n"
         os.pwrite(fd, holder.encode(), 0)
+        os.fsync(fd)
         yield holder
     finally:
         os.close(fd)  # releases the lock
@@ -128,7 +129,7 @@ class OutputStore:
         """Hold the output folder for one run: a second run on the same folder is refused instead
         of interleaving its shards with ours."""
         try:
-            with folder_lock(self.root, "--output"):
+            with folder_lock(self.root):
                 yield self
         except Exception as exc:
             # A write that failed anywhere (here or in an actor) because of the folder: one line.
