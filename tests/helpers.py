@@ -49,6 +49,24 @@ def lock_held_elsewhere(folder: Path):
         holder.wait()
 
 
+def objective_on(model, batch: dict, repeats: int = 4) -> float:
+    """The training objective of ``model`` on ``batch`` with fixed noise and timesteps, so that
+    two models (before and after training) are compared on the same draws."""
+    import torch
+
+    from disco.model.conditioning import vae_factor
+    from disco.train.inputs import model_inputs
+    from disco.train.objective import DiffusionObjective, sample_draws
+
+    objective = DiffusionObjective(model.eval())
+    side = batch["target"].shape[-1] // vae_factor(model)
+    shape = (model.unet.config.in_channels, side, side)
+    with torch.no_grad():
+        losses = [float(objective(**model_inputs(batch), **sample_draws(batch["position"] + 1000 * r, 7, shape, 1000, "cpu")))
+                  for r in range(repeats)]
+    return sum(losses) / repeats
+
+
 # The options of ``two_worker_run``; a test repeats them (and adds its own) to get the same run.
 TWO_WORKER_RUN = dict(stage="finetune", model="tiny", resolution=64, batch_size=2, num_workers=2, max_steps=16,
                       checkpoint_every=2, keep=10, log_every=4, sample_every=1000, sample_steps=2, warmup_steps=0)
