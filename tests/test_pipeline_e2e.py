@@ -280,7 +280,7 @@ def _table_by_id(out: Path):
 
 def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_path):
     folder = tmp_path / "in"
-    write_video(folder / "long.mp4", pan_zoom_frames(data.astronaut(), 150, 192), 30.0)
+    write_video(folder / "long.mp4", pan_zoom_frames(data.astronaut(), 96, 160), 30.0)
     for name in ("astronaut", "camera"):
         save(folder / f"{name}.png", Image.fromarray(getattr(data, name)()))
     options = ["--segment-frames", "8", "--shard-rows", "8", "--no-progress"]
@@ -307,7 +307,7 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     commits_at_kill = journal.read_text().count('"commit"')
-    total_units = 19  # 150 frames in segments of 8
+    total_units = 12  # 96 frames in segments of 8
     assert 2 <= commits_at_kill < total_units, "the kill came too late to interrupt anything"
 
     # Resumed in this process (on the session's Ray instance): the kill above was the real one.
@@ -315,7 +315,7 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     assert resumed.exit_code == 0, resumed.output[-2000:]
     assert "resuming" in resumed.output
     got, want = _table_by_id(out), _table_by_id(tmp_path / "ref")
-    assert got.num_rows == want.num_rows == 150
+    assert got.num_rows == want.num_rows == 96
     assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
     for name in TRIPLET_SCHEMA.names:
         assert got.column(name).equals(want.column(name)), name
@@ -323,7 +323,7 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     # A third run finds nothing left to do and duplicates nothing.
     again = CliRunner().invoke(app, command[3:])
     assert again.exit_code == 0, again.output[-2000:]
-    assert _table_by_id(out).num_rows == 150
+    assert _table_by_id(out).num_rows == 96
 
 
 def test_a_backend_declared_in_one_file_runs_through_preprocess(tmp_path, ray_local):
