@@ -8,13 +8,20 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# pip byte-compiles what it installs on one core; compileall does it on all of them (the same
+# files, about 30 s less on two cores). A file no Python 3.11 compiles (torch ships one for 3.12)
+# is skipped, as pip skips it.
+COMPILE := $(BIN)/python -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
+
 # Stamps re-run the install when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e .
+	$(BIN)/python -m pip install --no-compile -e .
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --no-compile -e '.[dev]'
+	$(COMPILE)
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
