@@ -104,15 +104,21 @@ def loopback_interface() -> str | None:
     return None
 
 
+def job_working_dir() -> str | None:
+    """Under ``ray job submit --working-dir``: Ray's copy of that folder, where the job's driver
+    runs (its current directory); None outside such a job."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    return os.getcwd() if (job.get("runtime_env") or {}).get("working_dir") else None
+
+
 def check_job_paths(**paths) -> None:
     """Under ``ray job submit --working-dir``, the job's driver and workers run in Ray's temporary
     copy of that folder, which every node holds apart and Ray deletes after the job: a relative
     output would be written there (relative inputs are fine: each node has the copy). Refuses
     them, each by its flag."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-    if not (job.get("runtime_env") or {}).get("working_dir"):
+    if job_working_dir() is None:
         return
     for flag, value in paths.items():
         for path in value if isinstance(value, (list, tuple)) else [value]:

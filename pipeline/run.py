@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from disco.pipeline.annotators import BackendError, resolve_backends, weight_files
 from disco.pipeline.annotators.registry import get as get_backend
-from disco.pipeline.cluster import init_ray
+from disco.pipeline.cluster import init_ray, job_working_dir
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError, stopping_error
 from disco.pipeline.sources import list_source
@@ -106,7 +106,7 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     listed = [i.input_path for i in listing.items]
     if not listed:
         log(f"no {cfg.source} inputs found under {cfg.input}")
-    versions = input_versions(listing.items)
+    versions = input_versions(listing.items, by_content=_versions_by_content(cfg))
     changed = changed_inputs(state, versions)
     if changed:
         log(f"{len(changed)} input(s) changed since their units were committed ({', '.join(changed[:3])}"
@@ -289,18 +289,43 @@ def failed_inputs(store: OutputStore, state, types: set[str]) -> list[str]:
 VERSIONED_KINDS = ("tar", "video")
 
 
-def input_versions(items) -> dict[str, str]:
+def input_versions(items, by_content: bool = False) -> dict[str, str]:
     """Size and modification time of each listed tar shard and video, as the journal records
-    them with its committed units."""
+    them with its committed units. ``by_content``: size and a hash of the file's first and last
+    MiB instead, for inputs whose times say nothing (a job's copy of its --working-dir)."""
     versions = {}
     for item in items:
         if item.kind in VERSIONED_KINDS and not item.error_type:
+            path = local_path({"raw_path": item.raw_path, "abs_path": item.abs_path})
             try:
-                stat = os.stat(local_path({"raw_path": item.raw_path, "abs_path": item.abs_path}))
+                stat = os.stat(path)
+                versions[item.input_path] = (f"{stat.st_size}-c{_ends_digest(path, stat.st_size)}" if by_content
+                                             else f"{stat.st_size}-{stat.st_mtime_ns}")
             except OSError:
                 continue  # its units will say what is wrong with it
-            versions[item.input_path] = f"{stat.st_size}-{stat.st_mtime_ns}"
     return versions
+
+
+def _ends_digest(path: str, size: int, span: int = 1 << 20) -> str:
+    """A hash of a file's first and last ``span`` bytes: a growing tar shard or a replaced video
+    changes them, and it reads 2 MiB of a file, not all of it."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        digest.update(handle.read(span))
+        if size > span:
+            handle.seek(max(span, size - span))
+            digest.update(handle.read(span))
+    return digest.hexdigest()
+
+
+def _versions_by_content(cfg: PreprocessConfig) -> bool:
+    """Inputs in a ``ray job submit`` job's copy of its --working-dir: Ray extracts that copy
+    anew, with new modification times, whenever the folder changed, so a resubmitted job would
+    take every partly done video for a changed one; there they are known by their content."""
+    workdir = job_working_dir()
+    return workdir is not None and Path(cfg.input).resolve().is_relative_to(Path(workdir).resolve())
 
 
 def changed_inputs(state, versions: dict[str, str]) -> list[str]:

@@ -336,3 +336,47 @@ def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, m
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2 and "is relative, and this job runs in Ray's temporary copy" in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_in_a_jobs_working_dir_copy_a_resume_knows_the_inputs_by_their_content(tmp_path, monkeypatch, ray_local):
+    """`ray job submit --working-dir` with relative inputs: whenever the folder changed, Ray
+    extracts a new copy of it, every file with a new modification time. A resubmitted job goes on
+    with a partly done video (its times changed, its content did not) instead of taking it for a
+    changed file and leaving the rest of it out; a video whose content changed is still said."""
+    import json as json_
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.run import preprocess
+
+    copy = tmp_path / "ray-copy"  # the job's current directory: Ray's copy of its working dir
+    write_video(copy / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), 12, 96), 30.0)
+    write_video(copy / "videos" / "mirror.mp4", pan_zoom_frames(data.astronaut()[:, ::-1], 4, 96), 30.0)
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json_.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_a.zip"}}))
+    monkeypatch.chdir(copy)
+    out = tmp_path / "out"
+
+    def run(lines=None):
+        return preprocess(PreprocessConfig(source="video", input=Path("videos"), output=out, segment_frames=4,
+                                           max_side=96), log=lines.append if lines is not None else lambda *_: None)
+
+    first = run()
+    assert first.manifest["counts"]["rows_written"] == 16
+    # The job was killed before its last commit (dance.mp4's third unit): drop that commit.
+    journal = out / "_journal.jsonl"
+    records = [json_.loads(line) for line in journal.read_text().splitlines()]
+    last = max(u["unit_index"] for r in records for u in r.get("units", []) if u["input_path"] == "dance.mp4")
+    journal.write_text("".join(json_.dumps(r) + "\n" for r in records
+                               if not any((u["input_path"], u["unit_index"]) == ("dance.mp4", last)
+                                          for u in r.get("units", []))))
+    # Resubmitted after the folder changed: a new copy, every file with new times.
+    for video in (copy / "videos").iterdir():
+        os.utime(video, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    lines: list[str] = []
+    again = run(lines)
+    assert "changed_inputs" not in again.manifest, lines
+    assert again.manifest["counts"]["rows_written"] == 16 and again.manifest["run"]["inputs_processed"] == 1
+    # A video whose content changed is still one.
+    write_video(copy / "videos" / "mirror.mp4", pan_zoom_frames(data.astronaut()[:, ::-1], 8, 96), 30.0)
+    assert run().manifest["changed_inputs"] == ["mirror.mp4"]
