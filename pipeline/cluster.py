@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 from disco.pipeline.errors import ConfigError
 
@@ -83,12 +84,21 @@ def _runtime_env(loopback: bool = False) -> dict:
     return {"env_vars": env} if env else {}
 
 
+# Where Ray tells a `ray job submit` job's driver its job config (ray._private.runtime_env.constants;
+# named here so that reading it does not import Ray).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# The folder name Ray gives its copy of a job's --working-dir: _ray_pkg_<hash of the folder's content>.
+RAY_PACKAGE_PREFIX = "_ray_pkg_"
+
+
+def _job_runtime_env() -> dict:
+    """The runtime env a ``ray job submit`` job was given (empty outside a job)."""
+    return json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+
+
 def job_env_vars() -> set[str]:
     """The variables a ``ray job submit`` job's own runtime env sets (none outside a job)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-    return set((job.get("runtime_env") or {}).get("env_vars") or {})
+    return set(_job_runtime_env().get("env_vars") or {})
 
 
 SOCKET_INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -104,13 +114,29 @@ def loopback_interface() -> str | None:
     return None
 
 
-def job_working_dir() -> str | None:
-    """Under ``ray job submit --working-dir``: Ray's copy of that folder, where the job's driver
-    runs (its current directory); None outside such a job."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+def working_dir_copy() -> Path | None:
+    """Ray's copy of a ``ray job submit --working-dir`` folder, where the job's driver runs: a
+    folder named after a hash of the folder's content, which Ray extracts anew (new path, new
+    modification times) whenever the folder changed. None outside one (no job, no working dir,
+    a ``local://`` one that Ray does not copy)."""
+    if not _job_runtime_env().get("working_dir"):
+        return None
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if folder.name.startswith(RAY_PACKAGE_PREFIX):
+            return folder
+    return None
 
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-    return os.getcwd() if (job.get("runtime_env") or {}).get("working_dir") else None
+
+def input_identity(path: str | os.PathLike) -> str:
+    """How an output records the input folder it was cut from: its absolute path, or inside a
+    job's copy of its --working-dir, its path in that folder (the copy's own path changes with
+    the folder's content: a resubmitted job must still resume)."""
+    resolved = Path(path).resolve()
+    copy = working_dir_copy()
+    if copy is not None and resolved.is_relative_to(copy.resolve()):
+        return f"working-dir:{resolved.relative_to(copy.resolve()).as_posix()}"
+    return str(resolved)
 
 
 def check_job_paths(**paths) -> None:
@@ -118,7 +144,7 @@ def check_job_paths(**paths) -> None:
     copy of that folder, which every node holds apart and Ray deletes after the job: a relative
     output would be written there (relative inputs are fine: each node has the copy). Refuses
     them, each by its flag."""
-    if job_working_dir() is None:
+    if not _job_runtime_env().get("working_dir"):
         return
     for flag, value in paths.items():
         for path in value if isinstance(value, (list, tuple)) else [value]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from disco.pipeline.annotators import registry
 from disco.pipeline.annotators.grounded_sam import SAM_FILES
 from disco.pipeline.annotators.sam2_backend import SAM2_MODELS
+from disco.pipeline.cluster import input_identity
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.schema import SOURCES, SPLITS
 
@@ -160,7 +161,7 @@ class PreprocessConfig:
             "sam_model", "box_threshold", "text_threshold", "largest_person", "face",
         )
         params = {k: getattr(self, k) for k in keys}
-        params["input"] = str(Path(self.input).resolve())
+        params["input"] = input_identity(self.input)
         if self.smooth_poses:  # only when on: an output written before it resumes as it was
             params["smooth_poses"] = True
         params["backends"] = {k: self.resolved.get(k) for k in ("matting", "pose")}

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from disco.pipeline.annotators import BackendError, resolve_backends, weight_files
 from disco.pipeline.annotators.registry import get as get_backend
-from disco.pipeline.cluster import init_ray, job_working_dir
+from disco.pipeline.cluster import init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError, stopping_error
 from disco.pipeline.sources import list_source
@@ -324,14 +324,18 @@ def _versions_by_content(cfg: PreprocessConfig) -> bool:
     """Inputs in a ``ray job submit`` job's copy of its --working-dir: Ray extracts that copy
     anew, with new modification times, whenever the folder changed, so a resubmitted job would
     take every partly done video for a changed one; there they are known by their content."""
-    workdir = job_working_dir()
-    return workdir is not None and Path(cfg.input).resolve().is_relative_to(Path(workdir).resolve())
+    return input_identity(cfg.input).startswith("working-dir:")
 
 
 def changed_inputs(state, versions: dict[str, str]) -> list[str]:
-    """Inputs with committed units whose file is not the one they were cut from."""
+    """Inputs with committed units whose file is not the one they were cut from. A version of the
+    other kind (by content against by time: an output resumed in a job's --working-dir copy, or
+    out of it) says nothing either way."""
+    def differs(recorded: str | None, now: str) -> bool:
+        return recorded is not None and ("-c" in recorded) == ("-c" in now) and recorded != now
+
     return sorted(path for path, units in state.units().items() if path in versions and
-                  any(unit.get("version") not in (None, versions[path]) for unit in units.values()))
+                  any(differs(unit.get("version"), versions[path]) for unit in units.values()))
 
 
 def _check_shards(store: OutputStore, entry: dict) -> None:

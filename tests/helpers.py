@@ -49,6 +49,17 @@ def lock_held_elsewhere(folder: Path):
         holder.wait()
 
 
+def first_batch(folders: list[str], **settings) -> dict:
+    """The first batch a training stream over ``folders`` reads (``SampleStream``'s settings)."""
+    from disco.train.data import SampleStream, build_index
+
+    stream = SampleStream(build_index(folders), **settings)
+    try:
+        return stream.next_batch()
+    finally:
+        stream.close()
+
+
 def objective_on(model, batch: dict, repeats: int = 4) -> float:
     """The training objective of ``model`` on ``batch`` with fixed noise and timesteps, so that
     two models (before and after training) are compared on the same draws."""

@@ -182,8 +182,8 @@ def test_device_cuda_on_a_cluster_with_no_gpu_yet_waits_for_the_nodes_an_autosca
     for k in range(3):
         save(folder / f"p{k}.png", photo.rotate(5 * k))
     out = tmp_path / "out"
-    # The refusal, in this process: the session's Ray instance, joined by address as a cluster is,
-    # shows no GPU.
+    # The refusal, in this process: with an address (here the session's instance, already joined),
+    # the GPUs counted are the cluster's, and it shows none.
     address = ray.get_runtime_context().gcs_address
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ConfigError, match="the cluster has no GPU now; .* pass --actors N too"):
@@ -338,23 +338,27 @@ def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, m
         assert len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_in_a_jobs_working_dir_copy_a_resume_knows_the_inputs_by_their_content(tmp_path, monkeypatch, ray_local):
-    """`ray job submit --working-dir` with relative inputs: whenever the folder changed, Ray
-    extracts a new copy of it, every file with a new modification time. A resubmitted job goes on
-    with a partly done video (its times changed, its content did not) instead of taking it for a
-    changed file and leaving the rest of it out; a video whose content changed is still said."""
+def test_a_resubmitted_job_resumes_from_a_new_copy_of_its_working_dir(tmp_path, monkeypatch, ray_local):
+    """`ray job submit --working-dir` with relative inputs: Ray runs the job in a copy of the
+    folder named after a hash of its content, extracted anew (a new path, every file with a new
+    modification time) whenever the folder changed. A job resubmitted after a video was added goes
+    on: the output knows its input by its path in the folder and the videos by their content, so
+    the partly done one is finished and the new one cut; a video whose content changed (same
+    size) is still said."""
     import json as json_
+    import shutil
 
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.run import preprocess
 
-    copy = tmp_path / "ray-copy"  # the job's current directory: Ray's copy of its working dir
-    write_video(copy / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), 12, 96), 30.0)
-    write_video(copy / "videos" / "mirror.mp4", pan_zoom_frames(data.astronaut()[:, ::-1], 4, 96), 30.0)
-    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json_.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_a.zip"}}))
-    monkeypatch.chdir(copy)
+    copies = tmp_path / "session" / "runtime_resources" / "working_dir_files"
+    first_copy = copies / "_ray_pkg_0a1b"
+    write_video(first_copy / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), 12, 96), 30.0)
+    write_video(first_copy / "videos" / "mirror.mp4", pan_zoom_frames(data.astronaut()[:, ::-1], 4, 96), 30.0)
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json_.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0a1b.zip"}}))
+    monkeypatch.chdir(first_copy)
     out = tmp_path / "out"
 
     def run(lines=None):
@@ -366,17 +370,23 @@ def test_in_a_jobs_working_dir_copy_a_resume_knows_the_inputs_by_their_content(t
     # The job was killed before its last commit (dance.mp4's third unit): drop that commit.
     journal = out / "_journal.jsonl"
     records = [json_.loads(line) for line in journal.read_text().splitlines()]
+    assert records[0]["params"]["input"] == "working-dir:videos"
     last = max(u["unit_index"] for r in records for u in r.get("units", []) if u["input_path"] == "dance.mp4")
     journal.write_text("".join(json_.dumps(r) + "\n" for r in records
                                if not any((u["input_path"], u["unit_index"]) == ("dance.mp4", last)
                                           for u in r.get("units", []))))
-    # Resubmitted after the folder changed: a new copy, every file with new times.
-    for video in (copy / "videos").iterdir():
-        os.utime(video, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    # A video added to the folder, the job resubmitted: Ray's new copy, files as its unzip writes them.
+    second_copy = copies / "_ray_pkg_9f8e"
+    shutil.copytree(first_copy, second_copy, copy_function=shutil.copyfile)
+    write_video(second_copy / "videos" / "new.mp4", pan_zoom_frames(data.astronaut(), 4, 96), 30.0)
+    monkeypatch.chdir(second_copy)
     lines: list[str] = []
     again = run(lines)
     assert "changed_inputs" not in again.manifest, lines
-    assert again.manifest["counts"]["rows_written"] == 16 and again.manifest["run"]["inputs_processed"] == 1
-    # A video whose content changed is still one.
-    write_video(copy / "videos" / "mirror.mp4", pan_zoom_frames(data.astronaut()[:, ::-1], 8, 96), 30.0)
+    assert again.manifest["counts"]["rows_written"] == 20 and again.manifest["run"]["inputs_processed"] == 2
+    # A video whose content changed, at the same size, is still one.
+    mirror = second_copy / "videos" / "mirror.mp4"
+    content = bytearray(mirror.read_bytes())
+    content[-100] ^= 0xFF
+    mirror.write_bytes(bytes(content))
     assert run().manifest["changed_inputs"] == ["mirror.mp4"]

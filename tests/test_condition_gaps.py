@@ -32,18 +32,6 @@ def _evaluations(run: Path) -> list[dict]:
     return [m for m in lines if "eval/loss" in m]
 
 
-def _rows(triplets, resolution: int) -> dict:
-    """The fixture clip's 8 rows as one batch, as training reads them."""
-    from disco.train.data import SampleStream, build_index
-
-    stream = SampleStream(build_index([str(triplets["video"])]), stage="finetune", ref_mode="first",
-                          resolution=resolution, augment=False, seed=0, batch=8)
-    try:
-        return stream.next_batch()
-    finally:
-        stream.close()
-
-
 def test_pose_partners_prefer_another_clip_then_the_farthest_frame():
     clips, frames = np.array([0, 0, 1, 1]), np.array([0, 5, 2, 9])
     assert pose_partners(clips, frames).tolist() == [2, 2, 0, 0]
@@ -56,18 +44,20 @@ def test_a_run_overfits_its_rows_its_pose_gap_grows_and_is_zero_with_the_pose_br
     run = tmp_path / "with-pose"
     summary = train(TrainConfig(**RUN, data=[str(triplets["video"])], output=str(run)))
     # The tiny model learns its 8 rows: the objective on fixed rows and noise, before and after
-    # (measured 1.15 -> 0.089), and the logged loss (the first 10 steps' mean 0.81, the last 0.074).
+    # (measured 1.15 -> 0.089), and the logged loss (the first 10 steps' mean 0.81, the last 0.074);
+    # the bar, 0.2, is twice what this run reaches.
     from disco.model.checkpoint import load_model
     from disco.train.config import load_run_config
     from disco.train.initial import initial_model
-    from helpers import objective_on
+    from helpers import first_batch, objective_on
 
-    batch = _rows(triplets, RUN["resolution"])
+    batch = first_batch([str(triplets["video"])], stage="finetune", ref_mode="first", resolution=RUN["resolution"],
+                        augment=False, seed=0, batch=8)
     before = objective_on(initial_model(load_run_config(run)), batch)
     after = objective_on(load_model(run), batch)
-    assert after <= 0.5 * before, (before, after)
+    assert after <= 0.2 * before, (before, after)
     logged = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    assert len(logged) == 20 and logged[-1]["loss"] < 0.5 * logged[0]["loss"], logged
+    assert len(logged) == 20 and logged[-1]["loss"] < 0.2 * logged[0]["loss"], logged
     evaluations = _evaluations(run)
     assert [m["step"] for m in evaluations] == [100, 200]
     assert all(set(GAPS) <= set(m) for m in evaluations)

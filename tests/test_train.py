@@ -37,7 +37,7 @@ from disco.train.inputs import model_inputs
 from disco.train.launch import train
 from disco.train.objective import apply_update
 from disco.train.monitor import read_metrics
-from helpers import TWO_WORKER_RUN, cli_process, lock_held_elsewhere
+from helpers import TWO_WORKER_RUN, cli_process, first_batch, lock_held_elsewhere
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 FRAMES = 8
@@ -61,12 +61,7 @@ def _weights(run: Path, step: int | None = None) -> dict[str, torch.Tensor]:
 def _stream(triplets, stage="finetune", batch=FRAMES, **options) -> dict:
     folders = [str(triplets["video"])] + ([str(triplets["images"])] if stage == "pretrain" else [])
     settings = dict(stage=stage, ref_mode="first", resolution=RES, augment=False, seed=0, batch=batch)
-    settings.update(options)
-    stream = SampleStream(build_index(folders), **settings)
-    try:
-        return stream.next_batch()
-    finally:
-        stream.close()
+    return first_batch(folders, **{**settings, **options})
 
 
 def _rows_by_frame(folder: Path) -> dict[int, dict]:
