@@ -301,7 +301,7 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
         assert "127.0.0.1" in {a.address for a in addresses[interface]}
 
 
-def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path):
+def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path, monkeypatch):
     store = OutputStore(tmp_path / "out")
     with lock_held_elsewhere(store.root) as holder:
         with pytest.raises(Exception, match=rf"being written by another run \(pid {holder.pid} on "):
@@ -309,6 +309,20 @@ def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path):
                 pass
     with store.locked():  # the killed holder's lock died with it
         pass
+    # A file system without locks (Lustre mounted without flock): the run goes on, and says so.
+    import errno
+    import fcntl
+
+    from disco.pipeline.store import output
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(output.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"out is on a file system that takes no locks \(No locks available\)"):
+        with store.locked():
+            assert (store.root / output.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+    monkeypatch.setattr(output.fcntl, "flock", fcntl.flock)
 
 
 def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, monkeypatch):

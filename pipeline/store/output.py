@@ -17,6 +17,7 @@ import shutil
 import secrets
 import socket
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ class OutputBusy(ConfigError):
 class OutputUnwritable(ConfigError):
     """The output folder cannot take the run's files (read-only, no permission, disk full)."""
 
+
+# What flock raises on a file system that has no locks.
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 # OSError numbers that mean the output folder cannot be written, wherever they were raised.
 _UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -73,6 +77,13 @@ def folder_lock(root: Path, advice: str = "wait for it to finish, or pick anothe
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process"
             raise OutputBusy(f"{root} is being written by another run ({holder}); {advice}") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            # A file system without flock (Lustre mounted without it, some FUSE mounts): the run
+            # goes on, said once, rather than not at all.
+            warnings.warn(f"{root} is on a file system that takes no locks ({exc.strerror}): nothing keeps a second "
+                          "run out of it; start one run at a time there", stacklevel=3)
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         holder = f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n"
