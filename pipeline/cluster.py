@@ -118,7 +118,8 @@ def working_dir_copy() -> Path | None:
     """Ray's copy of a ``ray job submit --working-dir`` folder, where the job's driver runs: a
     folder named after a hash of the folder's content, which Ray extracts anew (new path, new
     modification times) whenever the folder changed. None outside one (no job, no working dir,
-    a ``local://`` one that Ray does not copy)."""
+    a ``local://`` one that Ray does not copy, or a remote ``s3://`` / ``https://`` zip, which Ray
+    unpacks under another name: there inputs are known by their absolute path and times)."""
     if not _job_runtime_env().get("working_dir"):
         return None
     cwd = Path.cwd()

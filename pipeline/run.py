@@ -328,14 +328,11 @@ def _versions_by_content(cfg: PreprocessConfig) -> bool:
 
 
 def changed_inputs(state, versions: dict[str, str]) -> list[str]:
-    """Inputs with committed units whose file is not the one they were cut from. A version of the
-    other kind (by content against by time: an output resumed in a job's --working-dir copy, or
-    out of it) says nothing either way."""
-    def differs(recorded: str | None, now: str) -> bool:
-        return recorded is not None and ("-c" in recorded) == ("-c" in now) and recorded != now
-
+    """Inputs with committed units whose file is not the one they were cut from. (Versions of one
+    output are all of one kind, by time or by content: the kind follows the input's identity,
+    which a resume must keep.)"""
     return sorted(path for path, units in state.units().items() if path in versions and
-                  any(differs(unit.get("version"), versions[path]) for unit in units.values()))
+                  any(unit.get("version") not in (None, versions[path]) for unit in units.values()))
 
 
 def _check_shards(store: OutputStore, entry: dict) -> None:
