@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         _wait_until_reachable(address, _connect_timeout())
         # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
         # dials the interface address instead, where nothing listens.
-        loopback = _host_port(address)[0] in ("127.0.0.1", "localhost")
+        loopback = _on_loopback(address)
         with loopback_only() if loopback else contextlib.nullcontext():
             ray.init(address=address, runtime_env=_runtime_env(loopback), **common)
         return
@@ -50,6 +50,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=_runtime_env(True), **common)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether the cluster at ``address`` lives on this machine's loopback: a loopback address,
+    and every node the GCS knows at 127.0.0.1. The head node of a real cluster is reachable at
+    localhost too, and there the driver and the training workers' gloo / NCCL sockets must not
+    be kept on loopback: the other nodes could not reach them."""
+    if _host_port(address)[0] not in LOOPBACK_HOSTS:
+        return False
+    try:
+        from ray._raylet import GcsClient
+
+        nodes = GcsClient(address=address).get_all_node_info(timeout=10).values()
+        return all(node.node_manager_address in LOOPBACK_HOSTS for node in nodes)
+    except Exception:  # noqa: BLE001 - Ray's internal client changed or failed: decide by the address
+        return True
 
 
 def _connect_timeout() -> float:

@@ -301,6 +301,35 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
         assert "127.0.0.1" in {a.address for a in addresses[interface]}
 
 
+def test_a_loopback_address_is_a_loopback_cluster_only_when_every_node_is_on_loopback(ray_local, monkeypatch):
+    """The head node of a real cluster answers at localhost too: joined that way, the driver and
+    the training workers' gloo / NCCL sockets must not be kept on loopback, where the other nodes
+    cannot reach them. The GCS's node table decides, not the address typed. (Joining a cluster off
+    loopback cannot run here: the node table of one is stood in for.)"""
+    from types import SimpleNamespace
+
+    import ray
+    from ray import _raylet
+
+    from disco.pipeline.cluster import _on_loopback
+
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:") and _on_loopback(address)
+    assert _on_loopback(address.replace("127.0.0.1", "localhost"))
+    real = _raylet.GcsClient
+
+    class RealCluster:  # this instance's node table, plus a node on the network
+        def __init__(self, address):
+            self.client = real(address=address)
+
+        def get_all_node_info(self, timeout=None):
+            nodes = dict(self.client.get_all_node_info(timeout=timeout))
+            return {**nodes, b"other": SimpleNamespace(node_manager_address="10.1.2.3")}
+
+    monkeypatch.setattr(_raylet, "GcsClient", RealCluster)
+    assert not _on_loopback(address)
+
+
 def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path, monkeypatch):
     store = OutputStore(tmp_path / "out")
     with lock_held_elsewhere(store.root) as holder:
