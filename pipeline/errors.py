@@ -9,6 +9,7 @@ the known kinds get a specific ``error_type`` that users can group by, anything 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -34,6 +35,20 @@ def stopping_error(*errors: BaseException) -> ConfigError | None:
             if STOPS_THE_RUN in line:
                 return ConfigError(line[line.index(STOPS_THE_RUN) + len(STOPS_THE_RUN):].strip())
     return None
+
+
+@contextlib.contextmanager
+def stops_in_one_line():
+    """Within the block, an error of Ray's (a task's, an actor pool's, a Ray Train worker
+    group's, whose ``worker_failures`` it holds) that carries a ``STOPS_THE_RUN`` line is raised
+    as that line's ``ConfigError``; any other passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        stopped = stopping_error(exc, *(getattr(exc, "worker_failures", None) or {}).values())
+        if stopped is None:
+            raise
+        raise stopped from None
 
 
 class InputError(Exception):

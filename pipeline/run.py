@@ -13,7 +13,7 @@ from disco.pipeline.annotators import BackendError, resolve_backends, weight_fil
 from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.errors import ConfigError, stopping_error
+from disco.pipeline.errors import ConfigError, stops_in_one_line
 from disco.pipeline.sources import list_source
 from disco.pipeline.sources.generic import local_path
 from disco.pipeline.filter import filter_section, filter_settings
@@ -138,7 +138,8 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
             # The units hold what the run needs of the inputs: their records go (GBs for millions).
             pending, listing.items = [], []
             pools = plan_pools(cfg, cluster_nodes(), units)
-            frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
+            with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
+                frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
@@ -252,13 +253,8 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
     if refs:
         import ray
 
-        try:
+        with stops_in_one_line():
             tables += ray.get(refs)
-        except Exception as exc:
-            stopped = stopping_error(exc)
-            if stopped is None:
-                raise
-            raise stopped from None
     return pa.concat_tables(tables)
 
 
@@ -425,11 +421,6 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
                     units_left[path] = left - 1
                     if progress is not None:
                         progress.update(1 if units_left[path] == 0 else 0, unit["frames"])
-    except Exception as exc:
-        missing = stopping_error(exc)
-        if missing is None:
-            raise
-        raise missing from None
     finally:
         if ledger is not None:
             stop_ledger(ledger)

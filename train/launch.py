@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from disco.pipeline.errors import ConfigError, stopping_error
+from disco.pipeline.errors import ConfigError, stops_in_one_line
 from disco.model.checkpoint import IMAGE_MODEL_DIR, STATE_FILE, clean_temporary, list_checkpoints
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
@@ -241,8 +241,7 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
         items, what = len(windows), "clips"
     per_step = cfg.batch_size * cfg.grad_accum * cfg.num_workers
     log(f"{cfg.max_steps} steps of {per_step} {what}: {cfg.max_steps * per_step / items:.2f} epochs of the data")
-    run = Path(cfg.output)
-    run.mkdir(parents=True, exist_ok=True)
+    run = Path(cfg.output)  # made, and held, by train()
     cfg.save(run)
     (run / STOP_FILE).unlink(missing_ok=True)  # left by an earlier Ctrl-C
     log(f"{len(index)} {cfg.split} rows from {len(index.files)} shards; "
@@ -341,12 +340,10 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
-        _fit_in_thread(trainer)
-    except TrainingFailedError as exc:
         # A worker that found the run unable to go on (STOPS_THE_RUN): its one line, no advice to resume.
-        stopped = stopping_error(exc, *(getattr(exc, "worker_failures", None) or {}).values())
-        if stopped is not None:
-            raise stopped from None
+        with stops_in_one_line():
+            _fit_in_thread(trainer)
+    except TrainingFailedError as exc:
         checkpoints = list_checkpoints(cfg.output)
         where = (f"the last checkpoint is {checkpoints[max(checkpoints)].name}" if checkpoints
                  else "no checkpoint was written yet")
