@@ -120,6 +120,23 @@ def job_env_vars() -> set[str]:
     return set(_job_runtime_env().get("env_vars") or {})
 
 
+# How long `ray job stop` waits after its SIGTERM before it SIGKILLs the driver: Ray reads this
+# variable in the job's supervisor, from the cluster's environment or the job's runtime env (the
+# driver's environment is a copy of the supervisor's). Ray's default is 3 s.
+JOB_STOP_WAIT_ENV, JOB_STOP_WAIT_DEFAULT_S = "RAY_JOB_STOP_WAIT_TIME_S", 3
+
+
+def job_stop_wait_s() -> float | None:
+    """The seconds `ray job stop` leaves this driver between SIGTERM and SIGKILL; None outside a
+    ``ray job submit`` job (or where the value is not a number: Ray then sends no SIGKILL)."""
+    if not os.environ.get(RAY_JOB_CONFIG_ENV):
+        return None
+    try:
+        return float(os.environ.get(JOB_STOP_WAIT_ENV, JOB_STOP_WAIT_DEFAULT_S))
+    except ValueError:
+        return None
+
+
 SOCKET_INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 

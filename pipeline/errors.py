@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,29 @@ def stops_in_one_line():
         if stopped is None:
             raise
         raise stopped from None
+
+
+class _RunStopsOffTheConsole(logging.Filter):
+    """Drops a log record about an error that carries ``STOPS_THE_RUN``: the run says it in one
+    line. Ray Data reports an actor that cannot start as a Ray bug ("Exception occurred in Ray Data
+    or Ray Core internal code", "actors died during initialization", then the whole stack) on
+    the console; its log file (``<session>/logs/ray-data``) keeps the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Two of those records carry no exception: they are logged inside the except block.
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or stopping_error(exc) is None
+
+
+_RUN_STOPS_OFF = _RunStopsOffTheConsole()
+
+
+def run_stops_off_ray_datas_console() -> None:
+    """Keeps Ray Data's console report of a run-stopping error away (every other record of it
+    still prints): its console handler is a ``StreamHandler``, its file handler is not."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.addFilter(_RUN_STOPS_OFF)  # the same object twice is kept once
 
 
 class InputError(Exception):

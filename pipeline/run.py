@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from disco.pipeline.annotators import BackendError, resolve_backends, weight_fil
 from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.errors import ConfigError, stops_in_one_line
+from disco.pipeline.errors import ConfigError, run_stops_off_ray_datas_console, stops_in_one_line
 from disco.pipeline.sources import list_source
 from disco.pipeline.sources.generic import local_path
 from disco.pipeline.filter import filter_section, filter_settings
@@ -133,13 +136,14 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     try:
         if pending_inputs:
             init_ray(cfg.ray_address, log=log)
-            settings = stage_settings(cfg)
-            units = plan_all(pending, settings, partial, log=log)
-            # The units hold what the run needs of the inputs: their records go (GBs for millions).
-            pending, listing.items = [], []
-            pools = plan_pools(cfg, cluster_nodes(), units)
-            with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
-                frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
+            with _sigterm_as_ctrl_c():  # after ray.init, which sets its own handler
+                settings = stage_settings(cfg)
+                units = plan_all(pending, settings, partial, log=log)
+                # The units hold what the run needs of the inputs: their records go (GBs for millions).
+                pending, listing.items = [], []
+                pools = plan_pools(cfg, cluster_nodes(), units)
+                with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
+                    frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
@@ -190,6 +194,27 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     else:
         code = 0
     return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (what `ray job stop`, Slurm and Kubernetes send first) stops the run as Ctrl-C does:
+    the commits kept, the manifest written, exit code 130. Ray's handler, which ``ray.init`` sets,
+    exits at once (code 15, no manifest); a second SIGTERM still does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.SIG_DFL if previous is None else previous  # one set outside Python: the default
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def dataset_section(cfg: PreprocessConfig, listing, state) -> dict:
@@ -254,8 +279,25 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
         import ray
 
         with stops_in_one_line():
-            tables += ray.get(refs)
+            tables += _every_result(refs)
     return pa.concat_tables(tables)
+
+
+def _every_result(refs: list) -> list:
+    """Every task's result, the first error raised after all were read: a failed task whose
+    result nobody read has Ray print it, stack and all, as an "Unhandled error" (the planning
+    tasks on a node without the input all fail, and the run says so once)."""
+    import ray
+
+    results, first = [], None
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except Exception as exc:  # noqa: PERF203 - each result must be read
+            first = first or exc
+    if first is not None:
+        raise first
+    return results
 
 
 def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list[int]]) -> pa.Table:
@@ -366,6 +408,7 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
 
     # Importing Ray Data sets up its own loggers; keep its per-run notices off the console.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    run_stops_off_ray_datas_console()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

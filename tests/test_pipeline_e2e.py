@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -311,6 +312,15 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     assert 2 <= commits_at_kill < total_units, "the kill came too late to interrupt anything"
 
     # Resumed in this process (on the session's Ray instance): the kill above was the real one.
+    # This run is stopped the way `ray job stop`, Slurm and Kubernetes stop a job, with a SIGTERM:
+    # as Ctrl-C, it keeps its commits and writes the manifest (Ray's handler exited with 15).
+    stopper = _signal_when_committed(journal, commits_at_kill + 2, signal.SIGTERM)
+    stopped = CliRunner().invoke(app, command[3:])
+    stopper.join()
+    assert stopped.exit_code == 130, stopped.output[-2000:]
+    assert "interrupted: what the actors committed is kept" in stopped.output and "resuming" in stopped.output
+    assert json.loads((out / "manifest.json").read_text())["run"]["interrupted"] is True
+    assert journal.read_text().count('"commit"') < total_units, "the SIGTERM came too late to interrupt anything"
     resumed = CliRunner().invoke(app, command[3:])
     assert resumed.exit_code == 0, resumed.output[-2000:]
     assert "resuming" in resumed.output
@@ -324,6 +334,21 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     again = CliRunner().invoke(app, command[3:])
     assert again.exit_code == 0, again.output[-2000:]
     assert _table_by_id(out).num_rows == 96
+
+
+def _signal_when_committed(journal: Path, commits: int, signum: int) -> threading.Thread:
+    """A thread that sends this process ``signum`` once ``journal`` holds ``commits`` commits."""
+    def watch():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if journal.exists() and journal.read_text().count('"commit"') >= commits:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_a_backend_declared_in_one_file_runs_through_preprocess(tmp_path, ray_local):

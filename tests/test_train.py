@@ -552,7 +552,13 @@ def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
 
 # -- command line ------------------------------------------------------------------------------------
 
-def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_path):
+def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_path, monkeypatch):
+    from disco.pipeline.cluster import JOB_STOP_WAIT_ENV, RAY_JOB_CONFIG_ENV
+
+    # Run as a `ray job submit` job (its driver finds its job config in this variable) under Ray's
+    # default grace for `ray job stop`: too short to checkpoint, said at the start.
+    monkeypatch.setenv(RAY_JOB_CONFIG_ENV, '{"runtime_env": {}}')
+    monkeypatch.delenv(JOB_STOP_WAIT_ENV, raising=False)
     config = tmp_path / "run.yaml"
     # The paper's HAP recipe, shrunk by the YAML (which also gives the accumulation: no global
     # batch of 2048 then) and the flags.
@@ -566,6 +572,7 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "trained to step 2" in result.output
+    assert f"warning: `ray job stop` gives this job 3 s ({JOB_STOP_WAIT_ENV})" in result.output
     saved = load_run_config(run)
     assert (saved.batch_size, saved.lr, saved.stage, saved.model_seed) == (2, 5e-4, "pretrain", 0)
     assert (saved.mixed_precision, saved.gradient_checkpointing) == ("bf16", True)
@@ -579,6 +586,13 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     for outcome, words in ((again, "--resume"), (finished, "--max-steps"), (changed, "batch-size")):
         assert outcome.exit_code == 2 and words in outcome.output and "Traceback" not in outcome.output
         assert len(outcome.output.strip().splitlines()) == 1
+    # A job submitted with the time to checkpoint hears nothing of it; outside a job, neither.
+    for steps, env in ((3, {JOB_STOP_WAIT_ENV: "300"}), (4, {RAY_JOB_CONFIG_ENV: None})):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name)
+        longer = runner.invoke(app, ["train", "--output", str(run), "--resume", "--max-steps", str(steps),
+                                     "--schedule-steps", str(steps), "--no-progress"])
+        assert longer.exit_code == 0 and "ray job stop" not in longer.output, longer.output
     # Fine-tuning from the HAP run: UNet, projection and background ControlNet come from it.
     cfg = _config(tmp_path, triplets, "ft", init_from=str(run), model_seed=0)
     model, hap = initial_model(cfg), load_model(run)
