@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -22,6 +23,11 @@ from disco.evaluate.config import EvaluateConfig, EvaluateInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
+# The official test loader writes every clip's frames into one flat folder, named
+# TiktokDance_<clip>_<frame>.png (or TiktokDance_<clip>_<n>_1x1_<frame>.png), and the official
+# video metrics read each clip's windows by those names: (clip prefix)(frame number)(rest).
+OFFICIAL_FRAME_NAMES = (re.compile(r"^(TiktokDance_\d+)_(\d+)(\D*\.\w+)$"),
+                        re.compile(r"^(TiktokDance_\d+_\d+_1x1)_(\d+)(\D*\.\w+)$"))
 
 
 # -- reading the two sets ---------------------------------------------------------------------------
@@ -39,7 +45,8 @@ def _read_image(path: Path) -> np.ndarray:
 def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
     """Name -> frames (sorted image files) or a video file.
 
-    ``root`` may be a video, a folder of videos, a folder of frames (one sequence) or a folder of
+    ``root`` may be a video, a folder of videos, a folder of frames (one sequence; or one per
+    clip where every name is the official loader's, ``OFFICIAL_FRAME_NAMES``) or a folder of
     folders of frames (one sequence each).
     """
     if not root.exists():
@@ -50,7 +57,7 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
         return {".": root}  # a single video pairs with the other side's single video, whatever their names
     images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if images:
-        return {".": images}
+        return official_clips(images) or {".": images}
     videos = sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     sequences: dict = {p.stem: p for p in videos}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -60,6 +67,19 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
     if not sequences:
         raise EvaluateInputError(f"{root} holds no frames (png, jpg) and no videos (mp4, ...)")
     return sequences
+
+
+def official_clips(images: list[Path]) -> dict[str, list[Path]] | None:
+    """The clips of a flat folder the official test loader wrote, each in frame-number order
+    (as one sequence, every clip's last windows would run into the next clip's frames); None
+    where a name is not of that form."""
+    clips: dict[str, list[tuple[int, Path]]] = {}
+    for path in images:
+        match = next(filter(None, (pattern.match(path.name) for pattern in OFFICIAL_FRAME_NAMES)), None)
+        if match is None:
+            return None
+        clips.setdefault(match.group(1), []).append((int(match.group(2)), path))
+    return {clip: [path for _, path in sorted(frames)] for clip, frames in clips.items()}
 
 
 def read_sequence(item: list[Path] | Path) -> np.ndarray:

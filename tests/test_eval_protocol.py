@@ -148,6 +148,34 @@ def test_videos_are_cut_as_the_official_loader_does(tmp_path):
     assert all(v > 0 for v in disco["metrics"].values())
 
 
+def test_a_flat_folder_of_the_official_loaders_frames_is_one_sequence_per_clip(tmp_path):
+    """The official test loader writes every clip into one folder (TiktokDance_<clip>_<frame>.png)
+    and its video metrics window each clip alone: read as one sequence, the folder's windows ran
+    from one clip into the next. Frame numbers order a clip's frames, whatever their width."""
+    from PIL import Image
+
+    from disco.evaluate.run import list_sequences
+
+    lengths = {"TiktokDance_00001": 17, "TiktokDance_00002": 18}
+    for side, shift in (("pred", 3), ("gt", 0)):
+        (tmp_path / side).mkdir()
+        for clip, n in lengths.items():
+            for k, frame in enumerate(pan_zoom_frames(data.astronaut(), n, 32)):
+                Image.fromarray(np.roll(frame, shift, axis=1)).save(tmp_path / side / f"{clip}_{k + 1}.png")
+    sequences = list_sequences(tmp_path / "gt")
+    assert {clip: len(frames) for clip, frames in sequences.items()} == lengths
+    assert [p.name for p in sequences["TiktokDance_00001"][8:10]] == ["TiktokDance_00001_9.png", "TiktokDance_00001_10.png"]
+    nets = {"fid-vid": TinyVideoFeatures(), "fvd": TinyVideoFeatures()}
+    for protocol in ("ours", "disco"):
+        counts = score(tmp_path / "pred", tmp_path / "gt", ["fid-vid", "fvd"], nets, protocol=protocol)["counts"]
+        assert counts["sequences"] == 2 and counts["frames"] == 35
+        clips = (17 - 15) + (18 - 15)  # one folder as one sequence: 35 - 15
+        assert counts["clips"] == (clips if protocol == "ours" else {"fid-vid": clips, "fvd": clips}), counts
+    # Any other name keeps the folder one sequence.
+    (tmp_path / "gt" / "TiktokDance_00002_18.png").rename(tmp_path / "gt" / "extra.png")
+    assert list(list_sequences(tmp_path / "gt")) == ["."]
+
+
 def test_the_numpy_frechet_distance():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(50, 4)), rng.normal(1.0, 1.0, size=(60, 4))
