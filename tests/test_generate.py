@@ -216,10 +216,13 @@ def test_poses_from_a_preprocessed_clip(inputs, triplets, tmp_path):
     assert bad.exit_code == 2 and "clip 'nope' is not in" in bad.output
 
 
-def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, tmp_path):
+def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, tmp_path, monkeypatch):
+    from disco.model.pipeline import DisCoPipeline
+
     report_path = tmp_path / "report.json"
-    result = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics",
-                  "ssim,psnr,l1", "--steps", 1, "--size", SIZE, "--batch-size", 8, "--output", report_path)
+    command = ["evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics",
+               "ssim,psnr,l1", "--steps", 1, "--size", SIZE, "--batch-size", 8, "--output", report_path]
+    result = _run(*command)
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     test_rows = open_triplets(triplets).to_table(columns=["split"]).column("split").to_pylist().count("test")
@@ -232,6 +235,31 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     assert np.asarray(Image.open(gt[0])).shape == (SIZE, SIZE, 3)
     assert 0 < report["metrics"]["psnr"] < 100 and -1 <= report["metrics"]["ssim"] < 1
     assert report["settings"]["run"] == str(inputs / "ckpt") and report["settings"]["steps"] == 1
+    # The same command again (after a crash or a Ctrl-C, at scale): the clips it finished with the
+    # same checkpoint and settings are kept, none generated again (another batch size or metric
+    # changes no frame).
+    work, scored = tmp_path / "report", report["metrics"]
+
+    def generated_again(*args, **kwargs):
+        raise AssertionError("a finished clip was generated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DisCoPipeline, "__call__", generated_again)
+        kept = _run(*command[:-3], 4, "--output", report_path)
+    assert kept.exit_code == 0, kept.output
+    assert "resuming: 1 of 1 clips" in kept.output
+    report = json.loads(report_path.read_text())
+    assert report["generated"]["clips_kept"] == 1 and report["generated"]["frames"] == test_rows
+    assert report["metrics"] == scored
+    # A clip a crash cut short (its gt/ renamed into place, its pred/ still being written) is
+    # made again, and a folder in the making is never scored.
+    (work / "pred" / "dance").rename(work / "pred" / ".tmp-dance")
+    redone = _run(*command)
+    assert redone.exit_code == 0, redone.output
+    report = json.loads(report_path.read_text())
+    assert report["generated"]["clips_kept"] == 0 and report["metrics"] == scored
+    assert sorted(p.name for p in (work / "pred").iterdir()) == ["dance"]
+    assert len(list((work / "pred" / "dance").glob("*.png"))) == test_rows
     # Run again into the same folder with fewer frames: only this run's frames are scored, none
     # left from the first run or from a clip it no longer generates.
     for side in ("pred", "gt"):
