@@ -615,6 +615,9 @@ def test_cli_usage_errors_exit_2_with_one_line(triplets, tmp_path):
         (["--output", str(tmp_path / "nothing"), "--resume"], "not a training run"),
         (["--data", str(triplets["video"]), "--model", "tiny", "--gpus-per-worker", "0.5"], "needs --use-gpu"),
         (["--data", str(triplets["video"]), "--model", "tiny", "--gpus-per-worker", "2"], "at most 1"),
+        # Found on the driver: each worker found it after loading the model, and Ray Train retried.
+        (["--data", str(triplets["images"]), "--model", "tiny", "--stage", "pretrain", "--num-workers", "4"],
+         "2 training samples cannot fill 4 data shards"),
     ]
     for extra, words in cases:
         result = runner.invoke(app, base + extra)

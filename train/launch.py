@@ -207,11 +207,11 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     with folder_lock(run, "wait for it to finish, or stop it (Ctrl-C, `ray job stop`) and resume then") as holder:
         try:
             cfg, checkpoint = resolve(cfg, given)
+            return _locked_train(cfg, checkpoint, on_metrics, log, holder)
         except ConfigError:
             if created and [p.name for p in run.iterdir()] == [LOCK_FILE]:
-                shutil.rmtree(run)  # a new run refused: no folder left behind
+                shutil.rmtree(run)  # a new run refused before it wrote anything: no folder left behind
             raise
-        return _locked_train(cfg, checkpoint, on_metrics, log, holder)
 
 
 def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callable[[dict], None] | None,
@@ -239,6 +239,10 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
         windows = window_index(index, cfg.clip_frames, cfg.split_at_gaps)
         log(windows.describe(cfg.clip_frames))
         items, what = len(windows), "clips"
+    shards = cfg.data_shards or cfg.num_workers
+    if items < shards:  # found here, not by every worker after loading the model (and again per restart)
+        raise ConfigError(f"{items} training {what} cannot fill {shards} data shards (one per worker unless "
+                          "data_shards says otherwise): train with fewer workers or on more data")
     per_step = cfg.batch_size * cfg.grad_accum * cfg.num_workers
     log(f"{cfg.max_steps} steps of {per_step} {what}: {cfg.max_steps * per_step / items:.2f} epochs of the data")
     run = Path(cfg.output)  # made, and held, by train()
