@@ -98,6 +98,38 @@ def test_only_the_temporal_parameters_move_in_a_step():
     assert any(name.endswith("to_out.0.weight") for name in moved)
 
 
+def test_a_clip_encodes_its_reference_and_background_once_with_the_same_loss(monkeypatch):
+    from disco.train import objective as objective_module
+
+    model = add_temporal(_tiny(), {"frames": F})
+    model.set_trainable()
+    with torch.no_grad():
+        for p in model.temporal.parameters():
+            p.normal_(std=0.1)  # the layers mix the frames
+    objective = DiffusionObjective(model)
+    clips, side = 2, 4
+    g = torch.Generator().manual_seed(5)
+
+    def per_clip(*shape):  # one picture per clip, every frame of it
+        return torch.rand(clips, 1, *shape, generator=g).expand(clips, F, *shape).reshape(clips * F, *shape)
+
+    n = clips * F
+    batch = dict(target=torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, background=per_clip(3, 16, 16) * 2 - 1,
+                 pose=torch.rand(n, 3, 32, 32, generator=g), reference=per_clip(3, 224, 224),
+                 noise=torch.randn(n, 4, side, side, generator=g), latent_noise=torch.randn(n, 4, side, side, generator=g),
+                 timesteps=torch.randint(0, 1000, (n,), generator=g), uniforms=np.ones((n, 3)))
+    rows = {}
+    for name in ("encode_background", "encode_reference"):
+        encode = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda x, encode=encode, name=name: (rows.setdefault(name, len(x)), encode(x))[1])
+    with clip_frames(model, F):
+        once = objective(**batch)
+        assert rows == {"encode_background": clips, "encode_reference": clips}
+        monkeypatch.setattr(objective_module, "once_per_clip", lambda encode, pictures, frames: encode(pictures))
+        every_frame = objective(**batch)
+    torch.testing.assert_close(once, every_frame, rtol=1e-5, atol=1e-7)
+
+
 def test_a_clip_batch_holds_consecutive_frames_of_one_clip(triplets):
     index = build_index([str(triplets["video"])])
     stream = ClipStream(index, frames=F, batch=2, ref_mode="first", resolution=RES, augment=True, seed=0)
@@ -112,8 +144,10 @@ def test_a_clip_batch_holds_consecutive_frames_of_one_clip(triplets):
         for clip_rows in rows:
             assert len(set(index.clip[clip_rows])) == 1  # one clip
             assert np.all(np.diff(index.frame[clip_rows]) == 1)  # consecutive, in order
-    clips = batch["reference"].reshape(2, F, *batch["reference"].shape[1:])
-    assert all(torch.equal(c[0], c[k]) for c in clips for k in range(F))  # the clip's reference, cropped alike
+    # The clip's reference and background, cropped alike: the trainer encodes them once per clip.
+    for name in ("reference", "reference_mask", "background", "background_mask"):
+        clips = batch[name].reshape(2, F, *batch[name].shape[1:])
+        assert all(torch.equal(c[0], c[k]) for c in clips for k in range(F)), name
     targets = batch["target"].reshape(2, F, *batch["target"].shape[1:])
     assert not torch.equal(targets[0, 0], targets[0, 1])
     # A resumed stream continues at its position.

@@ -26,16 +26,32 @@ class DiffusionObjective(nn.Module):
 
     def forward(self, target, background, pose, reference, noise, latent_noise, timesteps, uniforms):
         model = self.model
+        frames = clip_length(model)
         with torch.no_grad():
             posterior = model.vae.encode(target).latent_dist
             latents = (posterior.mean + posterior.std * latent_noise) * VAE_SCALING
-            background_latents = model.encode_background(background)
-        tokens = model.encode_reference(reference)
+            background_latents = once_per_clip(model.encode_background, background, frames)
+        tokens = once_per_clip(model.encode_reference, reference, frames)
         pose = fit_pose(model, pose, latents.shape[-1])
         tokens, background_latents, pose = model.drop_conditions(tokens, background_latents, pose, uniforms=uniforms)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         predicted = model(noisy, timesteps, tokens, background_latents, pose)
         return F.mse_loss(predicted.float(), noise.float())
+
+
+def clip_length(model: DisCoModel) -> int:
+    """The frames per clip of the batch a temporal model runs on (``clip_frames``); 1 otherwise."""
+    return int(getattr(getattr(model, "temporal", None), "frames", 1) or 1)
+
+
+def once_per_clip(encode, pictures: torch.Tensor, frames: int) -> torch.Tensor:
+    """``encode`` of pictures every frame of a clip shares (its reference, its background: the
+    clip stream's contract, tests/test_temporal.py), run on each clip's first frame and repeated
+    for its frames: a 16-frame clip encoded its background 16 times (a VAE encoding, about a tenth
+    of a 512 px step) and its reference through CLIP as often."""
+    if frames == 1:
+        return encode(pictures)
+    return encode(pictures[::frames]).repeat_interleave(frames, dim=0)
 
 
 def sample_draws(positions: torch.Tensor, seed: int, latent_shape: tuple, timesteps: int, device) -> dict:
