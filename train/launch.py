@@ -216,7 +216,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
 
 def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callable[[dict], None] | None,
                   log: Callable[[str], None], holder: str) -> dict:
-    from disco.pipeline.cluster import JOB_STOP_WAIT_ENV, init_ray, job_stop_wait_s
+    from disco.pipeline.cluster import init_ray
 
     if cfg.init_from and not cfg.resume and cfg.background_hole != HOLE:
         log(f"background hole {cfg.background_hole:g}: the value the --init-from run was trained with")
@@ -258,11 +258,9 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
                 f"{now['shards']}, {now['rows']} now): the run trains on today's, in another order than an "
                 "uninterrupted run would have read")
     init_ray(cfg.ray_address, log=log)
-    grace = job_stop_wait_s()
-    if grace is not None and grace < JOB_STOP_GRACE_S:
-        log(f"warning: `ray job stop` gives this job {grace:g} s ({JOB_STOP_WAIT_ENV}) to write its checkpoint "
-            "before it kills it: the steps since the last checkpoint would be lost; submit with --runtime-env-json "
-            f"'{{\"env_vars\": {{\"{JOB_STOP_WAIT_ENV}\": \"300\"}}}}'")
+    warning = job_stop_warning()
+    if warning:
+        log(warning)
     distributed = cfg.num_workers > 1 or bool(cfg.ray_address)
     worker_cpus, data_cpus = _resources(cfg, distributed)
     # The index the driver built goes to every worker (through the object store; numpy arrays are
@@ -297,6 +295,19 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
 # The least time `ray job stop` should leave between its SIGTERM and its SIGKILL: a step and a
 # full-size checkpoint (1.6 B trainable parameters with their AdamW state: ~25 GB written).
 JOB_STOP_GRACE_S = 120
+
+
+def job_stop_warning() -> str | None:
+    """The line to warn a ``ray job submit`` job with whose ``ray job stop`` would kill it before
+    it can write its checkpoint; None outside a job or with time enough."""
+    from disco.pipeline.cluster import JOB_STOP_WAIT_ENV, job_stop_wait_s
+
+    grace = job_stop_wait_s()
+    if grace is None or grace >= JOB_STOP_GRACE_S:
+        return None
+    return (f"warning: `ray job stop` gives this job {grace:g} s ({JOB_STOP_WAIT_ENV}) to write its checkpoint "
+            "before it kills it: the steps since the last checkpoint would be lost; submit with --runtime-env-json "
+            f"'{{\"env_vars\": {{\"{JOB_STOP_WAIT_ENV}\": \"300\"}}}}'")
 
 
 @contextlib.contextmanager
