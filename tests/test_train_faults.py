@@ -392,6 +392,57 @@ def test_sigterm_asks_the_run_to_stop_as_ctrl_c_does(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+# About 50 s (a cluster with its dashboard, a job's driver and two Ray Train workers starting on
+# two cores): the SIGTERM test above holds the handler, the two-worker Ctrl-C test the stop
+# from the stop file to the checkpoint.
+@pytest.mark.slow
+def test_ray_job_stop_stops_a_training_job_after_a_checkpoint(triplets, tmp_path):
+    """`ray job stop` through the dashboard's job API, as a user stops a submitted training job:
+    the supervisor's SIGTERM reaches the driver, the two Ray Train workers on the cluster stop
+    after their step and checkpoint it, and the job ends STOPPED within the grace its runtime env
+    gives it, resumable; with that grace the job hears no warning at its start."""
+    import sys
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    run = tmp_path / "job"
+    cli = Path(sys.executable).with_name("disco-cli")
+    entrypoint = " ".join([str(cli), "train", *OPTIONS, "--data", str(triplets["video"]), "--max-steps", "500",
+                           "--checkpoint-every", "1000", "--log-every", "1", "--num-workers", "2",
+                           "--output", str(run)])
+    with loopback_cluster(head_cpus=1, dashboard=True) as cluster:
+        cluster.add_node(2)
+        client = JobSubmissionClient(cluster.dashboard)
+        deadline = time.time() + 120
+        while True:  # the head's job agent registers with the dashboard a while after start-up
+            try:
+                job = client.submit_job(entrypoint=entrypoint,
+                                        runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "150"}})
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.time() > deadline:
+                    raise
+                time.sleep(2)
+        ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+        deadline = time.time() + 300
+        while not read_metrics(run)[0]:
+            assert client.get_job_status(job) not in ended, client.get_job_logs(job)[-3000:]
+            assert time.time() < deadline, "no step logged in time"
+            time.sleep(0.1)
+        assert client.stop_job(job)
+        deadline = time.time() + 160
+        while client.get_job_status(job) not in ended:
+            assert time.time() < deadline, "the job did not stop in time"
+            time.sleep(0.5)
+        logs, status = client.get_job_logs(job), client.get_job_status(job)
+    assert status == JobStatus.STOPPED, logs[-3000:]
+    summary = _summary(run)
+    assert summary["interrupted"] and summary["workers"] == 2 and 1 <= summary["step"] < 500, logs[-3000:]
+    assert list(list_checkpoints(run)) == [summary["step"]]
+    assert "stopping after the current step and writing a checkpoint" in logs and "--resume" in logs
+    assert "Traceback" not in logs and "ray job stop` gives this job" not in logs, logs[-3000:]
+
+
 def test_a_restart_finds_the_newest_checkpoint_when_the_reported_one_was_pruned(tmp_path, monkeypatch):
     """With --keep 1, rank 0 prunes the reported checkpoint when it writes the next; a worker lost
     before that one's report leaves Ray Train pointing at a folder that is gone. The restarted
