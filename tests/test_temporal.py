@@ -604,6 +604,41 @@ def test_each_epoch_draws_its_own_window_offsets_from_the_seed(triplets):
     from disco.train.temporal import stream_class
 
     assert stream_class(load_run_config(run)).keywords["offsets"] is False
+    assert stream_class(load_run_config(run)).keywords["group_frames"] == 64
+    # Nor of window groups (written before them): a group per run, as it was reading.
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines()
+                               if not line.startswith("window_group_frames")))
+    assert stream_class(load_run_config(run)).keywords["group_frames"] is None
+
+
+def test_a_long_clips_windows_are_read_a_few_row_groups_at_a_time():
+    """The order reads windows a few groups at a time (``WINDOW_GROUPS``); a group was a whole
+    run of frames, so a read task of a minute-long video held its every frame. A group is at
+    most ``window_group_frames`` frames of one run now: the same windows, each epoch the same
+    offsets, read tasks of a few hundred frames; a run written before keeps a group per run."""
+    from disco.train.data.clips import ClipPlan, window_index
+    from disco.train.data.index import TripletIndex
+    from disco.train.data.order import WINDOW_GROUPS
+
+    n, frames, rows_per_group = 1000, 16, 64  # one clip of 1,000 frames, in row groups of 64
+    rows = np.arange(n)
+    index = TripletIndex(["a.parquet"], np.zeros(n, np.int32), (rows // rows_per_group).astype(np.int32),
+                         (rows % rows_per_group).astype(np.int32), np.zeros(n, np.int64), rows.astype(np.int32),
+                         np.append(np.arange(0, n, rows_per_group), n).astype(np.int64), rows.astype(np.int64),
+                         np.array([0, n], np.int64))
+    whole, grouped = window_index(index, frames), window_index(index, frames, group_frames=64)
+    assert np.array_equal(whole.first, grouped.first) and len(grouped) == n // frames == 62
+    assert np.diff(grouped.group_starts).tolist() == [4] * 15 + [2] and set(grouped.run.tolist()) == {0}
+    for epoch in range(5):  # one offset per run, shared by its groups: windows stay end to end
+        assert set(grouped.offsets(0, epoch).tolist()) == set(whole.offsets(0, epoch).tolist())
+    epoch_frames = len(grouped) * frames
+    for group_frames, longest in ((64, WINDOW_GROUPS * 64), (None, epoch_frames)):
+        plan = ClipPlan(index, frames, 0, 1, frames, group_frames=group_frames)
+        tasks = np.diff(np.append(plan.window_starts(0, 0), epoch_frames))
+        assert tasks.max() == longest, tasks  # frames a read task holds
+        read = plan.rows(np.arange(epoch_frames)).reshape(-1, frames)
+        assert all(np.all(np.diff(index.frame[r]) == 1) for r in read)  # whole windows, in order
+        assert len({int(r[0]) for r in read}) == len(read)  # each window once an epoch
 
 
 def test_no_window_spans_frames_that_preprocessing_dropped(triplets, tmp_path):

@@ -79,6 +79,11 @@ class TrainConfig:
     # (frame_index jumps), no window spans the gap. A run directory whose config.yaml does not say
     # (written before) cut them across gaps, and a resume of it keeps doing so.
     split_at_gaps: bool = True
+    # The order reads a few groups of windows at a time; a group is at most this many frames of
+    # one run (a Parquet row group's worth), so a read task holds a few hundred frames whatever
+    # the videos' length. A run directory whose config.yaml does not say (written before) has a
+    # group per run, and a resume of it keeps it (its order stays the one it was reading).
+    window_group_frames: int | None = 64
     # AdamW's weight decay skips biases and norm weights, as the official parameter groups do.
     official_weight_decay: bool = False
     # The paper recipe the run started from (train/presets.py); recorded, the values are the fields.
@@ -310,7 +315,7 @@ def load_run_config(run: str | Path) -> TrainConfig:
     # Fields added after runs were written: such a run goes on as it was trained (windows from
     # each clip's first frame, windows across gaps, the hole value).
     saved = read_options_yaml(path)
-    legacy = {"window_offsets": False, "split_at_gaps": False}
+    legacy = {"window_offsets": False, "split_at_gaps": False, "window_group_frames": None}
     if "background_hole" not in saved:
         from disco.model.conditioning import LEGACY_HOLE  # (torch: imported for such old runs only)
 

@@ -16,7 +16,7 @@ def stream_class(cfg):
     micro-batch of ``batch_size`` clips), single samples otherwise."""
     if cfg.stage == "temporal":
         return functools.partial(ClipStream, frames=cfg.clip_frames, offsets=cfg.window_offsets,
-                                 split_at_gaps=cfg.split_at_gaps)
+                                 split_at_gaps=cfg.split_at_gaps, group_frames=cfg.window_group_frames)
     return SampleStream
 
 

@@ -57,25 +57,39 @@ class WindowIndex:
     runs: int = 0
     clips: int = 0
     unused: int = 0
+    run: np.ndarray | None = None  # per group, its run with windows (None: a group is a whole run)
+
+    def __post_init__(self):
+        if self.run is None:
+            self.run = np.arange(len(self.slack), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.first)
 
     def offsets(self, seed: int, epoch: int) -> np.ndarray:
-        """Each group's offset in ``epoch``: uniform in ``[0, slack]``, from (seed, epoch) alone."""
-        return np.random.default_rng([seed, int(epoch), OFFSET_SALT]).integers(0, self.slack + 1)
+        """Each group's offset in ``epoch``: its run's, uniform in ``[0, slack]``, from (seed,
+        epoch) alone (the groups of one run share it: their windows stay end to end)."""
+        first_group = np.flatnonzero(np.diff(self.run, prepend=-1))  # each run's first group
+        drawn = np.random.default_rng([seed, int(epoch), OFFSET_SALT]).integers(0, self.slack[first_group] + 1)
+        return drawn[self.run]
 
     def describe(self, frames: int) -> str:
         """One line for the run's log: what the windows cover."""
         frames_in = int(self.group_starts[-1]) * frames
-        return (f"{len(self)} windows of {frames} consecutive frames from {len(self.slack)} runs of {self.clips} clips "
+        runs = int(self.run[-1]) + 1 if len(self.run) else 0
+        return (f"{len(self)} windows of {frames} consecutive frames from {runs} runs of {self.clips} clips "
                 f"({self.runs - self.clips} gaps where preprocessing dropped frames; {self.unused} frames in runs "
                 f"shorter than a window, {frames_in} frames covered at offset 0)")
 
 
-def window_index(index: TripletIndex, frames: int, split_at_gaps: bool = True) -> WindowIndex:
+def window_index(index: TripletIndex, frames: int, split_at_gaps: bool = True,
+                 group_frames: int | None = None) -> WindowIndex:
     """``split_at_gaps`` False: windows of a clip's rows in order whatever their frame indices (a
-    run started before windows were cut at gaps resumes on the windows it was reading)."""
+    run started before windows were cut at gaps resumes on the windows it was reading).
+    ``group_frames``: a run's windows form groups of at most that many frames (at least one
+    window), as the row stream's groups are Parquet row groups: the order reads a few groups at a
+    time, and a whole run (a minute of video is 1,800 frames) made every read task hold thousands
+    of frames. None: one group per run (runs started before)."""
     n = len(index.clip_order)
     clip_starts = index.clip_starts[:-1][index.clip_starts[:-1] < n]
     run_start = np.zeros(n, bool)
@@ -92,12 +106,19 @@ def window_index(index: TripletIndex, frames: int, split_at_gaps: bool = True) -
                         f"--clip-frames {frames} frames with no frame missing (the longest has "
                         f"{int(lengths.max()) if len(lengths) else 0})")
     count, kept_starts = count[kept], starts[kept]
-    group_starts = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-    within = np.arange(int(group_starts[-1]), dtype=np.int64) - np.repeat(group_starts[:-1], count)
+    run_starts = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
+    within = np.arange(int(run_starts[-1]), dtype=np.int64) - np.repeat(run_starts[:-1], count)
     first = np.repeat(kept_starts, count).astype(np.int64) + frames * within
-    return WindowIndex(first, group_starts, (lengths[kept] - count * frames).astype(np.int64),
-                       np.repeat(np.arange(len(count), dtype=np.int64), count),
-                       runs=len(starts), clips=len(clip_starts), unused=int(lengths[~kept].sum()))
+    slack = (lengths[kept] - count * frames).astype(np.int64)
+    per_group = max(1, group_frames // frames) if group_frames else None
+    groups_of_run = -(-count // per_group) if per_group else np.ones(len(count), np.int64)
+    run = np.repeat(np.arange(len(count), dtype=np.int64), groups_of_run)
+    # A group's first window: its run's first, plus per_group windows per group before it in the run.
+    nth = np.arange(len(run), dtype=np.int64) - np.repeat(np.cumsum(groups_of_run) - groups_of_run, groups_of_run)
+    group_starts = np.append(run_starts[run] + nth * (per_group or 0), run_starts[-1]).astype(np.int64)
+    group = np.repeat(np.arange(len(run), dtype=np.int64), np.diff(group_starts))
+    return WindowIndex(first, group_starts, slack[run], group, runs=len(starts), clips=len(clip_starts),
+                       unused=int(lengths[~kept].sum()), run=run)
 
 
 class ClipPlan(StreamPlan):
@@ -105,11 +126,11 @@ class ClipPlan(StreamPlan):
     time are the frames of one window, in order. ``global_batch`` counts frames."""
 
     def __init__(self, index: TripletIndex, frames: int, seed: int, shards: int, global_batch: int,
-                 offsets: bool = True, split_at_gaps: bool = True):
+                 offsets: bool = True, split_at_gaps: bool = True, group_frames: int | None = None):
         if global_batch % (shards * frames):
             raise DataError(f"the global micro-batch ({global_batch} frames) must be whole clips of {frames} frames "
                             f"for each of the {shards} data shards")
-        self.windows = window_index(index, frames, split_at_gaps)
+        self.windows = window_index(index, frames, split_at_gaps, group_frames)
         self.frames = frames
         self.inner = StreamPlan(self.windows, seed, shards, global_batch // frames)
         self.index, self.seed, self.shards = index, seed, shards
@@ -165,12 +186,14 @@ class ClipStream(SampleStream):
     clips fill the micro-batch; a whole epoch of clips without one that decodes is a ``DataError``."""
 
     def __init__(self, index: TripletIndex, *, frames: int, batch: int, world: int = 1, shards: int | None = None,
-                 seed: int = 0, offsets: bool = True, split_at_gaps: bool = True, **options):
+                 seed: int = 0, offsets: bool = True, split_at_gaps: bool = True, group_frames: int | None = None,
+                 **options):
         options.pop("stage", None)
         super().__init__(index, stage="finetune", batch=batch * frames, world=world, shards=shards, seed=seed,
                          **options)
         self.clip_frames = frames
-        self._plan = ClipPlan(index, frames, seed, self.shards, batch * frames * world, offsets, split_at_gaps)
+        self._plan = ClipPlan(index, frames, seed, self.shards, batch * frames * world, offsets, split_at_gaps,
+                              group_frames)
 
     def _usable(self, block: dict):
         """Whole clips: a frame is usable when every frame of its window decoded."""
