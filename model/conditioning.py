@@ -139,9 +139,17 @@ def background_pixels(background: np.ndarray, size: int, alpha: np.ndarray | Non
 
 
 def pose_pixels(poses: list[np.ndarray] | np.ndarray, side: int) -> torch.Tensor:
-    """Skeleton pictures (RGB uint8) -> N x 3 x side x side in [0, 1]."""
+    """Skeleton pictures (RGB uint8) -> N x 3 x side x side uint8, which ``DisCoPipeline`` takes
+    to [0, 1] a batch at a time (a float copy of a long video's poses was 12 MB a frame at 512 px:
+    17 GB for three minutes)."""
     frames = [square(p, side, nearest=False) for p in poses]
-    return torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+
+
+def unit_pose(poses: torch.Tensor) -> torch.Tensor:
+    """Pose pictures as the model takes them, float in [0, 1]: ``pose_pixels``' uint8 divided by
+    255, float ones as they are."""
+    return poses.float() / 255.0 if poses.dtype == torch.uint8 else poses
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

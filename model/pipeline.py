@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from disco.model.conditioning import HOLE, check_size, pose_size, to_uint8, vae_factor
+from disco.model.conditioning import HOLE, check_size, pose_size, to_uint8, unit_pose, vae_factor
 from disco.model.controlnets import pose_embedding_cache
 from disco.model.guidance import guided_noise
 from disco.model.configs import SCHEDULER
@@ -55,7 +55,8 @@ class DisCoPipeline:
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """One frame per pose: ``reference`` 1 x 3 x 224 x 224 (CLIP input), ``background``
-        1 x 3 x S x S in [-1, 1], ``poses`` N x 3 x P x P in [0, 1] -> N x S x S x 3 uint8.
+        1 x 3 x S x S in [-1, 1], ``poses`` N x 3 x P x P, uint8 (``pose_pixels``, made [0, 1] a
+        batch at a time) or float in [0, 1] -> N x S x S x 3 uint8.
         ``progress(frames)`` is told the frames done as they are (a TM model: frames' worth of
         its windows' steps), adding up to N.
 
@@ -80,7 +81,7 @@ class DisCoPipeline:
             from disco.model.temporal import decode_frames, windowed_ddim
 
             latents = windowed_ddim(model, self.scheduler, noise.to(device, dtype) * self.scheduler.init_noise_sigma,
-                                    tokens, empty, background_latents, poses.to(dtype), num_inference_steps,
+                                    tokens, empty, background_latents, unit_pose(poses).to(dtype), num_inference_steps,
                                     guidance_scale, window=self.window, overlap=self.overlap, batch_size=batch_size,
                                     progress=progress, pose_cache_bytes=self.pose_cache_bytes)
             return decode_frames(model, latents / VAE_SCALING, batch_size)
@@ -99,7 +100,7 @@ class DisCoPipeline:
         n = len(pose)
         latents = noise.to(device, dtype) * self.scheduler.init_noise_sigma
         images = guided_ddim(model, self.scheduler, latents, tokens.expand(n, -1, -1), empty.expand(n, -1, -1),
-                             background_latents.expand(n, -1, -1, -1), pose.to(device, dtype),
+                             background_latents.expand(n, -1, -1, -1), unit_pose(pose).to(device, dtype),
                              num_inference_steps, guidance_scale)
         return to_uint8(images)
 

@@ -121,6 +121,12 @@ def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeli
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
     assert np.abs(a.astype(int) - d.astype(int)).max() <= 1  # same noise per frame whatever the batch
+    # The poses are held as uint8 (a quarter of a float copy: a long video's poses at 512 px), made
+    # [0, 1] a batch at a time: the frames of float poses.
+    from disco.model.conditioning import unit_pose
+
+    assert poses.dtype == torch.uint8
+    assert np.array_equal(pipeline(reference, background, unit_pose(poses), seed=7, batch_size=3, **run), a)
 
 
 def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch, conditions):
