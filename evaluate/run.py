@@ -224,12 +224,14 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
         networks = config.networks.build(config.metrics)  # missing weights fail before any work
     pred, gt = config.pred, config.gt
     generated = None
-    if config.run is not None:
-        work = config.work_dir or config.output.with_suffix("")
-        generated = generate_split(config, work, log)
-        pred, gt = work / "pred", work / "gt"
-    report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
-                   config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt)
+    with contextlib.ExitStack() as held:
+        if config.run is not None:
+            work = Path(config.work_dir or config.output.with_suffix(""))
+            held.enter_context(_work_dir_held(work))  # one --run at a time in a work folder
+            generated = generate_split(config, work, log)
+            pred, gt = work / "pred", work / "gt"
+        report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
+                       config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt)
     generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "ema",
                   "dtype")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
@@ -285,6 +287,24 @@ def describe_networks(config: EvaluateConfig) -> dict:
 WORK_MARK = ".disco-evaluate-run"  # in a work folder whose pred/ and gt/ evaluate --run wrote
 
 
+@contextlib.contextmanager
+def _work_dir_held(work: Path):
+    """The work folder's lock for the whole ``--run`` (a second one there would clear or take
+    over the clips the first is writing); a folder it made and left holding nothing else goes."""
+    from disco.pipeline.store.output import LOCK_FILE, OutputBusy, folder_lock
+
+    created = not work.exists()
+    try:
+        with folder_lock(work, "wait for it to finish, or pick another --work-dir"):
+            try:
+                yield
+            finally:
+                if created and [p.name for p in work.iterdir()] == [LOCK_FILE]:
+                    shutil.rmtree(work, ignore_errors=True)
+    except OutputBusy as exc:
+        raise EvaluateInputError(str(exc)) from None
+
+
 def check_work_dir(work: Path) -> list[Path]:
     """The pred/ and gt/ of ``work`` that ``--run`` wrote before (its mark is there), to clear
     before it writes again: every folder in them is scored, so the frames of an earlier run
@@ -328,6 +348,18 @@ def start_work_dir(work: Path, old: list[Path], generation: dict) -> dict[str, i
 TEMPORARY_CLIP = ".tmp-"  # a clip's folder while its frames are written
 
 
+def _model_identity(source: dict) -> dict:
+    """What decides the weights ``--run`` samples: the checkpoint's record with absolute paths (a
+    checkpoint folder is written once, whole), and for a ``save_pretrained`` folder, which can be
+    written over in place, its files' sizes and times."""
+    identity = {k: str(Path(v).resolve()) if k in ("path", "checkpoint") else v for k, v in source.items()}
+    if source.get("kind") == "save_pretrained":
+        folder = Path(source["path"])
+        identity["files"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                                   for p in folder.rglob("*") if p.is_file())
+    return identity
+
+
 def write_clip(work: Path, folder: str, pred: np.ndarray, gt: np.ndarray) -> None:
     """One clip's frames under ``work/gt/`` then ``work/pred/``, each written under a temporary
     name and renamed whole: a crash leaves no clip that looks finished and is not."""
@@ -369,10 +401,11 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
             "have been trained on")
     old = check_work_dir(work)
     pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype)
-    generation = {"checkpoint": getattr(pipeline, "source", None), "data": str(Path(config.data).resolve()),
-                  "shards": sorted(Path(f).name for f in dataset.files), "split": config.split, "size": size,
-                  "steps": config.steps, "guidance_scale": config.guidance_scale, "seed": config.seed,
-                  "max_frames": config.max_frames, "dtype": str(config.dtype), "clips": clip_ids}
+    generation = {"checkpoint": _model_identity(getattr(pipeline, "source", None) or {}),
+                  "data": str(Path(config.data).resolve()), "shards": sorted(Path(f).name for f in dataset.files),
+                  "split": config.split, "size": size, "steps": config.steps, "guidance_scale": config.guidance_scale,
+                  "seed": config.seed, "max_frames": config.max_frames, "dtype": str(config.dtype),
+                  "device": pipeline.device.type, "clips": clip_ids}
     # After the model loads: a refused command leaves the last run's frames alone.
     finished = start_work_dir(work, old, json.loads(json.dumps(generation, default=str)))
     frames_done = sum(finished.values())

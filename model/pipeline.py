@@ -81,7 +81,7 @@ class DisCoPipeline:
             from disco.model.temporal import decode_frames, windowed_ddim
 
             latents = windowed_ddim(model, self.scheduler, noise.to(device, dtype) * self.scheduler.init_noise_sigma,
-                                    tokens, empty, background_latents, unit_pose(poses).to(dtype), num_inference_steps,
+                                    tokens, empty, background_latents, poses, num_inference_steps,
                                     guidance_scale, window=self.window, overlap=self.overlap, batch_size=batch_size,
                                     progress=progress, pose_cache_bytes=self.pose_cache_bytes)
             return decode_frames(model, latents / VAE_SCALING, batch_size)

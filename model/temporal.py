@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from disco.model.conditioning import to_uint8
+from disco.model.conditioning import to_uint8, unit_pose
 from disco.model.controlnets import pose_embedding_cache
 from disco.model.guidance import guided_noise
 
@@ -324,7 +324,8 @@ def windowed_ddim(model: DisCoModel, scheduler, latents: torch.Tensor, tokens: t
     def pass_poses(group: list[int]) -> torch.Tensor:
         # ``pose`` may stay on the host: only a pass's windows go to the model's device (a long
         # video's pose pictures would otherwise take ~0.8 MB of GPU memory per frame throughout).
-        poses = windows_of(pose, group).to(latents.device)
+        # Held as uint8 (``pose_pixels``): made [0, 1] in the model's precision a pass at a time.
+        poses = unit_pose(windows_of(pose, group).to(latents.device)).to(latents.dtype)
         return torch.cat([poses] * 2) if guided else poses
 
     scheduler.set_timesteps(steps, device=latents.device)

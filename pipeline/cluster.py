@@ -126,13 +126,14 @@ def job_env_vars() -> set[str]:
 JOB_STOP_WAIT_ENV, JOB_STOP_WAIT_DEFAULT_S = "RAY_JOB_STOP_WAIT_TIME_S", 3
 
 
-def job_stop_wait_s() -> float | None:
+def job_stop_wait_s() -> int | None:
     """The seconds `ray job stop` leaves this driver between SIGTERM and SIGKILL; None outside a
-    ``ray job submit`` job (or where the value is not a number: Ray then sends no SIGKILL)."""
+    ``ray job submit`` job (or where Ray cannot read the value as a whole number: it then sends
+    no SIGKILL)."""
     if not os.environ.get(RAY_JOB_CONFIG_ENV):
         return None
     try:
-        return float(os.environ.get(JOB_STOP_WAIT_ENV, JOB_STOP_WAIT_DEFAULT_S))
+        return int(os.environ.get(JOB_STOP_WAIT_ENV, JOB_STOP_WAIT_DEFAULT_S))  # as Ray reads it
     except ValueError:
         return None
 

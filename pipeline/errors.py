@@ -59,8 +59,12 @@ class _RunStopsOffTheConsole(logging.Filter):
     the console; its log file (``<session>/logs/ray-data``) keeps the record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        # Two of those records carry no exception: they are logged inside the except block.
-        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        if record.exc_info:
+            exc = record.exc_info[1]
+        elif record.levelno >= logging.ERROR:
+            exc = sys.exc_info()[1]  # two of those errors carry none: logged inside the except block
+        else:
+            return True
         return exc is None or stopping_error(exc) is None
 
 
@@ -69,9 +73,10 @@ _RUN_STOPS_OFF = _RunStopsOffTheConsole()
 
 def run_stops_off_ray_datas_console() -> None:
     """Keeps Ray Data's console report of a run-stopping error away (every other record of it
-    still prints): its console handler is a ``StreamHandler``, its file handler is not."""
+    still prints): its console handler is a ``StreamHandler`` (a user's ``FileHandler`` is one
+    too, and keeps every record), its file handler is not."""
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.addFilter(_RUN_STOPS_OFF)  # the same object twice is kept once
 
 

@@ -95,6 +95,11 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
 
 
 def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log) -> RunResult:
+    with _SigtermStops() as sigterm:
+        return _preprocess_run(cfg, store, progress, log, sigterm)
+
+
+def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, sigterm: "_SigtermStops") -> RunResult:
     state, removed = store.begin(cfg.output_params(), cfg.overwrite)
     if removed:
         log(f"recovered from an interrupted run: removed {len(removed)} uncommitted file(s)")
@@ -136,19 +141,20 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     try:
         if pending_inputs:
             init_ray(cfg.ray_address, log=log)
-            with _sigterm_as_ctrl_c():  # after ray.init, which sets its own handler
-                settings = stage_settings(cfg)
-                units = plan_all(pending, settings, partial, log=log)
-                # The units hold what the run needs of the inputs: their records go (GBs for millions).
-                pending, listing.items = [], []
-                pools = plan_pools(cfg, cluster_nodes(), units)
-                with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
-                    frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
+            sigterm.arm()  # after ray.init, which sets its own handler
+            settings = stage_settings(cfg)
+            units = plan_all(pending, settings, partial, log=log)
+            # The units hold what the run needs of the inputs: their records go (GBs for millions).
+            pending, listing.items = [], []
+            pools = plan_pools(cfg, cluster_nodes(), units)
+            with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
+                frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: what the actors committed is kept")
+    sigterm.wind_up()  # the manifest is written whatever comes now
     wall = time.time() - started
     if not interrupted:
         # Shards that a lost actor wrote but never got committed (its task ran again elsewhere):
@@ -196,25 +202,36 @@ def _preprocess_locked(cfg: PreprocessConfig, store: OutputStore, progress, log)
     return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
 
 
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
+class _SigtermStops:
     """SIGTERM (what `ray job stop`, Slurm and Kubernetes send first) stops the run as Ctrl-C does:
-    the commits kept, the manifest written, exit code 130. Ray's handler, which ``ray.init`` sets,
-    exits at once (code 15, no manifest); a second SIGTERM still does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    the commits kept, the manifest written, exit code 130 (Ray's handler, which ``ray.init`` sets,
+    exited at once: code 15, no manifest). ``arm`` installs it (after ``ray.init``); once the run
+    winds up (``wind_up``: the journal read, the manifest written) a SIGTERM no longer interrupts
+    it. The handler before comes back at the end. Main thread only (signals are delivered there)."""
 
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, previous)
-        raise KeyboardInterrupt
+    def __init__(self):
+        self.previous, self.interrupting = None, False
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    previous = signal.SIG_DFL if previous is None else previous  # one set outside Python: the default
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __enter__(self) -> "_SigtermStops":
+        return self
+
+    def arm(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self.previous is None:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = signal.SIG_DFL if self.previous is None else self.previous  # set outside Python
+            self.interrupting = True
+
+    def _handle(self, signum, frame) -> None:
+        if self.interrupting:
+            self.interrupting = False  # one interruption: what follows is the run's own wind-up
+            raise KeyboardInterrupt
+
+    def wind_up(self) -> None:
+        self.interrupting = False
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def dataset_section(cfg: PreprocessConfig, listing, state) -> dict:
@@ -283,21 +300,30 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
     return pa.concat_tables(tables)
 
 
-def _every_result(refs: list) -> list:
-    """Every task's result, the first error raised after all were read: a failed task whose
+def _every_result(refs: list, settle_s: float = 10.0) -> list:
+    """Every task's result, in order; at the first error, the tasks left are cancelled and their
+    results read (those that end within ``settle_s``) before it is raised: a failed task whose
     result nobody read has Ray print it, stack and all, as an "Unhandled error" (the planning
-    tasks on a node without the input all fail, and the run says so once)."""
+    tasks on a node without the input all fail, and the run says so once), and one task stuck
+    on a dead mount must not hold the run."""
     import ray
 
-    results, first = [], None
-    for ref in refs:
+    results, pending, first = {}, list(refs), None
+    while pending and first is None:
+        ready, pending = ray.wait(pending, num_returns=1)
         try:
-            results.append(ray.get(ref))
-        except Exception as exc:  # noqa: PERF203 - each result must be read
-            first = first or exc
-    if first is not None:
-        raise first
-    return results
+            results[ready[0]] = ray.get(ready[0])
+        except Exception as exc:
+            first = exc
+    if first is None:
+        return [results[ref] for ref in refs]
+    for ref in pending:
+        ray.cancel(ref)
+    settled, _ = ray.wait(pending, num_returns=len(pending), timeout=settle_s) if pending else ([], [])
+    for ref in settled:
+        with contextlib.suppress(Exception):
+            ray.get(ref)
+    raise first
 
 
 def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list[int]]) -> pa.Table:

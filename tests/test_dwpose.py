@@ -354,3 +354,17 @@ def test_a_pose_model_an_actor_cannot_load_stops_preprocess_in_one_line(weights,
     printed = "".join(capfd.readouterr())
     for noise in ("Traceback", "Ray Core internal code", "died during initialization", "not a readable ONNX graph"):
         assert noise not in printed, printed[:3000]
+    # The driver's Ray printed the raylet's message of it ("Task ... failed ... will be retried",
+    # its stack with our line), which reaches the driver when it does: its deduplicator now drops a
+    # message that holds our marker (disco puts it in RAY_DEDUP_LOGS_SKIP_REGEX before Ray loads),
+    # and keeps any other.
+    from ray._private.ray_logging import stdout_deduplicator
+
+    from disco.pipeline.errors import STOPS_THE_RUN
+
+    def printed_of(message: str) -> list[str]:
+        batches = stdout_deduplicator.deduplicate({"lines": [message], "pid": "raylet", "ip": "127.0.0.1"})
+        return [line for batch in batches for line in batch["lines"]]
+
+    assert printed_of(f"Task x failed.\nTraceback ...\nActorCannotStart: {STOPS_THE_RUN} damaged weights") == []
+    assert printed_of("Task y failed: out of memory") == ["Task y failed: out of memory"]

@@ -276,6 +276,13 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     assert json.loads(report_path.read_text())["counts"]["frames"] == 4
     assert sorted(p.name for p in (tmp_path / "report" / "pred").iterdir()) == ["dance"]
     assert len(list((tmp_path / "report" / "pred" / "dance").glob("*.png"))) == 4
+    # A --run still writing the work folder (its lock held) keeps a second one out, in one line.
+    from helpers import lock_held_elsewhere
+
+    with lock_held_elsewhere(tmp_path / "report"):
+        busy = _run(*command)
+    assert busy.exit_code == 2 and "being written by another run" in busy.output, busy.output
+    assert len(busy.output.strip().splitlines()) == 1
     # pred/ and gt/ without its mark (a user's frames, laid out as ours) are refused, not deleted.
     (tmp_path / "report" / ".disco-evaluate-run").unlink()
     mine = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics", "psnr",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -314,9 +315,9 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     # Resumed in this process (on the session's Ray instance): the kill above was the real one.
     # This run is stopped the way `ray job stop`, Slurm and Kubernetes stop a job, with a SIGTERM:
     # as Ctrl-C, it keeps its commits and writes the manifest (Ray's handler exited with 15).
-    stopper = _signal_when_committed(journal, commits_at_kill + 2, signal.SIGTERM)
-    stopped = CliRunner().invoke(app, command[3:])
-    stopper.join()
+    assert commits_at_kill + 2 < total_units, "the kill came too late to leave units for the SIGTERM"
+    with _signal_when_committed(journal, commits_at_kill + 2, signal.SIGTERM):
+        stopped = CliRunner().invoke(app, command[3:])
     assert stopped.exit_code == 130, stopped.output[-2000:]
     assert "interrupted: what the actors committed is kept" in stopped.output and "resuming" in stopped.output
     assert json.loads((out / "manifest.json").read_text())["run"]["interrupted"] is True
@@ -336,19 +337,25 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
     assert _table_by_id(out).num_rows == 96
 
 
-def _signal_when_committed(journal: Path, commits: int, signum: int) -> threading.Thread:
-    """A thread that sends this process ``signum`` once ``journal`` holds ``commits`` commits."""
+@contextlib.contextmanager
+def _signal_when_committed(journal: Path, commits: int, signum: int):
+    """Within the block, a thread sends this process ``signum`` once ``journal`` holds ``commits``
+    commits; it stops watching when the block ends, signalled or not."""
+    done = threading.Event()
+
     def watch():
-        deadline = time.time() + 240
-        while time.time() < deadline:
+        while not done.wait(0.02):
             if journal.exists() and journal.read_text().count('"commit"') >= commits:
                 os.kill(os.getpid(), signum)
                 return
-            time.sleep(0.02)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    return thread
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_a_backend_declared_in_one_file_runs_through_preprocess(tmp_path, ray_local):

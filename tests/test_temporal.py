@@ -620,22 +620,30 @@ def test_a_long_clips_windows_are_read_a_few_row_groups_at_a_time():
     from disco.train.data.index import TripletIndex
     from disco.train.data.order import WINDOW_GROUPS
 
-    n, frames, rows_per_group = 1000, 16, 64  # one clip of 1,000 frames, in row groups of 64
+    # Two clips, of 1,000 and 90 frames, in row groups of 64.
+    n, frames, rows_per_group, lengths = 1090, 16, 64, (1000, 90)
     rows = np.arange(n)
+    clip = np.repeat([0, 1], lengths).astype(np.int64)
+    frame = np.concatenate([np.arange(k) for k in lengths]).astype(np.int32)
     index = TripletIndex(["a.parquet"], np.zeros(n, np.int32), (rows // rows_per_group).astype(np.int32),
-                         (rows % rows_per_group).astype(np.int32), np.zeros(n, np.int64), rows.astype(np.int32),
+                         (rows % rows_per_group).astype(np.int32), clip, frame,
                          np.append(np.arange(0, n, rows_per_group), n).astype(np.int64), rows.astype(np.int64),
-                         np.array([0, n], np.int64))
+                         np.array([0, 1000, n], np.int64))
     whole, grouped = window_index(index, frames), window_index(index, frames, group_frames=64)
-    assert np.array_equal(whole.first, grouped.first) and len(grouped) == n // frames == 62
-    assert np.diff(grouped.group_starts).tolist() == [4] * 15 + [2] and set(grouped.run.tolist()) == {0}
+    assert np.array_equal(whole.first, grouped.first) and len(grouped) == 62 + 5
+    assert np.diff(grouped.group_starts).tolist() == [4] * 15 + [2] + [4, 1]
+    assert grouped.run.tolist() == [0] * 16 + [1] * 2 and grouped.slack.tolist() == [8] * 16 + [10] * 2
     for epoch in range(5):  # one offset per run, shared by its groups: windows stay end to end
-        assert set(grouped.offsets(0, epoch).tolist()) == set(whole.offsets(0, epoch).tolist())
+        assert np.array_equal(grouped.offsets(0, epoch), whole.offsets(0, epoch)[grouped.run])
+    assert "67 windows of 16 consecutive frames from 2 runs of 2 clips" in grouped.describe(frames)
     epoch_frames = len(grouped) * frames
-    for group_frames, longest in ((64, WINDOW_GROUPS * 64), (None, epoch_frames)):
+    for group_frames in (64, None):
         plan = ClipPlan(index, frames, 0, 1, frames, group_frames=group_frames)
-        tasks = np.diff(np.append(plan.window_starts(0, 0), epoch_frames))
-        assert tasks.max() == longest, tasks  # frames a read task holds
+        tasks = np.diff(np.append(plan.window_starts(0, 0), epoch_frames))  # frames each read task holds
+        if group_frames:
+            assert tasks.max() <= WINDOW_GROUPS * 64 and len(tasks) == 3, tasks
+        else:
+            assert tasks.tolist() == [epoch_frames]  # both clips whole in one task
         read = plan.rows(np.arange(epoch_frames)).reshape(-1, frames)
         assert all(np.all(np.diff(index.frame[r]) == 1) for r in read)  # whole windows, in order
         assert len({int(r[0]) for r in read}) == len(read)  # each window once an epoch

@@ -174,6 +174,9 @@ class TrainConfig:
             raise ConfigError(f"unknown stage {self.stage!r}; choose pretrain, finetune or temporal")
         if self.stage == "temporal" and self.clip_frames < 1:
             raise ConfigError("--clip-frames must be at least 1")
+        if self.window_group_frames is not None and self.window_group_frames < 1:
+            raise ConfigError(f"window_group_frames must be at least 1 (or null: a group per run of frames), "
+                              f"not {self.window_group_frames}")
         if (self.pretrained is None) == (self.model is None):
             raise ConfigError("give exactly one of --pretrained DIR (sd-image-variations weights) or --model tiny")
         if self.model is not None and self.model not in CONFIGS:

@@ -23,6 +23,7 @@ from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
 from disco.train.data import build_index
+from disco.train.data.index import DataError
 from disco.train.monitor import read_metrics
 
 # Options a resumed run may change; all others decide the data order or the model and must stay.
@@ -208,9 +209,11 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
         try:
             cfg, checkpoint = resolve(cfg, given)
             return _locked_train(cfg, checkpoint, on_metrics, log, holder)
-        except ConfigError:
+        except (ConfigError, DataError):
             if created and [p.name for p in run.iterdir()] == [LOCK_FILE]:
-                shutil.rmtree(run)  # a new run refused before it wrote anything: no folder left behind
+                # A new run refused before it wrote anything: no folder left behind (on NFS the
+                # open lock file lingers as a .nfs file until closed: then the folder stays).
+                shutil.rmtree(run, ignore_errors=True)
             raise
 
 

@@ -51,6 +51,8 @@ def once_per_clip(encode, pictures: torch.Tensor, frames: int) -> torch.Tensor:
     of a 512 px step) and its reference through CLIP as often."""
     if frames == 1:
         return encode(pictures)
+    if len(pictures) % frames:
+        raise ValueError(f"a batch of {len(pictures)} frames is not whole clips of {frames}")
     return encode(pictures[::frames]).repeat_interleave(frames, dim=0)
 
 

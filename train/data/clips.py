@@ -43,9 +43,10 @@ OFFSET_SALT = 0x0FF5E7  # keeps the offsets' draws apart from the order's (``epo
 class WindowIndex:
     """The windows of every run of consecutive frames, as an index ``epoch_plan`` can order:
     ``first`` is each window's first frame at offset 0 (an offset into
-    ``TripletIndex.clip_order``), ``group_starts`` where each run's windows start, plus the end;
-    per run with windows (group), ``slack`` its frames beyond its whole windows (the largest
-    offset); per window, ``group`` its run's group. A run is a clip, or where frames of the clip
+    ``TripletIndex.clip_order``), ``group_starts`` where each group of windows starts, plus the
+    end (a group: a run's windows, or a part of them, ``window_index``'s ``group_frames``); per
+    group, ``run`` its run and ``slack`` its run's frames beyond its whole windows (the largest
+    offset); per window, ``group`` its group. A run is a clip, or where frames of the clip
     are missing (rows preprocessing rejected or could not annotate: its ``frame_index`` jumps), each
     stretch of it between the gaps: a window never spans a gap. ``runs`` counts them all,
     ``unused`` the frames in runs shorter than a window."""
