@@ -9,6 +9,7 @@ commands on its stdin, one per line, and reads one line back per command:
     add CPUS [GPUS] -> node N        (a new worker node with CPUS CPUs, and GPUS fake GPUs)
     (and at start: address ADDRESS, then with a dashboard: dashboard URL)
     kill N          -> killed N      (SIGKILL of node N's processes: a lost machine)
+    drain N SECONDS -> drained N     (node N drained as preempted, gone in SECONDS: a spot reclaim)
     stop            -> stopped
 """
 
@@ -49,6 +50,17 @@ def _serve(head_cpus: int, dashboard: bool, keep_current: bool) -> None:
             cluster.wait_for_nodes()
             nodes[len(nodes) + 1] = node
             print(f"node {len(nodes)}", flush=True)
+        elif command == "drain":  # what a cloud's reclaim notice, or a raylet sent SIGTERM, does
+            import time
+
+            from ray._raylet import GcsClient
+            from ray.core.generated import autoscaler_pb2
+
+            deadline_ms = int(time.time() * 1000) + int(float(args[1]) * 1000)
+            accepted, why = GcsClient(address=cluster.address).drain_node(
+                nodes[int(args[0])].node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                "preempted (a test)", deadline_ms)
+            print(f"drained {args[0]}" if accepted else f"refused {why}", flush=True)
         elif command == "kill":
             cluster.remove_node(nodes.pop(int(args[0])), allow_graceful=False)
             print(f"killed {args[0]}", flush=True)
@@ -90,6 +102,9 @@ class LoopbackCluster:
 
     def kill_node(self, node: int) -> None:
         self._send(f"kill {node}", "killed")
+
+    def drain_node(self, node: int, seconds: float) -> None:
+        self._send(f"drain {node} {seconds}", "drained")
 
 
 @contextmanager

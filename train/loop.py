@@ -40,6 +40,11 @@ from disco.train.condition_gaps import ConditionGaps
 # (With --grad-accum > 1 the micro-batches under no_sync accumulate into fresh gradients after
 # each update clears them, so the buckets stay a copy there: train/memory.py counts them then.)
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
+# Every this many steps a Ray Train run asks whether a node of it is being preempted (a spot
+# reclaim; a raylet sent SIGTERM drains its node as preempted): then it writes a checkpoint at
+# once, and the restart after the node goes starts from there instead of the last periodic one.
+# Each ask is a barrier across the workers, through Ray: not every step.
+PREEMPTION_CHECK_STEPS = 10
 
 
 def _rng_state() -> dict:
@@ -100,6 +105,14 @@ def _report_checkpoint(path: Path | None, rank: int, metrics: dict) -> None:
         (Path(folder) / POINTER_FILE).write_text(json.dumps({"checkpoint": str(path.absolute())}))  # links kept
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=path.name)
+
+
+def _preemption_notice() -> bool:
+    """Whether Ray Train knows of a node of this run being preempted (the same answer on every
+    worker: every worker must ask, as often as the others)."""
+    import ray.train
+
+    return ray.train.get_preemption_info() is not None
 
 
 def check_run_directory(run: Path, holder: str | None, rank: int) -> None:
@@ -262,7 +275,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     # Whatever stops the loop (an error included: no decodable row, a lost peer), the stream's
     # prefetch threads and the TensorBoard writer are stopped, so the process can exit.
     try:
-        interrupted = False
+        interrupted, preempted = False, False
         while step < cfg.max_steps:
             if collectives.any((run / STOP_FILE).exists()):
                 interrupted = True
@@ -304,6 +317,12 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 loss_sum.zero_()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint_now()
+            if distributed and step % PREEMPTION_CHECK_STEPS == 0 and not preempted and _preemption_notice():
+                preempted = True  # one checkpoint per notice: the restart after it starts anew
+                if saved_step != step:
+                    checkpoint_now()
+                if monitor is not None:
+                    monitor.log(step, {"preemption_checkpoint": float(step)})
             if monitor is not None and preview is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
                 write_sample_grid(model, preview, cfg, step, monitor, device, precision)
             if gaps is not None and gaps.due(step):
