@@ -109,10 +109,12 @@ def _report_checkpoint(path: Path | None, rank: int, metrics: dict) -> None:
 
 def _preemption_notice() -> bool:
     """Whether Ray Train knows of a node of this run being preempted (the same answer on every
-    worker: every worker must ask, as often as the others)."""
+    worker: every worker must ask, as often as the others). Never, with a Ray Train that cannot
+    say (before Ray 2.60's notices)."""
     import ray.train
 
-    return ray.train.get_preemption_info() is not None
+    ask = getattr(ray.train, "get_preemption_info", None)
+    return ask is not None and ask() is not None
 
 
 def check_run_directory(run: Path, holder: str | None, rank: int) -> None:
