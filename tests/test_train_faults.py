@@ -334,7 +334,7 @@ def _wait_for_checkpoint(run: Path, process: subprocess.Popen, step: int) -> Non
         time.sleep(0.1)
 
 
-def test_a_node_being_preempted_gets_a_checkpoint_written_at_once(triplets, tmp_path):
+def test_a_node_being_preempted_gets_a_checkpoint_written_at_once(triplets, tmp_path, monkeypatch):
     """A spot reclaim notice (a raylet sent SIGTERM drains its node the same way): the node of a
     Ray Train worker is drained as preempted, with its deadline minutes away. Ray Train tells the
     workers, which ask every ``PREEMPTION_CHECK_STEPS`` steps: a checkpoint of that step is
@@ -344,8 +344,11 @@ def test_a_node_being_preempted_gets_a_checkpoint_written_at_once(triplets, tmp_
 
     config = tmp_path / "resources.yaml"
     config.write_text(yaml.safe_dump({"cpus_per_worker": 1.5, "data_cpus": 0.25}))
-    steps = 2 * PREEMPTION_CHECK_STEPS
+    steps = 3 * PREEMPTION_CHECK_STEPS
     run = tmp_path / "drained"
+    # Ray Train's watcher looks for drained nodes every 5 s; the tiny run may take less than that
+    # to train its steps: every process of the cluster looks every 0.2 s.
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.2")
     with loopback_cluster(head_cpus=1) as cluster:
         doomed = cluster.add_node(2)
         command, env = cli_process("train", *OPTIONS, "--data", str(triplets["video"]), "--output", str(run),
