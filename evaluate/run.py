@@ -294,15 +294,19 @@ def _work_dir_held(work: Path):
     from disco.pipeline.store.output import LOCK_FILE, OutputBusy, folder_lock
 
     created = not work.exists()
+    lock = folder_lock(work, "wait for it to finish, or pick another --work-dir")
     try:
-        with folder_lock(work, "wait for it to finish, or pick another --work-dir"):
-            try:
-                yield
-            finally:
-                if created and [p.name for p in work.iterdir()] == [LOCK_FILE]:
-                    shutil.rmtree(work, ignore_errors=True)
+        lock.__enter__()
     except OutputBusy as exc:
         raise EvaluateInputError(str(exc)) from None
+    except OSError as exc:  # not a folder, not writable
+        raise EvaluateInputError(f"--work-dir {work}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        if created and [p.name for p in work.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(work, ignore_errors=True)
+        lock.__exit__(None, None, None)
 
 
 def check_work_dir(work: Path) -> list[Path]:
@@ -349,12 +353,14 @@ TEMPORARY_CLIP = ".tmp-"  # a clip's folder while its frames are written
 
 
 def _model_identity(source: dict) -> dict:
-    """What decides the weights ``--run`` samples: the checkpoint's record with absolute paths (a
-    checkpoint folder is written once, whole), and for a ``save_pretrained`` folder, which can be
-    written over in place, its files' sizes and times."""
+    """What decides the weights ``--run`` samples: the checkpoint's record with absolute paths,
+    and its folder's files' sizes and times."""
     identity = {k: str(Path(v).resolve()) if k in ("path", "checkpoint") else v for k, v in source.items()}
-    if source.get("kind") == "save_pretrained":
-        folder = Path(source["path"])
+    # A save_pretrained folder can be written over in place, and a run's checkpoint of a step
+    # written again (a restart from an older one): their files' sizes and times say which.
+    folder = source.get("checkpoint") or source.get("path")
+    if folder:
+        folder = Path(folder)
         identity["files"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
                                    for p in folder.rglob("*") if p.is_file())
     return identity

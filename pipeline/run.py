@@ -152,6 +152,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
+        sigterm.wind_up()
         interrupted = True
         log("interrupted: what the actors committed is kept")
     sigterm.wind_up()  # the manifest is written whatever comes now
@@ -210,7 +211,7 @@ class _SigtermStops:
     it. The handler before comes back at the end. Main thread only (signals are delivered there)."""
 
     def __init__(self):
-        self.previous, self.interrupting = None, False
+        self.previous, self.state = None, "off"
 
     def __enter__(self) -> "_SigtermStops":
         return self
@@ -219,15 +220,22 @@ class _SigtermStops:
         if threading.current_thread() is threading.main_thread() and self.previous is None:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
             self.previous = signal.SIG_DFL if self.previous is None else self.previous  # set outside Python
-            self.interrupting = True
+            self.state = "armed"
 
     def _handle(self, signum, frame) -> None:
-        if self.interrupting:
-            self.interrupting = False  # one interruption: what follows is the run's own wind-up
+        if self.state == "armed":
+            self.state = "interrupted"
             raise KeyboardInterrupt
+        if self.state == "interrupted":  # a second one before the wind-up: what it did before (Ray's exit)
+            signal.signal(signal.SIGTERM, self.previous)
+            if callable(self.previous):
+                self.previous(signum, frame)
+            elif self.previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+        # winding up: the manifest is being written, and will be
 
     def wind_up(self) -> None:
-        self.interrupting = False
+        self.state = "winding up"
 
     def __exit__(self, *exc) -> None:
         if self.previous is not None:

@@ -41,9 +41,10 @@ from disco.train.condition_gaps import ConditionGaps
 # each update clears them, so the buckets stay a copy there: train/memory.py counts them then.)
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
 # Every this many steps a Ray Train run asks whether a node of it is being preempted (a spot
-# reclaim; a raylet sent SIGTERM drains its node as preempted): then it writes a checkpoint at
-# once, and the restart after the node goes starts from there instead of the last periodic one.
-# Each ask is a barrier across the workers, through Ray: not every step.
+# reclaim; a node drained as its raylet is stopped): while one is, it writes a checkpoint at each
+# ask, so the restart Ray Train makes when the node goes starts at most this many steps back
+# (plus what was trained while the last checkpoint was written), not from the last periodic one.
+# Each ask is a round trip through Ray that every worker makes: not every step.
 PREEMPTION_CHECK_STEPS = 10
 
 
@@ -277,7 +278,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     # Whatever stops the loop (an error included: no decodable row, a lost peer), the stream's
     # prefetch threads and the TensorBoard writer are stopped, so the process can exit.
     try:
-        interrupted, preempted = False, False
+        interrupted = False
         while step < cfg.max_steps:
             if collectives.any((run / STOP_FILE).exists()):
                 interrupted = True
@@ -319,8 +320,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 loss_sum.zero_()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint_now()
-            if distributed and step % PREEMPTION_CHECK_STEPS == 0 and not preempted and _preemption_notice():
-                preempted = True  # one checkpoint per notice: the restart after it starts anew
+            if distributed and step % PREEMPTION_CHECK_STEPS == 0 and _preemption_notice():
                 if saved_step != step:
                     checkpoint_now()
                 if monitor is not None:
