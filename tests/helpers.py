@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,16 @@ class CodeRunningPickle:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+def submit_job(client, entrypoint: str, env_vars: dict[str, str]) -> str:
+    """``client.submit_job`` (Ray's job API) once the head's job agent has registered with the
+    dashboard, which it does a while after the cluster starts; the job's id."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env_vars})
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)

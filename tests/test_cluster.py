@@ -24,7 +24,7 @@ from disco.pipeline.demo_data import pan_zoom_frames, write_video
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from disco.pipeline.store.output import OutputStore
-from helpers import cli_process, lock_held_elsewhere, save
+from helpers import cli_process, lock_held_elsewhere, save, submit_job
 from loopback_cluster import loopback_cluster
 
 OPTIONS = ["--segment-frames", "6", "--shard-rows", "6", "--max-side", "128", "--no-progress"]
@@ -117,15 +117,7 @@ def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of
         cli = Path(sys.executable).with_name("disco-cli")
         entrypoint = " ".join([str(cli), "preprocess", "--source", "video", "--input", str(inputs), "--output",
                                str(job_out), *OPTIONS[:-1]])
-        deadline = time.time() + 120
-        while True:  # the head's job agent registers with the dashboard a while after start-up
-            try:
-                job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
-                break
-            except RuntimeError as exc:
-                if "No available agent" not in str(exc) or time.time() > deadline:
-                    raise
-                time.sleep(2)
+        job = submit_job(client, entrypoint, {"OMP_NUM_THREADS": "2"})
         ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
         deadline = time.time() + 240
         journal = job_out / "_journal.jsonl"

@@ -26,7 +26,7 @@ from disco.train.collectives import CollectiveDeviceError, Collectives, nccl_gua
 from disco.train.config import TrainConfig, load_run_config
 from disco.train.launch import TrainingFailed, train
 from disco.train.monitor import read_metrics
-from helpers import TWO_WORKER_RUN, cli_process
+from helpers import TWO_WORKER_RUN, cli_process, submit_job
 from loopback_cluster import loopback_cluster
 
 RES = 64
@@ -344,7 +344,7 @@ def test_a_node_being_preempted_gets_a_checkpoint_written_at_once(triplets, tmp_
 
     config = tmp_path / "resources.yaml"
     config.write_text(yaml.safe_dump({"cpus_per_worker": 1.5, "data_cpus": 0.25}))
-    steps = 5 * PREEMPTION_CHECK_STEPS
+    steps = 3 * PREEMPTION_CHECK_STEPS
     run = tmp_path / "drained"
     # Ray Train's watcher looks for drained nodes every 5 s, and the tiny run may train its steps
     # in less: here it looks every 0.2 s.
@@ -454,16 +454,7 @@ def test_ray_job_stop_stops_a_training_job_after_a_checkpoint(triplets, tmp_path
     with loopback_cluster(head_cpus=1, dashboard=True) as cluster:
         cluster.add_node(2)
         client = JobSubmissionClient(cluster.dashboard)
-        deadline = time.time() + 120
-        while True:  # the head's job agent registers with the dashboard a while after start-up
-            try:
-                job = client.submit_job(entrypoint=entrypoint,
-                                        runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "150"}})
-                break
-            except RuntimeError as exc:
-                if "No available agent" not in str(exc) or time.time() > deadline:
-                    raise
-                time.sleep(2)
+        job = submit_job(client, entrypoint, {"RAY_JOB_STOP_WAIT_TIME_S": "150"})
         ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
         deadline = time.time() + 300
         while not read_metrics(run)[0]:
