@@ -72,7 +72,8 @@ def evaluate(
                                    fvd_net=fvd_net, fid_vid_arch=plain(fid_vid_arch), fvd_arch=plain(fvd_arch)),
         )
         report = run_evaluate(config, log=lambda m: console.print(m, highlight=False))
-    except (EvaluateInputError, GenerateInputError, WeightsError, FileNotFoundError) as exc:
+    except (EvaluateInputError, GenerateInputError, WeightsError, FileNotFoundError, NotADirectoryError,
+            PermissionError) as exc:  # a --work-dir or a file it cannot use: one line
         usage_error(str(exc))
     except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
         usage_error(str(exc))

@@ -20,6 +20,7 @@ from disco.evaluate import networks as N
 from disco.evaluate.config import FID_VID_NET as M_FID_VID
 from disco.evaluate.config import FVD_NET as M_FVD
 from disco.evaluate.config import EvaluateConfig, EvaluateInputError
+from disco.pipeline.store.output import folder_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif"}
@@ -227,7 +228,8 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
     with contextlib.ExitStack() as held:
         if config.run is not None:
             work = Path(config.work_dir or config.output.with_suffix(""))
-            held.enter_context(_work_dir_held(work))  # one --run at a time in a work folder
+            # One --run at a time in a work folder (a second would clear or take over its clips).
+            held.enter_context(folder_lock(work, "wait for it to finish, or pick another --work-dir", tidy=True))
             generated = generate_split(config, work, log)
             pred, gt = work / "pred", work / "gt"
         report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
@@ -285,28 +287,6 @@ def describe_networks(config: EvaluateConfig) -> dict:
 # -- --run: generate a preprocessed split -----------------------------------------------------------
 
 WORK_MARK = ".disco-evaluate-run"  # in a work folder whose pred/ and gt/ evaluate --run wrote
-
-
-@contextlib.contextmanager
-def _work_dir_held(work: Path):
-    """The work folder's lock for the whole ``--run`` (a second one there would clear or take
-    over the clips the first is writing); a folder it made and left holding nothing else goes."""
-    from disco.pipeline.store.output import LOCK_FILE, OutputBusy, folder_lock
-
-    created = not work.exists()
-    lock = folder_lock(work, "wait for it to finish, or pick another --work-dir")
-    try:
-        lock.__enter__()
-    except OutputBusy as exc:
-        raise EvaluateInputError(str(exc)) from None
-    except OSError as exc:  # not a folder, not writable
-        raise EvaluateInputError(f"--work-dir {work}: {exc.strerror or exc}") from None
-    try:
-        yield
-    finally:
-        if created and [p.name for p in work.iterdir()] == [LOCK_FILE]:
-            shutil.rmtree(work, ignore_errors=True)
-        lock.__exit__(None, None, None)
 
 
 def check_work_dir(work: Path) -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -23,7 +22,6 @@ from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
 from disco.train.data import build_index
-from disco.train.data.index import DataError
 from disco.train.monitor import read_metrics
 
 # Options a resumed run may change; all others decide the data order or the model and must stay.
@@ -199,22 +197,16 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     interrupted checkpoint write left) to the end: a second ``--resume`` of a run still training
     (a job resubmitted while the first runs) is refused instead of deleting the live run's
     checkpoint in the making and interleaving its own checkpoints and metrics with it."""
-    from disco.pipeline.store.output import LOCK_FILE, folder_lock
+    from disco.pipeline.store.output import folder_lock
 
     run = Path(cfg.output).absolute() if cfg.output else None
     if run is None or (cfg.resume and not (run / RUN_CONFIG_FILE).exists()):
         resolve(cfg, given)  # raises: no --output, or --resume of what is not a run
-    created = not run.exists()
-    with folder_lock(run, "wait for it to finish, or stop it (Ctrl-C, `ray job stop`) and resume then") as holder:
-        try:
-            cfg, checkpoint = resolve(cfg, given)
-            return _locked_train(cfg, checkpoint, on_metrics, log, holder)
-        except (ConfigError, DataError):
-            if created and [p.name for p in run.iterdir()] == [LOCK_FILE]:
-                # A new run refused before it wrote anything: no folder left behind (on NFS the
-                # open lock file lingers as a .nfs file until closed: then the folder stays).
-                shutil.rmtree(run, ignore_errors=True)
-            raise
+    # A new run refused before it wrote anything leaves no folder behind (tidy).
+    with folder_lock(run, "wait for it to finish, or stop it (Ctrl-C, `ray job stop`) and resume then",
+                     tidy=True) as holder:
+        cfg, checkpoint = resolve(cfg, given)
+        return _locked_train(cfg, checkpoint, on_metrics, log, holder)
 
 
 def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callable[[dict], None] | None,

@@ -61,14 +61,16 @@ def _causes(exc: BaseException):
 
 
 @contextlib.contextmanager
-def folder_lock(root: Path, advice: str = "wait for it to finish, or pick another --output"):
+def folder_lock(root: Path, advice: str = "wait for it to finish, or pick another --output", tidy: bool = False):
     """Hold ``root`` for one process (a preprocessing output, a training run): a second one is
     refused with ``OutputBusy``, which names the holder. An ``flock`` dies with its process, so a
     killed run leaves no stale lock behind; the file only says who holds it (yielded: a text
     unique to this holding, which a process on another node can compare with what it reads there:
     written through to the storage, for NFS shows another node a file's new content only once it
-    is flushed). ``advice``: what the refusal tells the user to do."""
+    is flushed). ``advice``: what the refusal tells the user to do. ``tidy``: a folder the lock
+    made and that holds nothing else at the end (a run refused before it wrote anything) goes."""
     root = Path(root)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -91,6 +93,10 @@ def folder_lock(root: Path, advice: str = "wait for it to finish, or pick anothe
         os.fsync(fd)
         yield holder
     finally:
+        if tidy and created and [p.name for p in root.iterdir()] == [LOCK_FILE]:
+            # Removed while held (on NFS the open lock file lingers as a .nfs file until closed:
+            # the folder then stays).
+            shutil.rmtree(root, ignore_errors=True)
         os.close(fd)  # releases the lock
 
 

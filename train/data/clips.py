@@ -55,14 +55,10 @@ class WindowIndex:
     group_starts: np.ndarray
     slack: np.ndarray
     group: np.ndarray
+    run: np.ndarray
     runs: int = 0
     clips: int = 0
     unused: int = 0
-    run: np.ndarray | None = None  # per group, its run with windows (None: a group is a whole run)
-
-    def __post_init__(self):
-        if self.run is None:
-            self.run = np.arange(len(self.slack), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.first)
@@ -118,8 +114,8 @@ def window_index(index: TripletIndex, frames: int, split_at_gaps: bool = True,
     nth = np.arange(len(run), dtype=np.int64) - np.repeat(np.cumsum(groups_of_run) - groups_of_run, groups_of_run)
     group_starts = np.append(run_starts[run] + nth * (per_group or 0), run_starts[-1]).astype(np.int64)
     group = np.repeat(np.arange(len(run), dtype=np.int64), np.diff(group_starts))
-    return WindowIndex(first, group_starts, slack[run], group, runs=len(starts), clips=len(clip_starts),
-                       unused=int(lengths[~kept].sum()), run=run)
+    return WindowIndex(first, group_starts, slack[run], group, run, runs=len(starts), clips=len(clip_starts),
+                       unused=int(lengths[~kept].sum()))
 
 
 class ClipPlan(StreamPlan):
