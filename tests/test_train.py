@@ -394,8 +394,8 @@ def test_a_worker_that_does_not_see_the_drivers_run_directory_stops_the_run_at_i
     # Through Ray Train: the worker reads a lock text other than the driver's (as on a node with a
     # run directory of its own).
     @contextmanager
-    def held_elsewhere(root, advice="wait"):
-        with folder_lock(root, advice):
+    def held_elsewhere(root, advice="wait", **options):
+        with folder_lock(root, advice, **options):
             yield "pid 1 on another-host, since 2026-01-01 00:00:00\n"
 
     monkeypatch.setattr(output, "folder_lock", held_elsewhere)
