@@ -9,6 +9,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from disco.pipeline.store.encode import decode_picture
+from disco.pipeline.store.reader import take_rows
 from disco.pipeline.store.schema import PICTURE_COLUMNS
 
 THUMB = 160
@@ -57,7 +58,7 @@ def write_contact_sheet(dataset, path: Path, count: int = 8) -> int:
     """Sample ``count`` rows of a pyarrow dataset into a PNG at ``path``; returns the rows shown."""
     total = dataset.count_rows()
     indices = sample_indices(total, count)
-    rows = dataset.take(indices, columns=["sample_id", *PICTURE_COLUMNS]) if indices else None
+    rows = take_rows(dataset, indices, ["sample_id", *PICTURE_COLUMNS]) if indices else None
     image = contact_sheet(rows) if rows is not None else contact_sheet(pa.table({n: [] for n in ["sample_id", *PICTURE_COLUMNS]}))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 
 from disco.pipeline.store.encode import decode_picture
+from disco.pipeline.store.reader import take_rows
 from disco.pipeline.store.schema import PERSON_ALPHA
 
 MAX_FRAMES = 2000  # frames read by default: a few clips' worth say what a whole output would
@@ -67,22 +68,22 @@ def temporal_quality(triplets, max_frames: int = MAX_FRAMES) -> TemporalQuality:
     """Mask flicker and pose jitter of an output's video clips (``triplets``: the output's Arrow
     dataset), over the clips' first ``max_frames`` frames in clip order."""
     keys = triplets.to_table(columns=["clip_id", "frame_index"])
-    clip_ids = keys.column("clip_id").to_pylist()
-    frames = keys.column("frame_index").to_pylist()
-    order = sorted(range(keys.num_rows), key=lambda i: (clip_ids[i], frames[i]))
-    # Rows that belong to a pair: a clip's frame whose next or previous index is also stored.
-    wanted: list[int] = []
-    for position, row in enumerate(order):
-        before = position > 0 and _consecutive(clip_ids, frames, order[position - 1], row)
-        after = position + 1 < len(order) and _consecutive(clip_ids, frames, row, order[position + 1])
-        if before or after:
-            wanted.append(row)
-        if len(wanted) >= max_frames:
-            break
-    if not wanted:
+    # In Arrow and NumPy, not per row in Python: an output of millions of stills (no pairs at all)
+    # is scanned to its end.
+    order = pc.sort_indices(keys, sort_keys=[("clip_id", "ascending"), ("frame_index", "ascending")])
+    clip_ids = keys.column("clip_id").take(order)
+    frames = keys.column("frame_index").take(order).to_numpy()
+    # pair[i]: the i-th and (i+1)-th rows in clip order are consecutive frames of one clip.
+    pair = (pc.equal(clip_ids[1:], clip_ids[:-1]).to_numpy(zero_copy_only=False)
+            & (np.diff(frames) == 1)) if len(frames) > 1 else np.zeros(0, bool)
+    in_pair = np.zeros(len(frames), bool)
+    in_pair[:-1] |= pair
+    in_pair[1:] |= pair
+    wanted = order.to_numpy()[in_pair][:max_frames]
+    if not len(wanted):
         return TemporalQuality(clips=0, pairs=0, mask_iou=None, pose_jitter=None)
     # Only the masks of those rows are read (row numbers in the dataset's own order, as above).
-    rows = triplets.take(pa.array(wanted), columns=["clip_id", "frame_index", "mask", "body_keypoints"])
+    rows = take_rows(triplets, wanted, ["clip_id", "frame_index", "mask", "body_keypoints"])
     ious, jitters, clips = [], [], set()
     previous = None
     for clip_id, frame_index, mask, body in zip(*(rows.column(c).to_pylist() for c in rows.column_names)):
@@ -98,6 +99,3 @@ def temporal_quality(triplets, max_frames: int = MAX_FRAMES) -> TemporalQuality:
     return TemporalQuality(clips=len(clips), pairs=len(ious), mask_iou=float(np.mean(ious)) if ious else None,
                            pose_jitter=float(np.mean(jitters)) if jitters else None)
 
-
-def _consecutive(clip_ids: list, frames: list, a: int, b: int) -> bool:
-    return clip_ids[a] == clip_ids[b] and frames[a] + 1 == frames[b]

@@ -116,3 +116,54 @@ def test_pictures_split_and_encode_without_losing_a_pixel():
         encoded = encode_png(picture, drawing=True)
         assert np.array_equal(decode_picture(encoded, grayscale=picture.ndim == 2), picture)
         assert len(encoded) <= len(encode_png(picture))  # the drawing settings cost no bytes either
+
+
+def test_rows_are_taken_from_their_row_groups_alone(tmp_path):
+    """``take_rows`` (the contact sheet's and the temporal report's reader): the rows asked for, in
+    the order asked, reading only the row groups that hold them, where pyarrow's ``Dataset.take``
+    reads every file up to the last row asked for."""
+    import os
+
+    import fsspec.implementations.local
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    from disco.pipeline.store.reader import take_rows
+
+    class Counting(fsspec.implementations.local.LocalFileSystem):
+        read = 0
+
+        def _open(self, *args, **kwargs):
+            file = super()._open(*args, **kwargs)
+            read = file.read
+
+            def counted(*a):
+                data = read(*a)
+                Counting.read += len(data)
+                return data
+
+            file.read = counted
+            return file
+
+    files = []
+    for s in range(3):  # 3 files of 4 row groups of 25 rows, 20 kB of picture a row: 2 MB a file
+        table = _rows(f"shard-{s}", 100).set_column(10, "mask", pa.array([os.urandom(20_000) for _ in range(100)]))
+        table = table.set_column(3, "frame_index", pa.array(range(100 * s, 100 * (s + 1)), pa.int32()))
+        pq.write_table(table, tmp_path / f"part-{s}.parquet", row_group_size=25)
+        files.append(str(tmp_path / f"part-{s}.parquet"))
+    dataset = pads.dataset(files, schema=TRIPLET_SCHEMA, format="parquet",
+                           filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(Counting())))
+    positions = [299, 0, 150, 150, 298]
+    taken = take_rows(dataset, positions, ["frame_index", "mask"])
+    assert taken.column("frame_index").to_pylist() == positions
+    assert taken.column("mask").to_pylist()[0] == dataset.take([299], columns=["mask"]).column("mask")[0].as_py()
+    Counting.read = 0
+    take_rows(dataset, [0, 299], ["sample_id", "mask"])
+    # Two row groups of 500 kB (and the footers): not the 6 MB that Dataset.take reads.
+    assert Counting.read < 1.5e6, Counting.read
+    Counting.read = 0
+    dataset.take([0, 299], columns=["sample_id", "mask"])
+    assert Counting.read > 4e6  # what the test guards against
+    assert take_rows(dataset, [], ["mask"]).num_rows == 0
+    with pytest.raises(IndexError, match="row 300 is past the dataset's last row"):
+        take_rows(dataset, [2, 300], ["mask"])
