@@ -172,6 +172,36 @@ def test_one_worker_with_two_shards_sees_what_two_workers_see(clips):
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_the_next_ray_data_execution_starts_before_the_current_one_runs_out(clips, monkeypatch):
+    """The stream is a chain of Ray Data executions (chunks); each one's start stalled the consumer
+    (about a second on two cores; under DDP every rank at its own step). The next starts in the
+    background while the current one's last blocks are consumed, and the samples are those of
+    one long execution."""
+    import disco.train.data.stream as stream_module
+
+    index = build_index([str(clips)])
+    whole = _batches(index, 25)  # 100 samples in one execution
+    events, chunk = [], stream_module.SampleStream._chunk
+
+    def logged(self, tasks):
+        k = sum(event == "started" for event, _ in events)
+        events.append(("started", k))
+        yield from chunk(self, tasks)
+        events.append(("done", k))
+
+    monkeypatch.setattr(stream_module, "CHUNK_BATCHES", 1)  # a chunk is one read task: 32-40 samples
+    monkeypatch.setattr(stream_module.SampleStream, "_chunk", logged)
+    chained = _batches(index, 25)
+    assert all(torch.equal(a["position"], b["position"]) and torch.equal(a["target"], b["target"])
+               for a, b in zip(whole, chained))
+    started = [k for event, k in events if event == "started"]
+    assert len(started) >= 3 and ("done", 1) in events
+    for k in started[1:]:  # (the last one the consumer was still in when the stream closed: no "done")
+        done = events.index(("done", k - 1)) if ("done", k - 1) in events else len(events)
+        assert events.index(("started", k)) < done, events
+
+
+@pytest.mark.usefixtures("ray_local")
 def test_bytes_read_per_sample_used_stay_near_one(tmp_path):
     """Reads counted at the file (world 1, through Ray) and by the read plan (worlds 1, 2, 8):
     the row groups' needed column chunks, each read about once per epoch."""

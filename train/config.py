@@ -259,6 +259,9 @@ class TrainConfig:
             raise ConfigError("--pose-scale applies to fine-tuning; the temporal stage keeps its --init-from run's")
         if self.max_failures is not None and self.max_failures < 0:
             raise ConfigError("--max-failures must be 0 or more")
+        for name in ("cpus_per_worker", "data_cpus"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more (0: Ray accounts no CPU for it)")
         if self.learning_rate <= 0:
             raise ConfigError("--lr must be positive")
         if self.mixed_precision == "fp16" and not self.use_gpu:

@@ -162,8 +162,10 @@ def _resources(cfg: TrainConfig, distributed: bool) -> tuple[float, float]:
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    worker = cfg.cpus_per_worker or (min(1.0, total / (2 * cfg.num_workers)) if distributed else 0.0)
-    data = cfg.data_cpus or (0.25 if total < 8 else 1.0)
+    # 0 is a value (Ray accounts no CPU): only an unset option takes the default.
+    worker = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else (
+        min(1.0, total / (2 * cfg.num_workers)) if distributed else 0.0)
+    data = cfg.data_cpus if cfg.data_cpus is not None else (0.25 if total < 8 else 1.0)
     return worker, data
 
 

@@ -307,7 +307,11 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(collectives.mean(loss_sum / window_steps))
-                skipped = skipped_before + int(sum(collectives.gather(stream.skipped)))
+                # Under DDP every step waits for the slowest worker: the wait logged is the
+                # largest of the workers', not rank 0's alone.
+                counts = collectives.gather((stream.skipped, waited))
+                skipped = skipped_before + int(sum(count for count, _ in counts))
+                waited = max(wait for _, wait in counts)
                 if monitor is not None:
                     monitor.log(step, {
                         "loss": last_loss, "lr": scheduler.get_last_lr()[0],

@@ -4,6 +4,7 @@ and runs the read and decode stages through Ray Data."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -17,6 +18,9 @@ from disco.train.data.read import REFERENCE_STORE_BYTES, REFERENCE_STORE_NAMESPA
 from disco.train.data.watch import STARTUP_TIMEOUT_S, Watch, stream_callback
 
 
+# How long closing a stream waits for the next chunk's start in the background before leaving it
+# (one stuck waiting for CPUs ends by its start-up watch).
+CLOSE_WAIT_S = 5.0
 CHUNK_BATCHES = 256  # at least this many micro-batches of read tasks per Ray Data execution; chained
 # Samples one decode task loads. Ray Data costs a few ms of driver and worker CPU per task
 # whatever its size; per micro-batch of 4 that was as much CPU as the decoding itself.
@@ -69,7 +73,6 @@ class SampleStream:
         self._plan = StreamPlan(index, seed, shards, batch * world)
         self._first_shard = rank * (shards // world)
         self._first_references = index.first_reference() if stage == "finetune" and ref_mode == "first" else None
-        self._watch = Watch(self.startup_timeout_s, data_cpus)
         self._store = None  # (name, handle) of the data set's ReferenceStore, once started
         self._blocks = self._stream()
         self._block, self._offset, self._bad_run = None, 0, 0
@@ -177,7 +180,7 @@ class SampleStream:
 
     # -- Ray Data -----------------------------------------------------------------------------------
 
-    def _configure(self, context) -> None:
+    def _configure(self, context, watch: Watch) -> None:
         """Settings of this stream's own Ray Data context (a copy: nothing else in the process
         sees them). Blocks in order: resume and the workers' shares depend on it. A bound on how
         far Ray Data decodes ahead: by default it fills its object-store budget (a whole chunk),
@@ -196,7 +199,7 @@ class SampleStream:
         options.preserve_order = True  # the stream's order is part of the run's determinism
         options.resource_limits = options.resource_limits.copy(
             object_store_memory=blocks * self.samples_per_block * per_sample + 2 * self._window_bytes())
-        callback = stream_callback(self._watch)
+        callback = stream_callback(watch)
         if callback is not None:
             context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, callback]
 
@@ -236,7 +239,7 @@ class SampleStream:
                 self._store = None, None
         return self._store[0]
 
-    def _dataset(self, tasks: list[tuple[int, int]]):
+    def _dataset(self, tasks: list[tuple[int, int]], watch: Watch):
         import ray
 
         specs = [self.locators(start, stop) for start, stop in tasks]
@@ -253,31 +256,63 @@ class SampleStream:
                          fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment,
                                         seed=self.seed, pose_render=self.pose_render, clip_frames=self.clip_frames))
         )
-        self._configure(dataset.context)
+        self._configure(dataset.context, watch)
         return dataset
 
+    def _chunk_tasks(self, start: int) -> tuple[list[tuple[int, int]], int]:
+        """The read tasks of the Ray Data execution that starts at stream item ``start``, and where
+        it stops."""
+        tasks, stop = [], start
+        while not tasks or stop - start < CHUNK_BATCHES * self.batch:
+            end = self.task_end(stop)
+            tasks.append((stop, end))
+            stop = end
+        return tasks, stop
+
+    def _chunk(self, tasks: list[tuple[int, int]]):
+        """The decoded blocks of one Ray Data execution, with its own start-up watch (two
+        executions overlap at a chunk's end)."""
+        watch = Watch(self.startup_timeout_s, self.data_cpus)
+        try:
+            for block in self._dataset(tasks, watch).iter_torch_batches(
+                batch_size=None, prefetch_batches=self.prefetch_blocks, device=self.device or "cpu",
+            ):
+                watch.delivered = True
+                yield block
+        except Exception as exc:
+            if watch.error is not None:
+                raise DataError(watch.error) from None
+            damaged = damaged_shard(exc)
+            if damaged is not None:
+                raise damaged from None
+            raise
+
     def _stream(self):
-        start = self.position
-        while True:
-            tasks, stop = [], start
-            while not tasks or stop - start < CHUNK_BATCHES * self.batch:
-                end = self.task_end(stop)
-                tasks.append((stop, end))
-                stop = end
-            try:
-                for block in self._dataset(tasks).iter_torch_batches(
-                    batch_size=None, prefetch_batches=self.prefetch_blocks, device=self.device or "cpu",
-                ):
-                    self._watch.delivered = True
+        """Every block of the stream, one Ray Data execution (chunk) after another. Each
+        execution's start (a new executor, a window read, a block decoded: about half a second
+        on two cores) would stall the consumer once per chunk, and under DDP every rank's stall
+        (each at its own step) holds up the whole group: the next chunk starts in the background
+        while the last blocks of the current one are consumed."""
+        tasks, stop = self._chunk_tasks(self.position)
+        current, following = _Started(self._chunk(tasks)), None
+        try:
+            while True:
+                remaining = stop - tasks[0][0]  # stream items still to come from this execution
+                for block in current:
+                    remaining -= len(block["position"][0])  # a block is one row of list columns
+                    # Started while the consumer still has twice Ray Data's prefetch to go.
+                    if following is None and remaining <= 2 * self.prefetch_blocks * self.samples_per_block:
+                        tasks, stop = self._chunk_tasks(stop)
+                        following = _Started(self._chunk(tasks), background=True)
                     yield block
-            except Exception as exc:
-                if self._watch.error is not None:
-                    raise DataError(self._watch.error) from None
-                damaged = damaged_shard(exc)
-                if damaged is not None:
-                    raise damaged from None
-                raise
-            start = stop
+                if following is None:
+                    tasks, stop = self._chunk_tasks(stop)
+                    following = _Started(self._chunk(tasks))
+                current, following = following, None
+        finally:
+            current.close()
+            if following is not None:
+                following.close()
 
     def close(self) -> None:
         """Stop the running Ray Data execution (its prefetching tasks) now, not at interpreter exit."""
@@ -328,3 +363,44 @@ class SampleStream:
             self.position += end - self._offset
             self._offset = end
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+_END = object()
+
+
+class _Started:
+    """Iterates over ``blocks`` (a generator); with ``background``, its first item is fetched now,
+    in a thread of its own, so that a Ray Data execution starts while the consumer is busy."""
+
+    def __init__(self, blocks, background: bool = False):
+        self._blocks, self._first, self._error, self._thread = blocks, _END, None, None
+        if background:
+            self._thread = threading.Thread(target=self._fetch, name="disco-next-chunk", daemon=True)
+            self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._blocks)
+        except StopIteration:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised in the consumer's thread instead
+            self._error = exc
+
+    def __iter__(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+            if self._first is _END:
+                return
+            first, self._first = self._first, _END
+            yield first
+        yield from self._blocks
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join(CLOSE_WAIT_S)
+            if self._thread.is_alive():
+                return
+        self._blocks.close()
