@@ -110,6 +110,20 @@ def test_every_row_once_per_epoch_over_the_shards_in_windows_of_a_few_row_groups
             assert np.array_equal(np.sort(mine), np.sort(plan.epoch(epoch).rows[s]))
 
 
+def test_clip_ids_number_the_clips_as_sorted_keys(clips):
+    """The index numbers clips by their sorted (folder, source, clip) keys, now in Arrow: the same
+    numbers as the per-row NumPy keys it replaced (a resumed run's order depends on them)."""
+    import pyarrow.dataset as pads
+
+    index = build_index([str(clips), str(clips)])  # the same rows twice: two folders, two clips each
+    keys = []
+    for folder_id, folder in enumerate([clips, clips]):
+        table = pads.dataset(sorted((folder / "triplets").glob("*.parquet")), format="parquet").to_table()
+        keys += [f"{folder_id}\x00{s}/{c}" for s, c in zip(table["source"].to_pylist(), table["clip_id"].to_pylist())]
+    _, expected = np.unique(np.array(keys, dtype=object), return_inverse=True)
+    assert np.array_equal(index.clip, expected) and index.clip.max() == 7
+
+
 def test_data_shards_must_fit_the_workers_and_the_data(clips):
     index = build_index([str(clips)])
     with pytest.raises(DataError, match="3 data shards cannot be shared evenly by 2 workers"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from disco.pipeline.store.reader import open_triplets
@@ -88,13 +90,14 @@ def build_index(folders: list[str], split: str = "train") -> TripletIndex:
             keep = np.asarray(meta.column("split").to_numpy(zero_copy_only=False) == split)
             group = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
             row = np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]) if sizes else np.zeros(0, np.int32)
-            source = meta.column("source").to_numpy(zero_copy_only=False)
-            clip = meta.column("clip_id").to_numpy(zero_copy_only=False)
+            # "<folder>\0<source>/<clip>", in Arrow: per row in Python it took minutes at 30 M rows.
+            key = pc.binary_join_element_wise(f"{folder_id}\x00", meta.column("source").fill_null("None"), "/",
+                                              meta.column("clip_id").fill_null("None"), "")
             file_ids.append(np.full(int(keep.sum()), len(files), np.int32))
             files.append(path)
             groups.append(group[keep])
             rows.append(row[keep])
-            clip_keys.append(np.array([f"{folder_id}\x00{s}/{c}" for s, c in zip(source[keep], clip[keep])], dtype=object))
+            clip_keys.append(key.filter(pa.array(keep)))
             frames.append(meta.column("frame_index").to_numpy()[keep].astype(np.int32))
     if not files or not sum(len(f) for f in file_ids):
         where = ", ".join(str(f) for f in folders)
@@ -102,8 +105,11 @@ def build_index(folders: list[str], split: str = "train") -> TripletIndex:
     file = np.concatenate(file_ids)
     group = np.concatenate(groups)
     frame = np.concatenate(frames)
-    _, clip = np.unique(np.concatenate(clip_keys), return_inverse=True)
-    clip = clip.astype(np.int64)
+    # Clip ids number the keys in sorted order (UTF-8 byte order is code point order: the ids
+    # np.unique gave, which runs written before keep).
+    keys = pa.chunked_array(clip_keys, pa.string())
+    names = pc.unique(keys)
+    clip = pc.index_in(keys, value_set=names.take(pc.sort_indices(names))).to_numpy().astype(np.int64)
     change = np.flatnonzero((np.diff(file) != 0) | (np.diff(group) != 0)) + 1
     group_starts = np.concatenate([[0], change, [len(file)]]).astype(np.int64)
     clip_order = np.lexsort((frame, clip))
