@@ -197,10 +197,10 @@ def test_the_next_ray_data_execution_starts_before_the_current_one_runs_out(clip
     whole = _batches(index, 25)  # 100 samples in one execution
     events, chunk = [], stream_module.SampleStream._chunk
 
-    def logged(self, tasks):
+    def logged(self, *args):
         k = sum(event == "started" for event, _ in events)
         events.append(("started", k))
-        yield from chunk(self, tasks)
+        yield from chunk(self, *args)
         events.append(("done", k))
 
     monkeypatch.setattr(stream_module, "CHUNK_BATCHES", 1)  # a chunk is one read task: 32-40 samples
@@ -308,3 +308,22 @@ def test_the_stream_starts_when_few_cpus_are_free_and_fails_in_time_when_none_fi
     assert 2 <= seconds < 30, error
     assert re.search(r"the training data stream could not start within 2 s: its decode tasks need 1 CPU each and "
                      r"no node has that free \(free CPU per node: 127\.0\.0\.1 0\.5 of 2\); lower data_cpus", error), error
+
+
+def test_a_cpu_count_of_0_is_a_value_where_ray_takes_it(clips, tmp_path, monkeypatch):
+    """``data_cpus: 0`` (Ray accounts no CPU to a decode task) was read as unset (1.0 on a big
+    node); ``cpus_per_worker: 0`` is refused without a GPU (Ray Train refuses an empty bundle)."""
+    import ray
+
+    from disco.pipeline.errors import ConfigError
+    from disco.train.config import TrainConfig
+    from disco.train.launch import _resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    base = dict(stage="finetune", model="tiny", num_workers=2, data=[str(clips)], output=str(tmp_path / "run"))
+    assert _resources(TrainConfig(**base, data_cpus=0), distributed=True) == (1.0, 0)
+    assert _resources(TrainConfig(**base), distributed=True) == (1.0, 1.0)
+    with pytest.raises(ConfigError, match="cpus_per_worker must be above 0"):
+        TrainConfig(**base, cpus_per_worker=0).validate()
+    with pytest.raises(ConfigError, match="data_cpus must be 0 or more"):
+        TrainConfig(**base, data_cpus=-1).validate()

@@ -259,9 +259,11 @@ class TrainConfig:
             raise ConfigError("--pose-scale applies to fine-tuning; the temporal stage keeps its --init-from run's")
         if self.max_failures is not None and self.max_failures < 0:
             raise ConfigError("--max-failures must be 0 or more")
-        for name in ("cpus_per_worker", "data_cpus"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be 0 or more (0: Ray accounts no CPU for it)")
+        if self.data_cpus is not None and self.data_cpus < 0:
+            raise ConfigError("data_cpus must be 0 or more (0: Ray accounts no CPU for a decode task)")
+        # A Ray Train worker's bundle must ask for something: 0 CPUs only beside a GPU.
+        if self.cpus_per_worker is not None and (self.cpus_per_worker < 0 or (self.cpus_per_worker == 0 and not self.use_gpu)):
+            raise ConfigError("cpus_per_worker must be above 0 (0 only with --use-gpu: the worker then asks for its GPU alone)")
         if self.learning_rate <= 0:
             raise ConfigError("--lr must be positive")
         if self.mixed_precision == "fp16" and not self.use_gpu:

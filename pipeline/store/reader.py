@@ -88,6 +88,8 @@ def take_rows(dataset: pads.Dataset, positions: Sequence[int], columns: list[str
     wanted = np.unique(positions)
     if not len(wanted):
         return dataset.schema.empty_table().select(columns)
+    if wanted[0] < 0:
+        raise IndexError(f"row {int(wanted[0])}: rows are numbered from 0")
     parts, start = [], 0
     for fragment in dataset.get_fragments():
         fragment.ensure_complete_metadata()  # the row groups' sizes, from the footer

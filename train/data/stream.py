@@ -3,6 +3,7 @@ and runs the read and decode stages through Ray Data."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import defaultdict
@@ -185,7 +186,8 @@ class SampleStream:
         sees them). Blocks in order: resume and the workers' shares depend on it. A bound on how
         far Ray Data decodes ahead: by default it fills its object-store budget (a whole chunk),
         competing with the model for the CPU; a few blocks beyond the loop's prefetch are enough,
-        plus the encoded windows of the read tasks. And the start-up watch and idle pause of its
+        plus the encoded windows of the read tasks (per execution: while the next chunk starts,
+        two executions hold a budget each). And the start-up watch and idle pause of its
         scheduling loop."""
         from disco.train.augment import CLIP_SIZE
 
@@ -269,10 +271,9 @@ class SampleStream:
             stop = end
         return tasks, stop
 
-    def _chunk(self, tasks: list[tuple[int, int]]):
+    def _chunk(self, tasks: list[tuple[int, int]], watch: Watch):
         """The decoded blocks of one Ray Data execution, with its own start-up watch (two
         executions overlap at a chunk's end)."""
-        watch = Watch(self.startup_timeout_s, self.data_cpus)
         try:
             for block in self._dataset(tasks, watch).iter_torch_batches(
                 batch_size=None, prefetch_batches=self.prefetch_blocks, device=self.device or "cpu",
@@ -290,25 +291,20 @@ class SampleStream:
     def _stream(self):
         """Every block of the stream, one Ray Data execution (chunk) after another. Each
         execution's start (a new executor, a window read, a block decoded: about half a second
-        on two cores) would stall the consumer once per chunk, and under DDP every rank's stall
-        (each at its own step) holds up the whole group: the next chunk starts in the background
-        while the last blocks of the current one are consumed."""
-        tasks, stop = self._chunk_tasks(self.position)
-        current, following = _Started(self._chunk(tasks)), None
+        on two cores; at an epoch's start also the epoch's plan) would stall the consumer once per
+        chunk, and under DDP every rank's stall (each at its own step) holds up the whole group:
+        the next chunk starts in the background while the last blocks of the current one are
+        consumed. Only one chunk starts at a time, and the consumer touches neither the read plan
+        nor its caches while it does."""
+        current, following = _Chunk(self, self.position), None
         try:
             while True:
-                remaining = stop - tasks[0][0]  # stream items still to come from this execution
                 for block in current:
-                    remaining -= len(block["position"][0])  # a block is one row of list columns
                     # Started while the consumer still has twice Ray Data's prefetch to go.
-                    if following is None and remaining <= 2 * self.prefetch_blocks * self.samples_per_block:
-                        tasks, stop = self._chunk_tasks(stop)
-                        following = _Started(self._chunk(tasks), background=True)
+                    if following is None and current.remaining <= 2 * self.prefetch_blocks * self.samples_per_block:
+                        following = _Chunk(self, current.stop, background=True)
                     yield block
-                if following is None:
-                    tasks, stop = self._chunk_tasks(stop)
-                    following = _Started(self._chunk(tasks))
-                current, following = following, None
+                current, following = following or _Chunk(self, current.stop), None
         finally:
             current.close()
             if following is not None:
@@ -368,19 +364,31 @@ class SampleStream:
 _END = object()
 
 
-class _Started:
-    """Iterates over ``blocks`` (a generator); with ``background``, its first item is fetched now,
-    in a thread of its own, so that a Ray Data execution starts while the consumer is busy."""
+class _Chunk:
+    """One Ray Data execution of ``stream``'s items from ``start`` on: its read tasks planned and
+    its execution started, with ``background`` in a thread of its own that also fetches its first
+    block (the consumer joins that thread before it reads the chunk). ``stop``: where the next
+    chunk starts; ``remaining``: items still to come from this one, as it is consumed."""
 
-    def __init__(self, blocks, background: bool = False):
-        self._blocks, self._first, self._error, self._thread = blocks, _END, None, None
+    def __init__(self, stream: SampleStream, start: int, background: bool = False):
+        self.watch = Watch(stream.startup_timeout_s, stream.data_cpus)
+        self._stream, self.start, self.stop = stream, start, None
+        self._blocks, self._first, self._error, self._thread = None, _END, None, None
         if background:
-            self._thread = threading.Thread(target=self._fetch, name="disco-next-chunk", daemon=True)
+            self._thread = threading.Thread(target=self._begin, args=(True,), name="disco-next-chunk", daemon=True)
             self._thread.start()
+        else:
+            self._begin(False)
+            if self._error is not None:
+                raise self._error
 
-    def _fetch(self) -> None:
+    def _begin(self, fetch: bool) -> None:
         try:
-            self._first = next(self._blocks)
+            tasks, self.stop = self._stream._chunk_tasks(self.start)
+            self.remaining = self.stop - self.start
+            self._blocks = self._stream._chunk(tasks, self.watch)
+            if fetch:
+                self._first = next(self._blocks)
         except StopIteration:
             pass
         except BaseException as exc:  # noqa: BLE001 - raised in the consumer's thread instead
@@ -390,17 +398,22 @@ class _Started:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-            if self._error is not None:
-                raise self._error
-            if self._first is _END:
-                return
-            first, self._first = self._first, _END
-            yield first
-        yield from self._blocks
+        if self._error is not None:
+            raise self._error
+        blocks = self._blocks if self._first is _END else itertools.chain([self._first], self._blocks)
+        self._first = _END
+        for block in blocks:
+            self.remaining -= len(block["position"][0])  # a block is one row of list columns
+            yield block
 
     def close(self) -> None:
+        """Stops the execution; one starting in the background is told to stop (its watch) and
+        waited for up to ``CLOSE_WAIT_S`` (a Ray without execution callbacks cannot be told)."""
         if self._thread is not None:
+            if self._thread.is_alive():  # still starting: a started one closes as the current one does
+                self.watch.cancelled = True
             self._thread.join(CLOSE_WAIT_S)
             if self._thread.is_alive():
                 return
-        self._blocks.close()
+        if self._blocks is not None:
+            self._blocks.close()

@@ -64,6 +64,7 @@ class Watch:
         self.started: float | None = None  # when the current Ray Data execution started
         self.delivered = False  # whether it delivered a block yet
         self.error: str | None = None
+        self.cancelled = False  # the consumer closed the stream: the execution stops at its next step
 
 
 def stream_callback(watch: Watch):
@@ -91,6 +92,8 @@ def stream_callback(watch: Watch):
             watch.started, watch.delivered = time.monotonic(), False
 
         def on_execution_step(self, executor) -> None:
+            if watch.cancelled:
+                raise DataError("the stream was closed")
             if not watch.delivered and watch.started is not None \
                     and time.monotonic() - watch.started > watch.timeout_s:
                 watch.error = watch.error or startup_failure(watch.data_cpus, watch.timeout_s)
