@@ -306,9 +306,11 @@ class SampleStream:
                     yield block
                 current, following = following or _Chunk(self, current.stop), None
         finally:
-            current.close()
-            if following is not None:
-                following.close()
+            try:
+                current.close()
+            finally:
+                if following is not None:
+                    following.close()
 
     def close(self) -> None:
         """Stop the running Ray Data execution (its prefetching tasks) now, not at interpreter exit."""
@@ -386,6 +388,8 @@ class _Chunk:
         try:
             tasks, self.stop = self._stream._chunk_tasks(self.start)
             self.remaining = self.stop - self.start
+            if self.watch.cancelled:  # closed while planning: nothing starts
+                return
             self._blocks = self._stream._chunk(tasks, self.watch)
             if fetch:
                 self._first = next(self._blocks)
