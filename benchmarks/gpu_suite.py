@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from annotators import _frames as frames, _timed  # noqa: E402  (the annotator benchmark's frames and timer)
+
+ANNOTATORS = ("grounded-sam", "openpose", "sam2", "dwpose", "mediapipe")
 STEPS = ("cuda-tests", "annotators", "preprocess", "train", "nccl", "generate", "trainer-vs-loop", "cpu-pipeline")
 # Run only when named in --only: the GPU's minutes go to the GPU's figures first.
 OPT_IN = {"cpu-pipeline"}
@@ -176,7 +178,8 @@ def step_annotators(args, size, work: Path) -> dict:
                                   text_threshold=threshold, device=device, batch_size=batch)
 
     fps = {}
-    for batch in size["batch_sizes"]:
+    chosen = set(args.annotators.split(","))
+    for batch in size["batch_sizes"] if "grounded-sam" in chosen else ():
         matting = gsam(batch)
         matting.matte_batch(pictures[:batch])  # warm-up: kernels, allocator
         fps[f"grounded-sam batch {batch}"] = len(pictures) / _timed(lambda: matting.matte_batch(pictures), device)
@@ -184,39 +187,45 @@ def step_annotators(args, size, work: Path) -> dict:
             fps["grounded-sam loaded once, one image at a time"] = len(pictures) / _timed(
                 lambda: [matting.matte_batch([p]) for p in pictures], device)
         matting = None  # frees the GPU before the next batch size
-    few = pictures[: size["reload_images"]]
-    # The official scripts built GroundingDINO and SAM again for every image.
-    fps["grounded-sam rebuilt per image (official scripts)"] = len(few) / _timed(
-        lambda: [gsam(1).matte_batch([p]) for p in few], device)
-    pose = OpenPosePose(weights, hands=True, face=False, device=device)
-    pose.pose(pictures[0])
-    fps["openpose body+hands"] = len(pictures) / _timed(lambda: [pose.pose(p) for p in pictures], device)
-    pose = None
+    if "grounded-sam" in chosen:
+        few = pictures[: size["reload_images"]]
+        # The official scripts built GroundingDINO and SAM again for every image.
+        fps["grounded-sam rebuilt per image (official scripts)"] = len(few) / _timed(
+            lambda: [gsam(1).matte_batch([p]) for p in few], device)
+    if "openpose" in chosen:
+        pose = OpenPosePose(weights, hands=True, face=False, device=device)
+        pose.pose(pictures[0])
+        fps["openpose body+hands"] = len(pictures) / _timed(lambda: [pose.pose(p) for p in pictures], device)
+        pose = None
     notes = []
-    for label, measure in ((f"sam2 {size['sam2_model']} tracking a clip", lambda: _sam2_fps(weights, size, threshold, pictures)),
-                           ("dwpose body+hands", lambda: _dwpose_fps(weights, device, pictures))):
+    for name, label, measure in (
+            ("sam2", f"sam2 {size['sam2_model']} tracking a clip", lambda: _sam2_fps(weights, size, threshold, pictures)),
+            ("dwpose", "dwpose body+hands", lambda: _dwpose_fps(weights, device, pictures))):
+        if name not in chosen:
+            continue
         try:  # each newer backend on its own: one missing (a wheel, a CUDA provider) loses only its line
             fps[label] = measure()
         except Exception as exc:  # noqa: BLE001 - reported, the rest of the step stands
             fps[label] = None
             notes.append(f"{label}: {str(exc).splitlines()[0][:160]}")
-    try:
-        mediapipe = FrameAnnotator("mediapipe", "mediapipe", hands=True, min_visibility=0.5, min_mask_area=0.01)
-    except Exception as exc:  # not installed where the GPU is: the rest stands
-        fps["mediapipe (host CPU)"] = None
-        note = f"mediapipe unavailable: {str(exc).splitlines()[0][:120]}"
-    else:
-        mediapipe.annotate(pictures[0])
-        fps["mediapipe (host CPU)"] = len(pictures) / _timed(lambda: [mediapipe.annotate(p) for p in pictures], "cpu")
-        mediapipe.close()
-        note = ""
+    note = ""
+    if "mediapipe" in chosen:
+        try:
+            mediapipe = FrameAnnotator("mediapipe", "mediapipe", hands=True, min_visibility=0.5, min_mask_area=0.01)
+        except Exception as exc:  # not installed where the GPU is: the rest stands
+            fps["mediapipe (host CPU)"] = None
+            note = f"mediapipe unavailable: {str(exc).splitlines()[0][:120]}"
+        else:
+            mediapipe.annotate(pictures[0])
+            fps["mediapipe (host CPU)"] = len(pictures) / _timed(lambda: [mediapipe.annotate(p) for p in pictures], "cpu")
+            mediapipe.close()
     note = "; ".join([n for n in (note, *notes) if n])
-    best = max(v for k, v in fps.items() if k.startswith("grounded-sam batch"))
-    ratio = best / fps["grounded-sam rebuilt per image (official scripts)"]
+    batched = [v for k, v in fps.items() if k.startswith("grounded-sam batch")]
+    ratio = max(batched) / fps["grounded-sam rebuilt per image (official scripts)"] if batched else None
     return {"frames_per_s": fps, "frames": len(pictures), "frame_size": size["frame_size"],
             "sam_model": size["sam_model"], "random_weights": random, "batched_vs_rebuilt": ratio, "note": note,
             "summary": ", ".join(f"{k} {v:.1f}" for k, v in fps.items() if v is not None)
-                       + f" frames/s; batched / rebuilt per image {ratio:.1f}x"}
+                       + " frames/s" + (f"; batched / rebuilt per image {ratio:.1f}x" if ratio else "")}
 
 
 def _sam2_fps(weights: Path, size: dict, threshold: float, pictures: list) -> float:
@@ -624,7 +633,7 @@ def _passed_on(args) -> list[str]:
             out += [f"--{flag}", str(getattr(args, flag))]
     out += ["--sam-model", args.sam_model, "--sam2-model", args.sam2_model, "--pipeline-frames", str(args.pipeline_frames), "--train-matrix",
             args.train_matrix, "--train-steps", str(args.train_steps), "--peak-tflops", str(args.peak_tflops),
-            "--config-timeout", str(args.config_timeout)]
+            "--config-timeout", str(args.config_timeout), "--annotators", args.annotators]
     return out
 
 
@@ -680,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sam-model", default="vit_h", choices=("vit_h", "vit_l", "vit_b"))
     parser.add_argument("--sam2-model", default="large", choices=("tiny", "small", "base_plus", "large"),
                         help="SAM 2.1 size for the annotator step")
+    parser.add_argument("--annotators", default=",".join(ANNOTATORS),
+                        help=f"comma-separated annotators of the annotator step, of: {','.join(ANNOTATORS)}")
     parser.add_argument("--pipeline-frames", type=int, default=300, help="frames of the preprocess step's clip")
     parser.add_argument("--train-matrix", default="full", choices=("full", "quick"),
                         help="24 configurations (stage x bf16/fp16 x checkpointing x batch 8/32/64) or 3")
@@ -693,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--train-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.annotators.split(",")) - set(ANNOTATORS)
+    if unknown:
+        parser.error(f"--annotators: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ANNOTATORS)})")
 
     if args.train_one:
         print(json.dumps(train_one(json.loads(args.train_one))), flush=True)

@@ -3,10 +3,14 @@
 machine; the Ray Train run on a one-node Ray cluster on loopback, as `ray start --head` gives it.
 
     .venv/bin/python benchmarks/ray_train_overhead.py [--model small] [--resolution 256] [--batch-size 4]
-        [--steps 30] [--frames 96] [--worker-cpus 1 2] [--use-gpu] [--cluster-cpus N] [--train-args "..."]
+        [--steps 30] [--frames 96] [--worker-cpus 1 2] [--use-gpu] [--cluster-cpus N] [--random-pretrained]
+        [--train-args "..."]
+
+The data: ``--frames`` rows preprocessed by MediaPipe, or where MediaPipe is not installed (the GPU
+machines) the GPU suite's synthetic rows (real frames, a drawn mask and skeleton).
 
 On a GPU machine (where Ray Train's single worker has waited for data a quarter of the time against
-2 % in the driver's process: README, Benchmarks), for example ``--use-gpu --model sd-image-variations
+2 % in the driver's process: README, Benchmarks), for example ``--use-gpu --model sd-image-variations --random-pretrained
 --batch-size 32 --cluster-cpus 16 --worker-cpus 1 4 --train-args "--mixed-precision bf16
 --gradient-checkpointing"``: both runs on the GPU, the cluster as large as the machine.
 
@@ -20,6 +24,7 @@ the worker's cores, as they share the driver's in the in-process run). Steps/s a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -32,8 +37,9 @@ from pathlib import Path
 
 
 def train(data: Path, output: Path, args, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "disco.cli", "train", "--stage", "finetune", "--data", str(data),
-               "--model", args.model, "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
+    start = ["--pretrained", str(args.pretrained)] if args.pretrained else ["--model", args.model]
+    command = [sys.executable, "-m", "disco.cli", "train", "--stage", "finetune", "--data", str(data), *start,
+               "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
                "--max-steps", str(args.steps), "--log-every", str(max(1, args.steps // 3)), "--sample-every", str(10**6),
                "--checkpoint-every", str(10**6), "--warmup-steps", "0", "--output", str(output), "--no-progress",
                *extra]
@@ -59,6 +65,9 @@ def main() -> None:
     parser.add_argument("--worker-cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--use-gpu", action="store_true", help="train on the GPU, in the process and through Ray Train")
     parser.add_argument("--cluster-cpus", type=int, help="CPUs of the loopback cluster (default: the largest --worker-cpus + 1)")
+    parser.add_argument("--random-pretrained", action="store_true",
+                        help="write the --model's random weights once as an sd-image-variations folder and start every "
+                             "run from it (building a full-size model from random draws costs about 100 s a run)")
     parser.add_argument("--train-args", default="", help="more `disco-cli train` options for every run")
     args = parser.parse_args()
     common = shlex.split(args.train_args) + (["--use-gpu"] if args.use_gpu else [])
@@ -71,7 +80,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = make_triplets(work, args.frames)
+        if importlib.util.find_spec("mediapipe"):
+            data = make_triplets(work, args.frames)
+        else:  # the GPU machines have no MediaPipe: the GPU suite's synthetic rows (real frames, drawn masks)
+            from gpu_suite import synthetic_triplets
+
+            data = synthetic_triplets(work / "synthetic", args.frames, args.resolution)
+        args.pretrained = None
+        if args.random_pretrained:
+            from gpu_suite import random_pretrained
+
+            args.pretrained = random_pretrained(work, {"model": args.model})
         import ray
 
         ray.shutdown()  # the preprocessing's private instance: the runs below start their own

@@ -102,6 +102,8 @@ def test_without_a_gpu_the_full_suite_refuses_in_one_line(tmp_path):
     assert proc.returncode == 2 and "no CUDA GPU is visible" in proc.stderr and report is None
     proc, _ = _suite(tmp_path, "--smoke", "--only", "generate,warp")
     assert proc.returncode == 2 and "unknown step 'warp'" in proc.stderr
+    proc, _ = _suite(tmp_path, "--smoke", "--only", "annotators", "--annotators", "sam2,sam3")
+    assert proc.returncode == 2 and "--annotators: unknown sam3" in proc.stderr
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
 from disco.train.objective import DiffusionObjective, apply_update, parameter_groups, sample_draws
 from disco.train.sampling import preview_samples, write_sample_grid
+from disco.train.stack_samples import stack_samples
 from disco.train.temporal import clip_draws, frames_per_clip, stream_class
 from disco.model.temporal import clip_frames
 from disco.train.condition_gaps import ConditionGaps
@@ -155,7 +156,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     else:
         rank, world = 0, 1
         device = torch.device("cuda" if cfg.use_gpu else "cpu")
-    with nccl_guard(device, enabled=loop_config.get("nccl_guard")):
+    label = f"rank{rank}-{'ray-train' if distributed else 'in-process'}"
+    with nccl_guard(device, enabled=loop_config.get("nccl_guard")), stack_samples(label):
         return _train(cfg, loop_config, distributed, rank, world, device)
 
 
