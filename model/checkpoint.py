@@ -393,16 +393,44 @@ def load_checkpoint(path: str | Path, device: str = "cpu", ema: bool = True) -> 
 def save_checkpoint(run: str | Path, step: int, model: DisCoModel, training_state: dict, state: dict,
                     ema_weights: dict[str, torch.Tensor] | None, keep: int) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the last ``keep``."""
+    return write_checkpoint(run, step, checkpoint_snapshot(model, training_state, ema_weights, copy=False), state, keep)
+
+
+def _on_host(value, copy: bool):
+    """``value`` (tensors in dicts, lists and tuples, as optimizer states are) with every tensor in
+    host memory; ``copy``: a tensor already there is copied too, and every container rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=copy)
+    if isinstance(value, dict):
+        return {k: _on_host(v, copy) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(v, copy) for v in value)
+    return value
+
+
+def checkpoint_snapshot(model: DisCoModel, training_state: dict, ema_weights: dict[str, torch.Tensor] | None,
+                        copy: bool = True) -> dict:
+    """What a checkpoint holds, in host memory: the trainable weights (float32), the training
+    state (optimizer, scheduler, scaler, generators) and the EMA weights. ``copy``: owned copies,
+    so that training can go on (its updates are in place) while ``write_checkpoint`` writes them."""
+    return {"weights": {n: p.detach().to("cpu", torch.float32, copy=copy).contiguous()
+                        for n, p in model.trainable_parameters().items()},
+            "training": _on_host(training_state, copy),
+            "ema": None if ema_weights is None else {n: _on_host(t, copy).contiguous() for n, t in ema_weights.items()}}
+
+
+def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, keep: int) -> Path:
+    """Write ``checkpoint_snapshot``'s ``snapshot`` as checkpoint ``step`` atomically (a temporary
+    folder, every file synced, then renamed), then delete all but the last ``keep``."""
     run = Path(run)
     final = run / checkpoint_name(step)
     tmp = run / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in model.trainable_parameters().items()}
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
-    if ema_weights is not None:
-        save_file({n: t.detach().cpu().contiguous() for n, t in ema_weights.items()}, str(tmp / EMA_FILE))
-    torch.save(training_state, tmp / TRAINING_STATE_FILE)
+    save_file(snapshot["weights"], str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
+    if snapshot["ema"] is not None:
+        save_file(snapshot["ema"], str(tmp / EMA_FILE))
+    torch.save(snapshot["training"], tmp / TRAINING_STATE_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
     for file in tmp.iterdir():
         with open(file, "rb") as fh:

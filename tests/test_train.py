@@ -298,6 +298,68 @@ def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path, monkeyp
         load_model(run, step=1)
 
 
+def test_a_checkpoint_holds_the_step_it_was_taken_at_while_training_goes_on(tmp_path):
+    """The host copy a checkpoint is written from is the state at its step: training's in-place
+    updates made while the writer thread writes do not reach the files."""
+    from disco.model.checkpoint import checkpoint_snapshot, write_checkpoint
+    from disco.model.disco import DisCoModel
+
+    torch.manual_seed(0)
+    model = DisCoModel.from_architecture("tiny")
+    model.set_trainable()
+    params = dict(model.trainable_parameters())
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    snapshot = checkpoint_snapshot(model, {"optimizer": optimizer.state_dict()}, ema)
+    expected = {n: p.detach().clone() for n, p in params.items()}
+    moment = {i: s["exp_avg"].clone() for i, s in optimizer.state_dict()["state"].items()}
+    optimizer.step()  # in place, as the next training step does
+    for t in ema.values():
+        t.mul_(0.5)
+    path = write_checkpoint(tmp_path, 7, snapshot, {"positions": [0]}, keep=2)
+    weights, training, state, ema_read = read_checkpoint(path)
+    assert state["step"] == 7 and weights.keys() == expected.keys()
+    assert all(torch.equal(weights[n], expected[n]) for n in expected)
+    assert not all(torch.equal(weights[n], params[n].detach()) for n in expected)  # training did move on
+    assert all(torch.equal(training["optimizer"]["state"][i]["exp_avg"], moment[i]) for i in moment)
+    assert all(torch.equal(ema_read[n], expected[n]) for n in expected)
+
+
+def test_checkpoints_are_written_beside_training_and_a_failed_write_stops_the_run(triplets, tmp_path, monkeypatch):
+    import disco.train.loop as loop
+    from disco.model.checkpoint import write_checkpoint
+
+    writers, steps_when_written = [], []
+    state = {"step": 0}
+
+    def apply(*args, **kwargs):
+        state["step"] += 1
+        return apply_update(*args, **kwargs)
+
+    def write(run, step, snapshot, info, keep):
+        writers.append(threading.current_thread().name)
+        deadline = time.monotonic() + 60
+        while step == 1 and state["step"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # a slow disk: step 2 trains meanwhile (a write in the loop's thread would wait here)
+        if step == 3:
+            raise OSError(28, "No space left on device")
+        path = write_checkpoint(run, step, snapshot, info, keep)
+        steps_when_written.append((step, state["step"]))
+        return path
+
+    monkeypatch.setattr(loop, "apply_update", apply)
+    monkeypatch.setattr(loop, "write_checkpoint", write)
+    cfg = _config(tmp_path, triplets, "slow-disk", max_steps=5, checkpoint_every=1, keep=5)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(cfg)
+    assert set(writers) == {"disco-checkpoint-writer"} and len(writers) == 3
+    assert steps_when_written[0][0] == 1 and steps_when_written[0][1] >= 2  # step 2 trained while 1 was written
+    assert sorted(list_checkpoints(Path(cfg.output))) == [1, 2]  # the failed write left no checkpoint 3
+
+
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_path):
     """A real ``kill -9`` of ``disco-cli train`` (its own process and Ray instance) once it has
     written two checkpoints; ``--resume`` then continues from whichever checkpoint was complete

@@ -70,12 +70,16 @@ class Collectives:
 
     def any(self, flag: bool) -> bool:
         """True when any worker says so (all workers then agree, e.g. on stopping at this step)."""
+        return self.any_of(flag)[0]
+
+    def any_of(self, *flags: bool) -> tuple[bool, ...]:
+        """``any`` of several flags at once, in one collective."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=self.device)
         with _collective():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return tuple(bool(v) for v in t.tolist())
 
     def gather(self, value) -> list:
         """Every worker's ``value`` (small picklable values), in rank order."""

@@ -10,6 +10,7 @@ worker and batch 2b as with two workers and batch b, and the same after a resume
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import time
@@ -19,11 +20,12 @@ import numpy as np
 import torch
 
 from disco.model.conditioning import vae_factor
-from disco.model.checkpoint import (POINTER_FILE, legacy_hap_names, list_checkpoints, load_trainable, read_checkpoint,
-                                   save_checkpoint)
+from disco.model.checkpoint import (POINTER_FILE, checkpoint_snapshot, legacy_hap_names, list_checkpoints, load_trainable,
+                                   read_checkpoint, write_checkpoint)
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 from disco.pipeline.store.output import LOCK_FILE
 from disco.train.initial import initial_model
+from disco.train.checkpoint_writer import CheckpointWriter
 from disco.train.collectives import Collectives, nccl_guard
 from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
 from disco.train.data import TripletIndex, build_index
@@ -259,10 +261,25 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     window_start, waited, last_loss = time.perf_counter(), 0.0, float("nan")
     saved_step = step if checkpoint else None
 
-    def checkpoint_now() -> None:
-        nonlocal saved_step
+    # Rank 0 writes each checkpoint in a thread while training goes on (checkpoint_writer.py);
+    # `unreported` is the step of that write on every rank, so that all of them report it to Ray
+    # Train at the same step: the first step at which rank 0 sees it written (told to all with
+    # the stop flag), before the next checkpoint, or at the loop's end.
+    writer = CheckpointWriter()
+    unreported = None
+
+    def report_written() -> None:
+        nonlocal unreported
+        path = writer.wait() if rank == 0 else None
+        if distributed:
+            _report_checkpoint(path, rank, {"step": unreported})
+        unreported = None
+
+    def checkpoint_now(wait: bool) -> None:
+        nonlocal saved_step, unreported
         gathered = collectives.gather((stream.position, stream.skipped, float(loss_sum)))
-        path = None
+        if unreported is not None:  # one write at a time
+            report_written()
         if rank == 0:
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -272,17 +289,21 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                     "world_size": world, "rng": _rng_state(), "data": trained_on,
                     "window": {"steps": window_steps, "loss_sums": [loss for _, _, loss in gathered]}}
             ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
-            path = save_checkpoint(run, step, model, training, info, ema_state, cfg.keep)
-        if distributed:
-            _report_checkpoint(path, rank, {"step": step})
-        saved_step = step
+            snapshot = checkpoint_snapshot(model, training, ema_state)
+            writer.start(functools.partial(write_checkpoint, run, step, snapshot, info, cfg.keep))
+        unreported = saved_step = step
+        if wait:
+            report_written()
 
     # Whatever stops the loop (an error included: no decodable row, a lost peer), the stream's
     # prefetch threads and the TensorBoard writer are stopped, so the process can exit.
     try:
         interrupted = False
         while step < cfg.max_steps:
-            if collectives.any((run / STOP_FILE).exists()):
+            stop, written = collectives.any_of((run / STOP_FILE).exists(), writer.done())
+            if written:
+                report_written()
+            if stop:
                 interrupted = True
                 break
             for micro in range(cfg.grad_accum):
@@ -325,10 +346,12 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 window_start, waited, window_steps = time.perf_counter(), 0.0, 0
                 loss_sum.zero_()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                checkpoint_now()
+                checkpoint_now(wait=step == cfg.max_steps)
             if distributed and step % PREEMPTION_CHECK_STEPS == 0 and _preemption_notice():
                 if saved_step != step:
-                    checkpoint_now()
+                    checkpoint_now(wait=True)
+                elif unreported is not None:
+                    report_written()
                 if monitor is not None:
                     monitor.log(step, {"preemption_checkpoint": float(step)})
             if monitor is not None and preview is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
@@ -336,8 +359,13 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             if gaps is not None and gaps.due(step):
                 monitor.log(step, gaps.measure())
         if interrupted and saved_step != step:
-            checkpoint_now()  # Ctrl-C: keep every finished step
+            checkpoint_now(wait=True)  # Ctrl-C: keep every finished step
+        if unreported is not None:
+            report_written()
     finally:
+        # On an error, a checkpoint being written is finished (a write that failed too is not
+        # what the user needs to read first).
+        writer.close()
         stream.close()
         if monitor is not None:
             monitor.close()
