@@ -60,14 +60,15 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
 def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
     """``train --dry-run``: the per-GPU memory plan of ``cfg`` as a table (see train/memory.py)."""
     from disco.pipeline.errors import ConfigError
-    from disco.train.memory import GIB, host_build_bytes, memory_plan, plan_config, plan_table, visible_gpu_gib
+    from disco.train.memory import (GIB, host_build_bytes, host_checkpoint_bytes, memory_plan, plan_config, plan_table,
+                                    visible_gpu_gib)
 
     if gpu_memory is not None and gpu_memory <= 0:
         usage_error("--gpu-memory must be positive (GiB)")
     try:
         cfg, notes = plan_config(cfg)
         plan = memory_plan(cfg, gpu_memory)
-        host = host_build_bytes(cfg)
+        host, host_checkpoint = host_build_bytes(cfg), host_checkpoint_bytes(cfg)
     except ConfigError as exc:
         usage_error(str(exc))
     out = Console()
@@ -77,6 +78,8 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
         out.print(f"GPU memory: {plan.gpu_memory / GIB:g} GiB ("
                   + ("the visible CUDA GPU" if visible else "no CUDA GPU visible: the default") + "; --gpu-memory to change)")
     out.print(f"host memory to build the model: {host / GIB:,.2f} GiB (every weight once, fp32)")
+    out.print(f"host memory of a checkpoint while it is written: {host_checkpoint / GIB:,.2f} GiB on rank 0's node "
+              "(trainable weights, AdamW moments" + (", EMA" if cfg.ema_decay else "") + ")")
     for note in notes:
         out.print(f"note: {note}", highlight=False, soft_wrap=True)
 

@@ -343,9 +343,34 @@ def test_dry_run_plans_the_full_model_without_data_or_ray(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "total per GPU" in result.output and "largest batch per GPU" in result.output
     assert "holds no triplets/" in result.output
+    assert "host memory of a checkpoint while it is written: 17.68 GiB on rank 0's node" in result.output  # 3 x 1.58 B x fp32
     assert not (tmp_path / "run").exists()
     bad = CliRunner().invoke(app, ["train", "--dry-run", "--model", "nope"])
     assert bad.exit_code == 2 and "unknown architecture 'nope' (--model)" in bad.output
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.999])
+def test_the_checkpoint_copys_host_memory_is_what_a_snapshot_holds(ema_decay):
+    """``train --dry-run``'s host memory of a checkpoint being written against the tensors of a
+    real snapshot (a fine-tuning model after one AdamW step, its EMA weights)."""
+    from disco.model.checkpoint import checkpoint_snapshot
+    from disco.train.memory import host_checkpoint_bytes
+
+    cfg = TrainConfig(stage="finetune", model="tiny", ema_decay=ema_decay)
+    torch.manual_seed(0)
+    model = DisCoModel.from_architecture("tiny")
+    model.set_trainable()
+    params = dict(model.trainable_parameters())
+    optimizer = torch.optim.AdamW(params.values())
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    ema = {n: p.detach() for n, p in params.items()} if ema_decay else None
+    snapshot = checkpoint_snapshot(model, {"optimizer": optimizer.state_dict()}, ema)
+    tensors = [*snapshot["weights"].values(), *(snapshot["ema"] or {}).values(),
+               *(t for state in snapshot["training"]["optimizer"]["state"].values() for t in state.values())]
+    held = sum(t.numel() * t.element_size() for t in tensors)
+    assert host_checkpoint_bytes(cfg) == pytest.approx(held, rel=0.02)
 
 
 def test_dry_run_reads_a_pretrained_folders_configurations(tmp_path):

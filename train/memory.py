@@ -312,3 +312,12 @@ def host_build_bytes(cfg: TrainConfig) -> int:
         return block_bytes(hap.parameters()) + block_bytes(hap.buffers()) + block_bytes(hap.unet.parameters())
     model = meta_model(cfg)
     return block_bytes(model.parameters()) + block_bytes(model.buffers())
+
+
+def host_checkpoint_bytes(cfg: TrainConfig) -> int:
+    """Host memory of the copy rank 0 takes of a checkpoint while a thread writes it (train/
+    checkpoint_writer.py): the trainable weights in fp32, AdamW's two moments, the EMA weights."""
+    model = meta_model(cfg)
+    model.set_trainable()
+    trainable = block_bytes(p for p in model.parameters() if p.requires_grad)
+    return trainable * (3 + (1 if cfg.ema_decay else 0))
