@@ -497,6 +497,12 @@ def test_a_restart_finds_the_newest_checkpoint_when_the_reported_one_was_pruned(
     assert loop._start_checkpoint(config, distributed=True) == run / checkpoint_name(8)
     (pointer / loop.POINTER_FILE).write_text(json.dumps({"checkpoint": str(run / checkpoint_name(4))}))
     assert loop._start_checkpoint(config, distributed=True) == run / checkpoint_name(4)  # still there: used
+    # Checkpoint 8 written whole but not reported yet (a report comes at the step after the write
+    # ends): the restart takes it when this invocation wrote it, not when another one did.
+    (run / checkpoint_name(8) / STATE_FILE).write_text(json.dumps({"invocation": "train-b"}))
+    assert loop._start_checkpoint({**config, "invocation": "train-b"}, distributed=True) == run / checkpoint_name(8)
+    assert loop._start_checkpoint({**config, "invocation": "train-c"}, distributed=True) == run / checkpoint_name(4)
+    assert loop._start_checkpoint(config, distributed=True) == run / checkpoint_name(4)
     # A node that sees no checkpoint of the run (its folder not on shared storage): never a silent
     # start from --resume's checkpoint or from step 0.
     for path in list_checkpoints(run).values():

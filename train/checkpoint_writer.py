@@ -11,6 +11,7 @@ time; the checkpoint exists only once written whole and renamed, as before.
 from __future__ import annotations
 
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +25,6 @@ class CheckpointWriter:
         self._result: Path | None = None
         self._error: BaseException | None = None
 
-    @property
-    def pending(self) -> bool:
-        return self._thread is not None
-
     def done(self) -> bool:
         """A write was started and has ended (written, or failed: ``wait`` says which)."""
         return self._thread is not None and not self._thread.is_alive()
@@ -40,11 +37,14 @@ class CheckpointWriter:
             try:
                 self._result = write()
             except BaseException as exc:  # noqa: BLE001 - handed to the training loop by wait()
+                # The frames of the write hold the snapshot (tens of GB): not kept with the error.
+                traceback.clear_frames(exc.__traceback__)
                 self._error = exc
 
         self._result = self._error = None
-        # Not a daemon: an interpreter that exits waits for the checkpoint in progress.
-        self._thread = threading.Thread(target=run, name="disco-checkpoint-writer")
+        # A daemon: the loop always waits for the write (wait, close), but a second Ctrl-C aborts
+        # at once, as it promises; a write cut short leaves a temporary folder --resume removes.
+        self._thread = threading.Thread(target=run, name="disco-checkpoint-writer", daemon=True)
         self._thread.start()
 
     def wait(self) -> Path:
@@ -58,12 +58,11 @@ class CheckpointWriter:
         return self._result
 
     def close(self) -> BaseException | None:
-        """Let a write in progress finish (the loop is ending on an error); its own error, if any,
-        is returned, not raised."""
+        """Let a write in progress finish (the loop is ending on an error); the write's own error,
+        if any, is returned, not raised (an interrupt while waiting is raised)."""
         if self._thread is None:
             return None
-        try:
-            self.wait()
-        except BaseException as exc:  # noqa: BLE001
-            return exc
-        return None
+        self._thread.join()
+        self._thread = None
+        error, self._error = self._error, None
+        return error

@@ -348,6 +348,9 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     max_failures = cfg.max_failures if cfg.max_failures is not None else 3
+    invocation = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    # Each checkpoint records the invocation that wrote it (loop.py's _start_checkpoint).
+    loop_config = {**loop_config, "invocation": invocation}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -357,7 +360,7 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
         # multi-node cluster); Ray Train's storage holds its bookkeeping and, per checkpoint, a
         # pointer to ours, which a restarted worker group starts from. A name per invocation: the
         # first attempt starts from what --resume resolved, never from an older invocation's pointer.
-        run_config=RunConfig(storage_path=str(Path(cfg.output) / "ray"), name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        run_config=RunConfig(storage_path=str(Path(cfg.output) / "ray"), name=invocation,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from disco.model.conditioning import vae_factor
-from disco.model.checkpoint import (POINTER_FILE, checkpoint_snapshot, legacy_hap_names, list_checkpoints, load_trainable,
+from disco.model.checkpoint import (POINTER_FILE, STATE_FILE, checkpoint_snapshot, legacy_hap_names, list_checkpoints, load_trainable,
                                    read_checkpoint, write_checkpoint)
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 from disco.pipeline.store.output import LOCK_FILE
@@ -37,6 +38,8 @@ from disco.train.stack_samples import stack_samples
 from disco.train.temporal import clip_draws, frames_per_clip, stream_class
 from disco.model.temporal import clip_frames
 from disco.train.condition_gaps import ConditionGaps
+
+log = logging.getLogger(__name__)
 
 # DDP keeps each gradient as a view into its all-reduce bucket instead of a second fp32 copy of
 # the gradients: 5.9 GiB less per GPU when fine-tuning the full model, the same update bit for bit.
@@ -82,7 +85,7 @@ def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
             with reported.as_directory() as folder:
                 pointed = Path(json.loads((Path(folder) / POINTER_FILE).read_text())["checkpoint"])
             if pointed.exists():
-                return pointed
+                return _written_since(loop_config, pointed)
             # Pruned by --keep after a newer checkpoint was written whose report the lost worker
             # cut short: the newest one in the run directory (written whole, then renamed).
             written = list_checkpoints(loop_config["config"]["output"])
@@ -93,6 +96,25 @@ def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
             return written[max(written)]
     checkpoint = loop_config.get("checkpoint")
     return Path(checkpoint) if checkpoint else None
+
+
+def _written_since(loop_config: dict, pointed: Path) -> Path:
+    """The newest checkpoint of the run directory that this invocation wrote after ``pointed``
+    (the one Ray Train last heard of), else ``pointed``. A checkpoint is reported at the first step
+    after it is written whole (train/checkpoint_writer.py): a worker lost in between would
+    otherwise send the restart one ``--checkpoint-every`` further back. Another invocation's
+    later checkpoints (a run resumed from an earlier step) are never taken."""
+    written = list_checkpoints(loop_config["config"]["output"])
+    steps = {path.name: step for step, path in written.items()}
+    since = [step for step in written if step > steps.get(pointed.name, step)]
+    if not since or loop_config.get("invocation") is None:
+        return pointed
+    newest = written[max(since)]
+    try:
+        invocation = json.loads((newest / STATE_FILE).read_text()).get("invocation")
+    except (OSError, ValueError):
+        return pointed
+    return newest if invocation == loop_config["invocation"] else pointed
 
 
 def _report_checkpoint(path: Path | None, rank: int, metrics: dict) -> None:
@@ -287,6 +309,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 training["cuda_rng"] = torch.cuda.get_rng_state()
             info = {"positions": [p for p, _, _ in gathered], "skipped": skipped_before + sum(s for _, s, _ in gathered),
                     "world_size": world, "rng": _rng_state(), "data": trained_on,
+                    "invocation": loop_config.get("invocation"),
                     "window": {"steps": window_steps, "loss_sums": [loss for _, _, loss in gathered]}}
             ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
             snapshot = checkpoint_snapshot(model, training, ema_state)
@@ -365,7 +388,9 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     finally:
         # On an error, a checkpoint being written is finished (a write that failed too is not
         # what the user needs to read first).
-        writer.close()
+        failed_write = writer.close()
+        if failed_write is not None:
+            log.warning("the checkpoint being written when the run failed was not written: %s", failed_write)
         stream.close()
         if monitor is not None:
             monitor.close()

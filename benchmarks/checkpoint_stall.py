@@ -1,0 +1,96 @@
+"""How long checkpoints hold training: the trainer writing each checkpoint in a thread while it
+trains on (train/checkpoint_writer.py) against the same trainer writing it in the loop, as the
+official code's ``torch.save`` does (the baseline: the same files, the same fsyncs), in one process.
+
+    .venv/bin/python benchmarks/checkpoint_stall.py [--model small] [--steps 24] [--checkpoint-every 4]
+        [--resolution 64] [--batch-size 2] [--rounds 2]
+
+Prints each run's wall time from the first step to the last (model building and the first batch
+left out: from ``metrics.jsonl``'s windows) and the ratio. On a GPU machine add ``--use-gpu
+--model sd-image-variations --resolution 256 --batch-size 32`` (19 GB per full fine-tuning
+checkpoint: 24-28 s written in the loop on the H200 lease of 2026-11-28).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+
+class InlineWriter:
+    """The baseline: ``CheckpointWriter``'s interface, the write done at once in the loop's thread."""
+
+    def __init__(self) -> None:
+        self._result = None
+
+    pending = property(lambda self: self._result is not None)
+
+    def done(self) -> bool:
+        return self._result is not None
+
+    def start(self, write) -> None:
+        self._result = write()
+
+    def wait(self):
+        result, self._result = self._result, None
+        return result
+
+    def close(self) -> None:
+        self._result = None
+
+
+def run(data: Path, work: Path, args, inline: bool) -> float:
+    import disco.train.loop as loop
+    from disco.train.checkpoint_writer import CheckpointWriter
+    from disco.train.config import TrainConfig
+    from disco.train.launch import train
+
+    loop.CheckpointWriter = InlineWriter if inline else CheckpointWriter
+    output = work / ("inline" if inline else "thread")
+    cfg = TrainConfig(stage="finetune", data=[str(data)], output=str(output), model=args.model,
+                      resolution=args.resolution, batch_size=args.batch_size, max_steps=args.steps,
+                      checkpoint_every=args.checkpoint_every, keep=2, log_every=1, sample_every=10**6,
+                      warmup_steps=0, use_gpu=args.use_gpu)
+    try:
+        train(cfg)
+    finally:
+        loop.CheckpointWriter = CheckpointWriter
+    windows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    # One window a step; the first holds the first batch and the compilation of the step.
+    return sum(1 / w["steps_per_s"] for w in windows if "steps_per_s" in w and w["step"] > 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--checkpoint-every", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--use-gpu", action="store_true")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_throughput import make_triplets
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_triplets(Path(tmp), 48)
+        times = {"inline": [], "thread": []}
+        for round_ in range(args.rounds):
+            for inline in (True, False):
+                with tempfile.TemporaryDirectory(dir=tmp) as work:
+                    seconds = run(data, Path(work), args, inline)
+                times["inline" if inline else "thread"].append(seconds)
+                print(f"round {round_ + 1}, checkpoints {'in the loop' if inline else 'in a thread'}: "
+                      f"{seconds:.2f} s for steps 2-{args.steps}", flush=True)
+        inline, thread = statistics.median(times["inline"]), statistics.median(times["thread"])
+        print(f"\n{args.model}, {args.steps} steps, a checkpoint every {args.checkpoint_every}: written in the loop "
+              f"{inline:.2f} s, in a thread {thread:.2f} s (medians of {args.rounds}): {inline / thread:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
