@@ -7,13 +7,15 @@ official code's ``torch.save`` does (the baseline: the same files, the same fsyn
 
 Prints each run's wall time from the first step to the last (model building and the first batch
 left out: from ``metrics.jsonl``'s windows) and the ratio. On a GPU machine add ``--use-gpu
---model sd-image-variations --resolution 256 --batch-size 32`` (19 GB per full fine-tuning
+--model sd-image-variations --random-pretrained --resolution 256 --batch-size 32
+--mixed-precision bf16`` (19 GB per full fine-tuning
 checkpoint: 24-28 s written in the loop on the H200 lease of 2026-11-28).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -51,10 +53,12 @@ def run(data: Path, work: Path, args, inline: bool) -> float:
 
     loop.CheckpointWriter = InlineWriter if inline else CheckpointWriter
     output = work / ("inline" if inline else "thread")
-    cfg = TrainConfig(stage="finetune", data=[str(data)], output=str(output), model=args.model,
+    cfg = TrainConfig(stage="finetune", data=[str(data)], output=str(output),
+                      **({"pretrained": str(args.pretrained)} if args.pretrained else {"model": args.model}),
                       resolution=args.resolution, batch_size=args.batch_size, max_steps=args.steps,
                       checkpoint_every=args.checkpoint_every, keep=2, log_every=1, sample_every=10**6,
-                      warmup_steps=0, use_gpu=args.use_gpu)
+                      warmup_steps=0, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision,
+                      gradient_checkpointing=args.use_gpu)
     try:
         train(cfg)
     finally:
@@ -72,13 +76,27 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--use-gpu", action="store_true", help="train on the GPU (with gradient checkpointing)")
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    parser.add_argument("--random-pretrained", action="store_true",
+                        help="write the --model's random weights once as an sd-image-variations folder and start every "
+                             "run from it (building a full-size model from random draws costs about 100 s a run)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from train_throughput import make_triplets
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_triplets(Path(tmp), 48)
+        if importlib.util.find_spec("mediapipe"):
+            data = make_triplets(Path(tmp), 48)
+        else:  # the GPU machines have no MediaPipe: the GPU suite's synthetic rows
+            from gpu_suite import synthetic_triplets
+
+            data = synthetic_triplets(Path(tmp) / "synthetic", 48, args.resolution)
+        args.pretrained = None
+        if args.random_pretrained:
+            from gpu_suite import random_pretrained
+
+            args.pretrained = random_pretrained(Path(tmp), {"model": args.model})
         times = {"inline": [], "thread": []}
         for round_ in range(args.rounds):
             for inline in (True, False):
