@@ -37,8 +37,6 @@ class CheckpointWriter:
             try:
                 self._result = write()
             except BaseException as exc:  # noqa: BLE001 - handed to the training loop by wait()
-                # The frames of the write hold the snapshot (tens of GB): not kept with the error.
-                traceback.clear_frames(exc.__traceback__)
                 self._error = exc
 
         self._result = self._error = None
@@ -47,12 +45,19 @@ class CheckpointWriter:
         self._thread = threading.Thread(target=run, name="disco-checkpoint-writer", daemon=True)
         self._thread.start()
 
+    def _join(self) -> BaseException | None:
+        self._thread.join()  # an interrupt here leaves the write in progress, and this writer as it was
+        self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            # The frames of the write (ended now) hold the snapshot, tens of GB: not kept with the error.
+            traceback.clear_frames(error.__traceback__)
+        return error
+
     def wait(self) -> Path:
         if self._thread is None:
             raise RuntimeError("no checkpoint is being written")
-        self._thread.join()
-        self._thread = None
-        error, self._error = self._error, None
+        error = self._join()
         if error is not None:
             raise error
         return self._result
@@ -60,9 +65,4 @@ class CheckpointWriter:
     def close(self) -> BaseException | None:
         """Let a write in progress finish (the loop is ending on an error); the write's own error,
         if any, is returned, not raised (an interrupt while waiting is raised)."""
-        if self._thread is None:
-            return None
-        self._thread.join()
-        self._thread = None
-        error, self._error = self._error, None
-        return error
+        return None if self._thread is None else self._join()

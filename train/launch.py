@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import threading
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -348,7 +349,7 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     max_failures = cfg.max_failures if cfg.max_failures is not None else 3
-    invocation = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    invocation = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"  # a container's pid repeats
     # Each checkpoint records the invocation that wrote it (loop.py's _start_checkpoint).
     loop_config = {**loop_config, "invocation": invocation}
     trainer = TorchTrainer(

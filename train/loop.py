@@ -73,7 +73,7 @@ def _restore_rng(state: dict, training_state: dict) -> None:
         torch.cuda.set_rng_state(training_state["cuda_rng"])
 
 
-def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
+def _start_checkpoint(loop_config: dict, distributed: bool, since_reported: bool = True) -> Path | None:
     """Where this attempt starts: after a worker or node was lost and Ray Train restarted the
     group, the latest checkpoint reported to Ray Train (a pointer into the run directory);
     otherwise the one the launcher resolved (``--resume``), or none."""
@@ -85,7 +85,7 @@ def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
             with reported.as_directory() as folder:
                 pointed = Path(json.loads((Path(folder) / POINTER_FILE).read_text())["checkpoint"])
             if pointed.exists():
-                return _written_since(loop_config, pointed)
+                return _written_since(loop_config, pointed) if since_reported else pointed
             # Pruned by --keep after a newer checkpoint was written whose report the lost worker
             # cut short: the newest one in the run directory (written whole, then renamed).
             written = list_checkpoints(loop_config["config"]["output"])
@@ -99,11 +99,11 @@ def _start_checkpoint(loop_config: dict, distributed: bool) -> Path | None:
 
 
 def _written_since(loop_config: dict, pointed: Path) -> Path:
-    """The newest checkpoint of the run directory that this invocation wrote after ``pointed``
-    (the one Ray Train last heard of), else ``pointed``. A checkpoint is reported at the first step
-    after it is written whole (train/checkpoint_writer.py): a worker lost in between would
-    otherwise send the restart one ``--checkpoint-every`` further back. Another invocation's
-    later checkpoints (a run resumed from an earlier step) are never taken."""
+    """The run directory's newest checkpoint if it is newer than ``pointed`` (the one Ray Train
+    last heard of) and this invocation wrote it, else ``pointed``. A checkpoint is reported at the
+    first step after it is written whole (train/checkpoint_writer.py): a worker lost in between
+    would otherwise send the restart one ``--checkpoint-every`` further back. Another
+    invocation's later checkpoints (a run resumed from an earlier step) are never taken."""
     written = list_checkpoints(loop_config["config"]["output"])
     steps = {path.name: step for step, path in written.items()}
     since = [step for step in written if step > steps.get(pointed.name, step)]
@@ -194,6 +194,10 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
 
     model = initial_model(cfg)
     checkpoint = _start_checkpoint(loop_config, distributed)
+    if world > 1 and len(set(collectives.gather(str(checkpoint)))) > 1:
+        # A checkpoint renamed just before a worker was lost may not show yet on every node's view
+        # of shared storage: then all start from the one Ray Train heard of, which every node saw.
+        checkpoint = _start_checkpoint(loop_config, distributed, since_reported=False)
     state, weights, training_state, ema_weights = {}, None, {}, None
     if checkpoint:
         weights, training_state, state, ema_weights = read_checkpoint(checkpoint)
@@ -320,6 +324,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
 
     # Whatever stops the loop (an error included: no decodable row, a lost peer), the stream's
     # prefetch threads and the TensorBoard writer are stopped, so the process can exit.
+    aborted = False
     try:
         interrupted = False
         while step < cfg.max_steps:
@@ -385,15 +390,21 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             checkpoint_now(wait=True)  # Ctrl-C: keep every finished step
         if unreported is not None:
             report_written()
+    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, a write in progress left to die
+        aborted = True
+        raise
     finally:
-        # On an error, a checkpoint being written is finished (a write that failed too is not
-        # what the user needs to read first).
-        failed_write = writer.close()
-        if failed_write is not None:
-            log.warning("the checkpoint being written when the run failed was not written: %s", failed_write)
-        stream.close()
-        if monitor is not None:
-            monitor.close()
+        try:
+            # On an error, a checkpoint being written is finished (a write that failed too is
+            # logged: not what the user needs to read first).
+            failed_write = None if aborted else writer.close()
+            if failed_write is not None:
+                log.warning("the checkpoint being written when the run failed was not written: %s", failed_write)
+            del failed_write
+        finally:
+            stream.close()
+            if monitor is not None:
+                monitor.close()
     skipped = skipped_before + int(sum(collectives.gather(stream.skipped)))
     summary = {"step": step, "loss": last_loss, "skipped_rows": skipped, "workers": world}
     if interrupted:
