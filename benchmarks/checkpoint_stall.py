@@ -16,7 +16,6 @@ checkpoint: 24-28 s written in the loop on the H200 lease of 2026-11-28).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -69,6 +68,9 @@ def run(data: Path, work: Path, args, inline: bool) -> float:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_suite import RANDOM_PRETRAINED_HELP, training_inputs
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
     parser.add_argument("--steps", type=int, default=24)
@@ -78,25 +80,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--use-gpu", action="store_true", help="train on the GPU (with gradient checkpointing)")
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
-    parser.add_argument("--random-pretrained", action="store_true",
-                        help="write the --model's random weights once as an sd-image-variations folder and start every "
-                             "run from it (building a full-size model from random draws costs about 100 s a run)")
+    parser.add_argument("--random-pretrained", action="store_true", help=RANDOM_PRETRAINED_HELP)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_throughput import make_triplets
-
     with tempfile.TemporaryDirectory() as tmp:
-        if importlib.util.find_spec("mediapipe"):
-            data = make_triplets(Path(tmp), 48)
-        else:  # the GPU machines have no MediaPipe: the GPU suite's synthetic rows
-            from gpu_suite import synthetic_triplets
-
-            data = synthetic_triplets(Path(tmp) / "synthetic", 48, args.resolution)
-        args.pretrained = None
-        if args.random_pretrained:
-            from gpu_suite import random_pretrained
-
-            args.pretrained = random_pretrained(Path(tmp), {"model": args.model})
+        data, args.pretrained = training_inputs(Path(tmp), 48, args.resolution, args.model, args.random_pretrained)
         times = {"inline": [], "thread": []}
         for round_ in range(args.rounds):
             for inline in (True, False):

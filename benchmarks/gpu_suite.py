@@ -136,6 +136,25 @@ def synthetic_triplets(root: Path, count: int, side: int) -> Path:
     return root
 
 
+RANDOM_PRETRAINED_HELP = ("write the --model's random weights once as an sd-image-variations folder and start every "
+                          "run from it (building a full-size model from random draws costs about 100 s a run)")
+
+
+def training_inputs(root: Path, frames_count: int, side: int, model: str, random: bool) -> tuple[Path, Path | None]:
+    """A training benchmark's data and starting weights: ``frames_count`` rows preprocessed by
+    MediaPipe, or where it is not installed (the GPU machines) ``synthetic_triplets``; with
+    ``random``, ``random_pretrained``'s folder of ``model``, else None (the runs build ``model``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mediapipe"):
+        from train_throughput import make_triplets
+
+        data = make_triplets(root, frames_count)
+    else:
+        data = synthetic_triplets(root / "synthetic", frames_count, side)
+    return data, random_pretrained(root, {"model": model}) if random else None
+
+
 # -- steps (each runs in a child process; returns a dict with a one-line "summary") ----------------
 
 def step_cuda_tests(args, size, work: Path) -> dict:

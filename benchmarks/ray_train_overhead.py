@@ -24,7 +24,6 @@ the worker's cores, as they share the driver's in the in-process run). Steps/s a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -56,6 +55,9 @@ def train(data: Path, output: Path, args, extra: list[str]) -> dict:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_suite import RANDOM_PRETRAINED_HELP, training_inputs
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
     parser.add_argument("--resolution", type=int, default=256)
@@ -65,9 +67,7 @@ def main() -> None:
     parser.add_argument("--worker-cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--use-gpu", action="store_true", help="train on the GPU, in the process and through Ray Train")
     parser.add_argument("--cluster-cpus", type=int, help="CPUs of the loopback cluster (default: the largest --worker-cpus + 1)")
-    parser.add_argument("--random-pretrained", action="store_true",
-                        help="write the --model's random weights once as an sd-image-variations folder and start every "
-                             "run from it (building a full-size model from random draws costs about 100 s a run)")
+    parser.add_argument("--random-pretrained", action="store_true", help=RANDOM_PRETRAINED_HELP)
     parser.add_argument("--train-args", default="", help="more `disco-cli train` options for every run")
     args = parser.parse_args()
     common = shlex.split(args.train_args) + (["--use-gpu"] if args.use_gpu else [])
@@ -75,22 +75,9 @@ def main() -> None:
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_throughput import make_triplets
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if importlib.util.find_spec("mediapipe"):
-            data = make_triplets(work, args.frames)
-        else:  # the GPU machines have no MediaPipe: the GPU suite's synthetic rows (real frames, drawn masks)
-            from gpu_suite import synthetic_triplets
-
-            data = synthetic_triplets(work / "synthetic", args.frames, args.resolution)
-        args.pretrained = None
-        if args.random_pretrained:
-            from gpu_suite import random_pretrained
-
-            args.pretrained = random_pretrained(work, {"model": args.model})
+        data, args.pretrained = training_inputs(work, args.frames, args.resolution, args.model, args.random_pretrained)
         import ray
 
         ray.shutdown()  # the preprocessing's private instance: the runs below start their own

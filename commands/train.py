@@ -68,7 +68,7 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
     try:
         cfg, notes = plan_config(cfg)
         plan = memory_plan(cfg, gpu_memory)
-        host, host_checkpoint = host_build_bytes(cfg), host_checkpoint_bytes(cfg)
+        host, host_checkpoint = host_build_bytes(cfg), host_checkpoint_bytes(plan)
     except ConfigError as exc:
         usage_error(str(exc))
     out = Console()

@@ -90,7 +90,7 @@ def test_under_the_guard_a_collective_outside_collectives_is_refused_even_on_the
             dist.all_gather_object([None, None], {"rows": 1})
         collectives = Collectives(2, "cpu")
         assert collectives.mean([2.0]).item() == 2.0 / 2  # the fake group sums nothing: 2 / world
-        assert collectives.any(True) is True
+        assert collectives.any_of(True, False) == (True, False)
         assert len(collectives.gather(3)) == 2
 
 

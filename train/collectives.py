@@ -68,12 +68,9 @@ class Collectives:
             t = t / self.world
         return t
 
-    def any(self, flag: bool) -> bool:
-        """True when any worker says so (all workers then agree, e.g. on stopping at this step)."""
-        return self.any_of(flag)[0]
-
     def any_of(self, *flags: bool) -> tuple[bool, ...]:
-        """``any`` of several flags at once, in one collective."""
+        """Each flag: True when any worker says so (all workers then agree, e.g. on stopping at
+        this step); several flags in one collective."""
         if self.world == 1:
             return tuple(bool(f) for f in flags)
         t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=self.device)

@@ -314,10 +314,7 @@ def host_build_bytes(cfg: TrainConfig) -> int:
     return block_bytes(model.parameters()) + block_bytes(model.buffers())
 
 
-def host_checkpoint_bytes(cfg: TrainConfig) -> int:
+def host_checkpoint_bytes(plan: MemoryPlan) -> int:
     """Host memory of the copy rank 0 takes of a checkpoint while a thread writes it (train/
-    checkpoint_writer.py): the trainable weights in fp32, AdamW's two moments, the EMA weights."""
-    model = meta_model(cfg)
-    model.set_trainable()
-    trainable = block_bytes(p for p in model.parameters() if p.requires_grad)
-    return trainable * (3 + (1 if cfg.ema_decay else 0))
+    checkpoint_writer.py): the plan's trainable weights in fp32, AdamW's two moments, the EMA weights."""
+    return sum(n for label, n, _ in plan.lines if label in ("weights, trainable", "AdamW states", "EMA"))
