@@ -12,13 +12,14 @@ from rich.table import Table
 from disco.model.precision import resolve_device
 from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
 from disco.model.precision import DTYPES
-from disco.evaluate.config import (METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
+from disco.evaluate.config import (FID_PORTS, METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
                                    NetworkConfig, parse_metrics)
 
 E = defaults(EvaluateConfig)
 NETS = defaults(NetworkConfig)
 VideoNet = choices("video network", VIDEO_NET_NAMES)
 Protocol = choices("protocol", PROTOCOLS)
+FidPort = choices("FID port", FID_PORTS)
 Dtype = choices("dtype", DTYPES)
 
 
@@ -36,7 +37,8 @@ def evaluate(
     vgg16: Annotated[Optional[Path], typer.Option(help="VGG-16 ImageNet weights for LPIPS (torchvision vgg16-397923af.pth).")] = NETS.vgg16,
     fid_vid_net: Annotated[Optional[Path], typer.Option(help="Weights of the FID-VID video network (r3d_18-b3b3357e.pth; with --protocol disco resnet-50-kinetics.pth).")] = NETS.fid_vid_net,
     fvd_net: Annotated[Optional[Path], typer.Option(help="Weights of the FVD video network (s3d-d76dad2f.pth; with --protocol disco i3d_pretrained_400.pt).")] = NETS.fvd_net,
-    protocol: Annotated[Protocol, typer.Option(help="ours: the corrected evaluation; disco: the official DisCo scripts exactly (3D ResNet-50 / I3D, LPIPS on [0, 1], uint8 PSNR, their video clips).")] = E.protocol,
+    protocol: Annotated[Protocol, typer.Option(help="ours: the corrected evaluation; disco: the official DisCo scripts exactly (pytorch-fid's FID, 3D ResNet-50 / I3D, LPIPS on [0, 1], uint8 PSNR, their video clips).")] = E.protocol,
+    fid_port: Annotated[Optional[FidPort], typer.Option(help="How frames reach the FID Inception (the same weights): torch-fidelity (TF1-style resize) or pytorch-fid (PyTorch bilinear, [-1, 1], numpy distance: the official `python -m pytorch_fid`). Default: the protocol's.")] = NETS.fid_port,
     fid_vid_arch: Annotated[Optional[VideoNet], typer.Option(help="FID-VID network (default: the protocol's, r3d_18 or resnet3d50).")] = NETS.fid_vid_arch,
     fvd_arch: Annotated[Optional[VideoNet], typer.Option(help="FVD network (default: the protocol's, s3d or i3d).")] = NETS.fvd_arch,
     lpips_legacy: Annotated[Optional[bool], typer.Option("--lpips-legacy/--no-lpips-legacy", help="LPIPS on images in [0, 1] as the official script (default: on with --protocol disco).")] = E.lpips_legacy,
@@ -69,7 +71,8 @@ def evaluate(
             protocol=plain(protocol),
             lpips_legacy=lpips_legacy, psnr_legacy=psnr_legacy, square_gt=square_gt,
             networks=NetworkConfig(weights=weights, inception=inception, vgg16=vgg16, fid_vid_net=fid_vid_net,
-                                   fvd_net=fvd_net, fid_vid_arch=plain(fid_vid_arch), fvd_arch=plain(fvd_arch)),
+                                   fvd_net=fvd_net, fid_vid_arch=plain(fid_vid_arch), fvd_arch=plain(fvd_arch),
+                                   fid_port=plain(fid_port)),
         )
         report = run_evaluate(config, log=lambda m: console.print(m, highlight=False))
     except (EvaluateInputError, GenerateInputError, WeightsError, FileNotFoundError, NotADirectoryError,
@@ -85,7 +88,7 @@ def evaluate(
     table.add_column("value", justify="right")
     table.add_column("computed with")
     official = {"resnet3d50": "resnet3d50 (3D ResNet-50, official)", "i3d": "i3d (I3D logits, official)"}
-    how = {"fid": "Inception 2015-12-05", "ssim": "grayscale", "l1": "/ (H x W)",
+    how = {"fid": f"Inception 2015-12-05, {config.networks.fid_port}" + (" (official)" if config.networks.fid_port == "pytorch-fid" else ""), "ssim": "grayscale", "l1": "/ (H x W)",
            "psnr": "uint8, wrapping (official)" if config.psnr_legacy else "float64",
            "lpips": "VGG, [0, 1] (official)" if config.lpips_legacy else "VGG, [-1, 1]",
            "fid-vid": official.get(config.networks.fid_vid_arch, config.networks.fid_vid_arch),

@@ -14,13 +14,19 @@ METRICS = ("fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd")
 VIDEO_NET_NAMES = ("r3d_18", "r2plus1d_18", "mc3_18", "s3d", "resnet3d50", "i3d")
 FID_VID_NET = "r3d_18"
 FVD_NET = "s3d"
+# How frames reach the FID Inception (one network, one weights file): torch-fidelity's TF1-style
+# resize and (x - 128) / 128, or pytorch-fid's (PyTorch bilinear, 2x - 1: the official FID).
+FID_PORTS = ("torch-fidelity", "pytorch-fid")
 # --protocol: "ours" (default) is the corrected evaluation; "disco" reproduces the official DisCo
-# scripts: their video networks, LPIPS fed [0, 1] images, PSNR on uint8 differences (which wrap
-# around, as in the script behind the paper's table) and their cutting of videos into clips.
+# scripts: pytorch-fid's FID, their video networks, LPIPS fed [0, 1] images, PSNR on uint8
+# differences (which wrap around, as in the script behind the paper's table) and their cutting of
+# videos into clips.
 PROTOCOLS = ("ours", "disco")
 PROTOCOL_DEFAULTS = {
-    "ours": {"fid_vid_arch": FID_VID_NET, "fvd_arch": FVD_NET, "lpips_legacy": False, "psnr_legacy": False},
-    "disco": {"fid_vid_arch": "resnet3d50", "fvd_arch": "i3d", "lpips_legacy": True, "psnr_legacy": True},
+    "ours": {"fid_port": "torch-fidelity", "fid_vid_arch": FID_VID_NET, "fvd_arch": FVD_NET,
+             "lpips_legacy": False, "psnr_legacy": False},
+    "disco": {"fid_port": "pytorch-fid", "fid_vid_arch": "resnet3d50", "fvd_arch": "i3d",
+              "lpips_legacy": True, "psnr_legacy": True},
 }
 
 
@@ -40,6 +46,7 @@ class NetworkConfig:
     # None: EvaluateConfig.validate sets its --protocol's network (alone, FID_VID_NET and FVD_NET)
     fid_vid_arch: str | None = None
     fvd_arch: str | None = None
+    fid_port: str | None = None  # FID_PORTS (None: the protocol's; alone, torch-fidelity)
 
     def files(self, metrics: list[str]) -> dict[str, Path]:
         """The weight file of every requested metric that needs one; a missing file raises WeightsError."""
@@ -51,8 +58,12 @@ class NetworkConfig:
             "fid-vid": (self.fid_vid_net, N.VIDEO_NETS[self.fid_vid_arch or FID_VID_NET].filename, "--fid-vid-net"),
             "fvd": (self.fvd_net, N.VIDEO_NETS[self.fvd_arch or FVD_NET].filename, "--fvd-net"),
         }
-        return {m: N.weight_file(wanted[m][0], self.weights, wanted[m][1], wanted[m][2])
-                for m in metrics if m in wanted}
+        also = {"fid": (N.PYTORCH_FID_INCEPTION_FILE,)}  # the same weights under pytorch-fid's name
+        found = {}
+        for metric in (m for m in metrics if m in wanted):
+            explicit, filename, flag = wanted[metric]
+            found[metric] = N.weight_file(explicit, self.weights, filename, flag, also=also.get(metric, ()))
+        return found
 
     def build(self, metrics: list[str]) -> dict:
         """The feature networks of ``metrics`` (name -> torch module), from their weight files."""
@@ -62,6 +73,10 @@ class NetworkConfig:
         built = {}
         if "fid" in files:
             built["fid"] = N.inception(files["fid"])
+            if self.fid_port == "pytorch-fid":
+                from disco.evaluate.official_nets import OfficialFidFeatures
+
+                built["fid"] = OfficialFidFeatures(built["fid"])
         if "lpips" in files:
             built["lpips"] = N.lpips_vgg(files["lpips"])
         if "fid-vid" in files:
@@ -117,10 +132,12 @@ class EvaluateConfig:
             raise EvaluateInputError(dtype_problem(self.dtype, self.device))
         if self.run is not None and self.data is None:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
+        if self.networks.fid_port not in (None, *FID_PORTS):
+            raise EvaluateInputError(f"unknown FID port {self.networks.fid_port!r}; choose {' or '.join(FID_PORTS)}")
         if self.protocol not in PROTOCOLS:
             raise EvaluateInputError(f"unknown --protocol {self.protocol!r}; choose {' or '.join(PROTOCOLS)}")
         for name, value in PROTOCOL_DEFAULTS[self.protocol].items():  # unset switches follow the protocol
-            holder = self.networks if name.endswith("_arch") else self
+            holder = self.networks if hasattr(self.networks, name) else self
             if getattr(holder, name) is None:
                 setattr(holder, name, value)
         if self.batch_size < 1:

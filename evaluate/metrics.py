@@ -13,12 +13,17 @@ Conventions, checked against the official DisCo evaluation scripts and stated he
   0..255. That is why the paper's L1 is ~3.78e-4: at 256 x 256 it is a mean absolute error of
   about 24.8 grey levels.
 - LPIPS: VGG, inputs scaled to [-1, 1] as LPIPS expects (the official script fed [0, 1]).
-- FID: Fréchet distance of Inception pool features over all frames of each set.
+- FID: Fréchet distance of Inception pool features over all frames of each set (torch-fidelity's
+  port of the FID Inception, its TF1-style resize to 299 and ``(x - 128) / 128``; torchmetrics, float64).
 - FID-VID and FVD: each video is cut into every window of ``CLIP_LENGTH`` (16) consecutive
   frames, stride 1 (the official GIF clips); the Fréchet distance is over the windows' features.
 
-``--protocol disco`` (``disco_samples``, ``psnr_legacy``, ``Lpips(legacy=True)``, ``FeatureFrechet``)
-reproduces the official scripts (tool/metrics/ in the DisCo repository) instead:
+``--protocol disco`` (``disco_samples``, ``psnr_legacy``, ``Lpips(legacy=True)``, ``NumpyFrechet``,
+``FeatureFrechet``) reproduces the official scripts (``gen_eval.sh`` and tool/metrics/ in the DisCo
+repository) instead:
+
+- FID as ``python -m pytorch_fid`` computes it: the same Inception weights, frames in [0, 1]
+  resized by PyTorch's bilinear and scaled to [-1, 1] (``official_nets.OfficialFidFeatures``).
 
 - PSNR of uint8 frames subtracted and squared as uint8 (both wrap modulo 256), as in the script the
   paper's numbers came from (its first release; fixed later upstream).
@@ -193,15 +198,38 @@ def frechet_distance_numpy(feats1: np.ndarray, feats2: np.ndarray, eps: float = 
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-class FeatureFrechet:
+class NumpyFrechet:
+    """A Fréchet distance as the official scripts compute it: each sample's feature kept in float64,
+    the distance in numpy / scipy (``frechet_distance_numpy``). ``update`` takes uint8 images
+    N x 3 x H x W (``--protocol disco``'s FID: pytorch-fid's features, ``official_nets.OfficialFidFeatures``)."""
+
+    def __init__(self, net: nn.Module, batch_size: int = 16, device: str = "cpu"):
+        self.net, self.batch_size, self.device = net.to(device), batch_size, device
+        self.features = {True: [], False: []}
+
+    @torch.no_grad()
+    def update(self, items: torch.Tensor, real: bool) -> None:
+        for start in range(0, len(items), self.batch_size):
+            feats = self.net(items[start:start + self.batch_size].to(self.device))
+            self.features[real].extend(feats.reshape(len(feats), -1).double().cpu().numpy())
+
+    def compute(self) -> float:
+        counts = {real: len(f) for real, f in self.features.items()}
+        if min(counts.values()) < 2:
+            raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {counts[False]} "
+                             f"predicted and {counts[True]} real")
+        return frechet_distance_numpy(np.stack(self.features[False]), np.stack(self.features[True]))
+
+
+class FeatureFrechet(NumpyFrechet):
     """A video Fréchet distance under the official clip rule (``disco_samples``): features per clip,
     averaged per sample, distance in numpy. Networks with ``prepare``/``embed``
     (``official_nets.OfficialVideoFeatures``) resize each frame once per sequence; others get
     uint8 clips N x T x H x W x 3."""
 
     def __init__(self, net: nn.Module, metric: str, batch_size: int = 16, device: str = "cpu"):
-        self.net, self.metric, self.batch_size = net.to(device), metric, batch_size
-        self.features = {True: [], False: []}
+        super().__init__(net, batch_size, device)
+        self.metric = metric
         self.clips = {True: 0, False: 0}
 
     @torch.no_grad()
@@ -235,10 +263,3 @@ class FeatureFrechet:
             k += len(sample)
         self.clips[real] += len(clips)
         return len(samples)
-
-    def compute(self) -> float:
-        counts = {real: len(f) for real, f in self.features.items()}
-        if min(counts.values()) < 2:
-            raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {counts[False]} "
-                             f"predicted and {counts[True]} real")
-        return frechet_distance_numpy(np.stack(self.features[False]), np.stack(self.features[True]))

@@ -2,7 +2,7 @@
 
 | metric | network | expected file (in ``--weights DIR``) |
 |---|---|---|
-| FID | the standard FID Inception (TF 2015-12-05 graph, torch-fidelity port), pool3 2048-d | ``weights-inception-2015-12-05-6726825d.pth`` |
+| FID | the standard FID Inception (TF 2015-12-05 graph, torch-fidelity port), pool3 2048-d; ``--protocol disco``: pytorch-fid's input (``official_nets.OfficialFidFeatures``) | ``weights-inception-2015-12-05-6726825d.pth`` (or pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``) |
 | LPIPS | VGG-16 (ImageNet, torchvision) + the LPIPS linear layers that ship in torchmetrics | ``vgg16-397923af.pth`` |
 | FID-VID | 3D ResNet-18 (torchvision ``r3d_18``, Kinetics-400), 112 px, pooled 512-d | ``r3d_18-b3b3357e.pth`` |
 | FVD | S3D (torchvision ``s3d``, Kinetics-400), 224 px, pooled 1024-d | ``s3d-d76dad2f.pth`` |
@@ -57,11 +57,15 @@ VIDEO_NETS = {
         "i3d: I3D (Kinetics-400; official DisCo FVD), 224 px in [-1, 1], 400 logits averaged over time")),
 }
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# pytorch-fid's name for the same weights (torch hub's cache of the official FID has it)
+PYTORCH_FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 VGG16_FILE = "vgg16-397923af.pth"
 
 
-def weight_file(explicit: str | Path | None, weights_folder: str | Path | None, filename: str, flag: str) -> Path:
-    """The file given by its flag, else ``filename`` in the weights directory (flag or $DISCO_WEIGHTS)."""
+def weight_file(explicit: str | Path | None, weights_folder: str | Path | None, filename: str, flag: str,
+                also: tuple[str, ...] = ()) -> Path:
+    """The file given by its flag, else ``filename`` (or one of the names in ``also``) in the
+    weights directory (flag or $DISCO_WEIGHTS) or its ``eval_fvd/``."""
     if explicit is not None:
         path = Path(explicit)
     else:
@@ -69,9 +73,9 @@ def weight_file(explicit: str | Path | None, weights_folder: str | Path | None, 
         if folder is None:
             raise WeightsError(f"no weights for this metric: pass {flag} FILE, or --weights DIR (or ${WEIGHTS_ENV}) "
                                f"holding {filename}")
-        path = Path(folder) / filename
-        if not path.is_file() and (Path(folder) / "eval_fvd" / filename).is_file():
-            path = Path(folder) / "eval_fvd" / filename  # the official evaluation's layout
+        # the official evaluation's layout has its files in eval_fvd/
+        found = [Path(folder) / sub / name for name in (filename, *also) for sub in ("", "eval_fvd")]
+        path = next((p for p in found if p.is_file()), Path(folder) / filename)
     if not path.is_file():
         raise WeightsError(f"weight file {path} is missing ({flag} FILE or {filename} in --weights DIR)")
     return path

@@ -1,4 +1,11 @@
-"""The video networks of the official DisCo evaluation, built from their published structure.
+"""The networks of the official DisCo evaluation, built from their published structure.
+
+- FID: the official script runs ``python -m pytorch_fid`` (pytorch-fid) on the frame folders: the
+  FID Inception (the TF 2015-12-05 graph) fed frames as floats in [0, 1] resized to 299 x 299 by
+  PyTorch's bilinear (``align_corners=False``, no antialiasing) and scaled to [-1, 1]; the feature
+  is pool3, 2048-d (``OfficialFidFeatures``). The network is the same one torch-fidelity ports
+  (``networks.inception``); only the resize and the scaling differ (torch-fidelity's: TF1's
+  bilinear, ``(x - 128) / 128``).
 
 - FID-VID: the 3D ResNet-50 of Hara et al. ("Can spatiotemporal 3D CNNs retrace the history of 2D
   CNNs and ImageNet?", CVPR 2018), trained on Kinetics-400; file ``resnet-50-kinetics.pth``.
@@ -227,3 +234,41 @@ class OfficialVideoFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         return self.embed(torch.stack([self.prepare(clip.cpu()) for clip in clips]))
+
+
+# -- FID as pytorch-fid computes it ------------------------------------------------------------------
+
+FID_SIDE = 299
+# The FID Inception's modules in graph order, in pytorch-fid's four blocks; each block's output,
+# average pooled, is a feature (64, 192, 768 and 2048-d: pool3, what FID uses).
+FID_BLOCKS = (
+    ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1"),
+    ("Conv2d_3b_1x1", "Conv2d_4a_3x3", "MaxPool_2"),
+    ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
+    ("Mixed_7a", "Mixed_7b", "Mixed_7c"),
+)
+FID_BLOCK_DIMS = (64, 192, 768, 2048)
+
+
+class OfficialFidFeatures(nn.Module):
+    """uint8 N x 3 x H x W -> N x ``dims`` features as pytorch-fid computes them, from the modules
+    of the FID Inception (``networks.inception``: torch-fidelity's port, same weights file): the
+    frames as floats in [0, 1] (torchvision's ``ToTensor``), PyTorch's bilinear resize to 299,
+    ``2x - 1``, the blocks up to the one of ``dims``, spatial average pooling."""
+
+    def __init__(self, inception: nn.Module, dims: int = 2048):
+        super().__init__()
+        if dims not in FID_BLOCK_DIMS:
+            raise ValueError(f"pytorch-fid's features are {FID_BLOCK_DIMS}-d, not {dims}")
+        self.inception, self.dims = inception.eval(), dims
+        self.num_features = dims  # torchmetrics reads it instead of sizing the network with a dummy
+        self.modules_in_order = [name for block in FID_BLOCKS[:FID_BLOCK_DIMS.index(dims) + 1] for name in block]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255
+        x = F.interpolate(x, size=(FID_SIDE, FID_SIDE), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        for name in self.modules_in_order:
+            x = getattr(self.inception, name)(x)
+        return F.adaptive_avg_pool2d(x, output_size=(1, 1)).flatten(1)

@@ -147,9 +147,11 @@ def ieee_convolutions():
 def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn.Module],
           batch_size: int = 16, log: Callable[[str], None] = lambda message: None, device: str = "cpu",
           protocol: str = "ours", lpips_legacy: bool = False, psnr_legacy: bool = False,
-          square_gt: bool = False) -> dict:
+          square_gt: bool = False, fid_port: str = "torch-fidelity") -> dict:
     """Every requested metric over the paired sequences; ``networks`` holds the built feature nets.
-    ``protocol`` "disco" cuts videos into clips as the official scripts (``M.disco_samples``).
+    ``protocol`` "disco" cuts videos into clips as the official scripts (``M.disco_samples``);
+    ``fid_port`` "pytorch-fid": FID's distance in numpy as pytorch-fid's (its network, built for
+    that port, is ``official_nets.OfficialFidFeatures``).
     ``square_gt``: the real frames centre-cropped to squares first (``generate``'s framing)."""
     from disco.model.conditioning import square
 
@@ -157,7 +159,10 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
     pair_values = {m: [] for m in ("psnr", "ssim", "l1") if m in metrics}
     pair_functions = {**M.PAIR_METRICS, "psnr": M.psnr_legacy if psnr_legacy else M.psnr}
     lpips = M.Lpips(networks["lpips"], batch_size, device, legacy=lpips_legacy) if "lpips" in metrics else None
-    fid = M.Frechet(networks["fid"], (3, 64, 64), batch_size, device) if "fid" in metrics else None
+    fid = None
+    if "fid" in metrics:
+        fid = (M.NumpyFrechet(networks["fid"], batch_size, device) if fid_port == "pytorch-fid" else
+               M.Frechet(networks["fid"], (3, 64, 64), batch_size, device))
     if protocol == "disco":
         videos = {m: M.FeatureFrechet(networks[m], m, batch_size, device) for m in ("fid-vid", "fvd") if m in metrics}
     else:
@@ -233,7 +238,8 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
             generated = generate_split(config, work, log)
             pred, gt = work / "pred", work / "gt"
         report = score(pred, gt, config.metrics, networks, config.batch_size, log, config.device,
-                       config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt)
+                       config.protocol, bool(config.lpips_legacy), bool(config.psnr_legacy), config.square_gt,
+                       config.networks.fid_port)
     generation = ("run", "data", "split", "work_dir", "steps", "guidance_scale", "seed", "size", "max_frames", "ema",
                   "dtype")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
@@ -257,6 +263,11 @@ def conventions(config: EvaluateConfig) -> dict:
         "psnr": ("uint8 differences squared in uint8 (wrapping modulo 256, the official script), 255 peak"
                  if config.psnr_legacy else "float64 MSE, 255 peak") + f", identical frames score {M.PSNR_CAP}",
         "ssim": "skimage structural_similarity on grayscale, data_range 255",
+        "fid": ("pytorch-fid (python -m pytorch_fid, the official script): frames in [0, 1] resized to 299 by "
+                "PyTorch's bilinear, scaled to [-1, 1], pool3; Fréchet distance in numpy/scipy"
+                if config.networks.fid_port == "pytorch-fid" else
+                "torch-fidelity: frames resized to 299 TF1-style, (x - 128) / 128, pool3; torchmetrics' Fréchet "
+                "distance in float64"),
         "l1": "mean |pred - gt| of 0..255 values divided by H*W (official DisCo convention)",
         "networks": "float32, full-precision convolutions (no TF32) on any device",
         "lpips": ("VGG, inputs in [0, 1] (legacy: the official script's range)" if config.lpips_legacy
@@ -275,7 +286,8 @@ def describe_networks(config: EvaluateConfig) -> dict:
         files = config.networks.files(config.metrics)
     except N.WeightsError:
         files = {}
-    names = {"fid": "FID Inception (2015-12-05) pool3", "lpips": "LPIPS VGG-16",
+    names = {"fid": f"FID Inception (2015-12-05) pool3, {config.networks.fid_port or 'torch-fidelity'}'s input",
+             "lpips": "LPIPS VGG-16",
              "fid-vid": N.VIDEO_NETS[config.networks.fid_vid_arch or M_FID_VID].description,
              "fvd": N.VIDEO_NETS[config.networks.fvd_arch or M_FVD].description}
     for metric in ("fid", "lpips", "fid-vid", "fvd"):

@@ -185,6 +185,90 @@ def test_the_numpy_frechet_distance():
     assert M.frechet_distance_numpy(a, b) > 1
 
 
+# -- FID as the official script computes it (gen_eval.sh: python -m pytorch_fid) ----------------------
+
+@pytest.fixture(scope="module")
+def inception_state(tmp_path_factory) -> tuple[Path, dict]:
+    """The FID Inception's weights, random, written under pytorch-fid's file name: He-initialised
+    convolutions carry a picture's signal to pool3 (PyTorch's default initialisation fades it out
+    over the 94 layers, and then any resize gives the same features, to 3e-8)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+    from unittest import mock
+
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        state = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    generator = torch.Generator().manual_seed(3)
+    for key, value in state.items():
+        if key.endswith("conv.weight"):
+            state[key] = torch.randn(value.shape, generator=generator) * math.sqrt(2 / value[0].numel())
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save(state, folder / N.PYTORCH_FID_INCEPTION_FILE)
+    return folder, state
+
+
+def _pytorch_fid_inception(state: dict, dims: int = 2048):
+    """pytorch-fid's own network, its download replaced by ``state``."""
+    from unittest import mock
+
+    import pytorch_fid.inception as P
+
+    with mock.patch.object(P, "load_state_dict_from_url", lambda *a, **k: state):
+        return P.InceptionV3([P.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+
+
+def test_the_official_fid_features_are_pytorch_fids(inception_state):
+    """``--protocol disco`` builds the FID network as pytorch-fid feeds it (found under pytorch-fid's
+    file name): its features equal pytorch-fid's own network's on the same weights, on real photos
+    of other sizes (resized to 299 inside); torch-fidelity's input (``--protocol ours``) gives others."""
+    folder, state = inception_state
+    config = EvaluateConfig(output=folder / "r.json", pred=folder, gt=folder, metrics=["fid"], protocol="disco",
+                            networks=NetworkConfig(weights=folder)).validate()
+    assert config.networks.fid_port == "pytorch-fid"
+    ours = config.networks.build(["fid"])["fid"]
+    assert isinstance(ours, O.OfficialFidFeatures)
+    tf_port = N.inception(folder / N.PYTORCH_FID_INCEPTION_FILE)
+    theirs = _pytorch_fid_inception(state)
+    for photo in (data.astronaut()[:320, 60:380], data.coffee()):  # 320 x 320 and 400 x 600
+        images = torch.from_numpy(np.stack([photo, photo[::-1].copy()])).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            expected = theirs(images.float() / 255)[0].flatten(1)  # torchvision's ToTensor: / 255
+            got, other = ours(images), tf_port(images).reshape(2, -1)
+        assert got.shape == (2, 2048)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert (other - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_the_disco_protocols_fid_is_what_python_m_pytorch_fid_prints(sets, inception_state, tmp_path):
+    """``evaluate --protocol disco`` on the frame folders against pytorch-fid's own
+    ``calculate_fid_given_paths`` (what ``python -m pytorch_fid pred gt`` prints) on the same PNG
+    files and weights. pytorch-fid's 64-d features keep scipy's ``sqrtm`` fast (2048-d: 18 s a
+    distance on 2 cores); the 2048-d features are equal in the test above."""
+    from unittest import mock
+
+    import pytorch_fid.fid_score as fid_score
+    import pytorch_fid.inception as P
+
+    folder, state = inception_state
+    config = EvaluateConfig(output=tmp_path / "disco.json", pred=sets / "pred", gt=sets / "gt", metrics=["fid"],
+                            networks=NetworkConfig(weights=folder), batch_size=5, protocol="disco")
+    net = O.OfficialFidFeatures(N.inception(folder / N.PYTORCH_FID_INCEPTION_FILE), dims=64)
+    report = evaluate(config, networks={"fid": net}, log=lambda m: None)
+    assert report["counts"]["frames"] == 33 and "pytorch-fid" in report["settings"]["conventions"]["fid"]
+    flat = {}
+    for side in ("pred", "gt"):  # pytorch-fid reads one flat folder of images per set
+        flat[side] = tmp_path / f"flat_{side}"
+        flat[side].mkdir()
+        for clip in LENGTHS:
+            for frame in (sets / side / clip).glob("*.png"):
+                (flat[side] / f"{clip}_{frame.name}").symlink_to(frame)
+    with mock.patch.object(P, "load_state_dict_from_url", lambda *a, **k: state):
+        official = fid_score.calculate_fid_given_paths([str(flat["pred"]), str(flat["gt"])], batch_size=50,
+                                                       device="cpu", dims=64, num_workers=0)
+    assert official > 1e-3  # shifted, noised frames
+    assert report["metrics"]["fid"] == pytest.approx(official, rel=1e-6)
+
+
 # -- both protocols through the command line ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
