@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -98,6 +98,33 @@ def read_sequence(item: list[Path] | Path) -> np.ndarray:
     return np.stack(frames)
 
 
+# Frame files of one sequence held in memory at once (and the next CLIP_LENGTH - 1 with them, for
+# the 16-frame windows that start in a part): a flat folder of 50,000 generated 512 px frames is
+# one sequence, 39 GB read whole. A video file is read whole (its clips may span it all).
+CHUNK_FRAMES = 512
+
+
+def sequence_parts(item_pred: list[Path] | Path, item_gt: list[Path] | Path,
+                   chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """One sequence's (pred, gt, own) frames part by part: frame files ``chunk`` (default
+    ``CHUNK_FRAMES``) at a time, each part with the next ``CLIP_LENGTH - 1`` frames too, ``own``
+    saying how many frames are the part's own (frame metrics score those; a 16-frame window
+    belongs to the part it starts in); a pair with a video file in one go."""
+    if isinstance(item_pred, Path) or isinstance(item_gt, Path):
+        gt = read_sequence(item_gt)
+        yield read_sequence(item_pred), gt, len(gt)
+        return
+    chunk = chunk or CHUNK_FRAMES
+    shape = None
+    for start in range(0, len(item_gt), chunk):
+        stop = min(start + chunk + M.CLIP_LENGTH - 1, len(item_gt))
+        gt = read_sequence(item_gt[start:stop])
+        if shape is not None and gt.shape[1:] != shape:  # read_sequence checks within a part
+            raise EvaluateInputError(f"frames of {item_gt[0].parent} differ in size")
+        shape = gt.shape[1:]
+        yield read_sequence(item_pred[start:stop]), gt, min(chunk, len(item_gt) - start)
+
+
 def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, list[Path] | Path]]:
     a, b = list_sequences(pred), list_sequences(gt)
     if set(a) != set(b):
@@ -171,36 +198,41 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
     samples = {m: 0 for m in videos}
     frames_total, windows_total = 0, 0
     for name, item_pred, item_gt in pairs:
-        gt_frames = read_sequence(item_gt)
-        if square_gt:
-            gt_frames = np.stack([square(g, min(g.shape[:2])) for g in gt_frames])
-        pred_frames = read_sequence(item_pred)
-        if len(pred_frames) != len(gt_frames):
-            raise EvaluateInputError(f"{name!r}: {len(pred_frames)} predicted frames but {len(gt_frames)} real ones")
-        check_framing(name, pred_frames[0], gt_frames[0])
-        pred_frames = np.stack([M.match_size(p, g) for p, g in zip(pred_frames, gt_frames)])
-        frames_total += len(gt_frames)
-        for metric, values in pair_values.items():
-            values.extend(pair_functions[metric](p, g) for p, g in zip(pred_frames, gt_frames))
-        if lpips is not None:
-            lpips.update(pred_frames, gt_frames)
-        if fid is not None:
-            fid.update(M.to_tensor(pred_frames), real=False)
-            fid.update(M.to_tensor(gt_frames), real=True)
-        windows = M.clip_windows(len(gt_frames))
-        windows_total += len(windows)
-        if protocol == "disco":  # the official rule: by input kind (frame files or a video file) and metric
-            for metric_name, metric in videos.items():
-                metric.update(pred_frames, isinstance(item_pred, Path), real=False)
-                samples[metric_name] += metric.update(gt_frames, isinstance(item_gt, Path), real=True)
-            windows = []
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start:start + batch_size]
-            for metric in videos.values():
-                metric.update(M.clips(pred_frames, chunk), real=False)
-                metric.update(M.clips(gt_frames, chunk), real=True)
-        log(f"scored {name if name != '.' else pred.name}: {len(gt_frames)} frames"
-            + (f", {len(windows)} clips" if protocol != "disco" else ""))
+        frames, windows_of_sequence = 0, 0
+        for part, (pred_frames, gt_frames, own) in enumerate(sequence_parts(item_pred, item_gt)):
+            if square_gt:
+                gt_frames = np.stack([square(g, min(g.shape[:2])) for g in gt_frames])
+            if len(pred_frames) != len(gt_frames):
+                raise EvaluateInputError(f"{name!r}: {len(pred_frames)} predicted frames but {len(gt_frames)} real ones")
+            if part == 0:
+                check_framing(name, pred_frames[0], gt_frames[0])
+            pred_frames = np.stack([M.match_size(p, g) for p, g in zip(pred_frames, gt_frames)])
+            frames += own
+            pred_own, gt_own = pred_frames[:own], gt_frames[:own]
+            for metric, values in pair_values.items():
+                values.extend(pair_functions[metric](p, g) for p, g in zip(pred_own, gt_own))
+            if lpips is not None:
+                lpips.update(pred_own, gt_own)
+            if fid is not None:
+                fid.update(M.to_tensor(pred_own), real=False)
+                fid.update(M.to_tensor(gt_own), real=True)
+            if protocol == "disco":  # the official rule: by input kind (frame files or a video file) and metric
+                for metric_name, metric in videos.items():
+                    metric.update(pred_frames, isinstance(item_pred, Path), real=False, starts_before=own)
+                    samples[metric_name] += metric.update(gt_frames, isinstance(item_gt, Path), real=True,
+                                                          starts_before=own)
+                continue
+            windows = [w for w in M.clip_windows(len(gt_frames)) if w.start < own]
+            windows_of_sequence += len(windows)
+            for start in range(0, len(windows), batch_size):
+                chunk = windows[start:start + batch_size]
+                for metric in videos.values():
+                    metric.update(M.clips(pred_frames, chunk), real=False)
+                    metric.update(M.clips(gt_frames, chunk), real=True)
+        frames_total += frames
+        windows_total += windows_of_sequence
+        log(f"scored {name if name != '.' else pred.name}: {frames} frames"
+            + (f", {windows_of_sequence} clips" if protocol != "disco" else ""))
     results = {m: float(np.mean(v)) for m, v in pair_values.items()}
     if lpips is not None:
         results["lpips"] = lpips.compute()

@@ -19,10 +19,11 @@ from disco.evaluate import metrics as M
 from disco.evaluate import networks as N
 from disco.evaluate import official_nets as O
 from disco.evaluate.config import EvaluateConfig, NetworkConfig
+from disco.evaluate import run as R
 from disco.evaluate.run import evaluate, score
 from disco.generate.video import write_frames
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
-from test_metrics import TinyVideoFeatures  # the same stand-in video network
+from test_metrics import TinyFeatures, TinyVideoFeatures  # the same stand-in networks
 
 SIDE = 48  # frame size of the scored sets (the video networks resize to 112 / 224 themselves)
 LENGTHS = {"clip_a": 17, "clip_b": 16}  # 33 frames: stride-1 windows 2 + 1
@@ -267,6 +268,41 @@ def test_the_disco_protocols_fid_is_what_python_m_pytorch_fid_prints(sets, incep
                                                        device="cpu", dims=64, num_workers=0)
     assert official > 1e-3  # shifted, noised frames
     assert report["metrics"]["fid"] == pytest.approx(official, rel=1e-6)
+
+
+def test_a_long_sequence_of_frame_files_is_read_part_by_part_and_scores_the_same(tmp_path, monkeypatch):
+    """A flat folder of 41 frames (one sequence): read 6 frames at a time (and the 15 after them
+    that the 16-frame windows starting among them need), never more; every metric under both
+    protocols equals the whole sequence read at once, clips and samples counted the same."""
+    rng = np.random.default_rng(3)
+    gt = np.stack(pan_zoom_frames(data.astronaut(), 41, 32))
+    pred = np.clip(gt.astype(int) + rng.integers(-30, 31, gt.shape), 0, 255).astype(np.uint8)
+    write_frames(tmp_path / "gt", gt)
+    write_frames(tmp_path / "pred", pred)
+    metrics = ["ssim", "psnr", "l1", "fid", "fid-vid", "fvd"]
+    reads = []
+    read_sequence = R.read_sequence
+
+    def recording(item):
+        reads.append(len(item))
+        return read_sequence(item)
+
+    monkeypatch.setattr(R, "read_sequence", recording)
+    for protocol, port in (("ours", "torch-fidelity"), ("disco", "pytorch-fid")):
+        results = {}
+        for chunk in (6, 10_000):
+            monkeypatch.setattr(R, "CHUNK_FRAMES", chunk)
+            reads.clear()
+            nets = {"fid": TinyFeatures(), "fid-vid": TinyVideoFeatures(), "fvd": TinyVideoFeatures()}
+            results[chunk] = score(tmp_path / "pred", tmp_path / "gt", metrics, nets, batch_size=4,
+                                   protocol=protocol, fid_port=port)
+            assert max(reads) == (6 + 15 if chunk == 6 else 41)
+        parts, whole = results[6], results[10_000]
+        assert parts["counts"] == whole["counts"] and whole["counts"]["frames"] == 41
+        clips = whole["counts"]["clips"]
+        assert clips == (26 if protocol == "ours" else {"fid-vid": 26, "fvd": 26})  # windows 0..25
+        for metric in metrics:
+            assert parts["metrics"][metric] == pytest.approx(whole["metrics"][metric], rel=1e-6), (protocol, metric)
 
 
 # -- both protocols through the command line ------------------------------------------------------------
