@@ -115,14 +115,10 @@ def sequence_parts(item_pred: list[Path] | Path, item_gt: list[Path] | Path,
         yield read_sequence(item_pred), gt, len(gt)
         return
     chunk = chunk or CHUNK_FRAMES
-    shape = None
     for start in range(0, len(item_gt), chunk):
+        # Parts overlap, so read_sequence's check of a part's frames sizes covers the sequence.
         stop = min(start + chunk + M.CLIP_LENGTH - 1, len(item_gt))
-        gt = read_sequence(item_gt[start:stop])
-        if shape is not None and gt.shape[1:] != shape:  # read_sequence checks within a part
-            raise EvaluateInputError(f"frames of {item_gt[0].parent} differ in size")
-        shape = gt.shape[1:]
-        yield read_sequence(item_pred[start:stop]), gt, min(chunk, len(item_gt) - start)
+        yield read_sequence(item_pred[start:stop]), read_sequence(item_gt[start:stop]), min(chunk, len(item_gt) - start)
 
 
 def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, list[Path] | Path]]:

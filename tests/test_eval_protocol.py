@@ -18,7 +18,7 @@ from disco.cli import app
 from disco.evaluate import metrics as M
 from disco.evaluate import networks as N
 from disco.evaluate import official_nets as O
-from disco.evaluate.config import EvaluateConfig, NetworkConfig
+from disco.evaluate.config import EvaluateConfig, EvaluateInputError, NetworkConfig
 from disco.evaluate import run as R
 from disco.evaluate.run import evaluate, score
 from disco.generate.video import write_frames
@@ -303,6 +303,12 @@ def test_a_long_sequence_of_frame_files_is_read_part_by_part_and_scores_the_same
         assert clips == (26 if protocol == "ours" else {"fid-vid": 26, "fvd": 26})  # windows 0..25
         for metric in metrics:
             assert parts["metrics"][metric] == pytest.approx(whole["metrics"][metric], rel=1e-6), (protocol, metric)
+    # A frame of another size in a later part is refused as in one read.
+    odd = np.ascontiguousarray(pred[30, :24, :24])
+    write_frames(tmp_path / "odd", odd[None])[0].rename(tmp_path / "pred" / "000030.png")
+    monkeypatch.setattr(R, "CHUNK_FRAMES", 6)
+    with pytest.raises(EvaluateInputError, match="pred differ in size"):
+        score(tmp_path / "pred", tmp_path / "gt", ["psnr"], {})
 
 
 # -- both protocols through the command line ------------------------------------------------------------
