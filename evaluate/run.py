@@ -73,14 +73,25 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
 def official_clips(images: list[Path]) -> dict[str, list[Path]] | None:
     """The clips of a flat folder the official test loader wrote, each in frame-number order
     (as one sequence, every clip's last windows would run into the next clip's frames); None
-    where a name is not of that form."""
+    where a name is not of that form. A clip whose frame numbers skip is cut at the gap into
+    runs of consecutive numbers (``CLIP#2``, ...): the official video metrics take a 16-frame
+    window only where every next number is there."""
     clips: dict[str, list[tuple[int, Path]]] = {}
     for path in images:
         match = next(filter(None, (pattern.match(path.name) for pattern in OFFICIAL_FRAME_NAMES)), None)
         if match is None:
             return None
         clips.setdefault(match.group(1), []).append((int(match.group(2)), path))
-    return {clip: [path for _, path in sorted(frames)] for clip, frames in clips.items()}
+    runs: dict[str, list[Path]] = {}
+    for clip, frames in clips.items():
+        frames.sort()
+        part, previous = 1, None
+        for number, path in frames:
+            if previous is not None and number != previous + 1:
+                part += 1
+            runs.setdefault(clip if part == 1 else f"{clip}#{part}", []).append(path)
+            previous = number
+    return runs
 
 
 def read_sequence(item: list[Path] | Path) -> np.ndarray:

@@ -172,6 +172,18 @@ def test_a_flat_folder_of_the_official_loaders_frames_is_one_sequence_per_clip(t
         assert counts["sequences"] == 2 and counts["frames"] == 35
         clips = (17 - 15) + (18 - 15)  # one folder as one sequence: 35 - 15
         assert counts["clips"] == (clips if protocol == "ours" else {"fid-vid": clips, "fvd": clips}), counts
+    # A missing frame number cuts its clip: the official takes a window only where the next 15
+    # numbers are all there (frames 1-4 and 6-18 of clip 2: too short for any window).
+    for side in ("pred", "gt"):
+        (tmp_path / side / "TiktokDance_00002_5.png").unlink()
+    sequences = list_sequences(tmp_path / "gt")
+    assert {clip: len(frames) for clip, frames in sequences.items()} == {
+        "TiktokDance_00001": 17, "TiktokDance_00002": 4, "TiktokDance_00002#2": 13}
+    assert sequences["TiktokDance_00002#2"][0].name == "TiktokDance_00002_6.png"
+    for protocol in ("ours", "disco"):
+        counts = score(tmp_path / "pred", tmp_path / "gt", ["fid-vid", "fvd"], nets, protocol=protocol)["counts"]
+        assert counts["sequences"] == 3 and counts["frames"] == 34
+        assert counts["clips"] == (2 if protocol == "ours" else {"fid-vid": 2, "fvd": 2}), counts
     # Any other name keeps the folder one sequence.
     (tmp_path / "gt" / "TiktokDance_00002_18.png").rename(tmp_path / "gt" / "extra.png")
     assert list(list_sequences(tmp_path / "gt")) == ["."]
