@@ -88,7 +88,9 @@ def evaluate(
     table.add_column("value", justify="right")
     table.add_column("computed with")
     official = {"resnet3d50": "resnet3d50 (3D ResNet-50, official)", "i3d": "i3d (I3D logits, official)"}
-    how = {"fid": f"Inception 2015-12-05, {config.networks.fid_port}" + (" (official)" if config.networks.fid_port == "pytorch-fid" else ""), "ssim": "grayscale", "l1": "/ (H x W)",
+    port = config.networks.fid_port
+    how = {"fid": f"Inception 2015-12-05, {port}" + (" (official)" if port == "pytorch-fid" else ""),
+           "ssim": "grayscale", "l1": "/ (H x W)",
            "psnr": "uint8, wrapping (official)" if config.psnr_legacy else "float64",
            "lpips": "VGG, [0, 1] (official)" if config.lpips_legacy else "VGG, [-1, 1]",
            "fid-vid": official.get(config.networks.fid_vid_arch, config.networks.fid_vid_arch),

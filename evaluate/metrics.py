@@ -24,7 +24,6 @@ repository) instead:
 
 - FID as ``python -m pytorch_fid`` computes it: the same Inception weights, frames in [0, 1]
   resized by PyTorch's bilinear and scaled to [-1, 1] (``official_nets.OfficialFidFeatures``).
-
 - PSNR of uint8 frames subtracted and squared as uint8 (both wrap modulo 256), as in the script the
   paper's numbers came from (its first release; fixed later upstream).
 - LPIPS fed images in [0, 1] where LPIPS expects [-1, 1].
