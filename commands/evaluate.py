@@ -33,7 +33,7 @@ def evaluate(
     work_dir: Annotated[Optional[Path], typer.Option(help="With --run: where pred/ and gt/ frames go (default: OUTPUT without .json).")] = None,
     metrics: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(METRICS)}, or all.")] = "all",
     weights: Annotated[Optional[Path], typer.Option(envvar="DISCO_WEIGHTS", help="Folder holding the feature networks' files under their standard names.")] = NETS.weights,
-    inception: Annotated[Optional[Path], typer.Option(help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth).")] = NETS.inception,
+    inception: Annotated[Optional[Path], typer.Option(help="FID Inception weights (weights-inception-2015-12-05-6726825d.pth, or pytorch-fid's pt_inception-2015-12-05-6726825d.pth).")] = NETS.inception,
     vgg16: Annotated[Optional[Path], typer.Option(help="VGG-16 ImageNet weights for LPIPS (torchvision vgg16-397923af.pth).")] = NETS.vgg16,
     fid_vid_net: Annotated[Optional[Path], typer.Option(help="Weights of the FID-VID video network (r3d_18-b3b3357e.pth; with --protocol disco resnet-50-kinetics.pth).")] = NETS.fid_vid_net,
     fvd_net: Annotated[Optional[Path], typer.Option(help="Weights of the FVD video network (s3d-d76dad2f.pth; with --protocol disco i3d_pretrained_400.pt).")] = NETS.fvd_net,

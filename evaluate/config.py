@@ -72,11 +72,7 @@ class NetworkConfig:
         files = self.files(metrics)  # all files are checked before any network is built
         built = {}
         if "fid" in files:
-            built["fid"] = N.inception(files["fid"])
-            if self.fid_port == "pytorch-fid":
-                from disco.evaluate.official_nets import OfficialFidFeatures
-
-                built["fid"] = OfficialFidFeatures(built["fid"])
+            built["fid"] = N.inception(files["fid"])  # score() feeds it as its --fid-port says
         if "lpips" in files:
             built["lpips"] = N.lpips_vgg(files["lpips"])
         if "fid-vid" in files:
@@ -133,7 +129,7 @@ class EvaluateConfig:
         if self.run is not None and self.data is None:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
         if self.networks.fid_port not in (None, *FID_PORTS):
-            raise EvaluateInputError(f"unknown FID port {self.networks.fid_port!r}; choose {' or '.join(FID_PORTS)}")
+            raise EvaluateInputError(f"unknown --fid-port {self.networks.fid_port!r}; choose {' or '.join(FID_PORTS)}")
         if self.protocol not in PROTOCOLS:
             raise EvaluateInputError(f"unknown --protocol {self.protocol!r}; choose {' or '.join(PROTOCOLS)}")
         for name, value in PROTOCOL_DEFAULTS[self.protocol].items():  # unset switches follow the protocol

@@ -69,15 +69,17 @@ def weight_file(explicit: str | Path | None, weights_folder: str | Path | None, 
     if explicit is not None:
         path = Path(explicit)
     else:
+        names = " or ".join((filename, *also))
         folder = weights_dir(weights_folder)
         if folder is None:
             raise WeightsError(f"no weights for this metric: pass {flag} FILE, or --weights DIR (or ${WEIGHTS_ENV}) "
-                               f"holding {filename}")
+                               f"holding {names}")
         # the official evaluation's layout has its files in eval_fvd/
         found = [Path(folder) / sub / name for name in (filename, *also) for sub in ("", "eval_fvd")]
         path = next((p for p in found if p.is_file()), Path(folder) / filename)
     if not path.is_file():
-        raise WeightsError(f"weight file {path} is missing ({flag} FILE or {filename} in --weights DIR)")
+        raise WeightsError(f"weight file {path} is missing ({flag} FILE or {' or '.join((filename, *also))} in "
+                           "--weights DIR)")
     return path
 
 

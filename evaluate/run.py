@@ -70,6 +70,9 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
     return sequences
 
 
+GAP_MARK = "#"  # CLIP#2: the frames of CLIP after the first gap in its frame numbers
+
+
 def official_clips(images: list[Path]) -> dict[str, list[Path]] | None:
     """The clips of a flat folder the official test loader wrote, each in frame-number order
     (as one sequence, every clip's last windows would run into the next clip's frames); None
@@ -87,9 +90,11 @@ def official_clips(images: list[Path]) -> dict[str, list[Path]] | None:
         frames.sort()
         part, previous = 1, None
         for number, path in frames:
+            if number == previous:
+                raise EvaluateInputError(f"two frames of {clip} have the number {number} ({path.name} and another)")
             if previous is not None and number != previous + 1:
                 part += 1
-            runs.setdefault(clip if part == 1 else f"{clip}#{part}", []).append(path)
+            runs.setdefault(clip if part == 1 else f"{clip}{GAP_MARK}{part}", []).append(path)
             previous = number
     return runs
 
@@ -135,6 +140,12 @@ def sequence_parts(item_pred: list[Path] | Path, item_gt: list[Path] | Path,
 def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, list[Path] | Path]]:
     a, b = list_sequences(pred), list_sequences(gt)
     if set(a) != set(b):
+        clips = {side: {name.split(GAP_MARK)[0] for name in seqs} for side, seqs in (("pred", a), ("gt", b))}
+        if clips["pred"] == clips["gt"]:  # the same clips, cut at other gaps: frames missing on one side
+            stems = [{p.stem for frames in seqs.values() if isinstance(frames, list) for p in frames} for seqs in (a, b)]
+            missing = sorted(stems[0] ^ stems[1])
+            raise EvaluateInputError(f"frames do not match by name between --pred and --gt: {len(missing)} only on "
+                                     f"one side (e.g. {missing[:3]})")
         only_pred, only_gt = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         raise EvaluateInputError(f"--pred and --gt do not hold the same sequences: only in pred {only_pred[:3]}, "
                                  f"only in gt {only_gt[:3]}")
@@ -195,8 +206,15 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
     lpips = M.Lpips(networks["lpips"], batch_size, device, legacy=lpips_legacy) if "lpips" in metrics else None
     fid = None
     if "fid" in metrics:
-        fid = (M.NumpyFrechet(networks["fid"], batch_size, device) if fid_port == "pytorch-fid" else
-               M.Frechet(networks["fid"], (3, 64, 64), batch_size, device))
+        if fid_port == "pytorch-fid":
+            from disco.evaluate.official_nets import OfficialFidFeatures
+
+            net = networks["fid"]
+            if hasattr(net, "Mixed_7c"):  # the Inception itself (networks.inception): fed as pytorch-fid does
+                net = OfficialFidFeatures(net)
+            fid = M.NumpyFrechet(net, batch_size, device)
+        else:
+            fid = M.Frechet(networks["fid"], (3, 64, 64), batch_size, device)
     if protocol == "disco":
         videos = {m: M.FeatureFrechet(networks[m], m, batch_size, device) for m in ("fid-vid", "fvd") if m in metrics}
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,15 @@ def test_a_flat_folder_of_the_official_loaders_frames_is_one_sequence_per_clip(t
         counts = score(tmp_path / "pred", tmp_path / "gt", ["fid-vid", "fvd"], nets, protocol=protocol)["counts"]
         assert counts["sequences"] == 3 and counts["frames"] == 34
         assert counts["clips"] == (2 if protocol == "ours" else {"fid-vid": 2, "fvd": 2}), counts
+    # A frame missing on one side is named (its clip is cut at another gap there).
+    (tmp_path / "pred" / "TiktokDance_00001_9.png").unlink()
+    with pytest.raises(EvaluateInputError, match=r"1 only on one side \(e.g. \['TiktokDance_00001_9'\]\)"):
+        score(tmp_path / "pred", tmp_path / "gt", ["psnr"], {})
+    # Two frames of one number are refused, not read as a gap.
+    shutil.copy(tmp_path / "gt" / "TiktokDance_00001_3.png", tmp_path / "gt" / "TiktokDance_00001_03.png")
+    with pytest.raises(EvaluateInputError, match="two frames of TiktokDance_00001 have the number 3"):
+        list_sequences(tmp_path / "gt")
+    (tmp_path / "gt" / "TiktokDance_00001_03.png").unlink()
     # Any other name keeps the folder one sequence.
     (tmp_path / "gt" / "TiktokDance_00002_18.png").rename(tmp_path / "gt" / "extra.png")
     assert list(list_sequences(tmp_path / "gt")) == ["."]
@@ -230,17 +240,21 @@ def _pytorch_fid_inception(state: dict, dims: int = 2048):
         return P.InceptionV3([P.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
 
 
-def test_the_official_fid_features_are_pytorch_fids(inception_state):
-    """``--protocol disco`` builds the FID network as pytorch-fid feeds it (found under pytorch-fid's
-    file name): its features equal pytorch-fid's own network's on the same weights, on real photos
-    of other sizes (resized to 299 inside); torch-fidelity's input (``--protocol ours``) gives others."""
+def test_the_official_fid_features_are_pytorch_fids(inception_state, sets, monkeypatch):
+    """``--protocol disco`` feeds the FID Inception (found under pytorch-fid's file name) as
+    pytorch-fid does: its features equal pytorch-fid's own network's on the same weights, on real
+    photos of other sizes (resized to 299 inside); torch-fidelity's input (``--protocol ours``)
+    gives others."""
     folder, state = inception_state
     config = EvaluateConfig(output=folder / "r.json", pred=folder, gt=folder, metrics=["fid"], protocol="disco",
                             networks=NetworkConfig(weights=folder)).validate()
     assert config.networks.fid_port == "pytorch-fid"
-    ours = config.networks.build(["fid"])["fid"]
-    assert isinstance(ours, O.OfficialFidFeatures)
-    tf_port = N.inception(folder / N.PYTORCH_FID_INCEPTION_FILE)
+    tf_port = config.networks.build(["fid"])["fid"]  # the Inception; score() feeds it by the port
+    fed = []
+    monkeypatch.setattr(M.NumpyFrechet, "compute", lambda self: fed.append(self.net) or 1.0)
+    score(sets / "pred", sets / "gt", ["fid"], {"fid": tf_port}, protocol="disco", fid_port="pytorch-fid")
+    ours = fed[0]
+    assert isinstance(ours, O.OfficialFidFeatures) and ours.inception is tf_port
     theirs = _pytorch_fid_inception(state)
     for photo in (data.astronaut()[:320, 60:380], data.coffee()):  # 320 x 320 and 400 x 600
         images = torch.from_numpy(np.stack([photo, photo[::-1].copy()])).permute(0, 3, 1, 2).contiguous()
