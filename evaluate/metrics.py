@@ -249,13 +249,9 @@ class FeatureFrechet(NumpyFrechet):
                 out.append(self.net(batch.to(device)).double().cpu().numpy().reshape(len(chunk), -1))
         return np.concatenate(out) if out else np.zeros((0, 0))
 
-    def update(self, frames: np.ndarray, from_video_file: bool, real: bool, starts_before: int | None = None) -> int:
-        """Adds one sequence's samples (``starts_before``: only those whose first frame is before
-        it: a part of a sequence of frame files, read with the frames its last windows need);
-        returns how many."""
+    def update(self, frames: np.ndarray, from_video_file: bool, real: bool) -> int:
+        """Adds one sequence's samples (or one part's: ``run.sequence_parts``); returns how many."""
         samples = disco_samples(len(frames), from_video_file, self.metric)
-        if starts_before is not None:
-            samples = [sample for sample in samples if sample[0][0] < starts_before]
         clips = [clip for sample in samples for clip in sample]
         if not clips:
             return 0

@@ -120,17 +120,18 @@ def read_sequence(item: list[Path] | Path) -> np.ndarray:
 CHUNK_FRAMES = 512
 
 
-def sequence_parts(item_pred: list[Path] | Path, item_gt: list[Path] | Path,
-                   chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """One sequence's (pred, gt, own) frames part by part: frame files ``chunk`` (default
-    ``CHUNK_FRAMES``) at a time, each part with the next ``CLIP_LENGTH - 1`` frames too, ``own``
-    saying how many frames are the part's own (frame metrics score those; a 16-frame window
-    belongs to the part it starts in); a pair with a video file in one go."""
+def sequence_parts(item_pred: list[Path] | Path,
+                   item_gt: list[Path] | Path) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """One sequence's (pred, gt, own) frames part by part: frame files ``CHUNK_FRAMES`` at a
+    time, each part with the next ``CLIP_LENGTH - 1`` frames too, ``own`` saying how many frames
+    are the part's own (frame metrics score those). A part's 16-frame windows are then exactly
+    those that start among its own frames, each window in one part. A pair with a video file
+    comes in one go."""
     if isinstance(item_pred, Path) or isinstance(item_gt, Path):
         gt = read_sequence(item_gt)
         yield read_sequence(item_pred), gt, len(gt)
         return
-    chunk = chunk or CHUNK_FRAMES
+    chunk = CHUNK_FRAMES
     for start in range(0, len(item_gt), chunk):
         # Parts overlap, so read_sequence's check of a part's frames sizes covers the sequence.
         stop = min(start + chunk + M.CLIP_LENGTH - 1, len(item_gt))
@@ -243,11 +244,10 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
                 fid.update(M.to_tensor(gt_own), real=True)
             if protocol == "disco":  # the official rule: by input kind (frame files or a video file) and metric
                 for metric_name, metric in videos.items():
-                    metric.update(pred_frames, isinstance(item_pred, Path), real=False, starts_before=own)
-                    samples[metric_name] += metric.update(gt_frames, isinstance(item_gt, Path), real=True,
-                                                          starts_before=own)
+                    metric.update(pred_frames, isinstance(item_pred, Path), real=False)
+                    samples[metric_name] += metric.update(gt_frames, isinstance(item_gt, Path), real=True)
                 continue
-            windows = [w for w in M.clip_windows(len(gt_frames)) if w.start < own]
+            windows = M.clip_windows(len(gt_frames))  # those starting among the part's own frames
             windows_of_sequence += len(windows)
             for start in range(0, len(windows), batch_size):
                 chunk = windows[start:start + batch_size]

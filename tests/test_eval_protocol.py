@@ -24,7 +24,7 @@ from disco.evaluate import run as R
 from disco.evaluate.run import evaluate, score
 from disco.generate.video import write_frames
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
-from test_metrics import TinyFeatures, TinyVideoFeatures  # the same stand-in networks
+from test_metrics import TinyFeatures, TinyVideoFeatures, random_inception_state  # the same stand-ins
 
 SIDE = 48  # frame size of the scored sets (the video networks resize to 112 / 224 themselves)
 LENGTHS = {"clip_a": 17, "clip_b": 16}  # 33 frames: stride-1 windows 2 + 1
@@ -212,19 +212,8 @@ def test_the_numpy_frechet_distance():
 
 @pytest.fixture(scope="module")
 def inception_state(tmp_path_factory) -> tuple[Path, dict]:
-    """The FID Inception's weights, random, written under pytorch-fid's file name: He-initialised
-    convolutions carry a picture's signal to pool3 (PyTorch's default initialisation fades it out
-    over the 94 layers, and then any resize gives the same features, to 3e-8)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-    from unittest import mock
-
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
-        state = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
-    generator = torch.Generator().manual_seed(3)
-    for key, value in state.items():
-        if key.endswith("conv.weight"):
-            state[key] = torch.randn(value.shape, generator=generator) * math.sqrt(2 / value[0].numel())
+    """The FID Inception's weights (``random_inception_state``), written under pytorch-fid's file name."""
+    state = random_inception_state(3)
     folder = tmp_path_factory.mktemp("inception")
     torch.save(state, folder / N.PYTORCH_FID_INCEPTION_FILE)
     return folder, state

@@ -127,15 +127,29 @@ def test_lpips_loads_its_linear_layers_from_torchmetrics_and_the_trunk_from_a_fi
     assert all((lin.model[-1].weight >= 0).all() for lin in net.lins)
 
 
-def test_the_fid_inception_loads_from_a_local_file(tmp_path, monkeypatch):
-    """The standard FID Inception (torch-fidelity's architecture), from a file we write with random weights."""
+def random_inception_state(seed: int = 0) -> dict:
+    """The FID Inception's state dict (torch-fidelity's layout, which is pytorch-fid's too) with
+    random weights that carry a picture's signal to pool3: He-initialised convolutions (PyTorch's
+    default initialisation fades a picture out over the 94 layers, and then any resize gives the
+    same features, to 3e-8)."""
+    from unittest import mock
+
     import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
-    with monkeypatch.context() as patch:  # build the architecture once without weights, to get a state dict
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        torch.manual_seed(0)
-        random_state = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    # the architecture built once without weights (its constructor would download them)
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        state = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in state.items():
+        if key.endswith("conv.weight"):
+            state[key] = torch.randn(value.shape, generator=generator) * (2 / value[0].numel()) ** 0.5
+    return state
+
+
+def test_the_fid_inception_loads_from_a_local_file(tmp_path):
+    """The standard FID Inception (torch-fidelity's architecture), from a file we write with random weights."""
+    random_state = random_inception_state()
     torch.save(random_state, tmp_path / N.INCEPTION_FILE)
     net = N.inception(tmp_path / N.INCEPTION_FILE)
     assert torch.equal(net.state_dict()["Conv2d_1a_3x3.conv.weight"], random_state["Conv2d_1a_3x3.conv.weight"])
