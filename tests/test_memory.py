@@ -3,6 +3,7 @@ the per-GPU memory plan of ``disco-cli train --dry-run`` against what a CPU run 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -221,12 +222,18 @@ def test_plan_lines_add_up_and_follow_the_options():
     assert checkpointed["GiB"]["activations (batch 4)"] < 0.5 * base["GiB"]["activations (batch 4)"]
     fp32 = plan(mixed_precision="no").as_dict()
     assert fp32["GiB"]["activations (batch 4)"] > 1.3 * base["GiB"]["activations (batch 4)"]
-    # Several workers: DDP's buckets are the gradients themselves (train/loop.py's DDP_OPTIONS),
-    # except while micro-batches accumulate, when they are a second copy.
+    # Several workers: the gradients are DDP's buckets (train/loop.py's DDP_OPTIONS), alive through
+    # the whole step: on top of the forward's activations (the peak without checkpointing), which
+    # one worker reaches before its backward makes any gradient. Accumulating micro-batches add
+    # nothing: they accumulate into the buckets.
     workers = plan(mixed_precision="bf16", num_workers=2).as_dict()
-    assert "DDP gradient buckets" not in workers["GiB"] and workers["total"] == base["total"]
+    assert "buckets" in next(line["how"] for line in workers["lines"] if line["item"] == "gradients")
+    assert workers["GiB"]["gradients"] == base["GiB"]["gradients"]
+    grown = workers["total"] - base["total"]
+    assert 0.5 * items["gradients"] < grown <= 1.16 * items["gradients"], (grown, items["gradients"])
     accumulating = plan(mixed_precision="bf16", num_workers=2, grad_accum=2).as_dict()
-    assert accumulating["GiB"]["DDP gradient buckets"] == pytest.approx(base["GiB"]["gradients"])
+    assert accumulating["total"] == pytest.approx(workers["total"], rel=0.02)
+    assert sum(line["bytes"] for line in workers["lines"]) == workers["total"]
     # The allowance on top of the allocated peak: the CUDA context, and the caching allocator's
     # share, larger with checkpointing (measured 14-30 % against 2 % without on H100 / H200).
     for options, share in (({}, 0.15), ({"gradient_checkpointing": True}, 0.30)):
@@ -246,16 +253,17 @@ def test_a_step_is_measured_once_for_the_plans_that_share_it(tmp_path, monkeypat
     calls = []
 
     def counted(model, cfg, batch, device="cuda"):
-        calls.append((cfg.resolution, batch))
+        calls.append((cfg.resolution, batch, cfg.num_workers > 1))
         return {"activations": 1, "peak": 2}
 
     monkeypatch.setattr(memory, "measure_step", counted)
     monkeypatch.setattr(memory, "_MEASURED", {})
     cfg = TrainConfig(stage="finetune", model="tiny", resolution=64, batch_size=4)
-    for options in ({}, {"ema_decay": 0.999}, {"num_workers": 2}, {"max_steps": 7}):
+    for options in ({}, {"ema_decay": 0.999}, {"max_steps": 7}, {"num_workers": 2}, {"num_workers": 8}):
         memory.memory_plan(cfg.updated(options), 80, search=False)
     memory.memory_plan(cfg.updated({"resolution": 32}), 80, search=False)
-    assert calls == [(64, 4), (32, 4)]
+    # DDP's gradients change the step (its buckets are there before it); how many workers does not.
+    assert calls == [(64, 4, False), (64, 4, True), (32, 4, False)]
     torch.manual_seed(0)
     tiny = DisCoModel.from_architecture("tiny")
     for part in ("unet", "vae", "image_encoder"):
@@ -263,11 +271,11 @@ def test_a_step_is_measured_once_for_the_plans_that_share_it(tmp_path, monkeypat
     folder = TrainConfig(stage="finetune", pretrained=str(tmp_path), resolution=64, batch_size=4)
     memory.memory_plan(folder, 80, search=False)
     memory.memory_plan(folder, 80, search=False)
-    assert len(calls) == 3
+    assert len(calls) == 4
     unet = json.loads((tmp_path / "unet" / "config.json").read_text())
     (tmp_path / "unet" / "config.json").write_text(json.dumps({**unet, "attention_head_dim": 8}))
     memory.memory_plan(folder, 80, search=False)
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def test_the_largest_batch_fits_and_one_more_sample_in_ten_does_not():
@@ -281,32 +289,20 @@ def test_the_largest_batch_fits_and_one_more_sample_in_ten_does_not():
     assert not memory_plan(cfg.updated({"batch_size": plan.max_batch * 11 // 10 + 1}), 1.5, search=False).fits
 
 
-@pytest.mark.parametrize("precision,checkpointing", [("no", False), ("no", True), ("bf16", False)])
-def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision, checkpointing):
-    """The step run on the meta device against the same step on the CPU, both counted tensor by
-    tensor (the same live-bytes counter on CPU storages): activations and the forward + backward
-    peak agree to a few percent, with the CPU's autocast and with gradient checkpointing."""
+def _cpu_step(objective, batch: int, side: int, precision: str, tracker=None) -> int:
+    """One training step's forward and backward on the CPU; the live bytes at the end of the
+    forward (with ``tracker`` counting from the first op)."""
     from disco.train.inputs import model_inputs
-    from disco.train.objective import DiffusionObjective
-    from disco.train.meta_step import _LiveBytes, measure_step, meta_model
 
-    batch, side = 2, 64
-    cfg = TrainConfig(stage="finetune", model="tiny", batch_size=batch, resolution=side, mixed_precision=precision,
-                      gradient_checkpointing=checkpointing)
-    torch.manual_seed(0)
-    model = DisCoModel.from_architecture("tiny")
-    model.set_trainable()
-    model.enable_memory_savings(gradient_checkpointing=checkpointing)
-    model.train()
-    objective = DiffusionObjective(model)
-    tracker = _LiveBytes(known=list(model.parameters()) + list(model.buffers()), device="cpu")
-    with tracker:
-        pictures = {n: torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
-                    for n in ("target", "background", "pose")}
-        pictures["reference"] = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
-        pictures["reference_mask"] = torch.full((batch, 1, 224, 224), 255, dtype=torch.uint8)
-        pictures["background_mask"] = torch.zeros((batch, 1, side, side), dtype=torch.uint8)
-        inputs = model_inputs(pictures)
+    def pictures() -> dict:  # the batch's uint8 pictures, gone once the inputs are made (the loop's are on the host)
+        out = {n: torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8) for n in ("target", "background", "pose")}
+        out["reference"] = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
+        out["reference_mask"] = torch.full((batch, 1, 224, 224), 255, dtype=torch.uint8)
+        out["background_mask"] = torch.zeros((batch, 1, side, side), dtype=torch.uint8)
+        return out
+
+    with tracker if tracker is not None else contextlib.nullcontext():
+        inputs = model_inputs(pictures())
         latent = (batch, 4, side // 4, side // 4)
         uniforms = torch.ones(batch, 3)
         uniforms[0, 0] = 0.0
@@ -314,10 +310,59 @@ def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision
                  "timesteps": torch.randint(0, 1000, (batch,)), "uniforms": uniforms}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = objective(**inputs, **draws)
-        del pictures, inputs, draws
-        activations = tracker.live
+        del inputs, draws
+        activations = tracker.live if tracker is not None else 0
         loss.backward()
         del loss
+    return activations
+
+
+@pytest.mark.parametrize("precision,checkpointing,workers", [("no", False, 1), ("no", True, 1), ("bf16", False, 1),
+                                                             ("no", False, 2), ("no", True, 2)])
+def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision, checkpointing, workers,
+                                                                        monkeypatch):
+    """The step run on the meta device against the same step on the CPU, both counted tensor by
+    tensor (the same live-bytes counter on CPU storages): activations and the forward + backward
+    peak agree to a few percent, with the CPU's autocast, with gradient checkpointing, and under
+    DDP (``workers`` 2: a real one-rank gloo DDP built as the loop builds it, in its steady state:
+    its gradients live in DDP's buckets, zeroed in place by each update; the step counts none of
+    them, the plan counts them for the whole step)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from disco.pipeline.cluster import loopback_interface
+    from disco.train.loop import DDP_OPTIONS, zero_gradients
+    from disco.train.objective import DiffusionObjective
+    from disco.train.meta_step import _LiveBytes, measure_step, meta_model
+
+    # Under DDP a small step, where the gradients outweigh the activations (counted in the step, a
+    # gradient checkpointing run's peak would be more than twice what the real step holds).
+    batch, side = (2, 64) if workers == 1 else (1, 32)
+    cfg = TrainConfig(stage="finetune", model="tiny", batch_size=batch, resolution=side, mixed_precision=precision,
+                      gradient_checkpointing=checkpointing, num_workers=workers)
+    torch.manual_seed(0)
+    model = DisCoModel.from_architecture("tiny")
+    model.set_trainable()
+    model.enable_memory_savings(gradient_checkpointing=checkpointing)
+    model.train()
+    objective = DiffusionObjective(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    buckets = []
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback_interface())
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            stack.callback(dist.destroy_process_group)
+            zero_gradients(params)
+            objective = DistributedDataParallel(objective, **DDP_OPTIONS)
+            for _ in range(2):  # DDP rebuilds its buckets at the second step, in the order gradients came
+                _cpu_step(objective, batch, side, precision)
+                for p in params:
+                    p.grad.zero_()  # apply_update(keep_gradients=True)
+            buckets = [p.grad for p in params]
+            assert len({b.untyped_storage().data_ptr() for b in buckets}) < len(buckets)  # views into buckets
+        tracker = _LiveBytes(known=list(model.parameters()) + list(model.buffers()) + buckets, device="cpu")
+        activations = _cpu_step(objective, batch, side, precision, tracker)
     model = meta_model(cfg)
     model.set_trainable()
     model.enable_memory_savings(gradient_checkpointing=checkpointing)

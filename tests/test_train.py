@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -520,42 +521,50 @@ def test_two_gloo_workers_make_the_same_update_as_one_with_twice_the_batch(tripl
 
 
 def test_ddp_keeps_the_gradients_in_its_buckets_and_updates_the_same(monkeypatch):
-    """The loop's DDP options make every gradient a view into DDP's all-reduce buckets (no second
-    fp32 copy of the gradients per GPU, which the memory plan no longer counts without
-    accumulation), also after each update clears the gradients; the weights come out bit for bit
-    those of DDP's default. A one-rank gloo group on loopback, in this process."""
+    """The loop's DDP options and updates make every gradient a view into DDP's all-reduce buckets
+    (no second fp32 copy of the gradients per GPU) from the first micro-batch of the first step
+    on, those accumulated under ``no_sync`` included, and keep them there after each update; the
+    weights come out bit for bit those of DDP's default (fresh gradients each step, dropped by
+    every update). A one-rank gloo group on loopback, in this process."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from disco.train.loop import DDP_OPTIONS
+    from disco.train.loop import DDP_OPTIONS, zero_gradients
     from disco.train.objective import apply_update
 
-    def run(options: dict) -> tuple[list[torch.Tensor], int, int]:
+    def run(options: dict, loops_way: bool) -> tuple[list[torch.Tensor], list[int]]:
         torch.manual_seed(0)
         net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
-        ddp = DistributedDataParallel(net, bucket_cap_mb=0.02, **options)  # several buckets
         params = list(net.parameters())
+        if loops_way:
+            zero_gradients(params)
+        ddp = DistributedDataParallel(net, bucket_cap_mb=0.02, **options)  # several buckets
         optimizer = torch.optim.AdamW(params, lr=1e-2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         x = torch.randn(8, 64)
+        storages = []  # gradient storages after each micro-batch
         for step in range(3):
-            ddp(x + step).square().mean().backward()
-            storages = {p.grad.untyped_storage().data_ptr() for p in params}
-            apply_update(params, optimizer, scheduler, scaler, None, 1.0)
-        return [p.detach().clone() for p in params], len(storages), len(params)
+            for micro in range(2):  # --grad-accum 2
+                with ddp.no_sync() if micro == 0 else contextlib.nullcontext():
+                    ddp(x + step + micro).square().mean().backward()
+                storages.append(len({p.grad.untyped_storage().data_ptr() for p in params}))
+            apply_update(params, optimizer, scheduler, scaler, None, 1.0, keep_gradients=loops_way)
+        return [p.detach().clone() for p in params], storages
 
     from disco.pipeline.cluster import loopback_interface
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback_interface())
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        default_weights, default_storages, count = run({})
-        weights, storages, _ = run(DDP_OPTIONS)
+        default_weights, default_storages = run({}, loops_way=False)
+        weights, storages = run(DDP_OPTIONS, loops_way=True)
     finally:
         dist.destroy_process_group()
-    assert default_storages == count  # DDP's default: a gradient tensor of its own per parameter
-    assert 1 < storages < count  # the loop's: a few bucket storages hold every gradient
+    count = len(default_weights)
+    assert set(default_storages) == {count}  # DDP's default: a gradient tensor of its own per parameter
+    # The loop's: a few bucket storages hold every gradient, at every micro-batch of every step.
+    assert 1 < max(storages) < count, storages
     assert all(torch.equal(a, b) for a, b in zip(weights, default_weights))
 
 

@@ -43,9 +43,20 @@ log = logging.getLogger(__name__)
 
 # DDP keeps each gradient as a view into its all-reduce bucket instead of a second fp32 copy of
 # the gradients: 5.9 GiB less per GPU when fine-tuning the full model, the same update bit for bit.
-# (With --grad-accum > 1 the micro-batches under no_sync accumulate into fresh gradients after
-# each update clears them, so the buckets stay a copy there: train/memory.py counts them then.)
+# The buckets live as long as DDP does; the updates zero the views in place (apply_update's
+# keep_gradients), so every backward, those of --grad-accum's micro-batches under no_sync
+# included, accumulates into the buckets themselves (train/memory.py counts them for the whole step).
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
+
+
+def zero_gradients(params) -> None:
+    """Zero gradients for ``params`` before DDP wraps them: DDP then makes them views into its
+    buckets at once, so the first step's micro-batches under ``no_sync`` accumulate there too
+    (without, they would make fresh gradients: a second copy, at the first step only)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+
 # Every this many steps a Ray Train run asks whether a node of it is being preempted (a spot
 # reclaim; a node drained as its raylet is stopped): while one is, it writes a checkpoint at each
 # ask, so the restart Ray Train makes when the node goes starts at most this many steps back
@@ -212,12 +223,12 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     model.train()
     objective = DiffusionObjective(model)
     timesteps = objective.noise_scheduler.config.num_train_timesteps
+    objective.to(device)
     if world > 1:
         import ray.train.torch
 
+        zero_gradients(model.trainable_parameters().values())
         objective = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=DDP_OPTIONS)
-    else:
-        objective.to(device)
     names = list(model.trainable_parameters())
     params = list(model.trainable_parameters().values())
     optimizer = torch.optim.AdamW(parameter_groups(model.trainable_parameters(), cfg), lr=cfg.learning_rate,
@@ -351,7 +362,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                     scaler.scale(loss / cfg.grad_accum).backward()
                 # Accumulated on the device: no host synchronisation per micro-batch.
                 loss_sum += loss.detach().double() / cfg.grad_accum
-            apply_update(params, optimizer, scheduler, scaler, ema, cfg.max_grad_norm)
+            apply_update(params, optimizer, scheduler, scaler, ema, cfg.max_grad_norm, keep_gradients=world > 1)
             step += 1
             window_steps += 1
 

@@ -3,9 +3,10 @@
 
 What the trainer keeps (train/loop.py): the whole model on the GPU in fp32 (frozen VAE and CLIP
 included; autocast casts per op), fp32 gradients, AdamW's two fp32 states (PyTorch's default
-multi-tensor implementation on a GPU), an fp32 EMA copy on the GPU with ``--ema-decay``, and with
-several workers and ``--grad-accum`` > 1 DDP's gradient buckets (otherwise the gradients are views
-into them). These are counted from the model's parameters (built on
+multi-tensor implementation on a GPU) and an fp32 EMA copy on the GPU with ``--ema-decay``. With
+several workers the gradients are views into DDP's all-reduce buckets, which stay allocated as
+long as DDP does: they are counted for the whole step (one worker's gradients exist from the
+backward to the update). These are counted from the model's parameters (built on
 the meta device: no weight is allocated), and so is the update (every gradient alive, plus the
 square-root copy of the second moments the multi-tensor AdamW makes).
 
@@ -55,19 +56,19 @@ DEFAULT_GPU_GIB = 80.0
 
 # Measured steps of this process, by what a step depends on (``_step_key``): a step of the full
 # model takes seconds on the meta device, and plans that differ only in what the step does not
-# see (EMA, workers, the GPU's size) or a search that comes back to a batch reuse it.
+# see (EMA, how many workers beyond two, the GPU's size) or a search that comes back to a batch reuse it.
 _MEASURED: dict[tuple, dict] = {}
 
 
 def _step_key(cfg: TrainConfig, batch: int, device: str) -> tuple:
     """The architecture (a ``--pretrained`` folder's configurations as they are now), the stage,
-    picture size, precision, checkpointing, whether gradients accumulate, the batch and the
-    device whose autocast rules apply: everything ``measure_step`` reads."""
+    picture size, precision, checkpointing, whether gradients accumulate, whether they are DDP's
+    buckets, the batch and the device whose autocast rules apply: everything ``measure_step`` reads."""
     folder = Path(cfg.pretrained) if cfg.pretrained else None
     configs = tuple((folder / part / "config.json").read_text() if (folder / part / "config.json").exists() else None
                     for part in ("unet", "vae", "image_encoder")) if folder else ()
     return (cfg.model, configs, cfg.stage, cfg.resolution, cfg.mixed_precision, cfg.gradient_checkpointing,
-            min(cfg.grad_accum, 2), batch, device, cfg.clip_frames if cfg.stage == "temporal" else 1)
+            min(cfg.grad_accum, 2), cfg.num_workers > 1, batch, device, cfg.clip_frames if cfg.stage == "temporal" else 1)
 
 
 def _measured_step(model, cfg: TrainConfig, batch: int, device: str) -> dict:
@@ -138,13 +139,14 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
     weights_trainable, weights_frozen = block_bytes(trainable), block_bytes(frozen) + block_bytes(model.buffers())
     grads = block_bytes(trainable)
     ema = grads if cfg.ema_decay else 0
-    # DDP's gradient buckets: the gradients themselves (DDP_OPTIONS in train/loop.py), except with
-    # gradient accumulation, where the micro-batches before the all-reduce hold gradients of their own.
-    buckets = grads if cfg.num_workers > 1 and cfg.grad_accum > 1 else 0
+    # Several workers: the gradients are DDP's buckets (DDP_OPTIONS in train/loop.py), allocated for
+    # as long as DDP lives; the step measured accumulates into them (measure_step). One worker: they
+    # exist from the backward to the update, inside the step's peak and the update's.
+    buckets = grads if cfg.num_workers > 1 else 0
     static = weights_trainable + weights_frozen + ema + buckets
 
     states = 2 * block_bytes(trainable)
-    update = grads + adamw_temporaries(trainable, foreach=device == "cuda")
+    update = grads - buckets + adamw_temporaries(trainable, foreach=device == "cuda")
 
     def allocated(step: dict) -> int:
         """Weights, EMA and buckets, AdamW states, and the larger of the forward/backward peak
@@ -160,18 +162,17 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
         trainable_params=sum(p.numel() for p in trainable), frozen_params=sum(p.numel() for p in frozen),
         gpu_memory=int(gpu_memory_gib * GIB),
     )
-    transients = max(step["peak"], update) - grads - step["activations"]
+    transients = max(step["peak"], update) - (grads - buckets) - step["activations"]
     plan.lines = [
         ("weights, trainable", weights_trainable, f"{plan.trainable_params / 1e6:,.1f} M params, fp32"),
         ("weights, frozen", weights_frozen, f"{plan.frozen_params / 1e6:,.1f} M params (VAE, CLIP"
          f"{', UNet ResNets' if cfg.stage == 'pretrain' else ''}"
          f"{', the image model' if cfg.stage == 'temporal' else ''}), fp32"),
-        ("gradients", grads, "fp32"),
+        ("gradients", grads, "fp32, DDP's all-reduce buckets, allocated for the whole run" if buckets
+         else "fp32, from the backward to the update"),
         ("AdamW states", states, "exp_avg + exp_avg_sq, fp32"),
         ("EMA", ema, "fp32 copy of the trainable weights" if ema else "off"),
     ]
-    if buckets:
-        plan.lines.append(("DDP gradient buckets", buckets, "fp32, a second copy of the gradients while accumulating"))
     plan.lines += [
         (f"activations (batch {cfg.batch_size}"
          f"{f' clips x {cfg.clip_frames} frames' if cfg.stage == 'temporal' else ''})", step["activations"],

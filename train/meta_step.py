@@ -259,17 +259,26 @@ def measure_step(model: DisCoModel, cfg: TrainConfig, batch: int, device: str = 
     ``set_trainable`` and checkpointing done) at ``batch``; returns, in bytes, ``activations``
     (alive at the end of the forward of the last micro-batch) and ``peak`` (the peak of the
     forward and backward: activations, gradients, temporaries; weights and AdamW states, which
-    exist before the step, are not in it)."""
+    exist before the step, are not in it).
+
+    With several workers (``cfg.num_workers`` > 1) the gradients are DDP's buckets, there before
+    the step and zeroed in place by each update (``train/loop.py``): every backward accumulates
+    into them, and the step's figures do not hold them."""
     from disco.train.objective import DiffusionObjective
 
     objective = DiffusionObjective(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    buckets = []
+    if cfg.num_workers > 1:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+            buckets.append(p.grad)
     semantics = _StepSemantics(PRECISIONS[cfg.mixed_precision], device)
     for module in (model.unet, model.background_controlnet, model.pose_controlnet):
         if module is not None and module.is_gradient_checkpointing:
             module.enable_gradient_checkpointing(semantics.checkpoint_function())
     micro_batches = min(cfg.grad_accum, 2)  # from the second on, each one starts with every gradient alive
-    tracker = _LiveBytes(known=list(model.parameters()) + list(model.buffers()))
+    tracker = _LiveBytes(known=list(model.parameters()) + list(model.buffers()) + buckets)
     activations = 0
     # The temporal stage: a sample is a clip, ``batch`` clips of clip_frames frames in (B F) layout.
     frames = cfg.clip_frames if cfg.stage == "temporal" else 1
@@ -282,7 +291,7 @@ def measure_step(model: DisCoModel, cfg: TrainConfig, batch: int, device: str = 
                 semantics.end_forward()
                 del inputs, draws
                 if micro == micro_batches - 1:
-                    activations = tracker.live - (_grad_bytes(params) if micro else 0)
+                    activations = tracker.live - (_grad_bytes(params) if micro and not buckets else 0)
                 (loss / cfg.grad_accum).backward()
                 del loss
     finally:

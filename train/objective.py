@@ -89,15 +89,22 @@ def parameter_groups(named: dict[str, torch.nn.Parameter], cfg) -> list[dict]:
     return [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float | None) -> None:
+def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float | None,
+                 keep_gradients: bool = False) -> None:
     """One optimizer update from the accumulated gradients: unscale and clip (when asked), step
-    through the loss scaler (a no-op without fp16), clear, advance the schedule and the EMA."""
+    through the loss scaler (a no-op without fp16), clear, advance the schedule and the EMA.
+
+    ``keep_gradients`` (under DDP): the gradients are zeroed in place, not dropped. They are views
+    into DDP's all-reduce buckets (``train/loop.py``'s ``DDP_OPTIONS``), which DDP keeps whatever
+    happens to the views; kept, the next backward accumulates straight into the buckets. Dropped,
+    every backward makes fresh gradients that DDP then copies in, and the micro-batches of
+    ``--grad-accum`` > 1 (under ``no_sync``, no copy) hold a second fp32 copy of the gradients."""
     if max_grad_norm:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_gradients)
     scheduler.step()
     if ema is not None:
         ema.step(params)
