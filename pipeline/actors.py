@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.annotators.weights import WeightsError
-from disco.pipeline.device_loss import DeviceLost, device_lost, given_up, restart
+from disco.pipeline import strikes
+from disco.pipeline.device_loss import DeviceLost, device_lost, restart
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 from disco.pipeline.gpu_balance import balance_gpu
 from disco.pipeline.stages import (
@@ -163,21 +164,25 @@ def _empty(folder: str) -> bool:
 def unit_result(settings: dict, unit: dict, stage: str, work, failed=None):
     """``work()`` for one unit: the boundary that keeps one input from stopping a run. Whatever it
     raises becomes the unit's errors row (``failed(exc)``; default ``failed_result``), except a
-    broken GPU: a restart of this actor, and a unit that broke it too often on this node its row
-    without running again (``device_loss``)."""
+    broken GPU: a restart of this actor (``device_loss``). A unit whose attempts ended their
+    process too often (a broken GPU, a crash, a kill) is its row without running again
+    (``strikes``)."""
     if failed is None:
         failed = lambda exc: failed_result(unit, stage, exc)  # noqa: E731
-    error = given_up(settings, unit, stage)
+    error = strikes.given_up(settings, unit, stage)
     if error is not None:
         return failed(error)
+    attempt = strikes.begin(settings, unit, stage)
     try:
-        return work()
+        result = work()
     except DeviceLost as lost:
-        restart(settings, unit, stage, lost)
+        restart(unit, stage, lost, attempt)
     except Exception as exc:  # noqa: BLE001 - see above
         if device_lost(exc):
-            restart(settings, unit, stage, DeviceLost(exc))
-        return failed(exc)
+            restart(unit, stage, DeviceLost(exc), attempt)
+        result = failed(exc)
+    strikes.end(attempt)
+    return result
 
 
 def _annotator(settings: dict, roles: tuple[str, ...]):

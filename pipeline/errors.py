@@ -122,10 +122,12 @@ def error_type_of(exc: BaseException) -> str:
         return "bad_encoding"
     if isinstance(exc, MemoryError):
         return "out_of_memory"
-    from disco.pipeline.device_loss import GpuFailed
+    from disco.pipeline.strikes import GpuFailed, WorkerCrashed
 
     if isinstance(exc, GpuFailed):
         return "gpu_failed"  # it broke the GPU on every try (the actor restarted after each)
+    if isinstance(exc, WorkerCrashed):
+        return "worker_crashed"  # its actor's process ended on every try
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return "gpu_out_of_memory"

@@ -90,8 +90,7 @@ def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
         )
         return [Frame(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))], errors
     except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
-        exc = input_error("decode", exc)
-        return [], errors + [error_record(exc.stage, exc.error_type, exc.message, path)]
+        return [], errors + [frame_error("decode", exc, path)]
 
 
 def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, errors: list[dict], skipped: Counter,
@@ -115,7 +114,7 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
             except Exception as exc:
                 raise_if_device_lost(exc)
                 sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
-                errors.append(error_record("matting", type(exc).__name__, str(exc), unit["input_path"], sid))
+                errors.append(frame_error("matting", exc, unit["input_path"], sid))
                 mattes.append(None)
     kept = []
     for (frame_index, timestamp, frame, row_unit), matte in zip(frames, mattes):
@@ -165,7 +164,7 @@ def finish_unit(unit: dict, kept: list[MattedFrame], annotator, settings: dict, 
         except Exception as exc:  # a model failing on one frame must not sink the unit
             raise_if_device_lost(exc)
             sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
-            errors.append(error_record("pose", type(exc).__name__, str(exc), path, sid))
+            errors.append(frame_error("pose", exc, path, sid))
     if settings.get("smooth_poses") and unit.get("kind") in SEQUENCE_KINDS:
         posed = smooth_unit_poses(posed, settings["fps"])
     for frame_index, timestamp, frame, row_unit, matte, pose in posed:
@@ -177,8 +176,7 @@ def finish_unit(unit: dict, kept: list[MattedFrame], annotator, settings: dict, 
                           pose_style=settings["pose_style"], with_pose=settings["pose"] != "none")
             )
         except Exception as exc:  # noqa: BLE001 - one row that cannot be encoded costs that row only
-            exc = input_error("encode", exc)
-            errors.append(error_record(exc.stage, exc.error_type, exc.message, path, sid))
+            errors.append(frame_error("encode", exc, path, sid))
     record = {"input_path": path, "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
               "frames": frames, "rows": len(rows), "skipped": dict(skipped), "errors": len(errors)}
     return UnitResult(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), record, errors, rejects)
@@ -216,10 +214,17 @@ def smooth_unit_poses(posed: list[tuple], fps: float) -> list[tuple]:
     return out
 
 
+def frame_error(stage: str, exc: BaseException, path: str, sid: str | None = None) -> dict:
+    """The errors row of what one frame (``sid``) or one unit raised: its ``error_type`` by
+    ``errors.error_type_of`` (a GPU out-of-memory error is ``gpu_out_of_memory``, which
+    ``--retry-errors`` can name), its message in one line."""
+    error = input_error(stage, exc)
+    return error_record(error.stage, error.error_type, error.message, path, sid)
+
+
 def failed_result(unit: dict, stage: str, exc: BaseException) -> UnitResult:
     """The result of a unit whose work raised: no rows, one errors row naming what went wrong."""
-    error = input_error(stage, exc)
-    errors = [error_record(error.stage, error.error_type, error.message, unit["input_path"])]
+    errors = [frame_error(stage, exc, unit["input_path"])]
     record = {"input_path": unit["input_path"], "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],
               "frames": 0, "rows": 0, "skipped": {}, "errors": 1}
     return UnitResult(TRIPLET_SCHEMA.empty_table(), record, errors, [])

@@ -53,3 +53,40 @@ class BrokenDevice(CentreBox):
 
 register(Backend(name="broken-device", roles=("matting",), build=lambda role, options, shared: BrokenDevice(options),
                  summary="the centre box on a GPU that breaks (tests only)"))
+
+
+# -- an input that kills the process ----------------------------------------------------------------
+
+class KillingInput(CentreBox):
+    """The centre box, until a frame marked with FAULT: then the process is killed at once
+    (SIGKILL, as the kernel's out-of-memory killer does, or a crash in native code), with nothing
+    raised that Python could catch."""
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        if tuple(frame[0, 0]) == FAULT:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().matte(frame)
+
+
+register(Backend(name="killing-input", roles=("matting",), build=lambda role, options, shared: KillingInput(options),
+                 summary="the centre box; a marked frame kills the process (tests only)"))
+
+
+# -- a frame that does not fit in GPU memory -------------------------------------------------------
+
+class OutOfMemory(CentreBox):
+    """The centre box; a frame marked with FAULT raises what PyTorch raises when the GPU is full."""
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        if tuple(frame[0, 0]) == FAULT:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().matte(frame)
+
+
+register(Backend(name="out-of-memory", roles=("matting",), build=lambda role, options, shared: OutOfMemory(options),
+                 summary="the centre box; a marked frame is out of GPU memory (tests only)"))

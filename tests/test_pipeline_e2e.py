@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -399,53 +398,91 @@ def _run_the_plugin(tmp_path):
         assert row["body_keypoints"] is not None  # MediaPipe's pose of the same frame
 
 
-def test_a_broken_gpu_restarts_its_actor_instead_of_failing_every_unit_after_it(tmp_path, ray_local):
-    """A CUDA error that breaks the context (every later call in the process fails too) is not an
-    errors row of each unit that follows: the actor exits, Ray starts it again and the units run
-    again; the unit that broke the device twice becomes its row (``gpu_failed``), once."""
+def _faulty_folder(folder: Path) -> None:
+    """Three good photos and ``faulty.png``, marked for the test backends (``annotator_plugin.FAULT``)."""
+    import annotator_plugin
+
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((96, 96))).copy()
+    for name in ("a", "b", "c"):
+        save(folder / f"{name}.png", Image.fromarray(photo))
+    photo[0, 0] = annotator_plugin.FAULT
+    save(folder / "faulty.png", Image.fromarray(photo))
+
+
+@pytest.mark.parametrize("backend,error_type,message", [
+    ("broken-device", "gpu_failed", "illegal memory access"),  # a CUDA error that breaks the context
+    ("killing-input", "worker_crashed", "process ended 2 times"),  # SIGKILL: nothing Python could catch
+])
+def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries(tmp_path, ray_local, backend,
+                                                                                  error_type, message):
+    """An input that ends its actor's process does not stop the run, nor run for ever: Ray Data
+    restarts the actor and hands it the same units (for ever, by default), so each unit's attempt
+    leaves a strike in the output folder until it finishes; the unit that ended the process twice
+    becomes its errors row without running again, and the units beside it (one actor: they share
+    its calls) are written. A broken CUDA context ends the process on purpose (every later call
+    would fail); a killed process (SIGKILL, as the out-of-memory killer sends) just ends."""
     import importlib
-    import tempfile
 
     import annotator_plugin
 
     from disco.pipeline.annotators import registry
 
     importlib.reload(annotator_plugin)  # its declarations, whatever an earlier test unregistered
-
     folder = tmp_path / "in"
-    photo = np.asarray(Image.fromarray(data.astronaut()).resize((96, 96))).copy()
-    for name in ("a", "b", "c"):
-        save(folder / f"{name}.png", Image.fromarray(photo))
-    photo[0, 0] = annotator_plugin.FAULT
-    save(folder / "faulty.png", Image.fromarray(photo))
-    strikes = Path(tempfile.gettempdir()) / f"disco-strikes-{os.getuid()}"
-    before = set(strikes.rglob("*"))
+    _faulty_folder(folder)
     try:
-        # One actor, so the units after the fault meet the broken "context" in the same process.
-        result = _run(tmp_path, "images", folder, matting="broken-device", pose="none", actors=1)
+        result = _run(tmp_path, "images", folder, matting=backend, pose="none", actors=1)
     finally:
-        registry.unregister("broken-device")
-        registry.unregister("centre-box")
+        for name in ("broken-device", "centre-box", "killing-input"):
+            registry.unregister(name)
     assert result.exit_code == 0
     rows = open_triplets(tmp_path / "out").to_table().column("input_path").to_pylist()
     assert sorted(rows) == ["a.png", "b.png", "c.png"]
     errors = open_errors(tmp_path / "out").to_table().to_pylist()
-    assert [(e["input_path"], e["error_type"]) for e in errors] == [("faulty.png", "gpu_failed")]
-    assert "illegal memory access" in errors[0]["message"]
-    # Its two faults restarted the actor (each struck on this node), before the errors row.
-    struck = [p for p in set(strikes.rglob("*")) - before if p.is_file() and "illegal memory" in p.read_text()]
-    assert len(struck) == 1 and len(struck[0].read_text().splitlines()) == 2
-    shutil.rmtree(struck[0].parent)  # this run's strikes
+    assert [(e["input_path"], e["error_type"]) for e in errors] == [("faulty.png", error_type)]
+    assert message in errors[0]["message"] and "2 times" in errors[0]["message"]
+    assert not (tmp_path / "out" / ".strikes").exists()  # the run's strikes go with it
 
 
-def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_is_blamed(monkeypatch):
+def test_a_frame_out_of_gpu_memory_is_its_errors_row_and_retry_errors_names_it(tmp_path, ray_local):
+    """A frame that does not fit in GPU memory (after the one-frame-at-a-time retry) is its errors
+    row typed ``gpu_out_of_memory``, as --retry-errors names it (not PyTorch's class name), and
+    ``--retry-errors gpu_out_of_memory`` runs that input again."""
+    import importlib
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+
+    importlib.reload(annotator_plugin)
+    folder = tmp_path / "in"
+    _faulty_folder(folder)
+    lines: list[str] = []
+    try:
+        first = _run(tmp_path, "images", folder, matting="out-of-memory", pose="none", actors=1)
+        errors = open_errors(tmp_path / "out").to_table().to_pylist()
+        again = preprocess(PreprocessConfig(source="images", input=folder, output=tmp_path / "out",
+                                            matting="out-of-memory", pose="none", actors=1,
+                                            retry_errors=["gpu_out_of_memory"]), log=lines.append)
+    finally:
+        for name in ("out-of-memory", "centre-box", "broken-device", "killing-input"):
+            registry.unregister(name)
+    assert first.exit_code == 0
+    assert [(e["input_path"], e["stage"], e["error_type"]) for e in errors] == [("faulty.png", "matting",
+                                                                                  "gpu_out_of_memory")]
+    assert "CUDA out of memory" in errors[0]["message"]
+    assert any("gpu_out_of_memory: 1 input(s) that wrote no rows run again (faulty.png)" in line for line in lines), lines
+    assert again.manifest["run"]["inputs_processed"] == 1
+
+
+def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_is_blamed(monkeypatch, tmp_path):
     """One call of an actor holds several units; the faulty one breaks the device (and with it
     every later call in the process). Each break ends the process at once, so the units beside
     it never fail in a broken context and never take a strike; after two breaks the faulty unit
     becomes its errors row without running, and the others are written."""
     import secrets
 
-    from disco.pipeline import device_loss
+    from disco.pipeline import device_loss, strikes
     from disco.pipeline.actors import unit_result
 
     class Restarted(Exception):
@@ -455,7 +492,7 @@ def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_i
         raise Restarted(code)
 
     monkeypatch.setattr(device_loss.os, "_exit", exit_)
-    settings = {"run": f"test-{secrets.token_hex(4)}"}
+    settings = {"run": f"test-{secrets.token_hex(4)}", "output": str(tmp_path)}
     units = [{"input_path": name, "unit_index": 0, "unit_count": 1} for name in ("a", "faulty", "b", "c")]
     context = {"broken": False}
 
@@ -469,18 +506,17 @@ def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_i
         return run
 
     restarts = 0
-    try:
-        while True:  # Ray's restart of the actor: a fresh process, the same call again
-            context["broken"] = False
-            try:
-                results = [unit_result(settings, unit, "pose", work(unit)) for unit in units]
-                break
-            except Restarted:
-                restarts += 1
-        assert device_loss.given_up(settings, units[0], "pose") is None  # no strike on the others
-        assert not device_loss.strike_file(settings["run"], units[0], "pose").exists()
-    finally:
-        shutil.rmtree(device_loss.strike_file(settings["run"], units[0], "pose").parent, ignore_errors=True)
+    while True:  # Ray's restart of the actor: a fresh process, the same call again
+        context["broken"] = False
+        try:
+            results = [unit_result(settings, unit, "pose", work(unit)) for unit in units]
+            break
+        except Restarted:
+            restarts += 1
+    assert all(strikes.strikes(settings, unit, "pose") == [] for unit in units if unit["input_path"] != "faulty")
+    left = strikes.strikes(settings, units[1], "pose")
+    assert len(left) == 2 and all(s.startswith(strikes.GPU_MARK + "CUDA error") for s in left)
+    assert [p.parent for p in strikes.strike_folder(settings).iterdir()] == [tmp_path / ".strikes" / settings["run"]] * 2
     assert restarts == 2
     assert [r for r in results if r == "written"] == ["written"] * 3
     failed = results[1]

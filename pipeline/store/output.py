@@ -214,6 +214,10 @@ class OutputStore:
                 if path.name.endswith(".tmp") or (path.suffix == ".parquet" and rel not in named):
                     path.unlink()
                     removed.append(rel)
+        # The strikes of earlier runs (pipeline/strikes.py): every attempt of theirs is over.
+        from disco.pipeline.strikes import FOLDER
+
+        shutil.rmtree(self.root / FOLDER, ignore_errors=True)
         # Rewrite the journal without a torn last line, so later appends start on a clean line.
         self.rewrite_journal(state)
         return removed
