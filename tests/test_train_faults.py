@@ -253,6 +253,9 @@ def _train_workers() -> set[psutil.Process]:
     return found
 
 
+CUT_SHORT = ".tmp-checkpoint-00000003-4194303"  # a checkpoint write a lost process left (its pid)
+
+
 def _kill_workers_twice(run: Path, stop: threading.Event, killed: list[int]) -> None:
     """SIGKILL one Ray Train worker process of this session's Ray instance once ``run`` holds
     checkpoint 2; then, once the restarted group (other processes) has written checkpoint 4, one
@@ -274,7 +277,10 @@ def _kill_workers_twice(run: Path, stop: threading.Event, killed: list[int]) -> 
             victim.kill()
             killed.append(victim.pid)
         except psutil.Error:
-            pass
+            continue
+        if len(killed) == 1:  # as if the kill had cut rank 0's write of checkpoint 3 short
+            (run / CUT_SHORT).mkdir()
+            (run / CUT_SHORT / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 4096)
 
 
 def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, two_worker_run, tmp_path):
@@ -283,7 +289,8 @@ def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, two_
     continues from the checkpoint it was last told of, bit for bit (checkpoint 4 and the loss
     logged at step 4, whose window spans the restart, equal an uninterrupted run's). A worker of
     the new group is killed after checkpoint 4: the restarts are used up, and the run ends with
-    one line naming the last checkpoint and the --resume command. (A whole node lost on a
+    one line naming the last checkpoint and the --resume command. The restarted group's rank 0
+    removes the checkpoint folder whose write the kill cut short. (A whole node lost on a
     multi-node cluster: the slow test below.)"""
     # 16 steps: the second kill has 12 steps' time to land after checkpoint 4.
     whole = two_worker_run
@@ -298,6 +305,7 @@ def test_a_lost_worker_restarts_training_from_its_last_checkpoint(triplets, two_
         stop.set()
         killer.join()
     assert len(killed) == 2
+    assert not (Path(lost.output) / CUT_SHORT).exists()
     assert _same_weights(whole, Path(lost.output), 4)
     logged = {m["step"]: m["loss"] for m in read_metrics(Path(lost.output))[0]}
     assert logged[4] == {m["step"]: m["loss"] for m in read_metrics(whole)[0]}[4]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from disco.model.conditioning import vae_factor
-from disco.model.checkpoint import (POINTER_FILE, STATE_FILE, checkpoint_snapshot, legacy_hap_names, list_checkpoints, load_trainable,
-                                   read_checkpoint, write_checkpoint)
+from disco.model.checkpoint import (POINTER_FILE, STATE_FILE, checkpoint_snapshot, clean_temporary, legacy_hap_names,
+                                   list_checkpoints, load_trainable, read_checkpoint, write_checkpoint)
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 from disco.pipeline.store.output import LOCK_FILE
 from disco.train.initial import initial_model
@@ -217,6 +217,14 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                               "one (transformer blocks only): it loads for generate, evaluate and --init-from, "
                               "but cannot be resumed")
         load_trainable(model, weights, checkpoint)
+    if rank == 0:
+        # A restart of the worker group (a lost worker or node, a preemption) may have cut a
+        # checkpoint write short: its temporary folder (19-25 GB for a full fine-tune, named by the
+        # old process) would stay for good, one more per restart. The old group is gone now.
+        removed = clean_temporary(run)
+        if removed:
+            log.info("removed %d checkpoint folder(s) an earlier attempt left unfinished: %s", len(removed),
+                     ", ".join(p.name for p in removed))
     model.set_trainable()
     if cfg.gradient_checkpointing:
         model.enable_memory_savings(gradient_checkpointing=True)
