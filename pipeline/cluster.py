@@ -36,6 +36,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     common = dict(logging_level=logging.ERROR, log_to_driver=False)
     if address:
         _wait_until_reachable(address, _connect_timeout())
+        _check_on_a_node(address)
         # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
         # dials the interface address instead, where nothing listens.
         loopback = _on_loopback(address)
@@ -50,6 +51,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=_runtime_env(True), **common)
+
+
+def _check_on_a_node(address: str) -> None:
+    """A driver joins a cluster through a Ray node on its own machine (its raylet). From a machine
+    that is none of the cluster's nodes (a login node, a laptop), ``ray.init`` looks for one for a
+    minute and then raises a traceback: said at once, in one line, with what to do instead."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    try:
+        from ray._private.services import find_node_ids
+        from ray._raylet import GcsClient
+
+        here = set(find_node_ids())  # the raylets running on this machine
+        nodes = GcsClient(address=address).get_all_node_info(timeout=10).values() if here else ()
+        joined = any(node.node_id.hex() in here for node in nodes)
+    except Exception:  # noqa: BLE001 - Ray's internals changed or failed: let ray.init decide
+        return
+    if not joined:
+        raise ClusterNotHere(
+            f"--ray-address {address}: no node of that Ray cluster runs on this machine ({socket.gethostname()}), "
+            "and a driver must run on one: run the command on a node of the cluster (the head), or submit it "
+            "from here with `ray job submit --address http://HEAD:8265 -- disco-cli ...`")
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
@@ -86,6 +109,10 @@ def _connect_timeout() -> float:
 
 class ClusterUnreachable(ConfigError):
     """--ray-address names a cluster that does not answer."""
+
+
+class ClusterNotHere(ConfigError):
+    """--ray-address names a cluster none of whose nodes runs on this machine."""
 
 
 def _runtime_env(loopback: bool = False) -> dict:

@@ -226,6 +226,28 @@ def test_an_unreachable_cluster_fails_in_one_line_within_the_stated_time(inputs,
     assert time.time() - started < 60
 
 
+def test_a_driver_on_a_machine_outside_the_cluster_is_told_at_once_in_one_line(inputs, tmp_path, ray_local):
+    """A cluster that answers, from a machine that runs none of its nodes (a login node, a
+    laptop: here, this session's instance with Ray's search for a local raylet finding none):
+    ray.init would look for one for a minute, then raise a traceback. The command says why in
+    one line and what to do instead, and exits 2, at once."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    command, env = _command(inputs, tmp_path / "out", "--ray-address", address)
+    command[1:3] = ["-c", "import ray._private.services as s; s.find_node_ids = lambda: []; "
+                          "import disco.cli; disco.cli.main()"]
+    started = time.time()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"--ray-address {address}: no node of that Ray cluster runs on this machine" in lines[0]
+    assert "ray job submit" in lines[0]
+    assert time.time() - started < 40
+    assert not (tmp_path / "out" / "_journal.jsonl").exists()
+
+
 def test_our_worker_settings_yield_to_a_jobs_runtime_env(monkeypatch):
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
