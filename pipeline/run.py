@@ -132,6 +132,10 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         log(f"resuming: {len(listed) - len(pending)} of {len(listed)} inputs already committed, "
             f"and {units} unit(s) of {len(partial)} partly done input(s)")
 
+    # The model files' digests for the manifest, read now: hashing them (2.4 GB for SAM ViT-H, maybe
+    # over NFS) in the wind-up would outlast the seconds `ray job stop` leaves before SIGKILL.
+    weights = weight_files(cfg.resolved, {"hands": cfg.hands, "face": cfg.face, "sam_model": cfg.sam_model,
+                                          "sam2_model": cfg.sam2_model})
     started = time.time()
     frames_done = 0
     pools: list[PoolPlan] = []
@@ -172,8 +176,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         "cuda": cfg.resolved["cuda"],
         "device": cfg.resolved["device"],
         "weights_dir": cfg.resolved["weights"],
-        "weights": weight_files(cfg.resolved, {"hands": cfg.hands, "face": cfg.face, "sam_model": cfg.sam_model,
-                                                "sam2_model": cfg.sam2_model}),
+        "weights": weights,
     }
     run = {
         "wall_time_s": round(wall, 3),
