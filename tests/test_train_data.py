@@ -327,3 +327,28 @@ def test_a_cpu_count_of_0_is_a_value_where_ray_takes_it(clips, tmp_path, monkeyp
         TrainConfig(**base, cpus_per_worker=0).validate()
     with pytest.raises(ConfigError, match="data_cpus must be 0 or more"):
         TrainConfig(**base, data_cpus=-1).validate()
+
+
+def test_a_shard_missing_on_a_read_tasks_node_is_said_as_missing_not_damaged(triplets, tmp_path):
+    """The stream's read tasks run on any node of the cluster; one where --data is not mounted
+    (or a shard removed after the listing) used to say the shard was damaged. It says where it
+    is missing and why that stops the run, in the line the driver shows."""
+    import shutil
+
+    from disco.pipeline.errors import STOPS_THE_RUN, stopping_error
+    from disco.train.data import read_samples
+
+    folder = tmp_path / "data"
+    shutil.copytree(triplets["video"], folder)
+    index = build_index([str(folder)])
+    stream = SampleStream(index, stage="finetune", ref_mode="first", resolution=32, augment=False, seed=0,
+                          batch=len(index))
+    spec = stream.locators(0, len(index))
+    for shard in (folder / "triplets").glob("*.parquet"):
+        shard.unlink()  # as on a node that does not see the storage
+    with pytest.raises(DataError) as error:
+        list(read_samples(spec, "finetune", block=len(index)))
+    message = str(error.value)
+    assert STOPS_THE_RUN in message and "does not exist on node" in message and "damaged" not in message
+    line = str(stopping_error(RuntimeError(f"Traceback ...\n  {message}\n")))
+    assert line.startswith(str(folder)) and "storage every node sees" in line

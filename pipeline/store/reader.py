@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from disco.pipeline.errors import ConfigError, first_line
+from disco.pipeline.errors import STOPS_THE_RUN, ConfigError, first_line
 
 from disco.pipeline.store.schema import (
     ERROR_SCHEMA,
@@ -40,7 +40,15 @@ class DamagedShard(ConfigError):
 
 
 def damaged(path: str | Path, exc: BaseException) -> DamagedShard:
-    """The one-line error for a shard that failed to read: the file and what is wrong."""
+    """The one-line error for a shard that failed to read: the file and what is wrong. A file
+    that is not there was listed where it was (the driver): on a node without the storage (a
+    Ray task of another node), or removed since; not damaged."""
+    if isinstance(exc, FileNotFoundError) or not Path(path).exists():
+        import socket
+
+        return DamagedShard(f"{STOPS_THE_RUN} {path} does not exist on node {socket.gethostname()}, where it was "
+                            "listed before: the data must be on storage every node sees (NFS, a shared mount), by "
+                            "the same path, and stay there while it is read")
     return DamagedShard(f"{path} is damaged ({first_line(exc)}); remove it (its rows are lost) or write the "
                         "output again with `disco-cli preprocess ... --overwrite`")
 
