@@ -75,9 +75,10 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
     from disco.pipeline.errors import ConfigError
     from disco.pipeline.run import preprocess
 
-    from disco.pipeline.cluster import check_job_paths
+    from disco.pipeline.cluster import check_job_paths, refuse_urls
 
     try:
+        refuse_urls(input=config.input, output=config.output)
         check_job_paths(output=config.output)
         config.validate()
     except ConfigError as exc:

@@ -219,10 +219,11 @@ def train(
                  max_failures=max_failures, gpus_per_worker=gpus_per_worker)
     flags.update(eval_every=eval_every, eval_rows=eval_rows, eval_split=eval_split, pose_scale=pose_scale)
     given = {k: v for k, v in flags.items() if v is not None}
-    from disco.pipeline.cluster import check_job_paths
+    from disco.pipeline.cluster import check_job_paths, refuse_urls
 
     try:
         cfg = configured(plain(preset), config, given, resume)
+        refuse_urls(output=cfg.output, data=cfg.data, pretrained=cfg.pretrained, init_from=cfg.init_from)
         check_job_paths(output=cfg.output)  # the flag's, or the --config file's
     except ConfigError as exc:
         usage_error(str(exc))

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -202,6 +203,24 @@ def input_identity(path: str | os.PathLike) -> str:
     if copy is not None and resolved.is_relative_to(copy.resolve()):
         return f"working-dir:{resolved.relative_to(copy.resolve()).as_posix()}"
     return str(resolved)
+
+
+# A URL given as a path (Path("s3://b/x") is "s3:/b/x"): nothing here speaks object storage, and
+# the run would write to a local folder named "s3:" instead, which no other node sees.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def refuse_urls(**paths) -> None:
+    """Refuses a URL (s3://, gs://, hdfs://, ...) where a folder is expected, each by its flag."""
+    for flag, value in paths.items():
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if path is not None and _URL.match(str(path)):
+                scheme = str(path).split(":", 1)[0]
+                raise ConfigError(
+                    f"--{flag.replace('_', '-')} {path}: {scheme}:// URLs are not read or written directly; give a "
+                    "folder on a file system every node mounts (NFS, a shared disk), which renames and appends "
+                    "(the journal appends, every shard is renamed into place: an object-store mount such as "
+                    "Mountpoint for Amazon S3 does neither)")
 
 
 def check_job_paths(**paths) -> None:

@@ -447,3 +447,24 @@ def test_a_resubmitted_job_resumes_from_a_new_copy_of_its_working_dir(tmp_path, 
     content[-100] ^= 0xFF
     mirror.write_bytes(bytes(content))
     assert run(folder=".").manifest["changed_inputs"] == ["mirror.mp4"]
+
+
+def test_an_object_store_url_for_a_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    """`--output s3://bucket/out` became a local folder named `s3:` (Path collapses the slashes),
+    written on the driver's machine alone; a URL for the input, the data or the weights was read
+    as a missing folder. Each is refused by its flag, in one line, before anything runs."""
+    from typer.testing import CliRunner
+
+    from disco.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    for command, flag in ((["preprocess", "--source", "images", "--input", "in", "--output", "s3://bucket/out"], "output"),
+                          (["preprocess", "--source", "images", "--input", "gs://bucket/in", "--output", "out"], "input"),
+                          (["train", "--data", "hdfs://name/data", "--model", "tiny", "--output", "run"], "data"),
+                          (["train", "--data", "in", "--model", "tiny", "--output", "s3://bucket/run"], "output")):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and f"--{flag} " in lines[0] and "URLs are not read or written directly" in lines[0], lines
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
