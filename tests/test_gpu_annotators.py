@@ -77,17 +77,47 @@ def test_openpose_loads_from_the_layout_and_gives_contract_shapes(weights, frame
 
 
 def test_openpose_checkpoints_load_tensors_only(tmp_path):
-    """A checkpoint that would run code when unpickled is refused, and the code never runs."""
+    """A checkpoint that would run code when unpickled is refused, and the code never runs; the
+    refusal names the file in one line (an actor makes it the run's line)."""
     import torch
 
     from disco.pipeline.annotators.openpose_backend import OpenPosePose
+    from disco.pipeline.annotators.weights import WeightsError
 
     marker = tmp_path / "ran"
     (tmp_path / "openpose").mkdir()
     torch.save({"conv1_1.weight": CodeRunningPickle(marker)}, tmp_path / OPENPOSE_FILES["body"])
-    with pytest.raises(Exception, match="(?i)weights.only"):
+    with pytest.raises(WeightsError) as info:
         OpenPosePose(tmp_path, hands=False, device="cpu")
     assert not marker.exists()
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / OPENPOSE_FILES['body']} was not loaded: it holds a pickled ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+def test_a_damaged_weights_file_is_named_in_one_line(weights, tmp_path, damage):
+    """A weights file the driver found but that does not load (cut short by a copy, another file
+    under the name): segment-anything's and controlnet-aux's loaders raise what torch raises; the
+    backends name the file in one line (a WeightsError, which stops the run in that line from an
+    actor, as a damaged DWPose graph does)."""
+    import shutil
+
+    from disco.pipeline.annotators.grounded_sam import GroundedSamMatting
+    from disco.pipeline.annotators.openpose_backend import OpenPosePose
+    from disco.pipeline.annotators.weights import WeightsError
+
+    for name, build in ((OPENPOSE_FILES["body"], lambda root: OpenPosePose(root, hands=False, device="cpu")),
+                        (SAM_FILES["vit_b"], lambda root: GroundedSamMatting(root, sam_model="vit_b", device="cpu"))):
+        root = tmp_path / name.replace("/", "-")
+        shutil.copytree(weights, root)
+        good = (weights / name).read_bytes()
+        (root / name).write_bytes(b"not a checkpoint" * 64 if damage == "garbage" else good[:len(good) // 2])
+        with pytest.raises(WeightsError) as info:
+            build(root)
+        message = str(info.value)
+        # Garbage reads as a pickle the tensors-only unpickler refuses; a cut zip as a damaged file.
+        assert message.startswith(f"{root / name} ") and "damaged" in message and "\n" not in message, message
 
 
 def test_missing_weights_name_the_file_and_where_it_belongs(weights, tmp_path):

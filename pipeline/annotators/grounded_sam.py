@@ -17,7 +17,7 @@ import numpy as np
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.annotators.grounding_dino_checkpoint import CHECKPOINT_NAME
 from disco.pipeline.annotators.registry import Backend, register
-from disco.pipeline.annotators.weights import WeightFile, first_present, needs_folder, require, weights_dir
+from disco.pipeline.annotators.weights import WeightFile, first_present, loading, needs_folder, require, weights_dir
 
 PROMPT = "person."
 # Boxes handed to SAM per frame, best first; bounds the cost of a crowd or of a detector gone wrong.
@@ -149,7 +149,8 @@ class GroundedSamMatting:
                                        device=device)
         # segment-anything reads its checkpoint with torch.load, which loads tensors only
         # (weights_only is the default from torch 2.6, the floor of our pin).
-        self.sam = sam_model_registry[sam_model](checkpoint=str(Path(weights) / SAM_FILES[sam_model]))
+        with loading(Path(weights) / SAM_FILES[sam_model]):
+            self.sam = sam_model_registry[sam_model](checkpoint=str(Path(weights) / SAM_FILES[sam_model]))
         self.sam.to(self.device).eval()
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
         self._torch = torch

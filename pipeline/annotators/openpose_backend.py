@@ -13,7 +13,7 @@ import numpy as np
 
 from disco.pipeline.annotators.base import EMPTY_BODY, Pose
 from disco.pipeline.annotators.registry import Backend, register
-from disco.pipeline.annotators.weights import WeightFile, needs_folder, require, weights_dir
+from disco.pipeline.annotators.weights import WeightFile, loading, needs_folder, require, weights_dir
 from disco.pipeline.annotators.keypoints import FACE_POINTS, HAND_POINTS
 
 # In the weights folder, as lllyasviel/Annotators publishes them: body-18, hands (with --hands),
@@ -57,9 +57,12 @@ class OpenPosePose:
         root = Path(weights)
         # controlnet-aux reads these with torch.load, which loads tensors only (weights_only is
         # the default from torch 2.6, the floor of our pin).
-        body = Body(str(root / OPENPOSE_FILES["body"]))
-        hand = Hand(str(root / OPENPOSE_FILES["hand"])) if hands else None
-        face_model = Face(str(root / OPENPOSE_FILES["face"])) if face else None
+        with loading(root / OPENPOSE_FILES["body"]):
+            body = Body(str(root / OPENPOSE_FILES["body"]))
+        with loading(root / OPENPOSE_FILES["hand"]):
+            hand = Hand(str(root / OPENPOSE_FILES["hand"])) if hands else None
+        with loading(root / OPENPOSE_FILES["face"]):
+            face_model = Face(str(root / OPENPOSE_FILES["face"])) if face else None
         self.detector = OpenposeDetector(body, hand, face_model)
         for part in (body, hand, face_model):
             if part is not None:

@@ -20,7 +20,7 @@ from disco.pipeline.annotators.base import Matte
 from disco.pipeline.annotators.grounded_sam import (PersonDetector, grounding_dino_files, merge_persons,
                                                     write_grounding_dino)
 from disco.pipeline.annotators.registry import Backend, BackendError, register
-from disco.pipeline.annotators.weights import WeightFile, WeightsError, needs_folder, require, weights_dir
+from disco.pipeline.annotators.weights import WeightFile, WeightsError, loading, needs_folder, require, weights_dir
 
 # Meta's checkpoint names (the files its download script fetches), under the weights folder's
 # sam2/, and the model configs that ship inside the sam2 package.
@@ -65,7 +65,8 @@ def build_model(sam2_model: str, checkpoint: Path | None = None, device: str = "
     if checkpoint is not None:
         # sam2's own loader passes weights_only=True as well, but answers a mismatch with a bare
         # RuntimeError; loading here names the file. Tensors only: a pickle cannot run code.
-        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with loading(checkpoint):
+            loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = loaded.get("model") if isinstance(loaded, dict) else None
         if not isinstance(state, dict):
             raise WeightsError(f"{checkpoint}: not a SAM 2.1 checkpoint (no 'model' state dict)")

@@ -8,6 +8,7 @@ every missing file at once, and the manifest's record of what ran.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -18,6 +19,29 @@ WEIGHTS_ENV = "DISCO_WEIGHTS"
 
 class WeightsError(FileNotFoundError):
     """A weights file a model needs is missing, or does not fit the network."""
+
+
+@contextlib.contextmanager
+def loading(path: str | os.PathLike):
+    """Reading the weights file ``path`` (by a library's own loader: segment-anything's,
+    controlnet-aux's): whatever it raises for a damaged or foreign file is a ``WeightsError``
+    naming the file, which an actor turns into the run's one line (``actors._annotator``). A file
+    that would run code when unpickled stays refused (``weights_only``), said in a few words."""
+    import pickle
+
+    try:
+        yield
+    except WeightsError:
+        raise
+    except pickle.UnpicklingError as exc:
+        from disco.pipeline.safe_load import refusal
+
+        raise WeightsError(f"{path} was not loaded: {refusal(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load and the state-dict loaders raise many kinds
+        from disco.pipeline.errors import first_line
+
+        raise WeightsError(f"{path} is damaged or not the expected file ({type(exc).__name__}: "
+                           f"{first_line(exc)})") from None
 
 
 @dataclass
