@@ -139,7 +139,8 @@ RayAddress = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help=RA
 Overwrite = Annotated[bool, typer.Option(help="Delete what a previous run wrote to OUTPUT and start fresh.")]
 RetryErrors = Annotated[Optional[list[str]], typer.Option(
     help="Run again the inputs that wrote no rows and failed with this error type (errors/ error_type, e.g. "
-         "gpu_failed, missing_file; repeat it or separate with commas; all: every type); their errors rows go.")]
+         "gpu_failed, worker_crashed, gpu_out_of_memory, missing_file; repeat it or separate with commas; all: every "
+         "type); their errors rows go.")]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 
 

@@ -438,8 +438,10 @@ def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, ke
     if final.exists():  # the same step written again after a resume: replace it whole
         old = run / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
+        tmp.rename(final)  # before the old copy goes: a kill while it is deleted leaves the new one in place
         shutil.rmtree(old)
-    tmp.rename(final)
+    else:
+        tmp.rename(final)
     for old_step, old in list(list_checkpoints(run).items())[:-keep]:
         doomed = run / f".old-{old.name}-{os.getpid()}"
         old.rename(doomed)  # no longer a checkpoint the moment it is renamed, even if rmtree is cut short

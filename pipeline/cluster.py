@@ -61,12 +61,18 @@ def _check_on_a_node(address: str) -> None:
     if address in ("auto", "local") or address.startswith("ray://"):
         return
     try:
+        import psutil
         from ray._private.services import find_node_ids
         from ray._raylet import GcsClient
 
-        here = set(find_node_ids())  # the raylets running on this machine
-        nodes = GcsClient(address=address).get_all_node_info(timeout=10).values() if here else ()
-        joined = any(node.node_id.hex() in here for node in nodes)
+        here = set(find_node_ids())  # the raylets running on this machine that `ps` shows
+        addresses = {a.address for found in psutil.net_if_addrs().values() for a in found}
+        nodes = GcsClient(address=address).get_all_node_info(timeout=10).values()
+        # By its raylet, or by this machine's address (how Ray before 2.5x found the driver's node,
+        # and a container that shares the node's network but not its processes).
+        joined = any(node.node_id.hex() in here or
+                     (node.node_manager_address in addresses and node.node_manager_address not in LOOPBACK_HOSTS
+                      and node.state == 0) for node in nodes)
     except Exception:  # noqa: BLE001 - Ray's internals changed or failed: let ray.init decide
         return
     if not joined:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 from disco.pipeline.strikes import mark_gpu
@@ -57,7 +56,7 @@ def raise_if_device_lost(exc: BaseException) -> None:
         raise DeviceLost(exc) from exc
 
 
-def restart(unit: dict, stage: str, lost: DeviceLost, attempt: Path | None) -> NoReturn:
+def restart(unit: dict, stage: str, lost: DeviceLost, attempt: str | None) -> NoReturn:
     """Marks ``attempt`` (``strikes.begin``) as a broken GPU and ends this actor's process (Ray
     starts it again), whatever happens while marking: a process with a broken CUDA context must
     not go on."""

@@ -132,10 +132,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         log(f"resuming: {len(listed) - len(pending)} of {len(listed)} inputs already committed, "
             f"and {units} unit(s) of {len(partial)} partly done input(s)")
 
-    # The model files' digests for the manifest, read now: hashing them (2.4 GB for SAM ViT-H, maybe
-    # over NFS) in the wind-up would outlast the seconds `ray job stop` leaves before SIGKILL.
-    weights = weight_files(cfg.resolved, {"hands": cfg.hands, "face": cfg.face, "sam_model": cfg.sam_model,
-                                          "sam2_model": cfg.sam2_model})
+    weights = None  # the model files' digests for the manifest
     started = time.time()
     frames_done = 0
     pools: list[PoolPlan] = []
@@ -146,6 +143,9 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         if pending_inputs:
             init_ray(cfg.ray_address, log=log)
             sigterm.arm()  # after ray.init, which sets its own handler
+            # Read now: hashing the model files (2.4 GB for SAM ViT-H, maybe over NFS) in the wind-up
+            # would outlast the seconds `ray job stop` leaves before SIGKILL.
+            weights = run_weight_files(cfg)
             settings = stage_settings(cfg)
             units = plan_all(pending, settings, partial, log=log)
             # The units hold what the run needs of the inputs: their records go (GBs for millions).
@@ -176,7 +176,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         "cuda": cfg.resolved["cuda"],
         "device": cfg.resolved["device"],
         "weights_dir": cfg.resolved["weights"],
-        "weights": weights,
+        "weights": weights if weights is not None else run_weight_files(cfg),
     }
     run = {
         "wall_time_s": round(wall, 3),
@@ -204,6 +204,11 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
     else:
         code = 0
     return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
+
+
+def run_weight_files(cfg: PreprocessConfig) -> list[dict]:
+    return weight_files(cfg.resolved, {"hands": cfg.hands, "face": cfg.face, "sam_model": cfg.sam_model,
+                                       "sam2_model": cfg.sam2_model})
 
 
 class _SigtermStops:

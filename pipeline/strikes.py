@@ -3,16 +3,20 @@
 Ray Data restarts a pool actor whose process dies, as often as it dies, and hands it the same
 call again (``max_restarts`` and ``max_task_retries`` -1, its defaults). An input that kills the
 process (FFmpeg aborting on a damaged video, a segfault in native code, the kernel's or Ray's
-out-of-memory killer) would then run, kill and restart for ever, the models reloaded each time,
-and the run would never end. So each unit's work is an *attempt*: a file written before it and
-removed after it, whatever Python raised (that is the unit's errors row). A file left behind is
-a process that ended on that unit; a unit with ``STRIKES`` of them becomes its errors row
-(``worker_crashed``, or ``gpu_failed`` where the process ended because the GPU broke:
-``device_loss``) without running again, so the units beside it in a call are never blamed.
+out-of-memory killer while it is decoded or annotated) would then run, kill and restart for
+ever, the models reloaded each time, and the run would never end.
 
-The files live in the output folder (``.strikes/RUN/``, storage every node sees), so an actor
-restarted on another node counts the same strikes; a new run (a resume) starts from none, and
-the driver removes the folder when the run ends (``OutputStore.recover``).
+So every actor process keeps a log in the output folder (``.strikes/RUN/``, storage every node
+sees): a line naming each unit as its work starts, and one when it is done, whatever Python
+raised (that is the unit's errors row). A process that died left the unit it was on as its
+log's last line: a strike against that unit (``device_loss`` writes why, where the GPU broke).
+A restarted actor (the only one that is handed a call again) reads the logs once; a unit with
+``STRIKES`` of them becomes its errors row (``worker_crashed``, or ``gpu_failed``) without
+running again, and the units beside it in a call are never blamed. A death outside a unit's
+own work (writing a call's shards) blames no unit. The log costs two buffered writes per unit
+(one still image is a unit), no file created or removed per unit: metadata operations on NFS
+are synchronous. A new run (a resume) starts from no strikes: the next run's start
+(``OutputStore.recover``) removes the folder.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from pathlib import Path
 
 STRIKES = 2
 FOLDER = ".strikes"
-GPU_MARK = "gpu: "  # an attempt that ended because the GPU broke (device_loss.restart)
 
 
 class GpuFailed(RuntimeError):
@@ -36,6 +39,14 @@ class GpuFailed(RuntimeError):
 class WorkerCrashed(RuntimeError):
     """The errors row of a unit whose actor's process ended ``STRIKES`` times while on it
     (``error_type`` worker_crashed)."""
+
+
+class _Process:
+    """This process's log and what it read of the others' (per process: a restarted actor is a
+    new process)."""
+
+    log = None  # the open log file
+    seen: dict[str, list[str]] | None = None  # unit key -> what each death on it left
 
 
 def strike_folder(settings: dict) -> Path:
@@ -48,50 +59,89 @@ def _key(unit: dict, stage: str) -> str:
     return hashlib.sha1(f"{stage}\0{unit['input_path']}\0{unit.get('unit_index', 0)}".encode()).hexdigest()
 
 
-def strikes(settings: dict, unit: dict, stage: str) -> list[str]:
-    """What each attempt at ``unit`` that ended its process left (oldest first)."""
+def _restarted() -> bool:
+    """Whether this process is an actor Ray started again (only such an actor is handed a call
+    that a dead process was on); outside a Ray actor, always (a bare loop, a test)."""
     try:
-        files = sorted(strike_folder(settings).glob(_key(unit, stage) + ".*"), key=lambda p: p.stat().st_mtime)
-        return [p.read_text().strip() for p in files]
-    except OSError:  # none yet, or unreadable: the unit runs (as before any strike)
-        return []
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed())
+    except Exception:  # noqa: BLE001 - not in a Ray actor
+        return True
+
+
+def _read_deaths(folder: Path, own: Path | None) -> dict[str, list[str]]:
+    """Unit key -> one entry per log whose last line is a unit's start (its process died on it)."""
+    seen: dict[str, list[str]] = {}
+    try:
+        logs = [p for p in folder.iterdir() if p != own]
+    except OSError:  # no folder yet: no death
+        return seen
+    for path in logs:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        last = lines[-1].split(" ", 2) if lines else []
+        if len(last) >= 2 and last[0] in ("start", "gpu"):
+            seen.setdefault(last[1], []).append(" ".join([last[0], *last[2:]]))
+    return seen
+
+
+def strikes(settings: dict, unit: dict, stage: str) -> list[str]:
+    """What each death of a process on ``unit`` left ("start <where>" or "gpu <message>")."""
+    if _Process.seen is None:
+        own = Path(_Process.log.name) if _Process.log is not None else None
+        _Process.seen = _read_deaths(strike_folder(settings), own) if _restarted() else {}
+    return _Process.seen.get(_key(unit, stage), [])
 
 
 def given_up(settings: dict, unit: dict, stage: str) -> Exception | None:
-    """The error for ``unit``'s row when attempts at it ended their process ``STRIKES`` times."""
+    """The error for ``unit``'s row when processes died on it ``STRIKES`` times."""
     left = strikes(settings, unit, stage)
     if len(left) < STRIKES:
         return None
-    gpu = [s[len(GPU_MARK):] for s in left if s.startswith(GPU_MARK)]
+    gpu = [s[len("gpu "):] for s in left if s.startswith("gpu ")]
     if gpu:
         return GpuFailed(f"the GPU failed {len(left)} times on this unit ({gpu[-1]})")
+    where = left[-1][len("start "):]
     return WorkerCrashed(f"the actor's process ended {len(left)} times while on this unit (killed, e.g. for "
-                         f"memory, or crashed in native code; {left[-1]}); its log on that node says more")
+                         f"memory, or crashed in native code; the last: {where}); its log on that node says more")
 
 
-def begin(settings: dict, unit: dict, stage: str) -> Path | None:
-    """The attempt's file, written before the work; None where it cannot be written (then the
-    unit runs unguarded rather than not at all)."""
-    folder = strike_folder(settings)
-    path = folder / f"{_key(unit, stage)}.{secrets.token_hex(4)}"
-    try:
+def _log(settings: dict):
+    if _Process.log is None:
+        folder = strike_folder(settings)
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"process {os.getpid()} on {socket.gethostname()}, {stage}\n")
+        # Written by this process alone, line by line, never appended to by name: an O_APPEND
+        # write over NFS asks the server for the file's size each time.
+        _Process.log = open(folder / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}", "w",
+                            buffering=1, encoding="utf-8")
+    return _Process.log
+
+
+def begin(settings: dict, unit: dict, stage: str) -> str | None:
+    """The unit's work starts (its line in this process's log); None where the log cannot be
+    written (then the unit runs unguarded rather than not at all)."""
+    key = _key(unit, stage)
+    try:
+        _log(settings).write(f"start {key} process {os.getpid()} on {socket.gethostname()}, {stage}\n")
     except OSError:
         return None
-    return path
+    return key
 
 
-def end(attempt: Path | None) -> None:
-    """The attempt finished (its result, or its errors row, goes on): no strike."""
+def end(attempt: str | None) -> None:
+    """The unit's work is over (its result, or its errors row, goes on): no strike."""
     if attempt is not None:
         try:
-            attempt.unlink()
+            _Process.log.write("done\n")
         except OSError:
             pass
 
 
-def mark_gpu(attempt: Path | None, message: str) -> None:
-    """The attempt ends its process because the GPU broke: its strike says so."""
+def mark_gpu(attempt: str | None, message: str) -> None:
+    """The process ends on this unit because the GPU broke: its strike says so."""
     if attempt is not None:
-        attempt.write_text(GPU_MARK + message + "\n")
+        _Process.log.write(f"gpu {attempt} {message}\n")
+        _Process.log.flush()

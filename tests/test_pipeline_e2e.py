@@ -505,18 +505,27 @@ def test_after_a_gpu_fault_the_actor_restarts_at_once_and_only_the_faulty_unit_i
             return "written"
         return run
 
+    def new_process():  # what a process of its own starts from: no log, nothing read
+        monkeypatch.setattr(strikes._Process, "log", None)
+        monkeypatch.setattr(strikes._Process, "seen", None)
+
     restarts = 0
     while True:  # Ray's restart of the actor: a fresh process, the same call again
+        new_process()
         context["broken"] = False
         try:
             results = [unit_result(settings, unit, "pose", work(unit)) for unit in units]
             break
         except Restarted:
             restarts += 1
+    new_process()  # as the next restart would read the logs
     assert all(strikes.strikes(settings, unit, "pose") == [] for unit in units if unit["input_path"] != "faulty")
     left = strikes.strikes(settings, units[1], "pose")
-    assert len(left) == 2 and all(s.startswith(strikes.GPU_MARK + "CUDA error") for s in left)
-    assert [p.parent for p in strikes.strike_folder(settings).iterdir()] == [tmp_path / ".strikes" / settings["run"]] * 2
+    assert len(left) == 2 and all(s.startswith("gpu CUDA error") for s in left), left
+    # One log per process, in the run's folder of the output: the two that broke, the one that finished.
+    logs = sorted(strikes.strike_folder(settings).iterdir())
+    assert len(logs) == 3 and {p.parent for p in logs} == {tmp_path / ".strikes" / settings["run"]}
+    assert sorted(p.read_text().splitlines()[-1].split(" ")[0] for p in logs) == ["done", "gpu", "gpu"]
     assert restarts == 2
     assert [r for r in results if r == "written"] == ["written"] * 3
     failed = results[1]

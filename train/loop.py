@@ -49,6 +49,19 @@ log = logging.getLogger(__name__)
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
 
 
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` of a checkpoint's state, holding nothing of the file: its
+    tensors are views into the mapped file (``read_checkpoint``), and PyTorch keeps some of them
+    as they are (AdamW's ``step`` counters, on the host; on a CPU run every moment), which would
+    keep the checkpoint mapped for the whole run: its pages in memory after it is pruned, and on
+    NFS its pruning failing (a file still open is renamed ``.nfsXXXX``, and its folder cannot go)."""
+    optimizer.load_state_dict(state)
+    for values in optimizer.state.values():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.device.type == "cpu":
+                values[name] = value.clone()
+
+
 def zero_gradients(params) -> None:
     """Zero gradients for ``params`` before DDP wraps them: DDP then makes them views into its
     buckets at once, so the first step's micro-batches under ``no_sync`` accumulate there too
@@ -254,11 +267,12 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     # a resumed or restarted run logs, and ends with, the loss an uninterrupted run would.
     window_steps, loss_sum = 0, torch.zeros((), dtype=torch.float64, device=device)
     if checkpoint:
-        optimizer.load_state_dict(training_state["optimizer"])
+        load_optimizer_state(optimizer, training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
         scaler.load_state_dict(training_state["scaler"])
         if ema is not None and ema_weights is not None:
-            ema.shadow_params = [ema_weights[n].to(device) for n in names]
+            # A copy even on the CPU: the file is mapped (read_checkpoint), see load_optimizer_state.
+            ema.shadow_params = [ema_weights[n].to(device, copy=True) for n in names]
             ema.optimization_step = int(state["step"])
         _restore_rng(state["rng"], training_state)
         step, position = int(state["step"]), int(state["positions"][rank])

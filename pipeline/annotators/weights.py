@@ -31,7 +31,7 @@ def loading(path: str | os.PathLike):
 
     try:
         yield
-    except WeightsError:
+    except (WeightsError, MemoryError):  # the host out of memory is not the file's fault
         raise
     except pickle.UnpicklingError as exc:
         from disco.pipeline.safe_load import refusal

@@ -46,9 +46,9 @@ def damaged(path: str | Path, exc: BaseException) -> DamagedShard:
     if isinstance(exc, FileNotFoundError) or not Path(path).exists():
         import socket
 
-        return DamagedShard(f"{STOPS_THE_RUN} {path} does not exist on node {socket.gethostname()}, where it was "
-                            "listed before: the data must be on storage every node sees (NFS, a shared mount), by "
-                            "the same path, and stay there while it is read")
+        return DamagedShard(f"{STOPS_THE_RUN} {path} does not exist on node {socket.gethostname()}: it was listed, "
+                            "then removed, or this node does not see the storage it was listed on (on a cluster "
+                            "the data must be on storage every node sees, by the same path)")
     return DamagedShard(f"{path} is damaged ({first_line(exc)}); remove it (its rows are lost) or write the "
                         "output again with `disco-cli preprocess ... --overwrite`")
 
