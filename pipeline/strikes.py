@@ -79,7 +79,9 @@ def _read_deaths(folder: Path, own: Path | None) -> dict[str, list[str]]:
         return seen
     for path in logs:
         try:
-            lines = path.read_text(errors="replace").splitlines()
+            with open(path, "rb") as log:  # its end only: a long run's log holds two lines per unit
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+                lines = log.read().decode("utf-8", "replace").splitlines()
         except OSError:
             continue
         last = lines[-1].split(" ", 2) if lines else []
