@@ -37,10 +37,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     common = dict(logging_level=logging.ERROR, log_to_driver=False)
     if address:
         _wait_until_reachable(address, _connect_timeout())
-        _check_on_a_node(address)
+        nodes = _cluster_nodes(address)
+        _check_on_a_node(address, nodes)
         # A cluster on this machine's loopback (as tests start them): stay on loopback, or Ray
         # dials the interface address instead, where nothing listens.
-        loopback = _on_loopback(address)
+        loopback = _on_loopback(address, nodes)
         with loopback_only() if loopback else contextlib.nullcontext():
             ray.init(address=address, runtime_env=_runtime_env(loopback), **common)
         return
@@ -54,28 +55,40 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=_runtime_env(True), **common)
 
 
-def _check_on_a_node(address: str) -> None:
+ALIVE = 0  # GcsNodeInfo.GcsNodeState.ALIVE
+
+
+def _cluster_nodes(address: str) -> list | None:
+    """The nodes the cluster's GCS knows (Ray's node records), or None where that cannot be
+    asked (``auto``, a Ray Client address, Ray's internal client changed or failed)."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return None
+    try:
+        from ray._raylet import GcsClient
+
+        return list(GcsClient(address=address).get_all_node_info(timeout=10).values())
+    except Exception:  # noqa: BLE001 - see above
+        return None
+
+
+def _check_on_a_node(address: str, nodes: list | None) -> None:
     """A driver joins a cluster through a Ray node on its own machine (its raylet). From a machine
     that is none of the cluster's nodes (a login node, a laptop), ``ray.init`` looks for one for a
     minute and then raises a traceback: said at once, in one line, with what to do instead."""
-    if address in ("auto", "local") or address.startswith("ray://"):
+    if nodes is None:  # nothing known: ray.init decides
         return
     try:
         import psutil
         from ray._private.services import find_node_ids
-        from ray._raylet import GcsClient
 
         here = set(find_node_ids())  # the raylets running on this machine that `ps` shows
-        addresses = {a.address for found in psutil.net_if_addrs().values() for a in found}
-        nodes = GcsClient(address=address).get_all_node_info(timeout=10).values()
-        # By its raylet, or by this machine's address (how Ray before 2.5x found the driver's node,
-        # and a container that shares the node's network but not its processes).
-        joined = any(node.node_id.hex() in here or
-                     (node.node_manager_address in addresses and node.node_manager_address not in LOOPBACK_HOSTS
-                      and node.state == 0) for node in nodes)
-    except Exception:  # noqa: BLE001 - Ray's internals changed or failed: let ray.init decide
+        addresses = {a.address for found in psutil.net_if_addrs().values() for a in found} - set(LOOPBACK_HOSTS)
+    except Exception:  # noqa: BLE001 - Ray's internals changed: ray.init decides
         return
-    if not joined:
+    # By its raylet, or by this machine's address (how Ray before 2.5x found the driver's node,
+    # and a container that shares the node's network but not its processes).
+    if not any(node.node_id.hex() in here or node.node_manager_address in addresses
+               for node in nodes if node.state == ALIVE):
         raise ClusterNotHere(
             f"--ray-address {address}: no node of that Ray cluster runs on this machine ({socket.gethostname()}), "
             "and a driver must run on one: run the command on a node of the cluster (the head), or submit it "
@@ -85,20 +98,15 @@ def _check_on_a_node(address: str) -> None:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
-def _on_loopback(address: str) -> bool:
+def _on_loopback(address: str, nodes: list | None) -> bool:
     """Whether the cluster at ``address`` lives on this machine's loopback: a loopback address,
-    and every node the GCS knows at 127.0.0.1. The head node of a real cluster is reachable at
-    localhost too, and there the driver and the training workers' gloo / NCCL sockets must not
-    be kept on loopback: the other nodes could not reach them."""
+    and every node the GCS knows (``nodes``; None: not known, decided by the address) at
+    127.0.0.1. The head node of a real cluster is reachable at localhost too, and there the
+    driver and the training workers' gloo / NCCL sockets must not be kept on loopback: the other
+    nodes could not reach them."""
     if _host_port(address)[0] not in LOOPBACK_HOSTS:
         return False
-    try:
-        from ray._raylet import GcsClient
-
-        nodes = GcsClient(address=address).get_all_node_info(timeout=10).values()
-        return all(node.node_manager_address in LOOPBACK_HOSTS for node in nodes)
-    except Exception:  # noqa: BLE001 - Ray's internal client changed or failed: decide by the address
-        return True
+    return nodes is None or all(node.node_manager_address in LOOPBACK_HOSTS for node in nodes)
 
 
 def _connect_timeout() -> float:

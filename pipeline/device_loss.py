@@ -19,6 +19,7 @@ import os
 import sys
 from typing import NoReturn
 
+from disco.pipeline.errors import first_line
 from disco.pipeline.strikes import mark_gpu
 
 # What CUDA, cuBLAS, cuDNN and ONNX Runtime's CUDA provider say when the context is gone...
@@ -61,7 +62,7 @@ def restart(unit: dict, stage: str, lost: DeviceLost, attempt: str | None) -> No
     starts it again), whatever happens while marking: a process with a broken CUDA context must
     not go on."""
     try:
-        message = (str(lost.error).strip().splitlines() or [type(lost.error).__name__])[0][:300]
+        message = first_line(lost.error, 300)
         print(f"disco: the GPU failed on {unit['input_path']} (unit {unit.get('unit_index', 0)}, {stage}): {message}; "
               "restarting this actor, its units run again", file=sys.stderr, flush=True)
         mark_gpu(attempt, message)

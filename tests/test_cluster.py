@@ -325,11 +325,14 @@ def test_a_loopback_address_is_a_loopback_cluster_only_when_every_node_is_on_loo
     import ray
     from ray import _raylet
 
-    from disco.pipeline.cluster import _on_loopback
+    from disco.pipeline.cluster import _cluster_nodes, _on_loopback
+
+    def on_loopback(address: str) -> bool:  # as init_ray asks
+        return _on_loopback(address, _cluster_nodes(address))
 
     address = ray.get_runtime_context().gcs_address
-    assert address.startswith("127.0.0.1:") and _on_loopback(address)
-    assert _on_loopback(address.replace("127.0.0.1", "localhost"))
+    assert address.startswith("127.0.0.1:") and on_loopback(address)
+    assert on_loopback(address.replace("127.0.0.1", "localhost"))
     real = _raylet.GcsClient
 
     class RealCluster:  # this instance's node table, plus a node on the network
@@ -341,7 +344,7 @@ def test_a_loopback_address_is_a_loopback_cluster_only_when_every_node_is_on_loo
             return {**nodes, b"other": SimpleNamespace(node_manager_address="10.1.2.3")}
 
     monkeypatch.setattr(_raylet, "GcsClient", RealCluster)
-    assert not _on_loopback(address)
+    assert not on_loopback(address)
 
 
 def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path, monkeypatch):

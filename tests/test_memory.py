@@ -331,8 +331,8 @@ def test_the_simulated_step_allocates_the_tensors_a_real_cpu_step_does(precision
     from torch.nn.parallel import DistributedDataParallel
 
     from disco.pipeline.cluster import loopback_interface
-    from disco.train.loop import DDP_OPTIONS, zero_gradients
-    from disco.train.objective import DiffusionObjective
+    from disco.train.loop import DDP_OPTIONS
+    from disco.train.objective import DiffusionObjective, zero_gradients
     from disco.train.meta_step import _LiveBytes, measure_step, meta_model
 
     # Under DDP a small step, where the gradients outweigh the activations (counted in the step, a

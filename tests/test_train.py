@@ -585,8 +585,8 @@ def test_ddp_keeps_the_gradients_in_its_buckets_and_updates_the_same(monkeypatch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from disco.train.loop import DDP_OPTIONS, zero_gradients
-    from disco.train.objective import apply_update
+    from disco.train.loop import DDP_OPTIONS
+    from disco.train.objective import apply_update, zero_gradients
 
     def run(options: dict, loops_way: bool) -> tuple[list[torch.Tensor], list[int]]:
         torch.manual_seed(0)

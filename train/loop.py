@@ -32,7 +32,7 @@ from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
 from disco.train.data import TripletIndex, build_index
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
-from disco.train.objective import DiffusionObjective, apply_update, parameter_groups, sample_draws
+from disco.train.objective import DiffusionObjective, apply_update, parameter_groups, sample_draws, zero_gradients
 from disco.train.sampling import preview_samples, write_sample_grid
 from disco.train.stack_samples import stack_samples
 from disco.train.temporal import clip_draws, frames_per_clip, stream_class
@@ -60,14 +60,6 @@ def load_optimizer_state(optimizer, state: dict) -> None:
         for name, value in values.items():
             if torch.is_tensor(value) and value.device.type == "cpu":
                 values[name] = value.clone()
-
-
-def zero_gradients(params) -> None:
-    """Zero gradients for ``params`` before DDP wraps them: DDP then makes them views into its
-    buckets at once, so the first step's micro-batches under ``no_sync`` accumulate there too
-    (without, they would make fresh gradients: a second copy, at the first step only)."""
-    for p in params:
-        p.grad = torch.zeros_like(p)
 
 
 # Every this many steps a Ray Train run asks whether a node of it is being preempted (a spot

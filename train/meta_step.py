@@ -264,15 +264,11 @@ def measure_step(model: DisCoModel, cfg: TrainConfig, batch: int, device: str = 
     With several workers (``cfg.num_workers`` > 1) the gradients are DDP's buckets, there before
     the step and zeroed in place by each update (``train/loop.py``): every backward accumulates
     into them, and the step's figures do not hold them."""
-    from disco.train.objective import DiffusionObjective
+    from disco.train.objective import DiffusionObjective, zero_gradients
 
     objective = DiffusionObjective(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    buckets = []
-    if cfg.num_workers > 1:
-        for p in params:
-            p.grad = torch.zeros_like(p)
-            buckets.append(p.grad)
+    buckets = zero_gradients(params) if cfg.num_workers > 1 else []
     semantics = _StepSemantics(PRECISIONS[cfg.mixed_precision], device)
     for module in (model.unet, model.background_controlnet, model.pose_controlnet):
         if module is not None and module.is_gradient_checkpointing:

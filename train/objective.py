@@ -89,6 +89,16 @@ def parameter_groups(named: dict[str, torch.nn.Parameter], cfg) -> list[dict]:
     return [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+def zero_gradients(params) -> list[torch.Tensor]:
+    """Zero gradients for ``params`` before DDP wraps them (returned): DDP then makes them views
+    into its buckets at once, so the first step's micro-batches under ``no_sync`` accumulate there
+    too (without, they would make fresh gradients: a second copy, at the first step only)."""
+    params = list(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
 def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float | None,
                  keep_gradients: bool = False) -> None:
     """One optimizer update from the accumulated gradients: unscale and clip (when asked), step

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from disco.pipeline.errors import ConfigError
+from disco.pipeline.strikes import FOLDER as STRIKES_FOLDER
 from disco.pipeline.store.schema import ERRORS_DIR, MANIFEST_FILE, REJECTS_DIR, TRIPLETS_DIR
 
 JOURNAL_FILE = "_journal.jsonl"
@@ -215,9 +216,7 @@ class OutputStore:
                     path.unlink()
                     removed.append(rel)
         # The strikes of earlier runs (pipeline/strikes.py): every attempt of theirs is over.
-        from disco.pipeline.strikes import FOLDER
-
-        shutil.rmtree(self.root / FOLDER, ignore_errors=True)
+        shutil.rmtree(self.root / STRIKES_FOLDER, ignore_errors=True)
         # Rewrite the journal without a torn last line, so later appends start on a clean line.
         self.rewrite_journal(state)
         return removed
