@@ -269,6 +269,11 @@ def dataset_section(cfg: PreprocessConfig, listing, state) -> dict:
 RAY_PLAN_FROM = 16
 SHARDS_PER_PLAN_TASK = 8
 PLAN_TASK_CPUS = 0.25
+# Videos are probed in such tasks too, VIDEOS_PER_PLAN_TASK a task, however few: reading a
+# container's header is FFmpeg's native code, and a damaged file can end the process that reads it
+# (one wrong sample count in a clip's "stts" box makes decord throw std::bad_alloc, an abort). On
+# the driver that ended the run, and every resume of it, at the same video.
+VIDEOS_PER_PLAN_TASK = 16
 # The driver plans the other inputs PLAN_CHUNK at a time and turns their units into Arrow rows
 # (about 240 bytes a unit, against about 1.5 KB as dicts) every UNITS_PER_TABLE units, so it never
 # holds millions of unit dicts (20K stills, or the segments of a few hundred long videos).
@@ -278,26 +283,22 @@ UNITS_PER_TABLE = 100_000
 
 def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8,
              log=lambda message: None, ray_from: int = RAY_PLAN_FROM) -> pa.Table:
-    """Cut every pending input into units (``UNIT_TYPE`` rows). Reading a video's header is cheap
-    and mostly I/O, so the driver probes videos on a few threads, in listing order; stills need no
-    probe; many tar shards are counted in Ray tasks over the cluster (their units after the
-    others', in listing order)."""
+    """Cut every pending input into units (``UNIT_TYPE`` rows). Videos are probed in Ray tasks
+    (``VIDEOS_PER_PLAN_TASK``), and so are tar shards, counted there once a run has ``ray_from``
+    of them; the other inputs are planned on the driver, on a few threads (stills need no
+    reading). The tasks' units come after the driver's, in listing order."""
     from concurrent.futures import ThreadPoolExecutor
 
+    videos = [item for item in pending if item.kind == "video" and not item.error_type]
     shards = [item for item in pending if item.kind == "tar" and not item.error_type]
-    on_ray = len(shards) >= ray_from
-    refs = []
-    if on_ray:
-        import ray
-
+    chunks = _chunks(videos, VIDEOS_PER_PLAN_TASK)
+    if len(shards) >= ray_from:
         log(f"counting the samples of {len(shards)} tar shards in Ray tasks")
-        plan = ray.remote(num_cpus=PLAN_TASK_CPUS)(plan_inputs)
-        for k in range(0, len(shards), SHARDS_PER_PLAN_TASK):
-            chunk = [item.to_dict() for item in shards[k:k + SHARDS_PER_PLAN_TASK]]
-            refs.append(plan.remote(chunk, settings, {item["input_path"]: partial_units[item["input_path"]]
-                                                      for item in chunk if item["input_path"] in partial_units}))
-        taken = {id(item) for item in shards}
-        pending = [item for item in pending if id(item) not in taken]
+        chunks += _chunks(shards, SHARDS_PER_PLAN_TASK)
+    if chunks:
+        taken = {item["input_path"] for chunk in chunks for item in chunk}
+        pending = [item for item in pending if item.input_path not in taken]
+        refs = _plan_tasks(chunks, settings, partial_units)
     tables, units = [], []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for k in range(0, len(pending), PLAN_CHUNK):  # map() holds a chunk's results, not the run's
@@ -308,20 +309,64 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
                     tables.append(unit_table(units))
                     units = []
     tables.append(unit_table(units))
-    if refs:
-        import ray
-
+    if chunks:
         with stops_in_one_line():
-            tables += _every_result(refs)
+            tables += _planned_in_tasks(chunks, refs, settings, partial_units)
     return pa.concat_tables(tables)
 
 
-def _every_result(refs: list, settle_s: float = 10.0) -> list:
-    """Every task's result, in order; at the first error, the tasks left are cancelled and their
-    results read (those that end within ``settle_s``) before it is raised: a failed task whose
-    result nobody read has Ray print it, stack and all, as an "Unhandled error" (the planning
-    tasks on a node without the input all fail, and the run says so once), and one task stuck
-    on a dead mount must not hold the run."""
+def _chunks(items, size: int) -> list[list[dict]]:
+    return [[item.to_dict() for item in items[k:k + size]] for k in range(0, len(items), size)]
+
+
+def _plan_tasks(chunks: list[list[dict]], settings: dict, partial_units: dict[str, list[int]]) -> list:
+    """A planning task per chunk of inputs. Never retried by Ray: a task whose process ended is
+    run again here, one input a task (``_planned_in_tasks``)."""
+    import ray
+
+    plan = ray.remote(num_cpus=PLAN_TASK_CPUS, max_retries=0)(plan_inputs)
+    return [plan.remote(chunk, settings, {item["input_path"]: partial_units[item["input_path"]]
+                                          for item in chunk if item["input_path"] in partial_units})
+            for chunk in chunks]
+
+
+def _planned_in_tasks(chunks: list[list[dict]], refs: list, settings: dict,
+                      partial_units: dict[str, list[int]]) -> list[pa.Table]:
+    """The planning tasks' units, in order. The inputs of a task whose process ended (native code
+    that crashed or aborted on a damaged file, or a kill for memory) are planned again one a task,
+    so that the one to blame is found and the others go on; an input whose own task ended so is
+    its errors unit (``worker_crashed``)."""
+    from disco.pipeline.errors import failed_unit, first_line, input_error
+    from disco.pipeline.stages import unit_base
+    from disco.pipeline.strikes import WorkerCrashed
+
+    tables = []
+    for chunk, result in zip(chunks, _every_result(refs, keep=_process_ended)):
+        if not isinstance(result, BaseException):
+            tables.append(result)
+        elif len(chunk) > 1:
+            alone = [[item] for item in chunk]
+            tables += _planned_in_tasks(alone, _plan_tasks(alone, settings, partial_units), settings, partial_units)
+        else:
+            crash = WorkerCrashed(f"reading it ended the process that read it (a crash or an abort in native code "
+                                  f"on a damaged file, or a kill for memory): {first_line(result)}")
+            tables.append(unit_table([failed_unit(unit_base(chunk[0]), input_error("decode", crash))]))
+    return tables
+
+
+def _process_ended(exc: BaseException) -> bool:
+    """Whether a Ray task failed because its process ended under it."""
+    from ray.exceptions import OutOfMemoryError, WorkerCrashedError
+
+    return isinstance(exc, (WorkerCrashedError, OutOfMemoryError))
+
+
+def _every_result(refs: list, settle_s: float = 10.0, keep=lambda exc: False) -> list:
+    """Every task's result, in order, an error that ``keep`` accepts as its result; at the first
+    other error, the tasks left are cancelled and their results read (those that end within
+    ``settle_s``) before it is raised: a failed task whose result nobody read has Ray print it,
+    stack and all, as an "Unhandled error" (the planning tasks on a node without the input all
+    fail, and the run says so once), and one task stuck on a dead mount must not hold the run."""
     import ray
 
     results, pending, first = {}, list(refs), None
@@ -330,7 +375,10 @@ def _every_result(refs: list, settle_s: float = 10.0) -> list:
         try:
             results[ready[0]] = ray.get(ready[0])
         except Exception as exc:
-            first = exc
+            if keep(exc):
+                results[ready[0]] = exc
+            else:
+                first = exc
     if first is None:
         return [results[ref] for ref in refs]
     for ref in pending:

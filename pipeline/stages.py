@@ -33,11 +33,16 @@ from disco.pipeline.store.schema import TRIPLET_SCHEMA, sample_id
 from disco.pipeline.sources.generic import local_path
 
 
+def unit_base(item: dict) -> dict:
+    """A listed input as its first unit, before planning. Every unit carries every key with a
+    stable type, so Ray's blocks share one schema."""
+    return {**item, "error_stage": "list" if item.get("error_type") else None, "unit_index": 0,
+            "unit_count": 1, "src_indices": [], "frame_start": 0, "width": 0, "height": 0}
+
+
 def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | None = None) -> list[dict]:
     """Split one listed input into units; a video is probed here and cut into segments."""
-    # Every unit carries every key with a stable type, so Ray's blocks share one schema.
-    base = {**item, "error_stage": "list" if item.get("error_type") else None, "unit_index": 0,
-            "unit_count": 1, "src_indices": [], "frame_start": 0, "width": 0, "height": 0}
+    base = unit_base(item)
     if item.get("error_type"):
         return [base]
     if item["kind"] == "image":

@@ -7,7 +7,9 @@ import io
 import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 import wave
@@ -247,6 +249,46 @@ def test_audio_only_file_and_gif_get_their_own_error_types(tmp_path, ray_local):
     assert errors["song.mp4"]["error_type"] == "no_video_stream"
     assert errors["dance.gif"]["error_type"] == "unsupported_format"
     assert result.exit_code == 1  # every input failed
+
+
+def aborting_video(path: Path) -> Path:
+    """A clip whose header says its first run of samples holds 2^32 - 1 of them (one damaged
+    32-bit count in its "stts" box): decord throws std::bad_alloc while opening it, and the
+    process that reads it aborts."""
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+    write_video(path, pan_zoom_frames(data.astronaut(), 8, 96), 30.0)
+    clip = bytearray(path.read_bytes())
+    at = clip.index(b"stts") + 12  # after the box's version and flags and its entry count
+    clip[at:at + 4] = b"\xff" * 4
+    path.write_bytes(bytes(clip))
+    return path
+
+
+def test_a_video_whose_header_aborts_its_reader_is_its_errors_row(tmp_path, ray_local):
+    """Reading a damaged clip's header aborted the process that read it, and the driver read the
+    headers: the run, and every resume of it, ended there without a word. Now the headers are read
+    in Ray tasks; the task that ended is planned again one video a task, the other video goes on,
+    and the damaged one is its errors row."""
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+    folder, out = tmp_path / "videos", tmp_path / "out"
+    bad = aborting_video(folder / "damaged.mp4")
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom disco.pipeline.decode import probe_video\n"
+                            "probe_video(sys.argv[1])", str(bad)], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == -signal.SIGABRT and "std::bad_alloc" in probe.stderr, probe  # it is a real abort
+    write_video(folder / "dance.mp4", pan_zoom_frames(data.astronaut(), 8, 96), 30.0)
+    config = PreprocessConfig(source="video", input=folder, output=out, max_side=96, pose="none", hands=False)
+    result = preprocess(config, log=lambda *_: None)
+    errors = {e["input_path"]: e for e in open_errors(out).to_table().to_pylist()}
+    assert set(errors) == {"damaged.mp4"}
+    assert (errors["damaged.mp4"]["error_type"], errors["damaged.mp4"]["stage"]) == ("worker_crashed", "decode")
+    assert "ended the process that read it" in errors["damaged.mp4"]["message"]
+    rows = open_triplets(out).to_table(columns=["input_path"]).column("input_path").to_pylist()
+    assert rows and set(rows) == {"dance.mp4"}
+    assert result.exit_code == 0 and result.manifest["counts"]["inputs_failed"] == 1
+    again = preprocess(config, log=lambda *_: None)  # the resume: both inputs are done
+    assert again.exit_code == 0 and again.manifest["run"]["inputs_processed"] == 0
 
 
 def test_retry_errors_runs_the_failed_inputs_again_and_nothing_else(tmp_path, ray_local):
