@@ -224,7 +224,9 @@ def train(
     try:
         cfg = configured(plain(preset), config, given, resume)
         refuse_urls(output=cfg.output, data=cfg.data, pretrained=cfg.pretrained, init_from=cfg.init_from)
-        check_job_paths(output=cfg.output)  # the flag's, or the --config file's
+        # The flags' or the --config file's.
+        check_job_paths({"data": cfg.data, "pretrained": cfg.pretrained, "init_from": cfg.init_from},
+                        output=cfg.output)
     except ConfigError as exc:
         usage_error(str(exc))
     if dry_run:

@@ -237,20 +237,25 @@ def refuse_urls(**paths) -> None:
                     "Mountpoint for Amazon S3 does neither)")
 
 
-def check_job_paths(**paths) -> None:
+def check_job_paths(recorded: dict | None = None, **outputs) -> None:
     """Under ``ray job submit --working-dir``, the job's driver and workers run in Ray's temporary
     copy of that folder, which every node holds apart and Ray deletes after the job: a relative
-    output would be written there (relative inputs are fine: each node has the copy). Refuses
-    them, each by its flag."""
+    output would be written there. Inputs read there are fine, except ``recorded`` ones: a
+    training run keeps its inputs' absolute paths for ``--resume``, and the next job's copy has
+    another path (the old one gone). Refuses them, each by its flag."""
     if not _job_runtime_env().get("working_dir"):
         return
-    for flag, value in paths.items():
-        for path in value if isinstance(value, (list, tuple)) else [value]:
-            if path is not None and not os.path.isabs(str(path)):  # "~/out" too: nothing expands it
+    for kind, paths in (("output", outputs), ("recorded", recorded or {})):
+        for flag, value in paths.items():
+            for path in value if isinstance(value, (list, tuple)) else [value]:
+                if path is None or os.path.isabs(str(path)):  # "~/out" is relative too: nothing expands it
+                    continue
+                where = (f"--{flag.replace('_', '-')} {path} is relative, and this job runs in Ray's temporary copy of "
+                         f"its --working-dir ({os.getcwd()}), held apart on every node and deleted after the job")
                 raise ConfigError(
-                    f"--{flag.replace('_', '-')} {path} is relative, and this job runs in Ray's temporary copy of "
-                    f"its --working-dir ({os.getcwd()}), held apart on every node and deleted after the job: give "
-                    "an absolute output path on storage every node sees")
+                    f"{where}: give an absolute output path on storage every node sees" if kind == "output" else
+                    f"{where}, and a run records its inputs' paths for --resume, which the next job's copy would not "
+                    "have: give an absolute path on storage every node sees")
 
 
 def _host_port(address: str) -> tuple[str, int | None]:

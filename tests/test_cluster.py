@@ -396,6 +396,15 @@ def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, m
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2 and "is relative, and this job runs in Ray's temporary copy" in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
+    # A training run records its inputs' absolute paths for --resume: there, the copy's would be
+    # gone by the next job (and another path if the folder changed). Preprocess reads them alone.
+    check_job_paths({"data": [str(tmp_path / "in")], "pretrained": None}, output=str(tmp_path / "run"))
+    for flag in ("--data", "--pretrained", "--init-from"):
+        args = {"--data": ["--data", str(tmp_path / "in")], "--output": ["--output", str(tmp_path / "run")], flag: [flag, "in"]}
+        result = CliRunner().invoke(app, ["train", "--model", "tiny", *[a for pair in args.values() for a in pair]])
+        assert result.exit_code == 2 and f"{flag} in is relative" in result.output, result.output
+        assert "records its inputs' paths for --resume" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_resubmitted_job_resumes_from_a_new_copy_of_its_working_dir(tmp_path, monkeypatch, ray_local):
