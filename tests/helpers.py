@@ -105,3 +105,32 @@ def submit_job(client, entrypoint: str, env_vars: dict[str, str]) -> str:
             if "No available agent" not in str(exc) or time.time() > deadline:
                 raise
             time.sleep(2)
+
+
+def agreed_checkpoint_rank(rank: int, store: str, run: str, pointers: list[str], visible: list[list[list[int]]],
+                           out: str) -> None:
+    """One rank of a two-process gloo group (``torch.multiprocessing.spawn``): for each case, where
+    the loop starts when Ray Train points at ``pointers[case]`` and this rank's view of the shared
+    run directory lists the steps ``visible[case][rank]`` only (a node whose NFS view lags)."""
+    import json
+
+    import ray.train
+    import torch.distributed as dist
+
+    from disco.pipeline.errors import ConfigError
+    from disco.train import loop
+    from disco.train.collectives import Collectives
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    every = loop.list_checkpoints
+    results = []
+    for pointer, views in zip(pointers, visible):
+        loop.list_checkpoints = lambda folder, seen=views[rank]: {s: p for s, p in every(folder).items() if s in seen}
+        ray.train.get_checkpoint = lambda pointer=pointer: ray.train.Checkpoint.from_directory(pointer)
+        try:
+            start = loop._agreed_checkpoint(Collectives(2, "cpu"), {"config": {"output": run}}, True)
+            results.append(Path(start).name)
+        except ConfigError as exc:
+            results.append(f"error: {exc}")
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()

@@ -517,3 +517,35 @@ def test_a_restart_finds_the_newest_checkpoint_when_the_reported_one_was_pruned(
         shutil.rmtree(path)
     with pytest.raises(ConfigError, match="must be on storage every node sees"):
         loop._start_checkpoint({**config, "checkpoint": None}, distributed=True)
+
+
+def test_ranks_whose_views_of_the_run_differ_start_from_one_checkpoint(tmp_path):
+    """After a restart each rank looks for its checkpoint in its own node's view of the run
+    directory. Ranks that start from different steps reach the checkpoint, log and last-step
+    collectives at different steps: under NCCL, a hang. Two real gloo processes whose views differ
+    (a node's NFS view lagging): they agree on the checkpoint Ray Train points at; where it was
+    pruned, on the newest one both see; where they see none in common, both stop, saying so."""
+    import torch.multiprocessing as mp
+
+    from disco.model.checkpoint import STATE_FILE, checkpoint_name
+    from disco.train import loop
+    from helpers import agreed_checkpoint_rank
+
+    run = tmp_path / "run"
+    for step in (8, 12):
+        (run / checkpoint_name(step)).mkdir(parents=True)
+        (run / checkpoint_name(step) / STATE_FILE).write_text("{}")
+    pointers = []
+    for step in (8, 4, 4):  # step 4 was pruned (--keep) before the newer ones were reported
+        pointers.append(str(tmp_path / f"pointer-{len(pointers)}"))
+        Path(pointers[-1]).mkdir()
+        (Path(pointers[-1]) / loop.POINTER_FILE).write_text(json.dumps({"checkpoint": str(run / checkpoint_name(step))}))
+    # Rank 0 sees checkpoint 12 (written by another invocation, so not taken past the pointed 8;
+    # with the pointed one pruned, the newest it sees), rank 1 not yet.
+    visible = [[[8, 12], [8]], [[8, 12], [8]], [[12], [8]]]
+    mp.spawn(agreed_checkpoint_rank, args=(str(tmp_path / "store"), str(run), pointers, visible, str(tmp_path)),
+             nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0][:2] == ranks[1][:2] == [checkpoint_name(8), checkpoint_name(8)]
+    for rank in ranks:
+        assert rank[2].startswith("error: the workers see different checkpoints of") and "rank 0: 12; rank 1: 8" in rank[2]

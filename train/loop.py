@@ -114,6 +114,29 @@ def _start_checkpoint(loop_config: dict, distributed: bool, since_reported: bool
     return Path(checkpoint) if checkpoint else None
 
 
+def _agreed_checkpoint(collectives: Collectives, loop_config: dict, distributed: bool) -> Path | None:
+    """The checkpoint every rank starts from. Each rank looks in its own node's view of shared
+    storage: ranks started from different steps would reach their collectives at different steps
+    (a hang under NCCL). Where they differ (a checkpoint renamed just before a worker was lost may
+    not show yet everywhere), all take the one Ray Train heard of, which every node saw; where
+    that one was pruned too, the newest that every rank lists; where none is, the run stops."""
+    checkpoint = _start_checkpoint(loop_config, distributed)
+    if collectives.world == 1 or len(set(collectives.gather(str(checkpoint)))) == 1:
+        return checkpoint
+    checkpoint = _start_checkpoint(loop_config, distributed, since_reported=False)
+    if len(set(collectives.gather(str(checkpoint)))) == 1:
+        return checkpoint
+    run = loop_config["config"]["output"]
+    written = list_checkpoints(run)
+    seen = collectives.gather(sorted(written))
+    common = set.intersection(*map(set, seen))
+    if not common:
+        views = "; ".join(f"rank {rank}: {', '.join(map(str, steps)) or 'none'}" for rank, steps in enumerate(seen))
+        raise ConfigError(f"the workers see different checkpoints of {run} and none in common (steps {views}): "
+                          "the run directory must be on storage every node sees alike")
+    return written[max(common)]
+
+
 def _written_since(loop_config: dict, pointed: Path) -> Path:
     """The run directory's newest checkpoint if it is newer than ``pointed`` (the one Ray Train
     last heard of) and this invocation wrote it, else ``pointed``. A checkpoint is reported at the
@@ -209,11 +232,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     torch.manual_seed(cfg.seed)
 
     model = initial_model(cfg)
-    checkpoint = _start_checkpoint(loop_config, distributed)
-    if world > 1 and len(set(collectives.gather(str(checkpoint)))) > 1:
-        # A checkpoint renamed just before a worker was lost may not show yet on every node's view
-        # of shared storage: then all start from the one Ray Train heard of, which every node saw.
-        checkpoint = _start_checkpoint(loop_config, distributed, since_reported=False)
+    checkpoint = _agreed_checkpoint(collectives, loop_config, distributed)
     state, weights, training_state, ema_weights = {}, None, {}, None
     if checkpoint:
         weights, training_state, state, ema_weights = read_checkpoint(checkpoint)
