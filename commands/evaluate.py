@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from disco.model.precision import resolve_device
-from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
+from disco.commands.terminal import (choices, command_device, console, defaults, job_outputs, out_of_memory, plain,
+                                     usage_error)
 from disco.model.precision import DTYPES
 from disco.evaluate.config import (FID_PORTS, METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
                                    NetworkConfig, parse_metrics)
@@ -61,8 +61,8 @@ def evaluate(
     from disco.evaluate.run import evaluate as run_evaluate
     from disco.generate.inputs import GenerateInputError
 
-    check_device(device)
-    device = resolve_device(device)  # the one a GPU message names
+    job_outputs(output=output, work_dir=work_dir)
+    device = command_device(device)
     try:
         config = EvaluateConfig(
             output=output, pred=pred, gt=gt, run=run, data=data, split=split, work_dir=work_dir,

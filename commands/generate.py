@@ -10,8 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from disco.generate.config import GenerateConfig
 from disco.model.precision import DTYPES
-from disco.model.precision import resolve_device
-from disco.commands.terminal import check_device, choices, console, defaults, out_of_memory, plain, usage_error
+from disco.commands.terminal import (choices, command_device, console, defaults, job_outputs, out_of_memory, plain,
+                                     usage_error)
 
 G = defaults(GenerateConfig)
 Dtype = choices("dtype", DTYPES)
@@ -65,8 +65,8 @@ def generate(
     smooth_poses: Annotated[bool, typer.Option("--smooth-poses/--no-smooth-poses", help="With --pose VIDEO: steady the keypoints with a One-Euro filter before drawing (and aligning) them.")] = G.smooth_poses,
 ) -> None:
     """Generate a dance video: the person of --reference, in its own or another scene, moving as --pose."""
-    check_device(device)
-    device = resolve_device(device)  # the one a GPU message names
+    job_outputs(output=output, frames=frames)
+    device = command_device(device)
     config = GenerateConfig(
         checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
         steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,
@@ -88,6 +88,7 @@ def export(
     """Write a checkpoint's UNet and ControlNets as diffusers folders, each loadable with from_pretrained."""
     from disco.model.checkpoint import load_checkpoint
 
+    job_outputs(output=output)
     try:
         model = load_checkpoint(checkpoint)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError: not a DisCo checkpoint

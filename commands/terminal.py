@@ -114,6 +114,33 @@ def check_device(device: str) -> None:
                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
+def job_outputs(**paths) -> None:
+    """Under ``ray job submit --working-dir``, a relative output would be written into Ray's
+    temporary copy of that folder, deleted after the job: one line, exit 2 (``check_job_paths``)."""
+    from disco.pipeline.cluster import check_job_paths
+    from disco.pipeline.errors import ConfigError
+
+    try:
+        check_job_paths(**paths)
+    except ConfigError as exc:
+        usage_error(str(exc))
+
+
+def command_device(device: str) -> str:
+    """``check_device``, then the device resolved (the one a GPU message names). A ``ray job
+    submit`` job's driver gets a GPU only when the job asks for one (``--entrypoint-num-gpus``):
+    ``auto`` on a driver that sees none says so in one line as it goes on on the CPU."""
+    from disco.model.precision import resolve_device
+    from disco.pipeline.cluster import in_ray_job
+
+    check_device(device)
+    resolved = resolve_device(device)
+    if device == "auto" and resolved == "cpu" and in_ray_job():
+        console.print("this job's driver sees no GPU, so it runs on the CPU (Ray gives a job's driver a GPU only "
+                      "when it is submitted with --entrypoint-num-gpus 1)", highlight=False)
+    return resolved
+
+
 def out_of_memory(device: str, batch_size: int, generating: bool = True) -> None:
     """A GPU that runs out of memory: one line saying what to lower, not a CUDA traceback."""
     lower = "--batch-size (or --size)" if generating else "--batch-size"

@@ -157,6 +157,11 @@ def _job_runtime_env() -> dict:
     return json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
 
 
+def in_ray_job() -> bool:
+    """Whether this process is a ``ray job submit`` job's driver."""
+    return bool(os.environ.get(RAY_JOB_CONFIG_ENV))
+
+
 def job_env_vars() -> set[str]:
     """The variables a ``ray job submit`` job's own runtime env sets (none outside a job)."""
     return set(_job_runtime_env().get("env_vars") or {})

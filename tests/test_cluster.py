@@ -405,6 +405,27 @@ def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, m
         assert result.exit_code == 2 and f"{flag} in is relative" in result.output, result.output
         assert "records its inputs' paths for --resume" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+    # generate, export and evaluate write files too (evaluate's default --output is relative):
+    # refused before any model loads. Their --device auto on a driver that sees no GPU says so.
+    for command, flag in ((["generate", "--checkpoint", "ck", "--reference", "r.png", "--pose", "p.mp4", "-o", "o.mp4"], "--output"),
+                          (["generate", "--checkpoint", "ck", "--reference", "r.png", "--pose", "p.mp4",
+                            "-o", str(tmp_path / "o.mp4"), "--frames", "frames"], "--frames"),
+                          (["export", "--checkpoint", "ck", "-o", "unets"], "--output"),
+                          (["evaluate", "--pred", "p", "--gt", "g"], "--output"),
+                          (["evaluate", "--run", "ck", "--data", "d", "-o", str(tmp_path / "m.json"), "--work-dir", "w"], "--work-dir")):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and f"{flag} " in result.output and "is relative" in result.output, result.output
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a head node without a GPU
+    result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "ck"), "--reference", str(tmp_path / "r.png"),
+                                      "--pose", str(tmp_path / "p.mp4"), "-o", str(tmp_path / "o.mp4")])
+    assert result.output.startswith("this job's driver sees no GPU, so it runs on the CPU") and result.exit_code == 2
+    assert "--entrypoint-num-gpus 1" in result.output
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "ck"), "--reference", str(tmp_path / "r.png"),
+                                      "--pose", str(tmp_path / "p.mp4"), "-o", "o.mp4"])
+    assert result.exit_code == 2 and "sees no GPU" not in result.output and "is relative" not in result.output
 
 
 def test_a_resubmitted_job_resumes_from_a_new_copy_of_its_working_dir(tmp_path, monkeypatch, ray_local):
