@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from disco.commands.terminal import (choices, command_device, console, defaults, job_outputs, out_of_memory, plain,
-                                     usage_error)
+                                     print_error, usage_error)
 from disco.model.precision import DTYPES
 from disco.evaluate.config import (FID_PORTS, METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
                                    NetworkConfig, parse_metrics)
@@ -96,7 +96,8 @@ def evaluate(
            "fid-vid": official.get(config.networks.fid_vid_arch, config.networks.fid_vid_arch),
            "fvd": official.get(config.networks.fvd_arch, config.networks.fvd_arch)}
     for name, value in report["metrics"].items():
-        table.add_row(name.upper(), f"{value:.3e}" if name == "l1" else f"{value:.4f}", how[name])
+        shown = "-" if value is None else f"{value:.3e}" if name == "l1" else f"{value:.4f}"
+        table.add_row(name.upper(), shown, how[name] if value is not None else "not computed (below)")
     Console().print(table)
     clips = counts["clips"]
     if isinstance(clips, dict):  # --protocol disco: per video metric
@@ -106,3 +107,7 @@ def evaluate(
         clips = f"{clips} clips of 16 frames"
     console.print(f"{counts['sequences']} sequences, {counts['frames']} frames, {clips}; "
                   f"report: {output.resolve()}")
+    for name, reason in report.get("failed", {}).items():
+        print_error(f"{name.upper()} not computed: {reason}")
+    if report.get("failed"):
+        raise typer.Exit(1)

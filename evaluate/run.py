@@ -261,18 +261,20 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
     results = {m: float(np.mean(v)) for m, v in pair_values.items()}
     if lpips is not None:
         results["lpips"] = lpips.compute()
-    try:
-        if fid is not None:
-            results["fid"] = fid.compute()
-        for metric_name, metric in videos.items():
+    # A distance that cannot be computed (too few samples: no sequence of 16 frames for the video
+    # metrics, one video under --protocol disco) is null in the report with its reason; the other
+    # scores, maybe hours of generating and scoring, are kept.
+    failed = {}
+    for metric_name, metric in (({"fid": fid} if fid is not None else {}) | videos).items():
+        try:
             results[metric_name] = metric.compute()
-    except ValueError as exc:
-        raise EvaluateInputError(str(exc)) from None
+        except ValueError as exc:
+            results[metric_name], failed[metric_name] = None, str(exc)
     counts = {"sequences": len(pairs), "frames": frames_total, "clips": windows_total}
     if protocol == "disco":  # features per set, and the 16-frame (or whole-video) clips behind them
         counts["clips"] = {m: metric.clips[True] for m, metric in videos.items()}
         counts["video_samples"] = samples
-    return {"metrics": {m: results[m] for m in metrics}, "counts": counts}
+    return {"metrics": {m: results[m] for m in metrics}, "counts": counts, **({"failed": failed} if failed else {})}
 
 
 def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None = None,

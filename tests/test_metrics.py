@@ -315,6 +315,39 @@ def test_the_report_records_scores_counts_and_settings(folders, tmp_path):
     assert stored["settings"]["networks"]["fvd"]["network"].startswith("s3d")
 
 
+def test_a_distance_that_cannot_be_computed_keeps_the_other_scores(frames, tmp_path, monkeypatch):
+    """Clips of 10 frames hold no 16-frame clip: FID-VID cannot be computed. That threw away the
+    report, SSIM, PSNR and FID already computed (after hours of --run generating). Now it is null
+    in the report with its reason, and the command prints the others, says why, and exits 1."""
+    for name in ("pred", "gt"):
+        write_frames(tmp_path / name / "clip_a", shifted(frames[:10], 20 if name == "pred" else 0))
+        write_frames(tmp_path / name / "clip_b", frames[10:])
+    config = EvaluateConfig(output=tmp_path / "m.json", pred=tmp_path / "pred", gt=tmp_path / "gt",
+                            metrics=["ssim", "psnr", "fid", "fid-vid"])
+    report = evaluate(config, networks=NETS, log=lambda m: None)
+    stored = json.loads((tmp_path / "m.json").read_text())
+    assert stored["metrics"] == report["metrics"] and stored["metrics"]["fid-vid"] is None
+    assert stored["failed"] == {"fid-vid": stored["failed"]["fid-vid"]} and "at least 2 samples" in stored["failed"]["fid-vid"]
+    assert 0 < stored["metrics"]["ssim"] < 1 and stored["metrics"]["psnr"] > 0 and stored["metrics"]["fid"] > 0
+    assert stored["counts"]["clips"] == 0
+    # The command: the table with the scores, one line for the one not computed, exit 1.
+    from typer.testing import CliRunner
+
+    import disco.commands.evaluate as command
+    from disco.cli import app
+
+    class RandomNetworks(NetworkConfig):
+        def build(self, metrics):
+            return {m: NETS[m] for m in metrics if m in NETS}
+
+    monkeypatch.setattr(command, "NetworkConfig", RandomNetworks)
+    result = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                                      "--metrics", "ssim,fid-vid", "-o", str(tmp_path / "c.json")])
+    assert result.exit_code == 1, result.output
+    assert "FID-VID not computed: a Fréchet distance needs at least 2 samples" in result.output
+    assert "SSIM" in result.output and json.loads((tmp_path / "c.json").read_text())["metrics"]["ssim"] > 0
+
+
 def test_a_missing_weight_file_is_named(tmp_path):
     config = NetworkConfig(weights=tmp_path)
     with pytest.raises(N.WeightsError, match=N.INCEPTION_FILE):
