@@ -226,6 +226,30 @@ def test_an_unreachable_cluster_fails_in_one_line_within_the_stated_time(inputs,
     assert time.time() - started < 60
 
 
+def test_a_resume_on_a_cluster_made_anew_names_the_saved_address(triplets, tmp_path):
+    """A run keeps the --ray-address it started on (config.yaml), and a --resume given none takes
+    it: the head of a cluster made anew (preemptible nodes) has another. The one line says where
+    the address came from and what to pass."""
+    import socket
+
+    with socket.socket() as sock:  # a head that is gone: nothing listens on its port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = tmp_path / "run"
+    command, env = cli_process("train", "--data", str(triplets["video"]), "--model", "tiny", "--stage", "finetune",
+                               "--max-steps", "2", "--output", str(run))
+    env = {**env, "DISCO_RAY_TIMEOUT": "1"}
+    first = subprocess.run(command + ["--ray-address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True,
+                           timeout=180)
+    assert first.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in first.stderr, first.stderr
+    assert "started on" not in first.stderr  # given, not saved: nothing more to say
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert resumed.returncode == 2 and len(lines) == 1 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in lines[0] and "the address the run was started on" in lines[0]
+    assert "pass --ray-address for the cluster it resumes on" in lines[0]
+
+
 def test_a_driver_on_a_machine_outside_the_cluster_is_told_at_once_in_one_line(inputs, tmp_path, ray_local):
     """A cluster that answers, from a machine that runs none of its nodes (a login node, a
     laptop: here, this session's instance with Ray's search for a local raylet finding none):

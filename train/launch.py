@@ -209,12 +209,14 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_metrics: Callable[
     with folder_lock(run, "wait for it to finish, or stop it (Ctrl-C, `ray job stop`) and resume then",
                      tidy=True) as holder:
         cfg, checkpoint = resolve(cfg, given)
-        return _locked_train(cfg, checkpoint, on_metrics, log, holder)
+        # A resume given no address takes the run's (config.yaml): a cluster made anew since has another.
+        saved_address = cfg.resume and "ray_address" not in (given or set()) and bool(cfg.ray_address)
+        return _locked_train(cfg, checkpoint, on_metrics, log, holder, saved_address)
 
 
 def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callable[[dict], None] | None,
-                  log: Callable[[str], None], holder: str) -> dict:
-    from disco.pipeline.cluster import init_ray
+                  log: Callable[[str], None], holder: str, saved_address: bool = False) -> dict:
+    from disco.pipeline.cluster import ClusterUnreachable, init_ray
 
     if cfg.init_from and not cfg.resume and cfg.background_hole != HOLE:
         log(f"background hole {cfg.background_hole:g}: the value the --init-from run was trained with")
@@ -255,7 +257,13 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
             log(f"the data changed since {checkpoint.name} ({then['shards']} shards, {then['rows']} rows then; "
                 f"{now['shards']}, {now['rows']} now): the run trains on today's, in another order than an "
                 "uninterrupted run would have read")
-    init_ray(cfg.ray_address, log=log)
+    try:
+        init_ray(cfg.ray_address, log=log)
+    except ClusterUnreachable as exc:
+        if not saved_address:
+            raise
+        raise ClusterUnreachable(f"{exc}; that is the address the run was started on (its {RUN_CONFIG_FILE}): "
+                                 "pass --ray-address for the cluster it resumes on") from None
     warning = job_stop_warning()
     if warning:
         log(warning)
