@@ -252,6 +252,58 @@ def test_bytes_read_per_sample_used_stay_near_one(tmp_path):
         assert read < 1.5 * needed, (world, read / needed)
 
 
+OTHER_RUN = textwrap.dedent("""
+    import sys
+    import ray
+    from ray._private import ray_constants
+
+    from disco.train.data import SampleStream, build_index
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # on loopback, as pipeline.cluster.init_ray
+    ray.init(address=sys.argv[2], _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+    stream = SampleStream(build_index([sys.argv[1]]), stage="finetune", ref_mode="first", resolution=16,
+                          augment=False, seed=0, batch=4)
+    stream.next_batch()
+    print(stream._reference_store(), flush=True)
+    sys.stdin.readline()  # until the other run's stream has found its store
+    stream.close()
+    ray.shutdown()
+""")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_run_keeps_its_reference_store_when_another_run_on_the_same_data_ends(clips):
+    """The store of a data set's reference rows lives as long as the process that started it.
+    Two runs on the same data (a sweep on one cluster) shared one: when the first ended, the
+    second's reads lost it for the rest of the run (every reference row group read again, about
+    64x the row). Each job has its own."""
+    import ray
+
+    from disco.train.data.read import REFERENCE_STORE_NAMESPACE
+
+    other = subprocess.Popen([sys.executable, "-c", OTHER_RUN, str(clips), ray.get_runtime_context().gcs_address],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        theirs = other.stdout.readline().strip()
+        assert theirs.startswith("references-"), other.stderr.read()[-3000:] if other.poll() is not None else theirs
+        stream = _stream(build_index([str(clips)]))
+        try:
+            stream.next_batch()
+            ours = stream._reference_store()
+            assert ray.get(ray.get_actor(theirs, namespace=REFERENCE_STORE_NAMESPACE).get.remote([]), timeout=30) == {}
+            other.stdin.write("\n")
+            other.stdin.flush()
+            assert other.wait(timeout=120) == 0
+            assert ray.get(ray.get_actor(ours, namespace=REFERENCE_STORE_NAMESPACE).get.remote([]), timeout=30) == {}
+            assert ours != theirs
+        finally:
+            stream.close()
+    finally:
+        if other.poll() is None:
+            other.kill()
+
+
 # -- scheduling ---------------------------------------------------------------------------------------
 
 STARVED = textwrap.dedent("""

@@ -232,7 +232,10 @@ class SampleStream:
 
         if self._store is None:
             files = "\0".join(f"{path}\0{file_version(path)}" for path in self.index.files)
-            name = "references-" + hashlib.sha256(files.encode()).hexdigest()[:24]
+            # One store per job: it lives as long as the worker that started it, so a store shared
+            # with another run on the same data would die with that run, leaving this one without.
+            name = (f"references-{hashlib.sha256(files.encode()).hexdigest()[:24]}-"
+                    f"{ray.get_runtime_context().get_job_id()}")
             try:
                 self._store = name, ray.remote(num_cpus=0)(ReferenceStore).options(
                     name=name, namespace=REFERENCE_STORE_NAMESPACE, get_if_exists=True, scheduling_strategy="DEFAULT",
