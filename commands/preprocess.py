@@ -141,6 +141,10 @@ RetryErrors = Annotated[Optional[list[str]], typer.Option(
     help="Run again the inputs that wrote no rows and failed with this error type (errors/ error_type, e.g. "
          "gpu_failed, worker_crashed, gpu_out_of_memory, missing_file; repeat it or separate with commas; all: every "
          "type); their errors rows go.")]
+UnitTimeout = Annotated[float, typer.Option(
+    help="Seconds one unit of work (a still, or --segment-frames frames) may take in an actor; past it the actor's "
+         "process ends and Ray starts it again, and a unit past it twice is its errors row (unit_timeout): a decoder "
+         "stuck on a damaged file or a hung mount never holds the run. 0: no limit.")]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 
 
@@ -181,6 +185,7 @@ def preprocess(
     shard_rows: ShardRows = D.shard_rows,
     row_group_rows: Annotated[int, typer.Option(help="Rows per Parquet row group (the streaming unit).")] = D.row_group_rows,
     segment_frames: Annotated[int, typer.Option(help="Frames per unit of work when splitting videos.")] = D.segment_frames,
+    unit_timeout: UnitTimeout = D.unit_timeout,
     actors: Actors = D.actors,
     cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per annotator actor (default: fits the cluster).")] = D.cpus_per_actor,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per annotator actor (fractions allowed).")] = D.gpus_per_actor,
@@ -220,6 +225,7 @@ def filter_humans(
     max_side: MaxSide = D.max_side,
     image_format: Annotated[ImageFormat, typer.Option(help="Encoding of image, foreground and background.")] = D.image_format,
     segment_frames: Annotated[int, typer.Option(help="Frames (or shard members) per unit of work.")] = D.segment_frames,
+    unit_timeout: UnitTimeout = D.unit_timeout,
     shard_rows: ShardRows = D.shard_rows,
     actors: Actors = D.actors,
     ray_address: RayAddress = D.ray_address,
@@ -254,7 +260,8 @@ def filter_humans(
         source=source_name(source, manifest), input=input, output=output, manifest=manifest, matting=plain(matting),
         pose="auto" if with_pose else "none", hands=with_pose, max_side=max_side, image_format=plain(image_format),
         split=plain(split) or D.split, split_from_manifest=split is None, split_rule=split_rule, min_visibility=min_score,
-        min_mask_area=min_area, segment_frames=segment_frames, shard_rows=shard_rows, actors=actors,
+        min_mask_area=min_area, segment_frames=segment_frames, unit_timeout=unit_timeout, shard_rows=shard_rows,
+        actors=actors,
         ray_address=ray_address, overwrite=overwrite, retry_errors=retry_errors, coco_single_person=coco_single_person,
         human_filter=True,
         max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=plain(device),

@@ -50,6 +50,10 @@ class PreprocessConfig:
     shard_rows: int = 1024
     row_group_rows: int = 64
     segment_frames: int = 32
+    # Seconds one unit of work may take in an actor (0: no limit). A unit past it ends its actor's
+    # process (a decoder stuck in native code on a damaged file, a hung mount), which Ray starts
+    # again; a unit past it twice is its errors row (``strikes``), so no input holds a run for ever.
+    unit_timeout: float = 3600.0
     actors: int | None = None
     cpus_per_actor: float | None = None
     gpus_per_actor: float = 0.0
@@ -125,6 +129,8 @@ class PreprocessConfig:
             raise ConfigError("--max-side must be at least --min-side, and both positive")
         if self.shard_rows < 1 or self.row_group_rows < 1 or self.segment_frames < 1:
             raise ConfigError("--shard-rows, --row-group-rows and --segment-frames must be positive")
+        if self.unit_timeout < 0:
+            raise ConfigError("--unit-timeout must be 0 (no limit) or more seconds")
         if self.actors is not None and self.actors < 1:
             raise ConfigError("--actors must be at least 1")
         if self.sam_model not in SAM_MODELS:

@@ -122,10 +122,12 @@ def error_type_of(exc: BaseException) -> str:
         return "bad_encoding"
     if isinstance(exc, MemoryError):
         return "out_of_memory"
-    from disco.pipeline.strikes import GpuFailed, WorkerCrashed
+    from disco.pipeline.strikes import GpuFailed, UnitTimedOut, WorkerCrashed
 
     if isinstance(exc, GpuFailed):
         return "gpu_failed"  # it broke the GPU on every try (the actor restarted after each)
+    if isinstance(exc, UnitTimedOut):
+        return "unit_timeout"  # it ran past --unit-timeout on every try
     if isinstance(exc, WorkerCrashed):
         return "worker_crashed"  # its actor's process ended on every try
     torch = sys.modules.get("torch")

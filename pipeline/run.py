@@ -36,7 +36,7 @@ def stage_settings(cfg: PreprocessConfig) -> dict:
     """The plain-dict settings shipped to Ray tasks and actors."""
     keys = ("fps", "max_side", "min_side", "max_pixels", "image_format", "jpeg_quality", "pose_style",
             "hands", "min_visibility", "joint_threshold", "min_mask_area", "segment_frames", "shard_rows",
-            "row_group_rows", "smooth_poses")
+            "row_group_rows", "smooth_poses", "unit_timeout")
     settings = {k: getattr(cfg, k) for k in keys}
     settings.update(matting=cfg.resolved["matting"], pose=cfg.resolved["pose"],
                     backend_options=backend_options(cfg),
@@ -349,7 +349,8 @@ def _planned_in_tasks(chunks: list[list[dict]], refs: list, settings: dict,
             tables += _planned_in_tasks(alone, _plan_tasks(alone, settings, partial_units), settings, partial_units)
         else:
             crash = WorkerCrashed(f"reading it ended the process that read it (a crash or an abort in native code "
-                                  f"on a damaged file, or a kill for memory): {first_line(result)}")
+                                  f"on a damaged file, a kill for memory, or stuck past --unit-timeout): "
+                                  f"{first_line(result)}")
             tables.append(unit_table([failed_unit(unit_base(chunk[0]), input_error("decode", crash))]))
     return tables
 
@@ -394,8 +395,16 @@ def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list
     """The units of these inputs as ``UNIT_TYPE`` rows (what a planning task runs, on any node:
     on one that does not see the input, the run stops instead of committing every shard the task
     was given as a listing error)."""
+    import faulthandler
+    import sys
+
     check_storage(settings, output=False)
-    return unit_table([unit for item in items for unit in plan_units(item, settings, partial_units)])
+    if settings.get("unit_timeout"):  # a header read stuck in native code ends the task (see strikes.py)
+        faulthandler.dump_traceback_later(float(settings["unit_timeout"]), exit=True, file=sys.stderr)
+    try:
+        return unit_table([unit for item in items for unit in plan_units(item, settings, partial_units)])
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def failed_inputs(store: OutputStore, state, types: set[str]) -> list[str]:

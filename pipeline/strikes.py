@@ -17,10 +17,17 @@ own work (writing a call's shards) blames no unit. The log costs two buffered wr
 (one still image is a unit), no file created or removed per unit: metadata operations on NFS
 are synchronous. A new run (a resume) starts from no strikes: the next run's start
 (``OutputStore.recover``) removes the folder.
+
+A unit that never ends (a decoder stuck in native code on a damaged file, a read from a hung
+mount) would hold its actor, and the run, for ever: a unit may take ``--unit-timeout`` seconds.
+Past them faulthandler's watchdog (a C thread: it needs no GIL, which a stuck extension may
+hold) writes every thread's stack into the process's ``.stuck`` file beside its log and ends the
+process; that death is a strike of its own kind (``unit_timeout``).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 import secrets
@@ -30,6 +37,7 @@ from pathlib import Path
 
 STRIKES = 2
 FOLDER = ".strikes"
+STUCK = ".stuck"  # suffix of the file beside a process's log where its watchdog writes the stacks
 
 
 class GpuFailed(RuntimeError):
@@ -41,11 +49,17 @@ class WorkerCrashed(RuntimeError):
     (``error_type`` worker_crashed)."""
 
 
+class UnitTimedOut(RuntimeError):
+    """The errors row of a unit that ran past ``--unit-timeout`` ``STRIKES`` times (``error_type``
+    unit_timeout)."""
+
+
 class _Process:
     """This process's log and what it read of the others' (per process: a restarted actor is a
     new process)."""
 
     log = None  # the open log file
+    stuck = None  # the open file the watchdog writes into (``STUCK``)
     seen: dict[str, list[str]] | None = None  # unit key -> what each death on it left
 
 
@@ -74,7 +88,7 @@ def _read_deaths(folder: Path, own: Path | None) -> dict[str, list[str]]:
     """Unit key -> one entry per log whose last line is a unit's start (its process died on it)."""
     seen: dict[str, list[str]] = {}
     try:
-        logs = [p for p in folder.iterdir() if p != own]
+        logs = [p for p in folder.iterdir() if p != own and not p.name.endswith(STUCK)]
     except OSError:  # no folder yet: no death
         return seen
     for path in logs:
@@ -86,8 +100,25 @@ def _read_deaths(folder: Path, own: Path | None) -> dict[str, list[str]]:
             continue
         last = lines[-1].split(" ", 2) if lines else []
         if len(last) >= 2 and last[0] in ("start", "gpu"):
-            seen.setdefault(last[1], []).append(" ".join([last[0], *last[2:]]))
+            stuck = _stuck_at(path) if last[0] == "start" else None
+            seen.setdefault(last[1], []).append(f"timeout {stuck}" if stuck else " ".join([last[0], *last[2:]]))
     return seen
+
+
+def _stuck_at(log: Path) -> str | None:
+    """Where the unit's thread was when the watchdog ended the process (its innermost frame, from
+    the stacks in the log's ``STUCK`` file); None where the watchdog never fired."""
+    try:
+        with open(f"{log}{STUCK}", encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 16)
+    except OSError:
+        return None
+    if not text.strip():
+        return None
+    threads = text.split("\n\n") if "\n\n" in text else text.split("Thread ")
+    ours = next((t for t in threads if "unit_result" in t), text)
+    frames = [line.strip() for line in ours.splitlines() if line.strip().startswith("File ")]
+    return frames[0] if frames else "an unknown place"
 
 
 def strikes(settings: dict, unit: dict, stage: str) -> list[str]:
@@ -106,6 +137,11 @@ def given_up(settings: dict, unit: dict, stage: str) -> Exception | None:
     gpu = [s[len("gpu "):] for s in left if s.startswith("gpu ")]
     if gpu:
         return GpuFailed(f"the GPU failed {len(left)} times on this unit ({gpu[-1]})")
+    stuck = [s[len("timeout "):] for s in left if s.startswith("timeout ")]
+    if stuck:
+        return UnitTimedOut(
+            f"the unit ran past --unit-timeout ({settings.get('unit_timeout'):g} s) {len(left)} times (a decoder stuck on "
+            f"a damaged file, a hung mount, or a limit too low for these backends); the last time in {stuck[-1]}")
     where = left[-1][len("start "):]
     return WorkerCrashed(f"the actor's process ended {len(left)} times while on this unit (killed, e.g. for "
                          f"memory, or crashed in native code; the last: {where}); its log on that node says more")
@@ -123,11 +159,18 @@ def _log(settings: dict):
 
 
 def begin(settings: dict, unit: dict, stage: str) -> str | None:
-    """The unit's work starts (its line in this process's log); None where the log cannot be
-    written (then the unit runs unguarded rather than not at all)."""
+    """The unit's work starts (its line in this process's log, and the watchdog of its
+    ``unit_timeout`` set); None where the log cannot be written (then the unit runs unguarded
+    rather than not at all)."""
     key = _key(unit, stage)
     try:
-        _log(settings).write(f"start {key} process {os.getpid()} on {socket.gethostname()}, {stage}\n")
+        log = _log(settings)
+        log.write(f"start {key} process {os.getpid()} on {socket.gethostname()}, {stage}\n")
+        if settings.get("unit_timeout"):
+            if _Process.stuck is None:
+                _Process.stuck = open(f"{log.name}{STUCK}", "w", encoding="utf-8")
+            log.flush()  # the start line is on storage before the watchdog can end the process
+            faulthandler.dump_traceback_later(float(settings["unit_timeout"]), exit=True, file=_Process.stuck)
     except OSError:
         return None
     return key
@@ -136,6 +179,7 @@ def begin(settings: dict, unit: dict, stage: str) -> str | None:
 def end(attempt: str | None) -> None:
     """The unit's work is over (its result, or its errors row, goes on): no strike."""
     if attempt is not None:
+        faulthandler.cancel_dump_traceback_later()
         try:
             _Process.log.write("done\n")
         except OSError:

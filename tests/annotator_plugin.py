@@ -75,6 +75,25 @@ register(Backend(name="killing-input", roles=("matting",), build=lambda role, op
                  summary="the centre box; a marked frame kills the process (tests only)"))
 
 
+# -- an input that never ends ----------------------------------------------------------------------
+
+class StuckInput(CentreBox):
+    """The centre box, until a frame marked with FAULT: then the process is stuck in native code
+    for an hour, holding the GIL (ctypes.PyDLL keeps it through the call), as a decoder caught
+    in a loop on a damaged file can be: no Python thread of the process runs again."""
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        if tuple(frame[0, 0]) == FAULT:
+            import ctypes
+
+            ctypes.PyDLL(None).sleep(3600)
+        return super().matte(frame)
+
+
+register(Backend(name="stuck-input", roles=("matting",), build=lambda role, options, shared: StuckInput(options),
+                 summary="the centre box; a marked frame is stuck for an hour (tests only)"))
+
+
 # -- a frame that does not fit in GPU memory -------------------------------------------------------
 
 class OutOfMemory(CentreBox):

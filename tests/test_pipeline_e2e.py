@@ -412,6 +412,8 @@ def _faulty_folder(folder: Path) -> None:
 @pytest.mark.parametrize("backend,error_type,message", [
     ("broken-device", "gpu_failed", "illegal memory access"),  # a CUDA error that breaks the context
     ("killing-input", "worker_crashed", "process ended 2 times"),  # SIGKILL: nothing Python could catch
+    # Stuck in native code holding the GIL: only faulthandler's C watchdog can end it.
+    ("stuck-input", "unit_timeout", "ran past --unit-timeout (4 s) 2 times"),
 ])
 def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries(tmp_path, ray_local, backend,
                                                                                   error_type, message):
@@ -431,9 +433,9 @@ def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries
     folder = tmp_path / "in"
     _faulty_folder(folder)
     try:
-        result = _run(tmp_path, "images", folder, matting=backend, pose="none", actors=1)
+        result = _run(tmp_path, "images", folder, matting=backend, pose="none", actors=1, unit_timeout=4)
     finally:
-        for name in ("broken-device", "centre-box", "killing-input"):
+        for name in ("broken-device", "centre-box", "killing-input", "stuck-input"):
             registry.unregister(name)
     assert result.exit_code == 0
     rows = open_triplets(tmp_path / "out").to_table().column("input_path").to_pylist()
@@ -441,6 +443,8 @@ def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries
     errors = open_errors(tmp_path / "out").to_table().to_pylist()
     assert [(e["input_path"], e["error_type"]) for e in errors] == [("faulty.png", error_type)]
     assert message in errors[0]["message"] and "2 times" in errors[0]["message"]
+    if backend == "stuck-input":  # where: the innermost frame of the unit's thread
+        assert errors[0]["message"].endswith("in matte"), errors[0]["message"]
     assert not (tmp_path / "out" / ".strikes").exists()  # the run's strikes go with it
 
 
@@ -465,7 +469,7 @@ def test_a_frame_out_of_gpu_memory_is_its_errors_row_and_retry_errors_names_it(t
                                             matting="out-of-memory", pose="none", actors=1,
                                             retry_errors=["gpu_out_of_memory"]), log=lines.append)
     finally:
-        for name in ("out-of-memory", "centre-box", "broken-device", "killing-input"):
+        for name in ("out-of-memory", "centre-box", "broken-device", "killing-input", "stuck-input"):
             registry.unregister(name)
     assert first.exit_code == 0
     assert [(e["input_path"], e["stage"], e["error_type"]) for e in errors] == [("faulty.png", "matting",
