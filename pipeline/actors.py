@@ -8,6 +8,7 @@ hands the driver commit records (``UnitWriter``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections import Counter
@@ -91,25 +92,45 @@ class UnitWriter:
     def __init__(self, settings: dict, stage: str, gpu_ids: list[str] | None = None):
         import secrets
 
+        self.settings, self.stage = settings, stage
         self.held = [{"stage": stage, **_assigned_resources(gpu_ids)}]
         self._entries: list[dict] = []
+        self._call: dict | None = None
         # A name part of its own per actor: a restarted actor or a resumed run never reuses a name.
         prefix = f"part-{settings['run']}-{secrets.token_hex(8)}-"
         self.writer = ShardWriter(OutputStore(Path(settings["output"])), prefix, settings["shard_rows"],
                                   settings["row_group_rows"], commit=self._entries.append)
 
+    def start_call(self, units: list[dict]) -> Exception | None:
+        """A call's units are written together, and its shards are written between their work: a
+        process that died writing them (killed for memory as a shard is packed, stuck on a hung
+        mount) is a strike against the call (``strikes.call_of``). Where the call has ``STRIKES``
+        of them, the error its units' rows carry instead of running (and dying) again."""
+        self._call = strikes.call_of(units)
+        return strikes.given_up(self.settings, self._call, "write",
+                                what=f"writing the shards of this unit's call ({len(units)} units)")
+
     def add(self, result: UnitResult) -> None:
-        self.writer.add_unit(result.rows, result.unit, result.errors, result.rejects)
+        with self._writing():  # adding a unit writes a shard when it fills one
+            self.writer.add_unit(result.rows, result.unit, result.errors, result.rejects)
 
     def commits(self, upstream: list[dict] = ()) -> pa.Table:
         """Flush what this call added; its commit records, with the resources that this actor and
         the upstream actors of its units held."""
-        self.writer.flush()
+        with self._writing():
+            self.writer.flush()
         entries = list(self._entries)
         self._entries.clear()  # the writer appends to this very list
         resources = self.held + list(upstream)
         return pa.Table.from_pylist([{"entry": commit_record(e), "resources": resources} for e in entries],
                                     schema=COMMIT_SCHEMA)
+
+
+    @contextlib.contextmanager
+    def _writing(self):
+        attempt = strikes.begin(self.settings, self._call, "write") if self._call is not None else None
+        yield
+        strikes.end(attempt)
 
 
 def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
@@ -215,9 +236,11 @@ class AnnotateStage:
         self.out = UnitWriter(settings, "annotate")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        for unit in batch.to_pylist():
-            self.out.add(unit_result(self.settings, unit, "encode",
-                                     lambda: process_unit(unit, self.annotator, self.settings)))
+        units = batch.to_pylist()
+        stopped = self.out.start_call(units)
+        for unit in units:
+            self.out.add(failed_result(unit, "write", stopped) if stopped is not None else unit_result(
+                self.settings, unit, "encode", lambda: process_unit(unit, self.annotator, self.settings)))
         return self.out.commits()
 
 
@@ -261,12 +284,14 @@ class PoseStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         upstream: list[dict] = []
-        for record in batch.to_pylist():
-            unit, frames, kept, errors, skipped, rejects, resources = unpack_unit(record)
+        records = [unpack_unit(record) for record in batch.to_pylist()]
+        stopped = self.out.start_call([record[0] for record in records])
+        for unit, frames, kept, errors, skipped, rejects, resources in records:
             for stage, held in resources.items():
                 if {"stage": stage, **held} not in upstream:
                     upstream.append({"stage": stage, **held})
-            self.out.add(unit_result(self.settings, unit, "pose", lambda: finish_unit(
-                unit, kept, self.annotator, self.settings, frames=frames, errors=errors, skipped=skipped,
-                rejects=rejects)))
+            self.out.add(failed_result(unit, "write", stopped) if stopped is not None else unit_result(
+                self.settings, unit, "pose", lambda: finish_unit(
+                    unit, kept, self.annotator, self.settings, frames=frames, errors=errors, skipped=skipped,
+                    rejects=rejects)))
         return self.out.commits(upstream)

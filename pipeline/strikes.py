@@ -12,8 +12,9 @@ raised (that is the unit's errors row). A process that died left the unit it was
 log's last line: a strike against that unit (``device_loss`` writes why, where the GPU broke).
 A restarted actor (the only one that is handed a call again) reads the logs once; a unit with
 ``STRIKES`` of them becomes its errors row (``worker_crashed``, or ``gpu_failed``) without
-running again, and the units beside it in a call are never blamed. A death outside a unit's
-own work (writing a call's shards) blames no unit. The log costs two buffered writes per unit
+running again, and the units beside it in a call are never blamed. A death while a call's
+shards are written (a kill for memory as a shard is packed, a hung mount) is a strike against
+the call (``write``): after ``STRIKES`` of them, its units are errors rows. The log costs two buffered writes per unit
 (one still image is a unit), no file created or removed per unit: metadata operations on NFS
 are synchronous. A new run (a resume) starts from no strikes: the next run's start
 (``OutputStore.recover``) removes the folder.
@@ -129,22 +130,30 @@ def strikes(settings: dict, unit: dict, stage: str) -> list[str]:
     return _Process.seen.get(_key(unit, stage), [])
 
 
-def given_up(settings: dict, unit: dict, stage: str) -> Exception | None:
-    """The error for ``unit``'s row when processes died on it ``STRIKES`` times."""
+def given_up(settings: dict, unit: dict, stage: str, what: str = "this unit") -> Exception | None:
+    """The error for ``unit``'s row when processes died on it ``STRIKES`` times (``what``: the
+    work they died in, as the message names it)."""
     left = strikes(settings, unit, stage)
     if len(left) < STRIKES:
         return None
     gpu = [s[len("gpu "):] for s in left if s.startswith("gpu ")]
     if gpu:
-        return GpuFailed(f"the GPU failed {len(left)} times on this unit ({gpu[-1]})")
+        return GpuFailed(f"the GPU failed {len(left)} times on {what} ({gpu[-1]})")
     stuck = [s[len("timeout "):] for s in left if s.startswith("timeout ")]
     if stuck:
         return UnitTimedOut(
-            f"the unit ran past --unit-timeout ({settings.get('unit_timeout'):g} s) {len(left)} times (a decoder stuck on "
+            f"{what} ran past --unit-timeout ({settings.get('unit_timeout'):g} s) {len(left)} times (a decoder stuck on "
             f"a damaged file, a hung mount, or a limit too low for these backends); the last time in {stuck[-1]}")
     where = left[-1][len("start "):]
-    return WorkerCrashed(f"the actor's process ended {len(left)} times while on this unit (killed, e.g. for "
+    during = f"on {what}" if what == "this unit" else what
+    return WorkerCrashed(f"the actor's process ended {len(left)} times while {during} (killed, e.g. for "
                          f"memory, or crashed in native code; the last: {where}); its log on that node says more")
+
+
+def call_of(units: list[dict]) -> dict:
+    """The pseudo-unit that names a call's units together (its shards hold them all): Ray hands a
+    restarted actor the same call again, so its key is the same."""
+    return {"input_path": "\0".join(f"{u['input_path']}\0{u.get('unit_index', 0)}" for u in units), "unit_index": 0}
 
 
 def _log(settings: dict):

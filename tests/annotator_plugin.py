@@ -94,6 +94,34 @@ register(Backend(name="stuck-input", roles=("matting",), build=lambda role, opti
                  summary="the centre box; a marked frame is stuck for an hour (tests only)"))
 
 
+# -- a unit whose shard cannot be written --------------------------------------------------------
+
+FAULTY_NAME = "faulty.png"
+
+
+def _killing_writer(options: dict) -> CentreBox:
+    """The centre box, in an actor whose shard writes are killed (SIGKILL, as the out-of-memory
+    killer does while a shard is packed) when the shard holds the input named FAULTY_NAME."""
+    import os
+    import signal
+
+    from disco.pipeline.store import shards
+
+    write = shards.write_parquet_atomic
+
+    def killed(table, final, row_group_rows):  # the triplets shard (its errors rows are written)
+        if final.parent.name == "triplets" and FAULTY_NAME in table.column("input_path").to_pylist():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(table, final, row_group_rows)
+
+    shards.write_parquet_atomic = killed
+    return CentreBox(options)
+
+
+register(Backend(name="killing-writer", roles=("matting",), build=lambda role, options, shared: _killing_writer(options),
+                 summary="the centre box; writing a marked input's shard kills the process (tests only)"))
+
+
 # -- a frame that does not fit in GPU memory -------------------------------------------------------
 
 class OutOfMemory(CentreBox):

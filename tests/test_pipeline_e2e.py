@@ -448,6 +448,37 @@ def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries
     assert not (tmp_path / "out" / ".strikes").exists()  # the run's strikes go with it
 
 
+def test_a_call_whose_shards_kill_the_writer_is_errors_rows_after_two_tries(tmp_path, ray_local):
+    """A process that dies while a call's shards are written (the out-of-memory killer while a
+    shard is packed) was blamed on no unit: Ray restarted the actor and ran the call again, for
+    ever. The write is a strike against the call: after two, its units are errors rows
+    (--retry-errors worker_crashed runs them again), and the run ends."""
+    import importlib
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+
+    importlib.reload(annotator_plugin)
+    folder = tmp_path / "in"
+    _faulty_folder(folder)
+    try:
+        result = _run(tmp_path, "images", folder, matting="killing-writer", pose="none", actors=1)
+    finally:
+        for name in ("killing-writer", "centre-box", "broken-device", "killing-input", "stuck-input", "out-of-memory"):
+            registry.unregister(name)
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    assert "faulty.png" in {e["input_path"] for e in errors}
+    for error in errors:
+        assert (error["stage"], error["error_type"]) == ("write", "worker_crashed"), error
+        assert "ended 2 times while writing the shards of this unit's call" in error["message"], error["message"]
+    written = set(open_triplets(tmp_path / "out").to_table().column("input_path").to_pylist())
+    assert written | {e["input_path"] for e in errors} == {"a.png", "b.png", "c.png", "faulty.png"}
+    assert not written & {e["input_path"] for e in errors}
+    assert result.manifest["counts"]["inputs"] == 4
+    assert not (tmp_path / "out" / ".strikes").exists()
+
+
 def test_a_frame_out_of_gpu_memory_is_its_errors_row_and_retry_errors_names_it(tmp_path, ray_local):
     """A frame that does not fit in GPU memory (after the one-frame-at-a-time retry) is its errors
     row typed ``gpu_out_of_memory``, as --retry-errors names it (not PyTorch's class name), and
