@@ -10,8 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from disco.generate.config import GenerateConfig
 from disco.model.precision import DTYPES
-from disco.commands.terminal import (choices, command_device, console, defaults, job_outputs, out_of_memory, plain,
-                                     usage_error)
+from disco.commands.terminal import (ProgressLines, choices, command_device, console, defaults, job_outputs, out_of_memory,
+                                     plain, usage_error)
 
 G = defaults(GenerateConfig)
 Dtype = choices("dtype", DTYPES)
@@ -28,10 +28,14 @@ def run_generation(config, show_progress: bool = True):
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not show_progress) as bar:
         task = bar.add_task("generate", total=None)
+        lines = ProgressLines(bar)
+
+        def progress(done: int, total: int, phase: str) -> None:
+            bar.update(task, completed=done, total=total, description=phase)
+            lines.say(f"{phase} {done}/{total} frames", final=done == total)
+
         try:
-            result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False),
-                                  progress=lambda done, total, phase: bar.update(task, completed=done, total=total,
-                                                                                 description=phase))
+            result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False), progress=progress)
         except (GenerateInputError, FileNotFoundError) as exc:
             usage_error(str(exc))
         except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch

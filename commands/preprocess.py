@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults, plain, usage_error
+from disco.commands.terminal import RAY_ADDRESS_HELP, ProgressLines, choices, console, defaults, plain, usage_error
 from disco.commands.report import print_summary
 from disco.pipeline.annotators import registry
 from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM2_MODELS, SAM_MODELS, PreprocessConfig
@@ -40,9 +40,6 @@ def source_name(source: Optional[str], manifest: Optional[Path]) -> str:
 class ProgressBar:
     """Adapts a rich progress bar to the pipeline's progress callbacks."""
 
-    # Where no terminal shows the bar (a `ray job submit` log, a redirected file): a line this often.
-    LINE_EVERY_S = 10.0
-
     def __init__(self, bar: Progress):
         self.bar = bar
         self.task = bar.add_task("preprocess", total=None, frames=0, speed="-")
@@ -50,24 +47,21 @@ class ProgressBar:
         self.inputs = 0
         self.total = None
         self.started = time.time()
-        self.lines = not bar.console.is_terminal and not bar.disable
-        self.last_line = self.started
+        self.lines = ProgressLines(bar, first_after_s=ProgressLines.EVERY_S)
 
     def start(self, total_inputs: int) -> None:
-        self.started = self.last_line = time.time()
+        self.started = time.time()
+        self.lines = ProgressLines(self.bar, first_after_s=ProgressLines.EVERY_S)
         self.total = total_inputs
         self.bar.update(self.task, total=total_inputs)
 
     def update(self, inputs: int, frames: int) -> None:
         self.frames += frames
         self.inputs += inputs
-        now = time.time()
-        rate = self.frames / max(1e-6, now - self.started)
+        rate = self.frames / max(1e-6, time.time() - self.started)
         self.bar.update(self.task, advance=inputs, frames=self.frames, speed=f"{rate:.1f}")
-        if self.lines and (now - self.last_line >= self.LINE_EVERY_S or self.inputs == self.total):
-            self.last_line = now
-            self.bar.console.print(f"progress: {self.inputs}/{self.total} inputs, {self.frames} frames, "
-                                   f"{rate:.1f} frames/s", highlight=False)
+        self.lines.say(f"{self.inputs}/{self.total} inputs, {self.frames} frames, {rate:.1f} frames/s",
+                       final=self.inputs == self.total)
 
 
 def run_preprocess(config, show_progress: bool = True, title: str = "preprocess") -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import re
 import sys
+import time
 from collections.abc import Iterable
 from types import SimpleNamespace
 
@@ -20,6 +21,25 @@ console = Console(stderr=True)
 
 RAY_ADDRESS_HELP = ("Ray cluster to run on: HOST:PORT, or auto for the one `ray start` runs on this machine "
                     "(default: a private local instance on 127.0.0.1; $DISCO_RAY_TIMEOUT s to reach a cluster, 60).")
+
+
+class ProgressLines:
+    """Where no terminal shows a progress bar (a ``ray job submit`` job's log, output sent to a
+    file), a line at most every ``EVERY_S`` seconds and at the end, so that an hours-long job's
+    log says how far it is (rich draws a bar there only once, when it stops)."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, bar, first_after_s: float = 0.0):
+        self.console = bar.console
+        self.on = not bar.console.is_terminal and not bar.disable
+        self.last = time.monotonic() - self.EVERY_S + first_after_s
+
+    def say(self, text: str, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.on and (final or now - self.last >= self.EVERY_S):
+            self.last = now
+            self.console.print(f"progress: {text}", highlight=False)
 
 
 def print_error(message: str) -> None:

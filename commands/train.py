@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from disco.commands.terminal import RAY_ADDRESS_HELP, choices, console, defaults, plain, print_error, usage_error
+from disco.commands.terminal import (RAY_ADDRESS_HELP, ProgressLines, choices, console, defaults, plain, print_error,
+                                     usage_error)
 from disco.model.configs import CONFIGS
 from disco.train.config import DEFAULT_BATCH, DEFAULT_LR, PRECISIONS, REF_MODES, STAGES, TrainConfig
 from disco.train.presets import PRESETS
@@ -28,12 +29,16 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
                TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress) as bar:
         task = bar.add_task("train", total=None, loss="-", speed="-", wait="-")
+        lines = ProgressLines(bar)
 
         def on_metrics(m: dict) -> None:
             if "loss" not in m:  # an evaluation's line (eval/...), not a training window's
                 return
             bar.update(task, completed=m["step"], loss=f"{m['loss']:.4f}", speed=f"{m['samples_per_s']:.1f}",
                        wait=f"{m['data_wait_fraction']:.0%}")
+            total = "" if cfg.resume else f"/{cfg.max_steps}"  # a resume's total is the saved run's
+            lines.say(f"step {m['step']}{total}, loss {m['loss']:.4f}, {m['samples_per_s']:.1f} samples/s, "
+                      f"data wait {m['data_wait_fraction']:.0%}", final=not cfg.resume and m["step"] >= cfg.max_steps)
 
         def log(message: str) -> None:
             bar.console.print(message, highlight=False)

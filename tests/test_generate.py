@@ -70,6 +70,10 @@ def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, 
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # (the console wraps long lines)
     assert "seed 0, float32 on cpu" in said and "--dtype float16" not in said
+    # No terminal shows the bar here (as in a `ray job submit` log): lines say how far it is, the
+    # last one of each phase at its end.
+    assert f"progress: annotating poses {POSE_FRAMES}/{POSE_FRAMES} frames" in said
+    assert f"progress: generating {POSE_FRAMES}/{POSE_FRAMES} frames" in said
     frames, fps = read_video(out)  # decord reads it back
     # --fps 12 above the 10 fps source: every pose frame, played at the source's rate (not faster).
     assert frames.shape == (POSE_FRAMES, SIZE, SIZE, 3) and fps == pytest.approx(10)

@@ -695,10 +695,11 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--stage", "pretrain", "--data", str(triplets["images"]), "--data",
                                  str(triplets["video"]), "--output", str(run), "--config", str(config),
-                                 "--batch-size", "2", "--mixed-precision", "bf16", "--gradient-checkpointing",
-                                 "--no-progress"])
+                                 "--batch-size", "2", "--mixed-precision", "bf16", "--gradient-checkpointing"])
     assert result.exit_code == 0, result.output
     assert "trained to step 2" in result.output
+    # No terminal shows the bar (as in a `ray job submit` log): a line per log window, the last at the end.
+    assert "progress: step 2/2, loss " in result.output and " samples/s, data wait " in result.output
     assert f"warning: `ray job stop` gives this job 3 s ({JOB_STOP_WAIT_ENV})" in result.output
     saved = load_run_config(run)
     assert (saved.batch_size, saved.lr, saved.stage, saved.model_seed) == (2, 5e-4, "pretrain", 0)
