@@ -53,6 +53,7 @@ def evaluate(
     dtype: Annotated[Dtype, typer.Option(help="With --run: what the model samples in: float16 or bfloat16 halve its GPU memory and speed a GPU up (float16 on CUDA only); checkpoints are float32.")] = E.dtype,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="With --run: a training run's EMA weights where it kept them (--ema-decay); --no-ema samples with the weights as trained.")] = E.ema,
     device: Annotated[str, typer.Option(help="torch device for generation and the feature networks: auto (the GPU where there is one, else the CPU), cpu, cuda or cuda:N.")] = E.device,
+    gpus: Annotated[int, typer.Option(help="With --run: generate on this many GPUs, from --device's on (a copy of the model on each; the same frames as on one).")] = E.gpus,
 ) -> None:
     """Score generated frames against real ones: FID, SSIM, PSNR, LPIPS, L1, FID-VID, FVD."""
     import torch
@@ -67,7 +68,7 @@ def evaluate(
         config = EvaluateConfig(
             output=output, pred=pred, gt=gt, run=run, data=data, split=split, work_dir=work_dir,
             metrics=parse_metrics(metrics), batch_size=batch_size, steps=steps, guidance_scale=guidance_scale,
-            seed=seed, size=size, max_frames=max_frames, device=device, ema=ema, dtype=plain(dtype),
+            seed=seed, size=size, max_frames=max_frames, device=device, gpus=gpus, ema=ema, dtype=plain(dtype),
             protocol=plain(protocol),
             lpips_legacy=lpips_legacy, psnr_legacy=psnr_legacy, square_gt=square_gt,
             networks=NetworkConfig(weights=weights, inception=inception, vgg16=vgg16, fid_vid_net=fid_vid_net,

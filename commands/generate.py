@@ -63,6 +63,7 @@ def generate(
     frames: Annotated[Optional[Path], typer.Option(help="Also write every generated frame as PNG into this folder.")] = G.frames,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write OUTPUT_side_by_side.mp4: pose | generated.")] = G.side_by_side,
     device: Annotated[str, typer.Option(help="torch device: auto (the GPU where there is one, else the CPU), cpu, cuda or cuda:N.")] = G.device,
+    gpus: Annotated[int, typer.Option(help="Generate on this many GPUs, from --device's on (cuda:0 for cuda or auto): a copy of the model on each, the frames' batches shared out; the same frames as on one. Not for a temporal-module model.")] = G.gpus,
     align_pose: Annotated[bool, typer.Option("--align-pose/--no-align-pose", help="Refit the driving skeletons limb by limb to the reference person's proportions and put them where it stands (when its pose is found); --no-align-pose keeps the driver's skeleton.")] = G.align_pose,
     dtype: Annotated[Dtype, typer.Option(help="What the model samples in: float16 or bfloat16 halve its GPU memory and speed a GPU up (float16 on CUDA only); checkpoints are float32.")] = G.dtype,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="A training run's EMA weights where it kept them (--ema-decay); --no-ema samples with the weights as trained.")] = G.ema,
@@ -74,7 +75,7 @@ def generate(
     config = GenerateConfig(
         checkpoint=checkpoint, reference=reference, pose=pose, output=output, clip=clip, background=background,
         steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, fps=fps, size=size,
-        frames=frames, side_by_side=side_by_side, max_frames=max_frames, device=device,
+        frames=frames, side_by_side=side_by_side, max_frames=max_frames, device=device, gpus=gpus,
         align_pose=align_pose, smooth_poses=smooth_poses, ema=ema, dtype=plain(dtype),
     )
     result = run_generation(config)

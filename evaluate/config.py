@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from disco.model.precision import dtype_problem, resolve_device
+from disco.model.precision import dtype_problem, gpus_problem, resolve_device
 
 METRICS = ("fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd")
 # The video networks FID-VID and FVD can use (built in evaluate/networks.py), and the defaults.
@@ -115,6 +115,7 @@ class EvaluateConfig:
     size: int | None = None
     max_frames: int | None = None
     device: str = "auto"  # resolve_device: the GPU where there is one
+    gpus: int = 1  # frames generated on this many GPUs, from --device's on (``gpu_devices``)
     ema: bool = True  # with --run: its EMA weights where it kept them; False: the weights as trained
     dtype: str = "float32"  # with --run: what the model samples in (generate's DTYPES)
 
@@ -126,6 +127,8 @@ class EvaluateConfig:
         self.device = resolve_device(self.device)
         if self.run is not None and dtype_problem(self.dtype, self.device):
             raise EvaluateInputError(dtype_problem(self.dtype, self.device))
+        if gpus_problem(self.gpus, self.device):
+            raise EvaluateInputError(gpus_problem(self.gpus, self.device))
         if self.run is not None and self.data is None:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
         if self.networks.fid_port not in (None, *FID_PORTS):

@@ -457,7 +457,8 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         log(f"warning: {line} (the run, the runs it started from, and the folder scored): clips scored here may "
             "have been trained on")
     old = check_work_dir(work)
-    pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype)
+    pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype,
+                                         gpus=config.gpus)
     generation = {"checkpoint": _model_identity(getattr(pipeline, "source", None) or {}),
                   "data": str(Path(config.data).resolve()), "shards": sorted(Path(f).name for f in dataset.files),
                   "split": config.split, "size": size, "steps": config.steps, "guidance_scale": config.guidance_scale,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from disco.model.precision import dtype_problem, resolve_device
+from disco.model.precision import dtype_problem, gpus_problem, resolve_device
 
 
 class GenerateInputError(ValueError):
@@ -31,6 +31,7 @@ class GenerateConfig:
     side_by_side: bool = False
     max_frames: int | None = None
     device: str = "auto"  # resolve_device: the GPU where there is one
+    gpus: int = 1  # frames generated on this many GPUs, from --device's on (``gpu_devices``)
     align_pose: bool = True  # refit the driving skeletons to the reference person (when its pose is found)
     smooth_poses: bool = True  # One-Euro filter over a pose video's keypoints
     ema: bool = True  # a training run's EMA weights where it kept them; False: the weights as trained
@@ -55,7 +56,7 @@ class GenerateConfig:
         if self.guidance_scale < 0:
             raise GenerateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
         self.device = resolve_device(self.device)
-        problem = dtype_problem(self.dtype, self.device)
+        problem = dtype_problem(self.dtype, self.device) or gpus_problem(self.gpus, self.device)
         if problem:
             raise GenerateInputError(problem)
         # Every input is checked here, before a model is loaded (seconds to minutes).

@@ -33,7 +33,7 @@ from disco.generate.inputs import (
     scale_keypoints,
 )
 from disco.model.pipeline import DisCoPipeline
-from disco.model.precision import on_cuda
+from disco.model.precision import gpu_devices, on_cuda
 from disco.generate.video import side_by_side, write_frames, write_video
 
 
@@ -84,10 +84,10 @@ def sampling_line(config: GenerateConfig, frames: int, size: int) -> str:
 
 
 def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True,
-                  dtype: str = "float32") -> tuple[DisCoPipeline, int, int]:
+                  dtype: str = "float32", gpus: int = 1) -> tuple[DisCoPipeline, int, int]:
     """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
-    False; its weights in ``dtype``), the frame side (default: a training run's resolution, else the
-    model's) and the pose side."""
+    False; its weights in ``dtype``; on ``gpus`` GPUs from ``device`` on), the frame side (default: a
+    training run's resolution, else the model's) and the pose side."""
     source = describe_checkpoint(checkpoint, ema)
     if source.get("stage") == "pretrain":
         # Said before the model loads (a minute at full size on a CPU), as DisCoPipeline would after.
@@ -98,6 +98,10 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
     if dtype != "float32":  # (a cast to float32 makes diffusers warn about modules kept in float32)
         model = model.to(getattr(torch, dtype))
     pipeline = DisCoPipeline(model)
+    try:
+        pipeline.spread(gpu_devices(device, gpus)[1:])
+    except ValueError as exc:  # a temporal-module model
+        raise GenerateInputError(f"--gpus {gpus}: {exc}") from None
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     pipeline.source = source  # for the records: which checkpoint and weights
     size = size or trained_resolution(checkpoint) or default_size(model)  # a run generates at its training side
@@ -122,7 +126,7 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     if config.clip is not None:
         check_pose_folder(config.pose, style, hands)  # pictures it cannot redraw: refused before the model loads
     pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema,
-                                         dtype=config.dtype)
+                                         dtype=config.dtype, gpus=config.gpus)
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
     matted = []

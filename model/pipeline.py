@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Callable
 
 import numpy as np
@@ -37,6 +39,17 @@ class DisCoPipeline:
         self.scheduler = scheduler or DDIMScheduler.from_config(model.config.scheduler_config or dict(SCHEDULER))
         # The background's person-hole value the model was trained with (generate sets a run's own).
         self.background_hole = HOLE
+        self.replicas: list[DisCoModel] = []  # copies of the model on further devices (``spread``)
+
+    def spread(self, devices: list[str | torch.device]) -> None:
+        """Sample on these devices too: a copy of the model on each, and the frames' batches dealt
+        out among them, each device's in a thread of its own (the frames are the same as on one:
+        every frame's noise is drawn up front, and a batch holds the same frames). The per-frame
+        model only: a temporal-module model's overlapping windows are blended at every step."""
+        if getattr(self.model, "temporal", None) is not None and devices:
+            raise ValueError("a temporal-module model samples on one device (its overlapping windows are blended "
+                             "at every step)")
+        self.replicas = [copy.deepcopy(self.model).to(device) for device in devices]
 
     @property
     def device(self) -> torch.device:
@@ -85,24 +98,49 @@ class DisCoPipeline:
                                     guidance_scale, window=self.window, overlap=self.overlap, batch_size=batch_size,
                                     progress=progress, pose_cache_bytes=self.pose_cache_bytes)
             return decode_frames(model, latents / VAE_SCALING, batch_size)
-        frames = []
-        with pose_embedding_cache(model):
-            for start in range(0, len(poses), batch_size):
-                frames.append(self._sample(noise[start:start + batch_size], poses[start:start + batch_size], tokens,
-                                           empty, background_latents, num_inference_steps, guidance_scale))
-                if progress is not None:
-                    progress(len(frames[-1]))
-        return np.concatenate(frames)
+        starts = list(range(0, len(poses), batch_size))
+        models = [model, *self.replicas]
+        # One scheduler per device, copied before any thread starts: it keeps the timesteps it is set to.
+        schedulers = [self.scheduler, *(copy.deepcopy(self.scheduler) for _ in self.replicas)]
+        frames: dict[int, np.ndarray] = {}
+        told = threading.Lock()
 
-    def _sample(self, noise, pose, tokens, empty, background_latents, num_inference_steps, guidance_scale):
-        model, device = self.model, self.device
-        dtype = next(model.unet.parameters()).dtype
-        n = len(pose)
-        latents = noise.to(device, dtype) * self.scheduler.init_noise_sigma
-        images = guided_ddim(model, self.scheduler, latents, tokens.expand(n, -1, -1), empty.expand(n, -1, -1),
-                             background_latents.expand(n, -1, -1, -1), unit_pose(pose).to(device, dtype),
-                             num_inference_steps, guidance_scale)
-        return to_uint8(images)
+        def sample_on(k: int) -> None:
+            """Every ``len(models)``-th batch, from the ``k``-th, on model ``k``."""
+            one, scheduler = models[k], schedulers[k]
+            on = next(one.reference_projection.parameters()).device
+            with torch.no_grad(), pose_embedding_cache(one):  # (grad mode is per thread)
+                conditions = (tokens, empty, background_latents) if k == 0 else \
+                    (one.encode_reference(reference.to(on, dtype)), empty.to(on), one.encode_background(background.to(on, dtype)))
+                for start in starts[k::len(models)]:
+                    frames[start] = _sample(one, scheduler, noise[start:start + batch_size],
+                                            poses[start:start + batch_size], *conditions, num_inference_steps,
+                                            guidance_scale)
+                    if progress is not None:
+                        with told:
+                            progress(len(frames[start]))
+
+        if len(models) == 1:
+            sample_on(0)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(models)) as pool:
+                for done in [pool.submit(sample_on, k) for k in range(len(models))]:
+                    done.result()  # a device's error is raised here
+        return np.concatenate([frames[start] for start in starts])
+
+
+def _sample(model: DisCoModel, scheduler: DDIMScheduler, noise, pose, tokens, empty, background_latents,
+            num_inference_steps, guidance_scale):
+    device = next(model.reference_projection.parameters()).device
+    dtype = next(model.unet.parameters()).dtype
+    n = len(pose)
+    latents = noise.to(device, dtype) * scheduler.init_noise_sigma
+    images = guided_ddim(model, scheduler, latents, tokens.expand(n, -1, -1), empty.expand(n, -1, -1),
+                         background_latents.expand(n, -1, -1, -1), unit_pose(pose).to(device, dtype),
+                         num_inference_steps, guidance_scale)
+    return to_uint8(images)
 
 
 def guided_ddim(model: DisCoModel, scheduler: DDIMScheduler, latents: torch.Tensor, tokens: torch.Tensor,

@@ -29,3 +29,29 @@ def dtype_problem(dtype: str, device) -> str | None:
     if dtype == "float16" and not on_cuda(device):
         return "--dtype float16 needs a CUDA --device; on the CPU use bfloat16 or float32"
     return None
+
+
+def gpu_devices(device, gpus: int) -> list[str]:
+    """The ``gpus`` CUDA devices frames are generated on, from ``device``'s index on (``cuda``:
+    from 0)."""
+    if gpus <= 1:
+        return [str(device)]
+    first = int(str(device).split(":")[1]) if ":" in str(device) else 0
+    return [f"cuda:{first + k}" for k in range(gpus)]
+
+
+def gpus_problem(gpus: int, device) -> str | None:
+    """Why ``--gpus`` cannot be had on ``device``, or None."""
+    if gpus < 1:
+        return f"--gpus must be at least 1, not {gpus}"
+    if gpus == 1:
+        return None
+    if not on_cuda(device):
+        return f"--gpus {gpus} needs CUDA devices (--device cuda); it is {device}"
+    import torch
+
+    last = int(gpu_devices(device, gpus)[-1].split(":")[1])
+    if last >= torch.cuda.device_count():
+        return (f"--gpus {gpus} from {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return None

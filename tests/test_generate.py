@@ -133,6 +133,31 @@ def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeli
     assert np.array_equal(pipeline(reference, background, unit_pose(poses), seed=7, batch_size=3, **run), a)
 
 
+def test_frames_spread_over_several_devices_are_the_frames_of_one(inputs, conditions):
+    """--gpus N: a copy of the model per device, the batches dealt out among them, one thread
+    each. Two CPU "devices" here (the threads and the copies are the real path; CUDA's streams
+    are not): the same frames, in order, as on one, and progress adds up to every frame."""
+    reference, background = conditions
+    pipeline = DisCoPipeline(load_checkpoint(inputs / "ckpt"))
+    side = pose_size(pipeline.model, SIZE)
+    person = np.asarray(Image.open(inputs / "person.png"))
+    poses = pose_pixels([person, person[:, ::-1].copy(), person[::-1].copy()] * 3, side)  # 9 frames: 4 batches of 2
+    run = dict(num_inference_steps=2, guidance_scale=1.5, seed=3, batch_size=2)
+    one = pipeline(reference, background, poses, **run)
+    pipeline.spread(["cpu"])
+    assert len(pipeline.replicas) == 1 and pipeline.replicas[0] is not pipeline.model
+    grad_modes: list[bool] = []  # in the replica's thread too (grad mode is per thread)
+    pipeline.replicas[0].unet.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    told: list[int] = []
+    spread = pipeline(reference, background, poses, progress=told.append, **run)
+    assert np.array_equal(spread, one) and sum(told) == 9 and sorted(told) == [1, 2, 2, 2, 2]
+    assert grad_modes and not any(grad_modes)
+    # The command refuses more GPUs than there are, before a model loads.
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
+                  inputs / "dance.mp4", "--output", "o.mp4", "--gpus", 2, "--device", "cpu")
+    assert result.exit_code == 2 and "--gpus 2 needs CUDA devices" in result.output, result.output
+
+
 def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch, conditions):
     import contextlib
 
