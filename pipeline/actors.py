@@ -129,8 +129,10 @@ class UnitWriter:
     @contextlib.contextmanager
     def _writing(self):
         attempt = strikes.begin(self.settings, self._call, "write") if self._call is not None else None
-        yield
-        strikes.end(attempt)
+        try:
+            yield
+        finally:  # (an error raised is no death: the call fails, its error the run's)
+            strikes.end(attempt)
 
 
 def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:

@@ -17,6 +17,7 @@ SAM_MODELS = tuple(SAM_FILES)
 DEVICES = ("auto", "cuda", "cpu")
 IMAGE_FORMATS = ("jpeg", "png")
 POSE_STYLES = ("openpose", "disco")
+MAX_UNIT_TIMEOUT_S = 10_000_000  # about 4 months: faulthandler's watchdog takes little more on some systems
 
 
 @dataclass
@@ -129,8 +130,8 @@ class PreprocessConfig:
             raise ConfigError("--max-side must be at least --min-side, and both positive")
         if self.shard_rows < 1 or self.row_group_rows < 1 or self.segment_frames < 1:
             raise ConfigError("--shard-rows, --row-group-rows and --segment-frames must be positive")
-        if self.unit_timeout < 0:
-            raise ConfigError("--unit-timeout must be 0 (no limit) or more seconds")
+        if not 0 <= self.unit_timeout <= MAX_UNIT_TIMEOUT_S:  # (nan too) faulthandler takes no more
+            raise ConfigError(f"--unit-timeout must be 0 (no limit) to {MAX_UNIT_TIMEOUT_S:,} seconds")
         if self.actors is not None and self.actors < 1:
             raise ConfigError("--actors must be at least 1")
         if self.sam_model not in SAM_MODELS:

@@ -274,6 +274,11 @@ PLAN_TASK_CPUS = 0.25
 # (one wrong sample count in a clip's "stts" box makes decord throw std::bad_alloc, an abort). On
 # the driver that ended the run, and every resume of it, at the same video.
 VIDEOS_PER_PLAN_TASK = 16
+# A planning task whose node is lost runs again, this many tries in all; one stuck past
+# PLAN_TIMEOUT_S (or --unit-timeout, if lower) ends its process (faulthandler's watchdog), and its
+# inputs are planned again one a task: a header read, or counting 8 shards, takes seconds.
+PLAN_NODE_TRIES = 3
+PLAN_TIMEOUT_S = 600.0
 # The driver plans the other inputs PLAN_CHUNK at a time and turns their units into Arrow rows
 # (about 240 bytes a unit, against about 1.5 KB as dicts) every UNITS_PER_TABLE units, so it never
 # holds millions of unit dicts (20K stills, or the segments of a few hundred long videos).
@@ -311,7 +316,7 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
     tables.append(unit_table(units))
     if chunks:
         with stops_in_one_line():
-            tables += _planned_in_tasks(chunks, refs, settings, partial_units)
+            tables += [table for planned in _planned_in_tasks(chunks, refs, settings, partial_units) for table in planned]
     return pa.concat_tables(tables)
 
 
@@ -330,36 +335,49 @@ def _plan_tasks(chunks: list[list[dict]], settings: dict, partial_units: dict[st
             for chunk in chunks]
 
 
-def _planned_in_tasks(chunks: list[list[dict]], refs: list, settings: dict,
-                      partial_units: dict[str, list[int]]) -> list[pa.Table]:
-    """The planning tasks' units, in order. The inputs of a task whose process ended (native code
-    that crashed or aborted on a damaged file, or a kill for memory) are planned again one a task,
-    so that the one to blame is found and the others go on; an input whose own task ended so is
-    its errors unit (``worker_crashed``)."""
+def _planned_in_tasks(chunks: list[list[dict]], refs: list, settings: dict, partial_units: dict[str, list[int]],
+                      node_tries: int = PLAN_NODE_TRIES) -> list[list[pa.Table]]:
+    """Each planning task's units (its tables), in order. A task whose node was lost runs again
+    (``node_tries`` tries in all). The inputs of a task whose process ended (native code that
+    crashed or aborted on a damaged file, a kill for memory, the planning time limit) are planned
+    again one a task, all such tasks at once, so that the one to blame is found and the others go
+    on; an input whose own task ended so is its errors unit (``worker_crashed``)."""
     from disco.pipeline.errors import failed_unit, first_line, input_error
     from disco.pipeline.stages import unit_base
     from disco.pipeline.strikes import WorkerCrashed
 
-    tables = []
-    for chunk, result in zip(chunks, _every_result(refs, keep=_process_ended)):
+    parts: list = []  # per chunk: its tables, or the range of ``again`` that plans it
+    again: list[list[dict]] = []
+    for chunk, result in zip(chunks, _every_result(refs, keep=_task_ended)):
         if not isinstance(result, BaseException):
-            tables.append(result)
+            parts.append([result])
+        elif isinstance(result, _node_lost_errors()) and node_tries > 1:
+            parts.append(range(len(again), len(again) + 1))
+            again.append(chunk)
         elif len(chunk) > 1:
-            alone = [[item] for item in chunk]
-            tables += _planned_in_tasks(alone, _plan_tasks(alone, settings, partial_units), settings, partial_units)
+            parts.append(range(len(again), len(again) + len(chunk)))
+            again += [[item] for item in chunk]
         else:
             crash = WorkerCrashed(f"reading it ended the process that read it (a crash or an abort in native code "
-                                  f"on a damaged file, a kill for memory, or stuck past --unit-timeout): "
+                                  f"on a damaged file, a kill for memory, or stuck past the planning time limit): "
                                   f"{first_line(result)}")
-            tables.append(unit_table([failed_unit(unit_base(chunk[0]), input_error("decode", crash))]))
-    return tables
+            parts.append([unit_table([failed_unit(unit_base(chunk[0]), input_error("decode", crash))])])
+    replanned = _planned_in_tasks(again, _plan_tasks(again, settings, partial_units), settings, partial_units,
+                                  node_tries - 1) if again else []
+    return [part if isinstance(part, list) else [table for k in part for table in replanned[k]] for part in parts]
 
 
-def _process_ended(exc: BaseException) -> bool:
-    """Whether a Ray task failed because its process ended under it."""
+def _task_ended(exc: BaseException) -> bool:
+    """Whether a Ray task failed because its process, or its node, ended under it."""
     from ray.exceptions import OutOfMemoryError, WorkerCrashedError
 
-    return isinstance(exc, (WorkerCrashedError, OutOfMemoryError))
+    return isinstance(exc, (WorkerCrashedError, OutOfMemoryError, *_node_lost_errors()))
+
+
+def _node_lost_errors() -> tuple:
+    from ray.exceptions import LocalRayletDiedError, NodeDiedError
+
+    return NodeDiedError, LocalRayletDiedError
 
 
 def _every_result(refs: list, settle_s: float = 10.0, keep=lambda exc: False) -> list:
@@ -400,7 +418,8 @@ def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list
 
     check_storage(settings, output=False)
     if settings.get("unit_timeout"):  # a header read stuck in native code ends the task (see strikes.py)
-        faulthandler.dump_traceback_later(float(settings["unit_timeout"]), exit=True, file=sys.stderr)
+        faulthandler.dump_traceback_later(min(float(settings["unit_timeout"]), PLAN_TIMEOUT_S), exit=True,
+                                          file=sys.stderr)
     try:
         return unit_table([unit for item in items for unit in plan_units(item, settings, partial_units)])
     finally:

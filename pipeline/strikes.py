@@ -14,9 +14,9 @@ A restarted actor (the only one that is handed a call again) reads the logs once
 ``STRIKES`` of them becomes its errors row (``worker_crashed``, or ``gpu_failed``) without
 running again, and the units beside it in a call are never blamed. A death while a call's
 shards are written (a kill for memory as a shard is packed, a hung mount) is a strike against
-the call (``write``): after ``STRIKES`` of them, its units are errors rows. The log costs two buffered writes per unit
-(one still image is a unit), no file created or removed per unit: metadata operations on NFS
-are synchronous. A new run (a resume) starts from no strikes: the next run's start
+the call (``write``): after ``STRIKES`` of them, its units are errors rows. The log costs two
+buffered writes per unit (one still image is a unit; four where shards are written), no file
+created or removed per unit: metadata operations on NFS are synchronous. A new run (a resume) starts from no strikes: the next run's start
 (``OutputStore.recover``) removes the folder.
 
 A unit that never ends (a decoder stuck in native code on a damaged file, a read from a hung
@@ -117,7 +117,7 @@ def _stuck_at(log: Path) -> str | None:
     if not text.strip():
         return None
     threads = text.split("\n\n") if "\n\n" in text else text.split("Thread ")
-    ours = next((t for t in threads if "unit_result" in t), text)
+    ours = next((t for t in threads if "unit_result" in t or "_writing" in t), text)
     frames = [line.strip() for line in ours.splitlines() if line.strip().startswith("File ")]
     return frames[0] if frames else "an unknown place"
 
@@ -153,7 +153,8 @@ def given_up(settings: dict, unit: dict, stage: str, what: str = "this unit") ->
 def call_of(units: list[dict]) -> dict:
     """The pseudo-unit that names a call's units together (its shards hold them all): Ray hands a
     restarted actor the same call again, so its key is the same."""
-    return {"input_path": "\0".join(f"{u['input_path']}\0{u.get('unit_index', 0)}" for u in units), "unit_index": 0}
+    names = "\0".join(f"{u['input_path']}\0{u.get('unit_index', 0)}" for u in units)
+    return {"input_path": "call " + hashlib.sha1(names.encode()).hexdigest(), "unit_index": 0}
 
 
 def _log(settings: dict):
@@ -180,7 +181,7 @@ def begin(settings: dict, unit: dict, stage: str) -> str | None:
                 _Process.stuck = open(f"{log.name}{STUCK}", "w", encoding="utf-8")
             log.flush()  # the start line is on storage before the watchdog can end the process
             faulthandler.dump_traceback_later(float(settings["unit_timeout"]), exit=True, file=_Process.stuck)
-    except OSError:
+    except (OSError, ValueError, OverflowError):  # (a limit faulthandler does not take: unguarded)
         return None
     return key
 

@@ -291,6 +291,36 @@ def test_a_video_whose_header_aborts_its_reader_is_its_errors_row(tmp_path, ray_
     assert again.exit_code == 0 and again.manifest["run"]["inputs_processed"] == 0
 
 
+def test_a_planning_task_whose_node_is_lost_runs_again(tmp_path, ray_local):
+    """A planning task is never retried by Ray (a retry would abort again on a damaged clip), so a
+    node lost under it (a spot reclaim while the headers are read) would stop the run: such a task
+    runs again, and its inputs are planned as before."""
+    import ray
+    from ray.exceptions import NodeDiedError
+
+    from disco.pipeline.run import _planned_in_tasks, plan_all
+    from disco.pipeline.sources import list_source
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+    write_video(tmp_path / "videos" / "dance.mp4", pan_zoom_frames(data.astronaut(), 8, 96), 30.0)
+    cfg = PreprocessConfig(source="video", input=tmp_path / "videos", output=tmp_path / "out", segment_frames=4)
+    items = list_source(cfg, log=lambda *_: None).items
+    settings = {"segment_frames": 4, "fps": 30.0, "min_side": 32, "max_side": 96, "max_pixels": 10**8}
+
+    @ray.remote(num_cpus=0.25, max_retries=0)
+    def lost():
+        raise NodeDiedError("the node running this task died")
+
+    chunks = [[item.to_dict() for item in items]]
+    planned = _planned_in_tasks(chunks, [lost.remote()], settings, {})
+    expected = plan_all(items, settings, {}).to_pylist()
+    assert [row for table in planned[0] for row in table.to_pylist()] == expected
+    assert [u["unit_index"] for u in expected] == [0, 1] and not any(u["error_type"] for u in expected)
+    # Lost on every try: the input is its errors unit, not the run's end.
+    last = _planned_in_tasks(chunks, [lost.remote()], settings, {}, node_tries=1)
+    assert [u["error_type"] for u in last[0][0].to_pylist()] == ["worker_crashed"]
+
+
 def test_retry_errors_runs_the_failed_inputs_again_and_nothing_else(tmp_path, ray_local):
     """An input that failed for a reason that has gone (a file cut short while it was copied, a
     GPU that broke) counts as done on resume; --retry-errors TYPE takes it out of the output (its

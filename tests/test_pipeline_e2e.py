@@ -398,12 +398,12 @@ def _run_the_plugin(tmp_path):
         assert row["body_keypoints"] is not None  # MediaPipe's pose of the same frame
 
 
-def _faulty_folder(folder: Path) -> None:
-    """Three good photos and ``faulty.png``, marked for the test backends (``annotator_plugin.FAULT``)."""
+def _faulty_folder(folder: Path, good: tuple[str, ...] = ("a", "b", "c")) -> None:
+    """Good photos and ``faulty.png``, marked for the test backends (``annotator_plugin.FAULT``)."""
     import annotator_plugin
 
     photo = np.asarray(Image.fromarray(data.astronaut()).resize((96, 96))).copy()
-    for name in ("a", "b", "c"):
+    for name in good:
         save(folder / f"{name}.png", Image.fromarray(photo))
     photo[0, 0] = annotator_plugin.FAULT
     save(folder / "faulty.png", Image.fromarray(photo))
@@ -413,7 +413,7 @@ def _faulty_folder(folder: Path) -> None:
     ("broken-device", "gpu_failed", "illegal memory access"),  # a CUDA error that breaks the context
     ("killing-input", "worker_crashed", "process ended 2 times"),  # SIGKILL: nothing Python could catch
     # Stuck in native code holding the GIL: only faulthandler's C watchdog can end it.
-    ("stuck-input", "unit_timeout", "ran past --unit-timeout (4 s) 2 times"),
+    ("stuck-input", "unit_timeout", "ran past --unit-timeout (6 s) 2 times"),
 ])
 def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries(tmp_path, ray_local, backend,
                                                                                   error_type, message):
@@ -433,7 +433,7 @@ def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries
     folder = tmp_path / "in"
     _faulty_folder(folder)
     try:
-        result = _run(tmp_path, "images", folder, matting=backend, pose="none", actors=1, unit_timeout=4)
+        result = _run(tmp_path, "images", folder, matting=backend, pose="none", actors=1, unit_timeout=6)
     finally:
         for name in ("broken-device", "centre-box", "killing-input", "stuck-input"):
             registry.unregister(name)
@@ -461,21 +461,23 @@ def test_a_call_whose_shards_kill_the_writer_is_errors_rows_after_two_tries(tmp_
 
     importlib.reload(annotator_plugin)
     folder = tmp_path / "in"
-    _faulty_folder(folder)
+    good = tuple("abcdefg")
+    _faulty_folder(folder, good)  # 8 stills on one actor: calls of 2 units
     try:
         result = _run(tmp_path, "images", folder, matting="killing-writer", pose="none", actors=1)
     finally:
         for name in ("killing-writer", "centre-box", "broken-device", "killing-input", "stuck-input", "out-of-memory"):
             registry.unregister(name)
+    assert [pool["units_per_call"] for pool in result.manifest["run"]["pools"]] == [2]
     errors = open_errors(tmp_path / "out").to_table().to_pylist()
-    assert "faulty.png" in {e["input_path"] for e in errors}
+    failed = {e["input_path"] for e in errors}
+    assert len(errors) == 2 and "faulty.png" in failed  # the faulty unit and the one beside it in its call
     for error in errors:
         assert (error["stage"], error["error_type"]) == ("write", "worker_crashed"), error
-        assert "ended 2 times while writing the shards of this unit's call" in error["message"], error["message"]
+        assert "ended 2 times while writing the shards of this unit's call (2 units)" in error["message"], error["message"]
     written = set(open_triplets(tmp_path / "out").to_table().column("input_path").to_pylist())
-    assert written | {e["input_path"] for e in errors} == {"a.png", "b.png", "c.png", "faulty.png"}
-    assert not written & {e["input_path"] for e in errors}
-    assert result.manifest["counts"]["inputs"] == 4
+    assert written == {f"{name}.png" for name in good} - failed
+    assert result.exit_code == 0 and result.manifest["counts"]["inputs"] == 8
     assert not (tmp_path / "out" / ".strikes").exists()
 
 
