@@ -287,10 +287,16 @@ def test_a_run_keeps_its_reference_store_when_another_run_on_the_same_data_ends(
     try:
         theirs = other.stdout.readline().strip()
         assert theirs.startswith("references-"), other.stderr.read()[-3000:] if other.poll() is not None else theirs
-        stream = _stream(build_index([str(clips)]))
+        index = build_index([str(clips)])
+        stream = _stream(index)
         try:
+            stated: list[str] = []  # naming the store stats no shard (30K on NFS, by every worker at once)
+            real_stat = os.stat
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(os, "stat", lambda path, *a, **k: (stated.append(str(path)), real_stat(path, *a, **k))[1])
+                ours = stream._reference_store()
+            assert ours and not set(stated) & set(index.files)
             stream.next_batch()
-            ours = stream._reference_store()
             assert ray.get(ray.get_actor(theirs, namespace=REFERENCE_STORE_NAMESPACE).get.remote([]), timeout=30) == {}
             other.stdin.write("\n")
             other.stdin.flush()

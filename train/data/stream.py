@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from disco.train.data.decode import decode_samples
 from disco.train.data.index import REFERENCE_COLUMNS, TARGET_COLUMNS, DataError, TripletIndex, damaged_shard
 from disco.train.data.order import WINDOW_GROUPS, StreamPlan, global_positions, locator_table
-from disco.train.data.read import REFERENCE_STORE_BYTES, REFERENCE_STORE_NAMESPACE, ReferenceStore, file_version, read_samples
+from disco.train.data.read import REFERENCE_STORE_BYTES, REFERENCE_STORE_NAMESPACE, ReferenceStore, read_samples
 from disco.train.data.watch import STARTUP_TIMEOUT_S, Watch, stream_callback
 
 
@@ -231,9 +231,11 @@ class SampleStream:
         import ray
 
         if self._store is None:
-            files = "\0".join(f"{path}\0{file_version(path)}" for path in self.index.files)
             # One store per job: it lives as long as the worker that started it, so a store shared
             # with another run on the same data would die with that run, leaving this one without.
+            # Named by the files' paths, not stat-ed (30K shards on NFS, by every worker at once):
+            # its rows are keyed by their file's version (``read._encoded_references``).
+            files = "\0".join(self.index.files)
             name = (f"references-{hashlib.sha256(files.encode()).hexdigest()[:24]}-"
                     f"{ray.get_runtime_context().get_job_id()}")
             try:
