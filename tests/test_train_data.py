@@ -272,7 +272,7 @@ OTHER_RUN = textwrap.dedent("""
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_a_run_keeps_its_reference_store_when_another_run_on_the_same_data_ends(clips):
+def test_a_run_keeps_its_reference_store_when_another_run_on_the_same_data_ends(tmp_path):
     """The store of a data set's reference rows lives as long as the process that started it.
     Two runs on the same data (a sweep on one cluster) shared one: when the first ended, the
     second's reads lost it for the rest of the run (every reference row group read again, about
@@ -281,6 +281,9 @@ def test_a_run_keeps_its_reference_store_when_another_run_on_the_same_data_ends(
 
     from disco.train.data.read import REFERENCE_STORE_NAMESPACE
 
+    # Data of its own: the module's other streams (this job's, like ours) name their store by the
+    # module's clips, and one of them going out of scope ends it.
+    clips = write_triplets(tmp_path / "clips", [10, 7, 13], row_group_rows=4, shard_rows=16)
     other = subprocess.Popen([sys.executable, "-c", OTHER_RUN, str(clips), ray.get_runtime_context().gcs_address],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "RAY_ADDRESS": ""})
