@@ -51,7 +51,6 @@ class ProgressBar:
 
     def start(self, total_inputs: int) -> None:
         self.started = time.time()
-        self.lines = ProgressLines(self.bar, first_after_s=ProgressLines.EVERY_S)
         self.total = total_inputs
         self.bar.update(self.task, total=total_inputs)
 

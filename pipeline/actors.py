@@ -92,7 +92,7 @@ class UnitWriter:
     def __init__(self, settings: dict, stage: str, gpu_ids: list[str] | None = None):
         import secrets
 
-        self.settings, self.stage = settings, stage
+        self.settings = settings
         self.held = [{"stage": stage, **_assigned_resources(gpu_ids)}]
         self._entries: list[dict] = []
         self._call: dict | None = None
@@ -124,7 +124,6 @@ class UnitWriter:
         resources = self.held + list(upstream)
         return pa.Table.from_pylist([{"entry": commit_record(e), "resources": resources} for e in entries],
                                     schema=COMMIT_SCHEMA)
-
 
     @contextlib.contextmanager
     def _writing(self):

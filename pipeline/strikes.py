@@ -16,8 +16,8 @@ running again, and the units beside it in a call are never blamed. A death while
 shards are written (a kill for memory as a shard is packed, a hung mount) is a strike against
 the call (``write``): after ``STRIKES`` of them, its units are errors rows. The log costs two
 buffered writes per unit (one still image is a unit; four where shards are written), no file
-created or removed per unit: metadata operations on NFS are synchronous. A new run (a resume) starts from no strikes: the next run's start
-(``OutputStore.recover``) removes the folder.
+created or removed per unit: metadata operations on NFS are synchronous. A new run (a resume)
+starts from no strikes: the next run's start (``OutputStore.recover``) removes the folder.
 
 A unit that never ends (a decoder stuck in native code on a damaged file, a read from a hung
 mount) would hold its actor, and the run, for ever: a unit may take ``--unit-timeout`` seconds.
@@ -116,7 +116,7 @@ def _stuck_at(log: Path) -> str | None:
         return None
     if not text.strip():
         return None
-    threads = text.split("\n\n") if "\n\n" in text else text.split("Thread ")
+    threads = text.split("\n\n")  # faulthandler's blocks, one per thread
     ours = next((t for t in threads if "unit_result" in t or "_writing" in t), text)
     frames = [line.strip() for line in ours.splitlines() if line.strip().startswith("File ")]
     return frames[0] if frames else "an unknown place"
