@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from disco.pipeline.annotators.base import Matte
+from disco.pipeline.annotators.registry import BackendError
 from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline import strikes
 from disco.pipeline.device_loss import DeviceLost, device_lost, restart
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
-from disco.pipeline.gpu_balance import balance_gpu
+from disco.pipeline.gpu_balance import balance_gpu, cap_gpu_memory
 from disco.pipeline.stages import (
     MattedFrame,
     UnitResult,
@@ -224,6 +225,10 @@ def _annotator(settings: dict, roles: tuple[str, ...]):
         # not load (damaged, another model): every actor would fail the same way.
         raise ActorCannotStart(f"{STOPS_THE_RUN} {exc} (node {socket.gethostname()}, where the driver found the "
                                "files: every node must see the same --weights folder)") from None
+    except BackendError as exc:
+        # What this node lacks to run the backend (onnxruntime-gpu's CUDA provider, its libraries):
+        # every actor here would fail the same way.
+        raise ActorCannotStart(f"{STOPS_THE_RUN} {exc} (node {socket.gethostname()})") from None
 
 
 class AnnotateStage:
@@ -252,6 +257,7 @@ class MattingStage:
         self.settings = settings
         check_storage(settings)
         gpu_ids = balance_gpu(settings.get("gpu_ledger"), "matting")  # before any model loads
+        cap_gpu_memory()
         self.annotator = _annotator(settings, ("matting",))
         self.resources = {"matting": _assigned_resources(gpu_ids)}
 
@@ -280,6 +286,7 @@ class PoseStage:
         self.settings = settings
         check_storage(settings)
         gpu_ids = balance_gpu(settings.get("gpu_ledger"), "pose")  # before any model loads
+        cap_gpu_memory()
         self.annotator = _annotator(settings, ("pose",))
         self.out = UnitWriter(settings, "pose", gpu_ids)
 

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import NoReturn
 
-from disco.pipeline.errors import first_line
+from disco.pipeline.errors import first_line, out_of_gpu_memory
 from disco.pipeline.strikes import mark_gpu
 
 # What CUDA, cuBLAS, cuDNN and ONNX Runtime's CUDA provider say when the context is gone...
@@ -44,9 +44,9 @@ def device_lost(exc: BaseException) -> bool:
     text = str(exc)
     if any(marker in text for marker in RECOVERABLE):
         return False
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+    if out_of_gpu_memory(exc):
         return False
+    torch = sys.modules.get("torch")
     accelerator = getattr(torch, "AcceleratorError", None) if torch is not None else None
     return (accelerator is not None and isinstance(exc, accelerator)) or any(marker in text for marker in MARKERS)
 

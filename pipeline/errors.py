@@ -130,12 +130,23 @@ def error_type_of(exc: BaseException) -> str:
         return "unit_timeout"  # it ran past --unit-timeout on every try
     if isinstance(exc, WorkerCrashed):
         return "worker_crashed"  # its actor's process ended on every try
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+    if out_of_gpu_memory(exc):
         return "gpu_out_of_memory"
     if isinstance(exc, RecursionError):
         return "too_deeply_nested"
     return f"unexpected_{type(exc).__name__}"
+
+
+# ONNX Runtime raises a plain RuntimeError (its arena, or CUDA's allocator) when the GPU is full.
+ORT_OUT_OF_MEMORY = ("Failed to allocate memory", "BFCArena", "CUDA failure 2: out of memory")
+
+
+def out_of_gpu_memory(exc: BaseException) -> bool:
+    """The GPU's memory ran out (PyTorch's error, or ONNX Runtime's): the device stays usable."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in ORT_OUT_OF_MEMORY)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

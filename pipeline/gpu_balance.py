@@ -83,20 +83,52 @@ def balance_gpu(ledger: str | None, stage: str) -> list[str]:
     import ray
 
     context = ray.get_runtime_context()
-    assigned = [str(g) for g in ray.get_gpu_ids()]
+    chosen = assigned = [str(g) for g in ray.get_gpu_ids()]
     share = float(context.get_assigned_resources().get("GPU", 0.0))
-    if not ledger or not 0 < share < 1:
-        return assigned
-    node = context.get_node_id()
-    gpus = next((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node), 0)
-    ids = node_gpu_ids(gpus)
-    if not ids:
-        return assigned
-    try:
-        chosen = ray.get(ray.get_actor(ledger, namespace=NAMESPACE).claim.remote(
-            context.get_actor_id(), node, stage, share, assigned, ids))
-    except Exception:  # noqa: BLE001 - a ledger that is gone: where Ray put it is a valid place
-        return assigned
-    if chosen != assigned:
+    if ledger and 0 < share < 1:
+        node = context.get_node_id()
+        gpus = next((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node), 0)
+        ids = node_gpu_ids(gpus)
+        try:
+            if ids:
+                chosen = ray.get(ray.get_actor(ledger, namespace=NAMESPACE).claim.remote(
+                    context.get_actor_id(), node, stage, share, assigned, ids))
+        except Exception:  # noqa: BLE001 - a ledger that is gone: where Ray put it is a valid place
+            chosen = assigned
+    if chosen:
+        # Set even where Ray put it: with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (clusters
+        # shared with vLLM-style frameworks) Ray leaves every GPU visible, and "cuda" is GPU 0 for
+        # every actor of the node.
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
     return chosen
+
+
+_memory_limit: int | None = None
+
+
+def cap_gpu_memory() -> int | None:
+    """In a GPU actor holding a share of one GPU (below a whole one), after ``balance_gpu`` and
+    before any model loads: PyTorch's caching allocator may hold that share of the device's memory
+    and no more, and ONNX Runtime's arena the same (``gpu_memory_limit``). Two actors share each
+    GPU; without a cap the first one's peak (SAM's batch) stays reserved in its cache and the
+    other runs out of memory on frames that fit its share, blamed on their inputs. With it, an
+    actor that outgrows its share gets the error itself, and its batches shrink. The bytes, or
+    None where nothing is capped (a whole GPU, no GPU, no CUDA)."""
+    global _memory_limit
+    import ray
+
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    if not 0 < share < 1:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.set_per_process_memory_fraction(share, 0)
+    _memory_limit = int(torch.cuda.get_device_properties(0).total_memory * share)
+    return _memory_limit
+
+
+def gpu_memory_limit() -> int | None:
+    """The bytes of GPU memory this process may take (``cap_gpu_memory``); None: no cap."""
+    return _memory_limit

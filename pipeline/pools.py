@@ -113,11 +113,10 @@ def gpu_pools(cfg: PreprocessConfig, nodes: list[dict], units: int) -> list[Pool
     each (by default), so a node with N GPUs holds N of each. On ``--device cpu`` the models take
     no GPU unless ``--matting-gpus`` / ``--pose-gpus`` ask; then the same rule places them."""
     on_gpu = cfg.resolved["device"] == "cuda"
-    wants = {
-        "matting": cfg.matting_gpus if cfg.matting_gpus is not None else (0.5 if on_gpu else 0.0),
-        "pose": cfg.pose_gpus if cfg.pose_gpus is not None else (
-            0.5 if on_gpu and gpu_backend(cfg.resolved["pose"]) else 0.0),
-    }
+    # A stage whose backend runs on the CPU (MediaPipe beside a GPU model) holds no GPU share: half
+    # of every GPU would sit reserved for it, idle.
+    wants = {stage: given if given is not None else (0.5 if on_gpu and gpu_backend(cfg.resolved[stage]) else 0.0)
+             for stage, given in (("matting", cfg.matting_gpus), ("pose", cfg.pose_gpus))}
     for stage, share in wants.items():
         if on_gpu and share <= 0 and gpu_backend(cfg.resolved[stage]):
             # Its models would be built on a CUDA device that Ray did not give it (Ray leaves every

@@ -7,6 +7,7 @@ A unit is a still image or a segment of a video.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,7 +28,7 @@ from disco.pipeline.annotators import SEQUENCE_KINDS, Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.store.encode import build_row
 from disco.pipeline.device_loss import raise_if_device_lost
-from disco.pipeline.errors import error_record, failed_unit, input_error
+from disco.pipeline.errors import error_record, failed_unit, input_error, out_of_gpu_memory
 from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.store.schema import TRIPLET_SCHEMA, sample_id
 from disco.pipeline.sources.generic import local_path
@@ -103,15 +104,8 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
     """Matting over the unit's frames (batched where the backend can). Returns the frames that hold
     a person, with their mattes; the others are counted by reason."""
     annotator.begin_unit(unit)
-    try:
-        mattes = annotator.matte_batch([f.picture for f in frames])
-    except Exception as exc:  # one bad frame must not sink the others: go again one at a time (below)
-        raise_if_device_lost(exc)
-        mattes = None
-    if mattes is None:
-        # Outside the except block: its traceback holds the failed batch's frames and tensors,
-        # which a retry after a GPU out-of-memory error needs freed.
-        release_device_memory()
+    mattes = _batched_mattes(annotator, [f.picture for f in frames])
+    if mattes is None:  # one bad frame must not sink the others: go again one at a time
         mattes = []
         for frame_index, _, frame, row_unit in frames:
             try:
@@ -136,11 +130,30 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
     return kept
 
 
+def _batched_mattes(annotator, pictures: list[np.ndarray]) -> list | None:
+    """The frames' mattes in the backend's batches; None where a batch failed. A batch out of GPU
+    memory halves the backend's batch for the rest of this actor's life and runs again: the peak
+    is the same for every unit of this size, so retrying the same batch on each would fail each
+    time (and fall back to one frame at a time), and a GPU shared with another actor leaves less
+    than the batch was sized for."""
+    while True:
+        try:
+            return annotator.matte_batch(pictures)
+        except Exception as exc:
+            raise_if_device_lost(exc)
+            smaller = annotator.shrink_batch() if out_of_gpu_memory(exc) else None
+        # Outside the except block: its traceback holds the failed batch's frames and tensors,
+        # which the retry needs freed.
+        release_device_memory()
+        if smaller is None:
+            return None
+        print(f"disco: matting a batch ran out of GPU memory; batches of {smaller} frame(s) from now on",
+              file=sys.stderr, flush=True)
+
+
 def release_device_memory() -> None:
     """Hands the CUDA caching allocator's unused blocks back (after a failed batch), where torch
     is loaded and CUDA started; nothing otherwise."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

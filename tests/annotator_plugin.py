@@ -137,3 +137,33 @@ class OutOfMemory(CentreBox):
 
 register(Backend(name="out-of-memory", roles=("matting",), build=lambda role, options, shared: OutOfMemory(options),
                  summary="the centre box; a marked frame is out of GPU memory (tests only)"))
+
+
+# -- a GPU whose memory holds a few frames at a time ------------------------------------------------
+
+class TightMemory(CentreBox):
+    """The centre box in batches of ``batch_size`` (8, as Grounded-SAM's) on a GPU that holds
+    ``fits`` frames at a time: a larger batch raises PyTorch's out-of-memory error, as SAM's batch
+    does on a GPU shared with another actor. ``calls``: each batch's size, in order."""
+
+    def __init__(self, options: dict):
+        super().__init__(options)
+        self.batch_size = options.get("batch_size", 8)
+        self.fits = options.get("fits", 2)
+        self.calls: list[int] = []
+
+    def matte_batch(self, frames: list[np.ndarray]) -> list[Matte]:
+        import torch
+
+        out = []
+        for start in range(0, len(frames), self.batch_size):
+            chunk = frames[start:start + self.batch_size]
+            self.calls.append(len(chunk))
+            if len(chunk) > self.fits:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+            out += [self.matte(frame) for frame in chunk]
+        return out
+
+
+register(Backend(name="tight-memory", roles=("matting",), build=lambda role, options, shared: TightMemory(options),
+                 summary="the centre box in batches; more than 2 frames at once is out of GPU memory (tests only)"))

@@ -368,3 +368,28 @@ def test_a_pose_model_an_actor_cannot_load_stops_preprocess_in_one_line(weights,
 
     assert printed_of(f"Task x failed.\nTraceback ...\nActorCannotStart: {STOPS_THE_RUN} damaged weights") == []
     assert printed_of("Task y failed: out of memory") == ["Task y failed: out of memory"]
+
+
+def test_an_actor_whose_onnx_runtime_falls_back_to_the_cpu_stops_the_run_in_one_line(weights, monkeypatch):
+    """onnxruntime-gpu that cannot load CUDA's or cuDNN's libraries on a node falls back to the
+    CPU by itself. In a pose actor that is every actor of the node: the run stops in one line
+    naming the node and what to install (a Ray traceback of the actor's start before), and the
+    message no longer points at a log the driver never shows."""
+    import onnxruntime
+
+    from disco.pipeline.actors import ActorCannotStart, _annotator
+    from disco.pipeline.errors import STOPS_THE_RUN, stopping_error
+
+    # What onnxruntime-gpu reports before a session, on a node without the libraries: the CUDA
+    # provider is there; the session made with it runs on the CPU (this CPU build does the same).
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    settings = {"matting": "mediapipe", "pose": "dwpose", "hands": True, "min_visibility": 0.5,
+                "min_mask_area": 0.01, "joint_threshold": 0.2, "backend_modules": {},
+                "backend_options": {"device": "cuda", "weights": str(weights)}}
+    with pytest.raises(ActorCannotStart) as info:
+        _annotator(settings, ("pose",))
+    message = str(info.value)
+    assert message.startswith(STOPS_THE_RUN) and "CUDA provider did not load" in message
+    assert "onnxruntime-gpu needs CUDA 12's and cuDNN 9's libraries" in message and "log above" not in message
+    assert str(stopping_error(info.value)).endswith(")") and "(node " in message

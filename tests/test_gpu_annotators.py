@@ -445,3 +445,125 @@ def test_generate_builds_its_annotators_on_the_models_device(weights, monkeypatc
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert dwpose_backend.providers_for("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
     assert dwpose_backend.providers_for("cpu") == ["CPUExecutionProvider"]
+
+
+def test_a_matting_batch_out_of_gpu_memory_halves_the_batch_for_the_rest_of_the_actor():
+    """SAM's batch of 8 on a GPU that holds 2 frames (a smaller card, or its half of one shared
+    with the pose actor): the batch halves until it fits and stays so for the actor's later units.
+    Before, every unit tried 8 again, failed, and went one frame at a time."""
+    import importlib
+    from collections import Counter
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+    from disco.pipeline.decode import Frame
+    from disco.pipeline.stages import matte_unit
+
+    importlib.reload(annotator_plugin)
+    try:
+        annotator = FrameAnnotator("tight-memory", "none", hands=False, min_visibility=0.5, min_mask_area=0.01)
+        backend = annotator.matting
+        picture = np.zeros((16, 16, 3), np.uint8)
+        kept_per_unit, errors = [], []
+        for index in range(2):  # two units of 8 frames
+            unit = {"source": "video", "clip_id": f"c{index}", "input_path": f"c{index}.mp4", "kind": "video"}
+            frames = [Frame(i, i / 8, picture, unit) for i in range(8)]
+            kept_per_unit.append(len(matte_unit(unit, frames, annotator, {}, errors, Counter(), [])))
+    finally:
+        for name in ("tight-memory", "out-of-memory", "centre-box", "broken-device", "killing-input", "stuck-input",
+                     "killing-writer"):
+            registry.unregister(name)
+    assert kept_per_unit == [8, 8] and errors == []
+    assert backend.calls == [8, 4, 2, 2, 2, 2] + [2, 2, 2, 2]  # 8 and 4 ran out once; then 2 from the start
+    assert annotator.shrink_batch() == 1 and annotator.shrink_batch() is None  # down to one frame, no further
+
+
+def test_onnx_runtimes_out_of_memory_is_a_gpu_out_of_memory_error_not_a_lost_device():
+    """ONNX Runtime (DWPose) raises a plain RuntimeError when the GPU is full: typed
+    ``gpu_out_of_memory`` (--retry-errors gpu_out_of_memory runs it again), the actor kept."""
+    from disco.pipeline.device_loss import device_lost
+    from disco.pipeline.errors import error_type_of
+
+    full = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
+                        "Conv node. Name:'/backbone/Conv' Status Message: Failed to allocate memory for requested "
+                        "buffer of size 268435456")
+    cuda = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2: out of memory ; GPU=0 ; hostname=n1")
+    for exc in (full, cuda):
+        assert error_type_of(exc) == "gpu_out_of_memory" and not device_lost(exc)
+    assert error_type_of(RuntimeError("shape mismatch")) == "unexpected_RuntimeError"
+
+
+def test_an_actor_on_a_share_of_a_gpu_sees_its_own_gpu_and_takes_its_share_of_memory(ray_local):
+    """With RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (clusters shared with vLLM-style
+    frameworks) Ray leaves every GPU visible, and "cuda" was GPU 0 for every actor of the node:
+    the actor sets CUDA_VISIBLE_DEVICES to what Ray gave it. An actor on half a GPU holds
+    PyTorch's allocator and DWPose's ONNX Runtime arena to half the device's memory (the CUDA
+    calls are stood in for in the actor: no GPU here); a whole GPU is not capped."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Stage:
+        def __init__(self):
+            import torch
+
+            self.fraction = []
+            torch.cuda.is_available = lambda: True
+            torch.cuda.set_per_process_memory_fraction = lambda share, device: self.fraction.append((share, device))
+            torch.cuda.get_device_properties = lambda device: type("Props", (), {"total_memory": 80 << 30})()
+
+        def start(self):
+            import os
+
+            import onnxruntime
+
+            from disco.pipeline.annotators.dwpose_backend import providers_for
+            from disco.pipeline.gpu_balance import balance_gpu, cap_gpu_memory
+
+            used = balance_gpu(None, "pose")
+            limit = cap_gpu_memory()
+            onnxruntime.get_available_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            return (used, os.environ.get("CUDA_VISIBLE_DEVICES"), limit, self.fraction,
+                    providers_for("cuda")[0][1])
+
+    noset = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    results = []
+    for gpus, env in ((0.5, noset), (1, None)):
+        actor = Stage.options(num_gpus=gpus, runtime_env=env).remote()
+        try:
+            results.append(ray.get(actor.start.remote()))
+        finally:
+            ray.kill(actor)
+    (used, visible, limit, fraction, options), whole = results
+    assert len(used) == 1 and visible == used[0]  # Ray left it unset (its own variable says so); the actor set it
+    assert limit == 40 << 30 and fraction == [(0.5, 0)]
+    assert options == {"device_id": 0, "gpu_mem_limit": 40 << 30, "arena_extend_strategy": "kSameAsRequested"}
+    assert whole[1] == whole[0][0] and whole[2] is None and whole[3] == []  # a whole GPU: nothing capped
+    assert whole[4] == {"device_id": 0}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+def test_the_memory_cap_of_a_half_gpu_actor_holds_on_cuda(ray_local):
+    """On a GPU: an actor on half of it cannot allocate more than half its memory (PyTorch's
+    error, which the matting stage answers with smaller batches), and can allocate below it."""
+    import ray
+
+    @ray.remote(num_cpus=0, num_gpus=0.5)
+    def probe():
+        import torch
+
+        from disco.pipeline.gpu_balance import balance_gpu, cap_gpu_memory
+
+        balance_gpu(None, "matting")
+        limit = cap_gpu_memory()
+        small = torch.empty(limit // 4, dtype=torch.uint8, device="cuda")
+        del small
+        try:
+            torch.empty(int(limit * 1.2), dtype=torch.uint8, device="cuda")
+        except torch.OutOfMemoryError:
+            return limit, True
+        return limit, False
+
+    limit, refused = ray.get(probe.remote())
+    assert limit > 0 and refused

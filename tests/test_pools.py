@@ -136,6 +136,15 @@ def test_mediapipe_pose_beside_gpu_matting_takes_no_gpu(tmp_path):
     assert _fits(nodes, pools)
 
 
+def test_mediapipe_matting_beside_gpu_pose_takes_no_gpu(tmp_path):
+    """``auto`` with only pose weights: MediaPipe mattes on the CPU; half of every GPU held for it
+    would sit idle (and cap its actors at one per GPU)."""
+    nodes = [{"CPU": 16.0, "GPU": 2.0}]
+    pools = plan_pools(_cfg(tmp_path, matting="mediapipe"), nodes, _units(100))
+    assert [(p.stage, p.actors, p.gpus) for p in pools] == [("matting", 4, 0.0), ("pose", 4, 0.5)]
+    assert _fits(nodes, pools)
+
+
 @pytest.mark.parametrize("cpus", [[2.0], [1.0, 2.0, 2.0], [16.0, 16.0, 16.0]])
 def test_cpu_pipeline_takes_one_actor_per_cpu_of_every_node(tmp_path, cpus):
     nodes = [{"CPU": c, "GPU": 0.0} for c in cpus]

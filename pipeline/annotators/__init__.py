@@ -206,6 +206,15 @@ class FrameAnnotator:
             return self.matting.matte_batch(frames)
         return [self.matting.matte(frame) for frame in frames]
 
+    def shrink_batch(self) -> int | None:
+        """After a matting batch ran out of GPU memory: the backend's batch halved for the rest of
+        this process's life; the new size, or None where the backend has no batch to halve."""
+        size = getattr(self.matting, "batch_size", None)
+        if not isinstance(size, int) or size <= 1:
+            return None
+        self.matting.batch_size = size // 2
+        return self.matting.batch_size
+
     def present(self, matte: Matte) -> bool:
         return person_present(matte, self.min_score, self.min_mask_area)
 

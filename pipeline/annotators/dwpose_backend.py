@@ -27,6 +27,7 @@ from disco.pipeline.annotators.keypoints import (BODY18_NAMES, COCO17_TO_BODY18,
                                                  with_neck)
 from disco.pipeline.annotators.registry import Backend, BackendError, register
 from disco.pipeline.annotators.weights import WeightFile, WeightsError, needs_folder, require, weights_dir
+from disco.pipeline.gpu_balance import gpu_memory_limit
 
 # In the weights folder, as the DWPose authors publish them (huggingface.co/yzd-v/DWPose).
 DWPOSE_FILES = {"detector": "dwpose/yolox_l.onnx", "pose": "dwpose/dw-ll_ucoco_384.onnx"}
@@ -209,7 +210,16 @@ def providers_for(device: str) -> list:
     missing = cuda_provider_missing()
     if missing:
         raise BackendError(f"dwpose on CUDA: {missing}, or pass --device cpu")
-    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+    # onnxruntime-gpu looks for CUDA's and cuDNN's libraries on the library path only, where pip's
+    # copies (the nvidia-* wheels PyTorch depends on) are not: without them it falls back to the
+    # CPU. Importing PyTorch first loads them into the process, where ONNX Runtime finds them.
+    import torch  # noqa: F401
+    options = {"device_id": int(index or 0)}
+    limit = gpu_memory_limit()
+    if limit is not None:  # this actor's share of a GPU it shares with another (gpu_balance)
+        # Grown by what is asked, not doubled: the arena's doubling would reach the limit early.
+        options.update(gpu_mem_limit=limit, arena_extend_strategy="kSameAsRequested")
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 def _provider_names(providers: list) -> list[str]:
@@ -251,8 +261,10 @@ def load_session(path: Path, io, what: str, providers: list[str]):
         raise WeightsError(f"{path} is not {expected}: it has {found}. Is it the right file?")
     if "CUDAExecutionProvider" in _provider_names(providers) and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime-gpu falls back to the CPU by itself when CUDA or cuDNN fail to load.
-        raise BackendError(f"ONNX Runtime could not run {path.name} on CUDA (see its log above: CUDA or cuDNN "
-                           "libraries missing?); pass --device cpu to run dwpose on the CPU on purpose")
+        raise BackendError(f"ONNX Runtime could not run {path.name} on CUDA: its CUDA provider did not load "
+                           "(onnxruntime-gpu needs CUDA 12's and cuDNN 9's libraries; on a cluster, the actor's "
+                           "log on its node names the one missing); pass --device cpu to run dwpose on the CPU on "
+                           "purpose")
     return session
 
 
