@@ -23,7 +23,7 @@ from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline import strikes
 from disco.pipeline.device_loss import DeviceLost, device_lost, restart
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
-from disco.pipeline.gpu_balance import balance_gpu, cap_gpu_memory
+from disco.pipeline.gpu_balance import balance_gpu, cap_gpu_memory, first_kernel, gpu_unusable
 from disco.pipeline.stages import (
     MattedFrame,
     UnitResult,
@@ -231,6 +231,25 @@ def _annotator(settings: dict, roles: tuple[str, ...]):
         raise ActorCannotStart(f"{STOPS_THE_RUN} {exc} (node {socket.gethostname()})") from None
 
 
+def _start_gpu(settings: dict, stage: str) -> list[str]:
+    """Before a GPU actor's models load: the GPU it uses (``balance_gpu``), its share of the
+    device's memory (``cap_gpu_memory``) and a first kernel there. A GPU this process cannot use
+    (exclusive-process compute mode with two actors a GPU, a PyTorch without kernels for it)
+    stops the run in one line that names the node, the GPU and the remedy, instead of Ray's
+    traceback of the actor's start, or an errors row for every frame."""
+    gpu_ids = balance_gpu(settings.get("gpu_ledger"), stage)
+    try:
+        cap_gpu_memory()
+        first_kernel()
+    except RuntimeError as exc:
+        why = gpu_unusable(exc)
+        if why is None:
+            raise
+        raise ActorCannotStart(f"{STOPS_THE_RUN} the {stage} actor cannot use GPU {','.join(gpu_ids)} of node "
+                               f"{socket.gethostname()}: {why}") from None
+    return gpu_ids
+
+
 class AnnotateStage:
     """Ray Data actor of the CPU pipeline: loads the annotators once, then decodes, annotates,
     encodes and writes its units, so frames and pictures never cross the object store."""
@@ -256,8 +275,7 @@ class MattingStage:
     def __init__(self, settings: dict):
         self.settings = settings
         check_storage(settings)
-        gpu_ids = balance_gpu(settings.get("gpu_ledger"), "matting")  # before any model loads
-        cap_gpu_memory()
+        gpu_ids = _start_gpu(settings, "matting")  # before any model loads
         self.annotator = _annotator(settings, ("matting",))
         self.resources = {"matting": _assigned_resources(gpu_ids)}
 
@@ -285,8 +303,7 @@ class PoseStage:
     def __init__(self, settings: dict):
         self.settings = settings
         check_storage(settings)
-        gpu_ids = balance_gpu(settings.get("gpu_ledger"), "pose")  # before any model loads
-        cap_gpu_memory()
+        gpu_ids = _start_gpu(settings, "pose")  # before any model loads
         self.annotator = _annotator(settings, ("pose",))
         self.out = UnitWriter(settings, "pose", gpu_ids)
 

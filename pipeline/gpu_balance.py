@@ -132,3 +132,34 @@ def cap_gpu_memory() -> int | None:
 def gpu_memory_limit() -> int | None:
     """The bytes of GPU memory this process may take (``cap_gpu_memory``); None: no cap."""
     return _memory_limit
+
+
+# What CUDA says when this process cannot use the GPU Ray gave it, and what to do about it.
+UNUSABLE = {
+    "busy or unavailable": ("CUDA says the device is busy or unavailable: a GPU in exclusive-process compute mode "
+                            "takes one process, and this run puts two actors on each GPU; pass --matting-gpus 1 "
+                            "--pose-gpus 1 (a GPU per actor), or set the compute mode to DEFAULT (nvidia-smi -c 0)"),
+    "no kernel image": ("this PyTorch build has no kernels for this GPU's architecture: install a PyTorch wheel "
+                        "built for it (every frame would fail)"),
+}
+
+
+def first_kernel() -> None:
+    """Runs one small kernel on the GPU this actor was given, before any model loads: a GPU the
+    process cannot use fails here, once, not on every frame. Nothing where the actor holds no GPU
+    or CUDA is not there."""
+    import ray
+
+    if not ray.get_gpu_ids():
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.ones(1, device="cuda").add_(1).item()
+
+
+def gpu_unusable(exc: BaseException) -> str | None:
+    """Why this process cannot use its GPU, from what CUDA raised at the first kernel; None for
+    anything else."""
+    text = str(exc)
+    return next((why for marker, why in UNUSABLE.items() if marker in text), None)

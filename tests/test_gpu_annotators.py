@@ -567,3 +567,50 @@ def test_the_memory_cap_of_a_half_gpu_actor_holds_on_cuda(ray_local):
 
     limit, refused = ray.get(probe.remote())
     assert limit > 0 and refused
+
+
+@pytest.mark.parametrize(("cuda_error", "says"), [
+    ("CUDA error: all CUDA-capable devices are busy or unavailable", "--matting-gpus 1 --pose-gpus 1"),
+    ("CUDA error: no kernel image is available for execution on the device", "install a PyTorch wheel built for it"),
+])
+def test_a_gpu_the_actor_cannot_use_stops_the_run_in_one_line(ray_local, tmp_path, cuda_error, says):
+    """A GPU in exclusive-process compute mode (HPC clusters) takes one process: the second actor
+    on it could not start, a Ray traceback ended the run. A PyTorch without kernels for the GPU
+    loaded the models (a copy needs no kernel) and failed every frame, each an errors row. Both are
+    found by a first kernel at the actor's start, before its models load: one line naming the node,
+    the GPU and the remedy (the CUDA call is stood in for in the actor: no GPU here)."""
+    import ray
+
+    from disco.pipeline.errors import STOPS_THE_RUN, stopping_error
+
+    @ray.remote(num_cpus=0, num_gpus=0.5)
+    class Start:
+        def run(self, settings, error):
+            import torch
+
+            from disco.pipeline.actors import MattingStage
+
+            def ones(*args, **kwargs):
+                raise RuntimeError(error)
+
+            torch.cuda.is_available = lambda: True
+            torch.cuda.set_per_process_memory_fraction = lambda share, device: None
+            torch.cuda.get_device_properties = lambda device: type("Props", (), {"total_memory": 80 << 30})()
+            torch.ones = ones
+            try:
+                MattingStage(settings)
+            except Exception as exc:  # noqa: BLE001 - what Ray Data would get from the actor's start
+                return str(exc)
+            return None
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"")
+    settings = {"input_root": str(tmp_path / "in"), "output": str(tmp_path), "matting": "mediapipe"}
+    actor = Start.remote()
+    try:
+        message = ray.get(actor.run.remote(settings, cuda_error))
+    finally:
+        ray.kill(actor)
+    assert message is not None and message.startswith(STOPS_THE_RUN), message
+    line = str(stopping_error(RuntimeError(message)))
+    assert line.startswith("the matting actor cannot use GPU ") and " of node " in line and says in line
