@@ -106,3 +106,33 @@ def test_a_run_overfits_its_rows_its_pose_gap_grows_and_is_zero_with_the_pose_br
     from disco.model.checkpoint import load_model
 
     assert load_model(cut).config.pose_scale == 0.0
+
+
+def test_the_held_out_rows_are_found_by_the_driver_not_by_rank_0_inside_the_loop(triplets, tmp_path, monkeypatch):
+    """Rank 0 built the held-out index itself, inside the loop, reading every shard's footer (twice
+    where the data has no test rows) while the other ranks waited in their first collective: on
+    30K shards over NFS that can outlast NCCL's timeout. The driver finds them now, beside the
+    training index, and ships them; nothing inside the loop lists the data."""
+    import inspect
+
+    import disco.train.data as data
+    import disco.train.launch as launch
+    import disco.train.loop as loop
+
+    calls = []
+    real = data.build_index
+
+    def counted(paths, split):
+        inside = any(frame.function == "_train" and frame.filename == loop.__file__ for frame in inspect.stack())
+        calls.append((split, inside))
+        return real(paths, split)
+
+    for module in (data, launch, loop):
+        monkeypatch.setattr(module, "build_index", counted)
+    run = tmp_path / "run"
+    summary = train(TrainConfig(**{**RUN, "max_steps": 2, "eval_every": 2}, data=[str(triplets["video"])],
+                                output=str(run)))
+    assert [m["step"] for m in _evaluations(run)] == [2]
+    assert (summary["eval"]["split"], summary["eval"]["held_out"]) == ("train", False)  # the fixture has no test rows
+    assert calls and not any(inside for _, inside in calls), calls
+    assert calls == [("train", False), ("test", False)]  # the training index serves when there are no test rows

@@ -188,11 +188,12 @@ def _interrupt_after_first_log(run: Path, process: subprocess.Popen) -> tuple[st
 
 def test_ctrl_c_stops_ray_train_workers_after_a_checkpoint(triplets, tmp_path):
     """The same with two Ray Train workers (gloo): Ray Train's own Ctrl-C handler would abort the
-    workers without a checkpoint; ours stops them after the step and checkpoints it."""
+    workers without a checkpoint; ours stops them after the step and checkpoints it. (With
+    --eval-every: rank 0 reads its held-out rows, found by the driver, from the object store.)"""
     run = tmp_path / "two"
     command, env = cli_process("train", *OPTIONS, "--data", str(triplets["video"]), "--max-steps", "20",
                                "--checkpoint-every", "1000", "--log-every", "1", "--num-workers", "2",
-                               "--output", str(run))
+                               "--eval-every", "1000", "--output", str(run))
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     out, err = _interrupt_after_first_log(run, process)

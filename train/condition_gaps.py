@@ -64,21 +64,44 @@ def pose_partners(clips: np.ndarray, frames: np.ndarray) -> np.ndarray:
     return partners
 
 
+def held_out_rows(cfg, train_index=None) -> tuple:
+    """The rows the gaps are measured on, as ``(index, split, held_out)``: ``cfg.eval_split``'s,
+    or the training split's where the data has none (``train_index``, where given, for those).
+    The driver calls it (``launch``) and ships the index with the training one: built on rank 0
+    alone (every shard's footer read, twice where the split is missing: 30K shards on NFS) while
+    the other ranks waited in their first collective, it could outlast NCCL's timeout."""
+    from disco.train.data import DataError, build_index
+
+    if cfg.eval_split == cfg.split and train_index is not None:
+        return train_index, cfg.split, False
+    try:
+        return build_index(cfg.data, cfg.eval_split), cfg.eval_split, cfg.eval_split != cfg.split
+    except DataError:
+        return (train_index if train_index is not None else build_index(cfg.data, cfg.split)), cfg.split, False
+
+
+def evaluates(cfg) -> bool:
+    """Whether the run measures condition gaps (``--eval-every``, a stage this module knows)."""
+    return bool(cfg.eval_every) and cfg.stage in STAGES
+
+
 class ConditionGaps:
     """The held-out batch of a run and the loss variants on it (rank 0 of a run with ``eval_every``)."""
 
-    def __init__(self, cfg, model, device, precision=None, data_cpus: float = 0.25):
+    def __init__(self, cfg, model, device, precision=None, data_cpus: float = 0.25, rows: tuple | None = None):
         self.cfg, self.model, self.device, self.precision = cfg, model, torch.device(device), precision
         self.data_cpus = data_cpus
+        self.rows = rows  # held_out_rows(cfg), where the driver built it
         self.batch: dict | None = None
         self.source: dict | None = None
 
     @classmethod
-    def for_run(cls, cfg, rank: int, model, device, precision=None, data_cpus: float = 0.25) -> "ConditionGaps | None":
+    def for_run(cls, cfg, rank: int, model, device, precision=None, data_cpus: float = 0.25,
+                rows: tuple | None = None) -> "ConditionGaps | None":
         """The evaluator of a run, or None: evaluation off, not rank 0, or a stage it does not know."""
-        if not cfg.eval_every or rank != 0 or cfg.stage not in STAGES:
+        if not evaluates(cfg) or rank != 0:
             return None
-        return cls(cfg, model, device, precision, data_cpus)
+        return cls(cfg, model, device, precision, data_cpus, rows)
 
     def due(self, step: int) -> bool:
         return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps
@@ -93,15 +116,10 @@ class ConditionGaps:
         return self.batch
 
     def _build(self) -> dict:
-        from disco.train.data import DataError, SampleStream, StreamPlan, build_index
+        from disco.train.data import SampleStream, StreamPlan
 
         cfg = self.cfg
-        split, held_out = cfg.eval_split, cfg.eval_split != cfg.split
-        try:
-            index = build_index(cfg.data, split)
-        except DataError:
-            split, held_out = cfg.split, False
-            index = build_index(cfg.data, split)
+        index, split, held_out = self.rows if self.rows is not None else held_out_rows(cfg)
         rows = max(1, min(cfg.eval_rows, len(index)))
         pose_render = None
         if cfg.stage == "finetune":

@@ -22,6 +22,7 @@ from disco.model.checkpoint import IMAGE_MODEL_DIR, STATE_FILE, clean_temporary,
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
+from disco.train.condition_gaps import evaluates, held_out_rows
 from disco.train.data import build_index
 from disco.train.monitor import read_metrics
 
@@ -272,16 +273,21 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
     # The index the driver built goes to every worker (through the object store; numpy arrays are
     # shared, not copied, by the workers of a node): they all train on the same shards even when a
     # data folder gains some meanwhile, and no worker re-reads every shard's metadata.
+    # So do the condition gaps' rows (rank 0 alone reading every footer while the others wait in a
+    # collective could outlast NCCL's timeout).
+    eval_rows = held_out_rows(cfg, index) if evaluates(cfg) else None
     if distributed:
         import ray
 
         shared_index = ray.put(index)
+        if eval_rows is not None:
+            eval_rows = (shared_index if eval_rows[0] is index else ray.put(eval_rows[0]), *eval_rows[1:])
     else:
         shared_index = index
     loop_config = {"config": cfg.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,
                    "distributed": distributed, "data_cpus": data_cpus, "worker_threads": worker_threads(worker_cpus),
                    "nccl_guard": os.environ.get(GUARD_ENV) == "1", "index": shared_index,
-                   "run_holder": holder}
+                   "eval_rows": eval_rows, "run_holder": holder}
     stop = threading.Event()
     poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop), daemon=True)
     if on_metrics is not None:

@@ -224,6 +224,18 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         return _train(cfg, loop_config, distributed, rank, world, device)
 
 
+def _local(value):
+    """What the driver shipped (``launch``): an index, or ``(index, split, held_out)``, as it is,
+    or fetched from the object store where a Ray Train worker got a reference to it."""
+    if isinstance(value, tuple):
+        return (_local(value[0]), *value[1:])
+    if value is None or isinstance(value, TripletIndex):
+        return value
+    import ray
+
+    return ray.get(value)
+
+
 def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, world: int, device) -> dict:
     collectives = Collectives(world, device)
     run = Path(cfg.output)
@@ -301,17 +313,15 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     # Condition gaps (--eval-every): rank 0 only, on the bare model; no collective involved. The
     # held-out batch is read now, before the training stream holds the data CPUs: read later, on
     # a busy cluster, it could wait while the other ranks sit in their next all-reduce.
-    gaps = ConditionGaps.for_run(cfg, rank, model, device, precision, loop_config.get("data_cpus", 0.25))
+    gaps = ConditionGaps.for_run(cfg, rank, model, device, precision, loop_config.get("data_cpus", 0.25),
+                                 _local(loop_config.get("eval_rows")))
     if gaps is not None:
         with torch.random.fork_rng(devices=[]):
             gaps.held_out()
     index = loop_config.get("index")
     if index is None:  # a caller of the loop that did not build one (launch.train always does)
         index = build_index(cfg.data, cfg.split)
-    elif not isinstance(index, TripletIndex):  # Ray Train workers: the driver's, from the object store
-        import ray
-
-        index = ray.get(index)
+    index = _local(index)
     trained_on = index.summary()  # recorded in every checkpoint; a resume compares
     pose_render = None
     if cfg.stage in ("finetune", "temporal"):
