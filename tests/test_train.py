@@ -730,6 +730,22 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
         ours, theirs = getattr(model, part).state_dict(), getattr(hap, part).state_dict()
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), part
     assert model.pose_controlnet is not None
+    # A fine-tuning run resumed (or its worker group restarted) after its first checkpoint reads
+    # nothing of the HAP run: its checkpoint overwrites every weight HAP gave. Here the HAP run's
+    # checkpoints are gone by then (pruned as it trained on, moved), and the resumed run still
+    # reaches the weights of an uninterrupted one, bit for bit.
+    whole = _config(tmp_path, triplets, "ft-whole", init_from=str(run), max_steps=4)
+    train(whole)
+    cut = _config(tmp_path, triplets, "ft-cut", init_from=str(run), max_steps=2, schedule_steps=4, checkpoint_every=2)
+    train(cut)
+    hap_checkpoints = tmp_path / "hap-checkpoints"
+    hap_checkpoints.mkdir()
+    for folder in list_checkpoints(run).values():
+        folder.rename(hap_checkpoints / folder.name)
+    train(TrainConfig(output=cut.output, resume=True, max_steps=4), given={"output", "resume", "max_steps"})
+    resumed, uninterrupted = _weights(Path(cut.output)), _weights(Path(whole.output))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
 def test_cli_usage_errors_exit_2_with_one_line(triplets, tmp_path):

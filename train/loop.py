@@ -243,8 +243,8 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    model = initial_model(cfg)
     checkpoint = _agreed_checkpoint(collectives, loop_config, distributed)
+    model = initial_model(cfg, resuming=checkpoint is not None)
     state, weights, training_state, ema_weights = {}, None, {}, None
     if checkpoint:
         weights, training_state, state, ema_weights = read_checkpoint(checkpoint)
