@@ -249,3 +249,32 @@ def test_preprocess_runs_sam2_through_ray(weights, tmp_path, ray_local):
     for row in rows:
         mask = decode_picture(row["mask"], grayscale=True)
         assert mask.shape == (SIZE, SIZE) and row["person_count"] >= 1
+
+
+def test_a_video_unit_out_of_gpu_memory_does_not_shrink_the_stills_batch(matting, monkeypatch):
+    """SAM 2 tracks a video unit whole, whatever the batch: a tracking run out of GPU memory must
+    not halve the stills' batch down to one frame on the way to the one-frame-at-a-time retry."""
+    from collections import Counter
+
+    import torch
+
+    from disco.pipeline.annotators import FrameAnnotator
+    from disco.pipeline.decode import Frame
+    from disco.pipeline.stages import matte_unit
+
+    def full(frames):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    annotator = FrameAnnotator.__new__(FrameAnnotator)  # the pipeline's annotator around this backend
+    annotator.matting, annotator.pose, annotator.shared, annotator._unit = matting, None, {}, None
+    annotator.min_score, annotator.min_mask_area = 0.0, 0.0
+    monkeypatch.setattr(matting, "batch_size", 8)
+    monkeypatch.setattr(matting, "track", full)
+    unit = {"source": "video", "clip_id": "c", "input_path": "c.mp4", "kind": "video"}
+    errors: list[dict] = []
+    picture = clip(1)[0]
+    kept = matte_unit(unit, [Frame(i, i / 8.0, picture, unit) for i in range(2)], annotator, {}, errors, Counter(), [])
+    assert kept == [] and [e["error_type"] for e in errors] == ["gpu_out_of_memory"] * 2
+    assert matting.batch_size == 8  # untouched: the next stills still go 8 at a time
+    matting.begin_unit(sequence=False)
+    assert annotator.shrink_batch() == 4 and matting.batch_size == 4

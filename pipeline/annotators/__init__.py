@@ -209,6 +209,8 @@ class FrameAnnotator:
     def shrink_batch(self) -> int | None:
         """After a matting batch ran out of GPU memory: the backend's batch halved for the rest of
         this process's life; the new size, or None where the backend has no batch to halve."""
+        if hasattr(self.matting, "shrink_batch"):  # a backend whose batch is not always the frames'
+            return self.matting.shrink_batch()
         size = getattr(self.matting, "batch_size", None)
         if not isinstance(size, int) or size <= 1:
             return None

@@ -114,6 +114,14 @@ class Sam2Matting:
         self.sequence = False
         self._torch = torch
 
+    def shrink_batch(self) -> int | None:
+        """After a batch ran out of GPU memory (``FrameAnnotator.shrink_batch``): stills' batch
+        halved; None for a video unit, which SAM 2 tracks whole, whatever the batch."""
+        if self.sequence or self.batch_size <= 1:
+            return None
+        self.batch_size //= 2
+        return self.batch_size
+
     def begin_unit(self, sequence: bool) -> None:
         """Frames of a video unit are tracked; any other unit's frames are stills."""
         self.sequence = sequence
