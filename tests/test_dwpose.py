@@ -393,3 +393,26 @@ def test_an_actor_whose_onnx_runtime_falls_back_to_the_cpu_stops_the_run_in_one_
     assert message.startswith(STOPS_THE_RUN) and "CUDA provider did not load" in message
     assert "onnxruntime-gpu needs CUDA 12's and cuDNN 9's libraries" in message and "log above" not in message
     assert str(stopping_error(info.value)).endswith(")") and "(node " in message
+
+
+def test_sessions_take_the_threads_the_process_has(weights, monkeypatch):
+    """ONNX Runtime ignores OMP_NUM_THREADS and starts a thread per physical core for each session:
+    in the pipeline's actors (OMP_NUM_THREADS=1, an actor per CPU) DWPose's two sessions took a
+    node's every core each. They take the process's thread count where it is set, the default
+    (a thread per core) where it is not."""
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+    dw.DWPosePose(weights, device="cpu")  # the first session starts ONNX Runtime's environment
+    before = threads()
+    pose = dw.DWPosePose(weights, device="cpu")
+    assert threads() == before  # no pool thread started (the default starts one per core but one, per session)
+    for session in (pose.detector, pose.model):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    pose.pose(np.zeros((96, 64, 3), np.uint8))  # and runs so
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert dw.session_options().intra_op_num_threads == 0  # ONNX Runtime's default

@@ -240,13 +240,33 @@ def _fits(declared, expected: tuple) -> bool:
     return all(e is None or not isinstance(d, int) or d == e for d, e in zip(declared, expected))
 
 
+def session_options():
+    """ONNX Runtime's options for DWPose's sessions: the thread count the rest of the process has
+    (``OMP_NUM_THREADS``: 1 in the pipeline's Ray workers, one actor per CPU), where it is set.
+    ONNX Runtime's own pool ignores that variable and starts a thread per physical core, spinning
+    between runs: with two sessions an actor and an actor per CPU, a 96-core node ran 96 x 190
+    threads for 96 cores."""
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        if int(threads) == 1:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def load_session(path: Path, io, what: str, providers: list[str]):
     """An ONNX Runtime session of ``path``, checked against the published graph's inputs and outputs."""
     import onnxruntime as ort
 
     expected = f"DWPose's {what} ({_describe(io)})"
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        session = ort.InferenceSession(str(path), session_options(), providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsError(f"{path} is not a readable ONNX graph ({first}); expected {expected}") from None
