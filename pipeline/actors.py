@@ -238,6 +238,8 @@ def _start_gpu(settings: dict, stage: str) -> list[str]:
     stops the run in one line that names the node, the GPU and the remedy, instead of Ray's
     traceback of the actor's start, or an errors row for every frame."""
     gpu_ids = balance_gpu(settings.get("gpu_ledger"), stage)
+    if not str(settings.get("backend_options", {}).get("device", "cpu")).startswith("cuda"):
+        return gpu_ids  # its models run on the CPU (--device cpu): no CUDA context to start
     try:
         cap_gpu_memory()
         first_kernel()

@@ -605,7 +605,8 @@ def test_a_gpu_the_actor_cannot_use_stops_the_run_in_one_line(ray_local, tmp_pat
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"")
-    settings = {"input_root": str(tmp_path / "in"), "output": str(tmp_path), "matting": "mediapipe"}
+    settings = {"input_root": str(tmp_path / "in"), "output": str(tmp_path), "matting": "mediapipe",
+                "backend_options": {"device": "cuda"}}
     actor = Start.remote()
     try:
         message = ray.get(actor.run.remote(settings, cuda_error))
