@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from disco.pipeline.annotators import gpu_backend
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.annotators.registry import BackendError
 from disco.pipeline.annotators.weights import WeightsError
@@ -238,8 +239,9 @@ def _start_gpu(settings: dict, stage: str) -> list[str]:
     stops the run in one line that names the node, the GPU and the remedy, instead of Ray's
     traceback of the actor's start, or an errors row for every frame."""
     gpu_ids = balance_gpu(settings.get("gpu_ledger"), stage)
-    if not str(settings.get("backend_options", {}).get("device", "cpu")).startswith("cuda"):
-        return gpu_ids  # its models run on the CPU (--device cpu): no CUDA context to start
+    on_cuda = str(settings.get("backend_options", {}).get("device", "cpu")).startswith("cuda")
+    if not on_cuda or not gpu_backend(settings[stage]):
+        return gpu_ids  # its models run on the CPU (--device cpu, MediaPipe): no CUDA context to start
     try:
         cap_gpu_memory()
         first_kernel()

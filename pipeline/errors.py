@@ -137,7 +137,8 @@ def error_type_of(exc: BaseException) -> str:
     return f"unexpected_{type(exc).__name__}"
 
 
-# ONNX Runtime raises a plain RuntimeError (its arena, or CUDA's allocator) when the GPU is full.
+# What ONNX Runtime says when the GPU is full (its arena, or CUDA's allocator); its exceptions
+# (RuntimeException, Fail, ...) are classes of its own, not RuntimeError.
 ORT_OUT_OF_MEMORY = ("Failed to allocate memory", "BFCArena", "CUDA failure 2: out of memory")
 
 
@@ -146,7 +147,8 @@ def out_of_gpu_memory(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in ORT_OUT_OF_MEMORY)
+    from_ort = type(exc).__module__.startswith("onnxruntime") or str(exc).startswith("[ONNXRuntimeError]")
+    return from_ort and any(marker in str(exc) for marker in ORT_OUT_OF_MEMORY)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

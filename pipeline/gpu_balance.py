@@ -104,6 +104,7 @@ def balance_gpu(ledger: str | None, stage: str) -> list[str]:
 
 
 _memory_limit: int | None = None
+CONTEXT_BYTES = 768 << 20  # a CUDA context with cuDNN and cuBLAS loaded, per process (about)
 
 
 def cap_gpu_memory() -> int | None:
@@ -124,8 +125,10 @@ def cap_gpu_memory() -> int | None:
 
     if not torch.cuda.is_available():
         return None
-    torch.cuda.set_per_process_memory_fraction(share, 0)
-    _memory_limit = int(torch.cuda.get_device_properties(0).total_memory * share)
+    total = torch.cuda.get_device_properties(0).total_memory
+    # Each process's CUDA context and cuDNN workspaces sit outside both allocators' counts.
+    _memory_limit = max(0, int(share * total) - CONTEXT_BYTES)
+    torch.cuda.set_per_process_memory_fraction(_memory_limit / total, 0)
     return _memory_limit
 
 

@@ -141,7 +141,7 @@ def _batched_mattes(annotator, pictures: list[np.ndarray]) -> list | None:
             return annotator.matte_batch(pictures)
         except Exception as exc:
             raise_if_device_lost(exc)
-            smaller = annotator.shrink_batch() if out_of_gpu_memory(exc) else None
+            smaller = annotator.shrink_batch(len(pictures)) if out_of_gpu_memory(exc) else None
         # Outside the except block: its traceback holds the failed batch's frames and tensors,
         # which the retry needs freed.
         release_device_memory()

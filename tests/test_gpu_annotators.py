@@ -465,18 +465,25 @@ def test_a_matting_batch_out_of_gpu_memory_halves_the_batch_for_the_rest_of_the_
         annotator = FrameAnnotator("tight-memory", "none", hands=False, min_visibility=0.5, min_mask_area=0.01)
         backend = annotator.matting
         picture = np.zeros((16, 16, 3), np.uint8)
-        kept_per_unit, errors = [], []
-        for index in range(2):  # two units of 8 frames
-            unit = {"source": "video", "clip_id": f"c{index}", "input_path": f"c{index}.mp4", "kind": "video"}
-            frames = [Frame(i, i / 8, picture, unit) for i in range(8)]
-            kept_per_unit.append(len(matte_unit(unit, frames, annotator, {}, errors, Counter(), [])))
+        errors: list[dict] = []
+        def unit_of(frames: int, name: str) -> int:
+            unit = {"source": "video", "clip_id": name, "input_path": f"{name}.mp4", "kind": "video"}
+            return len(matte_unit(unit, [Frame(i, i / 8, picture, unit) for i in range(frames)], annotator, {},
+                                  errors, Counter(), []))
+
+        kept_per_unit = [unit_of(8, "a"), unit_of(8, "b")]
+        assert kept_per_unit == [8, 8] and errors == []
+        assert backend.calls == [8, 4, 2, 2, 2, 2] + [2, 2, 2, 2]  # 8 and 4 ran out once; then 2 from the start
+        # A frame that does not fit even alone (a huge still) tells nothing of the batch: it is its
+        # errors row after one retry, and the next units keep batches of 2.
+        backend.fits, backend.calls = 0, []
+        assert unit_of(1, "huge") == 0 and backend.calls == [1, 1] and backend.batch_size == 2
+        assert [e["error_type"] for e in errors] == ["gpu_out_of_memory"]
+        assert annotator.shrink_batch(3) == 1 and annotator.shrink_batch(8) is None  # down to one frame, no further
     finally:
         for name in ("tight-memory", "out-of-memory", "centre-box", "broken-device", "killing-input", "stuck-input",
                      "killing-writer"):
             registry.unregister(name)
-    assert kept_per_unit == [8, 8] and errors == []
-    assert backend.calls == [8, 4, 2, 2, 2, 2] + [2, 2, 2, 2]  # 8 and 4 ran out once; then 2 from the start
-    assert annotator.shrink_batch() == 1 and annotator.shrink_batch() is None  # down to one frame, no further
 
 
 def test_onnx_runtimes_out_of_memory_is_a_gpu_out_of_memory_error_not_a_lost_device():
@@ -485,13 +492,18 @@ def test_onnx_runtimes_out_of_memory_is_a_gpu_out_of_memory_error_not_a_lost_dev
     from disco.pipeline.device_loss import device_lost
     from disco.pipeline.errors import error_type_of
 
-    full = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
-                        "Conv node. Name:'/backbone/Conv' Status Message: Failed to allocate memory for requested "
-                        "buffer of size 268435456")
-    cuda = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2: out of memory ; GPU=0 ; hostname=n1")
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
+    # ONNX Runtime's own exception classes (not RuntimeError), with its messages.
+    full = RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                            "running Conv node. Name:'/backbone/Conv' Status Message: Failed to allocate memory for "
+                            "requested buffer of size 268435456")
+    cuda = Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2: out of memory ; GPU=0 ; hostname=n1")
     for exc in (full, cuda):
         assert error_type_of(exc) == "gpu_out_of_memory" and not device_lost(exc)
-    assert error_type_of(RuntimeError("shape mismatch")) == "unexpected_RuntimeError"
+    assert error_type_of(Fail("[ONNXRuntimeError] : 1 : FAIL : bad input shape")) == "unexpected_Fail"
+    # Not ONNX Runtime's: a message that only mentions such words stays what it is.
+    assert error_type_of(RuntimeError("Failed to allocate memory for the cache")) == "unexpected_RuntimeError"
 
 
 def test_an_actor_on_a_share_of_a_gpu_sees_its_own_gpu_and_takes_its_share_of_memory(ray_local):
@@ -534,10 +546,13 @@ def test_an_actor_on_a_share_of_a_gpu_sees_its_own_gpu_and_takes_its_share_of_me
             results.append(ray.get(actor.start.remote()))
         finally:
             ray.kill(actor)
+    from disco.pipeline.gpu_balance import CONTEXT_BYTES
+
     (used, visible, limit, fraction, options), whole = results
     assert len(used) == 1 and visible == used[0]  # Ray left it unset (its own variable says so); the actor set it
-    assert limit == 40 << 30 and fraction == [(0.5, 0)]
-    assert options == {"device_id": 0, "gpu_mem_limit": 40 << 30, "arena_extend_strategy": "kSameAsRequested"}
+    assert limit == (40 << 30) - CONTEXT_BYTES  # half the device, less what its CUDA context takes outside
+    assert fraction == [(limit / (80 << 30), 0)]
+    assert options == {"device_id": 0, "gpu_mem_limit": limit, "arena_extend_strategy": "kSameAsRequested"}
     assert whole[1] == whole[0][0] and whole[2] is None and whole[3] == []  # a whole GPU: nothing capped
     assert whole[4] == {"device_id": 0}
 
@@ -605,13 +620,24 @@ def test_a_gpu_the_actor_cannot_use_stops_the_run_in_one_line(ray_local, tmp_pat
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"")
-    settings = {"input_root": str(tmp_path / "in"), "output": str(tmp_path), "matting": "mediapipe",
+    settings = {"input_root": str(tmp_path / "in"), "output": str(tmp_path), "matting": "grounded-sam",
                 "backend_options": {"device": "cuda"}}
     actor = Start.remote()
     try:
         message = ray.get(actor.run.remote(settings, cuda_error))
+        # An actor whose models run on the CPU (--device cpu with a GPU share, MediaPipe) starts no
+        # CUDA context: the same GPU does not stop it.
+        mediapipe = {**settings, "matting": "mediapipe", "pose": "none", "hands": False, "min_visibility": 0.5,
+                     "min_mask_area": 0.01, "joint_threshold": 0.2, "backend_modules": {}}
+        on_cpu = [ray.get(actor.run.remote(changed, cuda_error)) for changed in (
+            mediapipe, {**mediapipe, "backend_options": {"device": "cpu"}})]
+        # Grounded-SAM on the CPU gets as far as its weights (none here), never to the GPU.
+        grounded_on_cpu = ray.get(actor.run.remote(
+            {**mediapipe, "matting": "grounded-sam", "backend_options": {"device": "cpu", "weights": None}}, cuda_error))
     finally:
         ray.kill(actor)
+    assert on_cpu == [None, None]
+    assert grounded_on_cpu is not None and "cannot use GPU" not in grounded_on_cpu and "weights" in grounded_on_cpu
     assert message is not None and message.startswith(STOPS_THE_RUN), message
     line = str(stopping_error(RuntimeError(message)))
     assert line.startswith("the matting actor cannot use GPU ") and " of node " in line and says in line

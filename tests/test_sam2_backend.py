@@ -277,4 +277,5 @@ def test_a_video_unit_out_of_gpu_memory_does_not_shrink_the_stills_batch(matting
     assert kept == [] and [e["error_type"] for e in errors] == ["gpu_out_of_memory"] * 2
     assert matting.batch_size == 8  # untouched: the next stills still go 8 at a time
     matting.begin_unit(sequence=False)
-    assert annotator.shrink_batch() == 4 and matting.batch_size == 4
+    assert annotator.shrink_batch(8) == 4 and matting.batch_size == 4
+    assert annotator.shrink_batch(2) == 1  # halved from what the call used

@@ -314,7 +314,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     # held-out batch is read now, before the training stream holds the data CPUs: read later, on
     # a busy cluster, it could wait while the other ranks sit in their next all-reduce.
     gaps = ConditionGaps.for_run(cfg, rank, model, device, precision, loop_config.get("data_cpus", 0.25),
-                                 _local(loop_config.get("eval_rows")))
+                                 _local(loop_config.get("eval_rows")) if rank == 0 else None)
     if gaps is not None:
         with torch.random.fork_rng(devices=[]):
             gaps.held_out()

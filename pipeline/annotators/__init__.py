@@ -206,16 +206,20 @@ class FrameAnnotator:
             return self.matting.matte_batch(frames)
         return [self.matting.matte(frame) for frame in frames]
 
-    def shrink_batch(self) -> int | None:
-        """After a matting batch ran out of GPU memory: the backend's batch halved for the rest of
-        this process's life; the new size, or None where the backend has no batch to halve."""
-        if hasattr(self.matting, "shrink_batch"):  # a backend whose batch is not always the frames'
-            return self.matting.shrink_batch()
+    def shrink_batch(self, frames: int) -> int | None:
+        """After a matting call of ``frames`` frames ran out of GPU memory: the backend's batch,
+        halved from what the call used, for the rest of this process's life; the new size, or None
+        where nothing smaller can run (one frame, or a backend without a batch): one frame at a
+        time is then the caller's retry."""
         size = getattr(self.matting, "batch_size", None)
-        if not isinstance(size, int) or size <= 1:
+        if hasattr(self.matting, "shrink_batch"):  # a backend whose batch is not always the frames'
+            smaller = self.matting.shrink_batch(frames)
+        elif isinstance(size, int) and min(size, frames) > 1:
+            smaller = self.matting.batch_size = min(size, frames) // 2
+        else:
             return None
-        self.matting.batch_size = size // 2
-        return self.matting.batch_size
+        # A backend's own rule that did not shrink would have the caller retry for ever.
+        return smaller if smaller is not None and smaller < min(size or frames, frames) else None
 
     def present(self, matte: Matte) -> bool:
         return person_present(matte, self.min_score, self.min_mask_area)

@@ -212,7 +212,9 @@ def providers_for(device: str) -> list:
         raise BackendError(f"dwpose on CUDA: {missing}, or pass --device cpu")
     # onnxruntime-gpu looks for CUDA's and cuDNN's libraries on the library path only, where pip's
     # copies (the nvidia-* wheels PyTorch depends on) are not: without them it falls back to the
-    # CPU. Importing PyTorch first loads them into the process, where ONNX Runtime finds them.
+    # CPU. Importing PyTorch first loads them into the process, where ONNX Runtime finds them
+    # when their major versions are the ones its build needs (PyTorch 2.14's default Linux wheels
+    # are built for CUDA 13; onnxruntime-gpu's PyPI builds have long been for CUDA 12).
     import torch  # noqa: F401
     options = {"device_id": int(index or 0)}
     limit = gpu_memory_limit()
@@ -282,8 +284,9 @@ def load_session(path: Path, io, what: str, providers: list[str]):
     if "CUDAExecutionProvider" in _provider_names(providers) and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime-gpu falls back to the CPU by itself when CUDA or cuDNN fail to load.
         raise BackendError(f"ONNX Runtime could not run {path.name} on CUDA: its CUDA provider did not load "
-                           "(onnxruntime-gpu needs CUDA 12's and cuDNN 9's libraries; on a cluster, the actor's "
-                           "log on its node names the one missing); pass --device cpu to run dwpose on the CPU on "
+                           "(onnxruntime-gpu needs the CUDA and cuDNN major versions it was built for, which PyTorch's "
+                           "wheels bring only where they match; on a cluster, the actor's log on its node names the "
+                           "library missing); pass --device cpu to run dwpose on the CPU on "
                            "purpose")
     return session
 

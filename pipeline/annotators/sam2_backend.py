@@ -114,12 +114,14 @@ class Sam2Matting:
         self.sequence = False
         self._torch = torch
 
-    def shrink_batch(self) -> int | None:
-        """After a batch ran out of GPU memory (``FrameAnnotator.shrink_batch``): stills' batch
-        halved; None for a video unit, which SAM 2 tracks whole, whatever the batch."""
-        if self.sequence or self.batch_size <= 1:
+    def shrink_batch(self, frames: int) -> int | None:
+        """After a call of ``frames`` frames ran out of GPU memory (``FrameAnnotator.shrink_batch``):
+        the stills' batch halved from what the call used; None for a video unit, which SAM 2
+        tracks whole, whatever the batch."""
+        used = min(self.batch_size, frames)
+        if self.sequence or used <= 1:
             return None
-        self.batch_size //= 2
+        self.batch_size = used // 2
         return self.batch_size
 
     def begin_unit(self, sequence: bool) -> None:
