@@ -413,3 +413,33 @@ def test_a_shard_missing_on_a_read_tasks_node_is_said_as_missing_not_damaged(tri
     assert STOPS_THE_RUN in message and "does not exist on node" in message and "damaged" not in message
     line = str(stopping_error(RuntimeError(f"Traceback ...\n  {message}\n")))
     assert line.startswith(str(folder)) and "storage every node sees" in line
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_reference_store_outlives_the_stream_that_started_it(tmp_path):
+    """A non-detached actor ends when its creator's handles are gone: the worker whose stream
+    started the store (every worker of the job joins it by name) dropped it with that stream (a
+    stream start retried), and every worker's reads went on without it, at about 64x for
+    references. The process holds it for its life."""
+    import gc
+    import time
+
+    import ray
+
+    from disco.train.data.read import REFERENCE_STORE_NAMESPACE
+
+    clips = write_triplets(tmp_path / "clips", [6, 5], row_group_rows=4, shard_rows=16)
+    stream = _stream(build_index([str(clips)]))
+    name = stream._reference_store()
+    stream.close()
+    del stream
+    gc.collect()
+    time.sleep(2)  # Ray ends an actor whose handles are gone within moments
+    store = ray.get_actor(name, namespace=REFERENCE_STORE_NAMESPACE)
+    assert ray.get(store.get.remote([]), timeout=30) == {}
+    again = _stream(build_index([str(clips)]))
+    try:
+        assert again._reference_store() == name
+        again.next_batch()
+    finally:
+        again.close()

@@ -29,6 +29,12 @@ SAMPLES_PER_BLOCK = 32
 
 
 
+# The reference stores this process started or joined, by name, held for the process's life: Ray
+# ends an actor when its creator's handles are gone, and a stream made again in the same worker (a
+# stream start retried) would otherwise lose, with the first stream, the store of every worker.
+_STORES: dict = {}
+
+
 class SampleStream:
     """Micro-batches of exactly ``batch`` decodable samples from this worker's share of the stream.
 
@@ -239,9 +245,11 @@ class SampleStream:
             name = (f"references-{hashlib.sha256(files.encode()).hexdigest()[:24]}-"
                     f"{ray.get_runtime_context().get_job_id()}")
             try:
-                self._store = name, ray.remote(num_cpus=0)(ReferenceStore).options(
-                    name=name, namespace=REFERENCE_STORE_NAMESPACE, get_if_exists=True, scheduling_strategy="DEFAULT",
-                ).remote(REFERENCE_STORE_BYTES)
+                if name not in _STORES:
+                    _STORES[name] = ray.remote(num_cpus=0)(ReferenceStore).options(
+                        name=name, namespace=REFERENCE_STORE_NAMESPACE, get_if_exists=True,
+                        scheduling_strategy="DEFAULT").remote(REFERENCE_STORE_BYTES)
+                self._store = name, _STORES[name]
             except Exception:  # noqa: BLE001 - the store only saves reads
                 self._store = None, None
         return self._store[0]
