@@ -4,6 +4,7 @@ pipeline's Parquet writer (small synthetic pictures), so no preprocessing runs."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -443,3 +444,67 @@ def test_the_reference_store_outlives_the_stream_that_started_it(tmp_path):
         again.next_batch()
     finally:
         again.close()
+
+
+ON_A_WORKER_NODE = textwrap.dedent("""
+    import json
+    import re
+    import sys
+
+    import ray
+    from ray._private import ray_constants
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # on loopback, as pipeline.cluster.init_ray
+    ray.init(address=sys.argv[2], _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+    head = ray.get_runtime_context().get_node_id()
+    worker = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head)
+
+    @ray.remote(num_cpus=0)
+    def consume(path):
+        from disco.train.data import SampleStream, build_index
+        from disco.train.data.watch import Watch
+
+        stream = SampleStream(build_index([path]), stage="finetune", ref_mode="first", resolution=16,
+                              augment=False, seed=0, batch=2, data_tasks=2)
+        tasks, _ = stream._chunk_tasks(0)
+        dataset = stream._dataset(tasks, Watch(600, stream.data_cpus))
+        for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pass
+        used = [int(n) for n in re.findall(r"; (\\d+) nodes used", dataset.stats())]
+        return ray.get_runtime_context().get_node_id(), used, len(tasks)
+
+    there = NodeAffinitySchedulingStrategy(worker, soft=False)
+    node, used, tasks = ray.get(consume.options(scheduling_strategy=there).remote(sys.argv[1]))
+
+    @ray.remote
+    class Hog:  # every CPU of the worker node, as a worker given them all would hold them
+        def ready(self):
+            return True
+
+    hog = Hog.options(num_cpus=2, scheduling_strategy=there).remote()
+    ray.get(hog.ready.remote())
+    _, full, _ = ray.get(consume.options(scheduling_strategy=there).remote(sys.argv[1]), timeout=180)
+    print(json.dumps({"on_worker": node == worker, "nodes_used": used, "tasks": tasks, "full": full}), flush=True)
+    ray.shutdown()
+""")
+
+
+def test_a_workers_data_tasks_run_on_its_own_node(tmp_path):
+    """Ray Data spreads a dataset's tasks over the cluster by default: each training worker's reads
+    and decodes ran on any node, and every decoded batch crossed the network to it (and took CPUs
+    planned for the workers there). They prefer the worker's own node (soft: where it has no room,
+    another: a plain soft affinity would wait for the node, and a worker holding all its CPUs
+    would hang its own stream). A two-node cluster on loopback; the consumer on the worker node."""
+    from loopback_cluster import loopback_cluster
+
+    clips = write_triplets(tmp_path / "clips", [12, 12, 12, 12], row_group_rows=2, shard_rows=8)
+    with loopback_cluster(head_cpus=2) as cluster:
+        cluster.add_node(2)
+        run = subprocess.run([sys.executable, "-c", ON_A_WORKER_NODE, str(clips), cluster.address],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["on_worker"] and result["tasks"] > 1, result
+    assert result["nodes_used"] and all(n == 1 for n in result["nodes_used"]), result
+    assert result["full"], result  # with the worker node full, the stream still ran (its decodes elsewhere)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -27,6 +28,27 @@ CHUNK_BATCHES = 256  # at least this many micro-batches of read tasks per Ray Da
 # whatever its size; per micro-batch of 4 that was as much CPU as the decoding itself.
 SAMPLES_PER_BLOCK = 32
 
+
+
+def _on_this_node() -> dict:
+    """The data tasks' scheduling: on this worker's node, or another where it has no room now.
+    Ray Data spreads small tasks over the cluster: each worker's reads and decodes ran on any node,
+    taking CPUs planned for the workers there, and every decoded batch crossed the network back.
+    A plain soft node affinity would wait for this node's CPUs (a worker given them all would hang
+    its own stream), hence Ray's option to spill; where this Ray lacks it, or map_batches no longer
+    takes a strategy, Ray Data's own placement as before."""
+    import inspect
+
+    import ray
+    from ray.data import Dataset
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    takes_strategy = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                         for p in inspect.signature(Dataset.map_batches).parameters.values())
+    if not takes_strategy or "_spill_on_unavailable" not in inspect.signature(NodeAffinitySchedulingStrategy).parameters:
+        return {}
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True)}
 
 
 # The reference stores this process started or joined, by name, held for the process's life: Ray
@@ -258,19 +280,25 @@ class SampleStream:
         import ray
 
         specs = [self.locators(start, stop) for start, stop in tasks]
-        dataset = (
-            ray.data.from_blocks(specs)
-            # Two stages that Ray Data does not fuse (their CPU requests differ): fused, each task
-            # would read and decode a whole window, and as blocks stay in order the next window's
-            # task could not decode ahead of it.
-            .map_batches(read_samples, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=1,
-                         fn_kwargs=dict(stage=self.stage, block=self.samples_per_block, store=self._reference_store(),
-                                        pose_render=self.pose_render))
-            .map_batches(decode_samples, batch_size=None, batch_format="pyarrow", num_cpus=self.data_cpus,
-                         concurrency=self.data_tasks,
-                         fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment,
-                                        seed=self.seed, pose_render=self.pose_render, clip_frames=self.clip_frames))
-        )
+        here = _on_this_node()
+        with warnings.catch_warnings():
+            # Ray 2.60 calls a task's scheduling strategy a deprecated argument of map_batches and
+            # has no other way to prefer a node without waiting for it (``_on_this_node``).
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            dataset = (
+                ray.data.from_blocks(specs)
+                # Two stages that Ray Data does not fuse (their CPU requests differ): fused, each task
+                # would read and decode a whole window, and as blocks stay in order the next window's
+                # task could not decode ahead of it.
+                .map_batches(read_samples, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=1,
+                             fn_kwargs=dict(stage=self.stage, block=self.samples_per_block,
+                                            store=self._reference_store(), pose_render=self.pose_render), **here)
+                .map_batches(decode_samples, batch_size=None, batch_format="pyarrow", num_cpus=self.data_cpus,
+                             concurrency=self.data_tasks,
+                             fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment,
+                                            seed=self.seed, pose_render=self.pose_render,
+                                            clip_frames=self.clip_frames), **here)
+            )
         self._configure(dataset.context, watch)
         return dataset
 
