@@ -54,7 +54,8 @@ def _on_this_node() -> dict:
 # The reference stores this process started or joined, by name, held for the process's life: Ray
 # ends an actor when its creator's handles are gone, and a stream made again in the same worker (a
 # stream start retried) would otherwise lose, with the first stream, the store of every worker.
-_STORES: dict = {}
+_STORES: dict = {}  # by name, oldest first
+KEPT_STORES = 4  # a worker's training and held-out streams need two
 
 
 class SampleStream:
@@ -271,6 +272,8 @@ class SampleStream:
                     _STORES[name] = ray.remote(num_cpus=0)(ReferenceStore).options(
                         name=name, namespace=REFERENCE_STORE_NAMESPACE, get_if_exists=True,
                         scheduling_strategy="DEFAULT").remote(REFERENCE_STORE_BYTES)
+                    while len(_STORES) > KEPT_STORES:  # a long-lived process (a notebook) lets old ones go
+                        _STORES.pop(next(iter(_STORES)))
                 self._store = name, _STORES[name]
             except Exception:  # noqa: BLE001 - the store only saves reads
                 self._store = None, None
