@@ -51,9 +51,10 @@ def _on_this_node() -> dict:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True)}
 
 
-# The reference stores this process started or joined, by name, held for the process's life: Ray
-# ends an actor when its creator's handles are gone, and a stream made again in the same worker (a
-# stream start retried) would otherwise lose, with the first stream, the store of every worker.
+# The reference stores this process started or joined (the last few), by name, held beyond the
+# streams that use them: Ray ends an actor when its creator's handles are gone, and a stream made
+# again in the same worker (a stream start retried) would otherwise lose, with the first stream,
+# the store of every worker.
 _STORES: dict = {}  # by name, oldest first
 KEPT_STORES = 4  # a worker's training and held-out streams need two
 
