@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from disco.pipeline.annotators import gpu_backend
 from disco.pipeline.annotators.base import Matte
-from disco.pipeline.annotators.registry import BackendError
+from disco.pipeline.annotators.registry import BackendError, load as load_backend
 from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline import strikes
 from disco.pipeline.device_loss import DeviceLost, device_lost, restart
@@ -239,8 +238,12 @@ def _start_gpu(settings: dict, stage: str) -> list[str]:
     stops the run in one line that names the node, the GPU and the remedy, instead of Ray's
     traceback of the actor's start, or an errors row for every frame."""
     gpu_ids = balance_gpu(settings.get("gpu_ledger"), stage)
+    name = settings[stage]
     on_cuda = str(settings.get("backend_options", {}).get("device", "cpu")).startswith("cuda")
-    if not on_cuda or not gpu_backend(settings[stage]):
+    # By the registry's record, importing the module that declares it where this process does not
+    # know it yet (a backend declared in the driver's process, as ``_annotator`` builds it).
+    model = name not in ("none", "auto") and load_backend(name, (settings.get("backend_modules") or {}).get(name)).gpu
+    if not on_cuda or not model:
         return gpu_ids  # its models run on the CPU (--device cpu, MediaPipe): no CUDA context to start
     try:
         cap_gpu_memory()
