@@ -239,12 +239,16 @@ def _start_gpu(settings: dict, stage: str) -> list[str]:
     traceback of the actor's start, or an errors row for every frame."""
     gpu_ids = balance_gpu(settings.get("gpu_ledger"), stage)
     name = settings[stage]
-    on_cuda = str(settings.get("backend_options", {}).get("device", "cpu")).startswith("cuda")
-    # By the registry's record, importing the module that declares it where this process does not
-    # know it yet (a backend declared in the driver's process, as ``_annotator`` builds it).
-    model = name not in ("none", "auto") and load_backend(name, (settings.get("backend_modules") or {}).get(name)).gpu
-    if not on_cuda or not model:
-        return gpu_ids  # its models run on the CPU (--device cpu, MediaPipe): no CUDA context to start
+    if not str(settings.get("backend_options", {}).get("device", "cpu")).startswith("cuda") or name in ("none", "auto"):
+        return gpu_ids  # its models run on the CPU (--device cpu): no CUDA context to start
+    try:
+        # By the registry's record, importing the module that declares it where this process does
+        # not know it yet (a backend declared in the driver's process, as ``_annotator`` builds it).
+        model = load_backend(name, (settings.get("backend_modules") or {}).get(name))
+    except BackendError:
+        return gpu_ids  # ``_annotator`` says why, in one line
+    if not model.gpu:
+        return gpu_ids  # a CPU backend (MediaPipe): no CUDA context to start
     try:
         cap_gpu_memory()
         first_kernel()
