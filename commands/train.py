@@ -171,7 +171,7 @@ def train(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The run directory: config.yaml, checkpoints, logs/, samples/.")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(help="Local sd-image-variations folder (diffusers layout) to start from.")] = None,
     model: Annotated[Optional[Architecture], typer.Option(help="Start from random weights of a named architecture instead.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from this pre-training (HAP) run: its UNet, projection and background ControlNet; with --stage temporal, the fine-tuning run whose image model gets the temporal layers.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from this pre-training (HAP) run (its latest checkpoint, or RUN/checkpoint-N): its UNet, projection and background ControlNet; with --stage temporal, the fine-tuning run whose image model gets the temporal layers.")] = None,
     clip_frames: Annotated[Optional[int], typer.Option(help=f"--stage temporal: consecutive frames of one clip per training sample (default {T.clip_frames}, the official length); a batch is --batch-size clips.")] = None,
     preset: Annotated[Optional[PresetName], typer.Option(help="The paper's recipe: disco-hap (pre-training) or disco-finetune; sets the stage, resolution, optimizer, learning rate and schedule, steps, global batch (made up by gradient accumulation on fewer GPUs), precision, checkpointing, crops and pose style. --config and flags override it; README lists each value and its source.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options (dashes or underscores); flags override it.")] = None,

@@ -259,14 +259,20 @@ def describe_checkpoint(path: str | Path, ema: bool = True) -> dict:
 
 
 IMAGE_MODEL_DIR = "image-model"  # in a temporal-stage run: its own copy of the image model's checkpoint
+HAP_MODEL_DIR = "hap-model"  # in a fine-tuning run: its own copy of the HAP checkpoint it started from
+# The folder a run of each stage keeps its --init-from checkpoint in.
+INIT_MODEL_DIRS = {"temporal": IMAGE_MODEL_DIR, "finetune": HAP_MODEL_DIR}
 
 
-def keep_image_model(run: Path, checkpoint: Path) -> Path:
-    """A temporal-stage run's own copy of the fine-tuning ``checkpoint`` its layers belong to
-    (``RUN/image-model/``: the fine-tuning run's config.yaml and that checkpoint's weights, hard
-    links where the file system allows), so that the fine-tuning run pruning its checkpoints
-    (``--keep``) as it trains on never takes it away. Returns the copy's checkpoint folder."""
-    source_run, target_run = checkpoint.parent, Path(run) / IMAGE_MODEL_DIR
+def keep_init_model(run: Path, checkpoint: Path, stage: str) -> Path:
+    """A run's own copy of the ``checkpoint`` it starts from (``--init-from``, pinned to one
+    checkpoint when the run starts): a temporal-stage run's fine-tuning checkpoint, whose image
+    model its layers belong to (``RUN/image-model/``), or a fine-tuning run's HAP checkpoint
+    (``RUN/hap-model/``, read until the run's own first checkpoint). The init run's config.yaml and
+    that checkpoint's weights, hard links where the file system allows, so that the init run
+    pruning its checkpoints (``--keep``) as it trains on never takes it away, and a restart always
+    starts from the same weights. Returns the copy's checkpoint folder."""
+    source_run, target_run = checkpoint.parent, Path(run) / INIT_MODEL_DIRS[stage]
     target = target_run / checkpoint.name
     tmp = target_run / f".tmp-{checkpoint.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -284,6 +290,16 @@ def keep_image_model(run: Path, checkpoint: Path) -> Path:
     return target
 
 
+def own_init_model(run: Path, init: str | Path) -> Path:
+    """Where a run's pinned ``init_from`` is: its own copy (``keep_init_model``), also where the run
+    was moved or copied (its config.yaml names the old place), else ``init`` as saved."""
+    init = Path(init)
+    own = Path(run) / init.parent.name / init.name
+    if init.parent.name in INIT_MODEL_DIRS.values() and own.exists():
+        return own
+    return init
+
+
 def temporal_base(run: Path) -> DisCoModel:
     """The model a temporal-stage run's checkpoints hold the temporal layers of: the image model
     of the fine-tuning checkpoint it was initialised from (its ``init_from``, pinned to one
@@ -293,11 +309,7 @@ def temporal_base(run: Path) -> DisCoModel:
     values = read_options_yaml(Path(run) / RUN_CONFIG_FILE)
     if not values.get("init_from"):
         raise ConfigError(f"{run} is a temporal-stage run without init_from; cannot rebuild its image model")
-    init = Path(values["init_from"])
-    own = Path(run) / IMAGE_MODEL_DIR / init.name
-    if init.parent.name == IMAGE_MODEL_DIR and own.exists():
-        init = own  # its own copy, also where the run was moved or copied (config.yaml names the old place)
-    image = load_model(init)
+    image = load_model(own_init_model(run, values["init_from"]))
     frames = int(values.get("clip_frames") or DEFAULT_CLIP_FRAMES)
     with torch.random.fork_rng(devices=[]):  # the temporal layers' draws are overwritten by the checkpoint
         return add_temporal(image, TemporalConfig(frames=frames))

@@ -35,7 +35,7 @@ from disco.train.initial import initial_model
 from disco.train.config import TrainConfig, load_run_config
 from disco.train.data import SampleStream, at_low_priority, build_index, epoch_order
 from disco.train.inputs import model_inputs
-from disco.train.launch import train
+from disco.train.launch import resolve, train
 from disco.train.objective import apply_update
 from disco.train.monitor import read_metrics
 from helpers import TWO_WORKER_RUN, cli_process, first_batch, lock_held_elsewhere
@@ -738,14 +738,51 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     train(whole)
     cut = _config(tmp_path, triplets, "ft-cut", init_from=str(run), max_steps=2, schedule_steps=4, checkpoint_every=2)
     train(cut)
+    # Each pinned the HAP checkpoint it started from, and keeps its own copy of it.
+    hap_checkpoint = list_checkpoints(run)[max(list_checkpoints(run))]
+    pinned = Path(load_run_config(whole.output).init_from)
+    assert pinned == Path(whole.output) / "hap-model" / hap_checkpoint.name
+    assert all(torch.equal(load_model(pinned).unet.state_dict()[k], v) for k, v in hap.unet.state_dict().items())
+    chosen, _ = resolve(_config(tmp_path, triplets, "ft-chosen", init_from=str(hap_checkpoint)))  # one checkpoint of it
+    assert Path(chosen.init_from) == tmp_path / "ft-chosen" / "hap-model" / hap_checkpoint.name
+    # A crash before the first checkpoint (a copy of a run without its checkpoints, its config.yaml
+    # naming the copy's old place), the HAP run's checkpoints gone by then: --resume starts again
+    # from the same HAP weights and reaches the weights of the run it copies, bit for bit.
+    early = tmp_path / "ft-early"
+    top = shutil.ignore_patterns("checkpoint-0*", "summary.json", "ray")
+    shutil.copytree(cut.output, early, ignore=lambda folder, names: top(folder, names) if folder == cut.output else ())
+    assert not list_checkpoints(early)
     hap_checkpoints = tmp_path / "hap-checkpoints"
     hap_checkpoints.mkdir()
     for folder in list_checkpoints(run).values():
         folder.rename(hap_checkpoints / folder.name)
+    restarted, _ = resolve(TrainConfig(output=str(early), resume=True), given={"output", "resume"})
+    assert Path(restarted.init_from) == early / "hap-model" / hap_checkpoint.name
+    model = initial_model(restarted)
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in hap.unet.state_dict().items())
+    train(TrainConfig(output=str(early), resume=True), given={"output", "resume"})
+    first, copied = _weights(early), _weights(Path(cut.output))
+    assert first.keys() == copied.keys() and all(torch.equal(first[k], copied[k]) for k in first)
+    # Without that copy, such a run says what it misses, in one line.
+    shutil.rmtree(early / "hap-model")
+    for folder in list_checkpoints(early).values():
+        shutil.rmtree(folder)
+    with pytest.raises(ConfigError, match="has no checkpoint yet and starts from --init-from .*not there any more"):
+        resolve(TrainConfig(output=str(early), resume=True), given={"output", "resume"})
+    # After its first checkpoint a run reads nothing of the HAP run, not even its own copy: that
+    # checkpoint overwrites every weight HAP gave.
+    shutil.rmtree(Path(cut.output) / "hap-model")
     train(TrainConfig(output=cut.output, resume=True, max_steps=4), given={"output", "resume", "max_steps"})
     resumed, uninterrupted = _weights(Path(cut.output)), _weights(Path(whole.output))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    # The --dry-run host plan of such a resume does not count the HAP model's build.
+    from disco.train.memory import host_build_bytes, plan_config
+
+    planned, notes = plan_config(TrainConfig(output=cut.output, resume=True))
+    assert not [n for n in notes if "init-from" in n], notes
+    assert host_build_bytes(planned) == host_build_bytes(planned.updated({"init_from": None}))
+    assert host_build_bytes(planned) != host_build_bytes(load_run_config(whole.output))  # started from HAP
 
 
 def test_cli_usage_errors_exit_2_with_one_line(triplets, tmp_path):

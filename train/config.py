@@ -225,8 +225,9 @@ class TrainConfig:
                 raise ConfigError("--init-from loads a pre-training (HAP) run into fine-tuning (--stage finetune) or "
                                   "a fine-tuning run into the temporal stage (--stage temporal)")
             init = Path(self.init_from)
-            # A temporal run pins its init run's checkpoint (train/launch.py): a checkpoint folder.
-            if not (init / RUN_CONFIG_FILE).exists() and not (self.stage == "temporal" and (init.parent / RUN_CONFIG_FILE).exists()):
+            # A run, or one checkpoint folder of it (a run pins its init run's checkpoint when it
+            # starts: train/launch.py). A resumed run may not need it any more: launch.py checks.
+            if not self.resume and not (init / RUN_CONFIG_FILE).exists() and not (init.parent / RUN_CONFIG_FILE).exists():
                 raise ConfigError(f"--init-from {self.init_from} is not a training run (no {RUN_CONFIG_FILE})")
         if self.ref_mode not in REF_MODES:
             raise ConfigError(f"unknown --ref-mode {self.ref_mode!r}; choose first or random")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from disco.pipeline.errors import ConfigError, stops_in_one_line
-from disco.model.checkpoint import IMAGE_MODEL_DIR, STATE_FILE, clean_temporary, list_checkpoints
+from disco.model.checkpoint import INIT_MODEL_DIRS, STATE_FILE, clean_temporary, list_checkpoints
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
@@ -68,14 +68,20 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
                               "with no optimizer state to resume; start a run from it with --init-from (HAP) "
                               "or use it in generate / evaluate")
         cfg = _resumed_schedule(cfg, saved, max(checkpoints) if checkpoints else 0)
+        if cfg.init_from:
+            cfg = cfg.updated({"init_from": str(_resumed_init(run, cfg, checkpoint))})
     else:
         if (run / RUN_CONFIG_FILE).exists() or list_checkpoints(run):
             raise ConfigError(f"{run} already holds a training run; pass --resume to continue it, or choose another --output")
         checkpoint = None
         if cfg.init_from:
-            if not (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():
+            # A run (its latest checkpoint) or one checkpoint folder of it.
+            init_run = Path(cfg.init_from)
+            if not (init_run / RUN_CONFIG_FILE).exists() and (init_run.parent / RUN_CONFIG_FILE).exists():
+                init_run = init_run.parent
+            if not (init_run / RUN_CONFIG_FILE).exists():
                 raise ConfigError(f"--init-from {cfg.init_from} is not a training run (no {RUN_CONFIG_FILE})")
-            hap = load_run_config(cfg.init_from)
+            hap = load_run_config(init_run)
             if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None:
                 cfg = cfg.updated({"model": hap.model, "pretrained": hap.pretrained})  # the image model's base
             if (hap.model, hap.pretrained and str(Path(hap.pretrained).resolve())) != \
@@ -87,13 +93,14 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
                 # The background ControlNet goes on with the hole value it learned: a run started
                 # from one trained before the official value (-1) keeps -1 (a YAML's own other value stands).
                 cfg = cfg.updated({"background_hole": hap.background_hole})
-            if cfg.stage == "temporal":
-                # Pinned to the init run's checkpoint now: the temporal weights belong to that image
-                # model even if the fine-tuning run trains on; its pose drawing is the default.
-                from disco.model.checkpoint import find_checkpoint
+            # Pinned to the init run's checkpoint now: the temporal weights belong to that image
+            # model, and a fine-tuning run restarted before its first checkpoint starts again from the
+            # same HAP weights, even if the init run trains on (and its --keep prunes that checkpoint).
+            from disco.model.checkpoint import find_checkpoint
 
-                cfg = cfg.updated({"init_from": str(find_checkpoint(cfg.init_from).absolute()),
-                                   "pose_style": cfg.pose_style or hap.pose_style,
+            cfg = cfg.updated({"init_from": str(find_checkpoint(cfg.init_from).absolute())})
+            if cfg.stage == "temporal":  # the fine-tuning run's pose drawing is the default
+                cfg = cfg.updated({"pose_style": cfg.pose_style or hap.pose_style,
                                    "hands": hap.hands if cfg.hands is None else cfg.hands})
         if cfg.model_seed is None:
             cfg = cfg.updated({"model_seed": cfg.seed})
@@ -109,27 +116,43 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
 
         style, hands = resolve_pose_setting(cfg.data, cfg.pose_style, cfg.hands)
         cfg = cfg.updated({"pose_style": style, "hands": hands})
-    if cfg.stage == "temporal" and not cfg.resume and Path(cfg.init_from).parent.name != IMAGE_MODEL_DIR:
-        # The run keeps its own copy of that checkpoint (hard links): the fine-tuning run's
-        # --keep pruning, as it trains on, cannot take the image model away from it.
-        from disco.model.checkpoint import keep_image_model
+    if cfg.init_from and not cfg.resume and Path(cfg.init_from).parent.name not in INIT_MODEL_DIRS.values():
+        # The run keeps its own copy of that checkpoint (hard links): the init run's --keep
+        # pruning, as it trains on, cannot take it away.
+        from disco.model.checkpoint import keep_init_model
 
-        cfg = cfg.updated({"init_from": str(keep_image_model(run, Path(cfg.init_from)))})
+        cfg = cfg.updated({"init_from": str(keep_init_model(run, Path(cfg.init_from), cfg.stage))})
     if checkpoint is not None and cfg.max_steps <= int(checkpoint.name.split("-")[1]):
         raise ConfigError(f"{checkpoint.name} is already at --max-steps {cfg.max_steps}; raise --max-steps to train on")
     return cfg, checkpoint
 
 
+def _resumed_init(run: Path, cfg: TrainConfig, checkpoint: Path | None) -> Path:
+    """A resumed run's ``init_from``: its own copy of the checkpoint it pinned (where the run was
+    moved too). Needed by a temporal-stage run (its frozen image model) and by a fine-tuning run
+    with no checkpoint yet; a fine-tuning run's checkpoint holds every weight its HAP run gave."""
+    from disco.model.checkpoint import find_checkpoint, own_init_model
+
+    init = own_init_model(run, cfg.init_from)
+    if cfg.stage == "temporal" or checkpoint is None:
+        try:
+            find_checkpoint(init)
+        except ConfigError as error:
+            why = "needs its image model," if cfg.stage == "temporal" else "has no checkpoint yet and starts from"
+            raise ConfigError(f"--resume: {run} {why} --init-from {init}, which is not there any more ({error})") from None
+    return init
+
+
 def _same_init(given: str | None, saved: str | None) -> bool:
     """``--init-from RUN`` given again with ``--resume``: the run pinned one checkpoint of RUN when
-    it started (``RUN/checkpoint-N``, or for the temporal stage its own ``image-model/`` copy of
-    it, whose config.yaml is RUN's and names RUN as its output)."""
+    it started (``RUN/checkpoint-N``, or its own copy of it, ``image-model/`` or ``hap-model/``,
+    whose config.yaml is RUN's and names RUN as its output)."""
     if not given or not saved:
         return False
     given_path, pinned = Path(given).resolve(), Path(saved).resolve()
     if pinned.name.startswith("checkpoint-") and pinned.parent == given_path:
         return True
-    if pinned.parent.name == IMAGE_MODEL_DIR and (pinned.parent / RUN_CONFIG_FILE).exists():
+    if pinned.parent.name in INIT_MODEL_DIRS.values() and (pinned.parent / RUN_CONFIG_FILE).exists():
         return Path(load_run_config(pinned.parent).output).resolve() == given_path
     return False
 

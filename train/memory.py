@@ -282,11 +282,12 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     if resumed:
         if not cfg.output or not (Path(cfg.output) / RUN_CONFIG_FILE).exists():
             raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {RUN_CONFIG_FILE})")
-        cfg = load_run_config(cfg.output)
+        cfg = load_run_config(cfg.output).updated({"resume": True})
         notes.append(f"planned from the saved configuration of {cfg.output}")
-    if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None and cfg.init_from and \
-            (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():  # the base of the image model it starts from
-        init = load_run_config(cfg.init_from)
+    init_run = cfg.init_from and next((p for p in (Path(cfg.init_from), Path(cfg.init_from).parent)
+                                       if (p / RUN_CONFIG_FILE).exists()), None)  # a run or its checkpoint
+    if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None and init_run:
+        init = load_run_config(init_run)  # the base of the image model it starts from
         cfg = cfg.updated({"model": init.model, "pretrained": init.pretrained})
     cfg.validate_model()
     if not cfg.data and not cfg.resume:
@@ -297,7 +298,7 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     if not cfg.output:
         notes.append("no --output given: a real run needs one")
     # (A resumed run's saved --init-from is the checkpoint folder it pinned when it started.)
-    if cfg.init_from and not resumed and not (Path(cfg.init_from) / RUN_CONFIG_FILE).exists():
+    if cfg.init_from and not resumed and not init_run:
         notes.append(f"--init-from {cfg.init_from} is not a training run: a real run would stop there")
     if cfg.mixed_precision != "no" and not cfg.use_gpu:
         notes.append(f"planned for a GPU (--mixed-precision {cfg.mixed_precision} under CUDA autocast); "
@@ -307,8 +308,11 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
 
 def host_build_bytes(cfg: TrainConfig) -> int:
     """Host memory the model takes while it is built (every weight once in fp32; with
-    ``--init-from``, the HAP model and the base UNet, which then make up the fine-tuning model)."""
-    if cfg.stage == "finetune" and cfg.init_from:
+    ``--init-from``, the HAP model and the base UNet, which then make up the fine-tuning model, until
+    the run's first checkpoint: a resumed run builds from the base)."""
+    from disco.model.checkpoint import list_checkpoints
+
+    if cfg.stage == "finetune" and cfg.init_from and not (cfg.resume and cfg.output and list_checkpoints(cfg.output)):
         hap = meta_model(cfg, "pretrain")
         return block_bytes(hap.parameters()) + block_bytes(hap.buffers()) + block_bytes(hap.unet.parameters())
     model = meta_model(cfg)
