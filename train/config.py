@@ -224,10 +224,8 @@ class TrainConfig:
             if self.stage == "pretrain":
                 raise ConfigError("--init-from loads a pre-training (HAP) run into fine-tuning (--stage finetune) or "
                                   "a fine-tuning run into the temporal stage (--stage temporal)")
-            init = Path(self.init_from)
-            # A run, or one checkpoint folder of it (a run pins its init run's checkpoint when it
-            # starts: train/launch.py). A resumed run may not need it any more: launch.py checks.
-            if not self.resume and not (init / RUN_CONFIG_FILE).exists() and not (init.parent / RUN_CONFIG_FILE).exists():
+            # A resumed run may not need it any more: train/launch.py checks.
+            if not self.resume and init_run(self.init_from) is None:
                 raise ConfigError(f"--init-from {self.init_from} is not a training run (no {RUN_CONFIG_FILE})")
         if self.ref_mode not in REF_MODES:
             raise ConfigError(f"unknown --ref-mode {self.ref_mode!r}; choose first or random")
@@ -314,6 +312,14 @@ def lr_schedule(cfg: TrainConfig):
     import functools
 
     return functools.partial(lr_factor, warmup=cfg.warmup, total=cfg.schedule_length, decay_from=cfg.decay_from)
+
+
+def init_run(path: str | Path) -> Path | None:
+    """The training run an ``--init-from`` names: the run itself, or the run of one of its
+    checkpoint folders (a run pins its init run's checkpoint when it starts: train/launch.py);
+    None where neither holds a config.yaml."""
+    path = Path(path)
+    return next((folder for folder in (path, path.parent) if (folder / RUN_CONFIG_FILE).exists()), None)
 
 
 def load_run_config(run: str | Path) -> TrainConfig:

@@ -21,7 +21,8 @@ from disco.pipeline.errors import ConfigError, stops_in_one_line
 from disco.model.checkpoint import INIT_MODEL_DIRS, STATE_FILE, clean_temporary, list_checkpoints
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
-from disco.train.config import RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, load_run_config, lr_factor
+from disco.train.config import (RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, init_run, load_run_config,
+                                lr_factor)
 from disco.train.condition_gaps import evaluates, held_out_rows
 from disco.train.data import build_index
 from disco.train.monitor import read_metrics
@@ -75,13 +76,10 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
             raise ConfigError(f"{run} already holds a training run; pass --resume to continue it, or choose another --output")
         checkpoint = None
         if cfg.init_from:
-            # A run (its latest checkpoint) or one checkpoint folder of it.
-            init_run = Path(cfg.init_from)
-            if not (init_run / RUN_CONFIG_FILE).exists() and (init_run.parent / RUN_CONFIG_FILE).exists():
-                init_run = init_run.parent
-            if not (init_run / RUN_CONFIG_FILE).exists():
+            source = init_run(cfg.init_from)  # a run (its latest checkpoint) or one checkpoint folder of it
+            if source is None:
                 raise ConfigError(f"--init-from {cfg.init_from} is not a training run (no {RUN_CONFIG_FILE})")
-            hap = load_run_config(init_run)
+            hap = load_run_config(source)
             if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None:
                 cfg = cfg.updated({"model": hap.model, "pretrained": hap.pretrained})  # the image model's base
             if (hap.model, hap.pretrained and str(Path(hap.pretrained).resolve())) != \

@@ -275,7 +275,7 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     and notes on what a real run would still refuse: the plan reads no data and writes nothing,
     so a missing ``--data`` or ``--output`` is a note, not an error. With ``--resume`` the run's
     saved configuration is planned."""
-    from disco.train.config import RUN_CONFIG_FILE, load_run_config
+    from disco.train.config import RUN_CONFIG_FILE, init_run, load_run_config
 
     notes = []
     resumed = cfg.resume
@@ -284,10 +284,9 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
             raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {RUN_CONFIG_FILE})")
         cfg = load_run_config(cfg.output).updated({"resume": True})
         notes.append(f"planned from the saved configuration of {cfg.output}")
-    init_run = cfg.init_from and next((p for p in (Path(cfg.init_from), Path(cfg.init_from).parent)
-                                       if (p / RUN_CONFIG_FILE).exists()), None)  # a run or its checkpoint
-    if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None and init_run:
-        init = load_run_config(init_run)  # the base of the image model it starts from
+    source = init_run(cfg.init_from) if cfg.init_from else None  # a run or one checkpoint of it
+    if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None and source:
+        init = load_run_config(source)  # the base of the image model it starts from
         cfg = cfg.updated({"model": init.model, "pretrained": init.pretrained})
     cfg.validate_model()
     if not cfg.data and not cfg.resume:
@@ -298,7 +297,7 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     if not cfg.output:
         notes.append("no --output given: a real run needs one")
     # (A resumed run's saved --init-from is the checkpoint folder it pinned when it started.)
-    if cfg.init_from and not resumed and not init_run:
+    if cfg.init_from and not resumed and not source:
         notes.append(f"--init-from {cfg.init_from} is not a training run: a real run would stop there")
     if cfg.mixed_precision != "no" and not cfg.use_gpu:
         notes.append(f"planned for a GPU (--mixed-precision {cfg.mixed_precision} under CUDA autocast); "
