@@ -3,9 +3,11 @@ and runs the read and decode stages through Ray Data."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import threading
+import time
 import warnings
 from collections import defaultdict
 
@@ -27,6 +29,8 @@ CHUNK_BATCHES = 256  # at least this many micro-batches of read tasks per Ray Da
 # Samples one decode task loads. Ray Data costs a few ms of driver and worker CPU per task
 # whatever its size; per micro-batch of 4 that was as much CPU as the decoding itself.
 SAMPLES_PER_BLOCK = 32
+# The worker threads of Ray Data's batch iterator (ray.data._internal.block_batching.util).
+RAY_DATA_ITERATOR_THREADS = "iter_threaded"
 
 
 
@@ -105,6 +109,7 @@ class SampleStream:
         self._first_shard = rank * (shards // world)
         self._first_references = index.first_reference() if stage == "finetune" and ref_mode == "first" else None
         self._store = None  # (name, handle) of the data set's ReferenceStore, once started
+        self._threads_before = {thread.ident for thread in threading.enumerate()}
         self._blocks = self._stream()
         self._block, self._offset, self._bad_run = None, 0, 0
 
@@ -358,8 +363,22 @@ class SampleStream:
                     following.close()
 
     def close(self) -> None:
-        """Stop the running Ray Data execution (its prefetching tasks) now, not at interpreter exit."""
-        self._blocks.close()
+        """Stop the running Ray Data execution (its prefetching tasks) now, not at interpreter exit,
+        and wait (up to ``CLOSE_WAIT_S``) for the threads of Ray Data's batch iterator to end.
+
+        Closed early, the iterator only tells its worker threads to stop once its generators are
+        collected, and they sit in reference cycles; a worker still dropping a block reference
+        while Ray shuts down (the user's ``ray.shutdown()`` after the run, or the one at
+        interpreter exit) ends the whole process with exit code 1 ("The core worker has already
+        been shutdown"): a finished run reported as failed."""
+        blocks, self._blocks = self._blocks, iter(())
+        blocks.close()
+        del blocks
+        gc.collect()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        for thread in threading.enumerate():
+            if thread.name == RAY_DATA_ITERATOR_THREADS and thread.ident not in self._threads_before:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- skipping what does not decode ---------------------------------------------------------------
 
