@@ -307,7 +307,10 @@ def test_half_gpu_actors_spread_one_of_each_stage_over_the_gpus(ray_local):
         return seen
 
     alone = start(None, ["matting", "matting", "pose", "pose"])
-    assert [ray_ids for ray_ids, _, _ in alone] == [["0"], ["0"], ["1"], ["1"]]  # Ray's packing, unbalanced
+    # Ray's packing, unbalanced: the two matting actors on one GPU, the pose actors on the other
+    # (which GPU comes first is Ray's choice: it varied between machines).
+    packed = [ray_ids for ray_ids, _, _ in alone]
+    assert packed[0] == packed[1] and packed[2] == packed[3] and sorted(packed[1:3]) == [["0"], ["1"]], packed
     name, ledger = start_ledger("test")
     try:
         spread = start(name, ["matting", "matting", "pose", "pose"])
