@@ -104,6 +104,7 @@ class DisCoPipeline:
         schedulers = [self.scheduler, *(copy.deepcopy(self.scheduler) for _ in self.replicas)]
         frames: dict[int, np.ndarray] = {}
         told = threading.Lock()
+        stop = threading.Event()  # one device failed, or the user interrupted: the others stop too
 
         def sample_on(k: int) -> None:
             """Every ``len(models)``-th batch, from the ``k``-th, on model ``k``."""
@@ -113,6 +114,8 @@ class DisCoPipeline:
                 conditions = (tokens, empty, background_latents) if k == 0 else \
                     (one.encode_reference(reference.to(on, dtype)), empty.to(on), one.encode_background(background.to(on, dtype)))
                 for start in starts[k::len(models)]:
+                    if stop.is_set():
+                        return
                     frames[start] = _sample(one, scheduler, noise[start:start + batch_size],
                                             poses[start:start + batch_size], *conditions, num_inference_steps,
                                             guidance_scale)
@@ -123,10 +126,19 @@ class DisCoPipeline:
         if len(models) == 1:
             sample_on(0)
         else:
-            from concurrent.futures import ThreadPoolExecutor
+            from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
             with ThreadPoolExecutor(len(models)) as pool:
-                for done in [pool.submit(sample_on, k) for k in range(len(models))]:
+                running = [pool.submit(sample_on, k) for k in range(len(models))]
+                try:
+                    # The first device's error as it happens: waiting on the devices in order let
+                    # the others sample their whole share (hours of a long video) before it came.
+                    wait(running, return_when=FIRST_EXCEPTION)
+                finally:
+                    # An error, or Ctrl-C in this thread: every device ends after its current batch
+                    # (the pool's exit waits for that), not after all of its frames.
+                    stop.set()
+                for done in running:
                     done.result()  # a device's error is raised here
         return np.concatenate([frames[start] for start in starts])
 

@@ -4,6 +4,7 @@ preprocessed clips as pose sources, ``evaluate --run`` and the command line's us
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -152,6 +153,25 @@ def test_frames_spread_over_several_devices_are_the_frames_of_one(inputs, condit
     spread = pipeline(reference, background, poses, progress=told.append, **run)
     assert np.array_equal(spread, one) and sum(told) == 9 and sorted(told) == [1, 2, 2, 2, 2]
     assert grad_modes and not any(grad_modes)
+    # A device that fails (out of memory on its first batch) stops the others after their current
+    # batch, and its error comes then: they went on with their whole share first (hours of a long
+    # video on real GPUs) and every frame was lost anyway.
+    import disco.model.pipeline as sampling
+
+    real, primary = sampling._sample, []
+
+    def failing(model, *args):
+        if model is pipeline.replicas[0]:
+            raise RuntimeError("CUDA out of memory (the replica's device)")
+        primary.append(1)
+        time.sleep(0.3)
+        return real(model, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "_sample", failing)
+        with pytest.raises(RuntimeError, match="the replica's device"):
+            pipeline(reference, background, poses, **{**run, "batch_size": 1})  # 5 batches are the primary's
+    assert 1 <= len(primary) <= 2
     # The command refuses more GPUs than there are, before a model loads.
     result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
                   inputs / "dance.mp4", "--output", "o.mp4", "--gpus", 2, "--device", "cpu")
