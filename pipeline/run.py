@@ -131,6 +131,8 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         units = sum(len(v) for v in partial.values())
         log(f"resuming: {len(listed) - len(pending)} of {len(listed)} inputs already committed, "
             f"and {units} unit(s) of {len(partial)} partly done input(s)")
+    # The journal as it was goes (GBs at millions of committed units): the wind-up reads it again.
+    state = complete = None
 
     weights = None  # the model files' digests for the manifest
     started = time.time()
@@ -161,14 +163,13 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         log("interrupted: what the actors committed is kept")
     sigterm.wind_up()  # the manifest is written whatever comes now
     wall = time.time() - started
+    final_state = store.read_journal()
     if not interrupted:
         # Shards that a lost actor wrote but never got committed (its task ran again elsewhere):
         # every writer is done now, so anything the journal does not name can go.
-        orphans = store.recover(store.read_journal())
+        orphans = store.recover(final_state)
         if orphans:
             log(f"removed {len(orphans)} shard(s) written by lost actors and never committed")
-
-    final_state = store.read_journal()
     backends = {
         "matting": {"name": cfg.resolved["matting"]},
         "pose": {"name": cfg.resolved["pose"]},

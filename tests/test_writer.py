@@ -75,6 +75,42 @@ def test_recovery_drops_uncommitted_files_and_a_torn_journal_line(tmp_path):
     assert store.read_journal().complete_inputs() == {"a", "b"}
 
 
+
+def test_a_resume_mends_the_journal_in_place_and_rewrites_it_only_for_new_options(tmp_path):
+    """At millions of inputs the journal is a GB: every resume rewrote it whole (seconds, twice its
+    size on the share). A clean one is left as it is, a torn last line is cut off, a last line
+    without its newline gets one; only a journal without the run's options is written anew."""
+    import os
+
+    store = OutputStore(tmp_path)
+    params = {"p": 1}
+    store.begin(params)
+    writer = ShardWriter(store, "part-a-", shard_rows=2, row_group_rows=2)
+    for name in "ab":
+        writer.add_unit(_rows(name, 2), _unit(name, 2), [])
+    clean = store.journal.read_bytes()
+    inode = os.stat(store.journal).st_ino
+    state, removed = store.begin(params)
+    assert removed == [] and state.complete_inputs() == {"a", "b"}
+    assert store.journal.read_bytes() == clean and os.stat(store.journal).st_ino == inode
+    # A kill in the middle of a line: cut off, in place; the next commit is a line of its own.
+    with open(store.journal, "ab") as fh:
+        fh.write(b'{"type": "commit", "files": ["triplets/x.parq')
+    state, _ = store.begin(params)
+    assert store.journal.read_bytes() == clean and os.stat(store.journal).st_ino == inode
+    # A kill after a whole record but before its newline: the commit stands and gets one.
+    store.journal.write_bytes(clean[:-1])
+    state, _ = store.begin(params)
+    assert state.complete_inputs() == {"a", "b"} and store.journal.read_bytes() == clean
+    ShardWriter(store, "part-c-", 2, 2).add_unit(_rows("c", 2), _unit("c", 2), [])
+    assert store.read_journal().complete_inputs() == {"a", "b", "c"}
+    # A journal written before it held the options gets them, whole and atomically.
+    lines = store.journal.read_bytes().splitlines(keepends=True)
+    store.journal.write_bytes(b"".join(lines[1:]))
+    state, _ = store.begin(params)
+    assert store.read_journal().written_params == params and state.complete_inputs() == {"a", "b", "c"}
+    assert store.journal.read_bytes() == b"".join(lines)
+
 def test_video_input_is_complete_only_when_every_segment_is_committed(tmp_path):
     store = OutputStore(tmp_path)
     store.prepare()

@@ -113,14 +113,28 @@ def fsync_dir(path: Path) -> None:
 class JournalState:
     entries: list[dict] = field(default_factory=list)
     params: dict | None = None
+    # The file as read: the bytes of its whole lines, whether a line cut short by a kill follows
+    # them (or the last one lacks its newline), and the options its params line holds. Recovery
+    # mends only that; rewriting the journal whole (a GB at millions of inputs) on every resume
+    # cost seconds and twice its size on the share.
+    size: int = 0
+    torn: bool = False
+    unterminated: bool = False
+    written_params: dict | None = None
+    _units: tuple | None = field(default=None, repr=False, compare=False)
 
     def units(self) -> dict[str, dict[int, dict]]:
-        """input_path -> {unit_index: unit record} over every committed shard."""
-        out: dict[str, dict[int, dict]] = defaultdict(dict)
-        for entry in self.entries:
-            for unit in entry.get("units", []):
-                out[unit["input_path"]][unit["unit_index"]] = unit
-        return out
+        """input_path -> {unit_index: unit record} over every committed shard (worked out once
+        per list of entries: a resume and its manifest ask for it several times, and it is a
+        dict per unit)."""
+        key = (id(self.entries), len(self.entries))
+        if self._units is None or self._units[0] != key:
+            out: dict[str, dict[int, dict]] = defaultdict(dict)
+            for entry in self.entries:
+                for unit in entry.get("units", []):
+                    out[unit["input_path"]][unit["unit_index"]] = unit
+            self._units = key, out
+        return self._units[1]
 
     def complete_inputs(self) -> set[str]:
         return {
@@ -129,8 +143,9 @@ class JournalState:
         }
 
     def partial_units(self) -> dict[str, list[int]]:
-        done = self.complete_inputs()
-        return {path: sorted(units) for path, units in self.units().items() if path not in done}
+        units = self.units()
+        return {path: sorted(done) for path, done in units.items()
+                if len(done) != next(iter(done.values()))["unit_count"]}
 
 
 class OutputStore:
@@ -190,21 +205,25 @@ class OutputStore:
         state = JournalState()
         if not self.journal.exists():
             return state
-        with open(self.journal, encoding="utf-8") as fh:
+        with open(self.journal, "rb") as fh:
             for line in fh:
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    state.torn = True
                     break  # a line cut short by a kill: nothing after it was committed
+                state.size += len(line)
+                state.unterminated = not line.endswith(b"\n")
                 if record.get("type") == "params":
-                    state.params = record["params"]
+                    state.params = state.written_params = record["params"]
                 elif record.get("type") == "commit":
                     state.entries.append(record)
         return state
 
     def recover(self, state: JournalState) -> list[str]:
-        """Delete temporary files and shards that no journal entry names, and rewrite the journal
-        whole (with ``state.params``); returns what was removed."""
+        """Delete temporary files and shards that no journal entry names, and mend the journal
+        (a torn last line cut off, a missing newline added, ``state.params`` recorded where the
+        file holds other or none: then it is rewritten whole); returns what was removed."""
         named = {name for e in state.entries for name in e.get("files", [])}
         removed = []
         for d in (self.triplets, self.errors, self.rejects):
@@ -213,12 +232,25 @@ class OutputStore:
             for path in d.iterdir():
                 rel = path.relative_to(self.root).as_posix()
                 if path.name.endswith(".tmp") or (path.suffix == ".parquet" and rel not in named):
-                    path.unlink()
+                    # Gone already: a writer of the killed run on another node, still finishing
+                    # for a moment, renamed its temporary file since the listing.
+                    path.unlink(missing_ok=True)
                     removed.append(rel)
         # The strikes of earlier runs (pipeline/strikes.py): every attempt of theirs is over.
         shutil.rmtree(self.root / STRIKES_FOLDER, ignore_errors=True)
-        # Rewrite the journal without a torn last line, so later appends start on a clean line.
-        self.rewrite_journal(state)
+        if state.params != state.written_params:
+            self.rewrite_journal(state)
+        elif state.torn or state.unterminated:
+            # So that later appends start on a line of their own.
+            with open(self.journal, "r+b") as fh:
+                fh.truncate(state.size)
+                if state.unterminated:
+                    fh.seek(state.size)
+                    fh.write(b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            state.size += state.unterminated
+            state.torn = state.unterminated = False
         return removed
 
     def rewrite_journal(self, state: JournalState) -> None:
@@ -226,13 +258,15 @@ class OutputStore:
         if state.params is not None:
             lines.append(json.dumps({"type": "params", "params": state.params}))
         lines += [json.dumps(e) for e in state.entries]
+        text = "".join(line + "\n" for line in lines).encode("utf-8")
         tmp = self.journal.with_name(self.journal.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
+        with open(tmp, "wb") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())  # a power loss must not leave an empty journal behind the rename
         os.replace(tmp, self.journal)
         fsync_dir(self.root)
+        state.size, state.torn, state.unterminated, state.written_params = len(text), False, False, state.params
 
     def append(self, record: dict) -> None:
         with open(self.journal, "a", encoding="utf-8") as fh:
