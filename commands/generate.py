@@ -41,8 +41,18 @@ def run_generation(config, show_progress: bool = True):
         except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
             usage_error(str(exc))
         except torch.OutOfMemoryError:
-            out_of_memory(config.device, config.batch_size)
+            out_of_memory(config.device, config.batch_size, kept=kept_frames(config.output))
     return result
+
+
+def kept_frames(output) -> str:
+    """What a stopped run's message adds where it finished frames (``generate/partial.py``)."""
+    from disco.generate.partial import SUFFIX
+
+    folder = output.with_name(output.name + SUFFIX)
+    saved = len(list(folder.glob("frames-*.npz"))) if folder.is_dir() else 0
+    return (f" (the {saved} batch(es) of frames it finished are kept in {folder}: run it again, also with another "
+            "--batch-size or --gpus, and they are not sampled again)") if saved else ""
 
 
 

@@ -161,8 +161,9 @@ def command_device(device: str) -> str:
     return resolved
 
 
-def out_of_memory(device: str, batch_size: int, generating: bool = True) -> None:
-    """A GPU that runs out of memory: one line saying what to lower, not a CUDA traceback."""
+def out_of_memory(device: str, batch_size: int, generating: bool = True, kept: str = "") -> None:
+    """A GPU that runs out of memory: one line saying what to lower, not a CUDA traceback
+    (``kept``: what of the work stays, said after it)."""
     lower = "--batch-size (or --size)" if generating else "--batch-size"
     usage_error(f"out of GPU memory on {device} at --batch-size {batch_size}: lower {lower}, "
-                "or free the GPU of other work")
+                f"or free the GPU of other work{kept}")

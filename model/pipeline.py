@@ -66,6 +66,8 @@ class DisCoPipeline:
         seed: int = 0,
         batch_size: int = 8,
         progress: Callable[[int], None] | None = None,
+        done: dict[int, np.ndarray] | None = None,
+        on_batch: Callable[[int, np.ndarray], None] | None = None,
     ) -> np.ndarray:
         """One frame per pose: ``reference`` 1 x 3 x 224 x 224 (CLIP input), ``background``
         1 x 3 x S x S in [-1, 1], ``poses`` N x 3 x P x P, uint8 (``pose_pixels``, made [0, 1] a
@@ -75,6 +77,11 @@ class DisCoPipeline:
 
         Every frame's initial noise comes from one generator seeded with ``seed``, drawn for all
         frames up front, so the frames do not depend on ``batch_size``.
+
+        The per-frame model only: ``done`` holds frames already sampled (by index: a stopped
+        run's, ``generate/partial.py``), which are not sampled again (the others go in batches of
+        ``batch_size`` in order), and ``on_batch(indices, frames)`` is told each batch as it is
+        finished (in its device's thread).
         """
         model, device = self.model, self.device
         size = background.shape[-1]
@@ -98,11 +105,12 @@ class DisCoPipeline:
                                     guidance_scale, window=self.window, overlap=self.overlap, batch_size=batch_size,
                                     progress=progress, pose_cache_bytes=self.pose_cache_bytes)
             return decode_frames(model, latents / VAE_SCALING, batch_size)
-        starts = list(range(0, len(poses), batch_size))
+        frames: dict[int, np.ndarray] = dict(done or {})
+        todo = [i for i in range(len(poses)) if i not in frames]
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         models = [model, *self.replicas]
         # One scheduler per device, copied before any thread starts: it keeps the timesteps it is set to.
         schedulers = [self.scheduler, *(copy.deepcopy(self.scheduler) for _ in self.replicas)]
-        frames: dict[int, np.ndarray] = {}
         told = threading.Lock()
         stop = threading.Event()  # one device failed, or the user interrupted: the others stop too
 
@@ -113,15 +121,19 @@ class DisCoPipeline:
             with torch.no_grad(), pose_embedding_cache(one):  # (grad mode is per thread)
                 conditions = (tokens, empty, background_latents) if k == 0 else \
                     (one.encode_reference(reference.to(on, dtype)), empty.to(on), one.encode_background(background.to(on, dtype)))
-                for start in starts[k::len(models)]:
+                for batch in batches[k::len(models)]:
                     if stop.is_set():
                         return
-                    frames[start] = _sample(one, scheduler, noise[start:start + batch_size],
-                                            poses[start:start + batch_size], *conditions, num_inference_steps,
-                                            guidance_scale)
+                    # (A slice where the batch is one run of frames, as it is unless a run resumed.)
+                    rows = slice(batch[0], batch[-1] + 1) if batch[-1] - batch[0] == len(batch) - 1 else batch
+                    sampled = _sample(one, scheduler, noise[rows], poses[rows], *conditions, num_inference_steps,
+                                      guidance_scale)
+                    frames.update(zip(batch, sampled))
+                    if on_batch is not None:
+                        on_batch(batch, sampled)
                     if progress is not None:
                         with told:
-                            progress(len(frames[start]))
+                            progress(len(sampled))
 
         if len(models) == 1:
             sample_on(0)
@@ -140,7 +152,7 @@ class DisCoPipeline:
                     stop.set()
                 for done in running:
                     done.result()  # a device's error is raised here
-        return np.concatenate([frames[start] for start in starts])
+        return np.stack([frames[i] for i in range(len(poses))])
 
 
 def _sample(model: DisCoModel, scheduler: DDIMScheduler, noise, pose, tokens, empty, background_latents,

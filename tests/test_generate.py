@@ -113,6 +113,53 @@ def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(first.frames, poses.frames))
 
 
+def test_a_run_that_stops_keeps_its_frames_and_the_same_command_samples_only_the_rest(inputs, tmp_path):
+    """A long driving video is hours of sampling: a run that ran out of GPU memory (or was killed)
+    at its second batch lost every frame. Its finished batches stay beside the output; the same
+    command again, at the smaller --batch-size the message asks for, samples only the others, and
+    its video has the frames of a run that never stopped."""
+    import disco.model.pipeline as sampling
+
+    common = ["generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
+              inputs / "dance.mp4", "--steps", 2, "--size", SIZE, "--no-align-pose"]
+    whole = _run(*common, "--batch-size", 2, "--output", tmp_path / "whole.mp4", "--frames", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    real, sampled = sampling._sample, []
+
+    def sample(model, scheduler, noise, *args):
+        if stops_at is not None and len(sampled) == stops_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        sampled.append(len(noise))
+        return real(model, scheduler, noise, *args)
+
+    out, partial = tmp_path / "out.mp4", tmp_path / "out.mp4.partial"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "_sample", sample)
+        stops_at = 1
+        stopped = _run(*common, "--batch-size", 2, "--output", out)
+        said = " ".join(stopped.output.split())
+        assert stopped.exit_code == 2 and "lower --batch-size" in said and str(partial) in said, said
+        assert not out.exists() and sampled == [2] and len(list(partial.glob("frames-*.npz"))) == 1
+        stops_at, sampled = None, []
+        again = _run(*common, "--batch-size", 1, "--output", out, "--frames", tmp_path / "again")
+        assert again.exit_code == 0, again.output
+    assert sampled == [1] * (POSE_FRAMES - 2)  # the two frames of the first run are not sampled again
+    assert f"resuming: 2 of {POSE_FRAMES} frames" in " ".join(again.output.split())
+    frames = [np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))])
+              for name in ("whole", "again")]
+    assert frames[0].shape == frames[1].shape == (POSE_FRAMES, SIZE, SIZE, 3)
+    assert np.array_equal(frames[1][:2], frames[0][:2])  # kept as the stopped run sampled them
+    assert np.abs(frames[1].astype(int) - frames[0].astype(int)).max() <= 1  # the rest at batch 1, not 2
+    assert not partial.exists()  # the video is written: the kept frames go
+    # Kept frames of a run with other settings (another seed) are not taken for this one's.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "_sample", sample)
+        stops_at, sampled = 1, []
+        assert _run(*common, "--batch-size", 2, "--output", out).exit_code == 2 and partial.exists()
+        stops_at, sampled = None, []
+        other = _run(*common, "--batch-size", 3, "--output", out, "--seed", 1)
+    assert other.exit_code == 0 and "resuming" not in other.output and sampled == [3, 3] and not partial.exists()
+
 def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeline, inputs, conditions):
     reference, background = conditions
     side = pose_size(pipeline.model, SIZE)
