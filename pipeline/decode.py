@@ -183,6 +183,11 @@ def _open_video(path: Path, **kwargs):
         raise InputError("decode", "corrupt_video", f"cannot open the video: {first}") from None
 
 
+def open_video(path: str | Path, width: int, height: int):
+    """A video opened for ``decode_video_frames``, its frames at ``width`` x ``height``."""
+    return _open_video(Path(path), width=width, height=height)
+
+
 @contextlib.contextmanager
 def _utf8_name(path: Path):
     """A name decord (a C library taking UTF-8) can open: the path itself, or where the name is not
@@ -264,10 +269,13 @@ def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> l
 
 
 def decode_video_frames(
-    path: str | Path, indices: list[int], width: int, height: int
+    path: str | Path, indices: list[int], width: int, height: int, reader=None
 ) -> tuple[np.ndarray, list[float]]:
-    """Decode the given source frames at ``width`` x ``height``; returns frames and their times (s)."""
-    reader = _open_video(Path(path), width=width, height=height)
+    """Decode the given source frames at ``width`` x ``height``; returns frames and their times (s).
+    ``reader``: the video already opened (``open_video``) by a caller that reads it batch after
+    batch in order: opened anew, each batch seeks back to its keyframe and decodes from there (a
+    1200-frame 720p video with x264's default 250-frame GOP, in batches of 32: 5x the decoding)."""
+    reader = reader or open_video(path, width, height)
     try:
         frames = reader.get_batch(indices).asnumpy()
         times = [float(reader.get_frame_timestamp(i)[0]) for i in indices]

@@ -107,9 +107,17 @@ def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
     first = poses_from_video(tmp_path / "v.mp4", 128, max_frames=2, progress=lambda *done: annotated.append(done))
     assert len(first.frames) == 2 and first.empty == 0 and annotated == [(2, 2)]
     # A long video reports as it goes: after every batch of frames annotated.
-    batches = []
-    assert len(poses_from_video(tmp_path / "v.mp4", 128, batch=4, progress=lambda *done: batches.append(done)).frames) == 6
+    batches, opened = [], []
+    import disco.pipeline.decode as decode
+
+    real_open = decode._open_video
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode, "_open_video", lambda *a, **k: (opened.append(a[0]), real_open(*a, **k))[1])
+        assert len(poses_from_video(tmp_path / "v.mp4", 128, batch=4, progress=lambda *done: batches.append(done)).frames) == 6
     assert batches == [(4, 6), (6, 6)]
+    # Opened once for its frames, besides the probe: a batch opened anew seeks back to its
+    # keyframe and decodes from there (5x the decoding of a 720p video with 250-frame GOPs).
+    assert len(opened) == 2, opened
     assert all(np.array_equal(a, b) for a, b in zip(first.frames, poses.frames))
 
 

@@ -1,0 +1,78 @@
+"""Decoding a driving video the way ``generate`` reads it (``generate/inputs.py: poses_from_video``:
+batches of frames in order from one opened video) against the loop a user would write (one decord
+reader, the frames in order) and against opening the video anew for every batch (how generate
+read it before: each batch seeks back to its keyframe and decodes from there), in one process on
+the same file: a synthetic 720p clip encoded with x264's default 250-frame GOP.
+
+    python benchmarks/pose_video_decode.py [--frames 1200] [--batch 32] [--gop 250]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_clip(path: Path, frames: int, gop: int, width: int = 1280, height: int = 720) -> None:
+    import av
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"g": str(gop), "preset": "ultrafast"}
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=32, help="generate's annotation batch")
+    parser.add_argument("--gop", type=int, default=250)
+    args = parser.parse_args()
+
+    import decord
+
+    from disco.pipeline.decode import decode_video_frames, open_video, probe_video
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip.mp4"
+        write_clip(path, args.frames, args.gop)
+        info = probe_video(path)
+        indices = list(range(info.num_frames))
+        batches = [indices[i:i + args.batch] for i in range(0, len(indices), args.batch)]
+
+        def user_loop():  # what a user would write: one reader, every frame in order
+            reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+            return sum(len(reader[i].asnumpy()) > 0 for i in indices)
+
+        def ours():
+            video = open_video(path, info.width, info.height)
+            return sum(len(decode_video_frames(path, b, info.width, info.height, video)[0]) for b in batches)
+
+        def reopened():
+            return sum(len(decode_video_frames(path, b, info.width, info.height)[0]) for b in batches)
+
+        seconds = {}
+        for name, run in (("user loop (one reader, frame by frame)", user_loop), ("generate (one reader, batches)", ours),
+                          ("reopened per batch (before)", reopened)):
+            started = time.perf_counter()
+            assert run() == len(indices)
+            seconds[name] = time.perf_counter() - started
+        base = seconds["user loop (one reader, frame by frame)"]
+        print(f"{len(indices)} frames of {info.width}x{info.height}, GOP {args.gop}, batches of {args.batch}")
+        for name, spent in seconds.items():
+            print(f"  {name:40s} {spent:6.2f} s  {len(indices) / spent:6.1f} frames/s  {spent / base:5.2f}x the user loop")
+
+
+if __name__ == "__main__":
+    main()
