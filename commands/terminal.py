@@ -150,14 +150,20 @@ def command_device(device: str) -> str:
     """``check_device``, then the device resolved (the one a GPU message names). A ``ray job
     submit`` job's driver gets a GPU only when the job asks for one (``--entrypoint-num-gpus``):
     ``auto`` on a driver that sees none says so in one line as it goes on on the CPU."""
-    from disco.model.precision import resolve_device
-    from disco.pipeline.cluster import in_ray_job
+    from disco.model.precision import on_cuda, resolve_device
+    from disco.pipeline.cluster import in_ray_job, job_gpus_unreserved
 
     check_device(device)
     resolved = resolve_device(device)
     if device == "auto" and resolved == "cpu" and in_ray_job():
         console.print("this job's driver sees no GPU, so it runs on the CPU (Ray gives a job's driver a GPU only "
                       "when it is submitted with --entrypoint-num-gpus 1)", highlight=False)
+    elif on_cuda(resolved) and job_gpus_unreserved():
+        # Ray shows such a driver every GPU of its node and reserves none: its actors and other
+        # jobs' get the same GPUs (out of memory, or both at half speed), and nothing says why.
+        console.print(f"this job's driver runs on {resolved}, a GPU Ray did not reserve for it (the job was submitted "
+                      "without --entrypoint-num-gpus): Ray may give it to other work too; submit with "
+                      "--entrypoint-num-gpus N (N: the GPUs it uses) to have them reserved", highlight=False)
     return resolved
 
 

@@ -162,6 +162,17 @@ def in_ray_job() -> bool:
     return bool(os.environ.get(RAY_JOB_CONFIG_ENV))
 
 
+# Set by Ray in the driver of a job submitted without entrypoint resources: it leaves the node's
+# GPUs visible to that driver (ray._private.accelerators.nvidia_gpu), reserved for none of it.
+NOSET_CUDA_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def job_gpus_unreserved() -> bool:
+    """Whether this process is the driver of a ``ray job submit`` job that reserved no resources
+    (no ``--entrypoint-num-gpus``): it sees every GPU of its node, which Ray hands to other work."""
+    return in_ray_job() and os.environ.get(NOSET_CUDA_ENV, "") not in ("", "0")
+
+
 def job_env_vars() -> set[str]:
     """The variables a ``ray job submit`` job's own runtime env sets (none outside a job)."""
     return set(_job_runtime_env().get("env_vars") or {})

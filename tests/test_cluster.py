@@ -446,6 +446,21 @@ def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, m
                                       "--pose", str(tmp_path / "p.mp4"), "-o", str(tmp_path / "o.mp4")])
     assert result.output.startswith("this job's driver sees no GPU, so it runs on the CPU") and result.exit_code == 2
     assert "--entrypoint-num-gpus 1" in result.output
+    # A job submitted without entrypoint resources: Ray shows its driver every GPU of the node
+    # (and says so in the driver's environment), reserving none; one line says what to submit with.
+    from disco.pipeline.cluster import NOSET_CUDA_ENV
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    unreserved = ["generate", "--checkpoint", str(tmp_path / "ck"), "--reference", str(tmp_path / "r.png"),
+                  "--pose", str(tmp_path / "p.mp4"), "-o", str(tmp_path / "o.mp4")]
+    result = CliRunner().invoke(app, unreserved)
+    assert result.exit_code == 2 and "did not reserve" not in result.output  # reserved: Ray set the devices
+    monkeypatch.setenv(NOSET_CUDA_ENV, "1")
+    result = CliRunner().invoke(app, unreserved)
+    said = " ".join(result.output.split())
+    assert said.startswith("this job's driver runs on cuda, a GPU Ray did not reserve for it") and result.exit_code == 2
+    assert "--entrypoint-num-gpus N" in said
+    monkeypatch.delenv(NOSET_CUDA_ENV)
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR)
     result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "ck"), "--reference", str(tmp_path / "r.png"),
                                       "--pose", str(tmp_path / "p.mp4"), "-o", "o.mp4"])
