@@ -393,6 +393,22 @@ def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path, m
     with pytest.warns(UserWarning, match=r"out is on a file system that takes no locks \(No locks available\)"):
         with store.locked():
             assert (store.root / output.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+    # Locks that hold on one node only (NFS mounted with local_lock): a second run on another node
+    # gets the lock too, and writes its name into the file. The first one's next commit stops it, in
+    # one line, with nothing appended: from there on its commits would duplicate the other's work.
+    monkeypatch.setattr(output, "fcntl", SimpleNamespace(flock=lambda fd, operation: None, LOCK_EX=fcntl.LOCK_EX,
+                                                         LOCK_NB=fcntl.LOCK_NB))
+    commit = {"type": "commit", "files": [], "shards": [], "units": []}
+    with store.locked():
+        store.begin({"p": 1})
+        store.append(commit)
+        journal = store.journal.read_bytes()
+        other = OutputStore(store.root)
+        with other.locked():  # the second run, as if on another node
+            with pytest.raises(output.OutputTaken, match=r"was taken by another run \(pid .* local_lock\); this run stops"):
+                store.append(commit)
+            assert store.journal.read_bytes() == journal
+            other.append(commit)  # the run that took it goes on
 
 
 def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, monkeypatch):

@@ -34,6 +34,11 @@ class OutputBusy(ConfigError):
     """Another run holds the output folder's lock."""
 
 
+class OutputTaken(ConfigError):
+    """Another run wrote its name into the output folder's lock while this one held it: a file
+    system whose locks only hold on one node (NFS mounted with ``nolock`` or ``local_lock``)."""
+
+
 class OutputUnwritable(ConfigError):
     """The output folder cannot take the run's files (read-only, no permission, disk full)."""
 
@@ -89,7 +94,8 @@ def folder_lock(root: Path, advice: str = "wait for it to finish, or pick anothe
                           "run out of it; start one run at a time there", stacklevel=3)
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n"
+        # (The token: two holdings by one process in one second are two.)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}, holding {secrets.token_hex(4)}\n"
         os.pwrite(fd, holder.encode(), 0)
         os.fsync(fd)
         yield holder
@@ -156,14 +162,19 @@ class OutputStore:
         self.rejects = self.root / REJECTS_DIR
         self.journal = self.root / JOURNAL_FILE
         self.manifest = self.root / MANIFEST_FILE
+        self.holder: str | None = None  # what this run wrote into the lock file, while it holds it
 
     @contextlib.contextmanager
     def locked(self):
         """Hold the output folder for one run: a second run on the same folder is refused instead
         of interleaving its shards with ours."""
         try:
-            with folder_lock(self.root):
-                yield self
+            with folder_lock(self.root) as holder:
+                self.holder = holder
+                try:
+                    yield self
+                finally:
+                    self.holder = None
         except Exception as exc:
             # A write that failed anywhere (here or in an actor) because of the folder: one line.
             problem = self.unwritable(exc)
@@ -268,7 +279,28 @@ class OutputStore:
         fsync_dir(self.root)
         state.size, state.torn, state.unterminated, state.written_params = len(text), False, False, state.params
 
+    def still_held(self) -> None:
+        """Raise ``OutputTaken`` where another run's name is in the lock file now. Where flock only
+        holds on one node (NFS with ``nolock`` or ``local_lock``, common on HPC clusters), a second
+        run on another node got the lock too: it recovered the folder (deleting this run's shards
+        that were not committed yet) and plans from its journal; every commit of this run from then
+        on would be a duplicate of its work. Read anew each time: NFS shows a file another node
+        wrote to a process that opens it after the write."""
+        if self.holder is None:
+            return
+        try:
+            now = (self.root / LOCK_FILE).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            now = ""
+        if now != self.holder:
+            theirs = now.strip() or "its lock file is gone"
+            raise OutputTaken(
+                f"{self.root} was taken by another run ({theirs}) while this one ({self.holder.strip()}) wrote to it: "
+                "its file system's locks did not keep the other out (NFS mounted with nolock or local_lock); this run "
+                "stops here and commits nothing more, the other one goes on")
+
     def append(self, record: dict) -> None:
+        self.still_held()  # a commit of a run another one took the folder from would be a duplicate
         with open(self.journal, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
