@@ -5,9 +5,9 @@ same command again (``--batch-size`` and ``--gpus`` may change) samples only the
 finished: every frame's noise is drawn from the seed up front, whichever run samples it.
 
 The folder (``OUTPUT.mp4.partial/``) holds ``key.json``, what the frames depend on (the
-checkpoint, the inputs' content, the sampling settings), and one ``frames-FIRST.npz`` per finished
-batch (its frame indices and uint8 frames, read back without pickle). A run with another key
-starts afresh."""
+checkpoint's and the input files' identities, the settings), and one ``frames-FIRST.npz`` per
+finished batch (its frame indices and uint8 frames, uncompressed: size x size x 3 bytes a frame,
+read back without pickle). A run with another key starts afresh."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,25 @@ SUFFIX = ".partial"
 KEY_FILE = "key.json"
 
 
-def content_digest(*arrays) -> str:
-    """A digest of the arrays' values (the reference, background and pose pictures as the model
-    gets them): a changed input file, or other poses from it, is another run."""
+def file_identity(path: str | Path | None, span: int = 1 << 20) -> str | None:
+    """A file by its size and a digest of its first and last ``span`` bytes (a photo whole; a
+    video or a weights file is not read through), or a folder by the identities of its files: an
+    input or a checkpoint replaced under the same name is another run. (Not by what the models
+    made of them: matting on a GPU need not give the same bits twice.)"""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    if path.is_dir():
+        return hashlib.blake2b("".join(f"{p.relative_to(path)}:{file_identity(p, span)}\n" for p in sorted(path.rglob("*"))
+                                       if p.is_file()).encode(), digest_size=16).hexdigest()
     digest = hashlib.blake2b(digest_size=16)
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        digest.update(handle.read(span))
+        if size > span:
+            handle.seek(max(span, size - span))
+            digest.update(handle.read(span))
+    return f"{size}-{digest.hexdigest()}"
 
 
 class PartialFrames:
@@ -59,7 +68,7 @@ class PartialFrames:
             try:
                 with np.load(path, allow_pickle=False) as saved:
                     index, frames = saved["index"], saved["frames"]
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            except Exception:  # noqa: BLE001 - a file cut short or emptied by a crash: sampled again
                 continue
             if frames.dtype == np.uint8 and frames.shape == (len(index), *shape) and index.dtype.kind == "i" \
                     and len(index) and index.min() >= 0 and index.max() < total:
@@ -72,6 +81,8 @@ class PartialFrames:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as handle:
             np.savez(handle, index=np.asarray(indices, np.int64), frames=np.ascontiguousarray(frames))
+            handle.flush()
+            os.fsync(handle.fileno())  # a crash must not leave an empty file under the final name
         os.replace(tmp, path)
 
     def finish(self) -> None:

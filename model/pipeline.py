@@ -67,7 +67,7 @@ class DisCoPipeline:
         batch_size: int = 8,
         progress: Callable[[int], None] | None = None,
         done: dict[int, np.ndarray] | None = None,
-        on_batch: Callable[[int, np.ndarray], None] | None = None,
+        on_batch: Callable[[list[int], np.ndarray], None] | None = None,
     ) -> np.ndarray:
         """One frame per pose: ``reference`` 1 x 3 x 224 x 224 (CLIP input), ``background``
         1 x 3 x S x S in [-1, 1], ``poses`` N x 3 x P x P, uint8 (``pose_pixels``, made [0, 1] a
@@ -98,6 +98,8 @@ class DisCoPipeline:
         empty = model.unconditional_reference(1).to(dtype)
         background_latents = model.encode_background(background.to(device, dtype))
         if getattr(model, "temporal", None) is not None:
+            if done or on_batch is not None:
+                raise ValueError("a temporal-module model samples all its frames at once: none can be kept or resumed")
             from disco.model.temporal import decode_frames, windowed_ddim
 
             latents = windowed_ddim(model, self.scheduler, noise.to(device, dtype) * self.scheduler.init_noise_sigma,
@@ -106,6 +108,8 @@ class DisCoPipeline:
                                     progress=progress, pose_cache_bytes=self.pose_cache_bytes)
             return decode_frames(model, latents / VAE_SCALING, batch_size)
         frames: dict[int, np.ndarray] = dict(done or {})
+        if any(not 0 <= i < len(poses) or frame.shape != (size, size, 3) for i, frame in frames.items()):
+            raise ValueError(f"frames given as done must be {size} x {size} x 3, of indices 0 to {len(poses) - 1}")
         todo = [i for i in range(len(poses)) if i not in frames]
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         models = [model, *self.replicas]
@@ -150,8 +154,8 @@ class DisCoPipeline:
                     # An error, or Ctrl-C in this thread: every device ends after its current batch
                     # (the pool's exit waits for that), not after all of its frames.
                     stop.set()
-                for done in running:
-                    done.result()  # a device's error is raised here
+                for future in running:
+                    future.result()  # a device's error is raised here
         return np.stack([frames[i] for i in range(len(poses))])
 
 

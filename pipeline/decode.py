@@ -275,7 +275,7 @@ def decode_video_frames(
     ``reader``: the video already opened (``open_video``) by a caller that reads it batch after
     batch in order: opened anew, each batch seeks back to its keyframe and decodes from there (a
     1200-frame 720p video with x264's default 250-frame GOP, in batches of 32: 5x the decoding)."""
-    reader = reader or open_video(path, width, height)
+    reader = open_video(path, width, height) if reader is None else reader
     try:
         frames = reader.get_batch(indices).asnumpy()
         times = [float(reader.get_frame_timestamp(i)[0]) for i in indices]

@@ -196,6 +196,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
     manifest.update(dataset_section(cfg, listing, final_state))
     if changed:  # every later resume says it again: the rows stay until an --overwrite
         manifest["changed_inputs"] = changed
+    store.still_held()  # the manifest of a folder another run took is that run's to write
     write_manifest(store.manifest, manifest)
     counts = manifest["counts"]
     if interrupted:

@@ -407,6 +407,8 @@ def test_one_run_per_output_folder_and_a_killed_runs_lock_is_no_lock(tmp_path, m
         with other.locked():  # the second run, as if on another node
             with pytest.raises(output.OutputTaken, match=r"was taken by another run \(pid .* local_lock\); this run stops"):
                 store.append(commit)
+            with pytest.raises(output.OutputTaken):  # nor does it clear the other run's uncommitted shards
+                store.recover(store.read_journal())
             assert store.journal.read_bytes() == journal
             other.append(commit)  # the run that took it goes on
 

@@ -4,7 +4,6 @@ preprocessed clips as pose sources, ``evaluate --run`` and the command line's us
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -148,6 +147,7 @@ def test_a_run_that_stops_keeps_its_frames_and_the_same_command_samples_only_the
         said = " ".join(stopped.output.split())
         assert stopped.exit_code == 2 and "lower --batch-size" in said and str(partial) in said, said
         assert not out.exists() and sampled == [2] and len(list(partial.glob("frames-*.npz"))) == 1
+        (partial / "frames-00000004.npz").write_bytes(b"")  # emptied by a crash: sampled again, not a stop
         stops_at, sampled = None, []
         again = _run(*common, "--batch-size", 1, "--output", out, "--frames", tmp_path / "again")
         assert again.exit_code == 0, again.output
@@ -167,6 +167,21 @@ def test_a_run_that_stops_keeps_its_frames_and_the_same_command_samples_only_the
         stops_at, sampled = None, []
         other = _run(*common, "--batch-size", 3, "--output", out, "--seed", 1)
     assert other.exit_code == 0 and "resuming" not in other.output and sampled == [3, 3] and not partial.exists()
+
+
+def test_kept_frames_are_known_by_their_checkpoints_and_inputs_files(tmp_path):
+    """The key of kept frames names the files by content (a checkpoint re-exported under the same
+    path, or a photo replaced, is another run), reading a big file's ends only."""
+    from disco.generate.partial import file_identity
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    weights = model / "unet" / "weights.safetensors"
+    weights.write_bytes(b"a" * (3 << 20))
+    before = file_identity(model)
+    weights.write_bytes(b"b" + b"a" * ((3 << 20) - 1))  # same size, other bytes
+    assert file_identity(model) != before and file_identity(weights) != file_identity(tmp_path / "nothing")
+    assert file_identity(tmp_path / "nothing") is None and file_identity(None) is None
 
 def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeline, inputs, conditions):
     reference, background = conditions
@@ -213,13 +228,16 @@ def test_frames_spread_over_several_devices_are_the_frames_of_one(inputs, condit
     # video on real GPUs) and every frame was lost anyway.
     import disco.model.pipeline as sampling
 
-    real, primary = sampling._sample, []
+    import threading
+
+    real, primary, failed = sampling._sample, [], threading.Event()
 
     def failing(model, *args):
         if model is pipeline.replicas[0]:
+            failed.set()
             raise RuntimeError("CUDA out of memory (the replica's device)")
         primary.append(1)
-        time.sleep(0.3)
+        failed.wait(60)  # the primary's first batch ends after the replica's error
         return real(model, *args)
 
     with pytest.MonkeyPatch.context() as patch:

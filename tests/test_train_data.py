@@ -331,6 +331,7 @@ def test_closing_a_stream_ends_the_threads_of_ray_datas_iterator(clips):
     assert started  # the iterator this test is about runs in threads of that name
     stream.close()
     assert [t.name for t in started if t.is_alive()] == []
+    stream.close()  # again: nothing left to stop
 
 # -- scheduling ---------------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ import secrets
 import socket
 import time
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,7 +126,7 @@ class JournalState:
     torn: bool = False
     unterminated: bool = False
     written_params: dict | None = None
-    _units: tuple | None = field(default=None, repr=False, compare=False)
+    _units: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def units(self) -> dict[str, dict[int, dict]]:
         """input_path -> {unit_index: unit record} over every committed shard (worked out once
@@ -135,10 +134,10 @@ class JournalState:
         dict per unit)."""
         key = (id(self.entries), len(self.entries))
         if self._units is None or self._units[0] != key:
-            out: dict[str, dict[int, dict]] = defaultdict(dict)
+            out: dict[str, dict[int, dict]] = {}  # (not a defaultdict: a look-up must not add an input)
             for entry in self.entries:
                 for unit in entry.get("units", []):
-                    out[unit["input_path"]][unit["unit_index"]] = unit
+                    out.setdefault(unit["input_path"], {})[unit["unit_index"]] = unit
             self._units = key, out
         return self._units[1]
 
@@ -235,6 +234,7 @@ class OutputStore:
         """Delete temporary files and shards that no journal entry names, and mend the journal
         (a torn last line cut off, a missing newline added, ``state.params`` recorded where the
         file holds other or none: then it is rewritten whole); returns what was removed."""
+        self.still_held()  # another run's uncommitted shards are not ours to delete
         named = {name for e in state.entries for name in e.get("files", [])}
         removed = []
         for d in (self.triplets, self.errors, self.rejects):

@@ -109,7 +109,7 @@ class SampleStream:
         self._first_shard = rank * (shards // world)
         self._first_references = index.first_reference() if stage == "finetune" and ref_mode == "first" else None
         self._store = None  # (name, handle) of the data set's ReferenceStore, once started
-        self._threads_before = {thread.ident for thread in threading.enumerate()}
+        self._iterator_threads: list[threading.Thread] = []  # Ray Data's, of this stream's executions
         self._blocks = self._stream()
         self._block, self._offset, self._bad_run = None, 0, 0
 
@@ -325,9 +325,13 @@ class SampleStream:
         """The decoded blocks of one Ray Data execution, with its own start-up watch (two
         executions overlap at a chunk's end)."""
         try:
+            before = {thread.ident for thread in threading.enumerate()}
             for block in self._dataset(tasks, watch).iter_torch_batches(
                 batch_size=None, prefetch_batches=self.prefetch_blocks, device=self.device or "cpu",
             ):
+                if not watch.delivered:  # its iterator's threads start with the first block
+                    self._iterator_threads = [t for t in self._iterator_threads if t.is_alive()] + [
+                        t for t in threading.enumerate() if t.name == RAY_DATA_ITERATOR_THREADS and t.ident not in before]
                 watch.delivered = True
                 yield block
         except Exception as exc:
@@ -371,14 +375,15 @@ class SampleStream:
         while Ray shuts down (the user's ``ray.shutdown()`` after the run, or the one at
         interpreter exit) ends the whole process with exit code 1 ("The core worker has already
         been shutdown"): a finished run reported as failed."""
-        blocks, self._blocks = self._blocks, iter(())
+        blocks, self._blocks = self._blocks, _closed()
         blocks.close()
         del blocks
-        gc.collect()
+        if any(thread.is_alive() for thread in self._iterator_threads):
+            gc.collect()
         deadline = time.monotonic() + CLOSE_WAIT_S
-        for thread in threading.enumerate():
-            if thread.name == RAY_DATA_ITERATOR_THREADS and thread.ident not in self._threads_before:
-                thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in self._iterator_threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._iterator_threads = [thread for thread in self._iterator_threads if thread.is_alive()]
 
     # -- skipping what does not decode ---------------------------------------------------------------
 
@@ -428,6 +433,12 @@ class SampleStream:
 
 
 _END = object()
+
+
+def _closed():
+    """A closed stream's blocks: none (a generator, so that closing it again is a no-op)."""
+    return
+    yield
 
 
 class _Chunk:
