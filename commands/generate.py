@@ -47,9 +47,9 @@ def run_generation(config, show_progress: bool = True):
 
 def kept_frames(output) -> str:
     """What a stopped run's message adds where it finished frames (``generate/partial.py``)."""
-    from disco.generate.partial import SUFFIX
+    from disco.generate.partial import partial_folder
 
-    folder = output.with_name(output.name + SUFFIX)
+    folder = partial_folder(output)
     saved = len(list(folder.glob("frames-*.npz"))) if folder.is_dir() else 0
     return (f" (the {saved} batch(es) of frames it finished are kept in {folder}: run it again, also with another "
             "--batch-size or --gpus, and they are not sampled again)") if saved else ""

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from disco.pipeline.sources.generic import ends_digest
+from disco.pipeline.store.manifest import write_manifest
+
 SUFFIX = ".partial"
 KEY_FILE = "key.json"
 
@@ -34,19 +37,18 @@ def file_identity(path: str | Path | None, span: int = 1 << 20) -> str | None:
     if path.is_dir():
         return hashlib.blake2b("".join(f"{p.relative_to(path)}:{file_identity(p, span)}\n" for p in sorted(path.rglob("*"))
                                        if p.is_file()).encode(), digest_size=16).hexdigest()
-    digest = hashlib.blake2b(digest_size=16)
     size = path.stat().st_size
-    with open(path, "rb") as handle:
-        digest.update(handle.read(span))
-        if size > span:
-            handle.seek(max(span, size - span))
-            digest.update(handle.read(span))
-    return f"{size}-{digest.hexdigest()}"
+    return f"{size}-{ends_digest(path, size, span)}"
+
+
+def partial_folder(output: str | Path) -> Path:
+    """Where the frames of a run writing ``output`` are kept."""
+    return Path(output).with_name(Path(output).name + SUFFIX)
 
 
 class PartialFrames:
     def __init__(self, output: Path, key: dict):
-        self.folder = Path(output).with_name(Path(output).name + SUFFIX)
+        self.folder = partial_folder(output)
         self.key = json.loads(json.dumps(key))  # as key.json holds it
 
     def resume(self, total: int, shape: tuple[int, ...]) -> dict[int, np.ndarray]:
@@ -62,7 +64,7 @@ class PartialFrames:
                 shutil.rmtree(self.folder)
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
-            _write_atomic(self.folder / KEY_FILE, json.dumps(self.key, indent=1).encode())
+            write_manifest(self.folder / KEY_FILE, self.key)
             return done
         for path in sorted(self.folder.glob("frames-*.npz")):
             try:
@@ -88,9 +90,3 @@ class PartialFrames:
     def finish(self) -> None:
         """The video is written: the frames go."""
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -18,7 +18,7 @@ from disco.pipeline.cluster import init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError, run_stops_off_ray_datas_console, stops_in_one_line
 from disco.pipeline.sources import list_source
-from disco.pipeline.sources.generic import local_path
+from disco.pipeline.sources.generic import ends_digest, local_path
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry, unit_blocks, unit_table
@@ -457,25 +457,11 @@ def input_versions(items, by_content: bool = False) -> dict[str, str]:
             path = local_path({"raw_path": item.raw_path, "abs_path": item.abs_path})
             try:
                 stat = os.stat(path)
-                versions[item.input_path] = (f"{stat.st_size}-c{_ends_digest(path, stat.st_size)}" if by_content
+                versions[item.input_path] = (f"{stat.st_size}-c{ends_digest(path, stat.st_size)}" if by_content
                                              else f"{stat.st_size}-{stat.st_mtime_ns}")
             except OSError:
                 continue  # its units will say what is wrong with it
     return versions
-
-
-def _ends_digest(path: str, size: int, span: int = 1 << 20) -> str:
-    """A hash of a file's first and last ``span`` bytes: a growing tar shard or a replaced video
-    changes them, and it reads 2 MiB of a file, not all of it."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        digest.update(handle.read(span))
-        if size > span:
-            handle.seek(max(span, size - span))
-            digest.update(handle.read(span))
-    return digest.hexdigest()
 
 
 def _versions_by_content(cfg: PreprocessConfig) -> bool:
