@@ -1,10 +1,16 @@
-"""Decoding a driving video the way ``generate`` reads it (``generate/inputs.py: poses_from_video``:
-batches of frames in order from one opened video) against the loop a user would write (one decord
-reader, the frames in order) and against opening the video anew for every batch (how generate
-read it before: each batch seeks back to its keyframe and decodes from there), in one process on
-the same file: a synthetic 720p clip encoded with x264's default 250-frame GOP.
+"""Decoding a video the way the product reads it, against the loop a user would write (one decord
+reader, the frames in order), in one process on the same file: a synthetic 720p clip encoded with
+x264's default 250-frame GOP.
 
-    python benchmarks/pose_video_decode.py [--frames 1200] [--batch 32] [--gop 250]
+- ``generate``'s driving video (``generate/inputs.py: poses_from_video``): batches of frames in
+  order from one opened video; before, it opened the video anew for every batch (each batch seeks
+  back to its keyframe and decodes from there).
+- ``preprocess``'s units (``pipeline/stages.py: decode_unit``): 32-frame segments, each pipeline
+  actor keeping its last video open (``LastVideo``). Ray Data hands an actor calls of consecutive
+  units; here two actors take calls of ``--units-per-call`` in turn (each call after the other
+  actor's call seeks once). Before, every unit opened the video anew.
+
+    python benchmarks/pose_video_decode.py [--frames 1200] [--batch 32] [--gop 250] [--units-per-call 5]
 """
 
 from __future__ import annotations
@@ -38,11 +44,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=32, help="generate's annotation batch")
     parser.add_argument("--gop", type=int, default=250)
+    parser.add_argument("--units-per-call", type=int, default=5,
+                        help="preprocess units per actor call (the CPU pipeline's planner picks ~5 for one such "
+                             "clip on two actors)")
     args = parser.parse_args()
 
     import decord
 
-    from disco.pipeline.decode import decode_video_frames, open_video, probe_video
+    from disco.pipeline.decode import LastVideo, decode_video_frames, open_video, probe_video
+    from disco.pipeline.stages import decode_unit
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "clip.mp4"
@@ -62,9 +72,24 @@ def main() -> None:
         def reopened():
             return sum(len(decode_video_frames(path, b, info.width, info.height)[0]) for b in batches)
 
+        # The video's units as preprocess plans them (full size, ``--segment-frames`` = --batch).
+        units = [{"input_path": path.name, "abs_path": str(path), "kind": "video", "src_indices": b,
+                  "frame_start": k * args.batch, "width": info.width, "height": info.height}
+                 for k, b in enumerate(batches)]
+        calls = [units[i:i + args.units_per_call] for i in range(0, len(units), args.units_per_call)]
+
+        def actors_kept_open():
+            actors = [LastVideo(), LastVideo()]
+            return sum(len(decode_unit(u, {}, actors[k % 2])[0]) for k, call in enumerate(calls) for u in call)
+
+        def units_reopened():
+            return sum(len(decode_unit(u, {})[0]) for u in units)
+
         seconds = {}
         for name, run in (("user loop (one reader, frame by frame)", user_loop), ("generate (one reader, batches)", ours),
-                          ("reopened per batch (before)", reopened)):
+                          ("reopened per batch (before)", reopened),
+                          (f"preprocess units, 2 actors, calls of {args.units_per_call}", actors_kept_open),
+                          ("preprocess units reopened (before)", units_reopened)):
             started = time.perf_counter()
             assert run() == len(indices)
             seconds[name] = time.perf_counter() - started

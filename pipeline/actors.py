@@ -21,6 +21,7 @@ from disco.pipeline.annotators.base import Matte
 from disco.pipeline.annotators.registry import BackendError, load as load_backend
 from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline import strikes
+from disco.pipeline.decode import LastVideo
 from disco.pipeline.device_loss import DeviceLost, device_lost, restart
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 from disco.pipeline.gpu_balance import balance_gpu, cap_gpu_memory, first_kernel, gpu_unusable
@@ -270,13 +271,14 @@ class AnnotateStage:
         check_storage(settings)
         self.annotator = _annotator(settings, ("matting", "pose"))
         self.out = UnitWriter(settings, "annotate")
+        self.videos = LastVideo()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         units = batch.to_pylist()
         stopped = self.out.start_call(units)
         for unit in units:
             self.out.add(failed_result(unit, "write", stopped) if stopped is not None else unit_result(
-                self.settings, unit, "encode", lambda: process_unit(unit, self.annotator, self.settings)))
+                self.settings, unit, "encode", lambda: process_unit(unit, self.annotator, self.settings, self.videos)))
         return self.out.commits()
 
 
@@ -289,19 +291,21 @@ class MattingStage:
         gpu_ids = _start_gpu(settings, "matting")  # before any model loads
         self.annotator = _annotator(settings, ("matting",))
         self.resources = {"matting": _assigned_resources(gpu_ids)}
+        self.videos = LastVideo()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        packed = []
+    def __call__(self, batch: pa.Table):
+        # Unit by unit out (a generator): a unit holds ~100 MB of frames and mattes at
+        # 720p, and Ray Data takes each as it comes instead of the whole call's at once.
         for unit in batch.to_pylist():
             def failed(exc, unit=unit):  # the unit's errors row travels to the writing stage
                 errors = failed_result(unit, "matting", exc).errors
                 return pack_unit(unit, 0, [], errors, Counter(), [], self.resources)
 
-            packed.append(unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed))
-        return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
+            packed = unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed)
+            yield pa.Table.from_pylist([packed], schema=PACKED_UNIT_SCHEMA)
 
     def _matte(self, unit: dict) -> dict:
-        frames, errors = decode_unit(unit, self.settings)
+        frames, errors = decode_unit(unit, self.settings, self.videos)
         skipped: Counter = Counter()
         rejects: list[dict] = []
         kept = matte_unit(unit, frames, self.annotator, self.settings, errors, skipped, rejects)

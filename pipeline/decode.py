@@ -268,6 +268,30 @@ def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> l
     return indices
 
 
+class LastVideo:
+    """The video a pipeline actor decoded last, kept open. A call's units are consecutive segments
+    of a video far more often than not (Ray Data hands an actor consecutive blocks), so the next
+    unit decodes on from where the last one ended; opened anew, each unit seeks back to its
+    keyframe and decodes from there (32-frame units of a 720p video with x264's default 250-frame
+    GOP: 5x the decoding). Units in any other order still decode right: the reader seeks."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._reader = None
+
+    def reader(self, path: str | Path, width: int, height: int):
+        key = (str(path), int(width), int(height))
+        if key != self._key:
+            self.close()
+            self._reader = open_video(path, width, height)
+            self._key = key
+        return self._reader
+
+    def close(self) -> None:
+        """Lets the reader go (after a failure: a reader that failed is not trusted again)."""
+        self._key, self._reader = None, None
+
+
 def decode_video_frames(
     path: str | Path, indices: list[int], width: int, height: int, reader=None
 ) -> tuple[np.ndarray, list[float]]:

@@ -46,13 +46,17 @@ def cluster_nodes() -> list[dict]:
 
 def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units) -> list[PoolPlan]:
     """The actor pools for this cluster and these units. The last pool writes the shards, so its
-    units per call are sized to fill a shard without leaving an actor idle."""
+    units per call are sized to fill a shard without leaving an actor idle; the first decodes, and
+    its calls of the same size read a video's segments in order."""
     if uses_gpu_pipeline(cfg.resolved):
         pools = gpu_pools(cfg, nodes, _count(units))
     else:
         actors, cpus = actor_resources(cfg, nodes, _count(units))
         pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
-    pools[-1].units_per_call = units_per_call(units, cfg.shard_rows, pools[-1].actors)
+    for pool in pools:
+        # Every stage: the writing one fills shards; and consecutive units in one call are the
+        # next segments of a video, which the decoding stage reads on from the last (``LastVideo``).
+        pool.units_per_call = units_per_call(units, cfg.shard_rows, pool.actors)
     return pools
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 from disco.pipeline.sources import units as dataset_units
 from disco.pipeline.decode import (
     Frame,
+    LastVideo,
     check_size,
     decode_video_frames,
     load_image,
@@ -78,9 +79,10 @@ class MattedFrame(NamedTuple):
     matte: Matte
 
 
-def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
+def decode_unit(unit: dict, settings: dict, videos: LastVideo | None = None) -> tuple[list[Frame], list[dict]]:
     """The unit's frames, and the errors met decoding them. A frame carries the unit its row
-    belongs to: a tar member has its own clip_id."""
+    belongs to: a tar member has its own clip_id. ``videos``: the actor's last video, kept open
+    for the next segment of it."""
     path = unit["input_path"]
     if unit.get("error_type"):
         return [], [error_record(unit.get("error_stage") or "list", unit["error_type"], unit["error_message"], path)]
@@ -91,12 +93,21 @@ def decode_unit(unit: dict, settings: dict) -> tuple[list[Frame], list[dict]]:
             return [Frame(0, None, image, unit)], errors
         if unit["kind"] in dataset_units.KINDS:
             return dataset_units.decode_unit(unit, settings, errors), errors
-        decoded, times = decode_video_frames(
-            local_path(unit), list(unit["src_indices"]), int(unit["width"]), int(unit["height"])
-        )
+        decoded, times = _decode_segment(unit, videos)
         return [Frame(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))], errors
     except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
         return [], errors + [frame_error("decode", exc, path)]
+
+
+def _decode_segment(unit: dict, videos: LastVideo | None):
+    path, width, height = local_path(unit), int(unit["width"]), int(unit["height"])
+    if videos is None:
+        return decode_video_frames(path, list(unit["src_indices"]), width, height)
+    try:
+        return decode_video_frames(path, list(unit["src_indices"]), width, height, videos.reader(path, width, height))
+    except BaseException:
+        videos.close()
+        raise
 
 
 def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, errors: list[dict], skipped: Counter,
@@ -248,9 +259,9 @@ def failed_result(unit: dict, stage: str, exc: BaseException) -> UnitResult:
     return UnitResult(TRIPLET_SCHEMA.empty_table(), record, errors, [])
 
 
-def process_unit(unit: dict, annotator, settings: dict) -> UnitResult:
+def process_unit(unit: dict, annotator, settings: dict, videos: LastVideo | None = None) -> UnitResult:
     """Decode, annotate and encode one unit in one place (the CPU pipeline)."""
-    frames, errors = decode_unit(unit, settings)
+    frames, errors = decode_unit(unit, settings, videos)
     skipped: Counter = Counter()
     rejects: list[dict] = []
     kept = matte_unit(unit, frames, annotator, settings, errors, skipped, rejects)

@@ -558,3 +558,33 @@ def test_an_object_store_url_for_a_folder_is_refused_in_one_line(tmp_path, monke
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and f"--{flag} " in lines[0] and "URLs are not read or written directly" in lines[0], lines
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_gpu_pipelines_decoding_actor_reads_a_videos_segments_from_one_reader(tmp_path, monkeypatch):
+    """The GPU pipeline's matting actors take calls of consecutive units and keep the video they
+    read last open: one video's twelve segments are decoded from one reader (each unit opened it
+    anew before, seeking back to its keyframe), and every unit's rows arrive, one unit at a time
+    out of the matting actor."""
+    folder = tmp_path / "in"
+    write_video(folder / "dance.mp4", pan_zoom_frames(data.astronaut(), 96, 64), 30.0)
+    opens = tmp_path / "opens.log"
+    opens.touch()
+    monkeypatch.setenv("DISCO_TEST_VIDEO_OPENS", str(opens))
+    out = tmp_path / "out"
+    with loopback_cluster(head_cpus=1) as cluster:
+        cluster.add_node(2, gpus=1)
+        command, env = cli_process("preprocess", "--source", "video", "--input", str(folder), "--output", str(out),
+                                   "--matting", "centre-box-gpu", "--pose", "none", "--device", "cuda", "--actors", "1",
+                                   "--segment-frames", "8", "--no-progress", "--ray-address", cluster.address)
+        command[1:3] = ["-c", "import sys, gpu_plugin, disco.cli; sys.argv[0] = 'disco-cli'; disco.cli.main()"]
+        with _reaped(subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)) as run:
+            code, output = _finish(run, timeout=240)
+    assert code == 0, output[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    pools = {p["stage"]: p for p in manifest["run"]["pools"]}
+    assert pools["matting"]["actors"] == 1 and pools["matting"]["units_per_call"] == 3  # 12 units, 4 calls
+    assert manifest["counts"]["rows_written"] == 96
+    assert sorted(open_triplets(out).to_table(columns=["frame_index"]).column("frame_index").to_pylist()) == list(range(96))
+    opened = opens.read_text().splitlines()
+    assert len(opened) == 1 and opened[0].endswith(" dance.mp4"), opened

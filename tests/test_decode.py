@@ -139,3 +139,65 @@ def test_bad_videos_raise_specific_errors(tmp_path):
         with pytest.raises(InputError) as info:
             probe_video(tmp_path / name)
         assert info.value.error_type == error_type, name
+
+
+def _long_gop_clip(path, frames: int, size: int = 64):
+    """An H.264 clip with x264's default 250-frame GOP and B-frames, every frame different."""
+    import av
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        stream.options = {"g": "250", "preset": "ultrafast", "bf": "2"}
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_an_actor_decodes_a_videos_next_segment_on_from_the_last(tmp_path, monkeypatch):
+    """A pipeline actor keeps the video it read last open (``LastVideo``): the segments of a call
+    decode from one reader instead of each seeking back to the keyframe, and give the very frames
+    a reader opened anew gives, in order or not; a failed decode lets the reader go."""
+    from disco.pipeline import decode
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.run import stage_settings
+    from disco.pipeline.sources.generic import list_inputs
+    from disco.pipeline.stages import decode_unit, plan_units
+
+    _long_gop_clip((tmp_path / "videos").mkdir() or tmp_path / "videos" / "long.mp4", 90)
+    cfg = PreprocessConfig(source="video", input=tmp_path / "videos", output=tmp_path / "out", segment_frames=8,
+                           fps=15.0, max_side=32)
+    cfg.resolved = {"matting": "mediapipe", "pose": "mediapipe"}
+    settings = stage_settings(cfg)
+    (item,) = list_inputs(cfg.source, cfg.input, cfg.split).items
+    units = plan_units(item.to_dict(), settings)
+    assert len(units) == 6 and units[1]["src_indices"][:2] == [16, 18]  # every other frame, 8 a unit
+
+    opened = []
+    real_open = decode._open_video
+    monkeypatch.setattr(decode, "_open_video", lambda *a, **k: (opened.append(a[0]), real_open(*a, **k))[1])
+    videos = decode.LastVideo()
+    kept_open = [decode_unit(unit, settings, videos) for unit in units]
+    assert len(opened) == 1
+    fresh = [decode_unit(unit, settings) for unit in units]
+    assert len(opened) == 1 + len(units)
+    backwards = [decode_unit(unit, settings, videos) for unit in reversed(units)][::-1]
+    assert len(opened) == 1 + len(units)
+    for (a, a_errors), (b, b_errors), (c, c_errors) in zip(kept_open, fresh, backwards):
+        assert not a_errors and not b_errors and not c_errors and len(a) == len(b) == len(c) > 0
+        for x, y, z in zip(a, b, c):
+            assert (x.index, x.timestamp) == (y.index, y.timestamp) == (z.index, z.timestamp)
+            assert x.picture.shape == (32, 32, 3)
+            assert np.array_equal(x.picture, y.picture) and np.array_equal(x.picture, z.picture)
+
+    past_the_end = {**units[0], "src_indices": [10_000]}
+    frames, errors = decode_unit(past_the_end, settings, videos)
+    assert frames == [] and [e["error_type"] for e in errors] == ["decode_failed"]
+    again, _ = decode_unit(units[0], settings, videos)
+    assert len(opened) == 2 + len(units)  # opened anew after the failure
+    assert all(np.array_equal(x.picture, y.picture) for x, y in zip(again, fresh[0][0]))

@@ -62,8 +62,9 @@ def test_one_matting_and_one_pose_actor_per_gpu(tmp_path, gpus, workers):
     assert by["matting"].gpus == by["pose"].gpus == 0.5
     assert by["matting"].cpus == 1.0  # plenty of CPUs: a whole one each for decoding and encoding
     assert _fits(nodes, pools)
-    # A shard's worth of 32-frame units per call of the writing (pose) stage.
-    assert by["pose"].units_per_call == 1024 // 32 and by["matting"].units_per_call == 1
+    # A shard's worth of 32-frame units per call of the writing (pose) stage, and the same to the
+    # decoding (matting) stage: a video's next segments, read on from one reader.
+    assert by["pose"].units_per_call == by["matting"].units_per_call == 1024 // 32
 
 
 def test_cpu_share_shrinks_to_fit_a_node_with_few_cpus(tmp_path):
