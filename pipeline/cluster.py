@@ -201,10 +201,16 @@ SOCKET_INTERFACE_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 def loopback_interface() -> str | None:
     """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux), if any."""
+    return interface_of("127.0.0.1")
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the network interface that holds ``address`` (IPv4 or IPv6), if any."""
     import psutil
 
     for name, addresses in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+        if any(a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == address
+               for a in addresses):
             return name
     return None
 

@@ -588,3 +588,65 @@ def test_the_gpu_pipelines_decoding_actor_reads_a_videos_segments_from_one_reade
     assert sorted(open_triplets(out).to_table(columns=["frame_index"]).column("frame_index").to_pylist()) == list(range(96))
     opened = opens.read_text().splitlines()
     assert len(opened) == 1 and opened[0].endswith(" dance.mp4"), opened
+
+
+_GLOO_DRIVER = r"""
+import json, sys, tempfile
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from disco.pipeline.cluster import loopback_only
+from disco.train.process_group import WorkerTorchConfig
+
+
+def work(config):
+    import os, torch, torch.distributed as dist
+
+    ones = torch.ones(1)
+    dist.all_reduce(ones)  # the group works
+    with open(os.path.join(config["folder"], f"{dist.get_rank()}.json"), "w") as out:
+        json.dump({"interface": os.environ.get("GLOO_SOCKET_IFNAME"), "world": dist.get_world_size(),
+                   "sum": float(ones)}, out)
+
+
+with loopback_only():  # as disco's drivers join a cluster on loopback, less the worker settings
+    ray.init(address=sys.argv[1], logging_level="ERROR")
+TorchTrainer(work, train_loop_config={"folder": sys.argv[2]}, torch_config=WorkerTorchConfig(backend="gloo"),
+             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.1}),
+             run_config=RunConfig(storage_path=tempfile.mkdtemp(), name="gloo")).fit()
+"""
+
+
+def test_training_workers_bind_gloo_to_the_interface_of_their_nodes_address(ray_local, tmp_path):
+    """Before Ray Train starts the process group, every worker sets GLOO_SOCKET_IFNAME to the
+    interface that holds its node's Ray address (left alone, gloo binds what the host name
+    resolves to: 127.0.1.1 on many Linux images, which no other node reaches). A value the user
+    set stays."""
+    import ray
+
+    from disco.pipeline.cluster import interface_of, loopback_interface
+    from disco.train.process_group import bind_gloo_to_node_address
+
+    @ray.remote(num_cpus=0)
+    def bind(preset):
+        import os
+
+        os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        if preset:
+            os.environ["GLOO_SOCKET_IFNAME"] = preset
+        return bind_gloo_to_node_address(), os.environ.get("GLOO_SOCKET_IFNAME"), ray.util.get_node_ip_address()
+
+    interface, env, node_ip = ray.get(bind.remote(None))
+    assert node_ip == "127.0.0.1" and interface == env == loopback_interface() is not None
+    assert ray.get(bind.remote("eth-chosen"))[:2] == ("eth-chosen", "eth-chosen")
+    assert interface_of("198.51.100.77") is None  # TEST-NET-2: on no interface here
+
+    # Through Ray Train's own start of a gloo group, in a job whose workers had no such variable.
+    env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.run([sys.executable, "-c", _GLOO_DRIVER, address, str(tmp_path)], env={**env, "RAY_ADDRESS": ""},
+                            capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert ranks == [{"interface": loopback_interface(), "world": 2, "sum": 2.0}] * 2

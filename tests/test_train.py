@@ -417,6 +417,40 @@ def test_checkpoints_are_written_beside_training_and_a_failed_write_stops_the_ru
     assert sorted(list_checkpoints(Path(cfg.output))) == [1, 2]  # the failed write left no checkpoint 3
 
 
+def test_a_run_whose_folder_another_run_took_stops_before_its_next_checkpoint(triplets, tmp_path, monkeypatch):
+    """Where locks hold on one node only (NFS mounted with nolock or local_lock), a second run of
+    the same folder on another node gets the lock too and writes its name into the lock file. The
+    first run's next checkpoint stops it, in one line, writing nothing more into the folder."""
+    import fcntl
+    from types import SimpleNamespace
+
+    import disco.train.loop as loop
+    from disco.model.checkpoint import write_checkpoint
+    from disco.pipeline.store import output
+
+    taken = []
+
+    def write(run, step, snapshot, info, keep):
+        path = write_checkpoint(run, step, snapshot, info, keep)
+        if not taken:  # after the first checkpoint, the other run starts on "another node"
+            with monkeypatch.context() as node_local:
+                node_local.setattr(output, "fcntl", SimpleNamespace(flock=lambda fd, operation: None,
+                                                                    LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+                with output.folder_lock(run) as theirs:
+                    taken.append(theirs)
+        return path
+
+    monkeypatch.setattr(loop, "write_checkpoint", write)
+    cfg = _config(tmp_path, triplets, "taken", max_steps=6, checkpoint_every=2, keep=5)
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "\n" not in message and f"{cfg.output} was taken by another run ({taken[0].strip()})" in message
+    assert "local_lock" in message and "before its checkpoint of step 4" in message
+    assert sorted(list_checkpoints(Path(cfg.output))) == [2]  # nothing written after the other run came
+    assert (Path(cfg.output) / output.LOCK_FILE).read_text() == taken[0]
+
+
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(triplets, tmp_path):
     """A real ``kill -9`` of ``disco-cli train`` (its own process and Ray instance) once it has
     written two checkpoints; ``--resume`` then continues from whichever checkpoint was complete

@@ -378,7 +378,9 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     import time
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from disco.train.process_group import WorkerTorchConfig
 
     resources = {"CPU": worker_cpus}
     if cfg.use_gpu:
@@ -390,7 +392,7 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend=process_group_backend(cfg)),
+        torch_config=WorkerTorchConfig(backend=process_group_backend(cfg)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         # Checkpoints are written by rank 0 into the run directory itself (shared storage on a
         # multi-node cluster); Ray Train's storage holds its bookkeeping and, per checkpoint, a

@@ -24,7 +24,7 @@ from disco.model.conditioning import vae_factor
 from disco.model.checkpoint import (POINTER_FILE, STATE_FILE, checkpoint_snapshot, clean_temporary, legacy_hap_names,
                                    list_checkpoints, load_trainable, read_checkpoint, write_checkpoint)
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
-from disco.pipeline.store.output import LOCK_FILE
+from disco.pipeline.store.output import taken_by
 from disco.train.initial import initial_model
 from disco.train.checkpoint_writer import CheckpointWriter
 from disco.train.collectives import Collectives, nccl_guard
@@ -189,16 +189,14 @@ def check_run_directory(run: Path, holder: str | None, rank: int) -> None:
     checkpoint's report, after hours of training."""
     if holder is None:  # a caller of the loop that took no lock
         return
-    try:
-        seen = (run / LOCK_FILE).read_text()
-    except OSError:
-        seen = None
-    if seen != holder:
+    theirs = taken_by(run, holder)
+    if theirs is not None:
         import socket
 
         raise ConfigError(f"{STOPS_THE_RUN} worker {rank} on node {socket.gethostname()} does not see the run directory {run} that the "
                           "driver holds: --output must be on storage every node sees (NFS, a shared mount), by the "
-                          "same path")
+                          f"same path (the lock file there: {theirs}; another run on the same storage, if it is one, "
+                          "got in because its locks hold on one node only: stop one of them)")
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -239,6 +237,7 @@ def _local(value):
 def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, world: int, device) -> dict:
     collectives = Collectives(world, device)
     run = Path(cfg.output)
+    holder = loop_config.get("run_holder")  # the driver's holding of the run directory's lock
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -357,7 +356,17 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
 
     def checkpoint_now(wait: bool) -> None:
         nonlocal saved_step, unreported
-        gathered = collectives.gather((stream.position, stream.skipped, float(loss_sum)))
+        # Rank 0 reads the lock file too: who holds the run directory now, told to every rank.
+        taken = taken_by(run, holder) if rank == 0 and holder is not None else None
+        gathered = collectives.gather((stream.position, stream.skipped, float(loss_sum), taken))
+        if gathered[0][3] is not None:
+            # Where flock holds on one node only (NFS with nolock or local_lock), a second run on
+            # another node got the lock too: it cleared this run's checkpoint in the making and
+            # writes its own here; one more of ours would interleave with them.
+            raise ConfigError(f"{STOPS_THE_RUN} {run} was taken by another run ({gathered[0][3]}) while this one "
+                              f"({holder.strip()}) trained in it: its file system's locks did not keep the other out "
+                              f"(NFS mounted with nolock or local_lock); this run stops before its checkpoint of step "
+                              f"{step}, writing nothing more, the other one goes on")
         if unreported is not None:  # one write at a time
             report_written()
         if rank == 0:
@@ -365,10 +374,10 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
             if device.type == "cuda":
                 training["cuda_rng"] = torch.cuda.get_rng_state()
-            info = {"positions": [p for p, _, _ in gathered], "skipped": skipped_before + sum(s for _, s, _ in gathered),
+            info = {"positions": [g[0] for g in gathered], "skipped": skipped_before + sum(g[1] for g in gathered),
                     "world_size": world, "rng": _rng_state(), "data": trained_on,
                     "invocation": loop_config.get("invocation"),
-                    "window": {"steps": window_steps, "loss_sums": [loss for _, _, loss in gathered]}}
+                    "window": {"steps": window_steps, "loss_sums": [g[2] for g in gathered]}}
             ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
             snapshot = checkpoint_snapshot(model, training, ema_state)
             writer.start(functools.partial(write_checkpoint, run, step, snapshot, info, cfg.keep))

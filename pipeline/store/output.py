@@ -106,6 +106,18 @@ def folder_lock(root: Path, advice: str = "wait for it to finish, or pick anothe
         os.close(fd)  # releases the lock
 
 
+def taken_by(root: Path, holder: str) -> str | None:
+    """Who holds ``root`` now, where its lock file no longer names ``holder`` (this process's
+    holding, as ``folder_lock`` yielded it): the file's line, or that it is gone; None while it is
+    still ours. Read anew each time: NFS shows a file another node wrote to a process that opens
+    it after the write."""
+    try:
+        now = (Path(root) / LOCK_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        now = ""
+    return None if now == holder else now.strip() or "its lock file is gone"
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -284,16 +296,11 @@ class OutputStore:
         holds on one node (NFS with ``nolock`` or ``local_lock``, common on HPC clusters), a second
         run on another node got the lock too: it recovered the folder (deleting this run's shards
         that were not committed yet) and plans from its journal; every commit of this run from then
-        on would be a duplicate of its work. Read anew each time: NFS shows a file another node
-        wrote to a process that opens it after the write."""
+        on would be a duplicate of its work."""
         if self.holder is None:
             return
-        try:
-            now = (self.root / LOCK_FILE).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            now = ""
-        if now != self.holder:
-            theirs = now.strip() or "its lock file is gone"
+        theirs = taken_by(self.root, self.holder)
+        if theirs is not None:
             raise OutputTaken(
                 f"{self.root} was taken by another run ({theirs}) while this one ({self.holder.strip()}) wrote to it: "
                 "its file system's locks did not keep the other out (NFS mounted with nolock or local_lock); this run "
