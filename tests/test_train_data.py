@@ -125,6 +125,41 @@ def test_clip_ids_number_the_clips_as_sorted_keys(clips):
     assert np.array_equal(index.clip, expected) and index.clip.max() == 7
 
 
+def test_the_index_is_read_by_several_threads_and_kept_in_the_shards_order(clips, tmp_path, monkeypatch):
+    """The shards' index columns are read concurrently (on NFS, one shard after another took
+    minutes at 30 K shards), the first shards' reads ending last here: the index is the one read
+    in order, row by row, from every shard of both folders."""
+    import threading
+    import time
+
+    import pyarrow.parquet as pq
+
+    from disco.train.data import index as index_module
+
+    more = write_triplets(tmp_path / "more", [5, 6, 4, 9, 3], row_group_rows=2, shard_rows=3)
+    folders = [str(clips), str(more)]
+    shards = [str(p) for f in folders for p in sorted((Path(f) / "triplets").glob("*.parquet"))]
+    real, threads = index_module._index_part, set()
+
+    def late_first(path, folder_id, split):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05 * (len(shards) - shards.index(path)) / len(shards))  # the first ends last
+        return real(path, folder_id, split)
+
+    monkeypatch.setattr(index_module, "_index_part", late_first)
+    index = build_index(folders)
+    assert len(threads) > 1 and all(name.startswith("disco-index") for name in threads)
+    assert index.files == shards
+    expected = []
+    for file_id, path in enumerate(shards):
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            frames = parquet.read_row_group(group, columns=["frame_index"]).column("frame_index").to_pylist()
+            expected += [(file_id, group, row, frame) for row, frame in enumerate(frames)]
+    assert list(zip(index.file.tolist(), index.group.tolist(), index.row.tolist(), index.frame.tolist())) == expected
+    assert len(index) == 39 + 27 and index.clip.max() == 4 + 5 - 1
+
+
 def test_data_shards_must_fit_the_workers_and_the_data(clips):
     index = build_index([str(clips)])
     with pytest.raises(DataError, match="3 data shards cannot be shared evenly by 2 workers"):
