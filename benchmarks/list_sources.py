@@ -8,7 +8,13 @@ the files are empty, and a lister that opened them would fail.
 Then it measures the driver's memory per unit for the COCO listing: listed, planned into units
 (``plan_all``), and with the listing dropped as ``preprocess`` does.
 
+Last, the versions of ``--videos`` listed videos (``pipeline/run.py: input_versions``, size and
+time of each, read at every start) against the loop a user would write (``os.stat`` one file
+after another), each stat made to wait ``--stat-latency-ms`` first, as a stat on NFS waits for
+the server (a GETATTR round trip).
+
     python benchmarks/list_sources.py [--sequences 340] [--frames 300] [--images 100000]
+                                      [--videos 5000] [--stat-latency-ms 0.5]
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=340)
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--videos", type=int, default=5000)
+    parser.add_argument("--stat-latency-ms", type=float, default=0.5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for source, build, size in (("tiktok", build_tiktok, (args.sequences, args.frames)),
@@ -75,6 +83,7 @@ def main() -> None:
                   f"({files / list_s:,.0f} files/s)")
             if source == "coco":
                 driver_memory(cfg)
+        video_versions(Path(tmp) / "videos", args.videos, args.stat_latency_ms / 1000)
 
 
 def driver_memory(cfg: PreprocessConfig) -> None:
@@ -102,6 +111,31 @@ def driver_memory(cfg: PreprocessConfig) -> None:
     print(f"driver memory per unit ({n} stills): listing {(listed - start) / n:,.0f} B, at the peak of planning "
           f"{(planned - start) / n:,.0f} B, once planned {(after - start) / n:,.0f} B (the units' Arrow rows "
           f"{units.nbytes / n:,.0f} B)")
+
+
+def video_versions(folder: Path, videos: int, latency: float) -> None:
+    from disco.pipeline.run import input_versions
+    from disco.pipeline.sources.generic import list_inputs
+
+    folder.mkdir()
+    for i in range(videos):
+        (folder / f"{i:07d}.mp4").touch()
+    items = list_inputs("video", folder, "train").items
+    real_stat = os.stat
+
+    def waiting_stat(path, *args, **kwargs):
+        time.sleep(latency)
+        return real_stat(path, *args, **kwargs)
+
+    os.stat = waiting_stat
+    try:
+        loop_s, by_loop = timed(lambda: {item.input_path: os.stat(item.abs_path) for item in items}, repeats=1)
+        ours_s, versions = timed(lambda: input_versions(items), repeats=1)
+    finally:
+        os.stat = real_stat
+    assert len(by_loop) == len(versions) == videos
+    print(f"versions of {videos} videos, {latency * 1000:g} ms a stat: os.stat loop {loop_s:.2f} s, input_versions "
+          f"{ours_s:.2f} s ({loop_s / ours_s:.1f}x the loop's speed)")
 
 
 if __name__ == "__main__":
