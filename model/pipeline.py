@@ -18,6 +18,18 @@ from disco.model.disco import VAE_SCALING, DisCoModel
 from disco.model.temporal import POSE_CACHE_BYTES
 
 
+def copy_to(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """A copy of ``model`` whose tensors are made on ``device`` directly: ``deepcopy(model).to(device)``
+    first holds a whole second copy on the model's own device (the primary GPU: twice the model
+    there, for a moment, per replica)."""
+    memo: dict[int, object] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        moved = tensor.detach().to(device, copy=True)
+        memo[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) if isinstance(
+            tensor, torch.nn.Parameter) else moved
+    return copy.deepcopy(model, memo)
+
+
 class DisCoPipeline:
     """The model plus a DDIM scheduler built from the model's own scheduler config.
 
@@ -49,7 +61,7 @@ class DisCoPipeline:
         if getattr(self.model, "temporal", None) is not None and devices:
             raise ValueError("a temporal-module model samples on one device (its overlapping windows are blended "
                              "at every step)")
-        self.replicas = [copy.deepcopy(self.model).to(device) for device in devices]
+        self.replicas = [copy_to(self.model, device) for device in devices]
 
     @property
     def device(self) -> torch.device:

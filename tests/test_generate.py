@@ -204,6 +204,31 @@ def test_the_same_seed_gives_the_same_frames_and_batching_does_not_matter(pipeli
     assert np.array_equal(pipeline(reference, background, unit_pose(poses), seed=7, batch_size=3, **run), a)
 
 
+def test_a_replica_is_made_on_its_own_device_without_a_second_copy_on_the_first(inputs, monkeypatch):
+    """--gpus N: each replica's tensors are made on its device directly; ``deepcopy(model).to(dev)``
+    made a whole second copy on the primary GPU first. Here the replica goes to the meta device,
+    and copying any parameter or buffer where it is fails: the copy never does."""
+    from disco.model.pipeline import copy_to
+
+    model = load_checkpoint(inputs / "ckpt")
+
+    def refused(self, memo):
+        raise AssertionError("a tensor of the model was copied on its own device")
+
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", refused)
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refused)
+    replica = copy_to(model, "meta")
+    monkeypatch.undo()
+    ours, theirs = dict(model.named_parameters()), dict(replica.named_parameters())
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name, parameter in theirs.items():
+        assert parameter.is_meta and isinstance(parameter, torch.nn.Parameter)
+        assert parameter.shape == ours[name].shape and parameter.requires_grad == ours[name].requires_grad
+        assert ours[name].device.type == "cpu"
+    assert all(buffer.is_meta for buffer in replica.buffers())
+    assert sum(1 for _ in replica.buffers()) == sum(1 for _ in model.buffers())
+
+
 def test_frames_spread_over_several_devices_are_the_frames_of_one(inputs, conditions):
     """--gpus N: a copy of the model per device, the batches dealt out among them, one thread
     each. Two CPU "devices" here (the threads and the copies are the real path; CUDA's streams
