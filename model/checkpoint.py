@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -431,9 +431,12 @@ def checkpoint_snapshot(model: DisCoModel, training_state: dict, ema_weights: di
             "ema": None if ema_weights is None else {n: _on_host(t, copy).contiguous() for n, t in ema_weights.items()}}
 
 
-def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, keep: int) -> Path:
+def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, keep: int,
+                     still_ours: Callable[[], None] | None = None) -> Path:
     """Write ``checkpoint_snapshot``'s ``snapshot`` as checkpoint ``step`` atomically (a temporary
-    folder, every file synced, then renamed), then delete all but the last ``keep``."""
+    folder, every file synced, then renamed), then delete all but the last ``keep``.
+    ``still_ours()``: raises where the run directory is no longer this run's, checked once the
+    files are written, before anything in the folder is renamed or deleted."""
     run = Path(run)
     final = run / checkpoint_name(step)
     tmp = run / f".tmp-{final.name}-{os.getpid()}"
@@ -447,6 +450,12 @@ def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, ke
     for file in tmp.iterdir():
         with open(file, "rb") as fh:
             os.fsync(fh.fileno())
+    if still_ours is not None:
+        try:
+            still_ours()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if final.exists():  # the same step written again after a resume: replace it whole
         old = run / f".old-{final.name}-{os.getpid()}"
         final.rename(old)

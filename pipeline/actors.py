@@ -293,16 +293,16 @@ class MattingStage:
         self.resources = {"matting": _assigned_resources(gpu_ids)}
         self.videos = LastVideo()
 
-    def __call__(self, batch: pa.Table):
-        # Unit by unit out (a generator): a unit holds ~100 MB of frames and mattes at
-        # 720p, and Ray Data takes each as it comes instead of the whole call's at once.
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # One table, one block, per call (``pools.matting_units_per_call`` sizes the calls).
+        packed = []
         for unit in batch.to_pylist():
             def failed(exc, unit=unit):  # the unit's errors row travels to the writing stage
                 errors = failed_result(unit, "matting", exc).errors
                 return pack_unit(unit, 0, [], errors, Counter(), [], self.resources)
 
-            packed = unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed)
-            yield pa.Table.from_pylist([packed], schema=PACKED_UNIT_SCHEMA)
+            packed.append(unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed))
+        return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
 
     def _matte(self, unit: dict) -> dict:
         frames, errors = decode_unit(unit, self.settings, self.videos)

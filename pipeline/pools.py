@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from disco.pipeline.annotators import gpu_backend
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import ConfigError
@@ -46,17 +48,18 @@ def cluster_nodes() -> list[dict]:
 
 def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units) -> list[PoolPlan]:
     """The actor pools for this cluster and these units. The last pool writes the shards, so its
-    units per call are sized to fill a shard without leaving an actor idle; the first decodes, and
-    its calls of the same size read a video's segments in order."""
+    units per call are sized to fill a shard without leaving an actor idle; on the GPU pipeline
+    the first decodes, and its calls of consecutive units read a video's segments in order."""
     if uses_gpu_pipeline(cfg.resolved):
         pools = gpu_pools(cfg, nodes, _count(units))
     else:
         actors, cpus = actor_resources(cfg, nodes, _count(units))
         pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
-    for pool in pools:
-        # Every stage: the writing one fills shards; and consecutive units in one call are the
-        # next segments of a video, which the decoding stage reads on from the last (``LastVideo``).
-        pool.units_per_call = units_per_call(units, cfg.shard_rows, pool.actors)
+    pools[-1].units_per_call = units_per_call(units, cfg.shard_rows, pools[-1].actors)
+    if len(pools) > 1:
+        # The decoding (matting) stage: consecutive units in one call are the next segments of a
+        # video, which it reads on from the last (``LastVideo``), as many as one block holds.
+        pools[0].units_per_call = matting_units_per_call(units, cfg.max_side, pools[-1].units_per_call)
     return pools
 
 
@@ -74,6 +77,25 @@ def units_per_call(units, shard_rows: int, actors: int) -> int:
     fill = math.ceil(shard_rows / max(1.0, rows_per_unit))
     spread = math.ceil(_count(units) / (max(1, actors) * CALLS_PER_ACTOR))
     return max(1, min(fill, spread))
+
+
+# What one call of the matting stage hands on: its units' frames and mattes, in one block of at
+# most Ray Data's own target block size. One block per call, always: a call retried on a restarted
+# actor then hands on the same block (a call's output split into blocks by size could split
+# otherwise the second time, and Ray keeps the blocks of the first attempt it already has).
+MATTED_CALL_BYTES = 128 << 20
+
+
+def matting_units_per_call(units, max_side: int, most: int) -> int:
+    """Units per call of the matting stage: as many (up to ``most``) as MATTED_CALL_BYTES holds
+    of their frames and mattes (RGB + 1 byte a pixel), a still counted at ``max_side`` square."""
+    if not _count(units):
+        return 1
+    sizes = [np.asarray(units.column(name).to_numpy(zero_copy_only=False) if hasattr(units, "column")
+                        else [u.get(name) or 0 for u in units], np.float64) for name in ("width", "height")]
+    width, height = (np.where(side > 0, side, max_side) for side in sizes)
+    per_unit = float((unit_frames(units) * width * height * 4).mean())
+    return max(1, min(most, int(MATTED_CALL_BYTES // max(per_unit, 1.0))))
 
 
 def _per_node_cpus(nodes: list[dict], actors_on: list[int]) -> float:

@@ -632,10 +632,15 @@ def test_training_workers_bind_gloo_to_the_interface_of_their_nodes_address(ray_
     def bind(preset):
         import os
 
-        os.environ.pop("GLOO_SOCKET_IFNAME", None)
-        if preset:
-            os.environ["GLOO_SOCKET_IFNAME"] = preset
-        return bind_gloo_to_node_address(), os.environ.get("GLOO_SOCKET_IFNAME"), ray.util.get_node_ip_address()
+        before = os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        try:  # (the session's workers are reused: their environment is left as it was)
+            if preset:
+                os.environ["GLOO_SOCKET_IFNAME"] = preset
+            return bind_gloo_to_node_address(), os.environ.get("GLOO_SOCKET_IFNAME"), ray.util.get_node_ip_address()
+        finally:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+            if before is not None:
+                os.environ["GLOO_SOCKET_IFNAME"] = before
 
     interface, env, node_ip = ray.get(bind.remote(None))
     assert node_ip == "127.0.0.1" and interface == env == loopback_interface() is not None

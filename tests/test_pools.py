@@ -62,9 +62,10 @@ def test_one_matting_and_one_pose_actor_per_gpu(tmp_path, gpus, workers):
     assert by["matting"].gpus == by["pose"].gpus == 0.5
     assert by["matting"].cpus == 1.0  # plenty of CPUs: a whole one each for decoding and encoding
     assert _fits(nodes, pools)
-    # A shard's worth of 32-frame units per call of the writing (pose) stage, and the same to the
-    # decoding (matting) stage: a video's next segments, read on from one reader.
-    assert by["pose"].units_per_call == by["matting"].units_per_call == 1024 // 32
+    # A shard's worth of 32-frame units per call of the writing (pose) stage; the decoding
+    # (matting) stage takes a video's next segments, read on from one reader, as many as one
+    # 128 MiB block holds of frames and mattes: 4 units of stills at the 512 px bound.
+    assert by["pose"].units_per_call == 1024 // 32 and by["matting"].units_per_call == 4
 
 
 def test_cpu_share_shrinks_to_fit_a_node_with_few_cpus(tmp_path):
@@ -206,3 +207,16 @@ def test_the_planner_reads_frames_per_unit_from_the_units_rows(tmp_path):
     nodes = [{"CPU": 8.0, "GPU": 0.0}]
     cfg = _cfg(tmp_path, matting="mediapipe", pose="mediapipe", device="cpu")
     assert [p.to_dict() for p in plan_pools(cfg, nodes, table)] == [p.to_dict() for p in plan_pools(cfg, nodes, units)]
+
+
+def test_a_matting_call_hands_on_one_block_of_at_most_128_mib():
+    from disco.pipeline.pools import MATTED_CALL_BYTES, matting_units_per_call
+
+    def units(width, height, count=100):
+        return [{"src_indices": list(range(32)), "width": width, "height": height} for _ in range(count)]
+
+    assert matting_units_per_call(units(512, 288), 512, 32) == MATTED_CALL_BYTES // (32 * 512 * 288 * 4) == 7
+    assert matting_units_per_call(units(1280, 720), 1280, 32) == 1  # one unit is most of a block
+    assert matting_units_per_call(units(256, 256), 512, 5) == 5  # never more than the writer's calls
+    assert matting_units_per_call(units(0, 0), 256, 32) == MATTED_CALL_BYTES // (32 * 256 * 256 * 4)  # stills
+    assert matting_units_per_call([], 512, 32) == 1

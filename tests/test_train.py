@@ -396,14 +396,14 @@ def test_checkpoints_are_written_beside_training_and_a_failed_write_stops_the_ru
         state["step"] += 1
         return apply_update(*args, **kwargs)
 
-    def write(run, step, snapshot, info, keep):
+    def write(run, step, snapshot, info, keep, *rest):
         writers.append(threading.current_thread().name)
         deadline = time.monotonic() + 60
         while step == 1 and state["step"] < 2 and time.monotonic() < deadline:
             time.sleep(0.02)  # a slow disk: step 2 trains meanwhile (a write in the loop's thread would wait here)
         if step == 3:
             raise OSError(28, "No space left on device")
-        path = write_checkpoint(run, step, snapshot, info, keep)
+        path = write_checkpoint(run, step, snapshot, info, keep, *rest)
         steps_when_written.append((step, state["step"]))
         return path
 
@@ -417,10 +417,13 @@ def test_checkpoints_are_written_beside_training_and_a_failed_write_stops_the_ru
     assert sorted(list_checkpoints(Path(cfg.output))) == [1, 2]  # the failed write left no checkpoint 3
 
 
-def test_a_run_whose_folder_another_run_took_stops_before_its_next_checkpoint(triplets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["after a checkpoint", "while one is written"])
+def test_a_run_whose_folder_another_run_took_stops_before_its_next_checkpoint(triplets, tmp_path, monkeypatch, when):
     """Where locks hold on one node only (NFS mounted with nolock or local_lock), a second run of
     the same folder on another node gets the lock too and writes its name into the lock file. The
-    first run's next checkpoint stops it, in one line, writing nothing more into the folder."""
+    first run's next checkpoint stops it, in one line, writing nothing more into the folder; a
+    checkpoint being written when the other run came is not put in place (nor are older ones
+    pruned)."""
     import fcntl
     from types import SimpleNamespace
 
@@ -430,24 +433,34 @@ def test_a_run_whose_folder_another_run_took_stops_before_its_next_checkpoint(tr
 
     taken = []
 
-    def write(run, step, snapshot, info, keep):
-        path = write_checkpoint(run, step, snapshot, info, keep)
-        if not taken:  # after the first checkpoint, the other run starts on "another node"
-            with monkeypatch.context() as node_local:
-                node_local.setattr(output, "fcntl", SimpleNamespace(flock=lambda fd, operation: None,
-                                                                    LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
-                with output.folder_lock(run) as theirs:
-                    taken.append(theirs)
+    def take(run):  # the other run starts, as if on another node
+        with monkeypatch.context() as node_local:
+            node_local.setattr(output, "fcntl", SimpleNamespace(flock=lambda fd, operation: None,
+                                                                LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+            with output.folder_lock(run) as theirs:
+                taken.append(theirs)
+
+    def write(run, step, *rest):
+        if not taken and when == "while one is written":
+            take(run)
+        path = write_checkpoint(run, step, *rest)
+        if not taken:
+            take(run)
         return path
 
     monkeypatch.setattr(loop, "write_checkpoint", write)
-    cfg = _config(tmp_path, triplets, "taken", max_steps=6, checkpoint_every=2, keep=5)
+    cfg = _config(tmp_path, triplets, "taken", max_steps=6, checkpoint_every=2, keep=1)
     with pytest.raises(ConfigError) as info:
         train(cfg)
     message = str(info.value)
     assert "\n" not in message and f"{cfg.output} was taken by another run ({taken[0].strip()})" in message
-    assert "local_lock" in message and "before its checkpoint of step 4" in message
-    assert sorted(list_checkpoints(Path(cfg.output))) == [2]  # nothing written after the other run came
+    assert "local_lock" in message
+    if when == "after a checkpoint":
+        assert "before its checkpoint of step 4" in message
+        assert sorted(list_checkpoints(Path(cfg.output))) == [2]  # nothing written after the other run came
+    else:
+        assert "before its checkpoint of step 2" in message
+        assert not list_checkpoints(Path(cfg.output)) and not list(Path(cfg.output).glob(".tmp-*"))
     assert (Path(cfg.output) / output.LOCK_FILE).read_text() == taken[0]
 
 

@@ -354,21 +354,29 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             _report_checkpoint(path, rank, {"step": unreported})
         unreported = None
 
+    def taken(theirs: str, at_step: int) -> ConfigError:
+        # Where flock holds on one node only (NFS with nolock or local_lock), a second run on
+        # another node got the lock too: it cleared this run's checkpoint in the making and writes
+        # its own here; one more of ours would interleave with them, or prune theirs.
+        return ConfigError(f"{STOPS_THE_RUN} {run} was taken by another run ({theirs}) while this one ({holder.strip()}) "
+                           "trained in it: its file system's locks did not keep the other out (NFS mounted with "
+                           f"nolock or local_lock); this run stops before its checkpoint of step {at_step}, writing "
+                           "nothing more, the other one goes on")
+
+    def still_ours(at_step: int) -> None:  # in the writer's thread, before it renames or prunes
+        theirs = taken_by(run, holder)
+        if theirs is not None:
+            raise taken(theirs, at_step)
+
     def checkpoint_now(wait: bool) -> None:
         nonlocal saved_step, unreported
-        # Rank 0 reads the lock file too: who holds the run directory now, told to every rank.
-        taken = taken_by(run, holder) if rank == 0 and holder is not None else None
-        gathered = collectives.gather((stream.position, stream.skipped, float(loss_sum), taken))
-        if gathered[0][3] is not None:
-            # Where flock holds on one node only (NFS with nolock or local_lock), a second run on
-            # another node got the lock too: it cleared this run's checkpoint in the making and
-            # writes its own here; one more of ours would interleave with them.
-            raise ConfigError(f"{STOPS_THE_RUN} {run} was taken by another run ({gathered[0][3]}) while this one "
-                              f"({holder.strip()}) trained in it: its file system's locks did not keep the other out "
-                              f"(NFS mounted with nolock or local_lock); this run stops before its checkpoint of step "
-                              f"{step}, writing nothing more, the other one goes on")
-        if unreported is not None:  # one write at a time
+        if unreported is not None:  # one write at a time (and the lock read after it)
             report_written()
+        # Rank 0 reads the lock file too: who holds the run directory now, told to every rank.
+        theirs = taken_by(run, holder) if rank == 0 and holder is not None else None
+        gathered = collectives.gather((stream.position, stream.skipped, float(loss_sum), theirs))
+        if gathered[0][3] is not None:
+            raise taken(gathered[0][3], step)
         if rank == 0:
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -380,7 +388,8 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                     "window": {"steps": window_steps, "loss_sums": [g[2] for g in gathered]}}
             ema_state = dict(zip(names, ema.shadow_params)) if ema is not None else None
             snapshot = checkpoint_snapshot(model, training, ema_state)
-            writer.start(functools.partial(write_checkpoint, run, step, snapshot, info, cfg.keep))
+            writer.start(functools.partial(write_checkpoint, run, step, snapshot, info, cfg.keep,
+                                           None if holder is None else functools.partial(still_ours, step)))
         unreported = saved_step = step
         if wait:
             report_written()

@@ -110,11 +110,20 @@ def taken_by(root: Path, holder: str) -> str | None:
     """Who holds ``root`` now, where its lock file no longer names ``holder`` (this process's
     holding, as ``folder_lock`` yielded it): the file's line, or that it is gone; None while it is
     still ours. Read anew each time: NFS shows a file another node wrote to a process that opens
-    it after the write."""
-    try:
-        now = (Path(root) / LOCK_FILE).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        now = ""
+    it after the write. A read that fails otherwise (a stale handle, a soft mount's time-out) is
+    tried once more, and then taken as no answer (None): a passing hiccup of the file server must
+    not stop a run of days."""
+    for attempt in range(2):
+        try:
+            now = (Path(root) / LOCK_FILE).read_text(encoding="utf-8", errors="replace")
+            break
+        except FileNotFoundError:
+            now = ""
+            break
+        except OSError:
+            if attempt:
+                return None
+            time.sleep(1.0)
     return None if now == holder else now.strip() or "its lock file is gone"
 
 
