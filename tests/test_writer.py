@@ -203,3 +203,54 @@ def test_rows_are_taken_from_their_row_groups_alone(tmp_path):
     assert take_rows(dataset, [], ["mask"]).num_rows == 0
     with pytest.raises(IndexError, match="row 300 is past the dataset's last row"):
         take_rows(dataset, [2, 300], ["mask"])
+
+
+def test_shard_footers_are_checked_in_threads_and_the_first_damaged_shard_is_named(tmp_path, monkeypatch):
+    """``open_triplets`` checks every committed shard's footer, several at once (one after
+    another, 30 K shards on NFS held a training run's start for a minute and more); of two
+    damaged shards the first in order is the one named, whichever check ends first, and the
+    checks still queued then do not run."""
+    import threading
+    import time
+
+    from disco.pipeline.io_threads import map_in_threads
+    from disco.pipeline.store import reader
+
+    names, ended = set(), []
+
+    def check(k):
+        names.add(threading.current_thread().name)
+        time.sleep(0.02 * (3 - k) if k < 3 else 0.01)  # of the first three, item 0 ends last
+        if k in (1, 2):
+            raise ValueError(f"item {k}")
+        ended.append(k)
+        return k * k
+
+    assert map_in_threads(check, [0, 3, 4], 8, "t") == [0, 9, 16]
+    with pytest.raises(ValueError, match="item 1"):
+        map_in_threads(check, range(200), 4, "t")
+    assert len(names) > 1 and len(ended) < 3 + 100  # most of the queue never ran
+
+    # Through open_triplets: the committed shards' footers, the first damaged one named.
+    store = OutputStore(tmp_path)
+    store.prepare()
+    writer = ShardWriter(store, "part-", shard_rows=2, row_group_rows=2)
+    for k in range(12):
+        writer.add_unit(_rows(f"v{k}", 2), _unit(f"v{k}", 2), [])
+    writer.flush()
+    shards = sorted((tmp_path / "triplets").glob("*.parquet"))
+    assert len(shards) == 12 and open_triplets(tmp_path).count_rows() == 24
+    for k in (3, 9):
+        shards[k].write_bytes(shards[k].read_bytes()[:-40])  # the footer cut off
+    checked = []
+    real_check = reader.check_shard
+
+    def slow_check(path, schema):
+        checked.append(threading.current_thread().name)
+        time.sleep(0.05 if path == shards[3] else 0)  # the first damaged one is checked last
+        return real_check(path, schema)
+
+    monkeypatch.setattr(reader, "check_shard", slow_check)
+    with pytest.raises(reader.DamagedShard, match=shards[3].name):
+        open_triplets(tmp_path)
+    assert len(set(checked)) > 1 and all(name.startswith("disco-footers") for name in checked)

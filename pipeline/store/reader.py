@@ -11,6 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from disco.pipeline.errors import STOPS_THE_RUN, ConfigError, first_line
+from disco.pipeline.io_threads import map_in_threads
 
 from disco.pipeline.store.schema import (
     ERROR_SCHEMA,
@@ -65,10 +66,14 @@ def check_shard(path: str | Path, schema: pa.Schema) -> None:
         raise DamagedShard(f"{path} is not a shard of this table: it lacks {', '.join(missing[:5])}")
 
 
+# Shards whose footers are checked at once (``io_threads``): 30 K shards on NFS, one after the
+# other, took a minute and a half before a training run or an evaluation began.
+FOOTER_READERS = 16
+
+
 def _open(output: str | Path, folder: str, schema) -> pads.Dataset:
     files = shard_files(output, folder)
-    for path in files:
-        check_shard(path, schema)
+    map_in_threads(lambda path: check_shard(path, schema), files, FOOTER_READERS, "disco-footers")
     return pads.dataset([str(p) for p in files], schema=schema, format="parquet")
 
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from disco.pipeline.io_threads import map_in_threads
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLETS_DIR
 
@@ -105,23 +106,16 @@ def _index_part(path: str, folder_id: int, split: str) -> tuple:
 
 
 def build_index(folders: list[str], split: str = "train") -> TripletIndex:
-    from concurrent.futures import ThreadPoolExecutor
-
     shards = [(path, folder_id) for folder_id, folder in enumerate(folders) for path in open_triplets(folder).files]
     files, file_ids, groups, rows, clip_keys, frames = [], [], [], [], [], []
-    # Threads: pyarrow reads and decodes without the GIL. In the shards' order, whatever the
-    # order the reads end in.
-    pool = ThreadPoolExecutor(max_workers=max(1, min(INDEX_READERS, len(shards))), thread_name_prefix="disco-index")
-    try:
-        for (path, _), (kept, group, row, key, frame) in zip(shards, pool.map(lambda s: _index_part(*s, split), shards)):
-            file_ids.append(np.full(kept, len(files), np.int32))
-            files.append(path)
-            groups.append(group)
-            rows.append(row)
-            clip_keys.append(key)
-            frames.append(frame)
-    finally:  # a shard that fails: said at once, the shards still queued not read
-        pool.shutdown(wait=True, cancel_futures=True)
+    parts = map_in_threads(lambda shard: _index_part(*shard, split), shards, INDEX_READERS, "disco-index")
+    for (path, _), (kept, group, row, key, frame) in zip(shards, parts):
+        file_ids.append(np.full(kept, len(files), np.int32))
+        files.append(path)
+        groups.append(group)
+        rows.append(row)
+        clip_keys.append(key)
+        frames.append(frame)
     if not files or not sum(len(f) for f in file_ids):
         where = ", ".join(str(f) for f in folders)
         raise DataError(f"no {split!r} rows in {where} ({TRIPLETS_DIR}/*.parquet)")
