@@ -268,6 +268,19 @@ def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> l
     return indices
 
 
+# decord's scaling fails for a few small widths whatever the source (2, 3, 4, 6, 8, 12, 16, 24,
+# 48 and 72 px: a 16:9 video at --max-side 48), with this in its message: those frames are
+# decoded at the source's size and shrunk here instead.
+_RESIZE_FAULT = "DECORDArrayCopyFromTo"
+
+
+def _decoded_then_resized(path, indices: list[int], width: int, height: int) -> np.ndarray:
+    import cv2
+
+    frames = _open_video(Path(path)).get_batch(indices).asnumpy()
+    return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+
+
 class LastVideo:
     """The video a pipeline actor decoded last, kept open. A call's units are consecutive segments
     of a video far more often than not (Ray Data hands an actor consecutive blocks), so the next
@@ -301,7 +314,12 @@ def decode_video_frames(
     1200-frame 720p video with x264's default 250-frame GOP, in batches of 32: 5x the decoding)."""
     reader = open_video(path, width, height) if reader is None else reader
     try:
-        frames = reader.get_batch(indices).asnumpy()
+        try:
+            frames = reader.get_batch(indices).asnumpy()
+        except Exception as exc:
+            if _RESIZE_FAULT not in str(exc):
+                raise
+            frames = _decoded_then_resized(path, indices, width, height)
         times = [float(reader.get_frame_timestamp(i)[0]) for i in indices]
     except Exception as exc:
         first, last = indices[0], indices[-1]

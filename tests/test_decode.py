@@ -201,3 +201,21 @@ def test_an_actor_decodes_a_videos_next_segment_on_from_the_last(tmp_path, monke
     again, _ = decode_unit(units[0], settings, videos)
     assert len(opened) == 2 + len(units)  # opened anew after the failure
     assert all(np.array_equal(x.picture, y.picture) for x, y in zip(again, fresh[0][0]))
+
+
+@pytest.mark.parametrize("width", [48, 72])
+def test_a_width_decords_scaling_fails_on_is_decoded_whole_and_shrunk(tmp_path, width):
+    """decord's scaling fails on a few small widths whatever the source (48 px: a square video
+    at --max-side 48): those frames are decoded at the source size and shrunk instead of every
+    unit of the video failing."""
+    import cv2
+    import decord
+
+    path = _long_gop_clip(tmp_path / "clip.mp4", 6, size=96)
+    with pytest.raises(Exception, match="DECORDArrayCopyFromTo"):  # decord itself, still
+        decord.VideoReader(str(path), width=width, height=width).get_batch([0])
+    frames, times = decode_video_frames(path, [1, 3, 4], width, width)
+    full = decord.VideoReader(str(path)).get_batch([1, 3, 4]).asnumpy()
+    assert frames.shape == (3, width, width, 3) and len(times) == 3
+    expected = [cv2.resize(frame, (width, width), interpolation=cv2.INTER_AREA) for frame in full]
+    assert all(np.array_equal(a, b) for a, b in zip(frames, expected))
