@@ -441,21 +441,22 @@ def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, ke
     final = run / checkpoint_name(step)
     tmp = run / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(snapshot["weights"], str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
-    if snapshot["ema"] is not None:
-        save_file(snapshot["ema"], str(tmp / EMA_FILE))
-    torch.save(snapshot["training"], tmp / TRAINING_STATE_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
-    for file in tmp.iterdir():
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
-    if still_ours is not None:
-        try:
-            still_ours()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    try:
+        tmp.mkdir(parents=True)
+        save_file(snapshot["weights"], str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
+        if snapshot["ema"] is not None:
+            save_file(snapshot["ema"], str(tmp / EMA_FILE))
+        torch.save(snapshot["training"], tmp / TRAINING_STATE_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
+        for file in tmp.iterdir():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        # The run that took the folder clears the temporary folders it finds, ours included: its
+        # line, not the failed write's.
+        _still_ours(still_ours, tmp)
+        raise
+    _still_ours(still_ours, tmp)
     if final.exists():  # the same step written again after a resume: replace it whole
         old = run / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
@@ -468,6 +469,17 @@ def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, ke
         old.rename(doomed)  # no longer a checkpoint the moment it is renamed, even if rmtree is cut short
         shutil.rmtree(doomed)
     return final
+
+
+def _still_ours(still_ours: Callable[[], None] | None, tmp: Path) -> None:
+    """``still_ours()``; where it raises, the checkpoint in the making goes first."""
+    if still_ours is None:
+        return
+    try:
+        still_ours()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict[str, torch.Tensor] | None]:

@@ -25,7 +25,7 @@ def copy_to(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Modu
     memo: dict[int, object] = {}
     for tensor in (*model.parameters(), *model.buffers()):
         moved = tensor.detach().to(device, copy=True)
-        memo[id(tensor)] = torch.nn.Parameter(moved, tensor.requires_grad) if isinstance(
+        memo[id(tensor)] = type(tensor)(moved, tensor.requires_grad) if isinstance(
             tensor, torch.nn.Parameter) else moved
     return copy.deepcopy(model, memo)
 

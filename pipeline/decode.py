@@ -274,11 +274,15 @@ def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> l
 _RESIZE_FAULT = "DECORDArrayCopyFromTo"
 
 
-def _decoded_then_resized(path, indices: list[int], width: int, height: int) -> np.ndarray:
+def _decoded_then_resized(path, indices: list[int], width: int, height: int, chunk: int = 8) -> np.ndarray:
     import cv2
 
-    frames = _open_video(Path(path)).get_batch(indices).asnumpy()
-    return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+    reader = _open_video(Path(path))
+    out = np.empty((len(indices), height, width, 3), np.uint8)
+    for start in range(0, len(indices), chunk):  # a few source frames at a time (4K: 25 MB each)
+        for k, frame in enumerate(reader.get_batch(indices[start:start + chunk]).asnumpy()):
+            out[start + k] = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    return out
 
 
 class LastVideo:

@@ -4,19 +4,30 @@ from starting for many minutes. Threads suffice: the waits happen without the GI
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+AHEAD = 4  # calls queued per thread: a million items are not a million futures at once (~2 GB)
+
 
 def map_in_threads(fn: Callable[[T], R], items: Iterable[T], threads: int, name: str) -> list[R]:
     """``[fn(item) for item in items]``, up to ``threads`` at once, in the items' order. The first
-    item (in order) whose call raises raises here, and the calls still queued do not run."""
-    items = list(items)
-    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(items))), thread_name_prefix=name)
+    item (in order) whose call raises raises here, and no later call starts."""
+    items = iter(items)
+    results: list[R] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=name)
+    pending: deque = deque()
     try:
-        return list(pool.map(fn, items))
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= threads * AHEAD:
+                results.append(pending.popleft().result())
+        while pending:
+            results.append(pending.popleft().result())
+        return results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -88,13 +88,15 @@ MATTED_CALL_BYTES = 128 << 20
 
 def matting_units_per_call(units, max_side: int, most: int) -> int:
     """Units per call of the matting stage: as many (up to ``most``) as MATTED_CALL_BYTES holds
-    of their frames and mattes (RGB + 1 byte a pixel), a still counted at ``max_side`` square."""
+    of their frames and mattes (RGB + 1 byte a pixel), each unit counted as the largest (a call
+    may hold a video's segments only, in a data set of mostly stills), a still at ``max_side``
+    square."""
     if not _count(units):
         return 1
     sizes = [np.asarray(units.column(name).to_numpy(zero_copy_only=False) if hasattr(units, "column")
                         else [u.get(name) or 0 for u in units], np.float64) for name in ("width", "height")]
     width, height = (np.where(side > 0, side, max_side) for side in sizes)
-    per_unit = float((unit_frames(units) * width * height * 4).mean())
+    per_unit = float((unit_frames(units) * width * height * 4).max())
     return max(1, min(most, int(MATTED_CALL_BYTES // max(per_unit, 1.0))))
 
 

@@ -220,3 +220,6 @@ def test_a_matting_call_hands_on_one_block_of_at_most_128_mib():
     assert matting_units_per_call(units(256, 256), 512, 5) == 5  # never more than the writer's calls
     assert matting_units_per_call(units(0, 0), 256, 32) == MATTED_CALL_BYTES // (32 * 256 * 256 * 4)  # stills
     assert matting_units_per_call([], 512, 32) == 1
+    # Sized by the largest unit: a call may hold a video's segments only, amid many stills.
+    stills = [{"src_indices": [], "width": 0, "height": 0} for _ in range(3000)]
+    assert matting_units_per_call(units(512, 288) + stills, 64, 128) == 7

@@ -417,7 +417,7 @@ def test_checkpoints_are_written_beside_training_and_a_failed_write_stops_the_ru
     assert sorted(list_checkpoints(Path(cfg.output))) == [1, 2]  # the failed write left no checkpoint 3
 
 
-@pytest.mark.parametrize("when", ["after a checkpoint", "while one is written"])
+@pytest.mark.parametrize("when", ["after a checkpoint", "while one is written", "its temporary folder cleared"])
 def test_a_run_whose_folder_another_run_took_stops_before_its_next_checkpoint(triplets, tmp_path, monkeypatch, when):
     """Where locks hold on one node only (NFS mounted with nolock or local_lock), a second run of
     the same folder on another node gets the lock too and writes its name into the lock file. The
@@ -427,6 +427,7 @@ def test_a_run_whose_folder_another_run_took_stops_before_its_next_checkpoint(tr
     import fcntl
     from types import SimpleNamespace
 
+    import disco.model.checkpoint as checkpoint
     import disco.train.loop as loop
     from disco.model.checkpoint import write_checkpoint
     from disco.pipeline.store import output
@@ -443,6 +444,12 @@ def test_a_run_whose_folder_another_run_took_stops_before_its_next_checkpoint(tr
     def write(run, step, *rest):
         if not taken and when == "while one is written":
             take(run)
+        if not taken and when == "its temporary folder cleared":
+            take(run)  # ... whose start clears every temporary checkpoint folder, ours included
+            with monkeypatch.context() as cleared:
+                cleared.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(
+                    FileNotFoundError(2, "No such file or directory")))
+                return write_checkpoint(run, step, *rest)
         path = write_checkpoint(run, step, *rest)
         if not taken:
             take(run)

@@ -254,3 +254,35 @@ def test_shard_footers_are_checked_in_threads_and_the_first_damaged_shard_is_nam
     with pytest.raises(reader.DamagedShard, match=shards[3].name):
         open_triplets(tmp_path)
     assert len(set(checked)) > 1 and all(name.startswith("disco-footers") for name in checked)
+
+
+def test_the_lock_files_reader_tells_a_passing_failure_from_a_lasting_one(tmp_path, monkeypatch):
+    """Read at every checkpoint of a run of days: a stale NFS handle (a passing failure) is tried
+    again and then no answer, never a stop; no permission to read it, or no file, is an answer."""
+    import errno
+    from pathlib import Path
+
+    from disco.pipeline.errors import ConfigError
+    from disco.pipeline.store import output
+    from disco.train.loop import check_run_directory
+
+    def failing(error):
+        def read_text(self, *args, **kwargs):
+            tries.append(self.name)
+            raise error
+        return read_text
+
+    with output.folder_lock(tmp_path / "run") as holder:
+        assert output.taken_by(tmp_path / "run", holder) is None
+        tries: list[str] = []
+        monkeypatch.setattr(output.time, "sleep", lambda seconds: None)
+        monkeypatch.setattr(Path, "read_text", failing(OSError(errno.ESTALE, "Stale file handle")))
+        assert output.taken_by(tmp_path / "run", holder) is None and len(tries) == 2
+        check_run_directory(tmp_path / "run", holder, 1)  # no answer: goes on
+        monkeypatch.setattr(Path, "read_text", failing(PermissionError(errno.EACCES, "Permission denied")))
+        assert output.taken_by(tmp_path / "run", holder) == "its lock file cannot be read here (Permission denied)"
+        with pytest.raises(ConfigError, match=r"does not see the run directory .* cannot be read here"):
+            check_run_directory(tmp_path / "run", holder, 1)
+        monkeypatch.undo()
+        (tmp_path / "run" / output.LOCK_FILE).unlink()
+        assert output.taken_by(tmp_path / "run", holder) == "its lock file is gone"

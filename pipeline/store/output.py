@@ -110,9 +110,9 @@ def taken_by(root: Path, holder: str) -> str | None:
     """Who holds ``root`` now, where its lock file no longer names ``holder`` (this process's
     holding, as ``folder_lock`` yielded it): the file's line, or that it is gone; None while it is
     still ours. Read anew each time: NFS shows a file another node wrote to a process that opens
-    it after the write. A read that fails otherwise (a stale handle, a soft mount's time-out) is
-    tried once more, and then taken as no answer (None): a passing hiccup of the file server must
-    not stop a run of days."""
+    it after the write. A read that fails for a passing reason (a stale handle, a soft mount's
+    time-out) is tried once more, and then taken as no answer (None): a hiccup of the file server
+    must not stop a run of days. Any other failure (no permission) is an answer: not ours."""
     for attempt in range(2):
         try:
             now = (Path(root) / LOCK_FILE).read_text(encoding="utf-8", errors="replace")
@@ -120,11 +120,17 @@ def taken_by(root: Path, holder: str) -> str | None:
         except FileNotFoundError:
             now = ""
             break
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _PASSING_ERRORS:
+                return f"its lock file cannot be read here ({exc.strerror or exc})"
             if attempt:
                 return None
             time.sleep(1.0)
     return None if now == holder else now.strip() or "its lock file is gone"
+
+
+# What a read on a network file system can meet and then not meet again.
+_PASSING_ERRORS = {errno.ESTALE, errno.EIO, errno.ETIMEDOUT, errno.EINTR, errno.EAGAIN}
 
 
 def fsync_dir(path: Path) -> None:
