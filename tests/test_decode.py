@@ -142,21 +142,12 @@ def test_bad_videos_raise_specific_errors(tmp_path):
 
 
 def _long_gop_clip(path, frames: int, size: int = 64):
-    """An H.264 clip with x264's default 250-frame GOP and B-frames, every frame different."""
-    import av
+    """An H.264 clip through the project's own writer (x264's defaults: a 250-frame GOP and
+    B-frames), every frame different."""
+    from disco.generate.video import write_video
 
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        stream.options = {"g": "250", "preset": "ultrafast", "bf": "2"}
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    base = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    return write_video(path, [np.roll(base, 3 * i, axis=1) for i in range(frames)], 30.0)
 
 
 def test_an_actor_decodes_a_videos_next_segment_on_from_the_last(tmp_path, monkeypatch):
