@@ -16,7 +16,7 @@ import numpy as np
 from disco.model.conditioning import square
 from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.decode import decode_video_frames, load_image, open_video, probe_video, resample_sequence
+from disco.pipeline.decode import cover_size, decode_video_frames, load_image, open_video, probe_video, resample_sequence
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.annotators.render import render_pose
@@ -135,10 +135,13 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     analysed = max(side, MIN_ANNOTATE_SIDE)
     bodies, drawn_hands = [], []
     begin_unit = getattr(annotator, "begin_unit", None)
+    # Decoded straight to the size analysed (its short side): a 4K phone clip's batch of 32 frames
+    # is 800 MB at full size, only to be shrunk to a 256 px square frame by frame.
+    width, height = cover_size(info.width, info.height, analysed)
     try:
-        video = open_video(path, info.width, info.height)  # once: read in order, batch after batch
+        video = open_video(path, width, height)  # once: read in order, batch after batch
         for start in range(0, len(indices), batch):
-            decoded, _ = decode_video_frames(path, indices[start:start + batch], info.width, info.height, video)
+            decoded, _ = decode_video_frames(path, indices[start:start + batch], width, height, video)
             for offset, frame in enumerate(decoded):
                 if begin_unit is not None and (start + offset) % UNIT_FRAMES == 0:
                     begin_unit({"kind": "video", "path": str(path), "frame_start": start + offset})

@@ -35,6 +35,13 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def cover_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """Size after shrinking so that the short side is ``side`` (a centre-cropped ``side`` square
+    still fits whole); never enlarges."""
+    scale = min(1.0, side / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def check_size(width: int, height: int, min_side: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise InputError(

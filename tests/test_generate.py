@@ -120,6 +120,29 @@ def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(first.frames, poses.frames))
 
 
+def test_a_large_driving_video_is_decoded_at_the_size_it_is_annotated_at(tmp_path):
+    """A phone's 4K driving video was decoded whole-size (800 MB a batch of 32 frames) to be shrunk
+    to a 256 px square frame by frame: it is decoded at that size, the skeletons as before."""
+    import disco.generate.inputs as inputs
+    import disco.pipeline.decode as decode
+
+    person = pan_zoom_frames(data.astronaut(), 3, 360)
+    write_video(tmp_path / "v.mp4", [np.pad(f, ((0, 0), (140, 140), (0, 0)), constant_values=90) for f in person], fps=10)
+    opened, real_open = [], decode._open_video
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode, "_open_video", lambda *a, **k: (opened.append(k), real_open(*a, **k))[1])
+        small = inputs.poses_from_video(tmp_path / "v.mp4", 128, hands=False)
+        patch.setattr(inputs, "cover_size", lambda width, height, side: (width, height))  # as before: whole size
+        whole = inputs.poses_from_video(tmp_path / "v.mp4", 128, hands=False)
+    assert opened[1] == {"width": 455, "height": 256}  # the short side at the 256 px analysed (after the probe's open)
+    assert opened[3] == {"width": 640, "height": 360}
+    assert small.empty == whole.empty == 0
+    for a, b in zip(small.bodies, whole.bodies):
+        found = (a[:, 2] > 0) & (b[:, 2] > 0)
+        gap = np.abs(a[found, :2] - b[found, :2])  # px of the 128 px picture
+        assert found.sum() >= 10 and np.median(gap) < 1 and gap.max() < 6
+
+
 def test_a_run_that_stops_keeps_its_frames_and_the_same_command_samples_only_the_rest(inputs, tmp_path):
     """A long driving video is hours of sampling: a run that ran out of GPU memory (or was killed)
     at its second batch lost every frame. Its finished batches stay beside the output; the same
