@@ -114,28 +114,84 @@ def read_sequence(item: list[Path] | Path) -> np.ndarray:
     return np.stack(frames)
 
 
-# Frame files of one sequence held in memory at once (and the next CLIP_LENGTH - 1 with them, for
-# the 16-frame windows that start in a part): a flat folder of 50,000 generated 512 px frames is
-# one sequence, 39 GB read whole. A video file is read whole (its clips may span it all).
+# Frames of one sequence held in memory at once (and the next CLIP_LENGTH - 1 with them, for the
+# 16-frame windows that start in a part): a flat folder of 50,000 generated 512 px frames is one
+# sequence, 39 GB read whole, and a 10-minute 1080p video 112 GB. Larger frames: fewer a part, so
+# that a part holds at most CHUNK_FRAMES frames' worth of 512 px pictures.
 CHUNK_FRAMES = 512
+CHUNK_PIXELS = 512 * 512 * 512
 
 
-def sequence_parts(item_pred: list[Path] | Path,
-                   item_gt: list[Path] | Path) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """One sequence's (pred, gt, own) frames part by part: frame files ``CHUNK_FRAMES`` at a
-    time, each part with the next ``CLIP_LENGTH - 1`` frames too, ``own`` saying how many frames
-    are the part's own (frame metrics score those). A part's 16-frame windows are then exactly
-    those that start among its own frames, each window in one part. A pair with a video file
-    comes in one go."""
-    if isinstance(item_pred, Path) or isinstance(item_gt, Path):
+class _Sequence:
+    """One side of a pair read on in order, part after part: frame files, or a video file opened
+    once and decoded once through (a part opened anew would seek back to its keyframe)."""
+
+    def __init__(self, item: list[Path] | Path):
+        from disco.pipeline.decode import open_video, probe_video
+        from disco.pipeline.errors import InputError
+
+        self.item, self.shape = item, None
+        if isinstance(item, Path):
+            try:
+                info = probe_video(item)
+                self.video = open_video(item, info.width, info.height)
+            except InputError as exc:
+                raise EvaluateInputError(f"{item}: {exc.message}") from None
+            self.length, self.size = info.num_frames, (info.width, info.height)
+        else:
+            from PIL import Image
+
+            self.length = len(item)
+            try:
+                with Image.open(item[0]) as first:  # the header only: the part size is planned from it
+                    self.size = first.size
+            except Exception:  # read in full below, where a bad file gets its own message
+                self.size = _read_image(item[0]).shape[1::-1]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if isinstance(self.item, Path):
+            from disco.pipeline.decode import decode_video_frames
+            from disco.pipeline.errors import InputError
+
+            try:
+                frames = decode_video_frames(self.item, list(range(start, stop)), *self.size, self.video)[0]
+            except InputError as exc:
+                raise EvaluateInputError(f"{self.item}: {exc.message}") from None
+        else:
+            frames = read_sequence(self.item[start:stop])
+        if self.shape is not None and frames.shape[1:] != self.shape:
+            where = self.item if isinstance(self.item, Path) else self.item[0].parent
+            raise EvaluateInputError(f"frames of {where} differ in size")
+        self.shape = frames.shape[1:]
+        return frames
+
+
+def sequence_parts(name: str, item_pred: list[Path] | Path, item_gt: list[Path] | Path,
+                   whole_videos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """One sequence's (pred, gt, own) frames part by part, each part with the next
+    ``CLIP_LENGTH - 1`` frames too, ``own`` saying how many frames are the part's own (frame
+    metrics score those). A part's 16-frame windows are then exactly those that start among its
+    own frames, each window in one part. Each frame is read once: those a part shares with the
+    next are kept for it. ``whole_videos``: a pair with a video file comes in one go (the official
+    rule scores a video file whole)."""
+    if whole_videos and (isinstance(item_pred, Path) or isinstance(item_gt, Path)):
         gt = read_sequence(item_gt)
         yield read_sequence(item_pred), gt, len(gt)
         return
-    chunk = CHUNK_FRAMES
-    for start in range(0, len(item_gt), chunk):
-        # Parts overlap, so read_sequence's check of a part's frames sizes covers the sequence.
-        stop = min(start + chunk + M.CLIP_LENGTH - 1, len(item_gt))
-        yield read_sequence(item_pred[start:stop]), read_sequence(item_gt[start:stop]), min(chunk, len(item_gt) - start)
+    pred, gt = _Sequence(item_pred), _Sequence(item_gt)
+    if pred.length != gt.length:
+        raise EvaluateInputError(f"{name!r}: {pred.length} predicted frames but {gt.length} real ones")
+    width, height = gt.size
+    chunk = max(1, min(CHUNK_FRAMES, CHUNK_PIXELS // max(1, width * height)))
+    kept, read_to = None, 0
+    for start in range(0, gt.length, chunk):
+        stop = min(start + chunk + M.CLIP_LENGTH - 1, gt.length)
+        part = (pred.read(read_to, stop), gt.read(read_to, stop)) if stop > read_to else None
+        if kept is not None:
+            part = kept if part is None else tuple(np.concatenate(pair) for pair in zip(kept, part))
+        read_to = stop
+        kept = tuple(frames[chunk:] for frames in part)  # [start + chunk, stop): the next part's first frames
+        yield part[0], part[1], min(chunk, gt.length - start)
 
 
 def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, list[Path] | Path]]:
@@ -225,7 +281,8 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
     frames_total, windows_total = 0, 0
     for name, item_pred, item_gt in pairs:
         frames, windows_of_sequence = 0, 0
-        for part, (pred_frames, gt_frames, own) in enumerate(sequence_parts(item_pred, item_gt)):
+        for part, (pred_frames, gt_frames, own) in enumerate(sequence_parts(name, item_pred, item_gt,
+                                                                            protocol == "disco")):
             if square_gt:
                 gt_frames = np.stack([square(g, min(g.shape[:2])) for g in gt_frames])
             if len(pred_frames) != len(gt_frames):

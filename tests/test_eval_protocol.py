@@ -326,6 +326,45 @@ def test_a_long_sequence_of_frame_files_is_read_part_by_part_and_scores_the_same
         score(tmp_path / "pred", tmp_path / "gt", ["psnr"], {})
 
 
+def test_a_long_video_file_is_decoded_once_part_by_part_and_scores_the_same(tmp_path, monkeypatch):
+    """A video file was read whole (a 10-minute 1080p one: 112 GB): it is decoded part by part
+    from one reader, each frame once, and scores exactly as read whole; a part of large frames
+    holds fewer of them."""
+    import disco.pipeline.decode as decode
+
+    rng = np.random.default_rng(5)
+    gt = np.stack(pan_zoom_frames(data.astronaut(), 41, 64))
+    write_video(tmp_path / "gt.mp4", gt, 10)
+    pred = np.clip(R.read_sequence(tmp_path / "gt.mp4").astype(int) + rng.integers(-30, 31, gt.shape), 0, 255)
+    write_frames(tmp_path / "pred", pred.astype(np.uint8))
+    metrics = ["ssim", "psnr", "l1", "fid", "fid-vid", "fvd"]
+    decoded, opened = [], []
+    real_decode, real_open = decode.decode_video_frames, decode._open_video
+    monkeypatch.setattr(decode, "decode_video_frames", lambda path, indices, *a: (decoded.append(list(indices)),
+                                                                                   real_decode(path, indices, *a))[1])
+    monkeypatch.setattr(decode, "_open_video", lambda *a, **k: (opened.append(a[0]), real_open(*a, **k))[1])
+    results = {}
+    for chunk in (6, 10_000):
+        monkeypatch.setattr(R, "CHUNK_FRAMES", chunk)
+        decoded.clear(), opened.clear()
+        nets = {"fid": TinyFeatures(), "fid-vid": TinyVideoFeatures(), "fvd": TinyVideoFeatures()}
+        results[chunk] = score(tmp_path / "pred", tmp_path / "gt.mp4", metrics, nets, batch_size=4)
+        assert sum(decoded, []) == list(range(41)) and len(opened) == 2  # each frame once; the probe and one reader
+        assert max(map(len, decoded)) == (6 + 15 if chunk == 6 else 41)
+    assert results[6]["counts"] == results[10_000]["counts"] == {"sequences": 1, "frames": 41, "clips": 26}
+    for metric in metrics:
+        assert results[6]["metrics"][metric] == pytest.approx(results[10_000]["metrics"][metric], rel=1e-6), metric
+    # A part holds CHUNK_PIXELS' worth of frames (512 frames of 512 px): here 4 frames of 64 px.
+    monkeypatch.setattr(R, "CHUNK_PIXELS", 64 * 64 * 4)
+    decoded.clear()
+    score(tmp_path / "pred", tmp_path / "gt.mp4", ["psnr"], {})
+    assert max(map(len, decoded)) == 4 + 15
+    # A pair of other lengths is refused before anything is scored.
+    (tmp_path / "pred" / "000040.png").unlink()
+    with pytest.raises(EvaluateInputError, match="40 predicted frames but 41 real ones"):
+        score(tmp_path / "pred", tmp_path / "gt.mp4", ["psnr"], {})
+
+
 # -- both protocols through the command line ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
