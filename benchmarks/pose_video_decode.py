@@ -4,7 +4,9 @@ x264's default 250-frame GOP.
 
 - ``generate``'s driving video (``generate/inputs.py: poses_from_video``): batches of frames in
   order from one opened video; before, it opened the video anew for every batch (each batch seeks
-  back to its keyframe and decodes from there).
+  back to its keyframe and decodes from there). Its frames are decoded at the size they are
+  annotated at (the short side at 256 px) and squared: before, whole-size, then shrunk frame by
+  frame (a 4K clip's batch of 32 frames: 800 MB).
 - ``preprocess``'s units (``pipeline/stages.py: decode_unit``): 32-frame segments, each pipeline
   actor keeping its last video open (``LastVideo``). Ray Data hands an actor calls of consecutive
   units; here two actors take calls of ``--units-per-call`` in turn (each call after the other
@@ -51,7 +53,9 @@ def main() -> None:
 
     import decord
 
-    from disco.pipeline.decode import LastVideo, decode_video_frames, open_video, probe_video
+    from disco.generate.inputs import MIN_ANNOTATE_SIDE
+    from disco.model.conditioning import square
+    from disco.pipeline.decode import LastVideo, cover_size, decode_video_frames, open_video, probe_video
     from disco.pipeline.stages import decode_unit
 
     with tempfile.TemporaryDirectory() as folder:
@@ -72,6 +76,18 @@ def main() -> None:
         def reopened():
             return sum(len(decode_video_frames(path, b, info.width, info.height)[0]) for b in batches)
 
+        largest = {}
+
+        def squared(width, height):  # generate's annotation input: a 256 px square per frame
+            video, done = open_video(path, width, height), 0
+            for b in batches:
+                frames = decode_video_frames(path, b, width, height, video)[0]
+                largest[(width, height)] = frames.nbytes
+                done += sum(square(f, MIN_ANNOTATE_SIDE).shape[0] == MIN_ANNOTATE_SIDE for f in frames)
+            return done
+
+        sized = cover_size(info.width, info.height, MIN_ANNOTATE_SIDE)
+
         # The video's units as preprocess plans them (full size, ``--segment-frames`` = --batch).
         units = [{"input_path": path.name, "abs_path": str(path), "kind": "video", "src_indices": b,
                   "frame_start": k * args.batch, "width": info.width, "height": info.height}
@@ -88,6 +104,8 @@ def main() -> None:
         seconds = {}
         for name, run in (("user loop (one reader, frame by frame)", user_loop), ("generate (one reader, batches)", ours),
                           ("reopened per batch (before)", reopened),
+                          (f"generate squares, decoded at {sized[0]}x{sized[1]}", lambda: squared(*sized)),
+                          ("generate squares, decoded whole (before)", lambda: squared(info.width, info.height)),
                           (f"preprocess units, 2 actors, calls of {args.units_per_call}", actors_kept_open),
                           ("preprocess units reopened (before)", units_reopened)):
             started = time.perf_counter()
@@ -97,6 +115,8 @@ def main() -> None:
         print(f"{len(indices)} frames of {info.width}x{info.height}, GOP {args.gop}, batches of {args.batch}")
         for name, spent in seconds.items():
             print(f"  {name:40s} {spent:6.2f} s  {len(indices) / spent:6.1f} frames/s  {spent / base:5.2f}x the user loop")
+        print(f"  a batch of {args.batch} decoded for generate's squares: "
+              + ", ".join(f"{w}x{h} {n / 2**20:.1f} MiB" for (w, h), n in largest.items()))
 
 
 if __name__ == "__main__":
