@@ -210,3 +210,34 @@ def test_a_width_decords_scaling_fails_on_is_decoded_whole_and_shrunk(tmp_path, 
     assert frames.shape == (3, width, width, 3) and len(times) == 3
     expected = [cv2.resize(frame, (width, width), interpolation=cv2.INTER_AREA) for frame in full]
     assert all(np.array_equal(a, b) for a, b in zip(frames, expected))
+
+
+@pytest.mark.parametrize("turn", [90, -90, 180])
+def test_a_phone_video_with_a_display_rotation_is_decoded_upright(tmp_path, turn):
+    """Phones store an upright video as a landscape picture and a rotation to show it with: the
+    frames come out as a player shows them, at full size and scaled (a sideways person is cut by
+    the square crop and no pose is found)."""
+    import av
+
+    picture = np.zeros((64, 96, 3), np.uint8)
+    picture[:8] = 255  # a white band on top, a red one on the left: every turn looks different
+    picture[:, :8, 0] = 255
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):
+            pytest.skip("this PyAV cannot write a display rotation")
+        stream.set_display_rotation(turn)  # counter-clockwise degrees
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    upright = np.rot90(picture, turn // 90)
+    info = probe_video(path)
+    assert (info.height, info.width) == upright.shape[:2]
+    frames, _ = decode_video_frames(path, [0, 2], info.width, info.height)
+    assert np.abs(frames.astype(int) - upright).mean(axis=(1, 2, 3)).max() < 2
+    half, _ = decode_video_frames(path, [1], info.width // 2, info.height // 2)
+    assert np.abs(half[0].astype(int) - upright[::2, ::2]).mean() < 12
