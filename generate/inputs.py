@@ -70,14 +70,33 @@ def make_annotator(with_pose: bool, hands: bool | None = None, device: str | Non
                           weights=backends["weights"], device=run_device)
 
 
+# A reference photo straight off a phone's 108 or 200 MP mode (16320 x 12240) is taken: one
+# picture, a JPEG decoded at a reduced scale; preprocessing's default limit (--max-pixels) is
+# Pillow's decompression-bomb bound, 89.5 MP.
+PICTURE_MAX_PIXELS = 2 ** 28
+
+
 def read_picture(path: str | Path, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise GenerateInputError(f"{what} {path} does not exist")
     try:
-        return load_image(path, max_side=4096)
+        return load_image(path, max_side=4096, max_pixels=PICTURE_MAX_PIXELS)
     except InputError as exc:
+        if exc.error_type == "image_too_large":
+            raise GenerateInputError(f"{what} {path} has more than {PICTURE_MAX_PIXELS} pixels: shrink it first") from None
         raise GenerateInputError(f"{what} {path}: {exc.message}") from None
+
+
+def probe_pose_video(path: str | Path):
+    """The driving video's ``VideoInfo``; one that does not exist or cannot be read is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateInputError(f"pose video {path} does not exist")
+    try:
+        return probe_video(path)
+    except InputError as exc:
+        raise GenerateInputError(f"pose video {path}: {exc.message}") from None
 
 
 def matte_reference(image: np.ndarray, size: int, annotator=None, with_pose: bool = False,
@@ -122,12 +141,7 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     (a long video takes minutes: several frames a second)."""
     hands = _DEFAULTS["hands"] if hands is None else hands
     path = Path(path)
-    if not path.is_file():
-        raise GenerateInputError(f"pose video {path} does not exist")
-    try:
-        info = probe_video(path)
-    except InputError as exc:
-        raise GenerateInputError(f"pose video {path}: {exc.message}") from None
+    info = probe_pose_video(path)
     indices, rate = info.resampled(fps or info.fps)
     indices = indices[:max_frames]
     own = annotator is None

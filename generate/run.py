@@ -29,6 +29,7 @@ from disco.generate.inputs import (
     matte_reference,
     poses_from_triplets,
     poses_from_video,
+    probe_pose_video,
     read_picture,
     scale_keypoints,
 )
@@ -96,9 +97,9 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
         raise GenerateInputError(f"{checkpoint} is a pre-training (HAP) run, without a pose ControlNet; generation "
                                  "needs a fine-tuned model")
     # The folder resolved once: a run still training may write a newer checkpoint meanwhile.
-    model = load_checkpoint(source.get("checkpoint", checkpoint), device=device, ema=ema)
-    if dtype != "float32":  # (a cast to float32 makes diffusers warn about modules kept in float32)
-        model = model.to(getattr(torch, dtype))
+    # Cast on its way to the device (a cast to float32 makes diffusers warn about modules kept in float32).
+    model = load_checkpoint(source.get("checkpoint", checkpoint), device=device, ema=ema,
+                            dtype=None if dtype == "float32" else getattr(torch, dtype))
     pipeline = DisCoPipeline(model)
     try:
         pipeline.spread(gpu_devices(device, gpus)[1:])
@@ -125,12 +126,15 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     started = time.time()
     # The driving poses are drawn as the model's training poses were (its run's config.yaml).
     style, hands = pose_setting(config.checkpoint)
+    # Inputs that cannot be read are refused before the model loads (a minute and GBs at full size).
     if config.clip is not None:
-        check_pose_folder(config.pose, style, hands)  # pictures it cannot redraw: refused before the model loads
-    pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema,
-                                         dtype=config.dtype, gpus=config.gpus)
+        check_pose_folder(config.pose, style, hands)  # pictures it cannot redraw
+    else:
+        probe_pose_video(config.pose)
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
+    pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema,
+                                         dtype=config.dtype, gpus=config.gpus)
     matted = []
     reference_in, background_in = conditions_from_reference(pipeline, reference, size, background,
                                                             with_pose=config.align_pose, on_matte=matted.append,

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from disco.cli import app
 from disco.model.checkpoint import load_checkpoint
 from disco.model.conditioning import background_pixels, pose_pixels, pose_size
+from disco.generate.config import GenerateInputError
 from disco.generate.inputs import matte_reference
 from disco.model.pipeline import DisCoPipeline
 from disco.generate.run import conditions_from_reference
@@ -470,7 +471,7 @@ def test_training_runs_are_read_through_the_run_loader(inputs, tmp_path, monkeyp
 
     calls = []
 
-    def load_model(path, step=None, device="cpu", ema=True):
+    def load_model(path, step=None, device="cpu", ema=True, dtype=None):
         calls.append((path, device))
         return DisCoModel.from_pretrained(inputs / "ckpt").eval()
 
@@ -480,6 +481,45 @@ def test_training_runs_are_read_through_the_run_loader(inputs, tmp_path, monkeyp
     assert calls == [(tmp_path / "run", "cpu")] and not model.training
     load_checkpoint(inputs / "ckpt")  # a save_pretrained folder is never read as a training run
     assert len(calls) == 1
+
+
+def test_a_half_precision_model_is_cast_on_its_way_to_the_device(inputs, monkeypatch):
+    """--dtype float16 moved the whole float32 model onto the GPU, then cast it: 7.9 GB at full
+    size before it shrank to 3.9 (out of memory on an 8 GB card that holds it in half precision)."""
+    from disco.generate.run import open_pipeline
+
+    moves, real_to = [], torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        if isinstance(module, DisCoModel):
+            moves.append((args, kwargs, next(module.parameters()).dtype))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    pipeline, _, _ = open_pipeline(inputs / "ckpt", "cpu", None, dtype="float16")
+    assert moves and {p.dtype for p in pipeline.model.parameters()} == {torch.float16}
+    # Every move that names the device casts in the same pass (parameter by parameter).
+    for args, kwargs, before in moves:
+        assert kwargs.get("dtype") == torch.float16 or torch.float16 in args, (args, kwargs, before)
+
+
+def test_unreadable_inputs_are_refused_before_the_model_loads(inputs, tmp_path, monkeypatch):
+    """A corrupt reference photo or a driving video that is no video failed after the full model
+    had loaded (a minute and GBs); a phone's 108 MP photo was refused, naming a flag generate lacks."""
+    import disco.generate.run as run_module
+    from disco.generate.config import GenerateConfig
+    from disco.generate.inputs import read_picture
+
+    monkeypatch.setattr(run_module, "open_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 100)
+    for reference, pose, refused in ((tmp_path / "bad.png", inputs / "dance.mp4", "reference picture"),
+                                     (inputs / "person.png", tmp_path / "bad.mp4", "pose video")):
+        config = GenerateConfig(checkpoint=inputs / "ckpt", reference=reference, pose=pose, output=tmp_path / "o.mp4")
+        with pytest.raises(GenerateInputError, match=refused):
+            run_module.generate(config, log=lambda *_: None)
+    Image.new("L", (10500, 9000), 120).save(tmp_path / "108mp.jpg", quality=50)  # 94.5 MP, over Pillow's bound
+    assert read_picture(tmp_path / "108mp.jpg", "reference picture").shape == (3511, 4096, 3)
 
 
 def test_checkpoint_resolution_errors(tmp_path, inputs):
