@@ -50,17 +50,24 @@ class PoseSequence:
     bodies: list | None = None  # a video's drawn 18 x 3 body keypoints per frame (None: nobody), pose-size pixels
 
 
-def make_annotator(with_pose: bool, hands: bool | None = None, device: str | None = None):
-    """The pipeline's annotators, resolved as ``preprocess`` resolves ``auto`` (hands found unless
-    ``hands`` is False), on the torch ``device`` the model runs on (``cpu``, ``cuda``, ``cuda:1``;
-    None: a CUDA GPU where there is one)."""
-    from disco.pipeline.annotators import FrameAnnotator, resolve_backends
+def annotator_backends(with_pose: bool, device: str | None = None) -> dict:
+    """``resolve_backends``' answer for generate's annotators on ``device`` (see ``make_annotator``)."""
+    from disco.pipeline.annotators import resolve_backends
 
     on_cpu = device is not None and not on_cuda(device)
     # On the CPU `auto` takes the embedded backends, as where no GPU exists: a GPU backend on the
     # CPU is only ever asked for by name.
-    backends = resolve_backends("auto", "auto" if with_pose else "none", device="cpu" if on_cpu else "auto",
-                                cuda=False if on_cpu else None)
+    return resolve_backends("auto", "auto" if with_pose else "none", device="cpu" if on_cpu else "auto",
+                            cuda=False if on_cpu else None)
+
+
+def make_annotator(with_pose: bool, hands: bool | None = None, device: str | None = None):
+    """The pipeline's annotators, resolved as ``preprocess`` resolves ``auto`` (hands found unless
+    ``hands`` is False), on the torch ``device`` the model runs on (``cpu``, ``cuda``, ``cuda:1``;
+    None: a CUDA GPU where there is one)."""
+    from disco.pipeline.annotators import FrameAnnotator
+
+    backends = annotator_backends(with_pose, device)
     # `auto` may pick the paper-faithful backends (CUDA and $DISCO_WEIGHTS): build them from what
     # it resolved, the weights folder and device included (the model's GPU where one is named).
     run_device = device if backends["device"] == "cuda" and device is not None else backends["device"]

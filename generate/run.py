@@ -25,6 +25,7 @@ from disco.model.conditioning import (
 )
 from disco.generate.inputs import (
     GenerateInputError,
+    annotator_backends,
     check_pose_folder,
     matte_reference,
     poses_from_triplets,
@@ -209,12 +210,17 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
 def partial_key(config: GenerateConfig, source: dict, size: int, frames: int) -> dict:
     """What a run's frames depend on (``generate/partial.py``): the checkpoint and the input files
     (by content), the settings that make the poses and the frames (not the batch size or the number
-    of GPUs: a frame's noise is its own, and its values differ by a grey level at most)."""
+    of GPUs: a frame's noise is its own, and its values differ by a grey level at most), and the
+    annotators that matte the reference and find the driving poses (``auto`` picks by machine: a
+    run that stopped on a GPU node with $DISCO_WEIGHTS, resumed on the CPU, would join frames
+    driven by two pose models)."""
     weights = source.get("checkpoint", source.get("path"))
+    backends = annotator_backends(config.clip is None, config.device)
     settings = ("clip", "steps", "guidance_scale", "seed", "fps", "max_frames", "align_pose", "smooth_poses", "ema",
                 "dtype")
     return {"checkpoint": {**source, "files": file_identity(weights)}, "size": size, "frames": frames,
             # A `preprocess` folder (--clip) by its manifest, rewritten by every run that adds to it.
             "inputs": {"reference": file_identity(config.reference), "background": file_identity(config.background),
                        "pose": file_identity(config.pose / MANIFEST_FILE if config.clip else config.pose)},
+            "annotators": {"matting": backends["matting"], "pose": backends["pose"]},
             **{name: getattr(config, name) for name in settings}}

@@ -191,6 +191,18 @@ def test_a_run_that_stops_keeps_its_frames_and_the_same_command_samples_only_the
         stops_at, sampled = None, []
         other = _run(*common, "--batch-size", 3, "--output", out, "--seed", 1)
     assert other.exit_code == 0 and "resuming" not in other.output and sampled == [3, 3] and not partial.exists()
+    # Nor those of a run whose `auto` annotators were others (stopped on a GPU node with
+    # $DISCO_WEIGHTS: DWPose and SAM; resumed where MediaPipe runs).
+    import disco.generate.run as run_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "_sample", sample)
+        stops_at, sampled = 1, []
+        assert _run(*common, "--batch-size", 2, "--output", out).exit_code == 2 and partial.exists()
+        stops_at, sampled = None, []
+        patch.setattr(run_module, "annotator_backends", lambda *a, **k: {"matting": "grounded-sam", "pose": "dwpose"})
+        other = _run(*common, "--batch-size", 3, "--output", out)
+    assert other.exit_code == 0 and "resuming" not in other.output and sampled == [3, 3] and not partial.exists()
 
 
 def test_kept_frames_are_known_by_their_checkpoints_and_inputs_files(tmp_path):
