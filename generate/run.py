@@ -183,8 +183,9 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     frames = pipeline(reference_in, background_in, pose_in, num_inference_steps=config.steps,
                       guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size,
                       progress=step, done=finished, on_batch=None if partial is None else partial.save)
+    del pose_in, finished  # (a long video's copies: the side-by-side and the frames files come next)
     fps = poses.fps  # the rate the poses were taken at: --fps above the source's would play them too fast
-    write_video(config.output, list(frames), fps)
+    write_video(config.output, frames, fps)
     result = GenerateResult(video=config.output, frames=len(frames), size=size, fps=fps, empty_poses=poses.empty,
                             seconds=0.0)
     if config.side_by_side:

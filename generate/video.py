@@ -3,8 +3,10 @@ decord reads."""
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -17,16 +19,19 @@ CRF = 18  # visually lossless for generated frames; x264's default (23) smears f
 
 
 def write_video(path: str | Path, frames, fps: float) -> Path:
-    """RGB uint8 frames (N x H x W x 3, or a list) -> an H.264 MP4 (yuv420p, ``+faststart``).
+    """RGB uint8 frames (N x H x W x 3, a list, or any iterable: encoded as they come, never all
+    held at once) -> an H.264 MP4 (yuv420p, ``+faststart``).
 
     4:2:0 needs even sides, so an odd width or height gets one edge pixel repeated. Written to a
     temporary name and renamed, so a failure leaves no half-written video under ``path``."""
     import av
 
-    frames = [np.ascontiguousarray(f) for f in frames]
-    if not frames:
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
         raise ValueError("no frames to write")
-    height, width = frames[0].shape[:2]
+    frames = itertools.chain([first], frames)
+    height, width = first.shape[:2]
     pad = ((0, height % 2), (0, width % 2), (0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +46,7 @@ def write_video(path: str | Path, frames, fps: float) -> Path:
             for frame in frames:
                 if frame.shape[:2] != (height, width):
                     raise ValueError(f"frame of {frame.shape[1]} x {frame.shape[0]} in a video of {width} x {height}")
+                frame = np.ascontiguousarray(frame)
                 picture = np.pad(frame, pad, mode="edge") if any(p[1] for p in pad) else frame
                 for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
                     container.mux(packet)
@@ -61,11 +67,12 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     return frames, info.fps
 
 
-def side_by_side(poses: list[np.ndarray], frames: np.ndarray) -> list[np.ndarray]:
-    """pose | generated, the pose picture scaled to the frame's size."""
+def side_by_side(poses: list[np.ndarray], frames: np.ndarray) -> Iterator[np.ndarray]:
+    """pose | generated, the pose picture scaled to the frame's size, one pair at a time (for
+    ``write_video``: a long video's pairs all at once were twice its frames again in memory)."""
     height, width = frames.shape[1:3]
-    return [np.concatenate([cv2.resize(p, (width, height), interpolation=cv2.INTER_AREA), f], axis=1)
-            for p, f in zip(poses, frames)]
+    return (np.concatenate([cv2.resize(p, (width, height), interpolation=cv2.INTER_AREA), f], axis=1)
+            for p, f in zip(poses, frames))
 
 
 def write_frames(folder: str | Path, frames: np.ndarray) -> list[Path]:

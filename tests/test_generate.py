@@ -674,6 +674,28 @@ def test_videos_are_h264_yuv420p_with_the_index_first_and_odd_sides_padded(tmp_p
     assert not (tmp_path / "empty.mp4").exists()
 
 
+def test_a_long_video_and_its_side_by_side_are_encoded_as_their_frames_come(tmp_path):
+    """write_video took every frame into a list first, and the side-by-side pairs were built all
+    at once: for a long video, two more copies of its frames (the pairs twice their width). Frames
+    now go to the encoder as they come; the pairs are made one at a time."""
+    import tracemalloc
+
+    from disco.generate.video import side_by_side, write_video as write_h264
+
+    frames = np.stack(pan_zoom_frames(data.astronaut(), 120, 128))  # 5.6 MiB
+    poses = [np.zeros((64, 64, 3), np.uint8)] * len(frames)
+    tracemalloc.start()
+    try:
+        write_h264(tmp_path / "pairs.mp4", side_by_side(poses, frames), 25.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 2**20, peak  # all the pairs at once: 11 MiB
+    back, _ = read_video(tmp_path / "pairs.mp4")
+    assert back.shape == (120, 128, 256, 3) and np.abs(back[:, :, 128:].astype(int) - frames).mean() < 4
+    assert back[:, :, :128].mean() < 2  # the black pose pictures (the edge blurred by 4:2:0 chroma)
+
+
 def test_the_default_device_is_the_gpu_where_there_is_one(monkeypatch):
     """generate and evaluate default to --device auto: the full model samples a frame in seconds on
     a GPU and minutes on a CPU, so a GPU machine must not fall to the CPU for want of a flag."""
