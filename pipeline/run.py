@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -382,26 +383,49 @@ def _node_lost_errors() -> tuple:
     return NodeDiedError, LocalRayletDiedError
 
 
-def _every_result(refs: list, settle_s: float = 10.0, keep=lambda exc: False) -> list:
+# Tasks watched at once for their results. ``ray.wait`` scans every ref it is given: called for one
+# result at a time over all the tasks, the 62,500 planning tasks of a million videos cost the
+# driver hours before the first unit (``benchmarks/plan_wait.py``).
+WAIT_WINDOW = 512
+
+
+def _every_result(refs: list, settle_s: float = 10.0, keep=lambda exc: False, window: int = WAIT_WINDOW) -> list:
     """Every task's result, in order, an error that ``keep`` accepts as its result; at the first
     other error, the tasks left are cancelled and their results read (those that end within
     ``settle_s``) before it is raised: a failed task whose result nobody read has Ray print it,
     stack and all, as an "Unhandled error" (the planning tasks on a node without the input all
-    fail, and the run says so once), and one task stuck on a dead mount must not hold the run."""
+    fail, and the run says so once), and one task stuck on a dead mount must not hold the run.
+    The first ``window`` tasks not read yet are watched, and all of them that have ended are read
+    at once: the cost of a wait is the window's, whatever the number of tasks."""
     import ray
 
-    results, pending, first = {}, list(refs), None
-    while pending and first is None:
-        ready, pending = ray.wait(pending, num_returns=1)
+    results, queue, first = {}, iter(refs), None
+    watched = list(itertools.islice(queue, window))
+    while watched and first is None:
+        # Until one has ended, then every one that has (read by ray.get, wherever it ended).
+        ready, watched = ray.wait(watched, num_returns=1, fetch_local=False)
+        if watched:
+            more, watched = ray.wait(watched, num_returns=len(watched), timeout=0, fetch_local=False)
+            ready += more
         try:
-            results[ready[0]] = ray.get(ready[0])
-        except Exception as exc:
-            if keep(exc):
-                results[ready[0]] = exc
-            else:
-                first = exc
+            results.update(zip(ready, ray.get(ready)))
+            ready = []
+        except Exception:  # one by one, to tell which
+            pass
+        for ref in ready:
+            try:
+                results[ref] = ray.get(ref)
+            except Exception as exc:
+                if keep(exc):
+                    results[ref] = exc
+                elif first is None:
+                    first = exc
+                else:
+                    results[ref] = exc  # read: a second error is not printed as unhandled
+        watched += itertools.islice(queue, window - len(watched))
     if first is None:
         return [results[ref] for ref in refs]
+    pending = watched + list(queue)
     for ref in pending:
         ray.cancel(ref)
     settled, _ = ray.wait(pending, num_returns=len(pending), timeout=settle_s) if pending else ([], [])

@@ -299,6 +299,44 @@ def test_many_tar_shards_are_counted_in_ray_tasks_with_the_same_units(tmp_path, 
     assert "Unhandled error" not in printed and "Traceback" not in printed, printed[-3000:]
 
 
+def test_task_results_are_read_a_window_at_a_time_in_order(tmp_path, monkeypatch, ray_local):
+    """The planning tasks' results were read one at a time, each ``ray.wait`` over every task not
+    read yet: the square of the count (62,500 tasks for a million videos: about an hour of driver
+    time). A window of the first ones left is watched, every ended one read at once: results in
+    order whatever order the tasks end in, kept errors in their place; at another error the rest
+    are cancelled and it is raised."""
+    import ray
+
+    from disco.pipeline import run as run_module
+
+    @ray.remote(num_cpus=0.1, max_retries=0)
+    def task(k: int, marker: str | None = None):
+        time.sleep(0.02 * (10 - k % 10))  # the later ones of each ten end first
+        if k == 4:
+            raise KeyError("kept")
+        if k == 13:
+            raise ValueError("stops the run")
+        if marker is not None:
+            time.sleep(30)
+            Path(marker).write_text("ran to the end")
+        return k
+
+    seen = []
+    real_wait = ray.wait
+    monkeypatch.setattr(ray, "wait", lambda refs, **kw: (seen.append(len(refs)), real_wait(refs, **kw))[1])
+    refs = [task.remote(k) for k in range(12)]
+    results = run_module._every_result(refs, keep=lambda exc: "kept" in str(exc), window=5)
+    assert [r if isinstance(r, int) else "error" for r in results] == [0, 1, 2, 3, "error", *range(5, 12)]
+    assert max(seen) == 5
+    marker = tmp_path / "late"
+    refs = [task.remote(k) for k in range(14)] + [task.remote(20, str(marker))]
+    with pytest.raises(Exception, match="stops the run"):
+        run_module._every_result(refs, keep=lambda exc: "kept" in str(exc), window=5, settle_s=2)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(refs[-1], timeout=30)
+    assert not marker.exists()
+
+
 def test_a_new_data_set_from_a_manifest_alone(tmp_path):
     root = tmp_path / "mine"
     for name, picture in (("a1", "astronaut"), ("b2", "hopper"), ("c3", "rocket")):
