@@ -158,6 +158,31 @@ def test_laion_shards_are_units_and_parquet_rows_are_stills(tmp_path):
     assert [(i.input_path, i.kind) for i in one.items] == [("00000.tar", "tar")]
 
 
+@pytest.mark.parametrize("source", ["video", "images", "laion"])
+def test_an_input_folder_given_through_a_link_lists_files_under_its_real_place(tmp_path, source):
+    """--input ~/data, a link on the head to /mnt/nfs/data: the workers' storage check stats the
+    real folder (which they mount), but the generic and Parquet listings named the files through
+    the link (which they lack): the check passed and every unit there was a missing_file row."""
+    from disco.pipeline.run import stage_settings
+
+    if source == "laion":
+        real = layouts.laion(tmp_path / "real")
+    else:
+        real = tmp_path / "real"
+        real.mkdir()
+        (real / ("a.mp4" if source == "video" else "a.png")).write_bytes(b"x")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    from disco.pipeline.annotators import resolve_backends
+
+    cfg = PreprocessConfig(source=source, input=link, output=tmp_path / "out", pose="none", hands=False).validate()
+    cfg.resolved = resolve_backends(cfg.matting, cfg.pose, device="cpu")
+    root = stage_settings(cfg)["input_root"]  # what every node's storage check stats
+    assert root == str(real.resolve())
+    items = list_source(cfg, log=lambda *_: None).items
+    assert items and all(i.abs_path.startswith(root + os.sep) for i in items), [i.abs_path for i in items]
+
+
 def test_img2dataset_metadata_beside_its_shards_is_not_taken_for_a_list_of_images(tmp_path):
     """img2dataset's webdataset output holds NNNNN.parquet (url, key, caption, status) and
     NNNNN_stats.json beside every NNNNN.tar: the folder lists as its shards; a Parquet file of

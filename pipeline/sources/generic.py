@@ -101,6 +101,10 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
     supported = IMAGE_SUFFIXES if source == "images" else VIDEO_SUFFIXES
     unsupported = UNSUPPORTED_SUFFIXES[source]
     base = root.parent if root.is_file() else root
+    # Files named under the folder's real place, as the data set listings and the workers' storage
+    # check name it: a link to the share on the head (--input ~/data -> /mnt/nfs/data) need not
+    # exist on the other nodes, whose units would all be missing_file rows.
+    base_abs = base.resolve()
     found: list[tuple[str, Path, str | None]] = []
     ignored = 0
     for path in _walk(root):
@@ -121,7 +125,7 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
         items.append(
             InputItem(
                 input_path=rel,
-                **path_fields(str(path)),
+                **path_fields(str(base_abs / path.relative_to(base))),
                 source=source,
                 clip_id=stem if stems[stem] == 1 else rel,
                 kind=KIND[source],

@@ -170,7 +170,7 @@ class _Lister:
         import pyarrow.parquet as pq
 
         for match, _ in self._media(layout, matches):
-            table_path = self.base / match.rel
+            table_path = Path(self.base_abs) / match.rel  # its relative paths under the folder's real place
             try:
                 names = pq.read_schema(table_path).names
             except Exception as exc:
