@@ -426,6 +426,61 @@ def test_the_stream_starts_when_few_cpus_are_free_and_fails_in_time_when_none_fi
                      r"no node has that free \(free CPU per node: 127\.0\.0\.1 0\.5 of 2\); lower data_cpus", error), error
 
 
+STALLED = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import ray
+    from ray._private import ray_constants
+
+    from disco.train.data import DataError, SampleStream, build_index
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # on loopback only (see STARVED)
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False)
+
+    def hung_from_four(batch):  # a read on a mount that stopped answering: the fifth block never comes
+        if batch["id"][0] >= 4:
+            time.sleep(600)
+        return {"position": np.array([[int(batch["id"][0])] * 2])}
+
+    class Stalling(SampleStream):  # the stream's own Ray Data execution, watch and consumer; a data set that hangs
+        def _dataset(self, tasks, watch):
+            dataset = ray.data.range(8, override_num_blocks=8).map_batches(hung_from_four, batch_size=None, num_cpus=1)
+            self._configure(dataset.context, watch)
+            return dataset
+
+    stream = Stalling(build_index([sys.argv[1]]), stage="finetune", ref_mode="first", resolution=16, augment=False,
+                      seed=0, batch=4, startup_timeout_s=90, stall_timeout_s=3)
+    blocks = []
+    try:
+        while True:
+            blocks.append(int(next(stream._blocks)["position"][0, 0]))
+            last = time.monotonic()
+    except DataError as exc:
+        print("blocks", blocks, flush=True)
+        print(f"error after {time.monotonic() - last:.0f} s: {exc}", flush=True)
+    stream.close()
+    ray.shutdown()
+""")
+
+
+def test_a_stream_that_stops_delivering_mid_run_fails_in_time(clips):
+    """A read stuck on a hung mount after the stream had started: the worker waited for ever and,
+    under DDP, the others in their all-reduce until NCCL's 30-minute time-out, which Ray Train
+    blamed on them. A stream whose consumer waits ``stall_timeout_s`` for a block says so."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    result = subprocess.run([sys.executable, "-c", STALLED, str(clips)], capture_output=True, text=True,
+                            timeout=300, env=env, check=False)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 2, result.stdout + result.stderr[-3000:]
+    delivered = json.loads(lines[0].removeprefix("blocks "))  # in order, up to where Ray Data's prefetch waits for block 4
+    assert delivered and delivered == list(range(len(delivered))) and len(delivered) < 4, lines[0]
+    seconds = int(lines[1].split()[2])  # after the last block
+    assert 3 <= seconds < 30, lines[1]
+    assert re.search(rf"the training data stream on \S+ delivered no block for 3 s while training waited for one "
+                     rf"\(after {len(delivered)} blocks\): a read or decode task is stuck", lines[1]), lines[1]
+
+
 def test_a_cpu_count_of_0_is_a_value_where_ray_takes_it(clips, tmp_path, monkeypatch):
     """``data_cpus: 0`` (Ray accounts no CPU to a decode task) was read as unset (1.0 on a big
     node); ``cpus_per_worker: 0`` is refused without a GPU (Ray Train refuses an empty bundle)."""

@@ -19,7 +19,7 @@ from disco.train.data.decode import decode_samples
 from disco.train.data.index import REFERENCE_COLUMNS, TARGET_COLUMNS, DataError, TripletIndex, damaged_shard
 from disco.train.data.order import WINDOW_GROUPS, StreamPlan, global_positions, locator_table
 from disco.train.data.read import REFERENCE_STORE_BYTES, REFERENCE_STORE_NAMESPACE, ReferenceStore, read_samples
-from disco.train.data.watch import STARTUP_TIMEOUT_S, Watch, stream_callback
+from disco.train.data.watch import STALL_TIMEOUT_S, STARTUP_TIMEOUT_S, Watch, stream_callback
 
 
 # How long closing a stream waits for the next chunk's start in the background before leaving it
@@ -79,7 +79,8 @@ class SampleStream:
     Data's own helper actors ask for none; ``iter_torch_batches`` works in threads of this
     process). A stream whose first block has not arrived within
     ``startup_timeout_s`` (default ``STARTUP_TIMEOUT_S``) of starting raises ``DataError`` saying
-    which resource it waits for.
+    which resource it waits for; one that delivered blocks and then none for ``stall_timeout_s``
+    (default ``STALL_TIMEOUT_S``) while its consumer waits, that it stalled.
     """
 
     clip_frames = 1  # frames cropped alike (ClipStream, train/data/clips.py: one crop per clip)
@@ -87,7 +88,8 @@ class SampleStream:
     def __init__(self, index: TripletIndex, *, stage: str, ref_mode: str, resolution: int, augment: bool,
                  seed: int, batch: int, rank: int = 0, world: int = 1, position: int = 0, shards: int | None = None,
                  data_cpus: float = 0.25, data_tasks: int = 2, prefetch_batches: int = 2, device=None,
-                 startup_timeout_s: float | None = None, pose_render: dict | None = None):
+                 startup_timeout_s: float | None = None, pose_render: dict | None = None,
+                 stall_timeout_s: float | None = None):
         shards = shards or world
         if shards % world:
             raise DataError(f"{shards} data shards cannot be shared evenly by {world} workers; make data_shards "
@@ -105,6 +107,7 @@ class SampleStream:
         # train/data/pose.py ``render_plan``: the files whose pose pictures are drawn from keypoints.
         self.pose_render = pose_render
         self.startup_timeout_s = STARTUP_TIMEOUT_S if startup_timeout_s is None else startup_timeout_s
+        self.stall_timeout_s = STALL_TIMEOUT_S if stall_timeout_s is None else stall_timeout_s
         self._plan = StreamPlan(index, seed, shards, batch * world)
         self._first_shard = rank * (shards // world)
         self._first_references = index.first_reference() if stage == "finetune" and ref_mode == "first" else None
@@ -329,11 +332,14 @@ class SampleStream:
             for block in self._dataset(tasks, watch).iter_torch_batches(
                 batch_size=None, prefetch_batches=self.prefetch_blocks, device=self.device or "cpu",
             ):
+                watch.waiting_since = None
                 if not watch.delivered:  # its iterator's threads start with the first block
                     self._iterator_threads = [t for t in self._iterator_threads if t.is_alive()] + [
                         t for t in threading.enumerate() if t.name == RAY_DATA_ITERATOR_THREADS and t.ident not in before]
                 watch.delivered = True
+                watch.blocks += 1
                 yield block
+                watch.waiting_since = time.monotonic()  # the consumer asks for the next one (the stall watch)
         except Exception as exc:
             if watch.error is not None:
                 raise DataError(watch.error) from None
@@ -448,7 +454,7 @@ class _Chunk:
     chunk starts; ``remaining``: items still to come from this one, as it is consumed."""
 
     def __init__(self, stream: SampleStream, start: int, background: bool = False):
-        self.watch = Watch(stream.startup_timeout_s, stream.data_cpus)
+        self.watch = Watch(stream.startup_timeout_s, stream.data_cpus, stream.stall_timeout_s)
         self._stream, self.start, self.stop = stream, start, None
         self._blocks, self._first, self._error, self._thread = None, _END, None, None
         if background:

@@ -13,6 +13,11 @@ from disco.train.data.index import DataError
 # A stream whose first decoded block has not arrived this long after its Ray Data execution
 # started fails with a ``DataError`` naming the resource it waits for.
 STARTUP_TIMEOUT_S = 120.0
+# A stream that delivered blocks and then none for this long while training waits for one fails
+# too: a read stuck on a hung mount, a decode task on a lost node. Left waiting, under DDP the
+# other workers sat in their all-reduce until NCCL's 30-minute time-out, which Ray Train then
+# reported as the failure (a healthy worker's), and the next stall did the same.
+STALL_TIMEOUT_S = 600.0
 
 
 
@@ -56,13 +61,29 @@ def startup_failure(data_cpus: float, timeout_s: float) -> str:
             f"free now (free CPU per node: {listing})")
 
 
+def stall_failure(data_cpus: float, stall_s: float, blocks: int) -> str:
+    """One line: the stream stopped delivering blocks (for ``DataError``)."""
+    import socket
+
+    try:
+        listing = ", ".join(f"{address} {'?' if free is None else f'{free:g}'} of {total:g}"
+                            for address, free, total in _free_cpus_per_node()) or "no live node"
+    except Exception as exc:  # noqa: BLE001 - the message must come out whatever Ray says
+        listing = f"unknown: {exc}"
+    return (f"the training data stream on {socket.gethostname()} delivered no block for {stall_s:g} s while "
+            f"training waited for one (after {blocks} blocks): a read or decode task is stuck (a hung mount, a lost "
+            f"node) or cannot be placed (its tasks need {data_cpus:g} CPU each; free CPU per node: {listing})")
+
+
 class Watch:
     """What a stream's execution callback and its consumer share."""
 
-    def __init__(self, timeout_s: float, data_cpus: float):
-        self.timeout_s, self.data_cpus = timeout_s, data_cpus
+    def __init__(self, timeout_s: float, data_cpus: float, stall_s: float = STALL_TIMEOUT_S):
+        self.timeout_s, self.data_cpus, self.stall_s = timeout_s, data_cpus, stall_s
         self.started: float | None = None  # when the current Ray Data execution started
         self.delivered = False  # whether it delivered a block yet
+        self.blocks = 0  # blocks it delivered
+        self.waiting_since: float | None = None  # since when the consumer waits for its next block
         self.error: str | None = None
         self.cancelled = False  # the consumer closed the stream: the execution stops at its next step
 
@@ -74,7 +95,8 @@ def stream_callback(watch: Watch):
     Start-up watch: an execution whose first block has not reached the consumer
     ``watch.timeout_s`` after it started fails with a ``DataError`` that names the missing
     resource (Ray would wait for it forever; Ray Data itself gives up only after 30 minutes
-    without progress, with no word about resources).
+    without progress, with no word about resources). Stall watch: one whose consumer has waited
+    ``watch.stall_s`` for its next block (``watch.waiting_since``, set while it waits) fails so too.
 
     Idle pause (pipeline/ray_idle.py): while the consumer holds the stream back (the model is
     slower than decoding, the normal case), Ray Data's scheduling loop would poll on most of a
@@ -97,6 +119,10 @@ def stream_callback(watch: Watch):
             if not watch.delivered and watch.started is not None \
                     and time.monotonic() - watch.started > watch.timeout_s:
                 watch.error = watch.error or startup_failure(watch.data_cpus, watch.timeout_s)
+                raise DataError(watch.error)
+            waiting = watch.waiting_since
+            if waiting is not None and time.monotonic() - waiting > watch.stall_s:
+                watch.error = watch.error or stall_failure(watch.data_cpus, watch.stall_s, watch.blocks)
                 raise DataError(watch.error)
             self._pause.step()
 
