@@ -182,6 +182,12 @@ def test_device_cuda_on_a_cluster_with_no_gpu_yet_waits_for_the_nodes_an_autosca
         preprocess(PreprocessConfig(source="images", input=folder, output=out, matting="mediapipe", device="cuda",
                                     ray_address=address), log=lambda *_: None)
     assert not out.exists()
+    # `auto` there takes the CPU backends for the whole data set: said, with the way to the GPUs.
+    said = []
+    preprocess(PreprocessConfig(source="images", input=folder, output=tmp_path / "auto", pose="none", hands=False,
+                                ray_address=address), log=said.append)
+    assert any(line.startswith("the cluster has no GPU now, so this run uses CPU backends") and
+               "--device cuda --actors N" in line for line in said), said
     monkeypatch.undo()
     with loopback_cluster(head_cpus=1) as cluster:
         command, env = cli_process("preprocess", "--source", "images", "--input", str(folder), "--output", str(out),
