@@ -430,13 +430,16 @@ def test_sigterm_asks_the_run_to_stop_as_ctrl_c_does(tmp_path):
     """``ray job stop`` sends the job's driver SIGTERM (then SIGKILL after
     RAY_JOB_STOP_WAIT_TIME_S): like Ctrl-C it leaves the stop file every worker checks after its
     step (the Ctrl-C tests follow a run from there to its checkpoint), and a second one is fatal."""
-    from disco.train.launch import STOP_FILE, _stop_on_interrupt
+    from disco.train.config import STOP_FILE, stop_requested
+    from disco.train.launch import _stop_on_interrupt
 
     said = []
     before = signal.getsignal(signal.SIGTERM)
+    (tmp_path / STOP_FILE).write_text("")  # as the run starts: there, and read (never a name that appears: NFS)
+    assert not stop_requested(tmp_path)
     with _stop_on_interrupt(tmp_path, said.append):
         os.kill(os.getpid(), signal.SIGTERM)
-        assert (tmp_path / STOP_FILE).exists()
+        assert stop_requested(tmp_path)
         assert said == ["stopping after the current step and writing a checkpoint (SIGTERM again to abort at once)"]
         assert signal.getsignal(signal.SIGTERM) == before  # a second one does what it did before
     assert signal.getsignal(signal.SIGTERM) == before

@@ -15,9 +15,23 @@ STAGES = ("pretrain", "finetune", "temporal")
 REF_MODES = ("first", "random")
 PRECISIONS = ("no", "fp16", "bf16")
 SUMMARY_FILE = "summary.json"
-# Created in the run directory by the launcher on Ctrl-C: every worker finishes its step, the run
-# writes a checkpoint of that step and stops (all workers agree on the step through a collective).
+# In the run directory, written by the launcher: empty from the start, STOP_REQUESTED on Ctrl-C or
+# SIGTERM. Every worker reads it after each step; on a stop the run writes a checkpoint of that
+# step and stops (all workers agree on the step through a collective). A file that is there from
+# the start and read, not one that appears: NFS clients take a name's absence from their cache for
+# up to a minute (acdirmax), but revalidate a file they open (close-to-open), so a worker on a node
+# other than the driver's saw a stop a minute late, leaving a step and a checkpoint less of
+# `ray job stop`'s grace.
 STOP_FILE = ".stop-requested"
+STOP_REQUESTED = "stop"
+
+
+def stop_requested(run: Path) -> bool:
+    """Whether the run's launcher asked it to stop (``STOP_FILE``)."""
+    try:
+        return (Path(run) / STOP_FILE).read_text().strip() == STOP_REQUESTED
+    except FileNotFoundError:  # a run started by an older version, or the file cleared at the end
+        return False
 # Per-stage defaults from the paper / official code (DESIGN.md, "Recipe").
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-4, "temporal": 1e-4}  # temporal: the official TM command
 # Per worker: samples, or clips for the temporal stage (2: the official TM command; 8 clips of 16

@@ -21,7 +21,7 @@ from disco.pipeline.errors import ConfigError, stops_in_one_line
 from disco.model.checkpoint import INIT_MODEL_DIRS, STATE_FILE, clean_temporary, list_checkpoints
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
-from disco.train.config import (RUN_CONFIG_FILE, STOP_FILE, SUMMARY_FILE, TrainConfig, init_run, load_run_config,
+from disco.train.config import (RUN_CONFIG_FILE, STOP_FILE, STOP_REQUESTED, SUMMARY_FILE, TrainConfig, init_run, load_run_config,
                                 lr_factor)
 from disco.train.condition_gaps import evaluates, held_out_rows
 from disco.train.data import build_index
@@ -269,7 +269,7 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
     log(f"{cfg.max_steps} steps of {per_step} {what}: {cfg.max_steps * per_step / items:.2f} epochs of the data")
     run = Path(cfg.output)  # made, and held, by train()
     cfg.save(run)
-    (run / STOP_FILE).unlink(missing_ok=True)  # left by an earlier Ctrl-C
+    (run / STOP_FILE).write_text("")  # read after every step (an earlier Ctrl-C's request cleared)
     log(f"{len(index)} {cfg.split} rows from {len(index.files)} shards; "
         + (f"resuming from {checkpoint.name}" if checkpoint else "starting at step 0"))
     if checkpoint is not None:
@@ -353,7 +353,7 @@ def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
         return
 
     def request_stop(signum, frame):
-        (run / STOP_FILE).touch()
+        (run / STOP_FILE).write_text(STOP_REQUESTED)
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         log(f"stopping after the current step and writing a checkpoint ({again} again to abort at once)")
         signal.signal(signal.SIGINT, signal.default_int_handler)

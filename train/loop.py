@@ -28,7 +28,7 @@ from disco.pipeline.store.output import taken_by
 from disco.train.initial import initial_model
 from disco.train.checkpoint_writer import CheckpointWriter
 from disco.train.collectives import Collectives, nccl_guard
-from disco.train.config import STOP_FILE, SUMMARY_FILE, TrainConfig, lr_schedule
+from disco.train.config import SUMMARY_FILE, TrainConfig, lr_schedule, stop_requested
 from disco.train.data import TripletIndex, build_index
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
@@ -400,7 +400,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     try:
         interrupted = False
         while step < cfg.max_steps:
-            stop, written = collectives.any_of((run / STOP_FILE).exists(), writer.done())
+            stop, written = collectives.any_of(stop_requested(run), writer.done())
             if written:
                 report_written()
             if stop:
