@@ -181,8 +181,8 @@ def sequence_parts(name: str, item_pred: list[Path] | Path, item_gt: list[Path] 
     pred, gt = _Sequence(item_pred), _Sequence(item_gt)
     if pred.length != gt.length:
         raise EvaluateInputError(f"{name!r}: {pred.length} predicted frames but {gt.length} real ones")
-    width, height = gt.size
-    chunk = max(1, min(CHUNK_FRAMES, CHUNK_PIXELS // max(1, width * height)))
+    largest = max(pred.size[0] * pred.size[1], gt.size[0] * gt.size[1])  # (pred is resized to gt's size)
+    chunk = max(1, min(CHUNK_FRAMES, CHUNK_PIXELS // max(1, largest)))
     kept, read_to = None, 0
     for start in range(0, gt.length, chunk):
         stop = min(start + chunk + M.CLIP_LENGTH - 1, gt.length)

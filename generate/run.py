@@ -216,7 +216,8 @@ def partial_key(config: GenerateConfig, source: dict, size: int, frames: int) ->
     run that stopped on a GPU node with $DISCO_WEIGHTS, resumed on the CPU, would join frames
     driven by two pose models)."""
     weights = source.get("checkpoint", source.get("path"))
-    backends = annotator_backends(config.clip is None, config.device)
+    # The reference's pose is found too where --align-pose fits the driving skeletons to it.
+    backends = annotator_backends(config.clip is None or config.align_pose, config.device)
     settings = ("clip", "steps", "guidance_scale", "seed", "fps", "max_frames", "align_pose", "smooth_poses", "ema",
                 "dtype")
     return {"checkpoint": {**source, "files": file_identity(weights)}, "size": size, "frames": frames,

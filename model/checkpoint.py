@@ -238,7 +238,13 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu", e
         if pose_scale is not None:  # the run's --pose-scale: its pose residuals were trained at that scale
             model.register_to_config(pose_scale=float(pose_scale))
     load_trainable_file(model, checkpoint / weights_name(checkpoint, ema))
-    return model.to(device=device, dtype=dtype).eval()
+    return _to(model, device, dtype).eval()
+
+
+def _to(model: DisCoModel, device: str, dtype: torch.dtype | None) -> DisCoModel:
+    """``model`` on ``device``, cast on the way where ``dtype`` is given (diffusers warns about
+    modules kept in float32 whenever ``to`` is given a dtype, None included)."""
+    return model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
 
 
 def weights_name(checkpoint: Path, ema: bool = True) -> str:
@@ -399,7 +405,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", ema: bool = True,
     if is_pretrained_folder(path):
         from disco.model.disco import DisCoModel
 
-        return DisCoModel.from_pretrained(path, local_files_only=True).to(device=device, dtype=dtype).eval()
+        return _to(DisCoModel.from_pretrained(path, local_files_only=True), device, dtype).eval()
     return load_model(path, device=device, ema=ema, dtype=dtype)
 
 

@@ -99,6 +99,11 @@ def decode_image_bytes(data: bytes, name: str, max_side: int, min_side: int = 1,
 
 
 def _decode_still(source, suffix: str, max_side: int, min_side: int, max_pixels: int) -> np.ndarray:
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses past twice its own bound (179 MP) in Image.open, before our check: a
+        # --max-pixels above it (generate's reference photos, 200 MP off a phone) raises the bound
+        # for the process (never lowered: each call still checks its own max_pixels below).
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -400,7 +400,9 @@ def _every_result(refs: list, settle_s: float = 10.0, keep=lambda exc: False, wi
     stack and all, as an "Unhandled error" (the planning tasks on a node without the input all
     fail, and the run says so once), and one task stuck on a dead mount must not hold the run.
     The first ``window`` tasks not read yet are watched, and all of them that have ended are read
-    at once: the cost of a wait is the window's, whatever the number of tasks."""
+    at once: the cost of a wait is the window's, whatever the number of tasks. (An error of a task
+    behind the window is seen once the window reaches it: the tasks before it end, or reach their
+    time limit, first.)"""
     import ray
 
     results, queue, first = {}, iter(refs), None

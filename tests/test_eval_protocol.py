@@ -359,6 +359,12 @@ def test_a_long_video_file_is_decoded_once_part_by_part_and_scores_the_same(tmp_
     decoded.clear()
     score(tmp_path / "pred", tmp_path / "gt.mp4", ["psnr"], {})
     assert max(map(len, decoded)) == 4 + 15
+    # Parts are sized by the larger side's frames (the predictions here, at 128 px: one frame's own).
+    for path in sorted((tmp_path / "pred").glob("*.png")):
+        write_frames(tmp_path / "big", np.kron(R.read_sequence([path]), np.ones((1, 2, 2, 1), np.uint8)))[0].replace(path)
+    decoded.clear()
+    score(tmp_path / "pred", tmp_path / "gt.mp4", ["psnr"], {})
+    assert max(map(len, decoded)) == 1 + 15
     # A pair of other lengths is refused before anything is scored.
     (tmp_path / "pred" / "000040.png").unlink()
     with pytest.raises(EvaluateInputError, match="40 predicted frames but 41 real ones"):

@@ -515,6 +515,43 @@ def test_a_half_precision_model_is_cast_on_its_way_to_the_device(inputs, monkeyp
         assert kwargs.get("dtype") == torch.float16 or torch.float16 in args, (args, kwargs, before)
 
 
+def test_a_float32_model_loads_without_diffusers_float32_warning(inputs):
+    """diffusers warns about modules kept in float32 whenever ``to`` names a dtype, None too: every
+    float32 load (generate's default, evaluate, --init-from) must not print it."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from disco.generate.run import open_pipeline
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    root = diffusers_logging.get_logger("diffusers")
+    root.addHandler(handler)
+    try:
+        pipeline, _, _ = open_pipeline(inputs / "ckpt", "cpu", None)
+        pipeline.model.to(device="cpu", dtype=None)  # what it said before, heard here
+    finally:
+        root.removeHandler(handler)
+    assert {p.dtype for p in pipeline.model.parameters()} == {torch.float32}
+    assert sum("kept in float32" in line for line in said) == 1, said
+
+
+def test_kept_frames_are_known_by_the_annotators_that_found_the_reference_pose_too(inputs, tmp_path):
+    """With --clip the driving poses are stored ones, but --align-pose (the default) fits them to
+    the reference's pose, which the machine's `auto` pose annotator finds: part of the key."""
+    from disco.generate.config import GenerateConfig
+    from disco.generate.run import partial_key
+
+    def key(**options):
+        config = GenerateConfig(checkpoint=inputs / "ckpt", reference=inputs / "person.png", pose=tmp_path,
+                                output=tmp_path / "o.mp4", clip="dance", **options)
+        return partial_key(config, {"path": str(inputs / "ckpt")}, 64, 4)["annotators"]
+
+    assert key(align_pose=True)["pose"] not in (None, "none") and key(align_pose=False)["pose"] == "none"
+
+
 def test_unreadable_inputs_are_refused_before_the_model_loads(inputs, tmp_path, monkeypatch):
     """A corrupt reference photo or a driving video that is no video failed after the full model
     had loaded (a minute and GBs); a phone's 108 MP photo was refused, naming a flag generate lacks."""
@@ -530,8 +567,9 @@ def test_unreadable_inputs_are_refused_before_the_model_loads(inputs, tmp_path, 
         config = GenerateConfig(checkpoint=inputs / "ckpt", reference=reference, pose=pose, output=tmp_path / "o.mp4")
         with pytest.raises(GenerateInputError, match=refused):
             run_module.generate(config, log=lambda *_: None)
-    Image.new("L", (10500, 9000), 120).save(tmp_path / "108mp.jpg", quality=50)  # 94.5 MP, over Pillow's bound
-    assert read_picture(tmp_path / "108mp.jpg", "reference picture").shape == (3511, 4096, 3)
+    # 200 MP (16320 x 12240): over twice Pillow's own bound, which Pillow refuses in Image.open.
+    Image.new("L", (16320, 12240), 120).save(tmp_path / "200mp.jpg", quality=50)
+    assert read_picture(tmp_path / "200mp.jpg", "reference picture").shape == (3072, 4096, 3)
 
 
 def test_checkpoint_resolution_errors(tmp_path, inputs):
