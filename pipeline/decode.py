@@ -7,6 +7,7 @@ import io
 import math
 import os
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -98,12 +99,17 @@ def decode_image_bytes(data: bytes, name: str, max_side: int, min_side: int = 1,
     return _decode_still(io.BytesIO(data), PurePosixPath(name).suffix, max_side, min_side, max_pixels)
 
 
+_PILLOW_BOUND = threading.Lock()
+
+
 def _decode_still(source, suffix: str, max_side: int, min_side: int, max_pixels: int) -> np.ndarray:
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         # Pillow refuses past twice its own bound (179 MP) in Image.open, before our check: a
         # --max-pixels above it (generate's reference photos, 200 MP off a phone) raises the bound
         # for the process (never lowered: each call still checks its own max_pixels below).
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        with _PILLOW_BOUND:
+            if Image.MAX_IMAGE_PIXELS is not None:
+                Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -443,6 +443,13 @@ def test_sigterm_asks_the_run_to_stop_as_ctrl_c_does(tmp_path):
         assert said == ["stopping after the current step and writing a checkpoint (SIGTERM again to abort at once)"]
         assert signal.getsignal(signal.SIGTERM) == before  # a second one does what it did before
     assert signal.getsignal(signal.SIGTERM) == before
+    # A request that cannot be written (a full disk; here a folder gone) says so, and a second
+    # signal still aborts.
+    said.clear()
+    with _stop_on_interrupt(tmp_path / "gone", said.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert said and said[0].startswith("cannot ask the workers to stop") and "SIGTERM again to abort" in said[0]
+        assert signal.getsignal(signal.SIGTERM) == before
 
 
 # About 50 s (a cluster with its dashboard, a job's driver and two Ray Train workers starting on

@@ -30,7 +30,7 @@ def stop_requested(run: Path) -> bool:
     """Whether the run's launcher asked it to stop (``STOP_FILE``)."""
     try:
         return (Path(run) / STOP_FILE).read_text().strip() == STOP_REQUESTED
-    except FileNotFoundError:  # a run started by an older version, or the file cleared at the end
+    except OSError:  # none (a run started by an older version), or a passing NFS error: the next step reads again
         return False
 # Per-stage defaults from the paper / official code (DESIGN.md, "Recipe").
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-4, "temporal": 1e-4}  # temporal: the official TM command

@@ -269,7 +269,10 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
     log(f"{cfg.max_steps} steps of {per_step} {what}: {cfg.max_steps * per_step / items:.2f} epochs of the data")
     run = Path(cfg.output)  # made, and held, by train()
     cfg.save(run)
-    (run / STOP_FILE).write_text("")  # read after every step (an earlier Ctrl-C's request cleared)
+    # Read after every step. An earlier run's request goes first (unlinked, not written over: the
+    # file may be another uid's, left by a driver that was killed).
+    (run / STOP_FILE).unlink(missing_ok=True)
+    (run / STOP_FILE).write_text("")
     log(f"{len(index)} {cfg.split} rows from {len(index.files)} shards; "
         + (f"resuming from {checkpoint.name}" if checkpoint else "starting at step 0"))
     if checkpoint is not None:
@@ -353,9 +356,13 @@ def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
         return
 
     def request_stop(signum, frame):
-        (run / STOP_FILE).write_text(STOP_REQUESTED)
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        log(f"stopping after the current step and writing a checkpoint ({again} again to abort at once)")
+        try:
+            (run / STOP_FILE).write_text(STOP_REQUESTED)
+        except OSError as exc:  # (a full disk): the second signal must still abort
+            log(f"cannot ask the workers to stop ({exc}); {again} again to abort at once")
+        else:
+            log(f"stopping after the current step and writing a checkpoint ({again} again to abort at once)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
         before = previous[signal.SIGTERM]  # what ran before (Ray's exit, or the default): fatal again
         signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
