@@ -41,15 +41,20 @@ def _free_cpus_per_node() -> list[tuple[str, float | None, float]]:
     return nodes
 
 
-def startup_failure(data_cpus: float, timeout_s: float) -> str:
-    """One line: why the stream's decode tasks did not deliver a first block (for ``DataError``)."""
+def _cpu_listing() -> tuple[list, str]:
+    """``_free_cpus_per_node()`` and its one-line listing ("ADDRESS FREE of TOTAL, ..."); no
+    nodes and the reason where Ray cannot say (the message must come out whatever Ray says)."""
     try:
         nodes = _free_cpus_per_node()
-    except Exception as exc:  # noqa: BLE001 - the message must come out whatever Ray says
-        nodes, listing = [], f"unknown: {exc}"
-    else:
-        listing = ", ".join(f"{address} {'?' if free is None else f'{free:g}'} of {total:g}"
+    except Exception as exc:  # noqa: BLE001
+        return [], f"unknown: {exc}"
+    return nodes, ", ".join(f"{address} {'?' if free is None else f'{free:g}'} of {total:g}"
                             for address, free, total in nodes) or "no live node"
+
+
+def startup_failure(data_cpus: float, timeout_s: float) -> str:
+    """One line: why the stream's decode tasks did not deliver a first block (for ``DataError``)."""
+    nodes, listing = _cpu_listing()
     head = f"the training data stream could not start within {timeout_s:g} s"
     if nodes and all(free is None for _, free, _ in nodes):
         return (f"{head}: its decode tasks need {data_cpus:g} CPU each (CPUs per node: {listing}; Ray did not say "
@@ -65,11 +70,7 @@ def stall_failure(data_cpus: float, stall_s: float, blocks: int) -> str:
     """One line: the stream stopped delivering blocks (for ``DataError``)."""
     import socket
 
-    try:
-        listing = ", ".join(f"{address} {'?' if free is None else f'{free:g}'} of {total:g}"
-                            for address, free, total in _free_cpus_per_node()) or "no live node"
-    except Exception as exc:  # noqa: BLE001 - the message must come out whatever Ray says
-        listing = f"unknown: {exc}"
+    listing = _cpu_listing()[1]
     return (f"the training data stream on {socket.gethostname()} delivered no block for {stall_s:g} s while "
             f"training waited for one (after {blocks} blocks): a read or decode task is stuck (a hung mount, a lost "
             f"node) or cannot be placed (its tasks need {data_cpus:g} CPU each; free CPU per node: {listing})")
