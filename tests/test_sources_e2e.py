@@ -330,15 +330,14 @@ def test_task_results_are_read_a_window_at_a_time_in_order(tmp_path, monkeypatch
     assert max(seen) == 5
     marker = tmp_path / "late"
     refs = [task.remote(k) for k in range(14)] + [task.remote(20, str(marker))]
+    cancelled, real_cancel = [], ray.cancel
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kw: (cancelled.append(ref), real_cancel(ref, **kw))[1])
     started = time.monotonic()
     with pytest.raises(Exception, match="stops the run"):
         run_module._every_result(refs, keep=lambda exc: "kept" in str(exc), window=5, settle_s=2)
-    assert time.monotonic() - started < 20  # not waiting for the 30-s task: cancelled
-    # (Cancelled: interrupted where it sleeps; in a worker that an earlier test's task left with
-    # another SIGINT handler, Ray's interruption fails inside it, which ends it all the same.)
-    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
-        ray.get(refs[-1], timeout=30)
-    assert not marker.exists()
+    # Not waiting for the 30-s task: it is cancelled. (How it then ends is Ray's: interrupted where
+    # it sleeps, or, in a worker whose SIGINT handler an earlier test's task changed, not at all.)
+    assert time.monotonic() - started < 20 and refs[-1] in cancelled
 
 
 def test_a_new_data_set_from_a_manifest_alone(tmp_path):

@@ -337,6 +337,7 @@ def test_reading_a_checkpoint_maps_its_files_instead_of_copying_them(tmp_path):
     measured the same way, adds its size; the values are the same. Once the loop has restored
     the optimizer and the EMA from it, nothing holds the files mapped (a mapped file outlives its
     pruning, and on NFS makes the prune fail)."""
+    import ctypes
     import gc
 
     import psutil
@@ -358,6 +359,9 @@ def test_reading_a_checkpoint_maps_its_files_instead_of_copying_them(tmp_path):
 
     def private_growth(read) -> tuple[object, float]:
         gc.collect()
+        # Free heap pages go back to the system first: an earlier test's freed memory, still the
+        # process's, would otherwise take a copy without any growth (measured 0.0 once, in the suite).
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         before = process.memory_full_info().uss
         value = read()
         return value, (process.memory_full_info().uss - before) / (1 << 20)
