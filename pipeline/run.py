@@ -28,7 +28,7 @@ from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, check_
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
-from disco.pipeline.store.shards import retract_inputs
+from disco.pipeline.store.shards import failed_units, retract_units
 
 MAX_BLOCKS = 10_000
 
@@ -109,11 +109,12 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
     if removed:
         log(f"recovered from an interrupted run: removed {len(removed)} uncommitted file(s)")
     if cfg.retry_errors:
-        again = failed_inputs(store, state, set(cfg.retry_errors))
+        again = failed_units(store, state, set(cfg.retry_errors))
         if again:
-            state = retract_inputs(store, state, set(again), cfg.row_group_rows)
-        log(f"--retry-errors {','.join(cfg.retry_errors)}: {len(again)} input(s) that wrote no rows run again"
-            + (f" ({', '.join(again[:3])}{', ...' if len(again) > 3 else ''})" if again else ""))
+            state = retract_units(store, state, again, cfg.row_group_rows)
+        inputs = sorted({path for path, _ in again})
+        log(f"--retry-errors {','.join(cfg.retry_errors)}: {len(again)} unit(s) that wrote no rows, of {len(inputs)} "
+            "input(s), run again" + (f" ({', '.join(inputs[:3])}{', ...' if len(inputs) > 3 else ''})" if again else ""))
 
     listing = list_source(cfg, log)
     listed = [i.input_path for i in listing.items]
@@ -456,20 +457,6 @@ def plan_inputs(items: list[dict], settings: dict, partial_units: dict[str, list
         return unit_table([unit for item in items for unit in plan_units(item, settings, partial_units)])
     finally:
         faulthandler.cancel_dump_traceback_later()
-
-
-def failed_inputs(store: OutputStore, state, types: set[str]) -> list[str]:
-    """Committed inputs that wrote no triplet rows and have an errors row of one of ``types``
-    ("all": any type)."""
-    from disco.pipeline.store.reader import open_errors
-
-    failed = {path for path, units in state.units().items()
-              if all(u["rows"] == 0 for u in units.values()) and any(u["errors"] for u in units.values())}
-    if not failed:
-        return []
-    errors = open_errors(store.root).to_table(columns=["input_path", "error_type"])
-    return sorted({path for path, kind in zip(errors.column("input_path").to_pylist(), errors.column("error_type").to_pylist())
-                   if path in failed and ("all" in types or kind in types)})
 
 
 # Inputs whose file can change under a run: a tar shard img2dataset is still writing, a video

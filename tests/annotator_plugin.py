@@ -6,6 +6,10 @@ registry recorded (the tests folder is on the driver's path, which Ray gives its
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from disco.pipeline.annotators.base import Matte
@@ -53,6 +57,22 @@ class BrokenDevice(CentreBox):
 
 register(Backend(name="broken-device", roles=("matting",), build=lambda role, options, shared: BrokenDevice(options),
                  summary="the centre box on a GPU that breaks (tests only)"))
+
+
+# A GPU broken for a while: while this file exists (the tests make and remove it), a marked frame
+# raises as on ``BrokenDevice``; once it is gone (the GPU mended), every frame goes through.
+FLAKY = Path(tempfile.gettempdir()) / f"disco-tests-gpu-broken-{os.getuid()}"
+
+
+class FlakyDevice(CentreBox):
+    def matte(self, frame: np.ndarray) -> Matte:
+        if tuple(frame[0, 0]) == FAULT and FLAKY.exists():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().matte(frame)
+
+
+register(Backend(name="flaky-device", roles=("matting",), build=lambda role, options, shared: FlakyDevice(options),
+                 summary="the centre box on a GPU broken while a file exists (tests only)"))
 
 
 # -- an input that kills the process ----------------------------------------------------------------

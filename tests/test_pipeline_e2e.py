@@ -448,6 +448,58 @@ def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries
     assert not (tmp_path / "out" / ".strikes").exists()  # the run's strikes go with it
 
 
+def test_retry_errors_runs_the_failed_segment_of_a_video_whose_other_segments_wrote_rows(tmp_path):
+    """A GPU that broke on the second segment of a sequence (the segments before and after it
+    went to other tries of the actor) left the sequence partly written: --retry-errors gpu_failed
+    took only inputs that wrote no rows, so that segment stayed an errors row for good (only
+    --overwrite redid it, every segment). Now the failed segment's unit and its errors row leave
+    the output, and the resume does that segment alone: each frame once, nothing else redone."""
+    import importlib
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+    from disco.pipeline.store.output import OutputStore
+
+    importlib.reload(annotator_plugin)
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((96, 96))).copy()
+    folder = tmp_path / "in"
+    for k in range(12):
+        frame = photo.copy()
+        if 4 <= k < 8:  # the second segment of 4 frames: the frames the broken GPU fails on
+            frame[0, 0] = annotator_plugin.FAULT
+        save(folder / "00001" / "images" / f"{k:04d}.png", Image.fromarray(frame))
+    options = dict(matting="flaky-device", pose="none", hands=False, actors=1, segment_frames=4)
+    annotator_plugin.FLAKY.touch()
+    try:
+        first = _run(tmp_path, "tiktok", folder, **options)
+        frames = sorted(open_triplets(tmp_path / "out").to_table(columns=["frame_index"]).column("frame_index").to_pylist())
+        assert frames == [0, 1, 2, 3, 8, 9, 10, 11]
+        errors = open_errors(tmp_path / "out").to_table().to_pylist()
+        assert [e["error_type"] for e in errors] == ["gpu_failed"]
+        assert _run(tmp_path, "tiktok", folder, **options).manifest["run"]["inputs_processed"] == 0  # a plain resume
+        annotator_plugin.FLAKY.unlink()  # the GPU mended
+        lines: list[str] = []
+        cfg = PreprocessConfig(source="tiktok", input=folder, output=tmp_path / "out", retry_errors=["gpu_failed"],
+                               **options)
+        retried = preprocess(cfg, log=lines.append)
+    finally:
+        annotator_plugin.FLAKY.unlink(missing_ok=True)
+        for name in ("flaky-device", "centre-box"):
+            registry.unregister(name)
+    assert first.exit_code == 0 and retried.exit_code == 0
+    assert any(line.startswith("--retry-errors gpu_failed: 1 unit(s) that wrote no rows, of 1 input(s), run again")
+               for line in lines), lines
+    table = open_triplets(tmp_path / "out").to_table(columns=["frame_index", "sample_id"])
+    assert sorted(table.column("frame_index").to_pylist()) == list(range(12))  # each frame once
+    assert len(set(table.column("sample_id").to_pylist())) == 12
+    assert open_errors(tmp_path / "out").count_rows() == 0
+    assert retried.manifest["run"]["frames_processed"] == 4, retried.manifest["run"]  # that segment alone
+    store = OutputStore(tmp_path / "out")
+    named = {n for e in store.read_journal().entries for n in e["files"]}
+    assert named == {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.parquet")}
+
+
 def test_a_call_whose_shards_kill_the_writer_is_errors_rows_after_two_tries(tmp_path, ray_local):
     """A process that dies while a call's shards are written (the out-of-memory killer while a
     shard is packed) was blamed on no unit: Ray restarted the actor and ran the call again, for
@@ -508,7 +560,7 @@ def test_a_frame_out_of_gpu_memory_is_its_errors_row_and_retry_errors_names_it(t
     assert [(e["input_path"], e["stage"], e["error_type"]) for e in errors] == [("faulty.png", "matting",
                                                                                   "gpu_out_of_memory")]
     assert "CUDA out of memory" in errors[0]["message"]
-    assert any("gpu_out_of_memory: 1 input(s) that wrote no rows run again (faulty.png)" in line for line in lines), lines
+    assert any("gpu_out_of_memory: 1 unit(s) that wrote no rows, of 1 input(s), run again (faulty.png)" in line for line in lines), lines
     assert again.manifest["run"]["inputs_processed"] == 1
 
 

@@ -286,3 +286,67 @@ def test_the_lock_files_reader_tells_a_passing_failure_from_a_lasting_one(tmp_pa
         monkeypatch.undo()
         (tmp_path / "run" / output.LOCK_FILE).unlink()
         assert output.taken_by(tmp_path / "run", holder) == "its lock file is gone"
+
+
+def _error(path: str, kind: str, frame: int | None = None) -> dict:
+    return {"input_path": path, "sample_id": None if frame is None else f"images/{path}/{frame:06d}", "stage": "matting",
+            "error_type": kind, "message": "m"}
+
+
+def _reject(path: str, frame: int) -> dict:
+    return {"sample_id": f"images/{path}/{frame:06d}", "source": "images", "clip_id": path, "frame_index": frame,
+            "timestamp_s": None, "split": "train", "input_path": path, "width": 2, "height": 2, "reason": "no_person",
+            "person_score": 0.0, "person_count": 0, "mask_area": 0.0}
+
+
+def test_retry_errors_takes_out_failed_units_with_their_own_errors_and_rejects_rows(tmp_path):
+    """--retry-errors works unit by unit: a failed segment of a video whose other segments wrote rows
+    leaves the journal with its own errors and rejects rows (known by their place in the commit's
+    shards), and nothing of the segments beside it in the same shards. A commit written before
+    units counted their rejects says whose its rejects rows are no more: its inputs go only whole."""
+    from disco.pipeline.store.reader import open_errors, open_rejects
+    from disco.pipeline.store.shards import failed_units, retract_units
+
+    store = OutputStore(tmp_path)
+    store.prepare()
+    writer = ShardWriter(store, "part-a-", shard_rows=100, row_group_rows=10)
+    # clip: segment 0 wrote rows beside a frame's error; 1 failed on the GPU after a rejected frame;
+    # 2 failed for another reason; 3 is fine. still: one failed still.
+    writer.add_unit(_rows("clip", 2), _unit("clip", 2, 0, 4, errors=1), [_error("clip", "gpu_failed", 2)])
+    writer.add_unit(_rows("clip", 0), _unit("clip", 0, 1, 4, errors=2),
+                    [_error("clip", "gpu_failed", 4), _error("clip", "gpu_failed", 5)], [_reject("clip", 6)])
+    writer.add_unit(_rows("clip", 0), _unit("clip", 0, 2, 4, errors=1), [_error("clip", "read_error")],
+                    [_reject("clip", 8)])
+    writer.add_unit(_rows("clip", 2), _unit("clip", 2, 3, 4), [], [_reject("clip", 14)])
+    writer.add_unit(_rows("still", 0), _unit("still", 0, errors=1), [_error("still", "gpu_failed")])
+    writer.flush()
+    # A commit of an older writer: no rejects counts in its units.
+    old = ShardWriter(store, "part-b-", shard_rows=100, row_group_rows=10, commit=lambda e: store.append(
+        {**e, "units": [{k: v for k, v in u.items() if k != "rejects"} for u in e["units"]]}))
+    old.add_unit(_rows("old", 0), _unit("old", 0, 0, 2, errors=1), [_error("old", "gpu_failed")], [_reject("old", 0)])
+    old.add_unit(_rows("old", 1), _unit("old", 1, 1, 2), [], [_reject("old", 3)])
+    old.add_unit(_rows("gone", 0), _unit("gone", 0, errors=1), [_error("gone", "gpu_failed")], [_reject("gone", 0)])
+    old.flush()
+
+    state = store.read_journal()
+    assert failed_units(store, state, {"gpu_failed"}) == {("clip", 1), ("still", 0), ("gone", 0)}
+    assert failed_units(store, state, {"all"}) == {("clip", 1), ("clip", 2), ("still", 0), ("gone", 0)}
+    retracted = retract_units(store, state, failed_units(store, state, {"gpu_failed"}), 10)
+
+    assert retracted.partial_units() == {"clip": [0, 2, 3]} and "old" in retracted.complete_inputs()
+    assert "still" not in retracted.units() and "gone" not in retracted.units()
+    errors = sorted((e["input_path"], e["error_type"], e["sample_id"]) for e in open_errors(tmp_path).to_table().to_pylist())
+    assert errors == [("clip", "gpu_failed", "images/clip/000002"), ("clip", "read_error", None),
+                      ("old", "gpu_failed", None)]
+    rejects = sorted(r["sample_id"] for r in open_rejects(tmp_path).to_table().to_pylist())
+    assert rejects == ["images/clip/000008", "images/clip/000014", "images/old/000000", "images/old/000003"]
+    assert open_triplets(tmp_path).count_rows() == 5  # triplet shards untouched
+    assert store.read_journal().units() == retracted.units()  # the journal on disk says the same
+    named = {n for e in store.read_journal().entries for n in e["files"]}
+    assert named == {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.parquet")}
+    # The rewritten shards' rows still follow their commit's units: a second retry takes the rest.
+    again = retract_units(store, retracted, failed_units(store, retracted, {"all"}), 10)
+    assert again.partial_units() == {"clip": [0, 3]} and "old" in again.complete_inputs()
+    assert sorted(e["sample_id"] or "" for e in open_errors(tmp_path).to_table().to_pylist()) == ["", "images/clip/000002"]
+    assert sorted(r["sample_id"] for r in open_rejects(tmp_path).to_table().to_pylist()) == [
+        "images/clip/000014", "images/old/000000", "images/old/000003"]

@@ -143,7 +143,7 @@ COMMIT_ENTRY_TYPE = pa.struct([
     pa.field("units", pa.list_(pa.struct([
         pa.field("input_path", pa.string()), pa.field("unit_index", pa.int64()), pa.field("unit_count", pa.int64()),
         pa.field("frames", pa.int64()), pa.field("rows", pa.int64()), pa.field("skipped", _SKIPPED_TYPE),
-        pa.field("errors", pa.int64()),
+        pa.field("errors", pa.int64()), pa.field("rejects", pa.int64()),
     ]))),
 ])
 # What the writing actors hand the driver: one commit per shard they wrote, which the driver

@@ -83,7 +83,9 @@ class ShardWriter:
         if rows.num_rows:
             self._tables.append(rows)
             self._rows += rows.num_rows
-        self._units.append(unit)
+        # Counted here, where the rows go in in this order: whose each errors and rejects row is
+        # (``_row_units``), so that --retry-errors can take out one failed unit of a video.
+        self._units.append({**unit, "errors": len(errors), "rejects": len(rejects or ())})
         self._errors.extend(errors)
         self._rejects.extend(rejects or ())
         if self._rows >= self.shard_rows:
@@ -116,35 +118,102 @@ class ShardWriter:
         return entry
 
 
-def retract_inputs(store: OutputStore, state: JournalState, inputs: set[str], row_group_rows: int) -> JournalState:
-    """Take ``inputs`` (which wrote no triplet rows) out of the committed output, so that a run
-    does them again: their units leave the journal and their errors and rejects rows the shards
-    that hold them (each rewritten without them under a new name; one left empty goes). The
+def _row_units(entry: dict, count: str, rows: int) -> list[tuple[str, int]] | None:
+    """Whose each row of a commit's errors (``count`` "errors") or rejects ("rejects") shard is,
+    as (input_path, unit_index): the writer puts a unit's rows there in the order of the commit's
+    units, and the commit counts them per unit. None where the commit cannot say (one written
+    before units counted their rejects)."""
+    counts = [u.get(count) for u in entry.get("units", [])]
+    if None in counts or sum(counts) != rows:
+        return None
+    return [(u["input_path"], u["unit_index"]) for u, n in zip(entry["units"], counts) for _ in range(n)]
+
+
+def _shard_rows(entry: dict) -> dict[str, int]:
+    return {shard["path"]: shard["rows"] for shard in entry.get("shards", [])}
+
+
+def failed_units(store: OutputStore, state: JournalState, types: set[str]) -> set[tuple[str, int]]:
+    """Committed units, as (input_path, unit_index), that wrote no triplet rows and hold an errors
+    row of one of ``types`` ("all": any type): the segment of a video that a passing read error or
+    a broken GPU failed, while the segments beside it wrote their rows. Where a commit cannot say
+    whose its rows are (``_row_units``), its inputs are taken only whole, when none of their
+    units wrote rows."""
+    def wanted(kind: str) -> bool:
+        return "all" in types or kind in types
+
+    failed: set[tuple[str, int]] = set()
+    whole: set[str] = set()
+    for entry in state.entries:
+        candidates = {(u["input_path"], u["unit_index"]) for u in entry.get("units", []) if u["rows"] == 0 and u["errors"]}
+        if not candidates:
+            continue
+        files, rows = entry.get("files", []), _shard_rows(entry)
+        errors = next((f for f in files if f.startswith(f"{ERRORS_DIR}/")), None)
+        if errors is None:
+            continue
+        kinds = pq.read_table(store.root / errors, columns=["input_path", "error_type"])
+        owners = _row_units(entry, "errors", kinds.num_rows)
+        rejects = next((f for f in files if f.startswith(f"{REJECTS_DIR}/")), None)
+        if owners is None or (rejects is not None and _row_units(entry, "rejects", rows.get(rejects, -1)) is None):
+            paths = {path for path, _ in candidates}
+            whole.update(path for path, kind in zip(kinds.column("input_path").to_pylist(),
+                                                    kinds.column("error_type").to_pylist())
+                         if path in paths and wanted(kind))
+            continue
+        failed.update(owner for owner, kind in zip(owners, kinds.column("error_type").to_pylist())
+                      if owner in candidates and wanted(kind))
+    units = state.units()
+    for path in whole:
+        if all(u["rows"] == 0 for u in units[path].values()):
+            failed.update((path, index) for index in units[path])
+    return failed
+
+
+def retract_units(store: OutputStore, state: JournalState, taken: set[tuple[str, int]],
+                  row_group_rows: int) -> JournalState:
+    """Take ``taken`` units (input_path, unit_index; units that wrote no triplet rows) out of the
+    committed output, so that a run does them again: they leave the journal, and their errors and
+    rejects rows the shards that hold them (each rewritten without them under a new name; one left
+    empty goes). An input with units left stays partly done, and a resume does the rest. The
     journal is rewritten once, atomically: before that, the new shards are files no commit names
     (recovery deletes them), after it the old ones are."""
     import pyarrow.compute as pc
 
+    committed = state.units()
+    by_input: dict[str, set[int]] = {}
+    for path, index in taken:
+        by_input.setdefault(path, set()).add(index)
+    # Inputs taken whole: where a commit cannot say whose its rows are, they go by input_path.
+    whole = pa.array(sorted(path for path, indices in by_input.items() if indices >= set(committed.get(path, ()))),
+                     pa.string())
     token, renamed = run_token(), {}  # old shard -> its rewrite (None: nothing left in it)
-    touched = [e for e in state.entries if any(u["input_path"] in inputs for u in e.get("units", []))]
-    taken_out = pa.array(sorted(inputs), pa.string())  # once: a million failed inputs take a second to sort
-    for rel in dict.fromkeys(f for e in touched for f in e.get("files", [])):
-        if not rel.startswith((f"{ERRORS_DIR}/", f"{REJECTS_DIR}/")):
+    for entry in state.entries:
+        if not any((u["input_path"], u["unit_index"]) in taken for u in entry.get("units", [])):
             continue
-        table = pq.read_table(store.root / rel)
-        kept = table.filter(pc.invert(pc.is_in(table.column("input_path"), taken_out)))
-        if kept.num_rows == table.num_rows:
-            continue
-        renamed[rel] = None
-        if kept.num_rows:
-            name = Path(rel)
-            renamed[rel] = (name.parent / f"{name.stem}-{token}{name.suffix}").as_posix()
-            write_parquet_atomic(kept, store.root / renamed[rel], row_group_rows)
+        rows = _shard_rows(entry)
+        for rel in entry.get("files", []):
+            if rel in renamed or not rel.startswith((f"{ERRORS_DIR}/", f"{REJECTS_DIR}/")):
+                continue
+            table = pq.read_table(store.root / rel)
+            owners = _row_units(entry, "errors" if rel.startswith(f"{ERRORS_DIR}/") else "rejects",
+                                rows.get(rel, -1))
+            keep = (pa.array([owner not in taken for owner in owners], pa.bool_()) if owners is not None
+                    else pc.invert(pc.is_in(table.column("input_path"), whole)))
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            renamed[rel] = None
+            if kept.num_rows:
+                name = Path(rel)
+                renamed[rel] = (name.parent / f"{name.stem}-{token}{name.suffix}").as_posix()
+                write_parquet_atomic(kept, store.root / renamed[rel], row_group_rows)
     for folder in (store.errors, store.rejects):
         if folder.exists():
             fsync_dir(folder)
     entries = []
     for entry in state.entries:
-        units = [u for u in entry.get("units", []) if u["input_path"] not in inputs]
+        units = [u for u in entry.get("units", []) if (u["input_path"], u["unit_index"]) not in taken]
         files = [renamed.get(f, f) for f in entry.get("files", []) if renamed.get(f, f) is not None]
         shards = [_rewritten(store, shard, renamed[shard["path"]]) if shard["path"] in renamed else shard
                   for shard in entry.get("shards", []) if renamed.get(shard["path"], shard["path"]) is not None]
