@@ -250,7 +250,9 @@ def test_backend_on_random_weights_gives_the_contract_in_the_picture(weights):
     assert bare.hands is None and bare.face is None
     np.testing.assert_array_equal(bare.body[bare.body[:, 2] >= 0.2], pose.body[pose.body[:, 2] >= 0.2])
 
-    # Both networks see the frame as BGR: a red RGB frame is red in their last channel.
+    # The detector sees the frame as BGR (a red RGB frame is red in its last channel), the pose
+    # model as RGB, normalised with the RGB mean: each as it was trained (mmdet's YOLOX config has no
+    # colour conversion; mmpose's data preprocessor for dw-ll_ucoco_384 turns BGR into RGB).
     seen = {}
 
     def spy(run, key):
@@ -265,7 +267,7 @@ def test_backend_on_random_weights_gives_the_contract_in_the_picture(weights):
     red[..., 0] = 255
     pose_model.pose(red)
     np.testing.assert_array_equal(seen["images"][0, :, 0, 0], [0, 0, 255])  # inside the letterboxed frame
-    np.testing.assert_allclose(seen["input"][0, :, 192, 144], (np.array([0, 0, 255]) - dw.MEAN) / dw.STD, rtol=1e-5)
+    np.testing.assert_allclose(seen["input"][0, :, 192, 144], (np.array([255, 0, 0]) - dw.MEAN) / dw.STD, rtol=1e-5)
 
 
 def test_missing_or_wrong_graphs_are_named(weights, tmp_path):
@@ -417,3 +419,20 @@ def test_sessions_take_the_threads_the_process_has(weights, monkeypatch):
     pose.pose(np.zeros((96, 64, 3), np.uint8))  # and runs so
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert dw.session_options().intra_op_num_threads == 0  # ONNX Runtime's default
+
+
+def test_a_person_the_detector_misses_is_posed_in_the_whole_frame(weights):
+    """The matting kept the frame because it holds a person; where YOLOX finds nobody (a close-up,
+    a dancer cut by the frame's edge), the whole frame is the person's box, as DWPose's own
+    annotator and rtmlib do: the row gets a skeleton, not a blank pose picture."""
+    frame = data.astronaut()
+    pose_model = dw.DWPosePose(weights, hands=False, face=False, device="cpu", joint_threshold=0.0)
+    crops = []
+    run = pose_model.model.run
+    pose_model.model.run = lambda names, feed: crops.append(feed["input"]) or run(names, feed)
+    pose_model.detect = lambda bgr: (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+    pose = pose_model.pose(frame)
+    assert len(crops) == 1 and crops[0].shape == (1, 3, 384, 288)
+    centre, scale = dw.box_to_crop(np.array([0, 0, frame.shape[1], frame.shape[0]], np.float32))
+    np.testing.assert_allclose(crops[0][0], dw.crop(frame, centre, scale))
+    assert (pose.body[:, 2] > 0).any()

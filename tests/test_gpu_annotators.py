@@ -64,6 +64,22 @@ def test_grounded_sam_loads_from_the_layout_and_mattes_a_frame(weights, frame):
     assert (largest.alpha == 255).sum() == 4 and largest.alpha[3, 3] == 255
 
 
+def test_a_stills_person_boxes_do_not_hang_on_the_stills_beside_it_in_its_batch(weights, frame):
+    """GroundingDINO's processor pads a batch of stills to its largest: the padding changed what the
+    model found in the smaller still (a still's boxes hung on its neighbours in the call, and a
+    resume that batched it otherwise wrote another mask). Stills of one size go together."""
+    from disco.pipeline.annotators.grounded_sam import PersonDetector
+
+    detector = PersonDetector(weights, box_threshold=0.0, text_threshold=0.0, device="cpu")
+    detector.processor.image_processor.size = {"shortest_edge": 128, "longest_edge": 224}  # a short CPU run
+    wide = np.ascontiguousarray(data.coffee()[::5, ::5])  # 80 x 120: another size than ``frame``
+    together = detector.detect([frame, wide, frame[::-1].copy()])
+    alone = [detector.detect([frame])[0], detector.detect([wide])[0], detector.detect([frame[::-1].copy()])[0]]
+    for (boxes, scores), (boxes_alone, scores_alone) in zip(together, alone):
+        np.testing.assert_allclose(boxes, boxes_alone, atol=1e-3)
+        np.testing.assert_allclose(scores, scores_alone, atol=1e-5)
+
+
 def test_openpose_loads_from_the_layout_and_gives_contract_shapes(weights, frame):
     from disco.pipeline.annotators.openpose_backend import OpenPosePose
 

@@ -42,7 +42,7 @@ KEYPOINTS = 133
 BODY_POINTS = 17
 FACE_SLICE = slice(23, 91)
 HAND_SLICES = (slice(91, 112), slice(112, 133))  # left, right
-MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # R, G, B
 STD = np.array([58.395, 57.12, 57.375], np.float32)
 # The reference's person score, NMS overlap and box padding.
 PERSON_SCORE = 0.3
@@ -141,15 +141,15 @@ def box_to_crop(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre, np.array([width, height], np.float32)
 
 
-def crop(bgr: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """The region as the pose model's normalised 3 x 384 x 288 input."""
+def crop(rgb: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The region of an RGB frame as the pose model's normalised 3 x 384 x 288 input."""
     import cv2
 
     # One factor for both axes: the region already has the model's aspect ratio.
     factor = POSE_SIZE[0] / float(scale[0])
     origin = np.asarray(centre, np.float64) - np.asarray(scale, np.float64) / 2
     warp = np.array([[factor, 0, -factor * origin[0]], [0, factor, -factor * origin[1]]], np.float64)
-    patch = cv2.warpAffine(bgr, warp, POSE_SIZE, flags=cv2.INTER_LINEAR).astype(np.float32)
+    patch = cv2.warpAffine(rgb, warp, POSE_SIZE, flags=cv2.INTER_LINEAR).astype(np.float32)
     return ((patch - MEAN) / STD).transpose(2, 0, 1)
 
 
@@ -318,12 +318,12 @@ class DWPosePose:
         (raw,) = self.detector.run(None, {DETECTOR_IO[0][0]: batch})
         return decode_detections(raw[0], ratio)
 
-    def people(self, bgr: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def people(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """N x 133 x 3 frame points, one person per box, the boxes batched into one run."""
         if not len(boxes):
             return np.zeros((0, KEYPOINTS, 3), np.float32)
         regions = [box_to_crop(box) for box in boxes]
-        crops = np.stack([crop(bgr, centre, scale) for centre, scale in regions])
+        crops = np.stack([crop(rgb, centre, scale) for centre, scale in regions])
         step = self.batch or len(crops)
         runs = [self.model.run(None, {POSE_IO[0][0]: crops[k:k + step]}) for k in range(0, len(crops), step)]
         simcc_x = np.concatenate([r[0] for r in runs])
@@ -333,9 +333,15 @@ class DWPosePose:
 
     def pose(self, frame: np.ndarray) -> Pose:
         height, width = frame.shape[:2]
-        bgr = np.ascontiguousarray(frame[:, :, ::-1])  # both networks were trained on BGR
-        boxes, _ = self.detect(bgr)
-        people = self.people(bgr, boxes)
+        # The detector was trained on BGR pixels as OpenCV reads them (mmdet's YOLOX config has no
+        # colour conversion); the pose model on RGB (its mmpose data preprocessor turns BGR into RGB
+        # before the RGB mean and std): each gets its own, as DWPose's own annotator feeds it.
+        boxes, _ = self.detect(np.ascontiguousarray(frame[:, :, ::-1]))
+        if not len(boxes):
+            # The frame's matting found a person the detector missed (a close-up, a dancer cut by
+            # the frame's edge): the whole frame is the person's box, as DWPose and rtmlib do.
+            boxes = np.array([[0, 0, width, height]], np.float32)
+        people = self.people(frame, boxes)
         if not len(people):
             return Pose(body=EMPTY_BODY.copy(),
                         hands=np.zeros((2, HAND_POINTS, 3), np.float32) if self.hands else None,

@@ -81,6 +81,14 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
+def by_size(frames: list[np.ndarray], among: list[int] | None = None) -> list[list[int]]:
+    """The indices of ``frames`` (or of those ``among`` them) grouped by frame size, in order."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(frames)) if among is None else among:
+        groups.setdefault(frames[i].shape[:2], []).append(i)
+    return list(groups.values())
+
+
 class PersonDetector:
     """GroundingDINO SwinT-OGC prompted with "person.": person boxes and scores per frame. Loaded
     from the weights folder's ``grounding-dino`` folder: the transformers layout, or the original
@@ -108,7 +116,17 @@ class PersonDetector:
         self._torch = torch
 
     def detect(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Person boxes (x0, y0, x1, y1 pixels) and their scores, per frame, best first."""
+        """Person boxes (x0, y0, x1, y1 pixels) and their scores, per frame, best first. Frames of
+        one size go through the model together: the processor pads a batch of sizes to its
+        largest, and the padding changes what the model finds in the smaller frames (a still's
+        boxes would hang on the stills beside it in its call, and differ on a resume)."""
+        found: list = [None] * len(frames)
+        for indices in by_size(frames):
+            for i, result in zip(indices, self._detect([frames[i] for i in indices])):
+                found[i] = result
+        return found
+
+    def _detect(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         torch = self._torch
         inputs = self.processor(images=list(frames), text=[PROMPT] * len(frames), return_tensors="pt").to(self.device)
         with torch.inference_mode():
@@ -176,10 +194,8 @@ class GroundedSamMatting:
             if i not in todo:
                 masks[i] = np.zeros((0,) + frames[i].shape[:2], dtype=bool)
         # Frames of one size go through the encoder together (a video segment always does).
-        by_size: dict[tuple, list[int]] = {}
-        for i in todo:
-            by_size.setdefault(frames[i].shape[:2], []).append(i)
-        for size, indices in by_size.items():
+        for indices in by_size(frames, todo):
+            size = frames[indices[0]].shape[:2]
             resized = [self.transform.apply_image(frames[i]) for i in indices]
             input_size = resized[0].shape[:2]
             batch = torch.as_tensor(np.stack(resized), device=self.device).permute(0, 3, 1, 2).float()
