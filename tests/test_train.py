@@ -682,6 +682,65 @@ def test_ddp_keeps_the_gradients_in_its_buckets_and_updates_the_same(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(weights, default_weights))
 
 
+def test_an_fp16_update_the_loss_scaler_skips_moves_neither_the_schedule_nor_the_ema():
+    """fp16's loss scaler skips an update whose gradients hold inf or NaN (a burst of them while the
+    scale settles at the start, one after each growth): the schedule went on all the same (the
+    warm-up eaten by updates that never happened) and the EMA pulled once more. Now a skipped update
+    is said (False) and moves nothing; the next real one takes the schedule's next rate."""
+    from diffusers.training_utils import EMAModel
+
+    from disco.train.config import lr_factor
+    from disco.train.objective import apply_update
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup=10, total=100))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    ema = EMAModel([param], decay=0.9)
+    shadow = ema.shadow_params[0].clone()
+
+    def update(gradient: float) -> bool:
+        scaler.scale((param * gradient).sum()).backward()
+        return apply_update([param], optimizer, scheduler, scaler, ema, None)
+
+    for _ in range(2):  # overflowing gradients: skipped
+        assert update(float("inf")) is False
+    assert torch.equal(param.detach(), torch.ones(3)) and not optimizer.state
+    assert scheduler.last_epoch == 0 and ema.optimization_step == 0 and torch.equal(ema.shadow_params[0], shadow)
+    assert scaler.get_scale() == 2.0 ** 14
+    assert update(1.0) is True  # the first real update, at the warm-up's first rate (0)
+    assert int(optimizer.state[param]["step"]) == 1
+    assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(1, 10, 100))
+    assert ema.optimization_step == 1
+    assert update(1.0) is True and not torch.equal(param.detach(), torch.ones(3))  # at the second rate
+    assert scheduler.last_epoch == 2
+    # Without fp16 (bf16, fp32: the scaler off) every update counts, as before.
+    plain = torch.amp.GradScaler("cpu", enabled=False)
+    param.grad = torch.ones(3)
+    assert apply_update([param], optimizer, scheduler, plain, None, None) is True and scheduler.last_epoch == 3
+
+
+def test_a_base_that_predicts_anything_but_the_noise_is_refused_before_training(tmp_path):
+    """The loss is the noise's (epsilon): a --pretrained base whose scheduler predicts v would have
+    been trained against the wrong target without an error. Refused at the start, in one line."""
+    from disco.model.disco import DisCoModel
+    from disco.pipeline.errors import ConfigError
+    from disco.train.objective import DiffusionObjective
+
+    base = tmp_path / "base"
+    (base / "scheduler").mkdir(parents=True)
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    cfg = TrainConfig(stage="finetune", data=[str(tmp_path)], output=str(tmp_path / "run"), pretrained=str(base))
+    with pytest.raises(ConfigError, match="predicts 'v_prediction'"):
+        cfg.validate_model()
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    TrainConfig(stage="finetune", data=[str(tmp_path)], output=str(tmp_path / "run"), pretrained=str(base)).validate_model()
+    model = DisCoModel.from_architecture("tiny")
+    model.register_to_config(scheduler_config={**model.config.scheduler_config, "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="predicts 'v_prediction'"):
+        DiffusionObjective(model)
+
+
 def train_loss(cfg: TrainConfig) -> float:
     return json.loads((Path(cfg.output) / "summary.json").read_text())["loss"]
 

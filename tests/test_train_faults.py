@@ -241,6 +241,33 @@ def test_resume_keeps_the_schedule_and_a_new_length_stretches_it_without_a_jump(
     assert not _same_weights(run, crashed, 4)
 
 
+def test_a_schedule_stretched_during_the_warm_up_still_reaches_the_peak_rate(tmp_path):
+    """A run stopped in its warm-up and resumed with a longer --schedule-steps decayed linearly from
+    the rate at the resumed step: stopped at step 50 of a 100-step warm-up, the whole 70,000-step run
+    trained at half the peak at most. The warm-up now goes on to the peak, then the decay."""
+    from disco.train.config import lr_factor
+    from disco.train.launch import _resumed_schedule
+
+    saved = TrainConfig(stage="finetune", data=[str(tmp_path)], output=str(tmp_path / "run"), model="tiny",
+                        max_steps=1000, warmup_steps=100)
+    resumed = _resumed_schedule(TrainConfig(**{**saved.to_dict(), "max_steps": 70000, "schedule_steps": 70000}),
+                                saved, step=50)
+    assert resumed.decay_from is None and resumed.schedule_length == 70000
+
+    def rate(step: int) -> float:
+        return lr_factor(step, resumed.warmup, resumed.schedule_length, resumed.decay_from)
+
+    assert rate(50) == lr_factor(50, 100, 1000) == 0.5  # no jump at the resumed step
+    assert rate(100) == 1.0 and max(rate(s) for s in range(0, 70000, 50)) == 1.0
+    assert rate(35050) == pytest.approx(0.5, abs=1e-3) and rate(70000) == 0.0
+    # Past the warm-up, a stretch decays from the rate where the run stopped, as before.
+    late = _resumed_schedule(TrainConfig(**{**saved.to_dict(), "max_steps": 2000, "schedule_steps": 2000}), saved,
+                             step=550)
+    assert late.decay_from == [550, pytest.approx(lr_factor(550, 100, 1000))]
+    with pytest.raises(ConfigError, match="beyond the run's warm-up"):
+        _resumed_schedule(TrainConfig(**{**saved.to_dict(), "max_steps": 80, "schedule_steps": 80}), saved, step=50)
+
+
 # -- a lost worker ------------------------------------------------------------------------------------
 
 def _train_workers() -> set[psutil.Process]:

@@ -197,6 +197,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --model {self.model!r}; choose one of {', '.join(CONFIGS)}")
         if self.pretrained is not None and not Path(self.pretrained).is_dir():
             raise ConfigError(f"--pretrained {self.pretrained} is not a folder")
+        if self.pretrained is not None:
+            check_prediction_type(Path(self.pretrained) / "scheduler" / "scheduler_config.json")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"unknown --mixed-precision {self.mixed_precision!r}; choose no, fp16 or bf16")
         if self.resolution < 8 or self.resolution % 8:
@@ -307,6 +309,23 @@ class TrainConfig:
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp.replace(path)
         return path
+
+
+def check_prediction_type(scheduler_file: Path) -> None:
+    """The objective trains the noise (epsilon), as sd-image-variations and DisCo do: a base whose
+    scheduler predicts something else (v-prediction) would be trained against the wrong target
+    and sampled with the wrong one, with no error anywhere."""
+    import json
+
+    if not scheduler_file.is_file():
+        return  # the model's scheduler defaults (epsilon)
+    try:
+        predicts = json.loads(scheduler_file.read_text()).get("prediction_type", "epsilon")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{scheduler_file} cannot be read: {exc}") from None
+    if predicts != "epsilon":
+        raise ConfigError(f"{scheduler_file} predicts {predicts!r}: training here predicts the noise (epsilon), "
+                          "as sd-image-variations and DisCo do; use an epsilon-prediction base")
 
 
 def lr_factor(step: int, warmup: int, total: int, decay_from: list[float] | None = None) -> float:

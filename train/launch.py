@@ -169,8 +169,16 @@ def _resumed_schedule(cfg: TrainConfig, saved: TrainConfig, step: int) -> TrainC
     if cfg.schedule_steps != old_length:
         if cfg.schedule_steps <= step:
             raise ConfigError(f"--schedule-steps {cfg.schedule_steps} must be beyond the resumed step {step}")
-        factor = lr_factor(step, cfg.warmup, old_length, saved.decay_from)
-        cfg = cfg.updated({"decay_from": [step, factor]})
+        if step < cfg.warmup and saved.decay_from is None:
+            # Still warming up: the warm-up goes on to the peak rate and the decay starts from
+            # there (the rate so far depends on the warm-up alone, so it does not jump); decaying
+            # from the rate at this step would have trained the whole run below the peak.
+            if cfg.schedule_steps <= cfg.warmup:
+                raise ConfigError(f"--schedule-steps {cfg.schedule_steps} must be beyond the run's warm-up "
+                                  f"({cfg.warmup} steps)")
+        else:
+            factor = lr_factor(step, cfg.warmup, old_length, saved.decay_from)
+            cfg = cfg.updated({"decay_from": [step, factor]})
     if cfg.max_steps > cfg.schedule_steps:
         raise ConfigError(
             f"--max-steps {cfg.max_steps} goes past the run's learning-rate schedule, which ends at step "

@@ -338,6 +338,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     latent_shape = (model.unet.config.in_channels, side, side)
     preview = None
     window_start, waited, last_loss = time.perf_counter(), 0.0, float("nan")
+    timed_steps = skipped_updates = 0
     saved_step = step if checkpoint else None
 
     # Rank 0 writes each checkpoint in a thread while training goes on (checkpoint_writer.py);
@@ -423,9 +424,11 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                     scaler.scale(loss / cfg.grad_accum).backward()
                 # Accumulated on the device: no host synchronisation per micro-batch.
                 loss_sum += loss.detach().double() / cfg.grad_accum
-            apply_update(params, optimizer, scheduler, scaler, ema, cfg.max_grad_norm, keep_gradients=world > 1)
+            if not apply_update(params, optimizer, scheduler, scaler, ema, cfg.max_grad_norm, keep_gradients=world > 1):
+                skipped_updates += 1  # the same on every rank: the gradients were all-reduced
             step += 1
             window_steps += 1
+            timed_steps += 1
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -438,12 +441,17 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 if monitor is not None:
                     monitor.log(step, {
                         "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": window_steps * cfg.batch_size * cfg.grad_accum * world / elapsed,
-                        "steps_per_s": window_steps / elapsed, "data_wait_fraction": waited / elapsed,
+                        # Steps timed in this attempt only: a resumed window's earlier steps ran
+                        # before the restart, and its loss sum alone carries over.
+                        "samples_per_s": timed_steps * cfg.batch_size * cfg.grad_accum * world / elapsed,
+                        "steps_per_s": timed_steps / elapsed, "data_wait_fraction": waited / elapsed,
                         "skipped_rows": skipped,
+                        # fp16 updates the loss scaler skipped (inf/NaN gradients) in this window:
+                        # they count as steps, but move neither the weights nor the schedule.
+                        "skipped_updates": skipped_updates,
                         **_gpu_memory(device),
                     })
-                window_start, waited, window_steps = time.perf_counter(), 0.0, 0
+                window_start, waited, window_steps, timed_steps, skipped_updates = time.perf_counter(), 0.0, 0, 0, 0
                 loss_sum.zero_()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint_now(wait=step == cfg.max_steps)

@@ -23,6 +23,9 @@ class DiffusionObjective(nn.Module):
         super().__init__()
         self.model = model
         self.noise_scheduler = DDPMScheduler.from_config(model.config.scheduler_config)
+        predicts = self.noise_scheduler.config.prediction_type
+        if predicts != "epsilon":  # the loss below is the noise's (train.config.check_prediction_type)
+            raise ValueError(f"the model's scheduler predicts {predicts!r}; training predicts the noise (epsilon)")
 
     def forward(self, target, background, pose, reference, noise, latent_noise, timesteps, uniforms):
         model = self.model
@@ -100,9 +103,12 @@ def zero_gradients(params) -> list[torch.Tensor]:
 
 
 def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float | None,
-                 keep_gradients: bool = False) -> None:
+                 keep_gradients: bool = False) -> bool:
     """One optimizer update from the accumulated gradients: unscale and clip (when asked), step
     through the loss scaler (a no-op without fp16), clear, advance the schedule and the EMA.
+    Returns False where fp16's loss scaler found inf or NaN gradients and skipped the update:
+    then the schedule and the EMA stay where they are (as DeepSpeed's and Accelerate's loss
+    scaling do), so that the burst of skips while the scale settles does not eat the warm-up.
 
     ``keep_gradients`` (under DDP): the gradients are zeroed in place, not dropped. They are views
     into DDP's all-reduce buckets (``train/loop.py``'s ``DDP_OPTIONS``), which DDP keeps whatever
@@ -112,9 +118,14 @@ def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float
     if max_grad_norm:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    # The scaler's step already waits for its inf check (an .item()): reading the scale is free.
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=not keep_gradients)
+    if scale is not None and scaler.get_scale() < scale:  # backed off: the step was skipped
+        return False
     scheduler.step()
     if ema is not None:
         ema.step(params)
+    return True
