@@ -108,20 +108,15 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
     state, removed = store.begin(cfg.output_params(), cfg.overwrite)
     if removed:
         log(f"recovered from an interrupted run: removed {len(removed)} uncommitted file(s)")
-    if cfg.retry_errors:
-        again = failed_units(store, state, set(cfg.retry_errors))
-        if again:
-            state = retract_units(store, state, again, cfg.row_group_rows)
-        inputs = sorted({path for path, _ in again})
-        log(f"--retry-errors {','.join(cfg.retry_errors)}: {len(again)} unit(s) that wrote no rows, of {len(inputs)} "
-            "input(s), run again" + (f" ({', '.join(inputs[:3])}{', ...' if len(inputs) > 3 else ''})" if again else ""))
-
     listing = list_source(cfg, log)
     listed = [i.input_path for i in listing.items]
     if not listed:
         log(f"no {cfg.source} inputs found under {cfg.input}")
     versions = input_versions(listing.items, by_content=_versions_by_content(cfg))
     changed = changed_inputs(state, versions)
+    if cfg.retry_errors:
+        state = _retry_errors(cfg, store, state, set(changed), log)
+        changed = changed_inputs(state, versions)  # an input retried whole starts afresh from its new file
     if changed:
         log(f"{len(changed)} input(s) changed since their units were committed ({', '.join(changed[:3])}"
             f"{', ...' if len(changed) > 3 else ''}): their rows are from the earlier file and are kept, and "
@@ -137,6 +132,9 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         units = sum(len(v) for v in partial.values())
         log(f"resuming: {len(listed) - len(pending)} of {len(listed)} inputs already committed, "
             f"and {units} unit(s) of {len(partial)} partly done input(s)")
+    # What planning needs of the partly done ones: how many units each was cut into.
+    unit_counts = {path: next(iter(units.values()))["unit_count"] for path, units in state.units().items()
+                   if path in partial}
     # The journal as it was goes (GBs at millions of committed units): the wind-up reads it again.
     state = complete = None
 
@@ -155,7 +153,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             # would outlast the seconds `ray job stop` leaves before SIGKILL.
             weights = run_weight_files(cfg)
             settings = stage_settings(cfg)
-            units = plan_all(pending, settings, partial, log=log)
+            units = plan_all(pending, settings, partial, log=log, unit_counts=unit_counts)
             # The units hold what the run needs of the inputs: their records go (GBs for millions).
             pending, listing.items = [], []
             pools = plan_pools(cfg, cluster_nodes(), units)
@@ -212,6 +210,26 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
     else:
         code = 0
     return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
+
+
+def _retry_errors(cfg: PreprocessConfig, store: OutputStore, state, changed: set[str], log):
+    """``--retry-errors``: the failed units of its types leave the output, to run again. Of an
+    input whose file changed since, only all its units at once: the rest of a partly done one
+    would be cut from another file (``changed_inputs``), so its failed units stay as they are."""
+    again = failed_units(store, state, set(cfg.retry_errors))
+    units = state.units()
+    taken: dict[str, int] = {}
+    for path, _ in again:
+        taken[path] = taken.get(path, 0) + 1
+    kept = {path for path in changed if path in taken and taken[path] < len(units[path])}
+    again = {unit for unit in again if unit[0] not in kept}
+    if again:
+        state = retract_units(store, state, again, cfg.row_group_rows)
+    inputs = sorted({path for path, _ in again})
+    log(f"--retry-errors {','.join(cfg.retry_errors)}: {len(again)} unit(s) that wrote no rows, of {len(inputs)} "
+        "input(s), run again" + (f" ({', '.join(inputs[:3])}{', ...' if len(inputs) > 3 else ''})" if again else "")
+        + (f"; {len(kept)} partly done input(s) changed since are left as they are" if kept else ""))
+    return state
 
 
 def run_weight_files(cfg: PreprocessConfig) -> list[dict]:
@@ -295,11 +313,13 @@ UNITS_PER_TABLE = 100_000
 
 
 def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threads: int = 8,
-             log=lambda message: None, ray_from: int = RAY_PLAN_FROM) -> pa.Table:
+             log=lambda message: None, ray_from: int = RAY_PLAN_FROM, unit_counts: dict[str, int] | None = None
+             ) -> pa.Table:
     """Cut every pending input into units (``UNIT_TYPE`` rows). Videos are probed in Ray tasks
     (``VIDEOS_PER_PLAN_TASK``), and so are tar shards, counted there once a run has ``ray_from``
     of them; the other inputs are planned on the driver, on a few threads (stills need no
-    reading). The tasks' units come after the driver's, in listing order."""
+    reading). The tasks' units come after the driver's, in listing order. ``unit_counts``: how
+    many units each partly done input was cut into (``_missing_units_failed``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     videos = [item for item in pending if item.kind == "video" and not item.error_type]
@@ -325,7 +345,33 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
     if chunks:
         with stops_in_one_line():
             tables += [table for planned in _planned_in_tasks(chunks, refs, settings, partial_units) for table in planned]
-    return pa.concat_tables(tables)
+    return _missing_units_failed(pa.concat_tables(tables), partial_units, unit_counts or {})
+
+
+def _missing_units_failed(units: pa.Table, partial_units: dict[str, list[int]], unit_counts: dict[str, int]) -> pa.Table:
+    """A partly done input that fails before it is cut into units this time (gone from the listing,
+    a probe that fails or ends its process) is its errors unit: the input's first of one, which
+    in the journal would take the place of the committed unit 0 (its rows no longer counted, the
+    input partly done for good). It becomes the error of each unit still to do instead, numbered
+    as the input was cut, so that the input is done, its failed units known to --retry-errors."""
+    import pyarrow.compute as pc
+
+    if not partial_units or not units.num_rows:
+        return units
+    failed = pc.and_(pc.is_valid(units.column("error_type")),
+                     pc.is_in(units.column("input_path"), pa.array(sorted(partial_units), pa.string())))
+    if not pc.any(failed).as_py():
+        return units
+    spread = []
+    for unit in units.filter(failed).to_pylist():
+        path = unit["input_path"]
+        count = unit_counts.get(path)
+        if count is None or unit["unit_count"] == count:  # cut as before: its own unit's error
+            spread.append(unit)
+            continue
+        done = set(partial_units[path])
+        spread += [{**unit, "unit_index": k, "unit_count": count} for k in range(count) if k not in done]
+    return pa.concat_tables([units.filter(pc.invert(failed)), unit_table(spread)])
 
 
 def _chunks(items, size: int) -> list[list[dict]]:

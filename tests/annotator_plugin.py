@@ -65,8 +65,11 @@ FLAKY = Path(tempfile.gettempdir()) / f"disco-tests-gpu-broken-{os.getuid()}"
 
 
 class FlakyDevice(CentreBox):
+    """Marked frames: the top-left 4 x 4 pixels near FAULT (a 16 x 16 block of it survives H.264)."""
+
     def matte(self, frame: np.ndarray) -> Matte:
-        if tuple(frame[0, 0]) == FAULT and FLAKY.exists():
+        marked = np.abs(frame[:4, :4].astype(np.int16) - np.array(FAULT, np.int16)).max() <= 48
+        if marked and FLAKY.exists():
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return super().matte(frame)
 

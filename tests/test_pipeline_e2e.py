@@ -467,7 +467,7 @@ def test_retry_errors_runs_the_failed_segment_of_a_video_whose_other_segments_wr
     for k in range(12):
         frame = photo.copy()
         if 4 <= k < 8:  # the second segment of 4 frames: the frames the broken GPU fails on
-            frame[0, 0] = annotator_plugin.FAULT
+            frame[:16, :16] = annotator_plugin.FAULT
         save(folder / "00001" / "images" / f"{k:04d}.png", Image.fromarray(frame))
     options = dict(matting="flaky-device", pose="none", hands=False, actors=1, segment_frames=4)
     annotator_plugin.FLAKY.touch()
@@ -498,6 +498,64 @@ def test_retry_errors_runs_the_failed_segment_of_a_video_whose_other_segments_wr
     store = OutputStore(tmp_path / "out")
     named = {n for e in store.read_journal().entries for n in e["files"]}
     assert named == {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.parquet")}
+
+
+def test_a_partly_done_video_that_cannot_be_read_again_keeps_its_units_and_fails_the_rest(tmp_path):
+    """A partly done video (one segment taken out by --retry-errors, or a run stopped) whose file
+    cannot be opened when the run comes back to it (a mount's passing fault) was planned as its
+    errors unit, the input's first of one: committed, it took the place of the segment 0 that had
+    written rows (those rows no longer counted) and left the input partly done for good. Now each
+    segment still to do gets the error; the input is done, and once the file reads again
+    --retry-errors finishes it."""
+    import importlib
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+    from disco.pipeline.store.output import OutputStore
+
+    importlib.reload(annotator_plugin)
+    frames = [frame.copy() for frame in pan_zoom_frames(data.astronaut(), 12, 96)]
+    for k in range(4, 8):  # the second segment: the frames the broken GPU fails on
+        frames[k][:16, :16] = annotator_plugin.FAULT
+    folder, out = tmp_path / "in", tmp_path / "out"
+    video = write_video(folder / "dance.mp4", frames, 12.0)
+    options = dict(matting="flaky-device", pose="none", hands=False, actors=1, segment_frames=4)
+
+    def run(**more):
+        return preprocess(PreprocessConfig(source="video", input=folder, output=out, **options, **more),
+                          log=lambda *_: None)
+
+    def frame_indices() -> list[int]:
+        return sorted(open_triplets(out).to_table(columns=["frame_index"]).column("frame_index").to_pylist())
+
+    original, stat = video.read_bytes(), video.stat()
+    annotator_plugin.FLAKY.touch()
+    try:
+        run()
+        assert frame_indices() == [0, 1, 2, 3, 8, 9, 10, 11]
+        annotator_plugin.FLAKY.unlink()  # the GPU mended; but now the file does not read (same size and time)
+        video.write_bytes(b"\0" * len(original))
+        os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        unreadable = run(retry_errors=["gpu_failed"])
+        state = OutputStore(out).read_journal()
+        assert state.partial_units() == {} and "dance.mp4" in state.complete_inputs()
+        units = state.units()["dance.mp4"]
+        assert {k: (u["unit_count"], u["rows"], u["errors"]) for k, u in units.items()} == {
+            0: (3, 4, 0), 1: (3, 0, 1), 2: (3, 4, 0)}
+        assert frame_indices() == [0, 1, 2, 3, 8, 9, 10, 11]
+        assert unreadable.manifest["counts"]["rows_written"] == 8 and unreadable.manifest["counts"]["inputs_pending"] == 0
+        (error,) = open_errors(out).to_table().to_pylist()
+        assert error["stage"] == "decode" and error["error_type"] != "gpu_failed"
+        video.write_bytes(original)  # the mount is back
+        os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        mended = run(retry_errors=["all"])
+    finally:
+        annotator_plugin.FLAKY.unlink(missing_ok=True)
+        for name in ("flaky-device", "centre-box"):
+            registry.unregister(name)
+    assert frame_indices() == list(range(12)) and open_errors(out).count_rows() == 0
+    assert mended.manifest["run"]["frames_processed"] == 4 and mended.exit_code == 0
 
 
 def test_a_call_whose_shards_kill_the_writer_is_errors_rows_after_two_tries(tmp_path, ray_local):

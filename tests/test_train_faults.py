@@ -239,6 +239,17 @@ def test_resume_keeps_the_schedule_and_a_new_length_stretches_it_without_a_jump(
     assert load_run_config(crashed).decay_from == [2, 0.5]
     # The stretched rates differ from the original schedule's from step 3 on, and so do the weights.
     assert not _same_weights(run, crashed, 4)
+    # The schedule's position is the updates applied (state.json's "updates"), fewer than the steps
+    # where fp16's loss scaler skipped some: the stretch starts from there, not from the step.
+    state_file = crashed / "checkpoint-00000006" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["updates"] == state["step"] == 6  # nothing skipped without fp16
+    state_file.write_text(json.dumps({**state, "updates": 5}))  # as after one skipped update
+    from disco.train.launch import resolve
+
+    stretched, _ = resolve(TrainConfig(output=str(crashed), resume=True, max_steps=8, schedule_steps=8),
+                           given={"output", "resume", "max_steps", "schedule_steps"})
+    assert stretched.decay_from == [5, pytest.approx(0.125)]  # the rate at position 5: 0.5 x (6 - 5) / (6 - 2)
 
 
 def test_a_schedule_stretched_during_the_warm_up_still_reaches_the_peak_rate(tmp_path):

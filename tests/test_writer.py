@@ -350,3 +350,29 @@ def test_retry_errors_takes_out_failed_units_with_their_own_errors_and_rejects_r
     assert sorted(e["sample_id"] or "" for e in open_errors(tmp_path).to_table().to_pylist()) == ["", "images/clip/000002"]
     assert sorted(r["sample_id"] for r in open_rejects(tmp_path).to_table().to_pylist()) == [
         "images/clip/000014", "images/old/000000", "images/old/000003"]
+
+
+def test_retry_errors_leaves_the_failed_units_of_a_changed_partly_done_input(tmp_path):
+    """An input whose file changed since its units were committed is not read again (the rest would
+    be cut from another file): taking out one failed unit of it deleted its errors row and left the
+    input unfinished for good. Its failed units stay; an input failed whole starts afresh."""
+    from types import SimpleNamespace
+
+    from disco.pipeline.run import _retry_errors
+    from disco.pipeline.store.reader import open_errors
+
+    store = OutputStore(tmp_path)
+    store.prepare()
+    writer = ShardWriter(store, "part-a-", shard_rows=100, row_group_rows=10)
+    writer.add_unit(_rows("clip", 2), _unit("clip", 2, 0, 2), [])
+    writer.add_unit(_rows("clip", 0), _unit("clip", 0, 1, 2, errors=1), [_error("clip", "read_error")])
+    writer.add_unit(_rows("whole", 0), _unit("whole", 0, 0, 1, errors=1), [_error("whole", "read_error")])
+    writer.add_unit(_rows("other", 0), _unit("other", 0, 0, 1, errors=1), [_error("other", "read_error")])
+    writer.flush()
+    lines: list[str] = []
+    cfg = SimpleNamespace(retry_errors=["read_error"], row_group_rows=10)
+    state = _retry_errors(cfg, store, store.read_journal(), {"clip", "whole"}, lines.append)
+    assert set(state.units()) == {"clip"} and set(state.units()["clip"]) == {0, 1}
+    assert sorted(e["input_path"] for e in open_errors(tmp_path).to_table().to_pylist()) == ["clip"]
+    assert lines == ["--retry-errors read_error: 2 unit(s) that wrote no rows, of 2 input(s), run again (other, whole); "
+                     "1 partly done input(s) changed since are left as they are"]

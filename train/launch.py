@@ -64,11 +64,13 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
         clean_temporary(run)
         checkpoints = list_checkpoints(run)
         checkpoint = checkpoints[max(checkpoints)] if checkpoints else None
-        if checkpoint is not None and "converted_from" in json.loads((checkpoint / STATE_FILE).read_text()):
+        state = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint is not None else {}
+        if "converted_from" in state:
             raise ConfigError(f"--resume: {run} holds a converted official checkpoint (`disco-cli convert-official`), "
                               "with no optimizer state to resume; start a run from it with --init-from (HAP) "
                               "or use it in generate / evaluate")
-        cfg = _resumed_schedule(cfg, saved, max(checkpoints) if checkpoints else 0)
+        # The schedule's position: the updates applied, fewer than the steps where fp16 skipped some.
+        cfg = _resumed_schedule(cfg, saved, int(state.get("updates", state.get("step", 0))))
         if cfg.init_from:
             cfg = cfg.updated({"init_from": str(_resumed_init(run, cfg, checkpoint))})
     else:
@@ -162,7 +164,8 @@ def _absolute(path: str | None) -> str | None:
 def _resumed_schedule(cfg: TrainConfig, saved: TrainConfig, step: int) -> TrainConfig:
     """The learning-rate schedule of a resumed run. It keeps the length fixed when the run started
     (runs from before that rule: their --max-steps). A new --schedule-steps stretches (or
-    shortens) the decay from the rate at the resumed step, so the rate never jumps."""
+    shortens) the decay from the rate at the resumed point, so the rate never jumps. ``step``:
+    the schedule's position there (the updates applied, ``state.json``'s ``updates``)."""
     old_length = saved.schedule_steps if saved.schedule_steps is not None else saved.max_steps
     cfg = cfg.updated({"schedule_steps": cfg.schedule_steps if cfg.schedule_steps is not None else old_length,
                        "warmup_steps": saved.warmup_steps if saved.warmup_steps is not None else max(0, old_length // 10)})

@@ -295,7 +295,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
         if ema is not None and ema_weights is not None:
             # A copy even on the CPU: the file is mapped (read_checkpoint), see load_optimizer_state.
             ema.shadow_params = [ema_weights[n].to(device, copy=True) for n in names]
-            ema.optimization_step = int(state["step"])
+            ema.optimization_step = int(state.get("updates", state["step"]))  # the EMA's decay counts updates
         _restore_rng(state["rng"], training_state)
         step, position = int(state["step"]), int(state["positions"][rank])
         skipped_before = int(state["skipped"])
@@ -383,7 +383,10 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
             if device.type == "cuda":
                 training["cuda_rng"] = torch.cuda.get_rng_state()
+            # ``updates``: the schedule's position, the updates applied (fp16's skipped ones are
+            # steps, not updates); a resume stretches the schedule from there.
             info = {"positions": [g[0] for g in gathered], "skipped": skipped_before + sum(g[1] for g in gathered),
+                    "updates": int(scheduler.last_epoch),
                     "world_size": world, "rng": _rng_state(), "data": trained_on,
                     "invocation": loop_config.get("invocation"),
                     "window": {"steps": window_steps, "loss_sums": [g[2] for g in gathered]}}

@@ -335,7 +335,7 @@ class DWPosePose:
         height, width = frame.shape[:2]
         # The detector was trained on BGR pixels as OpenCV reads them (mmdet's YOLOX config has no
         # colour conversion); the pose model on RGB (its mmpose data preprocessor turns BGR into RGB
-        # before the RGB mean and std): each gets its own, as DWPose's own annotator feeds it.
+        # before the RGB mean and std; DWPose's own ONNX annotator feeds it RGB too). Each its own.
         boxes, _ = self.detect(np.ascontiguousarray(frame[:, :, ::-1]))
         if not len(boxes):
             # The frame's matting found a person the detector missed (a close-up, a dancer cut by
