@@ -16,7 +16,8 @@ import numpy as np
 from disco.model.conditioning import square
 from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.decode import cover_size, decode_video_frames, load_image, open_video, probe_video, resample_sequence
+from disco.pipeline.decode import (cover_size, decode_video_frames, load_image, open_video, probe_video,
+                                   resample_sequence, target_size)
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.annotators.render import render_pose
@@ -28,7 +29,7 @@ from disco.model.precision import on_cuda
 MIN_ANNOTATE_SIDE = 256
 
 _DEFAULTS = {f.name: f.default for f in fields(PreprocessConfig) if f.name in (
-    "hands", "min_visibility", "min_mask_area", "joint_threshold", "pose_style")}
+    "hands", "min_visibility", "min_mask_area", "joint_threshold", "pose_style", "max_side")}
 
 
 @dataclass
@@ -185,10 +186,29 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     if reference is not None:
         bodies, drawn_hands, _, fitted = align_sequence(reference, bodies, drawn_hands)
         alignment = None if fitted is None else fitted.to_dict()
-    frames = [render_pose(side, side, body, hand, style=style or _DEFAULTS["pose_style"])
+    drawn = drawing_side(info.width, info.height, side)
+    frames = [_drawn_at(drawn, side, body, hand, style or _DEFAULTS["pose_style"])
               for body, hand in zip(bodies, drawn_hands)]
     return PoseSequence(frames, fps=rate, empty=sum(b is None for b in bodies), alignment=alignment,
                         smoothed=smooth and len(bodies) > 1, bodies=bodies)
+
+
+def drawing_side(width: int, height: int, side: int) -> int:
+    """The square a driving video's skeletons are drawn on before they shrink to ``side``: the
+    short side of the frame as ``preprocess`` stores it (``--max-side`` 512 by default). Training
+    draws each skeleton at its stored frame's size and shrinks the crop to the training size, and
+    lines and joints are fixed pixel counts: drawn straight at 256 px, a square video's limbs
+    were twice as thick as those the model learnt (1080p stored at 512 x 512), a 16:9 one's 1.1x."""
+    return max(side, min(target_size(width, height, _DEFAULTS["max_side"])))
+
+
+def _drawn_at(drawn: int, side: int, body, hand, style: str) -> np.ndarray:
+    from disco.train.augment import apply_box
+
+    factor = drawn / side
+    picture = render_pose(drawn, drawn, None if body is None else scale_keypoints(body, factor),
+                          None if hand is None else scale_keypoints(hand, factor), style=style)
+    return picture if drawn == side else apply_box(picture, (0, 0, drawn, drawn), side)  # as training shrinks it
 
 
 def scale_keypoints(points: np.ndarray, factor: float) -> np.ndarray:

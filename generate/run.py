@@ -14,6 +14,7 @@ import torch
 from disco.model.checkpoint import (background_hole, describe_checkpoint, load_checkpoint, pose_setting,
                                     trained_resolution)
 from disco.generate.config import GenerateConfig
+from disco.pipeline.config import PreprocessConfig
 from disco.model.conditioning import (
     HOLE,
     background_pixels,
@@ -117,6 +118,9 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
 
 
 # The phases ``generate`` reports progress in: the driving video's frames annotated, then frames generated.
+# The frame rate preprocess takes videos at by default: a temporal model's clips were cut at it.
+TEMPORAL_FPS = PreprocessConfig.fps
+
 ANNOTATE, GENERATE = "annotating poses", "generating"
 
 
@@ -142,11 +146,19 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
                                                             device=config.device)
     # --align-pose: the driving skeletons refitted to the reference person (its pose, in pose-picture pixels).
     target = reference_target(matted, size, side) if config.align_pose else None
+    fps = config.fps
+    if fps is None and getattr(pipeline.model, "temporal", None) is not None:
+        # A temporal module learnt the motion between frames of clips preprocess took at its --fps
+        # (30 by default; a slower source kept its own): a 60 fps phone video would give it half
+        # the motion per frame it was trained on. Never up-sampled (a 24 fps one stays 24).
+        fps = TEMPORAL_FPS
+        log(f"a temporal-module model: the poses are taken at {fps:g} fps at most, as its training clips were "
+            "(--fps to choose)")
     if config.clip is not None:
         poses = poses_from_triplets(config.pose, config.clip, side, style=style, hands=hands, reference=target,
-                                    fps=config.fps, max_frames=config.max_frames)
+                                    fps=fps, max_frames=config.max_frames)
     else:
-        poses = poses_from_video(config.pose, side, fps=config.fps, style=style, hands=hands,
+        poses = poses_from_video(config.pose, side, fps=fps, style=style, hands=hands,
                                  smooth=config.smooth_poses, reference=target, max_frames=config.max_frames,
                                  device=config.device,
                                  progress=None if progress is None else lambda done, total: progress(done, total, ANNOTATE))

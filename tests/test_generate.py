@@ -91,6 +91,52 @@ def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, 
     assert record["checkpoint"] == {"path": str(inputs / "ckpt"), "kind": "save_pretrained"}
 
 
+@pytest.mark.parametrize("source", [(512, 512), (640, 360)])
+def test_a_driving_videos_skeletons_are_as_thick_as_the_ones_training_drew(tmp_path, source):
+    """Training draws each skeleton on its stored frame (short side up to 512 px at the default
+    --max-side) and shrinks the crop to 256; lines and joints are fixed pixel counts. generate drew
+    a driving video's skeletons straight at 256: a square video's limbs came out twice as thick as
+    those the model learnt. Now drawn as training draws them: the same picture of the same pose."""
+    from types import SimpleNamespace
+
+    from disco.generate.inputs import poses_from_video
+    from disco.pipeline.decode import target_size
+    from disco.pipeline.store.pose import row_pose
+    from disco.train.augment import apply_box, crop_box
+
+    width, height = source
+    write_video(tmp_path / "v.mp4", [np.zeros((height, width, 3), np.uint8)] * 2, fps=10)
+    # One pose, in fractions of the centre square: a standing figure, arms out.
+    fractions = np.array([[0.5, 0.15], [0.5, 0.3], [0.35, 0.3], [0.25, 0.45], [0.15, 0.55], [0.65, 0.3],
+                          [0.75, 0.45], [0.85, 0.55], [0.42, 0.6], [0.42, 0.78], [0.42, 0.95], [0.58, 0.6],
+                          [0.58, 0.78], [0.58, 0.95], [0.47, 0.12], [0.53, 0.12], [0.44, 0.14], [0.56, 0.14]],
+                         np.float32)
+
+    def body(side: float, left: float = 0.0, top: float = 0.0) -> np.ndarray:
+        points = np.ones((18, 3), np.float32)
+        points[:, :2] = fractions * side + [left, top]
+        return points
+
+    class OnePose:
+        def annotate(self, frame):
+            return SimpleNamespace(pose=SimpleNamespace(body=body(frame.shape[0]), hands=None))
+
+        def close(self):
+            pass
+
+    (drawn, _), side = poses_from_video(tmp_path / "v.mp4", 256, annotator=OnePose(), hands=False).frames, 256
+    # The training path: the frame as preprocess stores it, its keypoints, the pose drawn there,
+    # the centre square cropped and shrunk to the training size.
+    stored_w, stored_h = target_size(width, height, 512)
+    square_side = min(stored_w, stored_h)
+    left, top = (stored_w - square_side) / 2, (stored_h - square_side) / 2
+    picture = row_pose(stored_w, stored_h, body(square_side, left, top), None, None, "openpose", False)
+    trained = apply_box(picture, crop_box(stored_h, stored_w, "finetune", 0, augment=False), side)
+    lit, lit_trained = (drawn.max(axis=2) > 0).mean(), (trained.max(axis=2) > 0).mean()
+    assert lit == pytest.approx(lit_trained, rel=0.08), (lit, lit_trained)
+    assert np.abs(drawn.astype(int) - trained.astype(int)).mean() < 6
+
+
 def test_poses_from_a_video_use_the_pipelines_annotators_and_renderer(tmp_path):
     from disco.generate.inputs import poses_from_video
 

@@ -340,6 +340,30 @@ def test_windowed_generation_reports_progress_as_it_goes(tmp_path):
                     (n, n, "generating")]
 
 
+def test_a_temporal_model_takes_a_fast_driving_video_at_its_training_clips_rate(tmp_path):
+    """Preprocess takes videos at 30 fps at most, so a temporal module learnt the motion between
+    frames 1/30 s apart; a 60 fps phone video drove it with half that motion per frame. Its poses
+    are now taken at 30 fps unless --fps says otherwise (a per-frame model keeps the video's rate)."""
+    from PIL import Image
+    from skimage import data
+
+    from disco.generate.config import GenerateConfig
+    from disco.generate.run import generate
+    from disco.pipeline.demo_data import pan_zoom_frames, write_video
+
+    _mixing_tm_model().save_pretrained(tmp_path / "tm")
+    Image.fromarray(data.astronaut()).save(tmp_path / "person.png")
+    write_video(tmp_path / "dance.mp4", pan_zoom_frames(data.astronaut(), 12, 96), fps=60)
+    options = dict(checkpoint=tmp_path / "tm", reference=tmp_path / "person.png", pose=tmp_path / "dance.mp4",
+                   steps=1, size=16, batch_size=2 * F, align_pose=False, smooth_poses=False)
+    lines: list[str] = []
+    result = generate(GenerateConfig(output=tmp_path / "out.mp4", **options), log=lines.append)
+    assert result.fps == pytest.approx(30) and result.frames == 6
+    assert any("temporal-module model: the poses are taken at 30 fps" in line for line in lines), lines
+    chosen = generate(GenerateConfig(output=tmp_path / "chosen.mp4", fps=60, **options), log=lambda message: None)
+    assert chosen.fps == pytest.approx(60) and chosen.frames == 12
+
+
 def _finetune_run(tmp_path: Path, triplets) -> Path:
     run = tmp_path / "finetune"
     train(TrainConfig(stage="finetune", data=[str(triplets["video"])], output=str(run), model="tiny", resolution=RES,
