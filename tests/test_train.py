@@ -74,7 +74,7 @@ def test_finetune_pairs_every_target_with_its_clips_first_frame(triplets):
     rows = _rows_by_frame(triplets["video"])
     side = rows[0]["height"]
     box = crop_box(side, side, "finetune", 0, augment=False)
-    first_bg = apply_box(decode_picture(rows[0]["background"]), box, RES).transpose(2, 0, 1)
+    first_bg = apply_box(decode_picture(rows[0]["image"]), box, RES).transpose(2, 0, 1)  # cut by its mask later
     targets = {bytes(apply_box(decode_picture(r["image"]), box, RES).transpose(2, 0, 1).tobytes()): f
                for f, r in rows.items()}
     seen = set()
@@ -132,7 +132,7 @@ def test_random_reference_mode_draws_frames_of_the_same_clip(triplets):
     rows = _rows_by_frame(triplets["video"])
     side = rows[0]["height"]
     box = crop_box(side, side, "finetune", 0, augment=False)
-    backgrounds = {bytes(apply_box(decode_picture(r["background"]), box, RES).transpose(2, 0, 1).tobytes()): f
+    backgrounds = {bytes(apply_box(decode_picture(r["image"]), box, RES).transpose(2, 0, 1).tobytes()): f
                    for f, r in rows.items()}
     refs = [backgrounds[bytes(b.numpy().tobytes())] for b in batch["background"]]
     assert len(set(refs)) > 1  # not always the first frame

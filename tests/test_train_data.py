@@ -208,14 +208,14 @@ def test_one_worker_with_two_shards_sees_what_two_workers_see(clips):
         assert torch.equal(torch.cat([halves[0][i]["target"], halves[1][i]["target"]]), batch["target"])
         assert np.array_equal(batch["position"].numpy(), global_positions(np.arange(4 * i, 4 * i + 4), 0, 1, 4))
     # The samples are the rows the plan names: clip and frame are in the image's colour, and the
-    # background comes from the clip's first frame (7, 0, clip).
+    # background is cut from the clip's first frame's image (clip, 0, 7).
     plan = StreamPlan(index, 3, 2, 4)
     positions = torch.cat([b["position"] for b in whole]).numpy()
     rows = plan.rows(positions)
     colours = torch.cat([b["target"] for b in whole])[:, :, 0, 0].numpy()
     assert np.array_equal(colours[:, 0], index.clip[rows]) and np.array_equal(colours[:, 1], index.frame[rows])
     backgrounds = torch.cat([b["background"] for b in whole])[:, :, 0, 0].numpy()
-    assert (backgrounds[:, 1] == 0).all() and np.array_equal(backgrounds[:, 2], index.clip[rows])
+    assert (backgrounds[:, 1] == 0).all() and np.array_equal(backgrounds[:, 0], index.clip[rows])
     # A micro-batch mixes clips: over the run, most batches hold frames of more than one clip.
     mixed = [len(set(index.clip[plan.rows(b["position"].numpy())])) > 1 for b in whole]
     assert sum(mixed) >= 0.8 * len(mixed)
@@ -617,3 +617,42 @@ def test_a_workers_data_tasks_run_on_its_own_node(tmp_path):
     assert result["on_worker"] and result["tasks"] > 1, result
     assert result["nodes_used"] and all(n == 1 for n in result["nodes_used"]), result
     assert result["full"], result  # with the worker node full, the stream still ran (its decodes elsewhere)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_the_reference_and_background_are_cut_from_the_picture_at_the_size_they_are_used(stage):
+    """The CLIP reference and the background came from the stored foreground and background, cut
+    at the stored size and then shrunk: the cut's black blended into the person's edge (and the
+    person's into the hole's), a rim generate never shows the model (it cuts at the used size, as
+    the official code did). Now both come from the whole picture, cut by the mask at their size:
+    every person pixel of the reference is the shrunk picture's own, and so is every other pixel
+    of the background."""
+    import cv2
+    from skimage import data
+
+    from disco.model.conditioning import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from disco.train.augment import CLIP_SIZE, apply_box, crop_box
+    from disco.train.data.decode import _decode_samples
+    from disco.train.inputs import model_inputs
+
+    image = cv2.resize(data.astronaut(), (288, 512), interpolation=cv2.INTER_AREA)  # a 9:16 frame
+    alpha = np.zeros((512, 288), np.uint8)
+    cv2.ellipse(alpha, (144, 260), (90, 200), 0, 0, 360, 255, -1)  # "the person"
+    batch = {"position": [0], "image": [encode_png(image)], "ref_mask": [encode_png(alpha)]}
+    if stage == "finetune":
+        batch.update(pose=[encode_png(np.zeros_like(image))], ref_image=[encode_png(image)], ref_key=["r"])
+    out = _decode_samples(batch, stage, 256, augment=False, seed=0)
+    assert out["ok"].all()
+    inputs = model_inputs({k: torch.from_numpy(v) for k, v in out.items() if k != "position"})
+    box = crop_box(512, 288, stage, 0, augment=False)
+    for size, given, person in ((CLIP_SIZE, inputs["reference"][0], True), (256, inputs["background"][0], False)):
+        picture = torch.from_numpy(apply_box(image, box, size).astype(np.float32) / 255).permute(2, 0, 1)
+        mask = torch.from_numpy(apply_box(alpha, box, size) >= 128)
+        if person:  # back from CLIP's normalisation; outside the person it is 0
+            given = given * torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1) + torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+            kept = mask
+        else:
+            given = (given + 1) / 2
+            kept = ~mask
+        assert 0.1 < kept.float().mean() < 0.9
+        torch.testing.assert_close(given[:, kept], picture[:, kept], atol=1e-5, rtol=0)

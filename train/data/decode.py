@@ -54,21 +54,22 @@ def at_low_priority(fn, *args, **kwargs):
 _REFERENCES = LRU(max_items=REFERENCE_CACHE_ROWS)
 
 
-def _decode_reference(foreground: bytes, background: bytes, mask: bytes) -> dict:
+def _decode_reference(image: bytes | np.ndarray, mask: bytes) -> dict:
     from disco.pipeline.store.encode import decode_picture
 
-    return {"foreground": decode_picture(foreground), "background": decode_picture(background),
+    return {"image": image if isinstance(image, np.ndarray) else decode_picture(image),
             "mask": decode_picture(mask, grayscale=True)}
 
 
-def _reference(batch: dict, i: int) -> dict:
-    """Sample ``i``'s decoded reference pictures. Under ``--ref-mode first`` every sample of a
-    clip has the same reference, so decoded references are kept per process (``ref_key``): decoded
-    once per clip, not once per sample."""
-    pictures = [batch[f"ref_{c}"][i] for c in REFERENCE_COLUMNS]
+def _reference(batch: dict, i: int, image: np.ndarray) -> dict:
+    """Sample ``i``'s decoded reference pictures (``REFERENCE_COLUMNS``; ``image``: the sample's
+    own, decoded). Under ``--ref-mode first`` every sample of a clip has the same reference, so
+    decoded references are kept per process (``ref_key``): decoded once per clip, not once per
+    sample."""
     key = batch["ref_key"][i] if "ref_key" in batch else None
     if key is None:  # pre-training: the row is its own reference
-        return _decode_reference(*pictures)
+        return _decode_reference(image, batch["ref_mask"][i])
+    pictures = [batch[f"ref_{c}"][i] for c in REFERENCE_COLUMNS]
     decoded = _REFERENCES.get(key)
     if decoded is None:
         decoded = _decode_reference(*pictures)
@@ -138,10 +139,11 @@ def _decode_samples(batch: dict, stage: str, resolution: int, augment: bool, see
                 else:
                     pose = decode_picture(batch["pose"][i])
                 out["pose"][i] = _chw(apply_box(pose, box, resolution))
-            ref = _reference(batch, i)
-            ref_box = scale_box(box, image.shape[:2], ref["background"].shape[:2])
-            out["background"][i] = _chw(apply_box(ref["background"], ref_box, resolution))
-            out["reference"][i] = _chw(apply_box(ref["foreground"], ref_box, CLIP_SIZE))
+            ref = _reference(batch, i, image)
+            ref_box = scale_box(box, image.shape[:2], ref["image"].shape[:2])
+            # Whole pictures: the masks cut the person out at this size (``train/inputs.py``).
+            out["background"][i] = _chw(apply_box(ref["image"], ref_box, resolution))
+            out["reference"][i] = _chw(apply_box(ref["image"], ref_box, CLIP_SIZE))
             out["reference_mask"][i] = _chw(apply_box(ref["mask"], ref_box, CLIP_SIZE))
             out["background_mask"][i] = _chw(apply_box(ref["mask"], ref_box, resolution))
             out["ok"][i] = True

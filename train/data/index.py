@@ -16,10 +16,14 @@ from disco.pipeline.store.schema import TRIPLETS_DIR
 
 
 INDEX_COLUMNS = ["source", "clip_id", "frame_index", "split"]
-REFERENCE_COLUMNS = ("foreground", "background", "mask")
+# The reference row's whole picture and its person mask: the CLIP reference and the background
+# are both cut from the picture at the size they are used at (``model.conditioning``'s masks), as
+# generate cuts them and the official code did. The stored foreground and background, cut at the
+# stored size and shrunk after, had the black of the cut blended into the person's edge.
+REFERENCE_COLUMNS = ("image", "mask")
 # The picture columns a training sample uses. Pre-training (HAP) has no pose branch and is its own
 # reference; fine-tuning reads its reference row's pictures separately (``_encoded_references``).
-TARGET_COLUMNS = {"finetune": ("image", "pose"), "pretrain": ("image", *REFERENCE_COLUMNS)}
+TARGET_COLUMNS = {"finetune": ("image", "pose"), "pretrain": ("image", "mask")}
 
 
 class DataError(ValueError):

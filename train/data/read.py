@@ -253,9 +253,8 @@ def read_samples(spec: pa.Table, stage: str, block: int, store: str | None = Non
             out[f"ref_{column}"] = pa.array([encoded[key][i] for key in keys], pa.binary())
         versions = {path: file_version(path) for path in dict.fromkeys(key[0] for key in keys)}
         out["ref_key"] = pa.array([f"{p}\x00{versions[p]}\x00{g}\x00{r}" for p, g, r in keys], pa.string())
-    else:
-        for column in REFERENCE_COLUMNS:
-            out[f"ref_{column}"] = taken.column(column)
+    else:  # pre-training: the row is its own reference (its image is shipped once, as the target's)
+        out["ref_mask"] = taken.column("mask")
     window = pa.table(out)
     for start in range(0, n, block):
         part = window.slice(start, block)
