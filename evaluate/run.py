@@ -531,7 +531,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         folder = clip.replace("/", "__")
         if folder in finished:
             continue
-        rows = read_clip(config.data, clip, ["image", "mask", "background", *POSE_READ_COLUMNS], split=config.split)
+        rows = read_clip(config.data, clip, ["image", "mask", *POSE_READ_COLUMNS], split=config.split)
         if config.max_frames:
             rows = rows[:config.max_frames]
         # Drawn as the run's training poses were (its config.yaml): stored, or from the keypoints.
@@ -539,7 +539,9 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         first = rows[0]
         image, mask = decode_picture(first["image"]), decode_picture(first["mask"], grayscale=True)
         reference = reference_pixels(square(image, size), square(mask, size, nearest=True))
-        background = background_pixels(decode_picture(first["background"]), size, mask, pipeline.background_hole)
+        # Cut from the whole picture at this size, as training and generate cut it (the stored
+        # background, cut at the stored size and shrunk, blends the cut's black into the hole's edge).
+        background = background_pixels(image, size, mask, pipeline.background_hole)
         poses = pose_pixels(drawn, side)
         frames = pipeline(reference, background, poses, num_inference_steps=config.steps,
                           guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)

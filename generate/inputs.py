@@ -17,7 +17,7 @@ from disco.model.conditioning import square
 from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.decode import (cover_size, decode_video_frames, load_image, open_video, probe_video,
-                                   resample_sequence, target_size)
+                                   resample_sequence, shrink_square, target_size)
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
 from disco.pipeline.annotators.render import render_pose
@@ -203,12 +203,10 @@ def drawing_side(width: int, height: int, side: int) -> int:
 
 
 def _drawn_at(drawn: int, side: int, body, hand, style: str) -> np.ndarray:
-    from disco.train.augment import apply_box
-
     factor = drawn / side
     picture = render_pose(drawn, drawn, None if body is None else scale_keypoints(body, factor),
                           None if hand is None else scale_keypoints(hand, factor), style=style)
-    return picture if drawn == side else apply_box(picture, (0, 0, drawn, drawn), side)  # as training shrinks it
+    return picture if drawn == side else shrink_square(picture, side)  # as training shrinks its crop
 
 
 def scale_keypoints(points: np.ndarray, factor: float) -> np.ndarray:

@@ -147,7 +147,7 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     # --align-pose: the driving skeletons refitted to the reference person (its pose, in pose-picture pixels).
     target = reference_target(matted, size, side) if config.align_pose else None
     fps = config.fps
-    if fps is None and getattr(pipeline.model, "temporal", None) is not None:
+    if fps is None and getattr(getattr(pipeline, "model", None), "temporal", None) is not None:
         # A temporal module learnt the motion between frames of clips preprocess took at its --fps
         # (30 by default; a slower source kept its own): a 60 fps phone video would give it half
         # the motion per frame it was trained on. Never up-sampled (a 24 fps one stays 24).
@@ -237,4 +237,7 @@ def partial_key(config: GenerateConfig, source: dict, size: int, frames: int) ->
             "inputs": {"reference": file_identity(config.reference), "background": file_identity(config.background),
                        "pose": file_identity(config.pose / MANIFEST_FILE if config.clip else config.pose)},
             "annotators": {"matting": backends["matting"], "pose": backends["pose"]},
+            # How a driving video's skeletons are drawn: 2 since they are drawn as training drew
+            # them (``generate.inputs.drawing_side``); frames kept from before are not joined.
+            "pose_drawing": 2,
             **{name: getattr(config, name) for name in settings}}

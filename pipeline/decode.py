@@ -36,6 +36,17 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def shrink_square(picture: np.ndarray, size: int) -> np.ndarray:
+    """A square picture resized to ``size`` x ``size`` as training resizes its crops: the area
+    filter when shrinking by 2x or more, where bilinear would alias; bilinear otherwise (it reads
+    every source pixel when shrinking by less than 2x, and OpenCV's area filter at such fractional
+    scales costs several times as much)."""
+    import cv2
+
+    interpolation = cv2.INTER_AREA if picture.shape[0] >= 2 * size else cv2.INTER_LINEAR
+    return cv2.resize(picture, (size, size), interpolation=interpolation)
+
+
 def cover_size(width: int, height: int, side: int) -> tuple[int, int]:
     """Size after shrinking so that the short side is ``side`` (a centre-cropped ``side`` square
     still fits whole); never enlarges."""

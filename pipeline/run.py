@@ -319,7 +319,7 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
     (``VIDEOS_PER_PLAN_TASK``), and so are tar shards, counted there once a run has ``ray_from``
     of them; the other inputs are planned on the driver, on a few threads (stills need no
     reading). The tasks' units come after the driver's, in listing order. ``unit_counts``: how
-    many units each partly done input was cut into (``_missing_units_failed``)."""
+    many units each partly done input was cut into (``_fit_partly_done``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     videos = [item for item in pending if item.kind == "video" and not item.error_type]
@@ -345,33 +345,42 @@ def plan_all(pending, settings: dict, partial_units: dict[str, list[int]], threa
     if chunks:
         with stops_in_one_line():
             tables += [table for planned in _planned_in_tasks(chunks, refs, settings, partial_units) for table in planned]
-    return _missing_units_failed(pa.concat_tables(tables), partial_units, unit_counts or {})
+    return _fit_partly_done(pa.concat_tables(tables), partial_units, unit_counts or {}, log)
 
 
-def _missing_units_failed(units: pa.Table, partial_units: dict[str, list[int]], unit_counts: dict[str, int]) -> pa.Table:
-    """A partly done input that fails before it is cut into units this time (gone from the listing,
-    a probe that fails or ends its process) is its errors unit: the input's first of one, which
-    in the journal would take the place of the committed unit 0 (its rows no longer counted, the
-    input partly done for good). It becomes the error of each unit still to do instead, numbered
-    as the input was cut, so that the input is done, its failed units known to --retry-errors."""
+def _fit_partly_done(units: pa.Table, partial_units: dict[str, list[int]], unit_counts: dict[str, int],
+                     log=lambda message: None) -> pa.Table:
+    """The units planned for partly done inputs, fitted to how each was cut before (``unit_counts``):
+    - one that fails before it is cut this time (a listing error, a probe that fails or ends its
+      process) is its errors unit, the input's first of one, which in the journal would take the
+      place of the committed unit 0 (its rows no longer counted, the input partly done for good):
+      it becomes the error of each unit still to do instead, numbered as the input was cut, so
+      that the input is done and its failed units known to --retry-errors;
+    - one now cut into another number of units (a frame folder that gained frames: folders are
+      not versioned) would join units of two cuttings: it is kept as it is, as a changed file is."""
     import pyarrow.compute as pc
 
     if not partial_units or not units.num_rows:
         return units
-    failed = pc.and_(pc.is_valid(units.column("error_type")),
-                     pc.is_in(units.column("input_path"), pa.array(sorted(partial_units), pa.string())))
-    if not pc.any(failed).as_py():
+    partly = pc.is_in(units.column("input_path"), pa.array(sorted(partial_units), pa.string()))
+    if not pc.any(partly).as_py():
         return units
-    spread = []
-    for unit in units.filter(failed).to_pylist():
+    fitted, recut = [], set()
+    for unit in units.filter(partly).to_pylist():
         path = unit["input_path"]
         count = unit_counts.get(path)
-        if count is None or unit["unit_count"] == count:  # cut as before: its own unit's error
-            spread.append(unit)
-            continue
-        done = set(partial_units[path])
-        spread += [{**unit, "unit_index": k, "unit_count": count} for k in range(count) if k not in done]
-    return pa.concat_tables([units.filter(pc.invert(failed)), unit_table(spread)])
+        if count is None or unit["unit_count"] == count:  # cut as before
+            fitted.append(unit)
+        elif unit["error_type"]:
+            done = set(partial_units[path])
+            fitted += [{**unit, "unit_index": k, "unit_count": count} for k in range(count) if k not in done]
+        else:
+            recut.add(path)
+    if recut:
+        log(f"{len(recut)} partly done input(s) are now cut into another number of units than their committed ones "
+            f"({', '.join(sorted(recut)[:3])}{', ...' if len(recut) > 3 else ''}): their files changed, so they are "
+            "kept as they are; pass --overwrite to redo the output")
+    return pa.concat_tables([units.filter(pc.invert(partly)), unit_table(fitted)])
 
 
 def _chunks(items, size: int) -> list[list[dict]]:

@@ -500,6 +500,51 @@ def test_retry_errors_runs_the_failed_segment_of_a_video_whose_other_segments_wr
     assert named == {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.parquet")}
 
 
+def test_a_partly_done_frame_folder_that_gained_frames_is_kept_as_it_was_cut(tmp_path):
+    """Frame folders carry no version (size and time) as videos do: one that gained frames after
+    its first segments were committed was cut into more units on resume, and units of the two
+    cuttings were joined in the journal (the input never complete, or complete with frames twice).
+    Its new units are not run; the input stays as it was cut, said in one line."""
+    import importlib
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+    from disco.pipeline.store.output import OutputStore
+
+    importlib.reload(annotator_plugin)
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((96, 96))).copy()
+    folder, out = tmp_path / "in", tmp_path / "out"
+
+    def frame(k: int) -> None:
+        picture = photo.copy()
+        if 4 <= k < 8:
+            picture[:16, :16] = annotator_plugin.FAULT
+        save(folder / "00001" / "images" / f"{k:04d}.png", Image.fromarray(picture))
+
+    for k in range(12):
+        frame(k)
+    options = dict(matting="flaky-device", pose="none", hands=False, actors=1, segment_frames=4)
+    annotator_plugin.FLAKY.touch()
+    lines: list[str] = []
+    try:
+        _run(tmp_path, "tiktok", folder, **options)
+        annotator_plugin.FLAKY.unlink()
+        for k in range(12, 16):  # the folder gained a segment's frames
+            frame(k)
+        preprocess(PreprocessConfig(source="tiktok", input=folder, output=out, retry_errors=["gpu_failed"], **options),
+                   log=lines.append)
+    finally:
+        annotator_plugin.FLAKY.unlink(missing_ok=True)
+        for name in ("flaky-device", "centre-box"):
+            registry.unregister(name)
+    (units,) = OutputStore(out).read_journal().units().values()
+    assert sorted(units) == [0, 2] and {u["unit_count"] for u in units.values()} == {3}
+    frames = sorted(open_triplets(out).to_table(columns=["frame_index"]).column("frame_index").to_pylist())
+    assert frames == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert any("1 partly done input(s) are now cut into another number of units" in line for line in lines), lines
+
+
 def test_a_partly_done_video_that_cannot_be_read_again_keeps_its_units_and_fails_the_rest(tmp_path):
     """A partly done video (one segment taken out by --retry-errors, or a run stopped) whose file
     cannot be opened when the run comes back to it (a mount's passing fault) was planned as its

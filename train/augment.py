@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 
 FINETUNE_SCALE = (0.9, 1.0)
@@ -60,10 +59,8 @@ def scale_box(box: Box, src: tuple[int, int], dst: tuple[int, int]) -> Box:
 
 
 def apply_box(picture: np.ndarray, box: Box, size: int) -> np.ndarray:
-    """Crop then resize to ``size`` x ``size``: the area filter when shrinking by 2x or more, where
-    bilinear would alias; bilinear otherwise (it reads every source pixel when shrinking by less
-    than 2x, and OpenCV's area filter at such fractional scales costs several times as much)."""
+    """Crop then resize to ``size`` x ``size`` (``pipeline.decode.shrink_square``)."""
+    from disco.pipeline.decode import shrink_square
+
     top, left, h, w = box
-    crop = picture[top:top + h, left:left + w]
-    interpolation = cv2.INTER_AREA if h >= 2 * size else cv2.INTER_LINEAR
-    return cv2.resize(crop, (size, size), interpolation=interpolation)
+    return shrink_square(picture[top:top + h, left:left + w], size)

@@ -295,7 +295,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
         if ema is not None and ema_weights is not None:
             # A copy even on the CPU: the file is mapped (read_checkpoint), see load_optimizer_state.
             ema.shadow_params = [ema_weights[n].to(device, copy=True) for n in names]
-            ema.optimization_step = int(state.get("updates", state["step"]))  # the EMA's decay counts updates
+            ema.optimization_step = int(scheduler.last_epoch)  # the EMA's decay counts updates, as the schedule does
         _restore_rng(state["rng"], training_state)
         step, position = int(state["step"]), int(state["positions"][rank])
         skipped_before = int(state["skipped"])

@@ -110,7 +110,7 @@ def read_row_group(path: str, group: int, columns: list[str]) -> tuple[pa.Table,
 class ReferenceStore:
     """A Ray actor (no CPU) that keeps encoded reference rows for every stream of one data set on
     the cluster, so that a clip's reference is read from Parquet about once per run, not once per
-    worker process: a reference row costs a whole row group's three reference columns (about 64x
+    worker process: a reference row costs a whole row group's reference columns (about 64x
     the row), and every worker meets every clip. Bounded in bytes; a stream works without it."""
 
     def __init__(self, max_bytes: int):
