@@ -365,17 +365,21 @@ def _fit_partly_done(units: pa.Table, partial_units: dict[str, list[int]], unit_
     partly = pc.is_in(units.column("input_path"), pa.array(sorted(partial_units), pa.string()))
     if not pc.any(partly).as_py():
         return units
-    fitted, recut = [], set()
+    fitted, recut, changed = [], set(), False
     for unit in units.filter(partly).to_pylist():
         path = unit["input_path"]
         count = unit_counts.get(path)
         if count is None or unit["unit_count"] == count:  # cut as before
             fitted.append(unit)
-        elif unit["error_type"]:
+            continue
+        changed = True
+        if unit["error_type"]:
             done = set(partial_units[path])
             fitted += [{**unit, "unit_index": k, "unit_count": count} for k in range(count) if k not in done]
         else:
             recut.add(path)
+    if not changed:
+        return units  # as planned, in the listing's order
     if recut:
         log(f"{len(recut)} partly done input(s) are now cut into another number of units than their committed ones "
             f"({', '.join(sorted(recut)[:3])}{', ...' if len(recut) > 3 else ''}): their files changed, so they are "
