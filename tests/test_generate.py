@@ -451,6 +451,47 @@ def test_poses_from_a_preprocessed_clip(inputs, triplets, tmp_path):
     assert bad.exit_code == 2 and "clip 'nope' is not in" in bad.output
 
 
+def test_evaluate_run_cuts_the_background_from_the_picture_as_training_does(inputs, triplets, tmp_path, monkeypatch):
+    """evaluate --run fed the model the stored background (cut at the stored size, then shrunk: the
+    cut's black blended into the hole's edge); training and generate cut it from the whole picture
+    at the size used. The background it feeds is now the one cut from the clip's first picture."""
+    from types import SimpleNamespace
+
+    import disco.generate.run as generate_run
+    from disco.generate.inputs import read_clip
+    from disco.model.conditioning import background_pixels
+    from disco.pipeline.store.encode import decode_picture
+
+    fed = []
+
+    def pipeline(reference, background, poses, **options):
+        fed.append(background)
+        return np.zeros((len(poses), SIZE, SIZE, 3), np.uint8)
+
+    stub = SimpleNamespace(device=torch.device("cpu"), background_hole=0.0, source={"path": "stub"})
+    monkeypatch.setattr(generate_run, "open_pipeline", lambda *a, **k: (_Callable(pipeline, stub), SIZE, 2 * SIZE))
+    result = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "test", "--metrics", "l1",
+                  "--steps", 1, "--size", SIZE, "--output", tmp_path / "report.json")
+    assert result.exit_code == 0, result.output
+    first = read_clip(triplets, "dance", ["image", "mask", "background"], split="test")[0]
+    mask = decode_picture(first["mask"], grayscale=True)
+    cut = background_pixels(decode_picture(first["image"]), SIZE, mask, 0.0)
+    stored = background_pixels(decode_picture(first["background"]), SIZE, mask, 0.0)
+    assert len(fed) == 1 and torch.equal(fed[0], cut)
+    assert not torch.equal(cut, stored)  # the stored one's rim
+
+
+class _Callable:
+    """A stand-in pipeline: called like one, with the attributes evaluate reads."""
+
+    def __init__(self, call, attributes):
+        self._call = call
+        self.__dict__.update(vars(attributes))
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
 def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, tmp_path, monkeypatch):
     from disco.model.pipeline import DisCoPipeline
 
