@@ -490,7 +490,7 @@ def write_clip(work: Path, folder: str, pred: np.ndarray, gt: np.ndarray) -> Non
 
 def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None]) -> dict:
     """Every clip of ``config.split`` in ``config.data``: the clip's first frame is the reference
-    (its stored foreground mask and background), its stored poses drive the model; generated
+    (its picture, cut by its stored mask into person and background), its stored poses drive the model; generated
     frames go to ``work/pred/CLIP/``, the real frames, squared to the same size, to ``work/gt/CLIP/``."""
     import pyarrow.compute as pc
 
