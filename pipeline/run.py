@@ -216,12 +216,11 @@ def _retry_errors(cfg: PreprocessConfig, store: OutputStore, state, changed: set
     """``--retry-errors``: the failed units of its types leave the output, to run again. Of an
     input whose file changed since, only all its units at once: the rest of a partly done one
     would be cut from another file (``changed_inputs``), so its failed units stay as they are."""
+    from collections import Counter
+
     again = failed_units(store, state, set(cfg.retry_errors))
-    units = state.units()
-    taken: dict[str, int] = {}
-    for path, _ in again:
-        taken[path] = taken.get(path, 0) + 1
-    kept = {path for path in changed if path in taken and taken[path] < len(units[path])}
+    units, taken = state.units(), Counter(path for path, _ in again)
+    kept = {path for path in changed if 0 < taken[path] < len(units[path])}
     again = {unit for unit in again if unit[0] not in kept}
     if again:
         state = retract_units(store, state, again, cfg.row_group_rows)
