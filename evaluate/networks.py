@@ -147,8 +147,10 @@ def inception(path: Path) -> nn.Module:
         safe = Path(tmp) / "inception.pth"
         torch.save(state, safe)
         try:
+            # antialias=False: torch-fidelity's TF1-style resize to 299 (torchmetrics' default is
+            # PyTorch's antialiased bilinear: 7 grey levels off on average at 256 px, 28 at 512).
             return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=str(safe))
+                                      feature_extractor_weights_path=str(safe), antialias=False)
         except RuntimeError as exc:
             raise WeightsError(f"{path} does not fit the FID Inception: {str(exc).splitlines()[0]}") from None
 

@@ -496,7 +496,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
 
     from disco.model.conditioning import background_pixels, pose_pixels, reference_pixels, square
     from disco.generate.inputs import POSE_READ_COLUMNS, check_pose_folder, pose_pictures, read_clip
-    from disco.model.checkpoint import pose_setting, trained_data
+    from disco.model.checkpoint import trained_data, trained_drawing
     from disco.generate.run import open_pipeline
     from disco.pipeline.store.manifest import split_conflicts
     from disco.pipeline.store.encode import decode_picture
@@ -509,7 +509,8 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     clip_ids = sorted(set(table.column("clip_id").to_pylist()))
     if not clip_ids:
         raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
-    check_pose_folder(config.data, *pose_setting(config.run))  # poses it cannot draw: refused before the model loads
+    drawing = trained_drawing(config.run)  # its training poses' drawing, face points included
+    check_pose_folder(config.data, drawing.style, drawing.hands, drawing.face)  # poses it cannot draw: refused now
     for line in split_conflicts(trained_data(config.run), [config.data]):
         log(f"warning: {line} (the run, the runs it started from, and the folder scored): clips scored here may "
             "have been trained on")
@@ -535,7 +536,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
         if config.max_frames:
             rows = rows[:config.max_frames]
         # Drawn as the run's training poses were (its config.yaml): stored, or from the keypoints.
-        drawn = pose_pictures(config.data, rows, *pose_setting(config.run), clip=clip)
+        drawn = pose_pictures(config.data, rows, drawing.style, drawing.hands, clip=clip, face=drawing.face)
         first = rows[0]
         image, mask = decode_picture(first["image"]), decode_picture(first["mask"], grayscale=True)
         reference = reference_pixels(square(image, size), square(mask, size, nearest=True))

@@ -62,10 +62,18 @@ def annotator_backends(with_pose: bool, device: str | None = None) -> dict:
                             cuda=False if on_cpu else None)
 
 
-def make_annotator(with_pose: bool, hands: bool | None = None, device: str | None = None):
+def finds_faces(device: str | None = None) -> bool:
+    """Whether the pose annotator ``make_annotator`` picks on ``device`` finds face points
+    (OpenPose and DWPose do; MediaPipe, the embedded one, does not)."""
+    from disco.pipeline.annotators.registry import load
+
+    return "--face" in load(annotator_backends(True, device)["pose"]).options
+
+
+def make_annotator(with_pose: bool, hands: bool | None = None, device: str | None = None, face: bool = False):
     """The pipeline's annotators, resolved as ``preprocess`` resolves ``auto`` (hands found unless
-    ``hands`` is False), on the torch ``device`` the model runs on (``cpu``, ``cuda``, ``cuda:1``;
-    None: a CUDA GPU where there is one)."""
+    ``hands`` is False, face points where ``face`` and the backend finds them), on the torch
+    ``device`` the model runs on (``cpu``, ``cuda``, ``cuda:1``; None: a CUDA GPU where there is one)."""
     from disco.pipeline.annotators import FrameAnnotator
 
     backends = annotator_backends(with_pose, device)
@@ -75,7 +83,7 @@ def make_annotator(with_pose: bool, hands: bool | None = None, device: str | Non
     hands = _DEFAULTS["hands"] if hands is None else hands
     return FrameAnnotator(backends["matting"], backends["pose"], hands and with_pose,
                           _DEFAULTS["min_visibility"], _DEFAULTS["min_mask_area"], _DEFAULTS["joint_threshold"],
-                          weights=backends["weights"], device=run_device)
+                          weights=backends["weights"], device=run_device, face=face and with_pose)
 
 
 # A reference photo straight off a phone's 108 or 200 MP mode (16320 x 12240) is taken: one
@@ -135,12 +143,15 @@ UNIT_FRAMES = 256
 
 def poses_from_video(path: str | Path, side: int, fps: float | None = None, annotator=None,
                      style: str | None = None, batch: int = 32, hands: bool | None = None,
-                     smooth: bool = False, reference: np.ndarray | None = None,
+                     smooth: bool = False, reference: np.ndarray | None = None, face: bool = False,
+                     max_side: int | None = None,
                      max_frames: int | None = None, device: str | None = None,
                      progress: Callable[[int, int], None] | None = None) -> PoseSequence:
     """Every frame of a video (resampled to ``fps`` when given, the first ``max_frames`` only when
     given: the rest is never decoded) -> a skeleton picture of ``side`` px, drawn in ``style``
-    with or without ``hands`` (default: the preprocessing defaults).
+    with or without ``hands`` and face points (``face``, where the annotator finds them), as if
+    the frames had been stored at ``max_side`` (``drawing_side``; default: the preprocessing
+    defaults).
 
     The frames are annotated as a video (tracking mode, as ``preprocess`` does). ``smooth``: the
     keypoints go through the One-Euro filter (``pipeline/annotators/smoothing.py``) first;
@@ -153,9 +164,9 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     indices, rate = info.resampled(fps or info.fps)
     indices = indices[:max_frames]
     own = annotator is None
-    annotator = annotator or make_annotator(with_pose=True, hands=hands, device=device)
+    annotator = annotator or make_annotator(with_pose=True, hands=hands, device=device, face=face)
     analysed = max(side, MIN_ANNOTATE_SIDE)
-    bodies, drawn_hands = [], []
+    bodies, drawn_hands, faces = [], [], []
     begin_unit = getattr(annotator, "begin_unit", None)
     # Decoded straight to the size analysed (its short side): a 4K phone clip's batch of 32 frames
     # is 800 MB at full size, only to be shrunk to a 256 px square frame by frame.
@@ -171,6 +182,8 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
                 bodies.append(None if pose is None else scale_keypoints(pose.body, side / analysed))
                 drawn_hands.append(None if not hands or pose is None or pose.hands is None else
                                    scale_keypoints(pose.hands, side / analysed))
+                faces.append(None if not face or pose is None or pose.face is None else
+                             scale_keypoints(pose.face, side / analysed))
             if progress is not None:
                 progress(len(bodies), len(indices))
     except InputError as exc:
@@ -181,31 +194,33 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     if smooth and len(bodies) > 1:
         from disco.pipeline.annotators.smoothing import smooth_sequence
 
-        bodies, drawn_hands = smooth_sequence(bodies, rate, side), smooth_sequence(drawn_hands, rate, side)
+        bodies, drawn_hands, faces = (smooth_sequence(points, rate, side) for points in (bodies, drawn_hands, faces))
     alignment = None
     if reference is not None:
-        bodies, drawn_hands, _, fitted = align_sequence(reference, bodies, drawn_hands)
+        bodies, drawn_hands, faces, fitted = align_sequence(reference, bodies, drawn_hands, faces)
         alignment = None if fitted is None else fitted.to_dict()
-    drawn = drawing_side(info.width, info.height, side)
-    frames = [_drawn_at(drawn, side, body, hand, style or _DEFAULTS["pose_style"])
-              for body, hand in zip(bodies, drawn_hands)]
+    drawn = drawing_side(info.width, info.height, side, max_side)
+    frames = [_drawn_at(drawn, side, body, hand, style or _DEFAULTS["pose_style"], face_points)
+              for body, hand, face_points in zip(bodies, drawn_hands, faces)]
     return PoseSequence(frames, fps=rate, empty=sum(b is None for b in bodies), alignment=alignment,
                         smoothed=smooth and len(bodies) > 1, bodies=bodies)
 
 
-def drawing_side(width: int, height: int, side: int) -> int:
+def drawing_side(width: int, height: int, side: int, max_side: int | None = None) -> int:
     """The square a driving video's skeletons are drawn on before they shrink to ``side``: the
-    short side of the frame as ``preprocess`` stores it (``--max-side`` 512 by default). Training
+    short side of the frame as ``preprocess`` stores it with ``--max-side`` ``max_side`` (the
+    model's training data's, ``trained_drawing``; 512 by default). Training
     draws each skeleton at its stored frame's size and shrinks the crop to the training size, and
     lines and joints are fixed pixel counts: drawn straight at 256 px, a square video's limbs
     were twice as thick as those the model learnt (1080p stored at 512 x 512), a 16:9 one's 1.1x."""
-    return max(side, min(target_size(width, height, _DEFAULTS["max_side"])))
+    return max(side, min(target_size(width, height, max_side or _DEFAULTS["max_side"])))
 
 
-def _drawn_at(drawn: int, side: int, body, hand, style: str) -> np.ndarray:
+def _drawn_at(drawn: int, side: int, body, hand, style: str, face=None) -> np.ndarray:
     factor = drawn / side
     picture = render_pose(drawn, drawn, None if body is None else scale_keypoints(body, factor),
-                          None if hand is None else scale_keypoints(hand, factor), style=style)
+                          None if hand is None else scale_keypoints(hand, factor), style=style,
+                          face=None if face is None else scale_keypoints(face, factor))
     return picture if drawn == side else shrink_square(picture, side)  # as training shrinks its crop
 
 
@@ -248,9 +263,10 @@ POSE_READ_COLUMNS = ("pose", "width", "height", "body_keypoints", "hand_keypoint
 
 
 def pose_pictures(triplets: str | Path, rows: list[dict], style: str | None = None, hands: bool | None = None,
-                  clip: str = "", redraw: bool = False) -> list[np.ndarray]:
+                  clip: str = "", redraw: bool = False, face: bool | None = None) -> list[np.ndarray]:
     """The pose pictures (stored size) of ``rows`` of the preprocessed folder ``triplets`` (read
-    with ``POSE_READ_COLUMNS``) in ``style`` / ``hands`` (default: as stored): the stored pictures
+    with ``POSE_READ_COLUMNS``) in ``style`` / ``hands`` / ``face`` (default: as stored; face
+    points only where the folder has them): the stored pictures
     where the folder's manifest says they are drawn so, else drawn from the stored keypoints.
     Stored pictures of another drawing with no keypoints to redraw them are refused. ``redraw``:
     always drawn from the keypoints (rows whose keypoints were changed, e.g. aligned)."""
@@ -259,24 +275,25 @@ def pose_pictures(triplets: str | Path, rows: list[dict], style: str | None = No
     data = data_pose(triplets)
     style = style or data.style
     hands = data.hands if hands is None else hands
-    if not redraw and check_pose_folder(triplets, style, hands):
+    if not redraw and check_pose_folder(triplets, style, hands, face):
         if any(r["pose"] is None for r in rows):
             raise GenerateInputError(f"clip {clip!r} was preprocessed with --pose none: it has no pose pictures")
         return [decode_picture(r["pose"]) for r in rows]
     if any(r["body_keypoints"] is None for r in rows):
         raise _other_drawing(triplets, data.style, style)
-    return [row_pose(r["width"], r["height"], r["body_keypoints"], r["hand_keypoints"], r["face_keypoints"],
-                     style, hands) for r in rows]
+    return [row_pose(r["width"], r["height"], r["body_keypoints"], r["hand_keypoints"],
+                     r["face_keypoints"] if face is None or face else None, style, hands) for r in rows]
 
 
-def check_pose_folder(triplets: str | Path, style: str, hands: bool) -> bool:
+def check_pose_folder(triplets: str | Path, style: str, hands: bool, face: bool | None = None) -> bool:
     """Whether the preprocessed folder ``triplets`` stores its pose pictures drawn in ``style`` /
-    ``hands`` (else they are drawn from its keypoints); a folder of another drawing without
-    keypoints (``--pose none``) is refused with one line, before any model loads."""
+    ``hands`` / ``face`` (None: either; face points asked of a folder without them: its own
+    pictures are the nearest) (else they are drawn from its keypoints); a folder of another
+    drawing without keypoints (``--pose none``) is refused with one line, before any model loads."""
     from disco.pipeline.store.pose import data_pose, same_drawing
 
     data = data_pose(triplets)
-    if same_drawing(data, style, hands):
+    if same_drawing(data, style, hands, None if face is None else face and data.face):
         return True
     if not data.keypoints:
         raise _other_drawing(triplets, data.style, style)
@@ -290,8 +307,9 @@ def _other_drawing(triplets, stored: str, style: str) -> GenerateInputError:
 
 def poses_from_triplets(triplets: str | Path, clip: str, side: int, style: str | None = None,
                         hands: bool | None = None, reference: np.ndarray | None = None,
-                        fps: float | None = None, max_frames: int | None = None) -> PoseSequence:
-    """The pose pictures of a preprocessed clip in ``style`` / ``hands`` (``pose_pictures``),
+                        fps: float | None = None, max_frames: int | None = None,
+                        face: bool | None = None) -> PoseSequence:
+    """The pose pictures of a preprocessed clip in ``style`` / ``hands`` / ``face`` (``pose_pictures``),
     squared to ``side`` px; resampled to ``fps`` as a pose video is, the first ``max_frames``
     only. ``reference``: the stored keypoints are first aligned to this 18 x 3 skeleton (pixels of
     the ``side`` square, ``generate/align.py``) and drawn from."""
@@ -306,7 +324,8 @@ def poses_from_triplets(triplets: str | Path, clip: str, side: int, style: str |
     if reference is not None and all(r["body_keypoints"] is not None for r in rows):
         rows, alignment = align_rows(rows, reference, side)
     frames = [square(picture, side)
-              for picture in pose_pictures(triplets, rows, style, hands, clip, redraw=alignment is not None)]
+              for picture in pose_pictures(triplets, rows, style, hands, clip, redraw=alignment is not None,
+                                           face=face)]
     return PoseSequence(frames, fps=rate, alignment=alignment)
 
 

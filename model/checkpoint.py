@@ -337,6 +337,20 @@ def pose_setting(path: str | Path) -> tuple[str, bool]:
     return str(values.get("pose_style") or DEFAULT_STYLE), DEFAULT_HANDS if hands is None else bool(hands)
 
 
+def trained_drawing(path: str | Path):
+    """How the poses the model at ``path`` learnt from were drawn, as a ``DataPose``: the style
+    and hands of its run (``pose_setting``); with or without face points, the stored frame size
+    and the video rate of the data it trained on, from the manifest of the first of its data
+    folders (``trained_data``: its own first) found here; the preprocessing defaults where none is
+    (a ``save_pretrained`` folder, a checkpoint copied away from its data)."""
+    from disco.pipeline.store.pose import MANIFEST_FILE, DataPose, data_pose
+
+    style, hands = pose_setting(path)
+    found = next((data_pose(folder) for folder in trained_data(path) if (Path(folder) / MANIFEST_FILE).is_file()),
+                 DataPose())
+    return dataclasses.replace(found, style=style, hands=hands, keypoints=True)
+
+
 def run_options(path: str | Path) -> dict | None:
     """The ``config.yaml`` of the run that ``path`` (a run, one of its checkpoints, or Ray Train's
     record of one) belongs to; None for a ``save_pretrained`` folder (a run's own, kept inside

@@ -91,12 +91,14 @@ def test_generate_writes_a_playable_video_with_one_frame_per_pose_frame(inputs, 
     assert record["checkpoint"] == {"path": str(inputs / "ckpt"), "kind": "save_pretrained"}
 
 
-@pytest.mark.parametrize("source", [(512, 512), (640, 360)])
-def test_a_driving_videos_skeletons_are_as_thick_as_the_ones_training_drew(tmp_path, source):
+@pytest.mark.parametrize("source,max_side,face", [((512, 512), None, False), ((640, 360), None, False),
+                                                  ((1920, 1080), 1024, True)])
+def test_a_driving_videos_skeletons_are_as_thick_as_the_ones_training_drew(tmp_path, source, max_side, face):
     """Training draws each skeleton on its stored frame (short side up to 512 px at the default
     --max-side) and shrinks the crop to 256; lines and joints are fixed pixel counts. generate drew
     a driving video's skeletons straight at 256: a square video's limbs came out twice as thick as
-    those the model learnt. Now drawn as training draws them: the same picture of the same pose."""
+    those the model learnt. Now drawn as training draws them: the same picture of the same pose,
+    at the training data's --max-side and with its face points (``trained_drawing``)."""
     from types import SimpleNamespace
 
     from disco.generate.inputs import poses_from_video
@@ -117,20 +119,30 @@ def test_a_driving_videos_skeletons_are_as_thick_as_the_ones_training_drew(tmp_p
         points[:, :2] = fractions * side + [left, top]
         return points
 
+    def face_points(side: float, left: float = 0.0, top: float = 0.0) -> np.ndarray:
+        angles = np.linspace(0, 2 * np.pi, 70, endpoint=False)
+        points = np.ones((70, 3), np.float32)
+        points[:, 0], points[:, 1] = 0.5 + 0.05 * np.cos(angles), 0.12 + 0.05 * np.sin(angles)
+        points[:, :2] = points[:, :2] * side + [left, top]
+        return points
+
     class OnePose:
         def annotate(self, frame):
-            return SimpleNamespace(pose=SimpleNamespace(body=body(frame.shape[0]), hands=None))
+            return SimpleNamespace(pose=SimpleNamespace(body=body(frame.shape[0]), hands=None,
+                                                        face=face_points(frame.shape[0])))
 
         def close(self):
             pass
 
-    (drawn, _), side = poses_from_video(tmp_path / "v.mp4", 256, annotator=OnePose(), hands=False).frames, 256
+    (drawn, _), side = poses_from_video(tmp_path / "v.mp4", 256, annotator=OnePose(), hands=False, face=face,
+                                        max_side=max_side).frames, 256
     # The training path: the frame as preprocess stores it, its keypoints, the pose drawn there,
     # the centre square cropped and shrunk to the training size.
-    stored_w, stored_h = target_size(width, height, 512)
+    stored_w, stored_h = target_size(width, height, max_side or 512)
     square_side = min(stored_w, stored_h)
     left, top = (stored_w - square_side) / 2, (stored_h - square_side) / 2
-    picture = row_pose(stored_w, stored_h, body(square_side, left, top), None, None, "openpose", False)
+    picture = row_pose(stored_w, stored_h, body(square_side, left, top), None,
+                       face_points(square_side, left, top) if face else None, "openpose", False)
     trained = apply_box(picture, crop_box(stored_h, stored_w, "finetune", 0, augment=False), side)
     lit, lit_trained = (drawn.max(axis=2) > 0).mean(), (trained.max(axis=2) > 0).mean()
     assert lit == pytest.approx(lit_trained, rel=0.08), (lit, lit_trained)

@@ -160,6 +160,22 @@ def test_the_fid_inception_loads_from_a_local_file(tmp_path):
         N.inception(tmp_path / "junk.pth")
 
 
+def test_the_fid_inception_sees_frames_as_torch_fidelity_does(tmp_path):
+    """``--fid-port torch-fidelity`` promises torch-fidelity's input (TF1-style resize to 299):
+    torchmetrics' Inception resized with PyTorch's antialiased bilinear unless told otherwise.
+    The reference: torch-fidelity's own feature extractor on the same weights file and frames."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    torch.save(random_inception_state(), tmp_path / N.INCEPTION_FILE)
+    ours = N.inception(tmp_path / N.INCEPTION_FILE).eval()
+    theirs = tf_inception.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / N.INCEPTION_FILE)).eval()
+    photo = torch.from_numpy(np.ascontiguousarray(data.astronaut()[::2, ::2])).permute(2, 0, 1)[None]  # 256 px
+    with torch.no_grad():
+        mine, reference = ours(photo).reshape(-1), theirs(photo)[0].reshape(-1)
+    assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-4), (mine - reference).abs().max()
+
+
 def test_frechet_plumbing(frames):
     features = TinyFeatures()
     results = []

@@ -35,6 +35,9 @@ SKELETON = np.array([
 WIDTH, HEIGHT = 72, 96
 HANDS = np.zeros((2, 21, 3), np.float32)
 HANDS[1, :, 0], HANDS[1, :, 1], HANDS[1, :, 2] = np.linspace(5, 15, 21), np.linspace(85, 93, 21), 1
+# Face points (--face): a ring around the nose, inside the centre square generate crops.
+FACE = np.ones((70, 3), np.float32)
+FACE[:, 0], FACE[:, 1] = 40 + 6 * np.cos(np.linspace(0, 6.28, 70)), 19 + 4 * np.sin(np.linspace(0, 6.28, 70))
 
 
 def official_disco_drawing(width: int, height: int, body: np.ndarray) -> np.ndarray:
@@ -122,20 +125,22 @@ def _skeleton(i: int) -> np.ndarray:
 
 
 def write_data(folder, *, style: str = "openpose", hands: bool = True, pose: str = "mediapipe",
-               frames: int = 4, clip: str = "dance", split: str = "train"):
+               frames: int = 4, clip: str = "dance", split: str = "train", face: bool = False, **parameters):
     """A preprocessed folder of one clip, as `preprocess` writes it, with a manifest."""
     unit = {"source": "video", "clip_id": clip, "split": split, "input_path": f"{clip}.mp4"}
     alpha = np.zeros((HEIGHT, WIDTH), np.uint8)
     alpha[10:90, 15:60] = 255
     rows = []
     for i in range(frames):
-        annotation = Annotation(Matte(alpha, 0.9, 1), Pose(_skeleton(i), HANDS if hands else None), True)
+        annotation = Annotation(Matte(alpha, 0.9, 1), Pose(_skeleton(i), HANDS if hands else None,
+                                                           FACE if face else None), True)
         rows.append(build_row(unit, i, i / 10, _frame(i), annotation, image_format="png", jpeg_quality=95,
                               pose_style=style, with_pose=pose != "none"))
     (folder / "triplets").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA), folder / "triplets" / f"{clip}.parquet")
     # As preprocess writes it: the backends beside the parameters, one record per stage.
-    manifest = {"format": "disco-triplets/1", "parameters": {"pose_style": style, "hands": hands, "pose_renderer": 2},
+    manifest = {"format": "disco-triplets/1", "parameters": {"pose_style": style, "hands": hands, "pose_renderer": 2,
+                                                             "face": face, **parameters},
                 "backends": {"matting": {"name": "mediapipe"}, "pose": {"name": pose}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
@@ -286,14 +291,13 @@ def test_generate_draws_a_clip_with_the_runs_style(openpose_data, tmp_path):
     np.testing.assert_array_equal(stored.frames[0], square(render_pose(WIDTH, HEIGHT, _skeleton(0), HANDS), 48))
 
 
-def test_generate_feeds_the_model_poses_in_the_runs_style(openpose_data, tmp_path, monkeypatch):
-    """The whole ``generate`` path, with the model and matting stubbed: the pose tensor it feeds
-    is the disco drawing of the clip's keypoints."""
+def _stub_generate(tmp_path, monkeypatch):
+    """``generate`` with the model and matting stubbed: a function (checkpoint, pose folder) ->
+    what it fed the model (``{"poses": tensor}``) for the clip ``dance``."""
     from PIL import Image
 
     import disco.generate.run as run_module
     from disco.generate.config import GenerateConfig
-    from disco.model.conditioning import pose_pixels
 
     fed = {}
 
@@ -304,9 +308,21 @@ def test_generate_feeds_the_model_poses_in_the_runs_style(openpose_data, tmp_pat
     monkeypatch.setattr(run_module, "open_pipeline", lambda checkpoint, device, size, **_: (pipeline, 32, 48))
     monkeypatch.setattr(run_module, "conditions_from_reference", lambda *args, **kwargs: (None, None))
     Image.fromarray(_frame(0)).save(tmp_path / "person.png")
-    run_module.generate(GenerateConfig(checkpoint=_disco_run(tmp_path / "run"), reference=tmp_path / "person.png",
-                                       pose=openpose_data, clip="dance", output=tmp_path / "out.mp4", steps=1),
-                        log=lambda *_: None)
+
+    def generate(checkpoint, pose):
+        run_module.generate(GenerateConfig(checkpoint=checkpoint, reference=tmp_path / "person.png", pose=pose,
+                                           clip="dance", output=tmp_path / "out.mp4", steps=1), log=lambda *_: None)
+        return fed
+
+    return generate
+
+
+def test_generate_feeds_the_model_poses_in_the_runs_style(openpose_data, tmp_path, monkeypatch):
+    """The whole ``generate`` path, with the model and matting stubbed: the pose tensor it feeds
+    is the disco drawing of the clip's keypoints."""
+    from disco.model.conditioning import pose_pixels
+
+    fed = _stub_generate(tmp_path, monkeypatch)(_disco_run(tmp_path / "run"), openpose_data)
     expected = pose_pixels([render_pose(WIDTH, HEIGHT, _skeleton(i), style="disco") for i in range(4)], 48)
     assert torch.equal(fed["poses"], expected)
 
@@ -345,3 +361,50 @@ def test_pictures_of_another_drawing_without_keypoints_are_refused(tmp_path):
                                       "--metrics", "psnr", "--output", str(tmp_path / "r.json")])
     assert result.exit_code == 2, result.output
     assert "no keypoints" in result.output
+
+
+def test_generate_draws_face_points_and_skeletons_as_the_model_learnt_them(openpose_data, tmp_path, monkeypatch):
+    """A model trained on --face data learnt skeletons with face points, one trained without
+    learnt none: generate and evaluate drew whatever the driving folder stored (or, for a video,
+    never any), and the driving video's skeletons at the default stored size whatever the
+    training data's --max-side. The run's data manifests now say (``trained_drawing``)."""
+    import shutil
+
+    from disco.generate.inputs import poses_from_triplets
+    from disco.model.checkpoint import trained_drawing
+    from disco.model.conditioning import pose_pixels
+    from disco.train.config import TrainConfig
+
+    faced = write_data(tmp_path / "faced", face=True, max_side=1024, fps=25.0)
+
+    def run_on(folder, data):
+        TrainConfig(stage="finetune", model="tiny", data=[str(data)], pose_style="openpose", hands=True).save(folder)
+        return folder
+
+    def drawn(i, face):
+        return square(render_pose(WIDTH, HEIGHT, _skeleton(i), HANDS, face=FACE if face else None), 48)
+
+    assert not np.array_equal(drawn(0, True), drawn(0, False))  # the face points show at this size
+    plain, with_face = run_on(tmp_path / "plain", openpose_data), run_on(tmp_path / "with-face", faced)
+    assert trained_drawing(plain).face is False
+    learnt = trained_drawing(with_face)
+    assert (learnt.face, learnt.max_side, learnt.fps, learnt.style, learnt.hands) == (True, 1024, 25.0, "openpose", True)
+    # A clip stored with face points, for the model that never saw any: drawn again without them.
+    poses = poses_from_triplets(faced, "dance", 48, style="openpose", hands=True, face=False)
+    for i, picture in enumerate(poses.frames):
+        np.testing.assert_array_equal(picture, drawn(i, False))
+    # For the model that learnt them: the stored pictures, with them; a folder without any: its own.
+    np.testing.assert_array_equal(poses_from_triplets(faced, "dance", 48, style="openpose", hands=True,
+                                                      face=True).frames[0], drawn(0, True))
+    np.testing.assert_array_equal(poses_from_triplets(openpose_data, "dance", 48, style="openpose", hands=True,
+                                                      face=True).frames[0], drawn(0, False))
+    # The whole generate path (model and matting stubbed) feeds the plain model face-less poses.
+    generate = _stub_generate(tmp_path, monkeypatch)
+    for run, face in ((plain, False), (with_face, True)):
+        fed = generate(run, faced)
+        expected = pose_pixels([render_pose(WIDTH, HEIGHT, _skeleton(i), HANDS, face=FACE if face else None)
+                                for i in range(4)], 48)
+        assert torch.equal(fed["poses"], expected), face
+    # A checkpoint away from its data: the preprocessing defaults.
+    shutil.rmtree(faced)
+    assert (trained_drawing(with_face).face, trained_drawing(with_face).max_side) == (False, 512)

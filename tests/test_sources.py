@@ -352,3 +352,45 @@ def test_editing_the_manifest_changes_the_options_a_resume_must_match(tmp_path):
     before = cfg.output_params()
     manifest.write_text(text % "b2")
     assert cfg.output_params()["dataset_manifest"] != before["dataset_manifest"]
+
+
+def test_a_patterns_suffix_matches_in_any_case(tmp_path):
+    """A camera's IMG_0001.JPG and a phone's .MP4 were passed over without a word by patterns
+    written in lower case (``*.png``, ``{clip}.mp4``), though the suffix check reads any case."""
+    root = layouts.tiktok(tmp_path / "tiktok", frames=2)
+    folder = root / "00001" / "images"
+    for frame in sorted(folder.iterdir()):
+        frame.rename(frame.with_suffix(".PNG"))
+    (root / "videos" / "00013.mp4").rename(root / "videos" / "00013.MP4")
+    listing = _list("tiktok", root)
+    got = {i.clip_id: i for i in listing.items}
+    assert set(got) == {"00001", "00002", "00003", "00013"} and listing.ignored == 0
+    assert got["00013"].input_path == "videos/00013.MP4"
+    assert got["00001"].extra == payload(frames=[b"0000.PNG", b"0001.PNG"], fps=30.0)
+
+
+@pytest.mark.parametrize("source", ["video", "images"])
+def test_linked_folders_are_listed_once_and_an_unreadable_folder_is_an_errors_row(tmp_path, source, monkeypatch):
+    """A collection gathered from links (``videos/extra -> /elsewhere``) lost the linked folders'
+    files without a word (``os.walk`` does not follow links), a folder that cannot be read was a
+    silent gap; a link back up must not list the files twice."""
+    name = "c.webm" if source == "video" else "c.png"
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    for folder in (root / "own", elsewhere, root / "locked"):
+        folder.mkdir(parents=True)
+    (root / "own" / name).write_bytes(b"x")
+    (elsewhere / name).write_bytes(b"x")
+    (root / "locked" / name).write_bytes(b"x")
+    (root / "extra").symlink_to(elsewhere, target_is_directory=True)
+    (root / "own" / "up").symlink_to(root, target_is_directory=True)  # a loop back to the root
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    items = _list(source, root, pose="none", hands=False).items
+    got = {i.input_path: i.error_type for i in items}
+    assert got == {f"extra/{name}": None, f"own/{name}": None, "locked": "permission_denied"}, got

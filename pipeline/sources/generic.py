@@ -86,14 +86,34 @@ def file_problem(path: str) -> tuple[str, str] | None:
 
 
 def _walk(root: Path):
+    """(path, problem) for every file under ``root``, in sorted order: linked folders are followed
+    (a collection gathered from links, as the data set layouts follow them), each folder entered
+    once (a link back up would list its files again); a folder that cannot be read is yielded with
+    its problem (it becomes an errors row, not a silent gap)."""
     if root.is_file():
-        yield root
+        yield root, None
         return
-    for dirpath, dirnames, filenames in os.walk(root):
+    failed: list[OSError] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=failed.append, followlinks=True):
+        while failed:
+            exc = failed.pop()
+            yield Path(exc.filename), (error_type_of(exc), f"a folder that cannot be read ({exc.strerror or exc})")
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith("."):
-                yield Path(dirpath) / name
+                yield Path(dirpath) / name, None
+    while failed:
+        exc = failed.pop()
+        yield Path(exc.filename), (error_type_of(exc), f"a folder that cannot be read ({exc.strerror or exc})")
 
 
 def list_inputs(source: str, root: Path, split: str) -> Listing:
@@ -107,10 +127,12 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
     base_abs = base.resolve()
     found: list[tuple[str, Path, str | None]] = []
     ignored = 0
-    for path in _walk(root):
+    for path, folder_problem in _walk(root):
         suffix = path.suffix.lower()
         rel = display_path(path.relative_to(base).as_posix())
-        if suffix in supported:
+        if folder_problem:
+            found.append((rel, path, folder_problem))
+        elif suffix in supported:
             found.append((rel, path, file_problem(str(path))))
         elif suffix in unsupported:
             found.append((rel, path, ("unsupported_format", f"{suffix} files are not supported by the {source} "

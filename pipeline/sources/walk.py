@@ -16,8 +16,17 @@ class Match:
     clip: str | None  # what {clip} matched
 
 
+# A file suffix at the end of a pattern part: matched in any case (a camera's IMG_0001.JPG for
+# "*.jpg", a phone's .MP4), as the source's own suffix check reads suffixes.
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]+\Z")
+
+
 @lru_cache(maxsize=256)
 def _part_regex(part: str) -> re.Pattern:
+    suffix = _SUFFIX.search(part)
+    if suffix and "}" not in suffix.group():
+        head = _part_regex(part[:suffix.start()]).pattern[:-len(r"\Z")]
+        return re.compile(head + "(?i:" + re.escape(suffix.group()) + r")\Z")
     out = []
     i = 0
     while i < len(part):
@@ -58,6 +67,11 @@ def iter_matches(root: str, pattern: str):
     """Yield a ``Match`` for every file under ``root`` that ``pattern`` describes, in sorted order."""
     parts = pattern.split("/")
     seen_dirs: set[tuple[int, int]] = set()
+    try:  # the root itself: a link back up to it is not a new folder
+        st = os.stat(root)
+        seen_dirs.add((st.st_dev, st.st_ino))
+    except OSError:
+        pass
 
     def walk(folder: str, index: int, rel: tuple[str, ...], clip: str | None):
         part = parts[index]
@@ -67,14 +81,17 @@ def iter_matches(root: str, pattern: str):
             yield from walk(folder, index + 1, rel, clip)
             for entry in _entries(folder):
                 if _is(entry, entry.path, "dir"):
-                    st = entry.stat()
+                    try:
+                        st = entry.stat()
+                    except OSError:  # gone since the listing (a stale NFS handle): passed over
+                        continue
                     key = (st.st_dev, st.st_ino)
                     if key in seen_dirs:
                         continue
                     seen_dirs.add(key)
                     yield from walk(entry.path, index, rel + (entry.name,), clip)
             return
-        if _is_literal(part):
+        if _is_literal(part) and not (last and _SUFFIX.search(part)):
             path = os.path.join(folder, part)
             candidates = [(part, path, None, clip)] if os.path.lexists(path) else []
         else:

@@ -20,6 +20,8 @@ MANIFEST_FILE = "manifest.json"
 # What `disco-cli preprocess` draws when nothing is said (PreprocessConfig's defaults); also the
 # setting of a data folder without a manifest and of a run that recorded none.
 DEFAULT_STYLE, DEFAULT_HANDS = "openpose", True
+# The size and rate preprocess stores frames at by default (--max-side, --fps).
+DEFAULT_MAX_SIDE, DEFAULT_FPS = 512, 30.0
 KEYPOINT_COLUMNS = ("body_keypoints", "hand_keypoints", "face_keypoints")
 
 
@@ -30,6 +32,11 @@ class DataPose:
     style: str = DEFAULT_STYLE
     hands: bool = DEFAULT_HANDS
     keypoints: bool = True  # False: preprocessed with --pose none (no pose picture, no keypoints)
+    face: bool = False  # face points found and drawn (--face)
+    # The longest side frames were stored at (skeletons are drawn at the stored size: lines and
+    # joints are fixed pixel counts) and the rate videos were taken at.
+    max_side: int = DEFAULT_MAX_SIDE
+    fps: float = DEFAULT_FPS
 
 
 def data_pose(folder: str | Path) -> DataPose:
@@ -50,13 +57,17 @@ def data_pose(folder: str | Path) -> DataPose:
     style = params.get("pose_style", DEFAULT_STYLE)
     if style == "disco" and int(params.get("pose_renderer") or 1) < 2:
         style = "disco-v1"  # the earlier drawing of that name: never what a reader asks for, so redrawn
-    return DataPose(style=style, hands=bool(params.get("hands", DEFAULT_HANDS)), keypoints=backend != "none")
+    return DataPose(style=style, hands=bool(params.get("hands", DEFAULT_HANDS)), keypoints=backend != "none",
+                    face=bool(params.get("face", False)), max_side=int(params.get("max_side") or DEFAULT_MAX_SIDE),
+                    fps=float(params.get("fps") or DEFAULT_FPS))
 
 
-def same_drawing(data: DataPose, style: str, hands: bool) -> bool:
+def same_drawing(data: DataPose, style: str, hands: bool, face: bool | None = None) -> bool:
     """Whether ``data``'s stored pictures are what ``style`` / ``hands`` draws (the disco style
-    draws no hands, so there the hands setting does not matter)."""
-    return data.style == style and (style == "disco" or data.hands == hands)
+    draws no hands, so there the hands setting does not matter); ``face``: and with or without
+    face points (None: either)."""
+    return (data.style == style and (style == "disco" or data.hands == hands)
+            and (face is None or style == "disco" or data.face == face))
 
 
 def row_pose(width: int, height: int, body, hands, face, style: str, with_hands: bool) -> np.ndarray:
