@@ -237,7 +237,15 @@ def train(
     if dry_run:
         print_memory_plan(cfg, gpu_memory)
         return
-    summary = run_training(cfg, given=set(given), show_progress=progress)
+    names = set(given)
+    if resume and config:
+        # What a resume may change, set in the --config YAML (cpus_per_worker, data_cpus and
+        # prefetch_batches have no flag): applied like flags; its other keys stay the saved run's.
+        from disco.pipeline.errors import read_options_yaml
+        from disco.train.launch import RESUME_MAY_CHANGE
+
+        names |= set(read_options_yaml(config)) & RESUME_MAY_CHANGE
+    summary = run_training(cfg, given=names, show_progress=progress)
     console.print(f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
                   f"{summary['skipped_rows']} undecodable rows skipped")
     if summary.get("eval"):

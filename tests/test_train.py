@@ -576,7 +576,8 @@ def test_a_worker_that_does_not_see_the_drivers_run_directory_stops_the_run_at_i
             yield "pid 1 on another-host, since 2026-01-01 00:00:00\n"
 
     monkeypatch.setattr(output, "folder_lock", held_elsewhere)
-    cfg = _config(tmp_path, triplets, "elsewhere", ray_address=ray.get_runtime_context().gcs_address, max_failures=0)
+    # Three restarts allowed: the error ends the run at the first (train/failure_policy.py).
+    cfg = _config(tmp_path, triplets, "elsewhere", ray_address=ray.get_runtime_context().gcs_address, max_failures=3)
     with pytest.raises(ConfigError) as info:
         train(cfg)
     message = str(info.value)
@@ -831,6 +832,14 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     for outcome, words in ((again, "--resume"), (finished, "--max-steps"), (changed, "batch-size")):
         assert outcome.exit_code == 2 and words in outcome.output and "Traceback" not in outcome.output
         assert len(outcome.output.strip().splitlines()) == 1
+    # What a resume may change, in a --config file (data_cpus, prefetch_batches have no flag):
+    # applied (a YAML was dropped without a word); the YAML's other keys stay the saved run's.
+    more = tmp_path / "more.yaml"
+    more.write_text("max_steps: 3\nschedule_steps: 3\ndata_cpus: 0.5\nprefetch_batches: 3\nlr: 0.1\n")
+    resumed = runner.invoke(app, ["train", "--output", str(run), "--resume", "--config", str(more), "--no-progress"])
+    assert resumed.exit_code == 0 and "trained to step 3" in resumed.output, resumed.output
+    saved = load_run_config(run)
+    assert (saved.data_cpus, saved.prefetch_batches, saved.max_steps, saved.lr) == (0.5, 3, 3, 5e-4)
     # A job submitted with the time to checkpoint hears nothing of it; outside a job, neither.
     from disco.train.launch import job_stop_warning
 

@@ -598,3 +598,36 @@ def test_ranks_whose_views_of_the_run_differ_start_from_one_checkpoint(tmp_path)
     assert ranks[0][:2] == ranks[1][:2] == [checkpoint_name(8), checkpoint_name(8)]
     for rank in ranks:
         assert rank[2].startswith("error: the workers see different checkpoints of") and "rank 0: 12; rank 1: 8" in rank[2]
+
+
+def test_an_error_that_stops_the_run_is_not_retried_from_the_last_checkpoint(monkeypatch):
+    """Ray Train restarts the worker group after any worker error (``--max-failures``, 3 by
+    default), each restart loading the model and training again from the last checkpoint: a
+    node that does not see the data or the run directory failed the same way three more times
+    before the run ended. Such an error (``STOPS_THE_RUN``) now ends it at once; any other
+    worker error (a lost node, a crash) is retried as before. Ray's own policy and error types."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision, create_failure_policy
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from disco.pipeline.errors import STOPS_THE_RUN
+    from disco.train.failure_policy import StopsTheRunPolicy, trainer_class
+
+    policy = StopsTheRunPolicy(create_failure_policy(FailureConfig(max_failures=3)))
+    stopping = ConfigError(f"{STOPS_THE_RUN} /data/a.parquet does not exist on node n2: ...")
+    assert policy.make_decision(WorkerGroupError("x", {0: RuntimeError("collective aborted"), 1: stopping})) \
+        == FailureDecision.RAISE
+    crash = WorkerGroupError("x", {0: RuntimeError("worker died")})
+    assert [policy.make_decision(crash) for _ in range(4)] == [FailureDecision.RETRY] * 3 + [FailureDecision.RAISE]
+    # The trainer the run builds hands Ray's controller this policy around the one Ray built
+    # (its fit() passes the policy by that name; called here without starting Ray).
+    import inspect
+
+    assert "failure_policy=create_failure_policy(" in inspect.getsource(DataParallelTrainer.fit)
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", lambda self, **kwargs: kwargs)
+    trainer = trainer_class()
+    inner = create_failure_policy(FailureConfig(max_failures=3))
+    handed = trainer._initialize_and_run_controller(object.__new__(trainer), failure_policy=inner, callbacks=[])
+    assert isinstance(handed["failure_policy"], StopsTheRunPolicy) and handed["failure_policy"].inner is inner
+    assert handed["callbacks"] == []

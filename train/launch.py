@@ -396,8 +396,8 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     import time
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
+    from disco.train.failure_policy import trainer_class
     from disco.train.process_group import WorkerTorchConfig
 
     resources = {"CPU": worker_cpus}
@@ -407,7 +407,8 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     invocation = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"  # a container's pid repeats
     # Each checkpoint records the invocation that wrote it (loop.py's _start_checkpoint).
     loop_config = {**loop_config, "invocation": invocation}
-    trainer = TorchTrainer(
+    # A worker's error that stops the run (STOPS_THE_RUN) is not retried max_failures times.
+    trainer = trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=WorkerTorchConfig(backend=process_group_backend(cfg)),
