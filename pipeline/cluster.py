@@ -243,14 +243,14 @@ def input_identity(path: str | os.PathLike) -> str:
 
 # A URL given as a path (Path("s3://b/x") is "s3:/b/x"): nothing here speaks object storage, and
 # the run would write to a local folder named "s3:" instead, which no other node sees.
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 def refuse_urls(**paths) -> None:
     """Refuses a URL (s3://, gs://, hdfs://, ...) where a folder is expected, each by its flag."""
     for flag, value in paths.items():
         for path in value if isinstance(value, (list, tuple)) else [value]:
-            if path is not None and _URL.match(str(path)):
+            if path is not None and URL.match(str(path)):
                 scheme = str(path).split(":", 1)[0]
                 raise ConfigError(
                     f"--{flag.replace('_', '-')} {path}: {scheme}:// URLs are not read or written directly; give a "

@@ -394,3 +394,40 @@ def test_linked_folders_are_listed_once_and_an_unreadable_folder_is_an_errors_ro
     items = _list(source, root, pose="none", hands=False).items
     got = {i.input_path: i.error_type for i in items}
     assert got == {f"extra/{name}": None, f"own/{name}": None, "locked": "permission_denied"}, got
+
+
+def test_parquet_lists_in_subfolders_are_inputs_by_their_place_and_bad_rows_are_errors(tmp_path):
+    """Two tables (``A/list.parquet``, ``B/list.parquet``) naming ``img/1.png`` beside each were
+    listed as one input path (one journal entry: B's image never ran after A's, and one sample
+    id for both); a row naming a URL became a local path (``A/s3:/b/x.jpg``) and a missing_file
+    row; a bytes column, a damaged table and a Latin-1 manifest were tracebacks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "lists"
+    for folder, picture in (("A", "astronaut"), ("B", "coffee")):
+        layouts.save(root / folder / "img" / "1.png", layouts.photo(picture))
+    layouts.save(root / "C" / "img" / "2.png", layouts.photo("hopper"))
+    pq.write_table(pa.table({"path": ["img/1.png", "img/1.png", "s3://bucket/x.jpg"]}), root / "A" / "list.parquet")
+    pq.write_table(pa.table({"path": ["img/1.png"]}), root / "B" / "list.parquet")
+    pq.write_table(pa.table({"path": pa.array([b"img/2.png"], pa.binary())}), root / "C" / "list.parquet")
+    manifest = tmp_path / "lists.yaml"
+    manifest.write_text("name: lists\ndescription: d\nprovenance: {homepage: https://example.org}\n"
+                        "layouts: [{name: lists, kind: parquet, pattern: '**/*.parquet'}]\nsplits: {rule: r}\n")
+    listing = _list("mine", root, manifest=manifest)
+    got = {i.input_path: (i.clip_id, i.error_type) for i in listing.items}
+    assert got == {"A/img/1.png": ("A/img/1.png", None), "B/img/1.png": ("B/img/1.png", None),
+                   "C/img/2.png": ("img/2", None), "s3://bucket/x.jpg": ("s3://bucket/x", "remote_url")}, got
+    assert {i.input_path: i.abs_path for i in listing.items}["B/img/1.png"] == str(root.resolve() / "B/img/1.png")
+    assert listing.dataset["notes"]["duplicate_path"] == 1
+    # A table whose pages are damaged behind a good footer: one line naming it.
+    table = root / "B" / "list.parquet"
+    raw = bytearray(table.read_bytes())
+    raw[4:40] = b"\xff" * 36
+    table.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match=r"cannot read the Parquet file .*B/list.parquet") as failed:
+        _list("mine", root, manifest=manifest)
+    assert "\n" not in str(failed.value)
+    manifest.write_bytes("name: lists\ndescription: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_manifest(manifest)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from disco.pipeline.errors import ConfigError, display_path
+from disco.pipeline.cluster import URL
+from disco.pipeline.errors import ConfigError, display_path, first_line
 from disco.pipeline.sources.coco import person_counts
 from disco.pipeline.sources.walk import Match, iter_matches
 from disco.pipeline.store.schema import payload
@@ -186,22 +187,44 @@ class _Lister:
                                   f"{', '.join(layout.path_column)} (columns: {', '.join(names)})")
             key_col = next((c for c in layout.key_column if c in names), None)
             # Only the path (and key) columns are read, never the rest of the metadata.
-            table = pq.read_table(table_path, columns=[path_col] + ([key_col] if key_col else []))
+            try:
+                table = pq.read_table(table_path, columns=[path_col] + ([key_col] if key_col else []))
+            except Exception as exc:  # pages damaged behind a good footer
+                raise ConfigError(f"cannot read the Parquet file {table_path}: {first_line(exc)}") from None
             paths = table.column(path_col).to_pylist()
             keys = table.column(key_col).to_pylist() if key_col else [None] * len(paths)
             folder = table_path.parent
+            # A row's relative path is the file's beside this table; named by its place under
+            # --input (a table one folder down, A/list.parquet's img/1.jpg: A/img/1.jpg), so that
+            # two tables' img/1.jpg are two inputs, not one journal entry and one sample id.
+            prefix = PurePosixPath(match.rel).parent.as_posix()
             for path, key in zip(paths, keys):
+                if isinstance(path, bytes):
+                    path = os.fsdecode(path)
                 if not path:
                     self.notes["empty_path"] += 1
                     continue
-                target = Path(path) if os.path.isabs(path) else folder / path
+                if not isinstance(path, str):
+                    raise ConfigError(f"{table_path}: the column {path_col} holds {type(path).__name__} values, "
+                                      "not paths")
+                error = None
+                if URL.match(path):
+                    target, name = Path(path), path
+                    error = ("remote_url", f"{path.split(':', 1)[0]}:// URLs are not read; download the images to a "
+                                           "folder every node mounts first (img2dataset writes tar shards: --source laion)")
+                else:
+                    target = Path(path) if os.path.isabs(path) else folder / path
+                    name = path if os.path.isabs(path) or prefix == "." else f"{prefix}/{path}"
+                if name in self.seen:  # the same file twice (in one table or two): one input
+                    self.notes["duplicate_path"] += 1
+                    continue
+                self.seen.add(name)
                 clip = str(key) if key is not None else _without_suffix(path).lstrip("/")
                 # Not stat-ed here (millions of rows, one round trip each on NFS): a file that is
                 # missing is its row's missing_file error when the actor opens it.
-                error = None
-                if target.suffix.lower() not in IMAGE_SUFFIXES:
+                if error is None and target.suffix.lower() not in IMAGE_SUFFIXES:
                     error = ("unsupported_format", f"{target.suffix} files are not supported by the {self.source} source")
-                self.items.append(self.item(layout, path, clip, "image", None, error, abs_path=str(target)))
+                self.items.append(self.item(layout, name, clip, "image", None, error, abs_path=str(target)))
 
     def _annotations(self, layout: Layout) -> dict[str, int] | None:
         for rel in layout.annotations:
