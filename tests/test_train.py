@@ -207,6 +207,35 @@ def test_the_stream_resumes_at_its_position(triplets):
     resumed.close()
 
 
+def test_a_worker_whose_rows_never_decode_stops_after_an_epoch_of_its_own_shards(triplets, tmp_path, monkeypatch):
+    """The "no row decodes" stop waited for a data set's length of failed rows in a row; a worker
+    reads only its shards (a half, of two): it walked two epochs of them without a batch while
+    the other ranks waited in the all-reduce. It stops after one epoch of its own rows now."""
+
+    import disco.train.data.stream as stream_module
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA
+    from disco.train.data import DataError
+
+    garbled = tmp_path / "garbled"
+    shutil.copytree(triplets["video"], garbled)
+    for shard in (garbled / "triplets").glob("*.parquet"):
+        table = pq.read_table(shard)
+        junk = pa.array([b"\xff\xd8 not a picture"] * table.num_rows, pa.binary())
+        table = table.set_column(table.schema.get_field_index("image"), "image", junk)
+        pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
+    monkeypatch.setattr(stream_module, "SAMPLES_PER_BLOCK", 2)  # blocks of one micro-batch: the count is exact
+    index = build_index([str(garbled)])
+    stream = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=2,
+                          rank=1, world=2)
+    try:
+        with pytest.raises(DataError, match="no row decodes"):
+            stream.next_batch()
+        own = -(-len(index) // 2)  # the larger shard's rows
+        assert own < stream.position + 2 <= own + 2, (stream.position, len(index))
+    finally:
+        stream.close()
+
+
 # -- training ---------------------------------------------------------------------------------------
 
 def test_resume_reaches_the_same_weights_bit_exactly(triplets, tmp_path, monkeypatch):

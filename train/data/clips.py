@@ -205,10 +205,6 @@ class ClipStream(SampleStream):
                                f"(positions {positions[:1].tolist()}..{positions[-1:].tolist()}): a bug of the read plan")
         return ok.reshape(-1, frames).all(dim=1).repeat_interleave(frames)
 
-    @property
-    def _epoch_items(self) -> int:
-        return len(self._plan.windows) * self.clip_frames
-
     def _nothing_decodes(self) -> DataError:
         return DataError(f"no clip decodes: {self._bad_run // self.clip_frames} clips of {self.clip_frames} frames "
                          "in a row each had a frame that failed to decode (corrupt pictures, or no pose); the "

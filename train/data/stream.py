@@ -401,8 +401,12 @@ class SampleStream:
 
     @property
     def _epoch_items(self) -> int:
-        """Stream items of one epoch: this many unusable items in a row and none will ever do."""
-        return len(self.index)
+        """Stream items of one epoch of this worker's shards: this many unusable items in a row and
+        none will ever do. Its own shards only: sized by the whole data set, a rank whose rows
+        all fail walked ``world`` epochs of its shards without a batch while the other ranks
+        waited in the all-reduce (past NCCL's timeout, on a large data set)."""
+        mine = self._plan.sizes[self._first_shard:self._first_shard + self.shards // self.world]
+        return int(len(mine) * mine.max())
 
     def _nothing_decodes(self) -> DataError:
         return DataError(f"no row decodes: {self._bad_run} in a row failed (corrupt pictures, or no pose for "
