@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from disco.commands.terminal import (choices, command_device, console, defaults, job_outputs, out_of_memory, plain,
-                                     print_error, usage_error)
+from disco.commands.terminal import (choices, command_device, console, defaults, gpus_named, job_outputs, out_of_memory,
+                                     plain, print_error, usage_error)
 from disco.model.precision import DTYPES
 from disco.evaluate.config import (FID_PORTS, METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
                                    NetworkConfig, parse_metrics)
@@ -56,11 +56,10 @@ def evaluate(
     gpus: Annotated[int, typer.Option(help="With --run: generate on this many GPUs, from --device's on (a copy of the model on each; the same frames as on one).")] = E.gpus,
 ) -> None:
     """Score generated frames against real ones: FID, SSIM, PSNR, LPIPS, L1, FID-VID, FVD."""
-    import torch
-
     from disco.evaluate.networks import WeightsError
     from disco.evaluate.run import evaluate as run_evaluate
     from disco.generate.inputs import GenerateInputError
+    from disco.pipeline.errors import out_of_gpu_memory
 
     job_outputs(output=output, work_dir=work_dir)
     device = command_device(device)
@@ -81,8 +80,10 @@ def evaluate(
         usage_error(str(exc))
     except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
         usage_error(str(exc))
-    except torch.OutOfMemoryError:
-        out_of_memory(device, batch_size, generating=run is not None)
+    except Exception as exc:  # noqa: BLE001 - the GPU's memory, else re-raised
+        if not out_of_gpu_memory(exc):
+            raise
+        out_of_memory(gpus_named(device, gpus), batch_size, generating=run is not None)
     counts = report["counts"]
     table = Table(title=f"scores (--protocol {config.protocol})")
     table.add_column("metric")

@@ -10,8 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from disco.generate.config import GenerateConfig
 from disco.model.precision import DTYPES
-from disco.commands.terminal import (ProgressLines, choices, command_device, console, defaults, job_outputs, out_of_memory,
-                                     plain, usage_error)
+from disco.commands.terminal import (ProgressLines, choices, command_device, console, defaults, gpus_named, job_outputs,
+                                     out_of_memory, plain, usage_error)
 
 G = defaults(GenerateConfig)
 Dtype = choices("dtype", DTYPES)
@@ -19,10 +19,9 @@ Dtype = choices("dtype", DTYPES)
 
 def run_generation(config, show_progress: bool = True):
     """Generate a video with a progress bar; a user's mistake is a one-line usage error."""
-    import torch
-
     from disco.generate.inputs import GenerateInputError
     from disco.generate.run import generate as run_generate
+    from disco.pipeline.errors import out_of_gpu_memory
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
                   TimeElapsedColumn(), console=console, transient=True,
@@ -40,8 +39,10 @@ def run_generation(config, show_progress: bool = True):
             usage_error(str(exc))
         except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
             usage_error(str(exc))
-        except torch.OutOfMemoryError:
-            out_of_memory(config.device, config.batch_size, kept=kept_frames(config.output))
+        except Exception as exc:  # noqa: BLE001 - the GPU's memory, else re-raised
+            if not out_of_gpu_memory(exc):
+                raise
+            out_of_memory(gpus_named(config.device, config.gpus), config.batch_size, kept=kept_frames(config.output))
     return result
 
 

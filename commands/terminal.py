@@ -167,6 +167,12 @@ def command_device(device: str) -> str:
     return resolved
 
 
+def gpus_named(device: str, gpus: int | None) -> str:
+    """The GPUs a run sampled on, for its out-of-memory line: with ``--gpus N`` any of them may be
+    the one that ran out."""
+    return device if (gpus or 1) <= 1 else f"{device} or another of the --gpus {gpus}"
+
+
 def out_of_memory(device: str, batch_size: int, generating: bool = True, kept: str = "") -> None:
     """A GPU that runs out of memory: one line saying what to lower, not a CUDA traceback
     (``kept``: what of the work stays, said after it)."""

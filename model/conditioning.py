@@ -152,7 +152,16 @@ def unit_pose(poses: torch.Tensor) -> torch.Tensor:
     return poses.float() / 255.0 if poses.dtype == torch.uint8 else poses
 
 
+class NonFiniteFrames(ValueError):
+    """Sampled frames with NaN or inf values (a half-precision overflow)."""
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoded VAE output in [-1, 1], N x 3 x H x W -> N x H x W x 3 uint8."""
+    """Decoded VAE output in [-1, 1], N x 3 x H x W -> N x H x W x 3 uint8. NaN or inf values are
+    refused: clamped and cast, NaN became 0, a black frame written (and kept for a resume) without
+    a word where half precision overflowed."""
+    if not bool(torch.isfinite(images).all()):
+        raise NonFiniteFrames(f"the sampled frames hold NaN or inf values (computed in {images.dtype}: a half-"
+                              "precision overflow; --dtype bfloat16 or float32 avoids it)")
     images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy()

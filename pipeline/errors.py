@@ -142,10 +142,17 @@ def error_type_of(exc: BaseException) -> str:
 ORT_OUT_OF_MEMORY = ("Failed to allocate memory", "BFCArena", "CUDA failure 2: out of memory")
 
 
+# cuDNN's and cuBLAS's own allocation failures: a RuntimeError, not torch.OutOfMemoryError.
+LIBRARY_OUT_OF_MEMORY = ("CUDNN_STATUS_NOT_ENOUGH_MEMORY", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def out_of_gpu_memory(exc: BaseException) -> bool:
-    """The GPU's memory ran out (PyTorch's error, or ONNX Runtime's): the device stays usable."""
+    """The GPU's memory ran out (PyTorch's error, cuDNN's or cuBLAS's workspace that could not be
+    allocated, or ONNX Runtime's): the device stays usable."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in LIBRARY_OUT_OF_MEMORY):
         return True
     from_ort = type(exc).__module__.startswith("onnxruntime") or str(exc).startswith("[ONNXRuntimeError]")
     return from_ort and any(marker in str(exc) for marker in ORT_OUT_OF_MEMORY)

@@ -734,6 +734,26 @@ def test_running_out_of_gpu_memory_is_one_line(inputs, tmp_path, monkeypatch):
                   "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4", "--batch-size", 16)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "out of GPU memory on cpu at --batch-size 16: lower --batch-size" in result.output
+    # cuDNN's workspace that cannot be allocated is a RuntimeError (a traceback before), and with
+    # --gpus N any of them may be the one that ran out.
+    def no_workspace(*args, **kwargs):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_MEMORY")
+
+    monkeypatch.setattr(run_module, "generate", no_workspace)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4", "--device", "cuda:0", "--gpus", 2)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "out of GPU memory on cuda:0 or another of the --gpus 2 at --batch-size" in " ".join(result.output.split())
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(run_module, "generate", bug)
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")
+    assert isinstance(result.exception, RuntimeError)  # any other error is not taken for memory
 
 
 @pytest.mark.parametrize("change, message", [
@@ -857,3 +877,18 @@ def test_float32_on_a_gpu_says_what_float16_gains(tmp_path):
     assert sampling_line(config, 16, 256).endswith("float32 on cuda:1 (--dtype float16 samples about 2.8x faster on a GPU)")
     config.dtype = "float16"
     assert sampling_line(config, 16, 256).endswith("float16 on cuda:1")
+
+
+def test_frames_that_overflow_stop_generate_in_one_line_and_are_not_kept(inputs, tmp_path):
+    """A model whose VAE overflows (fp16 on a GPU: NaN out of the decoder) wrote black frames
+    without a word (NaN clamped and cast to 0), and kept them for a resume. Now refused."""
+    model = load_checkpoint(inputs / "ckpt")
+    with torch.no_grad():
+        model.vae.decoder.conv_out.bias.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "overflows")
+    out = tmp_path / "out.mp4"
+    result = _run("generate", "--checkpoint", tmp_path / "overflows", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", out, "--steps", 1, "--size", SIZE, "--max-frames", 2)
+    assert result.exit_code == 2, result.output
+    assert "NaN or inf" in result.output and "--dtype bfloat16" in result.output and "Traceback" not in result.output
+    assert not out.exists() and not list((tmp_path / "out.mp4.partial").glob("frames-*.npz"))
