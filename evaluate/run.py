@@ -461,16 +461,16 @@ TEMPORARY_CLIP = ".tmp-"  # a clip's folder while its frames are written
 
 
 def _model_identity(source: dict) -> dict:
-    """What decides the weights ``--run`` samples: the checkpoint's record with absolute paths,
-    and its folder's files' sizes and times."""
-    identity = {k: str(Path(v).resolve()) if k in ("path", "checkpoint") else v for k, v in source.items()}
-    # A save_pretrained folder can be written over in place, and a run's checkpoint of a step
-    # written again (a restart from an older one): their files' sizes and times say which.
+    """What decides the weights ``--run`` samples: the checkpoint's record, its folder's files by
+    content (``generate.partial.file_identity``: a save_pretrained folder written over in place, a
+    run's checkpoint of a step written again), not by path or time: the same checkpoint reached
+    through another mount, or copied for a ``ray job submit``, keeps the clips already generated."""
+    from disco.generate.partial import file_identity
+
+    identity = {k: v for k, v in source.items() if k not in ("path", "checkpoint")}
     folder = source.get("checkpoint") or source.get("path")
     if folder:
-        folder = Path(folder)
-        identity["files"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                                   for p in folder.rglob("*") if p.is_file())
+        identity["files"] = file_identity(folder)
     return identity
 
 

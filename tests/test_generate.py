@@ -534,8 +534,15 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     with monkeypatch.context() as patch:
         patch.setattr(DisCoPipeline, "__call__", generated_again)
         kept = _run(*command[:-3], 4, "--output", report_path)
+        # The same checkpoint copied elsewhere (new times; a job's copy, another mount): its
+        # files were known by path, size and time, and the finished clips were deleted.
+        import shutil
+
+        shutil.copytree(inputs / "ckpt", tmp_path / "copied")
+        moved = _run("evaluate", "--run", tmp_path / "copied", *command[3:-3], 4, "--output", report_path)
     assert kept.exit_code == 0, kept.output
     assert "resuming: 1 of 1 clips" in kept.output
+    assert moved.exit_code == 0 and "resuming: 1 of 1 clips" in moved.output, moved.output
     report = json.loads(report_path.read_text())
     assert report["generated"]["clips_kept"] == 1 and report["generated"]["frames"] == test_rows
     assert report["metrics"] == scored
