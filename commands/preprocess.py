@@ -238,7 +238,11 @@ def filter_humans(
     if is_triplets_dir(input):
         if retry_errors:
             usage_error("--retry-errors reruns inputs of a data set; a triplets folder is filtered by its stored scores")
+        from disco.pipeline.cluster import check_job_paths, refuse_urls
+
         try:
+            refuse_urls(output=output)
+            check_job_paths(output=output)
             result = filter_triplets(input, output, min_score=min_score, min_area=min_area, max_persons=max_persons,
                                      keep_rejects=keep_rejects, overwrite=overwrite, shard_rows=shard_rows,
                                      log=lambda message: console.print(message, highlight=False))

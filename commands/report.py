@@ -119,8 +119,8 @@ def inspect(
 
     if not (output / MANIFEST_FILE).exists():
         usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
-    manifest = read_manifest(output / MANIFEST_FILE)
-    try:  # every shard's footer is checked here, before anything is printed
+    try:  # the manifest, and every shard's footer, checked here before anything is printed
+        manifest = read_manifest(output / MANIFEST_FILE)
         triplets, errors = open_triplets(output), open_errors(output)
     except ConfigError as exc:
         usage_error(str(exc))

@@ -91,12 +91,18 @@ def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, 
     from disco.pipeline.store.output import run_token
     from disco.pipeline.store.shards import ShardWriter
 
-    state, _ = store.begin(params, overwrite)
     shards = shard_files(input_dir, TRIPLETS_DIR)
-    for path in shards:  # a damaged shard stops the run before any work, in one line
+    for path in shards:  # a damaged shard stops the run before any work (or --overwrite), in one line
         check_shard(path, TRIPLET_SCHEMA)
     listed = [p.relative_to(input_dir).as_posix() for p in shards]
+    state, _ = store.begin(params, overwrite)
     done = state.complete_inputs()
+    gone = sorted(set(done) - set(listed))
+    if gone:
+        # The source was written again since (--overwrite, --retry-errors: new shard names): its
+        # new shards hold the rows of the ones filtered already, which would be kept twice.
+        raise ConfigError(f"{len(gone)} shard(s) of {input_dir} this output was filtered from are gone ({gone[0]}, ...): "
+                          "the source was written again since; pass --overwrite to filter it afresh")
     writer = ShardWriter(store, f"part-{run_token()}-", shard_rows, row_group_rows)
     started, frames = time.time(), 0
     try:
@@ -129,7 +135,8 @@ def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, 
     # The rows are the source's, pose pictures included: how they were drawn is the source's too
     # (train, generate and evaluate read it here: store/pose.py data_pose).
     drawn = {k: v for k, v in (source_manifest.get("parameters") or {}).items()
-             if k in ("pose_style", "hands", "pose_renderer")}
+             if k in ("pose_style", "hands", "pose_renderer", "face", "max_side", "fps", "smooth_poses",
+                      "joint_threshold")}
     config = {"mode": "triplets", **drawn, **params, "output": str(store.root),
               "image_format": source_manifest.get("encoding", {}).get("image", "jpeg")}
     backends = {"matting": {"name": None}, "pose": {"name": None},

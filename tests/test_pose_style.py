@@ -408,3 +408,26 @@ def test_generate_draws_face_points_and_skeletons_as_the_model_learnt_them(openp
     # A checkpoint away from its data: the preprocessing defaults.
     shutil.rmtree(faced)
     assert (trained_drawing(with_face).face, trained_drawing(with_face).max_side) == (False, 512)
+
+
+def test_a_folder_still_being_written_is_read_by_its_journals_options(tmp_path):
+    """``manifest.json`` is written when a run ends; a training run started on a folder whose first
+    run still writes (its shards are read from the journal) took the default drawing (openpose
+    with hands) for a --pose-style disco folder, and drew nothing again."""
+    from disco.pipeline.config import PreprocessConfig
+    from disco.pipeline.store.output import OutputStore
+    from disco.pipeline.store.pose import CURRENT_RENDERER
+
+    assert CURRENT_RENDERER == PreprocessConfig.pose_renderer
+    from disco.pipeline.store.pose import data_pose
+
+    folder = write_data(tmp_path / "writing", style="disco", hands=False)
+    (folder / "manifest.json").unlink()
+    store = OutputStore(folder)
+    store.begin({"pose_style": "disco", "hands": False, "face": False, "max_side": 768, "fps": 15.0,
+                 "backends": {"matting": "mediapipe", "pose": "mediapipe"}}, overwrite=True)
+    got = data_pose(folder)
+    assert (got.style, got.hands, got.max_side, got.fps, got.keypoints) == ("disco", False, 768, 15.0, True)
+    store.begin({"pose_style": "openpose", "hands": True, "backends": {"matting": "mediapipe", "pose": "none"}},
+                overwrite=True)
+    assert data_pose(folder).keypoints is False

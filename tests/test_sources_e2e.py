@@ -162,6 +162,29 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
     assert again.exit_code == 0 and open_triplets(out).count_rows() == 1
     refused = CliRunner().invoke(app, ["filter-humans", "--input", str(copy), "--output", str(out)])
     assert refused.exit_code == 2 and "different options" in refused.output
+    # A filtered folder filtered again (and again): the pose backend is still the source's (none:
+    # no keypoints to draw from); --max-side, --fps and --face come along for generate's drawing.
+    twice = tmp_path / "twice"
+    assert CliRunner().invoke(app, ["filter-humans", "--input", str(out), "--output", str(twice)]).exit_code == 0
+    thrice = tmp_path / "thrice"
+    assert CliRunner().invoke(app, ["filter-humans", "--input", str(twice), "--output", str(thrice)]).exit_code == 0
+    assert data_pose(thrice) == data_pose(copy) and data_pose(thrice).keypoints is False
+    source_params = json.loads((copy / "manifest.json").read_text())["parameters"]
+    assert {k: json.loads((thrice / "manifest.json").read_text())["parameters"][k]
+            for k in ("max_side", "fps", "face")} == {k: source_params[k] for k in ("max_side", "fps", "face")}
+    # The source written again since (--overwrite gives its shards new names): the rows filtered
+    # from its old shards would be kept beside its new ones (twice the rows); refused.
+    shard = shard_files(copy, "triplets")[0]
+    journal = (copy / "_journal.jsonl").read_text()
+    shard.rename(shard.with_name("part-rebuilt-00000.parquet"))
+    (copy / "_journal.jsonl").write_text(journal.replace(shard.name, "part-rebuilt-00000.parquet"))
+    rebuilt = CliRunner().invoke(app, command)
+    assert rebuilt.exit_code == 2 and "are gone" in rebuilt.output and "--overwrite" in rebuilt.output, rebuilt.output
+    assert open_triplets(out).count_rows() == 1
+    # A damaged manifest is one line, not a traceback.
+    (copy / "manifest.json").write_text("{")
+    damaged = CliRunner().invoke(app, command)
+    assert damaged.exit_code == 2 and "manifest.json is damaged" in damaged.output and "Traceback" not in damaged.output
 
 
 def test_shhq_and_deepfashion2(tmp_path):

@@ -376,3 +376,34 @@ def test_retry_errors_leaves_the_failed_units_of_a_changed_partly_done_input(tmp
     assert sorted(e["input_path"] for e in open_errors(tmp_path).to_table().to_pylist()) == ["clip"]
     assert lines == ["--retry-errors read_error: 2 unit(s) that wrote no rows, of 2 input(s), run again (other, whole); "
                      "1 partly done input(s) changed since are left as they are"]
+
+
+def test_shards_without_their_journal_are_refused_not_deleted_and_overwrite_drops_the_journal_first(
+        tmp_path, monkeypatch):
+    """A copy of an output made without ``_journal.jsonl`` (or one whose journal was removed):
+    recovery took every shard for uncommitted and deleted them all. An --overwrite killed while
+    it deleted the shards left a journal naming shards that were gone (their inputs counted done)."""
+    from disco.pipeline.errors import ConfigError
+
+    store = OutputStore(tmp_path / "out")
+    store.begin({"p": 1})
+    ShardWriter(store, "part-a-", 2, 2).add_unit(_rows("a", 2), _unit("a", 2), [])
+    copy = tmp_path / "copy"
+    (copy / "triplets").mkdir(parents=True)
+    for shard in (tmp_path / "out" / "triplets").glob("*.parquet"):
+        (copy / "triplets" / shard.name).write_bytes(shard.read_bytes())
+    with pytest.raises(ConfigError, match="holds shards .* but no _journal.jsonl naming them"):
+        OutputStore(copy).begin({"p": 1})
+    assert [p.name for p in (copy / "triplets").iterdir()] == ["part-a-00000.parquet"]
+    OutputStore(copy).begin({"p": 1}, overwrite=True)  # asked for: replaced
+    assert not list((copy / "triplets").iterdir())
+    # --overwrite killed in the middle of deleting the shards: no journal is left naming them.
+    import shutil
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.clear()
+    assert not store.journal.exists() and list((tmp_path / "out" / "triplets").glob("*.parquet"))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.output import JournalState
 from disco.pipeline.store.schema import MANIFEST_FILE
 
@@ -98,12 +99,23 @@ def build_manifest(*, config: dict, backends: dict, state: JournalState, listed:
 
 def write_manifest(path: Path, manifest: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(manifest, indent=2, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())  # before the rename: a crash leaves the old file or the new, never an empty one
     os.replace(tmp, path)
 
 
 def read_manifest(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A folder's ``manifest.json``; one that is not JSON is a one-line ``ConfigError``."""
+    try:
+        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc}); `disco-cli preprocess` writes it again at the end of a run "
+                          "on the same output") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} is not a manifest (a JSON object)")
+    return manifest
 
 
 def split_rule(folder: str | Path) -> tuple[str, str] | None:

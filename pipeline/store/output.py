@@ -26,6 +26,17 @@ from disco.pipeline.strikes import FOLDER as STRIKES_FOLDER
 from disco.pipeline.store.schema import ERRORS_DIR, MANIFEST_FILE, REJECTS_DIR, TRIPLETS_DIR
 
 JOURNAL_FILE = "_journal.jsonl"
+
+
+def journal_params(folder: str | Path) -> dict | None:
+    """The options a folder's rows are written with, from its journal's first line (written when
+    a run begins; ``manifest.json`` only when it ends): None without one."""
+    try:
+        with open(Path(folder) / JOURNAL_FILE, "rb") as fh:
+            record = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return None
+    return record.get("params") if isinstance(record, dict) and record.get("type") == "params" else None
 LOCK_FILE = ".lock"
 
 
@@ -227,12 +238,14 @@ class OutputStore:
         return None
 
     def clear(self) -> None:
-        """--overwrite: remove what this tool wrote, and nothing else of the user's."""
+        """--overwrite: remove what this tool wrote, and nothing else of the user's. The journal
+        goes first: a run killed while the shards are deleted leaves shards no journal names (the
+        next run removes them), never a journal naming shards that are gone (inputs counted done)."""
+        for f in (self.journal, self.manifest):
+            f.unlink(missing_ok=True)
         for d in (self.triplets, self.errors, self.rejects):
             if d.exists():
                 shutil.rmtree(d)
-        for f in (self.journal, self.manifest):
-            f.unlink(missing_ok=True)
 
     def prepare(self) -> None:
         self.triplets.mkdir(parents=True, exist_ok=True)
@@ -328,12 +341,21 @@ class OutputStore:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def _shards(self) -> list[Path]:
+        return [p for d in (self.triplets, self.errors, self.rejects) if d.is_dir() for p in sorted(d.glob("*.parquet"))]
+
     def begin(self, params: dict, overwrite: bool = False) -> tuple[JournalState, list[str]]:
         """Open the folder for a run (call it holding ``locked()``): clear it on ``overwrite``, refuse
         other options than the ones it was written with, and recover from an interrupted run.
         Returns the journal state and the uncommitted files removed."""
         if overwrite:
             self.clear()
+        elif not self.journal.exists() and self._shards():
+            # Shards without the journal that names them (a copy made without it, another tool's
+            # files): recovering would delete every one of them as uncommitted.
+            raise ConfigError(f"{self.root} holds shards ({self._shards()[0].relative_to(self.root)}, ...) but no "
+                              f"{self.journal.name} naming them (a copy made without it?); they are left alone: "
+                              "pass --overwrite to replace them, or choose another --output")
         self.prepare()
         state = self.read_journal()
         if state.params is not None and state.params != params:

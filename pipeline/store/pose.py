@@ -22,6 +22,7 @@ MANIFEST_FILE = "manifest.json"
 DEFAULT_STYLE, DEFAULT_HANDS = "openpose", True
 # The size and rate preprocess stores frames at by default (--max-side, --fps).
 DEFAULT_MAX_SIDE, DEFAULT_FPS = 512, 30.0
+CURRENT_RENDERER = 2  # PreprocessConfig.pose_renderer: the disco drawing's version written today
 KEYPOINT_COLUMNS = ("body_keypoints", "hand_keypoints", "face_keypoints")
 
 
@@ -40,20 +41,32 @@ class DataPose:
 
 
 def data_pose(folder: str | Path) -> DataPose:
-    """The pose drawing ``folder``'s manifest recorded (the preprocessing defaults without one)."""
+    """The pose drawing ``folder``'s manifest recorded; of a folder whose first run is still
+    writing it (no manifest yet), its journal's options; the preprocessing defaults without either."""
     path = Path(folder) / MANIFEST_FILE
-    if not path.exists():
-        return DataPose()
-    from disco.pipeline.store.manifest import read_manifest
+    if path.exists():
+        from disco.pipeline.store.manifest import read_manifest
 
-    manifest = read_manifest(path)
+        manifest = read_manifest(path)
+    else:
+        from disco.pipeline.store.output import journal_params
+
+        params = journal_params(folder)
+        if params is None:
+            return DataPose()
+        # A run writing now draws with today's renderer (its options do not name it).
+        manifest = {"parameters": {"pose_renderer": CURRENT_RENDERER, **params}}
     params = manifest.get("parameters") or {}
     backends = params.get("backends") or manifest.get("backends") or {}
     backend = backends.get("pose")
     if isinstance(backend, dict):  # what preprocess writes: {"name": ..., ...} per stage
         backend = backend.get("name")
-    if backend is None and isinstance((backends.get("source_backends") or {}).get("pose"), dict):
-        backend = backends["source_backends"]["pose"].get("name")  # filter-humans of a triplets folder: no model ran
+    source = backends
+    while backend is None and isinstance(source.get("source_backends"), dict):
+        # filter-humans of a triplets folder (of a filtered one, ...): no model ran, its source's did
+        source = source["source_backends"]
+        backend = source.get("pose")
+        backend = backend.get("name") if isinstance(backend, dict) else backend
     style = params.get("pose_style", DEFAULT_STYLE)
     if style == "disco" and int(params.get("pose_renderer") or 1) < 2:
         style = "disco-v1"  # the earlier drawing of that name: never what a reader asks for, so redrawn
