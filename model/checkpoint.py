@@ -191,7 +191,10 @@ def _put(model: DisCoModel, name: str, tensor: torch.Tensor) -> None:
     """``tensor`` becomes parameter ``name`` (no copy) when it fits its device, dtype and shape;
     otherwise it is copied into it."""
     param = model.get_parameter(name)
-    if (tensor.device, tensor.dtype, tensor.shape) == (param.device, param.dtype, param.shape):
+    if tensor.shape != param.shape:  # copy_ would broadcast a (1,) tensor over the whole parameter
+        raise DamagedCheckpoint(f"{name} is {tuple(tensor.shape)} in the checkpoint, {tuple(param.shape)} in this "
+                                "model: it was written for another architecture")
+    if (tensor.device, tensor.dtype) == (param.device, param.dtype):
         set_tensor(model, name, tensor.detach())
     else:
         with torch.no_grad():
@@ -419,7 +422,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu", ema: bool = True,
     if is_pretrained_folder(path):
         from disco.model.disco import DisCoModel
 
-        return _to(DisCoModel.from_pretrained(path, local_files_only=True), device, dtype).eval()
+        # diffusers only warns of missing weights (left at random) and drops unexpected ones: refused.
+        model, info = DisCoModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if wrong:
+            raise DamagedCheckpoint(f"{path} does not fit its config: " + "; ".join(
+                f"{k.replace('_', ' ')} {sorted(map(str, v))[:3]}" for k, v in wrong.items()))
+        return _to(model, device, dtype).eval()
     return load_model(path, device=device, ema=ema, dtype=dtype)
 
 
@@ -481,8 +490,8 @@ def write_checkpoint(run: str | Path, step: int, snapshot: dict, state: dict, ke
         raise
     _still_ours(still_ours, tmp)
     if final.exists():  # the same step written again after a resume: replace it whole
-        old = run / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
+        old = run / f"{REPLACED_PREFIX}{final.name}-{os.getpid()}"
+        final.rename(old)  # a kill before the next rename: clean_temporary puts it back
         tmp.rename(final)  # before the old copy goes: a kill while it is deleted leaves the new one in place
         shutil.rmtree(old)
     else:
@@ -520,13 +529,23 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, di
     return weights, training_state, state, ema
 
 
+# A checkpoint being replaced by one of the same step, between its two renames.
+REPLACED_PREFIX = ".replaced-"
+
+
 def clean_temporary(run: str | Path) -> list[Path]:
-    """Remove what an interrupted checkpoint write or prune left behind."""
+    """Remove what an interrupted checkpoint write or prune left behind. A checkpoint a kill
+    caught while it was being replaced (moved aside, its successor not yet in place) is put back
+    (with ``keep`` 1 it is the run's only one)."""
     removed = []
-    for path in Path(run).glob(".tmp-checkpoint-*"):
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    for path in Path(run).glob(".old-checkpoint-*"):
+    for path in Path(run).glob(f"{REPLACED_PREFIX}checkpoint-*"):
+        final = Path(run) / path.name[len(REPLACED_PREFIX):].rsplit("-", 1)[0]
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        else:
+            path.rename(final)
+    for path in [*Path(run).glob(".tmp-checkpoint-*"), *Path(run).glob(".old-checkpoint-*")]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed

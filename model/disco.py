@@ -97,9 +97,11 @@ class DisCoModel(ModelMixin, ConfigMixin):
             if not (path / sub / "config.json").exists():
                 raise FileNotFoundError(f"{path / sub / 'config.json'} is missing: expected the diffusers layout "
                                         "unet/, vae/, image_encoder/ (and scheduler/)")
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
-        clip = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", local_files_only=True)
+        # In float32 whatever each folder's config says (transformers 5 loads CLIP in the dtype its
+        # config names: a half-precision folder gave a model with a float16 CLIP and float32 rest).
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).float()
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).float()
+        clip = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", local_files_only=True).float()
         scheduler = dict(SCHEDULER)
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         if scheduler_file.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import pytest
@@ -165,6 +167,36 @@ def test_build_from_a_local_image_variations_folder(tiny, tmp_path):
                            tiny.unet(sample, timestep, encoder_hidden_states=reference).sample)
     with pytest.raises(FileNotFoundError, match="vae"):
         DisCoModel.from_sd_image_variations(tmp_path / "empty")
+    # A folder saved in half precision (as many are published) gives a float32 model all through:
+    # transformers 5 loaded its CLIP in float16 beside a float32 rest, which then failed to run.
+    half = tmp_path / "sd-iv-fp16"
+    for name in ("unet", "vae", "image_encoder"):
+        copy.deepcopy(getattr(tiny, name)).half().save_pretrained(half / name)
+    model = DisCoModel.from_sd_image_variations(half, variant="finetune")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.unconditional_reference(1).dtype == torch.float32
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tiny, tmp_path):
+    """A save_pretrained folder missing a weight loaded with that weight left random (diffusers
+    only warns); a trainable tensor of another shape was broadcast into the parameter."""
+    from safetensors.torch import load_file, save_file
+
+    from disco.model.checkpoint import DamagedCheckpoint, load_checkpoint, load_trainable_file
+
+    tiny.save_pretrained(tmp_path / "pretrained")
+    weights = next((tmp_path / "pretrained").glob("*.safetensors"))
+    tensors = load_file(weights)
+    del tensors["reference_projection.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(DamagedCheckpoint, match=r"missing keys \['reference_projection.weight'\]"):
+        load_checkpoint(tmp_path / "pretrained")
+    trainable = {k: v.detach().clone() for k, v in tiny.trainable_parameters().items()}
+    name = next(k for k, v in trainable.items() if v.ndim == 1 and len(v) > 1)
+    trainable[name] = torch.tensor([7.0])
+    save_file(trainable, tmp_path / "trainable.safetensors")
+    with pytest.raises(DamagedCheckpoint, match=rf"{name} is \(1,\) in the checkpoint"):
+        load_trainable_file(DisCoModel.from_architecture("tiny", variant="finetune"), tmp_path / "trainable.safetensors")
 
 
 def test_full_size_parameter_counts_on_the_meta_device():

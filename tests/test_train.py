@@ -822,6 +822,12 @@ def test_a_corrupt_triplet_is_skipped_and_counted(triplets, tmp_path):
                                                "checkpoint": str(checkpoint), "step": 3, "stage": "finetune",
                                                "weights": "ema"}
     assert describe_checkpoint(cfg.output, ema=False)["weights"] == "trained"
+    # A checkpoint of this run without its EMA file (removed by hand, cut short) is refused by a
+    # resume: a fresh EMA restarted from the trained weights with nothing said.
+    (checkpoint / "ema.safetensors").unlink()
+    with pytest.raises(ConfigError, match="has no ema.safetensors, though this run keeps an EMA"):
+        train(TrainConfig(output=cfg.output, resume=True, max_steps=4, schedule_steps=4),
+              given={"output", "resume", "max_steps", "schedule_steps"})
 
 
 # -- command line ------------------------------------------------------------------------------------

@@ -631,3 +631,23 @@ def test_an_error_that_stops_the_run_is_not_retried_from_the_last_checkpoint(mon
     handed = trainer._initialize_and_run_controller(object.__new__(trainer), failure_policy=inner, callbacks=[])
     assert isinstance(handed["failure_policy"], StopsTheRunPolicy) and handed["failure_policy"].inner is inner
     assert handed["callbacks"] == []
+
+
+def test_a_checkpoint_caught_while_being_replaced_is_put_back(tmp_path):
+    """A step written again (a resume from an older checkpoint) moves the old one aside, then puts
+    the new one in place: a kill between the two renames left no checkpoint of that step, and the
+    next start deleted the one moved aside (with --keep 1, the run's only checkpoint)."""
+    from disco.model.checkpoint import REPLACED_PREFIX, clean_temporary
+
+    aside = tmp_path / f"{REPLACED_PREFIX}checkpoint-00000002-4242"
+    aside.mkdir()
+    (aside / "state.json").write_text('{"step": 2}')
+    (tmp_path / ".old-checkpoint-00000001-4242").mkdir()  # a prune cut short: deleted
+    (tmp_path / ".tmp-checkpoint-00000003").mkdir()  # a write cut short: deleted
+    clean_temporary(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000002"]
+    assert (tmp_path / "checkpoint-00000002" / "state.json").read_text() == '{"step": 2}'
+    # Killed after the new one was in place: the copy aside goes.
+    aside.mkdir()
+    clean_temporary(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000002"]

@@ -292,7 +292,12 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
         load_optimizer_state(optimizer, training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
         scaler.load_state_dict(training_state["scaler"])
-        if ema is not None and ema_weights is not None:
+        if ema is not None and ema_weights is None:
+            # Every checkpoint of a run with an EMA holds it: one without was cut short or edited.
+            # (A fresh EMA would restart from the current weights with nothing said.)
+            raise ConfigError(f"{STOPS_THE_RUN} {checkpoint} has no ema.safetensors, though this run keeps an EMA "
+                              "(ema_decay): the file was removed; put it back, or resume from another checkpoint")
+        if ema is not None:
             # A copy even on the CPU: the file is mapped (read_checkpoint), see load_optimizer_state.
             ema.shadow_params = [ema_weights[n].to(device, copy=True) for n in names]
             ema.optimization_step = int(scheduler.last_epoch)  # the EMA's decay counts updates, as the schedule does
