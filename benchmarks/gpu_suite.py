@@ -44,6 +44,15 @@ STEPS = ("cuda-tests", "annotators", "preprocess", "train", "nccl", "generate", 
 OPT_IN = {"cpu-pipeline"}
 MODEL_STEPS = {"train", "nccl", "generate", "trainer-vs-loop"}  # the steps that build a DisCo model
 H100_BF16_DENSE_TFLOPS = 989.0
+# --deadline-s: a step is not started with less than this left, and the run keeps this much
+# back for the report, the table and the temporary folder's removal (gigabytes full-size).
+MIN_STEP_S, DEADLINE_SLACK_S = 60.0, 30.0
+
+
+def time_left(args) -> float:
+    """Seconds to --deadline-s (infinite without one)."""
+    deadline = getattr(args, "deadline_at", None)
+    return float("inf") if deadline is None else deadline - time.time()
 
 # The training matrix: stage x precision x gradient checkpointing x per-GPU batch.
 MATRICES = {
@@ -73,15 +82,15 @@ def sizes(args) -> dict:
 
 # -- shared inputs ----------------------------------------------------------------------------------
 
-def annotator_weights(args, size: dict, root: Path) -> tuple[Path, bool]:
-    """The annotators' weights folder and whether it is random (thresholds 0: random detectors
-    score near chance)."""
+def annotator_weights(args, size: dict, root: Path, only: tuple[str, ...] | None = None) -> tuple[Path, bool]:
+    """The annotators' weights folder (random: of the backends in ``only``, None: all) and whether
+    it is random (thresholds 0: random detectors score near chance)."""
     if args.weights:
         return args.weights, False
     from disco.pipeline.annotators.random_weights import write_random_weights
 
     return write_random_weights(root / "weights", size=size["weights_size"], sam_model=size["sam_model"],
-                                sam2_model=size["sam2_model"]), True
+                                sam2_model=size["sam2_model"], only=only), True
 
 
 def random_pretrained(root: Path, size: dict) -> Path:
@@ -271,7 +280,8 @@ def step_preprocess(args, size, work: Path) -> dict:
     """`disco-cli preprocess` as a user runs it: a clip through Grounded-SAM and OpenPose."""
     from disco.pipeline.demo_data import write_video
 
-    weights, random = annotator_weights(args, size, work)
+    # Only the two backends it runs (SAM 2 large alone costs seconds to write at full size).
+    weights, random = annotator_weights(args, size, work, only=("grounded-sam", "openpose"))
     write_video(work / "videos" / "dance.mp4", frames(size["pipeline_frames"], size["frame_size"]), 30.0)
     command = [sys.executable, "-m", "disco.cli", "preprocess", "--source", "video", "--input", str(work / "videos"),
                "--output", str(work / "out"), "--matting", "grounded-sam", "--pose", "openpose", "--weights", str(weights),
@@ -346,9 +356,12 @@ def _mfu(samples_per_s: float, flops: int, peak_tflops: float) -> float:
 
 def _run_group(command: list[str], timeout: float) -> tuple[int | None, str, str]:
     """Run ``command`` in a process group of its own; past ``timeout`` the whole group (Ray, pytest,
-    the CLI and whatever they started) is killed. Returns (exit code or None on timeout, out, err)."""
+    the CLI and whatever they started) is killed. Returns (exit code or None on timeout, out, err).
+    A group, not a session: where the device tool ends a command that ran past its limit, it ends
+    the processes of the command's session, and a new session's would run on (a training child
+    holding the GPU into the next call)."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
-                            start_new_session=True)
+                            process_group=0)
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
@@ -386,10 +399,14 @@ def step_train(args, size, work: Path, run_one=_train_one_in_child) -> dict:
     for config in size["matrix"]:
         stage, precision, gc, batch = config
         label = f"{stage} {precision} gc-{'on' if gc else 'off'} b{batch}"
+        left = time_left(args)
+        if left < MIN_STEP_S:  # --deadline-s: the configurations still to run are listed as not run
+            rows.append({"config": label, "error": "not run: --deadline-s reached"})
+            continue
         output = work / label.replace(" ", "_")
         spec = {"size": size, "data": str(data), "output": str(output), "config": config}
         started = time.perf_counter()
-        row = {"config": label, **run_one(spec, args.config_timeout)}
+        row = {"config": label, **run_one(spec, min(args.config_timeout, left))}
         row["wall_s"] = time.perf_counter() - started
         if "samples_per_s" in row:
             row["mfu"] = _mfu(row["samples_per_s"], row["flops_per_sample"], args.peak_tflops)
@@ -492,17 +509,22 @@ def step_generate(args, size, work: Path) -> dict:
 
     run(n)  # warm-up
     batched, single = n / run(n), n / run(1)
+    out = {"frames": n, "size": size["generate_size"], "steps": size["generate_steps"], "dtype": "float32",
+           "batched_frames_per_s": batched, "one_at_a_time_frames_per_s": single, "ratio": batched / single,
+           "summary": f"{n} frames, {size['generate_steps']} DDIM steps: batched {batched:.2f} frames/s, one at a "
+                      f"time {single:.2f} frames/s ({batched / single:.1f}x)"}
+    args.result.write_text(json.dumps({**out, "partial": True}))  # kept if what follows is cut short
     # `generate --dtype`: float16 on a GPU (bfloat16 where the smoke run is on the CPU), batched.
     half = "float16" if on_cuda(device) else "bfloat16"
     model.to(getattr(torch, half))
-    run(n)
-    halved = n / run(n)
-    return {"frames": n, "size": size["generate_size"], "steps": size["generate_steps"], "dtype": "float32",
-            "batched_frames_per_s": batched, "one_at_a_time_frames_per_s": single, "ratio": batched / single,
-            "half_dtype": half, "half_batched_frames_per_s": halved, "half_ratio": halved / batched,
-            "summary": f"{n} frames, {size['generate_steps']} DDIM steps: batched {batched:.2f} frames/s, one at a "
-                       f"time {single:.2f} frames/s ({batched / single:.1f}x); --dtype {half} batched "
-                       f"{halved:.2f} frames/s ({halved / batched:.2f}x float32)"}
+    try:
+        run(n)
+        halved = n / run(n)
+    except Exception as exc:  # noqa: BLE001 - e.g. random weights overflowing in float16 (NaN frames)
+        return {**out, "half_dtype": half, "half_error": str(exc).splitlines()[0][:200],
+                "summary": out["summary"] + f"; --dtype {half} failed: {str(exc).splitlines()[0][:80]}"}
+    return {**out, "half_dtype": half, "half_batched_frames_per_s": halved, "half_ratio": halved / batched,
+            "summary": out["summary"] + f"; --dtype {half} batched {halved:.2f} frames/s ({halved / batched:.2f}x float32)"}
 
 
 def step_trainer_vs_loop(args, size, work: Path) -> dict:
@@ -626,6 +648,8 @@ def run_step(name: str, args, work: Path) -> dict:
     timeout = args.step_timeout
     if name == "train":  # room for every configuration of the matrix
         timeout = max(timeout, args.config_timeout * len(sizes(args)["matrix"]) + 300)
+    # --deadline-s: the step ends in time for the report to be written (and come back).
+    timeout = min(timeout, time_left(args) + DEADLINE_SLACK_S / 2)
     started = time.perf_counter()
     record = {"step": name}
     with GpuSampler() as sampler:
@@ -647,6 +671,8 @@ def run_step(name: str, args, work: Path) -> dict:
 
 def _passed_on(args) -> list[str]:
     out = ["--smoke"] if args.smoke else []
+    if args.deadline_at is not None:
+        out += ["--deadline-at", repr(args.deadline_at)]
     for flag in ("weights", "pretrained"):
         if getattr(args, flag):
             out += [f"--{flag}", str(getattr(args, flag))]
@@ -702,7 +728,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated steps to run, of: {', '.join(STEPS)} "
                                          f"({', '.join(sorted(OPT_IN))} only when named here)")
     parser.add_argument("--skip", default="", help="comma-separated steps not to run")
-    parser.add_argument("--out", type=Path, default=Path("gpu_suite.json"), help="the JSON report")
+    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_suite.json" if os.environ.get("OUT")
+                        else Path("gpu_suite.json"), help="the JSON report (default: $OUT/gpu_suite.json where $OUT "
+                        "is set, as on the device machines, whose calls return what is under $OUT; else ./gpu_suite.json)")
+    parser.add_argument("--deadline-s", type=float, help="seconds the whole run may take (a device call's limit "
+                        "less its start): each step's limit is cut to what is left, a step with under "
+                        f"{MIN_STEP_S:g} s left is not started, and the report is written in time")
     parser.add_argument("--weights", type=Path, help="annotator weights folder (default: random full-size ones)")
     parser.add_argument("--pretrained", help="sd-image-variations folder (default: random weights of its architecture)")
     parser.add_argument("--sam-model", default="vit_h", choices=("vit_h", "vit_l", "vit_b"))
@@ -722,7 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--train-one", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline-at", type=float, help=argparse.SUPPRESS)  # the parent's deadline, as a time
     args = parser.parse_args(argv)
+    if args.deadline_s is not None and args.deadline_at is None:
+        args.deadline_at = time.time() + args.deadline_s - DEADLINE_SLACK_S
     unknown = set(args.annotators.split(",")) - set(ANNOTATORS)
     if unknown:
         parser.error(f"--annotators: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ANNOTATORS)})")
@@ -761,6 +795,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"random sd-image-variations weights not written ({report['random_pretrained_error']}); "
                       "each model step builds its own", flush=True)
         for name in chosen:
+            if time_left(args) < MIN_STEP_S:
+                report["steps"].append({"step": name, "status": "skipped", "error": "--deadline-s reached"})
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: not started, --deadline-s reached", flush=True)
+                args.out.write_text(json.dumps(report, indent=2, default=str))
+                continue
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             record = run_step(name, args, Path(tmp))
             report["steps"].append(record)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,23 @@ def test_without_a_gpu_the_full_suite_refuses_in_one_line(tmp_path):
     assert proc.returncode == 2 and "unknown step 'warp'" in proc.stderr
     proc, _ = _suite(tmp_path, "--smoke", "--only", "annotators", "--annotators", "sam2,sam3")
     assert proc.returncode == 2 and "--annotators: unknown sam3" in proc.stderr
+
+
+def test_a_deadline_starts_no_step_it_cannot_fit_and_the_report_lands_under_out(tmp_path, monkeypatch):
+    """A device call is cut at 10 minutes (the suite's steps at full size took 27-30): with
+    ``--deadline-s`` no step is started that cannot finish in it, the training step starts no
+    configuration past it, and the report is written where the device returns files ($OUT)."""
+    proc = subprocess.run([sys.executable, str(SUITE), "--smoke", "--only", "cuda-tests,generate", "--deadline-s", "50"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert [(r["step"], r["status"]) for r in report["steps"]] == [("cuda-tests", "skipped"), ("generate", "skipped")]
+    suite = _module()
+    args = argparse.Namespace(smoke=True, result=tmp_path / "train.json", config_timeout=600.0, peak_tflops=989.0,
+                              deadline_at=time.time() + 30)
+    ran = []
+    step = suite.step_train(args, suite.sizes(args), tmp_path / "train", run_one=lambda spec, timeout: ran.append(1))
+    assert not ran and [c["error"] for c in step["configs"]] == ["not run: --deadline-s reached"]
 
 
 @pytest.mark.slow
