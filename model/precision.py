@@ -50,8 +50,13 @@ def gpus_problem(gpus: int, device) -> str | None:
         return f"--gpus {gpus} needs CUDA devices (--device cuda); it is {device}"
     import torch
 
+    from disco.pipeline.cluster import in_ray_job
+
     last = int(gpu_devices(device, gpus)[-1].split(":")[1])
     if last >= torch.cuda.device_count():
+        # The GPUs of this process's node: a `ray job submit` driver sees those Ray reserved for it.
+        hint = (f" (a `ray job submit` job sees the GPUs it reserves: submit it with --entrypoint-num-gpus {last + 1}; "
+                "--gpus uses the GPUs of the driver's node only)") if in_ray_job() else ""
         return (f"--gpus {gpus} from {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}{hint}")
     return None

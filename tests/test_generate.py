@@ -368,6 +368,15 @@ def test_frames_spread_over_several_devices_are_the_frames_of_one(inputs, condit
     result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
                   inputs / "dance.mp4", "--output", "o.mp4", "--gpus", 2, "--device", "cpu")
     assert result.exit_code == 2 and "--gpus 2 needs CUDA devices" in result.output, result.output
+    # In a `ray job submit` job the driver sees the GPUs its entrypoint reserved: the line says so.
+    from disco.model.precision import gpus_problem
+    from disco.pipeline.cluster import RAY_JOB_CONFIG_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "device_count", lambda: 1)
+        assert "entrypoint" not in gpus_problem(2, "cuda:0")
+        patch.setenv(RAY_JOB_CONFIG_ENV, "{}")
+        assert "submit it with --entrypoint-num-gpus 2" in gpus_problem(2, "cuda:0")
 
 
 def test_the_pose_embedding_cache_changes_nothing(pipeline, monkeypatch, conditions):

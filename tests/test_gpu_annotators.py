@@ -92,10 +92,16 @@ def test_openpose_loads_from_the_layout_and_gives_contract_shapes(weights, frame
         assert np.all(points[points[:, 2] == 0][:, :2] == 0)
 
 
-def test_openpose_checkpoints_load_tensors_only(tmp_path):
+@pytest.mark.parametrize("forced", [False, True])
+def test_openpose_checkpoints_load_tensors_only(tmp_path, forced, monkeypatch):
     """A checkpoint that would run code when unpickled is refused, and the code never runs; the
-    refusal names the file in one line (an actor makes it the run's line)."""
+    refusal names the file in one line (an actor makes it the run's line). Also where the
+    environment turns torch's default off (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1): controlnet-aux and
+    segment-anything call torch.load without weights_only, so the file's code ran there."""
     import torch
+
+    if forced:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
     from disco.pipeline.annotators.openpose_backend import OpenPosePose
     from disco.pipeline.annotators.weights import WeightsError

@@ -29,6 +29,16 @@ def loading(path: str | os.PathLike):
     that would run code when unpickled stays refused (``weights_only``), said in a few words."""
     import pickle
 
+    import torch
+
+    real_load = torch.load
+
+    def tensors_only(*args, **kwargs):
+        # Those loaders call torch.load without weights_only: safe only by torch's default, which
+        # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the environment turns off. Asked for here.
+        return real_load(*args, **{**kwargs, "weights_only": True})
+
+    torch.load = tensors_only
     try:
         yield
     except (WeightsError, MemoryError):  # the host out of memory is not the file's fault
@@ -42,6 +52,8 @@ def loading(path: str | os.PathLike):
 
         raise WeightsError(f"{path} is damaged or not the expected file ({type(exc).__name__}: "
                            f"{first_line(exc)})") from None
+    finally:
+        torch.load = real_load
 
 
 @dataclass
