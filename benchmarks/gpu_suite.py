@@ -360,8 +360,9 @@ def _run_group(command: list[str], timeout: float) -> tuple[int | None, str, str
     A group, not a session: where the device tool ends a command that ran past its limit, it ends
     the processes of the command's session, and a new session's would run on (a training child
     holding the GPU into the next call)."""
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
-                            process_group=0)
+                            **group)
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err

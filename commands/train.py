@@ -90,6 +90,10 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
 
 
 
+# What a resume may change (train/launch.py RESUME_MAY_CHANGE) that only a --config YAML sets.
+YAML_ONLY_RESUME_OPTIONS = {"cpus_per_worker", "data_cpus", "prefetch_batches"}
+
+
 def configured(preset: str | None, config: Path | None, given: dict, resume: bool) -> TrainConfig:
     """The run's configuration: the defaults, then the preset (``--preset``, or a ``preset`` key of
     the YAML), then the ``--config`` YAML, then the flags. Giving the gradient accumulation
@@ -103,7 +107,7 @@ def configured(preset: str | None, config: Path | None, given: dict, resume: boo
     if preset and resume:
         raise ConfigError("--preset starts a run; a resumed run keeps the configuration it was started with")
     # A YAML's preset (a run's own config.yaml names it) is the base of a new run; a resumed run
-    # takes its saved configuration whatever the YAML says.
+    # takes its saved configuration whatever the YAML says (but YAML_ONLY_RESUME_OPTIONS).
     preset = preset or (None if resume else values.get("preset"))
     cfg = TrainConfig()
     if preset:
@@ -239,12 +243,12 @@ def train(
         return
     names = set(given)
     if resume and config:
-        # What a resume may change, set in the --config YAML (cpus_per_worker, data_cpus and
-        # prefetch_batches have no flag): applied like flags; its other keys stay the saved run's.
+        # What a resume may change that has no flag, set in the --config YAML: applied. Its other
+        # keys stay the saved run's (the run's first YAML given again must not take back a
+        # --max-steps or --keep given since).
         from disco.pipeline.errors import read_options_yaml
-        from disco.train.launch import RESUME_MAY_CHANGE
 
-        names |= set(read_options_yaml(config)) & RESUME_MAY_CHANGE
+        names |= set(read_options_yaml(config)) & YAML_ONLY_RESUME_OPTIONS
     summary = run_training(cfg, given=names, show_progress=progress)
     console.print(f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
                   f"{summary['skipped_rows']} undecodable rows skipped")

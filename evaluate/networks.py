@@ -19,6 +19,7 @@ Every file is read with ``torch.load(weights_only=True)`` (or safetensors): no p
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,10 +148,12 @@ def inception(path: Path) -> nn.Module:
         safe = Path(tmp) / "inception.pth"
         torch.save(state, safe)
         try:
-            # antialias=False: torch-fidelity's TF1-style resize to 299 (torchmetrics' default is
-            # PyTorch's antialiased bilinear: 7 grey levels off on average at 256 px, 28 at 512).
+            # antialias=False: torch-fidelity's TF1-style resize to 299 (torchmetrics' default since
+            # it took the option is PyTorch's antialiased bilinear: 7 grey levels off on average at
+            # 256 px, 28 at 512; before it, the TF1 resize was the only one).
+            tf1 = {"antialias": False} if "antialias" in inspect.signature(NoTrainInceptionV3).parameters else {}
             return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=str(safe), antialias=False)
+                                      feature_extractor_weights_path=str(safe), **tf1)
         except RuntimeError as exc:
             raise WeightsError(f"{path} does not fit the FID Inception: {str(exc).splitlines()[0]}") from None
 

@@ -223,6 +223,16 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     return result
 
 
+def pose_data_key(drawing) -> dict:
+    """The training data's frame size and face points in the key where they are not the
+    defaults (the frames a run kept before they were read stay valid where they are)."""
+    from disco.pipeline.store.pose import DataPose
+
+    if drawing is None or (drawing.max_side, drawing.face) == (DataPose.max_side, DataPose.face):
+        return {}
+    return {"pose_data": {"max_side": drawing.max_side, "face": drawing.face}}
+
+
 def partial_key(config: GenerateConfig, source: dict, size: int, frames: int, drawing=None) -> dict:
     """What a run's frames depend on (``generate/partial.py``): the checkpoint and the input files
     (by content), the settings that make the poses and the frames (not the batch size or the number
@@ -243,6 +253,5 @@ def partial_key(config: GenerateConfig, source: dict, size: int, frames: int, dr
             # How a driving video's skeletons are drawn: 2 since they are drawn as training drew
             # them (``generate.inputs.drawing_side``); frames kept from before are not joined. Then
             # the training data's frame size and face points (``trained_drawing``).
-            "pose_drawing": 2, **({} if drawing is None else {"pose_data": {"max_side": drawing.max_side,
-                                                                             "face": drawing.face}}),
+            "pose_drawing": 2, **pose_data_key(drawing),
             **{name: getattr(config, name) for name in settings}}

@@ -549,6 +549,17 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
 
         shutil.copytree(inputs / "ckpt", tmp_path / "copied")
         moved = _run("evaluate", "--run", tmp_path / "copied", *command[3:-3], 4, "--output", report_path)
+        # A work folder an earlier version marked (the checkpoint by path, sizes and times) keeps
+        # its clips too: they were hours of GPU time at scale.
+        from disco.evaluate.run import WORK_MARK, _model_identity_by_path
+
+        legacy = json.loads((work / WORK_MARK).read_text())
+        legacy["checkpoint"] = json.loads(json.dumps(_model_identity_by_path(
+            {"path": str(inputs / "ckpt"), "kind": "save_pretrained"})))
+        (work / WORK_MARK).write_text(json.dumps(legacy))
+        upgraded = _run(*command[:-3], 4, "--output", report_path)
+    assert upgraded.exit_code == 0 and "resuming: 1 of 1 clips" in upgraded.output, upgraded.output
+    assert json.loads((work / WORK_MARK).read_text())["checkpoint"] != legacy["checkpoint"]  # rewritten
     assert kept.exit_code == 0, kept.output
     assert "resuming: 1 of 1 clips" in kept.output
     assert moved.exit_code == 0 and "resuming: 1 of 1 clips" in moved.output, moved.output

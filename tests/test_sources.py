@@ -373,7 +373,8 @@ def test_a_patterns_suffix_matches_in_any_case(tmp_path):
 def test_linked_folders_are_listed_once_and_an_unreadable_folder_is_an_errors_row(tmp_path, source, monkeypatch):
     """A collection gathered from links (``videos/extra -> /elsewhere``) lost the linked folders'
     files without a word (``os.walk`` does not follow links), a folder that cannot be read was a
-    silent gap; a link back up must not list the files twice."""
+    silent gap; a link back up must not list the files twice, nor a link to a folder of the tree
+    rename them (an output's journal knows them by their names)."""
     name = "c.webm" if source == "video" else "c.png"
     root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
     for folder in (root / "own", elsewhere, root / "locked"):
@@ -383,6 +384,8 @@ def test_linked_folders_are_listed_once_and_an_unreadable_folder_is_an_errors_ro
     (root / "locked" / name).write_bytes(b"x")
     (root / "extra").symlink_to(elsewhere, target_is_directory=True)
     (root / "own" / "up").symlink_to(root, target_is_directory=True)  # a loop back to the root
+    # A link to a folder of the tree, sorted before it: its files keep the names they always had.
+    (root / "aaa").symlink_to(root / "own", target_is_directory=True)
     real_scandir = os.scandir
 
     def scandir(path="."):
@@ -399,7 +402,7 @@ def test_linked_folders_are_listed_once_and_an_unreadable_folder_is_an_errors_ro
 def test_parquet_lists_in_subfolders_are_inputs_by_their_place_and_bad_rows_are_errors(tmp_path):
     """Two tables (``A/list.parquet``, ``B/list.parquet``) naming ``img/1.png`` beside each were
     listed as one input path (one journal entry: B's image never ran after A's, and one sample
-    id for both); a row naming a URL became a local path (``A/s3:/b/x.jpg``) and a missing_file
+    id for both); the second is named by its place now. A row naming a URL became a local path (``A/s3:/b/x.jpg``) and a missing_file
     row; a bytes column, a damaged table and a Latin-1 manifest were tracebacks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -416,8 +419,11 @@ def test_parquet_lists_in_subfolders_are_inputs_by_their_place_and_bad_rows_are_
                         "layouts: [{name: lists, kind: parquet, pattern: '**/*.parquet'}]\nsplits: {rule: r}\n")
     listing = _list("mine", root, manifest=manifest)
     got = {i.input_path: (i.clip_id, i.error_type) for i in listing.items}
-    assert got == {"A/img/1.png": ("A/img/1.png", None), "B/img/1.png": ("B/img/1.png", None),
-                   "C/img/2.png": ("img/2", None), "s3://bucket/x.jpg": ("s3://bucket/x", "remote_url")}, got
+    # Named as written (as outputs listed before know them), but where an earlier table took the
+    # name for another file: by the table's folder.
+    assert got == {"img/1.png": ("img/1.png", None), "B/img/1.png": ("B/img/1.png", None),
+                   "img/2.png": ("img/2", None), "s3://bucket/x.jpg": ("s3://bucket/x", "remote_url")}, got
+    assert {i.input_path: i.abs_path for i in listing.items}["img/1.png"] == str(root.resolve() / "A/img/1.png")
     assert {i.input_path: i.abs_path for i in listing.items}["B/img/1.png"] == str(root.resolve() / "B/img/1.png")
     assert listing.dataset["notes"]["duplicate_path"] == 1
     # A table whose pages are damaged behind a good footer: one line naming it.

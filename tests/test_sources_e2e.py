@@ -135,6 +135,10 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
             part = part.set_column(part.schema.get_field_index(name), name, pa.array([r[k] for r in rows], kind))
         pq.write_table(part, shard)
     table = open_triplets(copy).to_table().sort_by("sample_id")
+    # As if preprocessed with --max-side 768 --fps 25 --face (what generate draws by, not the defaults).
+    source_manifest = json.loads((copy / "manifest.json").read_text())
+    source_manifest["parameters"].update(max_side=768, fps=25.0, face=True)
+    (copy / "manifest.json").write_text(json.dumps(source_manifest))
     import disco.pipeline.annotators as annotators
 
     monkeypatch.setattr(annotators, "FrameAnnotator", None)  # nothing may build a model
@@ -172,6 +176,15 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
     source_params = json.loads((copy / "manifest.json").read_text())["parameters"]
     assert {k: json.loads((thrice / "manifest.json").read_text())["parameters"][k]
             for k in ("max_side", "fps", "face")} == {k: source_params[k] for k in ("max_side", "fps", "face")}
+    # One written before they were carried: its source's; one still being written (no manifest yet): its
+    # source's too (the rows are the source's).
+    old_style = json.loads((thrice / "manifest.json").read_text())
+    for key in ("max_side", "fps", "face"):
+        del old_style["parameters"][key]
+    (thrice / "manifest.json").write_text(json.dumps({**old_style, "filtered_from": {"path": str(copy)}}))
+    assert data_pose(thrice) == data_pose(copy) and (data_pose(copy).max_side, data_pose(copy).face) == (768, True)
+    (twice / "manifest.json").unlink()
+    assert data_pose(twice) == data_pose(out)
     # The source written again since (--overwrite gives its shards new names): the rows filtered
     # from its old shards would be kept beside its new ones (twice the rows); refused.
     shard = shard_files(copy, "triplets")[0]

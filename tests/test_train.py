@@ -867,14 +867,21 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     for outcome, words in ((again, "--resume"), (finished, "--max-steps"), (changed, "batch-size")):
         assert outcome.exit_code == 2 and words in outcome.output and "Traceback" not in outcome.output
         assert len(outcome.output.strip().splitlines()) == 1
-    # What a resume may change, in a --config file (data_cpus, prefetch_batches have no flag):
-    # applied (a YAML was dropped without a word); the YAML's other keys stay the saved run's.
+    # What a resume may change with no flag (data_cpus, prefetch_batches), in a --config file:
+    # applied (a YAML was dropped without a word); the YAML's other keys (its max_steps, keep,
+    # lr) stay the saved run's or the flags'.
     more = tmp_path / "more.yaml"
-    more.write_text("max_steps: 3\nschedule_steps: 3\ndata_cpus: 0.5\nprefetch_batches: 3\nlr: 0.1\n")
-    resumed = runner.invoke(app, ["train", "--output", str(run), "--resume", "--config", str(more), "--no-progress"])
+    more.write_text("max_steps: 99\nkeep: 1\ndata_cpus: 0.5\nprefetch_batches: 3\nlr: 0.1\n")
+    resumed = runner.invoke(app, ["train", "--output", str(run), "--resume", "--config", str(more), "--max-steps", "3",
+                                  "--schedule-steps", "3", "--no-progress"])
     assert resumed.exit_code == 0 and "trained to step 3" in resumed.output, resumed.output
     saved = load_run_config(run)
     assert (saved.data_cpus, saved.prefetch_batches, saved.max_steps, saved.lr) == (0.5, 3, 3, 5e-4)
+    assert saved.keep != 1
+    from disco.commands.train import YAML_ONLY_RESUME_OPTIONS
+    from disco.train.launch import RESUME_MAY_CHANGE
+
+    assert YAML_ONLY_RESUME_OPTIONS <= RESUME_MAY_CHANGE
     # A job submitted with the time to checkpoint hears nothing of it; outside a job, neither.
     from disco.train.launch import job_stop_warning
 

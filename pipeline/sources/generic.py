@@ -86,34 +86,47 @@ def file_problem(path: str) -> tuple[str, str] | None:
 
 
 def _walk(root: Path):
-    """(path, problem) for every file under ``root``, in sorted order: linked folders are followed
-    (a collection gathered from links, as the data set layouts follow them), each folder entered
-    once (a link back up would list its files again); a folder that cannot be read is yielded with
-    its problem (it becomes an errors row, not a silent gap)."""
+    """(path, problem) for every file under ``root``: the tree's own folders first, in sorted order
+    (as it was always listed), then the folders linked into it (a collection gathered from links,
+    as the data set layouts follow them), each real folder listed once (a link to a folder of the
+    tree, or back up, adds nothing: its files keep their names). A folder that cannot be read is
+    yielded with its problem (an errors row, not a silent gap)."""
     if root.is_file():
         yield root, None
         return
     failed: list[OSError] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, onerror=failed.append, followlinks=True):
+    links: list[str] = []
+
+    def problems():
         while failed:
             exc = failed.pop()
-            yield Path(exc.filename), (error_type_of(exc), f"a folder that cannot be read ({exc.strerror or exc})")
-        try:
-            info = os.stat(dirpath)
-        except OSError:
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name, None
-    while failed:
-        exc = failed.pop()
-        yield Path(exc.filename), (error_type_of(exc), f"a folder that cannot be read ({exc.strerror or exc})")
+            if exc.filename is not None and os.path.abspath(exc.filename) != os.path.abspath(root):
+                yield Path(exc.filename), (error_type_of(exc), f"a folder that cannot be read ({exc.strerror or exc})")
+
+    def walk(top, follow: bool):
+        for dirpath, dirnames, filenames in os.walk(top, onerror=failed.append, followlinks=follow):
+            yield from problems()
+            try:
+                info = os.stat(dirpath)
+            except OSError:
+                dirnames[:] = []
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                dirnames[:] = []
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if not follow:  # entered after the whole tree: its own folders keep their names
+                links.extend(os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    yield Path(dirpath) / name, None
+        yield from problems()
+
+    yield from walk(root, False)
+    for link in links:
+        yield from walk(link, True)
 
 
 def list_inputs(source: str, root: Path, split: str) -> Listing:

@@ -85,6 +85,7 @@ class _Lister:
         self.by_layout: Counter = Counter()
         self.notes: Counter = Counter()
         self.seen: set[str] = set()
+        self.row_targets: dict[str, Path] = {}  # a Parquet row's input name -> the file it names
 
     def split(self, clip: str, layout: Layout) -> str:
         return self.split_override or self.manifest.split_of(clip, layout)
@@ -194,9 +195,9 @@ class _Lister:
             paths = table.column(path_col).to_pylist()
             keys = table.column(key_col).to_pylist() if key_col else [None] * len(paths)
             folder = table_path.parent
-            # A row's relative path is the file's beside this table; named by its place under
-            # --input (a table one folder down, A/list.parquet's img/1.jpg: A/img/1.jpg), so that
-            # two tables' img/1.jpg are two inputs, not one journal entry and one sample id.
+            # A row's relative path is the file's beside this table, named as written; where an
+            # earlier table's row took that name for another file (two tables' img/1.jpg), by its
+            # place under --input (B/img/1.jpg): one journal entry and one sample id held both.
             prefix = PurePosixPath(match.rel).parent.as_posix()
             for path, key in zip(paths, keys):
                 if isinstance(path, bytes):
@@ -214,17 +215,28 @@ class _Lister:
                                            "folder every node mounts first (img2dataset writes tar shards: --source laion)")
                 else:
                     target = Path(path) if os.path.isabs(path) else folder / path
-                    name = path if os.path.isabs(path) or prefix == "." else f"{prefix}/{path}"
-                if name in self.seen:  # the same file twice (in one table or two): one input
+                    name = path
+                    if self._named(name) not in (None, target):
+                        name = f"{prefix}/{path}" if prefix != "." and not os.path.isabs(path) else str(target)
+                        if self._named(name) not in (None, target):
+                            name = str(target)
+                if self._named(name) is not None:  # the same file twice: one input
                     self.notes["duplicate_path"] += 1
                     continue
-                self.seen.add(name)
+                self.row_targets[name] = target
                 clip = str(key) if key is not None else _without_suffix(path).lstrip("/")
                 # Not stat-ed here (millions of rows, one round trip each on NFS): a file that is
                 # missing is its row's missing_file error when the actor opens it.
                 if error is None and target.suffix.lower() not in IMAGE_SUFFIXES:
                     error = ("unsupported_format", f"{target.suffix} files are not supported by the {self.source} source")
                 self.items.append(self.item(layout, name, clip, "image", None, error, abs_path=str(target)))
+
+    def _named(self, name: str) -> Path | None:
+        """The file the input name ``name`` is taken for already (a Parquet row's, or a file a
+        pattern matched), or None."""
+        if name in self.row_targets:
+            return self.row_targets[name]
+        return Path(self.base_abs) / name if name in self.seen else None
 
     def _annotations(self, layout: Layout) -> dict[str, int] | None:
         for rel in layout.annotations:

@@ -239,8 +239,9 @@ class OutputStore:
 
     def clear(self) -> None:
         """--overwrite: remove what this tool wrote, and nothing else of the user's. The journal
-        goes first: a run killed while the shards are deleted leaves shards no journal names (the
-        next run removes them), never a journal naming shards that are gone (inputs counted done)."""
+        goes first: a run killed while the shards are deleted leaves shards no journal names
+        (refused by the next run until --overwrite is given again), never a journal naming shards
+        that are gone (their inputs counted done)."""
         for f in (self.journal, self.manifest):
             f.unlink(missing_ok=True)
         for d in (self.triplets, self.errors, self.rejects):

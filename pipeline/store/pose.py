@@ -54,9 +54,16 @@ def data_pose(folder: str | Path) -> DataPose:
         params = journal_params(folder)
         if params is None:
             return DataPose()
+        if params.get("mode") == "triplets" and params.get("input"):
+            return data_pose(params["input"])  # filter-humans still writing: its rows are its source's
         # A run writing now draws with today's renderer (its options do not name it).
         manifest = {"parameters": {"pose_renderer": CURRENT_RENDERER, **params}}
     params = manifest.get("parameters") or {}
+    source_path = (manifest.get("filtered_from") or {}).get("path")
+    if source_path and not {"max_side", "fps", "face"} <= set(params) and Path(source_path, MANIFEST_FILE).exists():
+        # A filter-humans output written before it carried these: its source's (the same rows).
+        inherited = data_pose(source_path)
+        params = {"max_side": inherited.max_side, "fps": inherited.fps, "face": inherited.face, **params}
     backends = params.get("backends") or manifest.get("backends") or {}
     backend = backends.get("pose")
     if isinstance(backend, dict):  # what preprocess writes: {"name": ..., ...} per stage

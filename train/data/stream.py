@@ -406,7 +406,7 @@ class SampleStream:
         all fail walked ``world`` epochs of its shards without a batch while the other ranks
         waited in the all-reduce (past NCCL's timeout, on a large data set)."""
         mine = self._plan.sizes[self._first_shard:self._first_shard + self.shards // self.world]
-        return int(len(mine) * mine.max())
+        return max(1, int(len(mine) * mine.max()))
 
     def _nothing_decodes(self) -> DataError:
         return DataError(f"no row decodes: {self._bad_run} in a row failed (corrupt pictures, or no pose for "
