@@ -24,7 +24,7 @@ _SUFFIX = re.compile(r"\.[A-Za-z0-9]+\Z")
 @lru_cache(maxsize=256)
 def _part_regex(part: str) -> re.Pattern:
     suffix = _SUFFIX.search(part)
-    if suffix and "}" not in suffix.group():
+    if suffix:
         head = _part_regex(part[:suffix.start()]).pattern[:-len(r"\Z")]
         return re.compile(head + "(?i:" + re.escape(suffix.group()) + r")\Z")
     out = []
@@ -91,9 +91,11 @@ def iter_matches(root: str, pattern: str):
                     seen_dirs.add(key)
                     yield from walk(entry.path, index, rel + (entry.name,), clip)
             return
-        if _is_literal(part) and not (last and _SUFFIX.search(part)):
-            path = os.path.join(folder, part)
-            candidates = [(part, path, None, clip)] if os.path.lexists(path) else []
+        literal = os.path.join(folder, part) if _is_literal(part) else None
+        if literal is not None and (os.path.lexists(literal) or not (last and _SUFFIX.search(part))):
+            # One lookup, not a listing of the folder; a file named in another case (LIST.PARQUET)
+            # is looked for in the listing only where the name as written is not there.
+            candidates = [(part, literal, None, clip)] if os.path.lexists(literal) else []
         else:
             regex = _part_regex(part)
             candidates = []
