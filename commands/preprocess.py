@@ -181,7 +181,7 @@ def preprocess(
     unit_timeout: UnitTimeout = D.unit_timeout,
     actors: Actors = D.actors,
     cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per annotator actor (default: fits the cluster).")] = D.cpus_per_actor,
-    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per annotator actor (fractions allowed).")] = D.gpus_per_actor,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per annotator actor of the CPU pipeline (fractions allowed); the GPU backends' actors take --matting-gpus / --pose-gpus.")] = D.gpus_per_actor,
     ray_address: RayAddress = D.ray_address,
     overwrite: Overwrite = D.overwrite,
     retry_errors: RetryErrors = None,

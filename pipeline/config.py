@@ -93,6 +93,12 @@ class PreprocessConfig:
     keep_rejects: bool = False
 
     def validate(self) -> "PreprocessConfig":
+        if self.cpus_per_actor is not None and not self.cpus_per_actor > 0:
+            raise ConfigError(f"--cpus-per-actor must be above 0, not {self.cpus_per_actor:g}")
+        for flag, value in (("--gpus-per-actor", self.gpus_per_actor), ("--matting-gpus", self.matting_gpus),
+                            ("--pose-gpus", self.pose_gpus)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} cannot be negative ({value:g})")
         if self.retry_errors is not None:
             self.retry_errors = sorted({t.strip() for value in self.retry_errors for t in str(value).split(",") if t.strip()})
             if not self.retry_errors:

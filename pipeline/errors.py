@@ -70,6 +70,44 @@ class _RunStopsOffTheConsole(logging.Filter):
 
 _RUN_STOPS_OFF = _RunStopsOffTheConsole()
 
+# Ray Data's resource manager warns, once a stage has waited STARVATION_WARNING_DELAY_S (60 s)
+# for resources to run anything, that the job may hang for ever; the "ray.data" logger is set to
+# ERROR to keep its per-run notices off the console, which hid this one too.
+STARVATION_LOGGER = "ray.data._internal.execution.resource_manager"
+STARVATION_TEXT = "not enough to run any task"
+
+
+class _StarvedStage(logging.Handler):
+    def __init__(self, log):
+        super().__init__(logging.WARNING)
+        self.say = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if STARVATION_TEXT in record.getMessage():
+            self.say(f"warning: {record.getMessage()} A stage's actors cannot all start on what the cluster has "
+                     "free (GPU shares, CPUs): the run waits for them, for ever where no autoscaler adds nodes; "
+                     "lower --actors or --cpus-per-actor, or free the cluster of other work")
+        elif record.levelno >= logging.ERROR:
+            logging.getLogger("ray.data").handle(record)  # as before: Ray Data's own handlers
+
+
+@contextlib.contextmanager
+def starved_stages_reported(log):
+    """Within the block, Ray Data's warning that a stage cannot start any task goes to ``log``
+    in one line (the rest of that logger as before: errors only)."""
+    logger = logging.getLogger(STARVATION_LOGGER)
+    handler = _StarvedStage(log)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
 
 def run_stops_off_ray_datas_console() -> None:
     """Keeps Ray Data's console report of a run-stopping error away (every other record of it

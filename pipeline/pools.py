@@ -57,6 +57,10 @@ def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units) -> list[PoolPlan
         pools = [PoolPlan("annotate", actors, cpus, cfg.gpus_per_actor)]
     pools[-1].units_per_call = units_per_call(units, cfg.shard_rows, pools[-1].actors)
     if len(pools) > 1:
+        # The writing (pose) stage's calls join the matting stage's blocks of decoded frames and
+        # mattes: about a shard's rows of them was 4 GiB a call for stills at --max-side 1024 (two
+        # calls in flight per actor, copied once more into Python): POSE_CALL_BYTES at most.
+        pools[-1].units_per_call = units_within(units, cfg.max_side, pools[-1].units_per_call, POSE_CALL_BYTES)
         # The decoding (matting) stage: consecutive units in one call are the next segments of a
         # video, which it reads on from the last (``LastVideo``), as many as one block holds.
         pools[0].units_per_call = matting_units_per_call(units, cfg.max_side, pools[-1].units_per_call)
@@ -84,20 +88,28 @@ def units_per_call(units, shard_rows: int, actors: int) -> int:
 # actor then hands on the same block (a call's output split into blocks by size could split
 # otherwise the second time, and Ray keeps the blocks of the first attempt it already has).
 MATTED_CALL_BYTES = 128 << 20
+# What one call of the writing stage of the GPU pipeline holds at most (the default --max-side's
+# stills fill a shard's 1024 rows in one call: 1 GiB).
+POSE_CALL_BYTES = 1 << 30
 
 
 def matting_units_per_call(units, max_side: int, most: int) -> int:
     """Units per call of the matting stage: as many (up to ``most``) as MATTED_CALL_BYTES holds
-    of their frames and mattes (RGB + 1 byte a pixel), each unit counted as the largest (a call
-    may hold a video's segments only, in a data set of mostly stills), a still at ``max_side``
-    square."""
+    of their frames and mattes (``units_within``)."""
+    return units_within(units, max_side, most, MATTED_CALL_BYTES)
+
+
+def units_within(units, max_side: int, most: int, budget: int) -> int:
+    """As many units (up to ``most``) as ``budget`` bytes hold of their frames and mattes (RGB + 1
+    byte a pixel), each unit counted as the largest (a call may hold a video's segments only, in
+    a data set of mostly stills), a still at ``max_side`` square."""
     if not _count(units):
         return 1
     sizes = [np.asarray(units.column(name).to_numpy(zero_copy_only=False) if hasattr(units, "column")
                         else [u.get(name) or 0 for u in units], np.float64) for name in ("width", "height")]
     width, height = (np.where(side > 0, side, max_side) for side in sizes)
     per_unit = float((unit_frames(units) * width * height * 4).max())
-    return max(1, min(most, int(MATTED_CALL_BYTES // max(per_unit, 1.0))))
+    return max(1, min(most, int(budget // max(per_unit, 1.0))))
 
 
 def _per_node_cpus(nodes: list[dict], actors_on: list[int]) -> float:

@@ -17,7 +17,8 @@ from disco.pipeline.annotators import BackendError, resolve_backends, weight_fil
 from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.errors import ConfigError, run_stops_off_ray_datas_console, stops_in_one_line
+from disco.pipeline.errors import (ConfigError, run_stops_off_ray_datas_console, starved_stages_reported,
+                                   stops_in_one_line)
 from disco.pipeline.sources import list_source
 from disco.pipeline.sources.generic import ends_digest, local_path
 from disco.pipeline.filter import filter_section, filter_settings
@@ -158,7 +159,8 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             pending, listing.items = [], []
             pools = plan_pools(cfg, cluster_nodes(), units)
             with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
-                frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
+                with starved_stages_reported(log):
+                    frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:

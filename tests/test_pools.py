@@ -223,3 +223,49 @@ def test_a_matting_call_hands_on_one_block_of_at_most_128_mib():
     # Sized by the largest unit: a call may hold a video's segments only, amid many stills.
     stills = [{"src_indices": [], "width": 0, "height": 0} for _ in range(3000)]
     assert matting_units_per_call(units(512, 288) + stills, 64, 128) == 7
+
+
+def test_a_writing_call_of_the_gpu_pipeline_holds_at_most_a_gib_of_frames(tmp_path):
+    """The pose (writing) stage's calls were sized to a shard's rows whatever the pictures: stills
+    at --max-side 1024 joined 4 GiB of frames and mattes a call (two in flight per actor, copied
+    again into Python). At the default --max-side a call still fills a shard."""
+    from disco.pipeline.pools import POSE_CALL_BYTES
+
+    node = [{"CPU": 16.0, "GPU": 8.0}]
+    stills = [{"src_indices": [], "width": 0, "height": 0} for _ in range(200_000)]
+    large = plan_pools(_cfg(tmp_path, max_side=1024), node, stills)
+    assert large[-1].units_per_call == POSE_CALL_BYTES // (1024 * 1024 * 4) == 256
+    assert plan_pools(_cfg(tmp_path), node, stills)[-1].units_per_call == 1024  # --max-side 512: a shard
+
+
+def test_ray_datas_warning_that_a_stage_cannot_start_reaches_the_runs_log():
+    """A pose pool whose actors cannot start (the matting actors took the free GPU shares, another
+    job holds the rest) hangs the run; Ray Data warns after a minute, but the run keeps the
+    "ray.data" logger at ERROR, so the user saw nothing. Its warning is the run's line now (the
+    logger and the words Ray Data 2.60 uses, from its own module)."""
+    import inspect
+    import logging
+
+    import ray.data._internal.execution.resource_manager as resource_manager
+
+    from disco.pipeline.errors import STARVATION_LOGGER, STARVATION_TEXT, starved_stages_reported
+
+    assert resource_manager.logger.name == STARVATION_LOGGER
+    assert STARVATION_TEXT in inspect.getsource(resource_manager)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # as the run sets it
+    lines = []
+    with starved_stages_reported(lines.append):
+        resource_manager.logger.warning("Cluster resources are not enough to run any task from "
+                                        "MapBatches(PoseStage). The job may hang forever unless the cluster scales up.")
+        resource_manager.logger.info("a notice")
+    assert len(lines) == 1 and "MapBatches(PoseStage)" in lines[0] and "--actors" in lines[0]
+    resource_manager.logger.warning("Cluster resources are not enough to run any task from X.")
+    assert len(lines) == 1  # only within the run
+
+
+@pytest.mark.parametrize("options, words", [({"cpus_per_actor": 0}, "--cpus-per-actor must be above 0"),
+                                            ({"gpus_per_actor": -1}, "--gpus-per-actor cannot be negative"),
+                                            ({"pose_gpus": -0.5}, "--pose-gpus cannot be negative")])
+def test_actor_resources_that_ray_would_refuse_are_one_line(tmp_path, options, words):
+    with pytest.raises(ConfigError, match=words):
+        _cfg(tmp_path, **options).validate()

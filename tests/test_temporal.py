@@ -441,6 +441,13 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("background_hole")))
     legacy, _ = resolve(cfg.updated({"output": str(tmp_path / "temporal-legacy")}))
     assert legacy.background_hole == -1.0
+    # Its size too where none is given: the temporal layers learnt at 256 px on a model fine-tuned
+    # at another size (and generate made 256 px videos of it by default).
+    sized, _ = resolve(cfg.updated({"output": str(tmp_path / "temporal-sized"), "resolution": TrainConfig.resolution}))
+    assert TrainConfig.resolution != RES and sized.resolution == RES
+    chosen, _ = resolve(cfg.updated({"output": str(tmp_path / "temporal-chosen"), "resolution": TrainConfig.resolution}),
+                        given={"resolution"})
+    assert chosen.resolution == TrainConfig.resolution
     shutil.rmtree(image_run)
     again = load_model(run)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())

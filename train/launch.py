@@ -102,6 +102,10 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
             if cfg.stage == "temporal":  # the fine-tuning run's pose drawing is the default
                 cfg = cfg.updated({"pose_style": cfg.pose_style or hap.pose_style,
                                    "hands": hap.hands if cfg.hands is None else cfg.hands})
+                if "resolution" not in (given or set()) and cfg.resolution == TrainConfig.resolution:
+                    # And its size: the temporal layers learn on the frozen image model's frames (a
+                    # model fine-tuned at 512 took 256 px clips, and generated at 256 by default).
+                    cfg = cfg.updated({"resolution": hap.resolution})
         if cfg.model_seed is None:
             cfg = cfg.updated({"model_seed": cfg.seed})
         # The schedule is fixed now: a later --resume with more --max-steps keeps it.
