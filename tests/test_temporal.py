@@ -439,6 +439,10 @@ def test_a_temporal_run_trains_only_its_layers_and_resumes_exactly(triplets, tmp
     # the temporal run started from it conditions its background the same way.
     saved = image_run / "config.yaml"
     saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("background_hole")))
+    # Its batch counts clips: the log's samples/s too, and the frames/s beside them.
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "samples_per_s" in json.loads(line)]
+    assert logged and all(m["frames_per_s"] == pytest.approx(m["samples_per_s"] * F) for m in logged)
     legacy, _ = resolve(cfg.updated({"output": str(tmp_path / "temporal-legacy")}))
     assert legacy.background_hole == -1.0
     # Its size too where none is given: the temporal layers learnt at 256 px on a model fine-tuned

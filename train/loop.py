@@ -447,11 +447,13 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 skipped = skipped_before + int(sum(count for count, _ in counts))
                 waited = max(wait for _, wait in counts)
                 if monitor is not None:
+                    # Steps timed in this attempt only: a resumed window's earlier steps ran
+                    # before the restart, and its loss sum alone carries over.
+                    samples_per_s = timed_steps * cfg.batch_size * cfg.grad_accum * world / elapsed
                     monitor.log(step, {
                         "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                        # Steps timed in this attempt only: a resumed window's earlier steps ran
-                        # before the restart, and its loss sum alone carries over.
-                        "samples_per_s": timed_steps * cfg.batch_size * cfg.grad_accum * world / elapsed,
+                        "samples_per_s": samples_per_s,  # clips in the temporal stage: its batch counts clips
+                        **({"frames_per_s": samples_per_s * cfg.clip_frames} if cfg.stage == "temporal" else {}),
                         "steps_per_s": timed_steps / elapsed, "data_wait_fraction": waited / elapsed,
                         "skipped_rows": skipped,
                         # fp16 updates the loss scaler skipped (inf/NaN gradients) in this window:
