@@ -23,7 +23,7 @@ from disco.pipeline.annotators.weights import WeightsError
 from disco.pipeline import strikes
 from disco.pipeline.decode import LastVideo
 from disco.pipeline.device_loss import DeviceLost, device_lost, restart
-from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
+from disco.pipeline.errors import STOPS_THE_RUN, ConfigError, first_line, out_of_gpu_memory
 from disco.pipeline.gpu_balance import balance_gpu, cap_gpu_memory, first_kernel, gpu_unusable
 from disco.pipeline.stages import (
     MattedFrame,
@@ -230,6 +230,15 @@ def _annotator(settings: dict, roles: tuple[str, ...]):
         # What this node lacks to run the backend (onnxruntime-gpu's CUDA provider, its libraries):
         # every actor here would fail the same way.
         raise ActorCannotStart(f"{STOPS_THE_RUN} {exc} (node {socket.gethostname()})") from None
+    except Exception as exc:  # noqa: BLE001 - the GPU's memory, else re-raised
+        if not out_of_gpu_memory(exc):
+            raise
+        # The models do not fit the actor's share of its GPU (half of one by default, capped:
+        # gpu_balance.cap_gpu_memory): every actor of the stage would fail the same way, and Ray
+        # Data ended the run on the first with the actor's traceback.
+        raise ActorCannotStart(f"{STOPS_THE_RUN} the {'/'.join(roles)} models do not fit this actor's share of its "
+                               f"GPU (node {socket.gethostname()}: {first_line(exc)}); give each actor more of a GPU "
+                               "(--matting-gpus / --pose-gpus 1) or use a GPU with more memory") from None
 
 
 def _start_gpu(settings: dict, stage: str) -> list[str]:

@@ -269,3 +269,29 @@ def test_ray_datas_warning_that_a_stage_cannot_start_reaches_the_runs_log():
 def test_actor_resources_that_ray_would_refuse_are_one_line(tmp_path, options, words):
     with pytest.raises(ConfigError, match=words):
         _cfg(tmp_path, **options).validate()
+
+
+def test_models_that_do_not_fit_an_actors_gpu_share_stop_the_run_in_one_line(monkeypatch):
+    """SAM ViT-H with GroundingDINO on half of an 8 GB GPU runs out of memory while it loads: Ray
+    Data ended the run on the first actor with its traceback. Now the run's one line, saying what
+    to give the actors."""
+    import torch
+
+    from disco.pipeline.actors import ActorCannotStart, _annotator
+    from disco.pipeline.annotators import registry
+    from disco.pipeline.annotators.registry import Backend
+    from disco.pipeline.errors import STOPS_THE_RUN, stopping_error
+
+    def too_big(role, options, shared):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.44 GiB")
+
+    registry.register(Backend(name="too-big", roles=("matting",), build=too_big, summary="(tests only)"))
+    try:
+        settings = {"matting": "too-big", "pose": "none", "hands": False, "min_visibility": 0.5,
+                    "min_mask_area": 0.01, "joint_threshold": 0.2, "backend_options": {}}
+        with pytest.raises(ActorCannotStart) as info:
+            _annotator(settings, ("matting",))
+    finally:
+        registry.unregister("too-big")
+    assert STOPS_THE_RUN in str(info.value) and "--matting-gpus / --pose-gpus 1" in str(info.value)
+    assert "\n" not in str(stopping_error(info.value))
