@@ -91,7 +91,7 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
 
 
 # What a resume may change (train/launch.py RESUME_MAY_CHANGE) that only a --config YAML sets.
-YAML_ONLY_RESUME_OPTIONS = {"cpus_per_worker", "data_cpus", "prefetch_batches"}
+YAML_ONLY_RESUME_OPTIONS = {"cpus_per_worker", "data_cpus", "prefetch_batches", "sample_count", "guidance_scale"}
 
 
 def configured(preset: str | None, config: Path | None, given: dict, resume: bool) -> TrainConfig:
@@ -242,6 +242,10 @@ def train(
         print_memory_plan(cfg, gpu_memory)
         return
     names = set(given)
+    if config and not resume:  # a new run's YAML values are given too (a temporal run's resolution)
+        from disco.pipeline.errors import read_options_yaml
+
+        names |= set(read_options_yaml(config))
     if resume and config:
         # What a resume may change that has no flag, set in the --config YAML: applied. Its other
         # keys stay the saved run's (the run's first YAML given again must not take back a

@@ -223,12 +223,16 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     return result
 
 
-def pose_data_key(drawing) -> dict:
-    """The training data's frame size and face points in the key where they are not the
-    defaults (the frames a run kept before they were read stay valid where they are)."""
-    from disco.pipeline.store.pose import DataPose
+def pose_data_key(drawing, config: GenerateConfig) -> dict:
+    """The training data's frame size and face points in the key where the drawing is not what
+    it was before they were read (the frames a run kept then stay valid where it is): a frame
+    size or face points other than the defaults, or a clip's stored face points drawn out."""
+    from disco.pipeline.store.pose import DataPose, data_pose
 
-    if drawing is None or (drawing.max_side, drawing.face) == (DataPose.max_side, DataPose.face):
+    if drawing is None:
+        return {}
+    redrawn = config.clip is not None and data_pose(config.pose).face and not drawing.face
+    if (drawing.max_side, drawing.face) == (DataPose.max_side, DataPose.face) and not redrawn:
         return {}
     return {"pose_data": {"max_side": drawing.max_side, "face": drawing.face}}
 
@@ -253,5 +257,5 @@ def partial_key(config: GenerateConfig, source: dict, size: int, frames: int, dr
             # How a driving video's skeletons are drawn: 2 since they are drawn as training drew
             # them (``generate.inputs.drawing_side``); frames kept from before are not joined. Then
             # the training data's frame size and face points (``trained_drawing``).
-            "pose_drawing": 2, **pose_data_key(drawing),
+            "pose_drawing": 2, **pose_data_key(drawing, config),
             **{name: getattr(config, name) for name in settings}}

@@ -70,9 +70,11 @@ class _RunStopsOffTheConsole(logging.Filter):
 
 _RUN_STOPS_OFF = _RunStopsOffTheConsole()
 
-# Ray Data's resource manager warns, once a stage has waited STARVATION_WARNING_DELAY_S (60 s)
-# for resources to run anything, that the job may hang for ever; the "ray.data" logger is set to
-# ERROR to keep its per-run notices off the console, which hid this one too.
+# Ray Data's resource manager warns, once its first stage (the matting actors of the GPU
+# pipeline, the annotators of the CPU one) has waited STARVATION_WARNING_DELAY_S (60 s) for the
+# resources to run anything, that the job may hang for ever; the "ray.data" logger is set to ERROR
+# to keep its per-run notices off the console, which hid this one too. (Ray 2.60 checks no later
+# stage, and counts the cluster's total resources, not what other jobs hold.)
 STARVATION_LOGGER = "ray.data._internal.execution.resource_manager"
 STARVATION_TEXT = "not enough to run any task"
 
@@ -84,8 +86,8 @@ class _StarvedStage(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if STARVATION_TEXT in record.getMessage():
-            self.say(f"warning: {record.getMessage()} A stage's actors cannot all start on what the cluster has "
-                     "free (GPU shares, CPUs): the run waits for them, for ever where no autoscaler adds nodes; "
+            self.say(f"warning: {record.getMessage()} The stage's actors cannot start on what the cluster has "
+                     "(GPU shares, CPUs): the run waits for them, for ever where no autoscaler adds nodes; "
                      "lower --actors or --cpus-per-actor, or free the cluster of other work")
         elif record.levelno >= logging.ERROR:
             logging.getLogger("ray.data").handle(record)  # as before: Ray Data's own handlers

@@ -239,10 +239,11 @@ def test_a_writing_call_of_the_gpu_pipeline_holds_at_most_a_gib_of_frames(tmp_pa
 
 
 def test_ray_datas_warning_that_a_stage_cannot_start_reaches_the_runs_log():
-    """A pose pool whose actors cannot start (the matting actors took the free GPU shares, another
-    job holds the rest) hangs the run; Ray Data warns after a minute, but the run keeps the
+    """A first stage whose actors cannot start (--actors asking for more GPU shares or CPUs than
+    the cluster has) hangs the run; Ray Data warns after a minute, but the run keeps the
     "ray.data" logger at ERROR, so the user saw nothing. Its warning is the run's line now (the
-    logger and the words Ray Data 2.60 uses, from its own module)."""
+    logger and the words Ray Data 2.60 uses, from its own module; the warning itself is Ray
+    Data's: here it is sent through that logger as Ray Data sends it)."""
     import inspect
     import logging
 
@@ -256,9 +257,9 @@ def test_ray_datas_warning_that_a_stage_cannot_start_reaches_the_runs_log():
     lines = []
     with starved_stages_reported(lines.append):
         resource_manager.logger.warning("Cluster resources are not enough to run any task from "
-                                        "MapBatches(PoseStage). The job may hang forever unless the cluster scales up.")
+                                        "MapBatches(MattingStage). The job may hang forever unless the cluster scales up.")
         resource_manager.logger.info("a notice")
-    assert len(lines) == 1 and "MapBatches(PoseStage)" in lines[0] and "--actors" in lines[0]
+    assert len(lines) == 1 and "MapBatches(MattingStage)" in lines[0] and "--actors" in lines[0]
     resource_manager.logger.warning("Cluster resources are not enough to run any task from X.")
     assert len(lines) == 1  # only within the run
 

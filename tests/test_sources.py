@@ -408,12 +408,15 @@ def test_parquet_lists_in_subfolders_are_inputs_by_their_place_and_bad_rows_are_
     import pyarrow.parquet as pq
 
     root = tmp_path / "lists"
-    for folder, picture in (("A", "astronaut"), ("B", "coffee")):
+    for folder, picture in (("A", "astronaut"), ("B", "coffee"), ("D", "rocket")):
         layouts.save(root / folder / "img" / "1.png", layouts.photo(picture))
     layouts.save(root / "C" / "img" / "2.png", layouts.photo("hopper"))
+    # One file under three spellings: from the root's table, its absolute path, A's own table.
+    pq.write_table(pa.table({"path": ["A/img/1.png", str(root / "A" / "img" / "1.png")]}), root / "list.parquet")
     pq.write_table(pa.table({"path": ["img/1.png", "img/1.png", "s3://bucket/x.jpg"]}), root / "A" / "list.parquet")
     pq.write_table(pa.table({"path": ["img/1.png"]}), root / "B" / "list.parquet")
     pq.write_table(pa.table({"path": pa.array([b"img/2.png"], pa.binary())}), root / "C" / "list.parquet")
+    pq.write_table(pa.table({"path": ["img/1.png"]}), root / "D" / "list.parquet")
     manifest = tmp_path / "lists.yaml"
     manifest.write_text("name: lists\ndescription: d\nprovenance: {homepage: https://example.org}\n"
                         "layouts: [{name: lists, kind: parquet, pattern: '**/*.parquet'}]\nsplits: {rule: r}\n")
@@ -421,11 +424,12 @@ def test_parquet_lists_in_subfolders_are_inputs_by_their_place_and_bad_rows_are_
     got = {i.input_path: (i.clip_id, i.error_type) for i in listing.items}
     # Named as written (as outputs listed before know them), but where an earlier table took the
     # name for another file: by the table's folder.
-    assert got == {"img/1.png": ("img/1.png", None), "B/img/1.png": ("B/img/1.png", None),
+    assert got == {"A/img/1.png": ("A/img/1", None), "img/1.png": ("img/1.png", None), "D/img/1.png": ("D/img/1.png", None),
                    "img/2.png": ("img/2", None), "s3://bucket/x.jpg": ("s3://bucket/x", "remote_url")}, got
-    assert {i.input_path: i.abs_path for i in listing.items}["img/1.png"] == str(root.resolve() / "A/img/1.png")
-    assert {i.input_path: i.abs_path for i in listing.items}["B/img/1.png"] == str(root.resolve() / "B/img/1.png")
-    assert listing.dataset["notes"]["duplicate_path"] == 1
+    files = {i.input_path: i.abs_path for i in listing.items}
+    assert (files["img/1.png"], files["D/img/1.png"]) == (str(root.resolve() / "B/img/1.png"),
+                                                          str(root.resolve() / "D/img/1.png"))
+    assert listing.dataset["notes"]["duplicate_path"] == 3
     # A table whose pages are damaged behind a good footer: one line naming it.
     table = root / "B" / "list.parquet"
     raw = bytearray(table.read_bytes())

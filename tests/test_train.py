@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
+import typer
 from typer.testing import CliRunner
 
 from disco.cli import app
@@ -882,6 +883,9 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     from disco.train.launch import RESUME_MAY_CHANGE
 
     assert YAML_ONLY_RESUME_OPTIONS <= RESUME_MAY_CHANGE
+    # Exactly the changeable options no flag sets.
+    flags = {p.name for p in typer.main.get_command(app).commands["train"].params}
+    assert YAML_ONLY_RESUME_OPTIONS == {name for name in RESUME_MAY_CHANGE - flags if name != "resume"}
     # A job submitted with the time to checkpoint hears nothing of it; outside a job, neither.
     from disco.train.launch import job_stop_warning
 

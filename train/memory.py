@@ -285,9 +285,12 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
         cfg = load_run_config(cfg.output).updated({"resume": True})
         notes.append(f"planned from the saved configuration of {cfg.output}")
     source = init_run(cfg.init_from) if cfg.init_from else None  # a run or one checkpoint of it
-    if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None and source:
-        init = load_run_config(source)  # the base of the image model it starts from
-        cfg = cfg.updated({"model": init.model, "pretrained": init.pretrained})
+    if cfg.stage == "temporal" and source:
+        init = load_run_config(source)  # the base of the image model it starts from, and its size
+        if cfg.model is None and cfg.pretrained is None:
+            cfg = cfg.updated({"model": init.model, "pretrained": init.pretrained})
+        if cfg.resolution == TrainConfig.resolution and not resumed:  # as the run takes it (launch.resolve)
+            cfg = cfg.updated({"resolution": init.resolution})
     cfg.validate_model()
     if not cfg.data and not cfg.resume:
         notes.append("no --data given: a real run needs at least one (the plan does not read data)")

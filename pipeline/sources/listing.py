@@ -86,6 +86,7 @@ class _Lister:
         self.notes: Counter = Counter()
         self.seen: set[str] = set()
         self.row_targets: dict[str, Path] = {}  # a Parquet row's input name -> the file it names
+        self.row_files: set[Path] = set()  # the files Parquet rows named (normalised paths)
 
     def split(self, clip: str, layout: Layout) -> str:
         return self.split_override or self.manifest.split_of(clip, layout)
@@ -214,16 +215,21 @@ class _Lister:
                     error = ("remote_url", f"{path.split(':', 1)[0]}:// URLs are not read; download the images to a "
                                            "folder every node mounts first (img2dataset writes tar shards: --source laion)")
                 else:
-                    target = Path(path) if os.path.isabs(path) else folder / path
+                    target = Path(os.path.normpath(path if os.path.isabs(path) else folder / path))
                     name = path
                     if self._named(name) not in (None, target):
                         name = f"{prefix}/{path}" if prefix != "." and not os.path.isabs(path) else str(target)
                         if self._named(name) not in (None, target):
                             name = str(target)
-                if self._named(name) is not None:  # the same file twice: one input
+                # The same file twice (under one name or two: img/1.jpg, A/img/1.jpg, its absolute
+                # path; a file a pattern listed too): one input.
+                if self._named(name) is not None or target in self.row_files or self._named(
+                        os.path.relpath(target, self.base_abs)) == target:
                     self.notes["duplicate_path"] += 1
                     continue
                 self.row_targets[name] = target
+                self.row_files.add(target)
+                self.seen.add(name)  # taken: a later layout's match of that name is not listed again
                 clip = str(key) if key is not None else _without_suffix(path).lstrip("/")
                 # Not stat-ed here (millions of rows, one round trip each on NFS): a file that is
                 # missing is its row's missing_file error when the actor opens it.
@@ -236,7 +242,7 @@ class _Lister:
         pattern matched), or None."""
         if name in self.row_targets:
             return self.row_targets[name]
-        return Path(self.base_abs) / name if name in self.seen else None
+        return Path(os.path.normpath(Path(self.base_abs) / name)) if name in self.seen else None
 
     def _annotations(self, layout: Layout) -> dict[str, int] | None:
         for rel in layout.annotations:
