@@ -10,8 +10,9 @@ Then it measures the driver's memory per unit for the COCO listing: listed, plan
 
 Last, the versions of ``--videos`` listed videos (``pipeline/run.py: input_versions``, size and
 time of each, read at every start) against the loop a user would write (``os.stat`` one file
-after another), each stat made to wait ``--stat-latency-ms`` first, as a stat on NFS waits for
-the server (a GETATTR round trip).
+after another), and the ``video`` source's listing (a check of each file) against checking them
+in turn, each stat made to wait ``--stat-latency-ms`` first, as a stat on NFS waits for the
+server (a GETATTR round trip).
 
     python benchmarks/list_sources.py [--sequences 340] [--frames 300] [--images 100000]
                                       [--videos 5000] [--stat-latency-ms 0.5]
@@ -131,11 +132,19 @@ def video_versions(folder: Path, videos: int, latency: float) -> None:
     try:
         loop_s, by_loop = timed(lambda: {item.input_path: os.stat(item.abs_path) for item in items}, repeats=1)
         ours_s, versions = timed(lambda: input_versions(items), repeats=1)
+        # The listing itself checks every file (a dangling link, a FIFO): one stat each.
+        from disco.pipeline.sources.generic import file_problem
+
+        paths = [str(p) for p in sorted(folder.iterdir())]
+        serial_s, _ = timed(lambda: [file_problem(p) for p in paths], repeats=1)
+        listing_s, listed = timed(lambda: list_inputs("video", folder, "train"), repeats=1)
     finally:
         os.stat = real_stat
-    assert len(by_loop) == len(versions) == videos
+    assert len(by_loop) == len(versions) == len(listed.items) == videos
     print(f"versions of {videos} videos, {latency * 1000:g} ms a stat: os.stat loop {loop_s:.2f} s, input_versions "
           f"{ours_s:.2f} s ({loop_s / ours_s:.1f}x the loop's speed)")
+    print(f"listing {videos} videos, {latency * 1000:g} ms a stat: each file checked in turn {serial_s:.2f} s, "
+          f"list_inputs {listing_s:.2f} s ({serial_s / listing_s:.1f}x)")
 
 
 if __name__ == "__main__":
