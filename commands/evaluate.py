@@ -59,6 +59,7 @@ def evaluate(
     from disco.evaluate.networks import WeightsError
     from disco.evaluate.run import evaluate as run_evaluate
     from disco.generate.inputs import GenerateInputError
+    from disco.model.checkpoint import trained_stage
     from disco.pipeline.errors import out_of_gpu_memory
 
     job_outputs(output=output, work_dir=work_dir)
@@ -83,7 +84,8 @@ def evaluate(
     except Exception as exc:  # noqa: BLE001 - the GPU's memory, else re-raised
         if not out_of_gpu_memory(exc):
             raise
-        out_of_memory(gpus_named(device, gpus), batch_size, generating=run is not None)
+        out_of_memory(gpus_named(device, gpus), batch_size, generating=run is not None,
+                      temporal=run is not None and trained_stage(run) == "temporal")
     counts = report["counts"]
     table = Table(title=f"scores (--protocol {config.protocol})")
     table.add_column("metric")

@@ -21,6 +21,7 @@ def run_generation(config, show_progress: bool = True):
     """Generate a video with a progress bar; a user's mistake is a one-line usage error."""
     from disco.generate.inputs import GenerateInputError
     from disco.generate.run import generate as run_generate
+    from disco.model.checkpoint import trained_stage
     from disco.pipeline.errors import out_of_gpu_memory
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
@@ -42,7 +43,8 @@ def run_generation(config, show_progress: bool = True):
         except Exception as exc:  # noqa: BLE001 - the GPU's memory, else re-raised
             if not out_of_gpu_memory(exc):
                 raise
-            out_of_memory(gpus_named(config.device, config.gpus), config.batch_size, kept=kept_frames(config.output))
+            out_of_memory(gpus_named(config.device, config.gpus), config.batch_size, kept=kept_frames(config.output),
+                          temporal=trained_stage(config.checkpoint) == "temporal")
     return result
 
 

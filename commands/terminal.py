@@ -173,9 +173,14 @@ def gpus_named(device: str, gpus: int | None) -> str:
     return device if (gpus or 1) <= 1 else f"{device} or another of the --gpus {gpus}"
 
 
-def out_of_memory(device: str, batch_size: int, generating: bool = True, kept: str = "") -> None:
+def out_of_memory(device: str, batch_size: int, generating: bool = True, kept: str = "",
+                  temporal: bool = False) -> None:
     """A GPU that runs out of memory: one line saying what to lower, not a CUDA traceback
-    (``kept``: what of the work stays, said after it)."""
+    (``kept``: what of the work stays, said after it; ``temporal``: a temporal-module model,
+    which samples a whole window of frames at once whatever the batch size)."""
     lower = "--batch-size (or --size)" if generating else "--batch-size"
+    if generating and temporal:
+        lower = ("--size (a temporal-module model samples a whole window of its clip length at once, "
+                 "whatever --batch-size)")
     usage_error(f"out of GPU memory on {device} at --batch-size {batch_size}: lower {lower}, "
                 f"or free the GPU of other work{kept}")

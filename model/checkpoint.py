@@ -380,6 +380,16 @@ def trained_data(path: str | Path) -> list[str]:
     return folders
 
 
+def trained_stage(path: str | Path) -> str | None:
+    """The stage of the training run ``path`` belongs to (its ``config.yaml``); None for a
+    ``save_pretrained`` folder, a run that does not say, or a path that is none of these."""
+    try:
+        value = (run_options(path) or {}).get("stage")
+    except (OSError, ConfigError):
+        return None
+    return str(value) if value else None
+
+
 def trained_resolution(path: str | Path) -> int | None:
     """The side a training run trained at (its ``config.yaml``), which it generates at by
     default; None for a ``save_pretrained`` folder or a run that does not say (a converted

@@ -774,6 +774,16 @@ def test_running_out_of_gpu_memory_is_one_line(inputs, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "out of GPU memory on cuda:0 or another of the --gpus 2 at --batch-size" in " ".join(result.output.split())
 
+    # A temporal-module model samples a window at once: --batch-size does not lower it.
+    from disco.train.config import TrainConfig
+
+    TrainConfig(stage="temporal", model="tiny", init_from=str(inputs / "ckpt")).save(tmp_path / "temporal-run")
+    monkeypatch.setattr(run_module, "generate", exhausted)
+    result = _run("generate", "--checkpoint", tmp_path / "temporal-run", "--reference", inputs / "person.png",
+                  "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "lower --size (a temporal-module model samples a whole window" in said, said
+
     def bug(*args, **kwargs):
         raise RuntimeError("a bug of ours")
 
