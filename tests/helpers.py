@@ -134,3 +134,22 @@ def agreed_checkpoint_rank(rank: int, store: str, run: str, pointers: list[str],
             results.append(f"error: {exc}")
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def garbled_copy(source: Path, dest: Path) -> Path:
+    """A copy of the preprocessed folder ``source`` whose every picture is garbage (JPEG's
+    start bytes, then text): no row decodes."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from disco.pipeline.store.schema import TRIPLET_SCHEMA
+
+    shutil.copytree(source, dest)
+    for shard in (dest / "triplets").glob("*.parquet"):
+        table = pq.read_table(shard)
+        junk = pa.array([b"\xff\xd8 not a picture"] * table.num_rows, pa.binary())
+        table = table.set_column(table.schema.get_field_index("image"), "image", junk)
+        pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
+    return dest

@@ -505,17 +505,9 @@ def test_train_where_no_row_decodes_exits_promptly(triplets, tmp_path):
     made the command hang for ever after printing its error."""
     import threading
 
-    import pyarrow as pa
+    from helpers import garbled_copy
 
-    from disco.pipeline.store.schema import TRIPLET_SCHEMA
-
-    garbled = tmp_path / "garbled"
-    shutil.copytree(triplets["video"], garbled)
-    for shard in (garbled / "triplets").glob("*.parquet"):
-        table = pq.read_table(shard)
-        junk = pa.array([b"\xff\xd8 not a picture"] * table.num_rows, pa.binary())
-        table = table.set_column(table.schema.get_field_index("image"), "image", junk)
-        pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
+    garbled = garbled_copy(triplets["video"], tmp_path / "garbled")
     before = set(threading.enumerate())
     started = time.monotonic()
     result = CliRunner().invoke(app, ["train", "--stage", "finetune", "--data", str(garbled), "--output",

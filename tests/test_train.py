@@ -214,16 +214,10 @@ def test_a_worker_whose_rows_never_decode_stops_after_an_epoch_of_its_own_shards
     the other ranks waited in the all-reduce. It stops after one epoch of its own rows now."""
 
     import disco.train.data.stream as stream_module
-    from disco.pipeline.store.schema import TRIPLET_SCHEMA
     from disco.train.data import DataError
+    from helpers import garbled_copy
 
-    garbled = tmp_path / "garbled"
-    shutil.copytree(triplets["video"], garbled)
-    for shard in (garbled / "triplets").glob("*.parquet"):
-        table = pq.read_table(shard)
-        junk = pa.array([b"\xff\xd8 not a picture"] * table.num_rows, pa.binary())
-        table = table.set_column(table.schema.get_field_index("image"), "image", junk)
-        pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
+    garbled = garbled_copy(triplets["video"], tmp_path / "garbled")
     monkeypatch.setattr(stream_module, "SAMPLES_PER_BLOCK", 2)  # blocks of one micro-batch: the count is exact
     index = build_index([str(garbled)])
     stream = SampleStream(index, stage="finetune", ref_mode="first", resolution=RES, augment=False, seed=3, batch=2,
