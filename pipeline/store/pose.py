@@ -40,7 +40,7 @@ class DataPose:
     fps: float = DEFAULT_FPS
 
 
-def data_pose(folder: str | Path) -> DataPose:
+def data_pose(folder: str | Path, _depth: int = 0) -> DataPose:
     """The pose drawing ``folder``'s manifest recorded; of a folder whose first run is still
     writing it (no manifest yet), its journal's options; the preprocessing defaults without either."""
     path = Path(folder) / MANIFEST_FILE
@@ -54,15 +54,16 @@ def data_pose(folder: str | Path) -> DataPose:
         params = journal_params(folder)
         if params is None:
             return DataPose()
-        if params.get("mode") == "triplets" and params.get("input"):
-            return data_pose(params["input"])  # filter-humans still writing: its rows are its source's
+        if params.get("mode") == "triplets" and params.get("input") and _depth < 8:
+            return data_pose(params["input"], _depth + 1)  # filter-humans still writing: its rows are its source's
         # A run writing now draws with today's renderer (its options do not name it).
         manifest = {"parameters": {"pose_renderer": CURRENT_RENDERER, **params}}
     params = manifest.get("parameters") or {}
     source_path = (manifest.get("filtered_from") or {}).get("path")
-    if source_path and not {"max_side", "fps", "face"} <= set(params) and Path(source_path, MANIFEST_FILE).exists():
+    if source_path and not {"max_side", "fps", "face"} <= set(params) and Path(source_path, MANIFEST_FILE).exists() \
+            and _depth < 8:  # (a chain of filters; a loop of hand-edited manifests stops)
         # A filter-humans output written before it carried these: its source's (the same rows).
-        inherited = data_pose(source_path)
+        inherited = data_pose(source_path, _depth + 1)
         params = {"max_side": inherited.max_side, "fps": inherited.fps, "face": inherited.face, **params}
     backends = params.get("backends") or manifest.get("backends") or {}
     backend = backends.get("pose")
