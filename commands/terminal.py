@@ -180,7 +180,7 @@ def out_of_memory(device: str, batch_size: int, generating: bool = True, kept: s
     which samples a whole window of frames at once whatever the batch size)."""
     lower = "--batch-size (or --size)" if generating else "--batch-size"
     if generating and temporal:
-        lower = ("--size (a temporal-module model samples a whole window of its clip length at once, "
-                 "whatever --batch-size)")
+        lower += (" (a temporal-module model samples whole windows of its clip length, at least one at a time: "
+                  "below two windows' frames --batch-size changes nothing, --size does)")
     usage_error(f"out of GPU memory on {device} at --batch-size {batch_size}: lower {lower}, "
                 f"or free the GPU of other work{kept}")

@@ -381,11 +381,15 @@ def trained_data(path: str | Path) -> list[str]:
 
 
 def trained_stage(path: str | Path) -> str | None:
-    """The stage of the training run ``path`` belongs to (its ``config.yaml``); None for a
-    ``save_pretrained`` folder, a run that does not say, or a path that is none of these."""
+    """The stage of the training run ``path`` belongs to (its ``config.yaml``); of a
+    ``save_pretrained`` folder, "temporal" where it holds a temporal module; None for a run that
+    does not say, or a path that is none of these."""
     try:
+        if is_pretrained_folder(Path(path)):
+            config = json.loads((Path(path) / "config.json").read_text())
+            return "temporal" if config.get("temporal_config") else None
         value = (run_options(path) or {}).get("stage")
-    except (OSError, ConfigError):
+    except (OSError, ValueError):  # (ConfigError is a ValueError, as JSON's and UTF-8's are)
         return None
     return str(value) if value else None
 

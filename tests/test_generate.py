@@ -774,7 +774,7 @@ def test_running_out_of_gpu_memory_is_one_line(inputs, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "out of GPU memory on cuda:0 or another of the --gpus 2 at --batch-size" in " ".join(result.output.split())
 
-    # A temporal-module model samples a window at once: --batch-size does not lower it.
+    # A temporal-module model samples a window at once: below two windows --batch-size does not lower it.
     from disco.train.config import TrainConfig
 
     TrainConfig(stage="temporal", model="tiny", init_from=str(inputs / "ckpt")).save(tmp_path / "temporal-run")
@@ -782,7 +782,12 @@ def test_running_out_of_gpu_memory_is_one_line(inputs, tmp_path, monkeypatch):
     result = _run("generate", "--checkpoint", tmp_path / "temporal-run", "--reference", inputs / "person.png",
                   "--pose", inputs / "dance.mp4", "--output", tmp_path / "o.mp4")
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "lower --size (a temporal-module model samples a whole window" in said, said
+    assert result.exit_code == 2 and "(a temporal-module model samples whole windows of its clip length" in said, said
+    from disco.model.checkpoint import trained_stage
+    from disco.model.temporal import add_temporal
+
+    add_temporal(load_checkpoint(inputs / "ckpt")).save_pretrained(tmp_path / "temporal-export")
+    assert trained_stage(tmp_path / "temporal-export") == "temporal" and trained_stage(inputs / "ckpt") is None
 
     def bug(*args, **kwargs):
         raise RuntimeError("a bug of ours")
