@@ -42,6 +42,11 @@ def demo(
     if steps < 1:
         usage_error("--steps must be at least 1")
     images_in, videos_in = output / "inputs" / "images", output / "inputs" / "videos"
+    try:
+        images_in.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        usage_error(f"cannot use {output} as the demo's folder: "
+                    + ("a file, not a folder" if output.exists() and not output.is_dir() else exc.strerror or str(exc)))
     write_demo_images(images_in)
     write_demo_video(videos_in)
     console.print(f"[bold]1/5 preprocess[/bold]: {images_in.resolve()} and {videos_in.resolve()}")

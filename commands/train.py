@@ -44,14 +44,20 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
             bar.console.print(message, highlight=False)
             bar.update(task, total=cfg.max_steps if not cfg.resume else None)
 
+        def failed() -> None:  # the error alone, not an empty bar under it
+            bar.remove_task(task)
+            bar.stop()
+
         try:
             summary = launch_training(cfg, given=given, on_metrics=on_metrics, log=log)
         except (ConfigError, DataError) as exc:
+            failed()
             usage_error(str(exc))
         except ConnectionError as exc:
+            failed()
             usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
         except TrainingFailed as exc:
-            bar.stop()
+            failed()
             print_error(str(exc))
             raise typer.Exit(1) from None
         bar.update(task, completed=summary["step"], total=summary["step"])
@@ -62,16 +68,20 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
     return summary
 
 
-def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
+MAX_GPU_MEMORY_GIB = 4096
+
+
+def print_memory_plan(cfg, gpu_memory: float | None = None, given: set[str] | None = None) -> None:
     """``train --dry-run``: the per-GPU memory plan of ``cfg`` as a table (see train/memory.py)."""
     from disco.pipeline.errors import ConfigError
     from disco.train.memory import (GIB, host_build_bytes, host_checkpoint_bytes, memory_plan, plan_config, plan_table,
                                     visible_gpu_gib)
 
-    if gpu_memory is not None and gpu_memory <= 0:
-        usage_error("--gpu-memory must be positive (GiB)")
+    # (Above a few TiB the largest-batch search would measure batches of millions of samples.)
+    if gpu_memory is not None and not 0 < gpu_memory <= MAX_GPU_MEMORY_GIB:
+        usage_error(f"--gpu-memory must be above 0 and at most {MAX_GPU_MEMORY_GIB} (GiB), not {gpu_memory:g}")
     try:
-        cfg, notes = plan_config(cfg)
+        cfg, notes = plan_config(cfg, given)
         plan = memory_plan(cfg, gpu_memory)
         host, host_checkpoint = host_build_bytes(cfg), host_checkpoint_bytes(plan)
     except ConfigError as exc:
@@ -80,7 +90,7 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
     out.print(plan_table(plan))
     if gpu_memory is None:
         visible = visible_gpu_gib()
-        out.print(f"GPU memory: {plan.gpu_memory / GIB:g} GiB ("
+        out.print(f"GPU memory: {plan.gpu_memory * plan.workers_per_gpu / GIB:g} GiB ("
                   + ("the visible CUDA GPU" if visible else "no CUDA GPU visible: the default") + "; --gpu-memory to change)")
     out.print(f"host memory to build the model: {host / GIB:,.2f} GiB (every weight once, fp32)")
     out.print(f"host memory of a checkpoint while it is written: {host_checkpoint / GIB:,.2f} GiB on rank 0's node "
@@ -92,6 +102,27 @@ def print_memory_plan(cfg, gpu_memory: float | None = None) -> None:
 
 # What a resume may change (train/launch.py RESUME_MAY_CHANGE) that only a --config YAML sets.
 YAML_ONLY_RESUME_OPTIONS = {"cpus_per_worker", "data_cpus", "prefetch_batches", "sample_count", "guidance_scale"}
+
+
+def _say_yaml_kept(cfg: TrainConfig, config: Path, names: set[str]) -> None:
+    """On --resume, the --config YAML's values the run does not take (its saved ones stay): said
+    where they differ, so that a changed YAML is not dropped without a word."""
+    from disco.pipeline.errors import ConfigError
+    from disco.train.config import RUN_CONFIG_FILE, load_run_config
+
+    if not cfg.output or not (Path(cfg.output) / RUN_CONFIG_FILE).exists():
+        return  # (the resume says what is wrong with the run)
+    try:
+        saved = load_run_config(cfg.output)
+    except ConfigError:
+        return
+    from disco.train.launch import differs
+
+    differ = sorted(n for n in names if n not in ("output", "resume") and differs(n, getattr(cfg, n), getattr(saved, n)))
+    if differ:
+        console.print(f"note: --resume keeps the run's saved {', '.join(differ)}; {config}'s values of them are not "
+                      "applied (give them as flags: a resume takes --max-steps, --keep and the like, and refuses the "
+                      "rest)", highlight=False)
 
 
 def configured(preset: str | None, config: Path | None, given: dict, resume: bool) -> TrainConfig:
@@ -177,7 +208,7 @@ def train(
     model: Annotated[Optional[Architecture], typer.Option(help="Start from random weights of a named architecture instead.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from this pre-training (HAP) run (its latest checkpoint, or RUN/checkpoint-N): its UNet, projection and background ControlNet; with --stage temporal, the fine-tuning run whose image model gets the temporal layers.")] = None,
     clip_frames: Annotated[Optional[int], typer.Option(help=f"--stage temporal: consecutive frames of one clip per training sample (default {T.clip_frames}, the official length); a batch is --batch-size clips.")] = None,
-    preset: Annotated[Optional[PresetName], typer.Option(help="The paper's recipe: disco-hap (pre-training) or disco-finetune; sets the stage, resolution, optimizer, learning rate and schedule, steps, global batch (made up by gradient accumulation on fewer GPUs), precision, checkpointing, crops and pose style. --config and flags override it; README lists each value and its source.")] = None,
+    preset: Annotated[Optional[PresetName], typer.Option(help="The paper's recipe: disco-hap (pre-training), disco-finetune or disco-temporal; sets the stage, resolution, optimizer, learning rate and schedule, steps, global batch (made up by gradient accumulation on fewer GPUs), precision, checkpointing, crops and pose style. --config and flags override it; README lists each value and its source.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options (dashes or underscores); flags override it.")] = None,
     ref_mode: Annotated[Optional[RefMode], typer.Option(help=f"Fine-tuning reference frame: first (the clip's first frame) or random (default {T.ref_mode}).")] = None,
     pose_style: Annotated[Optional[PoseStyle], typer.Option(help="Pose picture style: openpose or disco (the official DisCo drawing, body only). Default: the style the --data was preprocessed with; another style is drawn from the stored keypoints.")] = None,
@@ -187,10 +218,10 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps to train (default {T.max_steps}).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=f"Samples per worker per micro-batch; --stage temporal: clips (default {DEFAULT_BATCH['finetune']}; temporal {DEFAULT_BATCH['temporal']}).")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help=f"Micro-batches per optimizer step (default {T.grad_accum}).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: pretrain {DEFAULT_LR['pretrain']:g}, finetune {DEFAULT_LR['finetune']:g}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: pretrain {DEFAULT_LR['pretrain']:g}, finetune {DEFAULT_LR['finetune']:g}, temporal {DEFAULT_LR['temporal']:g}).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (default 10% of the schedule), then linear decay to 0.")] = None,
     schedule_steps: Annotated[Optional[int], typer.Option(help="Length of the learning-rate schedule (default --max-steps, fixed when the run starts; on --resume a new value stretches the decay from the current rate).")] = None,
-    max_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this (default: no clipping).")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this (default: no clipping; 0 or below, as the official -1: no clipping).")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights with this decay (default: none, as in DisCo).")] = None,
     mixed_precision: Annotated[Optional[Precision], typer.Option(help=f"no, fp16 (GPU) or bf16 (default {T.mixed_precision}).")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=f"Trade compute for memory (default {_on(T.gradient_checkpointing)}).")] = None,
@@ -214,7 +245,7 @@ def train(
     gpu_memory: Annotated[Optional[float], typer.Option("--gpu-memory", help="GPU memory in GiB the --dry-run plan must fit (default: the visible CUDA GPU's, else 80).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
-    """Train DisCo on preprocessed triplets: --stage pretrain (HAP) or finetune; resumable."""
+    """Train DisCo on preprocessed triplets: --stage pretrain (HAP), finetune or temporal; resumable."""
     from disco.pipeline.errors import ConfigError
 
     flags = dict(stage=plain(stage), data=[str(d) for d in data] if data else None, output=str(output) if output else None,
@@ -238,9 +269,6 @@ def train(
                         output=cfg.output)
     except ConfigError as exc:
         usage_error(str(exc))
-    if dry_run:
-        print_memory_plan(cfg, gpu_memory)
-        return
     names = set(given)
     if config and not resume:  # a new run's YAML values are given too (a temporal run's resolution)
         from disco.pipeline.errors import read_options_yaml
@@ -249,10 +277,15 @@ def train(
     if resume and config:
         # What a resume may change that has no flag, set in the --config YAML: applied. Its other
         # keys stay the saved run's (the run's first YAML given again must not take back a
-        # --max-steps or --keep given since).
+        # --max-steps or --keep given since): said where they differ.
         from disco.pipeline.errors import read_options_yaml
 
-        names |= set(read_options_yaml(config)) & YAML_ONLY_RESUME_OPTIONS
+        yaml_names = set(read_options_yaml(config))
+        names |= yaml_names & YAML_ONLY_RESUME_OPTIONS
+        _say_yaml_kept(cfg, config, yaml_names - YAML_ONLY_RESUME_OPTIONS - names)
+    if dry_run:
+        print_memory_plan(cfg, gpu_memory, names)
+        return
     summary = run_training(cfg, given=names, show_progress=progress)
     console.print(f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
                   f"{summary['skipped_rows']} undecodable rows skipped")

@@ -129,6 +129,8 @@ class EvaluateConfig:
             raise EvaluateInputError(dtype_problem(self.dtype, self.device))
         if gpus_problem(self.gpus, self.device):
             raise EvaluateInputError(gpus_problem(self.gpus, self.device))
+        if self.run is not None and self.split not in ("train", "test"):  # (the splits preprocess writes)
+            raise EvaluateInputError(f"unknown --split {self.split!r}; choose test or train")
         if self.run is not None and self.data is None:
             raise EvaluateInputError("--run needs --data TRIPLETS_DIR (a `disco-cli preprocess` output)")
         if self.networks.fid_port not in (None, *FID_PORTS):
@@ -152,4 +154,22 @@ class EvaluateConfig:
             path = getattr(self, name)
             if path is not None and not path.exists():
                 raise EvaluateInputError(f"--{name}: {path} does not exist")
+        check_report_path(Path(self.output))
         return self
+
+
+def check_report_path(path: Path) -> None:
+    """Refuse a report that could not be written, before any scoring: it was written last, and a
+    folder of that name, or a file where its folder should be, lost hours of scores to a traceback."""
+    import os
+    import tempfile
+
+    if path.is_dir():
+        raise EvaluateInputError(f"--output {path} is a folder; give the report's file name (e.g. {path / 'metrics.json'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EvaluateInputError(f"--output {path} cannot be written: {exc.strerror or exc}") from None

@@ -138,7 +138,7 @@ class Frechet:
             raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {self.counts[False]} "
                              f"predicted and {self.counts[True]} real")
         # The distance is >= 0; identical sets give rounding noise either side of 0.
-        return max(0.0, float(self.metric.compute().double()))
+        return max(0.0, finite_distance(float(self.metric.compute().double())))
 
 
 def clip_windows(num_frames: int, length: int = CLIP_LENGTH, stride: int = CLIP_STRIDE) -> list[range]:
@@ -197,6 +197,16 @@ def frechet_distance_numpy(feats1: np.ndarray, feats2: np.ndarray, eps: float = 
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def finite_distance(value: float) -> float:
+    """A Fréchet distance, or a ValueError (a null score with its reason in the report) where it is
+    NaN or infinite: non-finite features, from frames or a network's weights. ``max(0, nan)`` is 0,
+    which reported a perfect score."""
+    if not math.isfinite(value):
+        raise ValueError(f"the Fréchet distance came out {value} (non-finite features: check the frames and the "
+                         "feature network's weights file)")
+    return value
+
+
 class NumpyFrechet:
     """A Fréchet distance as the official scripts compute it: each sample's feature kept in float64,
     the distance in numpy / scipy (``frechet_distance_numpy``). ``update`` takes uint8 images
@@ -217,7 +227,10 @@ class NumpyFrechet:
         if min(counts.values()) < 2:
             raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {counts[False]} "
                              f"predicted and {counts[True]} real")
-        return frechet_distance_numpy(np.stack(self.features[False]), np.stack(self.features[True]))
+        pred, real = np.stack(self.features[False]), np.stack(self.features[True])
+        if not (np.isfinite(pred).all() and np.isfinite(real).all()):
+            finite_distance(math.nan)  # (scipy's sqrtm fails on them with an "internal error")
+        return finite_distance(frechet_distance_numpy(pred, real))
 
 
 class FeatureFrechet(NumpyFrechet):

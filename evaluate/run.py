@@ -4,6 +4,7 @@ a preprocessed split with a checkpoint and score that."""
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import json
 import re
 import shutil
@@ -56,18 +57,24 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
         if root.suffix.lower() not in VIDEO_SUFFIXES:
             raise EvaluateInputError(f"{root} is neither a video nor a folder")
         return {".": root}  # a single video pairs with the other side's single video, whatever their names
-    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted((p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
     if images:
         return official_clips(images) or {".": images}
     videos = sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     sequences: dict = {p.stem: p for p in videos}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # .tmp-: in the making
-        frames = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        frames = sorted((p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
         if frames:
             sequences[sub.name] = frames
     if not sequences:
         raise EvaluateInputError(f"{root} holds no frames (png, jpg) and no videos (mp4, ...)")
     return sequences
+
+
+def frame_order(path: Path) -> tuple:
+    """A frame file's place in time: its name's numbers as numbers (``frame_2`` before
+    ``frame_10``; by text, the video metrics' 16-frame windows were cut from shuffled frames)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.stem)), path.name
 
 
 GAP_MARK = "#"  # CLIP#2: the frames of CLIP after the first gap in its frame numbers
@@ -279,6 +286,9 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
                   for m in ("fid-vid", "fvd") if m in metrics}
     samples = {m: 0 for m in videos}
     frames_total, windows_total = 0, 0
+    # The sizes the pairs were scored at (the real frames', after --square-gt): L1 is per pixel
+    # of that size, and every score moves with it (the paper's are at 256 x 256).
+    sizes: Counter = Counter()
     for name, item_pred, item_gt in pairs:
         frames, windows_of_sequence = 0, 0
         for part, (pred_frames, gt_frames, own) in enumerate(sequence_parts(name, item_pred, item_gt,
@@ -291,6 +301,7 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
                 check_framing(name, pred_frames[0], gt_frames[0])
             pred_frames = np.stack([M.match_size(p, g) for p, g in zip(pred_frames, gt_frames)])
             frames += own
+            sizes.update(f"{g.shape[1]}x{g.shape[0]}" for g in gt_frames[:own])
             pred_own, gt_own = pred_frames[:own], gt_frames[:own]
             for metric, values in pair_values.items():
                 values.extend(pair_functions[metric](p, g) for p, g in zip(pred_own, gt_own))
@@ -327,7 +338,8 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
             results[metric_name] = metric.compute()
         except ValueError as exc:
             results[metric_name], failed[metric_name] = None, str(exc)
-    counts = {"sequences": len(pairs), "frames": frames_total, "clips": windows_total}
+    counts = {"sequences": len(pairs), "frames": frames_total, "clips": windows_total,
+              "frame_sizes": dict(sizes.most_common())}
     if protocol == "disco":  # features per set, and the 16-frame (or whole-video) clips behind them
         counts["clips"] = {m: metric.clips[True] for m, metric in videos.items()}
         counts["video_samples"] = samples
@@ -365,7 +377,9 @@ def evaluate(config: EvaluateConfig, networks: dict[str, torch.nn.Module] | None
     report = {**report, "pred": str(pred), "gt": str(gt), "settings": settings,
               "generated": generated, "wall_time_s": round(time.time() - started, 3)}
     config.output.parent.mkdir(parents=True, exist_ok=True)
-    config.output.write_text(json.dumps(report, indent=2))
+    tmp = config.output.with_name(f".{config.output.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(config.output)  # whole or not at all (an earlier report is not cut short)
     return report
 
 

@@ -167,6 +167,56 @@ def base_unet(source: ModelSource):
         return DisCoModel.unet_from_architecture(source.model)
 
 
+# The files of an sd-image-variations folder ``DisCoModel.from_sd_image_variations`` reads: each
+# part's config and weights (safetensors where there are any, as diffusers and transformers
+# prefer; sharded ones too; not a variant such as ``.fp16.``), and the scheduler's config.
+_BASE_PARTS = ("unet", "vae", "image_encoder")
+_BASE_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+BASE_DIGEST_KEY = "pretrained_digest"
+
+
+def base_weights_digest(folder: str | Path) -> str:
+    """What identifies an sd-image-variations folder's weights, wherever it lies: each file the
+    model is built from, by name, size and a hash of its first and last MiB (a few MiB read, not
+    gigabytes). A run records it when it starts: the frozen parts (and, for HAP, the UNet's
+    ResNets) are not in its checkpoints but rebuilt from the folder, so another folder at that
+    path (another revision, a half-precision copy) gave another model without a word."""
+    import hashlib
+
+    from disco.pipeline.sources.generic import ends_digest
+
+    folder = Path(folder)
+    files = []
+    for part in _BASE_PARTS:
+        names = sorted(p.name for p in (folder / part).iterdir() if _BASE_WEIGHTS.match(p.name)) \
+            if (folder / part).is_dir() else []
+        if any(n.endswith(".safetensors") for n in names):
+            names = [n for n in names if n.endswith(".safetensors")]
+        files += [folder / part / n for n in ("config.json", *names)]
+    files.append(folder / "scheduler" / "scheduler_config.json")
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0{ends_digest(path, size)}\n".encode())
+    return digest.hexdigest()
+
+
+def check_base_weights(pretrained: str | Path, recorded: str | None, run: str | Path, where: str = "") -> None:
+    """Refuse ``pretrained`` where its weights are not those the run ``run`` recorded when it
+    started (``recorded``: its config.yaml's ``pretrained_digest``; None, a run of an older
+    version: nothing to check)."""
+    if not recorded or not pretrained or not Path(pretrained).is_dir():
+        return
+    found = base_weights_digest(pretrained)
+    if found != recorded:
+        raise ConfigError(f"{where}{pretrained} is not the base model {run} was trained on: its weights differ from "
+                          f"those recorded when the run started ({BASE_DIGEST_KEY} {recorded} in its {RUN_CONFIG_FILE}, "
+                          f"{found} here); point `pretrained` there to the folder it was trained on, or, if the "
+                          f"weights are the same (converted to another format, say), remove {BASE_DIGEST_KEY} from it")
+
+
 def legacy_hap_names(model: DisCoModel, names) -> set[str]:
     """The names of ``names`` that a HAP checkpoint written before its trainable set followed the
     official one holds besides today's set: the UNet's Transformer2D wrappers (norm, proj_in,
@@ -233,6 +283,9 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu", e
         raise ConfigError(f"{checkpoint.parent}'s base model {source.pretrained} (`pretrained` in its "
                           f"{RUN_CONFIG_FILE}) is not on this machine: copy that sd-image-variations folder there, or "
                           "set `pretrained` in that file to where it is")
+    if source.pretrained and stage != "temporal":  # (a temporal run's base is its image model's, checked there)
+        recorded = read_options_yaml(checkpoint.parent / RUN_CONFIG_FILE).get(BASE_DIGEST_KEY)
+        check_base_weights(source.pretrained, recorded, checkpoint.parent)
     if stage == "temporal":
         model = temporal_base(checkpoint.parent)  # its image model's pose scale included
     else:

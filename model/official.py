@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from disco.model.checkpoint import DamagedCheckpoint, _check_trainable, _put, list_checkpoints, save_checkpoint
+from disco.model.checkpoint import (BASE_DIGEST_KEY, DamagedCheckpoint, _check_trainable, _put, base_weights_digest,
+                                   list_checkpoints, save_checkpoint)
 from disco.model.configs import RUN_CONFIG_FILE
 from disco.pipeline.errors import ConfigError, first_line
 from disco.pipeline.safe_load import load_tensors_only, refusal
@@ -294,7 +295,7 @@ def _write_run(output: Path, base: Path, variant: str, step: int, model, state: 
     # The fields a run's config.yaml must say for its checkpoints to load (the trainer reads any
     # other field as its default; this layer does not import the trainer).
     options = dict(stage=variant, pretrained=str(base.resolve()), model=None, output=str(output.resolve()),
-                   background_hole=0.0)
+                   background_hole=0.0, **{BASE_DIGEST_KEY: base_weights_digest(base)})
     if variant == "finetune":
         # The official pose pictures it was trained on: the official renderer, body only;
         # generate and evaluate draw the driving poses the same way.

@@ -147,9 +147,15 @@ class PreprocessConfig:
                               f"choose one of {', '.join(SAM2_MODELS)}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        for flag, value in (("--box-threshold", self.box_threshold), ("--text-threshold", self.text_threshold)):
+        # Scores and a fraction of the picture: a value above 1 (a percentage, `--min-mask-area 2`)
+        # rejected every frame without a word.
+        for flag, value in (("--box-threshold", self.box_threshold), ("--text-threshold", self.text_threshold),
+                            ("--min-visibility", self.min_visibility), ("--joint-threshold", self.joint_threshold),
+                            ("--min-mask-area", self.min_mask_area)):
             if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{flag} must be between 0 and 1")
+                raise ConfigError(f"{flag} must be between 0 and 1, not {value:g}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels must be at least 1, not {self.max_pixels}")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
         for flag, value in (("--matting-gpus", self.matting_gpus), ("--pose-gpus", self.pose_gpus)):

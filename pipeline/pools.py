@@ -67,6 +67,26 @@ def plan_pools(cfg: PreprocessConfig, nodes: list[dict], units) -> list[PoolPlan
     return pools
 
 
+def describe_pools(pools: list[PoolPlan], nodes: list[dict], available: dict) -> list[str]:
+    """What the run asks of the cluster, for its log: the pools as planned (from the nodes alive
+    now, by their totals), and, where other work holds part of it now (``available``: Ray's free
+    resources), that some actors will wait; a stage none of whose actors starts waits with them,
+    and Ray Data says so only for the first stage."""
+    total = {k: sum(n[k] for n in nodes) for k in ("CPU", "GPU")}
+    asked = {"CPU": sum(p.actors * p.cpus for p in pools), "GPU": sum(p.actors * p.gpus for p in pools)}
+    plan = ", ".join(f"{p.stage} {p.actors} actor(s) x {p.cpus:g} CPU" + (f" + {p.gpus:g} GPU" if p.gpus else "")
+                     for p in pools)
+    lines = [f"pools: {plan}; planned from the {len(nodes)} node(s) alive now ({total['CPU']:g} CPU, "
+             f"{total['GPU']:g} GPU)"]
+    short = [f"{asked[k]:g} {k} asked, {available.get(k, 0.0):g} free" for k in ("GPU", "CPU")
+             if asked[k] > available.get(k, 0.0) + 1e-6 and asked[k] <= total[k] + 1e-6]
+    if short:
+        lines.append(f"other work holds part of the cluster now ({'; '.join(short)}): some actors wait until it "
+                     "frees, and a stage none of whose actors can start holds the run still; pass --actors N to "
+                     "ask for fewer")
+    return lines
+
+
 def _count(units) -> int:
     return units.num_rows if hasattr(units, "num_rows") else len(units)
 

@@ -24,7 +24,7 @@ from disco.pipeline.sources.generic import ends_digest, local_path
 from disco.pipeline.filter import filter_section, filter_settings
 from disco.pipeline.store.manifest import RunResult, build_manifest, write_manifest
 from disco.pipeline.store.schema import commit_entry, unit_blocks, unit_table
-from disco.pipeline.pools import PoolPlan, cluster_nodes, plan_pools
+from disco.pipeline.pools import PoolPlan, cluster_nodes, describe_pools, plan_pools
 from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, check_storage, held_resources
 from disco.pipeline.gpu_balance import start_ledger, stop_ledger
 from disco.pipeline.stages import plan_units
@@ -157,7 +157,12 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             units = plan_all(pending, settings, partial, log=log, unit_counts=unit_counts)
             # The units hold what the run needs of the inputs: their records go (GBs for millions).
             pending, listing.items = [], []
-            pools = plan_pools(cfg, cluster_nodes(), units)
+            import ray
+
+            nodes = cluster_nodes()
+            pools = plan_pools(cfg, nodes, units)
+            for line in describe_pools(pools, nodes, ray.available_resources()):
+                log(line)
             with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
                 with starved_stages_reported(log):
                     frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)

@@ -351,7 +351,8 @@ def test_a_long_video_file_is_decoded_once_part_by_part_and_scores_the_same(tmp_
         results[chunk] = score(tmp_path / "pred", tmp_path / "gt.mp4", metrics, nets, batch_size=4)
         assert sum(decoded, []) == list(range(41)) and len(opened) == 2  # each frame once; the probe and one reader
         assert max(map(len, decoded)) == (6 + 15 if chunk == 6 else 41)
-    assert results[6]["counts"] == results[10_000]["counts"] == {"sequences": 1, "frames": 41, "clips": 26}
+    assert results[6]["counts"] == results[10_000]["counts"]
+    assert {k: results[6]["counts"][k] for k in ("sequences", "frames", "clips")} == {"sequences": 1, "frames": 41, "clips": 26}
     for metric in metrics:
         assert results[6]["metrics"][metric] == pytest.approx(results[10_000]["metrics"][metric], rel=1e-6), metric
     # A part holds CHUNK_PIXELS' worth of frames (512 frames of 512 px): here 4 frames of 64 px.
@@ -462,7 +463,8 @@ def reports(sets, weights, tmp_path_factory):
 def test_both_protocols_score_the_same_frames(reports, sets, weights):
     ours, disco = reports["ours"], reports["disco"]
     # The clip rule: 17 and 16 frame files give 2 + 1 stride-1 windows under both protocols.
-    assert ours["counts"] == {"sequences": 2, "frames": 33, "clips": 3}
+    assert {k: ours["counts"][k] for k in ("sequences", "frames", "clips")} == {"sequences": 2, "frames": 33, "clips": 3}
+    assert sum(ours["counts"]["frame_sizes"].values()) == 33 and ours["counts"]["frame_sizes"] == disco["counts"]["frame_sizes"]
     assert disco["counts"]["clips"] == {"fid-vid": 3, "fvd": 3}
     assert disco["counts"]["video_samples"] == {"fid-vid": 3, "fvd": 3}
     a, b = ours["metrics"], disco["metrics"]

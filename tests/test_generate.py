@@ -523,7 +523,8 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     test_rows = open_triplets(triplets).to_table(columns=["split"]).column("split").to_pylist().count("test")
-    assert report["counts"] == {"sequences": 1, "frames": test_rows, "clips": test_rows - 15}
+    assert report["counts"] == {"sequences": 1, "frames": test_rows, "clips": test_rows - 15,
+                                "frame_sizes": {f"{SIZE}x{SIZE}": test_rows}}  # the model's squares
     assert report["generated"]["clips"] == 1 and report["generated"]["frames"] == test_rows
     pred = sorted((tmp_path / "report" / "pred" / "dance").glob("*.png"))
     gt = sorted((tmp_path / "report" / "gt" / "dance").glob("*.png"))
@@ -601,7 +602,7 @@ def test_evaluate_run_generates_the_test_split_and_scores_it(inputs, triplets, t
     # A split with no rows is a usage error.
     bad = _run("evaluate", "--run", inputs / "ckpt", "--data", triplets, "--split", "val", "--metrics", "psnr",
                "--output", tmp_path / "x.json")
-    assert bad.exit_code == 2 and "no rows in split 'val'" in bad.output
+    assert bad.exit_code == 2 and "unknown --split 'val'; choose test or train" in bad.output
 
 
 def test_training_runs_are_read_through_the_run_loader(inputs, tmp_path, monkeypatch):

@@ -244,6 +244,32 @@ def test_plan_lines_add_up_and_follow_the_options():
         assert f"{share:.0%} fragmentation" in allowance["how"]
 
 
+def test_workers_sharing_a_gpu_each_fit_their_part_of_it():
+    """``--gpus-per-worker 0.5``: two workers on one GPU, each with its model, optimizer and CUDA
+    context. The plan said a worker's total "fits" the whole GPU (twice that in use); now each
+    must fit its half, and the largest batch is a half's."""
+    from disco.train.memory import GIB, memory_plan, plan_table
+
+    def plan(**options):
+        cfg = TrainConfig(stage="finetune", model="tiny", resolution=64, batch_size=4, mixed_precision="bf16",
+                          num_workers=2, **options)
+        return memory_plan(cfg, 3)
+
+    alone, shared = plan(), plan(use_gpu=True, gpus_per_worker=0.5)
+    assert (alone.workers_per_gpu, shared.workers_per_gpu) == (1, 2)
+    assert shared.total == alone.total and shared.gpu_memory == alone.gpu_memory // 2 == int(1.5 * GIB)
+    assert 0 < shared.max_batch < alone.max_batch / 2
+    from rich.console import Console
+
+    out = Console(width=200, record=True)
+    out.print(plan_table(shared))
+    text = " ".join(out.export_text().split())
+    assert "memory per worker: finetune" in text and "total per worker" in text and "1/2 of a 3 GiB GPU" in text
+    # 0.3 of a GPU each: three workers fit on one, but a run of two puts two there.
+    cfg = TrainConfig(stage="finetune", model="tiny", use_gpu=True, gpus_per_worker=0.3, num_workers=2)
+    assert memory_plan(cfg, 2, search=False).workers_per_gpu == 2
+
+
 def test_a_step_is_measured_once_for_the_plans_that_share_it(tmp_path, monkeypatch):
     """A step of the full model takes seconds on the meta device: plans that differ only in what
     the step does not see reuse its measurement; a new picture size, or a --pretrained folder

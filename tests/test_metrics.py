@@ -271,7 +271,7 @@ def test_scores_of_identical_and_shifted_sets(folders, random_lpips):
     nets = {**NETS, "lpips": random_lpips}
     metrics = ["fid", "ssim", "psnr", "lpips", "l1", "fid-vid", "fvd"]
     same = score(folders / "same", folders / "gt", metrics, nets)
-    assert same["counts"] == {"sequences": 2, "frames": 37, "clips": 5 + 2}
+    assert same["counts"] == {"sequences": 2, "frames": 37, "clips": 5 + 2, "frame_sizes": {"32x32": 37}}
     values = same["metrics"]
     assert values["ssim"] == 1.0 and values["psnr"] == M.PSNR_CAP and values["l1"] == 0.0 and values["lpips"] == 0.0
     for name in ("fid", "fid-vid", "fvd"):
@@ -289,7 +289,7 @@ def test_videos_score_like_their_frames(frames, folders, tmp_path):
     write_video(tmp_path / "pred" / "clip.mp4", list(frames), 10)
     write_video(tmp_path / "gt" / "clip.mp4", list(frames), 10)
     result = score(tmp_path / "pred", tmp_path / "gt", ["psnr", "fvd"], NETS)
-    assert result["counts"] == {"sequences": 1, "frames": 20, "clips": 5}
+    assert result["counts"] == {"sequences": 1, "frames": 20, "clips": 5, "frame_sizes": {"32x32": 20}}
     assert result["metrics"]["psnr"] == M.PSNR_CAP
 
 
@@ -438,3 +438,58 @@ def test_the_command_line_offers_exactly_the_video_networks_that_can_be_built():
     from disco.evaluate.config import FID_VID_NET, FVD_NET, VIDEO_NET_NAMES
 
     assert tuple(N.VIDEO_NETS) == VIDEO_NET_NAMES and {FID_VID_NET, FVD_NET} <= set(VIDEO_NET_NAMES)
+
+
+class NonFiniteFeatures(TinyFeatures):
+    """Features that overflow (a damaged weights file, frames that are not numbers)."""
+
+    def forward(self, x):
+        return super().forward(x) * float("nan")
+
+
+@pytest.mark.parametrize("port", ["torch-fidelity", "pytorch-fid"])
+def test_a_nan_frechet_distance_is_null_with_its_reason_not_a_perfect_zero(folders, tmp_path, port):
+    """``max(0, nan)`` is 0: NaN features reported FID 0.0, a perfect score (torchmetrics' port);
+    the numpy port wrote NaN into the JSON report, which is not JSON."""
+    config = EvaluateConfig(output=tmp_path / "m.json", pred=folders / "shift", gt=folders / "gt",
+                            metrics=["fid", "ssim"], networks=NetworkConfig(fid_port=port))
+    evaluate(config, networks={"fid": NonFiniteFeatures()}, log=lambda m: None)
+    stored = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert stored["metrics"]["fid"] is None and "non-finite" in stored["failed"]["fid"]
+    assert 0 < stored["metrics"]["ssim"] < 1
+
+
+def test_frames_are_in_the_order_of_their_names_numbers(frames, tmp_path):
+    """``frame_2`` comes before ``frame_10``: sorted as text, the 16-frame windows of the video
+    metrics were cut from frames out of time order, and scored without a word."""
+    from disco.evaluate.run import list_sequences
+
+    import cv2
+
+    for k, frame in enumerate(frames[:12], start=1):
+        cv2.imwrite(str(tmp_path / f"frame_{k}.png"), frame[..., ::-1])
+    listed = list_sequences(tmp_path)["."]
+    assert [p.name for p in listed] == [f"frame_{k}.png" for k in range(1, 13)]
+    (tmp_path / "videos" / "clip").mkdir(parents=True)
+    for k in (10, 9, 1):
+        (tmp_path / f"frame_{k}.png").rename(tmp_path / "videos" / "clip" / f"{k}.png")
+    assert [p.name for p in list_sequences(tmp_path / "videos")["clip"]] == ["1.png", "9.png", "10.png"]
+
+
+@pytest.mark.parametrize("make", ["folder", "file-above"])
+def test_a_report_that_cannot_be_written_is_refused_before_scoring(folders, tmp_path, make, monkeypatch):
+    """The report was written after every score was computed (hours with --run): a folder of its
+    name, or a file where its folder should be, lost them all to a traceback."""
+    import disco.evaluate.run as run
+
+    monkeypatch.setattr(run, "score", lambda *a, **k: pytest.fail("scored before the report's path was checked"))
+    if make == "folder":
+        output = tmp_path / "report"
+        output.mkdir()
+        message = "is a folder"
+    else:
+        (tmp_path / "plain").write_text("")
+        output, message = tmp_path / "plain" / "m.json", "cannot be written"
+    result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "ssim", "--output", output)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1

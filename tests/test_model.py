@@ -364,3 +364,56 @@ def test_a_hap_checkpoint_of_the_earlier_trainable_set_still_loads(tmp_path):
         assert torch.equal(loaded.get_parameter(name), old[name]), name
     # Anything else left over is still refused.
     assert legacy_hap_names(model, {**old, "unet.conv_in.weight": old[next(iter(old))]}) == set()
+
+
+def test_a_run_knows_its_base_weights_by_content_not_by_path(tiny, tmp_path):
+    """The frozen parts (and HAP's UNet ResNets) are not in a run's checkpoints: they are rebuilt
+    from its --pretrained folder. Another revision put at that path gave another model with
+    nothing said; a copy of the same folder at another path (another machine's mount) was refused
+    as "another base model" by --init-from. Now the run records the weights' digest when it starts:
+    generate / evaluate (``load_model``), a resume and --init-from go by it."""
+    import shutil
+
+    from disco.model.checkpoint import base_weights_digest, load_model, save_checkpoint
+    from disco.pipeline.errors import ConfigError
+    from disco.train.config import TrainConfig
+    from disco.train.launch import resolve
+
+    folder = tmp_path / "sd-iv"
+    for name in ("unet", "vae", "image_encoder"):
+        getattr(tiny, name).save_pretrained(folder / name)
+    digest = base_weights_digest(folder)
+    elsewhere = shutil.copytree(folder, tmp_path / "mounted-elsewhere")
+    assert base_weights_digest(elsewhere) == digest
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant the model does not read")
+    assert base_weights_digest(folder) == digest
+    data = tmp_path / "data"
+    (data / "triplets").mkdir(parents=True)
+    run = tmp_path / "hap"
+    cfg, _ = resolve(TrainConfig(stage="pretrain", pretrained=str(folder), data=[str(data)], output=str(run)))
+    assert cfg.pretrained_digest == digest
+    cfg.save(run)
+    save_checkpoint(run, 1, DisCoModel.from_sd_image_variations(folder, variant="pretrain"), {},
+                    {"positions": [0], "skipped": 0}, None, keep=1)
+    load_model(run)
+    # A fine-tuning run from it on the copy at another path: the same base.
+    finetune = TrainConfig(stage="finetune", pretrained=str(elsewhere), init_from=str(run), data=[str(data)],
+                           output=str(tmp_path / "ft"))
+    assert resolve(finetune)[0].pretrained_digest == digest
+    # Another revision of the UNet at the run's path: refused by generate / evaluate, the resume,
+    # and a fine-tuning run from the HAP run.
+    other = copy.deepcopy(tiny.unet)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    other.save_pretrained(folder / "unet")
+    with pytest.raises(ConfigError, match=f"{folder} is not the base model {run} was trained on"):
+        load_model(run)
+    with pytest.raises(ConfigError, match="--resume: .* is not the base model"):
+        resolve(TrainConfig(output=str(run), resume=True, max_steps=5), given={"max_steps"})
+    with pytest.raises(ConfigError, match="was trained on another base model"):
+        resolve(TrainConfig(stage="finetune", pretrained=str(folder), init_from=str(run), data=[str(data)],
+                            output=str(tmp_path / "ft2")))
+    # Put back as it was: loads again (the digest is of the weights, not of when they were written).
+    shutil.rmtree(folder / "unet")
+    shutil.copytree(elsewhere / "unet", folder / "unet")
+    load_model(run)

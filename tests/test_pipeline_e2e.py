@@ -244,7 +244,11 @@ def test_usage_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
                                   "--output", str(tmp_path / "o")])
     unknown = runner.invoke(app, ["preprocess", "--source", "youtube", "--input", str(tmp_path),
                                   "--output", str(tmp_path / "o")])
-    for result, words in ((missing, "does not exist"), (unknown, "unknown source")):
+    # A fraction given as a percentage rejected every frame as too small, without a word.
+    percent = runner.invoke(app, ["preprocess", "--source", "images", "--input", str(tmp_path), "--min-mask-area", "2",
+                                  "--output", str(tmp_path / "o")])
+    for result, words in ((missing, "does not exist"), (unknown, "unknown source"),
+                          (percent, "--min-mask-area must be between 0 and 1, not 2")):
         assert result.exit_code == 2
         assert words in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1

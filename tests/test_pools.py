@@ -296,3 +296,21 @@ def test_models_that_do_not_fit_an_actors_gpu_share_stop_the_run_in_one_line(mon
         registry.unregister("too-big")
     assert STOPS_THE_RUN in str(info.value) and "--matting-gpus / --pose-gpus 1" in str(info.value)
     assert "\n" not in str(stopping_error(info.value))
+
+
+def test_the_log_says_what_the_pools_ask_and_that_other_work_holds_part_of_it(tmp_path):
+    """The pools are planned from the nodes' totals: where another job holds half the GPUs, half
+    the actors wait, and if they are all of one stage the run holds still with nothing said
+    (Ray Data warns for its first stage only). The run's log now says what it asks and what is free."""
+    from disco.pipeline.pools import describe_pools
+
+    nodes = [{"CPU": 4.0, "GPU": 0.0}, {"CPU": 96.0, "GPU": 8.0}]
+    pools = plan_pools(_cfg(tmp_path), nodes, _units(10_000))
+    idle = describe_pools(pools, nodes, {"CPU": 100.0, "GPU": 8.0})
+    assert idle == ["pools: matting 8 actor(s) x 1 CPU + 0.5 GPU, pose 8 actor(s) x 1 CPU + 0.5 GPU; planned from "
+                    "the 2 node(s) alive now (100 CPU, 8 GPU)"]
+    shared = describe_pools(pools, nodes, {"CPU": 100.0, "GPU": 4.0})
+    assert len(shared) == 2 and "other work holds part of the cluster now (8 GPU asked, 4 free)" in shared[1]
+    # A pool asking for more than the cluster has (an autoscaler's nodes to come) is not "other work".
+    more = plan_pools(_cfg(tmp_path, actors=16), nodes, _units(10_000))
+    assert len(describe_pools(more, nodes, {"CPU": 100.0, "GPU": 8.0})) == 1

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +54,10 @@ class TrainConfig:
     # run directory can rebuild them); inherited from --init-from.
     model_seed: int | None = None
     init_from: str | None = None
+    # What identifies the --pretrained folder's weights (model/checkpoint.py base_weights_digest),
+    # recorded when the run starts: a resume, generate, evaluate or a run initialised from this one
+    # refuses a folder whose weights are others.
+    pretrained_digest: str | None = None
     # Temporal stage (model/temporal.py): frames per training clip (consecutive frames of one
     # clip); a micro-batch is batch_size clips of clip_frames frames. 16: the official TM length.
     clip_frames: int = 16
@@ -160,8 +167,8 @@ class TrainConfig:
             clean[name] = value
         if isinstance(clean.get("data"), str):
             clean["data"] = [clean["data"]]
-        if "adam_betas" in clean:
-            clean["adam_betas"] = tuple(clean["adam_betas"])
+        hints = _field_types()
+        clean = {name: _typed(name, value, hints[name], origin) for name, value in clean.items()}
         return dataclasses.replace(self, **clean)
 
     # -- derived values -------------------------------------------------------------------------
@@ -215,6 +222,10 @@ class TrainConfig:
                                   f"--batch-size {self.batch_size} x --num-workers {self.num_workers}; change one "
                                   "of them, or give --grad-accum")
             self.grad_accum = self.global_batch // per_step
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            # The official flag's "no clipping" (--max_grad_norm -1, its default); a negative norm
+            # given to clip_grad_norm_ turned every gradient around (gradient ascent).
+            self.max_grad_norm = None
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError("--ema-decay must be between 0 and 1")
         return self
@@ -258,6 +269,16 @@ class TrainConfig:
             if self.batch_size % per_worker:
                 raise ConfigError(f"--batch-size ({self.batch_size}) must be a multiple of the data shards per worker "
                                   f"({per_worker} = data_shards {self.data_shards} / --num-workers {self.num_workers})")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError("--warmup-steps must be 0 or more")
+        if not self.resume:  # (a resume's schedule is checked against the run's, train/launch.py)
+            if self.max_steps > self.schedule_length:
+                raise ConfigError(f"--max-steps {self.max_steps} goes past --schedule-steps {self.schedule_length}: "
+                                  f"the learning rate would be 0 from step {self.schedule_length} on; give "
+                                  f"--schedule-steps {self.max_steps} (or leave it out: the schedule is --max-steps)")
+            if self.warmup >= self.schedule_length:
+                raise ConfigError(f"--warmup-steps {self.warmup} leaves nothing of the {self.schedule_length}-step "
+                                  "schedule after the warm-up; give fewer")
         if self.eval_every is not None and self.eval_every < 0:
             raise ConfigError("--eval-every must be 0 (off) or more")
         if self.eval_every and self.stage == "temporal":
@@ -267,6 +288,8 @@ class TrainConfig:
             raise ConfigError("--eval-rows must be at least 1")
         if self.eval_split not in ("train", "test"):
             raise ConfigError(f"unknown --eval-split {self.eval_split!r}; choose test or train")
+        if self.pose_scale is not None and not 0 <= self.pose_scale:
+            raise ConfigError(f"--pose-scale must be 0 (the pose branch cut) or more, not {self.pose_scale:g}")
         if self.pose_scale is not None and self.stage == "pretrain":
             raise ConfigError("--pose-scale applies to fine-tuning (pre-training has no pose branch)")
         # A run that gave one before this check resumes (the image model's scale was used all along).
@@ -309,6 +332,70 @@ class TrainConfig:
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp.replace(path)
         return path
+
+
+@functools.cache
+def _field_types() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _number(value, kind: type):
+    """``value`` as an int or float, or None where it is not one. PyYAML (YAML 1.1) reads ``1e-4``
+    (no dot) as a string, the usual way to write a learning rate: numbers written so are taken."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().replace("_", ""))
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)):
+        if kind is float:
+            return float(value)
+        if isinstance(value, int):
+            return value
+        return int(value) if math.isfinite(value) and value == int(value) else None
+    return None
+
+
+def _typed(name: str, value, hint, origin: str):
+    """``value`` of option ``name`` as its field's type, or a one-line ``ConfigError``: a YAML of
+    ``resolution: "256"`` or ``augment: "off"`` (a string, true) was taken as it was, and failed
+    deep in the run with a traceback or silently did the opposite."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} in {origin} is empty (null); give a value or leave the key out")
+    kind = args[0] if optional and len(args) == 1 else hint
+    origin_type = typing.get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} in {origin} must be true or false (unquoted), not {value!r}")
+    if kind in (int, float):
+        number = _number(value, kind)
+        if number is None or (kind is float and not math.isfinite(number)):
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{name} in {origin} must be {what}, not {value!r}")
+        return number
+    if kind is str:
+        if name == "mixed_precision" and value is False:
+            return "no"  # YAML 1.1 reads an unquoted `no` as false: the documented value meant
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} in {origin} must be a string, not {value!r}")
+    if origin_type in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} in {origin} must be a list, not {value!r}")
+        item_types = typing.get_args(kind)
+        if origin_type is tuple and len(value) != len(item_types):
+            raise ConfigError(f"{name} in {origin} must be a list of {len(item_types)}, not {value!r}")
+        items = [_typed(name, item, item_types[k if origin_type is tuple else 0], origin)
+                 for k, item in enumerate(value)]
+        return tuple(items) if origin_type is tuple else items
+    return value
 
 
 def check_prediction_type(scheduler_file: Path) -> None:

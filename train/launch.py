@@ -37,6 +37,35 @@ RESUME_MAY_CHANGE = {
 PATH_OPTIONS = {"pretrained", "init_from"}
 
 
+def resume_changes(cfg: TrainConfig, saved: TrainConfig, given: set[str] | None) -> dict:
+    """What a resume of the run ``saved`` takes of ``cfg``: the options in ``given`` it may change;
+    one it may not change, given another value, is a one-line error."""
+    changes = {}
+    for name in sorted((given or set()) - {"output", "resume"}):
+        new, old = _comparable(name, getattr(cfg, name)), _comparable(name, getattr(saved, name))
+        if name in RESUME_MAY_CHANGE:
+            changes[name] = new
+        elif differs(name, new, old):
+            raise ConfigError(f"--resume keeps the run's {name.replace('_', '-')} ({old!r}); "
+                              f"it cannot become {new!r}")
+    return changes
+
+
+def _comparable(name: str, value):
+    if name in PATH_OPTIONS:
+        return _absolute(value)
+    if name == "data":
+        return [_absolute(d) for d in value or []]
+    return value
+
+
+def differs(name: str, new, old) -> bool:
+    """Whether option ``name``'s value ``new`` is another than the saved run's ``old`` (paths as
+    absolute; no --data means the run's own)."""
+    new, old = _comparable(name, new), _comparable(name, old)
+    return new != old and not (name == "data" and not new) and not (name == "init_from" and _same_init(new, old))
+
+
 def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfig, Path | None]:
     """The run's configuration and the checkpoint to start from. ``given``: the options the user
     set explicitly (a resume checks them against the saved configuration)."""
@@ -48,19 +77,7 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
         if not (run / RUN_CONFIG_FILE).exists():
             raise ConfigError(f"--resume: {run} is not a training run (no {RUN_CONFIG_FILE})")
         saved = load_run_config(run)
-        changes = {}
-        for name in sorted((given or set()) - {"output", "resume"}):
-            new, old = getattr(cfg, name), getattr(saved, name)
-            if name in PATH_OPTIONS:
-                new, old = _absolute(new), _absolute(old)
-            elif name == "data":
-                new, old = [_absolute(d) for d in new or []], [_absolute(d) for d in old or []]
-            if name in RESUME_MAY_CHANGE:
-                changes[name] = new
-            elif new != old and not (name == "data" and not new) and not (name == "init_from" and _same_init(new, old)):
-                raise ConfigError(f"--resume keeps the run's {name.replace('_', '-')} ({old!r}); "
-                                  f"it cannot become {new!r}")
-        cfg = saved.updated({**changes, "resume": True, "output": str(run)})
+        cfg = saved.updated({**resume_changes(cfg, saved, given), "resume": True, "output": str(run)})
         clean_temporary(run)
         checkpoints = list_checkpoints(run)
         checkpoint = checkpoints[max(checkpoints)] if checkpoints else None
@@ -84,8 +101,7 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
             hap = load_run_config(source)
             if cfg.stage == "temporal" and cfg.model is None and cfg.pretrained is None:
                 cfg = cfg.updated({"model": hap.model, "pretrained": hap.pretrained})  # the image model's base
-            if (hap.model, hap.pretrained and str(Path(hap.pretrained).resolve())) != \
-                    (cfg.model, cfg.pretrained and str(Path(cfg.pretrained).resolve())):
+            if not _same_base(hap, cfg):
                 raise ConfigError(f"--init-from {cfg.init_from} was trained on another base model "
                                   f"({hap.pretrained or hap.model}); use the same --pretrained / --model")
             cfg = cfg.updated({"model_seed": hap.model_seed})
@@ -114,6 +130,13 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
     cfg = cfg.updated({"data": [_absolute(d) for d in cfg.data], "init_from": _absolute(cfg.init_from),
                        "pretrained": _absolute(cfg.pretrained)})
     cfg.validate()
+    if cfg.pretrained:
+        from disco.model.checkpoint import base_weights_digest, check_base_weights
+
+        if cfg.resume:  # the folder must still hold the weights the run started from
+            check_base_weights(cfg.pretrained, cfg.pretrained_digest, run, where="--resume: ")
+        # Recorded when the run starts (and by a run of an older version at its next resume).
+        cfg = cfg.updated({"pretrained_digest": cfg.pretrained_digest or base_weights_digest(cfg.pretrained)})
     if cfg.stage in ("finetune", "temporal") or cfg.pose_style is not None or cfg.hands is not None:
         # The run's pose drawing, recorded in its config.yaml (generate and evaluate use it).
         from disco.train.data.pose import resolve_pose_setting
@@ -145,6 +168,22 @@ def _resumed_init(run: Path, cfg: TrainConfig, checkpoint: Path | None) -> Path:
             why = "needs its image model," if cfg.stage == "temporal" else "has no checkpoint yet and starts from"
             raise ConfigError(f"--resume: {run} {why} --init-from {init}, which is not there any more ({error})") from None
     return init
+
+
+def _same_base(init: TrainConfig, cfg: TrainConfig) -> bool:
+    """Whether the run ``cfg`` starts from the base model the run ``init`` was trained on: the same
+    architecture, or sd-image-variations weights that are the same by content where ``init``
+    recorded them (a copy of the folder elsewhere is the same, another revision at the same path
+    is not), else by path (a run of an older version)."""
+    if init.model != cfg.model or bool(init.pretrained) != bool(cfg.pretrained):
+        return False
+    if not cfg.pretrained:
+        return True
+    if init.pretrained_digest and Path(cfg.pretrained).is_dir():
+        from disco.model.checkpoint import base_weights_digest
+
+        return base_weights_digest(cfg.pretrained) == init.pretrained_digest
+    return Path(init.pretrained).resolve() == Path(cfg.pretrained).resolve()
 
 
 def _same_init(given: str | None, saved: str | None) -> bool:

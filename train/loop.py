@@ -209,6 +209,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         check_run_directory(Path(cfg.output), loop_config.get("run_holder"), rank)
+        if cfg.pretrained:  # each node reads the base from its own disk: the driver's was checked
+            import socket
+
+            from disco.model.checkpoint import check_base_weights
+
+            if not Path(cfg.pretrained).is_dir():  # (a model load's traceback, retried --max-failures times)
+                raise ConfigError(f"{STOPS_THE_RUN} worker {rank} on node {socket.gethostname()} does not see the base "
+                                  f"model folder {cfg.pretrained}: copy it there by the same path, or put it on "
+                                  "storage every node sees")
+            check_base_weights(cfg.pretrained, cfg.pretrained_digest, cfg.output,
+                               where=f"{STOPS_THE_RUN} worker {rank} on node {socket.gethostname()}: ")
         device = ray.train.torch.get_device()
         # The job's workers run with OMP_NUM_THREADS=1 (pipeline/cluster.py): a training worker
         # gets the whole CPUs Ray accounts it (`cpus_per_worker`) as threads (launch.worker_threads).

@@ -96,7 +96,8 @@ class MemoryPlan:
     frozen_params: int
     lines: list[tuple[str, int, str]] = field(default_factory=list)
     total: int = 0
-    gpu_memory: int = 0
+    gpu_memory: int = 0  # what one worker has: the GPU's memory, or its share where workers share one
+    workers_per_gpu: int = 1  # --gpus-per-worker below 1: workers on one GPU, each with a whole model
     fits: bool = True
     max_batch: int | None = None  # None: not searched
     per_sample: int = 0
@@ -108,6 +109,15 @@ class MemoryPlan:
         out["total_GiB"] = self.total / GIB
         out["gpu_memory_GiB"] = self.gpu_memory / GIB
         return out
+
+
+def workers_per_gpu(cfg: TrainConfig) -> int:
+    """Workers Ray puts on one GPU: ``--gpus-per-worker`` below 1 packs 1 / share of them (as many
+    as there are), each with its own model, optimizer, CUDA context: a plan per worker must fit
+    its part of the GPU, not the whole."""
+    if not cfg.use_gpu or cfg.gpus_per_worker >= 1:
+        return 1
+    return max(1, min(cfg.num_workers, int(1 / cfg.gpus_per_worker + 1e-9)))
 
 
 def fragmentation(cfg: TrainConfig) -> float:
@@ -160,7 +170,7 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
         mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
         ema=bool(cfg.ema_decay), grad_accum=cfg.grad_accum, num_workers=cfg.num_workers, device=device,
         trainable_params=sum(p.numel() for p in trainable), frozen_params=sum(p.numel() for p in frozen),
-        gpu_memory=int(gpu_memory_gib * GIB),
+        gpu_memory=int(gpu_memory_gib * GIB / workers_per_gpu(cfg)), workers_per_gpu=workers_per_gpu(cfg),
     )
     transients = max(step["peak"], update) - (grads - buckets) - step["activations"]
     plan.lines = [
@@ -247,7 +257,7 @@ def plan_table(plan: MemoryPlan):
     from rich.table import Table
 
     checkpointing = "gradient checkpointing" if plan.gradient_checkpointing else "no gradient checkpointing"
-    title = (f"memory per GPU: {plan.stage} on {plan.base}, {plan.resolution} px, batch {plan.batch_size}"
+    title = (f"memory per {'worker' if plan.workers_per_gpu > 1 else 'GPU'}: {plan.stage} on {plan.base}, {plan.resolution} px, batch {plan.batch_size}"
              f" x {plan.grad_accum} accumulation, {plan.mixed_precision if plan.mixed_precision != 'no' else 'fp32'}, "
              f"{checkpointing}")
     table = Table(title=title)
@@ -256,13 +266,16 @@ def plan_table(plan: MemoryPlan):
     table.add_column("how")
     for label, n, how in plan.lines:
         table.add_row(label, _gib(n), how)
-    table.add_row("[bold]total per GPU[/bold]", f"[bold]{_gib(plan.total)}[/bold]",
-                  f"{'fits' if plan.fits else 'does NOT fit'} in {plan.gpu_memory / GIB:g} GiB")
+    shared = (f" (1/{plan.workers_per_gpu} of a {plan.gpu_memory * plan.workers_per_gpu / GIB:g} GiB GPU: "
+              f"--gpus-per-worker puts {plan.workers_per_gpu} workers on one)" if plan.workers_per_gpu > 1 else "")
+    who = "per worker" if plan.workers_per_gpu > 1 else "per GPU"
+    table.add_row(f"[bold]total {who}[/bold]", f"[bold]{_gib(plan.total)}[/bold]",
+                  f"{'fits' if plan.fits else 'does NOT fit'} in {plan.gpu_memory / GIB:g} GiB{shared}")
     if plan.max_batch:
-        table.add_row("largest batch per GPU", str(plan.max_batch),
+        table.add_row(f"largest batch {who}", str(plan.max_batch),
                       f"in {plan.gpu_memory / GIB:g} GiB, {plan.per_sample / GIB:.3f} GiB per sample")
     elif plan.max_batch == 0:
-        table.add_row("largest batch per GPU", "none",
+        table.add_row(f"largest batch {who}", "none",
                       f"no batch fits in {plan.gpu_memory / GIB:g} GiB")
     return table
 
@@ -270,11 +283,11 @@ def plan_table(plan: MemoryPlan):
 
 # -- the command line ---------------------------------------------------------------------------------
 
-def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+def plan_config(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfig, list[str]]:
     """``cfg`` checked for what a plan needs (the base model, the batch shape, the precision),
     and notes on what a real run would still refuse: the plan reads no data and writes nothing,
     so a missing ``--data`` or ``--output`` is a note, not an error. With ``--resume`` the run's
-    saved configuration is planned."""
+    saved configuration is planned, with what of ``given`` (the options set) a resume takes."""
     from disco.train.config import RUN_CONFIG_FILE, init_run, load_run_config
 
     notes = []
@@ -282,7 +295,11 @@ def plan_config(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     if resumed:
         if not cfg.output or not (Path(cfg.output) / RUN_CONFIG_FILE).exists():
             raise ConfigError(f"--resume: {cfg.output or '(no --output)'} is not a training run (no {RUN_CONFIG_FILE})")
-        cfg = load_run_config(cfg.output).updated({"resume": True})
+        from disco.train.launch import resume_changes
+
+        saved = load_run_config(cfg.output)
+        # As the resume itself takes them: a --batch-size it refuses is refused here too.
+        cfg = saved.updated({**resume_changes(cfg, saved, given), "resume": True})
         notes.append(f"planned from the saved configuration of {cfg.output}")
     source = init_run(cfg.init_from) if cfg.init_from else None  # a run or one checkpoint of it
     if cfg.stage == "temporal" and source:

@@ -115,7 +115,7 @@ def apply_update(params, optimizer, scheduler, scaler, ema, max_grad_norm: float
     happens to the views; kept, the next backward accumulates straight into the buckets. Dropped,
     every backward makes fresh gradients that DDP then copies in, and the micro-batches of
     ``--grad-accum`` > 1 (under ``no_sync``, no copy) hold a second fp32 copy of the gradients."""
-    if max_grad_norm:
+    if max_grad_norm is not None and max_grad_norm > 0:  # 0 or below: off, as the official flag
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     # The scaler's step already waits for its inf check (an .item()): reading the scale is free.

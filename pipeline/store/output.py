@@ -87,8 +87,13 @@ def folder_lock(root: Path, advice: str = "wait for it to finish, or pick anothe
     made and that holds nothing else at the end (a run refused before it wrote anything) goes."""
     root = Path(root)
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a file of that name, a folder above that is a file, no permission, read-only
+        what = "a file, not a folder" if root.exists() and not root.is_dir() else (exc.strerror or str(exc))
+        where = f" ({exc.filename})" if exc.filename and Path(os.fsdecode(exc.filename)) != root else ""
+        raise OutputUnwritable(f"cannot use {root} as the output folder: {what}{where}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,0 +1,142 @@
+"""A user's training options as they write them: YAML values of the wrong type, the official
+``--max_grad_norm -1``, a schedule shorter than the run, a resume given a YAML, outputs that
+cannot be folders. Each is one line and exit 2, or taken as meant; none reaches a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from disco.cli import app
+from disco.commands.train import configured
+from disco.pipeline.errors import ConfigError
+from disco.train.config import TrainConfig
+from disco.train.objective import apply_update
+
+
+def _train(*args):
+    return CliRunner().invoke(app, ["train", *[str(a) for a in args]])
+
+
+def _one_line(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("resolution: abc\n", "resolution in {yaml} must be an integer, not 'abc'"),
+    ("resolution: null\n", "resolution in {yaml} is empty (null)"),
+    ("batch_size: 2.5\n", "batch_size in {yaml} must be an integer, not 2.5"),
+    ('augment: "off"\n', "augment in {yaml} must be true or false (unquoted), not 'off'"),
+    ("adam_betas: 0.9\n", "adam_betas in {yaml} must be a list, not 0.9"),
+    ("adam_betas: [0.9]\n", "adam_betas in {yaml} must be a list of 2"),
+    ("data: 5\n", "data in {yaml} must be a list, not 5"),
+    ("ema_decay: fast\n", "ema_decay in {yaml} must be a number, not 'fast'"),
+])
+def test_a_yaml_value_of_the_wrong_type_is_one_line(tmp_path, text, message):
+    """Such values were taken as they were: a traceback deep in the plan or the run (a string
+    resolution, a null worker count), or the opposite of what was meant (``augment: "off"`` is a
+    non-empty string: augmentation on)."""
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(text)
+    _one_line(_train("--model", "tiny", "--dry-run", "--gpu-memory", "10", "--config", yaml), message.format(yaml=yaml))
+
+
+def test_yaml_numbers_and_words_are_taken_as_meant(tmp_path):
+    """PyYAML reads ``1e-4`` (no dot) as a string and an unquoted ``no`` as false: the usual way
+    to write a learning rate, and the documented precision value."""
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("lr: 1e-4\nmixed_precision: no\nmax_steps: 2.0e+3\nweight_decay: 0\nadam_betas: [0.9, 0.99]\n")
+    cfg = configured(None, yaml, {"model": "tiny"}, resume=False).validate_model()
+    assert (cfg.lr, cfg.mixed_precision, cfg.max_steps, cfg.weight_decay, cfg.adam_betas) == (
+        1e-4, "no", 2000, 0.0, (0.9, 0.99))
+    assert isinstance(cfg.max_steps, int) and isinstance(cfg.weight_decay, float)
+
+
+def test_max_grad_norm_at_or_below_zero_is_no_clipping_as_the_official_flag():
+    """The official ``--max_grad_norm -1`` (its default, quoted by the presets' table) means no
+    clipping; given to ``clip_grad_norm_`` a negative norm turned every gradient around, and the
+    run climbed its loss."""
+    assert TrainConfig(model="tiny", max_grad_norm=-1.0).validate_model().max_grad_norm is None
+    assert TrainConfig(model="tiny", max_grad_norm=0.0).validate_model().max_grad_norm is None
+    assert TrainConfig(model="tiny", max_grad_norm=1.0).validate_model().max_grad_norm == 1.0
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    weight.grad = torch.tensor([1.0, 2.0, -2.0])
+    assert apply_update([weight], optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), None, -1.0)
+    assert weight.detach().tolist() == [-0.5, -1.0, 1.0]  # a descent step, unclipped
+
+
+def test_a_new_runs_schedule_must_reach_its_last_step(tmp_path):
+    """``--schedule-steps 10 --max-steps 100`` trained 90 steps at a learning rate of 0 (a resume
+    refused the same); a warm-up as long as the schedule left no decay."""
+    data = tmp_path / "data"
+    (data / "triplets").mkdir(parents=True)
+
+    def check(**options):
+        TrainConfig(model="tiny", output=str(tmp_path / "run"), data=[str(data)], **options).validate()
+
+    with pytest.raises(ConfigError, match="--max-steps 100 goes past --schedule-steps 10: the learning rate would be 0"):
+        check(max_steps=100, schedule_steps=10)
+    with pytest.raises(ConfigError, match="--warmup-steps must be 0 or more"):
+        check(warmup_steps=-5)
+    with pytest.raises(ConfigError, match="--warmup-steps 1000 leaves nothing"):
+        check(max_steps=1000, warmup_steps=1000)
+    check(max_steps=100, schedule_steps=400, warmup_steps=10)
+
+
+def _saved_run(tmp_path):
+    data = tmp_path / "data"
+    (data / "triplets").mkdir(parents=True)
+    run = tmp_path / "run"
+    TrainConfig(model="tiny", output=str(run), data=[str(data)], batch_size=2, max_steps=100).validate_model().save(run)
+    return run
+
+
+def test_a_resume_says_which_yaml_values_it_does_not_take(tmp_path):
+    """A resume keeps the run's saved options (but the few only a YAML sets): a YAML of another
+    batch size or step count was dropped without a word."""
+    run = _saved_run(tmp_path)
+    yaml = tmp_path / "more.yaml"
+    yaml.write_text("max_steps: 5000\nbatch_size: 64\nprefetch_batches: 2\nkeep: 3\n")  # keep: the saved value
+    result = _train("-o", run, "--resume", "--config", yaml, "--dry-run", "--gpu-memory", "10")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"note: --resume keeps the run's saved batch_size, max_steps; {yaml}'s values of them are not applied" in said
+    assert "saved batch_size, max_steps;" in said  # not keep (the same as saved), not prefetch_batches (applied)
+
+
+def test_a_resume_dry_run_refuses_what_the_resume_refuses(tmp_path):
+    """``--resume --dry-run --batch-size 64`` planned the saved batch and said nothing; the resume
+    itself refuses the change."""
+    run = _saved_run(tmp_path)
+    _one_line(_train("-o", run, "--resume", "--dry-run", "--gpu-memory", "10", "--batch-size", "64"),
+              "--resume keeps the run's batch-size (2); it cannot become 64")
+    planned = _train("-o", run, "--resume", "--dry-run", "--gpu-memory", "10", "--max-steps", "500")
+    assert planned.exit_code == 0 and "batch 2" in " ".join(planned.output.split()), planned.output
+
+
+@pytest.mark.parametrize("value", ["nan", "1e9", "0"])
+def test_a_gpu_memory_out_of_range_is_one_line(value):
+    """NaN passed the check (a traceback); 1e9 GiB made the largest-batch search allocate tens of
+    GB of host memory for a plan that says it allocates nothing."""
+    _one_line(_train("--model", "tiny", "--dry-run", "--gpu-memory", value), "--gpu-memory must be above 0")
+
+
+def test_outputs_that_cannot_be_folders_are_one_line(tmp_path):
+    """``train -o`` / ``demo -o`` naming a file, or a path under one: a FileExistsError or
+    NotADirectoryError traceback."""
+    data = tmp_path / "data"
+    (data / "triplets").mkdir(parents=True)
+    plain = tmp_path / "plain"
+    plain.write_text("mine")
+    _one_line(_train("--model", "tiny", "-d", data, "-o", plain, "--no-progress"),
+              f"cannot use {plain} as the output folder: a file, not a folder")
+    _one_line(_train("--model", "tiny", "-d", data, "-o", plain / "run", "--no-progress"),
+              f"cannot use {plain / 'run'} as the output folder")
+    _one_line(CliRunner().invoke(app, ["demo", "-o", str(plain), "--no-progress"]),
+              f"cannot use {plain} as the demo's folder: a file, not a folder")
+    assert plain.read_text() == "mine"
