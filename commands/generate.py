@@ -102,14 +102,30 @@ def generate(
 def export(
     checkpoint: Annotated[Path, typer.Option(help="A DisCoModel.save_pretrained folder, or a training run / checkpoint folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for unet/, controlnet_pose/ and controlnet_background/ (and temporal/ for a temporal-module model).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the parts of an earlier export in --output.")] = False,
 ) -> None:
     """Write a checkpoint's UNet and ControlNets as diffusers folders, each loadable with from_pretrained."""
+    import shutil
+
     from disco.model.checkpoint import load_checkpoint
+    from disco.model.disco import EXPORT_PARTS
+    from disco.pipeline.errors import output_folder_problem
 
     job_outputs(output=output)
+    # Checked before the model loads; an earlier export's parts (another model's temporal/ or
+    # controlnet_pose/) would stay beside this one's and make it read as a model it is not.
+    earlier = [part for part in EXPORT_PARTS if (output / part).exists()] if output.is_dir() else []
+    if earlier and not overwrite:
+        usage_error(f"{output} holds an earlier export ({', '.join(earlier)}); pass --overwrite to replace it, or "
+                    "pick another --output")
+    problem = output_folder_problem(output, "--output")
+    if problem:
+        usage_error(problem)
     try:
         model = load_checkpoint(checkpoint)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError: not a DisCo checkpoint
         usage_error(str(exc))
+    for part in earlier:
+        shutil.rmtree(output / part)
     for folder in model.export_diffusers(output):
         console.print(f"wrote {folder.resolve()}")

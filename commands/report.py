@@ -119,6 +119,14 @@ def inspect(
 
     if not (output / MANIFEST_FILE).exists():
         usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
+    if sheet is not None:  # checked before the summary: the sheet is written last
+        from disco.pipeline.errors import output_file_problem
+
+        if sheet.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            usage_error(f"--sheet {sheet}: the contact sheet is a picture; give a .png (or .jpg) file name")
+        problem = output_file_problem(sheet, "--sheet")
+        if problem:
+            usage_error(problem)
     try:  # the manifest, and every shard's footer, checked here before anything is printed
         manifest = read_manifest(output / MANIFEST_FILE)
         triplets, errors = open_triplets(output), open_errors(output)
@@ -157,8 +165,9 @@ def inspect(
     try:
         shown = write_contact_sheet(triplets, target, rows)
     except (OSError, pa.ArrowException) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise  # the sheet could not be saved: not the shards' fault
+        if isinstance(exc, OSError) and exc.errno is not None:  # the sheet could not be saved: not the shards' fault
+            usage_error(f"the contact sheet cannot be written to {target}: {exc.strerror or exc}; give --sheet "
+                        "a writable place")
         # pyarrow on damaged pages: an OSError without errno, or one of its own
         usage_error(f"a shard of {output} cannot be read ({first_line(exc)}); "
                      "the shards are damaged: write the output again with `disco-cli preprocess ... --overwrite`")

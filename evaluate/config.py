@@ -154,22 +154,15 @@ class EvaluateConfig:
             path = getattr(self, name)
             if path is not None and not path.exists():
                 raise EvaluateInputError(f"--{name}: {path} does not exist")
-        check_report_path(Path(self.output))
+        check_report_path(Path(self.output), inputs=(self.pred, self.gt))
         return self
 
 
-def check_report_path(path: Path) -> None:
+def check_report_path(path: Path, inputs: tuple = ()) -> None:
     """Refuse a report that could not be written, before any scoring: it was written last, and a
     folder of that name, or a file where its folder should be, lost hours of scores to a traceback."""
-    import os
-    import tempfile
+    from disco.pipeline.errors import output_file_problem
 
-    if path.is_dir():
-        raise EvaluateInputError(f"--output {path} is a folder; give the report's file name (e.g. {path / 'metrics.json'})")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise EvaluateInputError(f"--output {path} cannot be written: {exc.strerror or exc}") from None
+    problem = output_file_problem(path, "--output", inputs)
+    if problem:
+        raise EvaluateInputError(problem)

@@ -9,6 +9,10 @@ from pathlib import Path
 from disco.model.precision import dtype_problem, gpus_problem, resolve_device
 
 
+# Pictures given where a video is asked for (decord's own message about them is of no help).
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
 class GenerateInputError(ValueError):
     """An input picture, video or clip that cannot drive generation (a user's mistake)."""
 
@@ -47,14 +51,14 @@ class GenerateConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise GenerateInputError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.fps is not None and self.fps <= 0:
-            raise GenerateInputError("--fps must be positive")
+        if self.fps is not None and not self.fps > 0:  # (NaN too)
+            raise GenerateInputError(f"--fps must be positive, not {self.fps:g}")
         if self.max_frames is not None and self.max_frames < 1:
             raise GenerateInputError("--max-frames must be at least 1")
         if self.size is not None and self.size < 1:
             raise GenerateInputError(f"--size must be a positive number of pixels, not {self.size}")
-        if self.guidance_scale < 0:
-            raise GenerateInputError("--guidance-scale must be 0 or more (1 turns guidance off)")
+        if not 0 <= self.guidance_scale < float("inf"):  # (NaN sampled every frame, then failed)
+            raise GenerateInputError(f"--guidance-scale must be 0 or more (1 turns guidance off), not {self.guidance_scale:g}")
         self.device = resolve_device(self.device)
         problem = dtype_problem(self.dtype, self.device) or gpus_problem(self.gpus, self.device)
         if problem:
@@ -65,4 +69,36 @@ class GenerateConfig:
                            ("--background: background picture", self.background)):
             if path is not None and not path.exists():
                 raise GenerateInputError(f"{what} {path} does not exist")
+        if self.pose.is_dir() and not (self.pose / "triplets").is_dir():
+            raise GenerateInputError(f"--pose {self.pose} is a folder but not a `disco-cli preprocess` output (no "
+                                     "triplets/): --pose takes a video, or such a folder with --clip")
+        if self.pose.is_file() and self.pose.suffix.lower() in PICTURE_SUFFIXES:
+            raise GenerateInputError(f"--pose {self.pose} is a picture: --pose takes a video (or a `disco-cli "
+                                     "preprocess` output folder with --clip)")
+        self.check_outputs()
         return self
+
+    def outputs(self) -> dict[str, Path]:
+        """The files a run writes, by the flag that names them."""
+        out = {"--output": self.output, "--output's settings (.json)": self.output.with_suffix(".json")}
+        if self.side_by_side:
+            out["--side-by-side"] = self.output.with_name(self.output.stem + "_side_by_side.mp4")
+        return out
+
+    def check_outputs(self) -> None:
+        """Before a model loads: every output can be written, and none is an input (the driving
+        video given as --output was overwritten). They were written after every frame was
+        sampled, and a folder of the output's name lost them to a traceback."""
+        from disco.pipeline.errors import output_file_problem, output_folder_problem
+
+        inputs = (self.reference, self.pose, self.background)
+        for flag, path in self.outputs().items():
+            problem = output_file_problem(path, flag, inputs)
+            if problem:
+                raise GenerateInputError(problem)
+        if self.frames is not None:
+            problem = output_folder_problem(self.frames, "--frames")
+            if problem:
+                raise GenerateInputError(problem)
+            if any(path.resolve() == self.frames.resolve() for path in (self.output, *self.outputs().values())):
+                raise GenerateInputError(f"--frames {self.frames} is an output file of this run")

@@ -4,6 +4,7 @@ decord reads."""
 from __future__ import annotations
 
 import itertools
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -75,8 +76,12 @@ def side_by_side(poses: list[np.ndarray], frames: np.ndarray) -> Iterator[np.nda
             for p, f in zip(poses, frames))
 
 
+FRAME_NAME = re.compile(r"^\d{6}\.png$")
+
+
 def write_frames(folder: str | Path, frames: np.ndarray) -> list[Path]:
-    """PNG per frame, ``000000.png`` upwards."""
+    """PNG per frame, ``000000.png`` upwards. Frames of that name past the last one (an earlier,
+    longer run into the same folder) go: left, they read as the end of this run's frames."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -85,4 +90,7 @@ def write_frames(folder: str | Path, frames: np.ndarray) -> list[Path]:
         if not cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
             raise OSError(f"cannot write {path}")
         paths.append(path)
+    for stale in folder.iterdir():
+        if FRAME_NAME.match(stale.name) and int(stale.name[:6]) >= len(frames):
+            stale.unlink()
     return paths

@@ -30,6 +30,10 @@ def _clip_from_config(config: dict) -> CLIPVisionModelWithProjection:
     return clip
 
 
+# The folders ``DisCoModel.export_diffusers`` writes (those of the model's parts).
+EXPORT_PARTS = ("unet", "controlnet_pose", "controlnet_background", "temporal")
+
+
 class DisCoModel(ModelMixin, ConfigMixin):
     """UNet + background ControlNet (+ pose ControlNet for ``finetune``), frozen VAE and CLIP.
 

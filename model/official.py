@@ -274,12 +274,19 @@ def _fit(found: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
+    from disco.pipeline.errors import output_folder_problem
+
     if output.exists() and not output.is_dir():
         raise OfficialCheckpointError(f"--output {output} is a file, not a folder")
     if (output / RUN_CONFIG_FILE).exists() or list_checkpoints(output):
         if not overwrite:
             raise OfficialCheckpointError(f"--output {output} already holds a run ({RUN_CONFIG_FILE} / checkpoints); "
                                           "pass --overwrite to replace it")
+    # Before the checkpoint is read and checked (minutes at full size): a file above the folder,
+    # or no permission, was found only when the run was written.
+    problem = output_folder_problem(output, "--output")
+    if problem:
+        raise OfficialCheckpointError(problem)
 
 
 def _write_run(output: Path, base: Path, variant: str, step: int, model, state: dict, overwrite: bool) -> Path:

@@ -248,3 +248,50 @@ def read_options_yaml(path: Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file or folder could not be made at ``path`` (nothing is made here): the nearest part
+    of it that exists must be a folder this process may write into."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" + (" (a read-only file system)" if _read_only(existing) else "")
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def output_file_problem(path: Path, flag: str, inputs: tuple = ()) -> str | None:
+    """What keeps ``path`` from being written as a command's output file, checked before the
+    work (the write came last: a folder of that name, or a file where its folder should be, lost
+    the work to a traceback), or None. ``inputs``: files the command reads, which the output must
+    not replace. Nothing is written."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{flag} {path} is a folder; give a file name"
+    for given in inputs:
+        if given is not None and Path(given).exists() and path.exists() and os.path.samefile(path, given):
+            return f"{flag} {path} is an input of this command ({given}); it would be overwritten"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{flag} {path} cannot be written: it is not writable"
+    why = _unwritable(path.parent)
+    return f"{flag} {path} cannot be written: {why}" if why else None
+
+
+def output_folder_problem(path: Path, flag: str) -> str | None:
+    """What keeps ``path`` from being a command's output folder (a file of that name, a file
+    above it, no permission), checked before the work; None where it can be. Nothing is made."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{flag} {path} is a file, not a folder"
+    why = _unwritable(path)
+    return f"{flag} {path} cannot be written: {why}" if why else None

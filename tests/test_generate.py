@@ -4,6 +4,7 @@ preprocessed clips as pose sources, ``evaluate --run`` and the command line's us
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -816,6 +817,49 @@ def test_generate_usage_errors_are_one_line_exit_2(inputs, tmp_path, change, mes
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_outputs_and_inputs_that_cannot_work_are_refused_before_the_model_loads(inputs, tmp_path, monkeypatch):
+    """The video, its settings and the frames were written after every frame was sampled: a
+    folder of the output's name, a file where --frames should be, lost them all to a traceback;
+    the driving video given as --output was overwritten; NaN flags sampled every frame, then failed."""
+    import shutil
+
+    import disco.generate.run as run_module
+
+    monkeypatch.setattr(run_module, "open_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
+    (tmp_path / "isdir.mp4").mkdir()
+    (tmp_path / "plain").write_text("mine")
+    (tmp_path / "pictures").mkdir()
+    shutil.copy(inputs / "dance.mp4", tmp_path / "drive.mp4")
+    base = {"--checkpoint": inputs / "ckpt", "--reference": inputs / "person.png", "--pose": inputs / "dance.mp4",
+            "--output": tmp_path / "out.mp4"}
+    for change, message in (
+            ({"--output": tmp_path / "isdir.mp4"}, f"--output {tmp_path / 'isdir.mp4'} is a folder"),
+            ({"--output": tmp_path / "plain" / "out.mp4"}, "cannot be written"),
+            ({"--frames": tmp_path / "plain"}, f"--frames {tmp_path / 'plain'} is a file, not a folder"),
+            ({"--pose": tmp_path / "drive.mp4", "--output": tmp_path / "drive.mp4"}, "is an input of this command"),
+            ({"--guidance-scale": "nan"}, "--guidance-scale must be 0 or more"),
+            ({"--fps": "nan"}, "--fps must be positive, not nan"),
+            ({"--pose": inputs / "person.png"}, "is a picture: --pose takes a video"),
+            ({"--pose": tmp_path / "pictures", "--clip": "a"}, "is a folder but not a `disco-cli preprocess` output")):
+        options = {**base, **change}
+        result = _run("generate", *[x for kv in options.items() for x in kv])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in said and len(result.output.strip().splitlines()) == 1, said
+    assert (tmp_path / "plain").read_text() == "mine" and (tmp_path / "drive.mp4").read_bytes() == (
+        inputs / "dance.mp4").read_bytes()
+
+
+def test_frames_of_an_earlier_longer_run_leave_the_frames_folder():
+    """``--frames DIR`` again with fewer frames kept the earlier run's last ones as this run's end."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_frames(folder, np.zeros((4, 8, 8, 3), np.uint8))
+        (Path(folder) / "notes.png").write_bytes(b"not ours")
+        assert [p.name for p in write_frames(folder, np.ones((2, 8, 8, 3), np.uint8))] == ["000000.png", "000001.png"]
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["000000.png", "000001.png", "notes.png"]
 
 
 def test_a_reference_without_a_person_is_refused(inputs, tmp_path):

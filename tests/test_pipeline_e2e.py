@@ -171,6 +171,13 @@ def test_inspect_prints_counts_and_writes_a_contact_sheet(astronaut_run, tmp_pat
     picture = np.asarray(Image.open(sheet))
     assert picture.shape[1] == 5 * 160 and picture.shape[0] > 160
     assert picture[:, 160:320].mean() > 20  # the mask column holds a white person
+    # A sheet that cannot be written is one line before the summary (it was a traceback after it).
+    (tmp_path / "plain").write_text("mine")
+    (tmp_path / "isdir.png").mkdir()
+    for bad, words in ((tmp_path / "sheet.mp4", "give a .png"), (tmp_path / "plain" / "s.png", "cannot be written"),
+                       (tmp_path / "isdir.png", "is a folder")):
+        refused = CliRunner().invoke(app, ["inspect", str(out), "--sheet", str(bad)])
+        assert refused.exit_code == 2 and words in refused.output and len(refused.output.strip().splitlines()) == 1
 
 
 def test_video_is_resampled_and_split_into_segments(tmp_path):

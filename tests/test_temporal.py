@@ -485,6 +485,18 @@ def test_export_of_a_temporal_model_keeps_its_temporal_layers(tmp_path):
     assert saved.keys() == ours.keys() and all(torch.equal(saved[k], ours[k]) for k in ours)
     assert json.loads((tmp_path / "out" / "temporal" / "config.json").read_text())["temporal_config"]["frames"] == F
     assert (tmp_path / "out" / "unet" / "config.json").exists() and "temporal" in result.output
+    # An image model exported over it: refused, then with --overwrite the temporal/ folder goes
+    # (left, the folder read as a temporal model that the checkpoint never was).
+    _tiny().save_pretrained(tmp_path / "image")
+    again = ["export", "--checkpoint", str(tmp_path / "image"), "--output", str(tmp_path / "out")]
+    refused = CliRunner().invoke(app, again)
+    assert refused.exit_code == 2 and "holds an earlier export (unet, controlnet_pose, controlnet_background, temporal)" \
+        in " ".join(refused.output.split())
+    assert CliRunner().invoke(app, [*again, "--overwrite"]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["controlnet_background", "controlnet_pose", "unet"]
+    (tmp_path / "plain").write_text("mine")
+    onto_file = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "image"), "-o", str(tmp_path / "plain")])
+    assert onto_file.exit_code == 2 and "is a file, not a folder" in onto_file.output
 
 
 def test_the_memory_plan_of_the_temporal_stage_counts_clips():
