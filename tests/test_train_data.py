@@ -481,19 +481,23 @@ def test_a_stream_that_stops_delivering_mid_run_fails_in_time(clips):
                      rf"\(after {len(delivered)} blocks\): a read or decode task is stuck", lines[1]), lines[1]
 
 
-def test_a_cpu_count_of_0_is_a_value_where_ray_takes_it(clips, tmp_path, monkeypatch):
+def test_a_cpu_count_of_0_is_a_value_where_ray_takes_it(clips, tmp_path):
     """``data_cpus: 0`` (Ray accounts no CPU to a decode task) was read as unset (1.0 on a big
     node); ``cpus_per_worker: 0`` is refused without a GPU (Ray Train refuses an empty bundle)."""
-    import ray
-
     from disco.pipeline.errors import ConfigError
     from disco.train.config import TrainConfig
     from disco.train.launch import _resources
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    big = [{"CPU": 64.0, "GPU": 0.0}]
     base = dict(stage="finetune", model="tiny", num_workers=2, data=[str(clips)], output=str(tmp_path / "run"))
-    assert _resources(TrainConfig(**base, data_cpus=0), distributed=True) == (1.0, 0)
-    assert _resources(TrainConfig(**base), distributed=True) == (1.0, 1.0)
+    assert _resources(TrainConfig(**base, data_cpus=0), distributed=True, nodes=big) == (1.0, 0)
+    assert _resources(TrainConfig(**base), distributed=True, nodes=big) == (1.0, 1.0)
+    # GPU workers fit beside their GPUs: 8 workers on a node of 8 GPUs and 4 CPUs asked a whole
+    # CPU each from the cluster's total (a 64-CPU node without GPUs beside it) and never started.
+    gpu_nodes = [{"CPU": 64.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 8.0}]
+    eight = TrainConfig(**{**base, "num_workers": 8}, use_gpu=True)
+    assert _resources(eight, distributed=True, nodes=gpu_nodes) == (0.25, 1.0)
+    assert _resources(eight, distributed=True, nodes=[{"CPU": 128.0, "GPU": 8.0}]) == (1.0, 1.0)
     with pytest.raises(ConfigError, match="cpus_per_worker must be above 0"):
         TrainConfig(**base, cpus_per_worker=0).validate()
     with pytest.raises(ConfigError, match="data_cpus must be 0 or more"):

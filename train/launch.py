@@ -9,6 +9,7 @@ stop after its current step; the run then writes a checkpoint of that step and e
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 import os
 import signal
@@ -233,15 +234,33 @@ def _resumed_schedule(cfg: TrainConfig, saved: TrainConfig, step: int) -> TrainC
     return cfg
 
 
-def _resources(cfg: TrainConfig, distributed: bool) -> tuple[float, float]:
+def _resources(cfg: TrainConfig, distributed: bool, nodes: list[dict] | None = None) -> tuple[float, float]:
     """CPUs Ray accounts per training worker and per data task. On a small machine, fractions: two
-    workers of 1 CPU on a 2-CPU node would leave Ray Data's decode tasks nothing and hang."""
+    workers of 1 CPU on a 2-CPU node would leave Ray Data's decode tasks nothing and hang.
+    ``nodes``: the cluster's (``cluster_nodes``), read from Ray where not given."""
     import ray
 
-    total = float(ray.cluster_resources().get("CPU", 1.0))
+    if nodes is None:
+        from disco.pipeline.pools import cluster_nodes
+
+        nodes = cluster_nodes()
+    total = sum(n["CPU"] for n in nodes) or float(ray.cluster_resources().get("CPU", 1.0))
+    worker = min(1.0, total / (2 * cfg.num_workers))
+    if cfg.use_gpu:
+        # Workers go where their GPUs are: a GPU node holds as many as its GPUs take, and their
+        # CPUs must fit beside them there (with half left to the data tasks). From the cluster's
+        # total, 8 workers on a node of 8 GPUs and 4 CPUs asked 1 CPU each, and never started.
+        for node in nodes:
+            hosted = min(cfg.num_workers, int(node["GPU"] / cfg.gpus_per_worker + 1e-9))
+            if hosted > 0:
+                worker = min(worker, node["CPU"] / (2 * hosted))
     # 0 is a value (Ray accounts no CPU): only an unset option takes the default.
-    worker = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else (
-        min(1.0, total / (2 * cfg.num_workers)) if distributed else 0.0)
+    if cfg.cpus_per_worker is not None:
+        worker = cfg.cpus_per_worker
+    elif not distributed:
+        worker = 0.0
+    else:
+        worker = max(0.01, math.floor(worker * 100) / 100) if worker > 0 else 0.01
     data = cfg.data_cpus if cfg.data_cpus is not None else (0.25 if total < 8 else 1.0)
     return worker, data
 
