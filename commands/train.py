@@ -166,7 +166,7 @@ def _on(flag: bool) -> str:
 
 def model_info(
     config: Annotated[Architecture, typer.Option(help="Architecture.")] = "sd-image-variations",
-    variant: Annotated[Stage, typer.Option(help="pretrain (HAP, no pose branch) or finetune.")] = T.stage,
+    variant: Annotated[Stage, typer.Option(help="pretrain (HAP, no pose branch), finetune or temporal (the fine-tuned model plus its temporal layers).")] = T.stage,
     as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
 ) -> None:
     """Parameter counts of the DisCo model, built without weights (meta device)."""

@@ -166,7 +166,8 @@ class ConditionGaps:
         model.eval()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                    torch.autocast(device.type, dtype=self.precision, enabled=self.precision is not None):
+                    torch.autocast(device.type, dtype=self.precision, enabled=self.precision is not None,
+                                   cache_enabled=False):  # (no cast copy of every weight kept meanwhile)
                 for start in range(0, total, chunk):
                     part = slice(start, min(total, start + chunk))
                     losses = self._chunk({k: v[part] for k, v in pictures.items()},

@@ -58,6 +58,9 @@ def ddim_sample(
                        eta=eta, generator=generator)
 
 
+SAMPLE_CHUNK = 4  # samples of a training grid denoised at once (the default sample_count)
+
+
 def preview_samples(batch: dict, cfg: TrainConfig) -> dict:
     """The samples the trainer's grids show, from the first micro-batch the run saw: the first
     ``sample_count`` of them, or for the temporal stage the first whole clips holding at least
@@ -72,16 +75,26 @@ def write_sample_grid(model: DisCoModel, preview: dict, cfg: TrainConfig, step: 
     """reference | pose | generated | target for the first samples the run saw, with the current
     weights (a temporal run's clips denoised jointly, as generation does)."""
     inputs = model_inputs(preview, device, cfg.background_hole)
+    frames = frames_per_clip(cfg)
+    # A few samples at a time (whole clips), and without autocast's cache of cast weights (kept
+    # for the whole 50-step loop: 2.95 GiB beside a fine-tuning run's): a grid of 16 samples at
+    # 512 px took 13 GiB over the training step's memory, and ran out of it at the first grid.
+    chunk = frames * max(1, SAMPLE_CHUNK // frames)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    parts = []
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=precision, enabled=precision is not None), \
-                clip_frames(model, frames_per_clip(cfg)):
-            generated = ddim_sample(model, inputs["reference"], inputs["background"],
-                                    inputs["pose"] if model.pose_controlnet is not None else None,
-                                    steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                                    generator=torch.Generator().manual_seed(cfg.seed))
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None, cache_enabled=False), \
+                clip_frames(model, frames):
+            for start in range(0, len(inputs["reference"]), chunk):
+                part = slice(start, start + chunk)
+                parts.append(ddim_sample(model, inputs["reference"][part], inputs["background"][part],
+                                         inputs["pose"][part] if model.pose_controlnet is not None else None,
+                                         steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                                         generator=generator))
     finally:
         model.train()
+    generated = torch.cat(parts)
     columns = [reference_picture(inputs["reference"]), inputs["pose"], (generated.float() + 1) / 2,
                (inputs["target"] + 1) / 2]
     return monitor.grid(step, columns)
