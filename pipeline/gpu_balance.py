@@ -19,10 +19,18 @@ import os
 
 class GpuLedger:
     """Remembers which GPU each balanced actor took and its share, per node (a Ray actor; ``claim``
-    is its call)."""
+    is its call).
 
-    def __init__(self):
+    ``whole_cluster``: the run's pools take every GPU of the cluster, and no other work held one
+    when it started; then an actor may move to any GPU of its node. Otherwise Ray gave some GPUs
+    to other work (another job, a job's own reservation), or gives them later (fewer --actors
+    than GPUs), and which ones is not told: an actor moves only among the GPUs Ray gave this run's
+    actors on its node (moving to any, actors took GPUs another job held)."""
+
+    def __init__(self, whole_cluster: bool = True):
         self.claims: dict[str, tuple[str, str, str, float]] = {}  # actor -> (node, gpu, stage, share)
+        self.whole_cluster = whole_cluster
+        self.granted: dict[str, set[str]] = {}  # node -> the GPUs Ray assigned this run's actors there
 
     def claim(self, actor: str, node: str, stage: str, share: float, assigned: list[str], ids: list[str]) -> list[str]:
         """The GPU for ``actor`` among the node's ``ids``: the fewest actors of ``stage``, then the
@@ -30,6 +38,10 @@ class GpuLedger:
         self.claims.pop(actor, None)  # a restarted actor keeps its id and claims again
         if len(assigned) != 1 or assigned[0] not in ids:
             return assigned
+        granted = self.granted.setdefault(node, set())
+        granted.add(assigned[0])
+        if not self.whole_cluster:
+            ids = [gpu for gpu in ids if gpu in granted]
         on_node = [(gpu, other, taken) for n, gpu, other, taken in self.claims.values() if n == node]
 
         def taken(gpu: str) -> float:
@@ -48,13 +60,21 @@ class GpuLedger:
 NAMESPACE = "disco"
 
 
-def start_ledger(run: str):
+def start_ledger(run: str, whole_cluster: bool = True):
     """The run's ledger, a named actor of no CPU: ``(name, handle)``. It lives while the handle
     does (Ray ends a non-detached actor whose handles are all gone), until ``stop_ledger``."""
     import ray
 
     name = f"disco-gpu-ledger-{run}"
-    return name, ray.remote(num_cpus=0)(GpuLedger).options(name=name, namespace=NAMESPACE).remote()
+    return name, ray.remote(num_cpus=0)(GpuLedger).options(name=name, namespace=NAMESPACE).remote(whole_cluster)
+
+
+def takes_whole_cluster(pools, nodes: list[dict], available: dict) -> bool:
+    """Whether the pools take every GPU of the cluster and none was held by other work when the
+    run started (``GpuLedger``'s ``whole_cluster``)."""
+    total = sum(n["GPU"] for n in nodes)
+    asked = sum(p.actors * p.gpus for p in pools)
+    return asked >= total - 1e-6 and available.get("GPU", 0.0) >= total - 1e-6
 
 
 def stop_ledger(handle) -> None:

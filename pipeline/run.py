@@ -26,7 +26,7 @@ from disco.pipeline.store.manifest import RunResult, build_manifest, write_manif
 from disco.pipeline.store.schema import commit_entry, unit_blocks, unit_table
 from disco.pipeline.pools import PoolPlan, cluster_nodes, describe_pools, plan_pools
 from disco.pipeline.actors import AnnotateStage, MattingStage, PoseStage, check_storage, held_resources
-from disco.pipeline.gpu_balance import start_ledger, stop_ledger
+from disco.pipeline.gpu_balance import start_ledger, stop_ledger, takes_whole_cluster
 from disco.pipeline.stages import plan_units
 from disco.pipeline.store.output import OutputStore, run_token
 from disco.pipeline.store.shards import failed_units, retract_units
@@ -159,13 +159,15 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             pending, listing.items = [], []
             import ray
 
-            nodes = cluster_nodes()
+            nodes, available = cluster_nodes(), ray.available_resources()
             pools = plan_pools(cfg, nodes, units)
-            for line in describe_pools(pools, nodes, ray.available_resources()):
+            for line in describe_pools(pools, nodes, available):
                 log(line)
+            whole_cluster = takes_whole_cluster(pools, nodes, available)
             with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
                 with starved_stages_reported(log):
-                    frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions)
+                    frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions,
+                                                    whole_cluster)
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
@@ -594,7 +596,8 @@ def unit_dataset(units: pa.Table):
 
 
 def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[PoolPlan], progress,
-             held: dict[str, list[dict]], versions: dict[str, str] | None = None) -> tuple[int, int]:
+             held: dict[str, list[dict]], versions: dict[str, str] | None = None,
+             whole_cluster: bool = True) -> tuple[int, int]:
     """Stream the units through the pools. The last pool's actors write the shards; what reaches
     the driver is one small commit record per shard, appended to the journal as it arrives.
     Returns the frames committed and the number of units that never were."""
@@ -614,7 +617,7 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
     on_gpu = [pool for pool in pools if pool.gpus > 0]
     if len(pools) > 1 and on_gpu and all(pool.gpus < 1 for pool in on_gpu):
         # Ray packs fractional shares best-fit, blind to the stages: the actors spread themselves.
-        name, ledger = start_ledger(settings["run"])
+        name, ledger = start_ledger(settings["run"], whole_cluster=whole_cluster)
         settings = {**settings, "gpu_ledger": name}
     for pool in pools:
         ds = ds.map_batches(

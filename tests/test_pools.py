@@ -5,6 +5,7 @@ place is, on an autoscaling cluster, a request for another node)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -314,3 +315,33 @@ def test_the_log_says_what_the_pools_ask_and_that_other_work_holds_part_of_it(tm
     # A pool asking for more than the cluster has (an autoscaler's nodes to come) is not "other work".
     more = plan_pools(_cfg(tmp_path, actors=16), nodes, _units(10_000))
     assert len(describe_pools(more, nodes, {"CPU": 100.0, "GPU": 8.0})) == 1
+
+
+def test_the_ledger_moves_actors_only_among_the_runs_gpus_where_other_work_holds_some():
+    """Another job holds GPUs 0-3 of an 8-GPU node and Ray gives this run's half-GPU actors 4-7:
+    moving "to the GPU with the fewest of its stage", the ledger put them on 0-3, the other job's
+    devices (out of memory in both). It moves freely only where the run takes every GPU of a
+    cluster nobody else used when it started."""
+    from disco.pipeline.gpu_balance import GpuLedger, takes_whole_cluster
+
+    ids = [str(g) for g in range(8)]
+    shared = GpuLedger(whole_cluster=False)
+    packed = [("matting", "4"), ("matting", "4"), ("matting", "5"), ("matting", "5"),
+              ("pose", "6"), ("pose", "6"), ("pose", "7"), ("pose", "7")]
+    got = [shared.claim(f"a{k}", "n1", stage, 0.5, [gpu], ids)[0] for k, (stage, gpu) in enumerate(packed)]
+    assert set(got) <= {"4", "5", "6", "7"}
+    alone = GpuLedger()
+    moved = [alone.claim(f"a{k}", "n1", stage, 0.5, [gpu], ids)[0] for k, (stage, gpu) in enumerate(packed)]
+    assert set(moved) & {"0", "1", "2", "3"}  # (what the run does where the cluster is all its own)
+    nodes = [{"CPU": 96.0, "GPU": 8.0}]
+    pools = plan_pools(_cfg_for_ledger(), nodes, _units(10_000))
+    assert takes_whole_cluster(pools, nodes, {"GPU": 8.0})
+    assert not takes_whole_cluster(pools, nodes, {"GPU": 4.0})  # another job holds half
+    fewer = plan_pools(_cfg_for_ledger(actors=2), nodes, _units(10_000))
+    assert not takes_whole_cluster(fewer, nodes, {"GPU": 8.0})  # Ray gives the rest to whoever asks next
+
+
+def _cfg_for_ledger(**options):
+    import tempfile
+
+    return _cfg(Path(tempfile.gettempdir()), **options)
