@@ -89,6 +89,9 @@ def make_annotator(with_pose: bool, hands: bool | None = None, device: str | Non
 # A reference photo straight off a phone's 108 or 200 MP mode (16320 x 12240) is taken: one
 # picture, a JPEG decoded at a reduced scale; preprocessing's default limit (--max-pixels) is
 # Pillow's decompression-bomb bound, 89.5 MP.
+# A picture smaller than this a side (preprocess's --min-side default) holds no person to
+# generate from: an 8 x 8 icon was blown up to the model's size and "matted" without a word.
+PICTURE_MIN_SIDE = 32
 PICTURE_MAX_PIXELS = 2 ** 28
 
 
@@ -97,8 +100,11 @@ def read_picture(path: str | Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise GenerateInputError(f"{what} {path} does not exist")
     try:
-        return load_image(path, max_side=4096, max_pixels=PICTURE_MAX_PIXELS)
+        return load_image(path, max_side=4096, min_side=PICTURE_MIN_SIDE, max_pixels=PICTURE_MAX_PIXELS)
     except InputError as exc:
+        if exc.error_type == "image_too_small":
+            raise GenerateInputError(f"{what} {path} is smaller than {PICTURE_MIN_SIDE} pixels a side: too small to "
+                                     "hold a person to generate from") from None
         if exc.error_type == "image_too_large":
             raise GenerateInputError(f"{what} {path} has more than {PICTURE_MAX_PIXELS} pixels: shrink it first") from None
         raise GenerateInputError(f"{what} {path}: {exc.message}") from None

@@ -695,6 +695,10 @@ def test_unreadable_inputs_are_refused_before_the_model_loads(inputs, tmp_path, 
         config = GenerateConfig(checkpoint=inputs / "ckpt", reference=reference, pose=pose, output=tmp_path / "o.mp4")
         with pytest.raises(GenerateInputError, match=refused):
             run_module.generate(config, log=lambda *_: None)
+    # An icon-sized picture holds no person: it was blown up to the model's size and matted.
+    Image.new("RGB", (8, 8)).save(tmp_path / "icon.png")
+    with pytest.raises(GenerateInputError, match="smaller than 32 pixels a side"):
+        read_picture(tmp_path / "icon.png", "reference picture")
     # 200 MP (16320 x 12240): over twice Pillow's own bound, which Pillow refuses in Image.open.
     Image.new("L", (16320, 12240), 120).save(tmp_path / "200mp.jpg", quality=50)
     assert read_picture(tmp_path / "200mp.jpg", "reference picture").shape == (3072, 4096, 3)

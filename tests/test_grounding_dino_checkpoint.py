@@ -301,9 +301,26 @@ def test_vocab_encodes_the_prompt():
 def test_convert_weights_command_writes_a_loadable_folder(checkpoint, tmp_path):
     from disco.pipeline.annotators.grounded_sam import PersonDetector, grounding_dino_files
 
+    import disco.pipeline.annotators.grounding_dino_checkpoint as conversion
+
     root = _weights_with(checkpoint, tmp_path / "weights")
     (pth,) = grounding_dino_files(root)  # only the original checkpoint is needed here
     assert pth.name == f"grounding-dino/{CHECKPOINT_NAME}" and pth.present
+
+    # A conversion cut short (here: the processor's files) leaves the folder as it was: it left
+    # config.json beside missing files, and the next run refused it without --overwrite.
+    real_processor = conversion.build_processor
+
+    def cut_short():
+        raise MemoryError("cut short")
+
+    conversion.build_processor = cut_short
+    try:
+        cut = CliRunner().invoke(app, ["convert-weights", "--weights", str(root)])
+    finally:
+        conversion.build_processor = real_processor
+    assert isinstance(cut.exception, MemoryError)
+    assert sorted(p.name for p in (root / "grounding-dino").iterdir()) == [CHECKPOINT_NAME]
 
     result = CliRunner().invoke(app, ["convert-weights", "--weights", str(root)])
     assert result.exit_code == 0, result.output

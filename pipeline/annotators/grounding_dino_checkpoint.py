@@ -399,13 +399,25 @@ def write_transformers_folder(pth: str | Path, folder: str | Path) -> list[Path]
     """Convert the original checkpoint ``pth`` into the transformers layout in ``folder``: config.json
     (the default SwinT-OGC config), model.safetensors, the processor config and the tokenizer files
     (vocab.txt among them). Returns the files written."""
+    import os
+    import shutil
+
     folder = Path(folder)
     model = model_from_checkpoint(pth)
     folder.mkdir(parents=True, exist_ok=True)
-    before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
-    (folder / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n")
-    with _no_progress_bars():
-        model.save_pretrained(folder)
-    build_processor().save_pretrained(folder)
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and (p not in before or p.stat().st_mtime_ns != before[p]) and p.name != Path(pth).name)
+    # Written aside, then moved in with config.json last: a conversion cut short left a
+    # config.json beside missing files, a layout the next run refused to touch without --overwrite.
+    staging = folder / f".convert-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        (staging / "vocab.txt").write_text("\n".join(bert_vocab()) + "\n")
+        with _no_progress_bars():
+            model.save_pretrained(staging)
+        build_processor().save_pretrained(staging)
+        names = sorted((p.name for p in staging.iterdir() if p.is_file()), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sorted(folder / name for name in names)
