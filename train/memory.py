@@ -45,6 +45,9 @@ GIB = 1024 ** 3
 # Not seen by PyTorch's allocator: the CUDA context (about 0.5 GiB on an H100 with lazy module
 # loading) and the cuBLAS / cuDNN workspaces.
 CUDA_CONTEXT_GIB = 1.0
+# NCCL's communicator buffers with several workers, also outside the allocator: 0.5-0.7 GiB a
+# communicator reported (NVIDIA/nccl issue 964), more with NVLS on NVSwitch nodes.
+NCCL_BUFFERS_GIB = 0.5
 # The caching allocator reserves more than is allocated (block rounding, split blocks), much more
 # when gradient checkpointing frees and re-allocates every block's activations in the backward.
 # Measured with benchmarks/gpu_suite.py, full size, bf16, batch 32, 2026-11-26: with checkpointing
@@ -125,10 +128,18 @@ def fragmentation(cfg: TrainConfig) -> float:
     return FRAGMENTATION_CHECKPOINTING if cfg.gradient_checkpointing else FRAGMENTATION
 
 
-def _allowance(allocated: int, device: str, share: float) -> int:
+def context_gib(cfg: TrainConfig) -> float:
+    """What a training process holds on its GPU outside PyTorch's allocator: the CUDA context, and
+    with several workers NCCL's communicator buffers (half a GiB to over one, by NCCL version and
+    topology; not with workers sharing a GPU, which talk over gloo)."""
+    nccl = cfg.num_workers > 1 and workers_per_gpu(cfg) == 1
+    return CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if nccl else 0.0)
+
+
+def _allowance(allocated: int, device: str, share: float, context: float = CUDA_CONTEXT_GIB) -> int:
     if device != "cuda":
         return 0
-    return int(CUDA_CONTEXT_GIB * GIB + share * allocated)
+    return int(context * GIB + share * allocated)
 
 
 def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: str = "cuda",
@@ -190,10 +201,11 @@ def memory_plan(cfg: TrainConfig, gpu_memory_gib: float | None = None, device: s
         ("backward / update transients", transients, "step peak - gradients - activations"),
     ]
     total = allocated(step)
-    allowance = _allowance(total, device, fragmentation(cfg))
+    allowance = _allowance(total, device, fragmentation(cfg), context_gib(cfg))
     if allowance:
+        nccl = f" + {NCCL_BUFFERS_GIB:g} GiB NCCL" if context_gib(cfg) > CUDA_CONTEXT_GIB else ""
         plan.lines.append(("CUDA context + allocator", allowance,
-                           f"{CUDA_CONTEXT_GIB:g} GiB + {fragmentation(cfg):.0%} fragmentation"))
+                           f"{CUDA_CONTEXT_GIB:g} GiB{nccl} + {fragmentation(cfg):.0%} fragmentation"))
     plan.total = total + allowance
     plan.fits = plan.total <= plan.gpu_memory
     if search:
@@ -211,7 +223,7 @@ def _largest_batch(model, cfg, device, budget: int, fixed: int, update: int, ste
     batch). So the line is drawn through two measurements near the answer: a first guess from the
     activations per sample, and three quarters of it; if the answer lands far from them, once
     more through the answer and its nearer neighbour."""
-    context, factor = (CUDA_CONTEXT_GIB * GIB, 1 + fragmentation(cfg)) if device == "cuda" else (0, 1.0)
+    context, factor = (context_gib(cfg) * GIB, 1 + fragmentation(cfg)) if device == "cuda" else (0, 1.0)
     room = int((budget - context) / factor) - fixed  # what the step's peak may reach
     if room < update:
         return 0, 0
