@@ -193,7 +193,7 @@ class TrainConfig:
         """The checks on what the model and a batch are (also all a memory plan needs)."""
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage {self.stage!r}; choose pretrain, finetune or temporal")
-        if self.stage == "temporal" and self.clip_frames < 1:
+        if self.clip_frames < 1:
             raise ConfigError("--clip-frames must be at least 1")
         if self.window_group_frames is not None and self.window_group_frames < 1:
             raise ConfigError(f"window_group_frames must be at least 1 (or null: a group per run of frames), "
