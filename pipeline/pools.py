@@ -84,6 +84,9 @@ def describe_pools(pools: list[PoolPlan], nodes: list[dict], available: dict) ->
         lines.append(f"other work holds part of the cluster now ({'; '.join(short)}): some actors wait until it "
                      "frees, and a stage none of whose actors can start holds the run still; pass --actors N to "
                      "ask for fewer")
+    if any(asked[k] > total[k] + 1e-6 for k in ("CPU", "GPU")):
+        lines.append("the pools ask for more than the nodes alive now hold: their actors wait for nodes an autoscaler "
+                     "adds (the pools keep the size planned now: on a cluster that grows, --actors N sets it)")
     return lines
 
 

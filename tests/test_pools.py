@@ -314,7 +314,12 @@ def test_the_log_says_what_the_pools_ask_and_that_other_work_holds_part_of_it(tm
     assert len(shared) == 2 and "other work holds part of the cluster now (8 GPU asked, 4 free)" in shared[1]
     # A pool asking for more than the cluster has (an autoscaler's nodes to come) is not "other work".
     more = plan_pools(_cfg(tmp_path, actors=16), nodes, _units(10_000))
-    assert len(describe_pools(more, nodes, {"CPU": 100.0, "GPU": 8.0})) == 1
+    waiting = describe_pools(more, nodes, {"CPU": 100.0, "GPU": 8.0})
+    assert len(waiting) == 2 and "wait for nodes an autoscaler adds" in waiting[1]
+    # A head of no CPU, its workers scaled to zero: one actor planned, waiting for a node.
+    head = [{"CPU": 0.0, "GPU": 0.0}]
+    alone = describe_pools(plan_pools(_cfg(tmp_path, "mediapipe", "mediapipe", "cpu"), head, _units(100)), head, {})
+    assert "planned from the 1 node(s) alive now (0 CPU, 0 GPU)" in alone[0] and "--actors N sets it" in alone[-1]
 
 
 def test_the_ledger_moves_actors_only_among_the_runs_gpus_where_other_work_holds_some():
