@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from disco.commands.terminal import RAY_ADDRESS_HELP, ProgressLines, choices, console, defaults, plain, usage_error
+from disco.commands.terminal import (RAY_ADDRESS_HELP, ProgressLines, choices, clear_progress, console, defaults, plain,
+                                     usage_error)
 from disco.commands.report import print_summary
 from disco.pipeline.annotators import registry
 from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM2_MODELS, SAM_MODELS, PreprocessConfig
@@ -83,11 +84,14 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
             result = preprocess(config, progress=ProgressBar(bar),
                                 log=lambda message: bar.console.print(message, highlight=False))
         except ConfigError as exc:
+            clear_progress(bar)
             usage_error(str(exc))
         except ConnectionError as exc:
+            clear_progress(bar)
             usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
     print_summary(result.manifest, f"{title} summary")
-    console.print(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/)")
+    rejects = ", rejects/" if getattr(config, "keep_rejects", False) else ""
+    console.print(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/{rejects})")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
     return result.manifest

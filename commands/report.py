@@ -20,8 +20,8 @@ Sam2Model = choices("SAM 2 model", SAM2_MODELS)
 def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
     counts, run = manifest["counts"], manifest["run"]
     table = Table(title=title, show_header=False)
-    table.add_row("inputs", f"{counts['inputs']} ({counts['inputs_done']} done, {counts['inputs_failed']} failed, "
-                  f"{counts['inputs_pending']} pending)")
+    table.add_row("inputs", f"{counts['inputs']} ({counts['inputs_done']} done, {counts['inputs_failed']} of them "
+                  f"failed; {counts['inputs_pending']} pending)")
     table.add_row("frames", str(counts["frames"]))
     table.add_row("rows written", str(counts["rows_written"]))
     skipped = ", ".join(f"{k}: {v}" for k, v in counts["rows_skipped"].items()) or "none"

@@ -47,6 +47,14 @@ def print_error(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def clear_progress(bar) -> None:
+    """A rich ``Progress`` stopped with its bars removed: an error's line alone, not an empty bar
+    under it."""
+    for task in list(bar.task_ids):
+        bar.remove_task(task)
+    bar.stop()
+
+
 def usage_error(message: str) -> None:
     print_error(message)
     raise typer.Exit(2)

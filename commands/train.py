@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from disco.commands.terminal import (RAY_ADDRESS_HELP, ProgressLines, choices, console, defaults, plain, print_error,
+from disco.commands.terminal import (RAY_ADDRESS_HELP, ProgressLines, choices, clear_progress, console, defaults, plain,
+                                     print_error,
                                      usage_error)
 from disco.model.configs import CONFIGS
 from disco.train.config import DEFAULT_BATCH, DEFAULT_LR, PRECISIONS, REF_MODES, STAGES, TrainConfig
@@ -44,20 +45,16 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
             bar.console.print(message, highlight=False)
             bar.update(task, total=cfg.max_steps if not cfg.resume else None)
 
-        def failed() -> None:  # the error alone, not an empty bar under it
-            bar.remove_task(task)
-            bar.stop()
-
         try:
             summary = launch_training(cfg, given=given, on_metrics=on_metrics, log=log)
         except (ConfigError, DataError) as exc:
-            failed()
+            clear_progress(bar)
             usage_error(str(exc))
         except ConnectionError as exc:
-            failed()
+            clear_progress(bar)
             usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
         except TrainingFailed as exc:
-            failed()
+            clear_progress(bar)
             print_error(str(exc))
             raise typer.Exit(1) from None
         bar.update(task, completed=summary["step"], total=summary["step"])

@@ -59,10 +59,18 @@ class NetworkConfig:
             "fvd": (self.fvd_net, N.VIDEO_NETS[self.fvd_arch or FVD_NET].filename, "--fvd-net"),
         }
         also = {"fid": (N.PYTORCH_FID_INCEPTION_FILE,)}  # the same weights under pytorch-fid's name
-        found = {}
+        found, missing = {}, {}
         for metric in (m for m in metrics if m in wanted):
             explicit, filename, flag = wanted[metric]
-            found[metric] = N.weight_file(explicit, self.weights, filename, flag, also=also.get(metric, ()))
+            try:
+                found[metric] = N.weight_file(explicit, self.weights, filename, flag, also=also.get(metric, ()))
+            except N.WeightsError as exc:
+                missing[metric] = str(exc)
+        if missing:  # every metric that lacks its file, at once, and what runs without any
+            others = [m for m in metrics if m not in missing]
+            raise N.WeightsError("; ".join(f"{m.upper()}: {why}" for m, why in missing.items())
+                                 + (f" (or leave {'it' if len(missing) == 1 else 'them'} out: --metrics "
+                                    f"{','.join(others)})" if others else ""))
         return found
 
     def build(self, metrics: list[str]) -> dict:

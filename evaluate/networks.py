@@ -73,8 +73,7 @@ def weight_file(explicit: str | Path | None, weights_folder: str | Path | None, 
         names = " or ".join((filename, *also))
         folder = weights_dir(weights_folder)
         if folder is None:
-            raise WeightsError(f"no weights for this metric: pass {flag} FILE, or --weights DIR (or ${WEIGHTS_ENV}) "
-                               f"holding {names}")
+            raise WeightsError(f"no weights: pass {flag} FILE, or --weights DIR (or ${WEIGHTS_ENV}) holding {names}")
         # the official evaluation's layout has its files in eval_fvd/
         found = [Path(folder) / sub / name for name in (filename, *also) for sub in ("", "eval_fvd")]
         path = next((p for p in found if p.is_file()), Path(folder) / filename)

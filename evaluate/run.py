@@ -542,7 +542,10 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
     table = dataset.to_table(columns=["clip_id"], filter=pc.field("split") == config.split)
     clip_ids = sorted(set(table.column("clip_id").to_pylist()))
     if not clip_ids:
-        raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r}")
+        splits = sorted(set(dataset.to_table(columns=["split"]).column("split").to_pylist()))
+        raise EvaluateInputError(f"{config.data} has no rows in split {config.split!r} (it holds {', '.join(splits)}): "
+                                 "preprocess held-out clips into their own folder with --split test (or a data set "
+                                 "manifest's --split-rule), or pass --split " + (splits[0] if splits else "train"))
     drawing = trained_drawing(config.run)  # its training poses' drawing, face points included
     check_pose_folder(config.data, drawing.style, drawing.hands, drawing.face)  # poses it cannot draw: refused now
     for line in split_conflicts(trained_data(config.run), [config.data]):

@@ -311,7 +311,8 @@ def test_the_log_says_what_the_pools_ask_and_that_other_work_holds_part_of_it(tm
     assert idle == ["pools: matting 8 actor(s) x 1 CPU + 0.5 GPU, pose 8 actor(s) x 1 CPU + 0.5 GPU; planned from "
                     "the 2 node(s) alive now (100 CPU, 8 GPU)"]
     shared = describe_pools(pools, nodes, {"CPU": 100.0, "GPU": 4.0})
-    assert len(shared) == 2 and "other work holds part of the cluster now (8 GPU asked, 4 free)" in shared[1]
+    assert len(shared) == 2 and "other work holds GPUs of the cluster now (8 asked, 4 free)" in shared[1]
+    assert len(describe_pools(pools, nodes, {"CPU": 1.0, "GPU": 8.0})) == 1  # (CPUs: this run's tasks a moment ago)
     # A pool asking for more than the cluster has (an autoscaler's nodes to come) is not "other work".
     more = plan_pools(_cfg(tmp_path, actors=16), nodes, _units(10_000))
     waiting = describe_pools(more, nodes, {"CPU": 100.0, "GPU": 8.0})

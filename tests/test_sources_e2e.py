@@ -166,6 +166,7 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
     assert again.exit_code == 0 and open_triplets(out).count_rows() == 1
     refused = CliRunner().invoke(app, ["filter-humans", "--input", str(copy), "--output", str(out)])
     assert refused.exit_code == 2 and "different options" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1, refused.output  # no empty progress bar under it
     # A filtered folder filtered again (and again): the pose backend is still the source's (none:
     # no keypoints to draw from); --max-side, --fps and --face come along for generate's drawing.
     twice = tmp_path / "twice"

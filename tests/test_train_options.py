@@ -175,3 +175,14 @@ def test_a_training_grid_samples_a_few_at_a_time_without_autocasts_weight_cache(
     assert [c[0] for c in calls] == [4, 4, 2] and not any(c[1] for c in calls)
     assert len({id(c[2]) for c in calls}) == 1  # one noise stream: 4 samples draw what they drew before
     assert [len(column) for column in grids[0]] == [n] * 4
+
+
+def test_a_run_that_stops_before_its_schedule_ends_says_at_what_rate():
+    """A resume with a lower --max-steps (or a --schedule-steps past it) stopped with the rate far
+    from 0 and nothing said; raising --max-steps past the schedule is refused."""
+    from disco.train.config import schedule_note
+
+    cfg = TrainConfig(model="tiny", max_steps=80, schedule_steps=200, warmup_steps=20)
+    assert schedule_note(cfg) == ("note: the learning-rate schedule runs to step 200: stopping at --max-steps 80 leaves "
+                                  "the rate at 67% of its peak (--schedule-steps 80 decays it to 0 by then)")
+    assert schedule_note(TrainConfig(model="tiny", max_steps=200, schedule_steps=200)) is None

@@ -415,6 +415,18 @@ def check_prediction_type(scheduler_file: Path) -> None:
                           "as sd-image-variations and DisCo do; use an epsilon-prediction base")
 
 
+def schedule_note(cfg: TrainConfig) -> str | None:
+    """Where the run stops before its learning-rate schedule ends (a lower --max-steps on a
+    resume, or a --schedule-steps beyond it): what rate it ends at, said as raising --max-steps
+    past the schedule is refused."""
+    if cfg.max_steps >= cfg.schedule_length:
+        return None
+    left = lr_factor(cfg.max_steps, cfg.warmup, cfg.schedule_length, cfg.decay_from)
+    return (f"note: the learning-rate schedule runs to step {cfg.schedule_length}: stopping at --max-steps "
+            f"{cfg.max_steps} leaves the rate at {left:.0%} of its peak (--schedule-steps {cfg.max_steps} decays it "
+            "to 0 by then)")
+
+
 def lr_factor(step: int, warmup: int, total: int, decay_from: list[float] | None = None) -> float:
     """The learning rate at ``step`` as a fraction of the peak: linear warm-up over ``warmup``
     steps, then linear decay to 0 at ``total`` (from ``decay_from = [step, factor]`` on, when a

@@ -23,7 +23,7 @@ from disco.model.checkpoint import INIT_MODEL_DIRS, STATE_FILE, clean_temporary,
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
 from disco.train.config import (RUN_CONFIG_FILE, STOP_FILE, STOP_REQUESTED, SUMMARY_FILE, TrainConfig, init_run, load_run_config,
-                                lr_factor)
+                                lr_factor, schedule_note)
 from disco.train.condition_gaps import evaluates, held_out_rows
 from disco.train.data import build_index
 from disco.train.monitor import read_metrics
@@ -326,6 +326,8 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
     for line in split_conflicts([*cfg.data, *(trained_data(cfg.init_from) if cfg.init_from else [])]):
         log(f"warning: {line} (this run and the runs it starts from): a clip one rule holds out for testing, "
             "another trains on")
+    if schedule_note(cfg):
+        log(schedule_note(cfg))
     items, what = len(index), "samples"
     if cfg.stage == "temporal":
         from disco.train.data.clips import window_index
