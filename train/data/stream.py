@@ -302,11 +302,12 @@ class SampleStream:
                 # Two stages that Ray Data does not fuse (their CPU requests differ): fused, each task
                 # would read and decode a whole window, and as blocks stay in order the next window's
                 # task could not decode ahead of it.
-                .map_batches(read_samples, batch_size=None, batch_format="pyarrow", num_cpus=0, concurrency=1,
+                .map_batches(read_samples, batch_size=None, batch_format="pyarrow", num_cpus=0,
+                             compute=ray.data.TaskPoolStrategy(size=1),
                              fn_kwargs=dict(stage=self.stage, block=self.samples_per_block,
                                             store=self._reference_store(), pose_render=self.pose_render), **here)
                 .map_batches(decode_samples, batch_size=None, batch_format="pyarrow", num_cpus=self.data_cpus,
-                             concurrency=self.data_tasks,
+                             compute=ray.data.TaskPoolStrategy(size=self.data_tasks),
                              fn_kwargs=dict(stage=self.stage, resolution=self.resolution, augment=self.augment,
                                             seed=self.seed, pose_render=self.pose_render,
                                             clip_frames=self.clip_frames), **here)
