@@ -21,11 +21,11 @@ class GpuLedger:
     """Remembers which GPU each balanced actor took and its share, per node (a Ray actor; ``claim``
     is its call).
 
-    ``whole_cluster``: the run's pools take every GPU of the cluster, and no other work held one
-    when it started; then an actor may move to any GPU of its node. Otherwise Ray gave some GPUs
-    to other work (another job, a job's own reservation), or gives them later (fewer --actors
-    than GPUs), and which ones is not told: an actor moves only among the GPUs Ray gave this run's
-    actors on its node (moving to any, actors took GPUs another job held)."""
+    ``whole_cluster``: no other work held a GPU of the cluster when the run started; then an actor
+    may move to any GPU of its node. Otherwise Ray gave some GPUs to other work (another job, a
+    job's own reservation), and which ones is not told: an actor moves only among the GPUs Ray
+    gave this run's actors on its node (moving to any, actors took GPUs another job held), which
+    mostly keeps Ray's own placement: safe, not balanced."""
 
     def __init__(self, whole_cluster: bool = True):
         self.claims: dict[str, tuple[str, str, str, float]] = {}  # actor -> (node, gpu, stage, share)
@@ -69,12 +69,11 @@ def start_ledger(run: str, whole_cluster: bool = True):
     return name, ray.remote(num_cpus=0)(GpuLedger).options(name=name, namespace=NAMESPACE).remote(whole_cluster)
 
 
-def takes_whole_cluster(pools, nodes: list[dict], available: dict) -> bool:
-    """Whether the pools take every GPU of the cluster and none was held by other work when the
-    run started (``GpuLedger``'s ``whole_cluster``)."""
+def takes_whole_cluster(nodes: list[dict], available: dict) -> bool:
+    """Whether no other work held a GPU of the cluster when the run started (``GpuLedger``'s
+    ``whole_cluster``): then its actors balance over every GPU of their node."""
     total = sum(n["GPU"] for n in nodes)
-    asked = sum(p.actors * p.gpus for p in pools)
-    return asked >= total - 1e-6 and available.get("GPU", 0.0) >= total - 1e-6
+    return available.get("GPU", 0.0) >= total - 1e-6
 
 
 def stop_ledger(handle) -> None:

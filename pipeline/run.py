@@ -163,7 +163,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             pools = plan_pools(cfg, nodes, units)
             for line in describe_pools(pools, nodes, available):
                 log(line)
-            whole_cluster = takes_whole_cluster(pools, nodes, available)
+            whole_cluster = takes_whole_cluster(nodes, available)
             with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
                 with starved_stages_reported(log):
                     frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions,

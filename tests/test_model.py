@@ -413,6 +413,11 @@ def test_a_run_knows_its_base_weights_by_content_not_by_path(tiny, tmp_path):
     with pytest.raises(ConfigError, match="was trained on another base model"):
         resolve(TrainConfig(stage="finetune", pretrained=str(folder), init_from=str(run), data=[str(data)],
                             output=str(tmp_path / "ft2")))
+    # A new run started from a copy of the HAP run's config.yaml (a template, as the README
+    # suggests) on other weights records its own folder's digest, not the one the YAML carried.
+    fresh = TrainConfig.from_yaml(run / "config.yaml").updated(
+        {"pretrained": str(folder), "output": str(tmp_path / "again"), "init_from": None, "data": [str(data)]})
+    assert fresh.pretrained_digest == digest and resolve(fresh)[0].pretrained_digest == base_weights_digest(folder) != digest
     # Put back as it was: loads again (the digest is of the weights, not of when they were written).
     shutil.rmtree(folder / "unet")
     shutil.copytree(elsewhere / "unet", folder / "unet")

@@ -498,6 +498,8 @@ def test_a_cpu_count_of_0_is_a_value_where_ray_takes_it(clips, tmp_path):
     eight = TrainConfig(**{**base, "num_workers": 8}, use_gpu=True)
     assert _resources(eight, distributed=True, nodes=gpu_nodes) == (0.25, 1.0)
     assert _resources(eight, distributed=True, nodes=[{"CPU": 128.0, "GPU": 8.0}]) == (1.0, 1.0)
+    # A GPU node of no CPU: a bundle of the GPU alone (0 is allowed beside a GPU), not 0.01 CPU it lacks.
+    assert _resources(eight, distributed=True, nodes=[{"CPU": 0.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 0.0}])[0] == 0.0
     with pytest.raises(ConfigError, match="cpus_per_worker must be above 0"):
         TrainConfig(**base, cpus_per_worker=0).validate()
     with pytest.raises(ConfigError, match="data_cpus must be 0 or more"):

@@ -60,6 +60,12 @@ def test_max_grad_norm_at_or_below_zero_is_no_clipping_as_the_official_flag():
     clipping; given to ``clip_grad_norm_`` a negative norm turned every gradient around, and the
     run climbed its loss."""
     assert TrainConfig(model="tiny", max_grad_norm=-1.0).validate_model().max_grad_norm is None
+    # The same command again with --resume matches the saved run (None), as it did when -1 was kept.
+    from disco.train.launch import resume_changes
+
+    saved = TrainConfig(model="tiny").updated({"max_grad_norm": -1})
+    assert saved.max_grad_norm is None
+    assert resume_changes(TrainConfig(model="tiny").updated({"max_grad_norm": -1.0}), saved, {"max_grad_norm"}) == {}
     assert TrainConfig(model="tiny", max_grad_norm=0.0).validate_model().max_grad_norm is None
     assert TrainConfig(model="tiny", max_grad_norm=1.0).validate_model().max_grad_norm == 1.0
     weight = torch.nn.Parameter(torch.zeros(3))

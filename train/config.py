@@ -169,6 +169,11 @@ class TrainConfig:
             clean["data"] = [clean["data"]]
         hints = _field_types()
         clean = {name: _typed(name, value, hints[name], origin) for name, value in clean.items()}
+        if clean.get("max_grad_norm") is not None and clean["max_grad_norm"] <= 0:
+            # The official flag's "no clipping" (--max_grad_norm -1, its default), as None: a
+            # negative norm given to clip_grad_norm_ turned every gradient around (gradient
+            # ascent), and the same command given again with --resume must match the saved run.
+            clean["max_grad_norm"] = None
         return dataclasses.replace(self, **clean)
 
     # -- derived values -------------------------------------------------------------------------
@@ -222,9 +227,7 @@ class TrainConfig:
                                   f"--batch-size {self.batch_size} x --num-workers {self.num_workers}; change one "
                                   "of them, or give --grad-accum")
             self.grad_accum = self.global_batch // per_step
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            # The official flag's "no clipping" (--max_grad_norm -1, its default); a negative norm
-            # given to clip_grad_norm_ turned every gradient around (gradient ascent).
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:  # (see ``updated``)
             self.max_grad_norm = None
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError("--ema-decay must be between 0 and 1")

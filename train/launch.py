@@ -136,8 +136,10 @@ def resolve(cfg: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfi
 
         if cfg.resume:  # the folder must still hold the weights the run started from
             check_base_weights(cfg.pretrained, cfg.pretrained_digest, run, where="--resume: ")
-        # Recorded when the run starts (and by a run of an older version at its next resume).
-        cfg = cfg.updated({"pretrained_digest": cfg.pretrained_digest or base_weights_digest(cfg.pretrained)})
+        # Recorded when the run starts, from the folder (never a value its --config YAML carried
+        # over from another run's config.yaml), and by a run of an older version at its next resume.
+        recorded = cfg.pretrained_digest if cfg.resume else None
+        cfg = cfg.updated({"pretrained_digest": recorded or base_weights_digest(cfg.pretrained)})
     if cfg.stage in ("finetune", "temporal") or cfg.pose_style is not None or cfg.hands is not None:
         # The run's pose drawing, recorded in its config.yaml (generate and evaluate use it).
         from disco.train.data.pose import resolve_pose_setting
@@ -260,7 +262,11 @@ def _resources(cfg: TrainConfig, distributed: bool, nodes: list[dict] | None = N
     elif not distributed:
         worker = 0.0
     else:
-        worker = max(0.01, math.floor(worker * 100) / 100) if worker > 0 else 0.01
+        # Rounded down to what fits; 0 only beside a GPU (a GPU node of no CPU: a bundle of its GPU
+        # alone), else the least Ray accounts.
+        worker = math.floor(max(0.0, worker) * 100) / 100
+        if worker <= 0 and not cfg.use_gpu:
+            worker = 0.01
     data = cfg.data_cpus if cfg.data_cpus is not None else (0.25 if total < 8 else 1.0)
     return worker, data
 
