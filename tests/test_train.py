@@ -989,3 +989,14 @@ def test_workers_that_share_a_gpu_train_over_gloo(triplets, tmp_path):
     assert process_group_backend(TrainConfig(**base)) == "gloo"
     assert process_group_backend(TrainConfig(**base, use_gpu=True)) == "nccl"
     assert process_group_backend(TrainConfig(**base, use_gpu=True, gpus_per_worker=0.5)) == "gloo"
+
+
+def test_a_run_whose_loss_turns_nan_stops_before_writing_those_weights(triplets, tmp_path):
+    """A diverging run (an lr far too high) went on with NaN weights: every checkpoint after it
+    held them, and --keep pruned the good ones away. It now stops at the first log or checkpoint
+    whose loss is not a number, and no checkpoint holds a NaN."""
+    cfg = _config(tmp_path, triplets, "diverges", lr=1e8, max_steps=12, checkpoint_every=1, keep=2, log_every=1)
+    with pytest.raises(ConfigError, match="the training loss became nan by step .*: the run diverged"):
+        train(cfg)
+    written = list_checkpoints(cfg.output)
+    assert written and all(torch.isfinite(t).all() for step in written for t in _weights(Path(cfg.output), step).values())

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -180,6 +181,16 @@ def _preemption_notice() -> bool:
 
     ask = getattr(ray.train, "get_preemption_info", None)
     return ask is not None and ask() is not None
+
+
+def diverged(step: int, loss: float, saved_step: int | None) -> ConfigError:
+    """The run's loss is no longer a number (without fp16's loss scaler, which skips such updates,
+    the weights are then NaN too): it stops before a checkpoint of those weights is written. Left
+    to go on, every checkpoint after it held NaN weights, and --keep pruned the good ones away."""
+    kept = f"the last checkpoint, of step {saved_step}, is kept" if saved_step else "no checkpoint was written"
+    return ConfigError(f"{STOPS_THE_RUN} the training loss became {loss} by step {step}: the run diverged, and stops "
+                       f"before writing these weights ({kept}); train again with a lower --lr, or clip the "
+                       "gradients with --max-grad-norm (e.g. 1.0)")
 
 
 def check_run_directory(run: Path, holder: str | None, rank: int) -> None:
@@ -394,6 +405,9 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
         gathered = collectives.gather((stream.position, stream.skipped, float(loss_sum), theirs))
         if gathered[0][3] is not None:
             raise taken(gathered[0][3], step)
+        window = [g[2] for g in gathered]
+        if cfg.mixed_precision != "fp16" and not all(math.isfinite(x) for x in window):
+            raise diverged(step, next(x for x in window if not math.isfinite(x)), saved_step)
         if rank == 0:
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -452,6 +466,8 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(collectives.mean(loss_sum / window_steps))
+                if cfg.mixed_precision != "fp16" and not math.isfinite(last_loss):
+                    raise diverged(step, last_loss, saved_step)
                 # Under DDP every step waits for the slowest worker: the wait logged is the
                 # largest of the workers', not rank 0's alone.
                 counts = collectives.gather((stream.skipped, waited))
