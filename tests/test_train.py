@@ -1000,3 +1000,25 @@ def test_a_run_whose_loss_turns_nan_stops_before_writing_those_weights(triplets,
         train(cfg)
     written = list_checkpoints(cfg.output)
     assert written and all(torch.isfinite(t).all() for step in written for t in _weights(Path(cfg.output), step).values())
+
+
+def test_nan_weights_from_an_update_are_never_checkpointed(triplets, tmp_path, monkeypatch):
+    """A step's loss is taken before its update: NaN gradients went into the weights, and the
+    checkpoint of that very step held them with its loss still a number."""
+    import disco.train.loop as loop
+
+    real, updates = loop.apply_update, []
+
+    def update_that_breaks_at_the_second(params, *args, **kwargs):
+        applied = real(params, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 2:
+            with torch.no_grad():
+                params[0].fill_(float("nan"))
+        return applied
+
+    monkeypatch.setattr(loop, "apply_update", update_that_breaks_at_the_second)
+    cfg = _config(tmp_path, triplets, "nan-weights", max_steps=4, checkpoint_every=1, keep=5, log_every=1)
+    with pytest.raises(ConfigError, match="the trained weights hold NaN or inf values by step 2: the run diverged"):
+        train(cfg)
+    assert sorted(list_checkpoints(cfg.output)) == [1]

@@ -183,14 +183,22 @@ def _preemption_notice() -> bool:
     return ask is not None and ask() is not None
 
 
-def diverged(step: int, loss: float, saved_step: int | None) -> ConfigError:
-    """The run's loss is no longer a number (without fp16's loss scaler, which skips such updates,
-    the weights are then NaN too): it stops before a checkpoint of those weights is written. Left
-    to go on, every checkpoint after it held NaN weights, and --keep pruned the good ones away."""
+def diverged(step: int, what: str, saved_step: int | None) -> ConfigError:
+    """The run's loss or weights are no longer numbers (without fp16's loss scaler, which skips
+    such updates, NaN gradients go into the weights): it stops before a checkpoint of those weights
+    is written. Left to go on, every checkpoint after it held NaN weights, and --keep pruned the
+    good ones away."""
     kept = f"the last checkpoint, of step {saved_step}, is kept" if saved_step else "no checkpoint was written"
-    return ConfigError(f"{STOPS_THE_RUN} the training loss became {loss} by step {step}: the run diverged, and stops "
-                       f"before writing these weights ({kept}); train again with a lower --lr, or clip the "
-                       "gradients with --max-grad-norm (e.g. 1.0)")
+    return ConfigError(f"{STOPS_THE_RUN} {what} by step {step}: the run diverged, and stops before writing these "
+                       f"weights ({kept}); train again with a lower --lr, or clip the gradients with "
+                       "--max-grad-norm (e.g. 1.0)")
+
+
+def weights_finite(params) -> bool:
+    """Whether every trained weight is a number: one norm over them all (a checkpoint's worth of
+    reading on the device, once a checkpoint)."""
+    with torch.no_grad():
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params])))
 
 
 def check_run_directory(run: Path, holder: str | None, rank: int) -> None:
@@ -407,7 +415,12 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
             raise taken(gathered[0][3], step)
         window = [g[2] for g in gathered]
         if cfg.mixed_precision != "fp16" and not all(math.isfinite(x) for x in window):
-            raise diverged(step, next(x for x in window if not math.isfinite(x)), saved_step)
+            raise diverged(step, f"the training loss became {next(x for x in window if not math.isfinite(x))}",
+                           saved_step)
+        # (The loss of a step is taken before its update: NaN gradients show in the weights first.
+        # Every rank holds the same weights, so every rank decides alike.)
+        if not weights_finite(params):
+            raise diverged(step, "the trained weights hold NaN or inf values", saved_step)
         if rank == 0:
             training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -467,7 +480,7 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(collectives.mean(loss_sum / window_steps))
                 if cfg.mixed_precision != "fp16" and not math.isfinite(last_loss):
-                    raise diverged(step, last_loss, saved_step)
+                    raise diverged(step, f"the training loss became {last_loss}", saved_step)
                 # Under DDP every step waits for the slowest worker: the wait logged is the
                 # largest of the workers', not rank 0's alone.
                 counts = collectives.gather((stream.skipped, waited))
