@@ -36,17 +36,16 @@ def demo(
     from disco.pipeline.config import PreprocessConfig
     from disco.pipeline.contact_sheet import write_contact_sheet
     from disco.pipeline.demo_data import DEMO_CLIP, write_demo_images, write_demo_video
+    from disco.pipeline.errors import output_folder_problem
     from disco.pipeline.store.reader import open_triplets
     from disco.train.config import TrainConfig
 
     if steps < 1:
         usage_error("--steps must be at least 1")
     images_in, videos_in = output / "inputs" / "images", output / "inputs" / "videos"
-    try:
-        images_in.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        usage_error(f"cannot use {output} as the demo's folder: "
-                    + ("a file, not a folder" if output.exists() and not output.is_dir() else exc.strerror or str(exc)))
+    problem = output_folder_problem(output, "--output")
+    if problem:
+        usage_error(problem)
     write_demo_images(images_in)
     write_demo_video(videos_in)
     console.print(f"[bold]1/5 preprocess[/bold]: {images_in.resolve()} and {videos_in.resolve()}")

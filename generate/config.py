@@ -100,5 +100,5 @@ class GenerateConfig:
             problem = output_folder_problem(self.frames, "--frames")
             if problem:
                 raise GenerateInputError(problem)
-            if any(path.resolve() == self.frames.resolve() for path in (self.output, *self.outputs().values())):
+            if any(path.resolve() == self.frames.resolve() for path in self.outputs().values()):
                 raise GenerateInputError(f"--frames {self.frames} is an output file of this run")

@@ -283,14 +283,14 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu", e
         raise ConfigError(f"{checkpoint.parent}'s base model {source.pretrained} (`pretrained` in its "
                           f"{RUN_CONFIG_FILE}) is not on this machine: copy that sd-image-variations folder there, or "
                           "set `pretrained` in that file to where it is")
+    options = read_options_yaml(checkpoint.parent / RUN_CONFIG_FILE)
     if source.pretrained and stage != "temporal":  # (a temporal run's base is its image model's, checked there)
-        recorded = read_options_yaml(checkpoint.parent / RUN_CONFIG_FILE).get(BASE_DIGEST_KEY)
-        check_base_weights(source.pretrained, recorded, checkpoint.parent)
+        check_base_weights(source.pretrained, options.get(BASE_DIGEST_KEY), checkpoint.parent)
     if stage == "temporal":
         model = temporal_base(checkpoint.parent)  # its image model's pose scale included
     else:
         model = base_model(source, stage)
-        pose_scale = read_options_yaml(checkpoint.parent / RUN_CONFIG_FILE).get("pose_scale")
+        pose_scale = options.get("pose_scale")
         if pose_scale is not None:  # the run's --pose-scale: its pose residuals were trained at that scale
             model.register_to_config(pose_scale=float(pose_scale))
     load_trainable_file(model, checkpoint / weights_name(checkpoint, ema))

@@ -144,7 +144,7 @@ def test_outputs_that_cannot_be_folders_are_one_line(tmp_path):
     _one_line(_train("--model", "tiny", "-d", data, "-o", plain / "run", "--no-progress"),
               f"cannot use {plain / 'run'} as the output folder")
     _one_line(CliRunner().invoke(app, ["demo", "-o", str(plain), "--no-progress"]),
-              f"cannot use {plain} as the demo's folder: a file, not a folder")
+              f"--output {plain} is a file, not a folder")
     assert plain.read_text() == "mine"
 
 
