@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from disco.commands.terminal import console, usage_error
+from disco.commands.terminal import console, say, usage_error
 from disco.commands.generate import run_generation
 from disco.commands.preprocess import run_preprocess
 from disco.commands.train import run_training
@@ -48,7 +49,8 @@ def demo(
         usage_error(problem)
     write_demo_images(images_in)
     write_demo_video(videos_in)
-    console.print(f"[bold]1/5 preprocess[/bold]: {images_in.resolve()} and {videos_in.resolve()}")
+    console.print(f"[bold]1/5 preprocess[/bold]: {escape(str(images_in.resolve()))} and "
+                  f"{escape(str(videos_in.resolve()))}", soft_wrap=True)
     triplets = {}
     for source, folder in (("images", images_in), ("video", videos_in)):
         out = output / f"triplets-{source}"
@@ -88,10 +90,10 @@ def demo(
 
     console.print("\n[bold green]demo finished[/bold green] (a tiny model trained for seconds: expect noise, not dancers)")
     for source, out in triplets.items():
-        console.print(f"  {source:7s} triplets: {(out / 'triplets').resolve()}")
-        console.print(f"  {source:7s} contact sheet: {(out / 'contact_sheet.png').resolve()}")
+        say(f"  {source:7s} triplets: {(out / 'triplets').resolve()}")
+        say(f"  {source:7s} contact sheet: {(out / 'contact_sheet.png').resolve()}")
     for stage, run in runs.items():
-        console.print(f"  {stage:8s} run: {run.resolve()}  (checkpoints, logs/ for TensorBoard, samples/*.png)")
-    console.print(f"  generated clip: {result.video.resolve()}  ({result.frames} frames)")
-    console.print(f"  pose | generated: {result.side_by_side.resolve()}")
-    console.print(f"look inside with: disco-cli inspect {triplets['images']}")
+        say(f"  {stage:8s} run: {run.resolve()}  (checkpoints, logs/ for TensorBoard, samples/*.png)")
+    say(f"  generated clip: {result.video.resolve()}  ({result.frames} frames)")
+    say(f"  pose | generated: {result.side_by_side.resolve()}")
+    say(f"look inside with: disco-cli inspect {triplets['images']}")

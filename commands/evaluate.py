@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from disco.commands.terminal import (choices, command_device, console, defaults, gpus_named, job_outputs, out_of_memory,
-                                     plain, print_error, usage_error)
+from disco.commands.terminal import (choices, command_device, defaults, gpus_named, job_outputs, out_of_memory,
+                                     plain, print_error, say, usage_error)
 from disco.model.precision import DTYPES
 from disco.evaluate.config import (FID_PORTS, METRICS, PROTOCOLS, VIDEO_NET_NAMES, EvaluateConfig, EvaluateInputError,
                                    NetworkConfig, parse_metrics)
@@ -75,7 +75,7 @@ def evaluate(
                                    fvd_net=fvd_net, fid_vid_arch=plain(fid_vid_arch), fvd_arch=plain(fvd_arch),
                                    fid_port=plain(fid_port)),
         )
-        report = run_evaluate(config, log=lambda m: console.print(m, highlight=False))
+        report = run_evaluate(config, log=say)
     except (EvaluateInputError, GenerateInputError, WeightsError, FileNotFoundError, NotADirectoryError,
             PermissionError) as exc:  # a --work-dir or a file it cannot use: one line
         usage_error(str(exc))
@@ -109,8 +109,7 @@ def evaluate(
         clips = clips or "no video metric"
     else:
         clips = f"{clips} clips of 16 frames"
-    console.print(f"{counts['sequences']} sequences, {counts['frames']} frames, {clips}; "
-                  f"report: {output.resolve()}")
+    say(f"{counts['sequences']} sequences, {counts['frames']} frames, {clips}; report: {output.resolve()}")
     for name, reason in report.get("failed", {}).items():
         print_error(f"{name.upper()} not computed: {reason}")
     if report.get("failed"):

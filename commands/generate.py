@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from disco.generate.config import GenerateConfig
 from disco.model.precision import DTYPES
 from disco.commands.terminal import (ProgressLines, choices, command_device, console, defaults, gpus_named, job_outputs,
-                                     out_of_memory, plain, usage_error)
+                                     out_of_memory, plain, say, usage_error)
 
 G = defaults(GenerateConfig)
 Dtype = choices("dtype", DTYPES)
@@ -35,7 +35,7 @@ def run_generation(config, show_progress: bool = True):
             lines.say(f"{phase} {done}/{total} frames", final=done == total)
 
         try:
-            result = run_generate(config, log=lambda m: bar.console.print(m, highlight=False), progress=progress)
+            result = run_generate(config, log=lambda m: say(m, bar.console), progress=progress)
         except (GenerateInputError, FileNotFoundError) as exc:
             usage_error(str(exc))
         except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch
@@ -92,11 +92,11 @@ def generate(
         align_pose=align_pose, smooth_poses=smooth_poses, ema=ema, dtype=plain(dtype),
     )
     result = run_generation(config)
-    console.print(f"wrote {result.video.resolve()}: {result.frames} frames, {result.size} x {result.size} px, "
-                  f"{result.fps:g} fps, in {result.seconds:.1f} s")
+    say(f"wrote {result.video.resolve()}: {result.frames} frames, {result.size} x {result.size} px, "
+        f"{result.fps:g} fps, in {result.seconds:.1f} s")
     for extra in (result.side_by_side, result.frames_dir):
         if extra is not None:
-            console.print(f"wrote {extra.resolve()}")
+            say(f"wrote {extra.resolve()}")
 
 
 def export(
@@ -128,4 +128,4 @@ def export(
     for part in earlier:
         shutil.rmtree(output / part)
     for folder in model.export_diffusers(output):
-        console.print(f"wrote {folder.resolve()}")
+        say(f"wrote {folder.resolve()}")

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from disco.commands.terminal import (RAY_ADDRESS_HELP, ProgressLines, choices, clear_progress, console, defaults, plain,
-                                     usage_error)
+                                     say, usage_error)
 from disco.commands.report import print_summary
 from disco.pipeline.annotators import registry
 from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM2_MODELS, SAM_MODELS, PreprocessConfig
@@ -82,7 +82,7 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
     with Progress(*columns, console=console, disable=not show_progress) as bar:
         try:
             result = preprocess(config, progress=ProgressBar(bar),
-                                log=lambda message: bar.console.print(message, highlight=False))
+                                log=lambda message: say(message, bar.console))
         except ConfigError as exc:
             clear_progress(bar)
             usage_error(str(exc))
@@ -91,7 +91,7 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
             usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
     print_summary(result.manifest, f"{title} summary")
     rejects = ", rejects/" if getattr(config, "keep_rejects", False) else ""
-    console.print(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/{rejects})")
+    say(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/{rejects})")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
     return result.manifest
@@ -143,6 +143,13 @@ UnitTimeout = Annotated[float, typer.Option(
          "process ends and Ray starts it again, and a unit past it twice is its errors row (unit_timeout): a decoder "
          "stuck on a damaged file or a hung mount never holds the run. 0: no limit.")]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+# The actors' resources and the GPU backends' settings: preprocess and filter-humans run the same pools.
+TextThreshold = Annotated[float, typer.Option(help="GroundingDINO text threshold (grounded-sam, sam2).")]
+Half = Annotated[bool, typer.Option("--half/--no-half", help="Half precision for SAM's image encoder on CUDA.")]
+MattingGpus = Annotated[Optional[float], typer.Option(help="GPUs per matting actor of the GPU pipeline (default 0.5 on CUDA).")]
+PoseGpus = Annotated[Optional[float], typer.Option(help="GPUs per pose actor of the GPU pipeline (default 0.5 on CUDA).")]
+CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs per annotator actor (default: fits the cluster).")]
+GpusPerActor = Annotated[float, typer.Option(help="GPUs per annotator actor of the CPU pipeline (fractions allowed); the GPU backends' actors take --matting-gpus / --pose-gpus.")]
 
 
 def preprocess(
@@ -160,12 +167,12 @@ def preprocess(
     sam_model: SamModelOption = D.sam_model,
     sam2_model: Sam2ModelOption = D.sam2_model,
     box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam, sam2): the person detection score.")] = D.box_threshold,
-    text_threshold: Annotated[float, typer.Option(help="GroundingDINO text threshold (grounded-sam, sam2).")] = D.text_threshold,
+    text_threshold: TextThreshold = D.text_threshold,
     largest_person: Annotated[bool, typer.Option("--largest-person/--all-persons", help="grounded-sam: keep only the largest person's mask instead of merging all.")] = D.largest_person,
-    half: Annotated[bool, typer.Option("--half/--no-half", help="Half precision for SAM's image encoder on CUDA.")] = D.half,
+    half: Half = D.half,
     batch_size: BatchSize = D.batch_size,
-    matting_gpus: Annotated[Optional[float], typer.Option(help="GPUs per matting actor of the GPU pipeline (default 0.5 on CUDA).")] = D.matting_gpus,
-    pose_gpus: Annotated[Optional[float], typer.Option(help="GPUs per pose actor of the GPU pipeline (default 0.5 on CUDA).")] = D.pose_gpus,
+    matting_gpus: MattingGpus = D.matting_gpus,
+    pose_gpus: PoseGpus = D.pose_gpus,
     pose_style: Annotated[PoseStyle, typer.Option(help="Skeleton drawing: openpose, or disco (the official DisCo drawing: body only, joints first, limbs blended over them 0.4 / 0.6).")] = D.pose_style,
     smooth_poses: Annotated[bool, typer.Option("--smooth-poses/--no-smooth-poses", help="Smooth each joint's track through a video (One-Euro filter, confidence-aware; stills are never smoothed). Recorded in the manifest.")] = D.smooth_poses,
     fps: Annotated[float, typer.Option(help="Frame rate to resample videos to (a slower source is never up-sampled).")] = D.fps,
@@ -184,8 +191,8 @@ def preprocess(
     segment_frames: Annotated[int, typer.Option(help="Frames per unit of work when splitting videos.")] = D.segment_frames,
     unit_timeout: UnitTimeout = D.unit_timeout,
     actors: Actors = D.actors,
-    cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per annotator actor (default: fits the cluster).")] = D.cpus_per_actor,
-    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per annotator actor of the CPU pipeline (fractions allowed); the GPU backends' actors take --matting-gpus / --pose-gpus.")] = D.gpus_per_actor,
+    cpus_per_actor: CpusPerActor = D.cpus_per_actor,
+    gpus_per_actor: GpusPerActor = D.gpus_per_actor,
     ray_address: RayAddress = D.ray_address,
     overwrite: Overwrite = D.overwrite,
     retry_errors: RetryErrors = None,
@@ -218,13 +225,19 @@ def filter_humans(
     sam_model: SamModelOption = D.sam_model,
     sam2_model: Sam2ModelOption = D.sam2_model,
     box_threshold: Annotated[float, typer.Option(help="GroundingDINO box threshold (grounded-sam, sam2).")] = D.box_threshold,
+    text_threshold: TextThreshold = D.text_threshold,
+    half: Half = D.half,
     batch_size: BatchSize = D.batch_size,
+    matting_gpus: MattingGpus = D.matting_gpus,
+    pose_gpus: PoseGpus = D.pose_gpus,
     max_side: MaxSide = D.max_side,
     image_format: Annotated[ImageFormat, typer.Option(help="Encoding of image, foreground and background.")] = D.image_format,
     segment_frames: Annotated[int, typer.Option(help="Frames (or shard members) per unit of work.")] = D.segment_frames,
     unit_timeout: UnitTimeout = D.unit_timeout,
     shard_rows: ShardRows = D.shard_rows,
     actors: Actors = D.actors,
+    cpus_per_actor: CpusPerActor = D.cpus_per_actor,
+    gpus_per_actor: GpusPerActor = D.gpus_per_actor,
     ray_address: RayAddress = D.ray_address,
     overwrite: Overwrite = D.overwrite,
     retry_errors: RetryErrors = None,
@@ -249,11 +262,11 @@ def filter_humans(
             check_job_paths(output=output)
             result = filter_triplets(input, output, min_score=min_score, min_area=min_area, max_persons=max_persons,
                                      keep_rejects=keep_rejects, overwrite=overwrite, shard_rows=shard_rows,
-                                     log=lambda message: console.print(message, highlight=False))
+                                     log=say)
         except ConfigError as exc:
             usage_error(str(exc))
         print_summary(result.manifest, "filter-humans summary")
-        console.print(f"output: {Path(output).resolve()}")
+        say(f"output: {Path(output).resolve()}")
         if result.exit_code:
             raise typer.Exit(result.exit_code)
         return
@@ -262,8 +275,8 @@ def filter_humans(
         pose="auto" if with_pose else "none", hands=with_pose, max_side=max_side, image_format=plain(image_format),
         split=plain(split) or D.split, split_from_manifest=split is None, split_rule=split_rule, min_visibility=min_score,
         min_mask_area=min_area, segment_frames=segment_frames, unit_timeout=unit_timeout, shard_rows=shard_rows,
-        actors=actors,
-        ray_address=ray_address, overwrite=overwrite, retry_errors=retry_errors, coco_single_person=coco_single_person,
+        actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, matting_gpus=matting_gpus,
+        pose_gpus=pose_gpus, text_threshold=text_threshold, half=half, ray_address=ray_address, overwrite=overwrite, retry_errors=retry_errors, coco_single_person=coco_single_person,
         human_filter=True,
         max_persons=max_persons, keep_rejects=keep_rejects, weights=weights, device=plain(device),
         sam_model=plain(sam_model), sam2_model=plain(sam2_model), box_threshold=box_threshold, batch_size=batch_size,

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from disco.pipeline.config import SAM2_MODELS, SAM_MODELS, PreprocessConfig
-from disco.commands.terminal import choices, console, defaults, plain, usage_error
+from disco.commands.terminal import choices, console, defaults, plain, say, usage_error
 
 P = defaults(PreprocessConfig)
 SamModel = choices("SAM model", SAM_MODELS)
@@ -68,7 +68,7 @@ def doctor(
     out = Console()
     gpus = ", ".join(report["gpus"]) or "none"
     out.print(f"CUDA: {'yes' if report['cuda'] else 'no'}   GPUs: {gpus}   torch {report['torch']}")
-    out.print(f"weights folder: {report['weights_dir'] or 'not set (--weights / $DISCO_WEIGHTS)'}")
+    say(f"weights folder: {report['weights_dir'] or 'not set (--weights / $DISCO_WEIGHTS)'}", out)
     table = Table(title="annotator backends")
     for column in ("backend", "role", "can run", "why not"):
         table.add_column(column)
@@ -133,9 +133,9 @@ def inspect(
     except ConfigError as exc:
         usage_error(str(exc))
     out = Console()
-    out.print(f"[bold]{output}[/bold]  written by: {manifest['command']}")
+    say(f"{output}  written by: {manifest['command']}", out)  # the command as typed: text, one line
     backends = manifest["backends"]
-    out.print(f"backends: matting={backends['matting']['name']} pose={backends['pose']['name']} ({backends['reason']})")
+    say(f"backends: matting={backends['matting']['name']} pose={backends['pose']['name']} ({backends['reason']})", out)
     print_summary(manifest)
     schema = Table(title="triplet schema")
     schema.add_column("column")
@@ -155,7 +155,7 @@ def inspect(
             by_type = errors.to_table(columns=["error_type"]).column("error_type").value_counts().to_pylist()
         except (OSError, pa.ArrowException) as exc:  # damaged pages, as above
             usage_error(f"an errors shard of {output} cannot be read ({first_line(exc)})")
-        out.print("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type))
+        say("errors by type: " + ", ".join(f"{d['values']}: {d['counts']}" for d in by_type), out)
     if temporal_frames:
         try:
             print_temporal(out, backends, temporal_quality(triplets, temporal_frames))
@@ -171,4 +171,4 @@ def inspect(
         # pyarrow on damaged pages: an OSError without errno, or one of its own
         usage_error(f"a shard of {output} cannot be read ({first_line(exc)}); "
                      "the shards are damaged: write the output again with `disco-cli preprocess ... --overwrite`")
-    out.print(f"contact sheet ({shown} rows): {target.resolve()}")
+    say(f"contact sheet ({shown} rows): {target.resolve()}", out)

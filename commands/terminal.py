@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import re
 import sys
 import time
@@ -39,7 +40,16 @@ class ProgressLines:
         now = time.monotonic()
         if self.on and (final or now - self.last >= self.EVERY_S):
             self.last = now
-            self.console.print(f"progress: {text}", highlight=False)
+            say(f"progress: {text}", self.console)
+
+
+def say(message: str, on: Console | None = None) -> None:
+    """A line of a command's output: paths and library messages as text, never rich markup (nor
+    emoji codes: ``run:ok:`` in a path is no emoji), and
+    a long line left whole for the terminal to wrap. Rich wraps at the console's width, 80 columns
+    where there is no terminal (a ``ray job submit`` job's log, output sent to a file): a path
+    longer than that came out cut in two lines, which no copy and paste takes back."""
+    (on or console).print(message, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
@@ -163,15 +173,23 @@ def command_device(device: str) -> str:
 
     check_device(device)
     resolved = resolve_device(device)
-    if device == "auto" and resolved == "cpu" and in_ray_job():
-        console.print("this job's driver sees no GPU, so it runs on the CPU (Ray gives a job's driver a GPU only "
-                      "when it is submitted with --entrypoint-num-gpus 1)", highlight=False)
+    given = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if device == "auto" and resolved == "cpu" and in_ray_job() and given and not job_gpus_unreserved():
+        # The job's driver has GPUs named (Ray's, for --entrypoint-num-gpus, or the node's own
+        # CUDA_VISIBLE_DEVICES), and PyTorch cannot use them: submitting with that flag is no cure.
+        from disco.model.precision import no_cuda_reason
+
+        say(f"this job's driver has GPU {given} (CUDA_VISIBLE_DEVICES), and PyTorch here finds {no_cuda_reason()} "
+            "(check the node's NVIDIA driver and PyTorch build), so it runs on the CPU")
+    elif device == "auto" and resolved == "cpu" and in_ray_job():
+        say("this job's driver sees no GPU, so it runs on the CPU (Ray gives a job's driver a GPU only when it is "
+            "submitted with --entrypoint-num-gpus 1)")
     elif on_cuda(resolved) and job_gpus_unreserved():
         # Ray shows such a driver every GPU of its node and reserves none: its actors and other
         # jobs' get the same GPUs (out of memory, or both at half speed), and nothing says why.
-        console.print(f"this job's driver runs on {resolved}, a GPU Ray did not reserve for it (the job was submitted "
-                      "without --entrypoint-num-gpus): Ray may give it to other work too; submit with "
-                      "--entrypoint-num-gpus N (N: the GPUs it uses) to have them reserved", highlight=False)
+        say(f"this job's driver runs on {resolved}, a GPU Ray did not reserve for it (the job was submitted without "
+            "--entrypoint-num-gpus): Ray may give it to other work too; submit with --entrypoint-num-gpus N (N: the "
+            "GPUs it uses) to have them reserved")
     return resolved
 
 

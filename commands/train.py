@@ -11,8 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from disco.commands.terminal import (RAY_ADDRESS_HELP, ProgressLines, choices, clear_progress, console, defaults, plain,
-                                     print_error,
-                                     usage_error)
+                                     print_error, say, usage_error)
 from disco.model.configs import CONFIGS
 from disco.train.config import DEFAULT_BATCH, DEFAULT_LR, PRECISIONS, REF_MODES, STAGES, TrainConfig
 from disco.train.presets import PRESETS
@@ -22,7 +21,7 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
     """Run (or resume) a training run with a progress bar; returns its summary."""
     from disco.pipeline.errors import ConfigError
     from disco.train.data import DataError
-    from disco.train.launch import TrainingFailed
+    from disco.train.launch import StoppedBeforeStart, TrainingFailed
     from disco.train.launch import train as launch_training
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
@@ -31,19 +30,23 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
     with Progress(*columns, console=console, disable=not show_progress) as bar:
         task = bar.add_task("train", total=None, loss="-", speed="-", wait="-")
         lines = ProgressLines(bar)
+        # A resume's total is the run's own (the saved --max-steps, or the one given): its metrics say it.
+        steps = {"total": None if cfg.resume else cfg.max_steps}
 
         def on_metrics(m: dict) -> None:
             if "loss" not in m:  # an evaluation's line (eval/...), not a training window's
                 return
-            bar.update(task, completed=m["step"], loss=f"{m['loss']:.4f}", speed=f"{m['samples_per_s']:.1f}",
-                       wait=f"{m['data_wait_fraction']:.0%}")
-            total = "" if cfg.resume else f"/{cfg.max_steps}"  # a resume's total is the saved run's
-            lines.say(f"step {m['step']}{total}, loss {m['loss']:.4f}, {m['samples_per_s']:.1f} samples/s, "
-                      f"data wait {m['data_wait_fraction']:.0%}", final=not cfg.resume and m["step"] >= cfg.max_steps)
+            steps["total"] = m.get("max_steps", steps["total"])
+            total = steps["total"]
+            bar.update(task, completed=m["step"], total=total, loss=f"{m['loss']:.4f}",
+                       speed=f"{m['samples_per_s']:.1f}", wait=f"{m['data_wait_fraction']:.0%}")
+            lines.say(f"step {m['step']}{'' if total is None else f'/{total}'}, loss {m['loss']:.4f}, "
+                      f"{m['samples_per_s']:.1f} samples/s, data wait {m['data_wait_fraction']:.0%}",
+                      final=total is not None and m["step"] >= total)
 
         def log(message: str) -> None:
-            bar.console.print(message, highlight=False)
-            bar.update(task, total=cfg.max_steps if not cfg.resume else None)
+            say(message, bar.console)
+            bar.update(task, total=steps["total"])
 
         try:
             summary = launch_training(cfg, given=given, on_metrics=on_metrics, log=log)
@@ -57,10 +60,16 @@ def run_training(cfg, given: set[str] | None = None, show_progress: bool = True)
             clear_progress(bar)
             print_error(str(exc))
             raise typer.Exit(1) from None
-        bar.update(task, completed=summary["step"], total=summary["step"])
+        except StoppedBeforeStart as exc:
+            clear_progress(bar)
+            say(str(exc))
+            raise typer.Exit(130) from None
+        # A stopped run's bar stays short of its total (it did not finish).
+        bar.update(task, completed=summary["step"],
+                   total=steps["total"] if summary.get("interrupted") and steps["total"] else summary["step"])
     if summary.get("interrupted"):
-        console.print(f"interrupted: checkpoint of step {summary['step']} written; continue with "
-                      f"`disco-cli train --output {cfg.output} --resume`")
+        say(f"interrupted: checkpoint of step {summary['step']} written; continue with "
+            f"`disco-cli train --output {cfg.output} --resume`")
         raise typer.Exit(130)
     return summary
 
@@ -117,9 +126,8 @@ def _say_yaml_kept(cfg: TrainConfig, config: Path, names: set[str]) -> None:
 
     differ = sorted(n for n in names if n not in ("output", "resume") and differs(n, getattr(cfg, n), getattr(saved, n)))
     if differ:
-        console.print(f"note: --resume keeps the run's saved {', '.join(differ)}; {config}'s values of them are not "
-                      "applied (give them as flags: a resume takes --max-steps, --keep and the like, and refuses the "
-                      "rest)", highlight=False)
+        say(f"note: --resume keeps the run's saved {', '.join(differ)}; {config}'s values of them are not applied "
+            "(give them as flags: a resume takes --max-steps, --keep and the like, and refuses the rest)")
 
 
 def configured(preset: str | None, config: Path | None, given: dict, resume: bool) -> TrainConfig:
@@ -290,5 +298,5 @@ def train(
         from disco.train.condition_gaps import describe
 
         for line in describe(summary["eval"]):
-            console.print(line, highlight=False)
-    console.print(f"run: {Path(cfg.output).resolve()}  (config.yaml, checkpoint-*/, logs/ for TensorBoard, samples/)")
+            say(line)
+    say(f"run: {Path(cfg.output).resolve()}  (config.yaml, checkpoint-*/, logs/ for TensorBoard, samples/)")

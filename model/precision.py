@@ -21,6 +21,13 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def no_cuda_reason() -> str:
+    """Why PyTorch here cannot use a GPU it was given."""
+    import torch
+
+    return "a PyTorch built without CUDA" if torch.version.cuda is None else "no CUDA device it can open"
+
+
 def dtype_problem(dtype: str, device) -> str | None:
     """Why ``dtype`` cannot sample on ``device``, or None: float16 only where it is fast and
     complete, on a GPU; bfloat16 and float32 anywhere."""

@@ -29,9 +29,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     ``--ray-address auto`` to use that cluster."""
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)  # (before the return: the address is refused wherever it comes)
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     # Worker output (MediaPipe's start-up chatter) stays in Ray's log files; failures still
     # surface as exceptions through Ray Data.
     common = dict(logging_level=logging.ERROR, log_to_driver=False)
@@ -53,6 +54,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=_runtime_env(True), **common)
+
+
+SUBMIT_HINT = "`ray job submit --address http://HEAD:8265 -- disco-cli ...`"
+
+
+def check_ray_address(address: str | None) -> None:
+    """Refuses, in one line and before anything is written, the two cluster addresses a command
+    cannot run on. The dashboard's ``http://HEAD:8265`` (the one Ray's docs have users export as
+    RAY_ADDRESS for ``ray job submit``): ``ray.init`` raises a traceback on it. A Ray Client
+    ``ray://`` address: the driver would run here, off the cluster, writing the run's journal,
+    manifest and checkpoints where no worker writes, and a ``ray://localhost`` port-forward would
+    be taken for a cluster on this machine's loopback (the training workers' sockets kept on it)."""
+    if not address:
+        return
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    if scheme in ("http", "https"):
+        raise ConfigError(f"--ray-address / RAY_ADDRESS {address} is a Ray dashboard's address, where jobs are "
+                          f"submitted: submit the command there ({SUBMIT_HINT.replace('http://HEAD:8265', address)}), "
+                          "or on a node of the cluster give its GCS address (HEAD:6379) or auto")
+    if scheme == "ray":
+        raise ConfigError(f"--ray-address / RAY_ADDRESS {address}: Ray Client is not supported (its driver runs on "
+                          "this machine, off the cluster, and a run's journal, manifest and checkpoints are written "
+                          f"by the driver beside its workers' outputs): submit the command with {SUBMIT_HINT}, or "
+                          "run it on a node of the cluster")
 
 
 ALIVE = 0  # GcsNodeInfo.GcsNodeState.ALIVE
@@ -92,7 +117,7 @@ def _check_on_a_node(address: str, nodes: list | None) -> None:
         raise ClusterNotHere(
             f"--ray-address {address}: no node of that Ray cluster runs on this machine ({socket.gethostname()}), "
             "and a driver must run on one: run the command on a node of the cluster (the head), or submit it "
-            "from here with `ray job submit --address http://HEAD:8265 -- disco-cli ...`")
+            f"from here with {SUBMIT_HINT}")
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
@@ -230,6 +255,9 @@ def working_dir_copy() -> Path | None:
     return None
 
 
+WORKING_DIR_PREFIX = "working-dir:"
+
+
 def input_identity(path: str | os.PathLike) -> str:
     """How an output records the input folder it was cut from: its absolute path, or inside a
     job's copy of its --working-dir, its path in that folder (the copy's own path changes with
@@ -237,8 +265,17 @@ def input_identity(path: str | os.PathLike) -> str:
     resolved = Path(path).resolve()
     copy = working_dir_copy()
     if copy is not None and resolved.is_relative_to(copy.resolve()):
-        return f"working-dir:{resolved.relative_to(copy.resolve()).as_posix()}"
+        return f"{WORKING_DIR_PREFIX}{resolved.relative_to(copy.resolve()).as_posix()}"
     return str(resolved)
+
+
+def identity_path(identity: str) -> Path | None:
+    """The folder an ``input_identity`` names here: in this job's copy of its --working-dir for a
+    ``working-dir:`` one (None outside such a job)."""
+    if not identity.startswith(WORKING_DIR_PREFIX):
+        return Path(identity)
+    copy = working_dir_copy()
+    return None if copy is None else copy / identity[len(WORKING_DIR_PREFIX):]
 
 
 # A URL given as a path (Path("s3://b/x") is "s3:/b/x"): nothing here speaks object storage, and

@@ -9,7 +9,7 @@ from pathlib import Path
 from disco.pipeline.annotators import registry
 from disco.pipeline.annotators.grounded_sam import SAM_FILES
 from disco.pipeline.annotators.sam2_backend import SAM2_MODELS
-from disco.pipeline.cluster import input_identity
+from disco.pipeline.cluster import check_ray_address, input_identity
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.schema import SOURCES, SPLITS
 
@@ -93,6 +93,7 @@ class PreprocessConfig:
     keep_rejects: bool = False
 
     def validate(self) -> "PreprocessConfig":
+        check_ray_address(self.ray_address)
         if self.cpus_per_actor is not None and not self.cpus_per_actor > 0:
             raise ConfigError(f"--cpus-per-actor must be above 0, not {self.cpus_per_actor:g}")
         for flag, value in (("--gpus-per-actor", self.gpus_per_actor), ("--matting-gpus", self.matting_gpus),

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from disco.pipeline.annotators import mask_area
+from disco.pipeline.cluster import input_identity
 from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.schema import MANIFEST_FILE, REJECT_SCHEMA, TRIPLET_SCHEMA, TRIPLETS_DIR, sample_id
 
@@ -74,7 +75,7 @@ def filter_triplets(input_dir: Path, output: Path, *, min_score: float, min_area
     if input_dir.resolve() == output.resolve():
         raise ConfigError("--output must differ from --input: the filtered set is written beside the original")
     source_manifest = read_manifest(input_dir / MANIFEST_FILE)
-    params = {"mode": "triplets", "input": str(input_dir.resolve()), "min_score": min_score,
+    params = {"mode": "triplets", "input": input_identity(input_dir), "min_score": min_score,
               "min_area": min_area, "max_persons": max_persons, "keep_rejects": keep_rejects}
     store = OutputStore(output)
     with store.locked():

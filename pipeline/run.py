@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from disco.pipeline.annotators import BackendError, resolve_backends, weight_files
 from disco.pipeline.annotators.registry import get as get_backend
-from disco.pipeline.cluster import init_ray, input_identity
+from disco.pipeline.cluster import WORKING_DIR_PREFIX, init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
 from disco.pipeline.errors import (ConfigError, run_stops_off_ray_datas_console, starved_stages_reported,
                                    stops_in_one_line)
@@ -560,7 +560,7 @@ def _versions_by_content(cfg: PreprocessConfig) -> bool:
     """Inputs in a ``ray job submit`` job's copy of its --working-dir: Ray extracts that copy
     anew, with new modification times, whenever the folder changed, so a resubmitted job would
     take every partly done video for a changed one; there they are known by their content."""
-    return input_identity(cfg.input).startswith("working-dir:")
+    return input_identity(cfg.input).startswith(WORKING_DIR_PREFIX)
 
 
 def changed_inputs(state, versions: dict[str, str]) -> list[str]:

@@ -21,6 +21,7 @@ from PIL import Image
 from skimage import data
 
 from disco.pipeline.demo_data import pan_zoom_frames, write_video
+from disco.pipeline.errors import ConfigError
 from disco.pipeline.store.reader import open_triplets
 from disco.pipeline.store.schema import TRIPLET_SCHEMA
 from disco.pipeline.store.output import OutputStore
@@ -466,10 +467,20 @@ def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, m
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a head node without a GPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "ck"), "--reference", str(tmp_path / "r.png"),
                                       "--pose", str(tmp_path / "p.mp4"), "-o", str(tmp_path / "o.mp4")])
     assert result.output.startswith("this job's driver sees no GPU, so it runs on the CPU") and result.exit_code == 2
     assert "--entrypoint-num-gpus 1" in result.output
+    # Submitted with --entrypoint-num-gpus 1, Ray set the driver's device, which PyTorch cannot use:
+    # the advice to submit with that flag was wrong.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "ck"), "--reference", str(tmp_path / "r.png"),
+                                      "--pose", str(tmp_path / "p.mp4"), "-o", str(tmp_path / "o.mp4")])
+    assert result.output.startswith("this job's driver has GPU 3 (CUDA_VISIBLE_DEVICES), and PyTorch here finds "
+                                    ) and result.exit_code == 2, result.output
+    assert "so it runs on the CPU" in result.output and "submitted with --entrypoint-num-gpus 1" not in result.output
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     # A job submitted without entrypoint resources: Ray shows its driver every GPU of the node
     # (and says so in the driver's environment), reserving none; one line says what to submit with.
     from disco.pipeline.cluster import NOSET_CUDA_ENV
@@ -564,6 +575,72 @@ def test_an_object_store_url_for_a_folder_is_refused_in_one_line(tmp_path, monke
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and f"--{flag} " in lines[0] and "URLs are not read or written directly" in lines[0], lines
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_dashboard_or_ray_client_address_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                             ray_local):
+    """The dashboard's http://HEAD:8265, which Ray's docs have users export as RAY_ADDRESS for
+    `ray job submit`, was a ValueError traceback from ray.init, after a run's config.yaml recorded
+    it (every --resume then went back to it). A Ray Client ray://localhost:10001 (a port-forward)
+    was taken for a cluster on this machine's loopback: the training workers' gloo and NCCL
+    sockets were kept on `lo` on every node, and the driver wrote the run's files off the cluster.
+    Both are refused by preprocess, filter-humans and train, from the flag or the environment."""
+    from typer.testing import CliRunner
+
+    from disco.cli import app
+    from disco.pipeline.cluster import init_ray
+
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path / "in" / "a.png", Image.fromarray(data.astronaut()))
+    (tmp_path / "data" / "triplets").mkdir(parents=True)
+    commands = (["preprocess", "--source", "images", "--input", "in", "--output", "out"],
+                ["filter-humans", "--source", "images", "--input", "in", "--output", "out"],
+                ["train", "--data", "data", "--model", "tiny", "--output", "run"])
+    for address, said in (("http://127.0.0.1:8265", "is a Ray dashboard's address"),
+                          ("ray://localhost:10001", "Ray Client is not supported")):
+        for command in commands:
+            for env, flag in (({"RAY_ADDRESS": address}, []), ({}, ["--ray-address", address])):
+                result = CliRunner().invoke(app, command + flag, env=env)
+                lines = result.output.strip().splitlines()
+                assert result.exit_code == 2 and len(lines) == 1, result.output
+                assert f"--ray-address / RAY_ADDRESS {address}" in lines[0] and said in lines[0], lines
+        with pytest.raises(ConfigError, match=said):  # and where only the environment names it, Ray started or not
+            monkeypatch.setenv("RAY_ADDRESS", address)
+            init_ray()
+        monkeypatch.delenv("RAY_ADDRESS")
+    assert "ray job submit --address http://127.0.0.1:8265 -- disco-cli" in CliRunner().invoke(
+        app, commands[0] + ["--ray-address", "http://127.0.0.1:8265"]).output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "in"]
+
+
+def test_filter_humans_on_triplets_resumes_from_a_new_copy_of_a_jobs_working_dir(triplets, tmp_path, monkeypatch):
+    """filter-humans on a triplets folder recorded its input by its absolute path, which under
+    `ray job submit --working-dir` is inside Ray's copy of the folder: a resubmitted job (a new
+    copy, another path) was refused as "written with different options"."""
+    import shutil
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from disco.pipeline.filter import filter_triplets
+
+    copies = tmp_path / "session" / "runtime_resources" / "working_dir_files"
+    shutil.copytree(triplets["images"], copies / "_ray_pkg_0a1b" / "stills")
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0a1b.zip"}}))
+    out = tmp_path / "filtered"
+    options = dict(min_score=0.0, min_area=0.0, max_persons=None, keep_rejects=False, log=lambda *_: None)
+    for copy in ("_ray_pkg_0a1b", "_ray_pkg_9f8e"):
+        if not (copies / copy).exists():
+            shutil.copytree(copies / "_ray_pkg_0a1b", copies / copy)
+        monkeypatch.chdir(copies / copy)
+        result = filter_triplets(Path("stills"), out, **options)
+        assert result.manifest["counts"]["rows_written"] == 2
+    journal = [json.loads(line) for line in (out / "_journal.jsonl").read_text().splitlines()]
+    assert journal[0]["params"]["input"] == "working-dir:stills"
+    # A reader of the output while it is still written (no manifest yet) finds its source there.
+    from disco.pipeline.store.pose import data_pose
+
+    (out / "manifest.json").unlink()
+    assert data_pose(out).max_side == data_pose(Path("stills")).max_side == 96
 
 
 def test_the_gpu_pipelines_decoding_actor_reads_a_videos_segments_from_one_reader(tmp_path, monkeypatch):

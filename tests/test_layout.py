@@ -145,3 +145,15 @@ def test_training_joins_ray_without_importing_the_preprocessing_job():
     graph = import_graph()
     assert "disco.pipeline.cluster" in graph["disco.train.launch"]
     assert not {m for m, ts in graph.items() if folder(m) == "train" and "disco.pipeline.run" in ts}
+
+
+def test_python_m_disco_is_the_command():
+    """A `ray job submit` entrypoint runs with the PATH of the head's `ray start`: `python -m
+    disco` (that environment's python) runs the command where `disco-cli` is not on it."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "disco", "train", "--output", "x", "--resume", "--dry-run",
+                             "--batch-size", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr

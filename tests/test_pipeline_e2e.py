@@ -168,6 +168,18 @@ def test_inspect_prints_counts_and_writes_a_contact_sheet(astronaut_run, tmp_pat
     result = CliRunner().invoke(app, ["inspect", str(out), "--sheet", str(sheet)])
     assert result.exit_code == 0, result.output
     assert "rows written" in result.output and "body_keypoints" in result.output
+    # The command that wrote the output, whole on its line (rich cut it at 80 columns in a log):
+    # a copy whose manifest names a command as long as a user's (this one is the test runner's).
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["command"] = f"disco-cli preprocess --source images --input {out.parent / 'in'} --output {out} --max-side 512"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    header = f"{copy}  written by: {manifest['command']}"
+    said = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert said.exit_code == 0 and len(header) > 80 and header in said.output.splitlines(), said.output[:600]
     picture = np.asarray(Image.open(sheet))
     assert picture.shape[1] == 5 * 160 and picture.shape[0] > 160
     assert picture[:, 160:320].mean() > 20  # the mask column holds a white person

@@ -103,9 +103,13 @@ def test_filter_humans_with_coco_single_person_counts_every_rejection(coco_run, 
     runner = CliRunner()
     out = tmp_path / "hap"
     result = runner.invoke(app, ["filter-humans", "--source", "coco", "--input", str(root), "--output", str(out),
-                                 "--coco-single-person", "--keep-rejects", "--no-progress"])
+                                 "--coco-single-person", "--keep-rejects", "--no-progress",
+                                 # the actors' resources, as preprocess takes them (filter-humans had no flag)
+                                 "--actors", "1", "--cpus-per-actor", "0.5"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["cpus_per_actor"] == 0.5
+    assert [(p["actors"], p["cpus_per_actor"]) for p in manifest["run"]["pools"]] == [(1, 0.5)], manifest["run"]
     # Listing keeps the three one-person images (coffee's annotation is wrong); matting turns coffee away.
     assert manifest["filtered_at_listing"] == {"not_single_person": 2}
     assert manifest["counts"]["rows_skipped"] == {"no_person": 1}

@@ -868,8 +868,10 @@ def test_cli_pretrain_with_a_config_file_then_finetune_from_it(triplets, tmp_pat
     more = tmp_path / "more.yaml"
     more.write_text("max_steps: 99\nkeep: 1\ndata_cpus: 0.5\nprefetch_batches: 3\nlr: 0.1\n")
     resumed = runner.invoke(app, ["train", "--output", str(run), "--resume", "--config", str(more), "--max-steps", "3",
-                                  "--schedule-steps", "3", "--no-progress"])
+                                  "--schedule-steps", "3"])
     assert resumed.exit_code == 0 and "trained to step 3" in resumed.output, resumed.output
+    # A resume's progress lines count to its own end too (they had no total, and no last line).
+    assert "progress: step 3/3, loss " in resumed.output, resumed.output
     saved = load_run_config(run)
     assert (saved.data_cpus, saved.prefetch_batches, saved.max_steps, saved.lr) == (0.5, 3, 3, 5e-4)
     assert saved.keep != 1

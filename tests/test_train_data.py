@@ -506,21 +506,26 @@ def test_a_cpu_count_of_0_is_a_value_where_ray_takes_it(clips, tmp_path):
         TrainConfig(**base, data_cpus=-1).validate()
 
 
-def test_a_shard_missing_on_a_read_tasks_node_is_said_as_missing_not_damaged(triplets, tmp_path):
-    """The stream's read tasks run on any node of the cluster; one where --data is not mounted
-    (or a shard removed after the listing) used to say the shard was damaged. It says where it
-    is missing and why that stops the run, in the line the driver shows."""
+def _copied_locators(triplets, tmp_path):
+    """A copy of the training fixture's clip, its index and the locators of all its samples."""
     import shutil
-
-    from disco.pipeline.errors import STOPS_THE_RUN, stopping_error
-    from disco.train.data import read_samples
 
     folder = tmp_path / "data"
     shutil.copytree(triplets["video"], folder)
     index = build_index([str(folder)])
     stream = SampleStream(index, stage="finetune", ref_mode="first", resolution=32, augment=False, seed=0,
                           batch=len(index))
-    spec = stream.locators(0, len(index))
+    return folder, index, stream.locators(0, len(index))
+
+
+def test_a_shard_missing_on_a_read_tasks_node_is_said_as_missing_not_damaged(triplets, tmp_path):
+    """The stream's read tasks run on any node of the cluster; one where --data is not mounted
+    (or a shard removed after the listing) used to say the shard was damaged. It says where it
+    is missing and why that stops the run, in the line the driver shows."""
+    from disco.pipeline.errors import STOPS_THE_RUN, stopping_error
+    from disco.train.data import read_samples
+
+    folder, index, spec = _copied_locators(triplets, tmp_path)
     for shard in (folder / "triplets").glob("*.parquet"):
         shard.unlink()  # as on a node that does not see the storage
     with pytest.raises(DataError) as error:
@@ -662,3 +667,69 @@ def test_the_reference_and_background_are_cut_from_the_picture_at_the_size_they_
             kept = ~mask
         assert 0.1 < kept.float().mean() < 0.9
         torch.testing.assert_close(given[:, kept], picture[:, kept], atol=1e-5, rtol=0)
+
+
+def test_a_read_error_of_storage_that_passes_is_tried_again_before_the_shard_is_called_damaged(tmp_path, monkeypatch):
+    """An NFS error that passes (EIO as a server fails over, a stale handle) failed the read task,
+    which Ray Data does not retry: the training stream failed and Ray Train restarted the whole
+    worker group from its last checkpoint. The read is tried again, the file opened anew; an error
+    that does not pass, or one that persists, is still the shard's one line; and the look at
+    whether the file is there, which the same storage may fail, no longer raises in its place."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from disco.pipeline.store.reader import DamagedShard, damaged
+    from disco.train.data import read
+
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"image": [b"x"] * 8}), path, row_group_size=4)
+    monkeypatch.setattr(read, "READ_BACKOFF_S", 0.0)
+    opened = []
+    real = read._CountingFile
+
+    def failing(errors):
+        def open_(name):
+            opened.append(name)
+            if len(opened) <= errors[0]:
+                raise OSError(errors[1], os.strerror(errors[1]), name)
+            return real(name)
+        return open_
+
+    monkeypatch.setattr(read, "_CountingFile", failing((2, errno.EIO)))
+    table, _ = read.read_row_group(str(path), 1, ["image"])
+    assert table.num_rows == 4 and len(opened) == 3
+    opened.clear()
+    monkeypatch.setattr(read, "_CountingFile", failing((5, errno.ESTALE)))
+    with pytest.raises(OSError, match="Stale"):
+        read.read_row_group(str(path), 1, ["image"])
+    assert len(opened) == read.READ_TRIES
+    opened.clear()
+    monkeypatch.setattr(read, "_CountingFile", failing((5, errno.EACCES)))
+    with pytest.raises(PermissionError):
+        read.read_row_group(str(path), 1, ["image"])
+    assert len(opened) == 1  # not one that passes: at once
+    # The shard's line where the storage fails the existence check too.
+    monkeypatch.setattr(Path, "exists", lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    line = damaged(path, OSError(errno.EIO, "Input/output error"))
+    assert isinstance(line, DamagedShard) and f"{path} is damaged" in str(line)
+
+
+def test_a_shard_written_anew_with_fewer_rows_while_a_run_trains_stops_it_in_one_line(triplets, tmp_path):
+    """The stream reads by the index the driver built at the start: a shard rewritten in place with
+    fewer rows was an ArrowIndexError deep in a read task, and every restart (on the same index)
+    failed alike. It is the run's one line, with the way on."""
+    import pyarrow.parquet as pq
+
+    from disco.pipeline.errors import STOPS_THE_RUN, stopping_error
+    from disco.train.data import read_samples
+
+    folder, index, spec = _copied_locators(triplets, tmp_path)
+    assert len(list(read_samples(spec, "finetune", block=len(index)))) == 1
+    for shard in (folder / "triplets").glob("*.parquet"):
+        table = pq.read_table(shard)
+        pq.write_table(table.slice(0, table.num_rows // 2), shard)  # rewritten with half its rows
+    with pytest.raises(DataError) as error:
+        list(read_samples(spec, "finetune", block=len(index)))
+    line = str(stopping_error(RuntimeError(f"Traceback ...\n  {error.value}\n")))
+    assert STOPS_THE_RUN in str(error.value) and "changed while the run trains" in line and "--resume" in line

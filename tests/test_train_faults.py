@@ -204,6 +204,90 @@ def test_ctrl_c_stops_ray_train_workers_after_a_checkpoint(triplets, tmp_path):
     assert json.loads((run / f"checkpoint-{summary['step']:08d}" / "state.json").read_text())["world_size"] == 2
 
 
+def test_a_worker_group_the_cluster_cannot_hold_is_said_and_a_stop_ends_it_at_once(triplets, tmp_path):
+    """Ray Train waits for room for its worker group without a word: `--num-workers 2 --use-gpu` on
+    a cluster of one GPU sat at step 0 for ever, and the first Ctrl-C or SIGTERM (`timeout`, `ray
+    job stop`) asked workers that never started to stop after their step: only a second one
+    ended it. The log says what the workers ask and what the nodes hold; a stop before any worker
+    started ends the run at once (here: workers of 100000 CPUs each on this machine's instance)."""
+    run = tmp_path / "waits"
+    options = tmp_path / "big-workers.yaml"
+    options.write_text("cpus_per_worker: 100000\n")  # more than any node has
+    command, env = cli_process("train", *OPTIONS, "--data", str(triplets["video"]), "--max-steps", "4",
+                               "--num-workers", "2", "--config", str(options), "--output", str(run))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("ask for more than" in line for line in said):
+            assert process.poll() is None, "".join(said)[-2000:]
+            assert time.monotonic() < deadline, "".join(said)[-2000:]
+            time.sleep(0.1)
+        time.sleep(2)  # Ray Train is waiting for its placement group now
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        reader.join(10)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = "".join(said)
+    assert process.returncode == 130 and time.monotonic() - stopped < 60, text[-2000:]
+    wants = next(line for line in text.splitlines() if "ask for more than" in line)
+    assert wants.startswith("the 2 training workers (100000 CPU each) ask for more than the 1 node(s) alive now hold"), wants
+    assert "room for none" in wants and "Ctrl-C stops the run at once while none has started" in wants
+    assert "stopped at once (SIGTERM): no training worker had started, nothing was trained" in text, text[-2000:]
+    assert "Traceback" not in text and not list_checkpoints(run)
+
+
+def test_workers_given_gpus_that_pytorch_cannot_use_stop_the_run_in_one_line_without_restarts(triplets, tmp_path,
+                                                                                              ray_local):
+    """A node whose Ray offers GPUs that PyTorch cannot use (`ray start --num-gpus` on a node
+    without them, a broken driver; here the session's fake GPUs): NCCL's "no GPUs found" came out
+    of Ray Train's controller after --max-failures restarts, with advice to --resume, which fails
+    the same way. It is found on the workers before the process group, and stops the run at once."""
+    import ray
+
+    from disco.pipeline.cluster import init_ray
+
+    if torch.cuda.is_available():
+        pytest.skip("PyTorch here can use the GPU Ray gives the worker")
+    init_ray()
+    run = tmp_path / "gpu"
+    cfg = _config(tmp_path, triplets, "gpu", use_gpu=True, num_workers=1, max_failures=3,
+                  ray_address=ray.get_runtime_context().gcs_address)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"a training worker on node .* was given GPU \S+ by Ray, and PyTorch there "
+                                          r"finds (a PyTorch built without CUDA|no CUDA device it can open)") as caught:
+        train(cfg)
+    assert "--resume" not in str(caught.value) and "restart" not in str(caught.value)
+    assert time.monotonic() - started < 60 and not list_checkpoints(run)
+    # The group's resources are given back (raised while the group started, Ray kept its
+    # placement group, and the session's next runs waited for CPUs that never came).
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("GPU", 0) < ray.cluster_resources().get("GPU", 0):
+        assert time.monotonic() < deadline, ray.util.placement_group_table()
+        time.sleep(0.2)
+
+
+def test_the_log_says_how_many_training_workers_the_nodes_hold():
+    from disco.train.launch import describe_workers, workers_that_fit
+
+    nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 0.0}]
+    assert workers_that_fit(nodes, {"CPU": 1.0, "GPU": 1.0}) == 1 and workers_that_fit(nodes, {"CPU": 1.0, "GPU": 0.5}) == 2
+    assert workers_that_fit(nodes, {"CPU": 0.0}) >= 1000 and workers_that_fit(nodes, {"CPU": 3.0}) == 3
+    two = TrainConfig(model="tiny", num_workers=2, use_gpu=True)
+    [line] = describe_workers(two, nodes, {"CPU": 12.0, "GPU": 1.0}, 1.0)
+    assert "(1 CPU + 1 GPU each)" in line and "(12 CPU, 1 GPU: room for 1)" in line and "--num-workers 1" in line
+    assert describe_workers(two.updated({"gpus_per_worker": 0.5}), nodes, {"CPU": 12.0, "GPU": 1.0}, 1.0) == []
+    [busy] = describe_workers(two.updated({"gpus_per_worker": 0.5}), nodes, {"CPU": 12.0, "GPU": 0.5}, 1.0)
+    assert busy.startswith("other work holds part of the cluster now (2 CPU, 1 GPU asked; 12 CPU, 0.5 GPU free)")
+
+
 # -- the learning-rate schedule -------------------------------------------------------------------
 
 def _config(tmp_path, triplets, name, **options) -> TrainConfig:
@@ -566,6 +650,38 @@ def test_a_restart_finds_the_newest_checkpoint_when_the_reported_one_was_pruned(
         shutil.rmtree(path)
     with pytest.raises(ConfigError, match="must be on storage every node sees"):
         loop._start_checkpoint({**config, "checkpoint": None}, distributed=True)
+
+
+def test_a_restart_before_the_first_report_takes_the_checkpoint_this_invocation_wrote(tmp_path, monkeypatch):
+    """Ray Train hears of a checkpoint at the step after its write ends. A worker lost in between
+    for an invocation's first checkpoint left Ray Train with none: the restart went back to
+    --resume's checkpoint (or step 0), up to a --checkpoint-every of steps trained again."""
+    import ray.train
+
+    from disco.model.checkpoint import STATE_FILE, checkpoint_name
+    from disco.train import loop
+
+    run = tmp_path / "run"
+    for step, invocation in ((4, "train-a"), (8, "train-b")):
+        (run / checkpoint_name(step)).mkdir(parents=True)
+        (run / checkpoint_name(step) / STATE_FILE).write_text(json.dumps({"invocation": invocation}))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    resumed = {"config": {"output": str(run)}, "checkpoint": str(run / checkpoint_name(4))}
+    assert loop._start_checkpoint({**resumed, "invocation": "train-b"}, distributed=True) == run / checkpoint_name(8)
+    assert loop._start_checkpoint({**resumed, "invocation": "train-c"}, distributed=True) == run / checkpoint_name(4)
+    new = {"config": {"output": str(run)}, "checkpoint": None}
+    assert loop._start_checkpoint({**new, "invocation": "train-b"}, distributed=True) == run / checkpoint_name(8)
+    assert loop._start_checkpoint({**new, "invocation": "train-c"}, distributed=True) is None
+    # --keep 1 pruned the resumed checkpoint as this invocation wrote the next: still that one.
+    shutil.rmtree(run / checkpoint_name(4))
+    assert loop._start_checkpoint({**resumed, "invocation": "train-b"}, distributed=True) == run / checkpoint_name(8)
+    # Another invocation's later checkpoint (a run resumed from an earlier step) is passed over.
+    (run / checkpoint_name(12)).mkdir()
+    (run / checkpoint_name(12) / STATE_FILE).write_text(json.dumps({"invocation": "train-a"}))
+    assert loop._start_checkpoint({**new, "invocation": "train-b"}, distributed=True) == run / checkpoint_name(8)
+    # The agreement's fallback (ranks whose views differ) still means what was resolved.
+    assert loop._start_checkpoint({**new, "invocation": "train-b"}, distributed=True, since_reported=False) is None
+    assert loop._start_checkpoint({**new, "invocation": "train-b"}, distributed=False) is None
 
 
 def test_ranks_whose_views_of_the_run_differ_start_from_one_checkpoint(tmp_path):

@@ -19,14 +19,19 @@ REF_MODES = ("first", "random")
 PRECISIONS = ("no", "fp16", "bf16")
 SUMMARY_FILE = "summary.json"
 # In the run directory, written by the launcher: empty from the start, STOP_REQUESTED on Ctrl-C or
-# SIGTERM. Every worker reads it after each step; on a stop the run writes a checkpoint of that
-# step and stops (all workers agree on the step through a collective). A file that is there from
+# SIGTERM. Rank 0 reads it after each step, and the step's collective tells the others; on a stop
+# the run writes a checkpoint of that step and stops. A file that is there from
 # the start and read, not one that appears: NFS clients take a name's absence from their cache for
 # up to a minute (acdirmax), but revalidate a file they open (close-to-open), so a worker on a node
 # other than the driver's saw a stop a minute late, leaving a step and a checkpoint less of
 # `ray job stop`'s grace.
 STOP_FILE = ".stop-requested"
 STOP_REQUESTED = "stop"
+# Also there from the start (empty, for the same reason), then WORKERS_STARTED once a Ray Train
+# worker group began: a stop asked before that ends the run at once, since no worker would read
+# STOP_FILE (a group that cannot be placed waits for room for ever).
+WORKERS_FILE = ".workers-started"
+WORKERS_STARTED = "started"
 
 
 def stop_requested(run: Path) -> bool:
@@ -237,6 +242,9 @@ class TrainConfig:
         self.validate_model()
         if not self.output:
             raise ConfigError("--output is required")
+        from disco.pipeline.cluster import check_ray_address
+
+        check_ray_address(self.ray_address)
         if not self.data and not self.resume:
             raise ConfigError("give at least one --data folder (a `disco-cli preprocess` output)")
         twice = next((f for k, f in enumerate(self.data) if Path(f).resolve() in

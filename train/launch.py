@@ -22,8 +22,8 @@ from disco.pipeline.errors import ConfigError, stops_in_one_line
 from disco.model.checkpoint import INIT_MODEL_DIRS, STATE_FILE, clean_temporary, list_checkpoints
 from disco.model.conditioning import HOLE
 from disco.train.collectives import GUARD_ENV
-from disco.train.config import (RUN_CONFIG_FILE, STOP_FILE, STOP_REQUESTED, SUMMARY_FILE, TrainConfig, init_run, load_run_config,
-                                lr_factor, schedule_note)
+from disco.train.config import (RUN_CONFIG_FILE, STOP_FILE, STOP_REQUESTED, SUMMARY_FILE, WORKERS_FILE, WORKERS_STARTED,
+                                TrainConfig, init_run, load_run_config, lr_factor, schedule_note)
 from disco.train.condition_gaps import evaluates, held_out_rows
 from disco.train.data import build_index
 from disco.train.monitor import read_metrics
@@ -271,6 +271,45 @@ def _resources(cfg: TrainConfig, distributed: bool, nodes: list[dict] | None = N
     return worker, data
 
 
+def worker_resources(cfg: TrainConfig, worker_cpus: float) -> dict[str, float]:
+    """What Ray accounts each training worker."""
+    return {"CPU": worker_cpus, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+
+
+def workers_that_fit(nodes: list[dict], each: dict[str, float]) -> int:
+    """Training workers of ``each`` (``worker_resources``) that ``nodes`` (CPUs and GPUs of each
+    node, as ``cluster_nodes`` gives them, or what is free of them) hold."""
+    fit = 0
+    for node in nodes:
+        room = [int(node.get(kind, 0.0) / need + 1e-9) for kind, need in each.items() if need > 0]
+        fit += min(room) if room else 1_000_000
+    return fit
+
+
+def describe_workers(cfg: TrainConfig, nodes: list[dict], available: dict, worker_cpus: float) -> list[str]:
+    """Lines for the log where the worker group cannot start now: Ray Train waits for room without a
+    word (a run asking 2 GPUs of a cluster of 1 sat at step 0 for ever). ``available``: Ray's free
+    resources now (other work may hold part of the cluster)."""
+    resources = worker_resources(cfg, worker_cpus)
+    gpus = resources.get("GPU", 0.0)
+    each = f"{worker_cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    fit = workers_that_fit(nodes, resources)
+    total = {k: sum(n[k] for n in nodes) for k in ("CPU", "GPU")}
+    if fit < cfg.num_workers:
+        room = f"room for {fit}" if fit else "room for none"
+        return [f"the {cfg.num_workers} training workers ({each} each) ask for more than the {len(nodes)} node(s) alive "
+                f"now hold ({total['CPU']:g} CPU, {total['GPU']:g} GPU: {room}): they wait for nodes an autoscaler "
+                "adds; Ctrl-C stops the run at once while none has started"
+                + (f", and --num-workers {fit} trains on what is here" if fit else "")]
+    free = {k: float(available.get(k, 0.0)) for k in ("CPU", "GPU")}
+    asked = {"CPU": worker_cpus * cfg.num_workers, "GPU": gpus * cfg.num_workers}
+    if any(asked[k] > free[k] + 1e-6 for k in ("CPU", "GPU")):
+        return [f"other work holds part of the cluster now ({asked['CPU']:g} CPU, {asked['GPU']:g} GPU asked; "
+                f"{free['CPU']:g} CPU, {free['GPU']:g} GPU free): the training workers wait until it frees (a job "
+                "submitted with --entrypoint-num-gpus holds GPUs for its driver too, which train's does not use)"]
+    return []
+
+
 def worker_threads(worker_cpus: float) -> int | None:
     """PyTorch threads of a Ray Train worker: the whole CPUs Ray accounts it, at least one (the
     job's workers otherwise run one, our OMP_NUM_THREADS); None where a ``ray job submit`` job
@@ -352,8 +391,9 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
     cfg.save(run)
     # Read after every step. An earlier run's request goes first (unlinked, not written over: the
     # file may be another uid's, left by a driver that was killed).
-    (run / STOP_FILE).unlink(missing_ok=True)
-    (run / STOP_FILE).write_text("")
+    for name in (STOP_FILE, WORKERS_FILE):
+        (run / name).unlink(missing_ok=True)
+        (run / name).write_text("")
     log(f"{len(index)} {cfg.split} rows from {len(index.files)} shards; "
         + (f"resuming from {checkpoint.name}" if checkpoint else "starting at step 0"))
     if checkpoint is not None:
@@ -374,7 +414,16 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
     if warning:
         log(warning)
     distributed = cfg.num_workers > 1 or bool(cfg.ray_address)
-    worker_cpus, data_cpus = _resources(cfg, distributed)
+    nodes = None
+    if distributed:
+        import ray
+
+        from disco.pipeline.pools import cluster_nodes
+
+        nodes = cluster_nodes()
+    worker_cpus, data_cpus = _resources(cfg, distributed, nodes)
+    # Said once the stop handler is in place (the line says what a stop does then).
+    waiting = describe_workers(cfg, nodes, ray.available_resources(), worker_cpus) if distributed else []
     # The index the driver built goes to every worker (through the object store; numpy arrays are
     # shared, not copied, by the workers of a node): they all train on the same shards even when a
     # data folder gains some meanwhile, and no worker re-reads every shard's metadata.
@@ -382,8 +431,6 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
     # collective could outlast NCCL's timeout).
     eval_rows = held_out_rows(cfg, index) if evaluates(cfg) else None
     if distributed:
-        import ray
-
         shared_index = ray.put(index)
         if eval_rows is not None:
             eval_rows = (shared_index if eval_rows[0] is index else ray.put(eval_rows[0]), *eval_rows[1:])
@@ -394,11 +441,13 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
                    "nccl_guard": os.environ.get(GUARD_ENV) == "1", "index": shared_index,
                    "eval_rows": eval_rows, "run_holder": holder}
     stop = threading.Event()
-    poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop), daemon=True)
+    poller = threading.Thread(target=_follow_metrics, args=(run, on_metrics, stop, cfg.max_steps), daemon=True)
     if on_metrics is not None:
         poller.start()
     try:
-        with _stop_on_interrupt(run, log):
+        with _stop_on_interrupt(run, log, waits_for_workers=distributed):
+            for line in waiting:
+                log(line)
             if not distributed:
                 return train_loop_per_worker(loop_config)
             return _fit(cfg, loop_config, worker_cpus)
@@ -406,7 +455,8 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
         stop.set()
         if poller.is_alive():
             poller.join()
-        (run / STOP_FILE).unlink(missing_ok=True)
+        for name in (STOP_FILE, WORKERS_FILE):
+            (run / name).unlink(missing_ok=True)
 
 
 # The least time `ray job stop` should leave between its SIGTERM and its SIGKILL: a step and a
@@ -428,16 +478,24 @@ def job_stop_warning() -> str | None:
 
 
 @contextlib.contextmanager
-def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
+def _stop_on_interrupt(run: Path, log: Callable[[str], None], waits_for_workers: bool = False):
     """Ctrl-C (SIGINT), or SIGTERM (what ``ray job stop`` sends a job's driver), asks the run to
-    stop: a file in the run directory that every worker checks after each step (workers on other
-    nodes see it on the shared storage). A second signal interrupts at once."""
+    stop: a file in the run directory that rank 0 reads after each step (on the shared storage
+    every node sees), telling the others in the step's collective. A second signal interrupts at
+    once. ``waits_for_workers``
+    (a Ray Train run): while no worker group has started (``WORKERS_FILE``), the first signal
+    ends the run at once (``StoppedBeforeStart``): nothing was trained, and nothing would read
+    the request."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def request_stop(signum, frame):
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if waits_for_workers and not _workers_started(run):
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            raise StoppedBeforeStart(f"stopped at once ({again}): no training worker had started, nothing was trained")
         try:
             (run / STOP_FILE).write_text(STOP_REQUESTED)
         except OSError as exc:  # (a full disk): the second signal must still abort
@@ -456,6 +514,19 @@ def _stop_on_interrupt(run: Path, log: Callable[[str], None]):
             signal.signal(sig, handler)
 
 
+class StoppedBeforeStart(Exception):
+    """A stop asked before any training worker started. Ray Train's request for the worker group
+    stays with Ray until this driver disconnects: the command exits; a caller of ``train`` that
+    goes on must call ``ray.shutdown()``, or a group that finds room later starts training."""
+
+
+def _workers_started(run: Path) -> bool:
+    try:
+        return (run / WORKERS_FILE).read_text().strip() == WORKERS_STARTED
+    except OSError:  # a passing storage error: say started, and the stop waits for the step as before
+        return True
+
+
 def process_group_backend(cfg: TrainConfig) -> str:
     """NCCL for workers with a GPU each; gloo on the CPU, and where workers share a GPU (NCCL
     refuses two ranks on one device; gloo takes CUDA tensors)."""
@@ -470,9 +541,7 @@ def _fit(cfg: TrainConfig, loop_config: dict, worker_cpus: float) -> dict:
     from disco.train.failure_policy import trainer_class
     from disco.train.process_group import WorkerTorchConfig
 
-    resources = {"CPU": worker_cpus}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
+    resources = worker_resources(cfg, worker_cpus)
     max_failures = cfg.max_failures if cfg.max_failures is not None else 3
     invocation = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"  # a container's pid repeats
     # Each checkpoint records the invocation that wrote it (loop.py's _start_checkpoint).
@@ -539,13 +608,15 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(seen).__name__}: {text}"[:300]
 
 
-def _follow_metrics(run: Path, on_metrics: Callable[[dict], None], stop: threading.Event) -> None:
+def _follow_metrics(run: Path, on_metrics: Callable[[dict], None], stop: threading.Event, max_steps: int) -> None:
+    """Each metrics line the workers write, as it comes, with the run's ``max_steps`` (a resume's
+    may be the saved one): for a progress bar."""
     metrics = run / "metrics.jsonl"
     offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run shows only its own progress
     while True:
         finished = stop.wait(0.5)
         lines, offset = read_metrics(run, offset)
         for line in lines:
-            on_metrics(line)
+            on_metrics({**line, "max_steps": max_steps})
         if finished:
             return

@@ -29,7 +29,7 @@ from disco.pipeline.store.output import taken_by
 from disco.train.initial import initial_model
 from disco.train.checkpoint_writer import CheckpointWriter
 from disco.train.collectives import Collectives, nccl_guard
-from disco.train.config import SUMMARY_FILE, TrainConfig, lr_schedule, stop_requested
+from disco.train.config import SUMMARY_FILE, WORKERS_FILE, WORKERS_STARTED, TrainConfig, lr_schedule, stop_requested
 from disco.train.data import TripletIndex, build_index
 from disco.train.inputs import model_inputs
 from disco.train.monitor import Monitor
@@ -112,7 +112,12 @@ def _start_checkpoint(loop_config: dict, distributed: bool, since_reported: bool
                                 "sees")
             return written[max(written)]
     checkpoint = loop_config.get("checkpoint")
-    return Path(checkpoint) if checkpoint else None
+    checkpoint = Path(checkpoint) if checkpoint else None
+    if distributed and since_reported:
+        # Nothing reported yet: a restart after a worker lost between this invocation's first
+        # checkpoint and its report takes that checkpoint, not --resume's one (or step 0).
+        return _written_since(loop_config, checkpoint)
+    return checkpoint
 
 
 def _agreed_checkpoint(collectives: Collectives, loop_config: dict, distributed: bool) -> Path | None:
@@ -138,23 +143,29 @@ def _agreed_checkpoint(collectives: Collectives, loop_config: dict, distributed:
     return written[max(common)]
 
 
-def _written_since(loop_config: dict, pointed: Path) -> Path:
+def _written_since(loop_config: dict, pointed: Path | None) -> Path | None:
     """The run directory's newest checkpoint if it is newer than ``pointed`` (the one Ray Train
-    last heard of) and this invocation wrote it, else ``pointed``. A checkpoint is reported at the
-    first step after it is written whole (train/checkpoint_writer.py): a worker lost in between
-    would otherwise send the restart one ``--checkpoint-every`` further back. Another
-    invocation's later checkpoints (a run resumed from an earlier step) are never taken."""
+    last heard of; None: none, nor one to resume from) and this invocation wrote it, else
+    ``pointed``. A checkpoint is reported at the first step after it is written whole
+    (train/checkpoint_writer.py): a worker lost in between would otherwise send the restart one
+    ``--checkpoint-every`` further back. Another invocation's later checkpoints (a run resumed
+    from an earlier step) are never taken."""
     written = list_checkpoints(loop_config["config"]["output"])
     steps = {path.name: step for step, path in written.items()}
-    since = [step for step in written if step > steps.get(pointed.name, step)]
-    if not since or loop_config.get("invocation") is None:
+    # A pointed checkpoint no longer listed (--keep pruned it as the next was written): any of
+    # this invocation's is newer.
+    after = steps.get(pointed.name, -1) if pointed is not None else -1
+    since = [step for step in written if step > after]
+    if loop_config.get("invocation") is None:
         return pointed
-    newest = written[max(since)]
-    try:
-        invocation = json.loads((newest / STATE_FILE).read_text()).get("invocation")
-    except (OSError, ValueError):
-        return pointed
-    return newest if invocation == loop_config["invocation"] else pointed
+    for step in sorted(since, reverse=True):  # the newest of this invocation's
+        try:
+            invocation = json.loads((written[step] / STATE_FILE).read_text()).get("invocation")
+        except (OSError, ValueError):
+            continue
+        if invocation == loop_config["invocation"]:
+            return written[step]
+    return pointed
 
 
 def _report_checkpoint(path: Path | None, rank: int, metrics: dict) -> None:
@@ -225,9 +236,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         import ray.train
         import ray.train.torch
 
+        from disco.train.process_group import raise_worker_problem
+
+        raise_worker_problem()  # what the group's start found (GPUs PyTorch cannot use)
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         check_run_directory(Path(cfg.output), loop_config.get("run_holder"), rank)
+        if rank == 0:  # a stop asked from now on waits for the step and its checkpoint
+            (Path(cfg.output) / WORKERS_FILE).write_text(WORKERS_STARTED)
         if cfg.pretrained:  # each node reads the base from its own disk: the driver's was checked
             import socket
 
@@ -447,7 +463,9 @@ def _train(cfg: TrainConfig, loop_config: dict, distributed: bool, rank: int, wo
     try:
         interrupted = False
         while step < cfg.max_steps:
-            stop, written = collectives.any_of(stop_requested(run), writer.done())
+            # Rank 0 reads the stop file, the collective tells the others (64 ranks each opening a
+            # file on NFS at every step were some 200 opens a second).
+            stop, written = collectives.any_of(rank == 0 and stop_requested(run), writer.done())
             if written:
                 report_written()
             if stop:

@@ -18,6 +18,7 @@ from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
 from disco.pipeline.cluster import interface_of
+from disco.pipeline.errors import STOPS_THE_RUN, ConfigError
 
 GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"
 
@@ -36,8 +37,48 @@ def bind_gloo_to_node_address() -> str | None:
     return name
 
 
+# Set on the workers of a group that cannot train (``cuda_problem``): the training loop raises it
+# as its first act, a worker's error, after which Ray Train frees the group's resources (an error
+# raised while the group starts is the controller's, after which Ray 2.60 kept its placement group).
+WORKER_PROBLEM_ENV = "DISCO_WORKER_PROBLEM"
+
+
+def cuda_problem() -> str | None:
+    """On a training worker Ray gave GPUs (``--use-gpu``), why PyTorch cannot use them, or None.
+    Where it sees none (a node whose ``ray start --num-gpus`` names GPUs it lacks, a broken NVIDIA
+    driver, a PyTorch without CUDA), every restart fails alike (NCCL: "no GPUs found")."""
+    import socket
+
+    import torch
+
+    from disco.model.precision import no_cuda_reason
+
+    if torch.cuda.is_available():
+        return None
+    given = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return (f"{STOPS_THE_RUN} a training worker on node {socket.gethostname()} was given GPU {given or '(none named)'} "
+            f"by Ray, and PyTorch there finds {no_cuda_reason()}: that node's Ray offers GPUs it cannot use (its `ray "
+            "start --num-gpus`, or its NVIDIA driver); train without --use-gpu, or fix the node")
+
+
+def _remember_problem(problem: str) -> None:
+    os.environ[WORKER_PROBLEM_ENV] = problem
+
+
+def raise_worker_problem() -> None:
+    """In the training loop, first: the problem the group's start found (``WORKER_PROBLEM_ENV``)."""
+    problem = os.environ.pop(WORKER_PROBLEM_ENV, None)
+    if problem:
+        raise ConfigError(problem)
+
+
 class _Backend(_TorchBackend):
     def on_start(self, worker_group, backend_config) -> None:
+        if worker_group.get_resources_per_worker().get("GPU", 0) > 0:
+            problems = [problem for problem in worker_group.execute(cuda_problem) if problem]
+            if problems:  # no process group (NCCL would fail it): the loop stops the run
+                worker_group.execute(_remember_problem, problems[0])
+                return
         worker_group.execute(bind_gloo_to_node_address)
         super().on_start(worker_group, backend_config)
 

@@ -55,7 +55,10 @@ def data_pose(folder: str | Path, _depth: int = 0) -> DataPose:
         if params is None:
             return DataPose()
         if params.get("mode") == "triplets" and params.get("input") and _depth < 8:
-            return data_pose(params["input"], _depth + 1)  # filter-humans still writing: its rows are its source's
+            from disco.pipeline.cluster import identity_path
+
+            source = identity_path(params["input"])  # filter-humans still writing: its rows are its source's
+            return data_pose(source, _depth + 1) if source is not None else DataPose()
         # A run writing now draws with today's renderer (its options do not name it).
         manifest = {"parameters": {"pose_renderer": CURRENT_RENDERER, **params}}
     params = manifest.get("parameters") or {}

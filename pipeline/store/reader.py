@@ -44,7 +44,11 @@ def damaged(path: str | Path, exc: BaseException) -> DamagedShard:
     """The one-line error for a shard that failed to read: the file and what is wrong. A file
     that is not there was listed where it was (the driver): on a node without the storage (a
     Ray task of another node), or removed since; not damaged."""
-    if isinstance(exc, FileNotFoundError) or not Path(path).exists():
+    try:
+        gone = isinstance(exc, FileNotFoundError) or not Path(path).exists()
+    except OSError:  # the storage fails the look too (an NFS error): the read's error is the news
+        gone = False
+    if gone:
         import socket
 
         return DamagedShard(f"{STOPS_THE_RUN} {path} does not exist on node {socket.gethostname()}: it was listed, "

@@ -7,8 +7,10 @@ process starts with pyarrow alone."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 
@@ -24,6 +26,24 @@ METADATA_CACHE_FILES = 1024  # Parquet footers a read process keeps
 REFERENCE_STORE_BYTES = 512 << 20  # encoded reference rows the cluster's ReferenceStore keeps
 REFERENCE_STORE_NAMESPACE = "disco-train-data"
 REFERENCE_STORE_TIMEOUT_S = 20.0  # a read task that waits longer for the store reads without it
+# Errors of shared storage that pass (an NFS server restarting or failing over, a stale handle, a
+# time-out): a read is tried again, READ_TRIES times in all, READ_BACKOFF_S, then twice that, apart,
+# before its shard is called damaged. A read task's error is not retried by Ray Data: it failed
+# the training stream, and Ray Train restarted the whole worker group from its last checkpoint.
+PASSING_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ECONNRESET,
+                            errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN})
+READ_TRIES, READ_BACKOFF_S = 3, 2.0
+
+
+def retried(read, *args):
+    """``read(*args)``, tried again on an error of storage that passes (``PASSING_ERRNOS``)."""
+    for attempt in range(READ_TRIES):
+        try:
+            return read(*args)
+        except OSError as exc:
+            if exc.errno not in PASSING_ERRNOS or attempt == READ_TRIES - 1:
+                raise
+            time.sleep(READ_BACKOFF_S * 2 ** attempt)
 
 
 
@@ -95,7 +115,12 @@ _ENCODED_REFERENCES = LRU(max_bytes=ENCODED_REFERENCE_CACHE_BYTES)
 def read_row_group(path: str, group: int, columns: list[str]) -> tuple[pa.Table, int]:
     """Some columns of one row group, and the bytes read from the file for them: their column
     chunks, plus the footer the first time this process opens the file (footers are kept, by
-    path, size and modification time: a file written anew is read anew)."""
+    path, size and modification time: a file written anew is read anew). Tried again, the file
+    opened anew, on an error of storage that passes (``retried``)."""
+    return retried(_read_row_group, path, group, columns)
+
+
+def _read_row_group(path: str, group: int, columns: list[str]) -> tuple[pa.Table, int]:
     with _CountingFile(path) as file:
         stat = os.fstat(file.fileno())
         key = (path, stat.st_size, stat.st_mtime_ns)
@@ -159,7 +184,7 @@ def _store_references(name: str | None, rows: dict) -> None:
 
 
 def file_version(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
+    stat = retried(os.stat, path)
     return stat.st_size, stat.st_mtime_ns
 
 
@@ -190,7 +215,12 @@ def _encoded_references(keys: list[tuple[str, int, int]], store: str | None = No
             groups[key[:2]].append(key[2])
     read, new = 0, {}
     for (path, group), rows in groups.items():
-        table, nbytes = read_row_group(path, group, list(REFERENCE_COLUMNS))
+        try:
+            table, nbytes = read_row_group(path, group, list(REFERENCE_COLUMNS))
+        except (OSError, pa.ArrowException, ValueError) as exc:  # as the samples' own row groups
+            from disco.pipeline.store.reader import damaged
+
+            raise DataError(f"{damaged(path, exc)} (row group {group})") from None
         read += nbytes
         for r in rows:
             values = tuple(table.column(c)[r].as_py() for c in REFERENCE_COLUMNS)
@@ -220,19 +250,29 @@ def read_samples(spec: pa.Table, stage: str, block: int, store: str | None = Non
         from disco.pipeline.store.pose import KEYPOINT_COLUMNS
 
         columns += KEYPOINT_COLUMNS
+    rows = spec.column("row").to_numpy()
+    last: dict = {}  # the last row the samples take of each row group
+    for key, row in zip(zip(paths, groups), rows.tolist()):
+        last[key] = max(last.get(key, -1), row)
     parts, offsets, read, base = [], {}, 0, 0
-    for key in dict.fromkeys(zip(paths, groups)):
+    for key in last:
         try:
             table, nbytes = read_row_group(key[0], key[1], columns)
         except (OSError, pa.ArrowException, ValueError) as exc:  # pages damaged behind a good footer
             from disco.pipeline.store.reader import damaged
 
             raise DataError(f"{damaged(key[0], exc)} (row group {key[1]})") from None
+        if last[key] >= table.num_rows:  # every restart would read the same stale index: the run stops
+            from disco.pipeline.errors import STOPS_THE_RUN
+
+            raise DataError(f"{STOPS_THE_RUN} {key[0]} changed while the run trains: its row group {key[1]} holds "
+                            f"{table.num_rows} rows, the run's index knew {last[key] + 1} or more (a shard written "
+                            "anew in place); resume the run (--resume) to index the data as it is now")
         offsets[key] = base
         base += table.num_rows
         parts.append(table)
         read += nbytes
-    where = np.array([offsets[key] for key in zip(paths, groups)], np.int64) + spec.column("row").to_numpy()
+    where = np.array([offsets[key] for key in zip(paths, groups)], np.int64) + rows
     taken = pa.concat_tables(parts).take(pa.array(where))
     n = spec.num_rows
     out = {"position": spec.column("position"), "image": taken.column("image")}
