@@ -137,6 +137,11 @@ class Frechet:
         if min(self.counts.values()) < 2:
             raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {self.counts[False]} "
                              f"predicted and {self.counts[True]} real")
+        # Non-finite sums go no further: LAPACK's eigenvalue routine, given NaN, can end the whole
+        # process with a segmentation fault (torch 2.14's eigvals on some CPUs), every score lost.
+        if not all(torch.isfinite(state).all() for state in self.metric.metric_state.values()
+                   if torch.is_floating_point(state)):
+            finite_distance(math.nan)
         # The distance is >= 0; identical sets give rounding noise either side of 0.
         return max(0.0, finite_distance(float(self.metric.compute().double())))
 
