@@ -51,8 +51,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         log(f"this machine runs a Ray cluster ({running}); starting a private instance anyway: pass "
             "--ray-address auto to run on that cluster")
     with loopback_only(), _free_agent_port():
-        # "local": a new instance, never one that `ray start` left in /tmp/ray/ray_current_cluster.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
+        # "local": a new instance, never the cluster `ray start` recorded (``ray_address_file``).
+        # CPUs as Ray counts them unless given: a container's CPU quota, where os.cpu_count() is
+        # the host's cores (64 actors planned on a 2-CPU pod).
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=_runtime_env(True), **common)
 
 
@@ -352,10 +354,22 @@ def _wait_until_reachable(address: str, timeout: float) -> None:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+def ray_address_file() -> str:
+    """Where `ray start` records its cluster's address on this machine: under RAY_TMPDIR, else
+    TMPDIR, else /tmp (Ray's own rule; a fixed /tmp/ray missed it wherever TMPDIR is set)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return get_ray_address_file(None)
+    except (ImportError, AttributeError, TypeError):  # Ray moved it: its rule, by hand
+        temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return os.path.join(temp, "ray", "ray_current_cluster")
+
+
 def _cluster_on_this_machine() -> str | None:
     """The address `ray start` recorded here, if its cluster is still up."""
     try:
-        recorded = open("/tmp/ray/ray_current_cluster", encoding="utf-8").read().strip()
+        recorded = open(ray_address_file(), encoding="utf-8").read().strip()
     except OSError:
         return None
     try:

@@ -16,6 +16,10 @@ os.environ.setdefault("DISCO_NCCL_GUARD", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The suite's own annotator backend (annotator_plugin.py) must be importable by Ray's workers, as a
 # user's plugin module must be on every node: the tests folder on the path of every process.
+# What a CI machine may have set for its own work: a cluster to join (the suite starts its own
+# instances on loopback) and the network interface of collectives (the tests keep them on lo).
+for _name in ("RAY_ADDRESS", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+    os.environ.pop(_name, None)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
 
 

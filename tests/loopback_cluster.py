@@ -37,7 +37,9 @@ def _serve(head_cpus: int, dashboard: bool, keep_current: bool) -> None:
     nodes = {}
     # The head recorded itself as "the latest cluster", which a plain ray.init() elsewhere on this
     # machine would join: take that back, unless the test wants a machine that runs a cluster.
-    current = "/tmp/ray/ray_current_cluster"
+    from disco.pipeline.cluster import ray_address_file
+
+    current = ray_address_file()
     if not keep_current and os.path.exists(current) and open(current).read().strip() == cluster.address:
         os.remove(current)
     print(f"address {cluster.address}", flush=True)

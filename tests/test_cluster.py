@@ -346,6 +346,47 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
         assert "127.0.0.1" in {a.address for a in addresses[interface]}
 
 
+def test_a_private_instance_counts_the_cpus_a_container_grants_not_the_hosts():
+    """In a pod limited to one CPU on a host of many, Ray counts one (its cgroup rule), while
+    ``os.cpu_count()`` gives the host's cores: the private instance took those, and preprocessing
+    planned an actor per host core on one CPU's time. The container is played by Ray's own quota
+    reader saying 1 on this 2-core machine."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a machine of 2 cores or more")
+    script = ("import ray._private.utils as utils\n"
+              "utils._get_docker_cpus = lambda *a, **k: 1.0\n"
+              "from disco.pipeline.cluster import init_ray\n"
+              "init_ray(None)\n"
+              "import ray\n"
+              "print('cpus', ray.cluster_resources().get('CPU'))\n"
+              "ray.shutdown()\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RAY_ADDRESS": ""},
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cpus 1.0" in done.stdout.splitlines(), done.stdout
+
+
+def test_the_cluster_that_ray_start_recorded_is_found_under_tmpdir(tmp_path, monkeypatch):
+    """``ray start`` records its address under $TMPDIR/ray when TMPDIR is set (Ray's rule on
+    Linux): read from a fixed /tmp/ray, the "this machine runs a Ray cluster ... --ray-address
+    auto" hint never came."""
+    import socket
+
+    from disco.pipeline import cluster
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert cluster.ray_address_file() == str(tmp_path / "ray" / "ray_current_cluster")
+    with socket.socket() as listener:  # a GCS that answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
+        assert cluster._cluster_on_this_machine() == address
+    assert cluster._cluster_on_this_machine() is None  # no longer up
+
+
 def test_a_loopback_address_is_a_loopback_cluster_only_when_every_node_is_on_loopback(ray_local, monkeypatch):
     """The head node of a real cluster answers at localhost too: joined that way, the driver and
     the training workers' gloo / NCCL sockets must not be kept on loopback, where the other nodes

@@ -22,13 +22,13 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 # because the tiny random VAE's latents are mostly sampling noise that no condition predicts, and
 # the pose enters through two zero-initialised layers. So its sign here says nothing: what the test
 # holds is that training moved it off the exact 0 it starts at (the branch's residuals are zero
-# before its first update) at both evaluations, by more than float32 can blur a difference of two
-# losses of about 0.08 (its resolution there is about 1e-8; the margin is 10x that and about a tenth of
-# the smallest gap either machine measured), and that the run without the pose branch gives exactly 0.
+# before its first update) at both evaluations, and that the run without the pose branch gives
+# exactly 0. Any nonzero gap counts: a branch that changes nothing computes the same loss twice,
+# bit for bit, and how far off 0 a working one lands depends on the CPU's rounding (the gap crossed
+# 0 between evaluations on one machine: a margin could catch another CPU at the crossing).
 RUN = dict(stage="finetune", model="tiny", resolution=32, batch_size=4, max_steps=150, schedule_steps=300, lr=5e-3,
            warmup_steps=0, augment=False, eval_every=100, eval_rows=8, log_every=10, checkpoint_every=100000,
            sample_every=100000, sample_steps=2)
-POSE_GAP_MARGIN = 1e-7
 GAPS = ("eval/loss", "eval/gap_pose", "eval/gap_background", "eval/gap_reference")
 
 
@@ -71,7 +71,7 @@ def test_a_run_overfits_its_rows_its_pose_gap_leaves_zero_and_is_zero_with_the_p
     assert last["gap_pose"] == evaluations[-1]["eval/gap_pose"]
     # The fixture has no test rows: a fixed slice of the training rows, said so.
     assert (summary["eval"]["split"], summary["eval"]["held_out"], summary["eval"]["rows"]) == ("train", False, 8)
-    assert all(abs(m["eval/gap_pose"]) > POSE_GAP_MARGIN for m in evaluations), evaluations
+    assert all(m["eval/gap_pose"] != 0 for m in evaluations), evaluations
     # TensorBoard: the evaluation's own group.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -282,7 +282,10 @@ def test_the_disco_protocols_fid_is_what_python_m_pytorch_fid_prints(sets, incep
         official = fid_score.calculate_fid_given_paths([str(flat["pred"]), str(flat["gt"])], batch_size=50,
                                                        device="cpu", dims=64, num_workers=0)
     assert official > 1e-3  # shifted, noised frames
-    assert report["metrics"]["fid"] == pytest.approx(official, rel=1e-6)
+    # Batches of 5 against pytorch-fid's 50: a CPU's convolution kernels may round features
+    # otherwise per batch size (and the distance is a difference of near-equal terms); another
+    # convention (resize, weights, layer) moves it by percents.
+    assert report["metrics"]["fid"] == pytest.approx(official, rel=1e-4)
 
 
 def test_a_long_sequence_of_frame_files_is_read_part_by_part_and_scores_the_same(tmp_path, monkeypatch):
@@ -317,7 +320,8 @@ def test_a_long_sequence_of_frame_files_is_read_part_by_part_and_scores_the_same
         clips = whole["counts"]["clips"]
         assert clips == (26 if protocol == "ours" else {"fid-vid": 26, "fvd": 26})  # windows 0..25
         for metric in metrics:
-            assert parts["metrics"][metric] == pytest.approx(whole["metrics"][metric], rel=1e-6), (protocol, metric)
+            # (batches cut otherwise by the parts: rounding may differ with the CPU's kernels)
+            assert parts["metrics"][metric] == pytest.approx(whole["metrics"][metric], rel=1e-5), (protocol, metric)
     # A frame of another size in a later part is refused as in one read.
     odd = np.ascontiguousarray(pred[30, :24, :24])
     write_frames(tmp_path / "odd", odd[None])[0].rename(tmp_path / "pred" / "000030.png")

@@ -954,6 +954,7 @@ def test_the_default_device_is_the_gpu_where_there_is_one(monkeypatch):
     from disco.model.precision import resolve_device
 
     assert GenerateConfig.device == EvaluateConfig.device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (a machine with a GPU runs this too)
     assert resolve_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"

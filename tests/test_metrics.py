@@ -320,7 +320,8 @@ def test_real_frames_of_another_shape_are_refused_or_squared_as_generate_does(fr
     assert cropped["metrics"] == by_hand["metrics"] and 20 < cropped["metrics"]["psnr"] < 100
 
 
-def test_the_report_records_scores_counts_and_settings(folders, tmp_path):
+def test_the_report_records_scores_counts_and_settings(folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device auto: the CPU here
     config = EvaluateConfig(output=tmp_path / "m.json", pred=folders / "shift", gt=folders / "gt",
                             metrics=["fid", "ssim", "fvd"])
     report = evaluate(config, networks=NETS, log=lambda m: None)
