@@ -71,6 +71,14 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
     return sequences
 
 
+def shown(name: str, item: list[Path] | Path) -> str:
+    """A sequence's name in a message: a lone video or frames folder (named ``"."``) by its own
+    name ('.' named nothing)."""
+    if name != ".":
+        return repr(name)
+    return repr((item if isinstance(item, Path) else item[0].parent).name)
+
+
 def frame_order(path: Path) -> tuple:
     """A frame file's place in time: its name's numbers as numbers (``frame_2`` before
     ``frame_10``; by text, the video metrics' 16-frame windows were cut from shuffled frames)."""
@@ -187,7 +195,7 @@ def sequence_parts(name: str, item_pred: list[Path] | Path, item_gt: list[Path] 
         return
     pred, gt = _Sequence(item_pred), _Sequence(item_gt)
     if pred.length != gt.length:
-        raise EvaluateInputError(f"{name!r}: {pred.length} predicted frames but {gt.length} real ones")
+        raise EvaluateInputError(f"{shown(name, item_pred)}: {pred.length} predicted frames but {gt.length} real ones")
     largest = max(pred.size[0] * pred.size[1], gt.size[0] * gt.size[1])  # (pred is resized to gt's size)
     chunk = max(1, min(CHUNK_FRAMES, CHUNK_PIXELS // max(1, largest)))
     kept, read_to = None, 0
@@ -219,7 +227,7 @@ def pair_sequences(pred: Path, gt: Path) -> list[tuple[str, list[Path] | Path, l
             names_a, names_b = [p.name for p in a[name]], [p.name for p in b[name]]
             if [p.stem for p in a[name]] != [p.stem for p in b[name]]:
                 missing = sorted({p.stem for p in a[name]} ^ {p.stem for p in b[name]})
-                raise EvaluateInputError(f"frames of {name!r} do not match by name between --pred and --gt "
+                raise EvaluateInputError(f"frames of {shown(name, a[name])} do not match by name between --pred and --gt "
                                          f"({len(names_a)} vs {len(names_b)}; e.g. {missing[:3]})")
         pairs.append((name, a[name], b[name]))
     return pairs
@@ -233,7 +241,7 @@ def check_framing(name: str, pred: np.ndarray, gt: np.ndarray, tolerance: float 
     (ph, pw), (gh, gw) = pred.shape[:2], gt.shape[:2]
     if abs((pw / ph) / (gw / gh) - 1) > tolerance:
         raise EvaluateInputError(
-            f"{name!r}: predicted frames are {pw} x {ph}, real ones {gw} x {gh}: another shape, which resizing "
+            f"{name}: predicted frames are {pw} x {ph}, real ones {gw} x {gh}: another shape, which resizing "
             "would stretch; pass --square-gt where the predictions are squares from `generate` (it centre-crops "
             "its inputs the same way), or give real frames framed as the predictions")
 
@@ -296,9 +304,10 @@ def score(pred: Path, gt: Path, metrics: list[str], networks: dict[str, torch.nn
             if square_gt:
                 gt_frames = np.stack([square(g, min(g.shape[:2])) for g in gt_frames])
             if len(pred_frames) != len(gt_frames):
-                raise EvaluateInputError(f"{name!r}: {len(pred_frames)} predicted frames but {len(gt_frames)} real ones")
+                raise EvaluateInputError(f"{shown(name, item_pred)}: {len(pred_frames)} predicted frames but "
+                                         f"{len(gt_frames)} real ones")
             if part == 0:
-                check_framing(name, pred_frames[0], gt_frames[0])
+                check_framing(shown(name, item_pred), pred_frames[0], gt_frames[0])
             pred_frames = np.stack([M.match_size(p, g) for p, g in zip(pred_frames, gt_frames)])
             frames += own
             sizes.update(f"{g.shape[1]}x{g.shape[0]}" for g in gt_frames[:own])

@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import tempfile
 import threading
 import warnings
@@ -208,8 +209,27 @@ def _open_video(path: Path, **kwargs):
         text = str(exc)
         if "cannot find video stream" in text:  # FFmpeg found streams, none of them video
             raise InputError("decode", "no_video_stream", "the file holds no video stream (audio only?)") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise InputError("decode", "corrupt_video", f"cannot open the video: {first}") from None
+        if any(sign in text for sign in _CUT_OR_DAMAGED):
+            raise InputError("decode", "corrupt_video", "cannot open the video: the file is cut short or damaged "
+                             f"(FFmpeg reads invalid data: {decord_message(exc)})") from None
+        raise InputError("decode", "corrupt_video", f"cannot open the video: {decord_message(exc)}") from None
+
+
+# decord's words where FFmpeg found invalid data opening a file (AVERROR_INVALIDDATA is
+# -1094995529): a download cut short (its index missing, or a packet cut in two) or damaged.
+_CUT_OR_DAMAGED = ("1094995529", "Invalid data found", "moov atom not found")
+
+
+# decord prefixes each message with the time and its source file, once per layer it passed
+# ("[22:23:59] /github/workspace/src/video/ffmpeg/threaded_decoder.cc:292: "), a user's error row too.
+_DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def decord_message(exc: BaseException) -> str:
+    """The first line of a decord error, without decord's time and source-file prefixes."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return _DECORD_PREFIX.sub("", first).strip() or type(exc).__name__
 
 
 def open_video(path: str | Path, width: int, height: int):
@@ -245,7 +265,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     try:
         height, width = reader[0].shape[:2]
     except Exception as exc:  # decord raises a bare DECORDError subclass of RuntimeError
-        raise InputError("decode", "corrupt_video", f"cannot decode the first frame: {exc}") from None
+        raise InputError("decode", "corrupt_video", f"cannot decode the first frame: {decord_message(exc)}") from None
     try:  # read from the container's index: nothing is decoded
         times = tuple(float(t) for t in reader.get_frame_timestamp(list(range(num_frames)))[:, 0])
     except Exception:  # noqa: BLE001 - without timestamps, frame numbers at the average rate
@@ -357,6 +377,48 @@ def decode_video_frames(
     except Exception as exc:
         first, last = indices[0], indices[-1]
         raise InputError(
-            "decode", "decode_failed", f"frames {first}..{last}: {str(exc).splitlines()[0]}"
+            "decode", "decode_failed", f"frames {first}..{last}: {decord_message(exc)}"
         ) from None
     return frames, times
+
+
+# Readers a segment that failed as a whole may open to decode frame by frame. decord reads a
+# file's packet index on opening (a long video: seconds): a video that fails everywhere must not
+# cost each of its segments a reader per frame.
+SALVAGE_OPENS = 2
+
+
+def salvage_video_frames(path: str | Path, indices: list[int], width: int, height: int):
+    """After a batch of ``indices`` failed to decode: the frames that still do, one at a time on
+    one reader. A download cut short decodes up to where it ends (decoded as one batch, the first
+    missing packet lost every frame of the segment). A frame that fails is tried once more on a
+    fresh reader (decord's decoding thread reads ahead, and a bad packet a few frames on can fail
+    a good frame now and then); past ``SALVAGE_OPENS`` readers, the frames left count as failed.
+    Returns the decoded frames as (position in ``indices``, frame, time), and the failures as
+    InputErrors, one per run of consecutive frames that do not decode."""
+    decoded, failed, run = [], [], None
+    reader, opens, message = None, 0, ""
+
+    def close_run(last: int) -> None:
+        if run is not None:
+            failed.append(InputError("decode", "decode_failed", f"frames {indices[run]}..{indices[last]} do not "
+                                     f"decode (the file is cut short or damaged there): {message}"))
+
+    for position, index in enumerate(indices):
+        frames = None
+        while frames is None and (reader is not None or opens < SALVAGE_OPENS):
+            try:
+                if reader is None:
+                    opens += 1
+                    reader = open_video(path, width, height)
+                frames, times = decode_video_frames(path, [index], width, height, reader)
+            except InputError as exc:
+                reader, message = None, exc.message.split(": ", 1)[-1]
+        if frames is None:
+            run = position if run is None else run
+            continue
+        close_run(position - 1)
+        run = None
+        decoded.append((position, frames[0], times[0]))
+    close_run(len(indices) - 1)
+    return decoded, failed

@@ -23,13 +23,14 @@ from disco.pipeline.decode import (
     decode_video_frames,
     load_image,
     probe_video,
+    salvage_video_frames,
     target_size,
 )
 from disco.pipeline.annotators import SEQUENCE_KINDS, Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.store.encode import build_row
 from disco.pipeline.device_loss import raise_if_device_lost
-from disco.pipeline.errors import error_record, failed_unit, input_error, out_of_gpu_memory
+from disco.pipeline.errors import InputError, error_record, failed_unit, input_error, out_of_gpu_memory
 from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.store.schema import TRIPLET_SCHEMA, sample_id
 from disco.pipeline.sources.generic import local_path
@@ -93,20 +94,33 @@ def decode_unit(unit: dict, settings: dict, videos: LastVideo | None = None) -> 
             return [Frame(0, None, image, unit)], errors
         if unit["kind"] in dataset_units.KINDS:
             return dataset_units.decode_unit(unit, settings, errors), errors
-        decoded, times = _decode_segment(unit, videos)
-        return [Frame(int(unit["frame_start"]) + i, times[i], decoded[i], unit) for i in range(len(decoded))], errors
+        decoded = _decode_segment(unit, videos, errors)
+        return [Frame(int(unit["frame_start"]) + i, time, frame, unit) for i, frame, time in decoded], errors
     except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
         return [], errors + [frame_error("decode", exc, path)]
 
 
-def _decode_segment(unit: dict, videos: LastVideo | None):
+def _decode_segment(unit: dict, videos: LastVideo | None, errors: list[dict]) -> list[tuple[int, np.ndarray, float]]:
+    """The segment's frames as (position in the unit, frame, time). Where the segment does not
+    decode as a whole, the frames that do are kept, and each run of frames that does not is an
+    errors row (``salvage_video_frames``); none decoding, the segment's one error is raised."""
     path, width, height = local_path(unit), int(unit["width"]), int(unit["height"])
-    if videos is None:
-        return decode_video_frames(path, list(unit["src_indices"]), width, height)
+    indices = list(unit["src_indices"])
     try:
-        return decode_video_frames(path, list(unit["src_indices"]), width, height, videos.reader(path, width, height))
+        frames, times = decode_video_frames(path, indices, width, height,
+                                            None if videos is None else videos.reader(path, width, height))
+        return [(i, frames[i], times[i]) for i in range(len(frames))]
+    except InputError:
+        if videos is not None:
+            videos.close()
+        decoded, failed = salvage_video_frames(path, indices, width, height)
+        if not decoded:
+            raise
+        errors.extend(error_record(e.stage, e.error_type, e.message, unit["input_path"]) for e in failed)
+        return decoded
     except BaseException:
-        videos.close()
+        if videos is not None:
+            videos.close()
         raise
 
 

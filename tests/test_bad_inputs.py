@@ -189,6 +189,71 @@ def test_decoding_never_raises_whatever_the_bytes(tmp_path):
     assert outcomes["frames"] and outcomes["errors"]
 
 
+def _faststart_clip(path: Path, frames: list[np.ndarray], fps: int) -> Path:
+    """H.264 with its index at the front (``+faststart``, as web downloads are) and a keyframe
+    every 10 frames: cut short, it still opens, and its first frames still decode."""
+    import av
+
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.codec_context.gop_size = 10
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def test_a_download_cut_short_keeps_the_frames_before_the_cut(tmp_path):
+    """A video whose last part never arrived (its index at the front) opens, and its frames up to
+    the cut decode: its segment was decoded as one batch, and the first missing packet lost every
+    frame of it, the error row in decord's words. Now the frames that decode are rows, equal to the
+    whole file's, and the run of frames past the cut is one errors row saying so."""
+    from disco.pipeline.decode import LastVideo
+    from disco.pipeline.demo_data import pan_zoom_frames
+
+    import av
+
+    if "libx264" not in av.codecs_available:
+        pytest.skip("PyAV without libx264")
+    settings = {"max_side": 96, "min_side": 1, "max_pixels": 89_478_485, "fps": 30.0, "segment_frames": 16}
+    whole = _faststart_clip(tmp_path / "whole.mp4", pan_zoom_frames(data.astronaut(), 40, 256), 30)
+    with av.open(str(whole)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+    # Cut inside frame 20's keyframe: the file still opens (cut inside a small packet, FFmpeg's
+    # reader fails at once and the video cannot be opened: its one errors row).
+    assert packets[20].is_keyframe
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[:packets[20].pos + packets[20].size // 2])
+
+    def decoded(path: Path, videos=None):
+        item = list_inputs("video", path, "train").items[0].to_dict()
+        frames, errors = [], []
+        for unit in plan_units(item, settings):
+            got, unit_errors = decode_unit(unit, settings, videos)
+            frames += got
+            errors += unit_errors
+        return {f.index: f for f in frames}, errors
+
+    reference, errors = decoded(whole)
+    assert sorted(reference) == list(range(40)) and not errors
+    for videos in (None, LastVideo()):  # opened per segment, and kept open from one to the next
+        frames, errors = decoded(cut, videos)
+        kept = sorted(frames)
+        assert kept == list(range(len(kept))), kept  # every frame up to the cut...
+        assert settings["segment_frames"] < len(kept) < 40, kept  # ... those of the segment it falls in too
+        for index in kept:
+            assert np.array_equal(frames[index].picture, reference[index].picture), index
+            assert frames[index].timestamp == reference[index].timestamp
+        assert errors and all(e["error_type"] == "decode_failed" and "cut short" in e["message"] for e in errors)
+        assert not any("workspace" in e["message"] or ".cc:" in e["message"] for e in errors), errors
+        # Every frame the cut file lists is a row or named in an errors row: the last ones failed.
+        named = [range(int(a), int(b) + 1) for a, b in
+                 (e["message"].split(" do not")[0].removeprefix("frames ").split("..") for e in errors)]
+        listed = probe_video(cut).num_frames
+        assert sorted(i for r in named for i in r) == list(range(len(kept), listed)), errors
+
+
 # -- videos: time, audio, GIFs --------------------------------------------------------------------------
 
 def _vfr_clip(path: Path, gaps_ms: list[int]) -> list[float]:

@@ -318,6 +318,17 @@ def test_real_frames_of_another_shape_are_refused_or_squared_as_generate_does(fr
     cropped = score(tmp_path / "pred", tmp_path / "gt", ["psnr", "ssim"], {}, square_gt=True)
     by_hand = score(tmp_path / "pred", tmp_path / "squares", ["psnr", "ssim"], {})
     assert cropped["metrics"] == by_hand["metrics"] and 20 < cropped["metrics"]["psnr"] < 100
+    # A lone video or frames folder on each side is named by its own name ('.' named nothing).
+    import cv2
+
+    large = [cv2.resize(f, (96, 64)) for f in wide]  # (decord cannot read a video 48 wide)
+    write_video(tmp_path / "gen.mp4", [square(f, 64) for f in large], 10)
+    write_video(tmp_path / "real.mp4", large, 10)
+    with pytest.raises(EvaluateInputError, match=r"^'gen\.mp4': predicted frames are 64 x 64"):
+        score(tmp_path / "gen.mp4", tmp_path / "real.mp4", ["psnr"], {})
+    write_frames(tmp_path / "short", wide[:11])
+    with pytest.raises(EvaluateInputError, match=r"^frames of 'clip' do not match by name .*\(20 vs 11"):
+        score(tmp_path / "pred" / "clip", tmp_path / "short", ["psnr"], {})
 
 
 def test_the_report_records_scores_counts_and_settings(folders, tmp_path, monkeypatch):
