@@ -252,6 +252,11 @@ def test_a_download_cut_short_keeps_the_frames_before_the_cut(tmp_path):
                  (e["message"].split(" do not")[0].removeprefix("frames ").split("..") for e in errors)]
         listed = probe_video(cut).num_frames
         assert sorted(i for r in named for i in r) == list(range(len(kept), listed)), errors
+    # generate's pose video and evaluate's real one, read whole: which frames, and why.
+    from disco.generate.video import read_video
+
+    with pytest.raises(InputError, match=r"^frames \d+\.\.\d+ do not decode \(the file is cut short or damaged"):
+        read_video(cut)
 
 
 # -- videos: time, audio, GIFs --------------------------------------------------------------------------
