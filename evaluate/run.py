@@ -76,7 +76,7 @@ def shown(name: str, item: list[Path] | Path) -> str:
     name ('.' named nothing)."""
     if name != ".":
         return repr(name)
-    return repr((item if isinstance(item, Path) else item[0].parent).name)
+    return repr((item if isinstance(item, Path) else item[0].parent).resolve().name)
 
 
 def frame_order(path: Path) -> tuple:
@@ -165,11 +165,11 @@ class _Sequence:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         if isinstance(self.item, Path):
-            from disco.pipeline.decode import decode_video_frames
+            from disco.pipeline.decode import decode_every_frame
             from disco.pipeline.errors import InputError
 
             try:
-                frames = decode_video_frames(self.item, list(range(start, stop)), *self.size, self.video)[0]
+                frames = decode_every_frame(self.item, list(range(start, stop)), *self.size, self.video)[0]
             except InputError as exc:
                 raise EvaluateInputError(f"{self.item}: {exc.message}") from None
         else:

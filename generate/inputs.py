@@ -16,7 +16,7 @@ import numpy as np
 from disco.model.conditioning import square
 from disco.generate.config import GenerateInputError
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.decode import (cover_size, decode_video_frames, load_image, open_video, probe_video,
+from disco.pipeline.decode import (cover_size, decode_every_frame, load_image, open_video, probe_video,
                                    resample_sequence, shrink_square, target_size)
 from disco.pipeline.store.encode import decode_picture, split_person
 from disco.pipeline.errors import InputError
@@ -180,7 +180,7 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     try:
         video = open_video(path, width, height)  # once: read in order, batch after batch
         for start in range(0, len(indices), batch):
-            decoded, _ = decode_video_frames(path, indices[start:start + batch], width, height, video)
+            decoded, _ = decode_every_frame(path, indices[start:start + batch], width, height, video)
             for offset, frame in enumerate(decoded):
                 if begin_unit is not None and (start + offset) % UNIT_FRAMES == 0:
                     begin_unit({"kind": "video", "path": str(path), "frame_start": start + offset})

@@ -61,19 +61,10 @@ def write_video(path: str | Path, frames, fps: float) -> Path:
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     """All frames of a video as N x H x W x 3 uint8 RGB, and its frame rate."""
-    from disco.pipeline.decode import decode_video_frames, probe_video, salvage_video_frames
-    from disco.pipeline.errors import InputError
+    from disco.pipeline.decode import decode_every_frame, probe_video
 
     info = probe_video(path)
-    indices = list(range(info.num_frames))
-    try:
-        frames, _ = decode_video_frames(path, indices, info.width, info.height)
-    except InputError:
-        # Which frames fail, said in the error: a video cut short fails from where it ends.
-        decoded, failed = salvage_video_frames(path, indices, info.width, info.height)
-        if failed:
-            raise failed[0] from None
-        frames = np.stack([frame for _, frame, _ in decoded])  # (every one decodes on its own)
+    frames, _ = decode_every_frame(path, list(range(info.num_frames)), info.width, info.height)
     return frames, info.fps
 
 

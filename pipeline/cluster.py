@@ -5,11 +5,13 @@ the worker settings every job ships, merged with a job's own runtime env."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -52,9 +54,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
             "--ray-address auto to run on that cluster")
     with loopback_only(), _free_agent_port():
         # "local": a new instance, never the cluster `ray start` recorded (``ray_address_file``).
-        # CPUs as Ray counts them unless given: a container's CPU quota, where os.cpu_count() is
-        # the host's cores (64 actors planned on a 2-CPU pod).
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+        ray.init(address="local", num_cpus=local_cpus() if num_cpus is None else num_cpus, num_gpus=num_gpus,
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=_runtime_env(True), **common)
 
 
@@ -354,16 +354,32 @@ def _wait_until_reachable(address: str, timeout: float) -> None:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+def local_cpus() -> int:
+    """The CPUs a private instance declares: what this process may use, a container's CPU quota
+    (Ray's cgroup rule) included, where ``os.cpu_count()`` is the host's cores (64 actors planned
+    in a 2-CPU pod); at least 1 (Ray rounds a quota of 0.5 down to 0, where nothing would start)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        counted = get_num_cpus(override_docker_cpu_warning=True)
+    except Exception:  # noqa: BLE001 - Ray moved it: the cores this process may run on
+        counted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, int(counted or 1))
+
+
 def ray_address_file() -> str:
     """Where `ray start` records its cluster's address on this machine: under RAY_TMPDIR, else
     TMPDIR, else /tmp (Ray's own rule; a fixed /tmp/ray missed it wherever TMPDIR is set)."""
-    try:
-        from ray._common.utils import get_ray_address_file
-
-        return get_ray_address_file(None)
-    except (ImportError, AttributeError, TypeError):  # Ray moved it: its rule, by hand
-        temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-        return os.path.join(temp, "ray", "ray_current_cluster")
+    for module in ("ray._common.utils", "ray._private.utils"):  # (where Ray 2.60, then older ones, keep it)
+        try:
+            return importlib.import_module(module).get_ray_address_file(None)
+        except (ImportError, AttributeError, TypeError):
+            continue
+    if "RAY_TMPDIR" in os.environ:  # Ray's rule, by hand
+        temp = os.environ["RAY_TMPDIR"]
+    else:
+        temp = os.environ["TMPDIR"] if sys.platform.startswith("linux") and "TMPDIR" in os.environ else "/tmp"
+    return os.path.join(temp, "ray", "ray_current_cluster")
 
 
 def _cluster_on_this_machine() -> str | None:

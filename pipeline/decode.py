@@ -211,7 +211,7 @@ def _open_video(path: Path, **kwargs):
             raise InputError("decode", "no_video_stream", "the file holds no video stream (audio only?)") from None
         if any(sign in text for sign in _CUT_OR_DAMAGED):
             raise InputError("decode", "corrupt_video", "cannot open the video: the file is cut short or damaged "
-                             f"(FFmpeg reads invalid data: {decord_message(exc)})") from None
+                             "(FFmpeg reads invalid data)") from None
         raise InputError("decode", "corrupt_video", f"cannot open the video: {decord_message(exc)}") from None
 
 
@@ -226,8 +226,11 @@ _DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
 
 def decord_message(exc: BaseException) -> str:
-    """The first line of a decord error, without decord's time and source-file prefixes."""
+    """The first line of a decord error, without decord's time and source-file prefixes; FFmpeg's
+    "invalid data" (a file cut short or damaged) in those words, not decord's check that failed."""
     text = str(exc).strip()
+    if any(sign in text for sign in _CUT_OR_DAMAGED):
+        return "FFmpeg reads invalid data"
     first = text.splitlines()[0] if text else ""
     return _DECORD_PREFIX.sub("", first).strip() or type(exc).__name__
 
@@ -380,6 +383,23 @@ def decode_video_frames(
             "decode", "decode_failed", f"frames {first}..{last}: {decord_message(exc)}"
         ) from None
     return frames, times
+
+
+def decode_every_frame(path: str | Path, indices: list[int], width: int, height: int,
+                       reader=None) -> tuple[np.ndarray, list[float]]:
+    """``decode_video_frames`` for a caller that needs every frame (generate's pose video,
+    evaluate's): where the batch fails, the error names the frames that do not decode (a video cut
+    short: from where it ends); a batch that failed though each frame decodes on its own is
+    returned whole."""
+    try:
+        return decode_video_frames(path, indices, width, height, reader)
+    except InputError:
+        decoded, failed = salvage_video_frames(path, indices, width, height)
+        if not decoded:
+            raise
+        if failed:
+            raise failed[0] from None
+        return np.stack([frame for _, frame, _ in decoded]), [time for _, _, time in decoded]
 
 
 # Readers a segment that failed as a whole may open to decode frame by frame. decord reads a

@@ -94,8 +94,8 @@ def preprocess(cfg: PreprocessConfig, progress=None, log=print) -> RunResult:
     if cluster_cuda is False and cfg.device == "auto" and cfg.resolved["device"] == "cpu":
         # A cluster whose GPU nodes are scaled to zero would do the whole data set on the CPU.
         log("the cluster has no GPU now, so this run uses CPU backends on every node; where an autoscaler adds GPU "
-            "nodes on demand, stop it (Ctrl-C, or `ray job stop` for a job) and pass --device cuda --actors N: the "
-            "actors' GPU requests bring them")
+            "nodes on demand, stop it (Ctrl-C, or `ray job stop JOB_ID` for a job) and pass --device cuda "
+            "--actors N: the actors' GPU requests bring them")
     store = OutputStore(cfg.output)
     with store.locked():
         return _preprocess_locked(cfg, store, progress, log)

@@ -347,14 +347,15 @@ def test_the_private_local_instance_listens_on_loopback_only(ray_local):
 
 
 def test_a_private_instance_counts_the_cpus_a_container_grants_not_the_hosts():
-    """In a pod limited to one CPU on a host of many, Ray counts one (its cgroup rule), while
-    ``os.cpu_count()`` gives the host's cores: the private instance took those, and preprocessing
-    planned an actor per host core on one CPU's time. The container is played by Ray's own quota
-    reader saying 1 on this 2-core machine."""
+    """In a pod limited to part of a CPU on a host of many, the private instance took the host's
+    cores (``os.cpu_count()``), and preprocessing planned an actor per host core on a part of one
+    CPU's time. It declares what the quota grants, at least 1 (Ray rounds 0.5 down to 0, where
+    nothing would start). The container is played by Ray's own quota reader saying 0.5 on this
+    2-core machine."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs a machine of 2 cores or more")
     script = ("import ray._private.utils as utils\n"
-              "utils._get_docker_cpus = lambda *a, **k: 1.0\n"
+              "utils._get_docker_cpus = lambda *a, **k: 0.5\n"
               "from disco.pipeline.cluster import init_ray\n"
               "init_ray(None)\n"
               "import ray\n"

@@ -326,6 +326,11 @@ def test_real_frames_of_another_shape_are_refused_or_squared_as_generate_does(fr
     write_video(tmp_path / "real.mp4", large, 10)
     with pytest.raises(EvaluateInputError, match=r"^'gen\.mp4': predicted frames are 64 x 64"):
         score(tmp_path / "gen.mp4", tmp_path / "real.mp4", ["psnr"], {})
+    from pathlib import Path
+
+    from disco.evaluate.run import shown
+
+    assert shown(".", [Path("000000.png")]) == repr(Path.cwd().name)  # `--pred .`: the folder's name
     write_frames(tmp_path / "short", wide[:11])
     with pytest.raises(EvaluateInputError, match=r"^frames of 'clip' do not match by name .*\(20 vs 11"):
         score(tmp_path / "pred" / "clip", tmp_path / "short", ["psnr"], {})
