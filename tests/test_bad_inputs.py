@@ -195,7 +195,7 @@ def _faststart_clip(path: Path, frames: list[np.ndarray], fps: int) -> Path:
     import av
 
     with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream("libx264", rate=fps)
+        stream = out.add_stream("libx264", rate=fps, options={"x264-params": "scenecut=0"})  # keyframes every 10 only
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
         stream.codec_context.gop_size = 10
         for frame in frames:
