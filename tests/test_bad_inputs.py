@@ -204,27 +204,34 @@ def _faststart_clip(path: Path, frames: list[np.ndarray], fps: int) -> Path:
     return path
 
 
+def _cut_clip(folder: Path) -> tuple[Path, bytes]:
+    """A 40-frame 256 px clip (``_faststart_clip``) and its bytes cut inside frame 20's keyframe:
+    the file still opens (cut inside a small packet, FFmpeg's reader fails at once and the video
+    cannot be opened: its one errors row)."""
+    import av
+
+    if "libx264" not in av.codecs_available:
+        pytest.skip("PyAV without libx264")
+    from disco.pipeline.demo_data import pan_zoom_frames
+
+    whole = _faststart_clip(folder / "whole.mp4", pan_zoom_frames(data.astronaut(), 40, 256), 30)
+    with av.open(str(whole)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+    assert packets[20].is_keyframe
+    return whole, whole.read_bytes()[:packets[20].pos + packets[20].size // 2]
+
+
 def test_a_download_cut_short_keeps_the_frames_before_the_cut(tmp_path):
     """A video whose last part never arrived (its index at the front) opens, and its frames up to
     the cut decode: its segment was decoded as one batch, and the first missing packet lost every
     frame of it, the error row in decord's words. Now the frames that decode are rows, equal to the
     whole file's, and the run of frames past the cut is one errors row saying so."""
     from disco.pipeline.decode import LastVideo
-    from disco.pipeline.demo_data import pan_zoom_frames
 
-    import av
-
-    if "libx264" not in av.codecs_available:
-        pytest.skip("PyAV without libx264")
     settings = {"max_side": 96, "min_side": 1, "max_pixels": 89_478_485, "fps": 30.0, "segment_frames": 16}
-    whole = _faststart_clip(tmp_path / "whole.mp4", pan_zoom_frames(data.astronaut(), 40, 256), 30)
-    with av.open(str(whole)) as container:
-        packets = [p for p in container.demux(video=0) if p.size]
-    # Cut inside frame 20's keyframe: the file still opens (cut inside a small packet, FFmpeg's
-    # reader fails at once and the video cannot be opened: its one errors row).
-    assert packets[20].is_keyframe
+    whole, cut_bytes = _cut_clip(tmp_path)
     cut = tmp_path / "cut.mp4"
-    cut.write_bytes(whole.read_bytes()[:packets[20].pos + packets[20].size // 2])
+    cut.write_bytes(cut_bytes)
 
     def decoded(path: Path, videos=None):
         item = list_inputs("video", path, "train").items[0].to_dict()
@@ -262,6 +269,25 @@ def test_a_download_cut_short_keeps_the_frames_before_the_cut(tmp_path):
             read()
     frames, _ = decode_every_frame(cut, kept, 96, 96)  # the frames before the cut: all of them
     assert all(np.array_equal(frames[k], reference[k].picture) for k in kept)
+
+
+def test_a_download_cut_short_gives_its_rows_through_the_pipeline(tmp_path, ray_local):
+    """The same cut clip through `preprocess` (its Ray actors, the journal, the errors table): the
+    segment the cut falls in writes rows for its frames before the cut and one errors row; a run
+    again finds nothing left to do."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.mp4").write_bytes(_cut_clip(tmp_path)[1])
+    config = PreprocessConfig(source="video", input=tmp_path / "in", output=tmp_path / "out", max_side=96,
+                              segment_frames=16)
+    assert preprocess(config, log=lambda *_: None).exit_code == 0
+    frames = sorted(open_triplets(tmp_path / "out").to_table(columns=["frame_index"]).column("frame_index").to_pylist())
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    assert frames and max(frames) >= 16, frames  # rows from the segment the cut falls in
+    assert [(e["input_path"], e["error_type"]) for e in errors] == [("cut.mp4", "decode_failed")], errors
+    last = int(errors[0]["message"].split(" do not")[0].split("..")[1])
+    assert max(frames) < int(errors[0]["message"].removeprefix("frames ").split("..")[0]) <= last
+    again = preprocess(config, log=lambda *_: None)
+    assert again.exit_code == 0 and again.manifest["run"]["frames_processed"] == 0
 
 
 # -- videos: time, audio, GIFs --------------------------------------------------------------------------
