@@ -60,6 +60,11 @@ def pack_unit(unit: dict, frames: int, kept: list[MattedFrame], errors: list[dic
     }
 
 
+def matted_table(packed: list[dict]) -> pa.Table:
+    """The matting stage's output: its call's packed units as one table (one block)."""
+    return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
+
+
 def resource_records(held: dict[str, dict]) -> list[dict]:
     """{stage: what its actor held} as ``RESOURCES_TYPE`` records."""
     return [{"stage": stage, **resources} for stage, resources in held.items()]
@@ -112,28 +117,26 @@ class UnitWriter:
         return strikes.given_up(self.settings, self._call, "write",
                                 what=f"writing the shards of this unit's call ({len(units)} units)")
 
+    def writing(self):
+        """The window in which a death is a strike against this call (``start_call``)."""
+        if self._call is None:  # (no call started: the benchmark's plain loop)
+            return contextlib.nullcontext()
+        return strikes.strike_window(self.settings, self._call, "write")
+
     def add(self, result: UnitResult) -> None:
-        with self._writing():  # adding a unit writes a shard when it fills one
+        with self.writing():  # adding a unit writes a shard when it fills one
             self.writer.add_unit(result.rows, result.unit, result.errors, result.rejects)
 
     def commits(self, upstream: list[dict] = ()) -> pa.Table:
         """Flush what this call added; its commit records, with the resources that this actor and
         the upstream actors of its units held."""
-        with self._writing():
+        with self.writing():
             self.writer.flush()
         entries = list(self._entries)
         self._entries.clear()  # the writer appends to this very list
         resources = self.held + list(upstream)
         return pa.Table.from_pylist([{"entry": commit_record(e), "resources": resources} for e in entries],
                                     schema=COMMIT_SCHEMA)
-
-    @contextlib.contextmanager
-    def _writing(self):
-        attempt = strikes.begin(self.settings, self._call, "write") if self._call is not None else None
-        try:
-            yield
-        finally:  # (an error raised is no death: the call fails, its error the run's)
-            strikes.end(attempt)
 
 
 def _assigned_resources(gpu_ids: list[str] | None = None) -> dict:
@@ -304,14 +307,23 @@ class MattingStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # One table, one block, per call (``pools.matting_units_per_call`` sizes the calls).
+        units = batch.to_pylist()
+        # The call's frames are copied once more into its table, the stage's peak of memory: a
+        # process killed there (for memory) is a strike against the call, and after ``STRIKES``
+        # its units are errors rows; before, Ray ran the call again for ever.
+        call = strikes.call_of(units)
+        stopped = strikes.given_up(self.settings, call, "matting", what=f"packing the matted frames of this unit's "
+                                                                      f"call ({len(units)} units)")
         packed = []
-        for unit in batch.to_pylist():
+        for unit in units:
             def failed(exc, unit=unit):  # the unit's errors row travels to the writing stage
                 errors = failed_result(unit, "matting", exc).errors
                 return pack_unit(unit, 0, [], errors, Counter(), [], self.resources)
 
-            packed.append(unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed))
-        return pa.Table.from_pylist(packed, schema=PACKED_UNIT_SCHEMA)
+            packed.append(failed(stopped) if stopped is not None else
+                          unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed))
+        with strikes.strike_window(self.settings, call, "matting"):
+            return matted_table(packed)
 
     def _matte(self, unit: dict) -> dict:
         frames, errors = decode_unit(unit, self.settings, self.videos)
@@ -333,8 +345,12 @@ class PoseStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         upstream: list[dict] = []
-        records = [unpack_unit(record) for record in batch.to_pylist()]
-        stopped = self.out.start_call([record[0] for record in records])
+        stopped = self.out.start_call(batch.column("unit").to_pylist())
+        if stopped is not None:  # its frames are never unpacked again
+            records = [(unit, 0, [], [], Counter(), [], {}) for unit in batch.column("unit").to_pylist()]
+        else:
+            with self.out.writing():  # unpacking copies the call's frames once more: a death there is the call's
+                records = [unpack_unit(record) for record in batch.to_pylist()]
         for unit, frames, kept, errors, skipped, rejects, resources in records:
             for stage, held in resources.items():
                 if {"stage": stage, **held} not in upstream:

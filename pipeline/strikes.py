@@ -28,6 +28,7 @@ process; that death is a strike of its own kind (``unit_timeout``).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import hashlib
 import os
@@ -117,7 +118,7 @@ def _stuck_at(log: Path) -> str | None:
     if not text.strip():
         return None
     threads = text.split("\n\n")  # faulthandler's blocks, one per thread
-    ours = next((t for t in threads if "unit_result" in t or "_writing" in t), text)
+    ours = next((t for t in threads if "unit_result" in t or "strike_window" in t), text)
     frames = [line.strip() for line in ours.splitlines() if line.strip().startswith("File ")]
     return frames[0] if frames else "an unknown place"
 
@@ -194,6 +195,19 @@ def end(attempt: str | None) -> None:
             _Process.log.write("done\n")
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def strike_window(settings: dict, unit: dict, stage: str):
+    """Work on ``unit`` (often a call's pseudo-unit, ``call_of``) that is not one unit's own but
+    can end the process (a call's frames copied into its output table, its shards packed): a
+    death inside is a strike against it, as inside ``unit_result``. Whatever Python raises is no
+    death: the call fails with it."""
+    attempt = begin(settings, unit, stage)
+    try:
+        yield
+    finally:
+        end(attempt)
 
 
 def mark_gpu(attempt: str | None, message: str) -> None:

@@ -145,6 +145,63 @@ register(Backend(name="killing-writer", roles=("matting",), build=lambda role, o
                  summary="the centre box; writing a marked input's shard kills the process (tests only)"))
 
 
+# -- a call that kills a GPU pipeline's actor between its units ----------------------------------
+
+class StandingPose:
+    """A pose backend that finds the same standing person in every frame."""
+
+    def pose(self, frame: np.ndarray):
+        from disco.pipeline.annotators.base import Pose
+
+        height, width = frame.shape[:2]
+        rows = np.linspace(0.2, 0.8, 18, dtype=np.float32) * height
+        body = np.stack([np.full(18, width / 2, np.float32), rows, np.ones(18, np.float32)], axis=1)
+        return Pose(body=body)
+
+
+def _kills_a_call(name: str, holds_faulty) -> None:
+    """In this actor's process, ``disco.pipeline.actors.<name>`` kills the process (SIGKILL, as
+    the out-of-memory killer does at a call's peak of memory) when its argument holds the input
+    named FAULTY_NAME."""
+    import os
+    import signal
+
+    from disco.pipeline import actors
+
+    original = getattr(actors, name)
+
+    def killed(argument):
+        if holds_faulty(argument):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(argument)
+
+    setattr(actors, name, killed)
+
+
+def _killing_packer(options: dict) -> CentreBox:
+    """The centre box, a GPU model (the GPU pipeline: matting and pose actors), whose actor is
+    killed while it packs a call's matted frames into its output table when they hold
+    FAULTY_NAME's."""
+    _kills_a_call("matted_table", lambda packed: any(p["unit"]["input_path"] == FAULTY_NAME and p["pictures"]
+                                                     for p in packed))  # (not its errors row: a few bytes)
+    return CentreBox(options)
+
+
+def _killing_unpacker(options: dict) -> StandingPose:
+    """The standing pose, a GPU model, whose actor is killed while it unpacks the matted frames
+    of FAULTY_NAME."""
+    _kills_a_call("unpack_unit", lambda record: record["unit"]["input_path"] == FAULTY_NAME and record["pictures"])
+    return StandingPose()
+
+
+register(Backend(name="killing-packer", roles=("matting",), gpu=True, files=lambda weights, options: [],
+                 build=lambda role, options, shared: _killing_packer(options),
+                 summary="the centre box on the GPU pipeline; packing a marked input's call kills the process (tests only)"))
+register(Backend(name="killing-unpacker", roles=("pose",), gpu=True, files=lambda weights, options: [],
+                 build=lambda role, options, shared: _killing_unpacker(options),
+                 summary="a standing pose on the GPU pipeline; unpacking a marked input kills the process (tests only)"))
+
+
 # -- a frame that does not fit in GPU memory -------------------------------------------------------
 
 class OutOfMemory(CentreBox):

@@ -660,6 +660,47 @@ def test_a_call_whose_shards_kill_the_writer_is_errors_rows_after_two_tries(tmp_
     assert not (tmp_path / "out" / ".strikes").exists()
 
 
+@pytest.mark.parametrize("matting,pose,stage,work", [
+    ("killing-packer", "none", "matting", "packing the matted frames of this unit's call"),
+    ("centre-box", "killing-unpacker", "write", "writing the shards of this unit's call"),
+])
+def test_a_gpu_pipeline_call_that_kills_its_actor_between_units_is_errors_rows_after_two_tries(
+        tmp_path, ray_local, matting, pose, stage, work):
+    """The GPU pipeline's matting actor copies a call's matted frames into its output table, and
+    the pose actor unpacks them again: each its stage's peak of memory, outside every unit's
+    work. A process killed there (for memory) was blamed on nothing: Ray restarted the actor and
+    ran the call again, for ever. Each is a strike against the call: after two, its units are
+    errors rows, the others are written, and the run ends."""
+    import importlib
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+
+    importlib.reload(annotator_plugin)
+    folder = tmp_path / "in"
+    good = tuple("abcdefg")
+    _faulty_folder(folder, good)
+    try:
+        result = _run(tmp_path, "images", folder, matting=matting, pose=pose, device="cpu", hands=False)
+    finally:
+        for name in ("killing-packer", "killing-unpacker", "centre-box", "broken-device", "killing-input",
+                     "stuck-input", "killing-writer", "out-of-memory", "flaky-device", "tight-memory"):
+            registry.unregister(name)
+    pools = {pool["stage"]: pool for pool in result.manifest["run"]["pools"]}
+    assert set(pools) == {"matting", "pose"}  # the GPU pipeline
+    per_call = pools["matting" if stage == "matting" else "pose"]["units_per_call"]
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    failed = {e["input_path"] for e in errors}
+    assert "faulty.png" in failed and len(errors) == min(per_call, 8), (errors, pools)
+    for error in errors:
+        assert (error["stage"], error["error_type"]) == (stage, "worker_crashed"), error
+        assert f"ended 2 times while {work}" in error["message"], error["message"]
+    written = set(open_triplets(tmp_path / "out").to_table().column("input_path").to_pylist())
+    assert written == {f"{name}.png" for name in good} - failed
+    assert result.exit_code == 0 and result.manifest["counts"]["inputs"] == 8
+
+
 def test_a_frame_out_of_gpu_memory_is_its_errors_row_and_retry_errors_names_it(tmp_path, ray_local):
     """A frame that does not fit in GPU memory (after the one-frame-at-a-time retry) is its errors
     row typed ``gpu_out_of_memory``, as --retry-errors names it (not PyTorch's class name), and
