@@ -88,6 +88,11 @@ def test_under_the_guard_a_collective_outside_collectives_is_refused_even_on_the
             dist.all_reduce(torch.tensor([1.0]))
         with pytest.raises(CollectiveDeviceError, match="outside train.collectives.Collectives"):
             dist.all_gather_object([None, None], {"rows": 1})
+        # A barrier (NCCL's runs on the current GPU) and point-to-point sends are refused too.
+        with pytest.raises(CollectiveDeviceError, match="barrier called outside"):
+            dist.barrier()
+        with pytest.raises(CollectiveDeviceError, match="send called outside"):
+            dist.send(torch.tensor([1.0]), dst=1)
         collectives = Collectives(2, "cpu")
         assert collectives.mean([2.0]).item() == 2.0 / 2  # the fake group sums nothing: 2 / world
         assert collectives.any_of(True, False) == (True, False)

@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 GUARD_ENV = "DISCO_NCCL_GUARD"
 GUARDED = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-           "reduce_scatter_tensor", "all_to_all_single")
+           "reduce_scatter_tensor", "all_to_all_single", "all_to_all", "gather", "scatter", "barrier", "send",
+           "recv", "isend", "irecv", "batch_isend_irecv")
 
 
 class CollectiveDeviceError(RuntimeError):

@@ -256,6 +256,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             check_base_weights(cfg.pretrained, cfg.pretrained_digest, cfg.output,
                                where=f"{STOPS_THE_RUN} worker {rank} on node {socket.gethostname()}: ")
         device = ray.train.torch.get_device()
+        if device.type == "cuda":  # (Ray's context sets it too): NCCL's object collectives use the current device
+            torch.cuda.set_device(device)
         # The job's workers run with OMP_NUM_THREADS=1 (pipeline/cluster.py): a training worker
         # gets the whole CPUs Ray accounts it (`cpus_per_worker`) as threads (launch.worker_threads).
         if loop_config.get("worker_threads"):
