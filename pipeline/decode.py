@@ -167,6 +167,8 @@ class VideoInfo:
     # Presentation time (s) of every frame, from the container's timestamps: a variable-frame-rate
     # clip (phones write them) is resampled by time, not by frame number.
     times: tuple[float, ...] = ()
+    # Where the file is cut short (``cut_video``: read up to the cut), what is missing; else "".
+    cut_short: str = ""
 
     def resample(self, target_fps: float) -> list[int]:
         """Source frames for output frames evenly spaced in time (``resample_sequence``)."""
@@ -210,9 +212,28 @@ def _open_video(path: Path, **kwargs):
         if "cannot find video stream" in text:  # FFmpeg found streams, none of them video
             raise InputError("decode", "no_video_stream", "the file holds no video stream (audio only?)") from None
         if any(sign in text for sign in _CUT_OR_DAMAGED):
+            cut = _read_up_to_the_cut(path, kwargs.get("width", -1), kwargs.get("height", -1))
+            if cut is not None:
+                return cut
             raise InputError("decode", "corrupt_video", "cannot open the video: the file is cut short or damaged "
                              "(FFmpeg reads invalid data)") from None
         raise InputError("decode", "corrupt_video", f"cannot open the video: {decord_message(exc)}") from None
+
+
+def _read_up_to_the_cut(path: Path, width: int, height: int):
+    """The video as PyAV reads it up to where it ends (``cut_video``), where decord gave up on
+    opening it; None where nothing of it reads either."""
+    from disco.pipeline.cut_video import CutVideo
+
+    try:
+        with _utf8_name(path) as name:
+            video = CutVideo(name, width, height)
+    except InputError:
+        return None
+    if not len(video):
+        video.close()
+        return None
+    return video
 
 
 # decord's words where FFmpeg found invalid data opening a file (AVERROR_INVALIDDATA is
@@ -273,7 +294,9 @@ def probe_video(path: str | Path) -> VideoInfo:
         times = tuple(float(t) for t in reader.get_frame_timestamp(list(range(num_frames)))[:, 0])
     except Exception:  # noqa: BLE001 - without timestamps, frame numbers at the average rate
         times = ()
-    return VideoInfo(num_frames=num_frames, fps=fps, width=int(width), height=int(height), times=times)
+    cut_short = reader.cut_message() if hasattr(reader, "cut_message") else ""
+    return VideoInfo(num_frames=num_frames, fps=fps, width=int(width), height=int(height), times=times,
+                     cut_short=cut_short)
 
 
 def resample_times(times, target_fps: float) -> list[int] | None:

@@ -62,12 +62,18 @@ def plan_units(item: dict, settings: dict, done_units: dict[str, list[int]] | No
     step = settings["segment_frames"]
     count = (len(indices) + step - 1) // step
     skip = set((done_units or {}).get(item["input_path"], ()))
-    return [
-        {**base, "unit_index": k, "unit_count": count, "src_indices": indices[k * step:(k + 1) * step],
+    total = count + bool(info.cut_short)  # a video read up to where it is cut: one more unit, its errors row
+    units = [
+        {**base, "unit_index": k, "unit_count": total, "src_indices": indices[k * step:(k + 1) * step],
          "frame_start": k * step, "width": width, "height": height}
         for k in range(count)
         if k not in skip
     ]
+    if info.cut_short and count not in skip:
+        units.append(failed_unit({**base, "unit_index": count, "unit_count": total, "frame_start": count * step,
+                                  "width": width, "height": height},
+                                 InputError("decode", "decode_failed", info.cut_short)))
+    return units
 
 
 class MattedFrame(NamedTuple):
