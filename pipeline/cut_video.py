@@ -45,19 +45,23 @@ class CutVideo:
                 raise InputError("decode", "no_video_stream", "the file holds no video stream (audio only?)")
             self._stream = self._container.streams.video[0]
             self._stream.thread_count = 1  # one actor per core, as decord's readers are opened
-            pts, decoded_by = [], None
+            pts, decoded_by, self._cut = [], None, False
             try:
                 with av.logging.Capture():  # FFmpeg's "partial file" lines, known: not on the console
                     for packet in self._container.demux(self._stream):
                         if packet.size and packet.pts is not None:
                             pts.append(int(packet.pts))
                             decoded_by = int(packet.dts if packet.dts is not None else packet.pts)
+                            self._cut |= bool(packet.is_corrupt)
             except av.FFmpegError:  # where the file ends: the packets before it are the video
-                pass
-            # The frames shown up to the last packet's decoding time: a frame missing past the cut
-            # is decoded after it, and shown no earlier (pts >= dts). Later ones (a P-frame whose
-            # B-frames were cut off) would leave gaps, that the resampling by time would stretch.
-            self._pts = sorted(p for p in pts if p <= decoded_by) if pts else []
+                self._cut = True
+            self._listed = int(self._stream.frames or 0)  # the container's index, where it has one
+            self._cut |= len(pts) < self._listed
+            # Cut short: the frames shown up to the last packet's decoding time. A frame missing
+            # past the cut is decoded after it, so shown no earlier (pts >= dts); later ones (a
+            # P-frame whose B-frames were cut off) would leave gaps that resampling by time would
+            # stretch. (Up to x264's reordering delay, two frames, of those that decode go too.)
+            self._pts = sorted(p for p in pts if not self._cut or p <= decoded_by)
             self._index = {p: k for k, p in enumerate(self._pts)}
             base = self._stream.time_base
             # float32 seconds, as decord gives them (a frame's time is the same read either way)
@@ -76,11 +80,13 @@ class CutVideo:
         return len(self._pts)
 
     def cut_message(self) -> str:
-        """What of the video is missing, for its errors row."""
-        listed = int(self._stream.frames or 0)  # the container's index, where it has one
-        if listed > len(self._pts):
-            return (f"frames {len(self._pts)}..{listed - 1} of the {listed} it lists are missing: the file is cut "
-                    "short or damaged there (FFmpeg reads invalid data)")
+        """What of the video is missing, for its errors row; "" where it reads to its end (its
+        damage is in frames that do not decode: their own errors rows)."""
+        if not self._cut:
+            return ""
+        if self._listed > len(self._pts):
+            return (f"frames {len(self._pts)}..{self._listed - 1} of the {self._listed} it lists are missing: the "
+                    "file is cut short or damaged there (FFmpeg reads invalid data)")
         return (f"the file is cut short or damaged after frame {len(self._pts) - 1} (FFmpeg reads invalid data): "
                 "what follows is missing")
 
