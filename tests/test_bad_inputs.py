@@ -69,15 +69,23 @@ def test_listing_reports_links_fifos_and_keeps_names_that_are_not_utf8(tmp_path)
     (folder / "dangling.png").symlink_to(folder / "gone.png")
     (folder / "loop-a.png").symlink_to(folder / "loop-b.png")
     (folder / "loop-b.png").symlink_to(folder / "loop-a.png")
+    # One file under several names is one input, by its own name: a link listed before or after it,
+    # a hard link (the first name listed).
+    (folder / "a-link.png").symlink_to(folder / "good.png")
     (folder / "linked.png").symlink_to(folder / "good.png")
+    os.link(folder / "good.png", folder / "hard.png")
+    (folder / "other.png").symlink_to(tmp_path / "elsewhere.png")  # a file outside the tree: an input
+    save(tmp_path / "elsewhere.png", _person(64))
     os.mkfifo(folder / "pipe.png")
     save(folder / "dance.gif", _person(64))
-    items = {i.input_path: i for i in list_inputs("images", folder, "train").items}
+    listing = list_inputs("images", folder, "train")
+    assert listing.filtered == {"same_file_as_another_input": 3}
+    items = {i.input_path: i for i in listing.items}
     kinds = {path: item.error_type for path, item in items.items()}
     shown = display_path(NON_UTF8)
     assert shown == "caf\\xe9-dancer.png"
     assert kinds == {"good.png": None, shown: None, "dangling.png": "missing_file", "loop-a.png": "symlink_loop",
-                     "loop-b.png": "symlink_loop", "linked.png": None, "pipe.png": "not_a_regular_file",
+                     "loop-b.png": "symlink_loop", "other.png": None, "pipe.png": "not_a_regular_file",
                      "dance.gif": None}
     # The name travels as valid UTF-8 text; the file is opened by its exact bytes.
     odd = items[shown]

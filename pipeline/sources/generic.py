@@ -73,17 +73,26 @@ def path_fields(path: str) -> dict:
 def file_problem(path: str) -> tuple[str, str] | None:
     """(error_type, message) for a listed name that cannot be read as a file: a dangling symbolic
     link, a link loop, a FIFO or device (opening one could block the run forever)."""
+    return _checked_file(path)[0]
+
+
+def _checked_file(path: str) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
+    """``file_problem``, and the file's identity (device, inode) where it has none."""
     try:
         info = os.stat(path)
     except OSError as exc:
         if not os.path.islink(path):
-            return error_type_of(exc), exc.strerror or str(exc)
+            return (error_type_of(exc), exc.strerror or str(exc)), None
         if exc.errno == errno.ENOENT:
-            return error_type_of(exc), "a symbolic link to a missing file"
-        return error_type_of(exc), f"a symbolic link that cannot be followed ({exc.strerror})"
+            return (error_type_of(exc), "a symbolic link to a missing file"), None
+        return (error_type_of(exc), f"a symbolic link that cannot be followed ({exc.strerror})"), None
     if not stat.S_ISREG(info.st_mode):
-        return "not_a_regular_file", "not a regular file (a FIFO, socket or device); it was not opened"
-    return None
+        return ("not_a_regular_file", "not a regular file (a FIFO, socket or device); it was not opened"), None
+    # (An inode number of 0 names no file: some FUSE and network mounts give every file that.)
+    return None, (info.st_dev, info.st_ino) if info.st_ino else None
+
+
+SAME_FILE = "same_file_as_another_input"  # a link (or hard link) to a file listed under another name
 
 
 def _walk(root: Path):
@@ -160,9 +169,20 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
             ignored += 1
     # A stat per file, LISTING_STATS at once: one after the other, a million stills on NFS (half
     # a millisecond a stat) kept the driver listing for 8 minutes.
-    problems = map_in_threads(file_problem, [str(found[i][1]) for i in checked], LISTING_STATS, "disco-listing")
-    for i, problem in zip(checked, problems):
+    problems = map_in_threads(_checked_file, [str(found[i][1]) for i in checked], LISTING_STATS, "disco-listing")
+    named: dict[tuple[int, int], int] = {}  # a file's identity -> the entry of ``found`` that lists it
+    twice: set[int] = set()
+    for i, (problem, identity) in zip(checked, problems):
         found[i] = (found[i][0], found[i][1], problem)
+        if identity is None:
+            continue
+        first = named.setdefault(identity, i)
+        if first != i:  # one file under two names (a link beside it) is one input: by its own name
+            if os.path.islink(found[first][1]) and not os.path.islink(found[i][1]):
+                named[identity], i = i, first
+            twice.add(i)
+    if twice:
+        found = [entry for i, entry in enumerate(found) if i not in twice]
     # clip_id is the path without its suffix; where two files differ only by suffix, keep it.
     stems = Counter(str(PurePosixPath(rel).with_suffix("")) for rel, _, _ in found)
     items = []
@@ -180,7 +200,7 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
                 error_message=problem[1] if problem else None,
             )
         )
-    return Listing(items=items, ignored=ignored)
+    return Listing(items=items, ignored=ignored, filtered={SAME_FILE: len(twice)} if twice else {})
 
 
 def ends_digest(path: str | os.PathLike, size: int, span: int = 1 << 20) -> str:
