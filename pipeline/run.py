@@ -142,7 +142,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
 
     weights = None  # the model files' digests for the manifest
     started = time.time()
-    frames_done = 0
+    done = {"frames": 0}  # what this run committed, counted as it goes: a stop keeps the count
     pools: list[PoolPlan] = []
     held: dict[str, list[dict]] = {}
     missing = 0
@@ -167,8 +167,8 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             whole_cluster = takes_whole_cluster(nodes, available)
             with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
                 with starved_stages_reported(log):
-                    frames_done, missing = _run_ray(units, settings, partial, store, pools, progress, held, versions,
-                                                    whole_cluster)
+                    missing = _run_ray(units, settings, partial, store, pools, progress, held, done, versions,
+                                       whole_cluster)
             if missing:
                 log(f"{missing} unit(s) of work never came back committed; re-run the same command to finish them")
     except KeyboardInterrupt:
@@ -177,6 +177,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         log("interrupted: what the actors committed is kept")
     sigterm.wind_up()  # the manifest is written whatever comes now
     wall = time.time() - started
+    frames_done = done["frames"]
     final_state = store.read_journal()
     if not interrupted:
         # Shards that a lost actor wrote but never got committed (its task ran again elsewhere):
@@ -597,11 +598,12 @@ def unit_dataset(units: pa.Table):
 
 
 def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[PoolPlan], progress,
-             held: dict[str, list[dict]], versions: dict[str, str] | None = None,
-             whole_cluster: bool = True) -> tuple[int, int]:
+             held: dict[str, list[dict]], done: dict[str, int], versions: dict[str, str] | None = None,
+             whole_cluster: bool = True) -> int:
     """Stream the units through the pools. The last pool's actors write the shards; what reaches
-    the driver is one small commit record per shard, appended to the journal as it arrives.
-    Returns the frames committed and the number of units that never were."""
+    the driver is one small commit record per shard, appended to the journal as it arrives (the
+    frames committed counted into ``done["frames"]`` as they are). Returns the number of units
+    that never were."""
     from ray.data import ActorPoolStrategy, DataContext
 
     from disco.pipeline.ray_idle import idle_pause_callback
@@ -637,7 +639,6 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
         ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, rest]
     units_left: dict[str, int] = {}
     committed: set[tuple[str, int]] = set()
-    frames = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for record, resources in zip(batch.column("entry").to_pylist(), batch.column("resources").to_pylist()):
@@ -658,7 +659,7 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
                     if actor not in held.setdefault(stage, []):
                         held[stage].append(actor)
                 for unit in entry["units"]:
-                    frames += unit["frames"]
+                    done["frames"] += unit["frames"]
                     path = unit["input_path"]
                     left = units_left.setdefault(path, unit["unit_count"] - len(partial_units.get(path, [])))
                     units_left[path] = left - 1
@@ -668,4 +669,4 @@ def _run_ray(units, settings, partial_units, store: OutputStore, pools: list[Poo
         if ledger is not None:
             stop_ledger(ledger)
     planned = zip(units.column("input_path").to_pylist(), units.column("unit_index").to_pylist())
-    return frames, sum(1 for key in planned if key not in committed)
+    return sum(1 for key in planned if key not in committed)

@@ -343,7 +343,11 @@ def test_resume_after_a_kill_gives_exactly_the_rows_of_an_uninterrupted_run(tmp_
         stopped = CliRunner().invoke(app, command[3:])
     assert stopped.exit_code == 130, stopped.output[-2000:]
     assert "interrupted: what the actors committed is kept" in stopped.output and "resuming" in stopped.output
-    assert json.loads((out / "manifest.json").read_text())["run"]["interrupted"] is True
+    stopped_run = json.loads((out / "manifest.json").read_text())["run"]
+    assert stopped_run["interrupted"] is True
+    # What it committed before the stop is its count (it said 0 frames, the count kept to the end).
+    assert stopped_run["frames_processed"] >= 2 and stopped_run["frames_per_s"] > 0, stopped_run
+    assert f"{stopped_run['frames_processed']} frames in" in stopped.output, stopped.output[-2000:]
     assert journal.read_text().count('"commit"') < total_units, "the SIGTERM came too late to interrupt anything"
     resumed = CliRunner().invoke(app, command[3:])
     assert resumed.exit_code == 0, resumed.output[-2000:]
