@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from disco.commands.terminal import console, say, usage_error
+from disco.commands.terminal import console, job_outputs, say, usage_error
 from disco.commands.generate import run_generation
 from disco.commands.preprocess import run_preprocess
 from disco.commands.train import run_training
@@ -43,6 +43,7 @@ def demo(
 
     if steps < 1:
         usage_error("--steps must be at least 1")
+    job_outputs(output=output)  # (under `ray job submit --working-dir`, before its inputs are written)
     images_in, videos_in = output / "inputs" / "images", output / "inputs" / "videos"
     problem = output_folder_problem(output, "--output")
     if problem:

@@ -502,10 +502,12 @@ def test_under_a_job_with_a_working_dir_a_relative_output_is_refused(tmp_path, m
                           (["generate", "--checkpoint", "ck", "--reference", "r.png", "--pose", "p.mp4",
                             "-o", str(tmp_path / "o.mp4"), "--frames", "frames"], "--frames"),
                           (["export", "--checkpoint", "ck", "-o", "unets"], "--output"),
+                          (["demo"], "--output"),  # its default, before its inputs are written into the copy
                           (["evaluate", "--pred", "p", "--gt", "g"], "--output"),
                           (["evaluate", "--run", "ck", "--data", "d", "-o", str(tmp_path / "m.json"), "--work-dir", "w"], "--work-dir")):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2 and f"{flag} " in result.output and "is relative" in result.output, result.output
+    assert not (tmp_path / "demo-output").exists()
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a head node without a GPU
