@@ -209,7 +209,7 @@ def test_ctrl_c_stops_ray_train_workers_after_a_checkpoint(triplets, tmp_path):
     assert json.loads((run / f"checkpoint-{summary['step']:08d}" / "state.json").read_text())["world_size"] == 2
 
 
-def test_a_worker_group_the_cluster_cannot_hold_is_said_and_a_stop_ends_it_at_once(triplets, tmp_path):
+def test_a_worker_group_the_cluster_cannot_hold_is_said_and_a_stop_ends_it_at_once(triplets, tmp_path, ray_local):
     """Ray Train waits for room for its worker group without a word: `--num-workers 2 --use-gpu` on
     a cluster of one GPU sat at step 0 for ever, and the first Ctrl-C or SIGTERM (`timeout`, `ray
     job stop`) asked workers that never started to stop after their step: only a second one
@@ -247,6 +247,12 @@ def test_a_worker_group_the_cluster_cannot_hold_is_said_and_a_stop_ends_it_at_on
     assert "room for none" in wants and "Ctrl-C stops the run at once while none has started" in wants
     assert "stopped at once (SIGTERM): no training worker had started, nothing was trained" in text, text[-2000:]
     assert "Traceback" not in text and not list_checkpoints(run)
+    # Nothing was trained, so the folder is no run: the same command on what is here (the line's
+    # advice) trains, where it was sent to a --resume that kept the workers it could not have.
+    assert f"{run} holds no run: the same command starts it anew" in text, text[-2000:]
+    again = CliRunner().invoke(app, [*command[3:command.index("--num-workers")], "--max-steps", "1",
+                                     "--num-workers", "1", "--output", str(run)])
+    assert again.exit_code == 0 and "trained to step 1" in again.output, again.output[-2000:]
 
 
 def test_workers_given_gpus_that_pytorch_cannot_use_stop_the_run_in_one_line_without_restarts(triplets, tmp_path,

@@ -451,6 +451,15 @@ def _locked_train(cfg: TrainConfig, checkpoint: Path | None, on_metrics: Callabl
             if not distributed:
                 return train_loop_per_worker(loop_config)
             return _fit(cfg, loop_config, worker_cpus)
+    except StoppedBeforeStart as stopped:
+        if cfg.resume or list_checkpoints(run):
+            raise
+        # Nothing was trained: the folder holds no run, and the same command (with fewer workers,
+        # as the wait's line suggests) starts anew in it instead of being sent to a --resume that
+        # must keep the options it was stopped with.
+        (run / RUN_CONFIG_FILE).unlink(missing_ok=True)
+        raise StoppedBeforeStart(f"{stopped}; {run} holds no run: the same command starts it anew, with other "
+                                 "options if need be") from None
     finally:
         stop.set()
         if poller.is_alive():
