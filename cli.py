@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import warnings
 
@@ -45,7 +47,14 @@ def main() -> None:
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype")
-    app(prog_name="disco-cli")
+    try:
+        app(prog_name="disco-cli")
+    finally:
+        # The command's work is over, its results written and said. A SIGTERM from here on (`ray job
+        # stop` as the job ends) ran Ray's handler (sys.exit) inside Ray's shutdown at exit: a
+        # traceback after the summary, and exit code 15 for a finished run.
+        with contextlib.suppress(ValueError):  # (not the main thread)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

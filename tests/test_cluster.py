@@ -782,3 +782,21 @@ def test_training_workers_bind_gloo_to_the_interface_of_their_nodes_address(ray_
     assert driver.returncode == 0, driver.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     assert ranks == [{"interface": loopback_interface(), "world": 2, "sum": 2.0}] * 2
+
+
+def test_a_sigterm_as_a_finished_command_exits_leaves_no_traceback(tmp_path):
+    """`ray job stop` reaching a job as its command ends (the summary said): Ray's SIGTERM handler
+    (sys.exit) ran inside Ray's own shutdown at exit, printing a traceback after the summary. A
+    finished command now lets it pass."""
+    script = tmp_path / "finished.py"
+    script.write_text(
+        "import atexit, os, signal, sys\n"
+        "from disco import cli\n"
+        "from disco.pipeline.cluster import init_ray\n"
+        "init_ray(num_cpus=1)\n"  # Ray's SIGTERM handler, and its shutdown at exit
+        "cli.app = lambda **kwargs: sys.exit(0)\n"  # a command whose work is done
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"  # before Ray's shutdown (LIFO)
+        "cli.main()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "SystemExit" not in done.stderr, done.stderr[-2000:]
