@@ -10,8 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from disco.generate.config import GenerateConfig
 from disco.model.precision import DTYPES
-from disco.commands.terminal import (ProgressLines, choices, command_device, console, defaults, gpus_named, job_outputs,
-                                     out_of_memory, plain, say, usage_error)
+from disco.commands.terminal import (ProgressLines, choices, clear_progress, command_device, console, defaults, gpus_named,
+                                     job_outputs, out_of_memory, plain, say, sigterm_as_ctrl_c, usage_error)
 
 G = defaults(GenerateConfig)
 Dtype = choices("dtype", DTYPES)
@@ -35,7 +35,12 @@ def run_generation(config, show_progress: bool = True):
             lines.say(f"{phase} {done}/{total} frames", final=done == total)
 
         try:
-            result = run_generate(config, log=lambda m: say(m, bar.console), progress=progress)
+            with sigterm_as_ctrl_c():
+                result = run_generate(config, log=lambda m: say(m, bar.console), progress=progress)
+        except KeyboardInterrupt:
+            clear_progress(bar)
+            say("interrupted" + (kept_frames(config.output) or ": no batch of frames was finished"))
+            raise typer.Exit(130) from None
         except (GenerateInputError, FileNotFoundError) as exc:
             usage_error(str(exc))
         except ValueError as exc:  # a checkpoint that is not a DisCo model, or one without a pose branch

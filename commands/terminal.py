@@ -3,11 +3,14 @@ click's), option choices as enums, the defaults of a stage's config object, the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from types import SimpleNamespace
@@ -55,6 +58,25 @@ def say(message: str, on: Console | None = None) -> None:
 def print_error(message: str) -> None:
     # A message quotes paths and library errors: its brackets are text, never rich markup.
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """While the block runs, SIGTERM (what `ray job stop`, Slurm and Kubernetes send first)
+    interrupts it as Ctrl-C does (KeyboardInterrupt), so that the command says what it kept
+    instead of dying without a word. Main thread only (signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def clear_progress(bar) -> None:

@@ -262,6 +262,29 @@ def test_a_run_that_stops_keeps_its_frames_and_the_same_command_samples_only_the
         patch.setattr(run_module, "annotator_backends", lambda *a, **k: {"matting": "grounded-sam", "pose": "dwpose"})
         other = _run(*common, "--batch-size", 3, "--output", out)
     assert other.exit_code == 0 and "resuming" not in other.output and sampled == [3, 3] and not partial.exists()
+    # Stopped by a SIGTERM (`ray job stop`) after its first batch: it says what it kept, exit 130
+    # (it died without a word; here Ray's handler would have exited 15).
+    import os
+    import signal
+    import sys
+
+    def stopping(model, scheduler, noise, *args):
+        if sampled:
+            os.kill(os.getpid(), signal.SIGTERM)
+        sampled.append(len(noise))
+        return real(model, scheduler, noise, *args)
+
+    ray_like = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(15))  # as Ray's handler
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sampling, "_sample", stopping)
+            sampled = []
+            stopped = _run(*common, "--batch-size", 2, "--output", out)
+    finally:
+        signal.signal(signal.SIGTERM, ray_like)
+    said = " ".join(stopped.output.split())
+    assert stopped.exit_code == 130 and " interrupted (the 1 batch(es) of frames it finished are kept in" in said, said
+    assert len(list(partial.glob("frames-*.npz"))) == 1
 
 
 def test_kept_frames_are_known_by_their_checkpoints_and_inputs_files(tmp_path):
