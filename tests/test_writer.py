@@ -407,3 +407,16 @@ def test_shards_without_their_journal_are_refused_not_deleted_and_overwrite_drop
     with pytest.raises(KeyboardInterrupt):
         store.clear()
     assert not store.journal.exists() and list((tmp_path / "out" / "triplets").glob("*.parquet"))
+
+
+def test_other_options_are_refused_with_their_values_then_and_now(tmp_path):
+    """A resume with other options is refused naming each with its value then and now: an input
+    recorded as a job's working-dir copy looked like the same folder given again."""
+    from disco.pipeline.errors import ConfigError
+
+    store = OutputStore(tmp_path)
+    store.begin({"input": "working-dir:videos", "fps": 15.0, "hands": True})
+    with pytest.raises(ConfigError) as refused:
+        store.begin({"input": "/data/videos", "fps": 15.0, "hands": False})
+    assert ("was written with different options (hands: true then, false now, input: 'working-dir:videos' then, "
+            "'/data/videos' now); re-run") in str(refused.value)

@@ -366,8 +366,12 @@ class OutputStore:
         state = self.read_journal()
         if state.params is not None and state.params != params:
             changed = sorted(k for k in set(params) | set(state.params) if params.get(k) != state.params.get(k))
-            raise ConfigError(f"{self.root} was written with different options ({', '.join(changed)}); "
-                              "re-run with the same options to resume, or pass --overwrite to start fresh")
+            # Each with its value then and now: an input recorded as a job's working-dir copy
+            # ("working-dir:videos") is the same folder to a user, who must see why it differs.
+            shown = ", ".join(f"{k}: {_shown(state.params.get(k))} then, {_shown(params.get(k))} now" for k in changed[:4])
+            raise ConfigError(f"{self.root} was written with different options ({shown}"
+                              f"{', ...' if len(changed) > 4 else ''}); re-run with the same options to resume, or pass "
+                              "--overwrite to start fresh")
         state.params = params
         return state, self.recover(state)
 
@@ -385,3 +389,9 @@ def run_token() -> str:
     """A name part no other run or writer shares: shards of several writers, and of a resumed run,
     never collide (sortable by start time, then random)."""
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def _shown(value, width: int = 60) -> str:
+    """An option's value in a message, cut short where long."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
