@@ -166,6 +166,8 @@ def check_device(device: str) -> None:
         kind = torch.device(device).type
     except RuntimeError:
         usage_error(f"--device: {device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if kind not in ("cpu", "cuda"):  # mps, xpu, meta...: a traceback deep in the run otherwise
+        usage_error(f"--device {device}: this command runs on cpu, cuda or cuda:N")
     if kind == "cuda" and not torch.cuda.is_available():
         usage_error(f"--device {device}: no CUDA device is available on this machine")
     index = torch.device(device).index

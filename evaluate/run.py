@@ -149,6 +149,8 @@ class _Sequence:
         if isinstance(item, Path):
             try:
                 info = probe_video(item)
+                if info.cut_short:  # scored on the frames before the cut, it would pass for whole
+                    raise InputError("decode", "decode_failed", info.cut_short)
                 self.video = open_video(item, info.width, info.height)
             except InputError as exc:
                 raise EvaluateInputError(f"{item}: {exc.message}") from None

@@ -49,6 +49,7 @@ class PoseSequence:
     alignment: dict | None = None  # the pose alignment applied (generate/align.py), None: not aligned
     smoothed: bool = False  # the keypoints went through the One-Euro filter
     bodies: list | None = None  # a video's drawn 18 x 3 body keypoints per frame (None: nobody), pose-size pixels
+    cut_short: str = ""  # a pose video cut short (read up to the cut): what of it is missing
 
 
 def annotator_backends(with_pose: bool, device: str | None = None) -> dict:
@@ -97,6 +98,8 @@ PICTURE_MAX_PIXELS = 2 ** 28
 
 def read_picture(path: str | Path, what: str) -> np.ndarray:
     path = Path(path)
+    if path.is_dir():
+        raise GenerateInputError(f"{what} {path} is a folder, not a picture")
     if not path.is_file():
         raise GenerateInputError(f"{what} {path} does not exist")
     try:
@@ -209,7 +212,7 @@ def poses_from_video(path: str | Path, side: int, fps: float | None = None, anno
     frames = [_drawn_at(drawn, side, body, hand, style or _DEFAULTS["pose_style"], face_points)
               for body, hand, face_points in zip(bodies, drawn_hands, faces)]
     return PoseSequence(frames, fps=rate, empty=sum(b is None for b in bodies), alignment=alignment,
-                        smoothed=smooth and len(bodies) > 1, bodies=bodies)
+                        smoothed=smooth and len(bodies) > 1, bodies=bodies, cut_short=info.cut_short)
 
 
 def drawing_side(width: int, height: int, side: int, max_side: int | None = None) -> int:

@@ -167,6 +167,8 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
                                  progress=None if progress is None else lambda done, total: progress(done, total, ANNOTATE))
     unaligned = None if not config.align_pose or poses.alignment else \
         "no pose found in the reference picture" if target is None else "no skeleton in the pose source to measure"
+    if poses.cut_short:  # the frames before the cut drive the model; the user must know the rest are not there
+        log(f"warning: the pose video {config.pose} is cut short: {poses.cut_short}; the frames before the cut are used")
     if poses.alignment:
         log(f"poses aligned to the reference person (scale {poses.alignment['scale']:.3g})")
     elif unaligned:
@@ -216,7 +218,7 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
               "empty_poses": poses.empty, "wall_time_s": round(result.seconds, 3),
               "align_pose": {"ran": poses.alignment is not None, **(poses.alignment or {}),
                              **({"skipped": unaligned} if unaligned else {})},
-              "smooth_poses": poses.smoothed}
+              "smooth_poses": poses.smoothed, **({"pose_video_cut_short": poses.cut_short} if poses.cut_short else {})}
     config.output.with_suffix(".json").write_text(json.dumps(record, indent=2))
     if partial is not None:
         partial.finish()

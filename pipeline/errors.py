@@ -281,6 +281,10 @@ def output_file_problem(path: Path, flag: str, inputs: tuple = ()) -> str | None
     for given in inputs:
         if given is not None and Path(given).exists() and path.exists() and os.path.samefile(path, given):
             return f"{flag} {path} is an input of this command ({given}); it would be overwritten"
+        # A file inside an input folder (a frame of --gt) is the command's input too.
+        if given is not None and Path(given).is_dir() and path.is_file() and \
+                Path(os.path.realpath(path)).is_relative_to(os.path.realpath(given)):
+            return f"{flag} {path} is a file of the input folder {given}; it would be overwritten"
     if path.exists():
         return None if os.access(path, os.W_OK) else f"{flag} {path} cannot be written: it is not writable"
     why = _unwritable(path.parent)

@@ -153,3 +153,57 @@ def garbled_copy(source: Path, dest: Path) -> Path:
         table = table.set_column(table.schema.get_field_index("image"), "image", junk)
         pq.write_table(table.cast(TRIPLET_SCHEMA), shard, row_group_size=4)
     return dest
+
+
+def faststart_clip(path: Path, frames: list[np.ndarray], fps: int, turn: int = 0) -> Path:
+    """H.264 with its index at the front (``+faststart``, as web downloads are) and a keyframe
+    every 10 frames: cut short, it still opens, and its first frames still decode. ``turn``: a
+    display rotation (counter-clockwise degrees, as a phone writes)."""
+    import av
+    import pytest
+
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=fps, options={"x264-params": "scenecut=0"})  # keyframes every 10 only
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.codec_context.gop_size = 10
+        if turn:
+            if not hasattr(stream, "set_display_rotation"):
+                pytest.skip("this PyAV cannot write a display rotation")
+            stream.set_display_rotation(turn)
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def cut_clip(folder: Path, decord_opens: bool = True, turn: int = 0, width: int = 256) -> tuple[Path, bytes]:
+    """A 40-frame 256 px clip (``faststart_clip``) and its bytes cut short. ``decord_opens``: cut
+    inside frame 20's keyframe, where decord still opens the file; else inside the first frame
+    after it whose cut decord cannot open (FFmpeg's reader meets invalid data as decord lists the
+    packets: two cuts in three, at random)."""
+    import av
+    import decord
+    import pytest
+    from skimage import data
+
+    if "libx264" not in av.codecs_available:
+        pytest.skip("PyAV without libx264")
+    from disco.pipeline.demo_data import pan_zoom_frames
+
+    frames = [frame[:, :width] for frame in pan_zoom_frames(data.astronaut(), 40, 256)]
+    whole = faststart_clip(folder / "whole.mp4", frames, 30, turn)
+    with av.open(str(whole)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+    assert packets[20].is_keyframe
+    content = whole.read_bytes()
+    for packet in packets[20:] if not decord_opens else packets[20:21]:
+        cut = content[:packet.pos + packet.size // 2]
+        (folder / "probe.mp4").write_bytes(cut)
+        try:
+            decord.VideoReader(str(folder / "probe.mp4"))
+            opens = True
+        except Exception:  # noqa: BLE001 - decord's DECORDError
+            opens = False
+        if opens == decord_opens:
+            return whole, cut
+    raise AssertionError("no cut of the clip that decord cannot open")

@@ -35,7 +35,7 @@ from disco.pipeline.sources.generic import list_inputs, local_path
 from disco.pipeline.stages import decode_unit, plan_units
 from disco.pipeline.store.schema import UNIT_FIELDS, payload
 from disco.pipeline.store.output import OutputStore, OutputUnwritable
-from helpers import cli_process, save
+from helpers import cli_process, cut_clip, save
 
 NON_UTF8 = os.fsdecode(b"caf\xe9-dancer.png")  # Latin-1 bytes: not valid UTF-8
 
@@ -197,57 +197,6 @@ def test_decoding_never_raises_whatever_the_bytes(tmp_path):
     assert outcomes["frames"] and outcomes["errors"]
 
 
-def _faststart_clip(path: Path, frames: list[np.ndarray], fps: int, turn: int = 0) -> Path:
-    """H.264 with its index at the front (``+faststart``, as web downloads are) and a keyframe
-    every 10 frames: cut short, it still opens, and its first frames still decode. ``turn``: a
-    display rotation (counter-clockwise degrees, as a phone writes)."""
-    import av
-
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream("libx264", rate=fps, options={"x264-params": "scenecut=0"})  # keyframes every 10 only
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        stream.codec_context.gop_size = 10
-        if turn:
-            if not hasattr(stream, "set_display_rotation"):
-                pytest.skip("this PyAV cannot write a display rotation")
-            stream.set_display_rotation(turn)
-        for frame in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        out.mux(stream.encode())
-    return path
-
-
-def _cut_clip(folder: Path, decord_opens: bool = True, turn: int = 0, width: int = 256) -> tuple[Path, bytes]:
-    """A 40-frame 256 px clip (``_faststart_clip``) and its bytes cut short. ``decord_opens``: cut
-    inside frame 20's keyframe, where decord still opens the file; else inside the first frame
-    after it whose cut decord cannot open (FFmpeg's reader meets invalid data as decord lists the
-    packets: two cuts in three, at random)."""
-    import av
-    import decord
-
-    if "libx264" not in av.codecs_available:
-        pytest.skip("PyAV without libx264")
-    from disco.pipeline.demo_data import pan_zoom_frames
-
-    frames = [frame[:, :width] for frame in pan_zoom_frames(data.astronaut(), 40, 256)]
-    whole = _faststart_clip(folder / "whole.mp4", frames, 30, turn)
-    with av.open(str(whole)) as container:
-        packets = [p for p in container.demux(video=0) if p.size]
-    assert packets[20].is_keyframe
-    content = whole.read_bytes()
-    for packet in packets[20:] if not decord_opens else packets[20:21]:
-        cut = content[:packet.pos + packet.size // 2]
-        (folder / "probe.mp4").write_bytes(cut)
-        try:
-            decord.VideoReader(str(folder / "probe.mp4"))
-            opens = True
-        except Exception:  # noqa: BLE001 - decord's DECORDError
-            opens = False
-        if opens == decord_opens:
-            return whole, cut
-    raise AssertionError("no cut of the clip that decord cannot open")
-
-
 @pytest.mark.parametrize("decord_opens", [True, False])
 def test_a_download_cut_short_keeps_the_frames_before_the_cut(tmp_path, decord_opens):
     """A video whose last part never arrived (its index at the front) opens, and its frames up to
@@ -259,7 +208,7 @@ def test_a_download_cut_short_keeps_the_frames_before_the_cut(tmp_path, decord_o
     from disco.pipeline.decode import LastVideo
 
     settings = {"max_side": 96, "min_side": 1, "max_pixels": 89_478_485, "fps": 30.0, "segment_frames": 16}
-    whole, cut_bytes = _cut_clip(tmp_path, decord_opens)
+    whole, cut_bytes = cut_clip(tmp_path, decord_opens)
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(cut_bytes)
 
@@ -327,7 +276,7 @@ def test_a_phone_video_cut_short_that_decord_cannot_open_is_read_upright(tmp_pat
     to the cut, its frames come upright, the very frames decord gives of the whole file."""
     import decord
 
-    whole, cut_bytes = _cut_clip(tmp_path, decord_opens=False, turn=turn, width=160)
+    whole, cut_bytes = cut_clip(tmp_path, decord_opens=False, turn=turn, width=160)
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(cut_bytes)
     info, reference = probe_video(cut), decord.VideoReader(str(whole))
@@ -348,7 +297,7 @@ def test_a_download_cut_short_gives_its_rows_through_the_pipeline(tmp_path, ray_
     segment the cut falls in writes rows for its frames before the cut and one errors row; a run
     again finds nothing left to do."""
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "cut.mp4").write_bytes(_cut_clip(tmp_path, decord_opens)[1])
+    (tmp_path / "in" / "cut.mp4").write_bytes(cut_clip(tmp_path, decord_opens)[1])
     config = PreprocessConfig(source="video", input=tmp_path / "in", output=tmp_path / "out", max_side=96,
                               segment_frames=16)
     assert preprocess(config, log=lambda *_: None).exit_code == 0

@@ -869,13 +869,34 @@ def test_outputs_and_inputs_that_cannot_work_are_refused_before_the_model_loads(
             ({"--guidance-scale": "nan"}, "--guidance-scale must be 0 or more"),
             ({"--fps": "nan"}, "--fps must be positive, not nan"),
             ({"--pose": inputs / "person.png"}, "is a picture: --pose takes a video"),
-            ({"--pose": tmp_path / "pictures", "--clip": "a"}, "is a folder but not a `disco-cli preprocess` output")):
+            ({"--pose": tmp_path / "pictures", "--clip": "a"}, "is a folder but not a `disco-cli preprocess` output"),
+            # (a folder was "does not exist"; mps / xpu / meta tracebacks after the poses were drawn)
+            ({"--reference": tmp_path / "pictures"}, f"reference picture {tmp_path / 'pictures'} is a folder, not a picture"),
+            ({"--device": "mps"}, "--device mps: this command runs on cpu, cuda or cuda:N"),
+            ({"--device": "meta"}, "--device meta: this command runs on cpu, cuda or cuda:N")):
         options = {**base, **change}
         result = _run("generate", *[x for kv in options.items() for x in kv])
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and message in said and len(result.output.strip().splitlines()) == 1, said
     assert (tmp_path / "plain").read_text() == "mine" and (tmp_path / "drive.mp4").read_bytes() == (
         inputs / "dance.mp4").read_bytes()
+
+
+def test_a_pose_video_cut_short_drives_its_frames_before_the_cut_and_says_so(inputs, tmp_path):
+    """A driving video cut short that decord cannot open is read up to its cut: it drives the
+    frames before it, and the run says (and records) what is missing instead of a shorter video
+    without a word."""
+    from helpers import cut_clip
+
+    _, cut = cut_clip(tmp_path, decord_opens=False)
+    (tmp_path / "cut.mp4").write_bytes(cut)
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
+                  tmp_path / "cut.mp4", "--output", tmp_path / "o.mp4", "--size", SIZE, "--steps", 1, "--max-frames", 2)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert f"warning: the pose video {tmp_path / 'cut.mp4'} is cut short: frames" in said, said
+    record = json.loads((tmp_path / "o.json").read_text())
+    assert record["frames"] == 2 and "of the 40 it lists are missing" in record["pose_video_cut_short"]
 
 
 def test_frames_of_an_earlier_longer_run_leave_the_frames_folder():

@@ -493,10 +493,11 @@ def test_frames_are_in_the_order_of_their_names_numbers(frames, tmp_path):
     assert [p.name for p in list_sequences(tmp_path / "videos")["clip"]] == ["1.png", "9.png", "10.png"]
 
 
-@pytest.mark.parametrize("make", ["folder", "file-above"])
+@pytest.mark.parametrize("make", ["folder", "file-above", "a-real-frame"])
 def test_a_report_that_cannot_be_written_is_refused_before_scoring(folders, tmp_path, make, monkeypatch):
     """The report was written after every score was computed (hours with --run): a folder of its
-    name, or a file where its folder should be, lost them all to a traceback."""
+    name, or a file where its folder should be, lost them all to a traceback. A frame of --gt
+    given as the report was overwritten by it."""
     import disco.evaluate.run as run
 
     monkeypatch.setattr(run, "score", lambda *a, **k: pytest.fail("scored before the report's path was checked"))
@@ -504,9 +505,25 @@ def test_a_report_that_cannot_be_written_is_refused_before_scoring(folders, tmp_
         output = tmp_path / "report"
         output.mkdir()
         message = "is a folder"
-    else:
+    elif make == "file-above":
         (tmp_path / "plain").write_text("")
         output, message = tmp_path / "plain" / "m.json", "cannot be written"
+    else:
+        output = sorted((folders / "gt" / "clip_a").iterdir())[0]
+        message = f"is a file of the input folder {folders / 'gt'}"
     result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "ssim", "--output", output)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_video_cut_short_is_refused_not_scored_on_its_first_frames(tmp_path):
+    """A video cut short that decord cannot open is read up to its cut (``cut_video``): scored so,
+    a cut real or generated video would have passed for whole on its first frames."""
+    from helpers import cut_clip
+
+    whole, cut = cut_clip(tmp_path, decord_opens=False)
+    (tmp_path / "cut.mp4").write_bytes(cut)
+    result = _cli("--pred", tmp_path / "cut.mp4", "--gt", whole, "--metrics", "psnr", "--output", tmp_path / "o.json")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "cut.mp4: frames" in said and "of the 40 it lists are missing" in said, said
+    assert not (tmp_path / "o.json").exists()
