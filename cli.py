@@ -54,7 +54,8 @@ def main() -> None:
         # stop` as the job ends) ran Ray's handler (sys.exit) inside Ray's shutdown at exit: a
         # traceback after the summary, and exit code 15 for a finished run.
         with contextlib.suppress(ValueError):  # (not the main thread)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # A handler that does nothing, not SIG_IGN: a process started now would inherit that.
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 if __name__ == "__main__":

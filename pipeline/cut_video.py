@@ -49,10 +49,12 @@ class CutVideo:
             try:
                 with av.logging.Capture():  # FFmpeg's "partial file" lines, known: not on the console
                     for packet in self._container.demux(self._stream):
+                        if packet.is_corrupt:  # cut in two: a codec that hides errors would make it a damaged picture
+                            self._cut = True
+                            break
                         if packet.size and packet.pts is not None:
                             pts.append(int(packet.pts))
                             decoded_by = int(packet.dts if packet.dts is not None else packet.pts)
-                            self._cut |= bool(packet.is_corrupt)
             except av.FFmpegError:  # where the file ends: the packets before it are the video
                 self._cut = True
             self._listed = int(self._stream.frames or 0)  # the container's index, where it has one
@@ -70,6 +72,9 @@ class CutVideo:
             self._fps = float(rate) if rate else 0.0
             self._turn = 0
             self._size = (int(width), int(height))
+            # MPEG-TS and -PS seek by bytes, and land some keyframes late now and then
+            self._seeks_by_bytes = any(name in ("mpegts", "mpeg", "mpegvideo")
+                                       for name in self._container.format.name.split(","))
             self._last = None  # index of the last frame decoded, while decoding on is possible
             self._frames = None  # the decoding generator that frame came from
         except BaseException:
@@ -120,14 +125,23 @@ class CutVideo:
         with av.logging.Capture():  # (FFmpeg's lines on the cut packet)
             if self._last is None or not self._last < first <= self._last + READ_ON_FRAMES:
                 self._seek(first)
-            for index, frame in self._frames:
+            sought = self._last is None and self._seeks_by_bytes
+            while True:
+                try:
+                    index, frame = next(self._frames)
+                except StopIteration:
+                    self._last = None  # the decoding ended (the file's end, or where it is cut)
+                    break
+                if sought and index > first:  # the seek landed past the frame: from the start
+                    self._seek(None)
+                    sought = False
+                    continue
+                sought = False
                 self._last = index
                 if index in wanted:
                     got[index] = self._picture(frame)
                 if index >= last:
                     break
-            else:
-                self._last = None  # the decoding ended (the file's end, or where it is cut)
         missing = [i for i in indices if i not in got]
         if missing:
             self._last = None
@@ -135,34 +149,17 @@ class CutVideo:
             raise RuntimeError(f"frame {missing[0]}: Invalid data found when processing input")
         return _Batch(np.stack([got[i] for i in indices]))
 
-    def _seek(self, index: int) -> None:
-        self._container.seek(self._pts[index], stream=self._stream, backward=True, any_frame=False)
-        self._frames = self._decoded()
-
-    def _decoded(self):
-        """(index, frame) in decoding order from where the container stands, until it ends; a
-        packet that does not decode (one cut in two) is skipped, and the decoder flushed at the
-        end (x264's reordering holds its last frames back)."""
-        import av
-
-        codec = self._stream.codec_context
-        codec.flush_buffers()
-        packets = self._container.demux(self._stream)
-        while True:
-            try:
-                packet = next(packets)
-            except (StopIteration, av.FFmpegError):
-                packet = None
-            try:
-                frames = codec.decode(packet)
-            except av.FFmpegError:
-                frames = []
-            for frame in frames:
-                index = self._index.get(frame.pts)
-                if index is not None:
-                    yield index, frame
-            if packet is None or packet.size == 0 and packet.pts is None:
-                return
+    def _seek(self, index: int | None) -> None:
+        """To the keyframe at or before frame ``index``; None: to the file's start."""
+        if self._frames is not None:
+            self._frames.close()
+        if index is None:
+            self._container.seek(0, backward=True, any_frame=False)
+        else:
+            self._container.seek(self._pts[index], stream=self._stream, backward=True, any_frame=False)
+        self._last = None
+        # (a generator of its own, holding no reference to this reader: dropped, it closes at once)
+        self._frames = _decoded(self._container, self._stream, self._index)
 
     def _picture(self, frame) -> np.ndarray:
         self._turn = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
@@ -177,6 +174,9 @@ class CutVideo:
         return np.ascontiguousarray(np.rot90(picture, self._turn)) if self._turn else picture
 
     def close(self) -> None:
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None
         self._container.close()
 
     def __del__(self):
@@ -184,3 +184,31 @@ class CutVideo:
             self._container.close()
         except Exception:  # noqa: BLE001 - at interpreter exit
             pass
+
+
+def _decoded(container, stream, index: dict[int, int]):
+    """(index, frame) in decoding order from where ``container`` stands, until it ends; a packet
+    that does not decode (one cut in two) is skipped, and the decoder flushed at the end (x264's
+    reordering holds its last frames back)."""
+    import av
+
+    codec = stream.codec_context
+    codec.flush_buffers()
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, av.FFmpegError):
+            packet = None
+        if packet is not None and packet.is_corrupt:
+            continue  # (listed as no frame: ``CutVideo``)
+        try:
+            frames = codec.decode(packet)
+        except av.FFmpegError:
+            frames = []
+        for frame in frames:
+            position = index.get(frame.pts)
+            if position is not None:
+                yield position, frame
+        if packet is None or packet.size == 0 and packet.pts is None:
+            return

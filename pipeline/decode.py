@@ -280,6 +280,20 @@ def probe_video(path: str | Path) -> VideoInfo:
     path = Path(path)
     _check_not_empty(path)
     reader = _open_video(path)
+    try:
+        return _probed(reader)
+    finally:
+        _close(reader)
+
+
+def _close(reader) -> None:
+    """A reader let go at once: a PyAV one (``cut_video``) holds its file and decoder until closed."""
+    close = getattr(reader, "close", None)
+    if close is not None:
+        close()
+
+
+def _probed(reader) -> VideoInfo:
     num_frames = len(reader)
     if num_frames == 0:
         raise InputError("decode", "no_frames", "the video holds no frames")
@@ -381,6 +395,8 @@ class LastVideo:
 
     def close(self) -> None:
         """Lets the reader go (after a failure: a reader that failed is not trusted again)."""
+        if self._reader is not None:
+            _close(self._reader)
         self._key, self._reader = None, None
 
 
@@ -456,6 +472,8 @@ def salvage_video_frames(path: str | Path, indices: list[int], width: int, heigh
                     reader = open_video(path, width, height)
                 frames, times = decode_video_frames(path, [index], width, height, reader)
             except InputError as exc:
+                if reader is not None:
+                    _close(reader)
                 reader, message = None, exc.message.split(": ", 1)[-1]
         if frames is None:
             run = position if run is None else run
@@ -464,4 +482,6 @@ def salvage_video_frames(path: str | Path, indices: list[int], width: int, heigh
         run = None
         decoded.append((position, frames[0], times[0]))
     close_run(len(indices) - 1)
+    if reader is not None:
+        _close(reader)
     return decoded, failed

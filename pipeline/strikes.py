@@ -35,11 +35,13 @@ import os
 import secrets
 import socket
 import tempfile
+import threading
 from pathlib import Path
 
 STRIKES = 2
 FOLDER = ".strikes"
 STUCK = ".stuck"  # suffix of the file beside a process's log where its watchdog writes the stacks
+UNIT_THREAD = "units run on thread "  # that file's first line
 
 
 class GpuFailed(RuntimeError):
@@ -115,10 +117,13 @@ def _stuck_at(log: Path) -> str | None:
             text = handle.read(1 << 16)
     except OSError:
         return None
-    if not text.strip():
+    header, _, stacks = text.partition("\n\n") if text.startswith(UNIT_THREAD) else ("", "", text)
+    if not stacks.strip():
         return None
-    threads = text.split("\n\n")  # faulthandler's blocks, one per thread
-    ours = next((t for t in threads if "unit_result" in t or "strike_window" in t), text)
+    threads = stacks.split("\n\n")  # faulthandler's blocks, one per thread
+    unit_thread = header[len(UNIT_THREAD):].strip()
+    ours = next((t for t in threads if unit_thread and f"hread {unit_thread} " in t.split("\n", 1)[0]),
+                next((t for t in threads if "unit_result" in t), stacks))
     frames = [line.strip() for line in ours.splitlines() if line.strip().startswith("File ")]
     return frames[0] if frames else "an unknown place"
 
@@ -180,6 +185,10 @@ def begin(settings: dict, unit: dict, stage: str) -> str | None:
         if settings.get("unit_timeout"):
             if _Process.stuck is None:
                 _Process.stuck = open(f"{log.name}{STUCK}", "w", encoding="utf-8")
+                # Whose stack to read there: an actor's units run on one thread, named as
+                # faulthandler names it (a context manager's frame is not on the stack to find it by).
+                _Process.stuck.write(f"{UNIT_THREAD}0x{threading.get_ident():016x}\n\n")
+                _Process.stuck.flush()
             log.flush()  # the start line is on storage before the watchdog can end the process
             faulthandler.dump_traceback_later(float(settings["unit_timeout"]), exit=True, file=_Process.stuck)
     except (OSError, ValueError, OverflowError):  # (a limit faulthandler does not take: unguarded)

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -860,3 +861,28 @@ def test_the_units_become_a_dataset_while_every_cpu_is_taken(ray_local):
         ray.kill(hog)
     rows = dataset.take_all()
     assert [(r["input_path"], r["src_indices"]) for r in rows] == [(u["input_path"], u["src_indices"]) for u in units]
+
+
+def test_a_unit_timeout_in_a_calls_window_names_where_the_units_thread_was(tmp_path):
+    """Past --unit-timeout inside a call's window (its table packed, its shards written), the
+    errors row named the first thread faulthandler listed (the window's frame is not on the stack
+    to find the unit's thread by): it names the unit's thread's innermost frame."""
+    from disco.pipeline import strikes
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import threading, time\n"
+        "from disco.pipeline import strikes\n"
+        "def noise():\n"
+        "    while True:\n"
+        "        time.sleep(0.01)\n"
+        "threading.Thread(target=noise, daemon=True).start()\n"
+        "def packing():\n"
+        "    time.sleep(60)\n"
+        f"settings = {{'output': {str(tmp_path / 'out')!r}, 'run': 'r', 'unit_timeout': 1}}\n"
+        "with strikes.strike_window(settings, {'input_path': 'call x', 'unit_index': 0}, 'write'):\n"
+        "    packing()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0  # ended by the watchdog
+    (where,) = strikes._read_deaths(strikes.strike_folder({"output": str(tmp_path / "out"), "run": "r"}), None).values()
+    assert len(where) == 1 and where[0].startswith("timeout File ") and where[0].endswith("in packing"), where

@@ -76,8 +76,9 @@ def file_problem(path: str) -> tuple[str, str] | None:
     return _checked_file(path)[0]
 
 
-def _checked_file(path: str) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
-    """``file_problem``, and the file's identity (device, inode) where it has none."""
+def _checked_file(path: str) -> tuple[tuple[str, str] | None, tuple | None]:
+    """``file_problem``, and where it has none the file's identity: (device, inode, size, time),
+    and whether it has several names (hard links)."""
     try:
         info = os.stat(path)
     except OSError as exc:
@@ -89,7 +90,7 @@ def _checked_file(path: str) -> tuple[tuple[str, str] | None, tuple[int, int] | 
     if not stat.S_ISREG(info.st_mode):
         return ("not_a_regular_file", "not a regular file (a FIFO, socket or device); it was not opened"), None
     # (An inode number of 0 names no file: some FUSE and network mounts give every file that.)
-    return None, (info.st_dev, info.st_ino) if info.st_ino else None
+    return None, ((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns), info.st_nlink > 1) if info.st_ino else None
 
 
 SAME_FILE = "same_file_as_another_input"  # a link (or hard link) to a file listed under another name
@@ -172,15 +173,23 @@ def list_inputs(source: str, root: Path, split: str) -> Listing:
     problems = map_in_threads(_checked_file, [str(found[i][1]) for i in checked], LISTING_STATS, "disco-listing")
     named: dict[tuple[int, int], int] = {}  # a file's identity -> the entry of ``found`` that lists it
     twice: set[int] = set()
-    for i, (problem, identity) in zip(checked, problems):
+    for i, (problem, known) in zip(checked, problems):
         found[i] = (found[i][0], found[i][1], problem)
-        if identity is None:
+        if known is None:
             continue
+        identity, linked = known
         first = named.setdefault(identity, i)
-        if first != i:  # one file under two names (a link beside it) is one input: by its own name
-            if os.path.islink(found[first][1]) and not os.path.islink(found[i][1]):
-                named[identity], i = i, first
-            twice.add(i)
+        if first == i:
+            continue
+        # One file under two names (a link beside it) is one input: by its own name. Only a name
+        # that is a link, or a file with several: some mounts (9p, virtiofs) show the files of
+        # several file systems on one device, where inode numbers repeat.
+        first_link, this_link = os.path.islink(found[first][1]), os.path.islink(found[i][1])
+        if not (linked or first_link or this_link):
+            continue
+        if first_link and not this_link:
+            named[identity], i = i, first
+        twice.add(i)
     if twice:
         found = [entry for i, entry in enumerate(found) if i not in twice]
     # clip_id is the path without its suffix; where two files differ only by suffix, keep it.
