@@ -102,3 +102,8 @@ class GenerateConfig:
                 raise GenerateInputError(problem)
             if any(path.resolve() == self.frames.resolve() for path in self.outputs().values()):
                 raise GenerateInputError(f"--frames {self.frames} is an output file of this run")
+            from disco.generate.video import frames_folder_problem
+
+            problem = frames_folder_problem(self.frames)
+            if problem:
+                raise GenerateInputError(problem)

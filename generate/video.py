@@ -81,13 +81,30 @@ def side_by_side(poses: list[np.ndarray], frames: np.ndarray) -> Iterator[np.nda
 
 
 FRAME_NAME = re.compile(r"^\d{6}\.png$")
+# The file that marks a folder of frames this module wrote: only there are frames overwritten.
+FRAMES_MARK = ".disco-generated-frames"
+
+
+def frames_folder_problem(folder: str | Path, flag: str = "--frames") -> str | None:
+    """Why frames cannot be written into ``folder``: it holds frames of that name that this
+    module did not write (a user's real frames, overwritten and the later ones deleted)."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / FRAMES_MARK).exists():
+        return None
+    theirs = sorted(p.name for p in folder.iterdir() if FRAME_NAME.match(p.name))
+    if not theirs:
+        return None
+    return (f"{flag} {folder} holds frames that generate did not write ({theirs[0]}, ...): they would be "
+            "overwritten; choose an empty or new folder")
 
 
 def write_frames(folder: str | Path, frames: np.ndarray) -> list[Path]:
     """PNG per frame, ``000000.png`` upwards. Frames of that name past the last one (an earlier,
-    longer run into the same folder) go: left, they read as the end of this run's frames."""
+    longer run into the same folder) go: left, they read as the end of this run's frames. The
+    folder is marked (``FRAMES_MARK``) as one such frames are written into."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / FRAMES_MARK).write_text("frames written by disco-cli generate; the next run into this folder replaces them\n")
     paths = []
     for index, frame in enumerate(frames):
         path = folder / f"{index:06d}.png"

@@ -858,6 +858,8 @@ def test_outputs_and_inputs_that_cannot_work_are_refused_before_the_model_loads(
     (tmp_path / "isdir.mp4").mkdir()
     (tmp_path / "plain").write_text("mine")
     (tmp_path / "pictures").mkdir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "000050.png").write_bytes(b"a real frame")
     shutil.copy(inputs / "dance.mp4", tmp_path / "drive.mp4")
     base = {"--checkpoint": inputs / "ckpt", "--reference": inputs / "person.png", "--pose": inputs / "dance.mp4",
             "--output": tmp_path / "out.mp4"}
@@ -873,13 +875,15 @@ def test_outputs_and_inputs_that_cannot_work_are_refused_before_the_model_loads(
             # (a folder was "does not exist"; mps / xpu / meta tracebacks after the poses were drawn)
             ({"--reference": tmp_path / "pictures"}, f"reference picture {tmp_path / 'pictures'} is a folder, not a picture"),
             ({"--device": "mps"}, "--device mps: this command runs on cpu, cuda or cuda:N"),
-            ({"--device": "meta"}, "--device meta: this command runs on cpu, cuda or cuda:N")):
+            ({"--device": "meta"}, "--device meta: this command runs on cpu, cuda or cuda:N"),
+            # A folder of the user's own frames: overwritten, and the later ones deleted.
+            ({"--frames": tmp_path / "real"}, f"--frames {tmp_path / 'real'} holds frames that generate did not write")):
         options = {**base, **change}
         result = _run("generate", *[x for kv in options.items() for x in kv])
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and message in said and len(result.output.strip().splitlines()) == 1, said
     assert (tmp_path / "plain").read_text() == "mine" and (tmp_path / "drive.mp4").read_bytes() == (
-        inputs / "dance.mp4").read_bytes()
+        inputs / "dance.mp4").read_bytes() and (tmp_path / "real" / "000050.png").read_bytes() == b"a real frame"
 
 
 def test_a_pose_video_cut_short_drives_its_frames_before_the_cut_and_says_so(inputs, tmp_path):
@@ -907,7 +911,8 @@ def test_frames_of_an_earlier_longer_run_leave_the_frames_folder():
         write_frames(folder, np.zeros((4, 8, 8, 3), np.uint8))
         (Path(folder) / "notes.png").write_bytes(b"not ours")
         assert [p.name for p in write_frames(folder, np.ones((2, 8, 8, 3), np.uint8))] == ["000000.png", "000001.png"]
-        assert sorted(p.name for p in Path(folder).iterdir()) == ["000000.png", "000001.png", "notes.png"]
+        assert sorted(p.name for p in Path(folder).iterdir()) == [".disco-generated-frames", "000000.png",
+                                                                   "000001.png", "notes.png"]
 
 
 def test_a_reference_without_a_person_is_refused(inputs, tmp_path):
