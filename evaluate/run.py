@@ -57,13 +57,13 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
         if root.suffix.lower() not in VIDEO_SUFFIXES:
             raise EvaluateInputError(f"{root} is neither a video nor a folder")
         return {".": root}  # a single video pairs with the other side's single video, whatever their names
-    images = sorted((p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
+    images = sorted((p for p in root.iterdir() if _shown_file(p, IMAGE_SUFFIXES)), key=frame_order)
     if images:
         return official_clips(images) or {".": images}
-    videos = sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = sorted(p for p in root.iterdir() if _shown_file(p, VIDEO_SUFFIXES))
     sequences: dict = {p.stem: p for p in videos}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # .tmp-: in the making
-        frames = sorted((p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
+        frames = sorted((p for p in sub.iterdir() if _shown_file(p, IMAGE_SUFFIXES)), key=frame_order)
         if frames:
             sequences[sub.name] = frames
     if not sequences:
@@ -112,6 +112,12 @@ def official_clips(images: list[Path]) -> dict[str, list[Path]] | None:
             runs.setdefault(clip if part == 1 else f"{clip}{GAP_MARK}{part}", []).append(path)
             previous = number
     return runs
+
+
+def _shown_file(path: Path, suffixes) -> bool:
+    """A frame or video by its suffix, and not hidden: macOS copies leave ``._0003.png`` beside
+    ``0003.png`` (AppleDouble metadata, not a picture), which made a name mismatch of the sets."""
+    return path.suffix.lower() in suffixes and not path.name.startswith(".")
 
 
 def read_sequence(item: list[Path] | Path) -> np.ndarray:

@@ -485,11 +485,13 @@ def test_frames_are_in_the_order_of_their_names_numbers(frames, tmp_path):
 
     for k, frame in enumerate(frames[:12], start=1):
         cv2.imwrite(str(tmp_path / f"frame_{k}.png"), frame[..., ::-1])
+    (tmp_path / "._frame_3.png").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble beside a copied frame: no frame
     listed = list_sequences(tmp_path)["."]
     assert [p.name for p in listed] == [f"frame_{k}.png" for k in range(1, 13)]
     (tmp_path / "videos" / "clip").mkdir(parents=True)
     for k in (10, 9, 1):
         (tmp_path / f"frame_{k}.png").rename(tmp_path / "videos" / "clip" / f"{k}.png")
+    (tmp_path / "videos" / "clip" / "._9.png").write_bytes(b"\0\5\26\7")
     assert [p.name for p in list_sequences(tmp_path / "videos")["clip"]] == ["1.png", "9.png", "10.png"]
 
 
