@@ -20,6 +20,7 @@ Every file is read with ``torch.load(weights_only=True)`` (or safetensors): no p
 from __future__ import annotations
 
 import inspect
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,12 @@ def load_state_dict(path: str | Path) -> dict:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+            # (PyTorch's own words go on to advise weights_only=False: never for a file not ours)
+            text = ("not a file of tensors read without running its pickled code (a .pth / .pt state dict, or "
+                    ".safetensors)")
+        raise WeightsError(f"cannot read weights {path}: {text}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

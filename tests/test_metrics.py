@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from skimage import data
@@ -158,6 +159,12 @@ def test_the_fid_inception_loads_from_a_local_file(tmp_path):
     with pytest.raises(N.WeightsError, match="cannot read weights"):
         (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
         N.inception(tmp_path / "junk.pth")
+    # A picture given as the weights: no advice to load it with weights_only=False.
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "person.png")
+    with pytest.raises(N.WeightsError) as refused:
+        N.inception(tmp_path / "person.png")
+    assert str(refused.value).endswith("not a file of tensors read without running its pickled code (a .pth / .pt "
+                                       "state dict, or .safetensors)") and "weights_only" not in str(refused.value)
 
 
 def test_the_fid_inception_sees_frames_as_torch_fidelity_does(tmp_path):
