@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disco.pipeline.annotators.weights import WEIGHTS_ENV, WeightsError, weights_dir
+from disco.pipeline.safe_load import refusal
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,10 @@ def load_state_dict(path: str | Path) -> dict:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # (PyTorch's words advise weights_only=False: never for a file not ours)
+        raise WeightsError(f"cannot read weights {path}: {refusal(exc)}") from None
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
-            # (PyTorch's own words go on to advise weights_only=False: never for a file not ours)
-            text = ("not a file of tensors read without running its pickled code (a .pth / .pt state dict, or "
-                    ".safetensors)")
-        raise WeightsError(f"cannot read weights {path}: {text}") from None
+        raise WeightsError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
