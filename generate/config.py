@@ -72,6 +72,12 @@ class GenerateConfig:
         if self.pose.is_dir() and not (self.pose / "triplets").is_dir():
             raise GenerateInputError(f"--pose {self.pose} is a folder but not a `disco-cli preprocess` output (no "
                                      "triplets/): --pose takes a video, or such a folder with --clip")
+        from disco.pipeline.sources.generic import UNSUPPORTED_SUFFIXES
+
+        if self.pose.is_file() and self.pose.suffix.lower() in UNSUPPORTED_SUFFIXES["video"]:
+            # (decord's words were about "broken metadata")
+            raise GenerateInputError(f"--pose {self.pose}: a {self.pose.suffix.lower()} file is not read as a video; "
+                                     f"convert it (ffmpeg -i {self.pose.name} pose.mp4)")
         if self.pose.is_file() and self.pose.suffix.lower() in PICTURE_SUFFIXES:
             raise GenerateInputError(f"--pose {self.pose} is a picture: --pose takes a video (or a `disco-cli "
                                      "preprocess` output folder with --clip)")

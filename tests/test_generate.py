@@ -859,6 +859,7 @@ def test_outputs_and_inputs_that_cannot_work_are_refused_before_the_model_loads(
     (tmp_path / "plain").write_text("mine")
     (tmp_path / "pictures").mkdir()
     (tmp_path / "real").mkdir()
+    Image.open(inputs / "person.png").save(tmp_path / "dance.gif")
     (tmp_path / "real" / "000050.png").write_bytes(b"a real frame")
     shutil.copy(inputs / "dance.mp4", tmp_path / "drive.mp4")
     base = {"--checkpoint": inputs / "ckpt", "--reference": inputs / "person.png", "--pose": inputs / "dance.mp4",
@@ -871,6 +872,7 @@ def test_outputs_and_inputs_that_cannot_work_are_refused_before_the_model_loads(
             ({"--guidance-scale": "nan"}, "--guidance-scale must be 0 or more"),
             ({"--fps": "nan"}, "--fps must be positive, not nan"),
             ({"--pose": inputs / "person.png"}, "is a picture: --pose takes a video"),
+            ({"--pose": tmp_path / "dance.gif"}, "dance.gif: a .gif file is not read as a video; convert it (ffmpeg -i"),
             ({"--pose": tmp_path / "pictures", "--clip": "a"}, "is a folder but not a `disco-cli preprocess` output"),
             # (a folder was "does not exist"; mps / xpu / meta tracebacks after the poses were drawn)
             ({"--reference": tmp_path / "pictures"}, f"reference picture {tmp_path / 'pictures'} is a folder, not a picture"),
