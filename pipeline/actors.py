@@ -322,7 +322,8 @@ class MattingStage:
 
             packed.append(failed(stopped) if stopped is not None else
                           unit_result(self.settings, unit, "matting", lambda: self._matte(unit), failed))
-        with strikes.strike_window(self.settings, call, "matting"):
+        # (open until the next call: Ray copies the table into the object store after this returns)
+        with strikes.strike_window(self.settings, call, "matting", until_next=True):
             return matted_table(packed)
 
     def _matte(self, unit: dict) -> dict:

@@ -207,16 +207,22 @@ def end(attempt: str | None) -> None:
 
 
 @contextlib.contextmanager
-def strike_window(settings: dict, unit: dict, stage: str):
+def strike_window(settings: dict, unit: dict, stage: str, until_next: bool = False):
     """Work on ``unit`` (often a call's pseudo-unit, ``call_of``) that is not one unit's own but
     can end the process (a call's frames copied into its output table, its shards packed): a
     death inside is a strike against it, as inside ``unit_result``. Whatever Python raises is no
-    death: the call fails with it."""
+    death: the call fails with it. ``until_next``: the window stays open after the block (its
+    watchdog stopped) until the process's next unit or window starts: what the block returns is
+    copied on by Ray (a call's table into the object store) after it, and a death there is the
+    call's too; a call whose result Ray delivered is never handed to a restarted actor again."""
     attempt = begin(settings, unit, stage)
     try:
         yield
     finally:
-        end(attempt)
+        if until_next and attempt is not None:
+            faulthandler.cancel_dump_traceback_later()
+        else:
+            end(attempt)
 
 
 def mark_gpu(attempt: str | None, message: str) -> None:

@@ -884,5 +884,22 @@ def test_a_unit_timeout_in_a_calls_window_names_where_the_units_thread_was(tmp_p
         "    packing()\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0  # ended by the watchdog
-    (where,) = strikes._read_deaths(strikes.strike_folder({"output": str(tmp_path / "out"), "run": "r"}), None).values()
+    folder = strikes.strike_folder({"output": str(tmp_path / "out"), "run": "r"})
+    (where,) = strikes._read_deaths(folder, None).values()
     assert len(where) == 1 and where[0].startswith("timeout File ") and where[0].endswith("in packing"), where
+    # A window kept open until the next unit (the matting stage's table, copied on by Ray after the
+    # call returns): a death after the block is the call's; one after the next unit's start is not.
+    for name, after in (("returned", ""), ("next", "strikes.end(strikes.begin(settings, {'input_path': 'u', "
+                                                      "'unit_index': 0}, 'matting'))\n")):
+        script.write_text(
+            "import os\n"
+            "from disco.pipeline import strikes\n"
+            f"settings = {{'output': {str(tmp_path / name)!r}, 'run': 'r', 'unit_timeout': 1}}\n"
+            "with strikes.strike_window(settings, {'input_path': 'call y', 'unit_index': 0}, 'matting', until_next=True):\n"
+            "    pass\n"
+            f"{after}"
+            "os._exit(9)\n")  # (the watchdog of the window stopped: no timeout fires)
+        assert subprocess.run([sys.executable, str(script)], timeout=60).returncode == 9
+        deaths = strikes._read_deaths(strikes.strike_folder({"output": str(tmp_path / name), "run": "r"}), None)
+        call = strikes._key({"input_path": "call y", "unit_index": 0}, "matting")
+        assert list(deaths) == ([call] if name == "returned" else []), deaths
