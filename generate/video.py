@@ -94,8 +94,8 @@ def frames_folder_problem(folder: str | Path, flag: str = "--frames") -> str | N
     theirs = sorted(p.name for p in folder.iterdir() if FRAME_NAME.match(p.name))
     if not theirs:
         return None
-    return (f"{flag} {folder} holds frames that generate did not write ({theirs[0]}, ...): they would be "
-            "overwritten; choose an empty or new folder")
+    return (f"{flag} {folder} holds numbered frames ({theirs[0]}, ...) in a folder generate has not marked as its "
+            f"own ({FRAMES_MARK}): they would be overwritten; choose an empty or new folder")
 
 
 def write_frames(folder: str | Path, frames: np.ndarray) -> list[Path]:

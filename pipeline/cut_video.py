@@ -45,25 +45,26 @@ class CutVideo:
                 raise InputError("decode", "no_video_stream", "the file holds no video stream (audio only?)")
             self._stream = self._container.streams.video[0]
             self._stream.thread_count = 1  # one actor per core, as decord's readers are opened
-            pts, decoded_by, self._cut = [], None, False
+            pts, decoded_by, self._damaged, ends_badly = [], None, 0, False
             try:
                 with av.logging.Capture():  # FFmpeg's "partial file" lines, known: not on the console
                     for packet in self._container.demux(self._stream):
-                        if packet.is_corrupt:  # cut in two: a codec that hides errors would make it a damaged picture
-                            self._cut = True
-                            break
+                        if packet.is_corrupt:  # (a codec that hides errors would make it a damaged picture)
+                            self._damaged, ends_badly = self._damaged + 1, True
+                            continue
                         if packet.size and packet.pts is not None:
                             pts.append(int(packet.pts))
                             decoded_by = int(packet.dts if packet.dts is not None else packet.pts)
+                            ends_badly = False
             except av.FFmpegError:  # where the file ends: the packets before it are the video
-                self._cut = True
+                ends_badly = True
             self._listed = int(self._stream.frames or 0)  # the container's index, where it has one
-            self._cut |= len(pts) < self._listed
+            self._ends_cut = ends_badly or len(pts) + self._damaged < self._listed
             # Cut short: the frames shown up to the last packet's decoding time. A frame missing
             # past the cut is decoded after it, so shown no earlier (pts >= dts); later ones (a
             # P-frame whose B-frames were cut off) would leave gaps that resampling by time would
             # stretch. (Up to x264's reordering delay, two frames, of those that decode go too.)
-            self._pts = sorted(p for p in pts if not self._cut or p <= decoded_by)
+            self._pts = sorted(p for p in pts if not self._ends_cut or p <= decoded_by)
             self._index = {p: k for k, p in enumerate(self._pts)}
             base = self._stream.time_base
             # float32 seconds, as decord gives them (a frame's time is the same read either way)
@@ -85,10 +86,11 @@ class CutVideo:
         return len(self._pts)
 
     def cut_message(self) -> str:
-        """What of the video is missing, for its errors row; "" where it reads to its end (its
-        damage is in frames that do not decode: their own errors rows)."""
-        if not self._cut:
-            return ""
+        """What of the video is missing, for its errors row; "" where it reads to its end whole
+        (damage in frames that do not decode is their own errors rows)."""
+        if not self._ends_cut:
+            return (f"{self._damaged} damaged packet(s) of the video left out (FFmpeg reads invalid data): "
+                    "their frames are missing") if self._damaged else ""
         if self._listed > len(self._pts):
             return (f"frames {len(self._pts)}..{self._listed - 1} of the {self._listed} it lists are missing: the "
                     "file is cut short or damaged there (FFmpeg reads invalid data)")
@@ -130,6 +132,10 @@ class CutVideo:
                 try:
                     index, frame = next(self._frames)
                 except StopIteration:
+                    if sought:  # a seek whose frames' times match none listed (MPEG-PS): from the start
+                        self._seek(None)
+                        sought = False
+                        continue
                     self._last = None  # the decoding ended (the file's end, or where it is cut)
                     break
                 if sought and index > first:  # the seek landed past the frame: from the start

@@ -281,14 +281,22 @@ def output_file_problem(path: Path, flag: str, inputs: tuple = ()) -> str | None
     for given in inputs:
         if given is not None and Path(given).exists() and path.exists() and os.path.samefile(path, given):
             return f"{flag} {path} is an input of this command ({given}); it would be overwritten"
-        # A file inside an input folder (a frame of --gt) is the command's input too.
-        if given is not None and Path(given).is_dir() and path.is_file() and \
+        # A picture or video inside an input folder (a frame of --gt) is the command's input too
+        # (not any file there: a report written into it last time is no input).
+        if given is not None and Path(given).is_dir() and path.is_file() and _media(path) and \
                 Path(os.path.realpath(path)).is_relative_to(os.path.realpath(given)):
             return f"{flag} {path} is a file of the input folder {given}; it would be overwritten"
     if path.exists():
         return None if os.access(path, os.W_OK) else f"{flag} {path} cannot be written: it is not writable"
     why = _unwritable(path.parent)
     return f"{flag} {path} cannot be written: {why}" if why else None
+
+
+def _media(path: Path) -> bool:
+    """A picture or a video by its name (what a command reads in a folder), not a hidden file."""
+    from disco.pipeline.sources.generic import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+
+    return path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES and not path.name.startswith(".")
 
 
 def output_folder_problem(path: Path, flag: str) -> str | None:

@@ -122,7 +122,7 @@ def _stuck_at(log: Path) -> str | None:
         return None
     threads = stacks.split("\n\n")  # faulthandler's blocks, one per thread
     unit_thread = header[len(UNIT_THREAD):].strip()
-    ours = next((t for t in threads if unit_thread and f"hread {unit_thread} " in t.split("\n", 1)[0]),
+    ours = next((t for t in threads if unit_thread and f"hread {unit_thread} (" in t),
                 next((t for t in threads if "unit_result" in t), stacks))
     frames = [line.strip() for line in ours.splitlines() if line.strip().startswith("File ")]
     return frames[0] if frames else "an unknown place"

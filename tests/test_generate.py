@@ -879,7 +879,7 @@ def test_outputs_and_inputs_that_cannot_work_are_refused_before_the_model_loads(
             ({"--device": "mps"}, "--device mps: this command runs on cpu, cuda or cuda:N"),
             ({"--device": "meta"}, "--device meta: this command runs on cpu, cuda or cuda:N"),
             # A folder of the user's own frames: overwritten, and the later ones deleted.
-            ({"--frames": tmp_path / "real"}, f"--frames {tmp_path / 'real'} holds frames that generate did not write")):
+            ({"--frames": tmp_path / "real"}, f"--frames {tmp_path / 'real'} holds numbered frames (000050.png, ...) in a folder generate has not marked")):
         options = {**base, **change}
         result = _run("generate", *[x for kv in options.items() for x in kv])
         said = " ".join(result.output.split())

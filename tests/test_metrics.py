@@ -523,6 +523,12 @@ def test_a_report_that_cannot_be_written_is_refused_before_scoring(folders, tmp_
     result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "ssim", "--output", output)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+    if make == "a-real-frame":  # a report kept in an input folder (the last run's) is no input: written again
+        from disco.pipeline.errors import output_file_problem
+
+        (tmp_path / "pred").mkdir()
+        (tmp_path / "pred" / "metrics.json").write_text("{}")
+        assert output_file_problem(tmp_path / "pred" / "metrics.json", "--output", (tmp_path / "pred",)) is None
 
 
 def test_a_video_cut_short_is_refused_not_scored_on_its_first_frames(tmp_path):
