@@ -518,7 +518,7 @@ def test_a_report_that_cannot_be_written_is_refused_before_scoring(folders, tmp_
         (tmp_path / "plain").write_text("")
         output, message = tmp_path / "plain" / "m.json", "cannot be written"
     else:
-        output = sorted((folders / "gt" / "clip_a").iterdir())[0]
+        output = sorted((folders / "gt" / "clip_a").glob("*.png"))[0]
         message = f"is a file of the input folder {folders / 'gt'}"
     result = _cli("--pred", folders / "shift", "--gt", folders / "gt", "--metrics", "ssim", "--output", output)
     assert result.exit_code == 2, result.output
