@@ -170,7 +170,8 @@ def check_report_path(path: Path, inputs: tuple = ()) -> None:
     """Refuse a report that could not be written, before any scoring: it was written last, and a
     folder of that name, or a file where its folder should be, lost hours of scores to a traceback."""
     from disco.pipeline.errors import output_file_problem
+    from disco.pipeline.sources.generic import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
-    problem = output_file_problem(path, "--output", inputs)
+    problem = output_file_problem(path, "--output", inputs, reads=IMAGE_SUFFIXES | VIDEO_SUFFIXES)  # (its frames, videos)
     if problem:
         raise EvaluateInputError(problem)

@@ -96,10 +96,11 @@ class GenerateConfig:
         video given as --output was overwritten). They were written after every frame was
         sampled, and a folder of the output's name lost them to a traceback."""
         from disco.pipeline.errors import output_file_problem, output_folder_problem
+        from disco.pipeline.sources.generic import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
         inputs = (self.reference, self.pose, self.background)
         for flag, path in self.outputs().items():
-            problem = output_file_problem(path, flag, inputs)
+            problem = output_file_problem(path, flag, inputs, reads=IMAGE_SUFFIXES | VIDEO_SUFFIXES)
             if problem:
                 raise GenerateInputError(problem)
         if self.frames is not None:

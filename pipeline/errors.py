@@ -270,11 +270,11 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def output_file_problem(path: Path, flag: str, inputs: tuple = ()) -> str | None:
+def output_file_problem(path: Path, flag: str, inputs: tuple = (), reads: frozenset = frozenset()) -> str | None:
     """What keeps ``path`` from being written as a command's output file, checked before the
     work (the write came last: a folder of that name, or a file where its folder should be, lost
     the work to a traceback), or None. ``inputs``: files the command reads, which the output must
-    not replace. Nothing is written."""
+    not replace; ``reads``: the suffixes of the files it reads in an input folder. Nothing is written."""
     path = Path(path)
     if path.is_dir():
         return f"{flag} {path} is a folder; give a file name"
@@ -283,7 +283,7 @@ def output_file_problem(path: Path, flag: str, inputs: tuple = ()) -> str | None
             return f"{flag} {path} is an input of this command ({given}); it would be overwritten"
         # A picture or video inside an input folder (a frame of --gt) is the command's input too
         # (not any file there: a report written into it last time is no input).
-        if given is not None and Path(given).is_dir() and path.is_file() and _media(path) and \
+        if given is not None and Path(given).is_dir() and path.is_file() and _read(path, reads) and \
                 Path(os.path.realpath(path)).is_relative_to(os.path.realpath(given)):
             return f"{flag} {path} is a file of the input folder {given}; it would be overwritten"
     if path.exists():
@@ -292,11 +292,9 @@ def output_file_problem(path: Path, flag: str, inputs: tuple = ()) -> str | None
     return f"{flag} {path} cannot be written: {why}" if why else None
 
 
-def _media(path: Path) -> bool:
-    """A picture or a video by its name (what a command reads in a folder), not a hidden file."""
-    from disco.pipeline.sources.generic import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-
-    return path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES and not path.name.startswith(".")
+def _read(path: Path, suffixes: frozenset) -> bool:
+    """A file a command reads in a folder, by its suffix, and not a hidden file."""
+    return path.suffix.lower() in suffixes and not path.name.startswith(".")
 
 
 def output_folder_problem(path: Path, flag: str) -> str | None:

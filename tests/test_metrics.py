@@ -528,7 +528,11 @@ def test_a_report_that_cannot_be_written_is_refused_before_scoring(folders, tmp_
 
         (tmp_path / "pred").mkdir()
         (tmp_path / "pred" / "metrics.json").write_text("{}")
-        assert output_file_problem(tmp_path / "pred" / "metrics.json", "--output", (tmp_path / "pred",)) is None
+        assert output_file_problem(tmp_path / "pred" / "metrics.json", "--output", (tmp_path / "pred",),
+                                   reads=frozenset({".png", ".json"})) is not None  # (were it read)
+        from disco.evaluate.config import check_report_path
+
+        check_report_path(tmp_path / "pred" / "metrics.json", (tmp_path / "pred",))  # evaluate's: passes
 
 
 def test_a_video_cut_short_is_refused_not_scored_on_its_first_frames(tmp_path):
