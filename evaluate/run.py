@@ -21,6 +21,7 @@ from disco.evaluate import networks as N
 from disco.evaluate.config import FID_VID_NET as M_FID_VID
 from disco.evaluate.config import FVD_NET as M_FVD
 from disco.evaluate.config import EvaluateConfig, EvaluateInputError
+from disco.pipeline.errors import read_by_suffix
 from disco.pipeline.store.output import folder_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -57,13 +58,13 @@ def list_sequences(root: Path) -> dict[str, list[Path] | Path]:
         if root.suffix.lower() not in VIDEO_SUFFIXES:
             raise EvaluateInputError(f"{root} is neither a video nor a folder")
         return {".": root}  # a single video pairs with the other side's single video, whatever their names
-    images = sorted((p for p in root.iterdir() if _shown_file(p, IMAGE_SUFFIXES)), key=frame_order)
+    images = sorted((p for p in root.iterdir() if read_by_suffix(p, IMAGE_SUFFIXES)), key=frame_order)
     if images:
         return official_clips(images) or {".": images}
-    videos = sorted(p for p in root.iterdir() if _shown_file(p, VIDEO_SUFFIXES))
+    videos = sorted(p for p in root.iterdir() if read_by_suffix(p, VIDEO_SUFFIXES))
     sequences: dict = {p.stem: p for p in videos}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # .tmp-: in the making
-        frames = sorted((p for p in sub.iterdir() if _shown_file(p, IMAGE_SUFFIXES)), key=frame_order)
+        frames = sorted((p for p in sub.iterdir() if read_by_suffix(p, IMAGE_SUFFIXES)), key=frame_order)
         if frames:
             sequences[sub.name] = frames
     if not sequences:
@@ -114,12 +115,6 @@ def official_clips(images: list[Path]) -> dict[str, list[Path]] | None:
     return runs
 
 
-def _shown_file(path: Path, suffixes) -> bool:
-    """A frame or video by its suffix, and not hidden: macOS copies leave ``._0003.png`` beside
-    ``0003.png`` (AppleDouble metadata, not a picture), which made a name mismatch of the sets."""
-    return path.suffix.lower() in suffixes and not path.name.startswith(".")
-
-
 def read_sequence(item: list[Path] | Path) -> np.ndarray:
     if isinstance(item, Path):
         from disco.generate.video import read_video
@@ -148,15 +143,13 @@ class _Sequence:
     once and decoded once through (a part opened anew would seek back to its keyframe)."""
 
     def __init__(self, item: list[Path] | Path):
-        from disco.pipeline.decode import open_video, probe_video
+        from disco.pipeline.decode import open_video, probe_whole_video
         from disco.pipeline.errors import InputError
 
         self.item, self.shape = item, None
         if isinstance(item, Path):
             try:
-                info = probe_video(item)
-                if info.cut_short:  # scored on the frames before the cut, it would pass for whole
-                    raise InputError("decode", "decode_failed", info.cut_short)
+                info = probe_whole_video(item)  # (scored on its frames before a cut, it would pass for whole)
                 self.video = open_video(item, info.width, info.height)
             except InputError as exc:
                 raise EvaluateInputError(f"{item}: {exc.message}") from None

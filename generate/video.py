@@ -61,13 +61,9 @@ def write_video(path: str | Path, frames, fps: float) -> Path:
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     """All frames of a video as N x H x W x 3 uint8 RGB, and its frame rate."""
-    from disco.pipeline.decode import decode_every_frame, probe_video
+    from disco.pipeline.decode import decode_every_frame, probe_whole_video
 
-    from disco.pipeline.errors import InputError
-
-    info = probe_video(path)
-    if info.cut_short:  # its frames before the cut are not all of it
-        raise InputError("decode", "decode_failed", info.cut_short)
+    info = probe_whole_video(path)
     frames, _ = decode_every_frame(path, list(range(info.num_frames)), info.width, info.height)
     return frames, info.fps
 

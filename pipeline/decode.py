@@ -286,6 +286,15 @@ def probe_video(path: str | Path) -> VideoInfo:
         _close(reader)
 
 
+def probe_whole_video(path: str | Path) -> VideoInfo:
+    """``probe_video`` for a reader that needs the whole video (evaluate's, generate's whole
+    reads): a video cut short is its error, not its frames before the cut passed off as all."""
+    info = probe_video(path)
+    if info.cut_short:
+        raise InputError("decode", "decode_failed", info.cut_short)
+    return info
+
+
 def _close(reader) -> None:
     """A reader let go at once: a PyAV one (``cut_video``) holds its file and decoder until closed."""
     close = getattr(reader, "close", None)

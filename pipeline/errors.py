@@ -283,7 +283,7 @@ def output_file_problem(path: Path, flag: str, inputs: tuple = (), reads: frozen
             return f"{flag} {path} is an input of this command ({given}); it would be overwritten"
         # A picture or video inside an input folder (a frame of --gt) is the command's input too
         # (not any file there: a report written into it last time is no input).
-        if given is not None and Path(given).is_dir() and path.is_file() and _read(path, reads) and \
+        if given is not None and Path(given).is_dir() and path.is_file() and read_by_suffix(path, reads) and \
                 Path(os.path.realpath(path)).is_relative_to(os.path.realpath(given)):
             return f"{flag} {path} is a file of the input folder {given}; it would be overwritten"
     if path.exists():
@@ -292,8 +292,9 @@ def output_file_problem(path: Path, flag: str, inputs: tuple = (), reads: frozen
     return f"{flag} {path} cannot be written: {why}" if why else None
 
 
-def _read(path: Path, suffixes: frozenset) -> bool:
-    """A file a command reads in a folder, by its suffix, and not a hidden file."""
+def read_by_suffix(path: Path, suffixes) -> bool:
+    """A file a command reads in a folder, by its suffix, and not a hidden file (macOS copies leave
+    ``._0003.png`` beside ``0003.png``: AppleDouble metadata, not a picture)."""
     return path.suffix.lower() in suffixes and not path.name.startswith(".")
 
 
