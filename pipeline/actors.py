@@ -34,6 +34,7 @@ from disco.pipeline.stages import (
     matte_unit,
     process_unit,
 )
+from disco.pipeline.sources.units import unit_frames
 from disco.pipeline.store.schema import (COMMIT_SCHEMA, PACKED_UNIT_SCHEMA, UNIT_TYPE, check_declared, commit_record,
                                          skipped_counts, skipped_records)
 from disco.pipeline.store.output import OutputStore
@@ -193,7 +194,8 @@ def unit_result(settings: dict, unit: dict, stage: str, work, failed=None):
     raises becomes the unit's errors row (``failed(exc)``; default ``failed_result``), except a
     broken GPU: a restart of this actor (``device_loss``). A unit whose attempts ended their
     process too often (a broken GPU, a crash, a kill) is its row without running again
-    (``strikes``)."""
+    (``strikes``); one that ended it once runs its frames apart, so that the frame that ended it
+    again is the only one lost (``strikes.frames_apart``)."""
     if failed is None:
         failed = lambda exc: failed_result(unit, stage, exc)  # noqa: E731
     error = strikes.given_up(settings, unit, stage)
@@ -201,7 +203,8 @@ def unit_result(settings: dict, unit: dict, stage: str, work, failed=None):
         return failed(error)
     attempt = strikes.begin(settings, unit, stage)
     try:
-        result = work()
+        with strikes.frames_apart(settings, unit, stage, int(unit_frames([unit])[0])):
+            result = work()
     except DeviceLost as lost:
         restart(unit, stage, lost, attempt)
     except Exception as exc:  # noqa: BLE001 - see above

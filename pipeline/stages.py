@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from disco.pipeline import strikes
 from disco.pipeline.sources import units as dataset_units
 from disco.pipeline.decode import (
     Frame,
@@ -112,6 +113,8 @@ def _decode_segment(unit: dict, videos: LastVideo | None, errors: list[dict]) ->
     errors row (``salvage_video_frames``); none decoding, the segment's one error is raised."""
     path, width, height = local_path(unit), int(unit["width"]), int(unit["height"])
     indices = list(unit["src_indices"])
+    if strikes.one_by_one():
+        return _decode_apart(unit, videos, errors)
     try:
         frames, times = decode_video_frames(path, indices, width, height,
                                             None if videos is None else videos.reader(path, width, height))
@@ -130,20 +133,42 @@ def _decode_segment(unit: dict, videos: LastVideo | None, errors: list[dict]) ->
         raise
 
 
+def _decode_apart(unit: dict, videos: LastVideo | None, errors: list[dict]) -> list[tuple[int, np.ndarray, float]]:
+    """The segment's frames one at a time, each in a strike window of its own (a unit that ended
+    its process once, ``strikes.frames_apart``); a frame that fails is its errors row."""
+    path, width, height = local_path(unit), int(unit["width"]), int(unit["height"])
+    decoded = []
+    for position, index in enumerate(unit["src_indices"]):
+        sid = sample_id(unit["source"], unit["clip_id"], int(unit["frame_start"]) + position)
+        try:
+            with strikes.frame(sid):
+                reader = None if videos is None else videos.reader(path, width, height)
+                frames, times = decode_video_frames(path, [index], width, height, reader)
+        except Exception as exc:  # noqa: BLE001 - this frame's errors row; the others go on
+            if videos is not None:
+                videos.close()  # a fresh reader for the next frame
+            errors.append(frame_error("decode", exc, unit["input_path"], sid))
+            continue
+        decoded.append((position, frames[0], times[0]))
+    return decoded
+
+
 def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, errors: list[dict], skipped: Counter,
                rejects: list[dict]) -> list[MattedFrame]:
     """Matting over the unit's frames (batched where the backend can). Returns the frames that hold
     a person, with their mattes; the others are counted by reason."""
     annotator.begin_unit(unit)
-    mattes = _batched_mattes(annotator, [f.picture for f in frames])
+    # Frame by frame where a frame failed the batch, or where the unit's frames run apart.
+    mattes = None if strikes.one_by_one() else _batched_mattes(annotator, [f.picture for f in frames])
     if mattes is None:  # one bad frame must not sink the others: go again one at a time
         mattes = []
         for frame_index, _, frame, row_unit in frames:
+            sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
             try:
-                mattes.append(annotator.matte_batch([frame])[0])
+                with strikes.frame(sid):
+                    mattes.append(annotator.matte_batch([frame])[0])
             except Exception as exc:
                 raise_if_device_lost(exc)
-                sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
                 errors.append(frame_error("matting", exc, unit["input_path"], sid))
                 mattes.append(None)
     kept = []
@@ -208,22 +233,25 @@ def finish_unit(unit: dict, kept: list[MattedFrame], annotator, settings: dict, 
     path = unit["input_path"]
     posed = []
     for frame_index, timestamp, frame, row_unit, matte in kept:
+        sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
         try:
-            posed.append((frame_index, timestamp, frame, row_unit, matte, annotator.pose_of(frame)))
+            with strikes.frame(sid):
+                pose = annotator.pose_of(frame)
+            posed.append((frame_index, timestamp, frame, row_unit, matte, pose))
         except Exception as exc:  # a model failing on one frame must not sink the unit
             raise_if_device_lost(exc)
-            sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
             errors.append(frame_error("pose", exc, path, sid))
     if settings.get("smooth_poses") and unit.get("kind") in SEQUENCE_KINDS:
         posed = smooth_unit_poses(posed, settings["fps"])
     for frame_index, timestamp, frame, row_unit, matte, pose in posed:
         sid = sample_id(row_unit["source"], row_unit["clip_id"], frame_index)
         try:
-            rows.append(
-                build_row(row_unit, frame_index, timestamp, frame, Annotation(matte, pose, True),
-                          image_format=settings["image_format"], jpeg_quality=settings["jpeg_quality"],
-                          pose_style=settings["pose_style"], with_pose=settings["pose"] != "none")
-            )
+            with strikes.frame(sid):
+                rows.append(
+                    build_row(row_unit, frame_index, timestamp, frame, Annotation(matte, pose, True),
+                              image_format=settings["image_format"], jpeg_quality=settings["jpeg_quality"],
+                              pose_style=settings["pose_style"], with_pose=settings["pose"] != "none")
+                )
         except Exception as exc:  # noqa: BLE001 - one row that cannot be encoded costs that row only
             errors.append(frame_error("encode", exc, path, sid))
     record = {"input_path": path, "unit_index": unit["unit_index"], "unit_count": unit["unit_count"],

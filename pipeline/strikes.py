@@ -19,6 +19,13 @@ buffered writes per unit (one still image is a unit; four where shards are writt
 created or removed per unit: metadata operations on NFS are synchronous. A new run (a resume)
 starts from no strikes: the next run's start (``OutputStore.recover``) removes the folder.
 
+A death costs the whole unit only where the unit is one frame (a still): a unit of several frames
+(a segment of a video, a stretch of a frame folder, a range of a tar shard's samples) that one
+death struck runs again with its frames apart (``frames_apart``): each frame's work is a window of
+its own (``frame``), so the next death on it is a strike against that frame, and a frame with
+``STRIKES`` of them is its own errors row while the others are written. A death between the
+frames (the unit's own work) is the unit's second strike.
+
 A unit that never ends (a decoder stuck in native code on a damaged file, a read from a hung
 mount) would hold its actor, and the run, for ever: a unit may take ``--unit-timeout`` seconds.
 Past them faulthandler's watchdog (a C thread: it needs no GIL, which a stuck extension may
@@ -65,6 +72,7 @@ class _Process:
     log = None  # the open log file
     stuck = None  # the open file the watchdog writes into (``STUCK``)
     seen: dict[str, list[str]] | None = None  # unit key -> what each death on it left
+    apart: tuple | None = None  # (settings, unit, stage) of the unit whose frames run apart now
 
 
 def strike_folder(settings: dict) -> Path:
@@ -151,7 +159,7 @@ def given_up(settings: dict, unit: dict, stage: str, what: str = "this unit") ->
             f"{what} ran past --unit-timeout ({settings.get('unit_timeout'):g} s) {len(left)} times (a decoder stuck on "
             f"a damaged file, a hung mount, or a limit too low for these backends); the last time in {stuck[-1]}")
     where = left[-1][len("start "):]
-    during = f"on {what}" if what == "this unit" else what
+    during = f"on {what}" if what.startswith("this ") else what
     return WorkerCrashed(f"the actor's process ended {len(left)} times while {during} (killed, e.g. for "
                          f"memory, or crashed in native code; the last: {where}); its log on that node says more")
 
@@ -230,3 +238,48 @@ def mark_gpu(attempt: str | None, message: str) -> None:
     if attempt is not None:
         _Process.log.write(f"gpu {attempt} {message}\n")
         _Process.log.flush()
+
+
+@contextlib.contextmanager
+def frames_apart(settings: dict, unit: dict, stage: str, frames: int):
+    """Inside ``unit_result``'s window: where a death already struck this unit of several
+    ``frames``, its frames run apart while the block runs (``frame``, ``one_by_one``)."""
+    if frames < 2 or not strikes(settings, unit, stage) or _Process.log is None:
+        yield
+        return
+    _Process.apart = (settings, unit, stage)
+    try:
+        yield
+    finally:
+        _Process.apart = None
+
+
+def one_by_one() -> bool:
+    """Whether the unit at work runs its frames apart (a batched model call goes frame by frame)."""
+    return _Process.apart is not None
+
+
+_NOT_APART = contextlib.nullcontext()
+
+
+def frame(sample: str):
+    """The window of one frame's work (``sample``: its sample id) in a unit whose frames run apart;
+    nothing otherwise. It raises the frame's error (``WorkerCrashed``, ...) where the process died
+    on that frame ``STRIKES`` times: the caller's per-frame handling makes it the frame's errors row."""
+    if _Process.apart is None:
+        return _NOT_APART
+    return _frame_window(sample)
+
+
+@contextlib.contextmanager
+def _frame_window(sample: str):
+    settings, unit, stage = _Process.apart
+    part = {"input_path": unit["input_path"], "unit_index": f"{unit.get('unit_index', 0)} {sample}"}
+    error = given_up(settings, part, stage, what="this frame")
+    if error is not None:
+        raise error
+    begin(settings, part, stage)
+    try:
+        yield
+    finally:
+        begin(settings, unit, stage)  # back in the unit's window: a death now is the unit's strike

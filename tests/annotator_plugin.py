@@ -86,12 +86,18 @@ class KillingInput(CentreBox):
     raised that Python could catch."""
 
     def matte(self, frame: np.ndarray) -> Matte:
-        if tuple(frame[0, 0]) == FAULT:
+        if tuple(frame[0, 0]) == FAULT or marked_block(frame):
             import os
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
         return super().matte(frame)
+
+
+def marked_block(frame: np.ndarray, side: int = 24) -> bool:
+    """A frame whose top-left block is FAULT's colour, near enough to survive a lossy video codec."""
+    block = frame[:side, :side].reshape(-1, frame.shape[-1]).mean(axis=0)
+    return bool(np.abs(block - np.array(FAULT)).max() < 40)
 
 
 register(Backend(name="killing-input", roles=("matting",), build=lambda role, options, shared: KillingInput(options),
@@ -200,6 +206,26 @@ register(Backend(name="killing-packer", roles=("matting",), gpu=True, files=lamb
 register(Backend(name="killing-unpacker", roles=("pose",), gpu=True, files=lambda weights, options: [],
                  build=lambda role, options, shared: _killing_unpacker(options),
                  summary="a standing pose on the GPU pipeline; unpacking a marked input kills the process (tests only)"))
+
+
+class KillingPose(StandingPose):
+    """The standing pose, a GPU model, whose process is killed on a marked frame (``marked_block``)."""
+
+    def pose(self, frame: np.ndarray):
+        if marked_block(frame):
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().pose(frame)
+
+
+register(Backend(name="killing-gpu-input", roles=("matting",), gpu=True, files=lambda weights, options: [],
+                 build=lambda role, options, shared: KillingInput(options),
+                 summary="the centre box on the GPU pipeline; a marked frame kills the process (tests only)"))
+register(Backend(name="killing-pose", roles=("pose",), gpu=True, files=lambda weights, options: [],
+                 build=lambda role, options, shared: KillingPose(),
+                 summary="a standing pose on the GPU pipeline; a marked frame kills the process (tests only)"))
 
 
 # -- a frame that does not fit in GPU memory -------------------------------------------------------

@@ -477,6 +477,73 @@ def test_an_input_that_ends_its_actors_process_is_its_errors_row_after_two_tries
     assert not (tmp_path / "out" / ".strikes").exists()  # the run's strikes go with it
 
 
+def _marked_frames(count: int, marked: int) -> list[np.ndarray]:
+    """Photos of the astronaut; frame ``marked``'s top-left block is the plugins' FAULT colour."""
+    import annotator_plugin
+
+    frames = [frame.copy() for frame in pan_zoom_frames(data.astronaut(), count, 96)]
+    frames[marked][:32, :32] = annotator_plugin.FAULT
+    return frames
+
+
+@pytest.mark.parametrize("source,matting,pose", [
+    ("laion", "killing-input", "none"), ("tiktok", "killing-input", "none"), ("video", "killing-input", "none"),
+    ("laion", "killing-gpu-input", "none"), ("laion", "centre-box", "killing-pose"),  # the GPU pipeline's two stages
+])
+def test_a_frame_that_ends_its_actors_process_costs_that_frame_not_its_unit(tmp_path, ray_local, source, matting, pose):
+    """One sample of a tar shard, one frame of a frame folder or of a video ended the actor's
+    process (SIGKILL, as the out-of-memory killer or a crash in a decoder does): the whole unit
+    (--segment-frames samples) ran again, died again and became one errors row, the good samples
+    beside it lost. Now the unit runs again with its frames apart: the frame that ends the
+    process twice more is its own errors row, and the others are written."""
+    import importlib
+    import tarfile
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+
+    importlib.reload(annotator_plugin)
+    frames = _marked_frames(5, marked=2)
+    folder = tmp_path / "in"
+    if source == "laion":
+        folder.mkdir()
+        (folder / "shards").mkdir()
+        with tarfile.open(folder / "shards" / "00000.tar", "w") as tar:
+            for k, frame in enumerate(frames):
+                payload = io.BytesIO()
+                Image.fromarray(frame).save(payload, format="PNG")
+                info = tarfile.TarInfo(f"{k:09d}.png")
+                info.size = payload.tell()
+                payload.seek(0)
+                tar.addfile(info, payload)
+        ids = [f"laion/shards/00000/{k:09d}/000000" for k in range(5)]
+    elif source == "tiktok":
+        for k, frame in enumerate(frames):
+            save(folder / "00001" / "images" / f"{k:04d}.png", Image.fromarray(frame))
+        ids = [f"tiktok/00001/{k:06d}" for k in range(5)]
+    else:
+        write_video(folder / "dance.mp4", frames, 30.0)
+        ids = [f"video/dance/{k:06d}" for k in range(5)]
+    try:
+        result = _run(tmp_path, source, folder if source != "video" else folder / "dance.mp4", matting=matting,
+                      pose=pose, hands=False, actors=1, device="cpu")
+    finally:
+        for name in ("killing-input", "killing-gpu-input", "killing-pose", "centre-box", "broken-device",
+                     "stuck-input", "killing-writer", "killing-packer", "killing-unpacker", "out-of-memory",
+                     "flaky-device", "tight-memory"):
+            registry.unregister(name)
+    assert result.exit_code == 0
+    pools = {pool["stage"] for pool in result.manifest["run"]["pools"]}
+    assert pools == ({"annotate"} if matting == "killing-input" else {"matting", "pose"})
+    rows = open_triplets(tmp_path / "out").to_table(columns=["sample_id"]).column("sample_id").to_pylist()
+    assert sorted(rows) == sorted(ids[:2] + ids[3:])
+    errors = open_errors(tmp_path / "out").to_table().to_pylist()
+    assert [(e["sample_id"], e["error_type"]) for e in errors] == [(ids[2], "worker_crashed")], errors
+    assert "ended 2 times while on this frame" in errors[0]["message"], errors[0]["message"]
+    assert not (tmp_path / "out" / ".strikes").exists()
+
+
 def test_retry_errors_runs_the_failed_segment_of_a_video_whose_other_segments_wrote_rows(tmp_path):
     """A GPU that broke on the second segment of a sequence (the segments before and after it
     went to other tries of the actor) left the sequence partly written: --retry-errors gpu_failed

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from disco.pipeline import strikes
 from disco.pipeline.sources import webdataset
 from disco.pipeline.decode import Frame, decode_image_bytes, load_image, resample_indices
 from disco.pipeline.errors import InputError, display_path, error_record, failed_unit, input_error
@@ -88,11 +89,12 @@ def decode_unit(unit: dict, settings: dict, errors: list) -> list[Frame]:
         for offset, (src, raw) in enumerate(zip(unit["src_indices"], extra["frames"])):
             name = os.fsdecode(raw)
             index = int(unit["frame_start"]) + offset
+            sid = sample_id(unit["source"], unit["clip_id"], index)
             try:
-                frame = _load_frame(folder / name, sizes)
+                with strikes.frame(sid):
+                    frame = _load_frame(folder / name, sizes)
             except Exception as exc:  # noqa: BLE001 - this frame's errors row; the others go on
                 exc = input_error("decode", exc)
-                sid = sample_id(unit["source"], unit["clip_id"], index)
                 errors.append(error_record(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
                                          unit["input_path"], sid))
                 continue
@@ -116,7 +118,8 @@ def decode_unit(unit: dict, settings: dict, errors: list) -> list[Frame]:
         try:
             if isinstance(data, InputError):
                 raise data
-            frame = decode_image_bytes(data, name, *sizes)
+            with strikes.frame(sid):
+                frame = decode_image_bytes(data, name, *sizes)
         except Exception as exc:  # noqa: BLE001 - this sample's errors row; the others go on
             exc = input_error("decode", exc)
             errors.append(error_record(exc.stage, exc.error_type, f"{display_path(name)}: {exc.message}",
