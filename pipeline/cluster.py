@@ -39,6 +39,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # surface as exceptions through Ray Data.
     common = dict(logging_level=logging.ERROR, log_to_driver=False)
     if address:
+        address = _resolve_auto(address)
         _wait_until_reachable(address, _connect_timeout())
         nodes = _cluster_nodes(address)
         _check_on_a_node(address, nodes)
@@ -80,6 +81,25 @@ def check_ray_address(address: str | None) -> None:
                           "this machine, off the cluster, and a run's journal, manifest and checkpoints are written "
                           f"by the driver beside its workers' outputs): submit the command with {SUBMIT_HINT}, or "
                           "run it on a node of the cluster")
+
+
+def _resolve_auto(address: str) -> str:
+    """``auto`` as the address of the cluster to join: RAY_ADDRESS (where ``ray job submit`` ran
+    the command), else the one ``ray start`` recorded on this machine, while it is up, as it was
+    recorded. Left to Ray, a loopback address became the machine's interface address, where a
+    cluster on loopback does not answer (the driver waited there for ever), and with nothing
+    recorded Ray joined any instance it found running here (another command's private one)."""
+    if address != "auto":
+        return address
+    given = os.environ.get("RAY_ADDRESS", "").strip()
+    if given and given != "auto":
+        return given
+    recorded = _cluster_on_this_machine()
+    if recorded is None:
+        raise ClusterUnreachable(
+            f"--ray-address auto: no Ray cluster that `ray start` recorded on this machine is up ({ray_address_file()}); "
+            "start one (`ray start --head`), or give the cluster's address (HEAD:6379)")
+    return recorded
 
 
 ALIVE = 0  # GcsNodeInfo.GcsNodeState.ALIVE

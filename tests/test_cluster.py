@@ -152,7 +152,9 @@ def test_on_a_cluster_a_lost_node_a_killed_driver_and_a_job_all_give_the_rows_of
         _wait_for_commits(killed, process, 1)
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
-        command, env = _command(inputs, killed, "--ray-address", cluster.address)
+        # Again with `auto`, as on the head node: the cluster `ray start` recorded (Ray's own
+        # resolution dialled the interface address, where this loopback cluster does not answer).
+        command, env = _command(inputs, killed, "--ray-address", "auto")
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
         assert "resuming" in again.stderr + again.stdout
@@ -386,6 +388,33 @@ def test_the_cluster_that_ray_start_recorded_is_found_under_tmpdir(tmp_path, mon
         (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
         assert cluster._cluster_on_this_machine() == address
     assert cluster._cluster_on_this_machine() is None  # no longer up
+
+
+def test_ray_address_auto_is_the_cluster_ray_start_recorded_or_one_line(tmp_path, monkeypatch):
+    """``--ray-address auto`` joins RAY_ADDRESS, else the cluster ``ray start`` recorded here while
+    it is up, by the address recorded (the loopback checks need it; Ray turned 127.0.0.1 into the
+    interface address and waited there for ever); with none, one line, not another command's
+    private instance that Ray would find running."""
+    import socket
+
+    from disco.pipeline import cluster
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert cluster._resolve_auto("10.0.0.5:6379") == "10.0.0.5:6379"
+    with pytest.raises(cluster.ClusterUnreachable, match=r"--ray-address auto: no Ray cluster that `ray start` "
+                                                         r"recorded on this machine is up \("):
+        cluster._resolve_auto("auto")
+    with socket.socket() as listener:  # a GCS that answers, recorded as `ray start` does
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
+        assert cluster._resolve_auto("auto") == address
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # a job's driver: its cluster
+        assert cluster._resolve_auto("auto") == "10.0.0.5:6379"
 
 
 def test_a_loopback_address_is_a_loopback_cluster_only_when_every_node_is_on_loopback(ray_local, monkeypatch):
