@@ -85,20 +85,23 @@ def check_ray_address(address: str | None) -> None:
 
 def _resolve_auto(address: str) -> str:
     """``auto`` as the address of the cluster to join: RAY_ADDRESS (where ``ray job submit`` ran
-    the command), else the one ``ray start`` recorded on this machine, while it is up, as it was
-    recorded. Left to Ray, a loopback address became the machine's interface address, where a
-    cluster on loopback does not answer (the driver waited there for ever), and with nothing
-    recorded Ray joined any instance it found running here (another command's private one)."""
+    the command), else the one ``ray start`` recorded on this machine, as it was recorded (the
+    wait for it to answer follows, as for an address given). Left to Ray, a loopback address
+    became the machine's interface address, where a cluster on loopback does not answer (the
+    driver waited there for ever), and with nothing recorded Ray joined any instance it found
+    running here (another command's private one)."""
     if address != "auto":
         return address
     given = os.environ.get("RAY_ADDRESS", "").strip()
     if given and given != "auto":
+        check_ray_address(given)  # (a dashboard's http:// address, as Ray's job CLI has it exported)
         return given
-    recorded = _cluster_on_this_machine()
+    recorded = _recorded_cluster()
     if recorded is None:
         raise ClusterUnreachable(
-            f"--ray-address auto: no Ray cluster that `ray start` recorded on this machine is up ({ray_address_file()}); "
-            "start one (`ray start --head`), or give the cluster's address (HEAD:6379)")
+            f"--ray-address auto: no cluster recorded by `ray start` on this machine ({ray_address_file()}; a "
+            "cluster started with --temp-dir records it there); start one (`ray start --head`), or give the "
+            "cluster's address (HEAD:6379)")
     return recorded
 
 
@@ -402,11 +405,18 @@ def ray_address_file() -> str:
     return os.path.join(temp, "ray", "ray_current_cluster")
 
 
+def _recorded_cluster() -> str | None:
+    """The address `ray start` recorded on this machine, if any."""
+    try:
+        return open(ray_address_file(), encoding="utf-8").read().strip() or None
+    except OSError:
+        return None
+
+
 def _cluster_on_this_machine() -> str | None:
     """The address `ray start` recorded here, if its cluster is still up."""
-    try:
-        recorded = open(ray_address_file(), encoding="utf-8").read().strip()
-    except OSError:
+    recorded = _recorded_cluster()
+    if recorded is None:
         return None
     try:
         _wait_until_reachable(recorded, 0.0)

@@ -145,7 +145,7 @@ def _filter_locked(store, input_dir: Path, params: dict, source_manifest: dict, 
                 "source_backends": source_manifest.get("backends")}
     run = {"wall_time_s": round(wall, 3), "frames_processed": frames,
            "frames_per_s": round(frames / wall, 3) if wall > 0 else None, "inputs_processed": len(listed) - len(done),
-           "pools": [], "ray_address": None, "interrupted": False}
+           "pools": [], "ray_address": None, "interrupted": False, "failed": None}
     final = store.read_journal()
     manifest = build_manifest(config=config, backends=backends, state=final, listed=listed, ignored=0, run=run)
     manifest.update(filter_section(final, min_score, min_area, max_persons))

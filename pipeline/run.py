@@ -17,7 +17,7 @@ from disco.pipeline.annotators import BackendError, resolve_backends, weight_fil
 from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import WORKING_DIR_PREFIX, init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.errors import (ConfigError, run_stops_off_ray_datas_console, starved_stages_reported,
+from disco.pipeline.errors import (ConfigError, first_line, run_stops_off_ray_datas_console, starved_stages_reported,
                                    stops_in_one_line)
 from disco.pipeline.sources import list_source
 from disco.pipeline.sources.generic import ends_digest, local_path
@@ -147,6 +147,8 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
     held: dict[str, list[dict]] = {}
     missing = 0
     interrupted = False
+    streaming = False  # the actors were started: a failure from here on leaves commits to describe
+    failure: Exception | None = None
     try:
         if pending_inputs:
             init_ray(cfg.ray_address, log=log)
@@ -165,6 +167,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
             for line in describe_pools(pools, nodes, available):
                 log(line)
             whole_cluster = takes_whole_cluster(nodes, available)
+            streaming = True
             with stops_in_one_line():  # an actor that cannot start on its node: the run's one line
                 with starved_stages_reported(log):
                     missing = _run_ray(units, settings, partial, store, pools, progress, held, done, versions,
@@ -175,11 +178,19 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         sigterm.wind_up()
         interrupted = True
         log("interrupted: what the actors committed is kept")
+    except Exception as exc:  # noqa: BLE001 - raised again once the manifest says what was committed
+        if not streaming:
+            raise
+        # Ray Data's error (an actor that cannot start, a lost driver connection, ...): the
+        # manifest of an earlier run, or none, would stand for this one's commits.
+        failure = exc
+        log(f"the run failed: {first_line(exc)}; what the actors committed is kept, and the same command "
+            "finishes the rest")
     sigterm.wind_up()  # the manifest is written whatever comes now
     wall = time.time() - started
     frames_done = done["frames"]
     final_state = store.read_journal()
-    if not interrupted:
+    if not interrupted and failure is None:  # (after a failure an actor may still be writing)
         # Shards that a lost actor wrote but never got committed (its task ran again elsewhere):
         # every writer is done now, so anything the journal does not name can go.
         orphans = store.recover(final_state)
@@ -204,6 +215,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         "stage_resources": held,
         "ray_address": cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local",
         "interrupted": interrupted,
+        "failed": first_line(failure) if failure is not None else None,
     }
     config = {k: v for k, v in cfg.to_dict().items() if k != "resolved"}
     manifest = build_manifest(config=config, backends=backends, state=final_state, listed=listed,
@@ -213,6 +225,8 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         manifest["changed_inputs"] = changed
     store.still_held()  # the manifest of a folder another run took is that run's to write
     write_manifest(store.manifest, manifest)
+    if failure is not None:
+        raise failure
     counts = manifest["counts"]
     if interrupted:
         code = 130

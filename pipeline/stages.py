@@ -145,8 +145,8 @@ def _decode_apart(unit: dict, videos: LastVideo | None, errors: list[dict]) -> l
                 reader = None if videos is None else videos.reader(path, width, height)
                 frames, times = decode_video_frames(path, [index], width, height, reader)
         except Exception as exc:  # noqa: BLE001 - this frame's errors row; the others go on
-            if videos is not None:
-                videos.close()  # a fresh reader for the next frame
+            if videos is not None and not isinstance(exc, strikes.GivenUp):
+                videos.close()  # a fresh reader for the next frame (one given up never opened one)
             errors.append(frame_error("decode", exc, unit["input_path"], sid))
             continue
         decoded.append((position, frames[0], times[0]))
@@ -158,8 +158,10 @@ def matte_unit(unit: dict, frames: list[Frame], annotator, settings: dict, error
     """Matting over the unit's frames (batched where the backend can). Returns the frames that hold
     a person, with their mattes; the others are counted by reason."""
     annotator.begin_unit(unit)
-    # Frame by frame where a frame failed the batch, or where the unit's frames run apart.
-    mattes = None if strikes.one_by_one() else _batched_mattes(annotator, [f.picture for f in frames])
+    # Frame by frame where a frame failed the batch, or where the unit's frames run apart (not
+    # where the backend tracks them as one video: apart, each would be a video of one frame).
+    apart = strikes.one_by_one() and not annotator.tracks_sequence()
+    mattes = None if apart else _batched_mattes(annotator, [f.picture for f in frames])
     if mattes is None:  # one bad frame must not sink the others: go again one at a time
         mattes = []
         for frame_index, _, frame, row_unit in frames:

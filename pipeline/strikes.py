@@ -46,21 +46,28 @@ import threading
 from pathlib import Path
 
 STRIKES = 2
+# Deaths on a unit's frames, apart, past which the unit is its errors row: two frames' worth and
+# one more (a damaged stretch of a video kills every frame decoded through it, one after another).
+APART_DEATHS = 2 * STRIKES + 1
 FOLDER = ".strikes"
 STUCK = ".stuck"  # suffix of the file beside a process's log where its watchdog writes the stacks
 UNIT_THREAD = "units run on thread "  # that file's first line
 
 
-class GpuFailed(RuntimeError):
+class GivenUp(RuntimeError):
+    """A unit (or frame) that ended its process too often: its errors row, without running again."""
+
+
+class GpuFailed(GivenUp):
     """The errors row of a unit that broke the GPU ``STRIKES`` times (``error_type`` gpu_failed)."""
 
 
-class WorkerCrashed(RuntimeError):
+class WorkerCrashed(GivenUp):
     """The errors row of a unit whose actor's process ended ``STRIKES`` times while on it
     (``error_type`` worker_crashed)."""
 
 
-class UnitTimedOut(RuntimeError):
+class UnitTimedOut(GivenUp):
     """The errors row of a unit that ran past ``--unit-timeout`` ``STRIKES`` times (``error_type``
     unit_timeout)."""
 
@@ -73,6 +80,7 @@ class _Process:
     stuck = None  # the open file the watchdog writes into (``STUCK``)
     seen: dict[str, list[str]] | None = None  # unit key -> what each death on it left
     apart: tuple | None = None  # (settings, unit, stage) of the unit whose frames run apart now
+    frame: str | None = None  # "KEY of UNIT-KEY" of the frame at work in such a unit (``mark_gpu``)
 
 
 def strike_folder(settings: dict) -> Path:
@@ -97,7 +105,8 @@ def _restarted() -> bool:
 
 
 def _read_deaths(folder: Path, own: Path | None) -> dict[str, list[str]]:
-    """Unit key -> one entry per log whose last line is a unit's start (its process died on it)."""
+    """Unit key -> one entry per log whose last line is a unit's start (its process died on it);
+    a frame's line (``frame``) counts under the frame's key and under "UNIT-KEY frames"."""
     seen: dict[str, list[str]] = {}
     try:
         logs = [p for p in folder.iterdir() if p != own and not p.name.endswith(STUCK)]
@@ -110,10 +119,17 @@ def _read_deaths(folder: Path, own: Path | None) -> dict[str, list[str]]:
                 lines = log.read().decode("utf-8", "replace").splitlines()
         except OSError:
             continue
-        last = lines[-1].split(" ", 2) if lines else []
-        if len(last) >= 2 and last[0] in ("start", "gpu"):
-            stuck = _stuck_at(path) if last[0] == "start" else None
-            seen.setdefault(last[1], []).append(f"timeout {stuck}" if stuck else " ".join([last[0], *last[2:]]))
+        kind, _, rest = (lines[-1] if lines else "").partition(" ")
+        key, _, rest = rest.partition(" ")
+        owner = None
+        if rest.startswith("of "):
+            owner, _, rest = rest[len("of "):].partition(" ")
+        if key and kind in ("start", "gpu"):
+            stuck = _stuck_at(path) if kind == "start" else None
+            entry = f"timeout {stuck}" if stuck else f"{kind} {rest}"
+            seen.setdefault(key, []).append(entry)
+            if owner:
+                seen.setdefault(f"{owner} frames", []).append(entry)
     return seen
 
 
@@ -145,11 +161,13 @@ def strikes(settings: dict, unit: dict, stage: str) -> list[str]:
 
 
 def given_up(settings: dict, unit: dict, stage: str, what: str = "this unit") -> Exception | None:
-    """The error for ``unit``'s row when processes died on it ``STRIKES`` times (``what``: the
-    work they died in, as the message names it)."""
+    """The error for ``unit``'s row when processes died on it ``STRIKES`` times, or on its frames
+    apart ``APART_DEATHS`` times (``what``: the work they died in, as the message names it)."""
     left = strikes(settings, unit, stage)
-    if len(left) < STRIKES:
+    apart = _Process.seen.get(f"{_key(unit, stage)} frames", [])
+    if len(left) < STRIKES and len(apart) < APART_DEATHS:
         return None
+    left = left + apart
     gpu = [s[len("gpu "):] for s in left if s.startswith("gpu ")]
     if gpu:
         return GpuFailed(f"the GPU failed {len(left)} times on {what} ({gpu[-1]})")
@@ -182,11 +200,13 @@ def _log(settings: dict):
     return _Process.log
 
 
-def begin(settings: dict, unit: dict, stage: str) -> str | None:
+def begin(settings: dict, unit: dict, stage: str, of: str | None = None) -> str | None:
     """The unit's work starts (its line in this process's log, and the watchdog of its
     ``unit_timeout`` set); None where the log cannot be written (then the unit runs unguarded
-    rather than not at all)."""
-    key = _key(unit, stage)
+    rather than not at all). ``of``: the key of the unit whose frame this is."""
+    key = _key(unit, stage) if of is None else f"{_key(unit, stage)} of {of}"
+    if of is None:
+        _Process.frame = None  # (a frame whose GPU error was caught without a restart: over)
     try:
         log = _log(settings)
         log.write(f"start {key} process {os.getpid()} on {socket.gethostname()}, {stage}\n")
@@ -236,7 +256,8 @@ def strike_window(settings: dict, unit: dict, stage: str, until_next: bool = Fal
 def mark_gpu(attempt: str | None, message: str) -> None:
     """The process ends on this unit because the GPU broke: its strike says so."""
     if attempt is not None:
-        _Process.log.write(f"gpu {attempt} {message}\n")
+        # (a unit's frame, where its frames run apart: the frame's strike, not the unit's)
+        _Process.log.write(f"gpu {_Process.frame or attempt} {message}\n")
         _Process.log.flush()
 
 
@@ -278,8 +299,17 @@ def _frame_window(sample: str):
     error = given_up(settings, part, stage, what="this frame")
     if error is not None:
         raise error
-    begin(settings, part, stage)
+    _Process.frame = begin(settings, part, stage, of=_key(unit, stage))
+    broke = False
     try:
         yield
+    except BaseException as exc:
+        from disco.pipeline.device_loss import DeviceLost, device_lost
+
+        # The process ends on this frame (``device_loss.restart``): ``mark_gpu`` names the frame.
+        broke = isinstance(exc, DeviceLost) or (isinstance(exc, Exception) and device_lost(exc))
+        raise
     finally:
-        begin(settings, unit, stage)  # back in the unit's window: a death now is the unit's strike
+        if not broke:
+            _Process.frame = None
+            begin(settings, unit, stage)  # back in the unit's window: a death now is the unit's strike

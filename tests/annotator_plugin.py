@@ -40,6 +40,11 @@ register(Backend(name="centre-box", roles=("matting",), build=lambda role, optio
 FAULT = (255, 0, 255)  # a frame whose top-left pixel is this breaks "the device"
 
 
+def marked_block(frame: np.ndarray) -> bool:
+    """A frame whose top-left 4 x 4 pixels are near FAULT (a 16 x 16 block of it survives H.264)."""
+    return bool(np.abs(frame[:4, :4].astype(np.int16) - np.array(FAULT, np.int16)).max() <= 48)
+
+
 class BrokenDevice(CentreBox):
     """The centre box, on a make-believe GPU: a frame marked with FAULT raises the error CUDA
     raises after an illegal memory access, and from then on every call in this process fails
@@ -68,8 +73,7 @@ class FlakyDevice(CentreBox):
     """Marked frames: the top-left 4 x 4 pixels near FAULT (a 16 x 16 block of it survives H.264)."""
 
     def matte(self, frame: np.ndarray) -> Matte:
-        marked = np.abs(frame[:4, :4].astype(np.int16) - np.array(FAULT, np.int16)).max() <= 48
-        if marked and FLAKY.exists():
+        if marked_block(frame) and FLAKY.exists():
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return super().matte(frame)
 
@@ -94,10 +98,6 @@ class KillingInput(CentreBox):
         return super().matte(frame)
 
 
-def marked_block(frame: np.ndarray, side: int = 24) -> bool:
-    """A frame whose top-left block is FAULT's colour, near enough to survive a lossy video codec."""
-    block = frame[:side, :side].reshape(-1, frame.shape[-1]).mean(axis=0)
-    return bool(np.abs(block - np.array(FAULT)).max() < 40)
 
 
 register(Backend(name="killing-input", roles=("matting",), build=lambda role, options, shared: KillingInput(options),
@@ -226,6 +226,33 @@ register(Backend(name="killing-gpu-input", roles=("matting",), gpu=True, files=l
 register(Backend(name="killing-pose", roles=("pose",), gpu=True, files=lambda weights, options: [],
                  build=lambda role, options, shared: KillingPose(),
                  summary="a standing pose on the GPU pipeline; a marked frame kills the process (tests only)"))
+
+
+# -- an actor that cannot start again ----------------------------------------------------------------
+
+# Written "gone" by the first marked frame, which then kills its process: the restarted actor's
+# model does not load (its weights deleted, its node's mount gone), and Ray Data's run fails
+# mid-way. Once the test writes "mended", the models load and marked frames go through.
+UNLOADABLE = Path(tempfile.gettempdir()) / f"disco-tests-unloadable-{os.getuid()}"
+
+
+class DyingRestart(CentreBox):
+    def __init__(self, options: dict):
+        if UNLOADABLE.exists() and UNLOADABLE.read_text() == "gone":
+            raise RuntimeError("the model's weights are gone")
+        super().__init__(options)
+
+    def matte(self, frame: np.ndarray) -> Matte:
+        if tuple(frame[0, 0]) == FAULT and not UNLOADABLE.exists():
+            import signal
+
+            UNLOADABLE.write_text("gone")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().matte(frame)
+
+
+register(Backend(name="dying-restart", roles=("matting",), build=lambda role, options, shared: DyingRestart(options),
+                 summary="the centre box; a marked frame kills the process, which cannot start again (tests only)"))
 
 
 # -- a frame that does not fit in GPU memory -------------------------------------------------------

@@ -403,9 +403,13 @@ def test_ray_address_auto_is_the_cluster_ray_start_recorded_or_one_line(tmp_path
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert cluster._resolve_auto("10.0.0.5:6379") == "10.0.0.5:6379"
-    with pytest.raises(cluster.ClusterUnreachable, match=r"--ray-address auto: no Ray cluster that `ray start` "
-                                                         r"recorded on this machine is up \("):
+    with pytest.raises(cluster.ClusterUnreachable, match=r"--ray-address auto: no cluster recorded by `ray start` "
+                                                         r"on this machine \("):
         cluster._resolve_auto("auto")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # the job CLI's, exported: refused in one line
+    with pytest.raises(ConfigError, match="is a Ray dashboard's address"):
+        cluster._resolve_auto("auto")
+    monkeypatch.delenv("RAY_ADDRESS")
     with socket.socket() as listener:  # a GCS that answers, recorded as `ray start` does
         listener.bind(("127.0.0.1", 0))
         listener.listen()

@@ -489,6 +489,7 @@ def _marked_frames(count: int, marked: int) -> list[np.ndarray]:
 @pytest.mark.parametrize("source,matting,pose", [
     ("laion", "killing-input", "none"), ("tiktok", "killing-input", "none"), ("video", "killing-input", "none"),
     ("laion", "killing-gpu-input", "none"), ("laion", "centre-box", "killing-pose"),  # the GPU pipeline's two stages
+    ("tiktok", "broken-device", "none"),  # a CUDA error that breaks the context: the actor exits on purpose
 ])
 def test_a_frame_that_ends_its_actors_process_costs_that_frame_not_its_unit(tmp_path, ray_local, source, matting, pose):
     """One sample of a tar shard, one frame of a frame folder or of a video ended the actor's
@@ -529,19 +530,61 @@ def test_a_frame_that_ends_its_actors_process_costs_that_frame_not_its_unit(tmp_
         result = _run(tmp_path, source, folder if source != "video" else folder / "dance.mp4", matting=matting,
                       pose=pose, hands=False, actors=1, device="cpu")
     finally:
-        for name in ("killing-input", "killing-gpu-input", "killing-pose", "centre-box", "broken-device",
+        for name in ("killing-input", "killing-gpu-input", "killing-pose", "centre-box", "broken-device", "dying-restart",
                      "stuck-input", "killing-writer", "killing-packer", "killing-unpacker", "out-of-memory",
                      "flaky-device", "tight-memory"):
             registry.unregister(name)
     assert result.exit_code == 0
     pools = {pool["stage"] for pool in result.manifest["run"]["pools"]}
-    assert pools == ({"annotate"} if matting == "killing-input" else {"matting", "pose"})
+    assert pools == ({"matting", "pose"} if "killing-" in matting + pose and matting != "killing-input" else {"annotate"})
     rows = open_triplets(tmp_path / "out").to_table(columns=["sample_id"]).column("sample_id").to_pylist()
     assert sorted(rows) == sorted(ids[:2] + ids[3:])
     errors = open_errors(tmp_path / "out").to_table().to_pylist()
-    assert [(e["sample_id"], e["error_type"]) for e in errors] == [(ids[2], "worker_crashed")], errors
-    assert "ended 2 times while on this frame" in errors[0]["message"], errors[0]["message"]
+    crashed = ("gpu_failed", "the GPU failed 2 times on this frame") if matting == "broken-device" else \
+        ("worker_crashed", "ended 2 times while on this frame")
+    assert [(e["sample_id"], e["error_type"]) for e in errors] == [(ids[2], crashed[0])], errors
+    assert crashed[1] in errors[0]["message"], errors[0]["message"]
     assert not (tmp_path / "out" / ".strikes").exists()
+
+
+def test_a_run_that_ray_data_fails_mid_way_writes_its_manifest_and_the_same_command_finishes(tmp_path, ray_local):
+    """Ray Data ended the run with an error after commits (here the actor's model does not load
+    when Ray starts it again): no manifest was written, so the folder showed the earlier run's,
+    or none, for rows that are there. Now the manifest counts what was committed and names the
+    failure, the error still ends the command, and the same command finishes the rest."""
+    import importlib
+
+    import annotator_plugin
+
+    from disco.pipeline.annotators import registry
+
+    importlib.reload(annotator_plugin)
+    folder = tmp_path / "in"
+    _faulty_folder(folder, good=tuple("abcdefgh"))
+    os.rename(folder / "faulty.png", folder / "m-faulty.png")  # after some good ones, before others
+    annotator_plugin.UNLOADABLE.unlink(missing_ok=True)
+    lines: list[str] = []
+    options = dict(matting="dying-restart", pose="none", hands=False, actors=1, shard_rows=1)
+    try:
+        with pytest.raises(Exception) as failed:
+            preprocess(PreprocessConfig(source="images", input=folder, output=tmp_path / "out", **options),
+                       log=lines.append)
+        manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        annotator_plugin.UNLOADABLE.write_text("mended")  # the weights back
+        again = _run(tmp_path, "images", folder, **options)
+    finally:
+        annotator_plugin.UNLOADABLE.unlink(missing_ok=True)
+        for name in ("dying-restart", "centre-box", "broken-device", "killing-input", "stuck-input"):
+            registry.unregister(name)
+    assert "the model's weights are gone" in str(failed.value)
+    assert "The actor died because of an error raised in its creation task" in manifest["run"]["failed"], manifest
+    assert manifest["run"]["failed"] and manifest["run"]["interrupted"] is False
+    written = open_triplets(tmp_path / "out").to_table().num_rows  # (the resume's rows too now)
+    assert manifest["counts"]["rows_written"] >= 1, manifest["counts"]
+    assert any(line.startswith("the run failed: ") and "same command finishes the rest" in line for line in lines), lines
+    assert again.exit_code == 0 and again.manifest["run"]["failed"] is None
+    assert written == 9 and again.manifest["counts"]["rows_written"] == 9 and again.manifest["counts"]["errors"] == 0
+    assert again.manifest["run"]["inputs_processed"] == 9 - manifest["counts"]["rows_written"]  # the rest only
 
 
 def test_retry_errors_runs_the_failed_segment_of_a_video_whose_other_segments_wrote_rows(tmp_path):

@@ -137,6 +137,39 @@ def test_video_unit_is_seeded_once_then_tracked(matting, monkeypatch):
     assert all(m.count >= 1 and m.alpha.any() for m in mattes[1:])
 
 
+def test_a_video_unit_struck_once_is_still_tracked_whole(matting, monkeypatch):
+    """A unit that ended its process once runs its frames apart (``strikes.frames_apart``), the
+    matting frame by frame: SAM 2 would then see each frame of a video unit as a video of its own
+    (detected again, never tracked: other mattes than the run's). A tracking backend keeps its
+    call for the unit's frames; a still unit's frames still go one at a time."""
+    from collections import Counter
+
+    from disco.pipeline import strikes
+    from disco.pipeline.annotators import FrameAnnotator
+    from disco.pipeline.decode import Frame
+    from disco.pipeline.stages import matte_unit
+
+    frames = clip(3)
+    detector = CountingDetector(matting.detector, frames, keep=1)
+    monkeypatch.setattr(matting, "detector", detector)
+    annotator = FrameAnnotator("sam2", "none", hands=False, min_visibility=0.5, min_mask_area=0.01, roles=("pose",))
+    annotator.matting = matting
+    monkeypatch.setattr(strikes._Process, "apart", ({}, {"input_path": "clip.mp4"}, "encode"))
+    assert strikes.one_by_one()
+    settings = {"min_visibility": 0.5, "min_mask_area": 0.0}
+    calls = []
+    real = matting.matte_batch
+    monkeypatch.setattr(matting, "matte_batch", lambda batch: calls.append(len(batch)) or real(batch))
+    for kind, expected in (("video", [3]), ("image", [1, 1, 1])):
+        calls.clear()
+        unit = {"kind": kind, "input_path": "clip.mp4", "source": "video", "clip_id": "clip"}
+        found = [Frame(k, k / 30, frame, unit) for k, frame in enumerate(frames)]
+        matte_unit(unit, found, annotator, settings, [], Counter(), [])
+        assert calls == expected, (kind, calls)
+        assert annotator.tracks_sequence() is (kind == "video")
+    assert detector.asked[0] == 0 and detector.asked.count(0) == 2  # the video seeded once, the stills each
+
+
 def test_a_frame_where_every_person_is_lost_is_detected_again(matting, monkeypatch):
     frames = clip(3)
     detector = CountingDetector(matting.detector, frames, keep=1)

@@ -201,6 +201,12 @@ class FrameAnnotator:
         for part in self._parts("begin_unit"):
             part.begin_unit(sequence=unit.get("kind") in SEQUENCE_KINDS)
 
+    def tracks_sequence(self) -> bool:
+        """Whether the matting backend tracks the frames of the unit begun as one video (SAM 2): a
+        call per frame would give other mattes than a call for them all."""
+        tracks = getattr(self.matting, "tracks_sequence", None)
+        return bool(tracks()) if callable(tracks) else False
+
     def matte_batch(self, frames: list[np.ndarray]) -> list[Matte]:
         if hasattr(self.matting, "matte_batch"):
             return self.matting.matte_batch(frames)

@@ -128,6 +128,9 @@ class Sam2Matting:
         """Frames of a video unit are tracked; any other unit's frames are stills."""
         self.sequence = sequence
 
+    def tracks_sequence(self) -> bool:
+        return self.sequence
+
     def matte(self, frame: np.ndarray) -> Matte:
         return self.matte_batch([frame])[0]
 
