@@ -218,6 +218,9 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         "failed": first_line(failure) if failure is not None else None,
     }
     config = {k: v for k, v in cfg.to_dict().items() if k != "resolved"}
+    # The input as the journal knows it: absolute, or in a job's --working-dir copy (deleted when
+    # the job ends) its path in that folder, not the path as typed (relative to a folder gone).
+    config["input"] = input_identity(cfg.input)
     manifest = build_manifest(config=config, backends=backends, state=final_state, listed=listed,
                               ignored=listing.ignored, run=run)
     manifest.update(dataset_section(cfg, listing, final_state))

@@ -612,6 +612,7 @@ def test_a_resubmitted_job_resumes_from_a_new_copy_of_its_working_dir(tmp_path, 
     journal = out / "_journal.jsonl"
     records = [json_.loads(line) for line in journal.read_text().splitlines()]
     assert records[0]["params"]["input"] == "working-dir:videos"
+    assert first.manifest["parameters"]["input"] == "working-dir:videos"  # not "videos", in a copy since deleted
     last = max(u["unit_index"] for r in records for u in r.get("units", []) if u["input_path"] == "dance.mp4")
     journal.write_text("".join(json_.dumps(r) + "\n" for r in records
                                if not any((u["input_path"], u["unit_index"]) == ("dance.mp4", last)
