@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from disco.commands.terminal import (RAY_ADDRESS_HELP, ProgressLines, choices, clear_progress, console, defaults, plain,
-                                     say, usage_error)
+                                     print_error, say, usage_error)
 from disco.commands.report import print_summary
 from disco.pipeline.annotators import registry
 from disco.pipeline.config import DEVICES, IMAGE_FORMATS, POSE_STYLES, SAM2_MODELS, SAM_MODELS, PreprocessConfig
@@ -66,7 +66,7 @@ class ProgressBar:
 
 def run_preprocess(config, show_progress: bool = True, title: str = "preprocess") -> dict:
     """Run a preprocess job with a progress bar and a summary; returns the manifest."""
-    from disco.pipeline.errors import ConfigError
+    from disco.pipeline.errors import ConfigError, RunFailed
     from disco.pipeline.run import preprocess
 
     from disco.pipeline.cluster import check_job_paths, refuse_urls
@@ -89,6 +89,17 @@ def run_preprocess(config, show_progress: bool = True, title: str = "preprocess"
         except ConnectionError as exc:
             clear_progress(bar)
             usage_error(f"cannot connect to the Ray cluster (--ray-address / RAY_ADDRESS): {exc}")
+        except RunFailed as exc:
+            clear_progress(bar)
+            failed = exc
+        else:
+            failed = None
+    if failed is not None:  # what was committed, then the error in one line (Ray's logs hold its traceback)
+        if failed.manifest is not None:
+            print_summary(failed.manifest, f"{title} summary")
+        print_error(f"{failed}; what the actors committed is kept ({Path(config.output).resolve()}), and the same "
+                    "command finishes the rest")
+        raise typer.Exit(1)
     print_summary(result.manifest, f"{title} summary")
     rejects = ", rejects/" if getattr(config, "keep_rejects", False) else ""
     say(f"output: {Path(config.output).resolve()}  (manifest.json, triplets/, errors/{rejects})")

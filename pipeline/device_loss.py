@@ -19,36 +19,10 @@ import os
 import sys
 from typing import NoReturn
 
-from disco.pipeline.errors import first_line, out_of_gpu_memory
+from disco.pipeline.errors import DeviceLost, device_lost, first_line
 from disco.pipeline.strikes import mark_gpu
 
-# What CUDA, cuBLAS, cuDNN and ONNX Runtime's CUDA provider say when the context is gone...
-MARKERS = ("CUDA error", "CUDA failure", "illegal memory access", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED",
-           "CUDNN_STATUS_EXECUTION_FAILED", "uncorrectable ECC", "unspecified launch failure")
-# ... and what among those leaves it usable (memory, a build without kernels for this GPU).
-RECOVERABLE = ("out of memory", "ALLOC_FAILED", "no kernel image")
 EXIT_CODE = 75  # EX_TEMPFAIL: Ray restarts an actor that exits; the code shows up in its log
-
-
-class DeviceLost(BaseException):
-    """A CUDA error that leaves the device unusable for this process; ``error``: what was raised."""
-
-    def __init__(self, error: BaseException):
-        super().__init__(str(error))
-        self.error = error
-
-
-def device_lost(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):  # a file's trouble, whatever its name or message says
-        return False
-    text = str(exc)
-    if any(marker in text for marker in RECOVERABLE):
-        return False
-    if out_of_gpu_memory(exc):
-        return False
-    torch = sys.modules.get("torch")
-    accelerator = getattr(torch, "AcceleratorError", None) if torch is not None else None
-    return (accelerator is not None and isinstance(exc, accelerator)) or any(marker in text for marker in MARKERS)
 
 
 def raise_if_device_lost(exc: BaseException) -> None:

@@ -162,8 +162,6 @@ def error_type_of(exc: BaseException) -> str:
         return "bad_encoding"
     if isinstance(exc, MemoryError):
         return "out_of_memory"
-    from disco.pipeline.strikes import GpuFailed, UnitTimedOut, WorkerCrashed
-
     if isinstance(exc, GpuFailed):
         return "gpu_failed"  # it broke the GPU on every try (the actor restarted after each)
     if isinstance(exc, UnitTimedOut):
@@ -186,6 +184,58 @@ ORT_OUT_OF_MEMORY = ("Failed to allocate memory", "BFCArena", "CUDA failure 2: o
 LIBRARY_OUT_OF_MEMORY = ("CUDNN_STATUS_NOT_ENOUGH_MEMORY", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
+class GivenUp(RuntimeError):
+    """A unit (or frame) that ended its actor's process too often (``strikes``): its errors row,
+    without running again."""
+
+
+class GpuFailed(GivenUp):
+    """The errors row of a unit that broke the GPU ``STRIKES`` times (``error_type`` gpu_failed)."""
+
+
+class WorkerCrashed(GivenUp):
+    """The errors row of a unit whose actor's process ended ``STRIKES`` times while on it
+    (``error_type`` worker_crashed)."""
+
+
+class UnitTimedOut(GivenUp):
+    """The errors row of a unit that ran past ``--unit-timeout`` ``STRIKES`` times (``error_type``
+    unit_timeout)."""
+
+
+class DeviceLost(BaseException):
+    """A CUDA error that leaves the device unusable for this process (``device_loss``): a
+    ``BaseException``, past every per-frame and per-unit handler; ``error``: what was raised."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+# What CUDA, cuBLAS, cuDNN and ONNX Runtime's CUDA provider say when the context is gone...
+DEVICE_LOST = ("CUDA error", "CUDA failure", "illegal memory access", "device-side assert",
+               "CUBLAS_STATUS_EXECUTION_FAILED", "CUDNN_STATUS_EXECUTION_FAILED", "uncorrectable ECC",
+               "unspecified launch failure")
+# ... and what among those leaves it usable (memory, a build without kernels for this GPU).
+DEVICE_USABLE = ("out of memory", "ALLOC_FAILED", "no kernel image")
+
+
+def device_lost(exc: BaseException) -> bool:
+    """A CUDA error that leaves the process's context unusable (``device_loss``). Never a file's
+    trouble, whatever its name or message says, nor a unit given up for the GPU failures it
+    caused (its message quotes them)."""
+    if isinstance(exc, (OSError, GivenUp)):
+        return False
+    text = str(exc)
+    if any(marker in text for marker in DEVICE_USABLE):
+        return False
+    if out_of_gpu_memory(exc):
+        return False
+    torch = sys.modules.get("torch")
+    accelerator = getattr(torch, "AcceleratorError", None) if torch is not None else None
+    return (accelerator is not None and isinstance(exc, accelerator)) or any(marker in text for marker in DEVICE_LOST)
+
+
 def out_of_gpu_memory(exc: BaseException) -> bool:
     """The GPU's memory ran out (PyTorch's error, cuDNN's or cuBLAS's workspace that could not be
     allocated, or ONNX Runtime's): the device stays usable."""
@@ -202,6 +252,21 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's message in one line (its class name where it has none), for one-line errors."""
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+class RunFailed(RuntimeError):
+    """A run that failed after its actors started (Ray Data's error: an actor that cannot start
+    again, a lost connection): what was committed is kept, and its manifest (``manifest``, None
+    where it could not be written) names the failure (``run.failed``); ``error``: what failed.
+    Its message: the error's first line, and its last where that says more (a remote error's
+    traceback ends on its cause)."""
+
+    def __init__(self, error: BaseException, manifest: dict | None = None):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = first_line(error)
+        cause = f" ({lines[-1][:200]})" if len(lines) > 1 and lines[-1] not in first else ""
+        super().__init__(f"the run failed: {first}{cause}")
+        self.error, self.manifest = error, manifest
 
 
 def input_error(stage: str, exc: BaseException) -> InputError:

@@ -17,7 +17,7 @@ from disco.pipeline.annotators import BackendError, resolve_backends, weight_fil
 from disco.pipeline.annotators.registry import get as get_backend
 from disco.pipeline.cluster import WORKING_DIR_PREFIX, init_ray, input_identity
 from disco.pipeline.config import PreprocessConfig
-from disco.pipeline.errors import (ConfigError, first_line, run_stops_off_ray_datas_console, starved_stages_reported,
+from disco.pipeline.errors import (ConfigError, RunFailed, first_line, run_stops_off_ray_datas_console, starved_stages_reported,
                                    stops_in_one_line)
 from disco.pipeline.sources import list_source
 from disco.pipeline.sources.generic import ends_digest, local_path
@@ -179,14 +179,43 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         interrupted = True
         log("interrupted: what the actors committed is kept")
     except Exception as exc:  # noqa: BLE001 - raised again once the manifest says what was committed
+        sigterm.wind_up()
         if not streaming:
             raise
         # Ray Data's error (an actor that cannot start, a lost driver connection, ...): the
         # manifest of an earlier run, or none, would stand for this one's commits.
         failure = exc
-        log(f"the run failed: {first_line(exc)}; what the actors committed is kept, and the same command "
-            "finishes the rest")
+        if sigterm.state_before_wind_up == "interrupted":  # a SIGTERM that Ray passed on wrapped
+            failure, interrupted = None, True
+            log("interrupted: what the actors committed is kept")
     sigterm.wind_up()  # the manifest is written whatever comes now
+    manifest = None
+    try:
+        manifest = _wind_up(cfg, store, log, started=started, done=done, interrupted=interrupted, failure=failure,
+                            weights=weights, pools=pools, held=held, listed=listed, listing=listing,
+                            pending_inputs=pending_inputs, changed=changed)
+    except Exception as exc:  # noqa: BLE001 - the failure that ended the run is the one to show
+        if failure is None:
+            raise
+        log(f"the manifest was not written either: {first_line(exc)}")
+    if isinstance(failure, ConfigError):  # (an actor that cannot start on its node: the run's one line)
+        raise failure
+    if failure is not None:
+        raise RunFailed(failure, manifest) from failure
+    counts = manifest["counts"]
+    if interrupted:
+        code = 130
+    elif counts["inputs"] == 0 or counts["inputs_failed"] == counts["inputs"] or missing:
+        code = 1
+    else:
+        code = 0
+    return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
+
+
+def _wind_up(cfg: PreprocessConfig, store: OutputStore, log, *, started: float, done: dict, interrupted: bool,
+             failure: Exception | None, weights, pools: list, held: dict, listed: list, listing, pending_inputs: int,
+             changed: list) -> dict:
+    """The run's manifest, written: what the journal holds now, and how this run went."""
     wall = time.time() - started
     frames_done = done["frames"]
     final_state = store.read_journal()
@@ -228,16 +257,7 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         manifest["changed_inputs"] = changed
     store.still_held()  # the manifest of a folder another run took is that run's to write
     write_manifest(store.manifest, manifest)
-    if failure is not None:
-        raise failure
-    counts = manifest["counts"]
-    if interrupted:
-        code = 130
-    elif counts["inputs"] == 0 or counts["inputs_failed"] == counts["inputs"] or missing:
-        code = 1
-    else:
-        code = 0
-    return RunResult(manifest=manifest, exit_code=code, removed_on_recovery=removed)
+    return manifest
 
 
 def _retry_errors(cfg: PreprocessConfig, store: OutputStore, state, changed: set[str], log):
@@ -295,7 +315,11 @@ class _SigtermStops:
                 os.kill(os.getpid(), signum)
         # winding up: the manifest is being written, and will be
 
+    state_before_wind_up = "off"
+
     def wind_up(self) -> None:
+        if self.state != "winding up":
+            self.state_before_wind_up = self.state
         self.state = "winding up"
 
     def __exit__(self, *exc) -> None:
@@ -438,7 +462,7 @@ def _planned_in_tasks(chunks: list[list[dict]], refs: list, settings: dict, part
     on; an input whose own task ended so is its errors unit (``worker_crashed``)."""
     from disco.pipeline.errors import failed_unit, first_line, input_error
     from disco.pipeline.stages import unit_base
-    from disco.pipeline.strikes import WorkerCrashed
+    from disco.pipeline.errors import WorkerCrashed
 
     parts: list = []  # per chunk: its tables, or the range of ``again`` that plans it
     again: list[list[dict]] = []

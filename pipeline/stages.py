@@ -31,7 +31,7 @@ from disco.pipeline.annotators import SEQUENCE_KINDS, Annotation
 from disco.pipeline.annotators.base import Matte
 from disco.pipeline.store.encode import build_row
 from disco.pipeline.device_loss import raise_if_device_lost
-from disco.pipeline.errors import InputError, error_record, failed_unit, input_error, out_of_gpu_memory
+from disco.pipeline.errors import GivenUp, InputError, error_record, failed_unit, input_error, out_of_gpu_memory
 from disco.pipeline.filter import reject_reason, reject_record
 from disco.pipeline.store.schema import TRIPLET_SCHEMA, sample_id
 from disco.pipeline.sources.generic import local_path
@@ -145,7 +145,7 @@ def _decode_apart(unit: dict, videos: LastVideo | None, errors: list[dict]) -> l
                 reader = None if videos is None else videos.reader(path, width, height)
                 frames, times = decode_video_frames(path, [index], width, height, reader)
         except Exception as exc:  # noqa: BLE001 - this frame's errors row; the others go on
-            if videos is not None and not isinstance(exc, strikes.GivenUp):
+            if videos is not None and not isinstance(exc, GivenUp):
                 videos.close()  # a fresh reader for the next frame (one given up never opened one)
             errors.append(frame_error("decode", exc, unit["input_path"], sid))
             continue

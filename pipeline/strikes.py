@@ -45,6 +45,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from disco.pipeline.errors import DeviceLost, GpuFailed, UnitTimedOut, WorkerCrashed, device_lost
+
 STRIKES = 2
 # Deaths on a unit's frames, apart, past which the unit is its errors row: two frames' worth and
 # one more (a damaged stretch of a video kills every frame decoded through it, one after another).
@@ -52,24 +54,6 @@ APART_DEATHS = 2 * STRIKES + 1
 FOLDER = ".strikes"
 STUCK = ".stuck"  # suffix of the file beside a process's log where its watchdog writes the stacks
 UNIT_THREAD = "units run on thread "  # that file's first line
-
-
-class GivenUp(RuntimeError):
-    """A unit (or frame) that ended its process too often: its errors row, without running again."""
-
-
-class GpuFailed(GivenUp):
-    """The errors row of a unit that broke the GPU ``STRIKES`` times (``error_type`` gpu_failed)."""
-
-
-class WorkerCrashed(GivenUp):
-    """The errors row of a unit whose actor's process ended ``STRIKES`` times while on it
-    (``error_type`` worker_crashed)."""
-
-
-class UnitTimedOut(GivenUp):
-    """The errors row of a unit that ran past ``--unit-timeout`` ``STRIKES`` times (``error_type``
-    unit_timeout)."""
 
 
 class _Process:
@@ -303,11 +287,15 @@ def _frame_window(sample: str):
     broke = False
     try:
         yield
-    except BaseException as exc:
-        from disco.pipeline.device_loss import DeviceLost, device_lost
-
-        # The process ends on this frame (``device_loss.restart``): ``mark_gpu`` names the frame.
-        broke = isinstance(exc, DeviceLost) or (isinstance(exc, Exception) and device_lost(exc))
+    except DeviceLost:
+        broke = True
+        raise
+    except Exception as exc:
+        # A broken CUDA context ends the process on this frame (``device_loss.restart``, where
+        # ``mark_gpu`` names the frame): so a caller's per-frame handler cannot swallow it.
+        broke = device_lost(exc)
+        if broke:
+            raise DeviceLost(exc) from exc
         raise
     finally:
         if not broke:

@@ -531,6 +531,17 @@ def test_onnx_runtimes_out_of_memory_is_a_gpu_out_of_memory_error_not_a_lost_dev
     assert error_type_of(RuntimeError("Failed to allocate memory for the cache")) == "unexpected_RuntimeError"
 
 
+def test_a_frame_given_up_for_the_gpu_it_broke_is_its_row_not_another_broken_gpu():
+    """The error of a frame given up after breaking the GPU quotes CUDA's message: read as a
+    broken device, it restarted a healthy actor (the unit's strike) instead of being the frame's row."""
+    from disco.pipeline.device_loss import device_lost
+    from disco.pipeline.errors import GpuFailed, error_type_of
+
+    cuda = RuntimeError("CUDA error: an illegal memory access was encountered")
+    given_up = GpuFailed(f"the GPU failed 2 times on this frame ({cuda})")
+    assert device_lost(cuda) and not device_lost(given_up) and error_type_of(given_up) == "gpu_failed"
+
+
 def test_an_actor_on_a_share_of_a_gpu_sees_its_own_gpu_and_takes_its_share_of_memory(ray_local):
     """With RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (clusters shared with vLLM-style
     frameworks) Ray leaves every GPU visible, and "cuda" was GPU 0 for every actor of the node:
