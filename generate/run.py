@@ -88,6 +88,15 @@ def sampling_line(config: GenerateConfig, frames: int, size: int) -> str:
     return line
 
 
+def native_size(checkpoint: Path, model) -> int:
+    """The side a model was trained at: its training run's, else the model's own (256 for the full one)."""
+    return trained_resolution(checkpoint) or default_size(model)
+
+
+# Past this many times the side a model was trained at, ``--size`` is said to be far from it.
+FAR_FROM_NATIVE = 2
+
+
 def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True,
                   dtype: str = "float32", gpus: int = 1) -> tuple[DisCoPipeline, int, int]:
     """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
@@ -109,7 +118,7 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
         raise GenerateInputError(f"--gpus {gpus}: {exc}") from None
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     pipeline.source = source  # for the records: which checkpoint and weights
-    size = size or trained_resolution(checkpoint) or default_size(model)  # a run generates at its training side
+    size = size or native_size(checkpoint, model)  # a run generates at its training side
     try:
         check_size(model, size)
     except ValueError as exc:
@@ -139,6 +148,11 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     background = read_picture(config.background, "background picture") if config.background else None
     pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema,
                                          dtype=config.dtype, gpus=config.gpus)
+    native = native_size(config.checkpoint, pipeline.model)
+    if size > FAR_FROM_NATIVE * native:  # (a typo's extra digit: minutes a frame, or the GPU's memory)
+        log(f"warning: --size {size} is {size / native:.3g} times the side this model was trained at ({native} px): "
+            f"each frame costs at least {(size / native) ** 2:.0f} times the time and memory, and a model this far "
+            "from its training size draws repeated or broken figures")
     matted = []
     reference_in, background_in = conditions_from_reference(pipeline, reference, size, background,
                                                             with_pose=config.align_pose, on_matte=matted.append,

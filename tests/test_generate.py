@@ -905,6 +905,21 @@ def test_a_pose_video_cut_short_drives_its_frames_before_the_cut_and_says_so(inp
     assert record["frames"] == 2 and "of the 40 it lists are missing" in record["pose_video_cut_short"]
 
 
+def test_a_size_far_past_the_trained_side_is_said(inputs, tmp_path):
+    """``--size 4096`` (a typo's extra digit) ran without a word: minutes a frame on the CPU, or
+    the GPU's memory, for figures a model draws broken that far from its training size."""
+    native = 128  # the tiny model's own side (a save_pretrained folder: no training run to say)
+    result = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
+                  inputs / "dance.mp4", "--output", tmp_path / "o.mp4", "--size", 288, "--steps", 1, "--max-frames", 1)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert f"warning: --size 288 is 2.25 times the side this model was trained at ({native} px): each frame " \
+           "costs at least 5 times" in said, said
+    again = _run("generate", "--checkpoint", inputs / "ckpt", "--reference", inputs / "person.png", "--pose",
+                 inputs / "dance.mp4", "--output", tmp_path / "p.mp4", "--size", SIZE, "--steps", 1, "--max-frames", 1)
+    assert again.exit_code == 0 and "warning: --size" not in again.output
+
+
 def test_frames_of_an_earlier_longer_run_leave_the_frames_folder():
     """``--frames DIR`` again with fewer frames kept the earlier run's last ones as this run's end."""
     import tempfile
