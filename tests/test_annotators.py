@@ -124,6 +124,24 @@ def test_tracked_rows_do_not_depend_on_where_a_run_started(tmp_path):
     fresh.close()
 
 
+@pytest.mark.parametrize("hands", [False, True])
+def test_a_frame_folder_whose_frames_change_size_is_tracked_frame_by_frame(hands):
+    """A frame folder of several sizes: MediaPipe's tracking graph failed on the first frame of
+    another size and on every call after it, the rest of the unit and the actor's next units
+    (their frames' rows lost as errors of the whole unit). The graph starts afresh at a new size."""
+    from disco.pipeline.annotators.mediapipe_backend import MediaPipeEngine
+
+    engine = MediaPipeEngine(hands=hands)
+    big = np.asarray(Image.fromarray(data.astronaut()).resize((200, 200)))
+    small = np.asarray(Image.fromarray(data.astronaut()).resize((160, 120)))
+    engine.begin_unit(sequence=True)
+    results = [engine.process(frame.copy()) for frame in (big, small, big, big)]
+    assert all(r.pose_landmarks is not None and r.segmentation_mask.shape == f.shape[:2]
+               for r, f in zip(results, (big, small, big, big)))
+    engine.begin_unit(sequence=True)  # the next unit of the actor
+    assert engine.process(big.copy()).pose_landmarks is not None
+
+
 def test_no_face_model_and_the_same_landmarks_as_holistic():
     """The face mesh is not run (the contract never stores MediaPipe's face); pose, mask and hands
     are Holistic's, bit for bit."""

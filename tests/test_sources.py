@@ -125,7 +125,17 @@ def test_coco_splits_by_folder_and_single_person_reads_the_annotations(tmp_path)
     single = _list("coco", root, coco_single_person=True)
     assert sorted(i.clip_id for i in single.items) == ["000000000001", "000000000002", "000000000004"]
     assert single.filtered == {"not_single_person": 2}
-    (root / "annotations" / "person_keypoints_train2017.json").unlink()
+    # Annotations whose categories hold no person (category 1 a bicycle): no image has one person.
+    import json
+
+    annotations = root / "annotations" / "person_keypoints_train2017.json"
+    data = json.loads(annotations.read_text())
+    data["categories"] = [{"id": 1, "name": "bicycle"}, {"id": 17, "name": "cat"}]
+    annotations.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r'have no "person" category \(they list bicycle, cat\)'):
+        _list("coco", root, coco_single_person=True)
+    assert {i.extra["annotated_persons"] for i in _list("coco", root).items if i.split == "train"} == {0}
+    annotations.unlink()
     with pytest.raises(ConfigError, match="needs COCO annotations"):
         _list("coco", root, coco_single_person=True)
 

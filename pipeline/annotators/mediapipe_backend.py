@@ -126,6 +126,7 @@ class MediaPipeEngine:
         self._unit = False  # inside a unit (begin_unit was called)
         self._tracking = False
         self._dirty = False  # the tracking graph has seen frames since its last reset
+        self._shape = None  # the size of the frames the tracking graph follows
         self._quiet_done: set[bool] = set()  # graphs whose first frame (start-up notices) went by
         self.graph_runs = 0  # frames that went through a graph (tests, the benchmark)
         self._graph(False)  # build the static graph now: a broken install fails at start, not mid-run
@@ -149,21 +150,52 @@ class MediaPipeEngine:
         self._unit, self._tracking = True, sequence
         self._results.clear()
         if sequence and self._dirty:
-            self._graphs[True].reset()
-            self._dirty = False
-            self._quiet_done.discard(True)  # a restarted graph prints its start-up notices again
+            self._restart_tracking()
+
+    def _restart_tracking(self) -> None:
+        """The tracking graph starts afresh (built anew where it cannot be reset: one that failed)."""
+        graph = self._graphs.get(True)
+        try:
+            if graph is not None:
+                graph.reset()
+        except Exception:  # noqa: BLE001 - a graph in error: the next frame builds another
+            self._drop(True)
+        self._dirty, self._shape = False, None
+        self._quiet_done.discard(True)  # a restarted graph prints its start-up notices again
+
+    def _drop(self, tracking: bool) -> None:
+        graph = self._graphs.pop(tracking, None)
+        try:
+            if graph is not None:
+                graph.close()
+        except Exception:  # noqa: BLE001 - it goes either way
+            pass
+        self._quiet_done.discard(tracking)
 
     def process(self, frame: np.ndarray):
         kept = self._results.get(id(frame))
         if kept is not None and kept[0] is frame:
             return kept[1]
         tracking = self._tracking and self._unit
+        if tracking and self._dirty and frame.shape != self._shape:
+            # A frame folder whose frames change size: the tracking graph's mask smoothing fails on
+            # a frame of another size, and every call after it (the rest of the unit, and the next
+            # units of this actor) failed too. The person is looked for afresh at the new size.
+            self._restart_tracking()
         graph = self._graph(tracking)
         quiet = native_notices_silenced() if tracking not in self._quiet_done else contextlib.nullcontext()
-        with quiet:
-            result = graph.process(np.ascontiguousarray(frame))
+        try:
+            with quiet:
+                result = graph.process(np.ascontiguousarray(frame))
+        except Exception:
+            self._drop(tracking)  # a graph in error fails every later call: the next frame builds another
+            if tracking:
+                self._dirty, self._shape = False, None
+            raise
         self._quiet_done.add(tracking)
         self._dirty = self._dirty or tracking
+        if tracking:
+            self._shape = frame.shape
         self.graph_runs += 1
         if not self._unit and len(self._results) >= self.MAX_KEPT:
             self._results.clear()
@@ -175,7 +207,7 @@ class MediaPipeEngine:
             graph.close()
         self._graphs.clear()
         self._results.clear()
-        self._unit, self._tracking, self._dirty = False, False, False
+        self._unit, self._tracking, self._dirty, self._shape = False, False, False, None
         self._quiet_done.clear()
 
     @staticmethod

@@ -249,7 +249,7 @@ class _Lister:
             path = self.base / rel
             if path.is_file():
                 self.notes[f"annotations:{rel}"] = 1
-                return person_counts(path)
+                return person_counts(path, self.coco_single_person)
         if self.coco_single_person:
             raise ConfigError(f"--coco-single-person needs COCO annotations; none of "
                               f"{', '.join(layout.annotations)} exists under {self.base}")
