@@ -597,6 +597,33 @@ def test_a_run_that_ray_data_fails_mid_way_writes_its_manifest_and_the_same_comm
     assert again.manifest["run"]["inputs_processed"] == 9 - manifest["counts"]["rows_written"]  # the rest only
 
 
+def test_an_output_folder_inside_the_input_is_no_input(tmp_path, ray_local):
+    """``--output`` under ``--input``: the next run listed the output's own files, a contact sheet
+    that ``inspect --sheet`` wrote there became a training input (a row wherever it shows a
+    person). A folder that holds a disco output's journal is not listed, for every source."""
+    folder = tmp_path / "in"
+    _faulty_folder(folder, good=("a", "b"))
+    (folder / "faulty.png").unlink()
+    out = folder / "out"
+    options = dict(pose="none", hands=False, matting="mediapipe", actors=1)
+    first = preprocess(PreprocessConfig(source="images", input=folder, output=out, **options), log=lambda *_: None)
+    assert first.exit_code == 0 and first.manifest["counts"]["inputs"] == 2
+    save(out / "sheet.png", Image.fromarray(data.astronaut()))  # what `inspect OUT --sheet OUT/sheet.png` leaves
+    again = preprocess(PreprocessConfig(source="images", input=folder, output=out, **options), log=lambda *_: None)
+    assert again.manifest["counts"]["inputs"] == 2 and again.manifest["run"]["inputs_processed"] == 0
+    assert sorted(open_triplets(out).to_table().column("input_path").to_pylist()) == ["a.png", "b.png"]
+    # A data set's layout walk too: a TikTok folder whose output holds a video (its videos are
+    # listed one folder down, "*/{clip}.mp4").
+    tiktok = tmp_path / "tiktok"
+    for k in range(2):
+        save(tiktok / "00001" / "images" / f"{k:04d}.png", Image.fromarray(data.astronaut()).resize((96, 96)))
+    write_video(tiktok / "out" / "generated.mp4", pan_zoom_frames(data.astronaut(), 2, 96), 30.0)
+    (tiktok / "out" / "_journal.jsonl").write_text("")
+    listed = preprocess(PreprocessConfig(source="tiktok", input=tiktok, output=tmp_path / "t-out", **options),
+                        log=lambda *_: None)
+    assert listed.manifest["counts"]["inputs"] == 1, listed.manifest["counts"]
+
+
 def test_retry_errors_runs_the_failed_segment_of_a_video_whose_other_segments_wrote_rows(tmp_path):
     """A GPU that broke on the second segment of a sequence (the segments before and after it
     went to other tries of the actor) left the sequence partly written: --retry-errors gpu_failed

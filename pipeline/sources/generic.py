@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 from disco.pipeline.errors import display_path, error_type_of
 from disco.pipeline.io_threads import map_in_threads
+from disco.pipeline.store.output import JOURNAL_FILE
 from disco.pipeline.store.schema import payload
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
@@ -127,6 +128,9 @@ def _walk(root: Path):
                 dirnames[:] = []
                 continue
             seen.add((info.st_dev, info.st_ino))
+            if JOURNAL_FILE in filenames:  # a disco output (this run's own, under its input): not inputs
+                dirnames[:] = []
+                continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             if not follow:  # entered after the whole tree: its own folders keep their names
                 links.extend(os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d)))

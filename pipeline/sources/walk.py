@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from disco.pipeline.store.output import JOURNAL_FILE
+
 
 @dataclass(frozen=True)
 class Match:
@@ -45,11 +47,13 @@ def _is_literal(part: str) -> bool:
 
 
 def _entries(folder: str) -> list[os.DirEntry]:
+    """The folder's entries, hidden ones aside; none in a disco output (a run's own, under its input)."""
     try:
         with os.scandir(folder) as it:
-            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
+    return [] if any(e.name == JOURNAL_FILE for e in entries) else entries
 
 
 def _is(entry: os.DirEntry | None, path: str, kind: str) -> bool:
