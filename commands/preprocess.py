@@ -217,7 +217,24 @@ def preprocess(
     run_preprocess(config, show_progress=progress)
 
 
+# What filtering a triplets folder by its stored scores uses; the other options choose models,
+# sizes, splits or a cluster for a data set's run, and are refused there (they did nothing).
+TRIPLETS_OPTIONS = {"input", "output", "min_score", "min_area", "max_persons", "keep_rejects", "overwrite", "shard_rows",
+                    "progress"}
+
+
+def _unused_on_triplets(ctx: typer.Context) -> list[str]:
+    """The options given on the command line that a triplets folder's filtering does not use
+    (an environment's, such as a job's RAY_ADDRESS, is no user's choice)."""
+    def typed(param) -> bool:  # (by its name: typer's click need not be the one installed as click)
+        source = ctx.get_parameter_source(param.name)
+        return source is not None and source.name == "COMMANDLINE"
+
+    return [param.opts[0] for param in ctx.command.params if param.name not in TRIPLETS_OPTIONS and typed(param)]
+
+
 def filter_humans(
+    ctx: typer.Context,
     input: Annotated[Path, typer.Option("--input", "-i", help="The data set (as for preprocess), or an existing triplets folder to filter by its stored scores.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder, with the same contract as preprocess (plus rejects/ with --keep-rejects).")],
     source: Annotated[Optional[str], typer.Option(help=SOURCE_HELP + " Not needed for a triplets folder.")] = None,
@@ -266,6 +283,13 @@ def filter_humans(
     if is_triplets_dir(input):
         if retry_errors:
             usage_error("--retry-errors reruns inputs of a data set; a triplets folder is filtered by its stored scores")
+        unused = _unused_on_triplets(ctx)
+        if unused:
+            usage_error(f"{', '.join(unused)}: not used on a triplets folder, which is filtered by its stored scores "
+                        "(no model runs; its rows keep their split, size and encoding); filter the data set itself "
+                        "(--input DATA --source NAME) to choose them")
+        if shard_rows < 1:
+            usage_error("--shard-rows must be positive")
         from disco.pipeline.cluster import check_job_paths, refuse_urls
 
         try:

@@ -170,6 +170,17 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
     assert again.exit_code == 0 and open_triplets(out).count_rows() == 1
     refused = CliRunner().invoke(app, ["filter-humans", "--input", str(copy), "--output", str(out)])
     assert refused.exit_code == 2 and "different options" in refused.output
+    # Options that choose models, sizes or splits did nothing here (rows kept split train, their
+    # size): refused by name, in one line, before anything is written.
+    unused = CliRunner().invoke(app, ["filter-humans", "--input", str(copy), "--output", str(tmp_path / "u"),
+                                      "--split", "test", "--max-side", "64", "--coco-single-person"])
+    said = " ".join(unused.output.split())
+    assert unused.exit_code == 2 and "--coco-single-person, --split, --max-side: not used on a triplets folder" in said, said
+    assert not (tmp_path / "u").exists()
+    with monkeypatch.context() as env:  # a job's RAY_ADDRESS is no option the user gave
+        env.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+        assert CliRunner().invoke(app, ["filter-humans", "--input", str(copy), "--output", str(tmp_path / "e"),
+                                        "--shard-rows", "0"]).output.strip() == "error: --shard-rows must be positive"
     assert len(refused.output.strip().splitlines()) == 1, refused.output  # no empty progress bar under it
     # A filtered folder filtered again (and again): the pose backend is still the source's (none:
     # no keypoints to draw from); --max-side, --fps and --face come along for generate's drawing.
