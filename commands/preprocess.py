@@ -280,6 +280,11 @@ def filter_humans(
             usage_error(f"{name} must be between 0 and 1")
     if max_persons is not None and max_persons < 1:
         usage_error("--max-persons must be at least 1")
+    from disco.pipeline.store.output import unfinished_run
+
+    unfinished = unfinished_run(input)
+    if unfinished:  # (neither a data set nor a triplets folder to filter yet)
+        usage_error(f"--input {unfinished}")
     if is_triplets_dir(input):
         if retry_errors:
             usage_error("--retry-errors reruns inputs of a data set; a triplets folder is filtered by its stored scores")

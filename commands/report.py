@@ -118,7 +118,9 @@ def inspect(
     from disco.pipeline.temporal_quality import temporal_quality
 
     if not (output / MANIFEST_FILE).exists():
-        usage_error(f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
+        from disco.pipeline.store.output import unfinished_run
+
+        usage_error(unfinished_run(output) or f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
     if sheet is not None:  # checked before the summary: the sheet is written last
         from disco.pipeline.errors import output_file_problem
 

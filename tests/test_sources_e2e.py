@@ -452,3 +452,19 @@ def test_input_versions_are_read_by_several_threads_and_match_each_file(tmp_path
         stat = os.stat(folder / name)
         assert by_time[name] == f"{stat.st_size}-{stat.st_mtime_ns}"
         assert by_content[name] == f"{stat.st_size}-c{ends_digest(str(folder / name), stat.st_size)}"
+
+
+def test_a_run_that_did_not_finish_is_named_so_by_inspect_and_filter_humans(coco_run, tmp_path):
+    """A killed run's folder (its journal and shards, no manifest yet): ``inspect`` asked whether it
+    was a preprocess output at all, and ``filter-humans`` wanted a --source (then, given one,
+    found no inputs in it). Both say the run did not finish and that the same command finishes it."""
+    _, source_out, _ = coco_run
+    killed = tmp_path / "killed"
+    shutil.copytree(source_out, killed)
+    (killed / "manifest.json").unlink()  # what a run killed before its wind-up leaves
+    for command in (["inspect", str(killed)], ["filter-humans", "--input", str(killed), "--output", str(tmp_path / "f")]):
+        said = CliRunner().invoke(app, command)
+        text = " ".join(said.output.split())
+        assert said.exit_code == 2 and "holds a run that did not finish (its _journal.jsonl, no manifest.json): run " \
+            "the same command again to finish it" in text, text
+    assert not (tmp_path / "f").exists()

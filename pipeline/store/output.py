@@ -157,6 +157,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unfinished_run(folder: Path) -> str | None:
+    """What to say of ``folder`` where it holds a run that never finished (killed, stopped: its
+    journal and no manifest, which the end of a run writes); None otherwise."""
+    folder = Path(folder)
+    if (folder / JOURNAL_FILE).is_file() and not (folder / MANIFEST_FILE).exists():
+        return (f"{folder} holds a run that did not finish (its {JOURNAL_FILE}, no {MANIFEST_FILE}): run the same "
+                "command again to finish it (what it committed is kept)")
+    return None
+
+
 @dataclass
 class JournalState:
     entries: list[dict] = field(default_factory=list)
