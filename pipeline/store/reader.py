@@ -54,8 +54,9 @@ def damaged(path: str | Path, exc: BaseException) -> DamagedShard:
         return DamagedShard(f"{STOPS_THE_RUN} {path} does not exist on node {socket.gethostname()}: it was listed, "
                             "then removed, or this node does not see the storage it was listed on (on a cluster "
                             "the data must be on storage every node sees, by the same path)")
-    return DamagedShard(f"{path} is damaged ({first_line(exc)}); remove it (its rows are lost) or write the "
-                        "output again with `disco-cli preprocess ... --overwrite`")
+    # (Not "remove it": the journal names it, and every reader would then stop at the missing file.)
+    return DamagedShard(f"{path} is damaged ({first_line(exc)}); restore it from a copy, or write the output "
+                        "again with the command that made it and --overwrite")
 
 
 def check_shard(path: str | Path, schema: pa.Schema) -> None:
