@@ -17,7 +17,8 @@ SamModel = choices("SAM model", SAM_MODELS)
 Sam2Model = choices("SAM 2 model", SAM2_MODELS)
 
 
-def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
+def print_summary(manifest: dict, title: str = "preprocess summary", to: Console | None = None) -> None:
+    """The summary table of a run's manifest; on stderr with the run's own messages, unless ``to``."""
     counts, run = manifest["counts"], manifest["run"]
     table = Table(title=title, show_header=False)
     table.add_row("inputs", f"{counts['inputs']} ({counts['inputs_done']} done, {counts['inputs_failed']} of them "
@@ -41,7 +42,7 @@ def print_summary(manifest: dict, title: str = "preprocess summary") -> None:
     table.add_row("this run", f"{run['frames_processed']} frames in {run['wall_time_s']:.1f} s"
                   + (f" ({fps:.1f} frames/s)" if fps else ""))
     table.add_row("shards", str(len(manifest["shards"])))
-    console.print(table)
+    (to or console).print(table)
 
 
 
@@ -121,24 +122,28 @@ def inspect(
         from disco.pipeline.store.output import unfinished_run
 
         usage_error(unfinished_run(output) or f"{output} holds no {MANIFEST_FILE}; is it a `disco-cli preprocess` output?")
-    if sheet is not None:  # checked before the summary: the sheet is written last
-        from disco.pipeline.errors import output_file_problem
-
-        if sheet.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-            usage_error(f"--sheet {sheet}: the contact sheet is a picture; give a .png (or .jpg) file name")
-        problem = output_file_problem(sheet, "--sheet")
-        if problem:
-            usage_error(problem)
     try:  # the manifest, and every shard's footer, checked here before anything is printed
         manifest = read_manifest(output / MANIFEST_FILE)
         triplets, errors = open_triplets(output), open_errors(output)
     except ConfigError as exc:
         usage_error(str(exc))
+    if sheet is not None:  # checked before the summary: the sheet is written last
+        from disco.pipeline.errors import output_file_problem
+        from disco.pipeline.sources.generic import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+
+        if sheet.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            usage_error(f"--sheet {sheet}: the contact sheet is a picture; give a .png (or .jpg) file name")
+        # Not over a picture of the data the output was made from (a working-dir job's is gone).
+        source = str((manifest.get("parameters") or {}).get("input") or "")
+        problem = output_file_problem(sheet, "--sheet", inputs=(source,) if source.startswith("/") else (),
+                                      reads=IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        if problem:
+            usage_error(problem)
     out = Console()
     say(f"{output}  written by: {manifest['command']}", out)  # the command as typed: text, one line
     backends = manifest["backends"]
     say(f"backends: matting={backends['matting']['name']} pose={backends['pose']['name']} ({backends['reason']})", out)
-    print_summary(manifest)
+    print_summary(manifest, "filter-humans summary" if manifest.get("filtered_from") else "preprocess summary", to=out)
     schema = Table(title="triplet schema")
     schema.add_column("column")
     schema.add_column("type")

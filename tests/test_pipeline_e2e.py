@@ -187,10 +187,15 @@ def test_inspect_prints_counts_and_writes_a_contact_sheet(astronaut_run, tmp_pat
     # A sheet that cannot be written is one line before the summary (it was a traceback after it).
     (tmp_path / "plain").write_text("mine")
     (tmp_path / "isdir.png").mkdir()
+    # A photo of the data the output was made from is no place for it either (it was overwritten).
+    source = out.parent / "in" / "astronaut.png"
     for bad, words in ((tmp_path / "sheet.mp4", "give a .png"), (tmp_path / "plain" / "s.png", "cannot be written"),
-                       (tmp_path / "isdir.png", "is a folder")):
+                       (tmp_path / "isdir.png", "is a folder"), (source, "is a file of the input folder")):
         refused = CliRunner().invoke(app, ["inspect", str(out), "--sheet", str(bad)])
         assert refused.exit_code == 2 and words in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert np.asarray(Image.open(source)).shape == data.astronaut().shape
+    # The report is one stream: `inspect OUT > report.txt` kept the schema and lost the summary.
+    assert "rows written" in said.stdout and "triplet schema" in said.stdout, said.stdout[:600]
 
 
 def test_video_is_resampled_and_split_into_segments(tmp_path):
