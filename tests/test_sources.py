@@ -322,6 +322,38 @@ def test_a_custom_manifest_describes_a_new_data_set_without_code(tmp_path):
         PreprocessConfig(source="mine", input=root, output=tmp_path / "o").validate()
 
 
+def test_a_key_that_comes_again_later_in_a_shard_is_one_sample_not_two_rows_of_one_id(tmp_path):
+    """WebDataset keeps a sample's files together; a key that comes back later in the shard (a
+    shard written twice over, a tool's bug) gave two rows of one sample_id, which the contract
+    promises unique. The first is the sample; the later entry is an errors row that says so, in
+    whichever unit it falls."""
+    import io
+    import tarfile
+
+    from disco.pipeline.sources.generic import InputItem
+    from disco.pipeline.sources.units import decode_unit, plan_units
+    from disco.pipeline.store.schema import unit_blocks
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, photo in (("k", "astronaut"), ("m", "coffee"), ("k", "coffee"), ("K", "astronaut")):
+            data = layouts.jpeg_bytes(photo)
+            member = tarfile.TarInfo(f"{key}.jpg")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    item = InputItem(input_path="00000.tar", abs_path=str(shard), source="laion", clip_id="00000", kind="tar",
+                     split="train", extra=payload())
+    settings = {"segment_frames": 2, "fps": 30.0, "max_side": 64, "min_side": 1, "max_pixels": 89_478_485}
+    planned = [{**u, "width": 0, "height": 0} for u in plan_units(item.to_dict(), settings, set())]
+    units = [row for table in unit_blocks(planned, 4) for row in table.to_pylist()]
+    kept, errors = [], []
+    for unit in units:
+        kept += [f.unit["clip_id"] for f in decode_unit(unit, settings, errors)]
+    assert kept == ["00000/k", "00000/m", "00000/K"]  # names differing in case are keys of their own
+    assert [(e["error_type"], e["sample_id"]) for e in errors] == [("repeated_key", None)]
+    assert "sample 'k' appears again (entry 2 of the shard): the first one is kept" in errors[0]["message"]
+
+
 def test_the_readme_example_manifest_is_valid():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = readme.split("**A new data set, no code.**")[1].split("```yaml\n")[1].split("```")[0]

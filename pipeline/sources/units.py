@@ -31,8 +31,10 @@ def plan_units(base: dict, settings: dict, skip: set[int]) -> list[dict]:
         else:
             # A range of samples and the byte offset of its first: a unit seeks there instead of
             # walking every header before it again (a 10K-sample shard is 300+ units).
-            offsets = webdataset.entry_offsets(local_path(base))
-            payloads = [payload(start=k, stop=min(len(offsets), k + step), offset=offsets[k])
+            repeated: list[int] = []
+            offsets = webdataset.entry_offsets(local_path(base), repeated)
+            payloads = [payload(start=k, stop=min(len(offsets), k + step), offset=offsets[k],
+                                repeated=[i for i in repeated if k <= i < k + step] or None)
                         for k in range(0, len(offsets), step)]
             chunks = [[] for _ in payloads]  # its samples are the payload's range, not frame indices
     except Exception as exc:  # noqa: BLE001 - any failure of this input is its errors row
@@ -100,7 +102,9 @@ def decode_unit(unit: dict, settings: dict, errors: list) -> list[Frame]:
                 continue
             out.append(Frame(index, src / fps, frame, unit))
         return out
-    for entry, name, data in webdataset.read_entries(local_path(unit), extra["start"], extra["stop"], extra["offset"]):
+    repeated = set(extra.get("repeated") or ())
+    entries = webdataset.read_entries(local_path(unit), extra["start"], extra["stop"], extra["offset"])
+    for index, (entry, name, data) in enumerate(entries, start=int(extra["start"])):
         if entry is None:  # the shard ends damaged here; what was read before it is kept
             errors.append(error_record(data.stage, data.error_type, data.message, unit["input_path"]))
             break
@@ -110,6 +114,10 @@ def decode_unit(unit: dict, settings: dict, errors: list) -> list[Frame]:
         # Member names that are not valid UTF-8 come escaped: they end up in Arrow strings.
         row_unit = {**unit, "clip_id": f"{unit['clip_id']}/{display_path(entry.key)}"}
         sid = sample_id(unit["source"], row_unit["clip_id"], 0)
+        if index in repeated:  # its row would take the id of the sample of that key before it
+            errors.append(error_record("list", "repeated_key", f"sample {display_path(entry.key)!r} appears again "
+                                       f"(entry {index} of the shard): the first one is kept", unit["input_path"]))
+            continue
         if name is None:
             members = ", ".join(display_path(m.name) for m in entry.members)
             errors.append(error_record("decode", "missing_image", f"sample {display_path(entry.key)!r} holds no image ({members})",

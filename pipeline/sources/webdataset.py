@@ -88,15 +88,22 @@ def iter_entries(tar: tarfile.TarFile):
         yield current
 
 
-def entry_offsets(path: str) -> list[int]:
+def entry_offsets(path: str, repeated: list[int] | None = None) -> list[int]:
     """The byte offset of every entry's first header, up to the end or up to where the shard is
     damaged (``read_entries`` reports the damage with the last unit's samples); a shard damaged
     before its first entry is an error. A unit of samples ``start`` onwards reads from
-    ``offsets[start]``: it never walks the headers of the samples before it again."""
+    ``offsets[start]``: it never walks the headers of the samples before it again. ``repeated``
+    gets the indices of the entries whose key an earlier entry has (not beside it: a WebDataset
+    sample's files are consecutive), whose rows would repeat that sample's id."""
     offsets: list[int] = []
+    keys: set[str] = set()
     with _open(path) as tar:
         try:
             for entry in iter_entries(tar):
+                if repeated is not None and not entry.problem:
+                    if entry.key in keys:
+                        repeated.append(len(offsets))
+                    keys.add(entry.key)
                 offsets.append(entry.members[0].offset)
         except InputError:
             if not offsets:

@@ -95,6 +95,7 @@ PAYLOAD_TYPE = pa.struct([
     pa.field("frames", pa.list_(pa.binary())), pa.field("fps", pa.float64()),
     pa.field("start", pa.int64()), pa.field("stop", pa.int64()), pa.field("offset", pa.int64()),
     pa.field("annotated_persons", pa.int64()), pa.field("has_annotation", pa.bool_()),
+    pa.field("repeated", pa.list_(pa.int64())),  # a tar unit's entries whose key came earlier in the shard
 ])
 
 
