@@ -142,7 +142,12 @@ def inspect(
     out = Console()
     say(f"{output}  written by: {manifest['command']}", out)  # the command as typed: text, one line
     backends = manifest["backends"]
-    say(f"backends: matting={backends['matting']['name']} pose={backends['pose']['name']} ({backends['reason']})", out)
+    # A filtered output ran no model: its rows' annotations are its source's (chains of filters included).
+    made_by = backends
+    while made_by.get("source_backends"):
+        made_by = made_by["source_backends"]
+    say(f"backends: matting={made_by['matting']['name']} pose={made_by['pose']['name']} ({backends['reason']})", out)
+    backends = made_by
     print_summary(manifest, "filter-humans summary" if manifest.get("filtered_from") else "preprocess summary", to=out)
     schema = Table(title="triplet schema")
     schema.add_column("column")

@@ -189,6 +189,11 @@ def test_filter_humans_on_a_triplets_folder_runs_no_model(coco_run, tmp_path, mo
     thrice = tmp_path / "thrice"
     assert CliRunner().invoke(app, ["filter-humans", "--input", str(twice), "--output", str(thrice)]).exit_code == 0
     assert data_pose(thrice) == data_pose(copy) and data_pose(thrice).keypoints is False
+    # inspect names the models that made the rows, through the chain (not "matting=None pose=None").
+    source_backends = json.loads((copy / "manifest.json").read_text())["backends"]
+    said = CliRunner().invoke(app, ["inspect", str(thrice), "--sheet", str(tmp_path / "sheet.png")])
+    assert said.exit_code == 0 and f"backends: matting={source_backends['matting']['name']} " \
+        f"pose={source_backends['pose']['name']} (filtered by the stored" in " ".join(said.output.split()), said.output
     source_params = json.loads((copy / "manifest.json").read_text())["parameters"]
     assert {k: json.loads((thrice / "manifest.json").read_text())["parameters"][k]
             for k in ("max_side", "fps", "face")} == {k: source_params[k] for k in ("max_side", "fps", "face")}
