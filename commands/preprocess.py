@@ -219,8 +219,8 @@ def preprocess(
 
 # What filtering a triplets folder by its stored scores uses; the other options choose models,
 # sizes, splits or a cluster for a data set's run, and are refused there (they did nothing).
-TRIPLETS_OPTIONS = {"input", "output", "min_score", "min_area", "max_persons", "keep_rejects", "overwrite", "shard_rows",
-                    "progress"}
+TRIPLETS_OPTIONS = {"input", "output", "source", "min_score", "min_area", "max_persons", "keep_rejects", "overwrite",
+                    "shard_rows", "progress"}  # (--source: its help says it is not needed there, not refused)
 
 
 def _unused_on_triplets(ctx: typer.Context) -> list[str]:

@@ -133,9 +133,13 @@ def inspect(
 
         if sheet.suffix.lower() not in (".png", ".jpg", ".jpeg"):
             usage_error(f"--sheet {sheet}: the contact sheet is a picture; give a .png (or .jpg) file name")
-        # Not over a picture of the data the output was made from (a working-dir job's is gone).
+        # Not over a picture of the data the output was made from (a working-dir job's is gone); in
+        # the output folder itself it is none, wherever that folder is (the listing skips it).
+        import os
+
         source = str((manifest.get("parameters") or {}).get("input") or "")
-        problem = output_file_problem(sheet, "--sheet", inputs=(source,) if source.startswith("/") else (),
+        own = Path(os.path.realpath(sheet)).is_relative_to(os.path.realpath(output))
+        problem = output_file_problem(sheet, "--sheet", inputs=(source,) if source.startswith("/") and not own else (),
                                       reads=IMAGE_SUFFIXES | VIDEO_SUFFIXES)
         if problem:
             usage_error(problem)
@@ -148,7 +152,7 @@ def inspect(
         made_by = made_by["source_backends"]
     say(f"backends: matting={made_by['matting']['name']} pose={made_by['pose']['name']} ({backends['reason']})", out)
     backends = made_by
-    print_summary(manifest, "filter-humans summary" if manifest.get("filtered_from") else "preprocess summary", to=out)
+    print_summary(manifest, "filter-humans summary" if manifest.get("filter") else "preprocess summary", to=out)
     schema = Table(title="triplet schema")
     schema.add_column("column")
     schema.add_column("type")

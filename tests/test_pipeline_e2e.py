@@ -613,10 +613,19 @@ def test_an_output_folder_inside_the_input_is_no_input(tmp_path, ray_local):
     options = dict(pose="none", hands=False, matting="mediapipe", actors=1)
     first = preprocess(PreprocessConfig(source="images", input=folder, output=out, **options), log=lambda *_: None)
     assert first.exit_code == 0 and first.manifest["counts"]["inputs"] == 2
-    save(out / "sheet.png", Image.fromarray(data.astronaut()))  # what `inspect OUT --sheet OUT/sheet.png` leaves
+    for _ in range(2):  # a sheet in the output folder (again: it is no picture of the input)
+        said = CliRunner().invoke(app, ["inspect", str(out), "--sheet", str(out / "sheet.png")])
+        assert said.exit_code == 0, said.output
     again = preprocess(PreprocessConfig(source="images", input=folder, output=out, **options), log=lambda *_: None)
     assert again.manifest["counts"]["inputs"] == 2 and again.manifest["run"]["inputs_processed"] == 0
     assert sorted(open_triplets(out).to_table().column("input_path").to_pylist()) == ["a.png", "b.png"]
+    # The output in the input folder itself: its pictures are still the inputs (the journal's
+    # folder is skipped below the listed folder only).
+    same = tmp_path / "same"
+    _faulty_folder(same, good=("c",))
+    (same / "faulty.png").unlink()
+    alike = preprocess(PreprocessConfig(source="images", input=same, output=same, **options), log=lambda *_: None)
+    assert alike.manifest["counts"]["inputs"] == 1, alike.manifest["counts"]
     # A data set's layout walk too: a TikTok folder whose output holds a video (its videos are
     # listed one folder down, "*/{clip}.mp4").
     tiktok = tmp_path / "tiktok"

@@ -27,6 +27,8 @@ def person_counts(path: Path, single_person: bool = False) -> dict[str, int]:
             a["image_id"] for a in data.get("annotations", [])
             if a.get("category_id") in person_ids and not a.get("iscrowd", 0)
         )
+    except ConfigError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"cannot read the COCO annotations {path}: {type(exc).__name__}: {exc}") from None
     return {name: counts.get(image_id, 0) for image_id, name in images.items()}

@@ -128,7 +128,7 @@ def _walk(root: Path):
                 dirnames[:] = []
                 continue
             seen.add((info.st_dev, info.st_ino))
-            if JOURNAL_FILE in filenames:  # a disco output (this run's own, under its input): not inputs
+            if JOURNAL_FILE in filenames and dirpath != str(top):  # a disco output below (a run's own): no inputs
                 dirnames[:] = []
                 continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

@@ -46,14 +46,17 @@ def _is_literal(part: str) -> bool:
     return not any(c in part for c in "*?{")
 
 
-def _entries(folder: str) -> list[os.DirEntry]:
-    """The folder's entries, hidden ones aside; none in a disco output (a run's own, under its input)."""
+def _entries(folder: str, root: str | None = None) -> list[os.DirEntry]:
+    """The folder's entries, hidden ones aside; none in a disco output below ``root`` (a run's
+    own, under its input)."""
     try:
         with os.scandir(folder) as it:
             entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
-    return [] if any(e.name == JOURNAL_FILE for e in entries) else entries
+    if folder != root and any(e.name == JOURNAL_FILE for e in entries):
+        return []
+    return entries
 
 
 def _is(entry: os.DirEntry | None, path: str, kind: str) -> bool:
@@ -83,7 +86,7 @@ def iter_matches(root: str, pattern: str):
         if part == "**":
             # Zero folders, then one more folder at a time (a symlinked loop is entered once).
             yield from walk(folder, index + 1, rel, clip)
-            for entry in _entries(folder):
+            for entry in _entries(folder, root):
                 if _is(entry, entry.path, "dir"):
                     try:
                         st = entry.stat()
@@ -103,7 +106,7 @@ def iter_matches(root: str, pattern: str):
         else:
             regex = _part_regex(part)
             candidates = []
-            for entry in _entries(folder):
+            for entry in _entries(folder, root):
                 m = regex.match(entry.name)
                 if m:
                     candidates.append((entry.name, entry.path, entry, m.groupdict().get("clip") or clip))

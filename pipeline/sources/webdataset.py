@@ -88,6 +88,11 @@ def iter_entries(tar: tarfile.TarFile):
         yield current
 
 
+def _image_of(entry: Entry):
+    """The sample's image member, or None."""
+    return next((m for m in entry.members if split_key(m.name)[1] in IMAGE_EXTENSIONS), None)
+
+
 def entry_offsets(path: str, repeated: list[int] | None = None) -> list[int]:
     """The byte offset of every entry's first header, up to the end or up to where the shard is
     damaged (``read_entries`` reports the damage with the last unit's samples); a shard damaged
@@ -100,7 +105,8 @@ def entry_offsets(path: str, repeated: list[int] | None = None) -> list[int]:
     with _open(path) as tar:
         try:
             for entry in iter_entries(tar):
-                if repeated is not None and not entry.problem:
+                # (a key whose earlier entry has no image is no sample yet: the later one is)
+                if repeated is not None and not entry.problem and _image_of(entry) is not None:
                     if entry.key in keys:
                         repeated.append(len(offsets))
                     keys.add(entry.key)
@@ -136,7 +142,7 @@ def read_entries(path: str, start: int, stop: int, offset: int | None = None):
             if entry.problem:
                 yield entry, None, None
                 continue
-            image = next((m for m in entry.members if split_key(m.name)[1] in IMAGE_EXTENSIONS), None)
+            image = _image_of(entry)
             if image is None:
                 yield entry, None, None
                 continue
