@@ -263,6 +263,19 @@ def test_tar_members_that_could_escape_are_refused_and_nothing_is_extracted(tmp_
     assert [(e.key, name) for e, name, _ in middle] == [("000000001", "000000001.jpg")]
 
 
+def _tar_units(shard: Path, segment_frames: int) -> tuple[dict, list[dict]]:
+    """The settings, and the units a shard of the laion source is planned into, as the stages get them."""
+    from disco.pipeline.sources.generic import InputItem
+    from disco.pipeline.sources.units import plan_units
+    from disco.pipeline.store.schema import unit_blocks
+
+    item = InputItem(input_path="00000.tar", abs_path=str(shard), source="laion", clip_id="00000", kind="tar",
+                     split="train", extra=payload())
+    settings = {"segment_frames": segment_frames, "fps": 30.0, "max_side": 64, "min_side": 1, "max_pixels": 89_478_485}
+    planned = [{**u, "width": 0, "height": 0} for u in plan_units(item.to_dict(), settings, set())]
+    return settings, [row for table in unit_blocks(planned, 4) for row in table.to_pylist()]
+
+
 def test_a_tar_unit_reads_from_its_first_sample_and_not_the_headers_before_it(tmp_path):
     """A shard of many samples is many units; each one seeks to the offset recorded when the
     shard was counted, so a unit at the end does not parse the shard's headers from the start
@@ -270,9 +283,7 @@ def test_a_tar_unit_reads_from_its_first_sample_and_not_the_headers_before_it(tm
     import io
     import tarfile
 
-    from disco.pipeline.sources.generic import InputItem
-    from disco.pipeline.sources.units import decode_unit, plan_units
-    from disco.pipeline.store.schema import unit_blocks
+    from disco.pipeline.sources.units import decode_unit
 
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -281,11 +292,7 @@ def test_a_tar_unit_reads_from_its_first_sample_and_not_the_headers_before_it(tm
                 member = tarfile.TarInfo(f"{'long-folder-name/' * 8}{k:09d}{suffix}")  # names past ustar's 100
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
-    item = InputItem(input_path="00000.tar", abs_path=str(shard), source="laion", clip_id="00000", kind="tar",
-                     split="train", extra=payload())
-    settings = {"segment_frames": 3, "fps": 30.0, "max_side": 64, "min_side": 1, "max_pixels": 89_478_485}
-    planned = [{**u, "width": 0, "height": 0} for u in plan_units(item.to_dict(), settings, set())]
-    units = [row for table in unit_blocks(planned, 4) for row in table.to_pylist()]
+    settings, units = _tar_units(shard, segment_frames=3)
     assert [(u["extra"]["start"], u["extra"]["stop"], u["unit_count"]) for u in units] == [(0, 3, 3), (3, 6, 3), (6, 7, 3)]
     assert units[0]["extra"]["offset"] == 0 and units[1]["extra"]["offset"] > 0
 
@@ -330,9 +337,7 @@ def test_a_key_that_comes_again_later_in_a_shard_is_one_sample_not_two_rows_of_o
     import io
     import tarfile
 
-    from disco.pipeline.sources.generic import InputItem
-    from disco.pipeline.sources.units import decode_unit, plan_units
-    from disco.pipeline.store.schema import unit_blocks
+    from disco.pipeline.sources.units import decode_unit
 
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as tar:
@@ -341,11 +346,7 @@ def test_a_key_that_comes_again_later_in_a_shard_is_one_sample_not_two_rows_of_o
             member = tarfile.TarInfo(f"{key}.jpg")
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    item = InputItem(input_path="00000.tar", abs_path=str(shard), source="laion", clip_id="00000", kind="tar",
-                     split="train", extra=payload())
-    settings = {"segment_frames": 2, "fps": 30.0, "max_side": 64, "min_side": 1, "max_pixels": 89_478_485}
-    planned = [{**u, "width": 0, "height": 0} for u in plan_units(item.to_dict(), settings, set())]
-    units = [row for table in unit_blocks(planned, 4) for row in table.to_pylist()]
+    settings, units = _tar_units(shard, segment_frames=2)
     kept, errors = [], []
     for unit in units:
         kept += [f.unit["clip_id"] for f in decode_unit(unit, settings, errors)]
