@@ -563,7 +563,7 @@ def generate_split(config: EvaluateConfig, work: Path, log: Callable[[str], None
             "have been trained on")
     old = check_work_dir(work)
     pipeline, size, side = open_pipeline(config.run, config.device, config.size, ema=config.ema, dtype=config.dtype,
-                                         gpus=config.gpus)
+                                         gpus=config.gpus, log=log)
     generation = {"checkpoint": _model_identity(getattr(pipeline, "source", None) or {}),
                   "data": str(Path(config.data).resolve()), "shards": sorted(Path(f).name for f in dataset.files),
                   "split": config.split, "size": size, "steps": config.steps, "guidance_scale": config.guidance_scale,

@@ -98,7 +98,7 @@ FAR_FROM_NATIVE = 2
 
 
 def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = True,
-                  dtype: str = "float32", gpus: int = 1) -> tuple[DisCoPipeline, int, int]:
+                  dtype: str = "float32", gpus: int = 1, log: Callable[[str], None] = print) -> tuple[DisCoPipeline, int, int]:
     """The sampling pipeline of a checkpoint (its EMA weights where it kept them, unless ``ema`` is
     False; its weights in ``dtype``; on ``gpus`` GPUs from ``device`` on), the frame side (default: a
     training run's resolution, else the model's) and the pose side."""
@@ -118,7 +118,12 @@ def open_pipeline(checkpoint: Path, device: str, size: int | None, ema: bool = T
         raise GenerateInputError(f"--gpus {gpus}: {exc}") from None
     pipeline.background_hole = background_hole(checkpoint)  # the hole value it was trained with
     pipeline.source = source  # for the records: which checkpoint and weights
-    size = size or native_size(checkpoint, model)  # a run generates at its training side
+    native = native_size(checkpoint, model)
+    if size and size > FAR_FROM_NATIVE * native:  # (a typo's extra digit: minutes a frame, or the GPU's memory)
+        log(f"warning: --size {size} is {size / native:.3g} times the side this model was trained at ({native} px): "
+            f"each frame costs at least {(size / native) ** 2:.0f} times the time and memory, and a model this far "
+            "from its training size draws repeated or broken figures")
+    size = size or native  # a run generates at its training side
     try:
         check_size(model, size)
     except ValueError as exc:
@@ -147,12 +152,7 @@ def generate(config: GenerateConfig, log: Callable[[str], None] = print,
     reference = read_picture(config.reference, "reference picture")
     background = read_picture(config.background, "background picture") if config.background else None
     pipeline, size, side = open_pipeline(config.checkpoint, config.device, config.size, ema=config.ema,
-                                         dtype=config.dtype, gpus=config.gpus)
-    native = native_size(config.checkpoint, pipeline.model)
-    if size > FAR_FROM_NATIVE * native:  # (a typo's extra digit: minutes a frame, or the GPU's memory)
-        log(f"warning: --size {size} is {size / native:.3g} times the side this model was trained at ({native} px): "
-            f"each frame costs at least {(size / native) ** 2:.0f} times the time and memory, and a model this far "
-            "from its training size draws repeated or broken figures")
+                                         dtype=config.dtype, gpus=config.gpus, log=log)
     matted = []
     reference_in, background_in = conditions_from_reference(pipeline, reference, size, background,
                                                             with_pose=config.align_pose, on_matte=matted.append,
