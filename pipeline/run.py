@@ -179,13 +179,14 @@ def _preprocess_run(cfg: PreprocessConfig, store: OutputStore, progress, log, si
         interrupted = True
         log("interrupted: what the actors committed is kept")
     except Exception as exc:  # noqa: BLE001 - raised again once the manifest says what was committed
+        stopped = sigterm.state == "interrupted"  # a SIGTERM that Ray passed on wrapped
         sigterm.wind_up()
         if not streaming:
             raise
         # Ray Data's error (an actor that cannot start, a lost driver connection, ...): the
         # manifest of an earlier run, or none, would stand for this one's commits.
         failure = exc
-        if sigterm.state_before_wind_up == "interrupted":  # a SIGTERM that Ray passed on wrapped
+        if stopped:
             failure, interrupted = None, True
             log("interrupted: what the actors committed is kept")
     sigterm.wind_up()  # the manifest is written whatever comes now
@@ -315,11 +316,7 @@ class _SigtermStops:
                 os.kill(os.getpid(), signum)
         # winding up: the manifest is being written, and will be
 
-    state_before_wind_up = "off"
-
     def wind_up(self) -> None:
-        if self.state != "winding up":
-            self.state_before_wind_up = self.state
         self.state = "winding up"
 
     def __exit__(self, *exc) -> None:
